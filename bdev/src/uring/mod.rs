@@ -1,0 +1,3 @@
+//! io_uring bdev.
+
+pub mod sys;

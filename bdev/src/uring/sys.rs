@@ -1,0 +1,1 @@
+//! Kernel edge of the io_uring bdev (being written).

@@ -1,0 +1,1 @@
+//! Placeholder: the blobstore arrives with its own issue.

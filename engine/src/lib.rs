@@ -1,0 +1,1 @@
+//! Engine: starts reactors, opens devices and stores, serves them. Grows with the daemon issue.
