@@ -1,0 +1,246 @@
+//! The state of one reactor and one iteration of its loop.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::clock::Clock;
+use crate::limits::{MSG_BATCH_MAX, TASK_BATCH_MAX};
+use crate::message::Message;
+use crate::poller::PollerSet;
+use crate::sim::{SimShared, TraceEvent, TraceKind};
+use crate::task::TaskSet;
+use crate::timer::TimerHeap;
+
+/// The index of a reactor in its runtime (0-based, dense). Reactor 0 is the first core given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReactorId(pub u32);
+
+impl ReactorId {
+    /// The id as an index into per-reactor tables.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for ReactorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Tasks ready to be polled on one reactor, in wake order.
+#[derive(Default)]
+pub(crate) struct RunQueue {
+    queue: RefCell<VecDeque<async_task::Runnable<u64>>>,
+}
+
+impl RunQueue {
+    #[inline]
+    pub(crate) fn push(&self, runnable: async_task::Runnable<u64>) {
+        self.queue.borrow_mut().push_back(runnable);
+    }
+
+    #[inline]
+    fn pop(&self) -> Option<async_task::Runnable<u64>> {
+        self.queue.borrow_mut().pop_front()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.queue.borrow().len()
+    }
+}
+
+/// The part of a reactor other threads may touch: its id, mailbox and pinned core.
+pub(crate) struct ReactorRemote {
+    pub(crate) id: ReactorId,
+    pub(crate) sender: Sender<Message>,
+    pub(crate) stopped: AtomicBool,
+}
+
+/// State shared by every reactor of one runtime or simulation.
+pub(crate) struct Shared {
+    pub(crate) reactors: Vec<ReactorRemote>,
+    /// Channels alive across all devices; a clean stop brings it to zero.
+    pub(crate) live_channels: AtomicUsize,
+}
+
+impl Shared {
+    pub(crate) fn remote(&self, id: ReactorId) -> Result<&ReactorRemote, crate::ReactorError> {
+        self.reactors
+            .get(id.index())
+            .ok_or(crate::ReactorError::NoSuchReactor(id))
+    }
+
+    /// Queues a message for reactor `id`; fails if it has stopped.
+    pub(crate) fn send(&self, id: ReactorId, message: Message) -> Result<(), crate::ReactorError> {
+        let remote = self.remote(id)?;
+        if remote.stopped.load(Ordering::Acquire) {
+            return Err(crate::ReactorError::Stopped(id));
+        }
+        remote
+            .sender
+            .send(message)
+            .map_err(|_| crate::ReactorError::Stopped(id))
+    }
+}
+
+/// Everything one reactor owns. Lives on its thread (or the simulation thread) only.
+pub(crate) struct ReactorCore {
+    pub(crate) id: ReactorId,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) clock: Clock,
+    pub(crate) run_queue: Rc<RunQueue>,
+    pub(crate) mailbox: Receiver<Message>,
+    pub(crate) tasks: TaskSet,
+    pub(crate) pollers: PollerSet,
+    pub(crate) timers: TimerHeap,
+    /// io device id -> this reactor's channel context (weak: the users hold it).
+    pub(crate) channels: RefCell<HashMap<u64, Weak<dyn std::any::Any>>>,
+    /// Earliest deadline a device hinted at this iteration (see [`crate::wake_at`]).
+    pub(crate) deadline_hint_ns: Cell<Option<u64>>,
+    pub(crate) stopping: Cell<bool>,
+    pub(crate) sim: Option<Rc<SimShared>>,
+    pub(crate) self_weak: RefCell<Weak<ReactorCore>>,
+}
+
+impl ReactorCore {
+    pub(crate) fn new(
+        id: ReactorId,
+        shared: Arc<Shared>,
+        clock: Clock,
+        mailbox: Receiver<Message>,
+        sim: Option<Rc<SimShared>>,
+    ) -> Rc<ReactorCore> {
+        let core = Rc::new(ReactorCore {
+            id,
+            shared,
+            clock,
+            run_queue: Rc::new(RunQueue::default()),
+            mailbox,
+            tasks: TaskSet::default(),
+            pollers: PollerSet::default(),
+            timers: TimerHeap::default(),
+            channels: RefCell::new(HashMap::new()),
+            deadline_hint_ns: Cell::new(None),
+            stopping: Cell::new(false),
+            sim,
+            self_weak: RefCell::new(Weak::new()),
+        });
+        *core.self_weak.borrow_mut() = Rc::downgrade(&core);
+        crate::context::run_queue_install(id, Rc::clone(&core.run_queue));
+        core
+    }
+
+    /// Records a trace event when simulated.
+    pub(crate) fn trace_event(&self, kind: TraceKind) {
+        if let Some(sim) = &self.sim {
+            sim.record(TraceEvent {
+                step: sim.step.get(),
+                now_ns: self.clock.now_ns(),
+                reactor: self.id,
+                kind,
+            });
+        }
+    }
+
+    /// True when messages or runnable tasks are waiting.
+    pub(crate) fn has_queued_work(&self) -> bool {
+        self.run_queue.len() > 0 || !self.mailbox.is_empty()
+    }
+
+    /// One iteration: messages, active pollers, due timed pollers, due timers, runnable tasks.
+    /// The caller has made this reactor current. Returns true when something ran (a message,
+    /// a task, a timer, or a poller that reported work).
+    #[inline]
+    pub(crate) fn poll_once(&self) -> bool {
+        let mut did_work = self.poll_messages();
+        let now_ns = self.clock.now_ns();
+        did_work |= self.pollers.poll(self, now_ns);
+        did_work |= self.timers.fire_due(self, now_ns);
+        did_work |= self.run_tasks();
+        did_work
+    }
+
+    /// The earliest time something is known to become due: timers, timed pollers, and the
+    /// hints devices left with [`crate::wake_at`] (consumed by this call).
+    pub(crate) fn next_deadline_ns(&self) -> Option<u64> {
+        let hint = self.deadline_hint_ns.take();
+        [
+            self.timers.next_deadline_ns(),
+            self.pollers.next_deadline_ns(),
+            hint,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn poll_messages(&self) -> bool {
+        let mut handled = 0;
+        while handled < MSG_BATCH_MAX {
+            let Ok(message) = self.mailbox.try_recv() else {
+                break;
+            };
+            handled += 1;
+            self.handle_message(message);
+        }
+        handled > 0
+    }
+
+    pub(crate) fn handle_message(&self, message: Message) {
+        match message {
+            Message::Run(run) => {
+                self.trace_event(TraceKind::Message);
+                run();
+            }
+            Message::Wake(runnable) => self.run_queue.push(runnable),
+            Message::Stop => self.stopping.set(true),
+        }
+    }
+
+    fn run_tasks(&self) -> bool {
+        let batch = self.run_queue.len().min(TASK_BATCH_MAX);
+        for _ in 0..batch {
+            let Some(runnable) = self.run_queue.pop() else {
+                break;
+            };
+            if self.sim.is_some() {
+                self.trace_event(TraceKind::TaskRun(*runnable.metadata()));
+            }
+            runnable.run();
+        }
+        self.tasks.reap_finished();
+        batch > 0
+    }
+
+    /// Cancels every task, drops pollers and timers, and forgets channels: the stop path. Runs
+    /// on the reactor's own thread with it current, so futures drop where they were made.
+    pub(crate) fn shutdown(&self) {
+        self.stopping.set(true);
+        self.tasks.cancel_all();
+        for _ in 0..crate::limits::STOP_DRAIN_ITERATIONS_MAX {
+            let Some(runnable) = self.run_queue.pop() else {
+                break;
+            };
+            runnable.run();
+        }
+        self.tasks.reap_finished();
+        self.pollers.clear();
+        self.timers.clear();
+        self.channels.borrow_mut().clear();
+        if let Ok(remote) = self.shared.remote(self.id) {
+            remote.stopped.store(true, Ordering::Release);
+        }
+        // Messages that raced with the stop: run-closures are dropped here, on the owner.
+        while let Ok(message) = self.mailbox.try_recv() {
+            drop(message);
+        }
+        crate::context::run_queue_remove(self.id);
+    }
+}

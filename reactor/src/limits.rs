@@ -1,0 +1,32 @@
+//! Every bound the reactor keeps, with the reason for its value.
+
+/// Messages handled per loop iteration. SPDK uses 8; we take more per pass because a message
+/// here is a boxed closure that usually only spawns a task, and a larger batch amortises the
+/// channel's atomic operations. Bounded so a flood of messages cannot starve the pollers.
+pub const MSG_BATCH_MAX: usize = 64;
+
+/// Runnable tasks polled per loop iteration. Tasks woken while this batch runs wait for the
+/// next iteration, so pollers (and I/O completions) are never starved by a task that keeps
+/// waking itself.
+pub const TASK_BATCH_MAX: usize = 4096;
+
+/// Timers fired per loop iteration; the rest fire on the next pass.
+pub const TIMER_BATCH_MAX: usize = 1024;
+
+/// Reactors one runtime can run. Far above the cores of any machine we target; bounds the
+/// per-thread wake table.
+pub const REACTORS_MAX: usize = 256;
+
+/// In idle mode, the longest a reactor sleeps on its message queue before looking again at
+/// its pollers (which may have work a sleeping reactor cannot see, such as a ring's CQ).
+pub const IDLE_SLEEP_NS_MAX: u64 = 1_000_000;
+
+/// Iterations a stopping reactor spends draining cancelled tasks before giving up.
+pub const STOP_DRAIN_ITERATIONS_MAX: usize = 1024;
+
+/// Steps a simulation runs before [`crate::Sim::run_until`] reports that it did not finish.
+pub const SIM_STEPS_MAX: u64 = 100_000_000;
+
+/// Largest virtual time a simulated step advances the clock by (ns): small enough that
+/// latencies and timers interleave finely, large enough that runs finish quickly.
+pub const SIM_STEP_NS_MAX: u64 = 200;

@@ -1,0 +1,208 @@
+//! Spawning futures on a reactor's executor, and awaiting their results.
+//!
+//! Tasks are `async_task` tasks (the executor core smol and glommio build on): one allocation
+//! per spawn, none per wake. A wake on the owning thread pushes onto the reactor's run queue;
+//! a wake from another thread travels as a message, so a task is only ever polled, and its
+//! future only ever dropped, on the reactor that spawned it.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use crate::context;
+use crate::core::{ReactorCore, ReactorId};
+use crate::message::Message;
+use crate::ReactorError;
+
+/// The live tasks of one reactor, so a stop can cancel them on their own thread.
+#[derive(Default)]
+pub(crate) struct TaskSet {
+    live: RefCell<slab::Slab<async_task::Task<(), u64>>>,
+    finished: Rc<RefCell<Vec<usize>>>,
+}
+
+impl TaskSet {
+    /// Drops the handles of tasks that finished since the last call.
+    pub(crate) fn reap_finished(&self) {
+        let mut finished = self.finished.borrow_mut();
+        if finished.is_empty() {
+            return;
+        }
+        let mut live = self.live.borrow_mut();
+        for key in finished.drain(..) {
+            if let Some(task) = live.try_remove(key) {
+                drop(task);
+            }
+        }
+    }
+
+    /// Cancels every live task; their futures drop when the run queue is drained.
+    pub(crate) fn cancel_all(&self) {
+        let tasks: Vec<_> = self.live.borrow_mut().drain().collect();
+        drop(tasks);
+    }
+
+    /// How many tasks are alive.
+    pub(crate) fn count(&self) -> usize {
+        self.live.borrow().len()
+    }
+}
+
+/// Where a task's result goes, and who waits for it.
+struct JoinState<T> {
+    value: RefCell<Option<T>>,
+    done: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl<T> JoinState<T> {
+    fn finish(&self, value: Option<T>) {
+        *self.value.borrow_mut() = value;
+        self.done.set(true);
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+}
+
+/// Marks the join state done (without a value) if the task's future is dropped before it
+/// completes: a cancel at stop, or a panic inside the task.
+struct CancelGuard<T> {
+    state: Rc<JoinState<T>>,
+    armed: bool,
+}
+
+impl<T> Drop for CancelGuard<T> {
+    fn drop(&mut self) {
+        if self.armed {
+            if std::thread::panicking() {
+                tracing::error!("a reactor task panicked; it is cancelled and the reactor goes on");
+            }
+            self.state.finish(None);
+        }
+    }
+}
+
+/// The result of a task spawned on this reactor. Dropping it detaches the task (it runs on).
+pub struct JoinHandle<T> {
+    state: Rc<JoinState<T>>,
+}
+
+impl<T> JoinHandle<T> {
+    /// True once the task has completed or was cancelled.
+    pub fn is_finished(&self) -> bool {
+        self.state.done.get()
+    }
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = Result<T, ReactorError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.state.done.get() {
+            return Poll::Ready(
+                self.state
+                    .value
+                    .borrow_mut()
+                    .take()
+                    .ok_or(ReactorError::Cancelled),
+            );
+        }
+        let mut waker = self.state.waker.borrow_mut();
+        match waker.as_ref() {
+            Some(current) if current.will_wake(cx.waker()) => {}
+            _ => *waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+/// Spawns `future` on the calling reactor. It is first polled on a later pass of the loop.
+///
+/// # Panics
+/// Off a reactor (a programming error: there is no executor to run it on).
+pub fn spawn_local<F>(future: F) -> JoinHandle<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let core = context::current().expect("spawn_local called off a reactor");
+    spawn_on_core(&core, future)
+}
+
+pub(crate) fn spawn_on_core<F>(core: &ReactorCore, future: F) -> JoinHandle<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let state = Rc::new(JoinState {
+        value: RefCell::new(None),
+        done: Cell::new(false),
+        waker: RefCell::new(None),
+    });
+    let mut live = core.tasks.live.borrow_mut();
+    let entry = live.vacant_entry();
+    let key = entry.key();
+    let finished = Rc::clone(&core.tasks.finished);
+    let task_state = Rc::clone(&state);
+    let wrapped = async move {
+        let mut guard = CancelGuard {
+            state: task_state,
+            armed: true,
+        };
+        let value = future.await;
+        guard.armed = false;
+        guard.state.finish(Some(value));
+        finished.borrow_mut().push(key);
+    };
+    let schedule = wake_router(core);
+    let (runnable, task) = async_task::Builder::new()
+        .metadata(key as u64)
+        .propagate_panic(true)
+        .spawn_local(move |_| wrapped, schedule);
+    entry.insert(task);
+    drop(live);
+    runnable.schedule();
+    JoinHandle { state }
+}
+
+/// The schedule function of a task owned by `core`: push locally, or send it home.
+fn wake_router(core: &ReactorCore) -> impl Fn(async_task::Runnable<u64>) + Send + Sync + 'static {
+    let owner: ReactorId = core.id;
+    let sender = core.shared.reactors[owner.index()].sender.clone();
+    move |runnable| {
+        if let Err(runnable) = context::run_queue_push(owner, runnable) {
+            // A wake from another thread: the task must run (and drop) on its owner. If the
+            // owner has stopped, its tasks were cancelled and their futures already dropped.
+            if let Err(crossbeam_channel::SendError(Message::Wake(runnable))) =
+                sender.send(Message::Wake(runnable))
+            {
+                std::mem::forget(runnable);
+            }
+        }
+    }
+}
+
+/// Yields once: the task goes to the back of the run queue and is polled on the next pass.
+pub fn yield_now() -> impl Future<Output = ()> {
+    YieldNow { yielded: false }
+}
+
+struct YieldNow {
+    yielded: bool,
+}
+
+impl Future for YieldNow {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.yielded {
+            return Poll::Ready(());
+        }
+        self.yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
