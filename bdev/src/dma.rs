@@ -1,1 +1,905 @@
-//! DMA buffers (being written).
+//! DMA buffers: owned, 4 KiB-aligned byte buffers carved from a process-global pool.
+//!
+//! # Design
+//!
+//! The pool grows in 2 MiB *chunks*. Each chunk is first mapped as one explicit 2 MiB hugepage
+//! (`mmap(MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB | MAP_POPULATE)`). When that
+//! fails (the machine-wide hugepage pool is empty, too small, or disabled), the chunk is an
+//! ordinary anonymous mapping aligned to 2 MiB instead (map 4 MiB, unmap the unaligned head and
+//! tail), hinted with `MADV_HUGEPAGE` so transparent hugepages may back it, and prefaulted with
+//! `MADV_POPULATE_WRITE` where the kernel has it. Callers see the same behaviour either way; only
+//! [`DmaBuf::is_hugepage`] and [`DmaPoolStats::hugepage_chunks`] tell the difference. The
+//! hugepage attempt is repeated for every new chunk because the machine's hugepage pool is shared
+//! and changes size under us.
+//!
+//! Chunks are split into power-of-two size classes from 4 KiB to 2 MiB with a buddy scheme:
+//! every class has a free list ordered by address, a request takes the lowest free block of the
+//! smallest class that fits (splitting a larger block if needed), and a freed block is merged
+//! with its buddy whenever the buddy is free too. Requests larger than 2 MiB get a mapping of
+//! their own (ordinary pages, rounded up to 4 KiB), which is unmapped when the buffer is dropped;
+//! such buffers have no [`DmaBuf::fixed_region`].
+//!
+//! Chunks are **never unmapped** while the process lives, so their addresses can be registered
+//! with io_uring as fixed buffers once and stay valid ([`dma_regions`]). The pool is capped at
+//! [`DMA_POOL_CHUNKS_MAX`] chunks; past that allocation fails with [`DmaError::PoolExhausted`].
+//!
+//! Allocation takes a mutex and may call `mmap`: it is **not** meant for the I/O hot path.
+//! Callers preallocate their buffers and reuse them.
+//!
+//! # Environment
+//!
+//! `SPOOL_HUGEPAGES=0` (read once, when the global pool is first used) disables the hugepage
+//! attempt; every chunk then uses ordinary pages. Any other value, or no variable, means "try".
+//!
+//! # Why libc and not `hugepage-rs`
+//!
+//! `hugepage-rs` only does the `MAP_HUGETLB` mapping: it has no fallback to ordinary pages, and
+//! on failure it returns a null pointer (or panics in its `Box`). The machine's hugepage pool is
+//! shared and variable, so the fallback is a requirement, and the whole mapping logic is a few
+//! dozen lines of `libc` calls.
+
+// This module owns raw memory: it calls mmap/munmap/madvise and hands out slices into the
+// mappings, which cannot be done without `unsafe`. Every unsafe block states its invariant.
+#![allow(unsafe_code)]
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+/// Alignment (and granularity) of every DMA buffer, in bytes.
+pub const DMA_ALIGN: usize = 4096;
+
+/// Size of one pool chunk (one 2 MiB hugepage when hugepages are available), in bytes.
+pub const DMA_CHUNK_SIZE: usize = 2 << 20;
+
+/// Most chunks the global pool will ever map (4096 chunks = 8 GiB); fits in a `u16` region index.
+pub const DMA_POOL_CHUNKS_MAX: usize = 4096;
+
+/// Environment variable that disables the hugepage attempt when set to `0`.
+pub const SPOOL_HUGEPAGES_ENV: &str = "SPOOL_HUGEPAGES";
+
+/// log2 of the smallest size class (4 KiB).
+const MIN_CLASS_SHIFT: u32 = 12;
+/// log2 of the largest size class (2 MiB, one whole chunk).
+const MAX_CLASS_SHIFT: u32 = 21;
+/// Number of size classes (4 KiB, 8 KiB, ..., 2 MiB).
+const NUM_CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
+
+const _: () = assert!(1usize << MAX_CLASS_SHIFT == DMA_CHUNK_SIZE);
+const _: () = assert!(1usize << MIN_CLASS_SHIFT == DMA_ALIGN);
+const _: () = assert!(DMA_POOL_CHUNKS_MAX <= u16::MAX as usize + 1);
+
+/// Why a DMA buffer could not be allocated.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaError {
+    /// The requested length was zero or too large to round up to a page multiple.
+    #[error("invalid DMA buffer length {len}")]
+    InvalidLength {
+        /// The rejected length.
+        len: usize,
+    },
+    /// The pool already holds [`DMA_POOL_CHUNKS_MAX`] chunks and none has room.
+    #[error("DMA pool exhausted ({max_chunks} chunks of 2 MiB in use)")]
+    PoolExhausted {
+        /// The chunk cap that was hit.
+        max_chunks: usize,
+    },
+    /// `mmap` failed for both the hugepage and the ordinary mapping.
+    #[error("mapping DMA memory failed: {source}")]
+    Map {
+        /// The error from the last `mmap` attempt.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DmaError {
+    /// The negative errno equivalent of this error (`-EINVAL`, `-ENOMEM`, or `mmap`'s errno).
+    pub fn errno(&self) -> i32 {
+        match self {
+            DmaError::InvalidLength { .. } => -libc::EINVAL,
+            DmaError::PoolExhausted { .. } => -libc::ENOMEM,
+            DmaError::Map { source } => -source.raw_os_error().unwrap_or(libc::ENOMEM),
+        }
+    }
+}
+
+/// One pool chunk as seen by io_uring buffer registration: `len` bytes at `addr`, index `index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaRegion {
+    /// The chunk index; equals [`DmaBuf::fixed_region`] of every buffer inside this chunk.
+    pub index: u16,
+    /// Start address of the chunk (2 MiB-aligned); valid for the life of the process.
+    pub addr: usize,
+    /// Length of the chunk in bytes ([`DMA_CHUNK_SIZE`]).
+    pub len: usize,
+    /// Whether the chunk is backed by an explicit (hugetlb) 2 MiB page.
+    pub hugepage: bool,
+}
+
+impl DmaRegion {
+    /// The chunk's start address as a pointer (never null, never freed).
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// Whether the `len` bytes at `ptr` lie entirely inside this region.
+    pub fn contains(&self, ptr: *const u8, len: usize) -> bool {
+        let p = ptr as usize;
+        p >= self.addr
+            && p.checked_add(len)
+                .is_some_and(|end| end <= self.addr + self.len)
+    }
+}
+
+/// A snapshot of pool usage counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DmaPoolStats {
+    /// Chunks mapped so far (never decreases).
+    pub chunks: usize,
+    /// How many of those chunks are explicit 2 MiB hugepages.
+    pub hugepage_chunks: usize,
+    /// Bytes handed out from chunks (counting each buffer's rounded-up size class).
+    pub bytes_in_use: usize,
+    /// Buffers currently handed out from chunks.
+    pub buffers_in_use: usize,
+    /// Bytes free inside chunks (`chunks * DMA_CHUNK_SIZE - bytes_in_use`).
+    pub bytes_free: usize,
+    /// Oversized buffers (each with its own mapping) currently alive.
+    pub oversized_buffers: usize,
+    /// Bytes mapped for oversized buffers currently alive.
+    pub oversized_bytes: usize,
+}
+
+/// A mapped chunk.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    base: usize,
+    hugepage: bool,
+}
+
+/// The mutable part of a pool.
+#[derive(Debug)]
+struct PoolState {
+    chunks: Vec<Chunk>,
+    /// Free blocks per size class (index 0 = 4 KiB), as `(chunk index, offset in chunk)`.
+    free: [BTreeSet<(u16, usize)>; NUM_CLASSES],
+    bytes_in_use: usize,
+    buffers_in_use: usize,
+    oversized_buffers: usize,
+    oversized_bytes: usize,
+}
+
+/// A DMA pool: the process-global one, or a private one in tests.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    try_hugepage: bool,
+    max_chunks: usize,
+    state: Mutex<PoolState>,
+}
+
+impl Pool {
+    /// A new, empty pool. `try_hugepage == false` is the `SPOOL_HUGEPAGES=0` path.
+    pub(crate) const fn new(try_hugepage: bool, max_chunks: usize) -> Pool {
+        Pool {
+            try_hugepage,
+            max_chunks,
+            state: Mutex::new(PoolState {
+                chunks: Vec::new(),
+                free: [const { BTreeSet::new() }; NUM_CLASSES],
+                bytes_in_use: 0,
+                buffers_in_use: 0,
+                oversized_buffers: 0,
+                oversized_bytes: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // The critical sections never leave the state half-updated on unwind (they only panic
+        // on allocation failure, which aborts), so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Allocates a buffer of `len` bytes from this pool.
+    pub(crate) fn alloc(&'static self, len: usize) -> Result<DmaBuf, DmaError> {
+        let cap = round_up(len, DMA_ALIGN).ok_or(DmaError::InvalidLength { len })?;
+        if len == 0 {
+            return Err(DmaError::InvalidLength { len });
+        }
+        if cap > DMA_CHUNK_SIZE {
+            return self.alloc_oversized(len, cap);
+        }
+        let class = class_of(cap);
+        let mut st = self.lock();
+        let (region, offset) = self.take_block(&mut st, class)?;
+        let chunk = st.chunks[usize::from(region)];
+        st.bytes_in_use += class_size(class);
+        st.buffers_in_use += 1;
+        drop(st);
+        let ptr = NonNull::new((chunk.base + offset) as *mut u8).ok_or(DmaError::Map {
+            source: std::io::Error::from_raw_os_error(libc::EFAULT),
+        })?;
+        Ok(DmaBuf {
+            ptr,
+            len,
+            backing: Backing::Pooled {
+                pool: self,
+                region,
+                class: class as u8,
+                hugepage: chunk.hugepage,
+            },
+        })
+    }
+
+    /// Allocates a buffer of `len` bytes from this pool with every byte zero.
+    pub(crate) fn alloc_zeroed(&'static self, len: usize) -> Result<DmaBuf, DmaError> {
+        let mut buf = self.alloc(len)?;
+        buf.as_mut_slice().fill(0);
+        Ok(buf)
+    }
+
+    /// Finds (or makes, by splitting or mapping a new chunk) a free block of `class`.
+    fn take_block(&self, st: &mut PoolState, class: usize) -> Result<(u16, usize), DmaError> {
+        let from = match (class..NUM_CLASSES).find(|&c| !st.free[c].is_empty()) {
+            Some(c) => c,
+            None => {
+                if st.chunks.len() >= self.max_chunks {
+                    return Err(DmaError::PoolExhausted {
+                        max_chunks: self.max_chunks,
+                    });
+                }
+                let (base, hugepage) = map_chunk(self.try_hugepage)?;
+                let index = st.chunks.len() as u16;
+                st.chunks.push(Chunk { base, hugepage });
+                st.free[NUM_CLASSES - 1].insert((index, 0));
+                NUM_CLASSES - 1
+            }
+        };
+        let Some((region, offset)) = st.free[from].pop_first() else {
+            // Unreachable: `from` was chosen (or just filled) as a non-empty class.
+            return Err(DmaError::PoolExhausted {
+                max_chunks: self.max_chunks,
+            });
+        };
+        // Split down to the wanted class, putting the upper halves on the free lists.
+        for c in (class..from).rev() {
+            st.free[c].insert((region, offset + class_size(c)));
+        }
+        Ok((region, offset))
+    }
+
+    /// Returns a block to its free list, merging it with free buddies.
+    fn free_block(&self, region: u16, addr: usize, class: usize) {
+        let mut st = self.lock();
+        let base = st.chunks[usize::from(region)].base;
+        let in_use = class_size(class);
+        let mut offset = addr - base;
+        let mut class = class;
+        while class + 1 < NUM_CLASSES {
+            let buddy = offset ^ class_size(class);
+            if !st.free[class].remove(&(region, buddy)) {
+                break;
+            }
+            offset = offset.min(buddy);
+            class += 1;
+        }
+        st.free[class].insert((region, offset));
+        st.bytes_in_use -= in_use;
+        st.buffers_in_use -= 1;
+    }
+
+    fn alloc_oversized(&'static self, len: usize, cap: usize) -> Result<DmaBuf, DmaError> {
+        // SAFETY: anonymous private mapping with a null hint; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                cap,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(DmaError::Map {
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(DmaError::Map {
+            source: std::io::Error::from_raw_os_error(libc::EFAULT),
+        })?;
+        let mut st = self.lock();
+        st.oversized_buffers += 1;
+        st.oversized_bytes += cap;
+        drop(st);
+        Ok(DmaBuf {
+            ptr,
+            len,
+            backing: Backing::Own { pool: self, cap },
+        })
+    }
+
+    fn free_oversized(&self, ptr: NonNull<u8>, cap: usize) {
+        // SAFETY: `ptr`/`cap` describe a mapping made by `alloc_oversized` and owned by exactly
+        // one `DmaBuf`, which is being dropped, so nothing references it any more.
+        let rc = unsafe { libc::munmap(ptr.as_ptr().cast(), cap) };
+        if rc != 0 {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "munmap of an oversized DMA buffer failed; leaking it"
+            );
+        }
+        let mut st = self.lock();
+        st.oversized_buffers -= 1;
+        st.oversized_bytes -= cap;
+    }
+
+    /// The chunks mapped so far.
+    pub(crate) fn regions(&self) -> Vec<DmaRegion> {
+        let st = self.lock();
+        st.chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| DmaRegion {
+                index: i as u16,
+                addr: c.base,
+                len: DMA_CHUNK_SIZE,
+                hugepage: c.hugepage,
+            })
+            .collect()
+    }
+
+    /// A snapshot of the counters.
+    pub(crate) fn stats(&self) -> DmaPoolStats {
+        let st = self.lock();
+        let chunks = st.chunks.len();
+        DmaPoolStats {
+            chunks,
+            hugepage_chunks: st.chunks.iter().filter(|c| c.hugepage).count(),
+            bytes_in_use: st.bytes_in_use,
+            buffers_in_use: st.buffers_in_use,
+            bytes_free: chunks * DMA_CHUNK_SIZE - st.bytes_in_use,
+            oversized_buffers: st.oversized_buffers,
+            oversized_bytes: st.oversized_bytes,
+        }
+    }
+}
+
+fn round_up(n: usize, to: usize) -> Option<usize> {
+    n.checked_add(to - 1).map(|v| v & !(to - 1))
+}
+
+/// The size class index for a page-multiple `cap <= DMA_CHUNK_SIZE`.
+fn class_of(cap: usize) -> usize {
+    let shift = cap
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(MIN_CLASS_SHIFT);
+    (shift - MIN_CLASS_SHIFT) as usize
+}
+
+const fn class_size(class: usize) -> usize {
+    1usize << (class as u32 + MIN_CLASS_SHIFT)
+}
+
+/// Maps one 2 MiB-aligned chunk: hugepage first when `try_hugepage`, ordinary pages otherwise.
+/// Returns the base address and whether it is a hugepage.
+pub(crate) fn map_chunk(try_hugepage: bool) -> Result<(usize, bool), DmaError> {
+    if try_hugepage {
+        if let Some(base) = map_hugepage_chunk() {
+            return Ok((base, true));
+        }
+    }
+    map_plain_chunk().map(|base| (base, false))
+}
+
+fn map_hugepage_chunk() -> Option<usize> {
+    // SAFETY: anonymous private mapping with a null hint; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            DMA_CHUNK_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_HUGETLB
+                | libc::MAP_HUGE_2MB
+                | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "2 MiB hugepage mapping failed; using ordinary pages for this DMA chunk"
+        );
+        return None;
+    }
+    let base = p as usize;
+    if !base.is_multiple_of(DMA_CHUNK_SIZE) {
+        // hugetlb mappings are always hugepage-aligned; be defensive anyway.
+        // SAFETY: unmapping exactly the mapping created just above, which nothing references.
+        unsafe { libc::munmap(p, DMA_CHUNK_SIZE) };
+        return None;
+    }
+    Some(base)
+}
+
+fn map_plain_chunk() -> Result<usize, DmaError> {
+    let span = 2 * DMA_CHUNK_SIZE;
+    // SAFETY: anonymous private mapping with a null hint; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(DmaError::Map {
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let start = p as usize;
+    let base = (start + DMA_CHUNK_SIZE - 1) & !(DMA_CHUNK_SIZE - 1);
+    let head = base - start;
+    let tail = span - head - DMA_CHUNK_SIZE;
+    if head > 0 {
+        // SAFETY: [start, base) is the unaligned head of the mapping made above; nothing uses it.
+        unsafe { libc::munmap(p, head) };
+    }
+    if tail > 0 {
+        // SAFETY: [base + 2 MiB, start + 4 MiB) is the unused tail of the same mapping.
+        unsafe { libc::munmap((base + DMA_CHUNK_SIZE) as *mut libc::c_void, tail) };
+    }
+    // Both hints are best-effort: THP may back the chunk (THP is often in `madvise` mode), and
+    // prefaulting keeps the first I/O from paying page faults. Failures are harmless.
+    // SAFETY: [base, base + 2 MiB) is a live mapping owned by the pool; madvise with these
+    // advice values does not change its contents.
+    unsafe {
+        libc::madvise(
+            base as *mut libc::c_void,
+            DMA_CHUNK_SIZE,
+            libc::MADV_HUGEPAGE,
+        );
+        libc::madvise(
+            base as *mut libc::c_void,
+            DMA_CHUNK_SIZE,
+            libc::MADV_POPULATE_WRITE,
+        );
+    }
+    Ok(base)
+}
+
+/// The process-global pool; created on first use, reading `SPOOL_HUGEPAGES` once.
+fn global_pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let try_hugepage = std::env::var_os(SPOOL_HUGEPAGES_ENV).is_none_or(|v| v != "0");
+        Pool::new(try_hugepage, DMA_POOL_CHUNKS_MAX)
+    })
+}
+
+/// The chunks of the global pool that exist now, in index order (for io_uring registration).
+pub fn dma_regions() -> Vec<DmaRegion> {
+    global_pool().regions()
+}
+
+/// A snapshot of the global pool's usage counters.
+pub fn dma_pool_stats() -> DmaPoolStats {
+    global_pool().stats()
+}
+
+/// Where a buffer's memory came from.
+enum Backing {
+    /// A block of size class `class` inside chunk `region` of `pool`.
+    Pooled {
+        pool: &'static Pool,
+        region: u16,
+        class: u8,
+        hugepage: bool,
+    },
+    /// A mapping of its own, `cap` bytes, accounted in `pool`.
+    Own { pool: &'static Pool, cap: usize },
+}
+
+/// An owned, 4096-byte-aligned, DMA-able buffer of `len` bytes; dropping it returns the memory.
+pub struct DmaBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    backing: Backing,
+}
+
+// SAFETY: a DmaBuf exclusively owns its block (like Box<[u8]>); the pool it returns the block to
+// is behind a Mutex, so dropping it on another thread is fine.
+unsafe impl Send for DmaBuf {}
+// SAFETY: `&DmaBuf` only gives out `&[u8]` and raw pointers, like `&Box<[u8]>`; there is no
+// interior mutability.
+unsafe impl Sync for DmaBuf {}
+
+impl DmaBuf {
+    /// Allocates `len > 0` bytes from the global pool; the contents are unspecified but readable.
+    pub fn alloc(len: usize) -> Result<DmaBuf, DmaError> {
+        global_pool().alloc(len)
+    }
+
+    /// Allocates a buffer of `len > 0` bytes from the global pool with every byte zero.
+    pub fn alloc_zeroed(len: usize) -> Result<DmaBuf, DmaError> {
+        global_pool().alloc_zeroed(len)
+    }
+
+    /// The buffer's length in bytes, as requested (always > 0).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a `DmaBuf` has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The usable capacity: `len` rounded up to the buffer's block size (a multiple of 4096).
+    pub fn capacity(&self) -> usize {
+        match self.backing {
+            Backing::Pooled { class, .. } => class_size(usize::from(class)),
+            Backing::Own { cap, .. } => cap,
+        }
+    }
+
+    /// The buffer's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `len` (<= capacity) bytes of a live, readable mapping that this
+        // DmaBuf owns exclusively until drop; mmap memory is always initialised.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The buffer's bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` guarantees no other reference exists.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The start address (4096-aligned, valid for `len` bytes until drop).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The start address for writing (4096-aligned, valid for `len` bytes until drop).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The index of the pool chunk holding this buffer (an io_uring fixed-buffer index), or
+    /// `None` for an oversized buffer with its own mapping.
+    pub fn fixed_region(&self) -> Option<u16> {
+        match self.backing {
+            Backing::Pooled { region, .. } => Some(region),
+            Backing::Own { .. } => None,
+        }
+    }
+
+    /// Whether the buffer lives on an explicit 2 MiB hugepage.
+    pub fn is_hugepage(&self) -> bool {
+        match self.backing {
+            Backing::Pooled { hugepage, .. } => hugepage,
+            Backing::Own { .. } => false,
+        }
+    }
+}
+
+impl Drop for DmaBuf {
+    fn drop(&mut self) {
+        match self.backing {
+            Backing::Pooled {
+                pool,
+                region,
+                class,
+                ..
+            } => {
+                pool.free_block(region, self.ptr.as_ptr() as usize, usize::from(class));
+            }
+            Backing::Own { pool, cap } => pool.free_oversized(self.ptr, cap),
+        }
+    }
+}
+
+impl fmt::Debug for DmaBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaBuf")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .field("capacity", &self.capacity())
+            .field("fixed_region", &self.fixed_region())
+            .field("hugepage", &self.is_hugepage())
+            .finish()
+    }
+}
+
+impl Deref for DmaBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl DerefMut for DmaBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+impl AsRef<[u8]> for DmaBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl AsMut<[u8]> for DmaBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A private pool (leaked: chunks are never unmapped anyway) so counters are deterministic.
+    fn private_pool(try_hugepage: bool, max_chunks: usize) -> &'static Pool {
+        Box::leak(Box::new(Pool::new(try_hugepage, max_chunks)))
+    }
+
+    fn fill_pattern(buf: &mut [u8], seed: u8) {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
+        }
+    }
+
+    fn check_pattern(buf: &[u8], seed: u8) -> bool {
+        buf.iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i as u8).wrapping_mul(31).wrapping_add(seed))
+    }
+
+    #[test]
+    fn alignment_and_capacity_for_many_sizes() {
+        let sizes = [
+            1,
+            511,
+            512,
+            4095,
+            4096,
+            4097,
+            8191,
+            8192,
+            12288,
+            65536,
+            65537,
+            1 << 20,
+            (1 << 20) + 1,
+            DMA_CHUNK_SIZE - 1,
+            DMA_CHUNK_SIZE,
+            DMA_CHUNK_SIZE + 1,
+            3 << 20,
+        ];
+        let mut keep = Vec::new();
+        for &len in &sizes {
+            let buf = DmaBuf::alloc(len).expect("alloc");
+            assert_eq!(buf.as_ptr() as usize % DMA_ALIGN, 0, "len {len}");
+            assert_eq!(buf.len(), len);
+            assert!(!buf.is_empty());
+            assert!(buf.capacity() >= len && buf.capacity().is_multiple_of(DMA_ALIGN));
+            assert_eq!(
+                buf.fixed_region().is_none(),
+                len > DMA_CHUNK_SIZE,
+                "len {len}"
+            );
+            keep.push(buf);
+        }
+        // Regions reported for pooled buffers really contain them.
+        let regions = dma_regions();
+        for buf in keep.iter().filter(|b| b.fixed_region().is_some()) {
+            let r = regions[usize::from(buf.fixed_region().unwrap_or_default())];
+            assert!(
+                r.contains(buf.as_ptr(), buf.capacity()),
+                "{buf:?} not in {r:?}"
+            );
+            assert_eq!(r.addr % DMA_CHUNK_SIZE, 0);
+            assert_eq!(r.hugepage, buf.is_hugepage());
+        }
+    }
+
+    #[test]
+    fn zero_length_is_rejected() {
+        let err = DmaBuf::alloc(0).expect_err("len 0 must fail");
+        assert_eq!(err.errno(), -libc::EINVAL);
+        assert_eq!(
+            DmaBuf::alloc(usize::MAX).expect_err("overflow").errno(),
+            -libc::EINVAL
+        );
+    }
+
+    #[test]
+    fn write_read_patterns_do_not_overlap() {
+        let mut bufs: Vec<DmaBuf> = (0..64)
+            .map(|i| DmaBuf::alloc(4096 * (1 + i % 5)).expect("alloc"))
+            .collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            fill_pattern(b, i as u8);
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            assert!(check_pattern(b, i as u8), "buffer {i} was clobbered");
+        }
+    }
+
+    #[test]
+    fn alloc_zeroed_is_zero_after_reuse() {
+        let pool = private_pool(false, 4);
+        let mut a = pool.alloc(8192).expect("alloc");
+        a.fill(0xa5);
+        let p = a.as_ptr();
+        drop(a);
+        let b = pool.alloc_zeroed(8192).expect("alloc_zeroed");
+        assert_eq!(b.as_ptr(), p, "freed block is reused");
+        assert!(b.iter().all(|&x| x == 0));
+        let z = DmaBuf::alloc_zeroed(3 * 4096 + 7).expect("alloc_zeroed");
+        assert!(z.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn free_and_realloc_reuses_and_coalesces() {
+        let pool = private_pool(false, 1);
+        // Fill the whole chunk with 4 KiB buffers, free them all, then a 2 MiB one must fit:
+        // only possible if buddies were merged back.
+        let small: Vec<DmaBuf> = (0..512).map(|_| pool.alloc(4096).expect("alloc")).collect();
+        assert_eq!(pool.stats().bytes_in_use, DMA_CHUNK_SIZE);
+        assert_eq!(pool.alloc(4096).expect_err("full").errno(), -libc::ENOMEM);
+        let first = small[0].as_ptr();
+        drop(small);
+        let st = pool.stats();
+        assert_eq!((st.bytes_in_use, st.buffers_in_use, st.chunks), (0, 0, 1));
+        let big = pool
+            .alloc(DMA_CHUNK_SIZE)
+            .expect("whole chunk after coalescing");
+        assert_eq!(big.as_ptr(), first);
+        drop(big);
+        // Mixed sizes, freed in a shuffled order, coalesce as well.
+        let mut v: Vec<DmaBuf> = [4096, 16384, 4096, 65536, 8192, 1 << 20, 4096]
+            .iter()
+            .map(|&l| pool.alloc(l).expect("alloc"))
+            .collect();
+        fastrand::seed(7);
+        fastrand::shuffle(&mut v);
+        drop(v);
+        assert_eq!(pool.stats().bytes_in_use, 0);
+        assert!(pool.alloc(DMA_CHUNK_SIZE).is_ok());
+    }
+
+    #[test]
+    fn pool_cap_returns_pool_exhausted() {
+        let pool = private_pool(false, 2);
+        let a = pool.alloc(DMA_CHUNK_SIZE).expect("chunk 0");
+        let b = pool.alloc(DMA_CHUNK_SIZE).expect("chunk 1");
+        let err = pool.alloc(4096).expect_err("cap");
+        assert!(matches!(err, DmaError::PoolExhausted { max_chunks: 2 }));
+        assert_eq!(err.errno(), -libc::ENOMEM);
+        assert_eq!(a.fixed_region(), Some(0));
+        assert_eq!(b.fixed_region(), Some(1));
+        // Oversized buffers are not limited by the chunk cap.
+        assert!(pool.alloc(DMA_CHUNK_SIZE + 1).is_ok());
+    }
+
+    #[test]
+    fn oversized_buffers_have_own_mapping() {
+        let pool = private_pool(false, 1);
+        let len = 5 * DMA_CHUNK_SIZE / 2 + 100;
+        let mut big = pool.alloc(len).expect("oversized");
+        assert_eq!(big.fixed_region(), None);
+        assert!(!big.is_hugepage());
+        assert_eq!(big.capacity(), round_up(len, 4096).unwrap_or_default());
+        assert_eq!(big.as_ptr() as usize % DMA_ALIGN, 0);
+        fill_pattern(&mut big, 3);
+        assert!(check_pattern(&big, 3));
+        let st = pool.stats();
+        assert_eq!(
+            (st.oversized_buffers, st.oversized_bytes, st.chunks),
+            (1, big.capacity(), 0)
+        );
+        drop(big);
+        let st = pool.stats();
+        assert_eq!((st.oversized_buffers, st.oversized_bytes), (0, 0));
+    }
+
+    #[test]
+    fn fallback_path_without_hugepages() {
+        let (base, huge) = map_chunk(false).expect("plain chunk");
+        assert!(!huge);
+        assert_eq!(base % DMA_CHUNK_SIZE, 0);
+        let pool = private_pool(false, 2);
+        let mut b = pool.alloc(4096).expect("alloc");
+        assert!(!b.is_hugepage());
+        fill_pattern(&mut b, 9);
+        assert!(check_pattern(&b, 9));
+        let st = pool.stats();
+        assert_eq!((st.chunks, st.hugepage_chunks), (1, 0));
+        assert_eq!(pool.regions()[0].addr % DMA_CHUNK_SIZE, 0);
+    }
+
+    #[test]
+    fn hugepage_path_works_or_falls_back() {
+        // Whether the machine has free 2 MiB pages right now is outside our control; either
+        // outcome must give a usable, 2 MiB-aligned chunk.
+        let (base, huge) = map_chunk(true).expect("chunk");
+        assert_eq!(base % DMA_CHUNK_SIZE, 0);
+        let pool = private_pool(true, 2);
+        let mut b = pool.alloc(DMA_CHUNK_SIZE).expect("alloc");
+        fill_pattern(&mut b, 1);
+        assert!(check_pattern(&b, 1));
+        let st = pool.stats();
+        assert_eq!(st.hugepage_chunks, usize::from(b.is_hugepage()));
+        eprintln!(
+            "hugepage chunk available: {huge}, pool chunk hugepage: {}",
+            b.is_hugepage()
+        );
+    }
+
+    #[test]
+    fn allocating_across_threads() {
+        let handles: Vec<_> = (0..4u8)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..200usize {
+                        let mut b = DmaBuf::alloc(4096 << (i % 4)).expect("alloc");
+                        fill_pattern(&mut b, t);
+                        mine.push(b);
+                        if i % 3 == 0 {
+                            mine.swap_remove(i % mine.len());
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let results: Vec<Vec<DmaBuf>> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        for (t, bufs) in results.iter().enumerate() {
+            assert!(bufs.iter().all(|b| check_pattern(b, t as u8)));
+        }
+        // Buffers are Send: drop them on yet another thread.
+        std::thread::spawn(move || drop(results))
+            .join()
+            .expect("drop thread");
+    }
+
+    #[test]
+    fn stats_track_usage() {
+        let pool = private_pool(false, 8);
+        assert_eq!(pool.stats(), DmaPoolStats::default());
+        let a = pool.alloc(100).expect("alloc");
+        let b = pool.alloc(5000).expect("alloc");
+        let c = pool.alloc(DMA_CHUNK_SIZE).expect("alloc");
+        let st = pool.stats();
+        assert_eq!(st.chunks, 2);
+        assert_eq!(st.buffers_in_use, 3);
+        assert_eq!(st.bytes_in_use, 4096 + 8192 + DMA_CHUNK_SIZE);
+        assert_eq!(st.bytes_free, 2 * DMA_CHUNK_SIZE - st.bytes_in_use);
+        assert_eq!(pool.regions().len(), 2);
+        drop((a, b, c));
+        let st = pool.stats();
+        assert_eq!((st.buffers_in_use, st.bytes_in_use, st.chunks), (0, 0, 2));
+        // The global pool's stats are consistent too (other tests run concurrently).
+        let g = dma_pool_stats();
+        assert!(g.hugepage_chunks <= g.chunks && g.bytes_in_use <= g.chunks * DMA_CHUNK_SIZE);
+    }
+}
