@@ -1,0 +1,453 @@
+//! How callers use a bdev: [`BdevDesc`] (an open device, shareable across reactors) and
+//! [`BdevChannel`] (the calling reactor's channel, where requests are made and awaited).
+//!
+//! Every request is validated here (supported, block-aligned, in range, iovec lengths)
+//! and fails with -EINVAL before reaching the device. Requests own their buffers while in
+//! flight and hand them back with the result (`(Result, buffers)`), so nothing the device
+//! writes into can be freed under it. Nothing on this path allocates once the channel's slot
+//! table has grown to the queue depth in use.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use spool_reactor::{poller_register, Channel, IoDevice, PollerHandle};
+
+use crate::device::{Bdev, ChannelBackend};
+use crate::dma::DmaBuf;
+use crate::error::BdevError;
+use crate::io::{IoKind, IoSlots, SlotId};
+use crate::limits::{CHANNEL_IO_MAX, IOVECS_MAX};
+
+/// The device facts validation needs, read once per channel instead of per request.
+#[derive(Debug, Clone)]
+struct Geometry {
+    name: String,
+    block_size: u64,
+    size_bytes: u64,
+    iov_len_align: u64,
+    supported: [bool; 5],
+}
+
+impl Geometry {
+    fn of(bdev: &dyn Bdev) -> Geometry {
+        let kinds = [
+            IoKind::Read,
+            IoKind::Write,
+            IoKind::Unmap,
+            IoKind::WriteZeroes,
+            IoKind::Flush,
+        ];
+        Geometry {
+            name: bdev.name().to_owned(),
+            block_size: u64::from(bdev.block_size()),
+            size_bytes: u64::from(bdev.block_size()) * bdev.block_count(),
+            iov_len_align: u64::from(bdev.iov_len_align().max(1)),
+            supported: kinds.map(|kind| bdev.supports(kind)),
+        }
+    }
+
+    fn check(&self, kind: IoKind, offset_bytes: u64, len_bytes: u64) -> Result<(), BdevError> {
+        if !self.supported[kind as usize] {
+            return Err(BdevError::Unsupported {
+                bdev: self.name.clone(),
+                kind,
+            });
+        }
+        if kind == IoKind::Flush {
+            return Ok(());
+        }
+        if offset_bytes % self.block_size != 0 || len_bytes % self.block_size != 0 {
+            return Err(BdevError::Misaligned {
+                kind,
+                offset_bytes,
+                len_bytes,
+                align_bytes: self.block_size,
+            });
+        }
+        let end = offset_bytes.checked_add(len_bytes);
+        if len_bytes == 0 || end.is_none_or(|end| end > self.size_bytes) {
+            return Err(BdevError::OutOfRange {
+                kind,
+                offset_bytes,
+                len_bytes,
+                size_bytes: self.size_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_iovecs(
+        &self,
+        kind: IoKind,
+        offset_bytes: u64,
+        bufs: &[DmaBuf],
+    ) -> Result<u64, BdevError> {
+        if bufs.len() > IOVECS_MAX {
+            return Err(BdevError::InvalidArgument(format!(
+                "{} iovecs, at most {IOVECS_MAX}",
+                bufs.len()
+            )));
+        }
+        let mut len_bytes = 0u64;
+        for buf in bufs {
+            let len = buf.len() as u64;
+            if len % self.iov_len_align != 0 {
+                return Err(BdevError::Misaligned {
+                    kind,
+                    offset_bytes,
+                    len_bytes: len,
+                    align_bytes: self.iov_len_align,
+                });
+            }
+            len_bytes += len;
+        }
+        self.check(kind, offset_bytes, len_bytes)?;
+        Ok(len_bytes)
+    }
+}
+
+/// One reactor's context for one open bdev: its request table, the backend, and the poller
+/// that drives the backend every loop pass.
+pub struct ChannelContext {
+    geometry: Geometry,
+    slots: Rc<IoSlots>,
+    backend: Rc<RefCell<Box<dyn ChannelBackend>>>,
+    _poller: PollerHandle,
+}
+
+/// An open bdev. Clone it freely and send it to any reactor; each reactor gets its own
+/// channel from [`BdevDesc::channel`].
+#[derive(Clone)]
+pub struct BdevDesc {
+    bdev: Arc<dyn Bdev>,
+    device: IoDevice<ChannelContext>,
+}
+
+impl BdevDesc {
+    /// Opens `bdev` for I/O: registers it as an io device whose per-reactor context is a
+    /// channel of the backend.
+    pub fn open(bdev: Arc<dyn Bdev>) -> BdevDesc {
+        let for_create = Arc::clone(&bdev);
+        let device = IoDevice::register(
+            format!("bdev:{}", bdev.name()),
+            move |_reactor| create_context(&for_create),
+            |_reactor, context| drop(context),
+        );
+        BdevDesc { bdev, device }
+    }
+
+    /// The device.
+    pub fn bdev(&self) -> &Arc<dyn Bdev> {
+        &self.bdev
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        self.bdev.name()
+    }
+
+    /// Bytes per block.
+    pub fn block_size(&self) -> u32 {
+        self.bdev.block_size()
+    }
+
+    /// Number of blocks.
+    pub fn block_count(&self) -> u64 {
+        self.bdev.block_count()
+    }
+
+    /// The device's size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        u64::from(self.bdev.block_size()) * self.bdev.block_count()
+    }
+
+    /// The calling reactor's channel (shared with other callers on this reactor).
+    pub fn channel(&self) -> Result<BdevChannel, BdevError> {
+        Ok(BdevChannel {
+            channel: self.device.get_channel()?,
+        })
+    }
+
+    /// The reactors that hold a channel now.
+    pub fn channel_holders(&self) -> Vec<spool_reactor::ReactorId> {
+        self.device.channel_holders()
+    }
+}
+
+fn create_context(bdev: &Arc<dyn Bdev>) -> Result<ChannelContext, i32> {
+    let slots = Rc::new(IoSlots::default());
+    let backend = bdev.create_channel(Rc::clone(&slots)).map_err(|err| {
+        tracing::error!(bdev = bdev.name(), %err, "channel create failed");
+        err.errno()
+    })?;
+    let backend = Rc::new(RefCell::new(backend));
+    let (poll_backend, poll_slots) = (Rc::clone(&backend), Rc::clone(&slots));
+    let poller = poller_register("bdev", None, move || {
+        poll_backend.borrow_mut().poll(&poll_slots)
+    })
+    .map_err(|err| err.errno())?;
+    Ok(ChannelContext {
+        geometry: Geometry::of(bdev.as_ref()),
+        slots,
+        backend,
+        _poller: poller,
+    })
+}
+
+/// The calling reactor's channel to an open bdev: where reads, writes, unmaps, write-zeroes
+/// and flushes are made. Not `Send`: it belongs to its reactor.
+#[derive(Clone)]
+pub struct BdevChannel {
+    channel: Channel<ChannelContext>,
+}
+
+impl BdevChannel {
+    /// Bytes per block.
+    pub fn block_size(&self) -> u64 {
+        self.channel.geometry.block_size
+    }
+
+    /// The device's size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.channel.geometry.size_bytes
+    }
+
+    /// Requests this channel has in flight.
+    pub fn in_flight(&self) -> usize {
+        self.channel.slots.in_flight()
+    }
+
+    /// Reads `buf.len()` bytes at `offset_bytes` into `buf`; yields the result and the buffer.
+    pub fn read(&self, buf: DmaBuf, offset_bytes: u64) -> IoFuture<'_, DmaBuf> {
+        let len_bytes = buf.len() as u64;
+        self.submit_one(IoKind::Read, buf, offset_bytes, len_bytes)
+    }
+
+    /// Writes all of `buf` at `offset_bytes`; yields the result and the buffer.
+    pub fn write(&self, buf: DmaBuf, offset_bytes: u64) -> IoFuture<'_, DmaBuf> {
+        let len_bytes = buf.len() as u64;
+        self.submit_one(IoKind::Write, buf, offset_bytes, len_bytes)
+    }
+
+    /// Reads into `bufs` in order (a scatter list; lengths may cross block boundaries as long
+    /// as each is a multiple of the device's iovec alignment and the total is block-aligned).
+    pub fn readv(&self, bufs: Vec<DmaBuf>, offset_bytes: u64) -> IoFuture<'_, Vec<DmaBuf>> {
+        self.submit_vec(IoKind::Read, bufs, offset_bytes)
+    }
+
+    /// Writes `bufs` in order (a gather list), as [`BdevChannel::readv`].
+    pub fn writev(&self, bufs: Vec<DmaBuf>, offset_bytes: u64) -> IoFuture<'_, Vec<DmaBuf>> {
+        self.submit_vec(IoKind::Write, bufs, offset_bytes)
+    }
+
+    /// Deallocates `len_bytes` at `offset_bytes`.
+    pub async fn unmap(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BdevError> {
+        self.submit_none(IoKind::Unmap, offset_bytes, len_bytes)
+            .await
+            .0
+    }
+
+    /// Writes zeros over `len_bytes` at `offset_bytes`.
+    pub async fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BdevError> {
+        self.submit_none(IoKind::WriteZeroes, offset_bytes, len_bytes)
+            .await
+            .0
+    }
+
+    /// Makes every write completed before this call durable.
+    pub async fn flush(&self) -> Result<(), BdevError> {
+        self.submit_none(IoKind::Flush, 0, 0).await.0
+    }
+
+    #[inline]
+    fn submit_one(
+        &self,
+        kind: IoKind,
+        buf: DmaBuf,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> IoFuture<'_, DmaBuf> {
+        let context: &ChannelContext = &self.channel;
+        if let Err(err) = context.geometry.check(kind, offset_bytes, len_bytes) {
+            return IoFuture::failed(context, kind, err, vec![buf]);
+        }
+        let Some(slot) = context.slots.acquire(kind, offset_bytes, len_bytes) else {
+            return IoFuture::failed(
+                context,
+                kind,
+                BdevError::QueueFull {
+                    max: CHANNEL_IO_MAX,
+                },
+                vec![buf],
+            );
+        };
+        context.slots.with(slot, |request| request.bufs.push(buf));
+        self.start(context, kind, slot, Vec::new())
+    }
+
+    fn submit_vec(
+        &self,
+        kind: IoKind,
+        mut bufs: Vec<DmaBuf>,
+        offset_bytes: u64,
+    ) -> IoFuture<'_, Vec<DmaBuf>> {
+        let context: &ChannelContext = &self.channel;
+        let len_bytes = match context.geometry.check_iovecs(kind, offset_bytes, &bufs) {
+            Ok(len_bytes) => len_bytes,
+            Err(err) => return IoFuture::failed(context, kind, err, bufs),
+        };
+        let Some(slot) = context.slots.acquire(kind, offset_bytes, len_bytes) else {
+            return IoFuture::failed(
+                context,
+                kind,
+                BdevError::QueueFull {
+                    max: CHANNEL_IO_MAX,
+                },
+                bufs,
+            );
+        };
+        // Swap the caller's list into the slot; the slot's (empty) list waits in the future
+        // and is swapped back at completion, so neither side allocates.
+        context
+            .slots
+            .with(slot, |request| std::mem::swap(&mut request.bufs, &mut bufs));
+        self.start(context, kind, slot, bufs)
+    }
+
+    fn submit_none(&self, kind: IoKind, offset_bytes: u64, len_bytes: u64) -> IoFuture<'_, ()> {
+        let context: &ChannelContext = &self.channel;
+        if let Err(err) = context.geometry.check(kind, offset_bytes, len_bytes) {
+            return IoFuture::failed(context, kind, err, Vec::new());
+        }
+        let Some(slot) = context.slots.acquire(kind, offset_bytes, len_bytes) else {
+            return IoFuture::failed(
+                context,
+                kind,
+                BdevError::QueueFull {
+                    max: CHANNEL_IO_MAX,
+                },
+                Vec::new(),
+            );
+        };
+        self.start(context, kind, slot, Vec::new())
+    }
+
+    #[inline]
+    fn start<'a, T: IoOutput>(
+        &'a self,
+        context: &'a ChannelContext,
+        kind: IoKind,
+        slot: SlotId,
+        spare: Vec<DmaBuf>,
+    ) -> IoFuture<'a, T> {
+        context.backend.borrow_mut().submit(slot, &context.slots);
+        IoFuture {
+            context,
+            kind,
+            slot: Some(slot),
+            early: None,
+            spare,
+            _output: PhantomData,
+        }
+    }
+}
+
+/// What a finished request hands back besides its status: one buffer, a list, or nothing.
+pub trait IoOutput: Sized {
+    /// Builds the output from the request's buffer list (`spare` is the caller-side list to
+    /// swap with, for vectored requests).
+    fn take(bufs: &mut Vec<DmaBuf>, spare: Vec<DmaBuf>) -> Self;
+}
+
+impl IoOutput for DmaBuf {
+    #[inline]
+    fn take(bufs: &mut Vec<DmaBuf>, _spare: Vec<DmaBuf>) -> Self {
+        bufs.pop()
+            .expect("a single-buffer request holds its buffer until completion")
+    }
+}
+
+impl IoOutput for Vec<DmaBuf> {
+    fn take(bufs: &mut Vec<DmaBuf>, spare: Vec<DmaBuf>) -> Self {
+        std::mem::replace(bufs, spare)
+    }
+}
+
+impl IoOutput for () {
+    fn take(_bufs: &mut Vec<DmaBuf>, _spare: Vec<DmaBuf>) -> Self {}
+}
+
+/// A request in flight on a channel. Resolves to the status and the request's buffers.
+/// Dropping it before completion parks the buffers until the device is done with them.
+pub struct IoFuture<'a, T: IoOutput> {
+    context: &'a ChannelContext,
+    kind: IoKind,
+    slot: Option<SlotId>,
+    early: Option<(BdevError, Vec<DmaBuf>)>,
+    spare: Vec<DmaBuf>,
+    _output: PhantomData<fn() -> T>,
+}
+
+impl<'a, T: IoOutput> IoFuture<'a, T> {
+    fn failed(
+        context: &'a ChannelContext,
+        kind: IoKind,
+        err: BdevError,
+        bufs: Vec<DmaBuf>,
+    ) -> Self {
+        IoFuture {
+            context,
+            kind,
+            slot: None,
+            early: Some((err, bufs)),
+            spare: Vec::new(),
+            _output: PhantomData,
+        }
+    }
+}
+
+impl<T: IoOutput> Future for IoFuture<'_, T> {
+    type Output = (Result<(), BdevError>, T);
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Some((err, mut bufs)) = this.early.take() {
+            return Poll::Ready((Err(err), T::take(&mut bufs, Vec::new())));
+        }
+        let Some(slot) = this.slot else {
+            panic!("IoFuture polled after completion");
+        };
+        let Some(status) = this.context.slots.poll_done(slot, cx.waker()) else {
+            return Poll::Pending;
+        };
+        this.slot = None;
+        let spare = std::mem::take(&mut this.spare);
+        let output = this
+            .context
+            .slots
+            .release(slot, |bufs| T::take(bufs, spare));
+        let result = if status < 0 {
+            Err(BdevError::Io {
+                kind: this.kind,
+                errno: status,
+            })
+        } else {
+            Ok(())
+        };
+        Poll::Ready((result, output))
+    }
+}
+
+impl<T: IoOutput> Drop for IoFuture<'_, T> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.context.slots.abandon(slot);
+        }
+    }
+}

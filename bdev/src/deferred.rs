@@ -1,0 +1,94 @@
+//! Completions a memory-backed device delivers from its poller rather than inline: in FIFO
+//! order at the next loop pass in production, or, under a simulation, each after a latency
+//! drawn from the seed (so both latency and completion order replay from it).
+
+use std::collections::VecDeque;
+
+use crate::io::SlotId;
+use crate::limits::SIM_LATENCY_NS_MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    ready_at_ns: u64,
+    seq: u64,
+    slot: SlotId,
+}
+
+/// A queue of submitted slots waiting for their (possibly simulated) completion time.
+#[derive(Debug, Default)]
+pub struct Deferred {
+    fifo: VecDeque<SlotId>,
+    timed: Vec<Pending>,
+    seq: u64,
+}
+
+impl Deferred {
+    /// Queues `slot`: for the next pass, or at a seeded latency under a simulation.
+    #[inline]
+    pub fn push(&mut self, slot: SlotId) {
+        match spool_reactor::sim_rng_u64() {
+            None => self.fifo.push_back(slot),
+            Some(draw) => {
+                let ready_at_ns = spool_reactor::now_ns() + draw % (SIM_LATENCY_NS_MAX + 1);
+                self.timed.push(Pending {
+                    ready_at_ns,
+                    seq: self.seq,
+                    slot,
+                });
+                self.seq += 1;
+                spool_reactor::wake_at(ready_at_ns);
+            }
+        }
+    }
+
+    /// Hands every slot whose time has come to `complete`, oldest first (simulated ones in
+    /// order of their ready time); returns how many.
+    #[inline]
+    pub fn drain_due(&mut self, mut complete: impl FnMut(SlotId)) -> usize {
+        let mut count = 0;
+        // Bound to what was queued at entry: completions may queue more.
+        let fifo_len = self.fifo.len();
+        for _ in 0..fifo_len {
+            let Some(slot) = self.fifo.pop_front() else {
+                break;
+            };
+            complete(slot);
+            count += 1;
+        }
+        if !self.timed.is_empty() {
+            count += self.drain_timed(&mut complete);
+        }
+        count
+    }
+
+    fn drain_timed(&mut self, complete: &mut impl FnMut(SlotId)) -> usize {
+        let now_ns = spool_reactor::now_ns();
+        let mut due: Vec<Pending> = Vec::new();
+        self.timed.retain(|pending| {
+            if pending.ready_at_ns <= now_ns {
+                due.push(*pending);
+                false
+            } else {
+                true
+            }
+        });
+        due.sort_by_key(|pending| (pending.ready_at_ns, pending.seq));
+        for pending in &due {
+            complete(pending.slot);
+        }
+        if let Some(next) = self.timed.iter().map(|pending| pending.ready_at_ns).min() {
+            spool_reactor::wake_at(next);
+        }
+        due.len()
+    }
+
+    /// Slots still waiting.
+    pub fn len(&self) -> usize {
+        self.fifo.len() + self.timed.len()
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

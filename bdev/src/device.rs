@@ -1,0 +1,56 @@
+//! The two traits a block device module implements: [`Bdev`] (the device, shared by all
+//! reactors) and [`ChannelBackend`] (its per-reactor context).
+
+use std::rc::Rc;
+
+use spool_reactor::PollStatus;
+
+use crate::error::BdevError;
+use crate::io::{IoKind, IoSlots, SlotId};
+
+/// A block device. Shared by every reactor (`Send + Sync`); each reactor does I/O through its
+/// own [`ChannelBackend`], made by [`Bdev::create_channel`] on that reactor. Callers use it
+/// through [`crate::BdevDesc`] and [`crate::BdevChannel`], which validate every request
+/// (block-aligned, in range) before it reaches the device.
+pub trait Bdev: Send + Sync + 'static {
+    /// The device's name (unique among open bdevs by convention).
+    fn name(&self) -> &str;
+
+    /// Bytes per block: every offset and length is a multiple of it.
+    fn block_size(&self) -> u32;
+
+    /// Number of blocks.
+    fn block_count(&self) -> u64;
+
+    /// The alignment, in bytes, each buffer length of a vectored request must have (512 for
+    /// O_DIRECT devices, 1 for memory). Buffers themselves are always 4 KiB aligned.
+    fn iov_len_align(&self) -> u32 {
+        1
+    }
+
+    /// Whether the device implements `kind`; unsupported kinds fail with -ENOTSUP before
+    /// reaching it.
+    fn supports(&self, kind: IoKind) -> bool {
+        let _ = kind;
+        true
+    }
+
+    /// Whether reads of unmapped blocks return zeros.
+    fn unmap_reads_zeroes(&self) -> bool {
+        false
+    }
+
+    /// Creates the calling reactor's context. `slots` is the channel's request table; the
+    /// backend may keep it to complete requests from its pollers.
+    fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError>;
+}
+
+/// One reactor's context for a device: it starts requests and reports their completions.
+pub trait ChannelBackend {
+    /// Starts the request in `slot`. The request was validated; its buffers stay in the slot
+    /// until the backend calls `slots.complete(slot, status)` (once, with 0 or -errno).
+    fn submit(&mut self, slot: SlotId, slots: &IoSlots);
+
+    /// Called every reactor loop pass: push queued work to the device, reap completions.
+    fn poll(&mut self, slots: &IoSlots) -> PollStatus;
+}
