@@ -61,7 +61,7 @@ impl Geometry {
         if kind == IoKind::Flush {
             return Ok(());
         }
-        if offset_bytes % self.block_size != 0 || len_bytes % self.block_size != 0 {
+        if !offset_bytes.is_multiple_of(self.block_size) || !len_bytes.is_multiple_of(self.block_size) {
             return Err(BdevError::Misaligned {
                 kind,
                 offset_bytes,
@@ -96,7 +96,7 @@ impl Geometry {
         let mut len_bytes = 0u64;
         for buf in bufs {
             let len = buf.len() as u64;
-            if len % self.iov_len_align != 0 {
+            if !len.is_multiple_of(self.iov_len_align) {
                 return Err(BdevError::Misaligned {
                     kind,
                     offset_bytes,

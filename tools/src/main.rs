@@ -1,1 +1,3 @@
+//! The `spool` command line.
+
 fn main() {}
