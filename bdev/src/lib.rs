@@ -13,6 +13,8 @@
 //! - [`limits`]: every bound and why.
 //! - [`error`]: [`BdevError`] with errno kinds.
 
+#![warn(clippy::unwrap_used)]
+
 pub mod channel;
 pub mod deferred;
 pub mod device;

@@ -25,6 +25,8 @@
 //! - `runtime`: the threaded driver.
 //! - `sim`: the seeded simulation driver and its trace.
 
+#![warn(clippy::unwrap_used)]
+
 pub mod limits;
 
 mod clock;
