@@ -122,7 +122,7 @@ fn a_stalled_simulation_reports_instead_of_hanging() {
         seed: 3,
         reactors: 2,
     });
-    let result = sim.block_on(ReactorId(1), || std::future::pending::<()>());
+    let result = sim.block_on(ReactorId(1), std::future::pending::<()>);
     let err = result.unwrap_err();
     assert_eq!(err.errno(), -libc_etimedout(), "{err}");
 }
