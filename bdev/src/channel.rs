@@ -61,7 +61,9 @@ impl Geometry {
         if kind == IoKind::Flush {
             return Ok(());
         }
-        if !offset_bytes.is_multiple_of(self.block_size) || !len_bytes.is_multiple_of(self.block_size) {
+        if !offset_bytes.is_multiple_of(self.block_size)
+            || !len_bytes.is_multiple_of(self.block_size)
+        {
             return Err(BdevError::Misaligned {
                 kind,
                 offset_bytes,

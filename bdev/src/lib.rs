@@ -16,18 +16,25 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod channel;
+pub mod crash;
 pub mod deferred;
 pub mod device;
 pub mod dma;
 pub mod error;
+pub mod error_inject;
 pub mod io;
 pub mod limits;
+pub mod malloc;
 pub mod null;
 pub mod uring;
 
 pub use crate::channel::{BdevChannel, BdevDesc, IoFuture, IoOutput};
+pub use crate::crash::{CrashBdev, PendingWrite};
 pub use crate::device::{Bdev, ChannelBackend};
 pub use crate::dma::DmaBuf;
 pub use crate::error::BdevError;
+pub use crate::error_inject::{ErrorBdev, ErrorRule, RuleId, RuleStats};
 pub use crate::io::{IoKind, IoRequest, IoSlots, SlotId};
+pub use crate::malloc::MallocBdev;
 pub use crate::null::NullBdev;
+pub use crate::uring::{UringBdev, UringGroupStats, UringOptions};

@@ -1,1 +1,17 @@
-//! Engine: starts reactors, opens devices and stores, serves them. Grows with the daemon issue.
+//! Spool's engine: what turns command-line words into running reactors and open devices.
+//! It grows into the daemon (`spool serve`); today it holds target parsing and opening.
+//!
+//! Table of contents:
+//! - [`target`]: `null`, `malloc:SIZE` or a path, parsed and opened as a bdev.
+//! - [`size`]: human sizes ("1G", "512MiB", "4096").
+//! - [`error`]: [`EngineError`], wrapping the lower crates' errors with their errno kinds.
+
+#![warn(clippy::unwrap_used)]
+
+pub mod error;
+pub mod size;
+pub mod target;
+
+pub use crate::error::EngineError;
+pub use crate::size::parse_size;
+pub use crate::target::{open_target, prepare_file, OpenedTarget, TargetOptions, TargetSpec};

@@ -1,3 +1,21 @@
-//! io_uring bdev.
+//! The io_uring bdev: regular files and block devices through one io_uring per reactor.
+//!
+//! * [`UringBdev`] (`bdev.rs`): opening, geometry, and the per-reactor channel backend.
+//! * `group.rs`: the reactor's poll group, one [`sys::Ring`] shared by the channels of every
+//!   uring bdev on that reactor, one active poller that submits (one `io_uring_enter` per loop
+//!   pass at most) and routes completions by `user_data = (channel index << 32) | slot`.
+//! * `blk.rs`: the blocking block-device ioctls (logical block size, discard, zero-out).
+//! * [`sys`]: the kernel edge; the only code that pushes SQEs and reaps CQEs.
+//!
+//! Invariants (detailed in each file): no syscall and no allocation per I/O in steady state;
+//! a request's buffers (and iovec scratch) stay owned by its slot until its last CQE is
+//! reaped, including after its future or its channel is dropped; unmap and write-zeroes fall
+//! back to writing zeros when the file or device refuses them, and the fallback is remembered.
 
+mod bdev;
+mod blk;
+mod group;
 pub mod sys;
+
+pub use self::bdev::{UringBdev, UringOptions};
+pub use self::group::{UringGroupStats, SHORT_IO_RETRIES_MAX, ZERO_FILL_CHUNK};

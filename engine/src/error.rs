@@ -1,0 +1,38 @@
+//! The engine's umbrella error: its own failures plus the lower crates', each with an errno.
+
+/// What went wrong starting or serving. `errno()` gives the negative errno kind.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// A bad argument (target, size, core list) with the reason.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A file could not be prepared (created, sized, written).
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What failed, with the OS error.
+        reason: String,
+        /// The negative errno.
+        errno: i32,
+    },
+    /// A bdev failure.
+    #[error(transparent)]
+    Bdev(#[from] spool_bdev::BdevError),
+    /// A reactor failure.
+    #[error(transparent)]
+    Reactor(#[from] spool_reactor::ReactorError),
+}
+
+impl EngineError {
+    /// The negative errno kind of this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::InvalidArgument(_) => -libc::EINVAL,
+            Self::File { errno, .. } => *errno,
+            Self::Bdev(err) => err.errno(),
+            Self::Reactor(err) => err.errno(),
+        }
+    }
+}

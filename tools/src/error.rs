@@ -1,0 +1,39 @@
+//! The command line's error: what to print and which exit code to use.
+
+use crate::perf::report::PerfReport;
+
+/// A failed command. Printed as one line `spool: error: ...`.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// Bad arguments (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The engine refused (bad target, device error).
+    #[error(transparent)]
+    Engine(#[from] spool_engine::EngineError),
+    /// A reactor failure.
+    #[error(transparent)]
+    Reactor(#[from] spool_reactor::ReactorError),
+    /// The run itself failed.
+    #[error("{0}")]
+    Run(String),
+    /// I/O failed during the run; the partial report is kept.
+    #[error("I/O failed: {first}")]
+    Io {
+        /// What was measured before the failure.
+        report: Box<PerfReport>,
+        /// The first failure.
+        first: String,
+    },
+}
+
+impl ToolError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ToolError::Usage(_) => 2,
+            ToolError::Engine(err) if err.errno() == -libc::EINVAL => 2,
+            _ => 1,
+        }
+    }
+}
