@@ -390,7 +390,7 @@ pub struct IoFuture<'a, T: IoOutput> {
     context: &'a ChannelContext,
     kind: IoKind,
     slot: Option<SlotId>,
-    early: Option<(BdevError, Vec<DmaBuf>)>,
+    early: Option<Box<(BdevError, Vec<DmaBuf>)>>,
     spare: Vec<DmaBuf>,
     _output: PhantomData<fn() -> T>,
 }
@@ -406,7 +406,7 @@ impl<'a, T: IoOutput> IoFuture<'a, T> {
             context,
             kind,
             slot: None,
-            early: Some((err, bufs)),
+            early: Some(Box::new((err, bufs))),
             spare: Vec::new(),
             _output: PhantomData,
         }
@@ -419,7 +419,8 @@ impl<T: IoOutput> Future for IoFuture<'_, T> {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if let Some((err, mut bufs)) = this.early.take() {
+        if let Some(early) = this.early.take() {
+            let (err, mut bufs) = *early;
             return Poll::Ready((Err(err), T::take(&mut bufs, Vec::new())));
         }
         let Some(slot) = this.slot else {

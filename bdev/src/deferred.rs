@@ -15,17 +15,35 @@ struct Pending {
 }
 
 /// A queue of submitted slots waiting for their (possibly simulated) completion time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Deferred {
     fifo: VecDeque<SlotId>,
     timed: Vec<Pending>,
     seq: u64,
+    simulated: bool,
+}
+
+impl Default for Deferred {
+    /// An empty queue for the calling reactor: simulated if that reactor is (decided once,
+    /// here, so the I/O path does not ask per request).
+    fn default() -> Self {
+        Deferred {
+            fifo: VecDeque::new(),
+            timed: Vec::new(),
+            seq: 0,
+            simulated: spool_reactor::is_simulated(),
+        }
+    }
 }
 
 impl Deferred {
     /// Queues `slot`: for the next pass, or at a seeded latency under a simulation.
     #[inline]
     pub fn push(&mut self, slot: SlotId) {
+        if !self.simulated {
+            self.fifo.push_back(slot);
+            return;
+        }
         match spool_reactor::sim_rng_u64() {
             None => self.fifo.push_back(slot),
             Some(draw) => {

@@ -114,17 +114,23 @@ impl IoSlots {
     /// waiter. A request whose waiter went away is released here, dropping its buffers.
     #[inline]
     pub fn complete(&self, slot: SlotId, status: i32) {
-        let (waker, released) = {
+        let released = {
             let mut requests = self.requests.borrow_mut();
             let request = &mut requests[slot as usize];
             match request.state {
                 SlotState::InFlight => {
                     request.state = SlotState::Done(status);
-                    (request.waker.take(), None)
+                    // Wake by reference and keep the waker: the slot is usually taken again
+                    // by the same task (the free list is LIFO), which then skips the clone.
+                    // Waking only queues the task; it cannot re-enter this table.
+                    if let Some(waker) = &request.waker {
+                        waker.wake_by_ref();
+                    }
+                    None
                 }
                 SlotState::Abandoned => {
                     request.state = SlotState::Free;
-                    (None, Some(std::mem::take(&mut request.bufs)))
+                    Some(std::mem::take(&mut request.bufs))
                 }
                 state => panic!("slot {slot} completed twice (state {state:?})"),
             }
@@ -132,9 +138,6 @@ impl IoSlots {
         if let Some(bufs) = released {
             drop(bufs);
             self.free.borrow_mut().push(slot);
-        }
-        if let Some(waker) = waker {
-            waker.wake();
         }
     }
 
@@ -164,7 +167,6 @@ impl IoSlots {
             let request = &mut requests[slot as usize];
             debug_assert!(matches!(request.state, SlotState::Done(_)));
             request.state = SlotState::Free;
-            request.waker = None;
             take(&mut request.bufs)
         };
         self.free.borrow_mut().push(slot);

@@ -7,7 +7,10 @@ use crate::EngineError;
 pub fn parse_size(text: &str) -> Result<u64, EngineError> {
     let trimmed = text.trim();
     let lower = trimmed.to_ascii_lowercase();
-    let body = lower.strip_suffix("ib").or_else(|| lower.strip_suffix('b')).unwrap_or(&lower);
+    let body = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
     let (digits, shift) = match body.chars().last() {
         Some('k') => (&body[..body.len() - 1], 10),
         Some('m') => (&body[..body.len() - 1], 20),
@@ -15,7 +18,11 @@ pub fn parse_size(text: &str) -> Result<u64, EngineError> {
         Some('t') => (&body[..body.len() - 1], 40),
         _ => (body, 0),
     };
-    let bad = || EngineError::InvalidArgument(format!("bad size '{trimmed}' (expected e.g. 4096, 64M, 1G)"));
+    let bad = || {
+        EngineError::InvalidArgument(format!(
+            "bad size '{trimmed}' (expected e.g. 4096, 64M, 1G)"
+        ))
+    };
     let number: u64 = digits.trim().parse().map_err(|_| bad())?;
     let size = number.checked_mul(1u64 << shift).ok_or_else(bad)?;
     if size == 0 {

@@ -28,7 +28,9 @@ impl TargetSpec {
     /// Parses `null`, `malloc:SIZE` or a path.
     pub fn parse(text: &str) -> Result<TargetSpec, EngineError> {
         if text.is_empty() {
-            return Err(EngineError::InvalidArgument("empty target (expected null, malloc:SIZE or a path)".into()));
+            return Err(EngineError::InvalidArgument(
+                "empty target (expected null, malloc:SIZE or a path)".into(),
+            ));
         }
         if text == "null" {
             return Ok(TargetSpec::Null);
@@ -37,7 +39,9 @@ impl TargetSpec {
             return Ok(TargetSpec::Malloc(parse_size(size)?));
         }
         if text == "malloc" {
-            return Err(EngineError::InvalidArgument("malloc needs a size: malloc:SIZE (e.g. malloc:1G)".into()));
+            return Err(EngineError::InvalidArgument(
+                "malloc needs a size: malloc:SIZE (e.g. malloc:1G)".into(),
+            ));
         }
         Ok(TargetSpec::Path(PathBuf::from(text)))
     }
@@ -58,7 +62,12 @@ pub struct TargetOptions {
 
 impl Default for TargetOptions {
     fn default() -> Self {
-        TargetOptions { size_bytes: 1 << 30, block_size: 4096, ring_entries: 256, sqpoll: false }
+        TargetOptions {
+            size_bytes: 1 << 30,
+            block_size: 4096,
+            ring_entries: 256,
+            sqpoll: false,
+        }
     }
 }
 
@@ -73,26 +82,49 @@ pub struct OpenedTarget {
 }
 
 /// Opens `spec`; a missing file path is first created with [`prepare_file`].
-pub fn open_target(spec: &TargetSpec, options: &TargetOptions) -> Result<OpenedTarget, EngineError> {
+pub fn open_target(
+    spec: &TargetSpec,
+    options: &TargetOptions,
+) -> Result<OpenedTarget, EngineError> {
     let block_size = u64::from(options.block_size);
     match spec {
         TargetSpec::Null => {
-            let bdev = spool_bdev::NullBdev::new("null0", options.block_size, options.size_bytes / block_size)?;
-            Ok(OpenedTarget { bdev: Arc::new(bdev), kind: "null".into(), created: false })
+            let bdev = spool_bdev::NullBdev::new(
+                "null0",
+                options.block_size,
+                options.size_bytes / block_size,
+            )?;
+            Ok(OpenedTarget {
+                bdev: Arc::new(bdev),
+                kind: "null".into(),
+                created: false,
+            })
         }
         TargetSpec::Malloc(size_bytes) => {
             if size_bytes % block_size != 0 {
-                return Err(EngineError::InvalidArgument(format!("malloc size {size_bytes} is not a multiple of the block size {block_size}")));
+                return Err(EngineError::InvalidArgument(format!(
+                    "malloc size {size_bytes} is not a multiple of the block size {block_size}"
+                )));
             }
-            let bdev = spool_bdev::MallocBdev::new("malloc0", options.block_size, size_bytes / block_size)?;
-            Ok(OpenedTarget { bdev: Arc::new(bdev), kind: "malloc".into(), created: false })
+            let bdev = spool_bdev::MallocBdev::new(
+                "malloc0",
+                options.block_size,
+                size_bytes / block_size,
+            )?;
+            Ok(OpenedTarget {
+                bdev: Arc::new(bdev),
+                kind: "malloc".into(),
+                created: false,
+            })
         }
         TargetSpec::Path(path) => {
             let created = !path.exists();
             if created {
                 prepare_file(path, options.size_bytes, |_| {})?;
             }
-            let is_block = std::fs::metadata(path).map(|meta| meta.file_type().is_block_device()).unwrap_or(false);
+            let is_block = std::fs::metadata(path)
+                .map(|meta| meta.file_type().is_block_device())
+                .unwrap_or(false);
             let uring_options = spool_bdev::UringOptions {
                 block_size: options.block_size,
                 ring_entries: options.ring_entries,
@@ -100,8 +132,16 @@ pub fn open_target(spec: &TargetSpec, options: &TargetOptions) -> Result<OpenedT
                 ..spool_bdev::UringOptions::default()
             };
             let bdev = spool_bdev::UringBdev::open(path, &uring_options)?;
-            let kind = if is_block { "uring block device" } else { "uring file" };
-            Ok(OpenedTarget { bdev: Arc::new(bdev), kind: kind.into(), created })
+            let kind = if is_block {
+                "uring block device"
+            } else {
+                "uring file"
+            };
+            Ok(OpenedTarget {
+                bdev: Arc::new(bdev),
+                kind: kind.into(),
+                created,
+            })
         }
     }
 }
@@ -117,10 +157,17 @@ fn file_error(path: &Path, what: &str, err: &std::io::Error) -> EngineError {
 /// Creates `path` with `size_bytes` of written data (zeros, written in 4 MiB pieces and
 /// synced), calling `progress` with the bytes written so far. Refuses to touch an existing
 /// path. A written file, unlike a sparse or merely fallocated one, makes reads hit the media.
-pub fn prepare_file(path: &Path, size_bytes: u64, mut progress: impl FnMut(u64)) -> Result<(), EngineError> {
+pub fn prepare_file(
+    path: &Path,
+    size_bytes: u64,
+    mut progress: impl FnMut(u64),
+) -> Result<(), EngineError> {
     const CHUNK_BYTES: usize = 4 << 20;
     if size_bytes == 0 {
-        return Err(EngineError::InvalidArgument(format!("{}: size 0", path.display())));
+        return Err(EngineError::InvalidArgument(format!(
+            "{}: size 0",
+            path.display()
+        )));
     }
     let mut file: File = OpenOptions::new()
         .write(true)
@@ -128,16 +175,20 @@ pub fn prepare_file(path: &Path, size_bytes: u64, mut progress: impl FnMut(u64))
         .open(path)
         .map_err(|err| file_error(path, "create", &err))?;
     let result = (|| {
-        file.set_len(size_bytes).map_err(|err| file_error(path, "set size", &err))?;
+        file.set_len(size_bytes)
+            .map_err(|err| file_error(path, "set size", &err))?;
         let zeros = vec![0u8; CHUNK_BYTES];
         let mut written = 0u64;
         while written < size_bytes {
-            let piece = usize::try_from((size_bytes - written).min(CHUNK_BYTES as u64)).unwrap_or(CHUNK_BYTES);
-            file.write_all(&zeros[..piece]).map_err(|err| file_error(path, "write", &err))?;
+            let piece = usize::try_from((size_bytes - written).min(CHUNK_BYTES as u64))
+                .unwrap_or(CHUNK_BYTES);
+            file.write_all(&zeros[..piece])
+                .map_err(|err| file_error(path, "write", &err))?;
             written += piece as u64;
             progress(written);
         }
-        file.sync_all().map_err(|err| file_error(path, "sync", &err))
+        file.sync_all()
+            .map_err(|err| file_error(path, "sync", &err))
     })();
     if result.is_err() {
         // Leave nothing half-made behind: the path did not exist before.
@@ -153,10 +204,22 @@ mod tests {
     #[test]
     fn targets_parse() {
         assert_eq!(TargetSpec::parse("null").unwrap(), TargetSpec::Null);
-        assert_eq!(TargetSpec::parse("malloc:64M").unwrap(), TargetSpec::Malloc(64 << 20));
-        assert_eq!(TargetSpec::parse("/tmp/x").unwrap(), TargetSpec::Path("/tmp/x".into()));
-        assert_eq!(TargetSpec::parse("malloc").unwrap_err().errno(), -libc::EINVAL);
-        assert_eq!(TargetSpec::parse("malloc:lots").unwrap_err().errno(), -libc::EINVAL);
+        assert_eq!(
+            TargetSpec::parse("malloc:64M").unwrap(),
+            TargetSpec::Malloc(64 << 20)
+        );
+        assert_eq!(
+            TargetSpec::parse("/tmp/x").unwrap(),
+            TargetSpec::Path("/tmp/x".into())
+        );
+        assert_eq!(
+            TargetSpec::parse("malloc").unwrap_err().errno(),
+            -libc::EINVAL
+        );
+        assert_eq!(
+            TargetSpec::parse("malloc:lots").unwrap_err().errno(),
+            -libc::EINVAL
+        );
         assert_eq!(TargetSpec::parse("").unwrap_err().errno(), -libc::EINVAL);
     }
 

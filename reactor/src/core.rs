@@ -65,12 +65,24 @@ pub(crate) struct ReactorRemote {
 
 /// State shared by every reactor of one runtime or simulation.
 pub(crate) struct Shared {
+    /// Unique per runtime or simulation in this process: io devices are process-wide, so
+    /// their channel holders are keyed by (runtime, reactor).
+    pub(crate) runtime_id: u64,
     pub(crate) reactors: Vec<ReactorRemote>,
     /// Channels alive across all devices; a clean stop brings it to zero.
     pub(crate) live_channels: AtomicUsize,
 }
 
 impl Shared {
+    pub(crate) fn new(reactors: Vec<ReactorRemote>) -> Shared {
+        static NEXT_RUNTIME_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Shared {
+            runtime_id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
+            reactors,
+            live_channels: AtomicUsize::new(0),
+        }
+    }
+
     pub(crate) fn remote(&self, id: ReactorId) -> Result<&ReactorRemote, crate::ReactorError> {
         self.reactors
             .get(id.index())

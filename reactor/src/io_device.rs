@@ -28,13 +28,13 @@ struct DeviceInner<C> {
     name: String,
     create: Box<CreateFn<C>>,
     destroy: Box<DestroyFn<C>>,
-    holders: Mutex<BTreeSet<ReactorId>>,
+    holders: Mutex<BTreeSet<(u64, ReactorId)>>,
     unregistered: AtomicBool,
     _context: PhantomData<fn() -> C>,
 }
 
 impl<C> DeviceInner<C> {
-    fn holders(&self) -> MutexGuard<'_, BTreeSet<ReactorId>> {
+    fn holders(&self) -> MutexGuard<'_, BTreeSet<(u64, ReactorId)>> {
         self.holders
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -110,14 +110,27 @@ impl<C: 'static> IoDevice<C> {
         });
         let weak: Weak<dyn Any> = Rc::downgrade(&(Rc::clone(&inner) as Rc<dyn Any>));
         core.channels.borrow_mut().insert(self.inner.id, weak);
-        self.inner.holders().insert(core.id);
+        self.inner
+            .holders()
+            .insert((core.shared.runtime_id, core.id));
         core.shared.live_channels.fetch_add(1, Ordering::AcqRel);
         Ok(Channel { inner })
     }
 
-    /// The reactors that hold a channel of this device now, in order.
+    /// The reactors that hold a channel of this device now, in order. On a reactor: those of
+    /// its own runtime (devices are process-wide; several runtimes may use one). Off a
+    /// reactor: those of every runtime, deduplicated.
     pub fn channel_holders(&self) -> Vec<ReactorId> {
-        self.inner.holders().iter().copied().collect()
+        let runtime = context::with_current(|core| core.shared.runtime_id);
+        let mut holders: Vec<ReactorId> = self
+            .inner
+            .holders()
+            .iter()
+            .filter(|(holder_runtime, _)| runtime.is_none_or(|runtime| runtime == *holder_runtime))
+            .map(|(_, reactor)| *reactor)
+            .collect();
+        holders.dedup();
+        holders
     }
 
     /// Refuses further channels; `Err(DeviceBusy)` while any channel is still held.
@@ -225,7 +238,9 @@ impl<C: 'static> Drop for ChannelInner<C> {
                 channels.remove(&self.device.id);
             }
         }
-        self.device.holders().remove(&self.reactor);
+        self.device
+            .holders()
+            .remove(&(self.shared.runtime_id, self.reactor));
         self.shared.live_channels.fetch_sub(1, Ordering::AcqRel);
         if let Some(context) = self.context.take() {
             (self.device.destroy)(self.reactor, context);

@@ -86,10 +86,7 @@ impl Runtime {
             });
             receivers.push(receiver);
         }
-        let shared = Arc::new(Shared {
-            reactors,
-            live_channels: AtomicUsize::new(0),
-        });
+        let shared = Arc::new(Shared::new(reactors));
         let pinned = Arc::new(AtomicUsize::new(0));
         let (started_tx, started_rx) = crossbeam_channel::bounded(options.cores.len());
         let mut runtime = Runtime {

@@ -14,7 +14,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::clock::Clock;
@@ -116,10 +116,7 @@ impl Sim {
             });
             receivers.push(receiver);
         }
-        let shared = Arc::new(Shared {
-            reactors,
-            live_channels: AtomicUsize::new(0),
-        });
+        let shared = Arc::new(Shared::new(reactors));
         let clock = Rc::new(Cell::new(0));
         // Two streams from one seed: scheduling choices, and device draws.
         let sim = Rc::new(SimShared {

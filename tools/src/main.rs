@@ -12,7 +12,8 @@ use crate::error::ToolError;
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SPOOL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("SPOOL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -35,7 +36,8 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
         Command::Perf(args) => {
             let report = perf::run(args)?;
             if args.json {
-                let json = serde_json::to_string_pretty(&report).map_err(|err| ToolError::Run(err.to_string()))?;
+                let json = serde_json::to_string_pretty(&report)
+                    .map_err(|err| ToolError::Run(err.to_string()))?;
                 println!("{json}");
             } else {
                 print!("{}", report.to_table());

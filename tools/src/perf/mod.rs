@@ -21,7 +21,11 @@ use crate::perf::worker::{run_core, CoreResult, JobConfig};
 
 /// Parses a core list: "0", "0,1", "0-3", "0,2-3".
 pub fn parse_cores(text: &str) -> Result<Vec<usize>, ToolError> {
-    let bad = || ToolError::Usage(format!("bad core list '{text}' (expected e.g. 0 or 0,1 or 0-1)"));
+    let bad = || {
+        ToolError::Usage(format!(
+            "bad core list '{text}' (expected e.g. 0 or 0,1 or 0-1)"
+        ))
+    };
     let mut cores = Vec::new();
     for part in text.split(',') {
         let part = part.trim();
@@ -42,7 +46,10 @@ pub fn parse_cores(text: &str) -> Result<Vec<usize>, ToolError> {
 /// Runs `spool perf` with `args`; the report, or the first error.
 pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
     if !(args.time > 0.0 && args.time <= 86_400.0) {
-        return Err(ToolError::Usage(format!("--time {} must be above 0 and at most 86400 seconds", args.time)));
+        return Err(ToolError::Usage(format!(
+            "--time {} must be above 0 and at most 86400 seconds",
+            args.time
+        )));
     }
     let cores = parse_cores(&args.cores)?;
     let bs = parse_size(&args.bs)?;
@@ -54,7 +61,10 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
         ..TargetOptions::default()
     };
     if matches!(spec, TargetSpec::Path(ref path) if !path.exists()) && !args.quiet {
-        eprintln!("spool perf: creating {} ({} bytes, fully written)", args.target, target_options.size_bytes);
+        eprintln!(
+            "spool perf: creating {} ({} bytes, fully written)",
+            args.target, target_options.size_bytes
+        );
     }
     let target = open_target(&spec, &target_options)?;
     let desc = BdevDesc::open(Arc::clone(&target.bdev));
@@ -62,7 +72,11 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
     if bs % block_size != 0 || bs > desc.size_bytes() {
         return Err(ToolError::Usage(format!("--bs {bs} must be a multiple of the block size {block_size} and at most the device size {}", desc.size_bytes())));
     }
-    let runtime = Runtime::start(&RuntimeOptions { cores: cores.clone(), idle: IdleMode::Busy, pin: true })?;
+    let runtime = Runtime::start(&RuntimeOptions {
+        cores: cores.clone(),
+        idle: IdleMode::Busy,
+        pin: true,
+    })?;
     let duration_ns = (args.time * 1e9) as u64;
     let mut progress = Vec::new();
     let mut handles = Vec::new();
@@ -80,7 +94,10 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
     }
     let report = runtime.stop();
     if !report.panicked.is_empty() {
-        return Err(ToolError::Run(format!("reactors {:?} panicked", report.panicked)));
+        return Err(ToolError::Run(format!(
+            "reactors {:?} panicked",
+            report.panicked
+        )));
     }
     let config = RunConfig {
         target: args.target.clone(),
@@ -94,12 +111,22 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
     };
     let perf_report = summarise(&cores, &results, bs, config)?;
     if let Some(first) = results.iter().find_map(|result| result.first_error.clone()) {
-        return Err(ToolError::Io { report: Box::new(perf_report), first });
+        return Err(ToolError::Io {
+            report: Box::new(perf_report),
+            first,
+        });
     }
     Ok(perf_report)
 }
 
-fn job_config(args: &PerfArgs, bs: u64, duration_ns: u64, size_bytes: u64, index: usize, cores: usize) -> JobConfig {
+fn job_config(
+    args: &PerfArgs,
+    bs: u64,
+    duration_ns: u64,
+    size_bytes: u64,
+    index: usize,
+    cores: usize,
+) -> JobConfig {
     // Sequential jobs split the device so cores do not read the same blocks in lockstep;
     // random jobs all use the whole device.
     let sequential = matches!(args.rw, RwMode::Read | RwMode::Write);
@@ -125,7 +152,12 @@ fn job_config(args: &PerfArgs, bs: u64, duration_ns: u64, size_bytes: u64, index
 fn show_progress(args: &PerfArgs, counters: &[Arc<AtomicU64>]) {
     let total_ms = (args.time * 1000.0) as u64;
     let started = Instant::now();
-    let ops = || counters.iter().map(|counter| counter.load(Ordering::Relaxed)).sum::<u64>();
+    let ops = || {
+        counters
+            .iter()
+            .map(|counter| counter.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
     let terminal = std::io::stderr().is_terminal() && !args.quiet;
     let bar = terminal.then(|| {
         let bar = indicatif::ProgressBar::new(total_ms);
@@ -139,16 +171,24 @@ fn show_progress(args: &PerfArgs, counters: &[Arc<AtomicU64>]) {
     let mut last_ops = 0;
     let mut last_at = Instant::now();
     while started.elapsed() < Duration::from_millis(total_ms) {
-        std::thread::sleep(Duration::from_millis(250).min(Duration::from_millis(total_ms).saturating_sub(started.elapsed())));
+        std::thread::sleep(
+            Duration::from_millis(250)
+                .min(Duration::from_millis(total_ms).saturating_sub(started.elapsed())),
+        );
         let now_ops = ops();
-        let rate = (now_ops - last_ops.min(now_ops)) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
+        let rate =
+            (now_ops - last_ops.min(now_ops)) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
         last_ops = now_ops;
         last_at = Instant::now();
         if let Some(bar) = &bar {
             bar.set_position(started.elapsed().as_millis() as u64);
             bar.set_message(format!("{:.0} IOPS", rate));
         } else if !args.quiet && last_line.elapsed() >= Duration::from_secs(1) {
-            eprintln!("spool perf: {:>5.1}s {:>12.0} IOPS", started.elapsed().as_secs_f64(), rate);
+            eprintln!(
+                "spool perf: {:>5.1}s {:>12.0} IOPS",
+                started.elapsed().as_secs_f64(),
+                rate
+            );
             last_line = Instant::now();
         }
     }
@@ -157,11 +197,19 @@ fn show_progress(args: &PerfArgs, counters: &[Arc<AtomicU64>]) {
     }
 }
 
-fn summarise(cores: &[usize], results: &[CoreResult], bs: u64, config: RunConfig) -> Result<PerfReport, ToolError> {
-    let mut merged = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|err| ToolError::Run(err.to_string()))?;
+fn summarise(
+    cores: &[usize],
+    results: &[CoreResult],
+    bs: u64,
+    config: RunConfig,
+) -> Result<PerfReport, ToolError> {
+    let mut merged = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
+        .map_err(|err| ToolError::Run(err.to_string()))?;
     let mut core_figures = Vec::new();
     for (index, result) in results.iter().enumerate() {
-        merged.add(&result.latency_ns).map_err(|err| ToolError::Run(err.to_string()))?;
+        merged
+            .add(&result.latency_ns)
+            .map_err(|err| ToolError::Run(err.to_string()))?;
         let iops = result.ops as f64 / (result.elapsed_ns.max(1) as f64 / 1e9);
         core_figures.push(CoreFigures {
             core: cores[index],
@@ -180,5 +228,9 @@ fn summarise(cores: &[usize], results: &[CoreResult], bs: u64, config: RunConfig
         ops: results.iter().map(|result| result.ops).sum(),
         errors: results.iter().map(|result| result.errors).sum(),
     };
-    Ok(PerfReport { total, cores: core_figures, config })
+    Ok(PerfReport {
+        total,
+        cores: core_figures,
+        config,
+    })
 }

@@ -23,7 +23,13 @@ impl LatencyUs {
     pub fn of(histogram: &Histogram<u64>) -> LatencyUs {
         let us = |ns: u64| ns as f64 / 1000.0;
         if histogram.is_empty() {
-            return LatencyUs { mean: 0.0, p50: 0.0, p99: 0.0, p999: 0.0, max: 0.0 };
+            return LatencyUs {
+                mean: 0.0,
+                p50: 0.0,
+                p99: 0.0,
+                p999: 0.0,
+                max: 0.0,
+            };
         }
         LatencyUs {
             mean: histogram.mean() / 1000.0,
@@ -112,16 +118,30 @@ impl PerfReport {
             config.bs,
             config.qd,
             config.time_s,
-            if config.rw == "randrw" { format!(" rwmix={}", config.rwmix) } else { String::new() },
+            if config.rw == "randrw" {
+                format!(" rwmix={}", config.rwmix)
+            } else {
+                String::new()
+            },
         );
         out.push_str(&format!(
             "{:>6} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}\n",
             "core", "IOPS", "MiB/s", "mean_us", "p50_us", "p99_us", "p99.9_us", "max_us", "ns/IO"
         ));
         for core in &self.cores {
-            out.push_str(&row(&core.core.to_string(), core.iops, core.mib_s, &core.lat_us));
+            out.push_str(&row(
+                &core.core.to_string(),
+                core.iops,
+                core.mib_s,
+                &core.lat_us,
+            ));
         }
-        out.push_str(&row("total", self.total.iops, self.total.mib_s, &self.total.lat_us));
+        out.push_str(&row(
+            "total",
+            self.total.iops,
+            self.total.mib_s,
+            &self.total.lat_us,
+        ));
         if self.total.errors > 0 {
             out.push_str(&format!("errors: {}\n", self.total.errors));
         }

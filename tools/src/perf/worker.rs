@@ -61,9 +61,16 @@ struct CoreState {
 }
 
 /// Runs the job on the calling reactor; `progress` receives the running op count.
-pub async fn run_core(desc: BdevDesc, config: JobConfig, progress: Arc<AtomicU64>) -> Result<CoreResult, String> {
-    let channel = desc.channel().map_err(|err| format!("open channel: {err}"))?;
-    let histogram = Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|err| err.to_string())?;
+pub async fn run_core(
+    desc: BdevDesc,
+    config: JobConfig,
+    progress: Arc<AtomicU64>,
+) -> Result<CoreResult, String> {
+    let channel = desc
+        .channel()
+        .map_err(|err| format!("open channel: {err}"))?;
+    let histogram =
+        Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|err| err.to_string())?;
     let start_ns = now_ns();
     let state = Rc::new(CoreState {
         deadline_ns: start_ns + config.duration_ns,
@@ -74,15 +81,26 @@ pub async fn run_core(desc: BdevDesc, config: JobConfig, progress: Arc<AtomicU64
         seq_cursor: Cell::new(0),
     });
     let published = Rc::clone(&state);
-    let progress_poller = poller_register("perf-progress", Some(Duration::from_millis(100)), move || {
-        progress.store(published.ops.get(), Ordering::Relaxed);
-        PollStatus::Idle
-    })
+    let progress_poller = poller_register(
+        "perf-progress",
+        Some(Duration::from_millis(100)),
+        move || {
+            progress.store(published.ops.get(), Ordering::Relaxed);
+            PollStatus::Idle
+        },
+    )
     .map_err(|err| err.to_string())?;
     let mut tasks = Vec::with_capacity(config.qd as usize);
     for index in 0..config.qd {
-        let buf = DmaBuf::alloc(usize::try_from(config.bs).map_err(|err| err.to_string())?).map_err(|err| err.to_string())?;
-        tasks.push(spawn_local(io_task(channel.clone(), Rc::clone(&state), config.clone(), buf, u64::from(index))));
+        let buf = DmaBuf::alloc(usize::try_from(config.bs).map_err(|err| err.to_string())?)
+            .map_err(|err| err.to_string())?;
+        tasks.push(spawn_local(io_task(
+            channel.clone(),
+            Rc::clone(&state),
+            config.clone(),
+            buf,
+            u64::from(index),
+        )));
     }
     for task in tasks {
         task.await.map_err(|err| err.to_string())?;
@@ -90,7 +108,8 @@ pub async fn run_core(desc: BdevDesc, config: JobConfig, progress: Arc<AtomicU64
     let elapsed_ns = now_ns() - start_ns;
     progress_poller_finish(progress_poller);
     drop(channel);
-    let state = Rc::try_unwrap(state).map_err(|_| "perf state still shared after all tasks ended".to_string())?;
+    let state = Rc::try_unwrap(state)
+        .map_err(|_| "perf state still shared after all tasks ended".to_string())?;
     Ok(CoreResult {
         ops: state.ops.get(),
         elapsed_ns,
@@ -106,7 +125,13 @@ fn progress_poller_finish(poller: spool_reactor::PollerHandle) {
 }
 
 /// One in-flight slot of the job: submit, await, record, repeat until the deadline.
-async fn io_task(channel: BdevChannel, state: Rc<CoreState>, config: JobConfig, mut buf: DmaBuf, index: u64) {
+async fn io_task(
+    channel: BdevChannel,
+    state: Rc<CoreState>,
+    config: JobConfig,
+    mut buf: DmaBuf,
+    index: u64,
+) {
     fill_pattern(&mut buf, index);
     let mut rng = fastrand::Rng::with_seed(config.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let blocks = (config.region_len / config.bs).max(1);
@@ -125,15 +150,27 @@ async fn io_task(channel: BdevChannel, state: Rc<CoreState>, config: JobConfig, 
             RwMode::Randwrite | RwMode::Write => false,
             RwMode::Randrw => rng.u8(0..100) < config.rwmix_read_pct,
         };
-        let (result, back) = if is_read { channel.read(buf, offset).await } else { channel.write(buf, offset).await };
+        let (result, back) = if is_read {
+            channel.read(buf, offset).await
+        } else {
+            channel.write(buf, offset).await
+        };
         buf = back;
         let completed_ns = now_ns();
         if let Err(err) = result {
             state.errors.set(state.errors.get() + 1);
-            state.first_error.borrow_mut().get_or_insert_with(|| format!("{} at byte {offset}: {err}", if is_read { "read" } else { "write" }));
+            state.first_error.borrow_mut().get_or_insert_with(|| {
+                format!(
+                    "{} at byte {offset}: {err}",
+                    if is_read { "read" } else { "write" }
+                )
+            });
             return;
         }
-        state.latency_ns.borrow_mut().saturating_record((completed_ns - submitted_ns).max(1));
+        state
+            .latency_ns
+            .borrow_mut()
+            .saturating_record((completed_ns - submitted_ns).max(1));
         state.ops.set(state.ops.get() + 1);
         submitted_ns = completed_ns;
     }
