@@ -1,18 +1,26 @@
-//! One core's share of a perf run: `qd` tasks on the core's reactor, each keeping one I/O in
-//! flight until the deadline, recording every latency in the core's histogram.
+//! One core's share of a perf run: a job on the core's reactor that keeps `qd` I/Os in
+//! flight until the deadline and records every latency in the core's histogram.
 //!
-//! The loop reads the clock once per I/O: the completion time of one I/O is the submission
-//! time of the next. Buffers are allocated once per task; nothing allocates per I/O.
+//! Like SPDK's bdevperf job, one task drives all of the core's I/Os: it owns `qd` request
+//! futures and, each time it is woken, polls them, records the ones that completed and
+//! submits their successors. A wake therefore serves every completion of a reactor pass, not
+//! one. Every request still takes the whole path: validation, a pooled slot, the device's
+//! submit, the device poller's completion, and the hand-back of the buffer. The clock is read
+//! once per wake: the completion time of the I/Os found done is the submission time of the
+//! ones that replace them. Buffers are allocated once; nothing allocates per I/O.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use spool_bdev::{BdevChannel, BdevDesc, DmaBuf};
-use spool_reactor::{now_ns, poller_register, spawn_local, PollStatus};
+use spool_bdev::{BdevChannel, BdevDesc, DmaBuf, IoFuture};
+use spool_reactor::{now_ns, poller_register, PollStatus};
 
 use crate::cli::RwMode;
 
@@ -51,13 +59,87 @@ pub struct CoreResult {
     pub first_error: Option<String>,
 }
 
-struct CoreState {
-    deadline_ns: u64,
-    latency_ns: RefCell<Histogram<u64>>,
-    ops: Cell<u64>,
-    errors: Cell<u64>,
-    first_error: RefCell<Option<String>>,
-    seq_cursor: Cell<u64>,
+/// Chooses offsets and directions for the job.
+struct Pattern {
+    config: JobConfig,
+    rng: fastrand::Rng,
+    blocks: u64,
+    seq_cursor: u64,
+}
+
+impl Pattern {
+    fn new(config: &JobConfig) -> Pattern {
+        Pattern {
+            config: config.clone(),
+            rng: fastrand::Rng::with_seed(config.seed),
+            blocks: (config.region_len / config.bs).max(1),
+            seq_cursor: 0,
+        }
+    }
+
+    /// The next request: (is_read, offset).
+    #[inline]
+    fn next(&mut self) -> (bool, u64) {
+        let config = &self.config;
+        let block = match config.rw {
+            RwMode::Read | RwMode::Write => {
+                let block = self.seq_cursor;
+                self.seq_cursor = (block + 1) % self.blocks;
+                block
+            }
+            _ => self.rng.u64(0..self.blocks),
+        };
+        let is_read = match config.rw {
+            RwMode::Randread | RwMode::Read => true,
+            RwMode::Randwrite | RwMode::Write => false,
+            RwMode::Randrw => self.rng.u8(0..100) < config.rwmix_read_pct,
+        };
+        (is_read, config.region_start + block * config.bs)
+    }
+}
+
+/// One of the job's in-flight requests, with what it needs for its report.
+struct Inflight<'a> {
+    future: IoFuture<'a, DmaBuf>,
+    submitted_ns: u64,
+    is_read: bool,
+    offset: u64,
+}
+
+fn submit<'a>(
+    channel: &'a BdevChannel,
+    buf: DmaBuf,
+    pattern: &mut Pattern,
+    submitted_ns: u64,
+    cx: &mut Context<'_>,
+) -> Result<Inflight<'a>, String> {
+    let (is_read, offset) = pattern.next();
+    let future = if is_read {
+        channel.read(buf, offset)
+    } else {
+        channel.write(buf, offset)
+    };
+    let mut inflight = Inflight {
+        future,
+        submitted_ns,
+        is_read,
+        offset,
+    };
+    // Poll once now so the request knows whom to wake. Devices complete from their pollers,
+    // so only a request refused by validation can be done already.
+    match Pin::new(&mut inflight.future).poll(cx) {
+        Poll::Pending => Ok(inflight),
+        Poll::Ready((result, _buf)) => {
+            let what = if is_read { "read" } else { "write" };
+            Err(format!(
+                "{what} at byte {offset}: {}",
+                result.err().map_or_else(
+                    || "completed at submission".to_string(),
+                    |err| err.to_string()
+                )
+            ))
+        }
+    }
 }
 
 /// Runs the job on the calling reactor; `progress` receives the running op count.
@@ -69,111 +151,94 @@ pub async fn run_core(
     let channel = desc
         .channel()
         .map_err(|err| format!("open channel: {err}"))?;
-    let histogram =
+    let mut latency_ns =
         Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|err| err.to_string())?;
-    let start_ns = now_ns();
-    let state = Rc::new(CoreState {
-        deadline_ns: start_ns + config.duration_ns,
-        latency_ns: RefCell::new(histogram),
-        ops: Cell::new(0),
-        errors: Cell::new(0),
-        first_error: RefCell::new(None),
-        seq_cursor: Cell::new(0),
-    });
-    let published = Rc::clone(&state);
+    let bs = usize::try_from(config.bs).map_err(|err| err.to_string())?;
+    let mut buffers = Vec::with_capacity(config.qd as usize);
+    for index in 0..config.qd {
+        let mut buf = DmaBuf::alloc(bs).map_err(|err| err.to_string())?;
+        fill_pattern(&mut buf, u64::from(index));
+        buffers.push(buf);
+    }
+    let ops = Rc::new(Cell::new(0u64));
+    let published = Rc::clone(&ops);
     let progress_poller = poller_register(
         "perf-progress",
         Some(Duration::from_millis(100)),
         move || {
-            progress.store(published.ops.get(), Ordering::Relaxed);
+            progress.store(published.get(), Ordering::Relaxed);
             PollStatus::Idle
         },
     )
     .map_err(|err| err.to_string())?;
-    let mut tasks = Vec::with_capacity(config.qd as usize);
-    for index in 0..config.qd {
-        let buf = DmaBuf::alloc(usize::try_from(config.bs).map_err(|err| err.to_string())?)
-            .map_err(|err| err.to_string())?;
-        tasks.push(spawn_local(io_task(
-            channel.clone(),
-            Rc::clone(&state),
-            config.clone(),
-            buf,
-            u64::from(index),
-        )));
-    }
-    for task in tasks {
-        task.await.map_err(|err| err.to_string())?;
-    }
-    let elapsed_ns = now_ns() - start_ns;
-    progress_poller_finish(progress_poller);
-    drop(channel);
-    let state = Rc::try_unwrap(state)
-        .map_err(|_| "perf state still shared after all tasks ended".to_string())?;
-    Ok(CoreResult {
-        ops: state.ops.get(),
-        elapsed_ns,
-        latency_ns: state.latency_ns.into_inner(),
-        errors: state.errors.get(),
-        first_error: state.first_error.into_inner(),
-    })
-}
-
-/// Unregisters the progress poller, releasing its share of the core state.
-fn progress_poller_finish(poller: spool_reactor::PollerHandle) {
-    drop(poller);
-}
-
-/// One in-flight slot of the job: submit, await, record, repeat until the deadline.
-async fn io_task(
-    channel: BdevChannel,
-    state: Rc<CoreState>,
-    config: JobConfig,
-    mut buf: DmaBuf,
-    index: u64,
-) {
-    fill_pattern(&mut buf, index);
-    let mut rng = fastrand::Rng::with_seed(config.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let blocks = (config.region_len / config.bs).max(1);
-    let mut submitted_ns = now_ns();
-    while submitted_ns < state.deadline_ns {
-        let offset = match config.rw {
-            RwMode::Read | RwMode::Write => {
-                let cursor = state.seq_cursor.get();
-                state.seq_cursor.set((cursor + 1) % blocks);
-                config.region_start + cursor * config.bs
+    let mut pattern = Pattern::new(&config);
+    let start_ns = now_ns();
+    let deadline_ns = start_ns + config.duration_ns;
+    let mut inflight: Vec<Option<Inflight<'_>>> = Vec::with_capacity(buffers.len());
+    let mut errors = 0u64;
+    let mut first_error = None;
+    let mut completed = 0u64;
+    poll_fn(|cx| {
+        let now = now_ns();
+        if inflight.is_empty() {
+            for buf in buffers.drain(..) {
+                let started = submit(&channel, buf, &mut pattern, now, cx);
+                if let Err(err) = &started {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| err.clone());
+                }
+                inflight.push(started.ok());
             }
-            _ => config.region_start + rng.u64(0..blocks) * config.bs,
-        };
-        let is_read = match config.rw {
-            RwMode::Randread | RwMode::Read => true,
-            RwMode::Randwrite | RwMode::Write => false,
-            RwMode::Randrw => rng.u8(0..100) < config.rwmix_read_pct,
-        };
-        let (result, back) = if is_read {
-            channel.read(buf, offset).await
-        } else {
-            channel.write(buf, offset).await
-        };
-        buf = back;
-        let completed_ns = now_ns();
-        if let Err(err) = result {
-            state.errors.set(state.errors.get() + 1);
-            state.first_error.borrow_mut().get_or_insert_with(|| {
-                format!(
-                    "{} at byte {offset}: {err}",
-                    if is_read { "read" } else { "write" }
-                )
-            });
-            return;
         }
-        state
-            .latency_ns
-            .borrow_mut()
-            .saturating_record((completed_ns - submitted_ns).max(1));
-        state.ops.set(state.ops.get() + 1);
-        submitted_ns = completed_ns;
-    }
+        let mut busy = 0usize;
+        for entry in &mut inflight {
+            let Some(current) = entry else { continue };
+            let Poll::Ready((result, buf)) = Pin::new(&mut current.future).poll(cx) else {
+                busy += 1;
+                continue;
+            };
+            match result {
+                Ok(()) => {
+                    latency_ns.saturating_record((now - current.submitted_ns).max(1));
+                    completed += 1;
+                }
+                Err(err) => {
+                    errors += 1;
+                    let what = if current.is_read { "read" } else { "write" };
+                    first_error
+                        .get_or_insert_with(|| format!("{what} at byte {}: {err}", current.offset));
+                }
+            }
+            *entry = None;
+            if now < deadline_ns && errors == 0 {
+                match submit(&channel, buf, &mut pattern, now, cx) {
+                    Ok(next) => *entry = Some(next),
+                    Err(err) => {
+                        errors += 1;
+                        first_error.get_or_insert(err);
+                    }
+                }
+            }
+            busy += usize::from(entry.is_some());
+        }
+        ops.set(completed);
+        if busy == 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    let elapsed_ns = now_ns() - start_ns;
+    drop(inflight);
+    drop(progress_poller);
+    Ok(CoreResult {
+        ops: completed,
+        elapsed_ns,
+        latency_ns,
+        errors,
+        first_error,
+    })
 }
 
 fn fill_pattern(buf: &mut DmaBuf, seed: u64) {
