@@ -247,23 +247,31 @@ impl BdevChannel {
         self.submit_vec(IoKind::Write, bufs, offset_bytes)
     }
 
-    /// Deallocates `len_bytes` at `offset_bytes`.
-    pub async fn unmap(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BdevError> {
-        self.submit_none(IoKind::Unmap, offset_bytes, len_bytes)
-            .await
-            .0
+    /// Deallocates `len_bytes` at `offset_bytes`. Like every request here, it is submitted
+    /// when called; the future only waits for it.
+    pub fn unmap(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> impl Future<Output = Result<(), BdevError>> + '_ {
+        let request = self.submit_none(IoKind::Unmap, offset_bytes, len_bytes);
+        async move { request.await.0 }
     }
 
     /// Writes zeros over `len_bytes` at `offset_bytes`.
-    pub async fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BdevError> {
-        self.submit_none(IoKind::WriteZeroes, offset_bytes, len_bytes)
-            .await
-            .0
+    pub fn write_zeroes(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> impl Future<Output = Result<(), BdevError>> + '_ {
+        let request = self.submit_none(IoKind::WriteZeroes, offset_bytes, len_bytes);
+        async move { request.await.0 }
     }
 
     /// Makes every write completed before this call durable.
-    pub async fn flush(&self) -> Result<(), BdevError> {
-        self.submit_none(IoKind::Flush, 0, 0).await.0
+    pub fn flush(&self) -> impl Future<Output = Result<(), BdevError>> + '_ {
+        let request = self.submit_none(IoKind::Flush, 0, 0);
+        async move { request.await.0 }
     }
 
     #[inline]

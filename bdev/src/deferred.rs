@@ -19,6 +19,8 @@ struct Pending {
 pub struct Deferred {
     fifo: VecDeque<SlotId>,
     timed: Vec<Pending>,
+    /// Scratch list for the due entries of one drain (kept to avoid an allocation per poll).
+    due: Vec<Pending>,
     seq: u64,
     simulated: bool,
 }
@@ -30,6 +32,7 @@ impl Default for Deferred {
         Deferred {
             fifo: VecDeque::new(),
             timed: Vec::new(),
+            due: Vec::new(),
             seq: 0,
             simulated: spool_reactor::is_simulated(),
         }
@@ -81,7 +84,8 @@ impl Deferred {
 
     fn drain_timed(&mut self, complete: &mut impl FnMut(SlotId)) -> usize {
         let now_ns = spool_reactor::now_ns();
-        let mut due: Vec<Pending> = Vec::new();
+        let mut due = std::mem::take(&mut self.due);
+        due.clear();
         self.timed.retain(|pending| {
             if pending.ready_at_ns <= now_ns {
                 due.push(*pending);
@@ -97,7 +101,9 @@ impl Deferred {
         if let Some(next) = self.timed.iter().map(|pending| pending.ready_at_ns).min() {
             spool_reactor::wake_at(next);
         }
-        due.len()
+        let count = due.len();
+        self.due = due;
+        count
     }
 
     /// Slots still waiting.

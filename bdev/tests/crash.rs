@@ -396,7 +396,7 @@ fn requests_in_flight_at_a_cut_fail_with_eio_and_move_no_data() {
                 .unwrap();
             let writing = channel.write(buf_of(&pattern(2, BLOCK)), 0);
             let reading = channel.read(DmaBuf::alloc_zeroed(BLOCK).unwrap(), 0);
-            // `flush` submits when first polled: poll it once so it is in flight too.
+            // Requests are submitted when called; this poll only shows the flush is in flight.
             let mut flushing = std::pin::pin!(channel.flush());
             let mut context = std::task::Context::from_waker(std::task::Waker::noop());
             assert!(flushing.as_mut().poll(&mut context).is_pending());

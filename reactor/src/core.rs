@@ -102,6 +102,15 @@ impl Shared {
     }
 }
 
+/// What one loop iteration found.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IterationStatus {
+    /// Something ran: a message, a task, a timer, or a poller that reported work.
+    pub(crate) did_work: bool,
+    /// A poller has work outstanding in the kernel (I/O in flight).
+    pub(crate) waiting: bool,
+}
+
 /// Everything one reactor owns. Lives on its thread (or the simulation thread) only.
 pub(crate) struct ReactorCore {
     pub(crate) id: ReactorId,
@@ -171,12 +180,22 @@ impl ReactorCore {
     /// a task, a timer, or a poller that reported work).
     #[inline]
     pub(crate) fn poll_once(&self) -> bool {
+        self.poll_once_status().did_work
+    }
+
+    /// [`ReactorCore::poll_once`], also telling whether a poller is waiting on the kernel.
+    #[inline]
+    pub(crate) fn poll_once_status(&self) -> IterationStatus {
         let mut did_work = self.poll_messages();
         let now_ns = self.clock.now_ns();
-        did_work |= self.pollers.poll(self, now_ns);
+        let pollers = self.pollers.poll(self, now_ns);
+        did_work |= pollers.busy;
         did_work |= self.timers.fire_due(self, now_ns);
         did_work |= self.run_tasks();
-        did_work
+        IterationStatus {
+            did_work,
+            waiting: pollers.waiting,
+        }
     }
 
     /// The earliest time something is known to become due: timers, timed pollers, and the

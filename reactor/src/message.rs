@@ -27,8 +27,9 @@ pub fn send_msg(
     target: ReactorId,
     run: impl FnOnce() + Send + 'static,
 ) -> Result<(), ReactorError> {
-    let shared = context::current()?.shared.clone();
-    shared.send(target, Message::Run(Box::new(run)))
+    // Borrow the current reactor's shared state: no refcount traffic per message.
+    context::with_current(|core| core.shared.send(target, Message::Run(Box::new(run))))
+        .unwrap_or(Err(ReactorError::NotOnReactor))
 }
 
 /// Builds a future on reactor `target` (so it may hold that reactor's `!Send` state), spawns

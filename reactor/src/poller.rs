@@ -9,14 +9,27 @@ use crate::core::ReactorCore;
 use crate::sim::TraceKind;
 use crate::ReactorError;
 
-/// What a poller found: work (`Busy`) or nothing (`Idle`). Idle mode and the simulation use it
-/// to decide when a reactor may sleep or when virtual time may jump.
+/// What a poller found. The reactor uses it to decide whether it may sleep (idle mode),
+/// yield its core to the kernel (busy mode, while waiting on it), or, in a simulation, jump
+/// virtual time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PollStatus {
-    /// Nothing was done.
+    /// Nothing was done and nothing is outstanding.
     Idle,
+    /// Nothing was done, but work is outstanding elsewhere (I/O in flight in the kernel): the
+    /// reactor must not sleep, and may briefly yield its core so kernel workers can run.
+    Waiting,
     /// Something was done (completions reaped, work submitted).
     Busy,
+}
+
+/// What one pass over a reactor's pollers found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PollersStatus {
+    /// A poller reported `Busy`.
+    pub(crate) busy: bool,
+    /// A poller reported `Waiting`.
+    pub(crate) waiting: bool,
 }
 
 struct PollerEntry {
@@ -41,10 +54,10 @@ pub(crate) struct PollerSet {
 impl PollerSet {
     /// Runs the active pollers and the timed ones that are due; true if any reported work.
     #[inline]
-    pub(crate) fn poll(&self, core: &ReactorCore, now_ns: u64) -> bool {
+    pub(crate) fn poll(&self, core: &ReactorCore, now_ns: u64) -> PollersStatus {
         let mut entries = std::mem::take(&mut *self.entries.borrow_mut());
         self.polling.set(true);
-        let mut busy = false;
+        let mut status = PollersStatus::default();
         for entry in &mut entries {
             if entry.period_ns != 0 {
                 if now_ns < entry.next_run_ns {
@@ -52,10 +65,14 @@ impl PollerSet {
                 }
                 entry.next_run_ns = now_ns + entry.period_ns;
             }
-            if (entry.poll)() == PollStatus::Busy {
-                busy = true;
-                if core.sim.is_some() {
-                    core.trace_event(TraceKind::PollerBusy(entry.id));
+            match (entry.poll)() {
+                PollStatus::Idle => {}
+                PollStatus::Waiting => status.waiting = true,
+                PollStatus::Busy => {
+                    status.busy = true;
+                    if core.sim.is_some() {
+                        core.trace_event(TraceKind::PollerBusy(entry.id));
+                    }
                 }
             }
         }
@@ -67,7 +84,7 @@ impl PollerSet {
             "pollers registered behind the poll loop's back"
         );
         drop(removed_now);
-        busy
+        status
     }
 
     /// Applies pending additions and removals; returns the removed entries so the caller can

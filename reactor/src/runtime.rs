@@ -12,7 +12,7 @@ use crossbeam_channel::RecvTimeoutError;
 use crate::clock::Clock;
 use crate::context::CurrentGuard;
 use crate::core::{ReactorCore, ReactorId, ReactorRemote, Shared};
-use crate::limits::{IDLE_SLEEP_NS_MAX, REACTORS_MAX};
+use crate::limits::{IDLE_SLEEP_NS_MAX, REACTORS_MAX, YIELD_AFTER_WAITING_PASSES};
 use crate::message::{broadcast_shared, spawn_on_shared, Message};
 use crate::oneshot::RemoteHandle;
 use crate::ReactorError;
@@ -20,12 +20,14 @@ use crate::ReactorError;
 /// What a reactor does when a loop pass finds nothing to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IdleMode {
-    /// Spin: poll again at once (lowest latency, one core fully used). The default.
+    /// Spin: poll again at once (lowest latency, one core fully used). The default. While
+    /// the only outstanding work is I/O in the kernel, the reactor yields its core every few
+    /// idle passes (a `sched_yield`, returning at once when nothing else is runnable) so the
+    /// kernel workers completing that I/O are not starved.
     #[default]
     Busy,
     /// Sleep on the message queue until a message, the next timer, or at most 1 ms, whenever
-    /// no poller reported work and nothing is queued. Pollers with I/O in flight report work,
-    /// so a reactor only sleeps when nothing is pending.
+    /// nothing is pending: no poller did work or has I/O in flight, and nothing is queued.
     Sleep,
 }
 
@@ -267,13 +269,30 @@ fn pin_to_core(core_id: usize) -> bool {
 fn reactor_loop(core: &std::rc::Rc<ReactorCore>, idle: IdleMode) {
     let _current = CurrentGuard::enter(core);
     // The event loop is the one loop meant to run unbounded: it ends only on a stop message.
+    let mut waiting_passes = 0u32;
     loop {
-        let did_work = core.poll_once();
+        let status = core.poll_once_status();
         if core.stopping.get() {
             break;
         }
-        if idle == IdleMode::Sleep && !did_work && !core.has_queued_work() {
-            idle_sleep(core);
+        if status.did_work {
+            waiting_passes = 0;
+            continue;
+        }
+        match idle {
+            IdleMode::Busy if status.waiting => {
+                // Only the kernel has work for us (I/O in flight). Let whatever else is
+                // runnable on this core go first every few passes: on a small machine those
+                // are the kernel workers completing our own I/O (io_uring's io-wq). With
+                // nothing else runnable, the yield returns at once.
+                waiting_passes += 1;
+                if waiting_passes >= YIELD_AFTER_WAITING_PASSES {
+                    waiting_passes = 0;
+                    std::thread::yield_now();
+                }
+            }
+            IdleMode::Sleep if !status.waiting && !core.has_queued_work() => idle_sleep(core),
+            _ => {}
         }
     }
     core.shutdown();

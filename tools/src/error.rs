@@ -33,6 +33,7 @@ impl ToolError {
         match self {
             ToolError::Usage(_) => 2,
             ToolError::Engine(err) if err.errno() == -libc::EINVAL => 2,
+            ToolError::Reactor(err) if err.errno() == -libc::EINVAL => 2,
             _ => 1,
         }
     }

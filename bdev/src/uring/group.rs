@@ -548,9 +548,10 @@ impl GroupState {
             retry.clear();
             self.retry = retry;
         }
-        busy |= self.ring.in_flight() > 0;
         if busy {
             PollStatus::Busy
+        } else if self.ring.in_flight() > 0 {
+            PollStatus::Waiting
         } else {
             PollStatus::Idle
         }

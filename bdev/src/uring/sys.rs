@@ -15,8 +15,13 @@
 //!   `RLIMIT_MEMLOCK`), the ring logs a warning and keeps using the plain opcodes.
 //! * **Back-pressure**: the ring never holds more operations in flight than its completion queue
 //!   has slots, so CQEs cannot overflow; [`Ring::push`] returns [`RingError::SqFull`] instead.
-//! * No `IORING_SETUP_COOP_TASKRUN`/`DEFER_TASKRUN`: with those, completions of a thread that
-//!   busy-polls the CQ without making syscalls would only be posted at the next kernel entry.
+//! * **Completions without interrupts to the reactor**: rings are set up with
+//!   `IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG` (when the kernel has them and SQPOLL
+//!   is off). The kernel then no longer interrupts a reactor spinning in userspace (an IPI, a
+//!   VM exit on a virtual machine) to post each completion; it raises `IORING_SQ_TASKRUN` in the
+//!   shared ring instead, and [`Ring::reap`] sees the flag and makes one `io_uring_enter` to
+//!   run the pending completion work. (`DEFER_TASKRUN` is not used: it ties completion work
+//!   to one thread.)
 //! * Dropping a `Ring` with operations in flight waits for them (see [`Ring`]'s `Drop`), so
 //!   buffers handed to [`Ring::push`] are never written after the ring is gone.
 
@@ -341,9 +346,24 @@ impl Ring {
             }
             (None, None) => {}
         }
-        let ring = builder
-            .build(opts.entries)
-            .map_err(|source| RingError::Setup { source })?;
+        let cooperative = opts.sqpoll_idle_ms.is_none();
+        let mut cooperative_builder = builder.clone();
+        cooperative_builder
+            .setup_coop_taskrun()
+            .setup_taskrun_flag();
+        let built = if cooperative {
+            cooperative_builder.build(opts.entries)
+        } else {
+            builder.build(opts.entries)
+        };
+        let ring = match built {
+            Ok(ring) => ring,
+            // Kernels before 5.19 refuse the cooperative flags: plain setup then.
+            Err(err) if cooperative && err.raw_os_error() == Some(libc::EINVAL) => builder
+                .build(opts.entries)
+                .map_err(|source| RingError::Setup { source })?,
+            Err(source) => return Err(RingError::Setup { source }),
+        };
         let submitter = ring.submitter();
         if let Err(sparse_err) = submitter.register_files_sparse(FILE_SLOTS) {
             // Kernels before 5.19 lack sparse registration but accept -1 entries.
@@ -693,6 +713,16 @@ impl Ring {
     /// a negative errno) and returns how many there were. No syscall: the in-flight limit of
     /// [`Ring::push`] means the CQ can never overflow into the kernel's backlog.
     pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) -> usize {
+        if self.in_flight > 0
+            && self.ring.completion().is_empty()
+            && self.ring.submission().taskrun()
+        {
+            // Completion work is pending in the kernel (cooperative task running): one enter
+            // runs it and posts the CQEs. A failure here is retried on the next reap.
+            if let Err(err) = self.submit() {
+                tracing::debug!(%err, "io_uring enter to run completion work failed");
+            }
+        }
         let mut n = 0;
         for cqe in &mut self.ring.completion() {
             n += 1;
