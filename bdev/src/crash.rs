@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use spool_reactor::PollStatus;
 
 use crate::deferred::Deferred;
-use crate::device::{Bdev, ChannelBackend};
+use crate::device::{check_block_size, Bdev, ChannelBackend};
 use crate::dma::DmaBuf;
 use crate::error::BdevError;
 use crate::io::{IoKind, IoRequest, IoSlots, SlotId};
@@ -103,10 +103,7 @@ impl CrashBdev {
         block_size: u32,
         block_count: u64,
     ) -> Result<CrashBdev, BdevError> {
-        check_block_size(block_size)?;
-        if block_count == 0 {
-            return Err(BdevError::InvalidArgument("block count is 0".into()));
-        }
+        crate::device::check_geometry(block_size, block_count)?;
         let size = u64::from(block_size)
             .checked_mul(block_count)
             .and_then(|size| usize::try_from(size).ok())
@@ -199,15 +196,6 @@ impl CrashBdev {
     pub fn cut_power_keep_all(&self) -> Vec<u8> {
         self.cut_power(|_| true)
     }
-}
-
-fn check_block_size(block_size: u32) -> Result<(), BdevError> {
-    if block_size < 512 || !block_size.is_power_of_two() {
-        return Err(BdevError::InvalidArgument(format!(
-            "block size {block_size} is not a power of two >= 512"
-        )));
-    }
-    Ok(())
 }
 
 impl Bdev for CrashBdev {

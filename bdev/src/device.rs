@@ -54,3 +54,23 @@ pub trait ChannelBackend {
     /// Called every reactor loop pass: push queued work to the device, reap completions.
     fn poll(&mut self, slots: &IoSlots) -> PollStatus;
 }
+
+/// Checks a device geometry: the block size must be a power of two of at least 512 and the
+/// block count non-zero; anything else is `InvalidArgument` (-EINVAL) naming the value.
+pub fn check_geometry(block_size: u32, block_count: u64) -> Result<(), BdevError> {
+    check_block_size(block_size)?;
+    if block_count == 0 {
+        return Err(BdevError::InvalidArgument("block count is 0".into()));
+    }
+    Ok(())
+}
+
+/// Checks a block size: a power of two of at least 512, else `InvalidArgument` (-EINVAL).
+pub fn check_block_size(block_size: u32) -> Result<(), BdevError> {
+    if block_size < 512 || !block_size.is_power_of_two() {
+        return Err(BdevError::InvalidArgument(format!(
+            "block size {block_size} is not a power of two >= 512"
+        )));
+    }
+    Ok(())
+}

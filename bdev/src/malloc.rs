@@ -71,11 +71,7 @@ impl MallocBdev {
         block_size: u32,
         image: &[u8],
     ) -> Result<MallocBdev, BdevError> {
-        if block_size < 512 || !block_size.is_power_of_two() {
-            return Err(BdevError::InvalidArgument(format!(
-                "block size {block_size} is not a power of two >= 512"
-            )));
-        }
+        crate::device::check_block_size(block_size)?;
         if image.is_empty() || !image.len().is_multiple_of(block_size as usize) {
             return Err(BdevError::InvalidArgument(format!(
                 "image of {} bytes is not a non-zero multiple of the block size {block_size}",
@@ -104,14 +100,7 @@ impl MallocBdev {
 
 /// The number of 8-byte words an image of this geometry takes, after checking it.
 fn image_words(block_size: u32, block_count: u64) -> Result<usize, BdevError> {
-    if block_size < 512 || !block_size.is_power_of_two() {
-        return Err(BdevError::InvalidArgument(format!(
-            "block size {block_size} is not a power of two >= 512"
-        )));
-    }
-    if block_count == 0 {
-        return Err(BdevError::InvalidArgument("block count is 0".into()));
-    }
+    crate::device::check_geometry(block_size, block_count)?;
     u64::from(block_size)
         .checked_mul(block_count)
         .and_then(|bytes| usize::try_from(bytes / WORD as u64).ok())

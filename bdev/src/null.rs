@@ -25,14 +25,7 @@ impl NullBdev {
         block_size: u32,
         block_count: u64,
     ) -> Result<NullBdev, BdevError> {
-        if block_size < 512 || !block_size.is_power_of_two() {
-            return Err(BdevError::InvalidArgument(format!(
-                "block size {block_size} is not a power of two >= 512"
-            )));
-        }
-        if block_count == 0 {
-            return Err(BdevError::InvalidArgument("block count is 0".into()));
-        }
+        crate::device::check_geometry(block_size, block_count)?;
         Ok(NullBdev {
             name: name.into(),
             block_size,

@@ -279,20 +279,18 @@ fn reactor_loop(core: &std::rc::Rc<ReactorCore>, idle: IdleMode) {
             waiting_passes = 0;
             continue;
         }
-        match idle {
-            IdleMode::Busy if status.waiting => {
-                // Only the kernel has work for us (I/O in flight). Let whatever else is
-                // runnable on this core go first every few passes: on a small machine those
-                // are the kernel workers completing our own I/O (io_uring's io-wq). With
-                // nothing else runnable, the yield returns at once.
-                waiting_passes += 1;
-                if waiting_passes >= YIELD_AFTER_WAITING_PASSES {
-                    waiting_passes = 0;
-                    std::thread::yield_now();
-                }
+        if status.waiting {
+            // Only the kernel has work for us (I/O in flight). Let whatever else is runnable
+            // on this core go first every few passes: on a small machine those are the kernel
+            // workers completing our own I/O (io_uring's io-wq). With nothing else runnable,
+            // the yield returns at once. Both idle modes do this: neither may sleep now.
+            waiting_passes += 1;
+            if waiting_passes >= YIELD_AFTER_WAITING_PASSES {
+                waiting_passes = 0;
+                std::thread::yield_now();
             }
-            IdleMode::Sleep if !status.waiting && !core.has_queued_work() => idle_sleep(core),
-            _ => {}
+        } else if idle == IdleMode::Sleep && !core.has_queued_work() {
+            idle_sleep(core);
         }
     }
     core.shutdown();
