@@ -212,7 +212,7 @@ mod seeds {
                         log.lock().unwrap().push((sender, seq))
                     })
                     .unwrap();
-                    if sim_rng_u64().unwrap() % 3 == 0 {
+                    if sim_rng_u64().unwrap().is_multiple_of(3) {
                         sleep(Duration::from_nanos(sim_rng_u64().unwrap() % 2_000)).await;
                     }
                 }
