@@ -324,11 +324,14 @@ impl ChannelBackend for CrashChannel {
             return PollStatus::Idle;
         }
         let (state, metas) = (&self.state, &self.meta);
-        self.pending.drain_due(|slot| {
-            let meta = metas.get(slot as usize).copied().unwrap_or_default();
-            let status = slots.with(slot, |request| execute(&mut lock(state), meta, request));
-            slots.complete(slot, status);
+        let pending = &mut self.pending;
+        let completed = slots.complete_batch(|complete| {
+            pending.drain_due(|slot| {
+                let meta = metas.get(slot as usize).copied().unwrap_or_default();
+                let status = slots.with(slot, |request| execute(&mut lock(state), meta, request));
+                complete(slot, status);
+            })
         });
-        PollStatus::Busy
+        self.pending.status(completed)
     }
 }

@@ -106,6 +106,20 @@ impl Deferred {
         count
     }
 
+    /// The poll status after a drain that completed `completed` requests: `Busy` if any,
+    /// `Waiting` if some wait for the next pass, else `Idle`. Simulated entries due later
+    /// count as idle: they told the simulation their time with `wake_at`, so it may jump
+    /// its clock to them.
+    pub fn status(&self, completed: usize) -> spool_reactor::PollStatus {
+        if completed > 0 {
+            spool_reactor::PollStatus::Busy
+        } else if self.fifo.is_empty() {
+            spool_reactor::PollStatus::Idle
+        } else {
+            spool_reactor::PollStatus::Waiting
+        }
+    }
+
     /// Slots still waiting.
     pub fn len(&self) -> usize {
         self.fifo.len() + self.timed.len()

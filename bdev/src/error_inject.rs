@@ -394,10 +394,10 @@ impl ChannelBackend for ErrorChannel {
             return inner;
         }
         let errnos = &self.errnos;
-        self.failed.drain_due(|slot| {
+        let completed = self.failed.drain_due(|slot| {
             let errno = errnos.get(slot as usize).copied().unwrap_or(-libc::EIO);
             slots.complete(slot, errno);
         });
-        PollStatus::Busy
+        inner.max(self.failed.status(completed))
     }
 }

@@ -301,10 +301,13 @@ impl ChannelBackend for MallocChannel {
             return PollStatus::Idle;
         }
         let words = &self.memory.words;
-        self.pending.drain_due(|slot| {
-            let status = slots.with(slot, |request| Self::execute(words, request));
-            slots.complete(slot, status);
+        let pending = &mut self.pending;
+        let completed = slots.complete_batch(|complete| {
+            pending.drain_due(|slot| {
+                let status = slots.with(slot, |request| Self::execute(words, request));
+                complete(slot, status);
+            })
         });
-        PollStatus::Busy
+        self.pending.status(completed)
     }
 }

@@ -69,7 +69,8 @@ impl ChannelBackend for NullChannel {
         if self.pending.is_empty() {
             return PollStatus::Idle;
         }
-        self.pending.drain_due(|slot| slots.complete(slot, 0));
-        PollStatus::Busy
+        let completed =
+            slots.complete_batch(|complete| self.pending.drain_due(|slot| complete(slot, 0)));
+        self.pending.status(completed)
     }
 }

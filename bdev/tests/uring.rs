@@ -452,6 +452,155 @@ fn a_channel_destroyed_with_io_in_flight_drains_it() {
     assert_eq!(rt.stop().leaked_channels, 0);
 }
 
+/// Reads `len` bytes at `offset` of `path` with plain std I/O.
+fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut out = vec![0u8; len];
+    std::fs::File::open(path)
+        .expect("open")
+        .read_exact_at(&mut out, offset)
+        .expect("read_exact_at");
+    out
+}
+
+/// Sleeps on the reactor until `done()` holds (at most ~2 s); returns whether it did.
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..20_000 {
+        if done() {
+            return true;
+        }
+        spool_reactor::sleep(std::time::Duration::from_micros(100)).await;
+    }
+    done()
+}
+
+#[test]
+fn a_closed_channels_queued_writes_land_on_its_own_file_only() {
+    let rt = runtime(1);
+    let (file_keep, file_a, file_b) = (
+        temp_file(FILE_LEN),
+        temp_file(FILE_LEN),
+        temp_file(FILE_LEN),
+    );
+    let (keep, a, b) = (
+        open(file_keep.path()),
+        open(file_a.path()),
+        open(file_b.path()),
+    );
+    let stats_of = keep.clone();
+    let (desc_keep, desc_a, desc_b) = (BdevDesc::open(keep), BdevDesc::open(a), BdevDesc::open(b));
+    const WRITES: u64 = 16;
+    const LEN: usize = 65536;
+    rt.block_on(ReactorId(0), move || async move {
+        // Keeps the reactor's ring (and so its file table) alive throughout.
+        let keep = desc_keep.channel().unwrap();
+        for round in 0..4u64 {
+            let ca = desc_a.channel().unwrap();
+            // Pushed to the ring but not submitted yet (the group poller submits once this
+            // task yields); then the channel is destroyed at once.
+            let futures: Vec<_> = (0..WRITES)
+                .map(|i| ca.write(patterned(LEN, round * 100 + i), i * LEN as u64))
+                .collect();
+            drop(futures);
+            drop(ca);
+            assert!(
+                stats_of.group_stats().unwrap().channels >= 2,
+                "the closed channel's entry (and file slot) stays while its SQEs are queued"
+            );
+            // Another bdev's channel on the same ring takes a file slot right away, and
+            // writes somewhere else on its own file.
+            let cb = desc_b.channel().unwrap();
+            let (r, _) = cb.write(patterned(4096, 7), FILE_LEN - 4096).await;
+            r.unwrap();
+            drop(cb);
+            assert!(
+                eventually(|| stats_of.group_stats().unwrap().channels == 1).await,
+                "drained entries are removed"
+            );
+            let (r, _) = keep.write(patterned(4096, round), 0).await;
+            r.unwrap();
+        }
+    })
+    .unwrap();
+    assert_eq!(rt.stop().leaked_channels, 0);
+    for i in 0..WRITES {
+        assert!(
+            file_bytes(file_a.path(), i * LEN as u64, LEN) == expected(LEN, 300 + i),
+            "write {i} of the closed channel reached its own file"
+        );
+    }
+    assert!(
+        file_bytes(file_b.path(), 0, WRITES as usize * LEN)
+            .iter()
+            .all(|&b| b == 0),
+        "none of a's writes landed on b's file"
+    );
+    assert!(file_bytes(file_b.path(), FILE_LEN - 4096, 4096) == expected(4096, 7));
+}
+
+#[test]
+fn dropping_the_last_channel_with_io_in_flight_does_not_block_the_reactor() {
+    let rt = runtime(1);
+    let file = temp_file(FILE_LEN);
+    let bdev = open(file.path());
+    let desc = BdevDesc::open(bdev);
+    const WRITES: u64 = 16;
+    const LEN: usize = 1 << 20;
+    rt.block_on(ReactorId(0), move || async move {
+        let uring_pollers = || {
+            spool_reactor::stats()
+                .unwrap()
+                .pollers
+                .iter()
+                .filter(|&&n| n == "uring-group")
+                .count()
+        };
+        let channel = desc.channel().unwrap();
+        let before = UringBdev::draining_rings();
+        // 16 MiB of writes pushed (not even submitted yet), then abandoned with the reactor's
+        // only uring channel.
+        let futures: Vec<_> = (0..WRITES)
+            .map(|i| channel.write(patterned(LEN, i), i * LEN as u64))
+            .collect();
+        drop(futures);
+        let start = std::time::Instant::now();
+        drop(channel);
+        let drop_took = start.elapsed();
+        // The group outlives its last channel, still polled, instead of blocking here.
+        assert_eq!(
+            UringBdev::draining_rings(),
+            before + 1,
+            "the ring drains in the background"
+        );
+        assert_eq!(uring_pollers(), 1);
+        assert_eq!(spool_reactor::stats().unwrap().channels, 0);
+        // The reactor keeps running timers while the kernel writes.
+        let mut ticks = 0u32;
+        while UringBdev::draining_rings() > before {
+            spool_reactor::sleep(std::time::Duration::from_micros(100)).await;
+            ticks += 1;
+            assert!(ticks < 100_000, "the draining ring never finished");
+        }
+        assert!(ticks > 0, "a timer fired while the ring drained");
+        // Drained: its poller is gone too (removed at the end of the pass that drained it).
+        spool_reactor::sleep(std::time::Duration::from_micros(100)).await;
+        assert_eq!(
+            uring_pollers(),
+            0,
+            "the drained group's poller unregistered itself"
+        );
+        eprintln!("drop took {drop_took:?}; {ticks} timer ticks while draining");
+    })
+    .unwrap();
+    assert_eq!(rt.stop().leaked_channels, 0);
+    for i in 0..WRITES {
+        assert!(
+            file_bytes(file.path(), i * LEN as u64, LEN) == expected(LEN, i),
+            "abandoned write {i} completed"
+        );
+    }
+}
+
 #[test]
 fn reads_past_a_shrunk_file_fail_with_eio() {
     let rt = runtime(1);

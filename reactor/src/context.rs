@@ -9,9 +9,12 @@ use std::rc::Rc;
 
 use crate::core::{ReactorCore, ReactorId, RunQueue};
 
+/// A run queue and the runtime its reactor belongs to.
+type OwnedRunQueue = (u64, Rc<RunQueue>);
+
 thread_local! {
     static CURRENT: RefCell<Option<Rc<ReactorCore>>> = const { RefCell::new(None) };
-    static RUN_QUEUES: RefCell<Vec<Option<Rc<RunQueue>>>> = const { RefCell::new(Vec::new()) };
+    static RUN_QUEUES: RefCell<Vec<Option<OwnedRunQueue>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with the reactor current on this thread, or returns None off a reactor.
@@ -44,15 +47,15 @@ impl Drop for CurrentGuard {
     }
 }
 
-/// Declares that reactor `id`'s run queue lives on this thread.
-pub(crate) fn run_queue_install(id: ReactorId, queue: Rc<RunQueue>) {
+/// Declares that reactor `id` of runtime `runtime_id` has its run queue on this thread.
+pub(crate) fn run_queue_install(runtime_id: u64, id: ReactorId, queue: Rc<RunQueue>) {
     RUN_QUEUES.with(|queues| {
         let mut queues = queues.borrow_mut();
         let index = id.index();
         if queues.len() <= index {
             queues.resize(index + 1, None);
         }
-        queues[index] = Some(queue);
+        queues[index] = Some((runtime_id, queue));
     });
 }
 
@@ -65,17 +68,18 @@ pub(crate) fn run_queue_remove(id: ReactorId) {
     });
 }
 
-/// Pushes a runnable onto reactor `id`'s queue if that queue lives on this thread; gives the
-/// runnable back otherwise.
+/// Pushes a runnable onto reactor `id`'s queue if that queue (of runtime `runtime_id`: ids
+/// restart at 0 in every runtime) lives on this thread; gives the runnable back otherwise.
 #[inline]
 pub(crate) fn run_queue_push(
+    runtime_id: u64,
     id: ReactorId,
     runnable: async_task::Runnable<u64>,
 ) -> Result<(), async_task::Runnable<u64>> {
     RUN_QUEUES.with(|queues| {
         let queues = queues.borrow();
         match queues.get(id.index()) {
-            Some(Some(queue)) => {
+            Some(Some((owner_runtime, queue))) if *owner_runtime == runtime_id => {
                 queue.push(runnable);
                 Ok(())
             }
@@ -129,6 +133,8 @@ pub struct ReactorStats {
     pub pollers: Vec<&'static str>,
     /// Channels this reactor holds, across devices.
     pub channels: usize,
+    /// Timers registered and neither fired nor cancelled.
+    pub timers: usize,
 }
 
 /// The calling reactor's [`ReactorStats`]; `Err(NotOnReactor)` off a reactor.
@@ -144,5 +150,6 @@ pub fn stats() -> Result<ReactorStats, crate::ReactorError> {
         tasks: core.tasks.count(),
         pollers: core.pollers.names(),
         channels,
+        timers: core.timers.live_count(),
     })
 }

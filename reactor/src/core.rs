@@ -154,7 +154,7 @@ impl ReactorCore {
             self_weak: RefCell::new(Weak::new()),
         });
         *core.self_weak.borrow_mut() = Rc::downgrade(&core);
-        crate::context::run_queue_install(id, Rc::clone(&core.run_queue));
+        crate::context::run_queue_install(core.shared.runtime_id, id, Rc::clone(&core.run_queue));
         core
     }
 
@@ -178,14 +178,11 @@ impl ReactorCore {
     /// One iteration: messages, active pollers, due timed pollers, due timers, runnable tasks.
     /// The caller has made this reactor current. Returns true when something ran (a message,
     /// a task, a timer, or a poller that reported work).
+    /// One iteration: messages, active pollers, due timed pollers, due timers, runnable tasks.
+    /// The caller has made this reactor current. Says whether something ran (a message, a
+    /// task, a timer, or a poller that reported work) and whether a poller waits on the kernel.
     #[inline]
-    pub(crate) fn poll_once(&self) -> bool {
-        self.poll_once_status().did_work
-    }
-
-    /// [`ReactorCore::poll_once`], also telling whether a poller is waiting on the kernel.
-    #[inline]
-    pub(crate) fn poll_once_status(&self) -> IterationStatus {
+    pub(crate) fn poll_once(&self) -> IterationStatus {
         let mut did_work = self.poll_messages();
         let now_ns = self.clock.now_ns();
         let pollers = self.pollers.poll(self, now_ns);
@@ -254,24 +251,35 @@ impl ReactorCore {
     /// on the reactor's own thread with it current, so futures drop where they were made.
     pub(crate) fn shutdown(&self) {
         self.stopping.set(true);
-        self.tasks.cancel_all();
-        for _ in 0..crate::limits::STOP_DRAIN_ITERATIONS_MAX {
-            let Some(runnable) = self.run_queue.pop() else {
-                break;
-            };
-            runnable.run();
-        }
-        self.tasks.reap_finished();
-        self.pollers.clear();
-        self.timers.clear();
-        self.channels.borrow_mut().clear();
         if let Ok(remote) = self.shared.remote(self.id) {
             remote.stopped.store(true, Ordering::Release);
         }
-        // Messages that raced with the stop: run-closures are dropped here, on the owner.
-        while let Ok(message) = self.mailbox.try_recv() {
-            drop(message);
+        // Cancelling a task drops its future when its runnable runs; dropping futures,
+        // pollers or messages can wake (or, in a destructor, spawn) more tasks, so repeat
+        // until a round finds nothing left. Each round only drops things, so it ends.
+        for round in 0..crate::limits::STOP_DRAIN_ROUNDS_MAX {
+            self.tasks.cancel_all();
+            while let Some(runnable) = self.run_queue.pop() {
+                runnable.run();
+            }
+            self.tasks.reap_finished();
+            if round == 0 {
+                self.pollers.clear();
+                self.timers.clear();
+            }
+            // Messages that raced with the stop: wakes are run (their tasks are cancelled),
+            // closures are dropped here, on the owner.
+            while let Ok(message) = self.mailbox.try_recv() {
+                match message {
+                    Message::Wake(runnable) => self.run_queue.push(runnable),
+                    Message::Run(_) | Message::Stop => {}
+                }
+            }
+            if self.run_queue.len() == 0 && self.tasks.count() == 0 {
+                break;
+            }
         }
+        self.channels.borrow_mut().clear();
         crate::context::run_queue_remove(self.id);
     }
 }

@@ -129,6 +129,7 @@ impl<C: 'static> IoDevice<C> {
             .filter(|(holder_runtime, _)| runtime.is_none_or(|runtime| runtime == *holder_runtime))
             .map(|(_, reactor)| *reactor)
             .collect();
+        holders.sort_unstable();
         holders.dedup();
         holders
     }

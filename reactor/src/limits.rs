@@ -21,8 +21,9 @@ pub const REACTORS_MAX: usize = 256;
 /// its pollers (which may have work a sleeping reactor cannot see, such as a ring's CQ).
 pub const IDLE_SLEEP_NS_MAX: u64 = 1_000_000;
 
-/// Iterations a stopping reactor spends draining cancelled tasks before giving up.
-pub const STOP_DRAIN_ITERATIONS_MAX: usize = 1024;
+/// Rounds a stopping reactor spends cancelling tasks and draining what their drops woke.
+/// One round normally suffices; more are needed only when destructors spawn or wake tasks.
+pub const STOP_DRAIN_ROUNDS_MAX: usize = 16;
 
 /// Steps a simulation runs before [`crate::Sim::run_until`] reports that it did not finish.
 pub const SIM_STEPS_MAX: u64 = 100_000_000;

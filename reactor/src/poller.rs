@@ -9,10 +9,11 @@ use crate::core::ReactorCore;
 use crate::sim::TraceKind;
 use crate::ReactorError;
 
-/// What a poller found. The reactor uses it to decide whether it may sleep (idle mode),
+/// What a poller found, ordered `Idle < Waiting < Busy` (so `a.max(b)` combines two). The
+/// reactor uses it to decide whether it may sleep (idle mode),
 /// yield its core to the kernel (busy mode, while waiting on it), or, in a simulation, jump
 /// virtual time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PollStatus {
     /// Nothing was done and nothing is outstanding.
     Idle,
@@ -63,7 +64,7 @@ impl PollerSet {
                 if now_ns < entry.next_run_ns {
                     continue;
                 }
-                entry.next_run_ns = now_ns + entry.period_ns;
+                entry.next_run_ns = now_ns.saturating_add(entry.period_ns);
             }
             match (entry.poll)() {
                 PollStatus::Idle => {}

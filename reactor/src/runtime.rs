@@ -271,7 +271,7 @@ fn reactor_loop(core: &std::rc::Rc<ReactorCore>, idle: IdleMode) {
     // The event loop is the one loop meant to run unbounded: it ends only on a stop message.
     let mut waiting_passes = 0u32;
     loop {
-        let status = core.poll_once_status();
+        let status = core.poll_once();
         if core.stopping.get() {
             break;
         }

@@ -254,11 +254,13 @@ impl Sim {
         self.clock.set(self.clock.get() + advance_ns);
         let index = self.schedule_rng.usize(0..self.cores.len());
         let core = Rc::clone(&self.cores[index]);
-        let did_work = {
+        let status = {
             let _current = CurrentGuard::enter(&core);
             core.poll_once()
         };
-        if did_work {
+        // A poller waiting on the kernel (real I/O under a simulation) is progress still to
+        // come: neither jump time past it nor call the simulation quiescent.
+        if status.did_work || status.waiting {
             self.idle_steps = 0;
             return true;
         }

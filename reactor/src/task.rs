@@ -71,6 +71,8 @@ impl<T> JoinState<T> {
 /// completes: a cancel at stop, or a panic inside the task.
 struct CancelGuard<T> {
     state: Rc<JoinState<T>>,
+    finished: Rc<RefCell<Vec<usize>>>,
+    key: usize,
     armed: bool,
 }
 
@@ -81,6 +83,9 @@ impl<T> Drop for CancelGuard<T> {
                 tracing::error!("a reactor task panicked; it is cancelled and the reactor goes on");
             }
             self.state.finish(None);
+            // A panicked task leaves the live table like a finished one (a cancelled one is
+            // already out of it; removing it again is a no-op).
+            self.finished.borrow_mut().push(self.key);
         }
     }
 }
@@ -150,12 +155,14 @@ where
     let wrapped = async move {
         let mut guard = CancelGuard {
             state: task_state,
+            finished,
+            key,
             armed: true,
         };
         let value = future.await;
         guard.armed = false;
         guard.state.finish(Some(value));
-        finished.borrow_mut().push(key);
+        guard.finished.borrow_mut().push(key);
     };
     let schedule = wake_router(core);
     let (runnable, task) = async_task::Builder::new()
@@ -171,9 +178,10 @@ where
 /// The schedule function of a task owned by `core`: push locally, or send it home.
 fn wake_router(core: &ReactorCore) -> impl Fn(async_task::Runnable<u64>) + Send + Sync + 'static {
     let owner: ReactorId = core.id;
+    let runtime_id = core.shared.runtime_id;
     let sender = core.shared.reactors[owner.index()].sender.clone();
     move |runnable| {
-        if let Err(runnable) = context::run_queue_push(owner, runnable) {
+        if let Err(runnable) = context::run_queue_push(runtime_id, owner, runnable) {
             // A wake from another thread: the task must run (and drop) on its owner. If the
             // owner has stopped, its tasks were cancelled and their futures already dropped.
             if let Err(crossbeam_channel::SendError(Message::Wake(runnable))) =

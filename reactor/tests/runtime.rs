@@ -379,3 +379,79 @@ fn busy_mode_runs_and_stops() {
     assert_eq!(value, Ok(7));
     assert_eq!(runtime.stop().leaked_channels, 0);
 }
+
+#[test]
+fn a_task_woken_by_another_runtime_runs_on_its_own_reactor() {
+    // Reactor ids restart at 0 in every runtime: a wake coming from runtime B's reactor 0
+    // must reach runtime A's reactor 0 as a message, not B's own run queue.
+    let first = Runtime::start(&RuntimeOptions {
+        cores: vec![0],
+        idle: IdleMode::Sleep,
+        pin: false,
+    })
+    .unwrap();
+    let second = Arc::new(
+        Runtime::start(&RuntimeOptions {
+            cores: vec![0],
+            idle: IdleMode::Sleep,
+            pin: false,
+        })
+        .unwrap(),
+    );
+    let remote = Arc::clone(&second);
+    let value = first
+        .block_on(ReactorId(0), move || async move {
+            let handle = remote
+                .spawn_on(ReactorId(0), || async {
+                    spool_reactor::sleep(Duration::from_millis(20)).await;
+                    7u32
+                })
+                .unwrap();
+            handle.await.unwrap() + 1
+        })
+        .unwrap();
+    assert_eq!(value, 8);
+    assert!(first.stop().panicked.is_empty());
+    let second = Arc::try_unwrap(second)
+        .ok()
+        .expect("only the test holds the second runtime");
+    assert!(second.stop().panicked.is_empty());
+}
+
+#[test]
+fn panicked_tasks_leave_the_live_table() {
+    let runtime = two_reactors();
+    let (before, after) = runtime
+        .block_on(ReactorId(0), || async {
+            let before = spool_reactor::stats().unwrap().tasks;
+            for _ in 0..10 {
+                let _ = spawn_local(async { panic!("boom (expected by the test)") }).await;
+            }
+            spool_reactor::yield_now().await;
+            (before, spool_reactor::stats().unwrap().tasks)
+        })
+        .unwrap();
+    assert_eq!(after, before, "no panicked task stays in the live table");
+    runtime.stop();
+}
+
+#[test]
+fn stop_cancels_thousands_of_tasks_and_frees_their_channels() {
+    let runtime = two_reactors();
+    let device: IoDevice<()> = IoDevice::register("held", |_| Ok(()), |_, _| {});
+    let spawner = device.clone();
+    runtime
+        .block_on(ReactorId(0), move || async move {
+            for _ in 0..3000 {
+                let channel = spawner.get_channel().unwrap();
+                drop(spawn_local(async move {
+                    let _channel = channel;
+                    std::future::pending::<()>().await;
+                }));
+            }
+        })
+        .unwrap();
+    assert_eq!(runtime.live_channels(), 1, "3000 handles share one channel");
+    let report = runtime.stop();
+    assert_eq!(report.leaked_channels, 0);
+}

@@ -4,6 +4,7 @@
 //! time (a 1 s sleep takes no wall time) and the channel walk under simulation.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -240,4 +241,31 @@ mod seeds {
             prop_assert_eq!(log, again_log);
         }
     }
+}
+
+#[test]
+fn a_dropped_sleep_cancels_its_timer() {
+    let mut sim = Sim::new(SimOptions {
+        seed: 21,
+        reactors: 1,
+    });
+    let timers = sim
+        .block_on(ReactorId(0), || async {
+            let mut long = Box::pin(sleep(Duration::from_secs(3600)));
+            // Register the timer, then drop the sleep before it fires.
+            let waker = std::task::Waker::noop();
+            let mut context = std::task::Context::from_waker(waker);
+            assert!(long.as_mut().poll(&mut context).is_pending());
+            assert_eq!(spool_reactor::stats().unwrap().timers, 1);
+            drop(long);
+            spool_reactor::stats().unwrap().timers
+        })
+        .unwrap();
+    assert_eq!(timers, 0, "the dropped sleep's timer is gone");
+    sim.run_until_quiescent();
+    assert!(
+        sim.now_ns() < 1_000_000_000,
+        "virtual time never jumped to the dropped deadline ({} ns)",
+        sim.now_ns()
+    );
 }

@@ -4,8 +4,8 @@
 //! Invariants: the file is opened once, `O_RDWR | O_DIRECT | O_CLOEXEC` (buffered if the
 //! filesystem refuses `O_DIRECT`, or if asked to); the geometry is fixed at open (a file that
 //! grows later is not seen, one that shrinks makes reads past its end fail with -EIO); each
-//! reactor's channel registers the file in that reactor's ring and unregisters it when the
-//! channel is destroyed.
+//! reactor's channel registers the file in that reactor's ring and unregisters it once the
+//! channel was destroyed and none of its I/O is left in the ring (queued or in flight).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -21,7 +21,7 @@ use crate::device::{Bdev, ChannelBackend};
 use crate::error::BdevError;
 use crate::io::{IoSlots, SlotId};
 use crate::uring::blk;
-use crate::uring::group::{group_device, GroupCtx, RingKey, UringGroupStats};
+use crate::uring::group::{draining_groups, group_device, GroupCtx, RingKey, UringGroupStats};
 use crate::uring::sys::{probe_support, RingSupport, MAX_ENTRIES};
 
 /// How to open a [`UringBdev`].
@@ -285,6 +285,13 @@ impl UringBdev {
         let group = self.group.get_channel().ok()?;
         let stats = group.state.try_borrow().ok()?.stats();
         Some(stats)
+    }
+
+    /// How many rings of the calling reactor (thread) outlive their last uring channel: they
+    /// were released with I/O still in flight and keep being polled, without blocking the
+    /// reactor, until the kernel completed it; then they are freed. For diagnostics and tests.
+    pub fn draining_rings() -> usize {
+        draining_groups()
     }
 }
 

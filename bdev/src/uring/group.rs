@@ -13,11 +13,28 @@
 //!   the buffers the kernel reads or writes are owned by those slots, so they cannot be freed
 //!   under the kernel, and a CQE never finds its channel's state gone. A channel index is
 //!   reused only after its entry was removed, i.e. when none of its SQEs is left in the ring.
-//! * [`GroupState::ring`] is the first field, so when a group is destroyed the ring is dropped
-//!   first; its `Drop` waits for every operation still in flight before the slots and
-//!   buffers (the later fields) are released.
-//! * A channel's SQEs that were pushed but not yet submitted are submitted before its file
-//!   slot is unregistered, so a later channel reusing that file slot never receives them.
+//! * A channel's registered file slot stays registered (reserved) until its entry is removed,
+//!   i.e. until none of its SQEs is left in the ring, queued or in flight. `register_file`
+//!   takes the lowest free slot, so releasing it earlier would let another bdev's channel
+//!   take it and receive the closed channel's queued writes (with SQPOLL, or after an
+//!   `EAGAIN`/`EBUSY` enter, pushed SQEs can stay queued for a while).
+//! * Group lifetime: when the reactor's last uring channel is destroyed while operations are
+//!   still in flight, the group is not dropped (dropping it would block the reactor until the
+//!   disk finished them): its poller keeps running, owned by the group itself
+//!   ([`GroupState::drain_poller`]), and unregisters itself once nothing is in flight; the
+//!   group is freed at the end of that loop pass. Only when the reactor stops with I/O still
+//!   in flight is a group dropped early: its `Drop` then blocks in [`Ring::close`] until the
+//!   kernel is done, which is acceptable because the reactor is exiting.
+//! * A group is freed only after [`Ring::close`] returned `Ok` (the kernel is done with every
+//!   buffer). If it fails, the channel table (slots, buffers, zero buffers) is leaked with
+//!   `std::mem::forget` instead of freed under the kernel.
+//! * Submission failures: `EAGAIN`/`EBUSY` enters are retried on later passes. After
+//!   [`ENTER_FAILURES_MAX`] other failures in a row, the ring is retired: the SQEs the kernel
+//!   never consumed are retracted ([`Ring::retract_queued`]) and their requests, those waiting
+//!   for SQ space, and every later request on this group fail with the errno (the group is
+//!   replaced once the reactor's uring channels are all gone). With SQPOLL the queued SQEs
+//!   cannot be retracted (the kernel thread may take them at any time): they stay in flight,
+//!   and only new and parked requests fail.
 //! * Submission: channel `submit` only pushes SQEs (no syscall). The group poller makes at most
 //!   one `io_uring_enter` per reactor loop pass, and only when SQEs were pushed since the last
 //!   one; completions are read from the CQ ring without a syscall. A push that finds the SQ full
@@ -28,7 +45,7 @@
 // pushing them is `unsafe` (the contract of `Ring::push`). Only the push call sites here use it.
 #![allow(unsafe_code)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +76,43 @@ const SQPOLL_IDLE_MS: u32 = 100;
 
 /// Initial capacity of a channel's overflow queue (it grows only if more requests overflow).
 const OVERFLOW_INITIAL: usize = 64;
+
+/// Consecutive failed `io_uring_enter` submissions (other than `EAGAIN`/`EBUSY`) after which
+/// the ring is retired and its unsubmitted requests fail. One pass apart each, this rides out
+/// a transient failure (e.g. a signal-related error or a brief resource shortage reported as
+/// another errno) while still failing requests within microseconds to milliseconds, instead
+/// of leaving them hanging forever.
+pub const ENTER_FAILURES_MAX: u32 = 64;
+
+thread_local! {
+    /// Groups on this thread whose channels are all gone, still reaping I/O in flight.
+    static DRAINING_GROUPS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Groups on the calling thread (reactor) whose last channel was destroyed while I/O was in
+/// flight, and that stay alive (polled) until it completes.
+pub(crate) fn draining_groups() -> usize {
+    DRAINING_GROUPS.try_with(Cell::get).unwrap_or(0)
+}
+
+/// The poller of a group whose context was destroyed with I/O in flight, owned by the group
+/// until it drained; counted in [`draining_groups`].
+struct DrainingPoller {
+    _handle: PollerHandle,
+}
+
+impl DrainingPoller {
+    fn new(handle: PollerHandle) -> DrainingPoller {
+        let _ = DRAINING_GROUPS.try_with(|count| count.set(count.get() + 1));
+        DrainingPoller { _handle: handle }
+    }
+}
+
+impl Drop for DrainingPoller {
+    fn drop(&mut self) {
+        let _ = DRAINING_GROUPS.try_with(|count| count.set(count.get().saturating_sub(1)));
+    }
+}
 
 /// The ring configuration a group is created with; bdevs with the same key share a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -116,14 +170,40 @@ pub struct UringGroupStats {
     pub fixed_regions: usize,
     /// Whether the ring uses SQPOLL.
     pub sqpoll: bool,
+    /// 0, or the negative errno of the persistent submission failure after which the ring was
+    /// retired (every later request on this group fails with it).
+    pub ring_error: i32,
 }
 
 /// One reactor's group context: the shared state and the group's poller.
 pub(crate) struct GroupCtx {
-    /// Dropped first: unregisters the poller (which holds the other reference to `state`).
-    _poller: PollerHandle,
+    /// The group's poller (which holds the other reference to `state`). On drop, it is either
+    /// unregistered (nothing in flight) or handed to the group to drain (see the module docs).
+    poller: Option<PollerHandle>,
     /// The ring and channel table.
     pub state: Rc<RefCell<GroupState>>,
+}
+
+impl Drop for GroupCtx {
+    fn drop(&mut self) {
+        let Some(poller) = self.poller.take() else {
+            return;
+        };
+        if let Ok(mut group) = self.state.try_borrow_mut() {
+            if group.has_pending_io() {
+                // Keep polling until the kernel is done, without blocking the reactor now.
+                tracing::debug!(
+                    in_flight = group.ring.in_flight(),
+                    "last uring channel gone with I/O in flight; the ring drains in the background"
+                );
+                group.drain_poller = Some(DrainingPoller::new(poller));
+                return;
+            }
+        }
+        // Nothing in flight: unregistering drops the poller's reference, then `state` drops
+        // the group, whose ring closes at once.
+        drop(poller);
+    }
 }
 
 impl GroupCtx {
@@ -133,41 +213,35 @@ impl GroupCtx {
             sqpoll_idle_ms: key.sqpoll.then_some(SQPOLL_IDLE_MS),
             sqpoll_cpu: if key.sqpoll { key.sqpoll_cpu } else { None },
         };
-        let mut ring = Ring::new(&options).map_err(|err| {
+        let ring = Ring::new(&options).map_err(|err| {
             tracing::error!(%err, ?key, "creating the reactor's io_uring failed");
             err.errno()
         })?;
-        let regions_tried = dma_regions().len();
-        if let Err(err) = ring.register_dma_regions() {
-            tracing::warn!(%err, "registering DMA buffers with io_uring failed");
-        }
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let state = Rc::new(RefCell::new(GroupState {
-            ring,
-            channels: Vec::new(),
-            free_indices: Vec::new(),
-            unsubmitted: 0,
-            overflow_waiting: 0,
-            ready: Vec::new(),
-            retry: Vec::new(),
-            regions_tried,
-            stats: UringGroupStats {
-                group_id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                ..UringGroupStats::default()
-            },
-        }));
+        let state = Rc::new(RefCell::new(GroupState::new(ring, key.entries)));
         let poll_state = Rc::clone(&state);
         let poller = poller_register("uring-group", None, move || {
-            match poll_state.try_borrow_mut() {
-                Ok(mut group) => group.poll(),
+            let (status, drained) = match poll_state.try_borrow_mut() {
+                Ok(mut group) => {
+                    let status = group.poll();
+                    let drained = if group.drain_poller.is_some() && !group.has_pending_io() {
+                        group.drain_poller.take()
+                    } else {
+                        None
+                    };
+                    (status, drained)
+                }
                 // Unreachable in practice (nothing borrows the group across a loop pass);
                 // try again next pass.
-                Err(_) => PollStatus::Busy,
-            }
+                Err(_) => (PollStatus::Busy, None),
+            };
+            // A drained group whose context is gone: unregister this very poller. The reactor
+            // removes it at the end of this pass, dropping the last reference to the group.
+            drop(drained);
+            status
         })
         .map_err(|err| err.errno())?;
         Ok(GroupCtx {
-            _poller: poller,
+            poller: Some(poller),
             state,
         })
     }
@@ -241,13 +315,21 @@ enum Outcome {
 
 /// One reactor's ring and the channels using it.
 pub(crate) struct GroupState {
-    /// Must stay the first field: dropped first, it waits for every operation in flight
-    /// before the buffers owned by `channels` are released.
+    /// Closed (waited for) by `Drop` before the buffers owned by `channels` are released.
     ring: Ring,
     channels: Vec<Option<ChannelEntry>>,
     free_indices: Vec<u32>,
-    /// SQEs pushed since the last submit.
-    unsubmitted: usize,
+    /// `user_data` of the SQEs pushed but not consumed by the kernel yet, in push order.
+    queued: VecDeque<u64>,
+    /// Failed submissions in a row (not counting `EAGAIN`/`EBUSY`).
+    enter_failures: u32,
+    /// The errno the ring was retired with; every later request fails with it.
+    failed: Option<i32>,
+    /// Closed channels whose last SQE was just reaped; removed after the reap.
+    finished: Vec<u32>,
+    /// Set when the group's context was destroyed with I/O in flight: the group's own poller,
+    /// kept until everything drained (see the module docs).
+    drain_poller: Option<DrainingPoller>,
     /// Slots waiting in overflow queues, over all channels.
     overflow_waiting: usize,
     /// Completions decided without the ring (ioctls, push failures), delivered by the poller.
@@ -265,6 +347,33 @@ fn user_data(channel: u32, slot: SlotId) -> u64 {
 }
 
 impl GroupState {
+    /// A group driving `ring` (created with `entries` SQ entries).
+    fn new(mut ring: Ring, entries: u32) -> GroupState {
+        let regions_tried = dma_regions().len();
+        if let Err(err) = ring.register_dma_regions() {
+            tracing::warn!(%err, "registering DMA buffers with io_uring failed");
+        }
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        GroupState {
+            ring,
+            channels: Vec::new(),
+            free_indices: Vec::new(),
+            queued: VecDeque::with_capacity(entries as usize),
+            enter_failures: 0,
+            failed: None,
+            finished: Vec::new(),
+            drain_poller: None,
+            overflow_waiting: 0,
+            ready: Vec::new(),
+            retry: Vec::new(),
+            regions_tried,
+            stats: UringGroupStats {
+                group_id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                ..UringGroupStats::default()
+            },
+        }
+    }
+
     /// Attaches a channel of `dev` whose requests live in `slots`; returns its index.
     pub(crate) fn add_channel(
         &mut self,
@@ -305,12 +414,9 @@ impl GroupState {
     }
 
     /// Detaches channel `index` (its channel is being destroyed): requests not yet in the ring
-    /// are cancelled, and the entry stays until its SQEs in the ring have completed.
+    /// are cancelled, and the entry (with its file slot) stays until its SQEs in the ring,
+    /// queued or in flight, have completed.
     pub(crate) fn close_channel(&mut self, index: u32) {
-        // Hand pushed-but-unsubmitted SQEs to the kernel before the file slot can be reused.
-        if self.unsubmitted > 0 {
-            self.submit();
-        }
         let Some(entry) = self
             .channels
             .get_mut(index as usize)
@@ -319,9 +425,6 @@ impl GroupState {
             return;
         };
         entry.open = false;
-        if let Err(err) = self.ring.unregister_file(entry.file) {
-            tracing::warn!(%err, "unregistering a uring bdev file from the ring failed");
-        }
         while let Some(slot) = entry.overflow.pop_front() {
             self.overflow_waiting -= 1;
             entry.slots.complete(slot, -libc::ECANCELED);
@@ -335,9 +438,29 @@ impl GroupState {
             }
         });
         if entry.in_flight == 0 {
-            self.channels[index as usize] = None;
-            self.free_indices.push(index);
+            self.remove_entry(index);
         }
+    }
+
+    /// Removes channel `index`'s entry, none of whose SQEs is left in the ring, and only now
+    /// releases its file slot.
+    fn remove_entry(&mut self, index: u32) {
+        let Some(entry) = self.channels.get_mut(index as usize).and_then(Option::take) else {
+            return;
+        };
+        debug_assert_eq!(entry.in_flight, 0);
+        if let Err(err) = self.ring.unregister_file(entry.file) {
+            // The slot stays marked in use in the ring, so it is never handed out again.
+            tracing::warn!(%err, "unregistering a uring bdev file from the ring failed");
+        }
+        self.free_indices.push(index);
+    }
+
+    /// Whether anything is still in flight, queued or attached (the group must stay).
+    fn has_pending_io(&self) -> bool {
+        self.ring.in_flight() > 0
+            || !self.ready.is_empty()
+            || self.channels.iter().any(Option::is_some)
     }
 
     /// Starts the validated request in `slot` of channel `index`.
@@ -418,6 +541,10 @@ impl GroupState {
         else {
             return;
         };
+        if let Some(errno) = self.failed {
+            self.ready.push((index, slot, errno));
+            return;
+        }
         if !entry.overflow.is_empty() {
             entry.overflow.push_back(slot);
             self.overflow_waiting += 1;
@@ -432,7 +559,7 @@ impl GroupState {
             &mut self.regions_tried,
             &mut self.stats,
         ) {
-            Ok(()) => self.unsubmitted += 1,
+            Ok(()) => self.queued.push_back(user_data(index, slot)),
             Err(IssueError::Full) => {
                 entry.overflow.push_back(slot);
                 self.overflow_waiting += 1;
@@ -458,7 +585,7 @@ impl GroupState {
                     &mut self.regions_tried,
                     &mut self.stats,
                 ) {
-                    Ok(()) => self.unsubmitted += 1,
+                    Ok(()) => self.queued.push_back(user_data(channel, slot)),
                     Err(IssueError::Full) => return,
                     Err(IssueError::Fail(errno)) => entry.slots.complete(slot, errno),
                 }
@@ -472,13 +599,79 @@ impl GroupState {
     fn submit(&mut self) {
         self.stats.enters += 1;
         match self.ring.submit() {
-            Ok(submitted) => self.unsubmitted = self.unsubmitted.saturating_sub(submitted),
+            Ok(submitted) => {
+                self.enter_failures = 0;
+                // The kernel consumes SQEs in order.
+                let accepted = submitted.min(self.queued.len());
+                self.queued.drain(..accepted);
+            }
             // EAGAIN/EBUSY: the kernel is short of resources; the SQEs stay queued and are
             // submitted on a later pass, after completions were reaped.
             Err(err) if matches!(err.errno(), e if e == -libc::EAGAIN || e == -libc::EBUSY) => {}
             Err(err) => {
-                tracing::warn!(%err, "io_uring submit failed; retrying next pass");
+                self.enter_failures = self.enter_failures.saturating_add(1);
+                if self.enter_failures == 1 {
+                    tracing::warn!(%err, "io_uring submit failed; retrying on the next passes");
+                }
+                if self.enter_failures >= ENTER_FAILURES_MAX {
+                    self.fail_ring(err.errno());
+                }
             }
+        }
+    }
+
+    /// Retires the ring after a persistent submission failure: the requests whose SQEs the
+    /// kernel never consumed, those parked for SQ space, and every later one fail with
+    /// `errno` (see the module docs).
+    fn fail_ring(&mut self, errno: i32) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.failed = Some(errno);
+        self.stats.ring_error = errno;
+        let queued = self.queued.len();
+        match self.ring.retract_queued() {
+            Some(retracted) => {
+                tracing::error!(
+                    errno,
+                    retracted,
+                    in_flight = self.ring.in_flight(),
+                    "io_uring submission keeps failing; failing its unsubmitted requests and \
+                     every later one on this reactor's ring"
+                );
+                // The retracted SQEs are the last ones pushed; any before them were consumed
+                // after all and complete normally.
+                let keep = queued.saturating_sub(retracted);
+                let dead: Vec<u64> = self.queued.drain(keep..).collect();
+                self.queued.clear();
+                for user_data in dead {
+                    let index = (user_data >> 32) as u32;
+                    let slot = user_data as SlotId;
+                    let Some(Some(entry)) = self.channels.get_mut(index as usize) else {
+                        continue;
+                    };
+                    entry.in_flight -= 1;
+                    entry.slots.complete(slot, errno);
+                    if !entry.open && entry.in_flight == 0 {
+                        self.finished.push(index);
+                    }
+                }
+            }
+            None => tracing::error!(
+                errno,
+                queued,
+                "io_uring (SQPOLL) submission keeps failing; its queued requests cannot be \
+                 retracted and stay in flight; later requests on this reactor's ring fail"
+            ),
+        }
+        for entry in self.channels.iter_mut().flatten() {
+            while let Some(slot) = entry.overflow.pop_front() {
+                self.overflow_waiting -= 1;
+                entry.slots.complete(slot, errno);
+            }
+        }
+        while let Some(index) = self.finished.pop() {
+            self.remove_entry(index);
         }
     }
 
@@ -502,14 +695,14 @@ impl GroupState {
             busy = true;
             self.drain_overflow();
         }
-        if self.unsubmitted > 0 {
+        if !self.queued.is_empty() {
             busy = true;
             self.submit();
         }
         let GroupState {
             ring,
             channels,
-            free_indices,
+            finished,
             retry,
             stats,
             ..
@@ -526,8 +719,8 @@ impl GroupState {
                 // The channel is gone; its requests were all abandoned: just release them.
                 entry.slots.complete(slot, result.min(0));
                 if entry.in_flight == 0 {
-                    channels[index as usize] = None;
-                    free_indices.push(index);
+                    // Removed (and its file slot released) right after this reap.
+                    finished.push(index);
                 }
                 return;
             }
@@ -539,6 +732,9 @@ impl GroupState {
         if reaped > 0 {
             busy = true;
             self.stats.completions += reaped as u64;
+        }
+        while let Some(index) = self.finished.pop() {
+            self.remove_entry(index);
         }
         if !self.retry.is_empty() {
             let mut retry = std::mem::take(&mut self.retry);
@@ -566,6 +762,30 @@ impl GroupState {
             fixed_regions: self.ring.fixed_region_count(),
             sqpoll: self.ring.is_sqpoll(),
             ..self.stats
+        }
+    }
+}
+
+impl Drop for GroupState {
+    /// Frees the channel table only once the kernel is done with it. Outside a reactor stop
+    /// nothing is in flight here (a draining group is kept until it is); at a stop, this
+    /// blocks the exiting reactor until the kernel finished the I/O still in flight.
+    fn drop(&mut self) {
+        if self.ring.in_flight() > 0 {
+            tracing::warn!(
+                in_flight = self.ring.in_flight(),
+                "uring group destroyed with I/O in flight (reactor stopping); waiting for it"
+            );
+        }
+        if let Err(err) = self.ring.close() {
+            tracing::error!(
+                %err, in_flight = self.ring.in_flight(),
+                "waiting for in-flight io_uring I/O failed; leaking its buffers so the kernel \
+                 never writes into freed memory"
+            );
+            // The slots (request buffers, iovec scratch) and zero buffers the kernel may still
+            // access are never freed.
+            std::mem::forget(std::mem::take(&mut self.channels));
         }
     }
 }
@@ -720,8 +940,9 @@ fn issue(
                     // SAFETY: `ptr..ptr + len` lies inside `buf` (done + len <= buf.len()), a
                     // DmaBuf owned by this slot's request. The slot is completed, and its
                     // buffers handed back or dropped, only after this SQE's CQE is reaped
-                    // (`GroupState::poll`); a destroyed channel's entry keeps the slots alive
-                    // until then, and a dropped group drops its ring (which waits) first.
+                    // (`GroupState::poll`) or retracted (`GroupState::fail_ring`); a destroyed
+                    // channel's entry keeps the slots alive until then, and a group frees its
+                    // entries only after `Ring::close` succeeded (it leaks them otherwise).
                     (unsafe { ring.push(&op, ud) }, len)
                 } else {
                     let len = fill_iovecs(req, done, RW_STEP_MAX);
@@ -797,8 +1018,9 @@ fn issue(
                 fixed_region: region,
             };
             // SAFETY: the zero buffer belongs to this channel's entry, which is removed (and
-            // the buffer freed) only after every SQE of the channel has been reaped; the ring,
-            // dropped first, waits for them otherwise. It is never written after allocation.
+            // the buffer freed) only after every SQE of the channel has been reaped or
+            // retracted; a dropped group frees it only after `Ring::close` succeeded (it leaks
+            // it otherwise). It is never written after allocation.
             (unsafe { ring.push(&op, ud) }, len)
         }
     };
@@ -837,6 +1059,176 @@ mod tests {
             zero_buf: None,
             open: true,
         }
+    }
+
+    fn shared(file: std::fs::File) -> Arc<DeviceShared> {
+        Arc::new(DeviceShared {
+            file,
+            path: "test".into(),
+            block_device: false,
+            unmap_fill: AtomicBool::new(false),
+            zeroes_fill: AtomicBool::new(false),
+        })
+    }
+
+    /// A 64 KiB temp file: the device to attach, and a handle to read it back.
+    fn test_device() -> (Arc<DeviceShared>, std::fs::File) {
+        let file = tempfile::tempfile().expect("tempfile");
+        file.set_len(65536).expect("set_len");
+        let reader = file.try_clone().expect("clone");
+        (shared(file), reader)
+    }
+
+    fn test_group() -> GroupState {
+        let ring = Ring::new(&RingOptions {
+            entries: 8,
+            ..RingOptions::default()
+        })
+        .expect("ring");
+        GroupState::new(ring, 8)
+    }
+
+    /// Starts a 4 KiB write of `byte`s at `offset` on channel `index`.
+    fn start_write(
+        group: &mut GroupState,
+        index: u32,
+        slots: &IoSlots,
+        offset: u64,
+        byte: u8,
+    ) -> SlotId {
+        let slot = slots.acquire(IoKind::Write, offset, 4096).expect("slot");
+        slots.with(slot, |req| {
+            let mut buf = DmaBuf::alloc(4096).expect("alloc");
+            buf.fill(byte);
+            req.bufs.push(buf);
+        });
+        group.start_request(index, slot);
+        slot
+    }
+
+    fn status(slots: &IoSlots, slot: SlotId) -> Option<i32> {
+        slots.poll_done(slot, std::task::Waker::noop())
+    }
+
+    fn bytes_at(file: &std::fs::File, offset: u64) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut out = vec![0u8; 4096];
+        file.read_exact_at(&mut out, offset).expect("read");
+        out
+    }
+
+    /// Polls until `done` holds (bounded).
+    fn poll_until(group: &mut GroupState, mut done: impl FnMut(&GroupState) -> bool) {
+        for _ in 0..100_000 {
+            if done(group) {
+                return;
+            }
+            group.poll();
+            std::thread::yield_now();
+        }
+        panic!("condition never held");
+    }
+
+    fn file_slot(group: &GroupState, index: u32) -> Option<u32> {
+        group.channels[index as usize]
+            .as_ref()
+            .map(|entry| entry.file)
+    }
+
+    #[test]
+    fn a_closed_channel_keeps_its_file_slot_until_its_queued_sqes_completed() {
+        let mut group = test_group();
+        let (dev_a, file_a) = test_device();
+        let (dev_b, file_b) = test_device();
+        let slots_a = Rc::new(IoSlots::default());
+        let a = group.add_channel(dev_a, Rc::clone(&slots_a)).expect("a");
+        let a_file = file_slot(&group, a).expect("a attached");
+        let slot = start_write(&mut group, a, &slots_a, 0, 0xaa);
+        assert_eq!(group.queued.len(), 1, "pushed, not submitted");
+        // The request's future and its channel go away while the SQE is still queued.
+        slots_a.abandon(slot);
+        group.close_channel(a);
+        assert_eq!(
+            file_slot(&group, a),
+            Some(a_file),
+            "entry and file slot kept"
+        );
+        // Another bdev's channel must not get the closed channel's file slot.
+        let slots_b = Rc::new(IoSlots::default());
+        let b = group.add_channel(dev_b, Rc::clone(&slots_b)).expect("b");
+        assert_ne!(file_slot(&group, b), Some(a_file));
+        poll_until(&mut group, |g| g.channels[a as usize].is_none());
+        assert_eq!(group.ring.in_flight(), 0);
+        assert_eq!(
+            bytes_at(&file_a, 0),
+            vec![0xaa; 4096],
+            "landed on its own file"
+        );
+        assert_eq!(
+            bytes_at(&file_b, 0),
+            vec![0; 4096],
+            "not on the other bdev's file"
+        );
+        // Once drained, the slot is released and reused.
+        let (dev_c, _file_c) = test_device();
+        let c = group.add_channel(dev_c, Rc::default()).expect("c");
+        assert_eq!(file_slot(&group, c), Some(a_file));
+    }
+
+    #[test]
+    fn a_closed_channel_with_nothing_in_flight_is_removed_at_once() {
+        let mut group = test_group();
+        let (dev, _file) = test_device();
+        let a = group.add_channel(dev, Rc::default()).expect("a");
+        let a_file = file_slot(&group, a).expect("attached");
+        group.close_channel(a);
+        assert!(group.channels[a as usize].is_none());
+        assert_eq!(group.stats().channels, 0);
+        let (dev, _file) = test_device();
+        let b = group.add_channel(dev, Rc::default()).expect("b");
+        assert_eq!(file_slot(&group, b), Some(a_file), "file slot released");
+    }
+
+    #[test]
+    fn a_retired_ring_fails_unsubmitted_requests_and_never_submits_them() {
+        let mut group = test_group();
+        let (dev, file) = test_device();
+        let slots = Rc::new(IoSlots::default());
+        let a = group.add_channel(dev, Rc::clone(&slots)).expect("a");
+        // One write accepted by the kernel, then one pushed but not submitted.
+        let accepted = start_write(&mut group, a, &slots, 0, 0x11);
+        group.submit();
+        assert!(group.queued.is_empty());
+        let queued = start_write(&mut group, a, &slots, 4096, 0x22);
+        assert_eq!(group.queued.len(), 1);
+        // What `submit` does after ENTER_FAILURES_MAX failed enters in a row.
+        group.fail_ring(-libc::ENXIO);
+        assert_eq!(
+            status(&slots, queued),
+            Some(-libc::ENXIO),
+            "failed, not hanging"
+        );
+        assert_eq!(group.stats().ring_error, -libc::ENXIO);
+        assert!(group.queued.is_empty());
+        // The accepted one still completes normally.
+        poll_until(&mut group, |_| status(&slots, accepted).is_some());
+        assert_eq!(status(&slots, accepted), Some(0));
+        assert_eq!(group.ring.in_flight(), 0);
+        // Later requests fail at once, delivered by the poller.
+        let later = start_write(&mut group, a, &slots, 8192, 0x33);
+        assert_eq!(group.poll(), PollStatus::Busy);
+        assert_eq!(status(&slots, later), Some(-libc::ENXIO));
+        for _ in 0..100 {
+            group.poll();
+        }
+        assert_eq!(bytes_at(&file, 0), vec![0x11; 4096]);
+        assert_eq!(
+            bytes_at(&file, 4096),
+            vec![0; 4096],
+            "retracted SQE never ran"
+        );
+        assert_eq!(bytes_at(&file, 8192), vec![0; 4096]);
+        assert_eq!(group.poll(), PollStatus::Idle);
     }
 
     #[test]

@@ -22,8 +22,14 @@
 //!   shared ring instead, and [`Ring::reap`] sees the flag and makes one `io_uring_enter` to
 //!   run the pending completion work. (`DEFER_TASKRUN` is not used: it ties completion work
 //!   to one thread.)
-//! * Dropping a `Ring` with operations in flight waits for them (see [`Ring`]'s `Drop`), so
-//!   buffers handed to [`Ring::push`] are never written after the ring is gone.
+//! * **Closing**: [`Ring::close`] waits for every operation in flight and reports whether it
+//!   could; only after it returned `Ok` (or once every CQE was reaped) may memory handed to
+//!   [`Ring::push`] be freed. When it fails, the kernel may still access that memory: the owner
+//!   must leak it. Dropping a `Ring` calls `close` as a best effort but cannot report failure.
+//! * **Retracting**: after a persistent `io_uring_enter` failure, [`Ring::retract_queued`] (not
+//!   SQPOLL) gives up the SQEs the kernel never consumed: the ring then never submits again
+//!   (later enters pass `to_submit = 0`), so those SQEs are never executed and their memory is
+//!   the caller's again.
 
 // io_uring operations take raw pointers to caller memory that the kernel reads/writes
 // asynchronously, and buffer registration hands raw addresses to the kernel: both need `unsafe`.
@@ -43,6 +49,15 @@ pub const FILE_SLOTS: u32 = 64;
 
 /// Largest submission queue size accepted by [`Ring::new`] (the kernel's limit).
 pub const MAX_ENTRIES: u32 = 32768;
+
+/// Consecutive `EAGAIN`/`EBUSY` results (without any completion in between) [`Ring::close`]
+/// tolerates before giving up. With [`CLOSE_BUSY_BACKOFF`] between tries this gives the kernel
+/// about a second to find the memory it lacked; past that the failure is treated as
+/// persistent (the caller then leaks the memory the kernel may still use).
+pub const CLOSE_BUSY_RETRIES_MAX: u32 = 1000;
+
+/// Pause between two `EAGAIN`/`EBUSY` tries in [`Ring::close`].
+pub const CLOSE_BUSY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How a [`Ring`] is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +123,9 @@ pub enum RingError {
     /// An argument was invalid (described by the message).
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    /// The ring's queued SQEs were retracted ([`Ring::retract_queued`]); it accepts no more.
+    #[error("io_uring ring retired after a persistent submission failure")]
+    Retired,
     /// The kernel lacks a feature this module requires (described by the message).
     #[error("kernel io_uring lacks {0}")]
     Unsupported(&'static str),
@@ -125,6 +143,7 @@ impl RingError {
             RingError::BadFile { .. } => -libc::EBADF,
             RingError::NoFileSlot => -libc::ENFILE,
             RingError::InvalidArgument(_) => -libc::EINVAL,
+            RingError::Retired => -libc::EIO,
             RingError::Unsupported(_) => -libc::EOPNOTSUPP,
         }
     }
@@ -301,6 +320,10 @@ pub struct Ring {
     sqpoll: bool,
     /// Reads/writes pushed with the fixed-buffer opcodes (for tests and diagnostics).
     fixed_rw_pushed: u64,
+    /// Set by [`Ring::retract_queued`]: no SQE is ever submitted again.
+    retired: bool,
+    /// A [`Ring::close`] failed: `Drop` does not wait again.
+    close_failed: bool,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -387,6 +410,8 @@ impl Ring {
             cq_capacity,
             sqpoll,
             fixed_rw_pushed: 0,
+            retired: false,
+            close_failed: false,
             _not_sync: PhantomData,
         })
     }
@@ -546,17 +571,29 @@ impl Ring {
     }
 
     /// Queues `op` tagged with `user_data` (not yet submitted). Returns
-    /// [`RingError::SqFull`] when the SQ is full or a CQ's worth of ops is in flight, and
-    /// [`RingError::BadFile`] for an unregistered file slot; nothing is queued on error.
+    /// [`RingError::SqFull`] when the SQ is full or a CQ's worth of ops is in flight,
+    /// [`RingError::BadFile`] for an unregistered file slot, and [`RingError::Retired`] after
+    /// [`Ring::retract_queued`]; nothing is queued on error.
     ///
     /// # Safety
     ///
     /// Every pointer in `op` (the buffer of `Read`/`Write`, the iovec array of `Readv`/`Writev`
     /// and every buffer it describes) must be valid for the access the kernel makes (writes for
     /// reads, reads for writes) for its full length, and that memory must not be freed, moved,
-    /// or accessed in a conflicting way by Rust code until the CQE carrying `user_data` has been
-    /// reaped by [`Ring::reap`] (or the `Ring` has been dropped, which waits for it).
+    /// or accessed in a conflicting way by Rust code until one of these happened:
+    ///
+    /// * the CQE carrying `user_data` has been reaped by [`Ring::reap`];
+    /// * [`Ring::close`] returned `Ok` (every operation completed);
+    /// * [`Ring::retract_queued`] returned `Some` while this SQE had not been consumed by the
+    ///   kernel yet (it is then never executed).
+    ///
+    /// Dropping the `Ring` is not enough by itself: its `Drop` waits, but if that wait fails the
+    /// kernel may still access the memory afterwards. An owner that frees such memory after the
+    /// ring is gone must call [`Ring::close`] first and leak the memory if it fails.
     pub unsafe fn push(&mut self, op: &RingOp, user_data: u64) -> Result<(), RingError> {
+        if self.retired {
+            return Err(RingError::Retired);
+        }
         if let Some(slot) = op.file() {
             if !self.slot_in_use(slot) {
                 return Err(RingError::BadFile { slot });
@@ -675,8 +712,12 @@ impl Ring {
     }
 
     /// Hands queued SQEs to the kernel without waiting (with SQPOLL and an awake kernel thread,
-    /// without a syscall) and returns how many were submitted. Retries on `EINTR`.
+    /// without a syscall) and returns how many were submitted. Retries on `EINTR`. After
+    /// [`Ring::retract_queued`] it submits nothing and returns `Ok(0)`.
     pub fn submit(&mut self) -> Result<usize, RingError> {
+        if self.retired {
+            return Ok(0);
+        }
         loop {
             match self.ring.submit() {
                 Ok(n) => return Ok(n),
@@ -696,7 +737,12 @@ impl Ring {
         }
         let mut submitted = 0;
         loop {
-            match self.ring.submit_and_wait(want) {
+            let result = if self.retired {
+                self.enter_without_submitting(want)
+            } else {
+                self.ring.submit_and_wait(want)
+            };
+            match result {
                 Ok(n) => submitted += n,
                 // EINTR is only reported when nothing was submitted by this call.
                 Err(e) if is_eintr(&e) => {}
@@ -718,9 +764,12 @@ impl Ring {
             && self.ring.submission().taskrun()
         {
             // Completion work is pending in the kernel (cooperative task running): one enter
-            // runs it and posts the CQEs. A failure here is retried on the next reap.
-            if let Err(err) = self.submit() {
-                tracing::debug!(%err, "io_uring enter to run completion work failed");
+            // runs it and posts the CQEs. It submits nothing (the caller decides when SQEs go,
+            // and a retired ring's SQEs must never go). A failure is retried on the next reap.
+            if let Err(err) = self.enter_without_submitting(0) {
+                if !is_eintr(&err) {
+                    tracing::debug!(%err, "io_uring enter to run completion work failed");
+                }
             }
         }
         let mut n = 0;
@@ -731,28 +780,108 @@ impl Ring {
         }
         n
     }
+
+    /// `io_uring_enter(to_submit = 0, min_complete = want, GETEVENTS)`: runs pending completion
+    /// work and waits for `want` CQEs without consuming any queued SQE.
+    fn enter_without_submitting(&self, want: usize) -> std::io::Result<usize> {
+        let want = u32::try_from(want).unwrap_or(u32::MAX);
+        // SAFETY: no submission and no extended argument: the kernel only reads the ring's own
+        // shared memory.
+        unsafe {
+            self.ring.submitter().enter::<libc::sigset_t>(
+                0,
+                want,
+                io_uring::EnterFlags::GETEVENTS.bits(),
+                None,
+            )
+        }
+    }
+
+    /// Gives up the SQEs pushed but not consumed by the kernel yet, after a persistent
+    /// submission failure: they are never submitted (every later enter passes `to_submit = 0`),
+    /// [`Ring::push`] refuses further operations, and [`Ring::in_flight`] drops by their count,
+    /// which is returned. Operations the kernel already consumed still complete and must be
+    /// reaped as usual. The retracted SQEs are the *last* ones pushed (the SQ is FIFO).
+    ///
+    /// Returns `None` (and changes nothing) with SQPOLL: the kernel thread may consume queued
+    /// SQEs at any moment, so they cannot be retracted and stay in flight.
+    pub fn retract_queued(&mut self) -> Option<usize> {
+        if self.sqpoll {
+            return None;
+        }
+        // The view loads the kernel's head: `len` counts exactly the SQEs not consumed yet.
+        let queued = self.ring.submission().len();
+        self.retired = true;
+        self.in_flight = self.in_flight.saturating_sub(queued);
+        Some(queued)
+    }
+
+    /// Whether [`Ring::retract_queued`] retired this ring.
+    pub fn is_retired(&self) -> bool {
+        self.retired
+    }
+
+    /// Waits until no operation is in flight (submitting those still queued, which therefore
+    /// run), discarding their results. Retries `EINTR`, and `EAGAIN`/`EBUSY` after reaping (up
+    /// to [`CLOSE_BUSY_RETRIES_MAX`] times in a row).
+    ///
+    /// `Ok` means the kernel is done with every buffer handed to [`Ring::push`]. `Err` means it
+    /// may still read or write some of them, now or later: the caller must then never free or
+    /// reuse that memory (leak it, e.g. with `std::mem::forget`). Blocks the calling thread.
+    pub fn close(&mut self) -> Result<(), RingError> {
+        let mut busy_tries = 0u32;
+        while self.in_flight > 0 {
+            let waited = self.submit_and_wait(1);
+            let reaped = self.reap(|_, _| {});
+            match waited {
+                Ok(_) => busy_tries = 0,
+                Err(err) if is_transient(&err) => {
+                    if reaped > 0 {
+                        busy_tries = 0;
+                        continue;
+                    }
+                    busy_tries += 1;
+                    if busy_tries > CLOSE_BUSY_RETRIES_MAX {
+                        self.close_failed = true;
+                        return Err(err);
+                    }
+                    std::thread::sleep(CLOSE_BUSY_BACKOFF);
+                }
+                Err(err) => {
+                    self.close_failed = true;
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `EAGAIN`/`EBUSY` from `io_uring_enter`: reap completions, then try again.
+fn is_transient(err: &RingError) -> bool {
+    let errno = err.errno();
+    errno == -libc::EAGAIN || errno == -libc::EBUSY
 }
 
 impl Drop for Ring {
-    /// Waits for operations still in flight (submitting any still queued, which therefore run),
-    /// so the kernel never touches caller memory after the ring is gone.
+    /// Best effort: waits for operations still in flight (see [`Ring::close`]). If that wait
+    /// fails, the ring is closed anyway and the kernel may still access the memory of those
+    /// operations: owners that free such memory after the ring must call [`Ring::close`]
+    /// themselves first and leak the memory when it fails (see [`Ring::push`]).
     fn drop(&mut self) {
-        if self.in_flight == 0 {
+        if self.in_flight == 0 || self.close_failed {
             return;
         }
         tracing::warn!(
             in_flight = self.in_flight,
             "io_uring dropped with operations in flight; waiting for them, results discarded"
         );
-        while self.in_flight > 0 {
-            if let Err(e) = self.submit_and_wait(1) {
-                tracing::error!(
-                    error = %e, in_flight = self.in_flight,
-                    "waiting for in-flight io_uring operations failed; closing the ring anyway"
-                );
-                return;
-            }
-            self.reap(|_, _| {});
+        if let Err(e) = self.close() {
+            tracing::error!(
+                error = %e, in_flight = self.in_flight,
+                "waiting for in-flight io_uring operations failed; their memory may still be \
+                 accessed by the kernel"
+            );
         }
     }
 }

@@ -89,8 +89,17 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
     }
     show_progress(args, &progress);
     let mut results = Vec::new();
+    // A job ends at its deadline plus one last completion per request; far past that,
+    // a completion was lost: report it instead of hanging.
+    let grace = Duration::from_secs(60);
     for handle in handles {
-        results.push(handle.wait()?.map_err(ToolError::Run)?);
+        let Some(result) = handle.wait_timeout(Duration::from_nanos(duration_ns) + grace) else {
+            return Err(ToolError::Run(format!(
+                "a core's job did not finish within {}s of its deadline",
+                grace.as_secs()
+            )));
+        };
+        results.push(result?.map_err(ToolError::Run)?);
     }
     let report = runtime.stop();
     if !report.panicked.is_empty() {
