@@ -11,6 +11,13 @@
 //! a request's buffers (and iovec scratch) stay owned by its slot until its last CQE is
 //! reaped, including after its future or its channel is dropped; unmap and write-zeroes fall
 //! back to writing zeros when the file or device refuses them, and the fallback is remembered.
+//!
+//! Lifetimes: a closed channel keeps its registered-file slot until its last queued SQE is
+//! reaped (so no other file can inherit its writes); a group whose last channel closed with
+//! I/O in flight keeps polling until it drained, then unregisters itself (the reactor never
+//! blocks on it; only a stopping reactor waits for its ring to close). A ring whose enter keeps
+//! failing ([`ENTER_FAILURES_MAX`] times in a row) is retired: the SQEs the kernel never took
+//! are retracted and their requests, and every later one, fail with that errno.
 
 mod bdev;
 mod blk;
@@ -18,4 +25,4 @@ mod group;
 pub mod sys;
 
 pub use self::bdev::{UringBdev, UringOptions};
-pub use self::group::{UringGroupStats, SHORT_IO_RETRIES_MAX, ZERO_FILL_CHUNK};
+pub use self::group::{UringGroupStats, ENTER_FAILURES_MAX, SHORT_IO_RETRIES_MAX, ZERO_FILL_CHUNK};
