@@ -292,22 +292,8 @@ impl Pool {
     }
 
     fn alloc_oversized(&'static self, len: usize, cap: usize) -> Result<DmaBuf, DmaError> {
-        // SAFETY: anonymous private mapping with a null hint; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                cap,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(DmaError::Map {
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        let p =
+            map_anonymous(cap, 0).map_err(|source| DmaError::Map { source })? as *mut libc::c_void;
         let ptr = NonNull::new(p.cast::<u8>()).ok_or(DmaError::Map {
             source: std::io::Error::from_raw_os_error(libc::EFAULT),
         })?;
@@ -396,29 +382,38 @@ pub(crate) fn map_chunk(try_hugepage: bool) -> Result<(usize, bool), DmaError> {
     map_plain_chunk().map(|base| (base, false))
 }
 
-fn map_hugepage_chunk() -> Option<usize> {
-    // SAFETY: anonymous private mapping with a null hint; no existing memory is affected.
+/// Maps `len` bytes of anonymous, private, read-write memory (plus `extra_flags`), returning
+/// its address.
+fn map_anonymous(len: usize, extra_flags: libc::c_int) -> std::io::Result<usize> {
+    // SAFETY: an anonymous private mapping with a null hint creates new memory and affects no
+    // existing mapping; the result is checked against MAP_FAILED before use.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            DMA_CHUNK_SIZE,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE
-                | libc::MAP_ANONYMOUS
-                | libc::MAP_HUGETLB
-                | libc::MAP_HUGE_2MB
-                | libc::MAP_POPULATE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra_flags,
             -1,
             0,
         )
     };
     if p == libc::MAP_FAILED {
-        tracing::debug!(
-            error = %std::io::Error::last_os_error(),
-            "2 MiB hugepage mapping failed; using ordinary pages for this DMA chunk"
-        );
-        return None;
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(p as usize)
+}
+
+fn map_hugepage_chunk() -> Option<usize> {
+    let p = match map_anonymous(
+        DMA_CHUNK_SIZE,
+        libc::MAP_HUGETLB | libc::MAP_HUGE_2MB | libc::MAP_POPULATE,
+    ) {
+        Ok(address) => address as *mut libc::c_void,
+        Err(error) => {
+            tracing::debug!(%error, "2 MiB hugepage mapping failed; using ordinary pages for this DMA chunk");
+            return None;
+        }
+    };
     let base = p as usize;
     if !base.is_multiple_of(DMA_CHUNK_SIZE) {
         // hugetlb mappings are always hugepage-aligned; be defensive anyway.
@@ -431,29 +426,13 @@ fn map_hugepage_chunk() -> Option<usize> {
 
 fn map_plain_chunk() -> Result<usize, DmaError> {
     let span = 2 * DMA_CHUNK_SIZE;
-    // SAFETY: anonymous private mapping with a null hint; no existing memory is affected.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            span,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(DmaError::Map {
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    let start = p as usize;
+    let start = map_anonymous(span, 0).map_err(|source| DmaError::Map { source })?;
     let base = (start + DMA_CHUNK_SIZE - 1) & !(DMA_CHUNK_SIZE - 1);
     let head = base - start;
     let tail = span - head - DMA_CHUNK_SIZE;
     if head > 0 {
         // SAFETY: [start, base) is the unaligned head of the mapping made above; nothing uses it.
-        unsafe { libc::munmap(p, head) };
+        unsafe { libc::munmap(start as *mut libc::c_void, head) };
     }
     if tail > 0 {
         // SAFETY: [base + 2 MiB, start + 4 MiB) is the unused tail of the same mapping.
