@@ -55,7 +55,7 @@ use spool_reactor::{poller_register, IoDevice, PollStatus, PollerHandle};
 
 use crate::dma::{dma_regions, DmaBuf};
 use crate::error::BdevError;
-use crate::io::{IoKind, IoRequest, IoSlots, SlotId};
+use crate::io::{IoKind, IoRequest, IoSlots, SlotId, WakeBatch};
 use crate::uring::bdev::DeviceShared;
 use crate::uring::blk;
 use crate::uring::sys::{Ring, RingError, RingOp, RingOptions};
@@ -707,6 +707,7 @@ impl GroupState {
             stats,
             ..
         } = self;
+        let mut wakes = WakeBatch::default();
         let reaped = ring.reap(|user_data, result| {
             let index = (user_data >> 32) as u32;
             let slot = user_data as SlotId;
@@ -717,7 +718,7 @@ impl GroupState {
             entry.in_flight -= 1;
             if !entry.open {
                 // The channel is gone; its requests were all abandoned: just release them.
-                entry.slots.complete(slot, result.min(0));
+                entry.slots.complete_in(slot, result.min(0), &mut wakes);
                 if entry.in_flight == 0 {
                     // Removed (and its file slot released) right after this reap.
                     finished.push(index);
@@ -725,7 +726,7 @@ impl GroupState {
                 return;
             }
             match on_completion(entry, slot, result, stats) {
-                Outcome::Done(status) => entry.slots.complete(slot, status),
+                Outcome::Done(status) => entry.slots.complete_in(slot, status, &mut wakes),
                 Outcome::Again => retry.push((index, slot)),
             }
         });
