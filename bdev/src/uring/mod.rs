@@ -4,6 +4,10 @@
 //! * `group.rs`: the reactor's poll group, one [`sys::Ring`] shared by the channels of every
 //!   uring bdev on that reactor, one active poller that submits (one `io_uring_enter` per loop
 //!   pass at most) and routes completions by `user_data = (channel index << 32) | slot`.
+//! * `channels.rs`: the group's channel table; an entry (its slots, buffers, registered file
+//!   slot) outlives its channel until the channel's last SQE was reaped.
+//! * `request.rs`: how a request becomes SQEs (the only `Ring::push` calls) and what each
+//!   completion means: multi-step I/O, short-I/O resubmission, the zero-writing fallbacks.
 //! * `blk.rs`: the blocking block-device ioctls (logical block size, discard, zero-out).
 //! * [`sys`]: the kernel edge; the only code that pushes SQEs and reaps CQEs.
 //!
@@ -21,8 +25,11 @@
 
 mod bdev;
 mod blk;
+mod channels;
 mod group;
+mod request;
 pub mod sys;
 
 pub use self::bdev::{UringBdev, UringOptions};
-pub use self::group::{UringGroupStats, ENTER_FAILURES_MAX, SHORT_IO_RETRIES_MAX, ZERO_FILL_CHUNK};
+pub use self::group::{UringGroupStats, ENTER_FAILURES_MAX};
+pub use self::request::{SHORT_IO_RETRIES_MAX, ZERO_FILL_CHUNK};
