@@ -1,1 +1,36 @@
-//! Placeholder: the blobstore arrives with its own issue.
+//! Spool's blobstore: SPDK's on-disk format byte for byte, blobs, per-reactor blob I/O
+//! channels, and dirty-shutdown recovery.
+//!
+//! A store is initialised or loaded on one reactor, its *metadata reactor*: every metadata
+//! operation ([`Blobstore`] and [`Blob`] methods) runs there, and a call from elsewhere is
+//! refused with [`BlobError::WrongThread`]. I/O runs on any reactor through that reactor's
+//! [`BlobChannel`] and a [`BlobIo`] handle.
+//!
+//! Table of contents:
+//! - [`format`]: pure encode/decode of the on-disk structures (fuzzed, no I/O).
+//! - [`meta`]: a blob's metadata and its (de)serialisation to md pages.
+//! - [`store`]: [`Blobstore`]: init, load (clean and recovery), unload, destroy, super blob.
+//! - `blob`: [`Blob`] handles and the blob metadata operations.
+//! - `persist`, `resize`: the metadata write path and size changes.
+//! - `io`: [`BlobChannel`] and [`BlobIo`]: reads, writes, thin allocation.
+//! - [`bitmap`]: bit arrays for the masks and the lock-free used-cluster map.
+//! - [`error`]: [`BlobError`] with errno kinds.
+
+#![warn(clippy::unwrap_used)]
+
+pub mod bitmap;
+mod blob;
+pub mod error;
+pub mod format;
+mod io;
+pub mod meta;
+mod persist;
+mod resize;
+pub mod store;
+mod sync;
+
+pub use crate::blob::{Blob, BlobOptions};
+pub use crate::error::{BlobError, Result};
+pub use crate::io::{BlobChannel, BlobIo, ChannelContext};
+pub use crate::meta::ExtentForm;
+pub use crate::store::{Blobstore, Geometry, InitOptions, LoadOptions, LoadReport};

@@ -1,0 +1,274 @@
+//! Bit arrays: [`BitSet`] for state owned by the metadata reactor, [`AtomicBitmap`] for the
+//! used-cluster map that I/O reactors claim from without a lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A fixed-size bit array.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitSet {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl BitSet {
+    /// `len` clear bits.
+    pub fn new(len: u64) -> BitSet {
+        BitSet {
+            words: vec![0; len.div_ceil(64) as usize],
+            len,
+        }
+    }
+
+    /// From LSB-first bytes (bits beyond `len` ignored).
+    pub fn from_bytes(len: u64, bytes: &[u8]) -> BitSet {
+        let mut set = BitSet::new(len);
+        for bit in 0..len.min(bytes.len() as u64 * 8) {
+            if bytes[(bit / 8) as usize] & (1 << (bit % 8)) != 0 {
+                set.set(bit);
+            }
+        }
+        set
+    }
+
+    /// LSB-first bytes, `ceil(len/8)` of them.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = vec![0u8; self.len.div_ceil(8) as usize];
+        for bit in self.iter_set() {
+            bytes[(bit / 8) as usize] |= 1 << (bit % 8);
+        }
+        bytes
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it has no bits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether bit `bit` is set (false beyond the end).
+    pub fn get(&self, bit: u64) -> bool {
+        bit < self.len && self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+    }
+
+    /// Sets bit `bit` (ignored beyond the end).
+    pub fn set(&mut self, bit: u64) {
+        if bit < self.len {
+            self.words[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+    }
+
+    /// Clears bit `bit`.
+    pub fn clear(&mut self, bit: u64) {
+        if bit < self.len {
+            self.words[(bit / 64) as usize] &= !(1 << (bit % 64));
+        }
+    }
+
+    /// The first clear bit at or after `from`.
+    pub fn first_clear(&self, from: u64) -> Option<u64> {
+        let mut bit = from;
+        while bit < self.len {
+            let word = self.words[(bit / 64) as usize] | ((1u64 << (bit % 64)) - 1);
+            if word != u64::MAX {
+                let found = (bit / 64) * 64 + u64::from((!word).trailing_zeros());
+                return (found < self.len).then_some(found);
+            }
+            bit = (bit / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// Number of set bits.
+    pub fn count_set(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The set bits in ascending order.
+    pub fn iter_set(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(index, &word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                if rest == 0 {
+                    return None;
+                }
+                let bit = u64::from(rest.trailing_zeros());
+                rest &= rest - 1;
+                Some(index as u64 * 64 + bit)
+            })
+        })
+    }
+}
+
+/// A bit array whose bits are claimed and released with atomic operations, so any reactor
+/// can claim a free cluster without a lock. Tracks the number of clear bits.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    words: Box<[AtomicU64]>,
+    len: u64,
+    free: AtomicU64,
+}
+
+impl AtomicBitmap {
+    /// A copy of `set`.
+    pub fn from_set(set: &BitSet) -> AtomicBitmap {
+        let words: Box<[AtomicU64]> = set.words.iter().map(|&w| AtomicU64::new(w)).collect();
+        AtomicBitmap {
+            words,
+            len: set.len,
+            free: AtomicU64::new(set.len - set.count_set()),
+        }
+    }
+
+    /// A plain copy of the bits as they are now.
+    pub fn snapshot(&self) -> BitSet {
+        BitSet {
+            words: self
+                .words
+                .iter()
+                .map(|w| w.load(Ordering::Acquire))
+                .collect(),
+            len: self.len,
+        }
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it has no bits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Clear bits now.
+    pub fn free_count(&self) -> u64 {
+        self.free.load(Ordering::Acquire)
+    }
+
+    /// Whether bit `bit` is set.
+    pub fn get(&self, bit: u64) -> bool {
+        bit < self.len
+            && self.words[(bit / 64) as usize].load(Ordering::Acquire) & (1 << (bit % 64)) != 0
+    }
+
+    /// Claims the first clear bit at or after `from` (wrapping once); `None` when all are set.
+    pub fn claim_first(&self, from: u64) -> Option<u64> {
+        if self.free.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let words = self.words.len() as u64;
+        let start_word = if self.len == 0 {
+            0
+        } else {
+            (from.min(self.len - 1)) / 64
+        };
+        for step in 0..=words {
+            let index = ((start_word + step) % words.max(1)) as usize;
+            let word = &self.words[index];
+            let mut current = word.load(Ordering::Acquire);
+            loop {
+                let valid = if (index as u64 + 1) * 64 <= self.len {
+                    u64::MAX
+                } else {
+                    (1u64 << (self.len % 64)) - 1
+                };
+                let clear = !current & valid;
+                if clear == 0 {
+                    break;
+                }
+                let bit = clear.trailing_zeros();
+                match word.compare_exchange_weak(
+                    current,
+                    current | (1 << bit),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {
+                        self.free.fetch_sub(1, Ordering::AcqRel);
+                        return Some(index as u64 * 64 + u64::from(bit));
+                    }
+                    Err(now) => current = now,
+                }
+            }
+        }
+        None
+    }
+
+    /// Sets bit `bit`; returns whether it was clear before.
+    pub fn set(&self, bit: u64) -> bool {
+        if bit >= self.len {
+            return false;
+        }
+        let before = self.words[(bit / 64) as usize].fetch_or(1 << (bit % 64), Ordering::AcqRel);
+        let was_clear = before & (1 << (bit % 64)) == 0;
+        if was_clear {
+            self.free.fetch_sub(1, Ordering::AcqRel);
+        }
+        was_clear
+    }
+
+    /// Clears bit `bit`; returns whether it was set before.
+    pub fn release(&self, bit: u64) -> bool {
+        if bit >= self.len {
+            return false;
+        }
+        let before =
+            self.words[(bit / 64) as usize].fetch_and(!(1 << (bit % 64)), Ordering::AcqRel);
+        let was_set = before & (1 << (bit % 64)) != 0;
+        if was_set {
+            self.free.fetch_add(1, Ordering::AcqRel);
+        }
+        was_set
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitset_round_trips_bytes_and_finds_clear_bits() {
+        let mut set = BitSet::new(130);
+        for bit in [0, 1, 63, 64, 129] {
+            set.set(bit);
+        }
+        assert_eq!(set.first_clear(0), Some(2));
+        assert_eq!(set.first_clear(63), Some(65));
+        assert_eq!(set.first_clear(129), None);
+        assert_eq!(BitSet::from_bytes(130, &set.to_bytes()), set);
+        assert_eq!(set.iter_set().collect::<Vec<_>>(), vec![0, 1, 63, 64, 129]);
+        assert_eq!(set.count_set(), 5);
+    }
+
+    #[test]
+    fn atomic_claims_are_unique_across_threads_and_counted() {
+        let map = std::sync::Arc::new(AtomicBitmap::from_set(&BitSet::new(1000)));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let map = std::sync::Arc::clone(&map);
+                std::thread::spawn(move || {
+                    (0..250)
+                        .map(|_| map.claim_first(t * 200).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 1000);
+        assert_eq!(map.free_count(), 0);
+        assert_eq!(map.claim_first(0), None);
+        assert!(map.release(5));
+        assert!(!map.release(5));
+        assert_eq!(map.claim_first(900), Some(5));
+    }
+}

@@ -1,0 +1,616 @@
+//! Blobs: the in-memory state of an open blob ([`BlobState`], one per blob however many
+//! opens), the handle callers hold ([`Blob`]), and the metadata operations on the store
+//! (create, open, close, delete, resize, xattrs, read-only).
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::error::{BlobError, Result};
+use crate::format::md_page::MdPageHeader;
+use crate::format::{blobid_to_page, page_to_blobid, EXTENTS_PER_PAGE, INVALID_MD_PAGE};
+use crate::io::BlobIo;
+use crate::meta::{
+    apply_extent_page, parse_chain, BlobMeta, ClusterCheck, ExtentForm, XATTR_SNAPSHOT,
+};
+use crate::store::Blobstore;
+use crate::sync::{LocalEvent, LocalMutex};
+
+/// Options of [`Blobstore::create_blob`].
+#[derive(Debug, Clone)]
+pub struct BlobOptions {
+    /// Size in clusters.
+    pub num_clusters: u64,
+    /// Thin provisioned: clusters are allocated on first write.
+    pub thin: bool,
+    /// Public xattrs set at creation.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Internal xattrs set at creation.
+    pub internal_xattrs: Vec<(String, Vec<u8>)>,
+    /// How the clusters are recorded (default: extent table).
+    pub form: ExtentForm,
+}
+
+impl Default for BlobOptions {
+    fn default() -> Self {
+        BlobOptions {
+            num_clusters: 0,
+            thin: false,
+            xattrs: Vec::new(),
+            internal_xattrs: Vec::new(),
+            form: ExtentForm::Table,
+        }
+    }
+}
+
+/// One open blob's metadata-reactor state.
+pub(crate) struct BlobState {
+    pub(crate) id: u64,
+    pub(crate) meta: RefCell<BlobMeta>,
+    /// The chain's md pages as on disk, root first (empty before the first persist).
+    pub(crate) pages: RefCell<Vec<u32>>,
+    pub(crate) dirty: Cell<bool>,
+    pub(crate) open_ref: Cell<u32>,
+    pub(crate) persist_lock: LocalMutex,
+    pub(crate) io: Arc<BlobIo>,
+    pub(crate) parent: RefCell<Option<Blob>>,
+    /// Clusters cut off by a shrink, released once the shrink is on disk.
+    pub(crate) pending_release: RefCell<Vec<u32>>,
+    /// Extent pages cut off by a shrink, released once the shrink is on disk.
+    pub(crate) pending_extent_release: RefCell<Vec<u32>>,
+    /// Extent pages whose contents changed since the last persist.
+    pub(crate) dirty_extent_pages: RefCell<BTreeSet<usize>>,
+    /// Effective read-only state (SPDK: set_read_only takes effect at the next sync).
+    pub(crate) data_ro: Cell<bool>,
+    pub(crate) md_ro: Cell<bool>,
+    pub(crate) resizing: Cell<bool>,
+    /// Clusters inserted by thin writes whose metadata is not on disk yet: hidden from
+    /// I/O reactors until it is.
+    pub(crate) unpublished: RefCell<Vec<(usize, u32)>>,
+}
+
+impl BlobState {
+    fn new(meta: BlobMeta, pages: Vec<u32>, io: Arc<BlobIo>) -> Rc<BlobState> {
+        let data_ro = meta.data_ro();
+        let md_ro = meta.md_ro();
+        Rc::new(BlobState {
+            id: meta.id,
+            meta: RefCell::new(meta),
+            pages: RefCell::new(pages),
+            dirty: Cell::new(false),
+            open_ref: Cell::new(1),
+            persist_lock: LocalMutex::default(),
+            io,
+            parent: RefCell::new(None),
+            pending_release: RefCell::new(Vec::new()),
+            pending_extent_release: RefCell::new(Vec::new()),
+            dirty_extent_pages: RefCell::new(BTreeSet::new()),
+            data_ro: Cell::new(data_ro),
+            md_ro: Cell::new(md_ro),
+            resizing: Cell::new(false),
+            unpublished: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Gives I/O reactors the current map, with clusters not yet on disk hidden.
+    pub(crate) fn publish_map(&self) {
+        let mut clusters = self.meta.borrow().clusters.clone();
+        for &(index, _) in self.unpublished.borrow().iter() {
+            if let Some(slot) = clusters.get_mut(index) {
+                *slot = 0;
+            }
+        }
+        self.io.replace_map(&clusters);
+    }
+
+    /// Marks extent pages covering clusters `range` as needing a write.
+    pub(crate) fn touch_clusters(&self, range: std::ops::Range<usize>) {
+        if self.meta.borrow().form != ExtentForm::Table || range.is_empty() {
+            return;
+        }
+        let per = EXTENTS_PER_PAGE as usize;
+        let mut dirty = self.dirty_extent_pages.borrow_mut();
+        for page in range.start / per..=(range.end - 1) / per {
+            dirty.insert(page);
+        }
+    }
+}
+
+/// A handle on an open blob. Every open returns a handle on the same in-memory blob; each
+/// must be given back with [`Blob::close`]. Lives on the metadata reactor; use
+/// [`Blob::io`] for a handle that I/O reactors can use.
+#[derive(Clone)]
+pub struct Blob {
+    pub(crate) state: Rc<BlobState>,
+    pub(crate) store: Blobstore,
+}
+
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blob")
+            .field("id", &format_args!("{:#x}", self.state.id))
+            .finish()
+    }
+}
+
+impl Blob {
+    /// The blob's id.
+    pub fn id(&self) -> u64 {
+        self.state.id
+    }
+
+    /// Size in clusters.
+    pub fn num_clusters(&self) -> u64 {
+        self.state.meta.borrow().clusters.len() as u64
+    }
+
+    /// Size in io_units.
+    pub fn num_io_units(&self) -> u64 {
+        self.num_clusters() * self.store.geometry().units_per_cluster()
+    }
+
+    /// Size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.num_clusters() * self.store.cluster_size()
+    }
+
+    /// Clusters that have a device cluster.
+    pub fn num_allocated_clusters(&self) -> u64 {
+        self.state
+            .meta
+            .borrow()
+            .clusters
+            .iter()
+            .filter(|&&c| c != 0)
+            .count() as u64
+    }
+
+    /// The device cluster behind each blob cluster (0 = unallocated).
+    pub fn cluster_map(&self) -> Vec<u32> {
+        self.state.meta.borrow().clusters.clone()
+    }
+
+    /// Whether the blob is thin provisioned.
+    pub fn is_thin(&self) -> bool {
+        self.state.meta.borrow().is_thin()
+    }
+
+    /// Whether its data or metadata is read-only now.
+    pub fn is_read_only(&self) -> bool {
+        self.state.data_ro.get() || self.state.md_ro.get()
+    }
+
+    /// Whether its data is read-only now.
+    pub fn is_data_read_only(&self) -> bool {
+        self.state.data_ro.get()
+    }
+
+    /// Whether its metadata is read-only now.
+    pub fn is_md_read_only(&self) -> bool {
+        self.state.md_ro.get()
+    }
+
+    /// The raw flag words.
+    pub fn flags(&self) -> crate::format::descriptor::Flags {
+        self.state.meta.borrow().flags
+    }
+
+    /// The extent form.
+    pub fn extent_form(&self) -> ExtentForm {
+        self.state.meta.borrow().form
+    }
+
+    /// The parent snapshot, if this blob is a clone.
+    pub fn parent_id(&self) -> Option<u64> {
+        self.state.parent.borrow().as_ref().map(Blob::id)
+    }
+
+    /// Whether it is a clone (has a parent snapshot).
+    pub fn is_clone(&self) -> bool {
+        self.state.parent.borrow().is_some()
+    }
+
+    /// A `Send` handle for I/O from any reactor through a [`crate::BlobChannel`].
+    pub fn io(&self) -> Arc<BlobIo> {
+        Arc::clone(&self.state.io)
+    }
+
+    /// The value of public xattr `name`.
+    pub fn xattr(&self, name: &str) -> Option<Vec<u8>> {
+        self.state
+            .meta
+            .borrow()
+            .xattr(false, name.as_bytes())
+            .map(<[u8]>::to_vec)
+    }
+
+    /// The value of internal xattr `name`.
+    pub fn internal_xattr(&self, name: &str) -> Option<Vec<u8>> {
+        self.state
+            .meta
+            .borrow()
+            .xattr(true, name.as_bytes())
+            .map(<[u8]>::to_vec)
+    }
+
+    /// Public xattr names, in order.
+    pub fn xattr_names(&self) -> Vec<String> {
+        names(&self.state.meta.borrow().xattrs)
+    }
+
+    /// Internal xattr names, in order.
+    pub fn internal_xattr_names(&self) -> Vec<String> {
+        names(&self.state.meta.borrow().internal_xattrs)
+    }
+
+    /// Public xattrs as raw pairs.
+    pub fn xattrs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.state.meta.borrow().xattrs.clone()
+    }
+
+    /// Internal xattrs as raw pairs.
+    pub fn internal_xattrs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.state.meta.borrow().internal_xattrs.clone()
+    }
+
+    fn check_md_writable(&self, what: &'static str) -> Result<()> {
+        self.store.check_md_thread()?;
+        if self.state.md_ro.get() {
+            return Err(BlobError::ReadOnly {
+                id: self.id(),
+                what,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets public xattr `name` (in memory; persisted by sync or close). -EPERM when the
+    /// metadata is read-only; -EINVAL when name + value exceed what a page holds.
+    pub fn set_xattr(&self, name: &str, value: &[u8]) -> Result<()> {
+        self.set_xattr_raw(false, name, value)
+    }
+
+    /// Sets internal xattr `name` (sets the INTERNAL_XATTR flag).
+    pub fn set_internal_xattr(&self, name: &str, value: &[u8]) -> Result<()> {
+        self.set_xattr_raw(true, name, value)
+    }
+
+    fn set_xattr_raw(&self, internal: bool, name: &str, value: &[u8]) -> Result<()> {
+        self.check_md_writable("set an xattr")?;
+        self.state
+            .meta
+            .borrow_mut()
+            .set_xattr(internal, name.as_bytes(), value)?;
+        self.state.dirty.set(true);
+        Ok(())
+    }
+
+    /// Removes public xattr `name`: -ENOENT if absent, -EPERM when read-only.
+    pub fn remove_xattr(&self, name: &str) -> Result<()> {
+        self.remove_xattr_raw(false, name)
+    }
+
+    /// Removes internal xattr `name` (clears INTERNAL_XATTR with the last one).
+    pub fn remove_internal_xattr(&self, name: &str) -> Result<()> {
+        self.remove_xattr_raw(true, name)
+    }
+
+    fn remove_xattr_raw(&self, internal: bool, name: &str) -> Result<()> {
+        self.check_md_writable("remove an xattr")?;
+        if !self
+            .state
+            .meta
+            .borrow_mut()
+            .remove_xattr(internal, name.as_bytes())
+        {
+            return Err(BlobError::NoSuchXattr {
+                id: self.id(),
+                name: name.to_string(),
+            });
+        }
+        self.state.dirty.set(true);
+        Ok(())
+    }
+
+    /// Marks the blob read-only; takes effect (writes refused) at the next sync.
+    pub fn set_read_only(&self) -> Result<()> {
+        self.store.check_md_thread()?;
+        self.state.meta.borrow_mut().flags.data_ro |= crate::format::descriptor::FLAG_READ_ONLY;
+        self.state.dirty.set(true);
+        Ok(())
+    }
+
+    /// Writes the metadata if it changed. A no-op on a blob whose metadata is read-only.
+    pub async fn sync_md(&self) -> Result<()> {
+        self.store.check_md_thread()?;
+        if self.state.md_ro.get() {
+            return Ok(());
+        }
+        crate::persist::persist(&self.store, &self.state).await?;
+        let meta = self.state.meta.borrow();
+        if meta.data_ro() {
+            self.state.data_ro.set(true);
+            self.state.io.set_data_ro(true);
+        }
+        if meta.md_ro() {
+            self.state.md_ro.set(true);
+        }
+        Ok(())
+    }
+
+    /// Resizes to `num_clusters`. A thick blob claims its new clusters now (-ENOSPC with
+    /// nothing claimed if there are not enough); a thin blob grows without allocating; a
+    /// shrink releases clusters once the new size is on disk. Persisted by sync or close.
+    /// -EPERM when the metadata is read-only, -EBUSY while another resize runs.
+    pub async fn resize(&self, num_clusters: u64) -> Result<()> {
+        self.check_md_writable("resize")?;
+        if self.state.resizing.get() {
+            return Err(BlobError::Busy(format!(
+                "blob {:#x}: a resize is already running",
+                self.id()
+            )));
+        }
+        self.state.resizing.set(true);
+        let result = crate::resize::resize(&self.store, &self.state, num_clusters);
+        self.state.resizing.set(false);
+        result
+    }
+
+    /// Gives this handle back: persists if dirty (on failure the blob stays open and the
+    /// error is returned), and frees the blob when the last handle is closed.
+    pub async fn close(self) -> Result<()> {
+        self.store.check_md_thread()?;
+        if self.state.dirty.get() && !self.state.md_ro.get() {
+            crate::persist::persist(&self.store, &self.state).await?;
+        }
+        let refs = self.state.open_ref.get();
+        self.state.open_ref.set(refs.saturating_sub(1));
+        if refs <= 1 {
+            self.store
+                .inner
+                .state
+                .borrow_mut()
+                .open_blobs
+                .remove(&self.state.id);
+            self.state.io.mark_closed();
+            let parent = self.state.parent.borrow_mut().take();
+            if let Some(parent) = parent {
+                Box::pin(parent.close()).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn names(list: &[(Vec<u8>, Vec<u8>)]) -> Vec<String> {
+    list.iter()
+        .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+        .collect()
+}
+
+struct OpenCheck<'a> {
+    store: &'a Blobstore,
+}
+
+impl ClusterCheck for OpenCheck<'_> {
+    fn cluster_ok(&self, cluster: u32) -> bool {
+        let shared = self.store.shared();
+        u64::from(cluster) >= shared.geometry.md_clusters
+            && shared.used_clusters.get(u64::from(cluster))
+    }
+    fn md_page_ok(&self, page: u32) -> bool {
+        page < self.store.geometry().md_len
+    }
+}
+
+impl Blobstore {
+    /// Creates a blob and returns its id (`(1 << 32) | root md page`). The blob is written
+    /// to disk and not left open. Errors: -ENOMEM (no md page), -ENOSPC (thick and not
+    /// enough clusters), -EINVAL (an xattr too large); nothing is left claimed on failure.
+    pub async fn create_blob(&self, options: &BlobOptions) -> Result<u64> {
+        self.check_md_thread()?;
+        let page = {
+            let mut state = self.inner.state.borrow_mut();
+            let page = state
+                .used_md_pages
+                .first_clear(0)
+                .ok_or_else(|| BlobError::NoMdPages("every metadata page is in use".into()))?;
+            state.used_md_pages.set(page);
+            state.used_blobids.set(page);
+            page as u32
+        };
+        let id = page_to_blobid(page);
+        let result = self.create_at(id, options).await;
+        if result.is_err() {
+            let mut state = self.inner.state.borrow_mut();
+            state.used_md_pages.clear(u64::from(page));
+            state.used_blobids.clear(u64::from(page));
+        }
+        result.map(|()| id)
+    }
+
+    async fn create_at(&self, id: u64, options: &BlobOptions) -> Result<()> {
+        let mut meta = BlobMeta::new(id, options.thin, options.form);
+        for (name, value) in &options.xattrs {
+            meta.set_xattr(false, name.as_bytes(), value)?;
+        }
+        for (name, value) in &options.internal_xattrs {
+            meta.set_xattr(true, name.as_bytes(), value)?;
+        }
+        let io = BlobIo::new(self.shared(), &meta);
+        let state = BlobState::new(meta, Vec::new(), io);
+        state.dirty.set(true);
+        crate::resize::resize(self, &state, options.num_clusters)?;
+        if let Err(err) = crate::persist::persist(self, &state).await {
+            crate::resize::release_all(self, &state);
+            return Err(err);
+        }
+        state.io.mark_closed();
+        Ok(())
+    }
+
+    /// Opens blob `id`: the same in-memory blob (refcount + 1) if it is open or being
+    /// opened, else loads it from disk (and opens its parent snapshot, if any).
+    /// -ENOENT for an id that is not a blob, -EINVAL for corrupt metadata.
+    pub fn open_blob(&self, id: u64) -> Pin<Box<dyn Future<Output = Result<Blob>> + '_>> {
+        Box::pin(async move {
+            self.check_md_thread()?;
+            let page = blobid_to_page(id).ok_or(BlobError::NoSuchBlob(id))?;
+            let waiting = {
+                let state = self.inner.state.borrow();
+                if !state.used_blobids.get(u64::from(page)) {
+                    return Err(BlobError::NoSuchBlob(id));
+                }
+                if let Some(open) = state.open_blobs.get(&id) {
+                    open.open_ref.set(open.open_ref.get() + 1);
+                    return Ok(Blob {
+                        state: Rc::clone(open),
+                        store: self.clone(),
+                    });
+                }
+                state.loading.get(&id).cloned()
+            };
+            if let Some(event) = waiting {
+                return match event.wait().await {
+                    Ok(state) => {
+                        state.open_ref.set(state.open_ref.get() + 1);
+                        Ok(Blob {
+                            state,
+                            store: self.clone(),
+                        })
+                    }
+                    Err(_) => Box::pin(self.open_blob(id)).await,
+                };
+            }
+            let event = LocalEvent::new();
+            self.inner
+                .state
+                .borrow_mut()
+                .loading
+                .insert(id, Rc::clone(&event));
+            let loaded = self.load_blob(id, page).await;
+            self.inner.state.borrow_mut().loading.remove(&id);
+            match loaded {
+                Ok(state) => {
+                    self.inner
+                        .state
+                        .borrow_mut()
+                        .open_blobs
+                        .insert(id, Rc::clone(&state));
+                    event.set(Ok(Rc::clone(&state)));
+                    Ok(Blob {
+                        state,
+                        store: self.clone(),
+                    })
+                }
+                Err(err) => {
+                    event.set(Err(err.errno()));
+                    Err(err)
+                }
+            }
+        })
+    }
+
+    async fn load_blob(&self, id: u64, root: u32) -> Result<Rc<BlobState>> {
+        let channel = &self.inner.md_channel;
+        let geometry = self.geometry().clone();
+        let mut chain_pages = vec![root];
+        let mut bytes = vec![crate::store::read_md_page(channel, &geometry, root).await?];
+        loop {
+            let header = MdPageHeader::decode(bytes.last().map_or(&[][..], Vec::as_slice));
+            if bytes.len() == 1 && header.id != id {
+                return Err(BlobError::NoSuchBlob(id));
+            }
+            if !header.crc_ok {
+                return Err(BlobError::corrupt(
+                    id,
+                    format!(
+                        "md page {} : CRC mismatch",
+                        chain_pages[chain_pages.len() - 1]
+                    ),
+                ));
+            }
+            if header.next == INVALID_MD_PAGE {
+                break;
+            }
+            if header.next >= geometry.md_len {
+                return Err(BlobError::corrupt(
+                    id,
+                    format!("next page {} is outside the md region", header.next),
+                ));
+            }
+            if chain_pages.contains(&header.next) {
+                return Err(BlobError::corrupt(
+                    id,
+                    format!("the chain loops back to md page {}", header.next),
+                ));
+            }
+            chain_pages.push(header.next);
+            bytes.push(crate::store::read_md_page(channel, &geometry, header.next).await?);
+        }
+        let check = OpenCheck { store: self };
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let mut parsed = parse_chain(id, &refs, &check)?;
+        for &(index, page) in &parsed.pending_extent_pages {
+            let ep = crate::store::read_md_page(channel, &geometry, page).await?;
+            apply_extent_page(&mut parsed.meta, index, &ep, &check)?;
+        }
+        let meta = parsed.meta;
+        let parent_id = meta.parent_id()?;
+        if parent_id.is_some() && !meta.is_thin() {
+            return Err(BlobError::corrupt(
+                id,
+                "a clone that is not thin provisioned",
+            ));
+        }
+        let parent = match parent_id {
+            Some(parent_id) if parent_id == id => {
+                return Err(BlobError::corrupt(id, "the blob is its own parent"));
+            }
+            Some(parent_id) => Some(self.open_blob(parent_id).await.map_err(|err| {
+                BlobError::corrupt(id, format!("{XATTR_SNAPSHOT} names parent {parent_id:#x}, which cannot be opened: {err}"))
+            })?),
+            None => None,
+        };
+        let io = BlobIo::new(self.shared(), &meta);
+        if let Some(parent) = &parent {
+            io.set_parent(Some(parent.io()));
+        }
+        let state = BlobState::new(meta, chain_pages, io);
+        *state.parent.borrow_mut() = parent;
+        Ok(state)
+    }
+
+    /// Deletes blob `id`: -EBUSY while it is open elsewhere or is a snapshot with clones.
+    /// Its metadata pages are zeroed (root first) and its clusters released.
+    pub async fn delete_blob(&self, id: u64) -> Result<()> {
+        self.check_md_thread()?;
+        let clones = self.clones_of(id);
+        if !clones.is_empty() {
+            return Err(BlobError::Busy(format!(
+                "blob {id:#x} is a snapshot with {} clone(s)",
+                clones.len()
+            )));
+        }
+        let blob = self.open_blob(id).await?;
+        if blob.state.open_ref.get() > 1 {
+            let refs = blob.state.open_ref.get() - 1;
+            blob.close().await?;
+            return Err(BlobError::Busy(format!(
+                "blob {id:#x} is open ({refs} handle(s))"
+            )));
+        }
+        let result = crate::persist::delete(self, &blob.state).await;
+        self.unlink_clone(id);
+        self.inner.state.borrow_mut().open_blobs.remove(&id);
+        blob.state.io.mark_closed();
+        let parent = blob.state.parent.borrow_mut().take();
+        if let Some(parent) = parent {
+            parent.close().await?;
+        }
+        result
+    }
+}

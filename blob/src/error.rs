@@ -1,0 +1,144 @@
+//! The blobstore's typed error. Every variant maps to a negative errno kind, as SPDK's
+//! completions carry (`errno()`), so callers and the CLI can report both.
+
+use crate::format::layout::LayoutError;
+use crate::format::mask::MaskError;
+use crate::format::super_block::SuperBlockError;
+
+/// What went wrong in a blobstore or blob operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlobError {
+    /// The super block is not a valid one for this device (-EILSEQ).
+    #[error("{0}")]
+    SuperBlock(#[from] SuperBlockError),
+    /// A mask region is malformed (-EILSEQ).
+    #[error("{0}")]
+    Mask(#[from] MaskError),
+    /// The device cannot hold a store with these options.
+    #[error("{0}")]
+    Layout(#[from] LayoutError),
+    /// The store's type is not the one asked for (-ENXIO).
+    #[error("blobstore type is {found:?}, expected {wanted:?}")]
+    BstypeMismatch {
+        /// The type asked for.
+        wanted: String,
+        /// The type on disk.
+        found: String,
+    },
+    /// A blob's metadata is corrupt (-EINVAL): the blob cannot be opened.
+    #[error("blob {id:#x}: corrupt metadata: {reason}")]
+    CorruptBlob {
+        /// The blob.
+        id: u64,
+        /// What is wrong, naming the md page.
+        reason: String,
+    },
+    /// The store's metadata cannot be replayed (-EILSEQ).
+    #[error("corrupt metadata region: {0}")]
+    CorruptStore(String),
+    /// No blob has this id (-ENOENT).
+    #[error("blob {0:#x} does not exist")]
+    NoSuchBlob(u64),
+    /// The blob has no such xattr (-ENOENT).
+    #[error("blob {id:#x} has no xattr {name:?}")]
+    NoSuchXattr {
+        /// The blob.
+        id: u64,
+        /// The xattr.
+        name: String,
+    },
+    /// No super blob is set (-ENOENT).
+    #[error("no super blob is set")]
+    NoSuperBlob,
+    /// The object is in use (-EBUSY).
+    #[error("{0}")]
+    Busy(String),
+    /// The blob's data or metadata is read-only (-EPERM).
+    #[error("blob {id:#x} is read-only: cannot {what}")]
+    ReadOnly {
+        /// The blob.
+        id: u64,
+        /// The refused operation.
+        what: &'static str,
+    },
+    /// Not enough free clusters (-ENOSPC).
+    #[error("no space: {0}")]
+    NoSpace(String),
+    /// No free metadata page (-ENOMEM, as SPDK reports it).
+    #[error("no free metadata page: {0}")]
+    NoMdPages(String),
+    /// A bad argument (-EINVAL).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The handle was closed (-EBADF).
+    #[error("blob {0:#x} is not open")]
+    NotOpen(u64),
+    /// A metadata operation was called off the metadata reactor (-EPERM).
+    #[error("blobstore metadata operations run on reactor {md_reactor}; called from {caller}")]
+    WrongThread {
+        /// The metadata reactor.
+        md_reactor: String,
+        /// Where the call came from.
+        caller: String,
+    },
+    /// The blob uses a feature this build does not implement (-ENOTSUP).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The store was unloaded or destroyed (-ENODEV).
+    #[error("the blobstore is unloaded")]
+    Unloaded,
+    /// An operation on another reactor failed with this errno.
+    #[error("{what}: errno {errno}")]
+    Remote {
+        /// The negative errno.
+        errno: i32,
+        /// What failed.
+        what: String,
+    },
+    /// A device error.
+    #[error(transparent)]
+    Bdev(#[from] spool_bdev::BdevError),
+    /// A reactor error.
+    #[error(transparent)]
+    Reactor(#[from] spool_reactor::ReactorError),
+    /// A DMA buffer could not be allocated.
+    #[error(transparent)]
+    Dma(#[from] spool_bdev::dma::DmaError),
+}
+
+impl BlobError {
+    /// The negative errno kind of this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::SuperBlock(_) | Self::Mask(_) | Self::CorruptStore(_) => -libc::EILSEQ,
+            Self::Layout(LayoutError::TooSmall { .. }) => -libc::ENOSPC,
+            Self::Layout(LayoutError::MetadataTooLarge { .. }) => -libc::ENOMEM,
+            Self::Layout(_) => -libc::EINVAL,
+            Self::BstypeMismatch { .. } => -libc::ENXIO,
+            Self::CorruptBlob { .. } | Self::InvalidArgument(_) => -libc::EINVAL,
+            Self::NoSuchBlob(_) | Self::NoSuchXattr { .. } | Self::NoSuperBlob => -libc::ENOENT,
+            Self::Busy(_) => -libc::EBUSY,
+            Self::ReadOnly { .. } | Self::WrongThread { .. } => -libc::EPERM,
+            Self::NoSpace(_) => -libc::ENOSPC,
+            Self::NoMdPages(_) => -libc::ENOMEM,
+            Self::NotOpen(_) => -libc::EBADF,
+            Self::Unsupported(_) => -libc::ENOTSUP,
+            Self::Unloaded => -libc::ENODEV,
+            Self::Remote { errno, .. } => *errno,
+            Self::Bdev(err) => err.errno(),
+            Self::Reactor(err) => err.errno(),
+            Self::Dma(err) => err.errno(),
+        }
+    }
+
+    pub(crate) fn corrupt(id: u64, reason: impl Into<String>) -> BlobError {
+        BlobError::CorruptBlob {
+            id,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = BlobError> = std::result::Result<T, E>;

@@ -1,0 +1,602 @@
+//! Blob I/O from any reactor: [`BlobIo`] (a `Send` view of an open blob: its cluster map
+//! and flags) and [`BlobChannel`] (a reactor's channel to the store, over that reactor's
+//! bdev channel).
+//!
+//! Offsets and lengths are in io_units. An I/O inside one allocated cluster (or across
+//! physically contiguous allocated clusters, as on a thick blob) goes to the device as one
+//! request with the caller's buffer: no copy. Other I/Os are split at cluster boundaries:
+//! unallocated parts read as the parent snapshot's data or zeros, and a write to an
+//! unallocated cluster of a thin blob allocates it: claim a free cluster (lock-free), write
+//! the whole cluster (the parent's data or zeros, with the new data over it), then ask the
+//! metadata reactor to insert it into the map and persist the metadata; only then is the
+//! write acknowledged. Another write to a cluster whose allocation is in flight on the same
+//! channel waits for it; a lost race (another reactor inserted first) releases the claimed
+//! cluster and redoes the write against the winner's.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use spool_bdev::{BdevChannel, DmaBuf};
+use spool_reactor::{Channel, IoDevice};
+
+use crate::error::{BlobError, Result};
+use crate::meta::BlobMeta;
+use crate::store::{Blobstore, StoreShared};
+use crate::sync::LocalEvent;
+
+/// A blob's cluster map as I/O reactors see it: published entries only.
+pub(crate) struct ClusterMap {
+    clusters: Box<[AtomicU32]>,
+}
+
+impl ClusterMap {
+    fn of(clusters: &[u32]) -> ClusterMap {
+        ClusterMap {
+            clusters: clusters.iter().map(|&c| AtomicU32::new(c)).collect(),
+        }
+    }
+}
+
+/// What I/O reactors know of an open blob. Obtained from [`crate::Blob::io`]; `Send + Sync`.
+pub struct BlobIo {
+    id: u64,
+    store: Arc<StoreShared>,
+    map: ArcSwap<ClusterMap>,
+    data_ro: AtomicBool,
+    closed: AtomicBool,
+    parent: ArcSwapOption<BlobIo>,
+}
+
+impl std::fmt::Debug for BlobIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobIo")
+            .field("id", &format_args!("{:#x}", self.id))
+            .finish()
+    }
+}
+
+impl BlobIo {
+    pub(crate) fn new(store: &Arc<StoreShared>, meta: &BlobMeta) -> Arc<BlobIo> {
+        Arc::new(BlobIo {
+            id: meta.id,
+            store: Arc::clone(store),
+            map: ArcSwap::from_pointee(ClusterMap::of(&meta.clusters)),
+            data_ro: AtomicBool::new(meta.data_ro()),
+            closed: AtomicBool::new(false),
+            parent: ArcSwapOption::empty(),
+        })
+    }
+
+    /// The blob's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Size in io_units.
+    pub fn num_io_units(&self) -> u64 {
+        self.map.load().clusters.len() as u64 * self.store.geometry.units_per_cluster()
+    }
+
+    /// Bytes per io_unit.
+    pub fn io_unit_size(&self) -> u64 {
+        self.store.geometry.io_unit_size
+    }
+
+    /// This reactor's channel to the blob's store.
+    pub fn channel(&self) -> Result<BlobChannel> {
+        channel_of(&self.store)
+    }
+
+    pub(crate) fn set_parent(&self, parent: Option<Arc<BlobIo>>) {
+        self.parent.store(parent);
+    }
+
+    pub(crate) fn replace_map(&self, clusters: &[u32]) {
+        self.map.store(Arc::new(ClusterMap::of(clusters)));
+    }
+
+    pub(crate) fn publish(&self, index: usize, cluster: u32) {
+        if let Some(slot) = self.map.load().clusters.get(index) {
+            slot.store(cluster, Ordering::Release);
+        }
+    }
+
+    pub(crate) fn set_data_ro(&self, data_ro: bool) {
+        self.data_ro.store(data_ro, Ordering::Release);
+    }
+
+    pub(crate) fn mark_closed(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    fn check(&self, offset: u64, len: u64, write: bool) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BlobError::NotOpen(self.id));
+        }
+        if write && self.data_ro.load(Ordering::Acquire) {
+            return Err(BlobError::ReadOnly {
+                id: self.id,
+                what: "write",
+            });
+        }
+        let size = self.num_io_units();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(BlobError::InvalidArgument(format!(
+                "blob {:#x}: io_units {offset}..{} reach past its {size} io_units",
+                self.id,
+                offset.saturating_add(len)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// (blob id, blob cluster index) of a thin allocation in flight.
+type AllocKey = (u64, u64);
+
+/// A reactor's context for one store: its bdev channel and the thin allocations it has in
+/// flight.
+pub struct ChannelContext {
+    bdev: BdevChannel,
+    allocating: RefCell<HashMap<AllocKey, Rc<LocalEvent<()>>>>,
+}
+
+pub(crate) fn register_device(desc: &spool_bdev::BdevDesc) -> IoDevice<ChannelContext> {
+    let desc = desc.clone();
+    IoDevice::register(
+        format!("blobstore:{}", desc.name()),
+        move |_reactor| {
+            let bdev = desc.channel().map_err(|err| err.errno())?;
+            Ok(ChannelContext {
+                bdev,
+                allocating: RefCell::new(HashMap::new()),
+            })
+        },
+        |_reactor, context| drop(context),
+    )
+}
+
+fn channel_of(store: &Arc<StoreShared>) -> Result<BlobChannel> {
+    Ok(BlobChannel {
+        channel: store.io_device.get_channel()?,
+        store: Arc::clone(store),
+    })
+}
+
+impl Blobstore {
+    /// The calling reactor's channel to this store.
+    pub fn channel(&self) -> Result<BlobChannel> {
+        channel_of(self.shared())
+    }
+}
+
+/// Where a piece of an I/O goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Device byte offset.
+    Device(u64),
+    /// Blob cluster `index` has no device cluster.
+    Unallocated { index: u64 },
+}
+
+/// One piece of an I/O: `len` bytes at blob byte `offset`.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    offset: u64,
+    len: u64,
+    target: Target,
+}
+
+/// A reactor's channel to a store: where blob I/O is made. Not `Send`.
+#[derive(Clone)]
+pub struct BlobChannel {
+    channel: Channel<ChannelContext>,
+    store: Arc<StoreShared>,
+}
+
+impl BlobChannel {
+    fn bdev(&self) -> &BdevChannel {
+        &self.channel.bdev
+    }
+
+    fn unit(&self) -> u64 {
+        self.store.geometry.io_unit_size
+    }
+
+    /// Splits blob bytes `[offset, offset + len)` into pieces per cluster, merging
+    /// physically contiguous allocated clusters.
+    fn pieces(&self, blob: &BlobIo, offset: u64, len: u64) -> Vec<Piece> {
+        let cluster_size = self.store.geometry.cluster_size;
+        let map = blob.map.load();
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let index = at / cluster_size;
+            let within = at % cluster_size;
+            let take = (cluster_size - within).min(end - at);
+            let cluster = map.clusters[index as usize].load(Ordering::Acquire);
+            let target = if cluster == 0 {
+                Target::Unallocated { index }
+            } else {
+                Target::Device(u64::from(cluster) * cluster_size + within)
+            };
+            if let (Some(last), Target::Device(device)) = (pieces.last_mut(), target) {
+                if let Target::Device(last_device) = last.target {
+                    if last_device + last.len == device {
+                        last.len += take;
+                        at += take;
+                        continue;
+                    }
+                }
+            }
+            pieces.push(Piece {
+                offset: at,
+                len: take,
+                target,
+            });
+            at += take;
+        }
+        pieces
+    }
+
+    fn byte_range(
+        &self,
+        blob: &BlobIo,
+        offset_units: u64,
+        len_bytes: u64,
+        write: bool,
+    ) -> Result<(u64, u64)> {
+        let unit = self.unit();
+        if !len_bytes.is_multiple_of(unit) {
+            return Err(BlobError::InvalidArgument(format!(
+                "buffer of {len_bytes} bytes is not a multiple of the {unit}-byte io_unit"
+            )));
+        }
+        blob.check(offset_units, len_bytes / unit, write)?;
+        Ok((offset_units * unit, len_bytes))
+    }
+
+    /// Reads `buf.len()` bytes (a multiple of the io_unit) at io_unit `offset`.
+    pub async fn read(&self, blob: &BlobIo, offset: u64, buf: DmaBuf) -> (Result<()>, DmaBuf) {
+        let (start, len) = match self.byte_range(blob, offset, buf.len() as u64, false) {
+            Ok(range) => range,
+            Err(err) => return (Err(err), buf),
+        };
+        let pieces = self.pieces(blob, start, len);
+        if let [Piece {
+            target: Target::Device(device),
+            ..
+        }] = pieces.as_slice()
+        {
+            let (result, buf) = self.bdev().read(buf, *device).await;
+            return (result.map_err(BlobError::from), buf);
+        }
+        let mut buf = buf;
+        let result = self.read_pieces(blob, &pieces, start, &mut buf).await;
+        (result, buf)
+    }
+
+    async fn read_pieces(
+        &self,
+        blob: &BlobIo,
+        pieces: &[Piece],
+        start: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        for piece in pieces {
+            let at = (piece.offset - start) as usize;
+            let dest = &mut out[at..at + piece.len as usize];
+            self.read_piece(blob, piece, dest).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_piece(&self, blob: &BlobIo, piece: &Piece, dest: &mut [u8]) -> Result<()> {
+        match piece.target {
+            Target::Device(device) => {
+                let (result, tmp) = self.bdev().read(DmaBuf::alloc(dest.len())?, device).await;
+                result?;
+                dest.copy_from_slice(&tmp);
+                Ok(())
+            }
+            Target::Unallocated { .. } => self.read_backing(blob, piece.offset, dest).await,
+        }
+    }
+
+    /// Reads what an unallocated range of `blob` shows: its parent's data at the same
+    /// offset (zeros past the parent's end), or zeros.
+    fn read_backing<'a>(
+        &'a self,
+        blob: &'a BlobIo,
+        offset: u64,
+        dest: &'a mut [u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+        Box::pin(async move {
+            let Some(parent) = blob.parent.load_full() else {
+                dest.fill(0);
+                return Ok(());
+            };
+            let parent_bytes = parent.num_io_units() * self.unit();
+            let inside = parent_bytes.saturating_sub(offset).min(dest.len() as u64) as usize;
+            dest[inside..].fill(0);
+            if inside == 0 {
+                return Ok(());
+            }
+            let pieces = self.pieces(&parent, offset, inside as u64);
+            self.read_pieces(&parent, &pieces, offset, &mut dest[..inside])
+                .await
+        })
+    }
+
+    /// Writes all of `buf` (a multiple of the io_unit) at io_unit `offset`.
+    pub async fn write(&self, blob: &BlobIo, offset: u64, buf: DmaBuf) -> (Result<()>, DmaBuf) {
+        let (start, len) = match self.byte_range(blob, offset, buf.len() as u64, true) {
+            Ok(range) => range,
+            Err(err) => return (Err(err), buf),
+        };
+        let pieces = self.pieces(blob, start, len);
+        if let [Piece {
+            target: Target::Device(device),
+            ..
+        }] = pieces.as_slice()
+        {
+            let (result, buf) = self.bdev().write(buf, *device).await;
+            return (result.map_err(BlobError::from), buf);
+        }
+        let result = self.write_pieces(blob, &pieces, start, &buf).await;
+        (result, buf)
+    }
+
+    async fn write_pieces(
+        &self,
+        blob: &BlobIo,
+        pieces: &[Piece],
+        start: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        for piece in pieces {
+            let at = (piece.offset - start) as usize;
+            let src = &data[at..at + piece.len as usize];
+            match piece.target {
+                Target::Device(device) => {
+                    let mut tmp = DmaBuf::alloc(src.len())?;
+                    tmp.copy_from_slice(src);
+                    self.bdev().write(tmp, device).await.0?;
+                }
+                Target::Unallocated { index } => {
+                    self.write_unallocated(blob, index, piece.offset, Some(src))
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads into `bufs` in order from io_unit `offset`.
+    pub async fn readv(
+        &self,
+        blob: &BlobIo,
+        offset: u64,
+        bufs: Vec<DmaBuf>,
+    ) -> (Result<()>, Vec<DmaBuf>) {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if total == 0 {
+            return (Ok(()), bufs);
+        }
+        let (start, len) = match self.byte_range(blob, offset, total, false) {
+            Ok(range) => range,
+            Err(err) => return (Err(err), bufs),
+        };
+        let pieces = self.pieces(blob, start, len);
+        if let [Piece {
+            target: Target::Device(device),
+            ..
+        }] = pieces.as_slice()
+        {
+            let (result, bufs) = self.bdev().readv(bufs, *device).await;
+            return (result.map_err(BlobError::from), bufs);
+        }
+        let mut flat = vec![0u8; total as usize];
+        let result = self.read_pieces(blob, &pieces, start, &mut flat).await;
+        let mut bufs = bufs;
+        if result.is_ok() {
+            let mut at = 0;
+            for buf in &mut bufs {
+                let n = buf.len();
+                buf.copy_from_slice(&flat[at..at + n]);
+                at += n;
+            }
+        }
+        (result, bufs)
+    }
+
+    /// Writes `bufs` in order at io_unit `offset`.
+    pub async fn writev(
+        &self,
+        blob: &BlobIo,
+        offset: u64,
+        bufs: Vec<DmaBuf>,
+    ) -> (Result<()>, Vec<DmaBuf>) {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if total == 0 {
+            return (blob.check(offset, 0, true), bufs);
+        }
+        let (start, len) = match self.byte_range(blob, offset, total, true) {
+            Ok(range) => range,
+            Err(err) => return (Err(err), bufs),
+        };
+        let pieces = self.pieces(blob, start, len);
+        if let [Piece {
+            target: Target::Device(device),
+            ..
+        }] = pieces.as_slice()
+        {
+            let (result, bufs) = self.bdev().writev(bufs, *device).await;
+            return (result.map_err(BlobError::from), bufs);
+        }
+        let flat: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let result = self.write_pieces(blob, &pieces, start, &flat).await;
+        (result, bufs)
+    }
+
+    /// Deallocates `len` io_units at `offset` on the device where the blob has clusters
+    /// (the blob keeps them; unallocated parts are a no-op). Advisory: a device without
+    /// unmap succeeds.
+    pub async fn unmap(&self, blob: &BlobIo, offset: u64, len: u64) -> Result<()> {
+        blob.check(offset, len, true)?;
+        let unit = self.unit();
+        for piece in self.pieces(blob, offset * unit, len * unit) {
+            if let Target::Device(device) = piece.target {
+                match self.bdev().unmap(device, piece.len).await {
+                    Ok(()) => {}
+                    Err(err) if err.errno() == -libc::ENOTSUP => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes zeros over `len` io_units at `offset`; allocates unallocated clusters of a
+    /// thin blob (as SPDK does).
+    pub async fn write_zeroes(&self, blob: &BlobIo, offset: u64, len: u64) -> Result<()> {
+        blob.check(offset, len, true)?;
+        let unit = self.unit();
+        for piece in self.pieces(blob, offset * unit, len * unit) {
+            match piece.target {
+                Target::Device(device) => {
+                    crate::store::md_io::zero_bytes(self.bdev(), device, piece.len).await?;
+                }
+                Target::Unallocated { index } => {
+                    let zeros = vec![0u8; piece.len as usize];
+                    self.write_unallocated(blob, index, piece.offset, Some(&zeros))
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at blob byte `offset` inside cluster `index`, allocating the cluster
+    /// first if it still has none (see the module doc).
+    async fn write_unallocated(
+        &self,
+        blob: &BlobIo,
+        index: u64,
+        offset: u64,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
+        let cluster_size = self.store.geometry.cluster_size;
+        loop {
+            let cluster = blob
+                .map
+                .load()
+                .clusters
+                .get(index as usize)
+                .map(|c| c.load(Ordering::Acquire))
+                .ok_or_else(|| {
+                    BlobError::InvalidArgument(format!(
+                        "blob {:#x} was shrunk under this write",
+                        blob.id
+                    ))
+                })?;
+            if cluster != 0 {
+                if let Some(data) = data {
+                    let device = u64::from(cluster) * cluster_size + offset % cluster_size;
+                    let mut tmp = DmaBuf::alloc(data.len())?;
+                    tmp.copy_from_slice(data);
+                    self.bdev().write(tmp, device).await.0?;
+                }
+                return Ok(());
+            }
+            let key = (blob.id, index);
+            let waiting = self.channel.allocating.borrow().get(&key).cloned();
+            if let Some(event) = waiting {
+                event.wait().await;
+                continue;
+            }
+            let event = LocalEvent::new();
+            self.channel
+                .allocating
+                .borrow_mut()
+                .insert(key, Rc::clone(&event));
+            let result = self.allocate(blob, index, offset, data).await;
+            self.channel.allocating.borrow_mut().remove(&key);
+            event.set(());
+            match result {
+                Ok(true) => return Ok(()),
+                Ok(false) => continue, // another reactor won: redo against its cluster
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Claims a cluster, fills it (parent data or zeros, then `data`), and has the
+    /// metadata reactor insert and persist it. `Ok(false)` when another reactor's insert won.
+    async fn allocate(
+        &self,
+        blob: &BlobIo,
+        index: u64,
+        offset: u64,
+        data: Option<&[u8]>,
+    ) -> Result<bool> {
+        let geometry = &self.store.geometry;
+        let cluster_size = geometry.cluster_size;
+        let cluster = self.store.claim_cluster().ok_or_else(|| {
+            BlobError::NoSpace(format!(
+                "blob {:#x}: no free cluster for a thin write",
+                blob.id
+            ))
+        })?;
+        let filled: Result<()> = async {
+            let mut content = DmaBuf::alloc(cluster_size as usize)?;
+            let cluster_start = index * cluster_size;
+            self.read_backing(blob, cluster_start, &mut content).await?;
+            if let Some(data) = data {
+                let at = (offset - cluster_start) as usize;
+                content[at..at + data.len()].copy_from_slice(data);
+            }
+            self.bdev()
+                .write(content, u64::from(cluster) * cluster_size)
+                .await
+                .0?;
+            Ok(())
+        }
+        .await;
+        if let Err(err) = filled {
+            self.store.release_cluster(cluster);
+            return Err(err);
+        }
+        let (store_id, blob_id) = (self.store.store_id, blob.id);
+        let inserted = spool_reactor::spawn_on(self.store.md_reactor, move || async move {
+            match Blobstore::lookup(store_id) {
+                Some(store) => {
+                    crate::persist::insert_cluster(&store, blob_id, index, cluster).await
+                }
+                None => Err(-libc::ENODEV),
+            }
+        })?
+        .await?;
+        match inserted {
+            Ok(()) => Ok(true),
+            Err(errno) => {
+                self.store.release_cluster(cluster);
+                if errno == -libc::EEXIST {
+                    Ok(false)
+                } else {
+                    Err(BlobError::Remote {
+                        errno,
+                        what: format!(
+                            "blob {blob_id:#x}: inserting cluster {index} into the metadata"
+                        ),
+                    })
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Creating a store (init), closing it cleanly (unload), wiping it (destroy), and the
+//! super-block writes in between (the dirty mark, set_super).
+
+use std::collections::{BTreeMap, HashMap};
+
+use spool_bdev::BdevDesc;
+
+use super::md_io::{flush, write_bytes, zero_bytes};
+use super::{Blobstore, Geometry, MdState};
+use crate::bitmap::BitSet;
+use crate::error::{BlobError, Result};
+use crate::format::layout::Layout;
+use crate::format::mask::{encode_mask, MaskKind};
+use crate::format::super_block::{Bstype, SuperBlock, VERSION};
+use crate::format::{BLOBID_INVALID, PAGE_SIZE_U64};
+
+/// Options of [`Blobstore::init`].
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Bytes per cluster: a multiple of 4096 (default 1 MiB).
+    pub cluster_size: u64,
+    /// Metadata pages; `None` for one per cluster (the default).
+    pub md_pages: Option<u32>,
+    /// The store's type tag (default all zero: untyped).
+    pub bstype: Bstype,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            cluster_size: 1 << 20,
+            md_pages: None,
+            bstype: [0; 16],
+        }
+    }
+}
+
+impl Blobstore {
+    /// Formats `desc` as an empty store and returns it open, with the calling reactor as
+    /// its metadata reactor. Zeroes the metadata area, unmaps the data area (best effort),
+    /// then writes the super block (clean = 0 until the first unload).
+    pub async fn init(desc: BdevDesc, options: &InitOptions) -> Result<Blobstore> {
+        let block_size = u64::from(desc.block_size());
+        if block_size > PAGE_SIZE_U64 || !PAGE_SIZE_U64.is_multiple_of(block_size) {
+            return Err(BlobError::InvalidArgument(format!(
+                "device block size {block_size} does not divide the 4096-byte metadata page"
+            )));
+        }
+        let device_bytes = desc.size_bytes();
+        let layout = Layout::compute(device_bytes, options.cluster_size, options.md_pages)?;
+        let cluster_size = u32::try_from(options.cluster_size).map_err(|_| {
+            BlobError::InvalidArgument(format!(
+                "cluster size {} does not fit 32 bits",
+                options.cluster_size
+            ))
+        })?;
+        let super_block = SuperBlock {
+            version: VERSION,
+            clean: 0,
+            super_blob: BLOBID_INVALID,
+            cluster_size,
+            used_page_mask_start: layout.used_page_mask.0,
+            used_page_mask_len: layout.used_page_mask.1,
+            used_cluster_mask_start: layout.used_cluster_mask.0,
+            used_cluster_mask_len: layout.used_cluster_mask.1,
+            md_start: layout.md_start,
+            md_len: layout.md_len,
+            bstype: options.bstype,
+            used_blobid_mask_start: layout.used_blobid_mask.0,
+            used_blobid_mask_len: layout.used_blobid_mask.1,
+            size: device_bytes,
+            io_unit_size: block_size as u32,
+        };
+        let geometry = Geometry {
+            cluster_size: options.cluster_size,
+            io_unit_size: block_size,
+            block_size,
+            md_start: u64::from(layout.md_start),
+            md_len: layout.md_len,
+            total_clusters: layout.total_clusters,
+            md_clusters: layout.md_clusters,
+        };
+        let mut used_clusters = BitSet::new(layout.total_clusters);
+        for cluster in 0..layout.md_clusters {
+            used_clusters.set(cluster);
+        }
+        let state = MdState {
+            super_block: super_block.clone(),
+            clean_on_disk: false,
+            used_md_pages: BitSet::new(u64::from(layout.md_len)),
+            used_blobids: BitSet::new(u64::from(layout.md_len)),
+            open_blobs: HashMap::new(),
+            loading: HashMap::new(),
+            clones: BTreeMap::new(),
+            parents: HashMap::new(),
+            unloaded: false,
+        };
+        let inner = Blobstore::new_inner(desc, geometry, &used_clusters, state)?;
+        let channel = &inner.md_channel;
+        let md_bytes = (u64::from(layout.md_start) + u64::from(layout.md_len)) * PAGE_SIZE_U64;
+        zero_bytes(channel, 0, md_bytes).await?;
+        let data_start = layout.md_clusters * options.cluster_size;
+        let data_end = layout.total_clusters * options.cluster_size;
+        if data_end > data_start {
+            // Best effort: thin blobs zero-fill new clusters themselves.
+            if let Err(err) = channel.unmap(data_start, data_end - data_start).await {
+                tracing::debug!(%err, "unmap of the data area at init skipped");
+            }
+        }
+        write_bytes(channel, 0, &super_block.encode()).await?;
+        flush(channel).await?;
+        Ok(Blobstore::register(inner))
+    }
+
+    /// Writes the super block from the in-memory state with `clean`.
+    pub(crate) async fn write_super(&self, clean: u32) -> Result<()> {
+        let page = {
+            let state = self.inner.state.borrow();
+            let mut block = state.super_block.clone();
+            block.clean = clean;
+            block.encode()
+        };
+        write_bytes(&self.inner.md_channel, 0, &page).await?;
+        flush(&self.inner.md_channel).await
+    }
+
+    /// Before the first metadata change after a clean load: clears the on-disk clean flag.
+    pub(crate) async fn mark_dirty(&self) -> Result<()> {
+        let _guard = self.inner.super_lock.lock().await;
+        if !self.inner.state.borrow().clean_on_disk {
+            return Ok(());
+        }
+        self.write_super(0).await?;
+        self.inner.state.borrow_mut().clean_on_disk = false;
+        Ok(())
+    }
+
+    /// Sets the super blob (any id, or `BLOBID_INVALID` to clear it) and writes the super
+    /// block now, keeping its clean flag.
+    pub async fn set_super(&self, id: u64) -> Result<()> {
+        self.check_md_thread()?;
+        let _guard = self.inner.super_lock.lock().await;
+        let clean = {
+            let mut state = self.inner.state.borrow_mut();
+            state.super_block.super_blob = id;
+            u32::from(state.clean_on_disk)
+        };
+        self.write_super(clean).await
+    }
+
+    /// The super blob's id; [`BlobError::NoSuperBlob`] (-ENOENT) when none is set.
+    pub fn get_super(&self) -> Result<u64> {
+        let id = self.inner.state.borrow().super_block.super_blob;
+        if id == BLOBID_INVALID {
+            Err(BlobError::NoSuperBlob)
+        } else {
+            Ok(id)
+        }
+    }
+
+    fn refuse_if_blobs_open(&self, what: &str) -> Result<()> {
+        let open = self.open_blob_count();
+        if open > 0 {
+            return Err(BlobError::Busy(format!(
+                "cannot {what} the blobstore: {open} blob(s) still open"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the three masks (md pages, blob ids, clusters) to their regions.
+    pub(crate) async fn write_masks(&self) -> Result<()> {
+        let (regions, md_len) = {
+            let state = self.inner.state.borrow();
+            let block = &state.super_block;
+            let clusters = self.inner.shared.used_clusters.snapshot();
+            let md_len = block.md_len;
+            let mut regions = vec![
+                (
+                    block.used_page_mask_start,
+                    encode_mask(
+                        MaskKind::UsedPages,
+                        md_len,
+                        &state.used_md_pages.to_bytes(),
+                        block.used_page_mask_len,
+                    ),
+                ),
+                (
+                    block.used_cluster_mask_start,
+                    encode_mask(
+                        MaskKind::UsedClusters,
+                        clusters.len() as u32,
+                        &clusters.to_bytes(),
+                        block.used_cluster_mask_len,
+                    ),
+                ),
+            ];
+            if block.used_blobid_mask_len != 0 {
+                regions.insert(
+                    1,
+                    (
+                        block.used_blobid_mask_start,
+                        encode_mask(
+                            MaskKind::UsedBlobIds,
+                            md_len,
+                            &state.used_blobids.to_bytes(),
+                            block.used_blobid_mask_len,
+                        ),
+                    ),
+                );
+            }
+            (regions, md_len)
+        };
+        let _ = md_len;
+        for (start, bytes) in regions {
+            write_bytes(
+                &self.inner.md_channel,
+                u64::from(start) * PAGE_SIZE_U64,
+                &bytes,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the store cleanly: writes the masks, then the super block with clean = 1.
+    /// Refused with -EBUSY while any blob is open (the store stays usable).
+    pub async fn unload(self) -> Result<()> {
+        self.check_md_thread()?;
+        self.refuse_if_blobs_open("unload")?;
+        let _guard = self.inner.super_lock.lock().await;
+        self.write_masks().await?;
+        flush(&self.inner.md_channel).await?;
+        self.write_super(1).await?;
+        self.finish();
+        Ok(())
+    }
+
+    /// Wipes the super block so the device no longer loads as a store (data and metadata
+    /// pages are left as they are). Refused with -EBUSY while any blob is open.
+    pub async fn destroy(self) -> Result<()> {
+        self.check_md_thread()?;
+        self.refuse_if_blobs_open("destroy")?;
+        zero_bytes(&self.inner.md_channel, 0, PAGE_SIZE_U64).await?;
+        flush(&self.inner.md_channel).await?;
+        self.finish();
+        Ok(())
+    }
+
+    fn finish(&self) {
+        self.inner.state.borrow_mut().unloaded = true;
+        self.unregister();
+        // Channels still held on other reactors keep working until dropped; no new ones.
+        let _ = self.inner.shared.io_device.unregister();
+    }
+}
