@@ -1,0 +1,84 @@
+//! Helpers shared by the blobstore's behaviour tests (included with `mod common;`).
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+
+use spool_bdev::{Bdev, BdevDesc, DmaBuf, MallocBdev};
+use spool_blob::{BlobChannel, BlobIo};
+use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
+
+/// A one-reactor runtime that sleeps when idle.
+pub fn runtime() -> Runtime {
+    Runtime::start(&RuntimeOptions {
+        cores: vec![0],
+        idle: IdleMode::Sleep,
+        pin: false,
+    })
+    .unwrap()
+}
+
+/// Runs `make()` on the runtime's first reactor and returns its output.
+pub fn run<F, Fut, T>(rt: &Runtime, make: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    rt.block_on(rt.reactors()[0], make).unwrap()
+}
+
+/// A zeroed malloc device of `bytes` with 4 KiB blocks, and a descriptor on it.
+pub fn malloc(bytes: u64) -> (Arc<MallocBdev>, BdevDesc) {
+    malloc_blocks(bytes, 4096)
+}
+
+/// A zeroed malloc device of `bytes` with `block`-byte blocks.
+pub fn malloc_blocks(bytes: u64, block: u32) -> (Arc<MallocBdev>, BdevDesc) {
+    let bdev = Arc::new(MallocBdev::new("malloc0", block, bytes / u64::from(block)).unwrap());
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    (bdev, desc)
+}
+
+/// A malloc device holding a copy of `image`.
+pub fn from_image(image: &[u8]) -> (Arc<MallocBdev>, BdevDesc) {
+    let bdev = Arc::new(MallocBdev::from_image("copy", 4096, image).unwrap());
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    (bdev, desc)
+}
+
+/// Deterministic bytes that differ by seed.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// A DMA buffer holding `data`.
+pub fn buf_of(data: &[u8]) -> DmaBuf {
+    let mut buf = DmaBuf::alloc(data.len()).unwrap();
+    buf.copy_from_slice(data);
+    buf
+}
+
+/// Writes `data` at io_unit `offset`, panicking on error.
+pub async fn write(channel: &BlobChannel, blob: &BlobIo, offset: u64, data: &[u8]) {
+    let (result, _) = channel.write(blob, offset, buf_of(data)).await;
+    result.unwrap_or_else(|err| panic!("write {} bytes at unit {offset}: {err}", data.len()));
+}
+
+/// Reads `len` bytes at io_unit `offset`, panicking on error.
+pub async fn read(channel: &BlobChannel, blob: &BlobIo, offset: u64, len: usize) -> Vec<u8> {
+    let (result, buf) = channel
+        .read(blob, offset, DmaBuf::alloc(len).unwrap())
+        .await;
+    result.unwrap_or_else(|err| panic!("read {len} bytes at unit {offset}: {err}"));
+    buf.to_vec()
+}
