@@ -261,24 +261,76 @@ impl BlobChannel {
         Ok((offset_units * unit, len_bytes))
     }
 
-    /// Reads `buf.len()` bytes (a multiple of the io_unit) at io_unit `offset`.
-    pub async fn read(&self, blob: &BlobIo, offset: u64, buf: DmaBuf) -> (Result<()>, DmaBuf) {
-        let (start, len) = match self.byte_range(blob, offset, buf.len() as u64, false) {
+    /// Reads `buf.len()` bytes (a multiple of the io_unit) at io_unit `offset`. Inside one
+    /// allocated extent this is one device request with the caller's buffer (no copy, no
+    /// allocation); the future yields the result and the buffer.
+    pub fn read<'a>(&'a self, blob: &'a BlobIo, offset: u64, buf: DmaBuf) -> BlobIoFuture<'a> {
+        self.submit(blob, offset, buf, false)
+    }
+
+    /// Writes all of `buf` (a multiple of the io_unit) at io_unit `offset`; as
+    /// [`BlobChannel::read`], one device request when the range is allocated and contiguous.
+    pub fn write<'a>(&'a self, blob: &'a BlobIo, offset: u64, buf: DmaBuf) -> BlobIoFuture<'a> {
+        self.submit(blob, offset, buf, true)
+    }
+
+    #[inline]
+    fn submit<'a>(
+        &'a self,
+        blob: &'a BlobIo,
+        offset: u64,
+        buf: DmaBuf,
+        write: bool,
+    ) -> BlobIoFuture<'a> {
+        let (start, len) = match self.byte_range(blob, offset, buf.len() as u64, write) {
             Ok(range) => range,
-            Err(err) => return (Err(err), buf),
+            Err(err) => return BlobIoFuture::Failed(Some((err, buf))),
         };
+        if let Some(device) = self.direct_target(blob, start, len) {
+            let request = if write {
+                self.bdev().write(buf, device)
+            } else {
+                self.bdev().read(buf, device)
+            };
+            return BlobIoFuture::Direct(request);
+        }
         let pieces = self.pieces(blob, start, len);
         if let [Piece {
             target: Target::Device(device),
             ..
         }] = pieces.as_slice()
         {
-            let (result, buf) = self.bdev().read(buf, *device).await;
-            return (result.map_err(BlobError::from), buf);
+            // Physically contiguous clusters (a thick blob): still one request.
+            let request = if write {
+                self.bdev().write(buf, *device)
+            } else {
+                self.bdev().read(buf, *device)
+            };
+            return BlobIoFuture::Direct(request);
         }
-        let mut buf = buf;
-        let result = self.read_pieces(blob, &pieces, start, &mut buf).await;
-        (result, buf)
+        BlobIoFuture::Split(Box::pin(async move {
+            let mut buf = buf;
+            let result = if write {
+                self.write_pieces(blob, &pieces, start, &buf).await
+            } else {
+                self.read_pieces(blob, &pieces, start, &mut buf).await
+            };
+            (result, buf)
+        }))
+    }
+
+    /// The device offset of blob bytes `[start, start + len)` when they lie in one allocated
+    /// cluster (the common case): no allocation, one map lookup.
+    #[inline]
+    fn direct_target(&self, blob: &BlobIo, start: u64, len: u64) -> Option<u64> {
+        let cluster_size = self.store.geometry.cluster_size;
+        let index = start / cluster_size;
+        if (start + len - 1) / cluster_size != index {
+            return None;
+        }
+        let map = blob.map.load();
+        let cluster = map.clusters.get(index as usize)?.load(Ordering::Acquire);
+        (cluster != 0).then(|| u64::from(cluster) * cluster_size + start % cluster_size)
     }
 
     async fn read_pieces(
@@ -331,25 +383,6 @@ impl BlobChannel {
             self.read_pieces(&parent, &pieces, offset, &mut dest[..inside])
                 .await
         })
-    }
-
-    /// Writes all of `buf` (a multiple of the io_unit) at io_unit `offset`.
-    pub async fn write(&self, blob: &BlobIo, offset: u64, buf: DmaBuf) -> (Result<()>, DmaBuf) {
-        let (start, len) = match self.byte_range(blob, offset, buf.len() as u64, true) {
-            Ok(range) => range,
-            Err(err) => return (Err(err), buf),
-        };
-        let pieces = self.pieces(blob, start, len);
-        if let [Piece {
-            target: Target::Device(device),
-            ..
-        }] = pieces.as_slice()
-        {
-            let (result, buf) = self.bdev().write(buf, *device).await;
-            return (result.map_err(BlobError::from), buf);
-        }
-        let result = self.write_pieces(blob, &pieces, start, &buf).await;
-        (result, buf)
     }
 
     async fn write_pieces(
@@ -597,6 +630,38 @@ impl BlobChannel {
                     })
                 }
             }
+        }
+    }
+}
+
+/// The future of [`BlobChannel::read`] and [`BlobChannel::write`]: yields the result and the
+/// buffer. A request inside one allocated cluster is the bdev's own future (no allocation).
+pub enum BlobIoFuture<'a> {
+    /// One device request with the caller's buffer.
+    Direct(spool_bdev::IoFuture<'a, DmaBuf>),
+    /// Split at cluster boundaries, or touching unallocated clusters.
+    Split(std::pin::Pin<Box<dyn std::future::Future<Output = (Result<()>, DmaBuf)> + 'a>>),
+    /// Refused before reaching the device.
+    Failed(Option<(BlobError, DmaBuf)>),
+}
+
+impl std::future::Future for BlobIoFuture<'_> {
+    type Output = (Result<()>, DmaBuf);
+
+    #[inline]
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            BlobIoFuture::Direct(request) => std::pin::Pin::new(request)
+                .poll(cx)
+                .map(|(result, buf)| (result.map_err(BlobError::from), buf)),
+            BlobIoFuture::Split(future) => future.as_mut().poll(cx),
+            BlobIoFuture::Failed(failed) => match failed.take() {
+                Some(output) => std::task::Poll::Ready((Err(output.0), output.1)),
+                None => std::task::Poll::Pending,
+            },
         }
     }
 }

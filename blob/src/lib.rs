@@ -31,6 +31,6 @@ mod sync;
 
 pub use crate::blob::{Blob, BlobOptions};
 pub use crate::error::{BlobError, Result};
-pub use crate::io::{BlobChannel, BlobIo, ChannelContext};
+pub use crate::io::{BlobChannel, BlobIo, BlobIoFuture, ChannelContext};
 pub use crate::meta::ExtentForm;
 pub use crate::store::{Blobstore, Geometry, InitOptions, LoadOptions, LoadReport};
