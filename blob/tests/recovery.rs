@@ -261,13 +261,12 @@ fn dirty_recovery_equals_the_clean_unload() {
         described
     });
     // The same image, recovered then unloaded then loaded clean.
-    let after_unload = run(&rt, move || async move {
+    run(&rt, move || async move {
         let (store, _) = Blobstore::load(clean_desc, &LoadOptions::default())
             .await
             .unwrap();
         store.unload().await.unwrap();
     });
-    let () = after_unload;
     let (_b, desc) = from_image(&clean_bdev.snapshot());
     let clean = run(&rt, move || async move {
         let (store, report) = Blobstore::load(desc, &LoadOptions::default())
