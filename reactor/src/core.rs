@@ -185,6 +185,9 @@ impl ReactorCore {
     pub(crate) fn poll_once(&self) -> IterationStatus {
         let mut did_work = self.poll_messages();
         let now_ns = self.clock.now_ns();
+        // Devices renew their wake-up hints as they poll; a hint stays until then, so a
+        // simulation jumping to another reactor's deadline cannot lose this one's.
+        self.deadline_hint_ns.set(None);
         let pollers = self.pollers.poll(self, now_ns);
         did_work |= pollers.busy;
         did_work |= self.timers.fire_due(self, now_ns);
@@ -196,9 +199,11 @@ impl ReactorCore {
     }
 
     /// The earliest time something is known to become due: timers, timed pollers, and the
-    /// hints devices left with [`crate::wake_at`] (consumed by this call).
+    /// hints devices left with [`crate::wake_at`]. A hint stays until this reactor polls
+    /// again (its devices renew it there), so a simulation that jumps to another reactor's
+    /// earlier deadline does not forget this one's.
     pub(crate) fn next_deadline_ns(&self) -> Option<u64> {
-        let hint = self.deadline_hint_ns.take();
+        let hint = self.deadline_hint_ns.get();
         [
             self.timers.next_deadline_ns(),
             self.pollers.next_deadline_ns(),
