@@ -5,6 +5,8 @@
 //! - `messages/spawn_on_roundtrip`: `spawn_on` + awaiting its `RemoteHandle`.
 //! - `request_pool/runtime`, `request_pool/sim`: one null read at a time through the channel.
 //! - `null_path_qd32`: 32 tasks looping null reads on one reactor, per I/O.
+//! - `blob_null_path_qd32`: the same through a thick blob (the blob layer's cost per I/O is
+//!   the difference).
 //! - `ring_nop/batch32`: io_uring Nops pushed, submitted and reaped in batches of 32.
 //! - `dma_alloc_free/4k`: `DmaBuf::alloc(4096)` and its drop, from an idle pool (a chunk is
 //!   split on alloc and merged on free) and with a neighbouring block held (no split/merge).
@@ -18,8 +20,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use spool_bdev::DmaBuf;
 use spool_benches::{
-    null_desc, null_reads, null_reads_concurrent, one_way_batch, ping_pong, spawn_on_roundtrip,
-    start_runtime, stop_runtime, NopRing,
+    blob_null_reads_concurrent, null_desc, null_reads, null_reads_concurrent, one_way_batch,
+    ping_pong, spawn_on_roundtrip, start_runtime, stop_runtime, NopRing,
 };
 use spool_reactor::{Sim, SimOptions};
 
@@ -123,6 +125,26 @@ fn null_path_qd32(c: &mut Criterion) {
     stop_runtime(runtime);
 }
 
+/// 32 concurrent readers through a thick blob on a null bdev: ns per I/O of the blob path.
+fn blob_null_path_qd32(c: &mut Criterion) {
+    let runtime = start_runtime(1);
+    let home = runtime.reactors()[0];
+    let mut group = c.benchmark_group("blob_null_path_qd32");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("read_4k", |b| {
+        b.iter_custom(|iters| {
+            let desc = null_desc();
+            runtime
+                .block_on(home, move || {
+                    blob_null_reads_concurrent(desc, QUEUE_DEPTH, iters)
+                })
+                .expect("blob_null_reads_concurrent task")
+        });
+    });
+    group.finish();
+    stop_runtime(runtime);
+}
+
 /// Nops through the io_uring ring, per operation; skipped where io_uring is unavailable.
 fn ring_nop(c: &mut Criterion) {
     let mut ring = match NopRing::new() {
@@ -176,6 +198,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_paths;
     config = config();
-    targets = messages, request_pool, null_path_qd32, ring_nop, dma_alloc_free
+    targets = messages, request_pool, null_path_qd32, blob_null_path_qd32, ring_nop, dma_alloc_free
 }
 criterion_main!(hot_paths);

@@ -8,6 +8,7 @@
 //! - [`bench_cores`], [`start_runtime`], [`stop_runtime`]: reactors on cores that exist.
 //! - [`ping_pong`], [`one_way_batch`], [`spawn_on_roundtrip`]: messages between reactors.
 //! - [`null_desc`], [`null_reads`], [`null_reads_concurrent`]: the null bdev's channel path.
+//! - [`blob_null_reads_concurrent`]: the same through the blobstore (a thick blob on null).
 //! - [`NopRing`]: submissions and completions through the io_uring ring itself.
 
 use std::future::Future;
@@ -262,6 +263,69 @@ pub async fn null_reads_concurrent(desc: BdevDesc, depth: u64, iters: u64) -> Du
         handle.await.expect("reader task completes");
     }
     start.elapsed()
+}
+
+/// As [`null_reads_concurrent`], through the blob layer: a store on a null bdev with one
+/// thick blob over it, read at the same offsets through a blob channel. The difference of the
+/// two is the blob layer's cost per I/O.
+///
+/// # Panics
+/// If the store cannot be set up (a broken benchmark environment).
+pub async fn blob_null_reads_concurrent(desc: BdevDesc, depth: u64, iters: u64) -> Duration {
+    assert!(depth > 0, "depth must be at least 1");
+    let store = spool_blob::Blobstore::init(desc, &spool_blob::InitOptions::default())
+        .await
+        .expect("blobstore on null");
+    let clusters = store.free_cluster_count();
+    let blob = store
+        .create_and_open(&spool_blob::BlobOptions {
+            num_clusters: clusters,
+            ..spool_blob::BlobOptions::default()
+        })
+        .await
+        .expect("thick blob");
+    let io = blob.io();
+    let units = io.num_io_units();
+    let channel = store.channel().expect("blob channel");
+    let mut bufs = Vec::new();
+    for _ in 0..depth {
+        bufs.push(DmaBuf::alloc(NULL_BLOCK_SIZE as usize).expect("dma buffer"));
+    }
+    {
+        let futures: Vec<_> = bufs
+            .drain(..)
+            .map(|buf| channel.read(&io, 0, buf))
+            .collect();
+        for future in futures {
+            let (result, buf) = future.await;
+            result.expect("warm-up read");
+            bufs.push(buf);
+        }
+    }
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for (worker, buf) in (0..depth).zip(bufs) {
+        let count = iters / depth + u64::from(worker < iters % depth);
+        let channel = channel.clone();
+        let io = Arc::clone(&io);
+        handles.push(spawn_local(async move {
+            let mut buf = buf;
+            for index in 0..count {
+                let unit = (offset_of(worker + index * depth) / u64::from(NULL_BLOCK_SIZE)) % units;
+                let (result, back) = channel.read(&io, unit, buf).await;
+                result.expect("blob read");
+                buf = back;
+            }
+        }));
+    }
+    for handle in handles {
+        handle.await.expect("reader task completes");
+    }
+    let elapsed = start.elapsed();
+    drop(channel);
+    blob.close().await.expect("close");
+    store.unload().await.expect("unload");
+    elapsed
 }
 
 /// An io_uring ring used only for `Nop`s: measures a submission and completion through the

@@ -411,6 +411,27 @@ impl Blobstore {
     /// to disk and not left open. Errors: -ENOMEM (no md page), -ENOSPC (thick and not
     /// enough clusters), -EINVAL (an xattr too large); nothing is left claimed on failure.
     pub async fn create_blob(&self, options: &BlobOptions) -> Result<u64> {
+        let state = self.create_state(options).await?;
+        state.io.mark_closed();
+        Ok(state.id)
+    }
+
+    /// Creates a blob as [`Blobstore::create_blob`] does and returns it open (one handle),
+    /// without reading back what was just written.
+    pub async fn create_and_open(&self, options: &BlobOptions) -> Result<Blob> {
+        let state = self.create_state(options).await?;
+        self.inner
+            .state
+            .borrow_mut()
+            .open_blobs
+            .insert(state.id, Rc::clone(&state));
+        Ok(Blob {
+            state,
+            store: self.clone(),
+        })
+    }
+
+    async fn create_state(&self, options: &BlobOptions) -> Result<Rc<BlobState>> {
         self.check_md_thread()?;
         let page = {
             let mut state = self.inner.state.borrow_mut();
@@ -429,10 +450,10 @@ impl Blobstore {
             state.used_md_pages.clear(u64::from(page));
             state.used_blobids.clear(u64::from(page));
         }
-        result.map(|()| id)
+        result
     }
 
-    async fn create_at(&self, id: u64, options: &BlobOptions) -> Result<()> {
+    async fn create_at(&self, id: u64, options: &BlobOptions) -> Result<Rc<BlobState>> {
         let mut meta = BlobMeta::new(id, options.thin, options.form);
         for (name, value) in &options.xattrs {
             meta.set_xattr(false, name.as_bytes(), value)?;
@@ -448,8 +469,7 @@ impl Blobstore {
             crate::resize::release_all(self, &state);
             return Err(err);
         }
-        state.io.mark_closed();
-        Ok(())
+        Ok(state)
     }
 
     /// Opens blob `id`: the same in-memory blob (refcount + 1) if it is open or being

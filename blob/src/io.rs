@@ -282,11 +282,7 @@ impl BlobChannel {
         buf: DmaBuf,
         write: bool,
     ) -> BlobIoFuture<'a> {
-        let (start, len) = match self.byte_range(blob, offset, buf.len() as u64, write) {
-            Ok(range) => range,
-            Err(err) => return BlobIoFuture::Failed(Some((err, buf))),
-        };
-        if let Some(device) = self.direct_target(blob, start, len) {
+        if let Some(device) = self.fast_target(blob, offset, buf.len() as u64, write) {
             let request = if write {
                 self.bdev().write(buf, device)
             } else {
@@ -294,6 +290,10 @@ impl BlobChannel {
             };
             return BlobIoFuture::Direct(request);
         }
+        let (start, len) = match self.byte_range(blob, offset, buf.len() as u64, write) {
+            Ok(range) => range,
+            Err(err) => return BlobIoFuture::Failed(Some((err, buf))),
+        };
         let pieces = self.pieces(blob, start, len);
         if let [Piece {
             target: Target::Device(device),
@@ -319,18 +319,34 @@ impl BlobChannel {
         }))
     }
 
-    /// The device offset of blob bytes `[start, start + len)` when they lie in one allocated
-    /// cluster (the common case): no allocation, one map lookup.
+    /// The device offset for `len` bytes at io_unit `offset` when the request is valid and
+    /// lies in one allocated cluster (the common case): every check of the slow path, one
+    /// map load, shifts instead of divisions. `None` sends the request down the slow path,
+    /// which reports errors and splits.
     #[inline]
-    fn direct_target(&self, blob: &BlobIo, start: u64, len: u64) -> Option<u64> {
-        let cluster_size = self.store.geometry.cluster_size;
-        let index = start / cluster_size;
-        if (start + len - 1) / cluster_size != index {
+    fn fast_target(&self, blob: &BlobIo, offset: u64, len: u64, write: bool) -> Option<u64> {
+        let geometry = &self.store.geometry;
+        let unit_shift = geometry.io_unit_shift?;
+        let cluster_shift = geometry.cluster_shift?;
+        if len == 0
+            || len & (geometry.io_unit_size - 1) != 0
+            || blob.closed.load(Ordering::Acquire)
+            || (write && blob.data_ro.load(Ordering::Acquire))
+        {
+            return None;
+        }
+        let start = offset
+            .checked_shl(unit_shift)
+            .filter(|s| s >> unit_shift == offset)?;
+        let last = start.checked_add(len - 1)?;
+        let index = start >> cluster_shift;
+        if last >> cluster_shift != index {
             return None;
         }
         let map = blob.map.load();
         let cluster = map.clusters.get(index as usize)?.load(Ordering::Acquire);
-        (cluster != 0).then(|| u64::from(cluster) * cluster_size + start % cluster_size)
+        (cluster != 0)
+            .then(|| (u64::from(cluster) << cluster_shift) | (start & (geometry.cluster_size - 1)))
     }
 
     async fn read_pieces(

@@ -23,6 +23,9 @@ pub enum EngineError {
     /// A reactor failure.
     #[error(transparent)]
     Reactor(#[from] spool_reactor::ReactorError),
+    /// A blobstore failure (load, init, a blob operation, unload).
+    #[error(transparent)]
+    Blob(#[from] spool_blob::BlobError),
 }
 
 impl EngineError {
@@ -33,6 +36,7 @@ impl EngineError {
             Self::File { errno, .. } => *errno,
             Self::Bdev(err) => err.errno(),
             Self::Reactor(err) => err.errno(),
+            Self::Blob(err) => err.errno(),
         }
     }
 }

@@ -1,17 +1,21 @@
 //! Spool's engine: what turns command-line words into running reactors and open devices.
-//! It grows into the daemon (`spool serve`); today it holds target parsing and opening.
+//! It grows into the daemon (`spool serve`); today it holds target parsing and opening,
+//! and the offline runner of the blobstore commands.
 //!
 //! Table of contents:
 //! - [`target`]: `null`, `malloc:SIZE` or a path, parsed and opened as a bdev.
-//! - [`size`]: human sizes ("1G", "512MiB", "4096").
+//! - [`offline`]: one blobstore command on an image: open, load or init, run, unload.
+//! - [`size`]: human sizes ("1G", "512MiB", "4096", "0x1000").
 //! - [`error`]: [`EngineError`], wrapping the lower crates' errors with their errno kinds.
 
 #![warn(clippy::unwrap_used)]
 
 pub mod error;
+pub mod offline;
 pub mod size;
 pub mod target;
 
 pub use crate::error::EngineError;
-pub use crate::size::parse_size;
+pub use crate::offline::{run_offline, OpenInfo, StoreOpen};
+pub use crate::size::{parse_bytes, parse_size};
 pub use crate::target::{open_target, prepare_file, OpenedTarget, TargetOptions, TargetSpec};

@@ -2,6 +2,11 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::blob_cmd::args::{
+    BlobArgs, CreateArgs, DumpArgs, ExportArgs, ImportArgs, InfoArgs, InitArgs, LsArgs, ResizeArgs,
+    SuperArgs, XattrArgs,
+};
+
 /// Spool: a polled, userspace storage engine (SPDK-style, in Rust).
 #[derive(Debug, Parser)]
 #[command(name = "spool", version, about, propagate_version = true)]
@@ -11,11 +16,60 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands.
+/// The subcommands. The blobstore commands work offline: each opens IMAGE, loads its
+/// store, does its job and unloads the store cleanly.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Measure a block device through Spool's reactors (SPDK bdevperf's job).
     Perf(PerfArgs),
+    /// Format IMAGE as an empty blobstore (creating the file with --size).
+    Init(InitArgs),
+    /// Show the store: geometry, clean flag, type, super blob, free clusters.
+    Info(InfoArgs),
+    /// List the blobs, one row each.
+    Ls(LsArgs),
+    /// Create a blob and print its id (decimal) alone on stdout.
+    Create(CreateArgs),
+    /// Change a blob's size.
+    Resize(ResizeArgs),
+    /// Delete a blob.
+    Delete(BlobArgs),
+    /// Make a blob read-only (data and metadata), for good.
+    SetReadOnly(BlobArgs),
+    /// List, get, set or remove a blob's xattrs.
+    Xattr(XattrArgs),
+    /// Print the super blob, or set it to BLOB.
+    Super(SuperArgs),
+    /// Copy a file into a blob.
+    Import(ImportArgs),
+    /// Copy a blob (or part of it) into a file.
+    Export(ExportArgs),
+    /// Decode every metadata page, checking CRCs (SPDK's blobcli -D); reads the raw image.
+    Dump(DumpArgs),
+}
+
+/// Which layer `spool perf` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Layer {
+    /// The bdev: I/O straight to the device.
+    Bdev,
+    /// The blobstore: a store is initialised on the target and the job runs on one thick
+    /// blob over all of it (the target's contents are replaced).
+    Blob,
+    /// Metadata rates: create, open+close, delete of --blobs blobs, and clean and dirty
+    /// load times (the target's contents are replaced).
+    Md,
+}
+
+impl Layer {
+    /// The layer's name as the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layer::Bdev => "bdev",
+            Layer::Blob => "blob",
+            Layer::Md => "md",
+        }
+    }
 }
 
 /// The I/O pattern.
@@ -53,6 +107,15 @@ pub struct PerfArgs {
     /// created with --size and fully written first).
     #[arg(long, default_value = "spool-perf.img")]
     pub target: String,
+    /// What to measure: the bdev, the blob layer over it, or metadata rates.
+    #[arg(long, value_enum, default_value_t = Layer::Bdev)]
+    pub layer: Layer,
+    /// Cluster size of the store --layer blob and --layer md create.
+    #[arg(long, default_value = "1M")]
+    pub cluster_size: String,
+    /// Blobs per phase of --layer md.
+    #[arg(long, default_value_t = 10_000)]
+    pub blobs: u64,
     /// I/O pattern.
     #[arg(long, value_enum, default_value_t = RwMode::Randread)]
     pub rw: RwMode,

@@ -2,7 +2,7 @@
 
 use crate::perf::report::PerfReport;
 
-/// A failed command. Printed as one line `spool: error: ...`.
+/// A failed command. Printed as one line `error: ...`.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
     /// Bad arguments (exit code 2).
@@ -14,6 +14,12 @@ pub enum ToolError {
     /// A reactor failure.
     #[error(transparent)]
     Reactor(#[from] spool_reactor::ReactorError),
+    /// A blobstore operation failed.
+    #[error(transparent)]
+    Blob(#[from] spool_blob::BlobError),
+    /// A command failed; the message names the object and the reason (exit code 1).
+    #[error("{0}")]
+    Failed(String),
     /// The run itself failed.
     #[error("{0}")]
     Run(String),
@@ -36,5 +42,11 @@ impl ToolError {
             ToolError::Reactor(err) if err.errno() == -libc::EINVAL => 2,
             _ => 1,
         }
+    }
+}
+
+impl From<spool_bdev::dma::DmaError> for ToolError {
+    fn from(err: spool_bdev::dma::DmaError) -> Self {
+        ToolError::Blob(err.into())
     }
 }

@@ -1,8 +1,11 @@
 //! The `spool` command line: offline tools and benchmarks over Spool's engine.
 
+mod blob_cmd;
 mod cli;
 mod error;
 mod perf;
+
+use std::io::IsTerminal;
 
 use clap::Parser;
 
@@ -10,21 +13,28 @@ use crate::cli::{Cli, Command};
 use crate::error::ToolError;
 
 fn main() {
+    let cli = Cli::parse();
+    // The blobstore commands report what matters in their own one-line errors and warnings;
+    // the library's log lines (SPOOL_LOG=warn) would repeat them.
+    let default_level = match cli.command {
+        Command::Perf(_) => "warn",
+        _ => "error",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SPOOL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let code = match run(&cli) {
         Ok(()) => 0,
         Err(err) => {
             if let ToolError::Io { report, .. } = &err {
                 eprint!("{}", report.to_table());
             }
-            eprintln!("spool: error: {err}");
+            eprintln!("error: {err}");
             err.exit_code()
         }
     };
@@ -33,6 +43,17 @@ fn main() {
 
 fn run(cli: &Cli) -> Result<(), ToolError> {
     match &cli.command {
+        Command::Perf(args) if args.layer == cli::Layer::Md => {
+            let report = perf::run_metadata(args)?;
+            if args.json {
+                let json = serde_json::to_string_pretty(&report)
+                    .map_err(|err| ToolError::Run(err.to_string()))?;
+                println!("{json}");
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(())
+        }
         Command::Perf(args) => {
             let report = perf::run(args)?;
             if args.json {
@@ -44,5 +65,6 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
             }
             Ok(())
         }
+        blob_command => blob_cmd::run(blob_command),
     }
 }

@@ -159,7 +159,7 @@ fn bad_arguments_exit_2_with_one_line_errors() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         let line = stderr.lines().last().unwrap_or_default();
-        assert!(line.starts_with("spool: error: "), "{args:?}: {stderr}");
+        assert!(line.starts_with("error: "), "{args:?}: {stderr}");
         assert!(
             line.contains(needle),
             "{args:?}: expected '{needle}' in {line}"

@@ -79,6 +79,8 @@ impl Blobstore {
             md_len: layout.md_len,
             total_clusters: layout.total_clusters,
             md_clusters: layout.md_clusters,
+            cluster_shift: super::shift_of(options.cluster_size),
+            io_unit_shift: super::shift_of(block_size),
         };
         let mut used_clusters = BitSet::new(layout.total_clusters);
         for cluster in 0..layout.md_clusters {
@@ -170,7 +172,7 @@ impl Blobstore {
 
     /// Writes the three masks (md pages, blob ids, clusters) to their regions.
     pub(crate) async fn write_masks(&self) -> Result<()> {
-        let (regions, md_len) = {
+        let regions = {
             let state = self.inner.state.borrow();
             let block = &state.super_block;
             let clusters = self.inner.shared.used_clusters.snapshot();
@@ -209,9 +211,8 @@ impl Blobstore {
                     ),
                 );
             }
-            (regions, md_len)
+            regions
         };
-        let _ = md_len;
         for (start, bytes) in regions {
             write_bytes(
                 &self.inner.md_channel,

@@ -95,6 +95,8 @@ impl Blobstore {
             md_len: block.md_len,
             total_clusters,
             md_clusters: md_clusters(block.md_start, block.md_len, block.cluster_size),
+            cluster_shift: super::shift_of(u64::from(block.cluster_size)),
+            io_unit_shift: super::shift_of(u64::from(block.effective_io_unit())),
         };
         if geometry.md_clusters > total_clusters {
             return Err(SuperBlockError::Field {

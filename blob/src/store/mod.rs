@@ -50,6 +50,15 @@ pub struct Geometry {
     pub total_clusters: u64,
     /// Clusters used by the super block, masks and md region.
     pub md_clusters: u64,
+    /// log2 of the cluster size when it is a power of two (the I/O fast path shifts).
+    pub cluster_shift: Option<u32>,
+    /// log2 of the io_unit size (always a power of two on a valid store).
+    pub io_unit_shift: Option<u32>,
+}
+
+/// log2 of `value` when it is a power of two.
+pub(crate) fn shift_of(value: u64) -> Option<u32> {
+    value.is_power_of_two().then(|| value.trailing_zeros())
 }
 
 impl Geometry {
@@ -252,7 +261,8 @@ impl Blobstore {
         self.inner.state.borrow_mut().super_block.bstype = bstype;
     }
 
-    /// The super block as it would be written now.
+    /// The super block as read at load (or written at init), with the in-memory changes since
+    /// (super blob, bstype); its `clean` field keeps the value found on disk at load.
     pub fn super_block(&self) -> SuperBlock {
         self.inner.state.borrow().super_block.clone()
     }

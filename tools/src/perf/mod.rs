@@ -1,6 +1,8 @@
 //! `spool perf`: runs a fixed-depth I/O job on every chosen core against one target and
 //! reports IOPS, bandwidth and latency percentiles per core and in total.
 
+pub mod blob_layer;
+pub mod metadata;
 pub mod report;
 pub mod worker;
 
@@ -14,10 +16,10 @@ use spool_bdev::BdevDesc;
 use spool_engine::{open_target, parse_size, TargetOptions, TargetSpec};
 use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
 
-use crate::cli::{PerfArgs, RwMode};
+use crate::cli::{Layer, PerfArgs, RwMode};
 use crate::error::ToolError;
 use crate::perf::report::{CoreFigures, LatencyUs, PerfReport, RunConfig, TotalFigures};
-use crate::perf::worker::{run_core, CoreResult, JobConfig};
+use crate::perf::worker::{run_core, CoreResult, JobConfig, JobTarget};
 
 /// Parses a core list: "0", "0,1", "0-3", "0,2-3".
 pub fn parse_cores(text: &str) -> Result<Vec<usize>, ToolError> {
@@ -78,15 +80,41 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
         pin: true,
     })?;
     let duration_ns = (args.time * 1e9) as u64;
+    let md_reactor = runtime.reactors()[0];
+    let (target_of_jobs, region_bytes) = match args.layer {
+        Layer::Bdev => (JobTarget::Bdev(desc.clone()), desc.size_bytes()),
+        Layer::Blob => {
+            let cluster_size = parse_size(&args.cluster_size)?;
+            let setup_desc = desc.clone();
+            let blob = runtime
+                .block_on(md_reactor, move || {
+                    blob_layer::setup(setup_desc, cluster_size)
+                })?
+                .map_err(ToolError::Run)?;
+            let bytes = blob.num_io_units() * blob.io_unit_size();
+            (JobTarget::Blob(blob), bytes)
+        }
+        Layer::Md => {
+            return Err(ToolError::Usage(
+                "--layer md measures metadata, not I/O (see run_metadata)".into(),
+            ))
+        }
+    };
+    if bs > region_bytes {
+        return Err(ToolError::Usage(format!(
+            "--bs {bs} is larger than the {region_bytes} bytes the job can address"
+        )));
+    }
     let mut progress = Vec::new();
     let mut handles = Vec::new();
     for (index, reactor) in runtime.reactors().into_iter().enumerate() {
-        let config = job_config(args, bs, duration_ns, desc.size_bytes(), index, cores.len());
+        let config = job_config(args, bs, duration_ns, region_bytes, index, cores.len());
         let counter = Arc::new(AtomicU64::new(0));
         progress.push(Arc::clone(&counter));
-        let desc = desc.clone();
-        handles.push(runtime.spawn_on(reactor, move || run_core(desc, config, counter))?);
+        let target = target_of_jobs.clone();
+        handles.push(runtime.spawn_on(reactor, move || run_core(target, config, counter))?);
     }
+    drop(target_of_jobs);
     show_progress(args, &progress);
     let mut results = Vec::new();
     // A job ends at its deadline plus one last completion per request; far past that,
@@ -101,6 +129,11 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
         };
         results.push(result?.map_err(ToolError::Run)?);
     }
+    if args.layer == Layer::Blob {
+        runtime
+            .block_on(md_reactor, blob_layer::teardown)?
+            .map_err(ToolError::Run)?;
+    }
     let report = runtime.stop();
     if !report.panicked.is_empty() {
         return Err(ToolError::Run(format!(
@@ -111,12 +144,13 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
     let config = RunConfig {
         target: args.target.clone(),
         kind: target.kind.clone(),
+        layer: args.layer.name().into(),
         rw: args.rw.name().into(),
         rwmix: args.rwmix,
         bs,
         qd: args.qd,
         time_s: args.time,
-        size_bytes: desc.size_bytes(),
+        size_bytes: region_bytes,
     };
     let perf_report = summarise(&cores, &results, bs, config)?;
     if let Some(first) = results.iter().find_map(|result| result.first_error.clone()) {
@@ -242,4 +276,35 @@ fn summarise(
         cores: core_figures,
         config,
     })
+}
+
+/// Runs `spool perf --layer md`: metadata rates on the target (on the first chosen core).
+pub fn run_metadata(args: &PerfArgs) -> Result<metadata::MetadataReport, ToolError> {
+    let cores = parse_cores(&args.cores)?;
+    let cluster_size = parse_size(&args.cluster_size)?;
+    let spec = TargetSpec::parse(&args.target)?;
+    let target_options = TargetOptions {
+        size_bytes: parse_size(&args.size)?,
+        block_size: args.block_size,
+        sqpoll: args.sqpoll,
+        ..TargetOptions::default()
+    };
+    let target = open_target(&spec, &target_options)?;
+    let desc = BdevDesc::open(Arc::clone(&target.bdev));
+    let runtime = Runtime::start(&RuntimeOptions {
+        cores: cores[..1].to_vec(),
+        idle: IdleMode::Busy,
+        pin: true,
+    })?;
+    let blobs = args.blobs;
+    let reactor = runtime.reactors()[0];
+    let result = runtime.block_on(reactor, move || metadata::run(desc, blobs, cluster_size));
+    let stopped = runtime.stop();
+    if !stopped.panicked.is_empty() {
+        return Err(ToolError::Run(format!(
+            "reactors {:?} panicked",
+            stopped.panicked
+        )));
+    }
+    result?.map_err(ToolError::Run)
 }

@@ -80,6 +80,8 @@ pub struct RunConfig {
     pub target: String,
     /// What the target is.
     pub kind: String,
+    /// The layer measured: "bdev" or "blob".
+    pub layer: String,
     /// The pattern.
     pub rw: String,
     /// Read percentage (randrw).
@@ -90,7 +92,7 @@ pub struct RunConfig {
     pub qd: u32,
     /// Seconds.
     pub time_s: f64,
-    /// Device size, bytes.
+    /// Bytes the job addresses (the device, or the blob).
     pub size_bytes: u64,
 }
 
@@ -110,9 +112,10 @@ impl PerfReport {
     pub fn to_table(&self) -> String {
         let config = &self.config;
         let mut out = format!(
-            "spool perf: {} ({}, {:.2} GiB), {} bs={} qd={} time={}s{}\n",
+            "spool perf: {} ({}, {} layer, {:.2} GiB), {} bs={} qd={} time={}s{}\n",
             config.target,
             config.kind,
+            config.layer,
             config.size_bytes as f64 / f64::from(1u32 << 30),
             config.rw,
             config.bs,

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use spool_bdev::{BdevChannel, BdevDesc, DmaBuf, IoFuture};
+use spool_blob::{BlobChannel, BlobIo, BlobIoFuture};
 use spool_reactor::{now_ns, poller_register, PollStatus};
 
 use crate::cli::RwMode;
@@ -101,27 +102,102 @@ impl Pattern {
     }
 }
 
+/// Where a job's I/Os go: a bdev, or a blob of a blobstore on it (`--layer blob`).
+#[derive(Clone)]
+pub enum JobTarget {
+    /// The bdev layer.
+    Bdev(BdevDesc),
+    /// The blob layer: offsets are blob bytes, sent in io_units through a blob channel.
+    Blob(Arc<BlobIo>),
+}
+
+/// A core's channel for its target.
+enum JobChannel {
+    Bdev(BdevChannel),
+    Blob {
+        channel: BlobChannel,
+        blob: Arc<BlobIo>,
+        io_unit: u64,
+    },
+}
+
+impl JobChannel {
+    fn open(target: &JobTarget) -> Result<JobChannel, String> {
+        match target {
+            JobTarget::Bdev(desc) => desc
+                .channel()
+                .map(JobChannel::Bdev)
+                .map_err(|err| format!("open channel: {err}")),
+            JobTarget::Blob(blob) => Ok(JobChannel::Blob {
+                channel: blob
+                    .channel()
+                    .map_err(|err| format!("open blob channel: {err}"))?,
+                io_unit: blob.io_unit_size(),
+                blob: Arc::clone(blob),
+            }),
+        }
+    }
+
+    #[inline]
+    fn submit(&self, is_read: bool, buf: DmaBuf, offset: u64) -> AnyIo<'_> {
+        match self {
+            JobChannel::Bdev(channel) => AnyIo::Bdev(if is_read {
+                channel.read(buf, offset)
+            } else {
+                channel.write(buf, offset)
+            }),
+            JobChannel::Blob {
+                channel,
+                blob,
+                io_unit,
+            } => AnyIo::Blob(if is_read {
+                channel.read(blob, offset / io_unit, buf)
+            } else {
+                channel.write(blob, offset / io_unit, buf)
+            }),
+        }
+    }
+}
+
+/// A request of either layer; yields its status as text and the buffer.
+enum AnyIo<'a> {
+    Bdev(IoFuture<'a, DmaBuf>),
+    Blob(BlobIoFuture<'a>),
+}
+
+impl Future for AnyIo<'_> {
+    type Output = (Result<(), String>, DmaBuf);
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            AnyIo::Bdev(request) => Pin::new(request)
+                .poll(cx)
+                .map(|(result, buf)| (result.map_err(|err| err.to_string()), buf)),
+            AnyIo::Blob(request) => Pin::new(request)
+                .poll(cx)
+                .map(|(result, buf)| (result.map_err(|err| err.to_string()), buf)),
+        }
+    }
+}
+
 /// One of the job's in-flight requests, with what it needs for its report.
 struct Inflight<'a> {
-    future: IoFuture<'a, DmaBuf>,
+    future: AnyIo<'a>,
     submitted_ns: u64,
     is_read: bool,
     offset: u64,
 }
 
 fn submit<'a>(
-    channel: &'a BdevChannel,
+    channel: &'a JobChannel,
     buf: DmaBuf,
     pattern: &mut Pattern,
     submitted_ns: u64,
     cx: &mut Context<'_>,
 ) -> Result<Inflight<'a>, String> {
     let (is_read, offset) = pattern.next();
-    let future = if is_read {
-        channel.read(buf, offset)
-    } else {
-        channel.write(buf, offset)
-    };
+    let future = channel.submit(is_read, buf, offset);
     let mut inflight = Inflight {
         future,
         submitted_ns,
@@ -136,10 +212,9 @@ fn submit<'a>(
             let what = if is_read { "read" } else { "write" };
             Err(format!(
                 "{what} at byte {offset}: {}",
-                result.err().map_or_else(
-                    || "completed at submission".to_string(),
-                    |err| err.to_string()
-                )
+                result
+                    .err()
+                    .unwrap_or_else(|| "completed at submission".to_string())
             ))
         }
     }
@@ -147,13 +222,11 @@ fn submit<'a>(
 
 /// Runs the job on the calling reactor; `progress` receives the running op count.
 pub async fn run_core(
-    desc: BdevDesc,
+    target: JobTarget,
     config: JobConfig,
     progress: Arc<AtomicU64>,
 ) -> Result<CoreResult, String> {
-    let channel = desc
-        .channel()
-        .map_err(|err| format!("open channel: {err}"))?;
+    let channel = JobChannel::open(&target)?;
     let mut latency_ns =
         Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|err| err.to_string())?;
     let bs = usize::try_from(config.bs).map_err(|err| err.to_string())?;

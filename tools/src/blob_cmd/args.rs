@@ -1,0 +1,211 @@
+//! The command-line grammar of the blobstore commands (`spool init`, `ls`, `import`, ...).
+//!
+//! Sizes take suffixes (4096, 64K, 16MiB, 1G, 0x1000): a size clap cannot parse is a usage
+//! error (exit 2). Everything checked against the store (a blob id, an offset's alignment)
+//! is checked once the store is loaded, and fails with exit 1.
+
+use clap::{Args, Subcommand};
+
+/// Parses a positive size ("64M") for clap.
+fn size_arg(text: &str) -> Result<u64, String> {
+    spool_engine::parse_size(text).map_err(|err| err.to_string())
+}
+
+/// Parses a size that may be 0 ("0", "4K") for clap.
+fn bytes_arg(text: &str) -> Result<u64, String> {
+    spool_engine::parse_bytes(text).map_err(|err| err.to_string())
+}
+
+/// Parses `KEY=VALUE` for clap.
+fn key_value_arg(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("'{text}' is not KEY=VALUE (with a non-empty KEY)")),
+    }
+}
+
+/// Arguments of `spool init`.
+#[derive(Debug, Clone, Args)]
+pub struct InitArgs {
+    /// The image: a file or block device. A missing file is created with --size.
+    pub image: String,
+    /// Size of the file to create (e.g. 64M). An existing image is used whole.
+    #[arg(long, value_name = "BYTES", value_parser = size_arg)]
+    pub size: Option<u64>,
+    /// Bytes per cluster: the allocation unit (a multiple of 4096; default 1M).
+    #[arg(long, value_name = "BYTES", value_parser = size_arg)]
+    pub cluster_size: Option<u64>,
+    /// Metadata pages (one per blob plus extent pages; default: one per cluster).
+    #[arg(long, value_name = "N")]
+    pub md_pages: Option<u32>,
+    /// The store's type tag, up to 16 bytes (SPDK's lvol stores use LVOLSTORE).
+    #[arg(long, value_name = "NAME")]
+    pub bstype: Option<String>,
+}
+
+/// Arguments of `spool info`.
+#[derive(Debug, Clone, Args)]
+pub struct InfoArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `spool ls`.
+#[derive(Debug, Clone, Args)]
+pub struct LsArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// Print a JSON array (one object per blob) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `spool create`.
+#[derive(Debug, Clone, Args)]
+pub struct CreateArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// The blob's size (rounded up to whole clusters; 0 makes an empty blob).
+    #[arg(long, value_name = "BYTES", value_parser = bytes_arg)]
+    pub size: u64,
+    /// Thin provisioned: clusters are allocated on first write.
+    #[arg(long)]
+    pub thin: bool,
+    /// The blob's name: stored in xattr `name` as SPDK's lvol layer does (64 bytes,
+    /// NUL-padded; at most 63 bytes of name).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// An xattr to set (the value's bytes as given, no NUL added); repeatable.
+    #[arg(long = "xattr", value_name = "KEY=VALUE", value_parser = key_value_arg)]
+    pub xattrs: Vec<(String, String)>,
+    /// Record the clusters as run-length extents (SPDK before v20.01) instead of an extent
+    /// table.
+    #[arg(long)]
+    pub rle: bool,
+}
+
+/// Arguments of `spool resize`.
+#[derive(Debug, Clone, Args)]
+pub struct ResizeArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// The blob: an id (decimal or 0x-hex) or the value of its `name` xattr.
+    pub blob: String,
+    /// The new size (rounded up to whole clusters; 0 empties the blob).
+    #[arg(value_name = "BYTES", value_parser = bytes_arg)]
+    pub size: u64,
+}
+
+/// Arguments of the commands that take just a blob (`delete`, `set-read-only`).
+#[derive(Debug, Clone, Args)]
+pub struct BlobArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// The blob: an id (decimal or 0x-hex) or the value of its `name` xattr.
+    pub blob: String,
+}
+
+/// Arguments of `spool xattr`.
+#[derive(Debug, Clone, Args)]
+pub struct XattrArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// The blob: an id (decimal or 0x-hex) or the value of its `name` xattr.
+    pub blob: String,
+    /// What to do with the blob's xattrs.
+    #[command(subcommand)]
+    pub op: XattrOp,
+}
+
+/// The `spool xattr` operations.
+#[derive(Debug, Clone, Subcommand)]
+pub enum XattrOp {
+    /// List the xattrs: `KEY = VALUE` (trailing NULs shown as a count).
+    Ls {
+        /// Print one JSON object (name -> value as lowercase hex).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one xattr's value (trailing NULs stripped, other bytes escaped).
+    Get {
+        /// The xattr's name.
+        key: String,
+        /// Write the exact bytes, with no newline.
+        #[arg(long, conflicts_with = "hex")]
+        raw: bool,
+        /// Print the bytes as lowercase hex.
+        #[arg(long)]
+        hex: bool,
+    },
+    /// Set an xattr (replacing its value).
+    Set {
+        /// The xattr's name.
+        key: String,
+        /// The value: its bytes as given (no NUL added), or hex with --hex.
+        value: String,
+        /// VALUE is hex ("68656c6c6f00").
+        #[arg(long)]
+        hex: bool,
+    },
+    /// Remove an xattr.
+    Rm {
+        /// The xattr's name.
+        key: String,
+    },
+}
+
+/// Arguments of `spool super`.
+#[derive(Debug, Clone, Args)]
+pub struct SuperArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// The blob to make the super blob; without it, the super blob is printed.
+    pub blob: Option<String>,
+    /// Clear the super blob instead.
+    #[arg(long, conflicts_with = "blob")]
+    pub clear: bool,
+}
+
+/// Arguments of `spool import`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// The blob: an id (decimal or 0x-hex) or the value of its `name` xattr.
+    pub blob: String,
+    /// The file to copy into the blob (all of it).
+    pub file: String,
+    /// Where in the blob to start (a multiple of the io_unit; default 0).
+    #[arg(long, value_name = "BYTES", value_parser = bytes_arg, default_value = "0")]
+    pub offset: u64,
+}
+
+/// Arguments of `spool export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// The blob: an id (decimal or 0x-hex) or the value of its `name` xattr.
+    pub blob: String,
+    /// The file to write (created or truncated), or `-` for stdout.
+    pub file: String,
+    /// Where in the blob to start (a multiple of the io_unit; default 0).
+    #[arg(long, value_name = "BYTES", value_parser = bytes_arg, default_value = "0")]
+    pub offset: u64,
+    /// Bytes to copy (default: to the end of the blob).
+    #[arg(long, value_name = "BYTES", value_parser = bytes_arg)]
+    pub length: Option<u64>,
+}
+
+/// Arguments of `spool dump`.
+#[derive(Debug, Clone, Args)]
+pub struct DumpArgs {
+    /// The image: a file or block device (read only, never loaded: works on corrupt ones).
+    pub image: String,
+    /// Print one JSON object instead of the text dump.
+    #[arg(long)]
+    pub json: bool,
+}

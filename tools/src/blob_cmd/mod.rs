@@ -1,0 +1,123 @@
+//! The blobstore commands (`spool init`, `info`, `ls`, `create`, ... `dump`). Each works
+//! offline: it opens IMAGE, loads its store on a one-reactor runtime
+//! ([`spool_engine::run_offline`]), does its job there, and unloads the store cleanly.
+//!
+//! - [`args`]: the grammar.
+//! - `store_cmds`: init, info, super.
+//! - `list`: ls.
+//! - `blob_cmds`: create, resize, delete, set-read-only.
+//! - `xattr`: xattr ls/get/set/rm.
+//! - `transfer`: import and export (chunked blob I/O, progress bar).
+//! - `dump`: the raw metadata dump (no load: works on corrupt images).
+//! - `resolve`: BLOB arguments (ids or names) and opening blobs safely.
+//! - `progress`: the progress bar (stderr, terminals only).
+//! - `text`: escaping, hex, sizes, stdout.
+
+pub mod args;
+mod blob_cmds;
+mod dump;
+mod list;
+mod progress;
+mod resolve;
+mod store_cmds;
+mod text;
+mod transfer;
+mod xattr;
+
+use std::future::Future;
+use std::path::Path;
+
+use spool_blob::format::super_block::SuperBlockError;
+use spool_blob::{BlobError, Blobstore, LoadOptions};
+use spool_engine::{run_offline, EngineError, OpenInfo, StoreOpen};
+
+use crate::cli::Command;
+use crate::error::ToolError;
+
+/// Runs a blobstore command. Every failure is a [`ToolError::Failed`] (exit 1) naming the
+/// object and the reason.
+pub fn run(command: &Command) -> Result<(), ToolError> {
+    let result = match command {
+        Command::Perf(_) => Err(ToolError::Failed("perf is not a blobstore command".into())),
+        Command::Init(args) => store_cmds::init(args),
+        Command::Info(args) => store_cmds::info(args),
+        Command::Super(args) => store_cmds::super_blob(args),
+        Command::Ls(args) => list::ls(args),
+        Command::Create(args) => blob_cmds::create(args),
+        Command::Resize(args) => blob_cmds::resize(args),
+        Command::Delete(args) => blob_cmds::delete(args),
+        Command::SetReadOnly(args) => blob_cmds::set_read_only(args),
+        Command::Xattr(args) => xattr::xattr(args),
+        Command::Import(args) => transfer::import(args),
+        Command::Export(args) => transfer::export(args),
+        Command::Dump(args) => dump::dump(args),
+    };
+    result.map_err(|err| match err {
+        ToolError::Failed(_) => err,
+        other => ToolError::Failed(other.to_string()),
+    })
+}
+
+/// Runs `job` on IMAGE's loaded store (see [`spool_engine::run_offline`]). Store and engine
+/// errors come back as [`ToolError::Failed`] naming the image.
+fn on_store<T, F, Fut>(image: &str, job: F) -> Result<T, ToolError>
+where
+    F: FnOnce(Blobstore, OpenInfo) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, ToolError>> + 'static,
+    T: Send + 'static,
+{
+    with_store(image, StoreOpen::Load(LoadOptions::default()), job)
+}
+
+/// Like [`on_store`], with the store opened as `open` says.
+fn with_store<T, F, Fut>(image: &str, open: StoreOpen, job: F) -> Result<T, ToolError>
+where
+    F: FnOnce(Blobstore, OpenInfo) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, ToolError>> + 'static,
+    T: Send + 'static,
+{
+    run_offline(Path::new(image), open, job).map_err(|err| name_image(image, err))
+}
+
+/// Whether `err` says the image holds no blobstore at all (wrong signature or version).
+fn not_a_blobstore(err: &ToolError) -> bool {
+    let blob = match err {
+        ToolError::Engine(EngineError::Blob(blob)) | ToolError::Blob(blob) => blob,
+        _ => return false,
+    };
+    matches!(
+        blob,
+        BlobError::SuperBlock(SuperBlockError::Signature(_) | SuperBlockError::Version(_))
+    )
+}
+
+/// Makes an engine, store or reactor error name the image (unless it already does).
+fn name_image(image: &str, err: ToolError) -> ToolError {
+    if not_a_blobstore(&err) {
+        return ToolError::Failed(format!("{image}: not a blobstore ({err})"));
+    }
+    match err {
+        ToolError::Engine(_) | ToolError::Blob(_) | ToolError::Reactor(_) => {
+            let message = err.to_string();
+            if message.contains(image) {
+                ToolError::Failed(message)
+            } else {
+                ToolError::Failed(format!("{image}: {message}"))
+            }
+        }
+        other => other,
+    }
+}
+
+/// Clusters for `bytes` (rounded up), telling on stderr when it rounded.
+fn clusters_for(bytes: u64, cluster_size: u64) -> u64 {
+    let clusters = bytes.div_ceil(cluster_size);
+    if !bytes.is_multiple_of(cluster_size) {
+        eprintln!(
+            "note: {bytes} bytes is not a whole number of {} clusters: rounded up to {clusters} cluster(s) ({} bytes)",
+            text::human_bytes(cluster_size),
+            clusters * cluster_size
+        );
+    }
+    clusters
+}

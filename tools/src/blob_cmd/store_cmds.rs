@@ -1,0 +1,253 @@
+//! The store-wide commands: `init`, `info` and `super`.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use serde::Serialize;
+use spool_blob::format::super_block::{bstype_from_name, bstype_name};
+use spool_blob::format::{BLOBID_INVALID, PAGE_SIZE_U64};
+use spool_blob::{Blobstore, InitOptions};
+use spool_engine::{prepare_file, OpenInfo, StoreOpen};
+
+use crate::blob_cmd::args::{InfoArgs, InitArgs, SuperArgs};
+use crate::blob_cmd::progress::bytes_bar;
+use crate::blob_cmd::resolve::resolve_blob;
+use crate::blob_cmd::text::{emit, human_bytes, id_hex, table};
+use crate::blob_cmd::{on_store, with_store};
+use crate::error::ToolError;
+
+/// What `spool info` reports (`--json` prints it as is).
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreInfo {
+    /// The image path as given.
+    pub image: String,
+    /// Bytes of the device.
+    pub device_bytes: u64,
+    /// Super block version.
+    pub version: u32,
+    /// Bytes per cluster.
+    pub cluster_size: u64,
+    /// Bytes per io_unit (the unit of blob I/O).
+    pub io_unit_size: u64,
+    /// Bytes per metadata page.
+    pub page_size: u64,
+    /// First metadata page (pages from the device start).
+    pub md_start: u64,
+    /// Metadata pages.
+    pub md_len: u32,
+    /// Whether the super block said clean when this command opened the image.
+    pub clean: bool,
+    /// Whether the load replayed the metadata (the store was not clean).
+    pub recovered: bool,
+    /// The store's type tag as text (NULs stripped; empty when untyped).
+    pub bstype: String,
+    /// The super blob's id, if one is set.
+    pub super_blob: Option<u64>,
+    /// Clusters of the store.
+    pub total_clusters: u64,
+    /// Clusters holding the super block, masks and metadata.
+    pub md_clusters: u64,
+    /// Clusters for blob data (total minus metadata).
+    pub total_data_clusters: u64,
+    /// Free data clusters.
+    pub free_clusters: u64,
+    /// Blobs in the store.
+    pub num_blobs: usize,
+    /// Blobs whose metadata could not be read at load: id and reason.
+    pub unreadable_blobs: Vec<(u64, String)>,
+}
+
+fn store_info(image: String, store: &Blobstore, info: &OpenInfo) -> StoreInfo {
+    let geometry = store.geometry();
+    let block = &info.super_block;
+    let report = info.load_report.clone().unwrap_or_default();
+    StoreInfo {
+        image,
+        device_bytes: info.device_bytes,
+        version: block.version,
+        cluster_size: geometry.cluster_size,
+        io_unit_size: geometry.io_unit_size,
+        page_size: PAGE_SIZE_U64,
+        md_start: geometry.md_start,
+        md_len: geometry.md_len,
+        clean: info.clean_at_open,
+        recovered: report.recovered,
+        bstype: bstype_name(&store.bstype()),
+        super_blob: store.get_super().ok(),
+        total_clusters: geometry.total_clusters,
+        md_clusters: geometry.md_clusters,
+        total_data_clusters: store.total_data_cluster_count(),
+        free_clusters: store.free_cluster_count(),
+        num_blobs: store.blob_ids().len(),
+        unreadable_blobs: report.unreadable,
+    }
+}
+
+fn yes_no(flag: bool) -> &'static str {
+    if flag {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn info_table(info: &StoreInfo) -> String {
+    let bstype = if info.bstype.is_empty() {
+        "(none)".to_string()
+    } else {
+        info.bstype.clone()
+    };
+    let mut rows = vec![
+        (
+            "cluster_size",
+            format!("{} ({})", info.cluster_size, human_bytes(info.cluster_size)),
+        ),
+        ("io_unit_size", info.io_unit_size.to_string()),
+        ("md_start", info.md_start.to_string()),
+        ("md_len", info.md_len.to_string()),
+        ("clean", yes_no(info.clean).to_string()),
+        ("recovered", yes_no(info.recovered).to_string()),
+        ("bstype", bstype),
+        (
+            "super_blob",
+            info.super_blob.map_or_else(|| "none".into(), id_hex),
+        ),
+        ("total_data_clusters", info.total_data_clusters.to_string()),
+        ("free_clusters", info.free_clusters.to_string()),
+        ("num_blobs", info.num_blobs.to_string()),
+    ];
+    for (id, reason) in &info.unreadable_blobs {
+        rows.push(("unreadable", format!("{}: {reason}", id_hex(*id))));
+    }
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|(key, value)| vec![key.to_string(), value])
+        .collect();
+    table(&rows)
+}
+
+/// `spool info IMAGE [--json]`.
+pub fn info(args: &InfoArgs) -> Result<(), ToolError> {
+    let image = args.image.clone();
+    let info = on_store(&args.image, move |store, open| async move {
+        Ok(store_info(image, &store, &open))
+    })?;
+    if args.json {
+        emit(&format!("{}\n", to_json(&info)?))
+    } else {
+        emit(&info_table(&info))
+    }
+}
+
+/// Pretty JSON of `value`.
+pub fn to_json(value: &impl Serialize) -> Result<String, ToolError> {
+    serde_json::to_string_pretty(value).map_err(|err| ToolError::Failed(format!("JSON: {err}")))
+}
+
+/// Makes sure IMAGE exists as `init` needs: created with --size when missing (returns
+/// true then), or checked against --size when it exists.
+fn prepare_image(args: &InitArgs) -> Result<bool, ToolError> {
+    let path = Path::new(&args.image);
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => Some(meta),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => return Err(ToolError::Failed(format!("{}: {err}", args.image))),
+    };
+    match (meta, args.size) {
+        (None, None) => Err(ToolError::Failed(format!(
+            "{}: no such file or directory (give --size to create it)",
+            args.image
+        ))),
+        (None, Some(size)) => {
+            let bar = bytes_bar(size, "creating");
+            prepare_file(path, size, |written| bar.set_position(written))?;
+            bar.finish_and_clear();
+            Ok(true)
+        }
+        (Some(meta), Some(_)) if meta.file_type().is_block_device() => {
+            Err(ToolError::Failed(format!(
+                "{}: a block device is used whole; --size is for creating a file",
+                args.image
+            )))
+        }
+        (Some(meta), Some(size)) if meta.len() != size => Err(ToolError::Failed(format!(
+            "{}: exists with {} bytes, not the {size} of --size (omit --size to use it as it is)",
+            args.image,
+            meta.len()
+        ))),
+        (Some(_), _) => Ok(false),
+    }
+}
+
+/// `spool init IMAGE [--size BYTES] [--cluster-size BYTES] [--md-pages N] [--bstype NAME]`.
+pub fn init(args: &InitArgs) -> Result<(), ToolError> {
+    let bstype = match &args.bstype {
+        None => [0; 16],
+        Some(name) => bstype_from_name(name).ok_or_else(|| {
+            ToolError::Failed(format!(
+                "bstype '{name}' is {} bytes; at most 16",
+                name.len()
+            ))
+        })?,
+    };
+    let options = InitOptions {
+        cluster_size: args.cluster_size.unwrap_or(1 << 20),
+        md_pages: args.md_pages,
+        bstype,
+    };
+    let created = prepare_image(args)?;
+    let result = with_store(
+        &args.image,
+        StoreOpen::Init(options),
+        |store, info| async move {
+            let geometry = store.geometry();
+            Ok(format!(
+                "{} bytes, {} clusters of {} ({} for data), md_start {}, md_len {}",
+                info.device_bytes,
+                geometry.total_clusters,
+                human_bytes(geometry.cluster_size),
+                store.total_data_cluster_count(),
+                geometry.md_start,
+                geometry.md_len
+            ))
+        },
+    );
+    match result {
+        Ok(summary) => emit(&format!("initialized {}: {summary}\n", args.image)),
+        Err(err) => {
+            if created {
+                // Leave nothing half-made: the file did not exist before.
+                let _ = std::fs::remove_file(&args.image);
+            }
+            Err(err)
+        }
+    }
+}
+
+/// `spool super IMAGE [BLOB | --clear]`.
+pub fn super_blob(args: &SuperArgs) -> Result<(), ToolError> {
+    let blob = args.blob.clone();
+    let clear = args.clear;
+    let printed = on_store(&args.image, move |store, _| async move {
+        if clear {
+            store.set_super(BLOBID_INVALID).await?;
+            return Ok(None);
+        }
+        match blob {
+            Some(text) => {
+                let id = resolve_blob(&store, &text).await?;
+                store.set_super(id).await?;
+                Ok(None)
+            }
+            None => Ok(Some(
+                store
+                    .get_super()
+                    .map_or_else(|_| "none".to_string(), id_hex),
+            )),
+        }
+    })?;
+    match printed {
+        Some(line) => emit(&format!("{line}\n")),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,95 @@
+//! `spool xattr IMAGE BLOB ls | get KEY | set KEY VALUE | rm KEY`: a blob's public xattrs.
+
+use std::collections::BTreeMap;
+
+use spool_blob::{Blob, BlobError};
+
+use crate::blob_cmd::args::{XattrArgs, XattrOp};
+use crate::blob_cmd::on_store;
+use crate::blob_cmd::resolve::{resolve_blob, with_blob};
+use crate::blob_cmd::store_cmds::to_json;
+use crate::blob_cmd::text::{emit_bytes, escape, hex, show_value, strip_nuls, unhex};
+use crate::error::ToolError;
+
+/// What an operation prints on stdout (nothing for set and rm).
+async fn apply(blob: &Blob, op: XattrOp) -> Result<Vec<u8>, ToolError> {
+    match op {
+        XattrOp::Ls { json } => {
+            let pairs = blob.xattrs();
+            if json {
+                let map: BTreeMap<String, String> = pairs
+                    .iter()
+                    .map(|(name, value)| (String::from_utf8_lossy(name).into_owned(), hex(value)))
+                    .collect();
+                Ok(format!("{}\n", to_json(&map)?).into_bytes())
+            } else {
+                let mut out = String::new();
+                for (name, value) in &pairs {
+                    out.push_str(&format!("{} = {}\n", escape(name), show_value(value)));
+                }
+                Ok(out.into_bytes())
+            }
+        }
+        XattrOp::Get {
+            key,
+            raw,
+            hex: as_hex,
+        } => {
+            let value = blob.xattr(&key).ok_or_else(|| BlobError::NoSuchXattr {
+                id: blob.id(),
+                name: key.clone(),
+            })?;
+            Ok(if raw {
+                value
+            } else if as_hex {
+                format!("{}\n", hex(&value)).into_bytes()
+            } else {
+                format!("{}\n", escape(strip_nuls(&value).0)).into_bytes()
+            })
+        }
+        XattrOp::Set { key, value, hex } => {
+            let bytes = if hex {
+                unhex(&value).ok_or_else(|| {
+                    ToolError::Failed(format!("--hex value '{value}' is not whole hex bytes"))
+                })?
+            } else {
+                value.into_bytes()
+            };
+            blob.set_xattr(&key, &bytes)?;
+            blob.sync_md().await?;
+            Ok(Vec::new())
+        }
+        XattrOp::Rm { key } => {
+            blob.remove_xattr(&key)?;
+            blob.sync_md().await?;
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// `spool xattr IMAGE BLOB OP`.
+pub fn xattr(args: &XattrArgs) -> Result<(), ToolError> {
+    let key = match &args.op {
+        XattrOp::Ls { .. } => None,
+        XattrOp::Get { key, .. } | XattrOp::Set { key, .. } | XattrOp::Rm { key } => Some(key),
+    };
+    if key.is_some_and(String::is_empty) {
+        return Err(ToolError::Failed("the xattr name is empty".into()));
+    }
+    if let XattrOp::Set {
+        value, hex: true, ..
+    } = &args.op
+    {
+        if unhex(value).is_none() {
+            return Err(ToolError::Failed(format!(
+                "--hex value '{value}' is not whole hex bytes"
+            )));
+        }
+    }
+    let (text, op) = (args.blob.clone(), args.op.clone());
+    let out = on_store(&args.image, move |store, _| async move {
+        let id = resolve_blob(&store, &text).await?;
+        with_blob(&store, id, async |blob| apply(blob, op).await).await
+    })?;
+    emit_bytes(&out)
+}

@@ -1,0 +1,172 @@
+//! Helpers for the `spool` command-line tests: run the built binary, check its exit status and
+//! one-line errors, and unpack the SPDK fixture images (`shared/fixtures/spdk/`).
+
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+/// What one run printed.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status (`None`: killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output, as bytes.
+    pub stdout: Vec<u8>,
+    /// Standard error, lossy text.
+    pub stderr: String,
+}
+
+impl Run {
+    /// Standard output as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+impl From<Output> for Run {
+    fn from(output: Output) -> Self {
+        Run {
+            code: output.status.code(),
+            stdout: output.stdout,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `spool ARGS` in `dir`.
+pub fn spool_in(dir: &Path, args: &[&str]) -> Run {
+    let output = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SPOOL_LOG")
+        .output()
+        .expect("spool runs");
+    let run = Run::from(output);
+    assert!(
+        !run.stderr.contains("panicked"),
+        "spool {args:?} panicked: {}",
+        run.stderr
+    );
+    assert_ne!(
+        run.code,
+        Some(101),
+        "spool {args:?} panicked: {}",
+        run.stderr
+    );
+    run
+}
+
+/// Runs `spool ARGS` in `dir` and returns its stdout; panics unless it exits 0.
+pub fn ok_in(dir: &Path, args: &[&str]) -> Run {
+    let run = spool_in(dir, args);
+    assert_eq!(
+        run.code,
+        Some(0),
+        "spool {args:?} failed: {}{}",
+        run.text(),
+        run.stderr
+    );
+    run
+}
+
+/// Runs `spool ARGS` in `dir`, expecting exit 1 with a single `error: ...` line on stderr
+/// and nothing on stdout; returns that line.
+pub fn fails_in(dir: &Path, args: &[&str]) -> String {
+    let run = spool_in(dir, args);
+    assert_eq!(
+        run.code,
+        Some(1),
+        "spool {args:?}: expected exit 1, stdout {:?}, stderr {:?}",
+        run.text(),
+        run.stderr
+    );
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "spool {args:?}: one stderr line expected: {:?}",
+        run.stderr
+    );
+    assert!(
+        lines[0].starts_with("error: "),
+        "spool {args:?}: {:?}",
+        run.stderr
+    );
+    assert!(
+        run.stdout.is_empty(),
+        "spool {args:?}: stdout {:?}",
+        run.text()
+    );
+    lines[0].to_string()
+}
+
+/// Parses a run's stdout as JSON.
+pub fn json(run: &Run) -> serde_json::Value {
+    serde_json::from_slice(&run.stdout)
+        .unwrap_or_else(|err| panic!("stdout is not JSON ({err}): {}", run.text()))
+}
+
+/// `P(s)` of the fixtures: byte `o` is `(o*31 + s) % 251`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|o| ((o * 31 + seed) % 251) as u8)
+        .collect()
+}
+
+/// Lowercase hex sha256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Where the SPDK fixtures are: `$SPOOL_FIXTURES_DIR`, else `shared/fixtures/spdk` beside
+/// the workspace.
+pub fn fixtures_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SPOOL_FIXTURES_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/spdk")
+}
+
+/// Fixture `name`'s manifest.
+pub fn manifest(name: &str) -> serde_json::Value {
+    let path = fixtures_dir().join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()));
+    serde_json::from_str(&text).expect("manifest is JSON")
+}
+
+/// Gunzips fixture `name` into `dir/NAME.img` (a copy: the commands write the image when
+/// they unload), checking its size and sha256 against the manifest.
+pub fn fixture_image(name: &str, dir: &Path) -> PathBuf {
+    let gz = fixtures_dir().join(format!("{name}.img.gz"));
+    let file = std::fs::File::open(&gz)
+        .unwrap_or_else(|err| panic!("cannot open {}: {err}", gz.display()));
+    let mut image = Vec::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_end(&mut image)
+        .expect("gunzip the fixture");
+    let manifest = manifest(name);
+    assert_eq!(
+        image.len() as u64,
+        manifest["image_bytes"].as_u64().unwrap()
+    );
+    assert_eq!(
+        sha256_hex(&image),
+        manifest["image_sha256"].as_str().unwrap()
+    );
+    let path = dir.join(format!("{name}.img"));
+    std::fs::write(&path, &image).expect("write the image copy");
+    path
+}
+
+/// A blob id from a manifest's hex string ("0x100000000").
+pub fn hex_id(text: &str) -> u64 {
+    u64::from_str_radix(text.trim_start_matches("0x"), 16).expect("hex id")
+}
