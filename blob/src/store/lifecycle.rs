@@ -23,6 +23,10 @@ pub struct InitOptions {
     pub md_pages: Option<u32>,
     /// The store's type tag (default all zero: untyped).
     pub bstype: Bstype,
+    /// Unmap the data area at init, as SPDK does (default true). Spool does not rely on it
+    /// (new thin clusters are written whole); a benchmark turns it off so a fully written
+    /// file stays allocated and reads reach the media.
+    pub unmap_data: bool,
 }
 
 impl Default for InitOptions {
@@ -31,6 +35,7 @@ impl Default for InitOptions {
             cluster_size: 1 << 20,
             md_pages: None,
             bstype: [0; 16],
+            unmap_data: true,
         }
     }
 }
@@ -103,7 +108,7 @@ impl Blobstore {
         zero_bytes(channel, 0, md_bytes).await?;
         let data_start = layout.md_clusters * options.cluster_size;
         let data_end = layout.total_clusters * options.cluster_size;
-        if data_end > data_start {
+        if options.unmap_data && data_end > data_start {
             // Best effort: thin blobs zero-fill new clusters themselves.
             if let Err(err) = channel.unmap(data_start, data_end - data_start).await {
                 tracing::debug!(%err, "unmap of the data area at init skipped");

@@ -194,6 +194,7 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
         cluster_size: args.cluster_size.unwrap_or(1 << 20),
         md_pages: args.md_pages,
         bstype,
+        ..InitOptions::default()
     };
     let created = prepare_image(args)?;
     let result = with_store(

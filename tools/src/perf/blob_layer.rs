@@ -22,6 +22,9 @@ pub async fn setup(desc: BdevDesc, cluster_size: u64) -> Result<Arc<BlobIo>, Str
         desc,
         &InitOptions {
             cluster_size,
+            // Keep a fully written file allocated: reads must reach the media, as on the
+            // bdev layer.
+            unmap_data: false,
             ..InitOptions::default()
         },
     )
