@@ -19,6 +19,9 @@ use crate::meta::{
 use crate::store::Blobstore;
 use crate::sync::{LocalEvent, LocalMutex};
 
+/// Deepest snapshot chain (blob, parent, grandparent, ...) an open follows.
+pub const MAX_CHAIN_DEPTH: usize = 1024;
+
 /// Options of [`Blobstore::create_blob`].
 #[derive(Debug, Clone)]
 pub struct BlobOptions {
@@ -354,9 +357,27 @@ impl Blob {
             )));
         }
         self.state.resizing.set(true);
-        let result = crate::resize::resize(&self.store, &self.state, num_clusters);
+        // I/O is frozen around the map change: nothing in flight uses the old map.
+        let io = self.io();
+        let result = match crate::freeze::freeze(&self.store, &io).await {
+            Ok(()) => {
+                let resized = crate::resize::resize(&self.store, &self.state, num_clusters);
+                let thawed = crate::freeze::unfreeze(&self.store, &io).await;
+                resized.and(thawed)
+            }
+            Err(err) => Err(err),
+        };
         self.state.resizing.set(false);
         result
+    }
+
+    /// Another handle on the same open blob (refcount + 1); close it separately.
+    pub(crate) fn reopen(&self) -> Blob {
+        self.state.open_ref.set(self.state.open_ref.get() + 1);
+        Blob {
+            state: Rc::clone(&self.state),
+            store: self.store.clone(),
+        }
     }
 
     /// Gives this handle back: persists if dirty (on failure the blob stays open and the
@@ -586,6 +607,9 @@ impl Blobstore {
                 "a clone that is not thin provisioned",
             ));
         }
+        if parent_id.is_some() {
+            self.check_ancestry(id, parent_id)?;
+        }
         let parent = match parent_id {
             Some(parent_id) if parent_id == id => {
                 return Err(BlobError::corrupt(id, "the blob is its own parent"));
@@ -602,6 +626,31 @@ impl Blobstore {
         let state = BlobState::new(meta, chain_pages, io);
         *state.parent.borrow_mut() = parent;
         Ok(state)
+    }
+
+    /// Refuses a snapshot chain from `id` (whose parent is `parent`) that loops or is
+    /// deeper than [`MAX_CHAIN_DEPTH`]: opening it would wait on itself forever.
+    fn check_ancestry(&self, id: u64, parent: Option<u64>) -> Result<()> {
+        let state = self.inner.state.borrow();
+        let mut seen = vec![id];
+        let mut next = parent;
+        while let Some(ancestor) = next {
+            if seen.contains(&ancestor) {
+                return Err(BlobError::corrupt(
+                    id,
+                    format!("its snapshot chain loops back to blob {ancestor:#x}"),
+                ));
+            }
+            if seen.len() >= MAX_CHAIN_DEPTH {
+                return Err(BlobError::corrupt(
+                    id,
+                    format!("its snapshot chain is deeper than {MAX_CHAIN_DEPTH}"),
+                ));
+            }
+            seen.push(ancestor);
+            next = state.parents.get(&ancestor).copied();
+        }
+        Ok(())
     }
 
     /// Deletes blob `id`: -EBUSY while it is open elsewhere or is a snapshot with clones.
@@ -623,6 +672,12 @@ impl Blobstore {
                 "blob {id:#x} is open ({refs} handle(s))"
             )));
         }
+        self.delete_open(blob).await
+    }
+
+    /// Deletes the blob `blob` is the only handle of (the caller checked).
+    pub(crate) async fn delete_open(&self, blob: Blob) -> Result<()> {
+        let id = blob.id();
         let result = crate::persist::delete(self, &blob.state).await;
         self.unlink_clone(id);
         self.inner.state.borrow_mut().open_blobs.remove(&id);

@@ -22,10 +22,12 @@ pub mod bitmap;
 mod blob;
 pub mod error;
 pub mod format;
+mod freeze;
 mod io;
 pub mod meta;
 mod persist;
 mod resize;
+mod snapshot;
 pub mod store;
 mod sync;
 

@@ -12,9 +12,10 @@ use crate::format::descriptor::{
 use crate::format::md_page::{descriptor_area, encode_page, MdPageHeader, DESC_AREA_LEN};
 use crate::format::{EXTENTS_PER_PAGE, INVALID_MD_PAGE};
 
-/// Largest blob, in clusters, this build keeps a cluster map for (2^28: 256 TiB at 1 MiB
-/// clusters). Larger metadata is refused instead of exhausting memory.
-pub const MAX_BLOB_CLUSTERS: u64 = 1 << 28;
+/// Largest blob, in clusters, this build keeps a cluster map for (2^26: 64 TiB at 1 MiB
+/// clusters, 256 TiB at the lvol store's 4 MiB). Larger metadata is refused instead of
+/// exhausting memory.
+pub const MAX_BLOB_CLUSTERS: u64 = 1 << 26;
 /// Largest xattr name + value: what fits one descriptor in an otherwise empty page.
 pub const MAX_XATTR_BYTES: usize = DESC_AREA_LEN - 5 - 4;
 /// Internal xattr naming a clone's parent snapshot (8 bytes, little-endian id).
@@ -258,6 +259,12 @@ pub fn parse_chain(id: u64, pages: &[&[u8]], check: &dyn ClusterCheck) -> Result
                 Descriptor::ExtentRle(runs) => {
                     saw_rle = true;
                     for (cluster, len) in runs.iter() {
+                        if cluster == 0 && saw_flags && meta.flags.invalid & FLAG_THIN_PROV == 0 {
+                            return Err(BlobError::corrupt(
+                                id,
+                                "unallocated cluster in a thick blob",
+                            ));
+                        }
                         rle_total += u64::from(len);
                         if rle_total > MAX_BLOB_CLUSTERS {
                             return Err(BlobError::corrupt(

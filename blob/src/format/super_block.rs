@@ -5,6 +5,7 @@
 //! used-cluster mask start/len @40/44, md_start/md_len @48/52, bstype[16] @56, used-blobid mask
 //! start/len @72/76, size u64 @80, io_unit_size u32 @88, reserved to 4092, crc u32 @4092.
 
+use super::mask::mask_pages;
 use super::{
     page_crc, read_u32, read_u64, stored_crc, write_u32, write_u64, BLOBID_INVALID, CRC_OFFSET,
     PAGE_SIZE,
@@ -265,6 +266,73 @@ impl SuperBlock {
             self.used_blobid_mask_len,
         )?;
         region("md", self.md_start, self.md_len)?;
+        // Each mask must hold its bits (a load writes the masks back after recovery and at
+        // unload), and no two regions may overlap (or writing one would wipe another).
+        let md_bits = u64::from(self.md_len);
+        let needs = [
+            (
+                "used_page_mask",
+                self.used_page_mask_len,
+                mask_pages(md_bits),
+                false,
+            ),
+            (
+                "used_cluster_mask",
+                self.used_cluster_mask_len,
+                mask_pages(total_clusters),
+                false,
+            ),
+            // A pre-v3 store has no blob-id mask (len 0): it is recovered on every load.
+            (
+                "used_blobid_mask",
+                self.used_blobid_mask_len,
+                mask_pages(md_bits),
+                true,
+            ),
+        ];
+        for (name, len, needed, may_be_absent) in needs {
+            if u64::from(len) < needed && !(may_be_absent && len == 0) {
+                return Err(field(
+                    name,
+                    format!("{len} page(s) cannot hold its bits; it needs {needed}"),
+                ));
+            }
+        }
+        let mut regions = [
+            (
+                "used_page_mask",
+                self.used_page_mask_start,
+                self.used_page_mask_len,
+            ),
+            (
+                "used_cluster_mask",
+                self.used_cluster_mask_start,
+                self.used_cluster_mask_len,
+            ),
+            (
+                "used_blobid_mask",
+                self.used_blobid_mask_start,
+                self.used_blobid_mask_len,
+            ),
+            ("md", self.md_start, self.md_len),
+        ];
+        regions.sort_by_key(|&(_, start, _)| start);
+        for pair in regions.windows(2) {
+            let ((a, a_start, a_len), (b, b_start, b_len)) = (pair[0], pair[1]);
+            if a_len != 0
+                && b_len != 0
+                && u64::from(a_start) + u64::from(a_len) > u64::from(b_start)
+            {
+                return Err(field(
+                    b,
+                    format!(
+                        "pages {b_start}..{} overlap {a} (pages {a_start}..{})",
+                        u64::from(b_start) + u64::from(b_len),
+                        u64::from(a_start) + u64::from(a_len)
+                    ),
+                ));
+            }
+        }
         if self.md_start == 0 {
             return Err(field("md_start", "0 is the super block".into()));
         }
@@ -404,6 +472,25 @@ mod tests {
         let mut zero_cluster = decoded.clone();
         zero_cluster.cluster_size = 0;
         assert!(zero_cluster.check_geometry(64 << 20, 4096).is_err());
+    }
+
+    #[test]
+    fn masks_must_hold_their_bits_and_regions_must_not_overlap() {
+        let mut short = sample();
+        short.used_cluster_mask_len = 0;
+        let err = short.check_geometry(64 << 20, 4096).unwrap_err();
+        assert!(err.to_string().contains("used_cluster_mask"), "{err}");
+        let mut overlap = sample();
+        overlap.used_cluster_mask_len = 3; // pages 2..5 cover the blob-id mask and md page 4
+        let err = overlap.check_geometry(64 << 20, 4096).unwrap_err();
+        assert!(err.to_string().contains("overlap"), "{err}");
+        let mut pre_v3 = sample();
+        pre_v3.used_blobid_mask_len = 0;
+        pre_v3.used_blobid_mask_start = 0;
+        assert!(
+            pre_v3.check_geometry(64 << 20, 4096).is_ok(),
+            "no blob-id mask is allowed"
+        );
     }
 
     #[test]

@@ -15,9 +15,11 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use spool_bdev::{BdevChannel, DmaBuf};
@@ -51,6 +53,10 @@ pub struct BlobIo {
     data_ro: AtomicBool,
     closed: AtomicBool,
     parent: ArcSwapOption<BlobIo>,
+    /// Freeze depth: while above 0, new I/O waits on its channel (snapshot, resize).
+    frozen: AtomicU32,
+    /// I/Os admitted and not yet completed, on every channel.
+    inflight: AtomicU64,
 }
 
 impl std::fmt::Debug for BlobIo {
@@ -70,6 +76,8 @@ impl BlobIo {
             data_ro: AtomicBool::new(meta.data_ro()),
             closed: AtomicBool::new(false),
             parent: ArcSwapOption::empty(),
+            frozen: AtomicU32::new(0),
+            inflight: AtomicU64::new(0),
         })
     }
 
@@ -91,6 +99,25 @@ impl BlobIo {
     /// This reactor's channel to the blob's store.
     pub fn channel(&self) -> Result<BlobChannel> {
         channel_of(&self.store)
+    }
+
+    /// I/Os admitted and not finished.
+    pub(crate) fn inflight(&self) -> u64 {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    /// Raises the freeze depth; returns the depth before.
+    pub(crate) fn freeze_enter(&self) -> u32 {
+        self.frozen.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Lowers the freeze depth; returns the depth after.
+    pub(crate) fn freeze_leave(&self) -> u32 {
+        self.frozen.fetch_sub(1, Ordering::AcqRel) - 1
+    }
+
+    fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire) > 0
     }
 
     pub(crate) fn set_parent(&self, parent: Option<Arc<BlobIo>>) {
@@ -145,6 +172,29 @@ type AllocKey = (u64, u64);
 pub struct ChannelContext {
     bdev: BdevChannel,
     allocating: RefCell<HashMap<AllocKey, Rc<LocalEvent<()>>>>,
+    /// I/Os waiting for a frozen blob, by blob id, in arrival order.
+    frozen_waiters: RefCell<HashMap<u64, VecDeque<Waker>>>,
+}
+
+impl ChannelContext {
+    /// Wakes, in arrival order, the I/Os of blob `id` that wait on this channel.
+    pub(crate) fn release_frozen(&self, id: u64) {
+        let waiters = self.frozen_waiters.borrow_mut().remove(&id);
+        for waker in waiters.into_iter().flatten() {
+            waker.wake();
+        }
+    }
+}
+
+/// An admitted I/O: counted in its blob's in-flight total until dropped.
+struct Admitted<'a> {
+    blob: &'a BlobIo,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.blob.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub(crate) fn register_device(desc: &spool_bdev::BdevDesc) -> IoDevice<ChannelContext> {
@@ -156,6 +206,7 @@ pub(crate) fn register_device(desc: &spool_bdev::BdevDesc) -> IoDevice<ChannelCo
             Ok(ChannelContext {
                 bdev,
                 allocating: RefCell::new(HashMap::new()),
+                frozen_waiters: RefCell::new(HashMap::new()),
             })
         },
         |_reactor, context| drop(context),
@@ -201,6 +252,27 @@ pub struct BlobChannel {
 }
 
 impl BlobChannel {
+    /// Waits while `blob` is frozen (queued on this channel, in order), then counts the I/O
+    /// in flight until the returned guard drops.
+    async fn admit<'a>(&self, blob: &'a BlobIo) -> Admitted<'a> {
+        std::future::poll_fn(|cx| {
+            if blob.is_frozen() {
+                self.channel
+                    .frozen_waiters
+                    .borrow_mut()
+                    .entry(blob.id)
+                    .or_default()
+                    .push_back(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        blob.inflight.fetch_add(1, Ordering::AcqRel);
+        Admitted { blob }
+    }
+
     fn bdev(&self) -> &BdevChannel {
         &self.channel.bdev
     }
@@ -285,32 +357,37 @@ impl BlobChannel {
         write: bool,
     ) -> BlobIoFuture<'a> {
         if let Some(device) = self.fast_target(blob, offset, buf.len() as u64, write) {
+            blob.inflight.fetch_add(1, Ordering::AcqRel);
             let request = if write {
                 self.bdev().write(buf, device)
             } else {
                 self.bdev().read(buf, device)
             };
-            return BlobIoFuture::Direct(request);
-        }
-        let (start, len) = match self.byte_range(blob, offset, buf.len() as u64, write) {
-            Ok(range) => range,
-            Err(err) => return BlobIoFuture::Failed(Some((err, buf))),
-        };
-        let pieces = self.pieces(blob, start, len);
-        if let [Piece {
-            target: Target::Device(device),
-            ..
-        }] = pieces.as_slice()
-        {
-            // Physically contiguous clusters (a thick blob): still one request.
-            let request = if write {
-                self.bdev().write(buf, *device)
-            } else {
-                self.bdev().read(buf, *device)
-            };
-            return BlobIoFuture::Direct(request);
+            return BlobIoFuture::Direct(DirectIo {
+                request,
+                admitted: Some(Admitted { blob }),
+            });
         }
         BlobIoFuture::Split(Box::pin(async move {
+            let _admitted = self.admit(blob).await;
+            let (start, len) = match self.byte_range(blob, offset, buf.len() as u64, write) {
+                Ok(range) => range,
+                Err(err) => return (Err(err), buf),
+            };
+            let pieces = self.pieces(blob, start, len);
+            if let [Piece {
+                target: Target::Device(device),
+                ..
+            }] = pieces.as_slice()
+            {
+                // Physically contiguous clusters (a thick blob): still one request.
+                let (result, buf) = if write {
+                    self.bdev().write(buf, *device).await
+                } else {
+                    self.bdev().read(buf, *device).await
+                };
+                return (result.map_err(BlobError::from), buf);
+            }
             let mut buf = buf;
             let result = if write {
                 self.write_pieces(blob, &pieces, start, &buf).await
@@ -332,6 +409,7 @@ impl BlobChannel {
         let cluster_shift = geometry.cluster_shift?;
         if len == 0
             || len & (geometry.io_unit_size - 1) != 0
+            || blob.is_frozen()
             || blob.closed.load(Ordering::Acquire)
             || (write && blob.data_ro.load(Ordering::Acquire))
         {
@@ -439,6 +517,7 @@ impl BlobChannel {
         if total == 0 {
             return (Ok(()), bufs);
         }
+        let _admitted = self.admit(blob).await;
         let (start, len) = match self.byte_range(blob, offset, total, false) {
             Ok(range) => range,
             Err(err) => return (Err(err), bufs),
@@ -477,6 +556,7 @@ impl BlobChannel {
         if total == 0 {
             return (blob.check(offset, 0, true), bufs);
         }
+        let _admitted = self.admit(blob).await;
         let (start, len) = match self.byte_range(blob, offset, total, true) {
             Ok(range) => range,
             Err(err) => return (Err(err), bufs),
@@ -499,6 +579,7 @@ impl BlobChannel {
     /// (the blob keeps them; unallocated parts are a no-op). Advisory: a device without
     /// unmap succeeds.
     pub async fn unmap(&self, blob: &BlobIo, offset: u64, len: u64) -> Result<()> {
+        let _admitted = self.admit(blob).await;
         blob.check(offset, len, true)?;
         let unit = self.unit();
         for piece in self.pieces(blob, offset * unit, len * unit) {
@@ -516,6 +597,7 @@ impl BlobChannel {
     /// Writes zeros over `len` io_units at `offset`; allocates unallocated clusters of a
     /// thin blob (as SPDK does).
     pub async fn write_zeroes(&self, blob: &BlobIo, offset: u64, len: u64) -> Result<()> {
+        let _admitted = self.admit(blob).await;
         blob.check(offset, len, true)?;
         let unit = self.unit();
         for piece in self.pieces(blob, offset * unit, len * unit) {
@@ -538,7 +620,7 @@ impl BlobChannel {
 /// buffer. A request inside one allocated cluster is the bdev's own future (no allocation).
 pub enum BlobIoFuture<'a> {
     /// One device request with the caller's buffer.
-    Direct(spool_bdev::IoFuture<'a, DmaBuf>),
+    Direct(DirectIo<'a>),
     /// Split at cluster boundaries, or touching unallocated clusters.
     Split(std::pin::Pin<Box<dyn std::future::Future<Output = (Result<()>, DmaBuf)> + 'a>>),
     /// Refused before reaching the device.
@@ -554,9 +636,13 @@ impl std::future::Future for BlobIoFuture<'_> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         match self.get_mut() {
-            BlobIoFuture::Direct(request) => std::pin::Pin::new(request)
-                .poll(cx)
-                .map(|(result, buf)| (result.map_err(BlobError::from), buf)),
+            BlobIoFuture::Direct(direct) => {
+                let output = std::pin::Pin::new(&mut direct.request).poll(cx);
+                if output.is_ready() {
+                    direct.admitted = None;
+                }
+                output.map(|(result, buf)| (result.map_err(BlobError::from), buf))
+            }
             BlobIoFuture::Split(future) => future.as_mut().poll(cx),
             BlobIoFuture::Failed(failed) => match failed.take() {
                 Some(output) => std::task::Poll::Ready((Err(output.0), output.1)),
@@ -564,4 +650,11 @@ impl std::future::Future for BlobIoFuture<'_> {
             },
         }
     }
+}
+
+/// A blob I/O that is one bdev request, counted in the blob's in-flight total until it
+/// completes (or is dropped).
+pub struct DirectIo<'a> {
+    request: spool_bdev::IoFuture<'a, DmaBuf>,
+    admitted: Option<Admitted<'a>>,
 }

@@ -23,7 +23,7 @@ use crate::format::super_block::{
     bstype_matches, bstype_name, Bstype, SuperBlock, SuperBlockError,
 };
 use crate::format::{page_to_blobid, INVALID_MD_PAGE, PAGE_SIZE, PAGE_SIZE_U64};
-use crate::meta::{apply_extent_page, parse_chain, ClusterCheck};
+use crate::meta::{apply_extent_page, parse_chain, ClusterCheck, XATTR_SNAPSHOT_PENDING};
 
 /// Options of [`Blobstore::load`].
 #[derive(Debug, Clone, Default)]
@@ -42,6 +42,8 @@ pub struct LoadReport {
     /// Blobs whose metadata could not be parsed while building the clone graph (they
     /// fail to open with the reason).
     pub unreadable: Vec<(u64, String)>,
+    /// Snapshots a crash interrupted, finished or removed at this load.
+    pub repaired: Vec<String>,
 }
 
 /// Pages read per metadata region request.
@@ -153,7 +155,8 @@ impl Blobstore {
             recovered,
             ..LoadReport::default()
         };
-        // The snapshot graph, from each blob's SNAP xattr.
+        // The snapshot graph, from each blob's SNAP xattr; snapshots left half-made.
+        let mut pending = Vec::new();
         for root in state.used_blobids.iter_set() {
             let id = page_to_blobid(root as u32);
             report.blobs += 1;
@@ -162,8 +165,15 @@ impl Blobstore {
                     let refs: Vec<&[u8]> = chain.iter().map(|&p| pages[&p].as_slice()).collect();
                     parse_chain(id, &refs, &check)
                 })
-                .and_then(|parsed| parsed.meta.parent_id())
-            {
+                .and_then(|parsed| {
+                    if let Some(value) = parsed.meta.xattr(true, XATTR_SNAPSHOT_PENDING.as_bytes())
+                    {
+                        if let Ok(raw) = <[u8; 8]>::try_from(value) {
+                            pending.push((id, u64::from_le_bytes(raw)));
+                        }
+                    }
+                    parsed.meta.parent_id()
+                }) {
                 Ok(Some(parent)) => {
                     state.clones.entry(parent).or_default().push(id);
                     state.parents.insert(id, parent);
@@ -181,6 +191,9 @@ impl Blobstore {
         if recovered {
             store.write_masks().await?;
             flush(&store.inner.md_channel).await?;
+        }
+        if !pending.is_empty() {
+            report.repaired = crate::snapshot::repair_pending_snapshots(&store, pending).await?;
         }
         Ok((store, report))
     }

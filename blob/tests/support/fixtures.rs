@@ -49,20 +49,22 @@ pub const DATA_RO_FLAG_READ_ONLY: u64 = 1 << 0;
 
 /// The folder holding the fixture images and manifests.
 ///
-/// `$SPOOL_FIXTURES_DIR` when set (and not empty); otherwise `<workspace>/../shared/fixtures/spdk`,
-/// i.e. `$CARGO_MANIFEST_DIR/../../shared/fixtures/spdk` (canonicalized when it exists).
+/// `$SPOOL_FIXTURES_DIR` when set (and not empty); otherwise the repository's copy in
+/// `<workspace>/fixtures/spdk`, else `<workspace>/../shared/fixtures/spdk`.
 pub fn fixtures_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(FIXTURES_DIR_ENV) {
         if !dir.is_empty() {
             return PathBuf::from(dir);
         }
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("..")
-        .join("shared")
-        .join("fixtures")
-        .join("spdk");
+    // The copy in the repository (fixtures/spdk), else the shared folder beside it.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let in_repo = root.join("fixtures").join("spdk");
+    let dir = if in_repo.is_dir() {
+        in_repo
+    } else {
+        root.join("..").join("shared").join("fixtures").join("spdk")
+    };
     dir.canonicalize().unwrap_or(dir)
 }
 

@@ -125,11 +125,15 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
-/// Where the SPDK fixtures are: `$SPOOL_FIXTURES_DIR`, else `shared/fixtures/spdk` beside
-/// the workspace.
+/// Where the SPDK fixtures are: `$SPOOL_FIXTURES_DIR`, else the repository's copy
+/// (`fixtures/spdk`), else `shared/fixtures/spdk` beside the workspace.
 pub fn fixtures_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SPOOL_FIXTURES_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
+    }
+    let in_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/spdk");
+    if in_repo.is_dir() {
+        return in_repo;
     }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/spdk")
 }

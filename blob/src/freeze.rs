@@ -1,0 +1,61 @@
+//! Freezing a blob's I/O on every channel (snapshot, resize, merge), as SPDK's
+//! `blob_freeze_io`: new I/O waits on its own channel, in order, until the blob is unfrozen.
+//!
+//! Unlike the seed, a freeze also waits for the blob's in-flight I/O to finish (thin
+//! allocations included), so the cluster map the caller changes is not changed under it by
+//! an insert already on its way: a snapshot captures exactly the writes acknowledged before
+//! it, and every write acknowledged after it lands in the blob, not the snapshot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{BlobError, Result};
+use crate::io::BlobIo;
+use crate::store::Blobstore;
+
+/// How often a freeze looks again at the in-flight count.
+const DRAIN_POLL: Duration = Duration::from_micros(20);
+
+/// Freezes `io`: after this returns, no I/O of the blob is in flight and new I/O waits.
+pub(crate) async fn freeze(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> {
+    if io.freeze_enter() == 0 {
+        // A barrier: every reactor holding a channel has seen the flag, so whatever it
+        // submits from now on waits, and what it submitted before is counted in flight.
+        let walk = store
+            .shared()
+            .io_device
+            .for_each_channel(|_, _| Ok(()))?
+            .await?;
+        if let Err(errno) = walk {
+            io.freeze_leave();
+            return Err(BlobError::Remote {
+                errno,
+                what: format!("freezing I/O of blob {:#x}", io.id()),
+            });
+        }
+    }
+    while io.inflight() > 0 {
+        spool_reactor::sleep(DRAIN_POLL).await;
+    }
+    Ok(())
+}
+
+/// Undoes one [`freeze`]; the last one wakes the waiting I/O on every channel, in order.
+pub(crate) async fn unfreeze(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> {
+    if io.freeze_leave() == 0 {
+        let id = io.id();
+        let walk = store
+            .shared()
+            .io_device
+            .for_each_channel(move |_, channel| {
+                channel.release_frozen(id);
+                Ok(())
+            })?
+            .await?;
+        walk.map_err(|errno| BlobError::Remote {
+            errno,
+            what: format!("releasing I/O of blob {id:#x}"),
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! Snapshots and clones (the metadata reactor's side).
+//!
+//! A snapshot takes over its blob's clusters; the blob becomes a thin clone of it. Order, and
+//! what a crash at each step leaves (the load-time repair is in [`repair_pending_snapshots`]):
+//! 1. the blob's metadata is synced, then a new blob S is created with the internal xattr
+//!    `SNAPTMP` = the original's id (crash: S is deleted at load);
+//! 2. the original's I/O is frozen and drained (see `freeze`);
+//! 3. S gets the original's cluster map (and its extent pages, as SPDK moves them) and is
+//!    written (crash: the original still owns everything; S is deleted at load, freeing only
+//!    its own metadata pages);
+//! 4. the original gets `SNAP` = S, thin, an empty map, and is written (crash: S is
+//!    finished at load);
+//! 5. S loses `SNAPTMP`, becomes read-only and is written; I/O is unfrozen and replayed.
+
+use crate::blob::{Blob, BlobOptions};
+use crate::error::{BlobError, Result};
+use crate::format::descriptor::{FLAG_INTERNAL_XATTR, FLAG_READ_ONLY, FLAG_THIN_PROV};
+use crate::meta::{XATTR_SNAPSHOT, XATTR_SNAPSHOT_PENDING};
+use crate::store::Blobstore;
+
+impl Blobstore {
+    /// Snapshots blob `id`: returns the new snapshot's id. The blob keeps its id and data and
+    /// becomes a thin clone of the snapshot. `xattrs` go to the snapshot. -EINVAL when the
+    /// blob is read-only; -ENOENT when it does not exist.
+    pub async fn create_snapshot(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
+        self.check_md_thread()?;
+        let orig = self.open_blob(id).await?;
+        let result = self.snapshot_of(&orig, xattrs).await;
+        let closed = orig.close().await;
+        let snapshot = result?;
+        closed?;
+        Ok(snapshot)
+    }
+
+    async fn snapshot_of(&self, orig: &Blob, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
+        if orig.is_read_only() {
+            return Err(BlobError::InvalidArgument(format!(
+                "blob {:#x} is read-only: a snapshot needs a writable blob",
+                orig.id()
+            )));
+        }
+        crate::persist::persist(self, &orig.state).await?;
+        let snap = self
+            .create_and_open(&BlobOptions {
+                num_clusters: 0,
+                thin: true,
+                xattrs: xattrs.to_vec(),
+                internal_xattrs: vec![(
+                    XATTR_SNAPSHOT_PENDING.into(),
+                    orig.id().to_le_bytes().to_vec(),
+                )],
+                form: orig.extent_form(),
+            })
+            .await?;
+        let io = orig.io();
+        if let Err(err) = crate::freeze::freeze(self, &io).await {
+            self.abandon_snapshot(snap).await;
+            return Err(err);
+        }
+        let result = self.move_clusters(orig, &snap).await;
+        let thawed = crate::freeze::unfreeze(self, &io).await;
+        let snap_id = snap.id();
+        match result {
+            Ok(()) => {
+                snap.close().await?;
+                thawed?;
+                Ok(snap_id)
+            }
+            Err((err, committed)) => {
+                if committed {
+                    // The original points at S on disk: S stays (finished at load).
+                    let _ = snap.close().await;
+                } else {
+                    self.abandon_snapshot(snap).await;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Steps 3 to 5 with I/O frozen. On error, says whether the original's new metadata
+    /// reached the disk (then S must stay).
+    async fn move_clusters(&self, orig: &Blob, snap: &Blob) -> Result<(), (BlobError, bool)> {
+        let snap_id = snap.id();
+        let old_parent = orig.parent_id();
+        {
+            let om = orig.state.meta.borrow();
+            let mut sm = snap.state.meta.borrow_mut();
+            sm.flags.invalid = om.flags.invalid | FLAG_INTERNAL_XATTR;
+            sm.clusters = om.clusters.clone();
+            sm.extent_pages = om.extent_pages.clone();
+            if let Some(parent) = old_parent {
+                sm.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &parent.to_le_bytes())
+                    .map_err(|err| (err, false))?;
+            }
+        }
+        snap.state.dirty.set(true);
+        snap.state.publish_map();
+        if let Err(err) = crate::persist::persist(self, &snap.state).await {
+            return Err((err, false));
+        }
+        // The original becomes a thin clone of S with an empty map.
+        let saved = orig.state.meta.borrow().clone();
+        {
+            let mut om = orig.state.meta.borrow_mut();
+            om.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &snap_id.to_le_bytes())
+                .map_err(|err| (err, false))?;
+            om.flags.invalid |= FLAG_THIN_PROV;
+            let clusters = om.clusters.len();
+            om.clusters = vec![0; clusters];
+            let pages = om.extent_pages.len();
+            om.extent_pages = vec![0; pages];
+        }
+        orig.state.dirty.set(true);
+        orig.state.dirty_extent_pages.borrow_mut().clear();
+        if let Err(err) = crate::persist::persist(self, &orig.state).await {
+            *orig.state.meta.borrow_mut() = saved;
+            snap.state.meta.borrow_mut().extent_pages.clear();
+            return Err((err, false));
+        }
+        // In memory: the parent handle moves to S, the original reads through S.
+        let moved_parent = orig.state.parent.borrow_mut().take();
+        if let Some(parent) = &moved_parent {
+            snap.state.io.set_parent(Some(parent.io()));
+        }
+        *snap.state.parent.borrow_mut() = moved_parent;
+        orig.state.io.set_parent(Some(snap.io()));
+        *orig.state.parent.borrow_mut() = Some(snap.reopen());
+        orig.state.publish_map();
+        self.unlink_clone(orig.id());
+        if let Some(parent) = old_parent {
+            self.link_clone(parent, snap_id);
+        }
+        self.link_clone(snap_id, orig.id());
+        // Finish S: no longer pending, read-only.
+        {
+            let mut sm = snap.state.meta.borrow_mut();
+            sm.remove_xattr(true, XATTR_SNAPSHOT_PENDING.as_bytes());
+            sm.flags.data_ro |= FLAG_READ_ONLY;
+        }
+        snap.state.dirty.set(true);
+        crate::persist::persist(self, &snap.state)
+            .await
+            .map_err(|err| (err, true))?;
+        snap.state.data_ro.set(true);
+        snap.state.md_ro.set(true);
+        snap.state.io.set_data_ro(true);
+        Ok(())
+    }
+
+    /// Removes a snapshot that never took over anything: its own metadata pages only.
+    async fn abandon_snapshot(&self, snap: Blob) {
+        {
+            let mut sm = snap.state.meta.borrow_mut();
+            sm.clusters.clear();
+            sm.extent_pages.clear();
+        }
+        let id = snap.id();
+        snap.state.publish_map();
+        if let Err(err) = self.delete_open(snap).await {
+            tracing::warn!(blob = format!("{id:#x}"), %err, "half-made snapshot left for load-time repair");
+        }
+    }
+
+    /// Creates a thin clone of snapshot `id` (which must be read-only in data and metadata,
+    /// else -EINVAL): its reads show the snapshot's data until written. Returns its id.
+    pub async fn create_clone(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
+        self.check_md_thread()?;
+        let snapshot = self.open_blob(id).await?;
+        let (data_ro, md_ro) = (snapshot.is_data_read_only(), snapshot.is_md_read_only());
+        let (clusters, form) = (snapshot.num_clusters(), snapshot.extent_form());
+        snapshot.close().await?;
+        if !(data_ro && md_ro) {
+            return Err(BlobError::InvalidArgument(format!(
+                "blob {id:#x} is not read-only: only a snapshot (or a read-only blob) can be cloned"
+            )));
+        }
+        let clone = self
+            .create_blob(&BlobOptions {
+                num_clusters: clusters,
+                thin: true,
+                xattrs: xattrs.to_vec(),
+                internal_xattrs: vec![(XATTR_SNAPSHOT.into(), id.to_le_bytes().to_vec())],
+                form,
+            })
+            .await?;
+        self.link_clone(id, clone);
+        Ok(clone)
+    }
+}
+
+/// Load-time repair of snapshots a crash interrupted (blobs still carrying `SNAPTMP`): when
+/// the original already points at the snapshot, the snapshot is finished (read-only, mark
+/// removed); otherwise the original still owns its clusters and the snapshot's own metadata
+/// pages are freed. Returns what it did, for the load report.
+pub(crate) async fn repair_pending_snapshots(
+    store: &Blobstore,
+    pending: Vec<(u64, u64)>,
+) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for (snap_id, orig_id) in pending {
+        let orig_points_here = match store.open_blob(orig_id).await {
+            Ok(orig) => {
+                let here = orig.state.meta.borrow().parent_id().ok().flatten() == Some(snap_id);
+                orig.close().await?;
+                here
+            }
+            Err(_) => false,
+        };
+        let snap = store.open_blob(snap_id).await?;
+        if orig_points_here {
+            {
+                let mut sm = snap.state.meta.borrow_mut();
+                sm.remove_xattr(true, XATTR_SNAPSHOT_PENDING.as_bytes());
+                sm.flags.data_ro |= FLAG_READ_ONLY;
+            }
+            snap.state.dirty.set(true);
+            crate::persist::persist(store, &snap.state).await?;
+            snap.close().await?;
+            done.push(format!("snapshot {snap_id:#x} of {orig_id:#x}: finished"));
+        } else {
+            {
+                let mut sm = snap.state.meta.borrow_mut();
+                sm.clusters.clear();
+                sm.extent_pages.clear();
+            }
+            snap.state.publish_map();
+            store.delete_open(snap).await?;
+            done.push(format!(
+                "snapshot {snap_id:#x} of {orig_id:#x}: removed (never taken)"
+            ));
+        }
+    }
+    Ok(done)
+}
