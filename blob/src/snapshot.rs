@@ -189,6 +189,106 @@ impl Blobstore {
     }
 }
 
+impl Blobstore {
+    /// Inflates blob `id`: every cluster it does not own is allocated and filled with what it
+    /// showed (its parent's data, or zeros); it then has no parent and is thick. A thick blob
+    /// is left as it is. -ENOSPC (nothing changed) without enough free clusters.
+    pub async fn inflate_blob(&self, id: u64) -> Result<()> {
+        self.take_over_clusters(id, true).await
+    }
+
+    /// Decouples blob `id` from its parent: the clusters the parent itself owns are copied,
+    /// and the blob's parent becomes the grandparent (or none); it stays thin. -EINVAL when it
+    /// has no parent.
+    pub async fn decouple_parent(&self, id: u64) -> Result<()> {
+        self.take_over_clusters(id, false).await
+    }
+
+    async fn take_over_clusters(&self, id: u64, all: bool) -> Result<()> {
+        self.check_md_thread()?;
+        let blob = self.open_blob(id).await?;
+        let result = self.take_over_open(&blob, all).await;
+        let closed = blob.close().await;
+        result?;
+        closed
+    }
+
+    async fn take_over_open(&self, blob: &Blob, all: bool) -> Result<()> {
+        let id = blob.id();
+        let parent = blob.state.parent.borrow().clone();
+        if !all && parent.is_none() {
+            return Err(BlobError::InvalidArgument(format!(
+                "blob {id:#x} has no parent to decouple from"
+            )));
+        }
+        if !blob.is_thin() {
+            return Ok(());
+        }
+        if blob.is_read_only() {
+            return Err(BlobError::ReadOnly {
+                id,
+                what: "inflate or decouple",
+            });
+        }
+        let parent_map = parent.as_ref().map(Blob::cluster_map).unwrap_or_default();
+        let needed: Vec<u64> = blob
+            .cluster_map()
+            .iter()
+            .enumerate()
+            .filter(|&(index, &cluster)| {
+                cluster == 0 && (all || parent_map.get(index).is_some_and(|&p| p != 0))
+            })
+            .map(|(index, _)| index as u64)
+            .collect();
+        let free = self.free_cluster_count();
+        if needed.len() as u64 > free {
+            return Err(BlobError::NoSpace(format!(
+                "blob {id:#x}: {} clusters to allocate, {free} free",
+                needed.len()
+            )));
+        }
+        let channel = self.channel()?;
+        let io = blob.io();
+        for index in needed {
+            channel.touch_cluster(&io, index).await?;
+        }
+        // Re-point: inflate drops the parent; decouple moves to the grandparent.
+        let grandparent = if all {
+            None
+        } else {
+            parent.as_ref().and_then(Blob::parent_id)
+        };
+        let new_parent = match grandparent {
+            Some(g) => Some(self.open_blob(g).await?),
+            None => None,
+        };
+        self.unlink_clone(id);
+        {
+            let mut meta = blob.state.meta.borrow_mut();
+            match grandparent {
+                Some(g) => meta.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &g.to_le_bytes())?,
+                None => {
+                    meta.remove_xattr(true, XATTR_SNAPSHOT.as_bytes());
+                }
+            }
+            if all {
+                meta.flags.invalid &= !FLAG_THIN_PROV;
+            }
+        }
+        blob.state.io.set_parent(new_parent.as_ref().map(Blob::io));
+        let old_parent = std::mem::replace(&mut *blob.state.parent.borrow_mut(), new_parent);
+        if let Some(g) = grandparent {
+            self.link_clone(g, id);
+        }
+        blob.state.dirty.set(true);
+        crate::persist::persist(self, &blob.state).await?;
+        if let Some(old) = old_parent {
+            old.close().await?;
+        }
+        Ok(())
+    }
+}
+
 /// Load-time repair of snapshots a crash interrupted (blobs still carrying `SNAPTMP`): when
 /// the original already points at the snapshot, the snapshot is finished (read-only, mark
 /// removed); otherwise the original still owns its clusters and the snapshot's own metadata

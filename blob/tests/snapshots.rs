@@ -252,3 +252,88 @@ fn an_interrupted_snapshot_is_repaired_at_load() {
     });
     rt.stop();
 }
+
+#[test]
+fn inflate_and_decouple_keep_the_data_and_rewire_the_chain() {
+    let rt = runtime();
+    let (_bdev, desc) = malloc(64 << 20);
+    let again = desc.clone();
+    let ids = run(&rt, move || async move {
+        let store = Blobstore::init(desc, &InitOptions::default())
+            .await
+            .unwrap();
+        let channel = store.channel().unwrap();
+        let base = store
+            .create_blob(&BlobOptions {
+                num_clusters: 3,
+                thin: true,
+                ..BlobOptions::default()
+            })
+            .await
+            .unwrap();
+        let b = store.open_blob(base).await.unwrap();
+        write(&channel, &b.io(), 0, &pattern(1, CLUSTER)).await; // cluster 0 in S1
+        let s1 = store.create_snapshot(base, &[]).await.unwrap();
+        write(&channel, &b.io(), UNITS, &pattern(2, CLUSTER)).await; // cluster 1 in S2
+        let s2 = store.create_snapshot(base, &[]).await.unwrap();
+        write(&channel, &b.io(), 2 * UNITS, &pattern(3, 4096)).await; // cluster 2 in base
+        let mut expected = vec![0u8; 3 * CLUSTER];
+        expected[..CLUSTER].copy_from_slice(&pattern(1, CLUSTER));
+        expected[CLUSTER..2 * CLUSTER].copy_from_slice(&pattern(2, CLUSTER));
+        expected[2 * CLUSTER..2 * CLUSTER + 4096].copy_from_slice(&pattern(3, 4096));
+        assert!(read(&channel, &b.io(), 0, 3 * CLUSTER).await == expected);
+        // Errors first: decouple of a blob without a parent; inflate of a thick one is a no-op.
+        assert_eq!(
+            store.decouple_parent(s1).await.unwrap_err().errno(),
+            -libc::EINVAL
+        );
+        // Decouple base from S2: copies cluster 1 only, parent becomes S1.
+        assert_eq!(b.num_allocated_clusters(), 1);
+        store.decouple_parent(base).await.unwrap();
+        assert_eq!(b.num_allocated_clusters(), 2);
+        assert_eq!(b.parent_id(), Some(s1));
+        assert_eq!(store.parent_of(base), Some(s1));
+        assert!(store.clones_of(s2).is_empty());
+        assert!(b.is_thin());
+        assert!(read(&channel, &b.io(), 0, 3 * CLUSTER).await == expected);
+        // S2 has no clone left: deletable.
+        store.delete_blob(s2).await.unwrap();
+        // Inflate: everything allocated, no parent, thick.
+        let free = store.free_cluster_count();
+        store.inflate_blob(base).await.unwrap();
+        assert_eq!(store.free_cluster_count(), free - 1);
+        assert_eq!(b.num_allocated_clusters(), 3);
+        assert!(!b.is_thin() && !b.is_clone());
+        assert!(read(&channel, &b.io(), 0, 3 * CLUSTER).await == expected);
+        assert!(!store.is_snapshot(s1));
+        store.inflate_blob(base).await.unwrap(); // thick: no-op
+        drop(channel);
+        b.close().await.unwrap();
+        store.unload().await.unwrap();
+        (base, s1, expected)
+    });
+    run(&rt, move || async move {
+        let (base, s1, expected) = ids;
+        let (store, _) = Blobstore::load(again, &LoadOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.blob_ids(),
+            vec![base, s1]
+                .into_iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(store.parent_of(base), None);
+        let b = store.open_blob(base).await.unwrap();
+        assert!(!b.is_thin());
+        let channel = store.channel().unwrap();
+        assert!(read(&channel, &b.io(), 0, 3 * CLUSTER).await == expected);
+        drop(channel);
+        b.close().await.unwrap();
+        store.delete_blob(s1).await.unwrap();
+        store.unload().await.unwrap();
+    });
+    rt.stop();
+}

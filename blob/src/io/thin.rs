@@ -11,6 +11,13 @@ use crate::store::Blobstore;
 use crate::sync::LocalEvent;
 
 impl BlobChannel {
+    /// Gives blob cluster `index` a cluster of its own (the parent's data, or zeros) if it has
+    /// none: the "touch" inflate and decouple use.
+    pub(crate) async fn touch_cluster(&self, blob: &BlobIo, index: u64) -> Result<()> {
+        let offset = index * self.store.geometry.cluster_size;
+        self.write_unallocated(blob, index, offset, None).await
+    }
+
     /// Writes `data` at blob byte `offset` inside cluster `index`, allocating the cluster
     /// first if it still has none (see the module doc).
     pub(super) async fn write_unallocated(
