@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::blob_cmd::args::{
     BlobArgs, CreateArgs, DumpArgs, ExportArgs, ImportArgs, InfoArgs, InitArgs, LsArgs, ResizeArgs,
-    SuperArgs, XattrArgs,
+    SnapshotArgs, SuperArgs, XattrArgs,
 };
 
 /// Spool: a polled, userspace storage engine (SPDK-style, in Rust).
@@ -36,6 +36,14 @@ pub enum Command {
     Delete(BlobArgs),
     /// Make a blob read-only (data and metadata), for good.
     SetReadOnly(BlobArgs),
+    /// Snapshot a blob (the blob becomes a thin clone of it); prints the snapshot's id.
+    Snapshot(SnapshotArgs),
+    /// Clone a snapshot (a thin blob reading through it); prints the clone's id.
+    Clone(SnapshotArgs),
+    /// Allocate every cluster a blob does not own; it then has no parent and is thick.
+    Inflate(BlobArgs),
+    /// Copy the clusters the blob's parent owns; its grandparent becomes its parent.
+    Decouple(BlobArgs),
     /// List, get, set or remove a blob's xattrs.
     Xattr(XattrArgs),
     /// Print the super blob, or set it to BLOB.

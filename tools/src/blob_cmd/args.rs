@@ -108,6 +108,18 @@ pub struct BlobArgs {
     pub blob: String,
 }
 
+/// Arguments of `spool snapshot` and `spool clone`.
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// The blob (for `clone`, the snapshot): an id (decimal or 0x-hex) or its `name`.
+    pub blob: String,
+    /// A name for the new blob (stored as SPDK's lvol layer stores it).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
 /// Arguments of `spool xattr`.
 #[derive(Debug, Clone, Args)]
 pub struct XattrArgs {

@@ -19,6 +19,7 @@ mod dump;
 mod list;
 mod progress;
 mod resolve;
+mod snapshot_cmds;
 mod store_cmds;
 mod text;
 mod transfer;
@@ -47,6 +48,10 @@ pub fn run(command: &Command) -> Result<(), ToolError> {
         Command::Resize(args) => blob_cmds::resize(args),
         Command::Delete(args) => blob_cmds::delete(args),
         Command::SetReadOnly(args) => blob_cmds::set_read_only(args),
+        Command::Snapshot(args) => snapshot_cmds::snapshot(args),
+        Command::Clone(args) => snapshot_cmds::clone(args),
+        Command::Inflate(args) => snapshot_cmds::inflate(args),
+        Command::Decouple(args) => snapshot_cmds::decouple(args),
         Command::Xattr(args) => xattr::xattr(args),
         Command::Import(args) => transfer::import(args),
         Command::Export(args) => transfer::export(args),

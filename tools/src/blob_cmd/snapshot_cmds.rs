@@ -1,0 +1,69 @@
+//! The commands on snapshot chains: `snapshot`, `clone`, `inflate`, `decouple`.
+
+use spool_blob::Blobstore;
+
+use crate::blob_cmd::args::{BlobArgs, SnapshotArgs};
+use crate::blob_cmd::blob_cmds::lvol_name;
+use crate::blob_cmd::on_store;
+use crate::blob_cmd::resolve::{blobs_named, resolve_blob, NAME_XATTR};
+use crate::blob_cmd::text::{emit, escape, id_hex};
+use crate::error::ToolError;
+
+/// The xattrs a `--name NAME` gives the new blob (refused if the name is taken).
+async fn name_xattrs(
+    store: &Blobstore,
+    name: Option<&str>,
+) -> Result<Vec<(String, Vec<u8>)>, ToolError> {
+    let Some(name) = name else {
+        return Ok(Vec::new());
+    };
+    let stored = lvol_name(name)?;
+    if let Some(&other) = blobs_named(store, name).await.first() {
+        return Err(ToolError::Failed(format!(
+            "a blob named '{}' already exists ({})",
+            escape(name.as_bytes()),
+            id_hex(other)
+        )));
+    }
+    Ok(vec![(NAME_XATTR.to_string(), stored)])
+}
+
+/// `spool snapshot IMAGE BLOB [--name NAME]`: prints the new snapshot's id.
+pub fn snapshot(args: &SnapshotArgs) -> Result<(), ToolError> {
+    let (text, name) = (args.blob.clone(), args.name.clone());
+    let id = on_store(&args.image, move |store, _| async move {
+        let id = resolve_blob(&store, &text).await?;
+        let xattrs = name_xattrs(&store, name.as_deref()).await?;
+        Ok(store.create_snapshot(id, &xattrs).await?)
+    })?;
+    emit(&format!("{id}\n"))
+}
+
+/// `spool clone IMAGE SNAPSHOT [--name NAME]`: prints the new clone's id.
+pub fn clone(args: &SnapshotArgs) -> Result<(), ToolError> {
+    let (text, name) = (args.blob.clone(), args.name.clone());
+    let id = on_store(&args.image, move |store, _| async move {
+        let id = resolve_blob(&store, &text).await?;
+        let xattrs = name_xattrs(&store, name.as_deref()).await?;
+        Ok(store.create_clone(id, &xattrs).await?)
+    })?;
+    emit(&format!("{id}\n"))
+}
+
+/// `spool inflate IMAGE BLOB`: allocate every cluster the blob does not own; no parent after.
+pub fn inflate(args: &BlobArgs) -> Result<(), ToolError> {
+    let text = args.blob.clone();
+    on_store(&args.image, move |store, _| async move {
+        let id = resolve_blob(&store, &text).await?;
+        Ok(store.inflate_blob(id).await?)
+    })
+}
+
+/// `spool decouple IMAGE BLOB`: copy what the parent owns; the grandparent becomes the parent.
+pub fn decouple(args: &BlobArgs) -> Result<(), ToolError> {
+    let text = args.blob.clone();
+    on_store(&args.image, move |store, _| async move {
+        let id = resolve_blob(&store, &text).await?;
+        Ok(store.decouple_parent(id).await?)
+    })
+}
