@@ -22,6 +22,8 @@ pub const MAX_XATTR_BYTES: usize = DESC_AREA_LEN - 5 - 4;
 pub const XATTR_SNAPSHOT: &str = "SNAP";
 /// Internal xattr marking a snapshot still being made (the original's id).
 pub const XATTR_SNAPSHOT_PENDING: &str = "SNAPTMP";
+/// Internal xattr marking a snapshot being merged into its only clone (the clone's id).
+pub const XATTR_SNAPSHOT_REMOVING: &str = "SNAPRM";
 
 /// How a blob records its clusters on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

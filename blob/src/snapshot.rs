@@ -15,7 +15,7 @@
 use crate::blob::{Blob, BlobOptions};
 use crate::error::{BlobError, Result};
 use crate::format::descriptor::{FLAG_INTERNAL_XATTR, FLAG_READ_ONLY, FLAG_THIN_PROV};
-use crate::meta::{XATTR_SNAPSHOT, XATTR_SNAPSHOT_PENDING};
+use crate::meta::{XATTR_SNAPSHOT, XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING};
 use crate::store::Blobstore;
 
 impl Blobstore {
@@ -289,6 +289,105 @@ impl Blobstore {
     }
 }
 
+impl Blobstore {
+    /// Deletes snapshot `snap_id`, whose only clone is `clone_id`, by merging it into the
+    /// clone: the clone takes the snapshot's clusters where it has none and the snapshot's
+    /// parent as its own, then the snapshot goes. Crash-safe: the snapshot is first marked
+    /// `SNAPRM` = clone; the load-time repair finishes or undoes the merge.
+    pub(crate) async fn merge_into_clone(&self, snap_id: u64, clone_id: u64) -> Result<()> {
+        let clone = self.open_blob(clone_id).await?;
+        let snap = self.open_blob(snap_id).await?;
+        // Our handle and the clone's parent handle; any more is someone else's.
+        if snap.state.open_ref.get() > 2 || clone.state.open_ref.get() > 1 {
+            snap.close().await?;
+            clone.close().await?;
+            return Err(BlobError::Busy(format!(
+                "snapshot {snap_id:#x} or its clone {clone_id:#x} is open elsewhere"
+            )));
+        }
+        let result = self.merge_open(&snap, &clone).await;
+        match result {
+            Ok(()) => {
+                clone.close().await?;
+                self.delete_open(snap).await
+            }
+            Err(err) => {
+                let _ = snap.close().await;
+                let _ = clone.close().await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn merge_open(&self, snap: &Blob, clone: &Blob) -> Result<()> {
+        let (snap_id, clone_id) = (snap.id(), clone.id());
+        snap.state.meta.borrow_mut().set_xattr(
+            true,
+            XATTR_SNAPSHOT_REMOVING.as_bytes(),
+            &clone_id.to_le_bytes(),
+        )?;
+        snap.state.dirty.set(true);
+        crate::persist::persist(self, &snap.state).await?;
+        let io = clone.io();
+        crate::freeze::freeze(self, &io).await?;
+        let grand = snap.parent_id();
+        let saved = clone.state.meta.borrow().clone();
+        let taken = {
+            let sm = snap.state.meta.borrow();
+            let mut cm = clone.state.meta.borrow_mut();
+            let mut taken = Vec::new();
+            for (index, slot) in cm.clusters.iter_mut().enumerate() {
+                let from_snap = sm.clusters.get(index).copied().unwrap_or(0);
+                if *slot == 0 && from_snap != 0 {
+                    *slot = from_snap;
+                    taken.push(index);
+                }
+            }
+            match grand {
+                Some(g) => cm.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &g.to_le_bytes())?,
+                None => {
+                    cm.remove_xattr(true, XATTR_SNAPSHOT.as_bytes());
+                }
+            }
+            taken
+        };
+        for &index in &taken {
+            clone.state.touch_clusters(index..index + 1);
+        }
+        clone.state.dirty.set(true);
+        if let Err(err) = crate::persist::persist(self, &clone.state).await {
+            *clone.state.meta.borrow_mut() = saved;
+            crate::freeze::unfreeze(self, &io).await?;
+            return Err(err);
+        }
+        // Committed: the clone owns the clusters and reads through the grandparent.
+        let new_parent = match grand {
+            Some(g) => Some(self.open_blob(g).await?),
+            None => None,
+        };
+        clone.state.io.set_parent(new_parent.as_ref().map(Blob::io));
+        let old_parent = std::mem::replace(&mut *clone.state.parent.borrow_mut(), new_parent);
+        clone.state.publish_map();
+        self.unlink_clone(clone_id);
+        self.unlink_clone(snap_id);
+        if let Some(g) = grand {
+            self.link_clone(g, clone_id);
+        }
+        crate::freeze::unfreeze(self, &io).await?;
+        // The snapshot keeps only what the clone did not take; deleting it frees that.
+        {
+            let mut sm = snap.state.meta.borrow_mut();
+            for &index in &taken {
+                sm.clusters[index] = 0;
+            }
+        }
+        if let Some(old) = old_parent {
+            old.close().await?;
+        }
+        Ok(())
+    }
+}
+
 /// Load-time repair of snapshots a crash interrupted (blobs still carrying `SNAPTMP`): when
 /// the original already points at the snapshot, the snapshot is finished (read-only, mark
 /// removed); otherwise the original still owns its clusters and the snapshot's own metadata
@@ -330,6 +429,56 @@ pub(crate) async fn repair_pending_snapshots(
                 "snapshot {snap_id:#x} of {orig_id:#x}: removed (never taken)"
             ));
         }
+    }
+    Ok(done)
+}
+
+/// Load-time repair of merges a crash interrupted (snapshots still carrying `SNAPRM`): if
+/// the clone still reads through the snapshot, the merge never committed and the mark is
+/// removed; otherwise the clone already owns the clusters it took, and the snapshot is
+/// deleted freeing only the clusters the clone does not reference.
+pub(crate) async fn repair_interrupted_merges(
+    store: &Blobstore,
+    removing: Vec<(u64, u64)>,
+) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for (snap_id, clone_id) in removing {
+        if store.parent_of(clone_id) == Some(snap_id) {
+            let snap = store.open_blob(snap_id).await?;
+            snap.state
+                .meta
+                .borrow_mut()
+                .remove_xattr(true, XATTR_SNAPSHOT_REMOVING.as_bytes());
+            snap.state.dirty.set(true);
+            crate::persist::persist(store, &snap.state).await?;
+            snap.close().await?;
+            done.push(format!(
+                "merge of snapshot {snap_id:#x} into {clone_id:#x}: undone"
+            ));
+            continue;
+        }
+        let clone_clusters = match store.open_blob(clone_id).await {
+            Ok(clone) => {
+                let map = clone.cluster_map();
+                clone.close().await?;
+                map
+            }
+            Err(_) => Vec::new(),
+        };
+        let snap = store.open_blob(snap_id).await?;
+        {
+            let mut sm = snap.state.meta.borrow_mut();
+            for (index, slot) in sm.clusters.iter_mut().enumerate() {
+                if *slot != 0 && clone_clusters.get(index) == Some(slot) {
+                    *slot = 0;
+                }
+            }
+        }
+        store.unlink_clone(snap_id);
+        store.delete_open(snap).await?;
+        done.push(format!(
+            "merge of snapshot {snap_id:#x} into {clone_id:#x}: finished"
+        ));
     }
     Ok(done)
 }

@@ -337,3 +337,127 @@ fn inflate_and_decouple_keep_the_data_and_rewire_the_chain() {
     });
     rt.stop();
 }
+
+#[test]
+fn deleting_a_snapshot_with_one_clone_merges_it_into_the_clone() {
+    let rt = runtime();
+    let (bdev, desc) = malloc(64 << 20);
+    let again = desc.clone();
+    let (c, s1, expected) = run(&rt, move || async move {
+        let store = Blobstore::init(desc, &InitOptions::default())
+            .await
+            .unwrap();
+        let channel = store.channel().unwrap();
+        let c = store
+            .create_blob(&BlobOptions {
+                num_clusters: 3,
+                thin: true,
+                ..BlobOptions::default()
+            })
+            .await
+            .unwrap();
+        let b = store.open_blob(c).await.unwrap();
+        write(&channel, &b.io(), 0, &pattern(1, CLUSTER)).await;
+        let s1 = store.create_snapshot(c, &[]).await.unwrap();
+        write(&channel, &b.io(), UNITS, &pattern(2, CLUSTER)).await;
+        let s2 = store.create_snapshot(c, &[]).await.unwrap();
+        write(&channel, &b.io(), 5, &pattern(3, 4096)).await; // overrides S1's cluster 0 in C
+        let mut expected = vec![0u8; 3 * CLUSTER];
+        expected[..CLUSTER].copy_from_slice(&pattern(1, CLUSTER));
+        expected[CLUSTER..2 * CLUSTER].copy_from_slice(&pattern(2, CLUSTER));
+        expected[5 * 4096..6 * 4096].copy_from_slice(&pattern(3, 4096));
+        let used_before = store.free_cluster_count();
+        // S2 has one clone (C): deleting it merges its cluster 1 into C; C's parent is S1.
+        b.close().await.unwrap();
+        store.delete_blob(s2).await.unwrap();
+        assert_eq!(
+            store.free_cluster_count(),
+            used_before,
+            "the merged cluster moved, none freed"
+        );
+        assert_eq!(store.parent_of(c), Some(s1));
+        assert_eq!(store.clones_of(s1), vec![c]);
+        assert!(!store.blob_ids().contains(&s2));
+        let b = store.open_blob(c).await.unwrap();
+        assert_eq!(b.num_allocated_clusters(), 2);
+        assert!(read(&channel, &b.io(), 0, 3 * CLUSTER).await == expected);
+        b.close().await.unwrap();
+        drop(channel);
+        store.unload().await.unwrap();
+        (c, s1, expected)
+    });
+    let _ = bdev;
+    run(&rt, move || async move {
+        let (store, _) = Blobstore::load(again, &LoadOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(store.parent_of(c), Some(s1));
+        // S1, one clone: merged too; C then owns all its data and has no parent.
+        let free = store.free_cluster_count();
+        store.delete_blob(s1).await.unwrap();
+        assert_eq!(
+            store.free_cluster_count(),
+            free + 1,
+            "C had its own cluster 0: S1's is freed"
+        );
+        assert_eq!(store.blob_ids(), vec![c]);
+        let b = store.open_blob(c).await.unwrap();
+        assert!(!b.is_clone());
+        let channel = store.channel().unwrap();
+        assert!(read(&channel, &b.io(), 0, 3 * CLUSTER).await == expected);
+        drop(channel);
+        b.close().await.unwrap();
+        store.unload().await.unwrap();
+    });
+    rt.stop();
+}
+
+#[test]
+fn an_interrupted_merge_is_undone_at_load_when_the_clone_was_not_rewritten() {
+    let rt = runtime();
+    let (bdev, desc) = malloc(32 << 20);
+    let (c, s) = run(&rt, move || async move {
+        let store = Blobstore::init(desc, &InitOptions::default())
+            .await
+            .unwrap();
+        let channel = store.channel().unwrap();
+        let c = store
+            .create_blob(&BlobOptions {
+                num_clusters: 2,
+                thin: true,
+                ..BlobOptions::default()
+            })
+            .await
+            .unwrap();
+        let b = store.open_blob(c).await.unwrap();
+        write(&channel, &b.io(), 0, &pattern(8, 2 * CLUSTER)).await;
+        drop(channel);
+        b.close().await.unwrap();
+        let s = store.create_snapshot(c, &[]).await.unwrap();
+        // Crash right after the snapshot was marked for removal.
+        let snap = store.open_blob(s).await.unwrap();
+        snap.set_internal_xattr_unchecked("SNAPRM", &c.to_le_bytes())
+            .await;
+        snap.close().await.unwrap();
+        std::mem::forget(store);
+        (c, s)
+    });
+    let (_copy, desc) = from_image(&bdev.snapshot());
+    run(&rt, move || async move {
+        let (store, report) = Blobstore::load(desc, &LoadOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(report.repaired.len(), 1, "{:?}", report.repaired);
+        assert_eq!(store.parent_of(c), Some(s));
+        let snap = store.open_blob(s).await.unwrap();
+        assert!(snap.internal_xattr("SNAPRM").is_none());
+        snap.close().await.unwrap();
+        let b = store.open_blob(c).await.unwrap();
+        let channel = store.channel().unwrap();
+        assert!(read(&channel, &b.io(), 0, 2 * CLUSTER).await == pattern(8, 2 * CLUSTER));
+        drop(channel);
+        b.close().await.unwrap();
+        store.unload().await.unwrap();
+    });
+    rt.stop();
+}

@@ -23,7 +23,9 @@ use crate::format::super_block::{
     bstype_matches, bstype_name, Bstype, SuperBlock, SuperBlockError,
 };
 use crate::format::{page_to_blobid, INVALID_MD_PAGE, PAGE_SIZE, PAGE_SIZE_U64};
-use crate::meta::{apply_extent_page, parse_chain, ClusterCheck, XATTR_SNAPSHOT_PENDING};
+use crate::meta::{
+    apply_extent_page, parse_chain, ClusterCheck, XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING,
+};
 
 /// Options of [`Blobstore::load`].
 #[derive(Debug, Clone, Default)]
@@ -157,6 +159,7 @@ impl Blobstore {
         };
         // The snapshot graph, from each blob's SNAP xattr; snapshots left half-made.
         let mut pending = Vec::new();
+        let mut removing = Vec::new();
         for root in state.used_blobids.iter_set() {
             let id = page_to_blobid(root as u32);
             report.blobs += 1;
@@ -166,11 +169,18 @@ impl Blobstore {
                     parse_chain(id, &refs, &check)
                 })
                 .and_then(|parsed| {
-                    if let Some(value) = parsed.meta.xattr(true, XATTR_SNAPSHOT_PENDING.as_bytes())
-                    {
-                        if let Ok(raw) = <[u8; 8]>::try_from(value) {
-                            pending.push((id, u64::from_le_bytes(raw)));
-                        }
+                    let marked = |name: &str| {
+                        parsed
+                            .meta
+                            .xattr(true, name.as_bytes())
+                            .and_then(|value| <[u8; 8]>::try_from(value).ok())
+                            .map(u64::from_le_bytes)
+                    };
+                    if let Some(orig) = marked(XATTR_SNAPSHOT_PENDING) {
+                        pending.push((id, orig));
+                    }
+                    if let Some(clone) = marked(XATTR_SNAPSHOT_REMOVING) {
+                        removing.push((id, clone));
                     }
                     parsed.meta.parent_id()
                 }) {
@@ -194,6 +204,10 @@ impl Blobstore {
         }
         if !pending.is_empty() {
             report.repaired = crate::snapshot::repair_pending_snapshots(&store, pending).await?;
+        }
+        if !removing.is_empty() {
+            let done = crate::snapshot::repair_interrupted_merges(&store, removing).await?;
+            report.repaired.extend(done);
         }
         Ok((store, report))
     }
