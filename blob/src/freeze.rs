@@ -34,10 +34,29 @@ pub(crate) async fn freeze(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> {
             });
         }
     }
-    while io.inflight() > 0 {
+    // Every channel's count of this blob's I/O, until all are zero (they only fall now).
+    loop {
+        let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (sum, slot) = (Arc::clone(&total), io.slot());
+        let walk = store
+            .shared()
+            .io_device
+            .for_each_channel(move |_, channel| {
+                sum.fetch_add(channel.inflight(slot), std::sync::atomic::Ordering::AcqRel);
+                Ok(())
+            })?
+            .await?;
+        if let Err(errno) = walk {
+            return Err(BlobError::Remote {
+                errno,
+                what: format!("draining I/O of blob {:#x}", io.id()),
+            });
+        }
+        if total.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return Ok(());
+        }
         spool_reactor::sleep(DRAIN_POLL).await;
     }
-    Ok(())
 }
 
 /// Undoes one [`freeze`]; the last one wakes the waiting I/O on every channel, in order.

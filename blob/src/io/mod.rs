@@ -55,8 +55,51 @@ pub struct BlobIo {
     parent: ArcSwapOption<BlobIo>,
     /// Freeze depth: while above 0, new I/O waits on its channel (snapshot, resize).
     frozen: AtomicU32,
-    /// I/Os admitted and not yet completed, on every channel.
-    inflight: AtomicU64,
+    /// This open blob's index in every channel's per-blob table (in-flight count, cached
+    /// map); unique among the store's live `BlobIo`s, reused after drop.
+    slot: usize,
+    /// Changes whenever `map` is replaced (store-wide unique), so channels know their
+    /// cached map is stale.
+    map_generation: AtomicU64,
+}
+
+impl Drop for BlobIo {
+    fn drop(&mut self) {
+        self.store.slots.release(self.slot);
+    }
+}
+
+/// Dense indexes for the per-channel blob tables.
+#[derive(Default)]
+pub(crate) struct SlotAllocator {
+    free: std::sync::Mutex<(Vec<usize>, usize)>,
+    generation: AtomicU64,
+}
+
+impl SlotAllocator {
+    fn acquire(&self) -> usize {
+        let mut guard = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (free, next) = &mut *guard;
+        free.pop().unwrap_or_else(|| {
+            *next += 1;
+            *next - 1
+        })
+    }
+
+    fn release(&self, slot: usize) {
+        let mut guard = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard.0.push(slot);
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel) + 1
+    }
 }
 
 impl std::fmt::Debug for BlobIo {
@@ -77,7 +120,8 @@ impl BlobIo {
             closed: AtomicBool::new(false),
             parent: ArcSwapOption::empty(),
             frozen: AtomicU32::new(0),
-            inflight: AtomicU64::new(0),
+            slot: store.slots.acquire(),
+            map_generation: AtomicU64::new(store.slots.next_generation()),
         })
     }
 
@@ -101,9 +145,9 @@ impl BlobIo {
         channel_of(&self.store)
     }
 
-    /// I/Os admitted and not finished.
-    pub(crate) fn inflight(&self) -> u64 {
-        self.inflight.load(Ordering::Acquire)
+    /// This blob's index in the channels' per-blob tables.
+    pub(crate) fn slot(&self) -> usize {
+        self.slot
     }
 
     /// Raises the freeze depth; returns the depth before.
@@ -126,6 +170,8 @@ impl BlobIo {
 
     pub(crate) fn replace_map(&self, clusters: &[u32]) {
         self.map.store(Arc::new(ClusterMap::of(clusters)));
+        self.map_generation
+            .store(self.store.slots.next_generation(), Ordering::Release);
     }
 
     pub(crate) fn publish(&self, index: usize, cluster: u32) {
@@ -174,9 +220,41 @@ pub struct ChannelContext {
     allocating: RefCell<HashMap<AllocKey, Rc<LocalEvent<()>>>>,
     /// I/Os waiting for a frozen blob, by blob id, in arrival order.
     frozen_waiters: RefCell<HashMap<u64, VecDeque<Waker>>>,
+    /// Per open blob (by its slot): I/Os in flight on this channel and the cached map.
+    blobs: RefCell<Vec<ChannelBlob>>,
+}
+
+/// A channel's view of one open blob.
+#[derive(Default)]
+struct ChannelBlob {
+    inflight: u64,
+    generation: u64,
+    map: Option<Arc<ClusterMap>>,
 }
 
 impl ChannelContext {
+    /// I/Os of the blob in `slot` in flight on this channel.
+    pub(crate) fn inflight(&self, slot: usize) -> u64 {
+        self.blobs
+            .borrow()
+            .get(slot)
+            .map_or(0, |blob| blob.inflight)
+    }
+
+    fn admit(&self, slot: usize) {
+        let mut blobs = self.blobs.borrow_mut();
+        if blobs.len() <= slot {
+            blobs.resize_with(slot + 1, ChannelBlob::default);
+        }
+        blobs[slot].inflight += 1;
+    }
+
+    fn finish(&self, slot: usize) {
+        if let Some(blob) = self.blobs.borrow_mut().get_mut(slot) {
+            blob.inflight = blob.inflight.saturating_sub(1);
+        }
+    }
+
     /// Wakes, in arrival order, the I/Os of blob `id` that wait on this channel.
     pub(crate) fn release_frozen(&self, id: u64) {
         let waiters = self.frozen_waiters.borrow_mut().remove(&id);
@@ -186,14 +264,15 @@ impl ChannelContext {
     }
 }
 
-/// An admitted I/O: counted in its blob's in-flight total until dropped.
+/// An admitted I/O: counted in its blob's in-flight count on this channel until dropped.
 struct Admitted<'a> {
-    blob: &'a BlobIo,
+    channel: &'a ChannelContext,
+    slot: usize,
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        self.blob.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.channel.finish(self.slot);
     }
 }
 
@@ -207,6 +286,7 @@ pub(crate) fn register_device(desc: &spool_bdev::BdevDesc) -> IoDevice<ChannelCo
                 bdev,
                 allocating: RefCell::new(HashMap::new()),
                 frozen_waiters: RefCell::new(HashMap::new()),
+                blobs: RefCell::new(Vec::new()),
             })
         },
         |_reactor, context| drop(context),
@@ -254,7 +334,7 @@ pub struct BlobChannel {
 impl BlobChannel {
     /// Waits while `blob` is frozen (queued on this channel, in order), then counts the I/O
     /// in flight until the returned guard drops.
-    async fn admit<'a>(&self, blob: &'a BlobIo) -> Admitted<'a> {
+    async fn admit<'a>(&'a self, blob: &BlobIo) -> Admitted<'a> {
         std::future::poll_fn(|cx| {
             if blob.is_frozen() {
                 self.channel
@@ -269,8 +349,11 @@ impl BlobChannel {
             }
         })
         .await;
-        blob.inflight.fetch_add(1, Ordering::AcqRel);
-        Admitted { blob }
+        self.channel.admit(blob.slot);
+        Admitted {
+            channel: &self.channel,
+            slot: blob.slot,
+        }
     }
 
     fn bdev(&self) -> &BdevChannel {
@@ -357,7 +440,6 @@ impl BlobChannel {
         write: bool,
     ) -> BlobIoFuture<'a> {
         if let Some(device) = self.fast_target(blob, offset, buf.len() as u64, write) {
-            blob.inflight.fetch_add(1, Ordering::AcqRel);
             let request = if write {
                 self.bdev().write(buf, device)
             } else {
@@ -365,7 +447,10 @@ impl BlobChannel {
             };
             return BlobIoFuture::Direct(DirectIo {
                 request,
-                admitted: Some(Admitted { blob }),
+                admitted: Some(Admitted {
+                    channel: &self.channel,
+                    slot: blob.slot,
+                }),
             });
         }
         BlobIoFuture::Split(Box::pin(async move {
@@ -423,10 +508,29 @@ impl BlobChannel {
         if last >> cluster_shift != index {
             return None;
         }
-        let map = blob.map.load();
-        let cluster = map.clusters.get(index as usize)?.load(Ordering::Acquire);
-        (cluster != 0)
-            .then(|| (u64::from(cluster) << cluster_shift) | (start & (geometry.cluster_size - 1)))
+        // The channel's cached map (refreshed when a resize or snapshot replaced it); the
+        // I/O is counted in flight here, in the same borrow.
+        let mut blobs = self.channel.blobs.borrow_mut();
+        if blobs.len() <= blob.slot {
+            blobs.resize_with(blob.slot + 1, ChannelBlob::default);
+        }
+        let entry = &mut blobs[blob.slot];
+        let generation = blob.map_generation.load(Ordering::Acquire);
+        if entry.generation != generation || entry.map.is_none() {
+            entry.map = Some(blob.map.load_full());
+            entry.generation = generation;
+        }
+        let cluster = entry
+            .map
+            .as_ref()?
+            .clusters
+            .get(index as usize)?
+            .load(Ordering::Acquire);
+        if cluster == 0 {
+            return None;
+        }
+        entry.inflight += 1;
+        Some((u64::from(cluster) << cluster_shift) | (start & (geometry.cluster_size - 1)))
     }
 
     async fn read_pieces(

@@ -97,6 +97,8 @@ pub struct StoreShared {
     pub(crate) cluster_hint: AtomicU64,
     /// The store as an io device: each reactor's [`crate::BlobChannel`] context.
     pub(crate) io_device: IoDevice<ChannelContext>,
+    /// Indexes of open blobs in the channels' per-blob tables.
+    pub(crate) slots: crate::io::SlotAllocator,
 }
 
 impl StoreShared {
@@ -363,6 +365,7 @@ impl Blobstore {
             md_reactor,
             cluster_hint: AtomicU64::new(first_data),
             io_device,
+            slots: crate::io::SlotAllocator::default(),
         });
         Ok(Rc::new(StoreInner {
             shared,
