@@ -73,7 +73,7 @@ async fn scenario(
         handles.push(
             spool_reactor::spawn_on(reactor, move || async move {
                 let channel = io.channel().unwrap();
-                let mut rng = fastrand::Rng::with_seed(rng_seed ^ (writer + 1) * 0x9E37);
+                let mut rng = fastrand::Rng::with_seed(rng_seed ^ ((writer + 1) * 0x9E37));
                 let owned = CLUSTERS * UNITS_PER_CLUSTER / WRITERS;
                 for n in 0..WRITES_EACH {
                     let unit = rng.u64(0..owned) * WRITERS + writer;
