@@ -116,17 +116,20 @@ async fn scenario(
         handle.await.unwrap();
     }
     let log = log.lock().unwrap().clone();
-    // The snapshots really ran among the writes.
+    // The snapshots really ran among the writes (checked under simulation, where the
+    // schedule is the seed's; real threads may finish the writes during one snapshot).
     let (first_end, last_start) = (snapshots[0].2, snapshots[SNAPSHOTS - 1].1);
     let all: Vec<&Done> = log.iter().flatten().collect();
-    assert!(
-        all.iter().any(|d| d.acked > first_end),
-        "every write finished before the first snapshot"
-    );
     assert!(
         all.iter().any(|d| d.acked < last_start),
         "no write finished before the last snapshot"
     );
+    if spool_reactor::is_simulated() {
+        assert!(
+            all.iter().any(|d| d.acked > first_end),
+            "every write finished before the first snapshot"
+        );
+    }
     let verify = |store: Blobstore, snapshots: Vec<(u64, u64, u64)>, log: Vec<Vec<Done>>| async move {
         let channel = store.channel().unwrap();
         let blob = store.open_blob(id).await.unwrap();
