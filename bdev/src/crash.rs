@@ -152,6 +152,11 @@ impl CrashBdev {
             .collect()
     }
 
+    /// Writes completed since the device was built (across power cuts).
+    pub fn completed_writes(&self) -> u64 {
+        lock(&self.state).completed_writes
+    }
+
     /// How many writes are pending (completed since the flushes that made the rest durable).
     pub fn writes_since_flush_count(&self) -> usize {
         lock(&self.state).pending.len()

@@ -73,6 +73,9 @@ pub(crate) struct BlobState {
     /// Clusters inserted by thin writes whose metadata is not on disk yet: hidden from
     /// I/O reactors until it is.
     pub(crate) unpublished: RefCell<Vec<(usize, u32)>>,
+    /// The descriptor areas of the chain as last written by this process (`None` until the
+    /// first persist): a persist that would write the same chain writes only extent pages.
+    pub(crate) written_chain: RefCell<Option<Vec<Vec<u8>>>>,
 }
 
 impl BlobState {
@@ -95,6 +98,7 @@ impl BlobState {
             md_ro: Cell::new(md_ro),
             resizing: Cell::new(false),
             unpublished: RefCell::new(Vec::new()),
+            written_chain: RefCell::new(None),
         })
     }
 

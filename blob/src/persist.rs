@@ -40,15 +40,20 @@ pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> 
     let inserted: Vec<(usize, u32)> = std::mem::take(&mut *state.unpublished.borrow_mut());
     let channel = &store.inner.md_channel;
     let result: Result<()> = async {
-        if !plan.before_root.is_empty() {
-            write_pages(channel, &plan.before_root).await?;
-            flush(channel).await?;
+        match &plan.root_bytes {
+            Some(root_bytes) => {
+                if !plan.before_root.is_empty() {
+                    write_pages(channel, &plan.before_root).await?;
+                    flush(channel).await?;
+                }
+                write_pages(
+                    channel,
+                    &[(geometry.md_page_offset(root), root_bytes.clone())],
+                )
+                .await?;
+            }
+            None => write_pages(channel, &plan.before_root).await?,
         }
-        write_pages(
-            channel,
-            &[(geometry.md_page_offset(root), plan.root_bytes.clone())],
-        )
-        .await?;
         Ok(())
     }
     .await;
@@ -65,11 +70,25 @@ pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> 
             }
         }
         state.touch_clusters(0..state.meta.borrow().clusters.len());
-        // Newly claimed extent pages stay recorded in memory (a retry rewrites them);
-        // continuation pages are unreferenced by the old root: give them back.
+        // Moved extent pages go back to their old pages (the old root points there); newly
+        // claimed ones stay recorded in memory (a retry rewrites them); continuation pages
+        // are unreferenced by the old root: give them back.
+        {
+            let mut meta = state.meta.borrow_mut();
+            let mut given_back = Vec::new();
+            for &(index, old) in &plan.replaced_extent_pages {
+                if let Some(slot) = meta.extent_pages.get_mut(index) {
+                    given_back.push(*slot);
+                    *slot = old;
+                }
+            }
+            drop(meta);
+            release_md_pages(store, &given_back);
+        }
         release_md_pages(store, &plan.new_continuation);
         return Err(err);
     }
+    *state.written_chain.borrow_mut() = Some(plan.written_chain.clone());
     // Committed: I/O reactors may now see the clusters thin writes inserted.
     for &(index, cluster) in &inserted {
         state.io.publish(index, cluster);
@@ -82,6 +101,7 @@ pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> 
         .filter(|page| !new_set.contains(page))
         .collect();
     stale.extend(state.pending_extent_release.borrow_mut().drain(..));
+    stale.extend(plan.replaced_extent_pages.iter().map(|&(_, old)| old));
     if !stale.is_empty() {
         flush(channel).await?;
         for &page in &stale {
@@ -96,7 +116,12 @@ pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> 
 struct Plan {
     /// Extent pages and continuation pages: written (then flushed) before the root.
     before_root: Vec<(u64, Vec<u8>)>,
-    root_bytes: Vec<u8>,
+    /// The root page; `None` when only extent pages change (written in place).
+    root_bytes: Option<Vec<u8>>,
+    /// Extent pages moved to new pages: `(extent page number, old md page)`.
+    replaced_extent_pages: Vec<(usize, u32)>,
+    /// The chain's descriptor areas as this persist writes them.
+    written_chain: Vec<Vec<u8>>,
     /// The new chain, root first.
     chain: Vec<u32>,
     new_continuation: Vec<u32>,
@@ -128,12 +153,14 @@ fn plan_writes(
 ) -> Result<Plan> {
     let geometry = store.geometry();
     let mut before_root = Vec::new();
+    let mut replaced = Vec::new();
     let mut meta = state.meta.borrow_mut();
     if meta.form == ExtentForm::Table {
         let needed = meta.extent_pages_needed();
         meta.extent_pages.resize(needed, 0);
         let per = EXTENTS_PER_PAGE as usize;
-        let mut dirty = state.dirty_extent_pages.borrow_mut();
+        let mut marked = state.dirty_extent_pages.borrow_mut();
+        let mut fresh = Vec::new();
         for index in 0..needed {
             let start = index * per;
             let end = (start + per).min(meta.clusters.len());
@@ -142,21 +169,63 @@ fn plan_writes(
                 let page = claim_md_page(store, root)?;
                 claimed.push(page);
                 meta.extent_pages[index] = page;
-                dirty.insert(index);
+                fresh.push(index);
+                marked.insert(index);
             }
         }
-        for &index in dirty.iter() {
-            if index < needed && meta.extent_pages[index] != 0 {
-                let page = meta.extent_pages[index];
-                before_root.push((
-                    geometry.md_page_offset(page),
-                    encode_extent_page(&meta, index),
-                ));
+        let dirty: Vec<usize> = marked
+            .iter()
+            .copied()
+            .filter(|&index| index < needed && meta.extent_pages[index] != 0)
+            .collect();
+        marked.clear();
+        let chain_now: Vec<Vec<u8>> = serialize_chain(&meta)?
+            .iter()
+            .map(|area| area.bytes().to_vec())
+            .collect();
+        if fresh.is_empty() && state.written_chain.borrow().as_ref() == Some(&chain_now) {
+            // Only extent pages changed (thin inserts): each is rewritten in place, one
+            // single-page write each; the chain on disk already points at them.
+            let writes = dirty
+                .iter()
+                .map(|&index| {
+                    let page = meta.extent_pages[index];
+                    (
+                        geometry.md_page_offset(page),
+                        encode_extent_page(&meta, index),
+                    )
+                })
+                .collect();
+            return Ok(Plan {
+                before_root: writes,
+                root_bytes: None,
+                chain: state.pages.borrow().clone(),
+                new_continuation: Vec::new(),
+                replaced_extent_pages: Vec::new(),
+                written_chain: chain_now,
+            });
+        }
+        // The chain changes too: an extent page already on disk is never rewritten in place
+        // (the old root may still need it): it moves to a new page, the old one is freed
+        // once the new root is on disk.
+        for &index in &dirty {
+            if !fresh.contains(&index) {
+                let page = claim_md_page(store, root)?;
+                claimed.push(page);
+                replaced.push((index, meta.extent_pages[index]));
+                meta.extent_pages[index] = page;
             }
         }
-        dirty.clear();
+        for &index in &dirty {
+            let page = meta.extent_pages[index];
+            before_root.push((
+                geometry.md_page_offset(page),
+                encode_extent_page(&meta, index),
+            ));
+        }
     }
     let areas = serialize_chain(&meta)?;
+    let written_chain: Vec<Vec<u8>> = areas.iter().map(|area| area.bytes().to_vec()).collect();
     let mut chain = vec![root];
     let mut new_continuation = Vec::new();
     for _ in 1..areas.len() {
@@ -178,9 +247,11 @@ fn plan_writes(
     }
     Ok(Plan {
         before_root,
-        root_bytes,
+        root_bytes: Some(root_bytes),
         chain,
         new_continuation,
+        replaced_extent_pages: replaced,
+        written_chain,
     })
 }
 
