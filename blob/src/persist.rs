@@ -260,11 +260,15 @@ async fn release_clusters(store: &Blobstore, state: &BlobState) {
     let clusters: Vec<u32> = state.pending_release.borrow_mut().drain(..).collect();
     let cluster_size = store.cluster_size();
     for cluster in clusters {
-        let _ = store
+        let unmapped = store
             .inner
             .md_channel
             .unmap(u64::from(cluster) * cluster_size, cluster_size)
-            .await;
+            .await
+            .is_ok();
+        if unmapped && store.shared().desc_reads_zeroes {
+            store.shared().zeroed.set(u64::from(cluster));
+        }
         store.shared().release_cluster(cluster);
     }
 }

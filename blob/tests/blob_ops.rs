@@ -565,3 +565,86 @@ fn io_runs_on_any_reactor_and_metadata_calls_elsewhere_are_refused() {
     .unwrap();
     sim.stop();
 }
+
+#[test]
+fn a_thin_write_never_shows_a_deleted_blobs_data() {
+    // A cluster freed by a delete is reused by a thin blob: the rest of it reads zeros, both
+    // in the same session (the freed cluster was unmapped) and after a reload (nothing is
+    // known about free clusters then, so the new cluster is zero-filled).
+    let rt = runtime();
+    let (bdev, desc) = malloc(16 << 20);
+    run(&rt, move || async move {
+        let store = Blobstore::init(desc, &InitOptions::default())
+            .await
+            .unwrap();
+        let channel = store.channel().unwrap();
+        for round in 0..2 {
+            let free = store.free_cluster_count();
+            let old = store.create_blob(&thick(free)).await.unwrap();
+            let blob = store.open_blob(old).await.unwrap();
+            for cluster in 0..free {
+                write(&channel, &blob.io(), cluster * 256, &vec![0xEE; 1 << 20]).await;
+            }
+            blob.close().await.unwrap();
+            store.delete_blob(old).await.unwrap();
+            let thin = store
+                .create_blob(&BlobOptions {
+                    num_clusters: 2,
+                    thin: true,
+                    ..BlobOptions::default()
+                })
+                .await
+                .unwrap();
+            let blob = store.open_blob(thin).await.unwrap();
+            write(&channel, &blob.io(), 256 + 7, &pattern(round, 4096)).await;
+            let back = read(&channel, &blob.io(), 256, 1 << 20).await;
+            assert!(
+                back[..7 * 4096].iter().all(|&b| b == 0),
+                "round {round}: stale data before"
+            );
+            assert!(
+                back[8 * 4096..].iter().all(|&b| b == 0),
+                "round {round}: stale data after"
+            );
+            blob.close().await.unwrap();
+            store.delete_blob(thin).await.unwrap();
+        }
+        drop(channel);
+        store.unload().await.unwrap();
+    });
+    // After a load nothing is known about free clusters: put stale bytes in all of them
+    // (as a crash or another tool could leave) and check the new cluster is zero-filled.
+    let mut image = bdev.snapshot();
+    let md_end = 1 << 20; // one metadata cluster on this 16 MiB store
+    image[md_end..].fill(0xEE);
+    let (_copy, desc) = common::from_image(&image);
+    run(&rt, move || async move {
+        let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+            .await
+            .unwrap();
+        let channel = store.channel().unwrap();
+        let thin = store
+            .create_blob(&BlobOptions {
+                num_clusters: 2,
+                thin: true,
+                ..BlobOptions::default()
+            })
+            .await
+            .unwrap();
+        let blob = store.open_blob(thin).await.unwrap();
+        write(&channel, &blob.io(), 3, &pattern(9, 4096)).await;
+        let back = read(&channel, &blob.io(), 0, 1 << 20).await;
+        assert!(
+            back[..3 * 4096].iter().all(|&b| b == 0),
+            "stale bytes before the write"
+        );
+        assert!(
+            back[4 * 4096..].iter().all(|&b| b == 0),
+            "stale bytes after the write"
+        );
+        drop(channel);
+        blob.close().await.unwrap();
+        store.unload().await.unwrap();
+    });
+    rt.stop();
+}

@@ -83,13 +83,27 @@ impl BlobChannel {
     ) -> Result<bool> {
         let geometry = &self.store.geometry;
         let cluster_size = geometry.cluster_size;
-        let cluster = self.store.claim_cluster().ok_or_else(|| {
+        let (cluster, zeroed) = self.store.claim_cluster_zeroed().ok_or_else(|| {
             BlobError::NoSpace(format!(
                 "blob {:#x}: no free cluster for a thin write",
                 blob.id
             ))
         })?;
+        let device_start = u64::from(cluster) * cluster_size;
         let filled: Result<()> = async {
+            if zeroed && blob.parent.load().is_none() {
+                // The cluster reads zeros already (unmapped on a device that promises it):
+                // only the new data is written.
+                if let Some(data) = data {
+                    if !data.is_empty() {
+                        let mut piece = DmaBuf::alloc(data.len())?;
+                        piece.copy_from_slice(data);
+                        let at = offset - index * cluster_size;
+                        self.bdev().write(piece, device_start + at).await.0?;
+                    }
+                }
+                return Ok(());
+            }
             let mut content = DmaBuf::alloc(cluster_size as usize)?;
             let cluster_start = index * cluster_size;
             self.read_backing(blob, cluster_start, &mut content).await?;

@@ -109,9 +109,16 @@ impl Blobstore {
         let data_start = layout.md_clusters * options.cluster_size;
         let data_end = layout.total_clusters * options.cluster_size;
         if options.unmap_data && data_end > data_start {
-            // Best effort: thin blobs zero-fill new clusters themselves.
-            if let Err(err) = channel.unmap(data_start, data_end - data_start).await {
-                tracing::debug!(%err, "unmap of the data area at init skipped");
+            // Best effort: thin blobs zero-fill new clusters themselves, unless the device
+            // promises zeros for what was unmapped.
+            match channel.unmap(data_start, data_end - data_start).await {
+                Ok(()) if inner.shared.desc_reads_zeroes => {
+                    for cluster in layout.md_clusters..layout.total_clusters {
+                        inner.shared.zeroed.set(cluster);
+                    }
+                }
+                Ok(()) => {}
+                Err(err) => tracing::debug!(%err, "unmap of the data area at init skipped"),
             }
         }
         write_bytes(channel, 0, &super_block.encode()).await?;

@@ -95,13 +95,26 @@ pub struct StoreShared {
     pub(crate) md_reactor: ReactorId,
     /// Hint for the next cluster search.
     pub(crate) cluster_hint: AtomicU64,
+    /// Whether the device reads zeros where it was unmapped.
+    pub(crate) desc_reads_zeroes: bool,
     /// The store as an io device: each reactor's [`crate::BlobChannel`] context.
     pub(crate) io_device: IoDevice<ChannelContext>,
     /// Indexes of open blobs in the channels' per-blob tables.
     pub(crate) slots: crate::io::SlotAllocator,
+    /// Free clusters known to read as zeros (unmapped on a device whose unmapped blocks
+    /// read zeros, since init or since their release): a thin write to one needs no
+    /// zero-fill. Empty after a load (history unknown): those get zero-filled.
+    pub(crate) zeroed: AtomicBitmap,
 }
 
 impl StoreShared {
+    /// Claims a free data cluster (first fit from the hint) and says whether it is known to
+    /// read as zeros.
+    pub(crate) fn claim_cluster_zeroed(&self) -> Option<(u32, bool)> {
+        let cluster = self.claim_cluster()?;
+        Some((cluster, self.zeroed.release(u64::from(cluster))))
+    }
+
     /// Claims a free data cluster (first fit from the hint).
     pub(crate) fn claim_cluster(&self) -> Option<u32> {
         let hint = self.cluster_hint.load(Ordering::Relaxed);
@@ -358,6 +371,7 @@ impl Blobstore {
         let store_id = next_store_id();
         let first_data = geometry.md_clusters;
         let io_device = crate::io::register_device(&desc);
+        let desc_reads_zeroes = desc.bdev().unmap_reads_zeroes();
         let shared = Arc::new(StoreShared {
             store_id,
             geometry,
@@ -365,7 +379,9 @@ impl Blobstore {
             md_reactor,
             cluster_hint: AtomicU64::new(first_data),
             io_device,
+            desc_reads_zeroes,
             slots: crate::io::SlotAllocator::default(),
+            zeroed: AtomicBitmap::from_set(&BitSet::new(used_clusters.len())),
         });
         Ok(Rc::new(StoreInner {
             shared,
