@@ -4,6 +4,8 @@
 //! unload) and dirty (after a crash: the store is dropped without unloading, so the load
 //! replays every metadata page).
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -27,28 +29,54 @@ pub struct MetadataReport {
     pub dirty_load_ms: f64,
     /// Md pages of the store.
     pub md_pages: u32,
+    /// 4 KiB writes per second to clusters a thick blob already has (qd 32).
+    pub thick_write_per_s: f64,
+    /// 4 KiB first writes per second to a thin blob, each allocating a cluster (qd 32).
+    pub thin_first_write_per_s: f64,
+    /// Milliseconds a snapshot took with no I/O running.
+    pub snapshot_ms: f64,
+    /// Milliseconds a snapshot of a blob under 4 KiB random writes at qd 32 took to return
+    /// (the writers' copy-on-write work shares the core with it).
+    pub loaded_snapshot_ms: f64,
+    /// The longest write latency while that snapshot ran, microseconds (the I/O pause).
+    pub snapshot_pause_us: f64,
+    /// Milliseconds to create a clone of that snapshot.
+    pub clone_ms: f64,
 }
 
 impl MetadataReport {
     /// The report as a table for people.
     pub fn to_table(&self) -> String {
-        format!(
-            "spool perf --layer md: {} blobs, {} md pages\n{:>22} {:>12}\n{:>22} {:>12.0}\n{:>22} {:>12.0}\n{:>22} {:>12.0}\n{:>22} {:>12.1}\n{:>22} {:>12.1}\n",
-            self.blobs,
-            self.md_pages,
-            "phase",
-            "rate",
-            "create+sync ops/s",
-            self.create_per_s,
-            "open+close ops/s",
-            self.open_close_per_s,
-            "delete ops/s",
-            self.delete_per_s,
-            "clean load ms",
-            self.clean_load_ms,
-            "dirty load ms",
-            self.dirty_load_ms,
-        )
+        let rows = [
+            ("create+sync ops/s", format!("{:.0}", self.create_per_s)),
+            ("open+close ops/s", format!("{:.0}", self.open_close_per_s)),
+            ("delete ops/s", format!("{:.0}", self.delete_per_s)),
+            ("clean load ms", format!("{:.1}", self.clean_load_ms)),
+            ("dirty load ms", format!("{:.1}", self.dirty_load_ms)),
+            ("thick write/s", format!("{:.0}", self.thick_write_per_s)),
+            (
+                "thin first write/s",
+                format!("{:.0}", self.thin_first_write_per_s),
+            ),
+            ("snapshot ms", format!("{:.2}", self.snapshot_ms)),
+            (
+                "snapshot under I/O ms",
+                format!("{:.2}", self.loaded_snapshot_ms),
+            ),
+            (
+                "snapshot pause us",
+                format!("{:.0}", self.snapshot_pause_us),
+            ),
+            ("clone ms", format!("{:.2}", self.clone_ms)),
+        ];
+        let mut out = format!(
+            "spool perf --layer md: {} blobs, {} md pages\n{:>22} {:>12}\n",
+            self.blobs, self.md_pages, "phase", "rate"
+        );
+        for (name, value) in rows {
+            out.push_str(&format!("{name:>22} {value:>12}\n"));
+        }
+        out
     }
 }
 
@@ -69,6 +97,8 @@ pub async fn run(desc: BdevDesc, blobs: u64, cluster_size: u64) -> Result<Metada
     )
     .await
     .map_err(|err| format!("blobstore init: {err}"))?;
+    // I/O phases first, on the fresh store (its free clusters are known to read zeros).
+    let io = io_phases(&store).await?;
     let started = Instant::now();
     let mut ids = Vec::with_capacity(blobs as usize);
     for _ in 0..blobs {
@@ -138,6 +168,12 @@ pub async fn run(desc: BdevDesc, blobs: u64, cluster_size: u64) -> Result<Metada
         .await
         .map_err(|err| format!("unload: {err}"))?;
     Ok(MetadataReport {
+        thick_write_per_s: io.thick_write_per_s,
+        thin_first_write_per_s: io.thin_first_write_per_s,
+        snapshot_ms: io.snapshot_ms,
+        loaded_snapshot_ms: io.loaded_snapshot_ms,
+        snapshot_pause_us: io.snapshot_pause_us,
+        clone_ms: io.clone_ms,
         blobs,
         create_per_s,
         open_close_per_s,
@@ -145,5 +181,155 @@ pub async fn run(desc: BdevDesc, blobs: u64, cluster_size: u64) -> Result<Metada
         clean_load_ms,
         dirty_load_ms,
         md_pages,
+    })
+}
+
+/// Queue depth of the I/O phases.
+const IO_QD: u64 = 32;
+
+struct IoPhases {
+    loaded_snapshot_ms: f64,
+    thick_write_per_s: f64,
+    thin_first_write_per_s: f64,
+    snapshot_ms: f64,
+    snapshot_pause_us: f64,
+    clone_ms: f64,
+}
+
+/// `IO_QD` tasks write 4 KiB at the start of clusters `0..clusters` of `io`, each cluster
+/// once; returns writes per second.
+async fn cluster_writes(
+    channel: &spool_blob::BlobChannel,
+    io: &std::sync::Arc<spool_blob::BlobIo>,
+    clusters: u64,
+    units_per_cluster: u64,
+) -> Result<f64, String> {
+    let next = Rc::new(Cell::new(0u64));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..IO_QD {
+        let (next, channel, io) = (Rc::clone(&next), channel.clone(), std::sync::Arc::clone(io));
+        tasks.push(spool_reactor::spawn_local(async move {
+            let mut buf = spool_bdev::DmaBuf::alloc(4096).map_err(|err| err.to_string())?;
+            loop {
+                let index = next.get();
+                if index >= clusters {
+                    return Ok::<(), String>(());
+                }
+                next.set(index + 1);
+                let (result, back) = channel.write(&io, index * units_per_cluster, buf).await;
+                result.map_err(|err| format!("write: {err}"))?;
+                buf = back;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.map_err(|err| err.to_string())??;
+    }
+    Ok(rate(clusters, started))
+}
+
+/// Thick vs thin first writes, then the pause a snapshot causes under random writes, and
+/// the snapshot's and a clone's latency. Cleans up after itself.
+async fn io_phases(store: &Blobstore) -> Result<IoPhases, String> {
+    let units_per_cluster = store.cluster_size() / store.io_unit_size();
+    let clusters = (store.free_cluster_count() / 3).min(8192);
+    if clusters < IO_QD {
+        return Err(format!(
+            "only {} free clusters: use a larger target",
+            store.free_cluster_count()
+        ));
+    }
+    let channel = store.channel().map_err(|err| err.to_string())?;
+    let thick = store
+        .create_and_open(&BlobOptions {
+            num_clusters: clusters,
+            ..BlobOptions::default()
+        })
+        .await
+        .map_err(|err| format!("create: {err}"))?;
+    let thick_write_per_s =
+        cluster_writes(&channel, &thick.io(), clusters, units_per_cluster).await?;
+    let thin = store
+        .create_and_open(&BlobOptions {
+            num_clusters: clusters,
+            thin: true,
+            ..BlobOptions::default()
+        })
+        .await
+        .map_err(|err| format!("create: {err}"))?;
+    let thin_id = thin.id();
+    let thin_first_write_per_s =
+        cluster_writes(&channel, &thin.io(), clusters, units_per_cluster).await?;
+    thin.close().await.map_err(|err| err.to_string())?;
+    // The snapshot pause: random 4 KiB writes at qd 32 on the thick blob while it is
+    // snapshotted; the longest write latency in that window.
+    let stop = Rc::new(Cell::new(false));
+    let worst_ns = Rc::new(Cell::new(0u64));
+    let window = Rc::new(Cell::new(false));
+    let mut writers = Vec::new();
+    for seed in 0..IO_QD {
+        let (stop, worst_ns, window) = (Rc::clone(&stop), Rc::clone(&worst_ns), Rc::clone(&window));
+        let (channel, io) = (channel.clone(), thick.io());
+        writers.push(spool_reactor::spawn_local(async move {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut buf = spool_bdev::DmaBuf::alloc(4096).map_err(|err| err.to_string())?;
+            let units = io.num_io_units();
+            while !stop.get() {
+                let started = spool_reactor::now_ns();
+                let (result, back) = channel.write(&io, rng.u64(0..units), buf).await;
+                result.map_err(|err| format!("write: {err}"))?;
+                buf = back;
+                if window.get() {
+                    worst_ns.set(worst_ns.get().max(spool_reactor::now_ns() - started));
+                }
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    spool_reactor::sleep(std::time::Duration::from_millis(200)).await;
+    window.set(true);
+    let started = Instant::now();
+    let snap = store
+        .create_snapshot(thick.id(), &[])
+        .await
+        .map_err(|err| format!("snapshot: {err}"))?;
+    let loaded_snapshot_ms = started.elapsed().as_secs_f64() * 1e3;
+    // Writes that waited for the freeze complete right after it.
+    spool_reactor::sleep(std::time::Duration::from_millis(5)).await;
+    window.set(false);
+    stop.set(true);
+    for writer in writers {
+        writer.await.map_err(|err| err.to_string())??;
+    }
+    let started = Instant::now();
+    let clone = store
+        .create_clone(snap, &[])
+        .await
+        .map_err(|err| format!("clone: {err}"))?;
+    let clone_ms = started.elapsed().as_secs_f64() * 1e3;
+    let thick_id = thick.id();
+    thick.close().await.map_err(|err| err.to_string())?;
+    // Snapshot latency without I/O competing for the core.
+    let started = Instant::now();
+    let quiet = store
+        .create_snapshot(thin_id, &[])
+        .await
+        .map_err(|err| format!("snapshot: {err}"))?;
+    let snapshot_ms = started.elapsed().as_secs_f64() * 1e3;
+    drop(channel);
+    for id in [clone, thick_id, snap, thin_id, quiet] {
+        store
+            .delete_blob(id)
+            .await
+            .map_err(|err| format!("delete: {err}"))?;
+    }
+    Ok(IoPhases {
+        loaded_snapshot_ms,
+        thick_write_per_s,
+        thin_first_write_per_s,
+        snapshot_ms,
+        snapshot_pause_us: worst_ns.get() as f64 / 1e3,
+        clone_ms,
     })
 }
