@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
@@ -45,13 +45,30 @@ impl ClusterMap {
     }
 }
 
+/// Gate bit: the handle was closed.
+const GATE_CLOSED: u32 = 1;
+/// Gate bit: the blob's data is read-only.
+const GATE_READ_ONLY: u32 = 2;
+/// Gate bit: the blob's I/O is frozen.
+const GATE_FROZEN: u32 = 4;
+
+/// The gate bits that send an I/O off the fast path.
+#[inline]
+fn gate_refusing(write: bool) -> u32 {
+    if write {
+        GATE_CLOSED | GATE_FROZEN | GATE_READ_ONLY
+    } else {
+        GATE_CLOSED | GATE_FROZEN
+    }
+}
+
 /// What I/O reactors know of an open blob. Obtained from [`crate::Blob::io`]; `Send + Sync`.
 pub struct BlobIo {
     id: u64,
     store: Arc<StoreShared>,
     map: ArcSwap<ClusterMap>,
-    data_ro: AtomicBool,
-    closed: AtomicBool,
+    /// `GATE_*` bits: what the I/O fast path checks, in one load.
+    gate: AtomicU32,
     parent: ArcSwapOption<BlobIo>,
     /// Freeze depth: while above 0, new I/O waits on its channel (snapshot, resize).
     frozen: AtomicU32,
@@ -116,8 +133,7 @@ impl BlobIo {
             id: meta.id,
             store: Arc::clone(store),
             map: ArcSwap::from_pointee(ClusterMap::of(&meta.clusters)),
-            data_ro: AtomicBool::new(meta.data_ro()),
-            closed: AtomicBool::new(false),
+            gate: AtomicU32::new(if meta.data_ro() { GATE_READ_ONLY } else { 0 }),
             parent: ArcSwapOption::empty(),
             frozen: AtomicU32::new(0),
             slot: store.slots.acquire(),
@@ -152,16 +168,24 @@ impl BlobIo {
 
     /// Raises the freeze depth; returns the depth before.
     pub(crate) fn freeze_enter(&self) -> u32 {
-        self.frozen.fetch_add(1, Ordering::AcqRel)
+        let before = self.frozen.fetch_add(1, Ordering::AcqRel);
+        if before == 0 {
+            self.gate.fetch_or(GATE_FROZEN, Ordering::AcqRel);
+        }
+        before
     }
 
     /// Lowers the freeze depth; returns the depth after.
     pub(crate) fn freeze_leave(&self) -> u32 {
-        self.frozen.fetch_sub(1, Ordering::AcqRel) - 1
+        let after = self.frozen.fetch_sub(1, Ordering::AcqRel) - 1;
+        if after == 0 {
+            self.gate.fetch_and(!GATE_FROZEN, Ordering::AcqRel);
+        }
+        after
     }
 
     fn is_frozen(&self) -> bool {
-        self.frozen.load(Ordering::Acquire) > 0
+        self.gate.load(Ordering::Acquire) & GATE_FROZEN != 0
     }
 
     pub(crate) fn set_parent(&self, parent: Option<Arc<BlobIo>>) {
@@ -181,18 +205,23 @@ impl BlobIo {
     }
 
     pub(crate) fn set_data_ro(&self, data_ro: bool) {
-        self.data_ro.store(data_ro, Ordering::Release);
+        if data_ro {
+            self.gate.fetch_or(GATE_READ_ONLY, Ordering::AcqRel);
+        } else {
+            self.gate.fetch_and(!GATE_READ_ONLY, Ordering::AcqRel);
+        }
     }
 
     pub(crate) fn mark_closed(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.gate.fetch_or(GATE_CLOSED, Ordering::AcqRel);
     }
 
     fn check(&self, offset: u64, len: u64, write: bool) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
+        let gate = self.gate.load(Ordering::Acquire);
+        if gate & GATE_CLOSED != 0 {
             return Err(BlobError::NotOpen(self.id));
         }
-        if write && self.data_ro.load(Ordering::Acquire) {
+        if write && gate & GATE_READ_ONLY != 0 {
             return Err(BlobError::ReadOnly {
                 id: self.id,
                 what: "write",
@@ -494,9 +523,7 @@ impl BlobChannel {
         let cluster_shift = geometry.cluster_shift?;
         if len == 0
             || len & (geometry.io_unit_size - 1) != 0
-            || blob.is_frozen()
-            || blob.closed.load(Ordering::Acquire)
-            || (write && blob.data_ro.load(Ordering::Acquire))
+            || blob.gate.load(Ordering::Acquire) & gate_refusing(write) != 0
         {
             return None;
         }
