@@ -73,9 +73,17 @@ pub(crate) struct BlobState {
     /// Clusters inserted by thin writes whose metadata is not on disk yet: hidden from
     /// I/O reactors until it is.
     pub(crate) unpublished: RefCell<Vec<(usize, u32)>>,
-    /// The descriptor areas of the chain as last written by this process (`None` until the
-    /// first persist): a persist that would write the same chain writes only extent pages.
-    pub(crate) written_chain: RefCell<Option<Vec<Vec<u8>>>>,
+    /// Whether this process has written the blob's chain (a persist that only inserts
+    /// clusters into existing extent pages then writes only those pages).
+    pub(crate) chain_written: Cell<bool>,
+    /// Whether a change since the last persist rewrites the chain (see `mark_changed`).
+    pub(crate) chain_changed: Cell<bool>,
+    /// Thin inserts made so far (each takes the next number) and the highest one on disk:
+    /// inserts wait for a persist that covers them (group commit).
+    pub(crate) insert_seq: Cell<u64>,
+    pub(crate) durable_seq: Cell<u64>,
+    /// Notified at the end of every persist.
+    pub(crate) persisted: crate::sync::LocalNotify,
 }
 
 impl BlobState {
@@ -98,8 +106,19 @@ impl BlobState {
             md_ro: Cell::new(md_ro),
             resizing: Cell::new(false),
             unpublished: RefCell::new(Vec::new()),
-            written_chain: RefCell::new(None),
+            chain_written: Cell::new(false),
+            chain_changed: Cell::new(true),
+            insert_seq: Cell::new(0),
+            durable_seq: Cell::new(0),
+            persisted: crate::sync::LocalNotify::default(),
         })
+    }
+
+    /// Marks the metadata changed in a way that rewrites the chain (anything but a thin
+    /// insert into an extent page that exists).
+    pub(crate) fn mark_changed(&self) {
+        self.dirty.set(true);
+        self.chain_changed.set(true);
     }
 
     /// Gives I/O reactors the current map, with clusters not yet on disk hidden.
@@ -291,7 +310,7 @@ impl Blob {
             .meta
             .borrow_mut()
             .set_xattr(internal, name.as_bytes(), value)?;
-        self.state.dirty.set(true);
+        self.state.mark_changed();
         Ok(())
     }
 
@@ -318,7 +337,7 @@ impl Blob {
                 name: name.to_string(),
             });
         }
-        self.state.dirty.set(true);
+        self.state.mark_changed();
         Ok(())
     }
 
@@ -326,7 +345,7 @@ impl Blob {
     pub fn set_read_only(&self) -> Result<()> {
         self.store.check_md_thread()?;
         self.state.meta.borrow_mut().flags.data_ro |= crate::format::descriptor::FLAG_READ_ONLY;
-        self.state.dirty.set(true);
+        self.state.mark_changed();
         Ok(())
     }
 
@@ -386,7 +405,7 @@ impl Blob {
             .set_xattr(true, name.as_bytes(), value)
             .is_ok()
         {
-            self.state.dirty.set(true);
+            self.state.mark_changed();
             let _ = crate::persist::persist(&self.store, &self.state).await;
         }
     }
@@ -504,7 +523,7 @@ impl Blobstore {
         }
         let io = BlobIo::new(self.shared(), &meta);
         let state = BlobState::new(meta, Vec::new(), io);
-        state.dirty.set(true);
+        state.mark_changed();
         crate::resize::resize(self, &state, options.num_clusters)?;
         if let Err(err) = crate::persist::persist(self, &state).await {
             crate::resize::release_all(self, &state);

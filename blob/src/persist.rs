@@ -17,8 +17,15 @@ use crate::meta::{encode_extent_page, serialize_chain, ExtentForm};
 use crate::store::md_io::{flush, write_pages, zero_bytes};
 use crate::store::Blobstore;
 
-/// Persists `state` if it is dirty. Serialised per blob.
+/// Persists `state` if it is dirty. Serialised per blob; every end (success or not)
+/// notifies the inserts waiting for a persist.
 pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> {
+    let result = persist_locked(store, state).await;
+    state.persisted.notify();
+    result
+}
+
+async fn persist_locked(store: &Blobstore, state: &BlobState) -> Result<()> {
     let _guard = state.persist_lock.lock().await;
     if !state.dirty.get() {
         return Ok(());
@@ -37,6 +44,8 @@ pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> 
         }
     };
     state.dirty.set(false);
+    state.chain_changed.set(false);
+    let plan_seq = state.insert_seq.get();
     let inserted: Vec<(usize, u32)> = std::mem::take(&mut *state.unpublished.borrow_mut());
     let channel = &store.inner.md_channel;
     let result: Result<()> = async {
@@ -58,7 +67,7 @@ pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> 
     }
     .await;
     if let Err(err) = result {
-        state.dirty.set(true);
+        state.mark_changed();
         // Thin inserts this persist carried are undone: their writers release the
         // clusters and fail (the metadata never reached the disk).
         {
@@ -88,8 +97,11 @@ pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> 
         release_md_pages(store, &plan.new_continuation);
         return Err(err);
     }
-    *state.written_chain.borrow_mut() = Some(plan.written_chain.clone());
+    if plan.root_bytes.is_some() {
+        state.chain_written.set(true);
+    }
     // Committed: I/O reactors may now see the clusters thin writes inserted.
+    state.durable_seq.set(state.durable_seq.get().max(plan_seq));
     for &(index, cluster) in &inserted {
         state.io.publish(index, cluster);
     }
@@ -120,8 +132,6 @@ struct Plan {
     root_bytes: Option<Vec<u8>>,
     /// Extent pages moved to new pages: `(extent page number, old md page)`.
     replaced_extent_pages: Vec<(usize, u32)>,
-    /// The chain's descriptor areas as this persist writes them.
-    written_chain: Vec<Vec<u8>>,
     /// The new chain, root first.
     chain: Vec<u32>,
     new_continuation: Vec<u32>,
@@ -161,7 +171,13 @@ fn plan_writes(
         let per = EXTENTS_PER_PAGE as usize;
         let mut marked = state.dirty_extent_pages.borrow_mut();
         let mut fresh = Vec::new();
-        for index in 0..needed {
+        // Only a touched extent page can have gained its first cluster.
+        let touched: Vec<usize> = marked
+            .iter()
+            .copied()
+            .filter(|&index| index < needed)
+            .collect();
+        for index in touched {
             let start = index * per;
             let end = (start + per).min(meta.clusters.len());
             let has_clusters = meta.clusters[start..end].iter().any(|&c| c != 0);
@@ -179,11 +195,7 @@ fn plan_writes(
             .filter(|&index| index < needed && meta.extent_pages[index] != 0)
             .collect();
         marked.clear();
-        let chain_now: Vec<Vec<u8>> = serialize_chain(&meta)?
-            .iter()
-            .map(|area| area.bytes().to_vec())
-            .collect();
-        if fresh.is_empty() && state.written_chain.borrow().as_ref() == Some(&chain_now) {
+        if fresh.is_empty() && !state.chain_changed.get() && state.chain_written.get() {
             // Only extent pages changed (thin inserts): each is rewritten in place, one
             // single-page write each; the chain on disk already points at them.
             let writes = dirty
@@ -202,7 +214,6 @@ fn plan_writes(
                 chain: state.pages.borrow().clone(),
                 new_continuation: Vec::new(),
                 replaced_extent_pages: Vec::new(),
-                written_chain: chain_now,
             });
         }
         // The chain changes too: an extent page already on disk is never rewritten in place
@@ -225,7 +236,6 @@ fn plan_writes(
         }
     }
     let areas = serialize_chain(&meta)?;
-    let written_chain: Vec<Vec<u8>> = areas.iter().map(|area| area.bytes().to_vec()).collect();
     let mut chain = vec![root];
     let mut new_continuation = Vec::new();
     for _ in 1..areas.len() {
@@ -251,7 +261,6 @@ fn plan_writes(
         chain,
         new_continuation,
         replaced_extent_pages: replaced,
-        written_chain,
     })
 }
 
@@ -335,18 +344,45 @@ pub(crate) async fn insert_cluster(
         *meta.clusters.get(index).ok_or(-libc::EINVAL)?
     };
     if existing != 0 {
-        // Wait for the persist carrying the winner's insert, then report the race.
-        persist(store, &state).await.map_err(|err| err.errno())?;
-        return Err(-libc::EEXIST);
+        // Report the race once the winner's insert is on disk (visible) or undone.
+        loop {
+            let now = state
+                .meta
+                .borrow()
+                .clusters
+                .get(index)
+                .copied()
+                .unwrap_or(0);
+            if now == 0 || state.io.published(index) != 0 {
+                return Err(-libc::EEXIST);
+            }
+            wait_for_persist(store, &state).await?;
+        }
     }
     state.meta.borrow_mut().clusters[index] = cluster;
     state.unpublished.borrow_mut().push((index, cluster));
     state.touch_clusters(index..index + 1);
     state.dirty.set(true);
-    persist(store, &state).await.map_err(|err| err.errno())?;
-    if state.meta.borrow().clusters.get(index) == Some(&cluster) {
+    let seq = state.insert_seq.get() + 1;
+    state.insert_seq.set(seq);
+    // Group commit: one persist carries every insert made while the previous one ran.
+    loop {
+        if state.meta.borrow().clusters.get(index) != Some(&cluster) {
+            return Err(-libc::EIO); // a failed persist undid it
+        }
+        if state.durable_seq.get() >= seq {
+            return Ok(());
+        }
+        wait_for_persist(store, &state).await?;
+    }
+}
+
+/// Runs a persist if none is running, else waits for the running one to finish.
+async fn wait_for_persist(store: &Blobstore, state: &BlobState) -> std::result::Result<(), i32> {
+    if state.persist_lock.is_locked() {
+        state.persisted.wait().await;
         Ok(())
     } else {
-        Err(-libc::EIO)
+        persist(store, state).await.map_err(|err| err.errno())
     }
 }

@@ -82,7 +82,7 @@ pub(crate) fn resize(store: &Blobstore, state: &BlobState, num_clusters: u64) ->
     drop(meta);
     state.touch_clusters(changed);
     state.publish_map();
-    state.dirty.set(true);
+    state.mark_changed();
     Ok(())
 }
 

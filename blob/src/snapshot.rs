@@ -94,7 +94,7 @@ impl Blobstore {
                     .map_err(|err| (err, false))?;
             }
         }
-        snap.state.dirty.set(true);
+        snap.state.mark_changed();
         snap.state.publish_map();
         if let Err(err) = crate::persist::persist(self, &snap.state).await {
             return Err((err, false));
@@ -111,7 +111,7 @@ impl Blobstore {
             let pages = om.extent_pages.len();
             om.extent_pages = vec![0; pages];
         }
-        orig.state.dirty.set(true);
+        orig.state.mark_changed();
         orig.state.dirty_extent_pages.borrow_mut().clear();
         if let Err(err) = crate::persist::persist(self, &orig.state).await {
             *orig.state.meta.borrow_mut() = saved;
@@ -138,7 +138,7 @@ impl Blobstore {
             sm.remove_xattr(true, XATTR_SNAPSHOT_PENDING.as_bytes());
             sm.flags.data_ro |= FLAG_READ_ONLY;
         }
-        snap.state.dirty.set(true);
+        snap.state.mark_changed();
         crate::persist::persist(self, &snap.state)
             .await
             .map_err(|err| (err, true))?;
@@ -280,7 +280,7 @@ impl Blobstore {
         if let Some(g) = grandparent {
             self.link_clone(g, id);
         }
-        blob.state.dirty.set(true);
+        blob.state.mark_changed();
         crate::persist::persist(self, &blob.state).await?;
         if let Some(old) = old_parent {
             old.close().await?;
@@ -326,7 +326,7 @@ impl Blobstore {
             XATTR_SNAPSHOT_REMOVING.as_bytes(),
             &clone_id.to_le_bytes(),
         )?;
-        snap.state.dirty.set(true);
+        snap.state.mark_changed();
         crate::persist::persist(self, &snap.state).await?;
         let io = clone.io();
         crate::freeze::freeze(self, &io).await?;
@@ -354,7 +354,7 @@ impl Blobstore {
         for &index in &taken {
             clone.state.touch_clusters(index..index + 1);
         }
-        clone.state.dirty.set(true);
+        clone.state.mark_changed();
         if let Err(err) = crate::persist::persist(self, &clone.state).await {
             *clone.state.meta.borrow_mut() = saved;
             crate::freeze::unfreeze(self, &io).await?;
@@ -413,7 +413,7 @@ pub(crate) async fn repair_pending_snapshots(
                 sm.remove_xattr(true, XATTR_SNAPSHOT_PENDING.as_bytes());
                 sm.flags.data_ro |= FLAG_READ_ONLY;
             }
-            snap.state.dirty.set(true);
+            snap.state.mark_changed();
             crate::persist::persist(store, &snap.state).await?;
             snap.close().await?;
             done.push(format!("snapshot {snap_id:#x} of {orig_id:#x}: finished"));
@@ -449,7 +449,7 @@ pub(crate) async fn repair_interrupted_merges(
                 .meta
                 .borrow_mut()
                 .remove_xattr(true, XATTR_SNAPSHOT_REMOVING.as_bytes());
-            snap.state.dirty.set(true);
+            snap.state.mark_changed();
             crate::persist::persist(store, &snap.state).await?;
             snap.close().await?;
             done.push(format!(

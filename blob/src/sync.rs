@@ -22,6 +22,11 @@ pub(crate) struct LocalMutexGuard<'a> {
 }
 
 impl LocalMutex {
+    /// Whether someone holds the lock now.
+    pub(crate) fn is_locked(&self) -> bool {
+        self.locked.get()
+    }
+
     /// Waits for the lock.
     pub(crate) fn lock(&self) -> impl Future<Output = LocalMutexGuard<'_>> + '_ {
         std::future::poll_fn(move |cx: &mut Context<'_>| {
@@ -92,5 +97,36 @@ impl<T: Clone> Future for EventWait<T> {
         }
         self.event.waiters.borrow_mut().push(cx.waker().clone());
         Poll::Pending
+    }
+}
+
+/// Wakes every waiter each time it is notified (waiters then re-check their condition):
+/// a group commit's "a persist finished".
+#[derive(Default)]
+pub(crate) struct LocalNotify {
+    generation: Cell<u64>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl LocalNotify {
+    /// Wakes everyone waiting now.
+    pub(crate) fn notify(&self) {
+        self.generation.set(self.generation.get() + 1);
+        for waker in self.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Waits for the next notification.
+    pub(crate) fn wait(&self) -> impl Future<Output = ()> + '_ {
+        let seen = self.generation.get();
+        std::future::poll_fn(move |cx: &mut Context<'_>| {
+            if self.generation.get() != seen {
+                Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
     }
 }

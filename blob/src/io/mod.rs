@@ -198,6 +198,15 @@ impl BlobIo {
             .store(self.store.slots.next_generation(), Ordering::Release);
     }
 
+    /// The cluster I/O reactors see at blob cluster `index` (0: none yet).
+    pub(crate) fn published(&self, index: usize) -> u32 {
+        self.map
+            .load()
+            .clusters
+            .get(index)
+            .map_or(0, |slot| slot.load(Ordering::Acquire))
+    }
+
     pub(crate) fn publish(&self, index: usize, cluster: u32) {
         if let Some(slot) = self.map.load().clusters.get(index) {
             slot.store(cluster, Ordering::Release);
