@@ -123,15 +123,25 @@ impl BlobChannel {
             return Err(err);
         }
         let (store_id, blob_id) = (self.store.store_id, blob.id);
-        let inserted = spool_reactor::spawn_on(self.store.md_reactor, move || async move {
+        let inserted = if spool_reactor::reactor_id().ok() == Some(self.store.md_reactor) {
+            // Already on the metadata reactor: no message needed.
             match Blobstore::lookup(store_id) {
                 Some(store) => {
                     crate::persist::insert_cluster(&store, blob_id, index, cluster).await
                 }
                 None => Err(-libc::ENODEV),
             }
-        })?
-        .await?;
+        } else {
+            spool_reactor::spawn_on(self.store.md_reactor, move || async move {
+                match Blobstore::lookup(store_id) {
+                    Some(store) => {
+                        crate::persist::insert_cluster(&store, blob_id, index, cluster).await
+                    }
+                    None => Err(-libc::ENODEV),
+                }
+            })?
+            .await?
+        };
         match inserted {
             Ok(()) => Ok(true),
             Err(errno) => {
