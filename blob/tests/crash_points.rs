@@ -3,7 +3,9 @@
 //! twice, no cluster is leaked, and the data written before the operation reads back.
 //! Method: each operation runs under the simulation on the crash bdev; for every k, the
 //! power is cut once the operation's k-th write has completed, keeping a seeded subset of the
-//! writes not yet flushed; the image is loaded and checked.
+//! writes not yet flushed; the image is loaded and checked. A storm of thin writes with
+//! flushes is cut at seeded points: every write acknowledged before the last completed flush
+//! reads back.
 
 mod common;
 
@@ -344,4 +346,127 @@ fn thin_allocation() {
             blob.close().await.unwrap();
         })
     });
+}
+
+/// What the storm's writers report: the blob, each acknowledged write `(unit, seed)` in ack
+/// order, and how many of those a completed flush covers.
+#[derive(Default)]
+struct StormLog {
+    blob: Option<u64>,
+    acked: Vec<(u64, u64)>,
+    flushed: usize,
+}
+
+#[test]
+fn a_storm_of_thin_writes_cut_at_random_points() {
+    let (base, ids) = base_image();
+    for seed in 0..24u64 {
+        let bdev = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
+        let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+        let mut sim = Sim::new(SimOptions { seed, reactors: 2 });
+        let reactors = sim.reactors();
+        let log = Arc::new(std::sync::Mutex::new(StormLog::default()));
+        let shared = Arc::clone(&log);
+        let writer_reactor = reactors[1];
+        let handle = sim
+            .spawn_on(reactors[0], move || async move {
+                let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                    .await
+                    .unwrap();
+                let id = store
+                    .create_blob(&BlobOptions {
+                        num_clusters: 48,
+                        thin: true,
+                        ..BlobOptions::default()
+                    })
+                    .await
+                    .unwrap();
+                let blob = store.open_blob(id).await.unwrap();
+                shared.lock().unwrap().blob = Some(id);
+                let io = blob.io();
+                let mut writers = Vec::new();
+                for writer in 0..4u64 {
+                    let (io, shared) = (Arc::clone(&io), Arc::clone(&shared));
+                    writers.push(
+                        spool_reactor::spawn_on(writer_reactor, move || async move {
+                            let channel = io.channel().unwrap();
+                            for n in 0..40u64 {
+                                // Distinct units, spread over the clusters.
+                                let unit = ((n * 4 + writer) * 7) % (48 * 16);
+                                let data_seed = 1000 + writer * 100 + n;
+                                let (result, _) = channel
+                                    .write(&io, unit, buf_of(&pattern(data_seed, 4096)))
+                                    .await;
+                                if result.is_err() {
+                                    return; // the power went
+                                }
+                                let covered = {
+                                    let mut log = shared.lock().unwrap();
+                                    log.acked.push((unit, data_seed));
+                                    log.acked.len()
+                                };
+                                if n % 8 == 7 {
+                                    if channel.flush().await.is_err() {
+                                        return;
+                                    }
+                                    let mut log = shared.lock().unwrap();
+                                    log.flushed = log.flushed.max(covered);
+                                }
+                            }
+                        })
+                        .unwrap(),
+                    );
+                }
+                for writer in writers {
+                    let _ = writer.await;
+                }
+                blob.close().await.unwrap();
+            })
+            .unwrap();
+        // Cut the power at a seeded step.
+        let cut_at = 200 + fastrand::Rng::with_seed(seed).u64(0..2400);
+        let mut steps = 0;
+        while steps < cut_at && handle.try_take().is_none() && sim.step() {
+            steps += 1;
+        }
+        let keep = fastrand::Rng::with_seed(seed ^ 0xABCD);
+        let image = bdev.cut_power(|_| keep.clone().bool());
+        sim.stop();
+        let (blob, acked, flushed) = {
+            let log = log.lock().unwrap();
+            (log.blob, log.acked.clone(), log.flushed)
+        };
+        let what = format!(
+            "storm seed {seed} (cut at step {cut_at}, {} acked, {flushed} flushed)",
+            acked.len()
+        );
+        check(image.clone(), ids, &what);
+        // Every write acknowledged before the last completed flush reads back.
+        let Some(blob) = blob else { continue };
+        if flushed == 0 {
+            continue;
+        }
+        let bdev = Arc::new(MallocBdev::from_image("check", 4096, &image).unwrap());
+        let desc = BdevDesc::open(bdev as Arc<dyn Bdev>);
+        run_sim(3, move || async move {
+            let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                .await
+                .unwrap();
+            let b = store
+                .open_blob(blob)
+                .await
+                .unwrap_or_else(|err| panic!("{what}: the storm's blob is gone: {err}"));
+            let channel = store.channel().unwrap();
+            for &(unit, data_seed) in &acked[..flushed] {
+                let back = read(&channel, &b.io(), unit, 4096).await;
+                assert!(
+                    back == pattern(data_seed, 4096),
+                    "{what}: flushed write at unit {unit} lost"
+                );
+            }
+            drop(channel);
+            b.close().await.unwrap();
+            store.unload().await.unwrap();
+        });
+    }
 }

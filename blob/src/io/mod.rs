@@ -734,6 +734,14 @@ impl BlobChannel {
         Ok(())
     }
 
+    /// Makes every write completed on the device before this call durable (the device's
+    /// flush; a device without a volatile cache succeeds at once). Thin writes are
+    /// acknowledged only once their metadata is written, so a flush after them also makes
+    /// their allocation durable.
+    pub async fn flush(&self) -> Result<()> {
+        crate::store::md_io::flush(self.bdev()).await
+    }
+
     /// Writes zeros over `len` io_units at `offset`; allocates unallocated clusters of a
     /// thin blob (as SPDK does).
     pub async fn write_zeroes(&self, blob: &BlobIo, offset: u64, len: u64) -> Result<()> {
