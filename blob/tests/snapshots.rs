@@ -461,3 +461,174 @@ fn an_interrupted_merge_is_undone_at_load_when_the_clone_was_not_rewritten() {
     });
     rt.stop();
 }
+
+/// A chain S1 <- S2 <- C and S1 <- X with data at every level; returns the image and, per
+/// blob, its expected content.
+/// Each blob's id and its expected content.
+type Models = Vec<(u64, Vec<u8>)>;
+
+fn chain_image() -> (Vec<u8>, Models, [u64; 4]) {
+    const C64: usize = 64 << 10;
+    let rt = runtime();
+    let (bdev, desc) = malloc(32 << 20);
+    let (ids, models) = run(&rt, move || async move {
+        let store = Blobstore::init(
+            desc,
+            &InitOptions {
+                cluster_size: C64 as u64,
+                ..InitOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let channel = store.channel().unwrap();
+        let units = (C64 / 4096) as u64;
+        let x = store
+            .create_blob(&BlobOptions {
+                num_clusters: 4,
+                thin: true,
+                ..BlobOptions::default()
+            })
+            .await
+            .unwrap();
+        let xb = store.open_blob(x).await.unwrap();
+        let mut mx = vec![0u8; 4 * C64];
+        let put = |model: &mut Vec<u8>, unit: u64, data: &[u8]| {
+            model[unit as usize * 4096..unit as usize * 4096 + data.len()].copy_from_slice(data);
+        };
+        for (unit, seed, len) in [(0u64, 1u64, C64), (units, 2, C64)] {
+            let data = pattern(seed, len);
+            write(&channel, &xb.io(), unit, &data).await;
+            put(&mut mx, unit, &data);
+        }
+        let s1 = store.create_snapshot(x, &[]).await.unwrap();
+        let ms1 = mx.clone();
+        for (unit, seed, len) in [(units + 3, 3u64, 8192usize), (2 * units, 4, C64)] {
+            let data = pattern(seed, len);
+            write(&channel, &xb.io(), unit, &data).await;
+            put(&mut mx, unit, &data);
+        }
+        let c = store.create_clone(s1, &[]).await.unwrap();
+        let cb = store.open_blob(c).await.unwrap();
+        let mut mc = ms1.clone();
+        for (unit, seed, len) in [(2u64, 5u64, 4096usize), (3 * units, 6, C64)] {
+            let data = pattern(seed, len);
+            write(&channel, &cb.io(), unit, &data).await;
+            put(&mut mc, unit, &data);
+        }
+        let s2 = store.create_snapshot(c, &[]).await.unwrap();
+        let ms2 = mc.clone();
+        let data = pattern(7, 4096);
+        write(&channel, &cb.io(), 2 * units + 1, &data).await;
+        put(&mut mc, 2 * units + 1, &data);
+        cb.close().await.unwrap();
+        xb.close().await.unwrap();
+        drop(channel);
+        store.unload().await.unwrap();
+        ([s1, s2, c, x], vec![(s1, ms1), (s2, ms2), (c, mc), (x, mx)])
+    });
+    rt.stop();
+    (bdev.snapshot(), models, ids)
+}
+
+async fn verify_models(store: &Blobstore, models: &[(u64, Vec<u8>)], what: &str) {
+    let channel = store.channel().unwrap();
+    for (id, expected) in models {
+        let blob = store
+            .open_blob(*id)
+            .await
+            .unwrap_or_else(|err| panic!("{what}: open {id:#x}: {err}"));
+        let back = read(&channel, &blob.io(), 0, expected.len()).await;
+        assert!(&back == expected, "{what}: blob {id:#x} content");
+        blob.close().await.unwrap();
+    }
+}
+
+#[test]
+fn inflate_and_decouple_at_every_level_of_a_chain_survive_reload_and_recovery() {
+    let (image, models, [s1, s2, c, x]) = chain_image();
+    type Step = fn(
+        Blobstore,
+        [u64; 4],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>>>>;
+    let variants: Vec<(&str, Step)> = vec![
+        ("decouple C (depth 3)", |store, [_, _, c, _]| {
+            Box::pin(async move {
+                store.decouple_parent(c).await.unwrap();
+                Some(c)
+            })
+        }),
+        ("decouple C twice", |store, [_, _, c, _]| {
+            Box::pin(async move {
+                store.decouple_parent(c).await.unwrap();
+                store.decouple_parent(c).await.unwrap();
+                Some(c)
+            })
+        }),
+        ("inflate C", |store, [_, _, c, _]| {
+            Box::pin(async move {
+                store.inflate_blob(c).await.unwrap();
+                Some(c)
+            })
+        }),
+        ("decouple X (depth 2)", |store, [_, _, _, x]| {
+            Box::pin(async move {
+                store.decouple_parent(x).await.unwrap();
+                Some(x)
+            })
+        }),
+        ("inflate X", |store, [_, _, _, x]| {
+            Box::pin(async move {
+                store.inflate_blob(x).await.unwrap();
+                Some(x)
+            })
+        }),
+        ("refused on snapshots", |store, [s1, s2, _, _]| {
+            Box::pin(async move {
+                assert_eq!(
+                    store.decouple_parent(s1).await.unwrap_err().errno(),
+                    -libc::EINVAL
+                );
+                assert_eq!(
+                    store.inflate_blob(s2).await.unwrap_err().errno(),
+                    -libc::EPERM
+                );
+                None
+            })
+        }),
+    ];
+    let rt = runtime();
+    for (name, step) in variants {
+        let (bdev, desc) = from_image(&image);
+        let ids = [s1, s2, c, x];
+        let models_run = models.clone();
+        let what = name.to_string();
+        run(&rt, move || async move {
+            let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                .await
+                .unwrap();
+            let changed = step(store.clone(), ids).await;
+            verify_models(&store, &models_run, &what).await;
+            if let Some(id) = changed {
+                let blob = store.open_blob(id).await.unwrap();
+                assert!(blob.num_allocated_clusters() > 0);
+                blob.close().await.unwrap();
+            }
+            std::mem::forget(store); // crash
+        });
+        for (label, image) in [("after recovery", bdev.snapshot())] {
+            let (_copy, desc) = from_image(&image);
+            let models_run = models.clone();
+            let what = format!("{name} {label}");
+            run(&rt, move || async move {
+                // Recovered (dirty), unless the step changed nothing.
+                let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                    .await
+                    .unwrap();
+                verify_models(&store, &models_run, &what).await;
+                store.unload().await.unwrap();
+            });
+        }
+    }
+    rt.stop();
+}
