@@ -616,19 +616,28 @@ fn inflate_and_decouple_at_every_level_of_a_chain_survive_reload_and_recovery() 
             }
             std::mem::forget(store); // crash
         });
-        for (label, image) in [("after recovery", bdev.snapshot())] {
-            let (_copy, desc) = from_image(&image);
-            let models_run = models.clone();
-            let what = format!("{name} {label}");
-            run(&rt, move || async move {
-                // Recovered (dirty), unless the step changed nothing.
-                let (store, _) = Blobstore::load(desc, &LoadOptions::default())
-                    .await
-                    .unwrap();
-                verify_models(&store, &models_run, &what).await;
-                store.unload().await.unwrap();
-            });
-        }
+        // After a crash: recovered, then unloaded clean and loaded again.
+        let (after, desc) = from_image(&bdev.snapshot());
+        let models_run = models.clone();
+        let what = format!("{name} after recovery");
+        run(&rt, move || async move {
+            let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                .await
+                .unwrap();
+            verify_models(&store, &models_run, &what).await;
+            store.unload().await.unwrap();
+        });
+        let (_copy, desc) = from_image(&after.snapshot());
+        let models_run = models.clone();
+        let what = format!("{name} after a clean reload");
+        run(&rt, move || async move {
+            let (store, report) = Blobstore::load(desc, &LoadOptions::default())
+                .await
+                .unwrap();
+            assert!(!report.recovered);
+            verify_models(&store, &models_run, &what).await;
+            store.unload().await.unwrap();
+        });
     }
     rt.stop();
 }
