@@ -91,7 +91,7 @@ impl BlobChannel {
         })?;
         let device_start = u64::from(cluster) * cluster_size;
         let filled: Result<()> = async {
-            if zeroed && blob.parent.load().is_none() {
+            if zeroed && !chain_owns(blob, index as usize) {
                 // The cluster reads zeros already (unmapped on a device that promises it):
                 // only the new data is written.
                 if let Some(data) = data {
@@ -159,4 +159,17 @@ impl BlobChannel {
             }
         }
     }
+}
+
+/// Whether any snapshot up `blob`'s chain has a cluster at blob cluster `index` (if none
+/// does, the blob shows zeros there and a new cluster needs no copy).
+fn chain_owns(blob: &BlobIo, index: usize) -> bool {
+    let mut next = blob.parent.load_full();
+    while let Some(parent) = next {
+        if parent.published(index) != 0 {
+            return true;
+        }
+        next = parent.parent.load_full();
+    }
+    false
 }
