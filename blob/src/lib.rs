@@ -7,7 +7,7 @@
 //! [`BlobChannel`] and a [`BlobIo`] handle.
 //!
 //! Table of contents:
-//! - [`format`]: pure encode/decode of the on-disk structures (fuzzed, no I/O).
+//! - [`format`](mod@format): pure encode/decode of the on-disk structures (fuzzed, no I/O).
 //! - [`meta`]: a blob's metadata and its (de)serialisation to md pages.
 //! - [`store`]: [`Blobstore`]: init, load (clean and recovery), unload, destroy, super blob.
 //! - `blob`: [`Blob`] handles and the blob metadata operations.
@@ -20,6 +20,7 @@
 
 pub mod bitmap;
 mod blob;
+mod blob_lifecycle;
 pub mod error;
 pub mod format;
 mod freeze;

@@ -2,7 +2,7 @@
 //!
 //! Byte layout (little-endian, packed): signature `SPDKBLOB` @0, version u32 @8, length u32
 //! @12, clean u32 @16, super_blob u64 @20, cluster_size u32 @28, used-page mask start/len @32/36,
-//! used-cluster mask start/len @40/44, md_start/md_len @48/52, bstype[16] @56, used-blobid mask
+//! used-cluster mask start/len @40/44, md_start/md_len @48/52, `bstype[16]` @56, used-blobid mask
 //! start/len @72/76, size u64 @80, io_unit_size u32 @88, reserved to 4092, crc u32 @4092.
 
 use super::mask::mask_pages;

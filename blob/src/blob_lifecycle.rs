@@ -1,0 +1,298 @@
+//! The blob lifecycle on the store: create, open (one in-memory blob per id, concurrent
+//! opens sharing the load), delete, and the checks an open makes (clusters in use, snapshot
+//! chains that do not loop).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use crate::blob::{Blob, BlobOptions, BlobState, MAX_CHAIN_DEPTH};
+use crate::error::{BlobError, Result};
+use crate::format::md_page::MdPageHeader;
+use crate::format::{blobid_to_page, page_to_blobid, INVALID_MD_PAGE};
+use crate::io::BlobIo;
+use crate::meta::{apply_extent_page, parse_chain, BlobMeta, ClusterCheck, XATTR_SNAPSHOT};
+use crate::store::Blobstore;
+use crate::sync::LocalEvent;
+
+struct OpenCheck<'a> {
+    store: &'a Blobstore,
+}
+
+impl ClusterCheck for OpenCheck<'_> {
+    fn cluster_ok(&self, cluster: u32) -> bool {
+        let shared = self.store.shared();
+        u64::from(cluster) >= shared.geometry.md_clusters
+            && shared.used_clusters.get(u64::from(cluster))
+    }
+    fn md_page_ok(&self, page: u32) -> bool {
+        page < self.store.geometry().md_len
+    }
+}
+
+impl Blobstore {
+    /// Creates a blob and returns its id (`(1 << 32) | root md page`). The blob is written
+    /// to disk and not left open. Errors: -ENOMEM (no md page), -ENOSPC (thick and not
+    /// enough clusters), -EINVAL (an xattr too large); nothing is left claimed on failure.
+    pub async fn create_blob(&self, options: &BlobOptions) -> Result<u64> {
+        let state = self.create_state(options).await?;
+        state.io.mark_closed();
+        Ok(state.id)
+    }
+
+    /// Creates a blob as [`Blobstore::create_blob`] does and returns it open (one handle),
+    /// without reading back what was just written.
+    pub async fn create_and_open(&self, options: &BlobOptions) -> Result<Blob> {
+        let state = self.create_state(options).await?;
+        self.inner
+            .state
+            .borrow_mut()
+            .open_blobs
+            .insert(state.id, Rc::clone(&state));
+        Ok(Blob {
+            state,
+            store: self.clone(),
+        })
+    }
+
+    async fn create_state(&self, options: &BlobOptions) -> Result<Rc<BlobState>> {
+        self.check_md_thread()?;
+        let page = {
+            let mut state = self.inner.state.borrow_mut();
+            let page = state
+                .used_md_pages
+                .first_clear(0)
+                .ok_or_else(|| BlobError::NoMdPages("every metadata page is in use".into()))?;
+            state.used_md_pages.set(page);
+            state.used_blobids.set(page);
+            page as u32
+        };
+        let id = page_to_blobid(page);
+        let result = self.create_at(id, options).await;
+        if result.is_err() {
+            let mut state = self.inner.state.borrow_mut();
+            state.used_md_pages.clear(u64::from(page));
+            state.used_blobids.clear(u64::from(page));
+        }
+        result
+    }
+
+    async fn create_at(&self, id: u64, options: &BlobOptions) -> Result<Rc<BlobState>> {
+        let mut meta = BlobMeta::new(id, options.thin, options.form);
+        for (name, value) in &options.xattrs {
+            meta.set_xattr(false, name.as_bytes(), value)?;
+        }
+        for (name, value) in &options.internal_xattrs {
+            meta.set_xattr(true, name.as_bytes(), value)?;
+        }
+        let io = BlobIo::new(self.shared(), &meta);
+        let state = BlobState::new(meta, Vec::new(), io);
+        state.mark_changed();
+        crate::resize::resize(self, &state, options.num_clusters)?;
+        if let Err(err) = crate::persist::persist(self, &state).await {
+            crate::resize::release_all(self, &state);
+            return Err(err);
+        }
+        Ok(state)
+    }
+
+    /// Opens blob `id`: the same in-memory blob (refcount + 1) if it is open or being
+    /// opened, else loads it from disk (and opens its parent snapshot, if any).
+    /// -ENOENT for an id that is not a blob, -EINVAL for corrupt metadata.
+    pub fn open_blob(&self, id: u64) -> Pin<Box<dyn Future<Output = Result<Blob>> + '_>> {
+        Box::pin(async move {
+            self.check_md_thread()?;
+            let page = blobid_to_page(id).ok_or(BlobError::NoSuchBlob(id))?;
+            let waiting = {
+                let state = self.inner.state.borrow();
+                if !state.used_blobids.get(u64::from(page)) {
+                    return Err(BlobError::NoSuchBlob(id));
+                }
+                if let Some(open) = state.open_blobs.get(&id) {
+                    open.open_ref.set(open.open_ref.get() + 1);
+                    return Ok(Blob {
+                        state: Rc::clone(open),
+                        store: self.clone(),
+                    });
+                }
+                state.loading.get(&id).cloned()
+            };
+            if let Some(event) = waiting {
+                return match event.wait().await {
+                    Ok(state) => {
+                        state.open_ref.set(state.open_ref.get() + 1);
+                        Ok(Blob {
+                            state,
+                            store: self.clone(),
+                        })
+                    }
+                    Err(_) => Box::pin(self.open_blob(id)).await,
+                };
+            }
+            let event = LocalEvent::new();
+            self.inner
+                .state
+                .borrow_mut()
+                .loading
+                .insert(id, Rc::clone(&event));
+            let loaded = self.load_blob(id, page).await;
+            self.inner.state.borrow_mut().loading.remove(&id);
+            match loaded {
+                Ok(state) => {
+                    self.inner
+                        .state
+                        .borrow_mut()
+                        .open_blobs
+                        .insert(id, Rc::clone(&state));
+                    event.set(Ok(Rc::clone(&state)));
+                    Ok(Blob {
+                        state,
+                        store: self.clone(),
+                    })
+                }
+                Err(err) => {
+                    event.set(Err(err.errno()));
+                    Err(err)
+                }
+            }
+        })
+    }
+
+    async fn load_blob(&self, id: u64, root: u32) -> Result<Rc<BlobState>> {
+        let channel = &self.inner.md_channel;
+        let geometry = self.geometry().clone();
+        let mut chain_pages = vec![root];
+        let mut bytes = vec![crate::store::read_md_page(channel, &geometry, root).await?];
+        loop {
+            let header = MdPageHeader::decode(bytes.last().map_or(&[][..], Vec::as_slice));
+            if bytes.len() == 1 && header.id != id {
+                return Err(BlobError::NoSuchBlob(id));
+            }
+            if !header.crc_ok {
+                return Err(BlobError::corrupt(
+                    id,
+                    format!(
+                        "md page {} : CRC mismatch",
+                        chain_pages[chain_pages.len() - 1]
+                    ),
+                ));
+            }
+            if header.next == INVALID_MD_PAGE {
+                break;
+            }
+            if header.next >= geometry.md_len {
+                return Err(BlobError::corrupt(
+                    id,
+                    format!("next page {} is outside the md region", header.next),
+                ));
+            }
+            if chain_pages.contains(&header.next) {
+                return Err(BlobError::corrupt(
+                    id,
+                    format!("the chain loops back to md page {}", header.next),
+                ));
+            }
+            chain_pages.push(header.next);
+            bytes.push(crate::store::read_md_page(channel, &geometry, header.next).await?);
+        }
+        let check = OpenCheck { store: self };
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let mut parsed = parse_chain(id, &refs, &check)?;
+        for &(index, page) in &parsed.pending_extent_pages {
+            let ep = crate::store::read_md_page(channel, &geometry, page).await?;
+            apply_extent_page(&mut parsed.meta, index, &ep, &check)?;
+        }
+        let meta = parsed.meta;
+        let parent_id = meta.parent_id()?;
+        if parent_id.is_some() && !meta.is_thin() {
+            return Err(BlobError::corrupt(
+                id,
+                "a clone that is not thin provisioned",
+            ));
+        }
+        if parent_id.is_some() {
+            self.check_ancestry(id, parent_id)?;
+        }
+        let parent = match parent_id {
+            Some(parent_id) if parent_id == id => {
+                return Err(BlobError::corrupt(id, "the blob is its own parent"));
+            }
+            Some(parent_id) => Some(self.open_blob(parent_id).await.map_err(|err| {
+                BlobError::corrupt(id, format!("{XATTR_SNAPSHOT} names parent {parent_id:#x}, which cannot be opened: {err}"))
+            })?),
+            None => None,
+        };
+        let io = BlobIo::new(self.shared(), &meta);
+        if let Some(parent) = &parent {
+            io.set_parent(Some(parent.io()));
+        }
+        let state = BlobState::new(meta, chain_pages, io);
+        *state.parent.borrow_mut() = parent;
+        Ok(state)
+    }
+
+    /// Refuses a snapshot chain from `id` (whose parent is `parent`) that loops or is
+    /// deeper than [`MAX_CHAIN_DEPTH`]: opening it would wait on itself forever.
+    fn check_ancestry(&self, id: u64, parent: Option<u64>) -> Result<()> {
+        let state = self.inner.state.borrow();
+        let mut seen = vec![id];
+        let mut next = parent;
+        while let Some(ancestor) = next {
+            if seen.contains(&ancestor) {
+                return Err(BlobError::corrupt(
+                    id,
+                    format!("its snapshot chain loops back to blob {ancestor:#x}"),
+                ));
+            }
+            if seen.len() >= MAX_CHAIN_DEPTH {
+                return Err(BlobError::corrupt(
+                    id,
+                    format!("its snapshot chain is deeper than {MAX_CHAIN_DEPTH}"),
+                ));
+            }
+            seen.push(ancestor);
+            next = state.parents.get(&ancestor).copied();
+        }
+        Ok(())
+    }
+
+    /// Deletes blob `id`: -EBUSY while it is open elsewhere or is a snapshot with clones.
+    /// Its metadata pages are zeroed (root first) and its clusters released.
+    pub async fn delete_blob(&self, id: u64) -> Result<()> {
+        self.check_md_thread()?;
+        let clones = self.clones_of(id);
+        if clones.len() == 1 {
+            // SPDK 19.07 and later: a snapshot with one clone is merged into it.
+            return self.merge_into_clone(id, clones[0]).await;
+        }
+        if !clones.is_empty() {
+            return Err(BlobError::Busy(format!(
+                "blob {id:#x} is a snapshot with {} clones",
+                clones.len()
+            )));
+        }
+        let blob = self.open_blob(id).await?;
+        if blob.state.open_ref.get() > 1 {
+            let refs = blob.state.open_ref.get() - 1;
+            blob.close().await?;
+            return Err(BlobError::Busy(format!(
+                "blob {id:#x} is open ({refs} handle(s))"
+            )));
+        }
+        self.delete_open(blob).await
+    }
+
+    /// Deletes the blob `blob` is the only handle of (the caller checked).
+    pub(crate) async fn delete_open(&self, blob: Blob) -> Result<()> {
+        let id = blob.id();
+        let result = crate::persist::delete(self, &blob.state).await;
+        self.unlink_clone(id);
+        self.inner.state.borrow_mut().open_blobs.remove(&id);
+        blob.state.io.mark_closed();
+        let parent = blob.state.parent.borrow_mut().take();
+        if let Some(parent) = parent {
+            parent.close().await?;
+        }
+        result
+    }
+}
