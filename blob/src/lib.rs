@@ -1,5 +1,5 @@
-//! Spool's blobstore: SPDK's on-disk format byte for byte, blobs, per-reactor blob I/O
-//! channels, and dirty-shutdown recovery.
+//! Spool's blobstore: SPDK's on-disk format byte for byte, blobs, thin provisioning,
+//! snapshots and clones, per-reactor blob I/O channels, and dirty-shutdown recovery.
 //!
 //! A store is initialised or loaded on one reactor, its *metadata reactor*: every metadata
 //! operation ([`Blobstore`] and [`Blob`] methods) runs there, and a call from elsewhere is
@@ -10,9 +10,13 @@
 //! - [`format`](mod@format): pure encode/decode of the on-disk structures (fuzzed, no I/O).
 //! - [`meta`]: a blob's metadata and its (de)serialisation to md pages.
 //! - [`store`]: [`Blobstore`]: init, load (clean and recovery), unload, destroy, super blob.
-//! - `blob`: [`Blob`] handles and the blob metadata operations.
-//! - `persist`, `resize`: the metadata write path and size changes.
-//! - `io`: [`BlobChannel`] and [`BlobIo`]: reads, writes, thin allocation.
+//! - `blob`: [`Blob`] handles and the blob metadata operations; `blob_lifecycle`: create,
+//!   open, delete.
+//! - `persist`, `resize`: the metadata write path (crash-safe order, group commit of thin
+//!   inserts) and size changes.
+//! - `io`: [`BlobChannel`] and [`BlobIo`]: reads, writes, thin allocation (`io::thin`).
+//! - `freeze`: freezing and draining a blob's I/O on every channel.
+//! - `snapshot`: snapshots, clones, inflate, decouple, merge-on-delete, load-time repair.
 //! - [`bitmap`]: bit arrays for the masks and the lock-free used-cluster map.
 //! - [`error`]: [`BlobError`] with errno kinds.
 
