@@ -116,6 +116,13 @@ impl BlobState {
         self.chain_changed.set(true);
     }
 
+    /// Sets the parent snapshot handle, and with it where I/O reactors read unallocated
+    /// clusters from; returns the previous handle (for the caller to close).
+    pub(crate) fn replace_parent(&self, parent: Option<Blob>) -> Option<Blob> {
+        self.io.set_parent(parent.as_ref().map(Blob::io));
+        std::mem::replace(&mut *self.parent.borrow_mut(), parent)
+    }
+
     /// Gives I/O reactors the current map, with clusters not yet on disk hidden.
     pub(crate) fn publish_map(&self) {
         let mut clusters = self.meta.borrow().clusters.clone();
@@ -431,7 +438,7 @@ impl Blob {
                 .open_blobs
                 .remove(&self.state.id);
             self.state.io.mark_closed();
-            let parent = self.state.parent.borrow_mut().take();
+            let parent = self.state.replace_parent(None);
             if let Some(parent) = parent {
                 Box::pin(parent.close()).await?;
             }

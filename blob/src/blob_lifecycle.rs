@@ -223,11 +223,8 @@ impl Blobstore {
             None => None,
         };
         let io = BlobIo::new(self.shared(), &meta);
-        if let Some(parent) = &parent {
-            io.set_parent(Some(parent.io()));
-        }
         let state = BlobState::new(meta, chain_pages, io);
-        *state.parent.borrow_mut() = parent;
+        state.replace_parent(parent);
         Ok(state)
     }
 
@@ -289,7 +286,7 @@ impl Blobstore {
         self.unlink_clone(id);
         self.inner.state.borrow_mut().open_blobs.remove(&id);
         blob.state.io.mark_closed();
-        let parent = blob.state.parent.borrow_mut().take();
+        let parent = blob.state.replace_parent(None);
         if let Some(parent) = parent {
             parent.close().await?;
         }

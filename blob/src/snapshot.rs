@@ -119,13 +119,8 @@ impl Blobstore {
             return Err((err, false));
         }
         // In memory: the parent handle moves to S, the original reads through S.
-        let moved_parent = orig.state.parent.borrow_mut().take();
-        if let Some(parent) = &moved_parent {
-            snap.state.io.set_parent(Some(parent.io()));
-        }
-        *snap.state.parent.borrow_mut() = moved_parent;
-        orig.state.io.set_parent(Some(snap.io()));
-        *orig.state.parent.borrow_mut() = Some(snap.reopen());
+        let moved_parent = orig.state.replace_parent(Some(snap.reopen()));
+        snap.state.replace_parent(moved_parent);
         orig.state.publish_map();
         self.unlink_clone(orig.id());
         if let Some(parent) = old_parent {
@@ -148,16 +143,22 @@ impl Blobstore {
         Ok(())
     }
 
-    /// Removes a snapshot that never took over anything: its own metadata pages only.
-    async fn abandon_snapshot(&self, snap: Blob) {
+    /// Deletes a half-made snapshot's own metadata pages only: its cluster map and extent
+    /// pages are still the original's.
+    async fn delete_untaken_snapshot(&self, snap: Blob) -> Result<()> {
         {
             let mut sm = snap.state.meta.borrow_mut();
             sm.clusters.clear();
             sm.extent_pages.clear();
         }
-        let id = snap.id();
         snap.state.publish_map();
-        if let Err(err) = self.delete_open(snap).await {
+        self.delete_open(snap).await
+    }
+
+    /// Removes a snapshot that never took over anything (see `delete_untaken_snapshot`).
+    async fn abandon_snapshot(&self, snap: Blob) {
+        let id = snap.id();
+        if let Err(err) = self.delete_untaken_snapshot(snap).await {
             tracing::warn!(blob = format!("{id:#x}"), %err, "half-made snapshot left for load-time repair");
         }
     }
@@ -275,8 +276,7 @@ impl Blobstore {
                 meta.flags.invalid &= !FLAG_THIN_PROV;
             }
         }
-        blob.state.io.set_parent(new_parent.as_ref().map(Blob::io));
-        let old_parent = std::mem::replace(&mut *blob.state.parent.borrow_mut(), new_parent);
+        let old_parent = blob.state.replace_parent(new_parent);
         if let Some(g) = grandparent {
             self.link_clone(g, id);
         }
@@ -365,8 +365,7 @@ impl Blobstore {
             Some(g) => Some(self.open_blob(g).await?),
             None => None,
         };
-        clone.state.io.set_parent(new_parent.as_ref().map(Blob::io));
-        let old_parent = std::mem::replace(&mut *clone.state.parent.borrow_mut(), new_parent);
+        let old_parent = clone.state.replace_parent(new_parent);
         clone.state.publish_map();
         self.unlink_clone(clone_id);
         self.unlink_clone(snap_id);
@@ -418,13 +417,7 @@ pub(crate) async fn repair_pending_snapshots(
             snap.close().await?;
             done.push(format!("snapshot {snap_id:#x} of {orig_id:#x}: finished"));
         } else {
-            {
-                let mut sm = snap.state.meta.borrow_mut();
-                sm.clusters.clear();
-                sm.extent_pages.clear();
-            }
-            snap.state.publish_map();
-            store.delete_open(snap).await?;
+            store.delete_untaken_snapshot(snap).await?;
             done.push(format!(
                 "snapshot {snap_id:#x} of {orig_id:#x}: removed (never taken)"
             ));

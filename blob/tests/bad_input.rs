@@ -3,27 +3,21 @@
 //! store made by Spool on a malloc bdev, one corruption at a time (re-sealing the CRC where
 //! the point is to get past it), then load and open.
 
+mod common;
+
 use std::sync::Arc;
+
+use common::runtime;
 
 use spool_bdev::{Bdev, BdevDesc, MallocBdev};
 use spool_blob::format::{page_crc, seal_page};
 use spool_blob::{BlobError, BlobOptions, Blobstore, ExtentForm, InitOptions, LoadOptions};
-use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
+use spool_reactor::Runtime;
 
 const DEVICE: u64 = 16 << 20;
 
-fn runtime() -> Runtime {
-    Runtime::start(&RuntimeOptions {
-        cores: vec![0],
-        idle: IdleMode::Sleep,
-        pin: false,
-    })
-    .unwrap()
-}
-
 fn desc_of(image: &[u8]) -> BdevDesc {
-    let bdev = Arc::new(MallocBdev::from_image("img", 4096, image).unwrap());
-    BdevDesc::open(bdev as Arc<dyn Bdev>)
+    common::from_image(image).1
 }
 
 /// A clean store with a thick RLE blob (A, md page 0), a thin extent-table blob with one

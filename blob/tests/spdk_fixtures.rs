@@ -5,29 +5,14 @@
 //! (geometry, masks, ids, sizes, flags, xattrs, parents and clones, the cluster map, and the
 //! sha256 of each blob's whole content read through a blob channel).
 
+mod common;
 mod support;
 
-use std::sync::Arc;
-
-use spool_bdev::{Bdev, BdevDesc, DmaBuf, MallocBdev};
+use common::{from_image as malloc_of, runtime};
+use spool_bdev::DmaBuf;
 use spool_blob::{Blobstore, LoadOptions};
-use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
+use spool_reactor::Runtime;
 use support::fixtures::{self, Manifest};
-
-fn runtime() -> Runtime {
-    Runtime::start(&RuntimeOptions {
-        cores: vec![0],
-        idle: IdleMode::Sleep,
-        pin: false,
-    })
-    .unwrap()
-}
-
-fn malloc_of(image: &[u8]) -> (Arc<MallocBdev>, BdevDesc) {
-    let bdev = Arc::new(MallocBdev::from_image("fixture", 4096, image).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
-    (bdev, desc)
-}
 
 /// Loads `name`, checks everything against its manifest, unloads; returns the image after.
 fn check_fixture(rt: &Runtime, name: &str) -> (Manifest, Vec<u8>, Vec<u8>) {

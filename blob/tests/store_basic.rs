@@ -2,38 +2,13 @@
 //! SPDK's error codes. Method: a malloc bdev on one real reactor; patterns written, read
 //! back after unload and load; every documented errno provoked.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{buf_of, malloc_blocks as device, pattern, runtime};
 use spool_bdev::{Bdev, BdevDesc, DmaBuf, MallocBdev};
 use spool_blob::{BlobOptions, Blobstore, ExtentForm, InitOptions, LoadOptions};
-use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
-
-fn runtime() -> Runtime {
-    Runtime::start(&RuntimeOptions {
-        cores: vec![0],
-        idle: IdleMode::Sleep,
-        pin: false,
-    })
-    .unwrap()
-}
-
-fn device(bytes: u64, block: u32) -> (Arc<MallocBdev>, BdevDesc) {
-    let bdev = Arc::new(MallocBdev::new("malloc0", block, bytes / u64::from(block)).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
-    (bdev, desc)
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i as u64 * 31 + seed) % 251) as u8)
-        .collect()
-}
-
-fn buf_of(data: &[u8]) -> DmaBuf {
-    let mut buf = DmaBuf::alloc(data.len()).unwrap();
-    buf.copy_from_slice(data);
-    buf
-}
 
 #[test]
 fn data_and_xattrs_survive_unload_and_load() {

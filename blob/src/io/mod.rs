@@ -67,11 +67,7 @@ impl ChannelContext {
     }
 
     fn admit(&self, slot: usize) {
-        let mut blobs = self.blobs.borrow_mut();
-        if blobs.len() <= slot {
-            blobs.resize_with(slot + 1, ChannelBlob::default);
-        }
-        blobs[slot].inflight += 1;
+        entry(&mut self.blobs.borrow_mut(), slot).inflight += 1;
     }
 
     fn finish(&self, slot: usize) {
@@ -87,6 +83,15 @@ impl ChannelContext {
             waker.wake();
         }
     }
+}
+
+/// The channel's entry for the blob in `slot`, made on first use.
+#[inline]
+fn entry(blobs: &mut Vec<ChannelBlob>, slot: usize) -> &mut ChannelBlob {
+    if blobs.len() <= slot {
+        blobs.resize_with(slot + 1, ChannelBlob::default);
+    }
+    &mut blobs[slot]
 }
 
 /// An admitted I/O: counted in its blob's in-flight count on this channel until dropped.
@@ -334,10 +339,7 @@ impl BlobChannel {
         // The channel's cached map (refreshed when a resize or snapshot replaced it); the
         // I/O is counted in flight here, in the same borrow.
         let mut blobs = self.channel.blobs.borrow_mut();
-        if blobs.len() <= blob.slot {
-            blobs.resize_with(blob.slot + 1, ChannelBlob::default);
-        }
-        let entry = &mut blobs[blob.slot];
+        let entry = entry(&mut blobs, blob.slot);
         let generation = blob.map_generation.load(Ordering::Acquire);
         if entry.generation != generation || entry.map.is_none() {
             entry.map = Some(blob.map.load_full());
