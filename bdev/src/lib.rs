@@ -37,4 +37,4 @@ pub use crate::error_inject::{ErrorBdev, ErrorRule, RuleId, RuleStats};
 pub use crate::io::{IoKind, IoRequest, IoSlots, SlotId, WakeBatch};
 pub use crate::malloc::MallocBdev;
 pub use crate::null::NullBdev;
-pub use crate::uring::{UringBdev, UringGroupStats, UringOptions};
+pub use crate::uring::{UringBdev, UringGroupStats, UringOptions, DEFAULT_SUBMIT_BATCH};

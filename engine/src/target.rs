@@ -58,6 +58,9 @@ pub struct TargetOptions {
     pub ring_entries: u32,
     /// Use SQPOLL (a kernel thread polls the submission queue; costs a core).
     pub sqpoll: bool,
+    /// io_uring: submit as soon as this many SQEs are queued (0: once per loop pass); see
+    /// [`spool_bdev::UringOptions::submit_batch`].
+    pub submit_batch: u32,
 }
 
 impl Default for TargetOptions {
@@ -67,6 +70,7 @@ impl Default for TargetOptions {
             block_size: 4096,
             ring_entries: 256,
             sqpoll: false,
+            submit_batch: spool_bdev::DEFAULT_SUBMIT_BATCH,
         }
     }
 }
@@ -129,6 +133,7 @@ pub fn open_target(
                 block_size: options.block_size,
                 ring_entries: options.ring_entries,
                 sqpoll: options.sqpoll,
+                submit_batch: options.submit_batch,
                 ..spool_bdev::UringOptions::default()
             };
             let bdev = spool_bdev::UringBdev::open(path, &uring_options)?;

@@ -151,6 +151,10 @@ pub struct PerfArgs {
     /// Use SQPOLL on io_uring (a kernel thread polls submissions; costs a core).
     #[arg(long)]
     pub sqpoll: bool,
+    /// io_uring: hand SQEs to the kernel as soon as this many are queued (0: once per
+    /// reactor loop pass).
+    #[arg(long, default_value_t = spool_bdev::DEFAULT_SUBMIT_BATCH)]
+    pub submit_batch: u32,
     /// Seed for random offsets (the same seed gives the same offset sequence).
     #[arg(long, default_value_t = 0x5EED)]
     pub seed: u64,

@@ -26,10 +26,11 @@
 //!   replaced once the reactor's uring channels are all gone). With SQPOLL the queued SQEs
 //!   cannot be retracted (the kernel thread may take them at any time): they stay in flight,
 //!   and only new and parked requests fail.
-//! * Submission: channel `submit` only pushes SQEs (no syscall). The group poller makes at most
-//!   one `io_uring_enter` per reactor loop pass, and only when SQEs were pushed since the last
-//!   one; completions are read from the CQ ring without a syscall. A push that finds the SQ full
-//!   parks the slot in the channel's overflow queue, retried at the start of the next pass.
+//! * Submission: channel `submit` pushes SQEs and makes one `io_uring_enter` each time
+//!   `submit_batch` of them are queued (none with `submit_batch` 0); the group poller submits
+//!   what is left once per reactor loop pass, and only when SQEs were pushed since the last
+//!   enter. Completions are read from the CQ ring without a syscall. A push that finds the SQ
+//!   full parks the slot in the channel's overflow queue, retried at the start of the next pass.
 //! * No allocation per I/O once the per-channel tables have grown to the queue depth in use.
 
 use std::cell::{Cell, RefCell};
@@ -95,6 +96,8 @@ pub(crate) struct RingKey {
     pub sqpoll: bool,
     /// SQPOLL thread CPU (None unless `sqpoll`).
     pub sqpoll_cpu: Option<u32>,
+    /// Submit as soon as this many SQEs are queued (0: only at the end of a loop pass).
+    pub submit_batch: u32,
 }
 
 /// The process-wide group device for `key`, registered on first use.
@@ -108,7 +111,10 @@ pub(crate) fn group_device(key: RingKey) -> IoDevice<GroupCtx> {
         .entry(key)
         .or_insert_with(|| {
             IoDevice::register(
-                format!("uring-group(entries={},sqpoll={})", key.entries, key.sqpoll),
+                format!(
+                    "uring-group(entries={},sqpoll={},submit_batch={})",
+                    key.entries, key.sqpoll, key.submit_batch
+                ),
                 move |_reactor| GroupCtx::create(key),
                 |_reactor, context| drop(context),
             )
@@ -128,7 +134,8 @@ pub struct UringGroupStats {
     pub in_flight: usize,
     /// SQEs pushed so far.
     pub sqes_pushed: u64,
-    /// `io_uring_enter` submissions made so far (at most one per loop pass).
+    /// `io_uring_enter` submissions made so far (one per `submit_batch` SQEs queued, plus at
+    /// most one per loop pass for the rest).
     pub enters: u64,
     /// CQEs reaped so far.
     pub completions: u64,
@@ -189,7 +196,11 @@ impl GroupCtx {
             tracing::error!(%err, ?key, "creating the reactor's io_uring failed");
             err.errno()
         })?;
-        let state = Rc::new(RefCell::new(GroupState::new(ring, key.entries)));
+        let state = Rc::new(RefCell::new(GroupState::new(
+            ring,
+            key.entries,
+            key.submit_batch,
+        )));
         let poll_state = Rc::clone(&state);
         let poller = poller_register("uring-group", None, move || {
             let (status, drained) = match poll_state.try_borrow_mut() {
@@ -227,6 +238,8 @@ pub(crate) struct GroupState {
     pub(super) free_indices: Vec<u32>,
     /// `user_data` of the SQEs pushed but not consumed by the kernel yet, in push order.
     queued: VecDeque<u64>,
+    /// Submit at once when `queued` reaches this length (0: only in the poller).
+    submit_batch: usize,
     /// Failed submissions in a row (not counting `EAGAIN`/`EBUSY`).
     enter_failures: u32,
     /// The errno the ring was retired with; every later request fails with it.
@@ -248,8 +261,9 @@ pub(crate) struct GroupState {
 }
 
 impl GroupState {
-    /// A group driving `ring` (created with `entries` SQ entries).
-    fn new(mut ring: Ring, entries: u32) -> GroupState {
+    /// A group driving `ring` (created with `entries` SQ entries) that submits as soon as
+    /// `submit_batch` SQEs are queued (0: only once per loop pass, in the poller).
+    fn new(mut ring: Ring, entries: u32, submit_batch: u32) -> GroupState {
         let regions_tried = dma_regions().len();
         if let Err(err) = ring.register_dma_regions() {
             tracing::warn!(%err, "registering DMA buffers with io_uring failed");
@@ -260,6 +274,7 @@ impl GroupState {
             channels: Vec::new(),
             free_indices: Vec::new(),
             queued: VecDeque::with_capacity(entries as usize),
+            submit_batch: submit_batch as usize,
             enter_failures: 0,
             failed: None,
             finished: Vec::new(),
@@ -310,7 +325,14 @@ impl GroupState {
             &mut self.regions_tried,
             &mut self.stats,
         ) {
-            Ok(()) => self.queued.push_back(user_data(index, slot)),
+            Ok(()) => {
+                self.queued.push_back(user_data(index, slot));
+                // Start the device on a small batch now rather than on the whole pass's
+                // worth later (see `UringOptions::submit_batch`).
+                if self.submit_batch != 0 && self.queued.len() >= self.submit_batch {
+                    self.submit();
+                }
+            }
             Err(IssueError::Full) => {
                 entry.overflow.push_back(slot);
                 self.overflow_waiting += 1;

@@ -52,7 +52,7 @@ fn test_group() -> GroupState {
         ..RingOptions::default()
     })
     .expect("ring");
-    GroupState::new(ring, 8)
+    GroupState::new(ring, 8, 0)
 }
 
 /// Starts a 4 KiB write of `byte`s at `offset` on channel `index`.
@@ -140,6 +140,39 @@ fn a_closed_channel_keeps_its_file_slot_until_its_queued_sqes_completed() {
     let (dev_c, _file_c) = test_device();
     let c = group.add_channel(dev_c, Rc::default()).expect("c");
     assert_eq!(file_slot(&group, c), Some(a_file));
+}
+
+#[test]
+fn a_full_submit_batch_goes_to_the_kernel_at_once_and_the_rest_at_the_pass_end() {
+    let ring = Ring::new(&RingOptions {
+        entries: 8,
+        ..RingOptions::default()
+    })
+    .expect("ring");
+    let mut group = GroupState::new(ring, 8, 2);
+    let (dev, file) = test_device();
+    let slots = Rc::new(IoSlots::default());
+    let a = group.add_channel(dev, Rc::clone(&slots)).expect("a");
+    let first = start_write(&mut group, a, &slots, 0, 0x41);
+    assert_eq!(group.queued.len(), 1, "one SQE waits for its batch");
+    assert_eq!(group.stats().enters, 0);
+    let second = start_write(&mut group, a, &slots, 4096, 0x42);
+    assert!(group.queued.is_empty(), "a full batch is submitted at once");
+    assert_eq!(group.stats().enters, 1);
+    let third = start_write(&mut group, a, &slots, 8192, 0x43);
+    assert_eq!(group.queued.len(), 1);
+    // The poller submits the partial batch (one more enter) and reaps.
+    poll_until(&mut group, |_| {
+        [first, second, third]
+            .iter()
+            .all(|&slot| status(&slots, slot).is_some())
+    });
+    assert_eq!(group.stats().enters, 2);
+    assert!(group.queued.is_empty());
+    for (slot, offset, byte) in [(first, 0, 0x41), (second, 4096, 0x42), (third, 8192, 0x43)] {
+        assert_eq!(status(&slots, slot), Some(0));
+        assert_eq!(bytes_at(&file, offset), vec![byte; 4096]);
+    }
 }
 
 #[test]

@@ -2,8 +2,9 @@
 //!
 //! * [`UringBdev`] (`bdev.rs`): opening, geometry, and the per-reactor channel backend.
 //! * `group.rs`: the reactor's poll group, one [`sys::Ring`] shared by the channels of every
-//!   uring bdev on that reactor, one active poller that submits (one `io_uring_enter` per loop
-//!   pass at most) and routes completions by `user_data = (channel index << 32) | slot`.
+//!   uring bdev on that reactor, one active poller that submits (what is left after the
+//!   `submit_batch`-sized enters the channels made) and routes completions by
+//!   `user_data = (channel index << 32) | slot`.
 //! * `channels.rs`: the group's channel table; an entry (its slots, buffers, registered file
 //!   slot) outlives its channel until the channel's last SQE was reaped.
 //! * `request.rs`: how a request becomes SQEs (the only `Ring::push` calls) and what each
@@ -11,7 +12,8 @@
 //! * `blk.rs`: the blocking block-device ioctls (logical block size, discard, zero-out).
 //! * [`sys`]: the kernel edge; the only code that pushes SQEs and reaps CQEs.
 //!
-//! Invariants (detailed in each file): no syscall and no allocation per I/O in steady state;
+//! Invariants (detailed in each file): no allocation per I/O in steady state, and one
+//! `io_uring_enter` per `submit_batch` I/Os at most (completions are reaped without one);
 //! a request's buffers (and iovec scratch) stay owned by its slot until its last CQE is
 //! reaped, including after its future or its channel is dropped; unmap and write-zeroes fall
 //! back to writing zeros when the file or device refuses them, and the fallback is remembered.
@@ -30,6 +32,6 @@ mod group;
 mod request;
 pub mod sys;
 
-pub use self::bdev::{UringBdev, UringOptions};
+pub use self::bdev::{UringBdev, UringOptions, DEFAULT_SUBMIT_BATCH};
 pub use self::group::{UringGroupStats, ENTER_FAILURES_MAX};
 pub use self::request::{SHORT_IO_RETRIES_MAX, ZERO_FILL_CHUNK};

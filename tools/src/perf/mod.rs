@@ -60,6 +60,7 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
         size_bytes: parse_size(&args.size)?,
         block_size: args.block_size,
         sqpoll: args.sqpoll,
+        submit_batch: args.submit_batch,
         ..TargetOptions::default()
     };
     if matches!(spec, TargetSpec::Path(ref path) if !path.exists()) && !args.quiet {
@@ -287,6 +288,7 @@ pub fn run_metadata(args: &PerfArgs) -> Result<metadata::MetadataReport, ToolErr
         size_bytes: parse_size(&args.size)?,
         block_size: args.block_size,
         sqpoll: args.sqpoll,
+        submit_batch: args.submit_batch,
         ..TargetOptions::default()
     };
     let target = open_target(&spec, &target_options)?;
