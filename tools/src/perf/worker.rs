@@ -111,91 +111,70 @@ pub enum JobTarget {
     Blob(Arc<BlobIo>),
 }
 
-/// A core's channel for its target.
-enum JobChannel {
-    Bdev(BdevChannel),
-    Blob {
-        channel: BlobChannel,
-        blob: Arc<BlobIo>,
-        io_unit: u64,
-    },
+/// A core's channel to its target, as the job drives it. The job is generic over it, so each
+/// layer's job is compiled for that layer's future alone: measuring the bdev layer carries
+/// neither the blob layer's larger future nor a match on every poll.
+trait JobIo {
+    /// What a failed request reports.
+    type Error: std::fmt::Display;
+    /// One request in flight; yields its status and the buffer.
+    type Io<'a>: Future<Output = (Result<(), Self::Error>, DmaBuf)> + Unpin
+    where
+        Self: 'a;
+    /// Starts a read or a write of `buf` at byte `offset` of the target.
+    fn submit(&self, is_read: bool, buf: DmaBuf, offset: u64) -> Self::Io<'_>;
 }
 
-impl JobChannel {
-    fn open(target: &JobTarget) -> Result<JobChannel, String> {
-        match target {
-            JobTarget::Bdev(desc) => desc
-                .channel()
-                .map(JobChannel::Bdev)
-                .map_err(|err| format!("open channel: {err}")),
-            JobTarget::Blob(blob) => Ok(JobChannel::Blob {
-                channel: blob
-                    .channel()
-                    .map_err(|err| format!("open blob channel: {err}"))?,
-                io_unit: blob.io_unit_size(),
-                blob: Arc::clone(blob),
-            }),
-        }
-    }
+impl JobIo for BdevChannel {
+    type Error = spool_bdev::BdevError;
+    type Io<'a> = IoFuture<'a, DmaBuf>;
 
     #[inline]
-    fn submit(&self, is_read: bool, buf: DmaBuf, offset: u64) -> AnyIo<'_> {
-        match self {
-            JobChannel::Bdev(channel) => AnyIo::Bdev(if is_read {
-                channel.read(buf, offset)
-            } else {
-                channel.write(buf, offset)
-            }),
-            JobChannel::Blob {
-                channel,
-                blob,
-                io_unit,
-            } => AnyIo::Blob(if is_read {
-                channel.read(blob, offset / io_unit, buf)
-            } else {
-                channel.write(blob, offset / io_unit, buf)
-            }),
+    fn submit(&self, is_read: bool, buf: DmaBuf, offset: u64) -> Self::Io<'_> {
+        if is_read {
+            self.read(buf, offset)
+        } else {
+            self.write(buf, offset)
         }
     }
 }
 
-/// A request of either layer; yields its status as text and the buffer.
-enum AnyIo<'a> {
-    Bdev(IoFuture<'a, DmaBuf>),
-    Blob(BlobIoFuture<'a>),
+/// The blob layer: byte offsets become io_units of one blob.
+struct BlobJobChannel {
+    channel: BlobChannel,
+    blob: Arc<BlobIo>,
+    io_unit: u64,
 }
 
-impl Future for AnyIo<'_> {
-    type Output = (Result<(), String>, DmaBuf);
+impl JobIo for BlobJobChannel {
+    type Error = spool_blob::BlobError;
+    type Io<'a> = BlobIoFuture<'a>;
 
     #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            AnyIo::Bdev(request) => Pin::new(request)
-                .poll(cx)
-                .map(|(result, buf)| (result.map_err(|err| err.to_string()), buf)),
-            AnyIo::Blob(request) => Pin::new(request)
-                .poll(cx)
-                .map(|(result, buf)| (result.map_err(|err| err.to_string()), buf)),
+    fn submit(&self, is_read: bool, buf: DmaBuf, offset: u64) -> Self::Io<'_> {
+        if is_read {
+            self.channel.read(&self.blob, offset / self.io_unit, buf)
+        } else {
+            self.channel.write(&self.blob, offset / self.io_unit, buf)
         }
     }
 }
 
 /// One of the job's in-flight requests, with what it needs for its report.
-struct Inflight<'a> {
-    future: AnyIo<'a>,
+struct Inflight<F> {
+    future: F,
     submitted_ns: u64,
     is_read: bool,
     offset: u64,
 }
 
-fn submit<'a>(
-    channel: &'a JobChannel,
+fn submit<'a, C: JobIo>(
+    channel: &'a C,
     buf: DmaBuf,
     pattern: &mut Pattern,
     submitted_ns: u64,
     cx: &mut Context<'_>,
-) -> Result<Inflight<'a>, String> {
+) -> Result<Inflight<C::Io<'a>>, String> {
     let (is_read, offset) = pattern.next();
     let future = channel.submit(is_read, buf, offset);
     let mut inflight = Inflight {
@@ -212,9 +191,10 @@ fn submit<'a>(
             let what = if is_read { "read" } else { "write" };
             Err(format!(
                 "{what} at byte {offset}: {}",
-                result
-                    .err()
-                    .unwrap_or_else(|| "completed at submission".to_string())
+                result.err().map_or_else(
+                    || "completed at submission".to_string(),
+                    |err| err.to_string()
+                )
             ))
         }
     }
@@ -226,7 +206,32 @@ pub async fn run_core(
     config: JobConfig,
     progress: Arc<AtomicU64>,
 ) -> Result<CoreResult, String> {
-    let channel = JobChannel::open(&target)?;
+    match target {
+        JobTarget::Bdev(desc) => {
+            let channel = desc
+                .channel()
+                .map_err(|err| format!("open channel: {err}"))?;
+            run_job(&channel, config, progress).await
+        }
+        JobTarget::Blob(blob) => {
+            let channel = BlobJobChannel {
+                channel: blob
+                    .channel()
+                    .map_err(|err| format!("open blob channel: {err}"))?,
+                io_unit: blob.io_unit_size(),
+                blob,
+            };
+            run_job(&channel, config, progress).await
+        }
+    }
+}
+
+/// The job itself, for one layer's channel.
+async fn run_job<C: JobIo>(
+    channel: &C,
+    config: JobConfig,
+    progress: Arc<AtomicU64>,
+) -> Result<CoreResult, String> {
     let mut latency_ns =
         Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|err| err.to_string())?;
     let bs = usize::try_from(config.bs).map_err(|err| err.to_string())?;
@@ -250,7 +255,7 @@ pub async fn run_core(
     let mut pattern = Pattern::new(&config);
     let start_ns = now_ns();
     let deadline_ns = start_ns + config.duration_ns;
-    let mut inflight: Vec<Option<Inflight<'_>>> = Vec::with_capacity(buffers.len());
+    let mut inflight: Vec<Option<Inflight<C::Io<'_>>>> = Vec::with_capacity(buffers.len());
     let mut errors = 0u64;
     let mut first_error = None;
     let mut completed = 0u64;
@@ -263,7 +268,7 @@ pub async fn run_core(
         let mut submitted_this_wake = 0u32;
         if inflight.is_empty() {
             for buf in buffers.drain(..) {
-                let started = submit(&channel, buf, &mut pattern, now, cx);
+                let started = submit(channel, buf, &mut pattern, now, cx);
                 if let Err(err) = &started {
                     errors += 1;
                     first_error.get_or_insert_with(|| err.clone());
@@ -296,7 +301,7 @@ pub async fn run_core(
                     stamp = now_ns();
                 }
                 submitted_this_wake += 1;
-                match submit(&channel, buf, &mut pattern, stamp, cx) {
+                match submit(channel, buf, &mut pattern, stamp, cx) {
                     Ok(next) => *entry = Some(next),
                     Err(err) => {
                         errors += 1;
