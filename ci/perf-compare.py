@@ -8,7 +8,7 @@ and the ratio of the medians. Prints a Markdown table (and writes raw runs as JS
 
 Usage:
   ci/perf-compare.py [--pairs 3] [--time 10] [--file /path/spool-perf.img] [--size 1G]
-                     [--cases null,malloc,uring] [--raw out.json]
+                     [--cases null,malloc,uring] [--only SUBSTRING] [--raw out.json]
 """
 
 import argparse
@@ -79,6 +79,7 @@ def main():
     parser.add_argument("--file", default=os.path.join(ROOT, "spool-perf.img"))
     parser.add_argument("--size", default="1G")
     parser.add_argument("--cases", default="null,malloc,uring")
+    parser.add_argument("--only", help="run only the cases whose name contains this")
     parser.add_argument("--raw")
     args = parser.parse_args()
     selected = set(args.cases.split(","))
@@ -90,6 +91,8 @@ def main():
     print("| case | spool IOPS (median) | fio IOPS (median) | IOPS ratio | spool p99 us | fio p99 us | runs (spool / fio IOPS) |")
     print("|---|---|---|---|---|---|---|")
     for name, run_spool, run_fio in cases(selected, args.file):
+        if args.only and args.only not in name:
+            continue
         spool_runs, fio_runs = [], []
         for _ in range(args.pairs):
             spool_runs.append(run_spool(args.time))
