@@ -70,9 +70,40 @@ where
 
 #[test]
 fn read_after_write_at_queue_depth() {
+    let stats = read_after_write_with_submit_batch(spool_bdev::DEFAULT_SUBMIT_BATCH);
+    let ios = 32 * 8 * 2;
+    assert!(
+        stats.enters >= ios / u64::from(spool_bdev::DEFAULT_SUBMIT_BATCH),
+        "a full batch is submitted at once: {} enters for {ios} I/Os",
+        stats.enters
+    );
+}
+
+#[test]
+fn read_after_write_submitting_each_sqe_at_once() {
+    let stats = read_after_write_with_submit_batch(1);
+    assert!(
+        stats.enters >= 32 * 8 * 2,
+        "one enter per SQE: {}",
+        stats.enters
+    );
+}
+
+#[test]
+fn read_after_write_submitting_once_per_pass() {
+    read_after_write_with_submit_batch(0);
+}
+
+/// Writes and reads back 32 x 8 patterned 16 KiB requests at queue depth 32 with the given
+/// `submit_batch`, checks the data and the counters, and returns the group's counters.
+fn read_after_write_with_submit_batch(submit_batch: u32) -> spool_bdev::UringGroupStats {
     let rt = runtime(1);
     let file = temp_file(FILE_LEN);
-    let bdev = open(file.path());
+    let options = UringOptions {
+        submit_batch,
+        ..UringOptions::default()
+    };
+    let bdev = Arc::new(UringBdev::open(file.path(), &options).expect("open uring bdev"));
     assert_eq!(bdev.block_size(), 4096);
     assert_eq!(bdev.block_count(), FILE_LEN / 4096);
     let desc = BdevDesc::open(bdev.clone());
@@ -111,15 +142,18 @@ fn read_after_write_at_queue_depth() {
     let ios = 32 * 8 * 2;
     assert_eq!(stats.sqes_pushed, ios);
     assert_eq!(stats.completions, ios);
-    assert!(
-        stats.enters < ios,
-        "submissions are batched: {} enters for {ios} I/Os",
-        stats.enters
-    );
+    if submit_batch != 1 {
+        assert!(
+            stats.enters < ios,
+            "submissions are batched: {} enters for {ios} I/Os",
+            stats.enters
+        );
+    }
     if stats.fixed_regions > 0 {
         assert_eq!(stats.fixed_rw, ios, "DmaBuf I/O uses the fixed opcodes");
     }
     assert_eq!(rt.stop().leaked_channels, 0);
+    stats
 }
 
 #[test]
