@@ -5,6 +5,10 @@
 //!
 //! The job runs on the store's metadata reactor, so it may call every [`Blobstore`] and
 //! [`spool_blob::Blob`] method, and do blob I/O through `store.channel()`.
+//!
+//! For the whole run the image is locked ([`lock_image`]): a second `spool` command (or a
+//! future daemon) on the same image fails at once with -EBUSY instead of writing metadata
+//! under the first one.
 
 use std::future::Future;
 use std::path::Path;
@@ -66,6 +70,30 @@ pub fn check_image_exists(image: &Path) -> Result<(), EngineError> {
     })
 }
 
+/// Takes an exclusive advisory lock (`flock`) on `image` and returns the file that holds it;
+/// the lock ends when the file is dropped (or the process exits, however it exits). Another
+/// holder makes this fail at once with -EBUSY, naming the image; it never waits.
+pub fn lock_image(image: &Path) -> Result<std::fs::File, EngineError> {
+    let file_error = |reason: String, errno: i32| EngineError::File {
+        path: image.display().to_string(),
+        reason,
+        errno,
+    };
+    let file = std::fs::File::open(image)
+        .map_err(|err| file_error(err.to_string(), -err.raw_os_error().unwrap_or(libc::EIO)))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(file_error(
+            "in use by another process (it holds the image lock); try again when it is done".into(),
+            -libc::EBUSY,
+        )),
+        Err(std::fs::TryLockError::Error(err)) => Err(file_error(
+            format!("locking the image failed: {err}"),
+            -err.raw_os_error().unwrap_or(libc::EIO),
+        )),
+    }
+}
+
 /// Opens `image`, gets its store as `open` says on a fresh one-reactor runtime, runs `job`
 /// with the store on that reactor, then unloads the store and stops the runtime.
 ///
@@ -80,6 +108,8 @@ where
     E: From<EngineError> + Send + 'static,
 {
     check_image_exists(image)?;
+    // Held until the store is unloaded and the device closed (dropped last).
+    let _image_lock = lock_image(image)?;
     let target = open_target(
         &TargetSpec::Path(image.to_path_buf()),
         &TargetOptions::default(),

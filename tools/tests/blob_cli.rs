@@ -885,3 +885,39 @@ fn fixture_names_resolve_and_p1_blob_a_holds_0xab() {
         "{text}"
     );
 }
+
+#[test]
+fn a_locked_image_is_refused_with_a_named_error_and_left_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = store(dir.path());
+    let id = create(dir.path(), &["--size", "1M"]).to_string();
+    let path = dir.path().join(image);
+    let before = std::fs::read(&path).expect("read image");
+    // Another process holding the image (here: this test) makes every command fail at once.
+    let lock = spool_engine::offline::lock_image(&path).expect("lock the image");
+    let commands: [&[&str]; 4] = [
+        &["info", image],
+        &["ls", image],
+        &["create", image, "--size", "1M"],
+        &["delete", image, &id],
+    ];
+    for args in commands {
+        let line = fails_in(dir.path(), args);
+        assert!(
+            line.contains("store.img") && line.contains("in use by another process"),
+            "spool {args:?}: {line}"
+        );
+    }
+    assert!(
+        std::fs::read(&path).expect("read image") == before,
+        "nothing was written while the image was locked"
+    );
+    // A second lock in this process is refused too (flock is per open file), with -EBUSY.
+    let second = spool_engine::offline::lock_image(&path).expect_err("already locked");
+    assert_eq!(second.errno(), -libc::EBUSY);
+    drop(lock);
+    let blobs = ls(dir.path(), image);
+    assert_eq!(blobs.len(), 1, "the blob is still there: {blobs:?}");
+    ok_in(dir.path(), &["delete", image, &id]);
+    assert!(ls(dir.path(), image).is_empty());
+}
