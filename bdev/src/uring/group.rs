@@ -134,8 +134,9 @@ pub struct UringGroupStats {
     pub in_flight: usize,
     /// SQEs pushed so far.
     pub sqes_pushed: u64,
-    /// `io_uring_enter` submissions made so far (one per `submit_batch` SQEs queued, plus at
-    /// most one per loop pass for the rest).
+    /// Submission calls made so far, failed ones included (one per `submit_batch` SQEs
+    /// queued, plus at most one per loop pass for the rest). Each is an `io_uring_enter`
+    /// except with SQPOLL, where most need no syscall.
     pub enters: u64,
     /// CQEs reaped so far.
     pub completions: u64,
@@ -240,6 +241,10 @@ pub(crate) struct GroupState {
     queued: VecDeque<u64>,
     /// Submit at once when `queued` reaches this length (0: only in the poller).
     submit_batch: usize,
+    /// Set when a batch submission failed or left a full batch queued (the kernel is short of
+    /// resources): no more batch submissions until the poller's next pass, so a struggling
+    /// kernel sees one retry per pass, not one per request.
+    batch_held: bool,
     /// Failed submissions in a row (not counting `EAGAIN`/`EBUSY`).
     enter_failures: u32,
     /// The errno the ring was retired with; every later request fails with it.
@@ -275,6 +280,7 @@ impl GroupState {
             free_indices: Vec::new(),
             queued: VecDeque::with_capacity(entries as usize),
             submit_batch: submit_batch as usize,
+            batch_held: false,
             enter_failures: 0,
             failed: None,
             finished: Vec::new(),
@@ -329,8 +335,11 @@ impl GroupState {
                 self.queued.push_back(user_data(index, slot));
                 // Start the device on a small batch now rather than on the whole pass's
                 // worth later (see `UringOptions::submit_batch`).
-                if self.submit_batch != 0 && self.queued.len() >= self.submit_batch {
-                    self.submit();
+                if self.submit_batch != 0
+                    && !self.batch_held
+                    && self.queued.len() >= self.submit_batch
+                {
+                    self.submit_batch_now();
                 }
             }
             Err(IssueError::Full) => {
@@ -368,16 +377,32 @@ impl GroupState {
         }
     }
 
+    /// Forgets the `queued` entries the kernel consumed (it consumes SQEs in order).
+    fn trim_consumed(&mut self) {
+        let unconsumed = self.ring.unconsumed();
+        let consumed = self.queued.len().saturating_sub(unconsumed);
+        self.queued.drain(..consumed);
+    }
+
+    /// A submission from a channel's push once a batch is queued. A failure is not counted
+    /// toward retiring the ring (the poller's own submission, once per pass, does that); it
+    /// holds further batch submissions until the next pass.
+    fn submit_batch_now(&mut self) {
+        self.stats.enters += 1;
+        let result = self.ring.submit();
+        self.trim_consumed();
+        if result.is_err() || self.queued.len() >= self.submit_batch {
+            self.batch_held = true;
+        }
+    }
+
     /// One `io_uring_enter` for everything pushed since the last one.
     fn submit(&mut self) {
         self.stats.enters += 1;
-        match self.ring.submit() {
-            Ok(submitted) => {
-                self.enter_failures = 0;
-                // The kernel consumes SQEs in order.
-                let accepted = submitted.min(self.queued.len());
-                self.queued.drain(..accepted);
-            }
+        let result = self.ring.submit();
+        self.trim_consumed();
+        match result {
+            Ok(_) => self.enter_failures = 0,
             // EAGAIN/EBUSY: the kernel is short of resources; the SQEs stay queued and are
             // submitted on a later pass, after completions were reaped.
             Err(err) if matches!(err.errno(), e if e == -libc::EAGAIN || e == -libc::EBUSY) => {}
@@ -451,6 +476,7 @@ impl GroupState {
     /// The group poller: deliver ready completions, retry overflow, submit, reap.
     pub(crate) fn poll(&mut self) -> PollStatus {
         let mut busy = false;
+        self.batch_held = false;
         if !self.ready.is_empty() {
             busy = true;
             let mut ready = std::mem::take(&mut self.ready);

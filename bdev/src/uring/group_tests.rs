@@ -176,6 +176,65 @@ fn a_full_submit_batch_goes_to_the_kernel_at_once_and_the_rest_at_the_pass_end()
 }
 
 #[test]
+fn sqpoll_groups_forget_the_sqes_the_kernel_thread_took() {
+    for submit_batch in [0, 4] {
+        let ring = match Ring::new(&RingOptions {
+            entries: 64,
+            sqpoll_idle_ms: Some(10),
+            sqpoll_cpu: None,
+        }) {
+            Ok(ring) => ring,
+            Err(err) => {
+                eprintln!("SQPOLL unavailable ({err}); skipping");
+                return;
+            }
+        };
+        let mut group = GroupState::new(ring, 64, submit_batch);
+        let (dev, file) = test_device();
+        let slots = Rc::new(IoSlots::default());
+        let a = group.add_channel(dev, Rc::clone(&slots)).expect("a");
+        let started: Vec<SlotId> = (0..16u8)
+            .map(|i| start_write(&mut group, a, &slots, u64::from(i) * 4096, i + 1))
+            .collect();
+        poll_until(&mut group, |_| {
+            started.iter().all(|&slot| status(&slots, slot).is_some())
+        });
+        // Once the kernel thread consumed everything, nothing is left to submit: the group
+        // goes idle instead of re-submitting (and spinning) forever.
+        poll_until(&mut group, |g| g.queued.is_empty());
+        assert_eq!(group.poll(), PollStatus::Idle, "batch {submit_batch}");
+        for i in 0..16u8 {
+            assert_eq!(bytes_at(&file, u64::from(i) * 4096), vec![i + 1; 4096]);
+        }
+    }
+}
+
+#[test]
+fn a_batch_submission_that_fails_waits_for_the_next_pass() {
+    let ring = Ring::new(&RingOptions {
+        entries: 8,
+        ..RingOptions::default()
+    })
+    .expect("ring");
+    let mut group = GroupState::new(ring, 8, 2);
+    let (dev, _file) = test_device();
+    let slots = Rc::new(IoSlots::default());
+    let a = group.add_channel(dev, Rc::clone(&slots)).expect("a");
+    // As after a failed or partial batch enter: further pushes do not enter again.
+    group.batch_held = true;
+    for i in 0..4u64 {
+        start_write(&mut group, a, &slots, i * 4096, 7);
+    }
+    assert_eq!(group.stats().enters, 0, "held until the next pass");
+    assert_eq!(group.queued.len(), 4);
+    // The next pass lifts the hold and submits everything once.
+    group.poll();
+    assert!(!group.batch_held);
+    assert!(group.queued.is_empty());
+    assert_eq!(group.stats().enters, 1);
+}
+
+#[test]
 fn a_closed_channel_with_nothing_in_flight_is_removed_at_once() {
     let mut group = test_group();
     let (dev, _file) = test_device();

@@ -12,8 +12,10 @@
 //! * `blk.rs`: the blocking block-device ioctls (logical block size, discard, zero-out).
 //! * [`sys`]: the kernel edge; the only code that pushes SQEs and reaps CQEs.
 //!
-//! Invariants (detailed in each file): no allocation per I/O in steady state, and one
-//! `io_uring_enter` per `submit_batch` I/Os at most (completions are reaped without one);
+//! Invariants (detailed in each file): no allocation per I/O in steady state; at depth, about
+//! one `io_uring_enter` per `submit_batch` I/Os plus one per loop pass for the remainder (at
+//! queue depth 1, one per I/O), and completions reaped from the ring without one (except one
+//! enter when the kernel flags pending completion work);
 //! a request's buffers (and iovec scratch) stay owned by its slot until its last CQE is
 //! reaped, including after its future or its channel is dropped; unmap and write-zeroes fall
 //! back to writing zeros when the file or device refuses them, and the fallback is remembered.

@@ -816,6 +816,12 @@ impl Ring {
         Some(queued)
     }
 
+    /// SQEs pushed that the kernel has not consumed yet (loads the kernel's SQ head: exact with
+    /// and without SQPOLL, where [`Ring::submit`]'s count is not a count of consumed SQEs).
+    pub fn unconsumed(&mut self) -> usize {
+        self.ring.submission().len()
+    }
+
     /// Whether [`Ring::retract_queued`] retired this ring.
     pub fn is_retired(&self) -> bool {
         self.retired
