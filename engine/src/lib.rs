@@ -5,17 +5,20 @@
 //! Table of contents:
 //! - [`target`]: `null`, `malloc:SIZE` or a path, parsed and opened as a bdev.
 //! - [`offline`]: one blobstore command on an image: open, load or init, run, unload.
+//! - [`lock`]: [`ImageLock`], one writer per image across processes.
 //! - [`size`]: human sizes ("1G", "512MiB", "4096", "0x1000").
 //! - [`error`]: [`EngineError`], wrapping the lower crates' errors with their errno kinds.
 
 #![warn(clippy::unwrap_used)]
 
 pub mod error;
+pub mod lock;
 pub mod offline;
 pub mod size;
 pub mod target;
 
 pub use crate::error::EngineError;
-pub use crate::offline::{run_offline, OpenInfo, StoreOpen};
+pub use crate::lock::ImageLock;
+pub use crate::offline::{run_offline, run_offline_locked, OpenInfo, StoreOpen};
 pub use crate::size::{parse_bytes, parse_size};
 pub use crate::target::{open_target, prepare_file, OpenedTarget, TargetOptions, TargetSpec};

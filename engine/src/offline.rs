@@ -6,7 +6,7 @@
 //! The job runs on the store's metadata reactor, so it may call every [`Blobstore`] and
 //! [`spool_blob::Blob`] method, and do blob I/O through `store.channel()`.
 //!
-//! For the whole run the image is locked ([`lock_image`]): a second `spool` command (or a
+//! For the whole run the image is locked ([`ImageLock`]): a second `spool` command (or a
 //! future daemon) on the same image fails at once with -EBUSY instead of writing metadata
 //! under the first one.
 
@@ -19,6 +19,7 @@ use spool_blob::format::super_block::SuperBlock;
 use spool_blob::{Blobstore, InitOptions, LoadOptions, LoadReport};
 use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
 
+use crate::lock::ImageLock;
 use crate::target::{open_target, TargetOptions, TargetSpec};
 use crate::EngineError;
 
@@ -70,30 +71,6 @@ pub fn check_image_exists(image: &Path) -> Result<(), EngineError> {
     })
 }
 
-/// Takes an exclusive advisory lock (`flock`) on `image` and returns the file that holds it;
-/// the lock ends when the file is dropped (or the process exits, however it exits). Another
-/// holder makes this fail at once with -EBUSY, naming the image; it never waits.
-pub fn lock_image(image: &Path) -> Result<std::fs::File, EngineError> {
-    let file_error = |reason: String, errno: i32| EngineError::File {
-        path: image.display().to_string(),
-        reason,
-        errno,
-    };
-    let file = std::fs::File::open(image)
-        .map_err(|err| file_error(err.to_string(), -err.raw_os_error().unwrap_or(libc::EIO)))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(file_error(
-            "in use by another process (it holds the image lock); try again when it is done".into(),
-            -libc::EBUSY,
-        )),
-        Err(std::fs::TryLockError::Error(err)) => Err(file_error(
-            format!("locking the image failed: {err}"),
-            -err.raw_os_error().unwrap_or(libc::EIO),
-        )),
-    }
-}
-
 /// Opens `image`, gets its store as `open` says on a fresh one-reactor runtime, runs `job`
 /// with the store on that reactor, then unloads the store and stops the runtime.
 ///
@@ -109,7 +86,31 @@ where
 {
     check_image_exists(image)?;
     // Held until the store is unloaded and the device closed (dropped last).
-    let _image_lock = lock_image(image)?;
+    let lock = ImageLock::exclusive(image)?;
+    run_offline_locked(image, &lock, open, job)
+}
+
+/// [`run_offline`] on an image the caller has locked already (e.g. one it has just created
+/// with [`ImageLock::create`], so it can still remove it under the lock if the run fails).
+pub fn run_offline_locked<T, E, F, Fut>(
+    image: &Path,
+    lock: &ImageLock,
+    open: StoreOpen,
+    job: F,
+) -> Result<T, E>
+where
+    F: FnOnce(Blobstore, OpenInfo) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, E>> + 'static,
+    T: Send + 'static,
+    E: From<EngineError> + Send + 'static,
+{
+    if lock.path() != image {
+        return Err(E::from(EngineError::InvalidArgument(format!(
+            "{}: the lock held is on {}",
+            image.display(),
+            lock.path().display()
+        ))));
+    }
     let target = open_target(
         &TargetSpec::Path(image.to_path_buf()),
         &TargetOptions::default(),

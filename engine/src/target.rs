@@ -2,14 +2,13 @@
 //! io_uring bdev over a file or block device; a missing file is created at the requested
 //! size and fully written first, so measurements never read unallocated extents).
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use spool_bdev::Bdev;
 
+use crate::lock::ImageLock;
 use crate::size::parse_size;
 use crate::EngineError;
 
@@ -151,55 +150,16 @@ pub fn open_target(
     }
 }
 
-fn file_error(path: &Path, what: &str, err: &std::io::Error) -> EngineError {
-    EngineError::File {
-        path: path.display().to_string(),
-        reason: format!("{what}: {err}"),
-        errno: -err.raw_os_error().unwrap_or(libc::EIO),
-    }
-}
-
 /// Creates `path` with `size_bytes` of written data (zeros, written in 4 MiB pieces and
 /// synced), calling `progress` with the bytes written so far. Refuses to touch an existing
 /// path. A written file, unlike a sparse or merely fallocated one, makes reads hit the media.
+/// The file is locked while it is written (see [`ImageLock::create`], which keeps the lock).
 pub fn prepare_file(
     path: &Path,
     size_bytes: u64,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<(), EngineError> {
-    const CHUNK_BYTES: usize = 4 << 20;
-    if size_bytes == 0 {
-        return Err(EngineError::InvalidArgument(format!(
-            "{}: size 0",
-            path.display()
-        )));
-    }
-    let mut file: File = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|err| file_error(path, "create", &err))?;
-    let result = (|| {
-        file.set_len(size_bytes)
-            .map_err(|err| file_error(path, "set size", &err))?;
-        let zeros = vec![0u8; CHUNK_BYTES];
-        let mut written = 0u64;
-        while written < size_bytes {
-            let piece = usize::try_from((size_bytes - written).min(CHUNK_BYTES as u64))
-                .unwrap_or(CHUNK_BYTES);
-            file.write_all(&zeros[..piece])
-                .map_err(|err| file_error(path, "write", &err))?;
-            written += piece as u64;
-            progress(written);
-        }
-        file.sync_all()
-            .map_err(|err| file_error(path, "sync", &err))
-    })();
-    if result.is_err() {
-        // Leave nothing half-made behind: the path did not exist before.
-        let _ = std::fs::remove_file(path);
-    }
-    result
+    ImageLock::create(path, size_bytes, progress).map(drop)
 }
 
 #[cfg(test)]

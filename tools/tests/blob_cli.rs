@@ -894,12 +894,14 @@ fn a_locked_image_is_refused_with_a_named_error_and_left_untouched() {
     let path = dir.path().join(image);
     let before = std::fs::read(&path).expect("read image");
     // Another process holding the image (here: this test) makes every command fail at once.
-    let lock = spool_engine::offline::lock_image(&path).expect("lock the image");
-    let commands: [&[&str]; 4] = [
+    let lock = spool_engine::ImageLock::exclusive(&path).expect("lock the image");
+    let commands: [&[&str]; 6] = [
         &["info", image],
         &["ls", image],
         &["create", image, "--size", "1M"],
         &["delete", image, &id],
+        &["init", image],
+        &["dump", image],
     ];
     for args in commands {
         let line = fails_in(dir.path(), args);
@@ -913,7 +915,7 @@ fn a_locked_image_is_refused_with_a_named_error_and_left_untouched() {
         "nothing was written while the image was locked"
     );
     // A second lock in this process is refused too (flock is per open file), with -EBUSY.
-    let second = spool_engine::offline::lock_image(&path).expect_err("already locked");
+    let second = spool_engine::ImageLock::exclusive(&path).expect_err("already locked");
     assert_eq!(second.errno(), -libc::EBUSY);
     drop(lock);
     let blobs = ls(dir.path(), image);

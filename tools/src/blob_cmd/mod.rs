@@ -30,7 +30,7 @@ use std::path::Path;
 
 use spool_blob::format::super_block::SuperBlockError;
 use spool_blob::{BlobError, Blobstore, LoadOptions};
-use spool_engine::{run_offline, EngineError, OpenInfo, StoreOpen};
+use spool_engine::{run_offline, run_offline_locked, EngineError, ImageLock, OpenInfo, StoreOpen};
 
 use crate::cli::Command;
 use crate::error::ToolError;
@@ -82,6 +82,21 @@ where
     T: Send + 'static,
 {
     run_offline(Path::new(image), open, job).map_err(|err| name_image(image, err))
+}
+
+/// Like [`with_store`], on an image the caller holds the lock of (one it just created).
+fn with_locked_store<T, F, Fut>(
+    image: &str,
+    lock: &ImageLock,
+    open: StoreOpen,
+    job: F,
+) -> Result<T, ToolError>
+where
+    F: FnOnce(Blobstore, OpenInfo) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, ToolError>> + 'static,
+    T: Send + 'static,
+{
+    run_offline_locked(Path::new(image), lock, open, job).map_err(|err| name_image(image, err))
 }
 
 /// Whether `err` says the image holds no blobstore at all (wrong signature or version).

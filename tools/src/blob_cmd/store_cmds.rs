@@ -7,13 +7,13 @@ use serde::Serialize;
 use spool_blob::format::super_block::{bstype_from_name, bstype_name};
 use spool_blob::format::{BLOBID_INVALID, PAGE_SIZE_U64};
 use spool_blob::{Blobstore, InitOptions};
-use spool_engine::{prepare_file, OpenInfo, StoreOpen};
+use spool_engine::{ImageLock, OpenInfo, StoreOpen};
 
 use crate::blob_cmd::args::{InfoArgs, InitArgs, SuperArgs};
 use crate::blob_cmd::progress::bytes_bar;
 use crate::blob_cmd::resolve::resolve_blob;
 use crate::blob_cmd::text::{emit, human_bytes, id_hex, table};
-use crate::blob_cmd::{on_store, with_store};
+use crate::blob_cmd::{on_store, with_locked_store, with_store};
 use crate::error::ToolError;
 
 /// What `spool info` reports (`--json` prints it as is).
@@ -144,9 +144,10 @@ pub fn to_json(value: &impl Serialize) -> Result<String, ToolError> {
     serde_json::to_string_pretty(value).map_err(|err| ToolError::Failed(format!("JSON: {err}")))
 }
 
-/// Makes sure IMAGE exists as `init` needs: created with --size when missing (returns
-/// true then), or checked against --size when it exists.
-fn prepare_image(args: &InitArgs) -> Result<bool, ToolError> {
+/// Makes sure IMAGE exists as `init` needs: created with --size when missing (returns its
+/// lock then, taken before the first byte was written), or checked against --size when it
+/// exists.
+fn prepare_image(args: &InitArgs) -> Result<Option<ImageLock>, ToolError> {
     let path = Path::new(&args.image);
     let meta = match std::fs::metadata(path) {
         Ok(meta) => Some(meta),
@@ -160,9 +161,9 @@ fn prepare_image(args: &InitArgs) -> Result<bool, ToolError> {
         ))),
         (None, Some(size)) => {
             let bar = bytes_bar(size, "creating");
-            prepare_file(path, size, |written| bar.set_position(written))?;
+            let lock = ImageLock::create(path, size, |written| bar.set_position(written))?;
             bar.finish_and_clear();
-            Ok(true)
+            Ok(Some(lock))
         }
         (Some(meta), Some(_)) if meta.file_type().is_block_device() => {
             Err(ToolError::Failed(format!(
@@ -175,7 +176,7 @@ fn prepare_image(args: &InitArgs) -> Result<bool, ToolError> {
             args.image,
             meta.len()
         ))),
-        (Some(_), _) => Ok(false),
+        (Some(_), _) => Ok(None),
     }
 }
 
@@ -197,29 +198,32 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
         ..InitOptions::default()
     };
     let created = prepare_image(args)?;
-    let result = with_store(
-        &args.image,
-        StoreOpen::Init(options),
-        |store, info| async move {
-            let geometry = store.geometry();
-            Ok(format!(
-                "{} bytes, {} clusters of {} ({} for data), md_start {}, md_len {}",
-                info.device_bytes,
-                geometry.total_clusters,
-                human_bytes(geometry.cluster_size),
-                store.total_data_cluster_count(),
-                geometry.md_start,
-                geometry.md_len
-            ))
-        },
-    );
+    let summarise = |store: Blobstore, info: OpenInfo| async move {
+        let geometry = store.geometry();
+        Ok(format!(
+            "{} bytes, {} clusters of {} ({} for data), md_start {}, md_len {}",
+            info.device_bytes,
+            geometry.total_clusters,
+            human_bytes(geometry.cluster_size),
+            store.total_data_cluster_count(),
+            geometry.md_start,
+            geometry.md_len
+        ))
+    };
+    let open = StoreOpen::Init(options);
+    let result = match &created {
+        Some(lock) => with_locked_store(&args.image, lock, open, summarise),
+        None => with_store(&args.image, open, summarise),
+    };
     match result {
         Ok(summary) => emit(&format!("initialized {}: {summary}\n", args.image)),
         Err(err) => {
-            if created {
-                // Leave nothing half-made: the file did not exist before.
+            if created.is_some() {
+                // Leave nothing half-made: the file did not exist before. Removed while the
+                // lock is still held, so no other command can have started using it.
                 let _ = std::fs::remove_file(&args.image);
             }
+            drop(created);
             Err(err)
         }
     }

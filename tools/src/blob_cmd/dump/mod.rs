@@ -255,6 +255,9 @@ fn mask_dump(
 /// Reads and decodes the whole metadata of `image`.
 pub fn collect(image: &str) -> Result<DumpReport, ToolError> {
     let mut file = File::open(image).map_err(|err| failed(image, err))?;
+    // Readers share the image; a command writing it makes this fail at once (-EBUSY) rather
+    // than decode metadata halfway through a change.
+    let _lock = spool_engine::ImageLock::shared(std::path::Path::new(image))?;
     let image_bytes = file
         .seek(SeekFrom::End(0))
         .map_err(|err| failed(image, err))?;

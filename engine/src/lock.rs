@@ -1,0 +1,212 @@
+//! The image lock: one `spool` process at a time writes an image.
+//!
+//! An [`ImageLock`] holds an advisory `flock` on the image file for as long as it lives
+//! (the kernel drops it when the file closes, however the process ends). Exclusive locks are
+//! taken by every command that loads a store (it writes the clean flag at least) and by
+//! `spool perf` on a path; shared locks by readers that never write (`spool dump`). A block
+//! device opened exclusively is also claimed with `O_EXCL`, so the kernel refuses it while
+//! it is mounted or claimed by another process, through any of its device nodes or
+//! partitions (a `flock` only covers one node).
+//!
+//! Taking a lock never waits: a held image fails at once with -EBUSY, naming the image.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::EngineError;
+
+/// A held lock on an image; dropping it releases the lock.
+#[derive(Debug)]
+pub struct ImageLock {
+    /// The open file whose description carries the lock.
+    _file: File,
+    /// The locked path.
+    path: PathBuf,
+}
+
+/// Why a lock attempt found the image busy.
+const BUSY_REASON: &str =
+    "in use by another process (it holds the image lock); try again when it is done";
+
+fn file_error(path: &Path, reason: String, errno: i32) -> EngineError {
+    EngineError::File {
+        path: path.display().to_string(),
+        reason,
+        errno,
+    }
+}
+
+fn io_errno(err: &std::io::Error) -> i32 {
+    -err.raw_os_error().unwrap_or(libc::EIO)
+}
+
+impl ImageLock {
+    /// Locks the existing image at `path` for writing (exclusive; block devices are also
+    /// claimed with `O_EXCL`).
+    pub fn exclusive(path: &Path) -> Result<ImageLock, EngineError> {
+        let is_block = std::fs::metadata(path)
+            .map(|meta| meta.file_type().is_block_device())
+            .unwrap_or(false);
+        let mut options = OpenOptions::new();
+        options.read(true);
+        if is_block {
+            options.custom_flags(libc::O_EXCL);
+        }
+        let file = options.open(path).map_err(|err| {
+            if is_block && err.raw_os_error() == Some(libc::EBUSY) {
+                file_error(
+                    path,
+                    "in use (mounted, or claimed by another process)".into(),
+                    -libc::EBUSY,
+                )
+            } else {
+                file_error(path, err.to_string(), io_errno(&err))
+            }
+        })?;
+        Self::lock(file, path, true)
+    }
+
+    /// Locks the existing image at `path` for reading only (shared with other readers,
+    /// refused while a writer holds it).
+    pub fn shared(path: &Path) -> Result<ImageLock, EngineError> {
+        let file =
+            File::open(path).map_err(|err| file_error(path, err.to_string(), io_errno(&err)))?;
+        Self::lock(file, path, false)
+    }
+
+    /// Creates `path` (refusing an existing one), locks it exclusively before anything is
+    /// written, and fills it with `size_bytes` of zeros (written in 4 MiB pieces and synced),
+    /// calling `progress` with the bytes written so far. A written file, unlike a sparse or
+    /// merely fallocated one, makes reads hit the media. On failure the file is removed while
+    /// the lock is still held, so nobody else can have started using it.
+    pub fn create(
+        path: &Path,
+        size_bytes: u64,
+        mut progress: impl FnMut(u64),
+    ) -> Result<ImageLock, EngineError> {
+        const CHUNK_BYTES: usize = 4 << 20;
+        if size_bytes == 0 {
+            return Err(EngineError::InvalidArgument(format!(
+                "{}: size 0",
+                path.display()
+            )));
+        }
+        let create_error = |what: &str, err: &std::io::Error| {
+            file_error(path, format!("{what}: {err}"), io_errno(err))
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|err| create_error("create", &err))?;
+        let lock = match file.try_clone() {
+            Ok(handle) => Self::lock(handle, path, true)?,
+            Err(err) => {
+                let _ = std::fs::remove_file(path);
+                return Err(create_error("create", &err));
+            }
+        };
+        let filled = (|| {
+            file.set_len(size_bytes)
+                .map_err(|err| create_error("set size", &err))?;
+            let zeros = vec![0u8; CHUNK_BYTES];
+            let mut written = 0u64;
+            while written < size_bytes {
+                let piece = usize::try_from((size_bytes - written).min(CHUNK_BYTES as u64))
+                    .unwrap_or(CHUNK_BYTES);
+                file.write_all(&zeros[..piece])
+                    .map_err(|err| create_error("write", &err))?;
+                written += piece as u64;
+                progress(written);
+            }
+            file.sync_all().map_err(|err| create_error("sync", &err))
+        })();
+        match filled {
+            Ok(()) => Ok(lock),
+            Err(err) => {
+                // Leave nothing half-made behind: the path did not exist before.
+                let _ = std::fs::remove_file(path);
+                Err(err)
+            }
+        }
+    }
+
+    /// The locked path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(file: File, path: &Path, exclusive: bool) -> Result<ImageLock, EngineError> {
+        let attempt = if exclusive {
+            file.try_lock()
+        } else {
+            file.try_lock_shared()
+        };
+        match attempt {
+            Ok(()) => Ok(ImageLock {
+                _file: file,
+                path: path.to_path_buf(),
+            }),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(file_error(path, BUSY_REASON.into(), -libc::EBUSY))
+            }
+            Err(std::fs::TryLockError::Error(err)) => Err(file_error(
+                path,
+                format!("locking the image failed: {err}"),
+                io_errno(&err),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusive_excludes_everyone_and_shared_excludes_writers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("image");
+        let created = ImageLock::create(&path, 1 << 20, |_| {}).expect("create");
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), 1 << 20);
+        for err in [
+            ImageLock::exclusive(&path).expect_err("held"),
+            ImageLock::shared(&path).expect_err("held"),
+        ] {
+            assert_eq!(err.errno(), -libc::EBUSY);
+            assert!(
+                err.to_string().contains("in use by another process"),
+                "{err}"
+            );
+        }
+        drop(created);
+        let reader = ImageLock::shared(&path).expect("shared");
+        let _second_reader = ImageLock::shared(&path).expect("readers share");
+        assert_eq!(
+            ImageLock::exclusive(&path)
+                .expect_err("readers hold it")
+                .errno(),
+            -libc::EBUSY
+        );
+        drop(reader);
+        drop(_second_reader);
+        ImageLock::exclusive(&path).expect("free again");
+    }
+
+    #[test]
+    fn create_refuses_existing_paths_and_zero_sizes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("image");
+        std::fs::write(&path, b"keep me").expect("write");
+        let err = ImageLock::create(&path, 4096, |_| {}).expect_err("exists");
+        assert_eq!(err.errno(), -libc::EEXIST);
+        assert_eq!(std::fs::read(&path).expect("read"), b"keep me", "untouched");
+        let fresh = dir.path().join("fresh");
+        let err = ImageLock::create(&fresh, 0, |_| {}).expect_err("size 0");
+        assert_eq!(err.errno(), -libc::EINVAL);
+        assert!(!fresh.exists());
+    }
+}
