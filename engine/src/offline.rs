@@ -20,7 +20,7 @@ use spool_blob::{Blobstore, InitOptions, LoadOptions, LoadReport};
 use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
 
 use crate::lock::ImageLock;
-use crate::target::{open_target, TargetOptions, TargetSpec};
+use crate::target::{open_image, TargetOptions};
 use crate::EngineError;
 
 /// How the runner gets the store on the image.
@@ -111,12 +111,8 @@ where
             lock.path().display()
         ))));
     }
-    let target = open_target(
-        &TargetSpec::Path(image.to_path_buf()),
-        &TargetOptions::default(),
-    )?;
-    let kind = target.kind.clone();
-    let desc = BdevDesc::open(Arc::clone(&target.bdev));
+    let (bdev, kind) = open_image(image, &TargetOptions::default())?;
+    let desc = BdevDesc::open(Arc::clone(&bdev));
     let runtime = Runtime::start(&RuntimeOptions {
         cores: vec![offline_core()],
         idle: IdleMode::Sleep,
@@ -151,7 +147,7 @@ where
     if report.leaked_channels != 0 || !report.panicked.is_empty() {
         tracing::warn!(?report, "offline runtime stopped with leaks or panics");
     }
-    drop(target);
+    drop(bdev);
     outcome.map_err(|err| E::from(EngineError::Reactor(err)))?
 }
 

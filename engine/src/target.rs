@@ -80,11 +80,13 @@ pub struct OpenedTarget {
     pub bdev: Arc<dyn Bdev>,
     /// What it is, for reports ("null", "malloc", "uring file", "uring block device").
     pub kind: String,
-    /// True when the file did not exist and was created.
-    pub created: bool,
+    /// For a path: its [`ImageLock`], held as long as the target is (nothing else writes
+    /// the image meanwhile).
+    pub lock: Option<ImageLock>,
 }
 
-/// Opens `spec`; a missing file path is first created with [`prepare_file`].
+/// Opens `spec`. A path is locked for as long as the target lives (see [`ImageLock`]); a
+/// missing file is created, locked before its first byte is written (as [`prepare_file`]).
 pub fn open_target(
     spec: &TargetSpec,
     options: &TargetOptions,
@@ -100,7 +102,7 @@ pub fn open_target(
             Ok(OpenedTarget {
                 bdev: Arc::new(bdev),
                 kind: "null".into(),
-                created: false,
+                lock: None,
             })
         }
         TargetSpec::Malloc(size_bytes) => {
@@ -117,37 +119,49 @@ pub fn open_target(
             Ok(OpenedTarget {
                 bdev: Arc::new(bdev),
                 kind: "malloc".into(),
-                created: false,
+                lock: None,
             })
         }
         TargetSpec::Path(path) => {
-            let created = !path.exists();
-            if created {
-                prepare_file(path, options.size_bytes, |_| {})?;
-            }
-            let is_block = std::fs::metadata(path)
-                .map(|meta| meta.file_type().is_block_device())
-                .unwrap_or(false);
-            let uring_options = spool_bdev::UringOptions {
-                block_size: options.block_size,
-                ring_entries: options.ring_entries,
-                sqpoll: options.sqpoll,
-                submit_batch: options.submit_batch,
-                ..spool_bdev::UringOptions::default()
-            };
-            let bdev = spool_bdev::UringBdev::open(path, &uring_options)?;
-            let kind = if is_block {
-                "uring block device"
+            let lock = if path.exists() {
+                ImageLock::exclusive(path)?
             } else {
-                "uring file"
+                ImageLock::create(path, options.size_bytes, |_| {})?
             };
+            let (bdev, kind) = open_image(path, options)?;
             Ok(OpenedTarget {
-                bdev: Arc::new(bdev),
-                kind: kind.into(),
-                created,
+                bdev,
+                kind,
+                lock: Some(lock),
             })
         }
     }
+}
+
+/// Opens the existing image at `path` through the io_uring bdev, without locking it (the
+/// caller holds its [`ImageLock`]); returns the device and what it is ("uring file" or
+/// "uring block device").
+pub fn open_image(
+    path: &Path,
+    options: &TargetOptions,
+) -> Result<(Arc<dyn Bdev>, String), EngineError> {
+    let is_block = std::fs::metadata(path)
+        .map(|meta| meta.file_type().is_block_device())
+        .unwrap_or(false);
+    let uring_options = spool_bdev::UringOptions {
+        block_size: options.block_size,
+        ring_entries: options.ring_entries,
+        sqpoll: options.sqpoll,
+        submit_batch: options.submit_batch,
+        ..spool_bdev::UringOptions::default()
+    };
+    let bdev = spool_bdev::UringBdev::open(path, &uring_options)?;
+    let kind = if is_block {
+        "uring block device"
+    } else {
+        "uring file"
+    };
+    Ok((Arc::new(bdev), kind.into()))
 }
 
 /// Creates `path` with `size_bytes` of written data (zeros, written in 4 MiB pieces and

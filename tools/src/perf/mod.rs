@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use spool_bdev::BdevDesc;
-use spool_engine::{open_target, parse_size, ImageLock, TargetOptions, TargetSpec};
+use spool_engine::{open_target, parse_size, TargetOptions, TargetSpec};
 use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
 
 use crate::cli::{Layer, PerfArgs, RwMode};
@@ -69,8 +69,7 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
             args.target, target_options.size_bytes
         );
     }
-    // A path is locked (created locked when missing) for the whole run: perf overwrites it.
-    let _image_lock = lock_path_target(&spec, &target_options)?;
+    // A path stays locked (created locked when missing) while `target` lives.
     let target = open_target(&spec, &target_options)?;
     let desc = BdevDesc::open(Arc::clone(&target.bdev));
     let block_size = u64::from(desc.block_size());
@@ -293,8 +292,7 @@ pub fn run_metadata(args: &PerfArgs) -> Result<metadata::MetadataReport, ToolErr
         submit_batch: args.submit_batch,
         ..TargetOptions::default()
     };
-    // A path is locked (created locked when missing) for the whole run: perf overwrites it.
-    let _image_lock = lock_path_target(&spec, &target_options)?;
+    // A path stays locked (created locked when missing) while `target` lives.
     let target = open_target(&spec, &target_options)?;
     let desc = BdevDesc::open(Arc::clone(&target.bdev));
     let runtime = Runtime::start(&RuntimeOptions {
@@ -313,21 +311,4 @@ pub fn run_metadata(args: &PerfArgs) -> Result<metadata::MetadataReport, ToolErr
         )));
     }
     result?.map_err(ToolError::Run)
-}
-
-/// Locks a path target for the run (see [`ImageLock`]): an existing image exclusively, a
-/// missing file by creating it locked. Devices in memory need no lock.
-fn lock_path_target(
-    spec: &TargetSpec,
-    options: &TargetOptions,
-) -> Result<Option<ImageLock>, ToolError> {
-    let TargetSpec::Path(path) = spec else {
-        return Ok(None);
-    };
-    let lock = if path.exists() {
-        ImageLock::exclusive(path)?
-    } else {
-        ImageLock::create(path, options.size_bytes, |_| {})?
-    };
-    Ok(Some(lock))
 }
