@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::runtime;
+use common::{create_thin, runtime};
 
 use spool_bdev::{Bdev, BdevDesc, MallocBdev};
 use spool_blob::format::{page_crc, seal_page};
@@ -38,14 +38,7 @@ fn sample_image(rt: &Runtime) -> Vec<u8> {
             })
             .await
             .unwrap();
-        let b = store
-            .create_blob(&BlobOptions {
-                num_clusters: 4,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let b = create_thin(&store, 4).await;
         let blob = store.open_blob(b).await.unwrap();
         let channel = store.channel().unwrap();
         let mut buf = spool_bdev::DmaBuf::alloc(4096).unwrap();

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{malloc, malloc_blocks, pattern, read, run, runtime, write};
+use common::{create_thin, malloc, malloc_blocks, pattern, read, run, runtime, write};
 use spool_blob::{BlobOptions, Blobstore, ExtentForm, InitOptions, LoadOptions};
 
 fn thick(num_clusters: u64) -> BlobOptions {
@@ -416,14 +416,7 @@ fn thin_blob_unmap_does_not_allocate_but_write_zeroes_does() {
             .await
             .unwrap();
         let free = store.free_cluster_count();
-        let id = store
-            .create_blob(&BlobOptions {
-                num_clusters: 4,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let id = create_thin(&store, 4).await;
         assert_eq!(
             store.free_cluster_count(),
             free,
@@ -455,14 +448,7 @@ fn a_full_store_fails_thin_writes_with_enospc_and_recovers_when_space_is_freed()
             .await
             .unwrap();
         let free = store.free_cluster_count();
-        let thin = store
-            .create_blob(&BlobOptions {
-                num_clusters: 4,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let thin = create_thin(&store, 4).await;
         let filler = store.create_blob(&thick(free)).await.unwrap();
         assert_eq!(store.free_cluster_count(), 0);
         let blob = store.open_blob(thin).await.unwrap();
@@ -587,14 +573,7 @@ fn a_thin_write_never_shows_a_deleted_blobs_data() {
             }
             blob.close().await.unwrap();
             store.delete_blob(old).await.unwrap();
-            let thin = store
-                .create_blob(&BlobOptions {
-                    num_clusters: 2,
-                    thin: true,
-                    ..BlobOptions::default()
-                })
-                .await
-                .unwrap();
+            let thin = create_thin(&store, 2).await;
             let blob = store.open_blob(thin).await.unwrap();
             write(&channel, &blob.io(), 256 + 7, &pattern(round, 4096)).await;
             let back = read(&channel, &blob.io(), 256, 1 << 20).await;
@@ -623,14 +602,7 @@ fn a_thin_write_never_shows_a_deleted_blobs_data() {
             .await
             .unwrap();
         let channel = store.channel().unwrap();
-        let thin = store
-            .create_blob(&BlobOptions {
-                num_clusters: 2,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let thin = create_thin(&store, 2).await;
         let blob = store.open_blob(thin).await.unwrap();
         write(&channel, &blob.io(), 3, &pattern(9, 4096)).await;
         let back = read(&channel, &blob.io(), 0, 1 << 20).await;

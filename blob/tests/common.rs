@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use spool_bdev::{Bdev, BdevDesc, DmaBuf, MallocBdev};
-use spool_blob::{BlobChannel, BlobIo};
+use spool_blob::{BlobChannel, BlobIo, BlobOptions, Blobstore};
 use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
 
 /// A one-reactor runtime that sleeps when idle.
@@ -81,4 +81,27 @@ pub async fn read(channel: &BlobChannel, blob: &BlobIo, offset: u64, len: usize)
         .await;
     result.unwrap_or_else(|err| panic!("read {len} bytes at unit {offset}: {err}"));
     buf.to_vec()
+}
+
+/// Creates a thick blob of `num_clusters` clusters and returns its id.
+pub async fn create_thick(store: &Blobstore, num_clusters: u64) -> u64 {
+    store
+        .create_blob(&BlobOptions {
+            num_clusters,
+            ..BlobOptions::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// Creates a thin blob of `num_clusters` clusters and returns its id.
+pub async fn create_thin(store: &Blobstore, num_clusters: u64) -> u64 {
+    store
+        .create_blob(&BlobOptions {
+            num_clusters,
+            thin: true,
+            ..BlobOptions::default()
+        })
+        .await
+        .unwrap()
 }

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{buf_of, malloc, pattern, read};
-use spool_blob::{BlobOptions, Blobstore, InitOptions, LoadOptions};
+use common::{buf_of, create_thin, malloc, pattern, read};
+use spool_blob::{Blobstore, InitOptions, LoadOptions};
 use spool_reactor::ReactorId;
 
 const CLUSTER: u64 = 64 << 10;
@@ -52,14 +52,7 @@ async fn scenario(
     )
     .await
     .unwrap();
-    let id = store
-        .create_blob(&BlobOptions {
-            num_clusters: CLUSTERS,
-            thin: true,
-            ..BlobOptions::default()
-        })
-        .await
-        .unwrap();
+    let id = create_thin(&store, CLUSTERS).await;
     let blob = store.open_blob(id).await.unwrap();
     let io = blob.io();
     let clock = Arc::new(AtomicU64::new(1));

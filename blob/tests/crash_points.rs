@@ -14,7 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use common::{buf_of, pattern, read};
+use common::{buf_of, create_thick, create_thin, pattern, read};
 use spool_bdev::{Bdev, BdevDesc, CrashBdev, MallocBdev};
 use spool_blob::{BlobOptions, Blobstore, InitOptions, LoadOptions};
 use spool_reactor::{Sim, SimOptions};
@@ -61,13 +61,7 @@ fn base_image() -> (Vec<u8>, Ids) {
         .await
         .unwrap();
         let channel = store.channel().unwrap();
-        let a = store
-            .create_blob(&BlobOptions {
-                num_clusters: 2,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let a = create_thick(&store, 2).await;
         let blob = store.open_blob(a).await.unwrap();
         channel
             .write(&blob.io(), 0, buf_of(&pattern(1, 2 * CLUSTER as usize)))
@@ -75,14 +69,7 @@ fn base_image() -> (Vec<u8>, Ids) {
             .0
             .unwrap();
         blob.close().await.unwrap();
-        let b = store
-            .create_blob(&BlobOptions {
-                num_clusters: 4,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let b = create_thin(&store, 4).await;
         let blob = store.open_blob(b).await.unwrap();
         channel
             .write(&blob.io(), 16, buf_of(&pattern(2, CLUSTER as usize)))
@@ -90,14 +77,7 @@ fn base_image() -> (Vec<u8>, Ids) {
             .0
             .unwrap();
         blob.close().await.unwrap();
-        let c = store
-            .create_blob(&BlobOptions {
-                num_clusters: 2,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let c = create_thin(&store, 2).await;
         let blob = store.open_blob(c).await.unwrap();
         channel
             .write(&blob.io(), 0, buf_of(&pattern(3, CLUSTER as usize)))
@@ -315,13 +295,7 @@ fn resize() {
 fn delete() {
     crash_everywhere("delete", |store, ids| {
         Box::pin(async move {
-            let id = store
-                .create_blob(&BlobOptions {
-                    num_clusters: 2,
-                    ..BlobOptions::default()
-                })
-                .await
-                .unwrap();
+            let id = create_thick(&store, 2).await;
             store.delete_blob(id).await.unwrap();
             // A snapshot with one clone: merged into the clone.
             store.delete_blob(ids.s).await.unwrap();
@@ -373,14 +347,7 @@ fn a_storm_of_thin_writes_cut_at_random_points() {
                 let (store, _) = Blobstore::load(desc, &LoadOptions::default())
                     .await
                     .unwrap();
-                let id = store
-                    .create_blob(&BlobOptions {
-                        num_clusters: 48,
-                        thin: true,
-                        ..BlobOptions::default()
-                    })
-                    .await
-                    .unwrap();
+                let id = create_thin(&store, 48).await;
                 let blob = store.open_blob(id).await.unwrap();
                 shared.lock().unwrap().blob = Some(id);
                 let io = blob.io();

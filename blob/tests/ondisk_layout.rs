@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{malloc, pattern, run, runtime, write};
+use common::{create_thin, malloc, pattern, run, runtime, write};
 use spool_blob::{BlobOptions, Blobstore, ExtentForm, InitOptions};
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -47,14 +47,7 @@ fn a_spool_store_has_spdks_byte_layout() {
             .unwrap();
         // Blob 1: thin, extent table, 600 clusters (two extent pages), one written cluster
         // in the second extent page.
-        let table = store
-            .create_blob(&BlobOptions {
-                num_clusters: 600,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let table = create_thin(&store, 600).await;
         let blob = store.open_blob(table).await.unwrap();
         let channel = store.channel().unwrap();
         write(&channel, &blob.io(), 513 * 256, &pattern(1, 4096)).await;

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{from_image, malloc, pattern, read, run, runtime, write};
+use common::{create_thick, from_image, malloc, pattern, read, run, runtime, write};
 use spool_blob::format::seal_page;
 use spool_blob::{BlobOptions, Blobstore, ExtentForm, InitOptions, LoadOptions};
 
@@ -72,13 +72,7 @@ fn multi_page_blobs_keep_their_continuation_pages_and_clusters() {
         let channel = store.channel().unwrap();
         assert!(read(&channel, &blob.io(), 0, 3 << 20).await == pattern(1, 3 << 20));
         // A new blob must not get the recovered blob's clusters.
-        let other = store
-            .create_blob(&BlobOptions {
-                num_clusters: 2,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let other = create_thick(&store, 2).await;
         let other = store.open_blob(other).await.unwrap();
         let mine = blob.cluster_map();
         assert!(other.cluster_map().iter().all(|c| !mine.contains(c)));
@@ -113,13 +107,7 @@ fn metadata_clusters_are_counted_from_md_start() {
         assert_eq!(geometry.md_clusters, 129);
         assert_eq!(store.used_clusters(), (0..129).collect::<Vec<u64>>());
         // A new thick blob never lands on metadata.
-        let id = store
-            .create_blob(&BlobOptions {
-                num_clusters: 4,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let id = create_thick(&store, 4).await;
         let blob = store.open_blob(id).await.unwrap();
         assert!(
             blob.cluster_map().iter().all(|&c| c >= 129),

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{from_image, malloc, pattern, read, run, runtime, write};
+use common::{create_thick, create_thin, from_image, malloc, pattern, read, run, runtime, write};
 use spool_blob::{BlobOptions, Blobstore, InitOptions, LoadOptions};
 
 const CLUSTER: usize = 1 << 20;
@@ -21,13 +21,7 @@ fn snapshot_of_a_thick_blob_keeps_the_old_data_and_the_blob_writes_on() {
         let store = Blobstore::init(desc, &InitOptions::default())
             .await
             .unwrap();
-        let id = store
-            .create_blob(&BlobOptions {
-                num_clusters: 4,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let id = create_thick(&store, 4).await;
         let blob = store.open_blob(id).await.unwrap();
         let channel = store.channel().unwrap();
         write(&channel, &blob.io(), 0, &pattern(1, 4 * CLUSTER)).await;
@@ -108,14 +102,7 @@ fn a_chain_of_depth_three_reads_through_every_level_after_reload_and_recovery() 
             .await
             .unwrap();
         let channel = store.channel().unwrap();
-        let base = store
-            .create_blob(&BlobOptions {
-                num_clusters: 4,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let base = create_thin(&store, 4).await;
         let b = store.open_blob(base).await.unwrap();
         let mut model = vec![0u8; 4 * CLUSTER];
         for (cluster, seed) in [(0usize, 10u64), (1, 11)] {
@@ -202,13 +189,7 @@ fn an_interrupted_snapshot_is_repaired_at_load() {
         let store = Blobstore::init(desc, &InitOptions::default())
             .await
             .unwrap();
-        let orig = store
-            .create_blob(&BlobOptions {
-                num_clusters: 2,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let orig = create_thick(&store, 2).await;
         let blob = store.open_blob(orig).await.unwrap();
         let channel = store.channel().unwrap();
         write(&channel, &blob.io(), 0, &pattern(4, 2 * CLUSTER)).await;
@@ -263,14 +244,7 @@ fn inflate_and_decouple_keep_the_data_and_rewire_the_chain() {
             .await
             .unwrap();
         let channel = store.channel().unwrap();
-        let base = store
-            .create_blob(&BlobOptions {
-                num_clusters: 3,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let base = create_thin(&store, 3).await;
         let b = store.open_blob(base).await.unwrap();
         write(&channel, &b.io(), 0, &pattern(1, CLUSTER)).await; // cluster 0 in S1
         let s1 = store.create_snapshot(base, &[]).await.unwrap();
@@ -348,14 +322,7 @@ fn deleting_a_snapshot_with_one_clone_merges_it_into_the_clone() {
             .await
             .unwrap();
         let channel = store.channel().unwrap();
-        let c = store
-            .create_blob(&BlobOptions {
-                num_clusters: 3,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let c = create_thin(&store, 3).await;
         let b = store.open_blob(c).await.unwrap();
         write(&channel, &b.io(), 0, &pattern(1, CLUSTER)).await;
         let s1 = store.create_snapshot(c, &[]).await.unwrap();
@@ -421,14 +388,7 @@ fn an_interrupted_merge_is_undone_at_load_when_the_clone_was_not_rewritten() {
             .await
             .unwrap();
         let channel = store.channel().unwrap();
-        let c = store
-            .create_blob(&BlobOptions {
-                num_clusters: 2,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let c = create_thin(&store, 2).await;
         let b = store.open_blob(c).await.unwrap();
         write(&channel, &b.io(), 0, &pattern(8, 2 * CLUSTER)).await;
         drop(channel);
@@ -483,14 +443,7 @@ fn chain_image() -> (Vec<u8>, Models, [u64; 4]) {
         .unwrap();
         let channel = store.channel().unwrap();
         let units = (C64 / 4096) as u64;
-        let x = store
-            .create_blob(&BlobOptions {
-                num_clusters: 4,
-                thin: true,
-                ..BlobOptions::default()
-            })
-            .await
-            .unwrap();
+        let x = create_thin(&store, 4).await;
         let xb = store.open_blob(x).await.unwrap();
         let mut mx = vec![0u8; 4 * C64];
         let put = |model: &mut Vec<u8>, unit: u64, data: &[u8]| {

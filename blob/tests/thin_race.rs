@@ -7,8 +7,8 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{malloc, pattern, read, write};
-use spool_blob::{BlobOptions, Blobstore, InitOptions};
+use common::{create_thin, malloc, pattern, read, write};
+use spool_blob::{Blobstore, InitOptions};
 use spool_reactor::{ReactorId, Sim, SimOptions};
 
 /// Writers on `reactors` each write their own 4 KiB piece of cluster 1 (and some of
@@ -18,14 +18,7 @@ async fn race(reactors: Vec<ReactorId>, desc: spool_bdev::BdevDesc) {
         .await
         .unwrap();
     let free = store.free_cluster_count();
-    let id = store
-        .create_blob(&BlobOptions {
-            num_clusters: 4,
-            thin: true,
-            ..BlobOptions::default()
-        })
-        .await
-        .unwrap();
+    let id = create_thin(&store, 4).await;
     let blob = store.open_blob(id).await.unwrap();
     let io = blob.io();
     let mut handles = Vec::new();
