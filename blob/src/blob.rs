@@ -64,7 +64,6 @@ pub(crate) struct BlobState {
     /// Effective read-only state (SPDK: set_read_only takes effect at the next sync).
     pub(crate) data_ro: Cell<bool>,
     pub(crate) md_ro: Cell<bool>,
-    pub(crate) resizing: Cell<bool>,
     /// Clusters inserted by thin writes whose metadata is not on disk yet: hidden from
     /// I/O reactors until it is.
     pub(crate) unpublished: RefCell<Vec<(usize, u32)>>,
@@ -79,6 +78,12 @@ pub(crate) struct BlobState {
     pub(crate) durable_seq: Cell<u64>,
     /// Notified at the end of every persist.
     pub(crate) persisted: crate::sync::LocalNotify,
+    /// The number of the last metadata write that rewrote one of its extent pages in place
+    /// (a later root names that page, so a flush must cover it first); 0 for none.
+    pub(crate) in_place_write: Cell<u64>,
+    /// A snapshot, inflate, decouple, merge or resize is running on it (SPDK's
+    /// `locked_operation_in_progress`): another one is refused with -EBUSY.
+    pub(crate) op_in_progress: Cell<Option<&'static str>>,
 }
 
 impl BlobState {
@@ -99,14 +104,29 @@ impl BlobState {
             dirty_extent_pages: RefCell::new(BTreeSet::new()),
             data_ro: Cell::new(data_ro),
             md_ro: Cell::new(md_ro),
-            resizing: Cell::new(false),
             unpublished: RefCell::new(Vec::new()),
             chain_written: Cell::new(false),
             chain_changed: Cell::new(true),
             insert_seq: Cell::new(0),
             durable_seq: Cell::new(0),
             persisted: crate::sync::LocalNotify::default(),
+            in_place_write: Cell::new(0),
+            op_in_progress: Cell::new(None),
         })
+    }
+
+    /// Starts an operation that must not interleave with another on this blob (snapshot,
+    /// inflate, decouple, merge, resize): -EBUSY naming the running one. The guard ends it
+    /// when dropped, however the operation ends (or is dropped).
+    pub(crate) fn begin_op(&self, what: &'static str) -> Result<OpGuard<'_>> {
+        if let Some(running) = self.op_in_progress.get() {
+            return Err(BlobError::Busy(format!(
+                "blob {:#x}: cannot {what} while a {running} is in progress",
+                self.id
+            )));
+        }
+        self.op_in_progress.set(Some(what));
+        Ok(OpGuard { state: self })
     }
 
     /// Marks the metadata changed in a way that rewrites the chain (anything but a thin
@@ -144,6 +164,17 @@ impl BlobState {
         for page in range.start / per..=(range.end - 1) / per {
             dirty.insert(page);
         }
+    }
+}
+
+/// An operation in progress on a blob (see [`BlobState::begin_op`]); ends it on drop.
+pub(crate) struct OpGuard<'a> {
+    state: &'a BlobState,
+}
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        self.state.op_in_progress.set(None);
     }
 }
 
@@ -372,16 +403,11 @@ impl Blob {
     /// Resizes to `num_clusters`. A thick blob claims its new clusters now (-ENOSPC with
     /// nothing claimed if there are not enough); a thin blob grows without allocating; a
     /// shrink releases clusters once the new size is on disk. Persisted by sync or close.
-    /// -EPERM when the metadata is read-only, -EBUSY while another resize runs.
+    /// -EPERM when the metadata is read-only, -EBUSY while another resize, a snapshot, an
+    /// inflate, a decouple or a merge runs on it (as SPDK's per-blob operation lock).
     pub async fn resize(&self, num_clusters: u64) -> Result<()> {
         self.check_md_writable("resize")?;
-        if self.state.resizing.get() {
-            return Err(BlobError::Busy(format!(
-                "blob {:#x}: a resize is already running",
-                self.id()
-            )));
-        }
-        self.state.resizing.set(true);
+        let _op = self.state.begin_op("resize")?;
         // I/O is frozen around the map change: nothing in flight uses the old map.
         let io = self.io();
         let result = match crate::freeze::freeze(&self.store, &io).await {
@@ -392,7 +418,6 @@ impl Blob {
             }
             Err(err) => Err(err),
         };
-        self.state.resizing.set(false);
         result
     }
 

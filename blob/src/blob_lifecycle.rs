@@ -281,15 +281,37 @@ impl Blobstore {
 
     /// Deletes the blob `blob` is the only handle of (the caller checked).
     pub(crate) async fn delete_open(&self, blob: Blob) -> Result<()> {
+        self.delete_open_with(blob, crate::persist::Deps::Own).await
+    }
+
+    /// [`Blobstore::delete_open`], with what the root's zeroing depends on. When the delete
+    /// does not commit, the blob is closed and stays on disk as it was (its links too); when
+    /// it commits, it is gone whatever fails after (that error is returned).
+    pub(crate) async fn delete_open_with(
+        &self,
+        blob: Blob,
+        deps: crate::persist::Deps,
+    ) -> Result<()> {
         let id = blob.id();
-        let result = crate::persist::delete(self, &blob.state).await;
-        self.unlink_clone(id);
+        // A snapshot whose merge into its clone committed before an earlier delete attempt
+        // failed: the clone owns some of the clusters its root still names.
+        let outcome = match self.forget_merged_clusters(&blob).await {
+            Ok(()) => crate::persist::delete(self, &blob.state, deps).await,
+            Err(err) => Err(err),
+        };
+        if outcome.is_ok() {
+            self.unlink_clone(id);
+        }
         self.inner.state.borrow_mut().open_blobs.remove(&id);
         blob.state.io.mark_closed();
         let parent = blob.state.replace_parent(None);
-        if let Some(parent) = parent {
-            parent.close().await?;
+        let closed = match parent {
+            Some(parent) => parent.close().await,
+            None => Ok(()),
+        };
+        match outcome {
+            Err(err) | Ok(Some(err)) => Err(err),
+            Ok(None) => closed,
         }
-        result
     }
 }

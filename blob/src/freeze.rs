@@ -17,8 +17,22 @@ use crate::store::Blobstore;
 const DRAIN_POLL: Duration = Duration::from_micros(20);
 
 /// Freezes `io`: after this returns, no I/O of the blob is in flight and new I/O waits.
+/// On error the blob is not left frozen (this freeze is undone and waiting I/O released).
 pub(crate) async fn freeze(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> {
-    if io.freeze_enter() == 0 {
+    let first = io.freeze_enter() == 0;
+    match enter_and_drain(store, io, first).await {
+        Ok(()) => Ok(()),
+        Err(err) => {
+            if let Err(undo) = unfreeze(store, io).await {
+                tracing::warn!(blob = format!("{:#x}", io.id()), %undo, "releasing I/O after a failed freeze");
+            }
+            Err(err)
+        }
+    }
+}
+
+async fn enter_and_drain(store: &Blobstore, io: &Arc<BlobIo>, first: bool) -> Result<()> {
+    if first {
         // A barrier: every reactor holding a channel has seen the flag, so whatever it
         // submits from now on waits, and what it submitted before is counted in flight.
         let walk = store
@@ -26,13 +40,10 @@ pub(crate) async fn freeze(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> {
             .io_device
             .for_each_channel(|_, _| Ok(()))?
             .await?;
-        if let Err(errno) = walk {
-            io.freeze_leave();
-            return Err(BlobError::Remote {
-                errno,
-                what: format!("freezing I/O of blob {:#x}", io.id()),
-            });
-        }
+        walk.map_err(|errno| BlobError::Remote {
+            errno,
+            what: format!("freezing I/O of blob {:#x}", io.id()),
+        })?;
     }
     // Every channel's count of this blob's I/O, until all are zero (they only fall now).
     loop {

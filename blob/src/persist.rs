@@ -2,10 +2,14 @@
 //! continuation pages first, then the root page (the commit point), then the old pages are
 //! zeroed and released and the clusters a shrink cut off are freed.
 //!
-//! Ordering on devices with a volatile cache: a flush separates the pages the new root
-//! depends on from the root, and the root from the zeroing of the pages the old root used,
-//! whenever there are such pages. A single-page chain with no new extent pages (the common
-//! create or xattr change) is one write.
+//! Ordering on devices with a volatile cache (the rule is in `store::durability` and the
+//! table in docs/blob.md): the pages only the new root reaches are written first; then one
+//! flush (the barrier) when the commit write depends on anything not yet durable (those
+//! pages, the data of the clusters thin writes inserted, extent pages this blob rewrote in
+//! place earlier, or, for [`Deps::All`], any earlier metadata write of the operation); then
+//! the commit write; then, when the old state held pages or clusters the new one does not, a
+//! flush before they are zeroed, unmapped and given back. A single-page chain with nothing
+//! to depend on (the common create or xattr change) is still one write and no flush.
 
 use std::collections::BTreeSet;
 
@@ -14,31 +18,65 @@ use crate::error::{BlobError, Result};
 use crate::format::md_page::encode_page;
 use crate::format::{blobid_to_page, EXTENTS_PER_PAGE, INVALID_MD_PAGE, PAGE_SIZE_U64};
 use crate::meta::{encode_extent_page, serialize_chain, ExtentForm};
-use crate::store::md_io::{flush, write_pages, zero_bytes};
+use crate::store::durability::Release;
+use crate::store::md_io::{write_pages, zero_bytes};
 use crate::store::Blobstore;
+
+/// What a persist's commit write depends on besides the blob's own pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deps {
+    /// Only its own pages and the data it maps.
+    Own,
+    /// Also every metadata write made before it (another blob's root the same operation
+    /// wrote first: a snapshot's map before the original drops it, a clone's new root
+    /// before the snapshot's goes).
+    All,
+}
+
+/// How a persist ended: `Err` when it did not commit (everything it claimed is given
+/// back, the blob stays dirty); `Ok(None)` when it committed and finished; `Ok(Some(err))`
+/// when it committed (the new state is what the blob is now) but a step after the commit
+/// failed. Whatever it released then waits for the next successful flush.
+pub(crate) type Outcome = Result<Option<BlobError>>;
+
+/// Persists `state` if it is dirty; a failure after the commit point is returned as an
+/// error too (see [`persist_outcome`] to tell the two apart).
+pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> {
+    match persist_outcome(store, state, Deps::Own).await? {
+        None => Ok(()),
+        Some(err) => Err(err),
+    }
+}
+
+/// Persists `state` if it is dirty, after every earlier metadata write is durable.
+pub(crate) async fn persist_after_all(store: &Blobstore, state: &BlobState) -> Outcome {
+    persist_outcome(store, state, Deps::All).await
+}
 
 /// Persists `state` if it is dirty. Serialised per blob; every end (success or not)
 /// notifies the inserts waiting for a persist.
-pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> {
-    let result = persist_locked(store, state).await;
+pub(crate) async fn persist_outcome(store: &Blobstore, state: &BlobState, deps: Deps) -> Outcome {
+    let result = persist_locked(store, state, deps).await;
     state.persisted.notify();
     result
 }
 
-async fn persist_locked(store: &Blobstore, state: &BlobState) -> Result<()> {
+async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Outcome {
     let _guard = state.persist_lock.lock().await;
     if !state.dirty.get() {
-        return Ok(());
+        return Ok(None);
     }
     store.mark_dirty().await?;
     let geometry = store.geometry().clone();
     let root = blobid_to_page(state.id).ok_or(BlobError::NoSuchBlob(state.id))?;
     // Plan: claim pages, encode everything, while holding no borrow across an await.
     let mut claimed: Vec<u32> = Vec::new();
-    let plan = plan_writes(store, state, root, &mut claimed);
+    let mut fresh: Vec<usize> = Vec::new();
+    let plan = plan_writes(store, state, root, &mut claimed, &mut fresh);
     let plan = match plan {
         Ok(plan) => plan,
         Err(err) => {
+            give_back_fresh_extent_pages(state, &fresh);
             release_md_pages(store, &claimed);
             return Err(err);
         }
@@ -48,53 +86,42 @@ async fn persist_locked(store: &Blobstore, state: &BlobState) -> Result<()> {
     let plan_seq = state.insert_seq.get();
     let inserted: Vec<(usize, u32)> = std::mem::take(&mut *state.unpublished.borrow_mut());
     let channel = &store.inner.md_channel;
+    let durability = &store.inner.durability;
     let result: Result<()> = async {
+        // Pages only the new root reaches: harmless on disk until it is written.
+        let pre_commit = plan.root_bytes.is_some() && !plan.before_root.is_empty();
+        if pre_commit {
+            let written = write_pages(channel, &plan.before_root).await;
+            durability.wrote();
+            written?;
+        }
+        let barrier = pre_commit
+            || !inserted.is_empty()
+            || !durability.is_durable(state.in_place_write.get())
+            || (deps == Deps::All && durability.any_unflushed());
+        if barrier {
+            store.barrier().await?;
+        }
         match &plan.root_bytes {
             Some(root_bytes) => {
-                if !plan.before_root.is_empty() {
-                    write_pages(channel, &plan.before_root).await?;
-                    flush(channel).await?;
-                }
-                write_pages(
+                let written = write_pages(
                     channel,
                     &[(geometry.md_page_offset(root), root_bytes.clone())],
                 )
-                .await?;
+                .await;
+                durability.wrote();
+                written
             }
-            None => write_pages(channel, &plan.before_root).await?,
+            None => {
+                let written = write_pages(channel, &plan.before_root).await;
+                state.in_place_write.set(durability.wrote());
+                written
+            }
         }
-        Ok(())
     }
     .await;
     if let Err(err) = result {
-        state.mark_changed();
-        // Thin inserts this persist carried are undone: their writers release the
-        // clusters and fail (the metadata never reached the disk).
-        {
-            let mut meta = state.meta.borrow_mut();
-            for &(index, cluster) in &inserted {
-                if meta.clusters.get(index) == Some(&cluster) {
-                    meta.clusters[index] = 0;
-                }
-            }
-        }
-        state.touch_clusters(0..state.meta.borrow().clusters.len());
-        // Moved extent pages go back to their old pages (the old root points there); newly
-        // claimed ones stay recorded in memory (a retry rewrites them); continuation pages
-        // are unreferenced by the old root: give them back.
-        {
-            let mut meta = state.meta.borrow_mut();
-            let mut given_back = Vec::new();
-            for &(index, old) in &plan.replaced_extent_pages {
-                if let Some(slot) = meta.extent_pages.get_mut(index) {
-                    given_back.push(*slot);
-                    *slot = old;
-                }
-            }
-            drop(meta);
-            release_md_pages(store, &given_back);
-        }
-        release_md_pages(store, &plan.new_continuation);
+        undo_failed_persist(store, state, &plan, &inserted, &fresh);
         return Err(err);
     }
     if plan.root_bytes.is_some() {
@@ -105,7 +132,8 @@ async fn persist_locked(store: &Blobstore, state: &BlobState) -> Result<()> {
     for &(index, cluster) in &inserted {
         state.io.publish(index, cluster);
     }
-    // Zero and release what the old root used and the new one does not.
+    // What the old root used and the new one does not: zeroed and released once the new
+    // root is durable.
     let old_pages: Vec<u32> = std::mem::replace(&mut *state.pages.borrow_mut(), plan.chain.clone());
     let new_set: BTreeSet<u32> = plan.chain.iter().copied().collect();
     let mut stale: Vec<u32> = old_pages
@@ -114,15 +142,128 @@ async fn persist_locked(store: &Blobstore, state: &BlobState) -> Result<()> {
         .collect();
     stale.extend(state.pending_extent_release.borrow_mut().drain(..));
     stale.extend(plan.replaced_extent_pages.iter().map(|&(_, old)| old));
-    if !stale.is_empty() {
-        flush(channel).await?;
-        for &page in &stale {
-            zero_bytes(channel, geometry.md_page_offset(page), PAGE_SIZE_U64).await?;
+    let clusters: Vec<u32> = state.pending_release.borrow_mut().drain(..).collect();
+    Ok(finish_releases(store, &stale, stale.clone(), clusters).await)
+}
+
+/// Undoes what a persist that did not commit changed in memory: the thin inserts it carried
+/// (their writers release the clusters and fail), extent pages moved or claimed for it, and
+/// the continuation pages it claimed. The blob stays dirty: a retry rewrites it all.
+fn undo_failed_persist(
+    store: &Blobstore,
+    state: &BlobState,
+    plan: &Plan,
+    inserted: &[(usize, u32)],
+    fresh: &[usize],
+) {
+    state.mark_changed();
+    {
+        let mut meta = state.meta.borrow_mut();
+        for &(index, cluster) in inserted {
+            if meta.clusters.get(index) == Some(&cluster) {
+                meta.clusters[index] = 0;
+            }
         }
-        release_md_pages(store, &stale);
     }
-    release_clusters(store, state).await;
-    Ok(())
+    state.touch_clusters(0..state.meta.borrow().clusters.len());
+    // Moved extent pages go back to their old pages (the old root points there); fresh
+    // ones and continuation pages are unreferenced by the old root: give them back.
+    let mut given_back = Vec::new();
+    {
+        let mut meta = state.meta.borrow_mut();
+        for &(index, old) in &plan.replaced_extent_pages {
+            if let Some(slot) = meta.extent_pages.get_mut(index) {
+                given_back.push(*slot);
+                *slot = old;
+            }
+        }
+    }
+    given_back.extend(give_back_fresh_extent_pages(state, fresh));
+    release_md_pages(store, &given_back);
+    release_md_pages(store, &plan.new_continuation);
+}
+
+/// Forgets the extent pages a persist claimed for extent table slots that had none (a retry
+/// claims them again); returns the pages.
+fn give_back_fresh_extent_pages(state: &BlobState, fresh: &[usize]) -> Vec<u32> {
+    let mut meta = state.meta.borrow_mut();
+    let mut pages = Vec::new();
+    for &index in fresh {
+        if let Some(slot) = meta.extent_pages.get_mut(index) {
+            if *slot != 0 {
+                pages.push(*slot);
+                *slot = 0;
+            }
+        }
+        state.dirty_extent_pages.borrow_mut().insert(index);
+    }
+    pages
+}
+
+/// After a commit write that dropped `release_pages` and `clusters`: once a flush makes it
+/// durable, zeroes `zero_pages` (best effort), unmaps the clusters (best effort) and gives
+/// everything back; a cluster unmapped on a device that reads zeros there is marked so only
+/// once a second flush makes the unmap durable. If a flush fails, what it would have freed
+/// waits for the next successful one. Returns the first failure.
+pub(crate) async fn finish_releases(
+    store: &Blobstore,
+    zero_pages: &[u32],
+    release_pages: Vec<u32>,
+    clusters: Vec<u32>,
+) -> Option<BlobError> {
+    if release_pages.is_empty() && clusters.is_empty() {
+        return None;
+    }
+    let durability = &store.inner.durability;
+    if let Err(err) = store.barrier().await {
+        for page in release_pages {
+            durability.queue(Release::MdPage(page));
+        }
+        for cluster in clusters {
+            durability.queue(Release::Cluster {
+                cluster,
+                unmapped: false,
+            });
+        }
+        return Some(err);
+    }
+    let mut first_error = None;
+    let channel = &store.inner.md_channel;
+    let geometry = store.geometry().clone();
+    for &page in zero_pages {
+        let zeroed = zero_bytes(channel, geometry.md_page_offset(page), PAGE_SIZE_U64).await;
+        durability.wrote();
+        if let Err(err) = zeroed {
+            first_error.get_or_insert(err);
+        }
+    }
+    release_md_pages(store, &release_pages);
+    let cluster_size = store.cluster_size();
+    let mut unmapped = Vec::new();
+    for cluster in clusters {
+        let done = channel
+            .unmap(u64::from(cluster) * cluster_size, cluster_size)
+            .await
+            .is_ok();
+        if done && store.shared().desc_reads_zeroes {
+            unmapped.push(cluster);
+        } else {
+            store.shared().release_cluster(cluster);
+        }
+    }
+    if !unmapped.is_empty() {
+        durability.wrote();
+        for cluster in unmapped {
+            durability.queue(Release::Cluster {
+                cluster,
+                unmapped: true,
+            });
+        }
+        if let Err(err) = store.flush_md().await {
+            first_error.get_or_insert(err);
+        }
+    }
+    first_error
 }
 
 struct Plan {
@@ -160,6 +301,7 @@ fn plan_writes(
     state: &BlobState,
     root: u32,
     claimed: &mut Vec<u32>,
+    fresh: &mut Vec<usize>,
 ) -> Result<Plan> {
     let geometry = store.geometry();
     let mut before_root = Vec::new();
@@ -170,7 +312,6 @@ fn plan_writes(
         meta.extent_pages.resize(needed, 0);
         let per = EXTENTS_PER_PAGE as usize;
         let mut marked = state.dirty_extent_pages.borrow_mut();
-        let mut fresh = Vec::new();
         // Only a touched extent page can have gained its first cluster.
         let touched: Vec<usize> = marked
             .iter()
@@ -264,61 +405,61 @@ fn plan_writes(
     })
 }
 
-/// Frees the clusters a shrink cut off (best-effort unmap first).
-async fn release_clusters(store: &Blobstore, state: &BlobState) {
-    let clusters: Vec<u32> = state.pending_release.borrow_mut().drain(..).collect();
-    let cluster_size = store.cluster_size();
-    for cluster in clusters {
-        let unmapped = store
-            .inner
-            .md_channel
-            .unmap(u64::from(cluster) * cluster_size, cluster_size)
-            .await
-            .is_ok();
-        if unmapped && store.shared().desc_reads_zeroes {
-            store.shared().zeroed.set(u64::from(cluster));
-        }
-        store.shared().release_cluster(cluster);
-    }
-}
-
-/// Deletes `state` from disk: zero the root (the commit point: the blob is gone), flush,
-/// zero the other pages, release every page, the blob id and every cluster.
-pub(crate) async fn delete(store: &Blobstore, state: &BlobState) -> Result<()> {
+/// Deletes `state` from disk: zero the root (the commit point: the blob is gone), then,
+/// once that is durable, zero the other pages and release every page, the blob id and every
+/// cluster. With [`Deps::All`] a flush first makes every earlier metadata write durable (a
+/// merge's clone root before the snapshot goes). `Err` when it did not commit (nothing
+/// changed); `Ok(Some(err))` when it committed but a later step failed (what it released
+/// then waits for the next successful flush).
+pub(crate) async fn delete(store: &Blobstore, state: &BlobState, deps: Deps) -> Outcome {
     let _guard = state.persist_lock.lock().await;
     store.mark_dirty().await?;
     let geometry = store.geometry().clone();
     let root = blobid_to_page(state.id).ok_or(BlobError::NoSuchBlob(state.id))?;
     let channel = &store.inner.md_channel;
-    zero_bytes(channel, geometry.md_page_offset(root), PAGE_SIZE_U64).await?;
+    let durability = &store.inner.durability;
+    if (deps == Deps::All && durability.any_unflushed())
+        || !durability.is_durable(state.in_place_write.get())
     {
-        let mut md = store.inner.state.borrow_mut();
-        md.used_blobids.clear(u64::from(root));
+        store.barrier().await?;
     }
-    flush(channel).await?;
+    let zeroed = zero_bytes(channel, geometry.md_page_offset(root), PAGE_SIZE_U64).await;
+    durability.wrote();
+    zeroed?;
+    // Committed: the blob is gone.
+    store
+        .inner
+        .state
+        .borrow_mut()
+        .used_blobids
+        .clear(u64::from(root));
     let mut pages: Vec<u32> = state.pages.borrow().iter().skip(1).copied().collect();
-    {
-        let meta = state.meta.borrow();
-        pages.extend(meta.extent_pages.iter().copied().filter(|&p| p != 0));
-    }
+    pages.extend(
+        state
+            .meta
+            .borrow()
+            .extent_pages
+            .iter()
+            .copied()
+            .filter(|&p| p != 0),
+    );
     pages.extend(state.pending_extent_release.borrow_mut().drain(..));
-    for &page in &pages {
-        zero_bytes(channel, geometry.md_page_offset(page), PAGE_SIZE_U64).await?;
-    }
-    pages.push(root);
-    release_md_pages(store, &pages);
+    let mut release_pages = pages.clone();
+    release_pages.push(root);
+    let mut clusters: Vec<u32> = state.pending_release.borrow_mut().drain(..).collect();
     {
         let mut meta = state.meta.borrow_mut();
-        let clusters = std::mem::take(&mut meta.clusters);
-        state
-            .pending_release
-            .borrow_mut()
-            .extend(clusters.into_iter().filter(|&c| c != 0));
+        clusters.extend(
+            std::mem::take(&mut meta.clusters)
+                .into_iter()
+                .filter(|&c| c != 0),
+        );
         meta.extent_pages.clear();
     }
+    state.pages.borrow_mut().clear();
+    state.dirty.set(false);
     state.io.replace_map(&[]);
-    release_clusters(store, state).await;
-    Ok(())
+    Ok(finish_releases(store, &pages, release_pages, clusters).await)
 }
 
 /// The metadata reactor's half of a thin write: insert device `cluster` as blob cluster

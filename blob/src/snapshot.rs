@@ -8,14 +8,20 @@
 //! 3. S gets the original's cluster map (and its extent pages, as SPDK moves them) and is
 //!    written (crash: the original still owns everything; S is deleted at load, freeing only
 //!    its own metadata pages);
-//! 4. the original gets `SNAP` = S, thin, an empty map, and is written (crash: S is
-//!    finished at load);
-//! 5. S loses `SNAPTMP`, becomes read-only and is written; I/O is unfrozen and replayed.
+//! 4. a flush makes S durable, then the original gets `SNAP` = S, thin, an empty map, and
+//!    is written (crash: S is finished at load);
+//! 5. a flush makes the original durable, then S loses `SNAPTMP`, becomes read-only and is
+//!    written; I/O is unfrozen and replayed.
+//!
+//! The two flushes are what make any subset of the unflushed writes safe: without the
+//! first, the original could reach the disk naming an S that has no map; without the
+//! second, a finished S could sit beside an original that still owns the same clusters.
 
 use crate::blob::{Blob, BlobOptions};
 use crate::error::{BlobError, Result};
 use crate::format::descriptor::{FLAG_INTERNAL_XATTR, FLAG_READ_ONLY, FLAG_THIN_PROV};
 use crate::meta::{XATTR_SNAPSHOT, XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING};
+use crate::persist::Deps;
 use crate::store::Blobstore;
 
 impl Blobstore {
@@ -25,7 +31,10 @@ impl Blobstore {
     pub async fn create_snapshot(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
         self.check_md_thread()?;
         let orig = self.open_blob(id).await?;
-        let result = self.snapshot_of(&orig, xattrs).await;
+        let result = match orig.state.begin_op("snapshot") {
+            Ok(_op) => self.snapshot_of(&orig, xattrs).await,
+            Err(err) => Err(err),
+        };
         let closed = orig.close().await;
         let snapshot = result?;
         closed?;
@@ -96,10 +105,11 @@ impl Blobstore {
         }
         snap.state.mark_changed();
         snap.state.publish_map();
-        if let Err(err) = crate::persist::persist(self, &snap.state).await {
-            return Err((err, false));
+        match crate::persist::persist_outcome(self, &snap.state, crate::persist::Deps::Own).await {
+            Err(err) => return Err((err, false)),
+            Ok(late) => warn_late(snap_id, "snapshot map", late),
         }
-        // The original becomes a thin clone of S with an empty map.
+        // The original becomes a thin clone of S with an empty map, once S is durable.
         let saved = orig.state.meta.borrow().clone();
         {
             let mut om = orig.state.meta.borrow_mut();
@@ -113,10 +123,14 @@ impl Blobstore {
         }
         orig.state.mark_changed();
         orig.state.dirty_extent_pages.borrow_mut().clear();
-        if let Err(err) = crate::persist::persist(self, &orig.state).await {
-            *orig.state.meta.borrow_mut() = saved;
-            snap.state.meta.borrow_mut().extent_pages.clear();
-            return Err((err, false));
+        match crate::persist::persist_after_all(self, &orig.state).await {
+            Err(err) => {
+                *orig.state.meta.borrow_mut() = saved;
+                orig.state.mark_changed();
+                snap.state.meta.borrow_mut().extent_pages.clear();
+                return Err((err, false));
+            }
+            Ok(late) => warn_late(orig.id(), "snapshot's original", late),
         }
         // In memory: the parent handle moves to S, the original reads through S.
         let moved_parent = orig.state.replace_parent(Some(snap.reopen()));
@@ -127,20 +141,24 @@ impl Blobstore {
             self.link_clone(parent, snap_id);
         }
         self.link_clone(snap_id, orig.id());
-        // Finish S: no longer pending, read-only.
+        // Finish S once the original is durable: no longer pending, read-only.
         {
             let mut sm = snap.state.meta.borrow_mut();
             sm.remove_xattr(true, XATTR_SNAPSHOT_PENDING.as_bytes());
             sm.flags.data_ro |= FLAG_READ_ONLY;
         }
         snap.state.mark_changed();
-        crate::persist::persist(self, &snap.state)
-            .await
-            .map_err(|err| (err, true))?;
-        snap.state.data_ro.set(true);
-        snap.state.md_ro.set(true);
-        snap.state.io.set_data_ro(true);
-        Ok(())
+        match crate::persist::persist_after_all(self, &snap.state).await {
+            // The load-time repair finishes S (the original names it on disk).
+            Err(err) => Err((err, true)),
+            Ok(late) => {
+                warn_late(snap_id, "finished snapshot", late);
+                snap.state.data_ro.set(true);
+                snap.state.md_ro.set(true);
+                snap.state.io.set_data_ro(true);
+                Ok(())
+            }
+        }
     }
 
     /// Deletes a half-made snapshot's own metadata pages only: its cluster map and extent
@@ -190,6 +208,14 @@ impl Blobstore {
     }
 }
 
+/// Logs a failure that came after a persist's commit point: the operation goes on (its
+/// state is what the blob is now); what it released waits for the next successful flush.
+fn warn_late(id: u64, what: &str, late: Option<BlobError>) {
+    if let Some(err) = late {
+        tracing::warn!(blob = format!("{id:#x}"), %err, "{what}: committed, but a step after the commit failed");
+    }
+}
+
 impl Blobstore {
     /// Inflates blob `id`: every cluster it does not own is allocated and filled with what it
     /// showed (its parent's data, or zeros); it then has no parent and is thick. A thick blob
@@ -208,7 +234,13 @@ impl Blobstore {
     async fn take_over_clusters(&self, id: u64, all: bool) -> Result<()> {
         self.check_md_thread()?;
         let blob = self.open_blob(id).await?;
-        let result = self.take_over_open(&blob, all).await;
+        let result = match blob
+            .state
+            .begin_op(if all { "inflate" } else { "decouple" })
+        {
+            Ok(_op) => self.take_over_open(&blob, all).await,
+            Err(err) => Err(err),
+        };
         let closed = blob.close().await;
         result?;
         closed
@@ -263,29 +295,46 @@ impl Blobstore {
             Some(g) => Some(self.open_blob(g).await?),
             None => None,
         };
-        self.unlink_clone(id);
+        let saved = blob.state.meta.borrow().clone();
         {
             let mut meta = blob.state.meta.borrow_mut();
             match grandparent {
-                Some(g) => meta.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &g.to_le_bytes())?,
+                Some(g) => meta.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &g.to_le_bytes()),
                 None => {
                     meta.remove_xattr(true, XATTR_SNAPSHOT.as_bytes());
+                    Ok(())
                 }
-            }
+            }?;
             if all {
                 meta.flags.invalid &= !FLAG_THIN_PROV;
             }
         }
         let old_parent = blob.state.replace_parent(new_parent);
+        blob.state.mark_changed();
+        // The root follows a flush of the extent pages the touches rewrote in place.
+        let persisted = crate::persist::persist_outcome(self, &blob.state, Deps::Own).await;
+        if let Err(err) = persisted {
+            // Not committed: the blob keeps its parent (on disk and in memory).
+            *blob.state.meta.borrow_mut() = saved;
+            blob.state.mark_changed();
+            let new_parent = blob.state.replace_parent(old_parent);
+            if let Some(new_parent) = new_parent {
+                let _ = new_parent.close().await;
+            }
+            return Err(err);
+        }
+        self.unlink_clone(id);
         if let Some(g) = grandparent {
             self.link_clone(g, id);
         }
-        blob.state.mark_changed();
-        crate::persist::persist(self, &blob.state).await?;
-        if let Some(old) = old_parent {
-            old.close().await?;
+        let closed = match old_parent {
+            Some(old) => old.close().await,
+            None => Ok(()),
+        };
+        match persisted {
+            Ok(Some(late)) => Err(late),
+            _ => closed,
         }
-        Ok(())
     }
 }
 
@@ -305,11 +354,16 @@ impl Blobstore {
                 "snapshot {snap_id:#x} or its clone {clone_id:#x} is open elsewhere"
             )));
         }
-        let result = self.merge_open(&snap, &clone).await;
+        let result = match (clone.state.begin_op("merge"), snap.state.begin_op("merge")) {
+            (Ok(_a), Ok(_b)) => self.merge_open(&snap, &clone).await,
+            (Err(err), _) | (_, Err(err)) => Err(err),
+        };
         match result {
             Ok(()) => {
-                clone.close().await?;
-                self.delete_open(snap).await
+                let closed = clone.close().await;
+                // The snapshot's root goes only once the clone's new root is durable.
+                let deleted = self.delete_open_with(snap, Deps::All).await;
+                deleted.and(closed)
             }
             Err(err) => {
                 let _ = snap.close().await;
@@ -320,7 +374,7 @@ impl Blobstore {
     }
 
     async fn merge_open(&self, snap: &Blob, clone: &Blob) -> Result<()> {
-        let (snap_id, clone_id) = (snap.id(), clone.id());
+        let clone_id = clone.id();
         snap.state.meta.borrow_mut().set_xattr(
             true,
             XATTR_SNAPSHOT_REMOVING.as_bytes(),
@@ -330,7 +384,28 @@ impl Blobstore {
         crate::persist::persist(self, &snap.state).await?;
         let io = clone.io();
         crate::freeze::freeze(self, &io).await?;
+        let merged = self.merge_frozen(snap, clone).await;
+        let thawed = crate::freeze::unfreeze(self, &io).await;
+        let taken = merged?;
+        // The snapshot keeps only what the clone did not take; deleting it frees that.
+        {
+            let mut sm = snap.state.meta.borrow_mut();
+            for &index in &taken {
+                sm.clusters[index] = 0;
+            }
+        }
+        thawed
+    }
+
+    /// The clone takes the snapshot's clusters and parent (with its I/O frozen); returns the
+    /// cluster indexes it took. On error before the commit nothing changed.
+    async fn merge_frozen(&self, snap: &Blob, clone: &Blob) -> Result<Vec<usize>> {
+        let (snap_id, clone_id) = (snap.id(), clone.id());
         let grand = snap.parent_id();
+        let new_parent = match grand {
+            Some(g) => Some(self.open_blob(g).await?),
+            None => None,
+        };
         let saved = clone.state.meta.borrow().clone();
         let taken = {
             let sm = snap.state.meta.borrow();
@@ -343,28 +418,41 @@ impl Blobstore {
                     taken.push(index);
                 }
             }
-            match grand {
-                Some(g) => cm.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &g.to_le_bytes())?,
+            let repointed = match grand {
+                Some(g) => cm.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &g.to_le_bytes()),
                 None => {
                     cm.remove_xattr(true, XATTR_SNAPSHOT.as_bytes());
+                    Ok(())
                 }
+            };
+            repointed.map(|()| taken)
+        };
+        let persisted = match taken {
+            Ok(indexes) => {
+                for &index in &indexes {
+                    clone.state.touch_clusters(index..index + 1);
+                }
+                clone.state.mark_changed();
+                // The SNAPRM mark must be durable before the clone's new root.
+                crate::persist::persist_after_all(self, &clone.state)
+                    .await
+                    .map(|late| (indexes, late))
             }
-            taken
+            Err(err) => Err(err),
         };
-        for &index in &taken {
-            clone.state.touch_clusters(index..index + 1);
-        }
-        clone.state.mark_changed();
-        if let Err(err) = crate::persist::persist(self, &clone.state).await {
-            *clone.state.meta.borrow_mut() = saved;
-            crate::freeze::unfreeze(self, &io).await?;
-            return Err(err);
-        }
+        let (taken, late) = match persisted {
+            Ok(done) => done,
+            Err(err) => {
+                *clone.state.meta.borrow_mut() = saved;
+                clone.state.mark_changed();
+                if let Some(new_parent) = new_parent {
+                    let _ = new_parent.close().await;
+                }
+                return Err(err);
+            }
+        };
+        warn_late(clone_id, "merged clone", late);
         // Committed: the clone owns the clusters and reads through the grandparent.
-        let new_parent = match grand {
-            Some(g) => Some(self.open_blob(g).await?),
-            None => None,
-        };
         let old_parent = clone.state.replace_parent(new_parent);
         clone.state.publish_map();
         self.unlink_clone(clone_id);
@@ -372,16 +460,42 @@ impl Blobstore {
         if let Some(g) = grand {
             self.link_clone(g, clone_id);
         }
-        crate::freeze::unfreeze(self, &io).await?;
-        // The snapshot keeps only what the clone did not take; deleting it frees that.
-        {
-            let mut sm = snap.state.meta.borrow_mut();
-            for &index in &taken {
-                sm.clusters[index] = 0;
-            }
-        }
         if let Some(old) = old_parent {
             old.close().await?;
+        }
+        Ok(taken)
+    }
+
+    /// A snapshot marked `SNAPRM` whose clone no longer reads through it (the merge
+    /// committed): forgets, in memory, the clusters the clone took, so that deleting it
+    /// frees only its own.
+    pub(crate) async fn forget_merged_clusters(&self, snap: &Blob) -> Result<()> {
+        let removing = snap
+            .state
+            .meta
+            .borrow()
+            .xattr(true, XATTR_SNAPSHOT_REMOVING.as_bytes())
+            .and_then(|value| <[u8; 8]>::try_from(value).ok())
+            .map(u64::from_le_bytes);
+        let Some(clone_id) = removing else {
+            return Ok(());
+        };
+        if self.parent_of(clone_id) == Some(snap.id()) {
+            return Ok(()); // the merge never committed
+        }
+        let clone_clusters = match self.open_blob(clone_id).await {
+            Ok(clone) => {
+                let map = clone.cluster_map();
+                clone.close().await?;
+                map
+            }
+            Err(_) => Vec::new(),
+        };
+        let mut sm = snap.state.meta.borrow_mut();
+        for (index, slot) in sm.clusters.iter_mut().enumerate() {
+            if *slot != 0 && clone_clusters.get(index) == Some(slot) {
+                *slot = 0;
+            }
         }
         Ok(())
     }
@@ -450,23 +564,8 @@ pub(crate) async fn repair_interrupted_merges(
             ));
             continue;
         }
-        let clone_clusters = match store.open_blob(clone_id).await {
-            Ok(clone) => {
-                let map = clone.cluster_map();
-                clone.close().await?;
-                map
-            }
-            Err(_) => Vec::new(),
-        };
+        // Deleting it forgets the clusters the clone took first (forget_merged_clusters).
         let snap = store.open_blob(snap_id).await?;
-        {
-            let mut sm = snap.state.meta.borrow_mut();
-            for (index, slot) in sm.clusters.iter_mut().enumerate() {
-                if *slot != 0 && clone_clusters.get(index) == Some(slot) {
-                    *slot = 0;
-                }
-            }
-        }
         store.unlink_clone(snap_id);
         store.delete_open(snap).await?;
         done.push(format!(

@@ -3,7 +3,11 @@
 //! twice, no cluster is leaked, and the data written before the operation reads back.
 //! Method: each operation runs under the simulation on the crash bdev; for every k, the
 //! power is cut once the operation's k-th write has completed, keeping a seeded subset of the
-//! writes not yet flushed; the image is loaded and checked. A storm of thin writes with
+//! writes not yet flushed; the image is loaded and checked. Each cut point is tried with
+//! eight subsets (`SUBSETS_PER_CUT`: keep all, keep none, and six where each pending write
+//! survives or not on its own, from the seed and its index); `SPOOL_CRASH_SUBSETS=N` tries
+//! more. `the_harness_catches_a_missing_flush` plants the bug (a store that skips its
+//! ordering flushes) and requires the checks to fail. A storm of thin writes with
 //! flushes is cut at seeded points: every write acknowledged before the last completed flush
 //! reads back.
 
@@ -20,6 +24,9 @@ use spool_blob::{BlobOptions, Blobstore, InitOptions, LoadOptions};
 use spool_reactor::{Sim, SimOptions};
 
 const CLUSTER: u64 = 64 << 10;
+/// Xattr of a blob an operation makes: the io_units (u64 LE each) it writes; all others
+/// must read zeros after any cut.
+const ZEROS_EXCEPT: &str = "crash.zeros_except";
 const DEVICE: u64 = 8 << 20;
 
 type Op = fn(Blobstore, Ids) -> Pin<Box<dyn Future<Output = ()>>>;
@@ -101,8 +108,11 @@ fn expected(ids: Ids, id: u64) -> Vec<(usize, Vec<u8>)> {
         vec![(0, pattern(1, 2 * cluster))]
     } else if id == ids.b {
         vec![(cluster, pattern(2, cluster))]
-    } else if id == ids.c || id == ids.s {
+    } else if id == ids.s {
         vec![(0, pattern(3, cluster))]
+    } else if id == ids.c {
+        // The last 4 KiB is what the copy-on-write test writes.
+        vec![(0, pattern(3, cluster - 4096))]
     } else {
         Vec::new() // a blob the operation made: its content is checked by its own tests
     }
@@ -130,6 +140,22 @@ fn check(image: Vec<u8>, ids: Ids, what: &str) -> usize {
                     owned.insert(u64::from(cluster)),
                     "{what}: cluster {cluster} owned twice"
                 );
+            }
+            if let Some(listed) = blob.xattr(ZEROS_EXCEPT) {
+                // A blob the operation made: every unit it did not write reads zeros (never a
+                // released cluster's old data).
+                let skip: Vec<u64> = listed
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                let units = blob.num_clusters() * CLUSTER / 4096;
+                for unit in (0..units).filter(|u| !skip.contains(u)) {
+                    let back = read(&channel, &blob.io(), unit, 4096).await;
+                    assert!(
+                        back.iter().all(|&b| b == 0),
+                        "{what}: blob {id:#x} unit {unit} shows old data instead of zeros"
+                    );
+                }
             }
             for (at, data) in expected(ids, id) {
                 if (at + data.len()) as u64 <= blob.num_clusters() * CLUSTER {
@@ -184,13 +210,7 @@ fn run_op(base: &[u8], ids: Ids, op: Op, k: Option<u64>, seed: u64) -> (Vec<u8>,
         let base_count = start.load(std::sync::atomic::Ordering::SeqCst);
         if let Some(k) = k {
             if base_count != u64::MAX && bdev.completed_writes() >= base_count + k {
-                let mut rng = fastrand::Rng::with_seed(seed);
-                let mode = rng.u8(0..3);
-                cut = Some(bdev.cut_power(|_| match mode {
-                    0 => true,
-                    1 => false,
-                    _ => fastrand::Rng::with_seed(seed).bool(),
-                }));
+                cut = Some(bdev.cut_power(|write| survives(seed, write.index)));
                 break;
             }
         }
@@ -210,21 +230,68 @@ fn run_op(base: &[u8], ids: Ids, op: Op, k: Option<u64>, seed: u64) -> (Vec<u8>,
     (image, writes)
 }
 
-fn crash_everywhere(name: &str, op: Op) {
+/// Whether pending write `index` reaches the media at a cut made with `seed`: seeds that are
+/// 0 or 1 mod [`SUBSETS_PER_CUT`] keep every pending write or none; the others decide each
+/// write on its own, from the seed and the write's index.
+fn survives(seed: u64, index: u64) -> bool {
+    match seed % SUBSETS_PER_CUT {
+        0 => true,
+        1 => false,
+        _ => {
+            let mixed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17)
+                ^ index.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+            fastrand::Rng::with_seed(mixed).bool()
+        }
+    }
+}
+
+/// Subsets tried at each cut point: keep all, keep none, and six per-write random subsets.
+/// `SPOOL_CRASH_SUBSETS` raises it for a soak.
+const SUBSETS_PER_CUT: u64 = 8;
+
+fn subsets_per_cut() -> u64 {
+    std::env::var("SPOOL_CRASH_SUBSETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(SUBSETS_PER_CUT, |n: u64| n.max(SUBSETS_PER_CUT))
+}
+
+/// Runs `op` to completion, then once per cut point and subset; returns the failures
+/// (`what` and the panic message) instead of stopping at the first.
+fn crash_failures(name: &str, op: Op) -> Vec<String> {
     let (base, ids) = base_image();
     let (complete, writes) = run_op(&base, ids, op, None, 0);
     check(complete, ids, &format!("{name}: completed"));
     assert!(writes > 0, "{name}: the operation wrote nothing");
+    let mut failures = Vec::new();
     for k in 0..writes {
-        for seed in 0..3u64 {
-            let (image, _) = run_op(&base, ids, op, Some(k), seed * 7 + k);
-            check(
-                image,
-                ids,
-                &format!("{name}: cut after write {k} (seed {})", seed * 7 + k),
-            );
+        for n in 0..subsets_per_cut() {
+            // Subset n of cut k: the seed's residue picks the kind of subset.
+            let seed = k * 1_000 + n;
+            let (image, _) = run_op(&base, ids, op, Some(k), seed);
+            let what = format!("{name}: cut after write {k} (seed {seed})");
+            let outcome = std::panic::catch_unwind(|| check(image, ids, &what));
+            if let Err(panic) = outcome {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                failures.push(message);
+            }
         }
     }
+    failures
+}
+
+fn crash_everywhere(name: &str, op: Op) {
+    let failures = crash_failures(name, op);
+    assert!(
+        failures.is_empty(),
+        "{} failing cut(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -322,6 +389,114 @@ fn thin_allocation() {
     });
 }
 
+#[test]
+fn clone_copy_on_write() {
+    // C reads cluster 0 through S: its first write there copies S's cluster, then maps it.
+    crash_everywhere("clone copy-on-write", |store, ids| {
+        Box::pin(async move {
+            clone_writes(store, ids).await;
+        })
+    });
+}
+
+/// C's first write to its cluster 1 (zero-filled; gives C an extent page), then to its
+/// cluster 0 (a copy of S's cluster; the extent page is rewritten in place).
+async fn clone_writes(store: Blobstore, ids: Ids) {
+    let blob = store.open_blob(ids.c).await.unwrap();
+    let channel = store.channel().unwrap();
+    for unit in [16u64, 15] {
+        channel
+            .write(&blob.io(), unit, buf_of(&pattern(9, 4096)))
+            .await
+            .0
+            .unwrap();
+    }
+    drop(channel);
+    blob.close().await.unwrap();
+}
+
+#[test]
+fn released_clusters_reused() {
+    crash_everywhere("released clusters reused", |store, ids| {
+        Box::pin(async move {
+            reuse_released(store, ids).await;
+        })
+    });
+}
+
+/// A new thin blob X gets an extent page (its cluster 1 written); A's clusters are
+/// released (unmapped); X's cluster 0 then takes one of them, writing only its data where
+/// the unmap promised zeros, and rewrites its extent page in place.
+async fn reuse_released(store: Blobstore, ids: Ids) {
+    let written = [17u64, 1];
+    let id = store
+        .create_blob(&BlobOptions {
+            num_clusters: 2,
+            thin: true,
+            xattrs: vec![(
+                ZEROS_EXCEPT.into(),
+                written.iter().flat_map(|u| u.to_le_bytes()).collect(),
+            )],
+            ..BlobOptions::default()
+        })
+        .await
+        .unwrap();
+    let x = store.open_blob(id).await.unwrap();
+    let channel = store.channel().unwrap();
+    for (n, unit) in written.into_iter().enumerate() {
+        if n == 1 {
+            let a = store.open_blob(ids.a).await.unwrap();
+            a.resize(0).await.unwrap();
+            a.close().await.unwrap();
+        }
+        channel
+            .write(&x.io(), unit, buf_of(&pattern(9, 4096)))
+            .await
+            .0
+            .unwrap();
+    }
+    drop(channel);
+    x.close().await.unwrap();
+}
+
+#[test]
+fn the_harness_catches_a_missing_flush() {
+    // The self-test: a store that skips its ordering flushes must fail these checks.
+    type Planted = (&'static str, Op);
+    let planted: [Planted; 3] = [
+        ("snapshot", |store, ids| {
+            Box::pin(async move {
+                store.testing_skip_ordering_flushes(true);
+                store.create_snapshot(ids.b, &[]).await.unwrap();
+            })
+        }),
+        ("clone copy-on-write", |store, ids| {
+            Box::pin(async move {
+                store.testing_skip_ordering_flushes(true);
+                clone_writes(store, ids).await;
+            })
+        }),
+        ("delete with merge", |store, ids| {
+            Box::pin(async move {
+                store.testing_skip_ordering_flushes(true);
+                store.delete_blob(ids.s).await.unwrap();
+            })
+        }),
+    ];
+    for (name, op) in planted {
+        let failures = crash_failures(&format!("{name} without its flushes"), op);
+        assert!(
+            !failures.is_empty(),
+            "{name}: the harness did not catch the skipped ordering flushes"
+        );
+        eprintln!(
+            "{name} without its flushes: {} failing cut(s), e.g. {}",
+            failures.len(),
+            failures[0]
+        );
+    }
+}
+
 /// What the storm's writers report: the blob, each acknowledged write `(unit, seed)` in ack
 /// order, and how many of those a completed flush covers.
 #[derive(Default)]
@@ -396,8 +571,7 @@ fn a_storm_of_thin_writes_cut_at_random_points() {
         while steps < cut_at && handle.try_take().is_none() && sim.step() {
             steps += 1;
         }
-        let keep = fastrand::Rng::with_seed(seed ^ 0xABCD);
-        let image = bdev.cut_power(|_| keep.clone().bool());
+        let image = bdev.cut_power(|write| survives(seed ^ 0xABCD, write.index));
         sim.stop();
         let (blob, acked, flushed) = {
             let log = log.lock().unwrap();

@@ -135,7 +135,8 @@ impl Blobstore {
             block.encode()
         };
         write_bytes(&self.inner.md_channel, 0, &page).await?;
-        flush(&self.inner.md_channel).await
+        self.inner.durability.wrote();
+        self.flush_md().await
     }
 
     /// Before the first metadata change after a clean load: clears the on-disk clean flag.
@@ -242,8 +243,15 @@ impl Blobstore {
         self.check_md_thread()?;
         self.refuse_if_blobs_open("unload")?;
         let _guard = self.inner.super_lock.lock().await;
+        // Releases still waiting for a flush are free once this one completes: the masks
+        // must show them free.
+        self.flush_md().await?;
         self.write_masks().await?;
-        flush(&self.inner.md_channel).await?;
+        self.flush_md().await?;
+        // From the moment clean = 1 may be on disk, the next metadata change must clear it:
+        // if this write or its flush fails, the store stays usable and `mark_dirty` rewrites
+        // clean = 0 first.
+        self.inner.state.borrow_mut().clean_on_disk = true;
         self.write_super(1).await?;
         self.finish();
         Ok(())

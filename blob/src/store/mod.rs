@@ -9,6 +9,7 @@
 //! on another reactor returns [`BlobError::WrongThread`]. What I/O reactors need (geometry,
 //! the used-cluster map, the device) lives in the `Send + Sync` [`StoreShared`].
 
+pub(crate) mod durability;
 mod lifecycle;
 mod load;
 pub(crate) mod md_io;
@@ -169,6 +170,8 @@ pub(crate) struct StoreInner {
     pub(crate) state: RefCell<MdState>,
     /// Serialises super-block writes (the dirty mark, set_super, unload).
     pub(crate) super_lock: crate::sync::LocalMutex,
+    /// Which metadata writes are durable, and releases waiting for a flush.
+    pub(crate) durability: durability::Durability,
 }
 
 /// An open blobstore. Cheap to clone; lives on the metadata reactor (not `Send`).
@@ -389,7 +392,64 @@ impl Blobstore {
             md_thread: std::thread::current().id(),
             state: RefCell::new(state),
             super_lock: crate::sync::LocalMutex::default(),
+            durability: durability::Durability::default(),
         }))
+    }
+}
+
+impl Blobstore {
+    /// Flushes the metadata channel. On success every metadata write completed before it is
+    /// durable, and the releases waiting for such a flush are handed back.
+    pub(crate) async fn flush_md(&self) -> Result<()> {
+        let durability = &self.inner.durability;
+        let (number, covers) = durability.flush_started();
+        md_io::flush(&self.inner.md_channel).await?;
+        for release in durability.flush_done(number, covers) {
+            self.apply_release(release);
+        }
+        Ok(())
+    }
+
+    /// The ordering barrier: a flush, so that no write issued after it can become durable
+    /// before the writes completed before it (skipped only by the crash harness's self-test).
+    pub(crate) async fn barrier(&self) -> Result<()> {
+        if self.inner.durability.skip_barriers.get() {
+            return Ok(());
+        }
+        self.flush_md().await
+    }
+
+    /// Gives `release` back to the free pool now (the caller knows the write that dropped it
+    /// is durable).
+    pub(crate) fn apply_release(&self, release: durability::Release) {
+        match release {
+            durability::Release::Cluster { cluster, unmapped } => {
+                if unmapped && self.shared().desc_reads_zeroes {
+                    self.shared().zeroed.set(u64::from(cluster));
+                }
+                self.shared().release_cluster(cluster);
+            }
+            durability::Release::MdPage(page) => {
+                self.inner
+                    .state
+                    .borrow_mut()
+                    .used_md_pages
+                    .clear(u64::from(page));
+            }
+        }
+    }
+
+    /// Test support: skip every ordering flush, as a store with the ordering bug would (the
+    /// crash harness must catch it).
+    #[doc(hidden)]
+    pub fn testing_skip_ordering_flushes(&self, skip: bool) {
+        self.inner.durability.skip_barriers.set(skip);
+    }
+
+    /// Clusters and md pages waiting for a flush before they return to the free pool (after
+    /// a flush failed past an operation's commit point); the next successful flush frees them.
+    pub fn releases_waiting_for_flush(&self) -> usize {
+        self.inner.durability.queued_len()
     }
 }
 
