@@ -446,12 +446,19 @@ impl Blob {
         }
     }
 
-    /// Gives this handle back: persists if dirty (on failure the blob stays open and the
-    /// error is returned), and frees the blob when the last handle is closed.
+    /// Gives this handle back: persists if dirty (if that does not commit, the blob stays
+    /// open and the error is returned), and frees the blob when the last handle is closed
+    /// (then an error from a step after the commit is returned too).
     pub async fn close(self) -> Result<()> {
         self.store.check_md_thread()?;
+        let mut late = None;
         if self.state.dirty.get() && !self.state.md_ro.get() {
-            crate::persist::persist(&self.store, &self.state).await?;
+            late = crate::persist::persist_outcome(
+                &self.store,
+                &self.state,
+                crate::persist::Deps::Own,
+            )
+            .await?;
         }
         let refs = self.state.open_ref.get();
         self.state.open_ref.set(refs.saturating_sub(1));
@@ -468,7 +475,7 @@ impl Blob {
                 Box::pin(parent.close()).await?;
             }
         }
-        Ok(())
+        late.map_or(Ok(()), Err)
     }
 }
 

@@ -89,11 +89,18 @@ impl Blobstore {
         let state = BlobState::new(meta, Vec::new(), io);
         state.mark_changed();
         crate::resize::resize(self, &state, options.num_clusters)?;
-        if let Err(err) = crate::persist::persist(self, &state).await {
-            crate::resize::release_all(self, &state);
-            return Err(err);
+        match crate::persist::persist_outcome(self, &state, crate::persist::Deps::Own).await {
+            Err(err) => {
+                crate::resize::release_all(self, &state);
+                Err(err)
+            }
+            Ok(late) => {
+                if let Some(err) = late {
+                    tracing::warn!(blob = format!("{id:#x}"), %err, "created, but a step after the commit failed");
+                }
+                Ok(state)
+            }
         }
-        Ok(state)
     }
 
     /// Opens blob `id`: the same in-memory blob (refcount + 1) if it is open or being
@@ -257,6 +264,7 @@ impl Blobstore {
     /// Its metadata pages are zeroed (root first) and its clusters released.
     pub async fn delete_blob(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
+        self.drain_releases().await?;
         let clones = self.clones_of(id);
         if clones.len() == 1 {
             // SPDK 19.07 and later: a snapshot with one clone is merged into it.

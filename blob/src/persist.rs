@@ -63,10 +63,19 @@ pub(crate) async fn persist_outcome(store: &Blobstore, state: &BlobState, deps: 
 
 async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Outcome {
     let _guard = state.persist_lock.lock().await;
+    // Releases an earlier failed flush held back are freed by this one (a retry frees them
+    // even when it has nothing else to write).
+    if let Err(err) = store.drain_releases().await {
+        undo_inserts(state);
+        return Err(err);
+    }
     if !state.dirty.get() {
         return Ok(None);
     }
-    store.mark_dirty().await?;
+    if let Err(err) = store.mark_dirty().await {
+        undo_inserts(state);
+        return Err(err);
+    }
     let geometry = store.geometry().clone();
     let root = blobid_to_page(state.id).ok_or(BlobError::NoSuchBlob(state.id))?;
     // Plan: claim pages, encode everything, while holding no borrow across an await.
@@ -78,6 +87,7 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
         Err(err) => {
             give_back_fresh_extent_pages(state, &fresh);
             release_md_pages(store, &claimed);
+            undo_inserts(state);
             return Err(err);
         }
     };
@@ -144,6 +154,21 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
     stale.extend(plan.replaced_extent_pages.iter().map(|&(_, old)| old));
     let clusters: Vec<u32> = state.pending_release.borrow_mut().drain(..).collect();
     Ok(finish_releases(store, &stale, stale.clone(), clusters).await)
+}
+
+/// Takes the thin inserts waiting for a persist out of the map (their writers release the
+/// clusters and fail): for a persist that fails before it wrote anything.
+fn undo_inserts(state: &BlobState) {
+    let inserted: Vec<(usize, u32)> = std::mem::take(&mut *state.unpublished.borrow_mut());
+    if inserted.is_empty() {
+        return;
+    }
+    let mut meta = state.meta.borrow_mut();
+    for (index, cluster) in inserted {
+        if meta.clusters.get(index) == Some(&cluster) {
+            meta.clusters[index] = 0;
+        }
+    }
 }
 
 /// Undoes what a persist that did not commit changed in memory: the thin inserts it carried
@@ -413,6 +438,7 @@ fn plan_writes(
 /// then waits for the next successful flush).
 pub(crate) async fn delete(store: &Blobstore, state: &BlobState, deps: Deps) -> Outcome {
     let _guard = state.persist_lock.lock().await;
+    store.drain_releases().await?;
     store.mark_dirty().await?;
     let geometry = store.geometry().clone();
     let root = blobid_to_page(state.id).ok_or(BlobError::NoSuchBlob(state.id))?;
@@ -524,6 +550,11 @@ async fn wait_for_persist(store: &Blobstore, state: &BlobState) -> std::result::
         state.persisted.wait().await;
         Ok(())
     } else {
-        persist(store, state).await.map_err(|err| err.errno())
+        // A failure after the commit point still committed the inserts it carried: the
+        // caller sees them durable (`durable_seq`) and keeps its cluster.
+        persist_outcome(store, state, Deps::Own)
+            .await
+            .map(|_| ())
+            .map_err(|err| err.errno())
     }
 }

@@ -12,175 +12,20 @@
 //! reads back.
 
 mod common;
+mod cuts;
 
-use std::collections::BTreeSet;
+use cuts::{base_image, check, run_sim, Ids, ZEROS_EXCEPT};
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use common::{buf_of, create_thick, create_thin, pattern, read};
 use spool_bdev::{Bdev, BdevDesc, CrashBdev, MallocBdev};
-use spool_blob::{BlobOptions, Blobstore, InitOptions, LoadOptions};
+use spool_blob::{BlobOptions, Blobstore, LoadOptions};
 use spool_reactor::{Sim, SimOptions};
 
-const CLUSTER: u64 = 64 << 10;
-/// Xattr of a blob an operation makes: the io_units (u64 LE each) it writes; all others
-/// must read zeros after any cut.
-const ZEROS_EXCEPT: &str = "crash.zeros_except";
-const DEVICE: u64 = 8 << 20;
-
 type Op = fn(Blobstore, Ids) -> Pin<Box<dyn Future<Output = ()>>>;
-
-/// The blobs the base image holds: A thick (2 clusters, pattern 1), B thin (4 clusters,
-/// cluster 1 written with pattern 2), S a snapshot of C, C a clone (C's cluster 0 written).
-#[derive(Debug, Clone, Copy)]
-struct Ids {
-    a: u64,
-    b: u64,
-    s: u64,
-    c: u64,
-}
-
-fn run_sim<F, Fut, T>(seed: u64, make: F) -> T
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = T> + 'static,
-    T: Send + 'static,
-{
-    let mut sim = Sim::new(SimOptions { seed, reactors: 1 });
-    let reactor = sim.reactors()[0];
-    let out = sim.block_on(reactor, make).unwrap();
-    sim.stop();
-    out
-}
-
-fn base_image() -> (Vec<u8>, Ids) {
-    let bdev = Arc::new(MallocBdev::new("base", 4096, DEVICE / 4096).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
-    let ids = run_sim(1, move || async move {
-        let store = Blobstore::init(
-            desc,
-            &InitOptions {
-                cluster_size: CLUSTER,
-                ..InitOptions::default()
-            },
-        )
-        .await
-        .unwrap();
-        let channel = store.channel().unwrap();
-        let a = create_thick(&store, 2).await;
-        let blob = store.open_blob(a).await.unwrap();
-        channel
-            .write(&blob.io(), 0, buf_of(&pattern(1, 2 * CLUSTER as usize)))
-            .await
-            .0
-            .unwrap();
-        blob.close().await.unwrap();
-        let b = create_thin(&store, 4).await;
-        let blob = store.open_blob(b).await.unwrap();
-        channel
-            .write(&blob.io(), 16, buf_of(&pattern(2, CLUSTER as usize)))
-            .await
-            .0
-            .unwrap();
-        blob.close().await.unwrap();
-        let c = create_thin(&store, 2).await;
-        let blob = store.open_blob(c).await.unwrap();
-        channel
-            .write(&blob.io(), 0, buf_of(&pattern(3, CLUSTER as usize)))
-            .await
-            .0
-            .unwrap();
-        blob.close().await.unwrap();
-        let s = store.create_snapshot(c, &[]).await.unwrap();
-        drop(channel);
-        store.unload().await.unwrap();
-        Ids { a, b, s, c }
-    });
-    (bdev.snapshot(), ids)
-}
-
-/// The ranges each blob must read back (if it still exists): A's two clusters, B's cluster 1,
-/// C's (and S's) cluster 0, as the base image wrote them. Other ranges may have changed.
-fn expected(ids: Ids, id: u64) -> Vec<(usize, Vec<u8>)> {
-    let cluster = CLUSTER as usize;
-    if id == ids.a {
-        vec![(0, pattern(1, 2 * cluster))]
-    } else if id == ids.b {
-        vec![(cluster, pattern(2, cluster))]
-    } else if id == ids.s {
-        vec![(0, pattern(3, cluster))]
-    } else if id == ids.c {
-        // The last 4 KiB is what the copy-on-write test writes.
-        vec![(0, pattern(3, cluster - 4096))]
-    } else {
-        Vec::new() // a blob the operation made: its content is checked by its own tests
-    }
-}
-
-/// Loads `image` and checks the invariants; returns the number of blobs.
-fn check(image: Vec<u8>, ids: Ids, what: &str) -> usize {
-    let bdev = Arc::new(MallocBdev::from_image("check", 4096, &image).unwrap());
-    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>);
-    let what = what.to_string();
-    run_sim(2, move || async move {
-        let (store, _report) = Blobstore::load(desc, &LoadOptions::default())
-            .await
-            .unwrap_or_else(|err| panic!("{what}: the store does not load: {err}"));
-        let channel = store.channel().unwrap();
-        let mut owned: BTreeSet<u64> = BTreeSet::new();
-        let ids_now = store.blob_ids();
-        for &id in &ids_now {
-            let blob = store
-                .open_blob(id)
-                .await
-                .unwrap_or_else(|err| panic!("{what}: blob {id:#x} does not open: {err}"));
-            for cluster in blob.cluster_map().into_iter().filter(|&c| c != 0) {
-                assert!(
-                    owned.insert(u64::from(cluster)),
-                    "{what}: cluster {cluster} owned twice"
-                );
-            }
-            if let Some(listed) = blob.xattr(ZEROS_EXCEPT) {
-                // A blob the operation made: every unit it did not write reads zeros (never a
-                // released cluster's old data).
-                let skip: Vec<u64> = listed
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-                    .collect();
-                let units = blob.num_clusters() * CLUSTER / 4096;
-                for unit in (0..units).filter(|u| !skip.contains(u)) {
-                    let back = read(&channel, &blob.io(), unit, 4096).await;
-                    assert!(
-                        back.iter().all(|&b| b == 0),
-                        "{what}: blob {id:#x} unit {unit} shows old data instead of zeros"
-                    );
-                }
-            }
-            for (at, data) in expected(ids, id) {
-                if (at + data.len()) as u64 <= blob.num_clusters() * CLUSTER {
-                    let back = read(&channel, &blob.io(), at as u64 / 4096, data.len()).await;
-                    assert!(back == data, "{what}: blob {id:#x} lost data at byte {at}");
-                }
-            }
-            blob.close().await.unwrap();
-        }
-        let md = store.geometry().md_clusters;
-        let used: BTreeSet<u64> = store
-            .used_clusters()
-            .into_iter()
-            .filter(|&c| c >= md)
-            .collect();
-        assert_eq!(used, owned, "{what}: leaked (or unaccounted) clusters");
-        assert!(
-            ids_now.contains(&ids.a) && ids_now.contains(&ids.b),
-            "{what}: a blob vanished"
-        );
-        drop(channel);
-        store.unload().await.unwrap();
-        ids_now.len()
-    })
-}
 
 /// Runs `op` on a copy of `base`, cutting the power after its `k`-th write (None: never),
 /// keeping the pending writes `keep` picks. Returns the image and the op's write count.
@@ -353,6 +198,54 @@ fn resize() {
             blob.resize(5).await.unwrap();
             blob.sync_md().await.unwrap();
             blob.resize(2).await.unwrap();
+            blob.close().await.unwrap();
+        })
+    });
+}
+
+#[test]
+fn shrink_rle() {
+    // A one-page RLE chain has no stale page to zero: the shrink's clusters must still wait
+    // for the new size to be durable before anyone reuses them.
+    crash_everywhere("shrink rle", |store, _| {
+        Box::pin(async move {
+            let id = store
+                .create_blob(&BlobOptions {
+                    num_clusters: 4,
+                    form: spool_blob::ExtentForm::Rle,
+                    ..BlobOptions::default()
+                })
+                .await
+                .unwrap();
+            let blob = store.open_blob(id).await.unwrap();
+            let channel = store.channel().unwrap();
+            channel
+                .write(&blob.io(), 0, buf_of(&pattern(5, 4 * 65536)))
+                .await
+                .0
+                .unwrap();
+            channel.flush().await.unwrap();
+            blob.resize(1).await.unwrap();
+            blob.sync_md().await.unwrap();
+            drop(channel);
+            blob.close().await.unwrap();
+            // Reuse the released clusters at once, in a one-page root that needs no flush.
+            let other = store
+                .create_blob(&BlobOptions {
+                    num_clusters: 3,
+                    form: spool_blob::ExtentForm::Rle,
+                    ..BlobOptions::default()
+                })
+                .await
+                .unwrap();
+            let blob = store.open_blob(other).await.unwrap();
+            let channel = store.channel().unwrap();
+            channel
+                .write(&blob.io(), 0, buf_of(&pattern(6, 3 * 65536)))
+                .await
+                .0
+                .unwrap();
+            drop(channel);
             blob.close().await.unwrap();
         })
     });

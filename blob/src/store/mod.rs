@@ -410,6 +410,14 @@ impl Blobstore {
         Ok(())
     }
 
+    /// Frees the releases an earlier failed flush held back, with a flush, if there are any.
+    pub(crate) async fn drain_releases(&self) -> Result<()> {
+        if self.inner.durability.queued_len() == 0 {
+            return Ok(());
+        }
+        self.flush_md().await
+    }
+
     /// The ordering barrier: a flush, so that no write issued after it can become durable
     /// before the writes completed before it (skipped only by the crash harness's self-test).
     pub(crate) async fn barrier(&self) -> Result<()> {
