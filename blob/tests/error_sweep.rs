@@ -426,7 +426,8 @@ fn a_failed_unload_never_leaves_a_clean_flag_over_later_changes() {
         });
         let Some(made) = made else { continue };
         failed_unloads += 1;
-        for image in [crash.cut_power_keep_none()] {
+        {
+            let image = crash.cut_power_keep_none();
             let blobs = check(
                 image.clone(),
                 ids,
