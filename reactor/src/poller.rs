@@ -41,8 +41,9 @@ struct PollerEntry {
     poll: Box<dyn FnMut() -> PollStatus>,
 }
 
-/// The pollers of one reactor. Registration and removal made while the pollers run take
-/// effect at the end of that pass.
+/// The pollers of one reactor. A poller registered while the pollers run joins at the end of
+/// that pass; one unregistered then is skipped at once (as SPDK does) and dropped at the end
+/// of the pass.
 #[derive(Default)]
 pub(crate) struct PollerSet {
     entries: RefCell<Vec<PollerEntry>>,
@@ -60,6 +61,11 @@ impl PollerSet {
         self.polling.set(true);
         let mut status = PollersStatus::default();
         for entry in &mut entries {
+            // A poller unregistered earlier in this pass (its handle dropped by another
+            // poller, a timer or a message) must not run again: its owner has let go of it.
+            if self.is_removed(entry.id) {
+                continue;
+            }
             if entry.period_ns != 0 {
                 if now_ns < entry.next_run_ns {
                     continue;
@@ -86,6 +92,13 @@ impl PollerSet {
         );
         drop(removed_now);
         status
+    }
+
+    /// True when `id` was unregistered during the pass now running.
+    #[inline]
+    fn is_removed(&self, id: u64) -> bool {
+        let removed = self.removed.borrow();
+        !removed.is_empty() && removed.contains(&id)
     }
 
     /// Applies pending additions and removals; returns the removed entries so the caller can
