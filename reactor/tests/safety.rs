@@ -9,9 +9,22 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use spool_reactor::{poller_register, sleep, PollStatus, PollerHandle, ReactorId, Sim, SimOptions};
+use spool_reactor::{
+    poller_register, sleep, IdleMode, IoDevice, PollStatus, PollerHandle, ReactorError, ReactorId,
+    Runtime, RuntimeOptions, Sim, SimOptions,
+};
+
+fn one_reactor() -> Runtime {
+    Runtime::start(&RuntimeOptions {
+        cores: vec![0],
+        idle: IdleMode::Sleep,
+        pin: false,
+    })
+    .expect("runtime starts")
+}
 
 #[test]
 fn a_poller_unregistered_during_a_pass_is_skipped_at_once() {
@@ -59,4 +72,66 @@ fn a_poller_unregistered_during_a_pass_is_skipped_at_once() {
         closure_refs, 1,
         "the unregistered poller's closure was dropped"
     );
+}
+
+#[test]
+fn unregister_is_refused_while_a_channel_is_being_created() {
+    let runtime = one_reactor();
+    let entered = Arc::new(Barrier::new(2));
+    let release = Arc::new(Barrier::new(2));
+    let (create_entered, create_release) = (Arc::clone(&entered), Arc::clone(&release));
+    let device: IoDevice<u32> = IoDevice::register(
+        "held-create",
+        move |_| {
+            // Hold the create callback until the test thread has tried to unregister.
+            create_entered.wait();
+            create_release.wait();
+            Ok(7)
+        },
+        |_, _| {},
+    );
+    let on_reactor = device.clone();
+    let handle = runtime
+        .spawn_on(ReactorId(0), move || async move {
+            let channel = on_reactor.get_channel()?;
+            Ok::<u32, ReactorError>(*channel)
+        })
+        .unwrap();
+    entered.wait();
+    let unregistered = device.unregister();
+    release.wait();
+    let created = handle.wait().unwrap();
+    assert_eq!(
+        unregistered,
+        Err(ReactorError::DeviceBusy("held-create".into())),
+        "unregister returned while a channel was being created (the channel: {created:?})"
+    );
+    assert_eq!(created, Ok(7), "the creation in progress completes");
+    // Its channel dropped with the task: now the device unregisters, and refuses new ones.
+    assert_eq!(device.unregister(), Ok(()));
+    let after = device.clone();
+    let refused = runtime
+        .block_on(ReactorId(0), move || async move {
+            after.get_channel().map(|channel| *channel)
+        })
+        .unwrap();
+    assert_eq!(refused, Err(ReactorError::DeviceGone("held-create".into())));
+    assert_eq!(runtime.stop().leaked_channels, 0);
+}
+
+#[test]
+fn a_failed_channel_create_gives_its_reservation_back() {
+    let mut sim = Sim::new(SimOptions {
+        seed: 3,
+        reactors: 1,
+    });
+    let device: IoDevice<u32> = IoDevice::register("fails", |_| Err(-5), |_, _| {});
+    let on_reactor = device.clone();
+    let failed = sim
+        .block_on(ReactorId(0), move || async move {
+            on_reactor.get_channel().map(|channel| *channel)
+        })
+        .unwrap();
+    assert_eq!(failed.map_err(|err| err.errno()), Err(-5));
+    assert_eq!(device.unregister(), Ok(()), "nothing is left creating");
 }
