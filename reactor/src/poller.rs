@@ -72,7 +72,14 @@ impl PollerSet {
                 }
                 entry.next_run_ns = now_ns.saturating_add(entry.period_ns);
             }
-            match (entry.poll)() {
+            let poll = &mut entry.poll;
+            let Some(outcome) = crate::contain::contain(core, "poller", entry.name, poll) else {
+                // A panicking poller is unregistered: its state is suspect, and running it
+                // again would most likely panic again every pass.
+                self.removed.borrow_mut().push(entry.id);
+                continue;
+            };
+            match outcome {
                 PollStatus::Idle => {}
                 PollStatus::Waiting => status.waiting = true,
                 PollStatus::Busy => {
@@ -90,7 +97,9 @@ impl PollerSet {
             previous.is_empty(),
             "pollers registered behind the poll loop's back"
         );
-        drop(removed_now);
+        if !removed_now.is_empty() {
+            crate::contain::contain(core, "poller drop", "", move || drop(removed_now));
+        }
         status
     }
 

@@ -8,13 +8,15 @@
 //! that panic, followed by checks that later work on the same reactor still runs.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::{Arc, Barrier};
+use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
 use spool_reactor::{
-    poller_register, sleep, IdleMode, IoDevice, PollStatus, PollerHandle, ReactorError, ReactorId,
-    Runtime, RuntimeOptions, Sim, SimOptions,
+    poller_register, send_msg, sleep, spawn_local, spawn_on, stats, IdleMode, IoDevice, PollStatus,
+    PollerHandle, ReactorError, ReactorId, Runtime, RuntimeOptions, Sim, SimOptions, TraceKind,
 };
 
 fn one_reactor() -> Runtime {
@@ -133,5 +135,169 @@ fn a_failed_channel_create_gives_its_reservation_back() {
         })
         .unwrap();
     assert_eq!(failed.map_err(|err| err.errno()), Err(-5));
+    assert_eq!(device.unregister(), Ok(()), "nothing is left creating");
+}
+
+/// A waker whose wake panics: what a timer calls when its sleep is due.
+struct PanickingWaker;
+
+impl Wake for PanickingWaker {
+    fn wake(self: Arc<Self>) {
+        panic!("waker panics (expected by the test)");
+    }
+}
+
+/// Leaves a due-in-`after` timer on the calling reactor whose waker panics when it fires.
+fn leave_a_panicking_timer(after: Duration) {
+    let waker = Waker::from(Arc::new(PanickingWaker));
+    let mut context = Context::from_waker(&waker);
+    let mut sleeping = Box::pin(sleep(after));
+    assert!(sleeping.as_mut().poll(&mut context).is_pending());
+    // Keep the timer registered: the sleep must not be dropped (that would cancel it).
+    std::mem::forget(sleeping);
+}
+
+/// One of each panic the reactor must contain, then proof that everything still works on the
+/// reactor that took them: messages, spawns, pollers, timers and tasks. Returns what a
+/// panicking `spawn_on` constructor and a panicking spawned future reported.
+async fn panic_everywhere_then_check(target: ReactorId) -> (u32, u32) {
+    // A message closure.
+    send_msg(target, || panic!("message panics (expected by the test)")).unwrap();
+    // A spawn_on constructor, and a future it built.
+    let constructor = spawn_on(target, || -> std::future::Ready<u32> {
+        panic!("constructor panics (expected by the test)")
+    })
+    .unwrap()
+    .await;
+    assert_eq!(constructor, Err(ReactorError::Panicked(target)));
+    let future = spawn_on(target, || async {
+        spool_reactor::yield_now().await;
+        panic!("future panics (expected by the test)")
+    })
+    .unwrap()
+    .await
+    .map(|()| 0u32);
+    assert_eq!(future, Err(ReactorError::Panicked(target)));
+    // A poller (on its third call) and a timer's waker.
+    let checked = spawn_on(target, || async {
+        let calls = Rc::new(Cell::new(0u32));
+        let poller_calls = Rc::clone(&calls);
+        let panicking = poller_register("panics", None, move || {
+            poller_calls.set(poller_calls.get() + 1);
+            if poller_calls.get() == 3 {
+                panic!("poller panics (expected by the test)");
+            }
+            PollStatus::Idle
+        })
+        .unwrap();
+        leave_a_panicking_timer(Duration::from_micros(20));
+        let ticks = Rc::new(Cell::new(0u32));
+        let poller_ticks = Rc::clone(&ticks);
+        let _healthy = poller_register("healthy", None, move || {
+            poller_ticks.set(poller_ticks.get() + 1);
+            PollStatus::Idle
+        })
+        .unwrap();
+        sleep(Duration::from_millis(2)).await;
+        assert_eq!(
+            calls.get(),
+            3,
+            "the panicking poller is unregistered at once"
+        );
+        assert_eq!(stats().unwrap().pollers, vec!["healthy"]);
+        drop(panicking);
+        let before = ticks.get();
+        sleep(Duration::from_millis(1)).await;
+        assert!(ticks.get() > before, "the other poller still runs");
+        // Messages, local tasks and timers still work.
+        let (tx, rx) = std::sync::mpsc::channel();
+        send_msg(spool_reactor::reactor_id().unwrap(), move || {
+            tx.send(5).unwrap()
+        })
+        .unwrap();
+        let value = spawn_local(async { 7u32 }).await.unwrap();
+        sleep(Duration::from_micros(10)).await;
+        value + rx.try_recv().unwrap_or(0)
+    })
+    .unwrap()
+    .await
+    .unwrap();
+    (checked, 0)
+}
+
+#[test]
+fn panics_on_a_threaded_reactor_are_contained() {
+    let runtime = Runtime::start(&RuntimeOptions {
+        cores: if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+            vec![0, 1]
+        } else {
+            vec![0]
+        },
+        idle: IdleMode::Sleep,
+        pin: false,
+    })
+    .unwrap();
+    let target = *runtime.reactors().last().unwrap();
+    let (checked, _) = runtime
+        .block_on(ReactorId(0), move || panic_everywhere_then_check(target))
+        .unwrap();
+    assert_eq!(checked, 12);
+    // The reactor that took the panics still answers, and nothing leaked or died.
+    assert_eq!(runtime.block_on(target, || async { 42 }), Ok(42));
+    let report = runtime.stop();
+    assert!(report.panicked.is_empty(), "{report:?}");
+    assert_eq!(report.leaked_channels, 0);
+}
+
+#[test]
+fn panics_on_a_simulated_reactor_are_contained_and_traced() {
+    for seed in [1, 2, 3, 16] {
+        let mut sim = Sim::new(SimOptions { seed, reactors: 2 });
+        let (checked, _) = sim
+            .block_on(ReactorId(0), || panic_everywhere_then_check(ReactorId(1)))
+            .unwrap();
+        assert_eq!(checked, 12, "seed {seed}");
+        let panics: Vec<_> = sim
+            .trace()
+            .into_iter()
+            .filter_map(|event| match event.kind {
+                TraceKind::Panic(what) => Some((event.reactor, what)),
+                _ => None,
+            })
+            .collect();
+        let mut kinds: Vec<&str> = panics.iter().map(|(_, what)| *what).collect();
+        kinds.sort_unstable();
+        assert_eq!(
+            kinds,
+            [
+                "message",
+                "poller",
+                "spawn_on constructor",
+                "task",
+                "timer waker"
+            ],
+            "seed {seed}: {panics:?}"
+        );
+        assert!(panics.iter().all(|(reactor, _)| *reactor == ReactorId(1)));
+        assert_eq!(sim.block_on(ReactorId(1), || async { 42 }), Ok(42));
+    }
+}
+
+#[test]
+fn a_panicking_channel_create_gives_its_reservation_back() {
+    let mut sim = Sim::new(SimOptions {
+        seed: 5,
+        reactors: 1,
+    });
+    let device: IoDevice<u32> = IoDevice::register(
+        "panics",
+        |_| panic!("create panics (expected by the test)"),
+        |_, _| {},
+    );
+    let on_reactor = device.clone();
+    let outcome = sim.block_on(ReactorId(0), move || async move {
+        on_reactor.get_channel().map(|channel| *channel)
+    });
+    assert_eq!(outcome, Err(ReactorError::Panicked(ReactorId(0))));
     assert_eq!(device.unregister(), Ok(()), "nothing is left creating");
 }
