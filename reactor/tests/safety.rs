@@ -301,3 +301,42 @@ fn a_panicking_channel_create_gives_its_reservation_back() {
     assert_eq!(outcome, Err(ReactorError::Panicked(ReactorId(0))));
     assert_eq!(device.unregister(), Ok(()), "nothing is left creating");
 }
+
+#[test]
+fn a_panicking_channel_walk_visit_reports_panicked() {
+    let mut sim = Sim::new(SimOptions {
+        seed: 9,
+        reactors: 2,
+    });
+    let device: IoDevice<u32> = IoDevice::register("walked", |reactor| Ok(reactor.0), |_, _| {});
+    let walker = device.clone();
+    let outcome = sim
+        .block_on(ReactorId(0), move || async move {
+            let here = walker.get_channel().unwrap();
+            let there = spawn_on(ReactorId(1), {
+                let device = walker.clone();
+                move || async move {
+                    let channel = device.get_channel().unwrap();
+                    sleep(Duration::from_millis(1)).await;
+                    drop(channel);
+                }
+            })
+            .unwrap();
+            sleep(Duration::from_micros(100)).await;
+            let walked = walker
+                .for_each_channel(|reactor, _| {
+                    if reactor == ReactorId(1) {
+                        panic!("visit panics (expected by the test)");
+                    }
+                    Ok(())
+                })
+                .unwrap()
+                .await;
+            there.await.unwrap();
+            drop(here);
+            walked
+        })
+        .unwrap();
+    assert_eq!(outcome, Err(ReactorError::Panicked(ReactorId(1))));
+    assert_eq!(sim.block_on(ReactorId(1), || async { 1 }), Ok(1));
+}
