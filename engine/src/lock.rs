@@ -226,7 +226,7 @@ mod tests {
                 }
             })
         };
-        for round in 0..2000 {
+        for round in 0..500 {
             match ImageLock::create(&path, 4096, |_| {}) {
                 Ok(lock) => {
                     assert_eq!(std::fs::metadata(&path).expect("meta").len(), 4096);
