@@ -112,19 +112,27 @@ impl ImageLock {
             .try_clone()
             .map_err(|err| create_error("create", &err))?;
         let lock = Self::lock(handle, path, true)?;
-        file.set_len(size_bytes)
-            .map_err(|err| create_error("set size", &err))?;
-        let zeros = vec![0u8; CHUNK_BYTES];
-        let mut written = 0u64;
-        while written < size_bytes {
-            let piece = usize::try_from((size_bytes - written).min(CHUNK_BYTES as u64))
-                .unwrap_or(CHUNK_BYTES);
-            file.write_all(&zeros[..piece])
-                .map_err(|err| create_error("write", &err))?;
-            written += piece as u64;
-            progress(written);
+        let filled = (|| {
+            file.set_len(size_bytes)
+                .map_err(|err| create_error("set size", &err))?;
+            let zeros = vec![0u8; CHUNK_BYTES];
+            let mut written = 0u64;
+            while written < size_bytes {
+                let piece = usize::try_from((size_bytes - written).min(CHUNK_BYTES as u64))
+                    .unwrap_or(CHUNK_BYTES);
+                file.write_all(&zeros[..piece])
+                    .map_err(|err| create_error("write", &err))?;
+                written += piece as u64;
+                progress(written);
+            }
+            file.sync_all().map_err(|err| create_error("sync", &err))
+        })();
+        if let Err(err) = filled {
+            // Removed while still locked (the lock drops after it).
+            drop(name);
+            return Err(err);
         }
-        file.sync_all().map_err(|err| create_error("sync", &err))?;
+        // A failed publish removes the temporary file itself, still under the lock.
         name.publish(path)
             .map_err(|err| create_error("create", &err))?;
         Ok(lock)
