@@ -15,6 +15,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::staged::create_staged;
 use crate::EngineError;
 
 /// A held lock on an image; dropping it releases the lock.
@@ -76,11 +77,15 @@ impl ImageLock {
         Self::lock(file, path, false)
     }
 
-    /// Creates `path` (refusing an existing one), locks it exclusively before anything is
-    /// written, and fills it with `size_bytes` of zeros (written in 4 MiB pieces and synced),
-    /// calling `progress` with the bytes written so far. A written file, unlike a sparse or
-    /// merely fallocated one, makes reads hit the media. On failure the file is removed while
-    /// the lock is still held, so nobody else can have started using it.
+    /// Creates `path` (refusing an existing one) with `size_bytes` of zeros (written in 4 MiB
+    /// pieces and synced), calling `progress` with the bytes written so far, and returns it
+    /// locked exclusively. A written file, unlike a sparse or merely fallocated one, makes
+    /// reads hit the media.
+    ///
+    /// The file is made under a temporary name in the same directory, locked before anything
+    /// is written, filled, and only then linked to `path` without replacing anything (`EEXIST`
+    /// if `path` appeared meanwhile). So no other process can see `path` unlocked or half
+    /// written, and on any failure only the temporary file existed; it is removed.
     pub fn create(
         path: &Path,
         size_bytes: u64,
@@ -96,19 +101,17 @@ impl ImageLock {
         let create_error = |what: &str, err: &std::io::Error| {
             file_error(path, format!("{what}: {err}"), io_errno(err))
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
+        // Refuse an existing path before writing anything; publishing checks again, atomically.
+        if path.symlink_metadata().is_ok() {
+            let err = std::io::Error::from_raw_os_error(libc::EEXIST);
+            return Err(create_error("create", &err));
+        }
+        // From here every early return drops `name`, removing the temporary file.
+        let (mut file, name) = create_staged(path).map_err(|err| create_error("create", &err))?;
+        let handle = file
+            .try_clone()
             .map_err(|err| create_error("create", &err))?;
-        let lock = match file.try_clone() {
-            Ok(handle) => Self::lock(handle, path, true)?,
-            Err(err) => {
-                let _ = std::fs::remove_file(path);
-                return Err(create_error("create", &err));
-            }
-        };
+        let lock = Self::lock(handle, path, true)?;
         let filled = (|| {
             file.set_len(size_bytes)
                 .map_err(|err| create_error("set size", &err))?;
@@ -124,14 +127,15 @@ impl ImageLock {
             }
             file.sync_all().map_err(|err| create_error("sync", &err))
         })();
-        match filled {
-            Ok(()) => Ok(lock),
-            Err(err) => {
-                // Leave nothing half-made behind: the path did not exist before.
-                let _ = std::fs::remove_file(path);
-                Err(err)
-            }
+        if let Err(err) = filled {
+            // Removed while still locked (the lock drops after it).
+            drop(name);
+            return Err(err);
         }
+        // A failed publish removes the temporary file itself, still under the lock.
+        name.publish(path)
+            .map_err(|err| create_error("create", &err))?;
+        Ok(lock)
     }
 
     /// The locked path.
@@ -208,5 +212,76 @@ mod tests {
         let err = ImageLock::create(&fresh, 0, |_| {}).expect_err("size 0");
         assert_eq!(err.errno(), -libc::EINVAL);
         assert!(!fresh.exists());
+    }
+
+    #[test]
+    fn create_never_exposes_an_unlocked_file_to_another_locker() {
+        // Another process polls the path and locks whatever it finds. `create` must never
+        // lose the file to it (EBUSY, leaving an empty file behind): the path appears only
+        // once the file is locked and filled.
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("image");
+        let done = Arc::new(AtomicBool::new(false));
+        let racer = {
+            let (path, done) = (path.clone(), Arc::clone(&done));
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    if let Ok(file) = File::open(&path) {
+                        let _ = file.try_lock();
+                    }
+                }
+            })
+        };
+        for round in 0..500 {
+            match ImageLock::create(&path, 4096, |_| {}) {
+                Ok(lock) => {
+                    assert_eq!(std::fs::metadata(&path).expect("meta").len(), 4096);
+                    // Removed under the lock, as init does on failure.
+                    std::fs::remove_file(&path).expect("remove");
+                    drop(lock);
+                }
+                Err(err) => {
+                    done.store(true, Ordering::Relaxed);
+                    let left = std::fs::metadata(&path).map(|meta| meta.len()).ok();
+                    let _ = racer.join();
+                    panic!("round {round}: create lost its file: {err} (left behind: {left:?})");
+                }
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        racer.join().expect("racer");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|entry| entry.expect("entry").file_name())
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "no temporary file is left: {leftovers:?}"
+        );
+    }
+
+    #[test]
+    fn create_fails_with_eexist_when_the_path_appears_while_it_fills() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("image");
+        let err = ImageLock::create(&path, 8 << 20, |written| {
+            if written == 4 << 20 {
+                std::fs::write(&path, b"someone else's").expect("write");
+            }
+        })
+        .expect_err("the path appeared");
+        assert_eq!(err.errno(), -libc::EEXIST);
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            b"someone else's",
+            "not replaced"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|entry| entry.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "the temporary file is removed: {names:?}");
     }
 }

@@ -230,7 +230,7 @@ impl ReactorCore {
         match message {
             Message::Run(run) => {
                 self.trace_event(TraceKind::Message);
-                run();
+                crate::contain::contain(self, "message", "", run);
             }
             Message::Wake(runnable) => self.run_queue.push(runnable),
             Message::Stop => self.stopping.set(true),

@@ -49,8 +49,10 @@ pub enum ReactorError {
         /// Why it stopped.
         why: &'static str,
     },
-    /// A reactor thread panicked; the runtime reports it at stop.
-    #[error("reactor {0} panicked")]
+    /// Work sent to this reactor panicked there (a `spawn_on` constructor or the future it
+    /// built, a `for_each_channel` visit): the panic was contained and logged, and the
+    /// reactor goes on.
+    #[error("work on reactor {0} panicked (contained; the reactor goes on)")]
     Panicked(ReactorId),
 }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::context;
@@ -28,16 +28,62 @@ struct DeviceInner<C> {
     name: String,
     create: Box<CreateFn<C>>,
     destroy: Box<DestroyFn<C>>,
-    holders: Mutex<BTreeSet<(u64, ReactorId)>>,
-    unregistered: AtomicBool,
+    registry: Mutex<Registry>,
     _context: PhantomData<fn() -> C>,
 }
 
+/// Who holds or is creating a channel of a device, and whether it was unregistered: one lock,
+/// so an unregister can never slip in between a create's check and its insert.
+#[derive(Default)]
+struct Registry {
+    /// (runtime, reactor) pairs holding a channel.
+    holders: BTreeSet<(u64, ReactorId)>,
+    /// Channel creations past the unregistered check whose create callback has not returned.
+    creating: usize,
+    /// Set by a successful unregister; no channel is created after it.
+    unregistered: bool,
+}
+
 impl<C> DeviceInner<C> {
-    fn holders(&self) -> MutexGuard<'_, BTreeSet<(u64, ReactorId)>> {
-        self.holders
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // Every critical section leaves the registry consistent (no user code runs under the
+        // lock), so a poisoned lock is still usable.
+        self.registry
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A channel creation in progress; dropping it (a create that failed or panicked) gives the
+/// reservation back, so the device can be unregistered again.
+struct Creating<'a, C> {
+    device: &'a DeviceInner<C>,
+}
+
+impl<'a, C> Creating<'a, C> {
+    /// Reserves a creation, refused once the device is unregistered.
+    fn begin(device: &'a DeviceInner<C>) -> Result<Self, ReactorError> {
+        let mut registry = device.registry();
+        if registry.unregistered {
+            return Err(ReactorError::DeviceGone(device.name.clone()));
+        }
+        registry.creating += 1;
+        Ok(Creating { device })
+    }
+
+    /// Turns the reservation into a holder, under the same lock.
+    fn finish(self, holder: (u64, ReactorId)) {
+        let mut registry = self.device.registry();
+        registry.creating -= 1;
+        registry.holders.insert(holder);
+        drop(registry);
+        std::mem::forget(self);
+    }
+}
+
+impl<C> Drop for Creating<'_, C> {
+    fn drop(&mut self) {
+        self.device.registry().creating -= 1;
     }
 }
 
@@ -74,8 +120,7 @@ impl<C: 'static> IoDevice<C> {
                 name: name.into(),
                 create: Box::new(create),
                 destroy: Box::new(destroy),
-                holders: Mutex::new(BTreeSet::new()),
-                unregistered: AtomicBool::new(false),
+                registry: Mutex::new(Registry::default()),
                 _context: PhantomData,
             }),
         }
@@ -89,12 +134,11 @@ impl<C: 'static> IoDevice<C> {
     /// The calling reactor's channel: the existing one (refcount + 1) or a new one.
     pub fn get_channel(&self) -> Result<Channel<C>, ReactorError> {
         let core = context::current()?;
-        if self.inner.unregistered.load(Ordering::Acquire) {
-            return Err(ReactorError::DeviceGone(self.inner.name.clone()));
-        }
+        // A live channel here is a holder, so the device cannot have been unregistered.
         if let Some(existing) = lookup_channel::<C>(&core, self.inner.id) {
             return Ok(Channel { inner: existing });
         }
+        let creating = Creating::begin(&self.inner)?;
         let context =
             (self.inner.create)(core.id).map_err(|errno| ReactorError::ChannelCreate {
                 device: self.inner.name.clone(),
@@ -110,9 +154,7 @@ impl<C: 'static> IoDevice<C> {
         });
         let weak: Weak<dyn Any> = Rc::downgrade(&(Rc::clone(&inner) as Rc<dyn Any>));
         core.channels.borrow_mut().insert(self.inner.id, weak);
-        self.inner
-            .holders()
-            .insert((core.shared.runtime_id, core.id));
+        creating.finish((core.shared.runtime_id, core.id));
         core.shared.live_channels.fetch_add(1, Ordering::AcqRel);
         Ok(Channel { inner })
     }
@@ -124,7 +166,8 @@ impl<C: 'static> IoDevice<C> {
         let runtime = context::with_current(|core| core.shared.runtime_id);
         let mut holders: Vec<ReactorId> = self
             .inner
-            .holders()
+            .registry()
+            .holders
             .iter()
             .filter(|(holder_runtime, _)| runtime.is_none_or(|runtime| runtime == *holder_runtime))
             .map(|(_, reactor)| *reactor)
@@ -134,12 +177,15 @@ impl<C: 'static> IoDevice<C> {
         holders
     }
 
-    /// Refuses further channels; `Err(DeviceBusy)` while any channel is still held.
+    /// Refuses further channels; `Err(DeviceBusy)` while any channel is still held or being
+    /// created (checked and set under the lock creations take, so no channel can appear
+    /// after an unregister succeeded).
     pub fn unregister(&self) -> Result<(), ReactorError> {
-        if !self.inner.holders().is_empty() {
+        let mut registry = self.inner.registry();
+        if !registry.holders.is_empty() || registry.creating != 0 {
             return Err(ReactorError::DeviceBusy(self.inner.name.clone()));
         }
-        self.inner.unregistered.store(true, Ordering::Release);
+        registry.unregistered = true;
         Ok(())
     }
 
@@ -240,7 +286,8 @@ impl<C: 'static> Drop for ChannelInner<C> {
             }
         }
         self.device
-            .holders()
+            .registry()
+            .holders
             .remove(&(self.shared.runtime_id, self.reactor));
         self.shared.live_channels.fetch_sub(1, Ordering::AcqRel);
         if let Some(context) = self.context.take() {

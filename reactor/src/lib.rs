@@ -22,6 +22,7 @@
 //! - `message`: messages between reactors, [`send_msg`], [`spawn_on`], [`broadcast`].
 //! - `oneshot`: the cross-reactor completion used by messages and walks.
 //! - `io_device`: [`IoDevice`], [`Channel`], [`IoDevice::for_each_channel`].
+//! - `contain`: the panic policy: contain, log, go on.
 //! - `runtime`: the threaded driver.
 //! - `sim`: the seeded simulation driver and its trace.
 
@@ -30,6 +31,7 @@
 pub mod limits;
 
 mod clock;
+mod contain;
 mod context;
 mod core;
 mod error;

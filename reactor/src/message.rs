@@ -56,10 +56,17 @@ where
 {
     let (sender, handle) = oneshot();
     let run = move || {
-        let future = make();
-        crate::task::spawn_local(async move {
-            sender.send(future.await);
-        });
+        let Ok(core) = context::current() else {
+            return;
+        };
+        match crate::contain::contain(&core, "spawn_on constructor", "", make) {
+            Some(future) => {
+                crate::task::spawn_on_core(&core, async move {
+                    sender.send(future.await);
+                });
+            }
+            None => sender.fail(ReactorError::Panicked(core.id)),
+        }
     };
     shared.send(target, Message::Run(Box::new(run)))?;
     Ok(handle)

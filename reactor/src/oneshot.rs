@@ -12,7 +12,16 @@ use crate::ReactorError;
 struct State<T> {
     value: Option<T>,
     sender_gone: bool,
+    /// Why the sender went without sending, when it was not a plain cancel.
+    failure: Option<ReactorError>,
     waker: Option<Waker>,
+}
+
+impl<T> State<T> {
+    /// What the receiver gets once the sender went without a value.
+    fn gone_error(&self) -> ReactorError {
+        self.failure.clone().unwrap_or(ReactorError::Cancelled)
+    }
 }
 
 struct Inner<T> {
@@ -36,6 +45,14 @@ pub(crate) struct OneshotSender<T> {
 }
 
 impl<T> OneshotSender<T> {
+    /// Drops the sender without a value, telling the receiver `err` instead of `Cancelled`.
+    pub(crate) fn fail(mut self, err: ReactorError) {
+        if let Some(inner) = self.inner.take() {
+            inner.lock().failure = Some(err);
+            drop(OneshotSender { inner: Some(inner) });
+        }
+    }
+
     pub(crate) fn send(mut self, value: T) {
         if let Some(inner) = self.inner.take() {
             let waker = {
@@ -54,9 +71,17 @@ impl<T> OneshotSender<T> {
 impl<T> Drop for OneshotSender<T> {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.take() {
+            // Dropped by a panic on a reactor (the task or visit that was to send panicked):
+            // say so, rather than a plain cancel.
+            let panicked_on = std::thread::panicking()
+                .then(crate::context::reactor_id)
+                .and_then(Result::ok);
             let waker = {
                 let mut state = inner.lock();
                 state.sender_gone = true;
+                if let (None, Some(reactor)) = (&state.failure, panicked_on) {
+                    state.failure = Some(ReactorError::Panicked(reactor));
+                }
                 state.waker.take()
             };
             inner.ready.notify_all();
@@ -68,7 +93,8 @@ impl<T> Drop for OneshotSender<T> {
 }
 
 /// The result of work sent to a reactor: `.await` it on a reactor, or [`RemoteHandle::wait`]
-/// for it on an ordinary thread. Yields `Err(Cancelled)` if the work was dropped unfinished.
+/// for it on an ordinary thread. Yields `Err(Cancelled)` if the work was dropped unfinished,
+/// `Err(Panicked)` if it panicked (the panic contained on its reactor).
 pub struct RemoteHandle<T> {
     inner: Arc<Inner<T>>,
 }
@@ -78,6 +104,7 @@ pub(crate) fn oneshot<T>() -> (OneshotSender<T>, RemoteHandle<T>) {
         state: Mutex::new(State {
             value: None,
             sender_gone: false,
+            failure: None,
             waker: None,
         }),
         ready: Condvar::new(),
@@ -96,7 +123,7 @@ impl<T> RemoteHandle<T> {
         let mut state = self.inner.lock();
         match state.value.take() {
             Some(value) => Some(Ok(value)),
-            None if state.sender_gone => Some(Err(ReactorError::Cancelled)),
+            None if state.sender_gone => Some(Err(state.gone_error())),
             None => None,
         }
     }
@@ -110,7 +137,7 @@ impl<T> RemoteHandle<T> {
                 return Ok(value);
             }
             if state.sender_gone {
-                return Err(ReactorError::Cancelled);
+                return Err(state.gone_error());
             }
             state = self
                 .inner
@@ -129,7 +156,7 @@ impl<T> RemoteHandle<T> {
                 return Some(Ok(value));
             }
             if state.sender_gone {
-                return Some(Err(ReactorError::Cancelled));
+                return Some(Err(state.gone_error()));
             }
             let left = deadline.checked_duration_since(std::time::Instant::now())?;
             state = self
@@ -151,7 +178,7 @@ impl<T> Future for RemoteHandle<T> {
             return Poll::Ready(Ok(value));
         }
         if state.sender_gone {
-            return Poll::Ready(Err(ReactorError::Cancelled));
+            return Poll::Ready(Err(state.gone_error()));
         }
         match &state.waker {
             Some(waker) if waker.will_wake(cx.waker()) => {}

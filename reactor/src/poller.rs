@@ -41,8 +41,9 @@ struct PollerEntry {
     poll: Box<dyn FnMut() -> PollStatus>,
 }
 
-/// The pollers of one reactor. Registration and removal made while the pollers run take
-/// effect at the end of that pass.
+/// The pollers of one reactor. A poller registered while the pollers run joins at the end of
+/// that pass; one unregistered then is skipped at once (as SPDK does) and dropped at the end
+/// of the pass.
 #[derive(Default)]
 pub(crate) struct PollerSet {
     entries: RefCell<Vec<PollerEntry>>,
@@ -60,13 +61,25 @@ impl PollerSet {
         self.polling.set(true);
         let mut status = PollersStatus::default();
         for entry in &mut entries {
+            // A poller unregistered earlier in this pass (its handle dropped by another
+            // poller, a timer or a message) must not run again: its owner has let go of it.
+            if self.is_removed(entry.id) {
+                continue;
+            }
             if entry.period_ns != 0 {
                 if now_ns < entry.next_run_ns {
                     continue;
                 }
                 entry.next_run_ns = now_ns.saturating_add(entry.period_ns);
             }
-            match (entry.poll)() {
+            let poll = &mut entry.poll;
+            let Some(outcome) = crate::contain::contain(core, "poller", entry.name, poll) else {
+                // A panicking poller is unregistered: its state is suspect, and running it
+                // again would most likely panic again every pass.
+                self.removed.borrow_mut().push(entry.id);
+                continue;
+            };
+            match outcome {
                 PollStatus::Idle => {}
                 PollStatus::Waiting => status.waiting = true,
                 PollStatus::Busy => {
@@ -84,8 +97,17 @@ impl PollerSet {
             previous.is_empty(),
             "pollers registered behind the poll loop's back"
         );
-        drop(removed_now);
+        if !removed_now.is_empty() {
+            crate::contain::contain(core, "poller drop", "", move || drop(removed_now));
+        }
         status
+    }
+
+    /// True when `id` was unregistered during the pass now running.
+    #[inline]
+    fn is_removed(&self, id: u64) -> bool {
+        let removed = self.removed.borrow();
+        !removed.is_empty() && removed.contains(&id)
     }
 
     /// Applies pending additions and removals; returns the removed entries so the caller can

@@ -50,6 +50,9 @@ pub enum TraceKind {
     ClockJump,
     /// An event recorded with [`crate::trace`].
     User(String),
+    /// A panic was contained: "message", "spawn_on constructor", "poller", "timer waker",
+    /// "task" or "poller drop".
+    Panic(&'static str),
 }
 
 /// One recorded event: at which step, at what virtual time, on which reactor.

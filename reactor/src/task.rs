@@ -81,6 +81,9 @@ impl<T> Drop for CancelGuard<T> {
         if self.armed {
             if std::thread::panicking() {
                 tracing::error!("a reactor task panicked; it is cancelled and the reactor goes on");
+                context::with_current(|core| {
+                    core.trace_event(crate::sim::TraceKind::Panic("task"))
+                });
             }
             self.state.finish(None);
             // A panicked task leaves the live table like a finished one (a cancelled one is

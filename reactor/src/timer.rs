@@ -132,7 +132,7 @@ impl TimerHeap {
             if core.sim.is_some() {
                 core.trace_event(TraceKind::TimerFired);
             }
-            waker.wake();
+            crate::contain::contain(core, "timer waker", "", || waker.wake());
         }
         fired > 0
     }
