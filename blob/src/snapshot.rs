@@ -511,33 +511,48 @@ pub(crate) async fn repair_pending_snapshots(
 ) -> Result<Vec<String>> {
     let mut done = Vec::new();
     for (snap_id, orig_id) in pending {
-        let orig_points_here = match store.open_blob(orig_id).await {
-            Ok(orig) => {
-                let here = orig.state.meta.borrow().parent_id().ok().flatten() == Some(snap_id);
-                orig.close().await?;
-                here
+        match repair_pending_snapshot(store, snap_id, orig_id).await {
+            Ok(what) => done.push(what),
+            Err(err) => {
+                tracing::warn!(blob = format!("{snap_id:#x}"), %err, "half-made snapshot left as it is");
+                done.push(format!(
+                    "snapshot {snap_id:#x} of {orig_id:#x}: not repaired: {err}"
+                ));
             }
-            Err(_) => false,
-        };
-        let snap = store.open_blob(snap_id).await?;
-        if orig_points_here {
-            {
-                let mut sm = snap.state.meta.borrow_mut();
-                sm.remove_xattr(true, XATTR_SNAPSHOT_PENDING.as_bytes());
-                sm.flags.data_ro |= FLAG_READ_ONLY;
-            }
-            snap.state.mark_changed();
-            crate::persist::persist(store, &snap.state).await?;
-            snap.close().await?;
-            done.push(format!("snapshot {snap_id:#x} of {orig_id:#x}: finished"));
-        } else {
-            store.delete_untaken_snapshot(snap).await?;
-            done.push(format!(
-                "snapshot {snap_id:#x} of {orig_id:#x}: removed (never taken)"
-            ));
         }
     }
     Ok(done)
+}
+
+async fn repair_pending_snapshot(store: &Blobstore, snap_id: u64, orig_id: u64) -> Result<String> {
+    let orig_points_here = match store.open_blob(orig_id).await {
+        Ok(orig) => {
+            let here = orig.state.meta.borrow().parent_id().ok().flatten() == Some(snap_id);
+            orig.close().await?;
+            here
+        }
+        // Only a missing original means it never took the snapshot; an original that
+        // cannot be read may still name it, so the snapshot is left for a repair tool.
+        Err(BlobError::NoSuchBlob(_)) => false,
+        Err(err) => return Err(err),
+    };
+    let snap = store.open_blob(snap_id).await?;
+    if orig_points_here {
+        {
+            let mut sm = snap.state.meta.borrow_mut();
+            sm.remove_xattr(true, XATTR_SNAPSHOT_PENDING.as_bytes());
+            sm.flags.data_ro |= FLAG_READ_ONLY;
+        }
+        snap.state.mark_changed();
+        crate::persist::persist(store, &snap.state).await?;
+        snap.close().await?;
+        Ok(format!("snapshot {snap_id:#x} of {orig_id:#x}: finished"))
+    } else {
+        store.delete_untaken_snapshot(snap).await?;
+        Ok(format!(
+            "snapshot {snap_id:#x} of {orig_id:#x}: removed (never taken)"
+        ))
+    }
 }
 
 /// Load-time repair of merges a crash interrupted (snapshots still carrying `SNAPRM`): if
@@ -550,27 +565,42 @@ pub(crate) async fn repair_interrupted_merges(
 ) -> Result<Vec<String>> {
     let mut done = Vec::new();
     for (snap_id, clone_id) in removing {
-        if store.parent_of(clone_id) == Some(snap_id) {
-            let snap = store.open_blob(snap_id).await?;
-            snap.state
-                .meta
-                .borrow_mut()
-                .remove_xattr(true, XATTR_SNAPSHOT_REMOVING.as_bytes());
-            snap.state.mark_changed();
-            crate::persist::persist(store, &snap.state).await?;
-            snap.close().await?;
-            done.push(format!(
-                "merge of snapshot {snap_id:#x} into {clone_id:#x}: undone"
-            ));
-            continue;
+        match repair_interrupted_merge(store, snap_id, clone_id).await {
+            Ok(what) => done.push(what),
+            Err(err) => {
+                tracing::warn!(blob = format!("{snap_id:#x}"), %err, "interrupted merge left as it is");
+                done.push(format!(
+                    "merge of snapshot {snap_id:#x} into {clone_id:#x}: not repaired: {err}"
+                ));
+            }
         }
-        // Deleting it forgets the clusters the clone took first (forget_merged_clusters).
-        let snap = store.open_blob(snap_id).await?;
-        store.unlink_clone(snap_id);
-        store.delete_open(snap).await?;
-        done.push(format!(
-            "merge of snapshot {snap_id:#x} into {clone_id:#x}: finished"
-        ));
     }
     Ok(done)
+}
+
+async fn repair_interrupted_merge(
+    store: &Blobstore,
+    snap_id: u64,
+    clone_id: u64,
+) -> Result<String> {
+    if store.parent_of(clone_id) == Some(snap_id) {
+        let snap = store.open_blob(snap_id).await?;
+        snap.state
+            .meta
+            .borrow_mut()
+            .remove_xattr(true, XATTR_SNAPSHOT_REMOVING.as_bytes());
+        snap.state.mark_changed();
+        crate::persist::persist(store, &snap.state).await?;
+        snap.close().await?;
+        return Ok(format!(
+            "merge of snapshot {snap_id:#x} into {clone_id:#x}: undone"
+        ));
+    }
+    // Deleting it forgets the clusters the clone took first (forget_merged_clusters).
+    let snap = store.open_blob(snap_id).await?;
+    store.unlink_clone(snap_id);
+    store.delete_open(snap).await?;
+    Ok(format!(
+        "merge of snapshot {snap_id:#x} into {clone_id:#x}: finished"
+    ))
 }

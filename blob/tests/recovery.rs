@@ -337,3 +337,76 @@ fn the_first_metadata_change_after_a_clean_load_clears_the_clean_flag_first() {
     });
     rt.stop();
 }
+
+#[test]
+fn one_damaged_blob_does_not_stop_the_dirty_load() {
+    // Issue 20: a blob whose extent page is unreadable is listed as damaged (and does not
+    // open); the store loads and every other blob reads back exactly.
+    let ids = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64, 0u64, 0u32)));
+    let shared = std::sync::Arc::clone(&ids);
+    let mut image = crash_image(
+        16 << 20,
+        InitOptions {
+            cluster_size: 64 << 10,
+            ..InitOptions::default()
+        },
+        move |store| async move {
+            let channel = store.channel().unwrap();
+            let mut made = Vec::new();
+            let mut extent_page = 0;
+            for n in 0..3u64 {
+                let before = store.used_md_pages();
+                let id = create_thick(&store, 2).await;
+                let root = id & 0xffff_ffff;
+                if n == 1 {
+                    extent_page = store
+                        .used_md_pages()
+                        .into_iter()
+                        .find(|p| !before.contains(p) && *p != root)
+                        .expect("a thick blob in table form has an extent page")
+                        as u32;
+                }
+                let blob = store.open_blob(id).await.unwrap();
+                write(&channel, &blob.io(), 0, &pattern(10 + n, 128 << 10)).await;
+                blob.close().await.unwrap();
+                made.push(id);
+            }
+            *shared.lock().unwrap() = (made[0], made[1], made[2], extent_page);
+        },
+    );
+    let (a, damaged, c, extent_page) = *ids.lock().unwrap();
+    // Break the damaged blob's extent page (its CRC no longer matches).
+    let block = spool_blob::format::super_block::SuperBlock::decode(&image[..4096]).unwrap();
+    let offset = ((u64::from(block.md_start) + u64::from(extent_page)) * 4096) as usize;
+    image[offset + 100] ^= 0xff;
+    let rt = runtime();
+    let (_bdev, desc) = from_image(&image);
+    run(&rt, move || async move {
+        let (store, report) = Blobstore::load(desc, &LoadOptions::default())
+            .await
+            .unwrap_or_else(|err| panic!("one damaged blob made the store unloadable: {err}"));
+        assert!(report.recovered);
+        let listed = report
+            .unreadable
+            .iter()
+            .find(|(id, _)| *id == damaged)
+            .unwrap_or_else(|| panic!("damaged blob not listed: {:?}", report.unreadable));
+        assert!(listed.1.contains("extent page"), "reason: {}", listed.1);
+        assert!(store.blob_ids().contains(&damaged), "its id stays taken");
+        let err = store.open_blob(damaged).await.unwrap_err();
+        assert_eq!(err.errno(), -libc::EINVAL, "{err}");
+        let channel = store.channel().unwrap();
+        for (id, seed) in [(a, 10), (c, 12)] {
+            let blob = store.open_blob(id).await.unwrap();
+            let back = read(&channel, &blob.io(), 0, 128 << 10).await;
+            assert!(back == pattern(seed, 128 << 10), "blob {id:#x} lost data");
+            blob.close().await.unwrap();
+        }
+        // A new blob never takes the damaged blob's id.
+        let fresh = create_thick(&store, 1).await;
+        assert!(fresh != damaged && fresh != a && fresh != c);
+        drop(channel);
+        store.unload().await.unwrap();
+    });
+    rt.stop();
+}

@@ -124,6 +124,7 @@ impl Blobstore {
             total_clusters,
             md_len: block.md_len,
         };
+        let mut damaged = Vec::new();
         let (used_md_pages, used_clusters, used_blobids) = match masks {
             Some((md_pages, mut clusters, blobids)) => {
                 for cluster in 0..geometry.md_clusters {
@@ -137,7 +138,15 @@ impl Blobstore {
                 }
                 (md_pages, clusters, blobids)
             }
-            None => replay(&pages, &geometry, &check)?,
+            None => {
+                let replayed = replay(&pages, &geometry, &check);
+                damaged = replayed.damaged;
+                (
+                    replayed.used_md_pages,
+                    replayed.used_clusters,
+                    replayed.used_blobids,
+                )
+            }
         };
         let mut state = MdState {
             super_block: block.clone(),
@@ -155,6 +164,7 @@ impl Blobstore {
         }
         let mut report = LoadReport {
             recovered,
+            unreadable: damaged,
             ..LoadReport::default()
         };
         // The snapshot graph, from each blob's SNAP xattr; snapshots left half-made.
@@ -190,8 +200,10 @@ impl Blobstore {
                 }
                 Ok(None) => {}
                 Err(err) => {
-                    tracing::warn!(blob = format!("{id:#x}"), %err, "blob metadata unreadable");
-                    report.unreadable.push((id, err.to_string()));
+                    if !report.unreadable.iter().any(|(known, _)| *known == id) {
+                        tracing::warn!(blob = format!("{id:#x}"), %err, "blob metadata unreadable");
+                        report.unreadable.push((id, err.to_string()));
+                    }
                 }
             }
         }
@@ -333,19 +345,30 @@ fn chain_of(pages: &HashMap<u32, Vec<u8>>, root: u32, md_len: u32) -> Result<Vec
     }
 }
 
+/// The masks a replay rebuilt, and the blobs whose metadata it could not read whole.
+struct Replayed {
+    used_md_pages: BitSet,
+    used_clusters: BitSet,
+    used_blobids: BitSet,
+    damaged: Vec<(u64, String)>,
+}
+
 /// Rebuilds the three masks from the pages: every valid root page and its chain, and the
-/// extent pages its extent table names.
-fn replay(
-    pages: &HashMap<u32, Vec<u8>>,
-    geometry: &Geometry,
-    check: &RangeCheck,
-) -> Result<(BitSet, BitSet, BitSet)> {
+/// extent pages its extent table names. A blob whose chain or extent pages are unreadable or
+/// invalid does not fail the load: it is reported damaged (it will not open), its id, root
+/// and the chain pages that could be read stay claimed, and the clusters of the parts that
+/// could be parsed stay claimed too, so nothing of it is handed out while readable parts
+/// remain; every other blob loads as it is.
+fn replay(pages: &HashMap<u32, Vec<u8>>, geometry: &Geometry, check: &RangeCheck) -> Replayed {
     let md_len = u64::from(geometry.md_len);
-    let mut used_md_pages = BitSet::new(md_len);
-    let mut used_blobids = BitSet::new(md_len);
-    let mut used_clusters = BitSet::new(geometry.total_clusters);
+    let mut out = Replayed {
+        used_md_pages: BitSet::new(md_len),
+        used_clusters: BitSet::new(geometry.total_clusters),
+        used_blobids: BitSet::new(md_len),
+        damaged: Vec::new(),
+    };
     for cluster in 0..geometry.md_clusters {
-        used_clusters.set(cluster);
+        out.used_clusters.set(cluster);
     }
     let mut roots: Vec<u32> = pages
         .iter()
@@ -358,30 +381,54 @@ fn replay(
     roots.sort_unstable();
     for root in roots {
         let id = page_to_blobid(root);
-        let fail =
-            |err: BlobError| BlobError::CorruptStore(format!("replaying blob {id:#x}: {err}"));
-        let chain = chain_of(pages, root, geometry.md_len).map_err(fail)?;
-        let refs: Vec<&[u8]> = chain.iter().map(|p| pages[p].as_slice()).collect();
-        let mut parsed = parse_chain(id, &refs, check).map_err(fail)?;
-        for &(index, page) in &parsed.pending_extent_pages {
-            let bytes = pages.get(&page).ok_or_else(|| {
-                fail(BlobError::corrupt(
-                    id,
-                    format!("extent page {index} (md page {page}) is unreadable or has a bad CRC"),
-                ))
-            })?;
-            apply_extent_page(&mut parsed.meta, index, bytes, check).map_err(fail)?;
-            used_md_pages.set(u64::from(page));
+        out.used_blobids.set(u64::from(root));
+        out.used_md_pages.set(u64::from(root));
+        if let Err(err) = replay_blob(pages, geometry, check, root, &mut out) {
+            tracing::warn!(blob = format!("{id:#x}"), %err, "blob metadata damaged; the store loads without it");
+            out.damaged.push((id, err.to_string()));
         }
-        for &page in &chain {
-            used_md_pages.set(u64::from(page));
-        }
-        used_blobids.set(u64::from(root));
-        for &cluster in &parsed.meta.clusters {
+    }
+    out
+}
+
+/// Claims one blob's chain pages, extent pages and clusters, as far as they can be read.
+fn replay_blob(
+    pages: &HashMap<u32, Vec<u8>>,
+    geometry: &Geometry,
+    check: &RangeCheck,
+    root: u32,
+    out: &mut Replayed,
+) -> Result<()> {
+    let id = page_to_blobid(root);
+    let chain = chain_of(pages, root, geometry.md_len)?;
+    for &page in &chain {
+        out.used_md_pages.set(u64::from(page));
+    }
+    let refs: Vec<&[u8]> = chain.iter().map(|p| pages[p].as_slice()).collect();
+    let mut parsed = parse_chain(id, &refs, check)?;
+    let claim = |meta: &crate::meta::BlobMeta, used: &mut BitSet| {
+        for &cluster in &meta.clusters {
             if cluster != 0 {
-                used_clusters.set(u64::from(cluster));
+                used.set(u64::from(cluster));
+            }
+        }
+    };
+    let mut first_error = None;
+    for &(index, page) in &parsed.pending_extent_pages {
+        let applied = match pages.get(&page) {
+            Some(bytes) => apply_extent_page(&mut parsed.meta, index, bytes, check),
+            None => Err(BlobError::corrupt(
+                id,
+                format!("extent page {index} (md page {page}) is unreadable or has a bad CRC"),
+            )),
+        };
+        match applied {
+            Ok(()) => out.used_md_pages.set(u64::from(page)),
+            Err(err) => {
+                first_error.get_or_insert(err);
             }
         }
     }
-    Ok((used_md_pages, used_clusters, used_blobids))
+    claim(&parsed.meta, &mut out.used_clusters);
+    first_error.map_or(Ok(()), Err)
 }
