@@ -69,7 +69,7 @@ fn start_write(
         buf.fill(byte);
         req.bufs.push(buf);
     });
-    group.start_request(index, Submission::new(&slots, slot));
+    group.start_request(index, Submission::new(slots, slot));
     slot
 }
 

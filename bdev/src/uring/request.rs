@@ -417,7 +417,8 @@ pub(super) fn issue(
                 offset,
                 fixed_region: region,
             };
-            // SAFETY: the zero buffer belongs to this channel's entry, which is removed (and
+            // SAFETY: `len <= zero.len()` (the `min` above), so the kernel reads only the
+            // zero buffer. It belongs to this channel's entry, which is removed (and
             // the buffer freed) only after every SQE of the channel has been reaped or
             // retracted; a dropped group frees it only after `Ring::close` succeeded (it leaks
             // it otherwise). It is never written after allocation.
