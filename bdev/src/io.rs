@@ -51,7 +51,8 @@
 //!
 //! ```compile_fail,E0599
 //! // Hole 2: submit one request twice (two SQEs for one slot).
-//! fn twice(io: spool_bdev::Submission<'_>) -> (spool_bdev::Submission<'_>, spool_bdev::Submission<'_>) {
+//! use spool_bdev::Submission;
+//! fn twice(io: Submission<'_>) -> (Submission<'_>, Submission<'_>) {
 //!     (io.clone(), io)
 //! }
 //! ```

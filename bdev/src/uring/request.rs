@@ -331,11 +331,12 @@ pub(super) fn issue(
                     };
                     // SAFETY: `ptr..ptr + len` lies inside `buf`: `done + len <= buf.len()` was
                     // checked just above (the length check), and `buf` is a DmaBuf owned by
-                    // this slot's request, which only this crate can reach (`io.rs`). The slot is completed, and its
-                    // buffers handed back or dropped, only after this SQE's CQE is reaped
-                    // (`GroupState::poll`) or retracted (`GroupState::fail_ring`); a destroyed
-                    // channel's entry keeps the slots alive until then, and a group frees its
-                    // entries only after `Ring::close` succeeded (it leaks them otherwise).
+                    // this slot's request, which only this crate can reach (`io.rs`). The slot
+                    // is completed, and its buffers handed back or dropped, only after this
+                    // SQE's CQE is reaped (`GroupState::poll`) or retracted
+                    // (`GroupState::fail_ring`); a destroyed channel's entry keeps the slots
+                    // alive until then, and a group frees its entries only after `Ring::close`
+                    // succeeded (it leaks them otherwise).
                     (unsafe { ring.push(&op, ud) }, len)
                 } else {
                     let len = fill_iovecs(req, done, RW_STEP_MAX);
