@@ -20,7 +20,7 @@ use spool_reactor::{poller_register, Channel, IoDevice, PollerHandle};
 use crate::device::{Bdev, ChannelBackend};
 use crate::dma::DmaBuf;
 use crate::error::BdevError;
-use crate::io::{IoKind, IoSlots, SlotId};
+use crate::io::{IoKind, IoSlots, SlotId, Submission};
 use crate::limits::{CHANNEL_IO_MAX, IOVECS_MAX};
 
 /// The device facts validation needs, read once per channel instead of per request.
@@ -182,17 +182,15 @@ impl BdevDesc {
 }
 
 fn create_context(bdev: &Arc<dyn Bdev>) -> Result<ChannelContext, i32> {
-    let slots = Rc::new(IoSlots::default());
+    let slots = Rc::new(IoSlots::new());
     let backend = bdev.create_channel(Rc::clone(&slots)).map_err(|err| {
         tracing::error!(bdev = bdev.name(), %err, "channel create failed");
         err.errno()
     })?;
     let backend = Rc::new(RefCell::new(backend));
-    let (poll_backend, poll_slots) = (Rc::clone(&backend), Rc::clone(&slots));
-    let poller = poller_register("bdev", None, move || {
-        poll_backend.borrow_mut().poll(&poll_slots)
-    })
-    .map_err(|err| err.errno())?;
+    let poll_backend = Rc::clone(&backend);
+    let poller = poller_register("bdev", None, move || poll_backend.borrow_mut().poll())
+        .map_err(|err| err.errno())?;
     Ok(ChannelContext {
         geometry: Geometry::of(bdev.as_ref()),
         slots,
@@ -355,7 +353,10 @@ impl BdevChannel {
         slot: SlotId,
         spare: Vec<DmaBuf>,
     ) -> IoFuture<'a, T> {
-        context.backend.borrow_mut().submit(slot, &context.slots);
+        context
+            .backend
+            .borrow_mut()
+            .submit(Submission::new(&context.slots, slot));
         IoFuture {
             context,
             kind,

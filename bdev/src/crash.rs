@@ -31,7 +31,7 @@ use crate::deferred::Deferred;
 use crate::device::{check_block_size, Bdev, ChannelBackend};
 use crate::dma::DmaBuf;
 use crate::error::BdevError;
-use crate::io::{IoKind, IoRequest, IoSlots, SlotId};
+use crate::io::{slot_index, IoKind, IoRequest, IoSlots, Submission};
 
 /// A write completed since the last flush that covered it, and so not yet durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -220,8 +220,9 @@ impl Bdev for CrashBdev {
         true
     }
 
-    fn create_channel(&self, _slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
+    fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
         Ok(Box::new(CrashChannel {
+            slots,
             state: Arc::clone(&self.state),
             pending: Deferred::default(),
             meta: Vec::new(),
@@ -239,6 +240,7 @@ struct SlotMeta {
 }
 
 struct CrashChannel {
+    slots: Rc<IoSlots>,
     state: Arc<Mutex<State>>,
     pending: Deferred,
     meta: Vec<SlotMeta>,
@@ -303,8 +305,11 @@ fn execute(state: &mut State, meta: SlotMeta, request: &mut IoRequest) -> i32 {
 }
 
 impl ChannelBackend for CrashChannel {
-    fn submit(&mut self, slot: SlotId, slots: &IoSlots) {
-        let kind = slots.with(slot, |request| request.kind);
+    fn submit(&mut self, io: Submission<'_>) {
+        let Some(slot) = io.accept(&self.slots) else {
+            return;
+        };
+        let kind = self.slots.with(slot, |request| request.kind);
         let meta = {
             let state = lock(&self.state);
             SlotMeta {
@@ -316,7 +321,7 @@ impl ChannelBackend for CrashChannel {
                 },
             }
         };
-        let index = slot as usize;
+        let index = slot_index(slot);
         if self.meta.len() <= index {
             self.meta.resize(index + 1, SlotMeta::default());
         }
@@ -324,15 +329,16 @@ impl ChannelBackend for CrashChannel {
         self.pending.push(slot);
     }
 
-    fn poll(&mut self, slots: &IoSlots) -> PollStatus {
+    fn poll(&mut self) -> PollStatus {
         if self.pending.is_empty() {
             return PollStatus::Idle;
         }
+        let slots = &self.slots;
         let (state, metas) = (&self.state, &self.meta);
         let pending = &mut self.pending;
         let completed = slots.complete_batch(|complete| {
             pending.drain_due(|slot| {
-                let meta = metas.get(slot as usize).copied().unwrap_or_default();
+                let meta = metas.get(slot_index(slot)).copied().unwrap_or_default();
                 let status = slots.with(slot, |request| execute(&mut lock(state), meta, request));
                 complete(slot, status);
             })

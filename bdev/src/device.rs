@@ -6,7 +6,7 @@ use std::rc::Rc;
 use spool_reactor::PollStatus;
 
 use crate::error::BdevError;
-use crate::io::{IoKind, IoSlots, SlotId};
+use crate::io::{IoKind, IoSlots, Submission};
 
 /// A block device. Shared by every reactor (`Send + Sync`); each reactor does I/O through its
 /// own [`ChannelBackend`], made by [`Bdev::create_channel`] on that reactor. Callers use it
@@ -40,19 +40,26 @@ pub trait Bdev: Send + Sync + 'static {
         false
     }
 
-    /// Creates the calling reactor's context. `slots` is the channel's request table; the
-    /// backend may keep it to complete requests from its pollers.
+    /// Creates the calling reactor's context. `slots` is the channel's request table, opaque
+    /// outside this crate: the crate's backends keep it to complete requests from their
+    /// pollers, and accept only submissions of that table. A wrapper passes it on to the
+    /// backend it wraps (a backend handed another table fails its requests with -EINVAL).
     fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError>;
 }
 
 /// One reactor's context for a device: it starts requests and reports their completions.
+///
+/// A safe trait: nothing an implementation does can make a crate backend's device (the
+/// kernel, for io_uring) touch memory the request does not own. Requests, their buffers
+/// and their completion are reachable only through the [`Submission`] (see `docs/bdev.md`).
 pub trait ChannelBackend {
-    /// Starts the request in `slot`. The request was validated; its buffers stay in the slot
-    /// until the backend calls `slots.complete(slot, status)` (once, with 0 or -errno).
-    fn submit(&mut self, slot: SlotId, slots: &IoSlots);
+    /// Starts the validated request `io`. The crate's backends keep its buffers in its slot
+    /// until they complete it (exactly once). A wrapper may forward `io` to the backend it
+    /// wraps, or complete it with [`Submission::complete`]; dropping it cancels the request.
+    fn submit(&mut self, io: Submission<'_>);
 
     /// Called every reactor loop pass: push queued work to the device, reap completions.
-    fn poll(&mut self, slots: &IoSlots) -> PollStatus;
+    fn poll(&mut self) -> PollStatus;
 }
 
 /// Checks a device geometry: the block size must be a power of two of at least 512 and the

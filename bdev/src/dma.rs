@@ -3,8 +3,11 @@
 //! # Design
 //!
 //! The pool grows in 2 MiB *chunks*. Each chunk is first mapped as one explicit 2 MiB hugepage
-//! (`mmap(MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB | MAP_POPULATE)`). When that
-//! fails (the machine-wide hugepage pool is empty, too small, or disabled), the chunk is an
+//! (`mmap(MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB)`), then populated explicitly
+//! with `madvise(MADV_POPULATE_WRITE)` (not `MAP_POPULATE`, whose failure is silent: under a
+//! hugetlb cgroup limit the mapping succeeds and the first write raises SIGBUS). When either
+//! step fails (the machine-wide hugepage pool is empty, too small, or disabled, a cgroup limit,
+//! a kernel before 5.14), the chunk is unmapped (logged at warn for a populate failure) and is an
 //! ordinary anonymous mapping aligned to 2 MiB instead (map 4 MiB, unmap the unaligned head and
 //! tail), hinted with `MADV_HUGEPAGE` so transparent hugepages may back it, and prefaulted with
 //! `MADV_POPULATE_WRITE` where the kernel has it. Callers see the same behaviour either way; only
@@ -172,10 +175,30 @@ struct PoolState {
     oversized_bytes: usize,
 }
 
+/// How a chunk is tried as hugepage memory: the mapping flags and the populate step. The
+/// production value is [`HugepageAttempt::HUGETLB`]; unit tests substitute either step (an
+/// ordinary mapping standing in for a hugetlb one, a populate step that fails) to exercise the
+/// fallback on machines without hugepages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HugepageAttempt {
+    /// Extra `mmap` flags of the hugepage mapping.
+    pub(crate) map_flags: libc::c_int,
+    /// Faults in every page of `[base, base + len)` for writing, or says why it could not.
+    pub(crate) populate: fn(base: usize, len: usize) -> std::io::Result<()>,
+}
+
+impl HugepageAttempt {
+    /// One explicit 2 MiB hugetlb page, populated with `MADV_POPULATE_WRITE`.
+    pub(crate) const HUGETLB: HugepageAttempt = HugepageAttempt {
+        map_flags: libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+        populate: populate_write,
+    };
+}
+
 /// A DMA pool: the process-global one, or a private one in tests.
 #[derive(Debug)]
 pub(crate) struct Pool {
-    try_hugepage: bool,
+    hugepage: Option<HugepageAttempt>,
     max_chunks: usize,
     state: Mutex<PoolState>,
 }
@@ -183,8 +206,18 @@ pub(crate) struct Pool {
 impl Pool {
     /// A new, empty pool. `try_hugepage == false` is the `SPOOL_HUGEPAGES=0` path.
     pub(crate) const fn new(try_hugepage: bool, max_chunks: usize) -> Pool {
+        let hugepage = if try_hugepage {
+            Some(HugepageAttempt::HUGETLB)
+        } else {
+            None
+        };
+        Pool::with_attempt(hugepage, max_chunks)
+    }
+
+    /// A new, empty pool that tries hugepage chunks the way `hugepage` says (None: never).
+    pub(crate) const fn with_attempt(hugepage: Option<HugepageAttempt>, max_chunks: usize) -> Pool {
         Pool {
-            try_hugepage,
+            hugepage,
             max_chunks,
             state: Mutex::new(PoolState {
                 chunks: Vec::new(),
@@ -251,7 +284,7 @@ impl Pool {
                         max_chunks: self.max_chunks,
                     });
                 }
-                let (base, hugepage) = map_chunk(self.try_hugepage)?;
+                let (base, hugepage) = map_chunk(self.hugepage.as_ref())?;
                 let index = st.chunks.len() as u16;
                 st.chunks.push(Chunk { base, hugepage });
                 st.free[NUM_CLASSES - 1].insert((index, 0));
@@ -371,19 +404,33 @@ const fn class_size(class: usize) -> usize {
     1usize << (class as u32 + MIN_CLASS_SHIFT)
 }
 
-/// Maps one 2 MiB-aligned chunk: hugepage first when `try_hugepage`, ordinary pages otherwise.
-/// Returns the base address and whether it is a hugepage.
-pub(crate) fn map_chunk(try_hugepage: bool) -> Result<(usize, bool), DmaError> {
-    if try_hugepage {
-        if let Some(base) = map_hugepage_chunk() {
+/// Maps one 2 MiB-aligned chunk: hugepage first when `hugepage` says how, ordinary pages
+/// otherwise (or when the hugepage chunk cannot be mapped or populated). Returns the base
+/// address and whether it is a hugepage.
+pub(crate) fn map_chunk(hugepage: Option<&HugepageAttempt>) -> Result<(usize, bool), DmaError> {
+    if let Some(attempt) = hugepage {
+        if let Some(base) = map_hugepage_chunk(attempt) {
             return Ok((base, true));
         }
     }
     map_plain_chunk().map(|base| (base, false))
 }
 
-/// Maps `len` bytes of anonymous, private, read-write memory (plus `extra_flags`), returning
-/// its address.
+/// `madvise(MADV_POPULATE_WRITE)` over `[base, base + len)`: faults every page in writable,
+/// and fails (ENOMEM, EFAULT, ...) where a first write would instead kill the process with
+/// SIGBUS, e.g. a hugetlb page over a cgroup's `hugetlb.2MB.max`. Kernels before 5.14 do not
+/// know the advice (EINVAL), so a hugetlb chunk cannot be proven backed there and is not used.
+fn populate_write(base: usize, len: usize) -> std::io::Result<()> {
+    // SAFETY: callers pass a live anonymous mapping the pool just created and nothing else
+    // references; populating it does not change its contents (fresh zero pages).
+    let rc = unsafe { libc::madvise(base as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn map_anonymous(len: usize, extra_flags: libc::c_int) -> std::io::Result<usize> {
     // SAFETY: an anonymous private mapping with a null hint creates new memory and affects no
     // existing mapping; the result is checked against MAP_FAILED before use.
@@ -403,11 +450,12 @@ fn map_anonymous(len: usize, extra_flags: libc::c_int) -> std::io::Result<usize>
     Ok(p as usize)
 }
 
-fn map_hugepage_chunk() -> Option<usize> {
-    let p = match map_anonymous(
-        DMA_CHUNK_SIZE,
-        libc::MAP_HUGETLB | libc::MAP_HUGE_2MB | libc::MAP_POPULATE,
-    ) {
+/// Maps and populates one hugepage chunk, or returns None (after a log line) when either step
+/// fails. `MAP_POPULATE` is not used: its failure is silent, and under a hugetlb cgroup limit
+/// the mapping succeeds, is reported as hugepage memory, and the first write raises SIGBUS.
+/// The explicit populate step fails instead, and the chunk falls back to ordinary pages.
+fn map_hugepage_chunk(attempt: &HugepageAttempt) -> Option<usize> {
+    let p = match map_anonymous(DMA_CHUNK_SIZE, attempt.map_flags) {
         Ok(address) => address as *mut libc::c_void,
         Err(error) => {
             tracing::debug!(%error, "2 MiB hugepage mapping failed; using ordinary pages for this DMA chunk");
@@ -418,6 +466,16 @@ fn map_hugepage_chunk() -> Option<usize> {
     if !base.is_multiple_of(DMA_CHUNK_SIZE) {
         // hugetlb mappings are always hugepage-aligned; be defensive anyway.
         // SAFETY: unmapping exactly the mapping created just above, which nothing references.
+        unsafe { libc::munmap(p, DMA_CHUNK_SIZE) };
+        return None;
+    }
+    if let Err(error) = (attempt.populate)(base, DMA_CHUNK_SIZE) {
+        tracing::warn!(
+            %error,
+            "2 MiB hugepage mapped but could not be populated (hugetlb limit?); using ordinary \
+             pages for this DMA chunk"
+        );
+        // SAFETY: unmapping exactly the mapping created above; no buffer was carved from it.
         unsafe { libc::munmap(p, DMA_CHUNK_SIZE) };
         return None;
     }

@@ -170,7 +170,7 @@ fn oversized_buffers_have_own_mapping() {
 
 #[test]
 fn fallback_path_without_hugepages() {
-    let (base, huge) = map_chunk(false).expect("plain chunk");
+    let (base, huge) = map_chunk(None).expect("plain chunk");
     assert!(!huge);
     assert_eq!(base % DMA_CHUNK_SIZE, 0);
     let pool = private_pool(false, 2);
@@ -187,7 +187,7 @@ fn fallback_path_without_hugepages() {
 fn hugepage_path_works_or_falls_back() {
     // Whether the machine has free 2 MiB pages right now is outside our control; either
     // outcome must give a usable, 2 MiB-aligned chunk.
-    let (base, huge) = map_chunk(true).expect("chunk");
+    let (base, huge) = map_chunk(Some(&HugepageAttempt::HUGETLB)).expect("chunk");
     assert_eq!(base % DMA_CHUNK_SIZE, 0);
     let pool = private_pool(true, 2);
     let mut b = pool.alloc(DMA_CHUNK_SIZE).expect("alloc");
@@ -198,6 +198,147 @@ fn hugepage_path_works_or_falls_back() {
     eprintln!(
         "hugepage chunk available: {huge}, pool chunk hugepage: {}",
         b.is_hugepage()
+    );
+}
+
+/// How often the injected populate step ran (tests of the hugepage fallback).
+static POPULATE_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn populate_fails(_base: usize, _len: usize) -> std::io::Result<()> {
+    POPULATE_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Err(std::io::Error::from_raw_os_error(libc::ENOMEM))
+}
+
+#[test]
+fn a_hugepage_chunk_that_cannot_be_populated_falls_back_to_ordinary_pages() {
+    // An ordinary 2 MiB mapping stands in for the hugetlb one (this machine may have no
+    // hugepages), and the populate step fails as it does under a hugetlb cgroup limit. The
+    // chunk must not be reported as hugepage memory (the old code, relying on MAP_POPULATE,
+    // had no step that could fail: it reported the chunk as a hugepage and the first write
+    // raised SIGBUS).
+    let attempt = HugepageAttempt {
+        map_flags: 0,
+        populate: populate_fails,
+    };
+    let pool: &'static Pool = Box::leak(Box::new(Pool::with_attempt(Some(attempt), 4)));
+    let mut bufs = Vec::new();
+    // Each chunk tries the hugepage path again; the kernel aligns 2 MiB anonymous mappings to
+    // 2 MiB (THP alignment), so the stand-in reaches the populate step.
+    for seed in 0..4u8 {
+        let mut b = pool.alloc(DMA_CHUNK_SIZE).expect("alloc falls back");
+        assert!(
+            !b.is_hugepage(),
+            "a chunk that failed to populate is not a hugepage"
+        );
+        fill_pattern(&mut b, seed);
+        assert!(check_pattern(&b, seed));
+        bufs.push(b);
+    }
+    assert!(
+        POPULATE_CALLS.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the populate step ran (and failed) for at least one chunk"
+    );
+    let st = pool.stats();
+    assert_eq!((st.chunks, st.hugepage_chunks), (4, 0));
+    assert!(pool
+        .regions()
+        .iter()
+        .all(|r| r.addr % DMA_CHUNK_SIZE == 0 && !r.hugepage));
+}
+
+#[test]
+fn a_populated_stand_in_chunk_counts_as_hugepage() {
+    // The control for the test above: the same stand-in with a populate step that succeeds is
+    // kept as the hugepage chunk (so the fallback above is caused by the failed populate).
+    fn populate_ok(base: usize, len: usize) -> std::io::Result<()> {
+        populate_write(base, len)
+    }
+    let attempt = HugepageAttempt {
+        map_flags: 0,
+        populate: populate_ok,
+    };
+    let (base, huge) = map_chunk(Some(&attempt)).expect("chunk");
+    assert_eq!(base % DMA_CHUNK_SIZE, 0);
+    if !huge {
+        eprintln!("skipped: the kernel did not 2 MiB-align an anonymous 2 MiB mapping");
+    }
+}
+
+/// The environment variable naming the cgroup a child test process moves itself into.
+const HUGETLB_CHILD_ENV: &str = "SPOOL_TEST_HUGETLB_CGROUP";
+
+fn free_hugepages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|meminfo| {
+            meminfo
+                .lines()
+                .find_map(|line| line.strip_prefix("HugePages_Free:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn under_a_hugetlb_cgroup_limit_chunks_fall_back_instead_of_sigbus() {
+    if let Some(cgroup) = std::env::var_os(HUGETLB_CHILD_ENV) {
+        // The child: move into the limited cgroup, then allocate and write a hugepage chunk.
+        let procs = std::path::Path::new(&cgroup).join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string()).expect("join the cgroup");
+        let pool = private_pool(true, 1);
+        let mut b = pool.alloc(DMA_CHUNK_SIZE).expect("alloc");
+        fill_pattern(&mut b, 3);
+        assert!(check_pattern(&b, 3));
+        assert!(
+            !b.is_hugepage(),
+            "hugetlb.2MB.max is 0: the chunk must be ordinary pages"
+        );
+        return;
+    }
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    // SAFETY: geteuid has no preconditions.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let skip = if !is_root {
+        Some("not root".to_owned())
+    } else if !controllers.split_whitespace().any(|c| c == "hugetlb") {
+        Some("no cgroup v2 hugetlb controller at /sys/fs/cgroup".to_owned())
+    } else if free_hugepages() == 0 {
+        Some("no free 2 MiB hugepages (HugePages_Free is 0)".to_owned())
+    } else {
+        None
+    };
+    if let Some(why) = skip {
+        eprintln!("skipped: cannot set up a hugetlb cgroup limit here: {why}");
+        return;
+    }
+    let dir = root.join(format!("spool-hugetlb-test-{}", std::process::id()));
+    let setup = (|| -> std::io::Result<()> {
+        // Enabling may fail if already enabled or refused; the limit write below tells.
+        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+hugetlb");
+        std::fs::create_dir(&dir)?;
+        std::fs::write(dir.join("hugetlb.2MB.max"), "0")
+    })();
+    if let Err(err) = setup {
+        let _ = std::fs::remove_dir(&dir);
+        eprintln!("skipped: cannot set up a hugetlb cgroup limit here: {err}");
+        return;
+    }
+    let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "dma::tests::under_a_hugetlb_cgroup_limit_chunks_fall_back_instead_of_sigbus",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HUGETLB_CHILD_ENV, &dir)
+        .status()
+        .expect("spawn the child test");
+    let _ = std::fs::remove_dir(&dir);
+    assert!(
+        status.success(),
+        "the child under hugetlb.2MB.max=0 failed ({status}); a signal here is the SIGBUS of an \
+         unpopulated hugepage chunk"
     );
 }
 

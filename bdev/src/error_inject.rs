@@ -32,7 +32,7 @@ use spool_reactor::PollStatus;
 use crate::deferred::Deferred;
 use crate::device::{Bdev, ChannelBackend};
 use crate::error::BdevError;
-use crate::io::{IoKind, IoSlots, SlotId};
+use crate::io::{slot_index, IoKind, IoSlots, Submission};
 
 const KINDS: usize = 5;
 
@@ -339,9 +339,10 @@ impl Bdev for ErrorBdev {
     }
 
     fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
-        let inner = self.inner.create_channel(slots)?;
+        let inner = self.inner.create_channel(Rc::clone(&slots))?;
         let block_size = u64::from(self.inner.block_size());
         Ok(Box::new(ErrorChannel {
+            slots,
             inner,
             shared: Arc::clone(&self.shared),
             block_size,
@@ -353,6 +354,8 @@ impl Bdev for ErrorBdev {
 }
 
 struct ErrorChannel {
+    /// The channel's table (shared with the inner backend), to fail requests from the poller.
+    slots: Rc<IoSlots>,
     inner: Box<dyn ChannelBackend>,
     shared: Arc<Shared>,
     block_size: u64,
@@ -364,10 +367,8 @@ struct ErrorChannel {
 }
 
 impl ChannelBackend for ErrorChannel {
-    fn submit(&mut self, slot: SlotId, slots: &IoSlots) {
-        let (kind, offset_bytes, len_bytes) = slots.with(slot, |request| {
-            (request.kind, request.offset_bytes, request.len_bytes)
-        });
+    fn submit(&mut self, io: Submission<'_>) {
+        let (kind, offset_bytes, len_bytes) = (io.kind(), io.offset_bytes(), io.len_bytes());
         let verdict = self.shared.decide(
             kind,
             offset_bytes,
@@ -377,25 +378,28 @@ impl ChannelBackend for ErrorChannel {
         );
         match verdict {
             Some(errno) => {
-                let index = slot as usize;
+                let Some(slot) = io.accept(&self.slots) else {
+                    return;
+                };
+                let index = slot_index(slot);
                 if self.errnos.len() <= index {
                     self.errnos.resize(index + 1, -libc::EIO);
                 }
                 self.errnos[index] = errno;
                 self.failed.push(slot);
             }
-            None => self.inner.submit(slot, slots),
+            None => self.inner.submit(io),
         }
     }
 
-    fn poll(&mut self, slots: &IoSlots) -> PollStatus {
-        let inner = self.inner.poll(slots);
+    fn poll(&mut self) -> PollStatus {
+        let inner = self.inner.poll();
         if self.failed.is_empty() {
             return inner;
         }
-        let errnos = &self.errnos;
+        let (errnos, slots) = (&self.errnos, &self.slots);
         let completed = self.failed.drain_due(|slot| {
-            let errno = errnos.get(slot as usize).copied().unwrap_or(-libc::EIO);
+            let errno = errnos.get(slot_index(slot)).copied().unwrap_or(-libc::EIO);
             slots.complete(slot, errno);
         });
         inner.max(self.failed.status(completed))

@@ -2,12 +2,64 @@
 //! buffers from submission to completion.
 //!
 //! A channel owns an [`IoSlots`] table. Submitting takes a free slot, moves the caller's
-//! buffers into it, and hands the slot id to the device backend. The backend reads the
-//! request (and writes data into its buffers) with short borrows through [`IoSlots::with`],
-//! and completes it with [`IoSlots::complete`], from its poller or, for an immediate failure,
-//! from `submit` itself. The awaiting future then takes the buffers back. A future dropped
-//! before completion leaves its slot "abandoned": the buffers stay parked in the slot until
-//! the device completes, so the device never writes into freed memory.
+//! buffers into it, and hands the device backend a [`Submission`]: a move-only handle on the
+//! request, the only way to start it. The crate's own backends accept it (the slot's tag
+//! then names the request), read the request (and write data into its buffers) with short
+//! borrows through `IoSlots::with`, and complete it with `IoSlots::complete`, from their
+//! poller or, for an immediate failure, from `submit` itself. The awaiting future then takes
+//! the buffers back. A future dropped before completion leaves its slot "abandoned": the
+//! buffers stay parked in the slot until the device completes, so the device never writes
+//! into freed memory.
+//!
+//! # What is closed, and why
+//!
+//! The request's fields, `IoSlots::with` and every way to complete a slot are crate-private:
+//! the io_uring backend hands the kernel pointers into a request's buffers, and its `// SAFETY:`
+//! arguments rely on nobody else changing the request (its length, its buffers, its iovec
+//! scratch) or completing its slot while the kernel uses them. Code outside the crate sees a
+//! [`Submission`]: it can read the request, forward it once to another backend, or complete it
+//! with a status without starting it. So none of these compile outside the crate:
+//!
+//! ```compile_fail,E0624
+//! // Hole 1: a 16 KiB read into a 4 KiB buffer.
+//! fn grow(slots: &spool_bdev::IoSlots, slot: spool_bdev::SlotId) {
+//!     slots.with(slot, |request| request.len_bytes = 16384);
+//! }
+//! ```
+//!
+//! ```compile_fail,E0624
+//! // Hole 2: take the buffers back while the kernel writes into them.
+//! fn steal(slots: &spool_bdev::IoSlots, slot: spool_bdev::SlotId) {
+//!     slots.with(slot, |request| drop(std::mem::take(&mut request.bufs)));
+//! }
+//! ```
+//!
+//! ```compile_fail,E0624
+//! // Hole 2: complete the slot early (the caller gets its buffer back, the kernel still
+//! // writes into it, and the slot is reused under the old SQE's user_data).
+//! fn complete_early(slots: &spool_bdev::IoSlots, slot: spool_bdev::SlotId) {
+//!     slots.complete(slot, 0);
+//! }
+//! ```
+//!
+//! ```compile_fail,E0624
+//! // Hole 2: forge a submission for a slot someone else is using.
+//! fn forge(slots: &spool_bdev::IoSlots, slot: spool_bdev::SlotId) -> spool_bdev::Submission<'_> {
+//!     spool_bdev::Submission::new(slots, slot)
+//! }
+//! ```
+//!
+//! ```compile_fail,E0599
+//! // Hole 2: submit one request twice (two SQEs for one slot).
+//! use spool_bdev::Submission;
+//! fn twice(io: Submission<'_>) -> (Submission<'_>, Submission<'_>) {
+//!     (io.clone(), io)
+//! }
+//! ```
+//!
+//! A slot's tag ([`SlotId`]) carries the slot's generation, bumped at every reuse: a
+//! completion for an earlier use of the slot (a stale io_uring CQE) is logged and ignored,
+//! never delivered to the request now in the slot.
 
 use std::cell::RefCell;
 use std::task::Waker;
@@ -49,8 +101,32 @@ pub enum IoKind {
     Flush,
 }
 
-/// Index of a request slot in its channel's table.
+/// A request's tag in its channel's table: the slot's index in the low [`SLOT_INDEX_BITS`]
+/// bits, the slot's generation (bumped each time the slot is taken) above them. It fits the
+/// low half of an io_uring `user_data`.
 pub type SlotId = u32;
+
+/// Bits of a [`SlotId`] that hold the slot index (enough for [`CHANNEL_IO_MAX`] slots).
+pub const SLOT_INDEX_BITS: u32 = CHANNEL_IO_MAX.trailing_zeros();
+
+const _: () = assert!(CHANNEL_IO_MAX.is_power_of_two() && SLOT_INDEX_BITS < 32);
+
+const SLOT_INDEX_MASK: u32 = (1 << SLOT_INDEX_BITS) - 1;
+
+/// Generations wrap within the bits above the index.
+const GENERATION_MASK: u32 = u32::MAX >> SLOT_INDEX_BITS;
+
+/// The slot index a tag names.
+#[inline]
+pub(crate) fn slot_index(tag: SlotId) -> usize {
+    (tag & SLOT_INDEX_MASK) as usize
+}
+
+/// The generation a tag names.
+#[inline]
+fn tag_generation(tag: SlotId) -> u32 {
+    tag >> SLOT_INDEX_BITS
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
@@ -60,18 +136,20 @@ enum SlotState {
     Abandoned,
 }
 
-/// One request as the backend sees it.
-pub struct IoRequest {
+/// One request as the crate's backends see it. Crate-private: see the module docs.
+pub(crate) struct IoRequest {
     /// The operation.
-    pub kind: IoKind,
+    pub(crate) kind: IoKind,
     /// Where it starts on the device, bytes (a multiple of the block size).
-    pub offset_bytes: u64,
+    pub(crate) offset_bytes: u64,
     /// How many bytes it covers (the sum of the buffers' lengths for reads and writes).
-    pub len_bytes: u64,
+    pub(crate) len_bytes: u64,
     /// The data buffers, in device order (empty for unmap, write_zeroes, flush).
-    pub bufs: Vec<DmaBuf>,
+    pub(crate) bufs: Vec<DmaBuf>,
     /// Scratch space a backend may use for kernel iovecs; kept across uses of the slot.
-    pub iovecs: Vec<libc::iovec>,
+    pub(crate) iovecs: Vec<libc::iovec>,
+    /// Bumped each time the slot is taken (see [`SlotId`]).
+    generation: u32,
     state: SlotState,
     /// The last waiter's waker, kept across uses of the slot so the same task reusing it
     /// (the free list is LIFO) does not clone it again.
@@ -89,6 +167,7 @@ impl IoRequest {
             len_bytes: 0,
             bufs: Vec::new(),
             iovecs: Vec::new(),
+            generation: 0,
             state: SlotState::Free,
             waker: None,
             waker_current: false,
@@ -97,13 +176,22 @@ impl IoRequest {
 }
 
 /// The request slots of one channel. Grows on demand up to [`CHANNEL_IO_MAX`], never shrinks.
-#[derive(Default)]
+/// Opaque outside the crate: a backend outside it can only pass it on to the backend it wraps.
 pub struct IoSlots {
     requests: RefCell<Vec<IoRequest>>,
-    free: RefCell<Vec<SlotId>>,
+    /// Indices of free slots.
+    free: RefCell<Vec<u32>>,
 }
 
 impl IoSlots {
+    /// An empty table.
+    pub(crate) fn new() -> IoSlots {
+        IoSlots {
+            requests: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+        }
+    }
+
     /// Takes a free slot and fills it; `None` when [`CHANNEL_IO_MAX`] requests are in flight.
     pub(crate) fn acquire(
         &self,
@@ -112,41 +200,55 @@ impl IoSlots {
         len_bytes: u64,
     ) -> Option<SlotId> {
         let mut requests = self.requests.borrow_mut();
-        let slot = match self.free.borrow_mut().pop() {
-            Some(slot) => slot,
+        let index = match self.free.borrow_mut().pop() {
+            Some(index) => index,
             None if requests.len() < CHANNEL_IO_MAX => {
                 requests.push(IoRequest::empty());
-                SlotId::try_from(requests.len() - 1).ok()?
+                u32::try_from(requests.len() - 1).ok()?
             }
             None => return None,
         };
-        let request = &mut requests[slot as usize];
+        let request = &mut requests[index as usize];
         debug_assert_eq!(request.state, SlotState::Free);
         request.kind = kind;
         request.offset_bytes = offset_bytes;
         request.len_bytes = len_bytes;
         request.state = SlotState::InFlight;
         request.waker_current = false;
-        Some(slot)
+        request.generation = request.generation.wrapping_add(1) & GENERATION_MASK;
+        Some((request.generation << SLOT_INDEX_BITS) | index)
     }
 
-    /// Runs `f` on the request in `slot`. Keep it short: no other slot access may nest in it.
+    /// Runs `f` on the request `slot` names. Keep it short: no other slot access may nest in it.
     #[inline]
-    pub fn with<R>(&self, slot: SlotId, f: impl FnOnce(&mut IoRequest) -> R) -> R {
-        f(&mut self.requests.borrow_mut()[slot as usize])
+    pub(crate) fn with<R>(&self, slot: SlotId, f: impl FnOnce(&mut IoRequest) -> R) -> R {
+        let mut requests = self.requests.borrow_mut();
+        let request = &mut requests[slot_index(slot)];
+        debug_assert_eq!(request.generation, tag_generation(slot), "stale slot tag");
+        f(request)
     }
 
-    /// Completes the request in `slot` with `status` (0 or a negative errno) and wakes its
-    /// waiter. A request whose waiter went away is released here, dropping its buffers.
+    /// Whether `slot` names the request now in its slot (not an earlier use of the slot).
     #[inline]
-    pub fn complete(&self, slot: SlotId, status: i32) {
+    pub(crate) fn is_current(&self, slot: SlotId) -> bool {
+        self.requests
+            .borrow()
+            .get(slot_index(slot))
+            .is_some_and(|request| request.generation == tag_generation(slot))
+    }
+
+    /// Completes the request `slot` names with `status` (0 or a negative errno) and wakes its
+    /// waiter. A request whose waiter went away is released here, dropping its buffers. A tag
+    /// of an earlier use of the slot, or a second completion, is logged and ignored.
+    #[inline]
+    pub(crate) fn complete(&self, slot: SlotId, status: i32) {
         self.complete_deduplicated(slot, status, &mut None);
     }
 
     /// Completes a request as part of `batch` (see [`WakeBatch`]): its waiter is not woken
     /// again if an earlier completion of the batch already woke it.
     #[inline]
-    pub fn complete_in(&self, slot: SlotId, status: i32, batch: &mut WakeBatch) {
+    pub(crate) fn complete_in(&self, slot: SlotId, status: i32, batch: &mut WakeBatch) {
         self.complete_deduplicated(slot, status, &mut batch.last_woken);
     }
 
@@ -155,7 +257,7 @@ impl IoSlots {
     /// task runs during a poller, so a second wake would only repeat the first; with one task
     /// driving many requests, this saves an atomic operation per completion).
     #[inline]
-    pub fn complete_batch<R>(
+    pub(crate) fn complete_batch<R>(
         &self,
         complete_each: impl FnOnce(&mut dyn FnMut(SlotId, i32)) -> R,
     ) -> R {
@@ -172,7 +274,18 @@ impl IoSlots {
     ) {
         let released = {
             let mut requests = self.requests.borrow_mut();
-            let request = &mut requests[slot as usize];
+            let Some(request) = requests.get_mut(slot_index(slot)) else {
+                tracing::error!(slot, "completion for a slot that does not exist; ignored");
+                return;
+            };
+            if request.generation != tag_generation(slot) {
+                tracing::warn!(
+                    slot,
+                    current = request.generation,
+                    "stale completion for an earlier use of a reused slot; ignored"
+                );
+                return;
+            }
             match request.state {
                 SlotState::InFlight => {
                     request.state = SlotState::Done(status);
@@ -193,12 +306,15 @@ impl IoSlots {
                     request.state = SlotState::Free;
                     Some(std::mem::take(&mut request.bufs))
                 }
-                state => panic!("slot {slot} completed twice (state {state:?})"),
+                state => {
+                    tracing::error!(slot, ?state, "slot completed twice; ignored");
+                    return;
+                }
             }
         };
         if let Some(bufs) = released {
             drop(bufs);
-            self.free.borrow_mut().push(slot);
+            self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
         }
     }
 
@@ -206,7 +322,8 @@ impl IoSlots {
     #[inline]
     pub(crate) fn poll_done(&self, slot: SlotId, waker: &Waker) -> Option<i32> {
         let mut requests = self.requests.borrow_mut();
-        let request = &mut requests[slot as usize];
+        let request = &mut requests[slot_index(slot)];
+        debug_assert_eq!(request.generation, tag_generation(slot), "stale slot tag");
         match request.state {
             SlotState::Done(status) => Some(status),
             SlotState::InFlight => {
@@ -226,12 +343,13 @@ impl IoSlots {
     pub(crate) fn release<R>(&self, slot: SlotId, take: impl FnOnce(&mut Vec<DmaBuf>) -> R) -> R {
         let out = {
             let mut requests = self.requests.borrow_mut();
-            let request = &mut requests[slot as usize];
+            let request = &mut requests[slot_index(slot)];
+            debug_assert_eq!(request.generation, tag_generation(slot), "stale slot tag");
             debug_assert!(matches!(request.state, SlotState::Done(_)));
             request.state = SlotState::Free;
             take(&mut request.bufs)
         };
-        self.free.borrow_mut().push(slot);
+        self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
         out
     }
 
@@ -239,7 +357,8 @@ impl IoSlots {
     pub(crate) fn abandon(&self, slot: SlotId) {
         let done = {
             let mut requests = self.requests.borrow_mut();
-            let request = &mut requests[slot as usize];
+            let request = &mut requests[slot_index(slot)];
+            debug_assert_eq!(request.generation, tag_generation(slot), "stale slot tag");
             request.waker = None;
             match request.state {
                 SlotState::Done(_) => {
@@ -255,13 +374,101 @@ impl IoSlots {
         };
         if let Some(bufs) = done {
             drop(bufs);
-            self.free.borrow_mut().push(slot);
+            self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
         }
     }
 
     /// Requests in flight (submitted, not yet completed or released).
     pub fn in_flight(&self) -> usize {
         self.requests.borrow().len() - self.free.borrow().len()
+    }
+}
+
+/// A request handed to a backend's [`crate::ChannelBackend::submit`]: the only way to start it.
+///
+/// It is neither `Clone` nor constructible outside the crate, and it borrows the channel's
+/// table for the length of the `submit` call, so a request is started at most once, only
+/// during its submission, and only by whoever holds this value. A backend outside the crate
+/// may read the request, forward the submission to the backend it wraps, or complete it with
+/// a status without starting it ([`Submission::complete`]). Dropped unused, it completes the
+/// request with `-ECANCELED` (a request is never left hanging).
+pub struct Submission<'a> {
+    slots: &'a IoSlots,
+    slot: SlotId,
+}
+
+impl<'a> Submission<'a> {
+    /// The submission of the request `slot` names in `slots`.
+    #[inline]
+    pub(crate) fn new(slots: &'a IoSlots, slot: SlotId) -> Submission<'a> {
+        Submission { slots, slot }
+    }
+
+    /// The operation.
+    pub fn kind(&self) -> IoKind {
+        self.slots.with(self.slot, |request| request.kind)
+    }
+
+    /// Where the request starts on the device, bytes.
+    pub fn offset_bytes(&self) -> u64 {
+        self.slots.with(self.slot, |request| request.offset_bytes)
+    }
+
+    /// How many bytes the request covers.
+    pub fn len_bytes(&self) -> u64 {
+        self.slots.with(self.slot, |request| request.len_bytes)
+    }
+
+    /// Completes the request now, without starting it: with `status` if negative (an errno),
+    /// else with success (the buffers are handed back untouched).
+    pub fn complete(self, status: i32) {
+        let (slots, slot) = self.into_parts();
+        slots.complete(slot, status.min(0));
+    }
+
+    /// Takes the request for a backend whose requests live in `slots`: its tag, for the
+    /// backend to complete later. A submission from another table (a wrapper that created the
+    /// backend with one table and forwards another's requests) is failed with `-EINVAL`
+    /// instead: the backend would otherwise start a slot of its own table that someone else
+    /// is using.
+    #[inline]
+    pub(crate) fn accept(self, slots: &IoSlots) -> Option<SlotId> {
+        let (own, slot) = self.into_parts();
+        if std::ptr::eq(own, slots) {
+            Some(slot)
+        } else {
+            tracing::error!(
+                slot,
+                "a request was forwarded to a backend created for another channel; failed"
+            );
+            own.complete(slot, -libc::EINVAL);
+            None
+        }
+    }
+
+    #[inline]
+    fn into_parts(self) -> (&'a IoSlots, SlotId) {
+        let parts = (self.slots, self.slot);
+        std::mem::forget(self);
+        parts
+    }
+}
+
+impl Drop for Submission<'_> {
+    fn drop(&mut self) {
+        tracing::warn!(
+            slot = self.slot,
+            "a request was dropped by its backend; cancelled"
+        );
+        self.slots.complete(self.slot, -libc::ECANCELED);
+    }
+}
+
+impl std::fmt::Debug for Submission<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submission")
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
     }
 }
 
@@ -286,7 +493,7 @@ mod tests {
 
     #[test]
     fn a_reused_slot_never_wakes_the_previous_waiter() {
-        let slots = IoSlots::default();
+        let slots = IoSlots::new();
         let first = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let first_waker = Waker::from(Arc::clone(&first));
         let slot = slots.acquire(IoKind::Read, 0, 4096).unwrap();
@@ -301,7 +508,7 @@ mod tests {
         slots.release(slot, |_| ());
         // The next request takes the same slot (LIFO) and completes before its future polls.
         let again = slots.acquire(IoKind::Write, 4096, 4096).unwrap();
-        assert_eq!(again, slot);
+        assert_eq!(slot_index(again), slot_index(slot));
         slots.complete(again, -5);
         assert_eq!(
             first.0.load(Ordering::SeqCst),
@@ -318,8 +525,56 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_completion_never_completes_the_reused_slot_and_never_panics() {
+        let slots = IoSlots::new();
+        let old = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        slots.complete(old, 0);
+        assert_eq!(slots.poll_done(old, Waker::noop()), Some(0));
+        slots.release(old, |_| ());
+        let new = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        assert_eq!(
+            slot_index(new),
+            slot_index(old),
+            "the slot is reused (LIFO)"
+        );
+        assert_ne!(new, old, "with a new generation");
+        // The old request's completion arrives again (a stale io_uring CQE): ignored.
+        slots.complete(old, -5);
+        assert!(!slots.is_current(old));
+        assert_eq!(slots.poll_done(new, Waker::noop()), None, "still in flight");
+        slots.complete(new, 0);
+        // A second completion is ignored too (it used to panic).
+        slots.complete(new, -5);
+        assert_eq!(slots.poll_done(new, Waker::noop()), Some(0));
+        slots.release(new, |_| ());
+        assert_eq!(slots.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_dropped_submission_cancels_and_a_foreign_one_fails() {
+        let slots = IoSlots::new();
+        let other = IoSlots::new();
+        let dropped = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        drop(Submission::new(&slots, dropped));
+        assert_eq!(
+            slots.poll_done(dropped, Waker::noop()),
+            Some(-libc::ECANCELED)
+        );
+        // A backend created for `other` is handed a request of `slots`: it fails, and
+        // nothing of `other` (whose slot of the same index may be in use) is touched.
+        let busy = other.acquire(IoKind::Flush, 0, 0).unwrap();
+        let foreign = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        assert_eq!(Submission::new(&slots, foreign).accept(&other), None);
+        assert_eq!(slots.poll_done(foreign, Waker::noop()), Some(-libc::EINVAL));
+        assert_eq!(other.poll_done(busy, Waker::noop()), None);
+        let own = other.acquire(IoKind::Flush, 0, 0).unwrap();
+        assert_eq!(Submission::new(&other, own).accept(&other), Some(own));
+        assert_eq!(other.poll_done(own, Waker::noop()), None);
+    }
+
+    #[test]
     fn an_abandoned_request_is_released_at_completion() {
-        let slots = IoSlots::default();
+        let slots = IoSlots::new();
         let slot = slots.acquire(IoKind::Read, 0, 4096).unwrap();
         slots.with(slot, |request| {
             request.bufs.push(DmaBuf::alloc(4096).unwrap())

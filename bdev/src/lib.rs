@@ -34,7 +34,7 @@ pub use crate::device::{Bdev, ChannelBackend};
 pub use crate::dma::DmaBuf;
 pub use crate::error::BdevError;
 pub use crate::error_inject::{ErrorBdev, ErrorRule, RuleId, RuleStats};
-pub use crate::io::{IoKind, IoRequest, IoSlots, SlotId, WakeBatch};
+pub use crate::io::{IoKind, IoSlots, SlotId, Submission, WakeBatch};
 pub use crate::malloc::MallocBdev;
 pub use crate::null::NullBdev;
 pub use crate::uring::{UringBdev, UringGroupStats, UringOptions, DEFAULT_SUBMIT_BATCH};

@@ -26,7 +26,7 @@ use crate::deferred::Deferred;
 use crate::device::{Bdev, ChannelBackend};
 use crate::dma::DmaBuf;
 use crate::error::BdevError;
-use crate::io::{IoKind, IoRequest, IoSlots, SlotId};
+use crate::io::{IoKind, IoRequest, IoSlots, Submission};
 
 const WORD: usize = 8;
 
@@ -235,8 +235,9 @@ impl Bdev for MallocBdev {
         true
     }
 
-    fn create_channel(&self, _slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
+    fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
         Ok(Box::new(MallocChannel {
+            slots,
             memory: Arc::clone(&self.memory),
             pending: Deferred::default(),
         }))
@@ -244,6 +245,7 @@ impl Bdev for MallocBdev {
 }
 
 struct MallocChannel {
+    slots: Rc<IoSlots>,
     memory: Arc<Memory>,
     pending: Deferred,
 }
@@ -291,15 +293,18 @@ impl MallocChannel {
 
 impl ChannelBackend for MallocChannel {
     #[inline]
-    fn submit(&mut self, slot: SlotId, _slots: &IoSlots) {
-        self.pending.push(slot);
+    fn submit(&mut self, io: Submission<'_>) {
+        if let Some(slot) = io.accept(&self.slots) {
+            self.pending.push(slot);
+        }
     }
 
     #[inline]
-    fn poll(&mut self, slots: &IoSlots) -> PollStatus {
+    fn poll(&mut self) -> PollStatus {
         if self.pending.is_empty() {
             return PollStatus::Idle;
         }
+        let slots = &self.slots;
         let words = &self.memory.words;
         let pending = &mut self.pending;
         let completed = slots.complete_batch(|complete| {

@@ -8,7 +8,7 @@ use spool_reactor::PollStatus;
 use crate::deferred::Deferred;
 use crate::device::{Bdev, ChannelBackend};
 use crate::error::BdevError;
-use crate::io::{IoSlots, SlotId};
+use crate::io::{IoSlots, Submission};
 
 /// A device of `block_count` blocks of `block_size` bytes that stores nothing.
 #[derive(Debug)]
@@ -47,28 +47,33 @@ impl Bdev for NullBdev {
         self.block_count
     }
 
-    fn create_channel(&self, _slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
+    fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
         Ok(Box::new(NullChannel {
+            slots,
             pending: Deferred::default(),
         }))
     }
 }
 
 struct NullChannel {
+    slots: Rc<IoSlots>,
     pending: Deferred,
 }
 
 impl ChannelBackend for NullChannel {
     #[inline]
-    fn submit(&mut self, slot: SlotId, _slots: &IoSlots) {
-        self.pending.push(slot);
+    fn submit(&mut self, io: Submission<'_>) {
+        if let Some(slot) = io.accept(&self.slots) {
+            self.pending.push(slot);
+        }
     }
 
     #[inline]
-    fn poll(&mut self, slots: &IoSlots) -> PollStatus {
+    fn poll(&mut self) -> PollStatus {
         if self.pending.is_empty() {
             return PollStatus::Idle;
         }
+        let slots = &self.slots;
         let completed =
             slots.complete_batch(|complete| self.pending.drain_due(|slot| complete(slot, 0)));
         self.pending.status(completed)

@@ -19,7 +19,7 @@ use spool_reactor::{Channel, IoDevice, PollStatus};
 
 use crate::device::{Bdev, ChannelBackend};
 use crate::error::BdevError;
-use crate::io::{IoSlots, SlotId};
+use crate::io::{IoSlots, Submission};
 use crate::uring::blk;
 use crate::uring::group::{draining_groups, group_device, GroupCtx, RingKey, UringGroupStats};
 use crate::uring::sys::{probe_support, RingSupport, MAX_ENTRIES};
@@ -350,16 +350,16 @@ struct UringChannel {
 
 impl ChannelBackend for UringChannel {
     #[inline]
-    fn submit(&mut self, slot: SlotId, slots: &IoSlots) {
+    fn submit(&mut self, io: Submission<'_>) {
         match self.group.state.try_borrow_mut() {
-            Ok(mut group) => group.start_request(self.index, slot),
+            Ok(mut group) => group.start_request(self.index, io),
             // Unreachable in practice: nothing holds the group across a task's poll.
-            Err(_) => slots.complete(slot, -libc::EBUSY),
+            Err(_) => io.complete(-libc::EBUSY),
         }
     }
 
     #[inline]
-    fn poll(&mut self, _slots: &IoSlots) -> PollStatus {
+    fn poll(&mut self) -> PollStatus {
         // The group's poller submits and reaps for every channel on this reactor.
         PollStatus::Idle
     }

@@ -3,7 +3,8 @@
 //!
 //! # Invariants
 //!
-//! * `user_data` of every SQE is `(channel index << 32) | slot` ([`user_data`]).
+//! * `user_data` of every SQE is `(channel index << 32) | slot tag` ([`user_data`]); the tag
+//!   carries the slot generation, so a CQE of an earlier use of a reused slot is recognised.
 //! * A channel's table entry holds a strong `Rc<IoSlots>` (and the channel's zero buffer)
 //!   until every SQE it pushed has been reaped, even after the channel itself was destroyed:
 //!   the buffers the kernel reads or writes are owned by those slots, so they cannot be freed

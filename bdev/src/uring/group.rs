@@ -515,6 +515,19 @@ impl GroupState {
                 return;
             };
             entry.in_flight -= 1;
+            if !entry.slots.is_current(slot) {
+                // The generation check: a CQE of an earlier use of a reused slot (the slot
+                // was completed before its SQE's CQE, a bug) must not complete the request
+                // now in it.
+                tracing::error!(
+                    user_data,
+                    "stale io_uring completion for a reused slot; ignored"
+                );
+                if !entry.open && entry.in_flight == 0 {
+                    finished.push(index);
+                }
+                return;
+            }
             if !entry.open {
                 // The channel is gone; its requests were all abandoned: just release them.
                 entry.slots.complete_in(slot, result.min(0), &mut wakes);

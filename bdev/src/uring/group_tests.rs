@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::dma::DmaBuf;
-use crate::io::{IoKind, IoSlots};
+use crate::io::{IoKind, IoSlots, Submission};
 use crate::uring::bdev::DeviceShared;
 use crate::uring::request::{fill_iovecs, Phase, Progress, SHORT_IO_RETRIES_MAX};
 use std::sync::atomic::AtomicBool;
@@ -69,7 +69,7 @@ fn start_write(
         buf.fill(byte);
         req.bufs.push(buf);
     });
-    group.start_request(index, slot);
+    group.start_request(index, Submission::new(slots, slot));
     slot
 }
 
@@ -107,7 +107,7 @@ fn a_closed_channel_keeps_its_file_slot_until_its_queued_sqes_completed() {
     let mut group = test_group();
     let (dev_a, file_a) = test_device();
     let (dev_b, file_b) = test_device();
-    let slots_a = Rc::new(IoSlots::default());
+    let slots_a = Rc::new(IoSlots::new());
     let a = group.add_channel(dev_a, Rc::clone(&slots_a)).expect("a");
     let a_file = file_slot(&group, a).expect("a attached");
     let slot = start_write(&mut group, a, &slots_a, 0, 0xaa);
@@ -121,7 +121,7 @@ fn a_closed_channel_keeps_its_file_slot_until_its_queued_sqes_completed() {
         "entry and file slot kept"
     );
     // Another bdev's channel must not get the closed channel's file slot.
-    let slots_b = Rc::new(IoSlots::default());
+    let slots_b = Rc::new(IoSlots::new());
     let b = group.add_channel(dev_b, Rc::clone(&slots_b)).expect("b");
     assert_ne!(file_slot(&group, b), Some(a_file));
     poll_until(&mut group, |g| g.channels[a as usize].is_none());
@@ -138,7 +138,9 @@ fn a_closed_channel_keeps_its_file_slot_until_its_queued_sqes_completed() {
     );
     // Once drained, the slot is released and reused.
     let (dev_c, _file_c) = test_device();
-    let c = group.add_channel(dev_c, Rc::default()).expect("c");
+    let c = group
+        .add_channel(dev_c, Rc::new(IoSlots::new()))
+        .expect("c");
     assert_eq!(file_slot(&group, c), Some(a_file));
 }
 
@@ -151,7 +153,7 @@ fn a_full_submit_batch_goes_to_the_kernel_at_once_and_the_rest_at_the_pass_end()
     .expect("ring");
     let mut group = GroupState::new(ring, 8, 2);
     let (dev, file) = test_device();
-    let slots = Rc::new(IoSlots::default());
+    let slots = Rc::new(IoSlots::new());
     let a = group.add_channel(dev, Rc::clone(&slots)).expect("a");
     let first = start_write(&mut group, a, &slots, 0, 0x41);
     assert_eq!(group.queued.len(), 1, "one SQE waits for its batch");
@@ -191,7 +193,7 @@ fn sqpoll_groups_forget_the_sqes_the_kernel_thread_took() {
         };
         let mut group = GroupState::new(ring, 64, submit_batch);
         let (dev, file) = test_device();
-        let slots = Rc::new(IoSlots::default());
+        let slots = Rc::new(IoSlots::new());
         let a = group.add_channel(dev, Rc::clone(&slots)).expect("a");
         let started: Vec<SlotId> = (0..16u8)
             .map(|i| start_write(&mut group, a, &slots, u64::from(i) * 4096, i + 1))
@@ -218,7 +220,7 @@ fn a_batch_submission_that_fails_waits_for_the_next_pass() {
     .expect("ring");
     let mut group = GroupState::new(ring, 8, 2);
     let (dev, _file) = test_device();
-    let slots = Rc::new(IoSlots::default());
+    let slots = Rc::new(IoSlots::new());
     let a = group.add_channel(dev, Rc::clone(&slots)).expect("a");
     // As after a failed or partial batch enter: further pushes do not enter again.
     group.batch_held = true;
@@ -238,13 +240,13 @@ fn a_batch_submission_that_fails_waits_for_the_next_pass() {
 fn a_closed_channel_with_nothing_in_flight_is_removed_at_once() {
     let mut group = test_group();
     let (dev, _file) = test_device();
-    let a = group.add_channel(dev, Rc::default()).expect("a");
+    let a = group.add_channel(dev, Rc::new(IoSlots::new())).expect("a");
     let a_file = file_slot(&group, a).expect("attached");
     group.close_channel(a);
     assert!(group.channels[a as usize].is_none());
     assert_eq!(group.stats().channels, 0);
     let (dev, _file) = test_device();
-    let b = group.add_channel(dev, Rc::default()).expect("b");
+    let b = group.add_channel(dev, Rc::new(IoSlots::new())).expect("b");
     assert_eq!(file_slot(&group, b), Some(a_file), "file slot released");
 }
 
@@ -252,7 +254,7 @@ fn a_closed_channel_with_nothing_in_flight_is_removed_at_once() {
 fn a_retired_ring_fails_unsubmitted_requests_and_never_submits_them() {
     let mut group = test_group();
     let (dev, file) = test_device();
-    let slots = Rc::new(IoSlots::default());
+    let slots = Rc::new(IoSlots::new());
     let a = group.add_channel(dev, Rc::clone(&slots)).expect("a");
     // One write accepted by the kernel, then one pushed but not submitted.
     let accepted = start_write(&mut group, a, &slots, 0, 0x11);
@@ -292,7 +294,7 @@ fn a_retired_ring_fails_unsubmitted_requests_and_never_submits_them() {
 
 #[test]
 fn iovecs_skip_done_bytes_and_respect_the_cap() {
-    let slots = IoSlots::default();
+    let slots = IoSlots::new();
     let slot = slots.acquire(IoKind::Read, 0, 12288).expect("slot");
     slots.with(slot, |req| {
         for len in [6144, 2048, 4096] {
@@ -322,7 +324,7 @@ fn short_transfers_resume_and_stalls_fail_with_eio() {
         total: 8192,
         shorts: 0,
     };
-    let mut entry = entry_with(Rc::new(IoSlots::default()), rw);
+    let mut entry = entry_with(Rc::new(IoSlots::new()), rw);
     assert!(matches!(
         on_completion(&mut entry, 0, 4096, &mut stats),
         Outcome::Again
@@ -366,7 +368,7 @@ fn refused_fallocate_switches_to_zero_fill_and_remembers() {
         total: 8192,
         ..Progress::default()
     };
-    let mut entry = entry_with(Rc::new(IoSlots::default()), punch);
+    let mut entry = entry_with(Rc::new(IoSlots::new()), punch);
     assert!(matches!(
         on_completion(&mut entry, 0, -libc::EOPNOTSUPP, &mut stats),
         Outcome::Again
@@ -383,4 +385,68 @@ fn refused_fallocate_switches_to_zero_fill_and_remembers() {
         on_completion(&mut entry, 0, -libc::EIO, &mut stats),
         Outcome::Done(e) if e == -libc::EIO
     ));
+}
+
+/// Two 4 KiB DMA buffers adjacent in memory: the first, and the one right after it.
+fn adjacent_bufs() -> (DmaBuf, DmaBuf) {
+    let mut bufs: Vec<DmaBuf> = (0..64)
+        .map(|_| DmaBuf::alloc(4096).expect("alloc"))
+        .collect();
+    bufs.sort_by_key(|buf| buf.as_ptr() as usize);
+    let at = (0..bufs.len() - 1)
+        .find(|&i| bufs[i].as_ptr() as usize + 4096 == bufs[i + 1].as_ptr() as usize)
+        .expect("two adjacent 4 KiB buffers among 64");
+    let next = bufs.remove(at + 1);
+    (bufs.remove(at), next)
+}
+
+#[test]
+fn a_request_longer_than_its_buffer_fails_with_einval_and_is_never_issued() {
+    let mut group = test_group();
+    let (dev, file) = test_device();
+    {
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&[0xee; 16384], 0).expect("fill");
+    }
+    let slots = Rc::new(IoSlots::new());
+    let index = group.add_channel(dev, Rc::clone(&slots)).expect("attach");
+    let (buf, mut next) = adjacent_bufs();
+    next.fill(0x5a);
+    // A 16 KiB read into a 4 KiB buffer (what a wrapper bdev could ask for when the request's
+    // length was a public field).
+    let slot = slots.acquire(IoKind::Read, 0, 16384).expect("slot");
+    slots.with(slot, |req| req.bufs.push(buf));
+    group.start_request(index, Submission::new(&slots, slot));
+    poll_until(&mut group, |_| status(&slots, slot).is_some());
+    assert!(
+        next.iter().all(|&b| b == 0x5a),
+        "the kernel wrote past the request's buffer into the next DMA buffer"
+    );
+    assert_eq!(status(&slots, slot), Some(-libc::EINVAL));
+    assert_eq!(group.stats().sqes_pushed, 0, "never issued");
+}
+
+#[test]
+fn a_stale_cqe_never_completes_the_reused_slot() {
+    let mut group = test_group();
+    let (dev, _file) = test_device();
+    let slots = Rc::new(IoSlots::new());
+    let index = group.add_channel(dev, Rc::clone(&slots)).expect("attach");
+    // A flush is pushed (its SQE names no memory), then its slot is completed and reused
+    // before the SQE's CQE arrives: what safe code could do when completion was public.
+    let old = slots.acquire(IoKind::Flush, 0, 0).expect("slot");
+    group.start_request(index, Submission::new(&slots, old));
+    slots.complete(old, 0);
+    assert_eq!(status(&slots, old), Some(0));
+    slots.release(old, |_| ());
+    let new = slots.acquire(IoKind::Flush, 0, 0).expect("slot");
+    group.start_request(index, Submission::new(&slots, new));
+    assert_eq!(group.queued.len(), 2, "both SQEs queued");
+    // The old CQE is reaped first: ignored (the old code completed `new` with it, then
+    // panicked with "completed twice" at `new`'s own CQE).
+    poll_until(&mut group, |group| group.ring.in_flight() == 0);
+    assert_eq!(status(&slots, new), Some(0));
+    assert_eq!(group.stats().completions, 2);
+    slots.release(new, |_| ());
+    assert_eq!(slots.in_flight(), 0);
 }

@@ -9,7 +9,14 @@
 //!   resubmission or the write-zeroes fallback issue their steps one after another), so a CQE
 //!   names exactly one step of one request ([`on_completion`] decides what it means).
 //! * The buffers (and iovec scratch) an SQE points into are owned by its slot, which is
-//!   completed only after that SQE's CQE is reaped or the SQE is retracted.
+//!   completed only after that SQE's CQE is reaped or the SQE is retracted. Nothing outside
+//!   the crate can reach a request's fields or complete its slot (`io.rs`), and a request is
+//!   started only from its [`Submission`], which is accepted only for the channel's own table.
+//! * [`issue`] is the one place a read or write is turned into kernel pointers: it checks that
+//!   the bytes asked for lie inside the slot's buffers (and that there are at most
+//!   [`IOVECS_MAX`] iovecs) and fails the request with `-EINVAL` otherwise, never issuing it.
+//! * `user_data` carries the slot's tag, generation included: a CQE of an earlier use of a
+//!   reused slot is logged and ignored by the group poller, never completes the current one.
 //! * Reads and writes ask for at most [`RW_STEP_MAX`] bytes per SQE; a short transfer is
 //!   resumed where it stopped, at most [`SHORT_IO_RETRIES_MAX`] times, and a transfer of
 //!   0 bytes fails with `-EIO` (never a retry loop).
@@ -24,7 +31,8 @@
 use std::sync::atomic::Ordering;
 
 use crate::dma::DmaBuf;
-use crate::io::{IoKind, IoRequest, SlotId};
+use crate::io::{slot_index, IoKind, IoRequest, SlotId, Submission};
+use crate::limits::IOVECS_MAX;
 use crate::uring::bdev::DeviceShared;
 use crate::uring::blk;
 use crate::uring::channels::{user_data, ChannelEntry};
@@ -41,6 +49,9 @@ pub const SHORT_IO_RETRIES_MAX: u8 = 8;
 /// Largest byte count one read/write SQE asks for (a CQE result is an `i32`); longer requests
 /// are issued in steps.
 const RW_STEP_MAX: u64 = 1 << 30;
+
+/// Why a read or write failed the length check of [`issue`] (its errno is -EINVAL).
+const TOO_LONG: &str = "request longer than its buffers, or too many iovecs";
 
 /// What a request slot is doing in the ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -91,13 +102,17 @@ pub(super) enum Outcome {
 }
 
 impl GroupState {
-    /// Starts the validated request in `slot` of channel `index`.
-    pub(crate) fn start_request(&mut self, index: u32, slot: SlotId) {
+    /// Starts the validated request `io` on channel `index` (failed with -EINVAL if it is not
+    /// a request of that channel's table, -ECANCELED if the channel is gone).
+    pub(crate) fn start_request(&mut self, index: u32, io: Submission<'_>) {
         let Some(entry) = self
             .channels
             .get_mut(index as usize)
             .and_then(Option::as_mut)
         else {
+            return;
+        };
+        let Some(slot) = io.accept(&entry.slots) else {
             return;
         };
         let (kind, offset, total) = entry
@@ -144,11 +159,11 @@ impl GroupState {
                 }
             }
         };
-        let slot_index = slot as usize;
-        if entry.progress.len() <= slot_index {
-            entry.progress.resize(slot_index + 1, Progress::default());
+        let at = slot_index(slot);
+        if entry.progress.len() <= at {
+            entry.progress.resize(at + 1, Progress::default());
         }
-        entry.progress[slot_index] = Progress {
+        entry.progress[at] = Progress {
             phase,
             write: kind != IoKind::Read,
             done: 0,
@@ -188,7 +203,7 @@ pub(super) fn on_completion(
     result: i32,
     stats: &mut UringGroupStats,
 ) -> Outcome {
-    let Some(progress) = entry.progress.get_mut(slot as usize) else {
+    let Some(progress) = entry.progress.get_mut(slot_index(slot)) else {
         return Outcome::Done(-libc::EIO);
     };
     if result < 0 {
@@ -275,7 +290,7 @@ pub(super) fn issue(
 ) -> Result<(), IssueError> {
     let ud = user_data(index, slot);
     let file = entry.file;
-    let Some(progress) = entry.progress.get_mut(slot as usize) else {
+    let Some(progress) = entry.progress.get_mut(slot_index(slot)) else {
         return Err(IssueError::Fail(-libc::EIO));
     };
     let remaining = progress.total.saturating_sub(progress.done);
@@ -287,6 +302,13 @@ pub(super) fn issue(
                 let offset = req.offset_bytes + done;
                 if let [buf] = req.bufs.as_mut_slice() {
                     let len = remaining.min(RW_STEP_MAX);
+                    // The length check: the step must lie inside the buffer.
+                    if done
+                        .checked_add(len)
+                        .is_none_or(|end| end > buf.len() as u64)
+                    {
+                        return (Err(RingError::InvalidArgument(TOO_LONG)), 0);
+                    }
                     let region = buf.fixed_region();
                     ensure_fixed(ring, region, regions_tried);
                     let ptr = buf.as_mut_ptr().wrapping_add(done as usize);
@@ -307,15 +329,22 @@ pub(super) fn issue(
                             fixed_region: region,
                         }
                     };
-                    // SAFETY: `ptr..ptr + len` lies inside `buf` (done + len <= buf.len()), a
-                    // DmaBuf owned by this slot's request. The slot is completed, and its
-                    // buffers handed back or dropped, only after this SQE's CQE is reaped
-                    // (`GroupState::poll`) or retracted (`GroupState::fail_ring`); a destroyed
-                    // channel's entry keeps the slots alive until then, and a group frees its
-                    // entries only after `Ring::close` succeeded (it leaks them otherwise).
+                    // SAFETY: `ptr..ptr + len` lies inside `buf`: `done + len <= buf.len()` was
+                    // checked just above (the length check), and `buf` is a DmaBuf owned by
+                    // this slot's request, which only this crate can reach (`io.rs`). The slot
+                    // is completed, and its buffers handed back or dropped, only after this
+                    // SQE's CQE is reaped (`GroupState::poll`) or retracted
+                    // (`GroupState::fail_ring`); a destroyed channel's entry keeps the slots
+                    // alive until then, and a group frees its entries only after `Ring::close`
+                    // succeeded (it leaks them otherwise).
                     (unsafe { ring.push(&op, ud) }, len)
                 } else {
                     let len = fill_iovecs(req, done, RW_STEP_MAX);
+                    // The length check: the buffers must hold the whole step (`fill_iovecs`
+                    // only describes bytes inside them), in at most IOVECS_MAX iovecs.
+                    if len != remaining.min(RW_STEP_MAX) || req.iovecs.len() > IOVECS_MAX {
+                        return (Err(RingError::InvalidArgument(TOO_LONG)), 0);
+                    }
                     let count = req.iovecs.len() as u32;
                     let iovecs = req.iovecs.as_ptr();
                     let op = if write {
@@ -335,9 +364,11 @@ pub(super) fn issue(
                     };
                     // SAFETY: the iovec array is the slot's `iovecs` scratch, whose heap
                     // memory is neither touched nor freed until this SQE's CQE is reaped (it
-                    // is only rewritten when the slot's next step is issued); every iovec
-                    // points inside a DmaBuf owned by the slot. Both stay alive until the CQE
-                    // is reaped, as for the single-buffer case above.
+                    // is only rewritten when the slot's next step is issued, and is
+                    // crate-private, `io.rs`); every iovec points inside a DmaBuf owned by the
+                    // slot (`fill_iovecs` describes only bytes inside them, and the length
+                    // check above refused a request its buffers cannot hold). Both stay alive
+                    // until the CQE is reaped, as for the single-buffer case above.
                     (unsafe { ring.push(&op, ud) }, len)
                 }
             })
@@ -387,7 +418,8 @@ pub(super) fn issue(
                 offset,
                 fixed_region: region,
             };
-            // SAFETY: the zero buffer belongs to this channel's entry, which is removed (and
+            // SAFETY: `len <= zero.len()` (the `min` above), so the kernel reads only the
+            // zero buffer. It belongs to this channel's entry, which is removed (and
             // the buffer freed) only after every SQE of the channel has been reaped or
             // retracted; a dropped group frees it only after `Ring::close` succeeded (it leaks
             // it otherwise). It is never written after allocation.
