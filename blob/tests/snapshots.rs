@@ -594,3 +594,44 @@ fn inflate_and_decouple_at_every_level_of_a_chain_survive_reload_and_recovery() 
     }
     rt.stop();
 }
+
+#[test]
+fn a_resize_or_inflate_during_a_snapshot_gets_ebusy_and_works_after() {
+    // SPDK's per-blob "operation in progress" guard: a resize or inflate that would
+    // interleave with a running snapshot (or a merge, or another resize) is refused.
+    let rt = runtime();
+    let (_bdev, desc) = malloc(64 << 20);
+    run(&rt, move || async move {
+        let store = Blobstore::init(desc, &InitOptions::default())
+            .await
+            .unwrap();
+        let id = create_thin(&store, 4).await;
+        let blob = store.open_blob(id).await.unwrap();
+        let channel = store.channel().unwrap();
+        write(&channel, &blob.io(), 0, &pattern(4, CLUSTER)).await;
+        let snapshotting = {
+            let store = store.clone();
+            spool_reactor::spawn_local(async move { store.create_snapshot(id, &[]).await })
+        };
+        spool_reactor::yield_now().await; // the snapshot starts and waits on its first write
+        let err = blob.resize(8).await.unwrap_err();
+        assert_eq!(err.errno(), -libc::EBUSY, "{err}");
+        assert!(err.to_string().contains("snapshot"), "{err}");
+        let err = store.inflate_blob(id).await.unwrap_err();
+        assert_eq!(err.errno(), -libc::EBUSY, "{err}");
+        let snap = snapshotting.await.unwrap().unwrap();
+        // Once the snapshot is done, both work; the data is where it was.
+        blob.resize(8).await.unwrap();
+        blob.sync_md().await.unwrap();
+        assert_eq!(blob.num_clusters(), 8);
+        assert!(read(&channel, &blob.io(), 0, CLUSTER).await == pattern(4, CLUSTER));
+        blob.close().await.unwrap();
+        store.inflate_blob(id).await.unwrap();
+        let snap_blob = store.open_blob(snap).await.unwrap();
+        assert!(read(&channel, &snap_blob.io(), 0, CLUSTER).await == pattern(4, CLUSTER));
+        snap_blob.close().await.unwrap();
+        drop(channel);
+        store.unload().await.unwrap();
+    });
+    rt.stop();
+}
