@@ -15,6 +15,36 @@ use crate::meta::{apply_extent_page, parse_chain, BlobMeta, ClusterCheck, XATTR_
 use crate::store::Blobstore;
 use crate::sync::LocalEvent;
 
+/// While a blob's load opens its parent: the edge `child -> parent` in the store's
+/// `awaiting_parent` map, removed when the open ends or its future is dropped.
+struct AwaitingParent<'a> {
+    store: &'a Blobstore,
+    child: u64,
+}
+
+impl<'a> AwaitingParent<'a> {
+    fn new(store: &'a Blobstore, child: u64, parent: u64) -> AwaitingParent<'a> {
+        store
+            .inner
+            .state
+            .borrow_mut()
+            .awaiting_parent
+            .insert(child, parent);
+        AwaitingParent { store, child }
+    }
+}
+
+impl Drop for AwaitingParent<'_> {
+    fn drop(&mut self) {
+        self.store
+            .inner
+            .state
+            .borrow_mut()
+            .awaiting_parent
+            .remove(&self.child);
+    }
+}
+
 struct OpenCheck<'a> {
     store: &'a Blobstore,
 }
@@ -107,6 +137,15 @@ impl Blobstore {
     /// opened, else loads it from disk (and opens its parent snapshot, if any).
     /// -ENOENT for an id that is not a blob, -EINVAL for corrupt metadata.
     pub fn open_blob(&self, id: u64) -> Pin<Box<dyn Future<Output = Result<Blob>> + '_>> {
+        self.open_for(id, None)
+    }
+
+    /// Opens blob `id`, for the load of blob `child` (which names it as its parent) if given.
+    fn open_for(
+        &self,
+        id: u64,
+        child: Option<u64>,
+    ) -> Pin<Box<dyn Future<Output = Result<Blob>> + '_>> {
         Box::pin(async move {
             self.check_md_thread()?;
             let page = blobid_to_page(id).ok_or(BlobError::NoSuchBlob(id))?;
@@ -125,6 +164,14 @@ impl Blobstore {
                 state.loading.get(&id).cloned()
             };
             if let Some(event) = waiting {
+                if let Some(child) = child {
+                    if self.load_waits_on(id, child) {
+                        return Err(BlobError::corrupt(
+                            child,
+                            format!("its snapshot chain loops back through blob {id:#x}"),
+                        ));
+                    }
+                }
                 return match event.wait().await {
                     Ok(state) => {
                         state.open_ref.set(state.open_ref.get() + 1);
@@ -224,15 +271,35 @@ impl Blobstore {
             Some(parent_id) if parent_id == id => {
                 return Err(BlobError::corrupt(id, "the blob is its own parent"));
             }
-            Some(parent_id) => Some(self.open_blob(parent_id).await.map_err(|err| {
-                BlobError::corrupt(id, format!("{XATTR_SNAPSHOT} names parent {parent_id:#x}, which cannot be opened: {err}"))
-            })?),
+            Some(parent_id) => {
+                let _edge = AwaitingParent::new(self, id, parent_id);
+                Some(self.open_for(parent_id, Some(id)).await.map_err(|err| {
+                    BlobError::corrupt(id, format!("{XATTR_SNAPSHOT} names parent {parent_id:#x}, which cannot be opened: {err}"))
+                })?)
+            }
             None => None,
         };
         let io = BlobIo::new(self.shared(), &meta);
         let state = BlobState::new(meta, chain_pages, io);
         state.replace_parent(parent);
         Ok(state)
+    }
+
+    /// Whether the load of `start` waits, through the parents loads are opening, on the
+    /// load of `target` (a chain longer than [`MAX_CHAIN_DEPTH`] counts as a loop).
+    fn load_waits_on(&self, start: u64, target: u64) -> bool {
+        let state = self.inner.state.borrow();
+        let mut at = start;
+        for _ in 0..=MAX_CHAIN_DEPTH {
+            if at == target {
+                return true;
+            }
+            match state.awaiting_parent.get(&at) {
+                Some(&next) => at = next,
+                None => return false,
+            }
+        }
+        true
     }
 
     /// Refuses a snapshot chain from `id` (whose parent is `parent`) that loops or is

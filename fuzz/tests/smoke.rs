@@ -4,8 +4,10 @@
 //! fixed seed; every input in `fuzz/regressions/` (inputs that once failed, as hex, named
 //! `TARGET-*.hex`) is replayed.
 //!
+//! Each target runs with the fixed seed (the same cases every run), then for half that time
+//! with a fresh seed from the clock, printed, so every CI run also tries new inputs.
 //! `SPOOL_FUZZ_SECONDS` sets the time per target (default 4; twice that for `store_load`),
-//! `SPOOL_FUZZ_SEED` the seed.
+//! `SPOOL_FUZZ_SEED` the second seed (to replay a run that failed).
 //! A failure prints the minimised input (hex) and its backtrace, and writes it under
 //! `target/tmp/spool-fuzz-smoke/`.
 
@@ -23,14 +25,31 @@ fn seconds() -> f64 {
         .unwrap_or(4.0)
 }
 
-fn seed() -> u64 {
-    std::env::var("SPOOL_FUZZ_SEED")
+/// The fixed seed every run re-checks.
+const FIXED_SEED: u64 = 0x5EED;
+
+/// The seeds of this run: the fixed one, then a fresh one (from the clock, or
+/// `SPOOL_FUZZ_SEED` to replay a run), so each CI run also tries inputs no run tried before.
+fn seeds() -> [(u64, f64); 2] {
+    let fresh = std::env::var("SPOOL_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5EED)
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    [(FIXED_SEED, 1.0), (fresh, 0.5)]
 }
 
 fn fuzz(name: &str) {
+    for (seed, share) in seeds() {
+        eprintln!("{name}: seed {seed} (replay with SPOOL_FUZZ_SEED={seed})");
+        fuzz_with(name, seed, share);
+    }
+}
+
+fn fuzz_with(name: &str, seed: u64, share: f64) {
     let target = target(name).expect("a registered target");
     let seeds = corpus::seeds(target.shape);
     assert!(!seeds.is_empty(), "{name}: no seeds");
@@ -38,8 +57,8 @@ fn fuzz(name: &str) {
     // time, so the run gets past the seeds.
     let factor = if name == "store_load" { 2.0 } else { 1.0 };
     let options = Options {
-        duration: Duration::from_secs_f64(seconds() * factor),
-        seed: seed(),
+        duration: Duration::from_secs_f64(seconds() * factor * share),
+        seed,
         max_cases: None,
         out_dir: Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join("spool-fuzz-smoke")),
         hang_timeout: Duration::from_secs(120),
@@ -51,7 +70,7 @@ fn fuzz(name: &str) {
     };
     let report = runner::fuzz(target, seeds, &options);
     if let Some(failure) = report.failures.first() {
-        panic!("{failure}");
+        panic!("{name}, seed {seed} (SPOOL_FUZZ_SEED={seed} replays the run): {failure}");
     }
     assert!(report.cases > 0, "{name}: no case ran");
     eprintln!(

@@ -98,6 +98,7 @@ impl Blobstore {
             used_blobids: BitSet::new(u64::from(layout.md_len)),
             open_blobs: HashMap::new(),
             loading: HashMap::new(),
+            awaiting_parent: HashMap::new(),
             clones: BTreeMap::new(),
             parents: HashMap::new(),
             unloaded: false,

@@ -155,6 +155,7 @@ impl Blobstore {
             used_blobids,
             open_blobs: HashMap::new(),
             loading: HashMap::new(),
+            awaiting_parent: HashMap::new(),
             clones: BTreeMap::new(),
             parents: HashMap::new(),
             unloaded: false,

@@ -155,6 +155,9 @@ pub(crate) struct MdState {
     pub(crate) open_blobs: HashMap<u64, Rc<BlobState>>,
     /// Blobs being loaded: later opens wait for the first.
     pub(crate) loading: HashMap<u64, Rc<LoadingBlob>>,
+    /// Blob being loaded -> the parent its load is opening now: an open that would wait on
+    /// a load which (through these edges) waits on it is a snapshot cycle, refused.
+    pub(crate) awaiting_parent: HashMap<u64, u64>,
     /// Snapshot id -> its clones, in the order they were found or made.
     pub(crate) clones: BTreeMap<u64, Vec<u64>>,
     /// Clone id -> its parent snapshot.
