@@ -6,6 +6,7 @@
 //! - [`target`]: `null`, `malloc:SIZE` or a path, parsed and opened as a bdev.
 //! - [`offline`]: one blobstore command on an image: open, load or init, run, unload.
 //! - [`lock`]: [`ImageLock`], one writer per image across processes.
+//! - [`net`]: TCP and Unix sockets polled by the reactors (listeners, streams).
 //! - `staged`: new files made under a temporary name and linked into place.
 //! - [`size`]: human sizes ("1G", "512MiB", "4096", "0x1000").
 //! - [`error`]: [`EngineError`], wrapping the lower crates' errors with their errno kinds.
@@ -14,6 +15,7 @@
 
 pub mod error;
 pub mod lock;
+pub mod net;
 pub mod offline;
 pub mod size;
 mod staged;

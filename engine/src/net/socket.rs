@@ -189,7 +189,10 @@ impl Stream {
     /// Reads what is there (at least one byte, waiting for it); 0 at the peer's close.
     pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let (readiness, token) = (Rc::clone(&self.readiness), self.token);
-        retry(&readiness, token, Direction::Read, &mut self.kind, |s| s.read(buf)).await
+        retry(&readiness, token, Direction::Read, &mut self.kind, |s| {
+            s.read(buf)
+        })
+        .await
     }
 
     /// Fills `buf`; `UnexpectedEof` if the peer closes first.
