@@ -8,6 +8,7 @@
 //! - [`lock`]: [`ImageLock`], one writer per image across processes.
 //! - [`net`]: TCP and Unix sockets polled by the reactors (listeners, streams).
 //! - `staged`: new files made under a temporary name and linked into place.
+//! - [`signals`]: SIGINT and SIGTERM as a request to stop cleanly (a second one is fatal).
 //! - [`size`]: human sizes ("1G", "512MiB", "4096", "0x1000").
 //! - [`error`]: [`EngineError`], wrapping the lower crates' errors with their errno kinds.
 
@@ -17,6 +18,7 @@ pub mod error;
 pub mod lock;
 pub mod net;
 pub mod offline;
+pub mod signals;
 pub mod size;
 mod staged;
 pub mod target;

@@ -23,6 +23,17 @@ pub enum ToolError {
     /// The run itself failed.
     #[error("{0}")]
     Run(String),
+    /// A stop signal interrupted the command; what was done is said, what was in flight
+    /// finished, the store was unloaded cleanly (exit 130 for SIGINT, 143 for SIGTERM).
+    #[error("interrupted by {} after {done}", signal.name())]
+    Interrupted {
+        /// The signal.
+        signal: spool_engine::signals::StopSignal,
+        /// What was done before it ("1048576 of 2147483648 bytes").
+        done: String,
+        /// A benchmark's partial report.
+        report: Option<Box<PerfReport>>,
+    },
     /// I/O failed during the run; the partial report is kept.
     #[error("I/O failed: {first}")]
     Io {
@@ -38,6 +49,7 @@ impl ToolError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ToolError::Usage(_) => 2,
+            ToolError::Interrupted { signal, .. } => signal.exit_code(),
             ToolError::Engine(err) if err.errno() == -libc::EINVAL => 2,
             ToolError::Reactor(err) if err.errno() == -libc::EINVAL => 2,
             _ => 1,

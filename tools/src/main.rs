@@ -28,11 +28,19 @@ fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    if let Err(err) = spool_engine::signals::install() {
+        eprintln!("warning: SIGINT and SIGTERM will not stop cleanly: {err}");
+    }
     let code = match run(&cli) {
         Ok(()) => 0,
         Err(err) => {
-            if let ToolError::Io { report, .. } = &err {
-                eprint!("{}", report.to_table());
+            match &err {
+                ToolError::Io { report, .. } => eprint!("{}", report.to_table()),
+                ToolError::Interrupted {
+                    report: Some(report),
+                    ..
+                } => print!("{}", report.to_table()),
+                _ => {}
             }
             eprintln!("error: {err}");
             err.exit_code()

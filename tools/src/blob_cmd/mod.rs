@@ -58,7 +58,7 @@ pub fn run(command: &Command) -> Result<(), ToolError> {
         Command::Dump(args) => dump::dump(args),
     };
     result.map_err(|err| match err {
-        ToolError::Failed(_) => err,
+        ToolError::Failed(_) | ToolError::Interrupted { .. } => err,
         other => ToolError::Failed(other.to_string()),
     })
 }

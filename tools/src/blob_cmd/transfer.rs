@@ -16,6 +16,7 @@ use std::sync::Arc;
 use indicatif::ProgressBar;
 use spool_bdev::DmaBuf;
 use spool_blob::{Blob, BlobChannel, BlobIo, Blobstore};
+use spool_engine::signals::stop_requested;
 use spool_reactor::{spawn_local, JoinHandle};
 
 use crate::blob_cmd::args::{ExportArgs, ImportArgs};
@@ -136,7 +137,13 @@ async fn write_file(store: &Blobstore, blob: &Blob, job: &ImportJob) -> Result<(
     let mut window = Window::new();
     let mut pos = 0;
     let mut failure = None;
+    let mut stopped = None;
     while pos < job.len && failure.is_none() {
+        // A stop signal ends the copy at a chunk boundary; what is in flight finishes.
+        if let Some(signal) = stop_requested() {
+            stopped = Some(signal);
+            break;
+        }
         let take = CHUNK_BYTES.min(job.len - pos);
         match fill_chunk(&channel, &io, job, pos, take, unit).await {
             Ok(buf) => {
@@ -163,7 +170,22 @@ async fn write_file(store: &Blobstore, blob: &Blob, job: &ImportJob) -> Result<(
         }
     }
     bar.finish_and_clear();
-    failure.map_or(Ok(()), Err)
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    match stopped {
+        Some(signal) => Err(ToolError::Interrupted {
+            signal,
+            done: format!(
+                "{pos} of {} bytes of {} written to blob {}",
+                job.len,
+                job.name,
+                id_hex(blob.id())
+            ),
+            report: None,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// `spool import IMAGE BLOB FILE [--offset BYTES]`.
@@ -278,8 +300,17 @@ async fn copy_out(
     let mut submitted = 0;
     let mut failure = None;
     let mut open = true;
+    let mut copied = 0;
+    let mut stopped = None;
     while (submitted < length || !window.in_flight.is_empty()) && failure.is_none() && open {
-        while submitted < length && !window.is_full() {
+        if stopped.is_none() {
+            // A stop signal ends the submissions; what is in flight is still written out.
+            stopped = stop_requested();
+        }
+        if stopped.is_some() && window.in_flight.is_empty() {
+            break;
+        }
+        while submitted < length && !window.is_full() && stopped.is_none() {
             let take = CHUNK_BYTES.min(length - submitted);
             let at = (job.offset + submitted) / unit;
             let read = read_range(
@@ -295,13 +326,27 @@ async fn copy_out(
             Some(Ok((buf, take))) => {
                 open = sink.write(&buf[..take as usize])?;
                 bar.inc(take);
+                copied += take;
             }
             Some(Err(err)) => failure = Some(err),
             None => {}
         }
     }
     window.drain().await;
-    failure.map_or(Ok(()), Err)
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    match stopped {
+        Some(signal) if copied < length => Err(ToolError::Interrupted {
+            signal,
+            done: format!(
+                "{copied} of {length} bytes of blob {} exported",
+                id_hex(blob.id())
+            ),
+            report: None,
+        }),
+        _ => Ok(()),
+    }
 }
 
 async fn read_to_sink(store: &Blobstore, blob: &Blob, job: &ExportJob) -> Result<(), ToolError> {

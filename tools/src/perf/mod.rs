@@ -155,6 +155,19 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
         size_bytes: region_bytes,
     };
     let perf_report = summarise(&cores, &results, bs, config)?;
+    if let Some(signal) = spool_engine::signals::stop_requested() {
+        let ran_s = results
+            .iter()
+            .map(|result| result.elapsed_ns)
+            .max()
+            .unwrap_or(0) as f64
+            / 1e9;
+        return Err(ToolError::Interrupted {
+            signal,
+            done: format!("{ran_s:.1} of {} s (partial results above)", args.time),
+            report: Some(Box::new(perf_report)),
+        });
+    }
     if let Some(first) = results.iter().find_map(|result| result.first_error.clone()) {
         return Err(ToolError::Io {
             report: Box::new(perf_report),

@@ -261,6 +261,8 @@ async fn run_job<C: JobIo>(
     let mut completed = 0u64;
     poll_fn(|cx| {
         let now = now_ns();
+        // A stop signal ends submissions like the deadline does (checked once per wake).
+        let stopping = spool_engine::signals::stop_requested().is_some();
         // Submissions are stamped with a clock read at most STAMP_EVERY submissions old, so
         // a stamp is never later than the real submission: latencies can only be overstated,
         // by at most a few submissions' time, never flattered.
@@ -296,7 +298,7 @@ async fn run_job<C: JobIo>(
                 }
             }
             *entry = None;
-            if now < deadline_ns && errors == 0 {
+            if now < deadline_ns && errors == 0 && !stopping {
                 if submitted_this_wake > 0 && submitted_this_wake.is_multiple_of(STAMP_EVERY) {
                     stamp = now_ns();
                 }

@@ -1,0 +1,119 @@
+//! SIGINT and SIGTERM as a request to stop cleanly, for long commands and the daemon: the
+//! first one is recorded (work stops at its next request boundary, finishes what is in
+//! flight, unloads the store cleanly, and the process exits 130 or 143); a second one ends
+//! the process at once with that status, as fio and bdevperf do.
+//!
+//! signal-hook installs the handlers (async-signal-safe: they only store into atomics);
+//! [`stop_requested`] is one relaxed atomic load, cheap enough for a hot loop's check.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// A termination signal that asked for a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGINT (Ctrl-C): exit status 130.
+    Interrupt,
+    /// SIGTERM: exit status 143.
+    Terminate,
+}
+
+impl StopSignal {
+    /// The exit status a shell expects after this signal (128 + its number).
+    pub fn exit_code(self) -> i32 {
+        128 + self.number()
+    }
+
+    /// The signal's number.
+    pub fn number(self) -> i32 {
+        match self {
+            StopSignal::Interrupt => libc::SIGINT,
+            StopSignal::Terminate => libc::SIGTERM,
+        }
+    }
+
+    /// The signal's name ("SIGINT").
+    pub fn name(self) -> &'static str {
+        match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        }
+    }
+
+    fn from_number(number: usize) -> Option<StopSignal> {
+        match i32::try_from(number).ok()? {
+            libc::SIGINT => Some(StopSignal::Interrupt),
+            libc::SIGTERM => Some(StopSignal::Terminate),
+            _ => None,
+        }
+    }
+}
+
+/// The first stop signal's number (0: none yet).
+static REQUESTED: OnceLock<Arc<AtomicUsize>> = OnceLock::new();
+
+fn requested_cell() -> &'static Arc<AtomicUsize> {
+    REQUESTED.get_or_init(|| Arc::new(AtomicUsize::new(0)))
+}
+
+/// Installs the handlers (once per process; later calls do nothing). After it, the first
+/// SIGINT or SIGTERM is only recorded; the second of either ends the process with its
+/// status.
+pub fn install() -> std::io::Result<()> {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    if INSTALLED.get().is_some() {
+        return Ok(());
+    }
+    let seen = Arc::new(AtomicBool::new(false));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // Order matters: the shutdown check runs first, so it only fires on a second signal.
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, Arc::clone(&seen))?;
+        signal_hook::flag::register(signal, Arc::clone(&seen))?;
+        signal_hook::flag::register_usize(signal, Arc::clone(requested_cell()), signal as usize)?;
+    }
+    let _ = INSTALLED.set(());
+    Ok(())
+}
+
+/// The signal that asked for a stop, if one did.
+pub fn stop_requested() -> Option<StopSignal> {
+    let number = REQUESTED.get()?.load(Ordering::Relaxed);
+    StopSignal::from_number(number)
+}
+
+/// Asks for a stop as if `signal` had arrived (the RPC's `spdk_kill_instance`, tests).
+pub fn request_stop(signal: StopSignal) {
+    let _ = requested_cell().compare_exchange(
+        0,
+        signal.number() as usize,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signal_is_recorded_not_fatal_and_the_first_one_wins() {
+        install().unwrap();
+        assert_eq!(stop_requested(), None);
+        let raised = raise(libc::SIGTERM);
+        assert!(raised);
+        assert_eq!(stop_requested(), Some(StopSignal::Terminate));
+        request_stop(StopSignal::Interrupt);
+        assert_eq!(
+            stop_requested(),
+            Some(StopSignal::Terminate),
+            "the first one wins"
+        );
+        assert_eq!(StopSignal::Terminate.exit_code(), 143);
+        assert_eq!(StopSignal::Interrupt.exit_code(), 130);
+    }
+
+    /// Raises `signal` at this process through signal-hook's safe wrapper.
+    fn raise(signal: i32) -> bool {
+        signal_hook::low_level::raise(signal).is_ok()
+    }
+}

@@ -1,0 +1,109 @@
+//! Goal: SIGINT and SIGTERM stop a long command cleanly, as fio and bdevperf do: it stops at
+//! the next request, finishes what is in flight, unloads the store (clean flag set), says
+//! "interrupted ... after X of Y", and exits 130 (SIGINT) or 143 (SIGTERM); an interrupted
+//! export leaves no partial file. Method: start the built binary on a large copy, signal it
+//! mid-way, check the status, the message and the store's clean flag.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{json, ok_in};
+
+/// Runs `spool ARGS` in `dir`, sends `signal` after `after`; returns (exit code, stderr).
+fn interrupted(dir: &Path, args: &[&str], signal: i32, after: Duration) -> (Option<i32>, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SPOOL_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spool starts");
+    std::thread::sleep(after);
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    let output = child.wait_with_output().expect("spool ends");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn clean(dir: &Path) -> bool {
+    json(&ok_in(dir, &["info", "store.img", "--json"]))["clean"] == true
+}
+
+#[test]
+fn import_and_export_stop_cleanly_on_sigint_and_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok_in(d, &["init", "store.img", "--size", "600M"]);
+    ok_in(
+        d,
+        &["create", "store.img", "--size", "500M", "--name", "vol0"],
+    );
+    let file = std::fs::File::create(d.join("disk.raw")).unwrap();
+    file.set_len(500 << 20).unwrap();
+    drop(file);
+
+    let (code, stderr) = interrupted(
+        d,
+        &["import", "store.img", "vol0", "disk.raw"],
+        libc::SIGINT,
+        Duration::from_millis(150),
+    );
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted by SIGINT after") && stderr.contains("of 524288000 bytes"),
+        "{stderr}"
+    );
+    assert!(clean(d), "the store was unloaded cleanly");
+
+    let (code, stderr) = interrupted(
+        d,
+        &["export", "store.img", "vol0", "out.raw"],
+        libc::SIGTERM,
+        Duration::from_millis(150),
+    );
+    assert_eq!(code, Some(143), "{stderr}");
+    assert!(stderr.contains("interrupted by SIGTERM after"), "{stderr}");
+    assert!(!d.join("out.raw").exists(), "no partial copy is left");
+    assert!(clean(d), "the store was unloaded cleanly");
+}
+
+#[test]
+fn perf_prints_its_partial_table_on_sigint() {
+    let (code, stderr) = {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["perf", "--target", "null", "--time", "30", "--quiet"])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spool starts");
+        std::thread::sleep(Duration::from_millis(1500));
+        Command::new("kill")
+            .arg("-INT")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(stdout.contains("total"), "the partial table: {stdout}");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT after"), "{stderr}");
+    assert!(stderr.contains("of 30 s"), "{stderr}");
+}
