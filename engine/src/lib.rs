@@ -7,6 +7,8 @@
 //! - [`offline`]: one blobstore command on an image: open, load or init, run, unload.
 //! - [`lock`]: [`ImageLock`], one writer per image across processes.
 //! - `staged`: new files made under a temporary name and linked into place.
+//! - [`nbd`]: the NBD protocol with no I/O: wire format, handshake, request decoding and
+//!   replies.
 //! - [`size`]: human sizes ("1G", "512MiB", "4096", "0x1000").
 //! - [`error`]: [`EngineError`], wrapping the lower crates' errors with their errno kinds.
 
@@ -14,6 +16,7 @@
 
 pub mod error;
 pub mod lock;
+pub mod nbd;
 pub mod offline;
 pub mod size;
 mod staged;
