@@ -176,7 +176,10 @@ impl ExportInfo {
             return bad(why);
         }
         self.block_sizes.check()?;
-        if self.size_bytes % u64::from(self.block_sizes.minimum) != 0 {
+        if !self
+            .size_bytes
+            .is_multiple_of(u64::from(self.block_sizes.minimum))
+        {
             return bad("size is not a multiple of the minimum block size");
         }
         Ok(())

@@ -15,7 +15,7 @@ pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 /// every client option.
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 /// Oldstyle negotiation's second magic (`cliserv_magic`); Spool never sends it.
-pub const CLISERV_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic in front of every fixed-newstyle option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// `NBD_REQUEST_MAGIC`: in front of every transmission request.
@@ -1279,7 +1279,7 @@ impl Chunk {
                 chunk
             }
             ChunkType::BlockStatus => {
-                if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
+                if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
                     return Err(r.malformed("BLOCK_STATUS length is not 4 + 8n, n > 0"));
                 }
                 let context = r.u32()?;
