@@ -123,7 +123,8 @@ pub struct ExportInfo {
     pub name: String,
     /// A description for humans (`NBD_INFO_DESCRIPTION`, `NBD_OPT_LIST` details).
     pub description: String,
-    /// Size in bytes (a multiple of `block_sizes.minimum`).
+    /// Size in bytes (a multiple of `block_sizes.minimum`; with a maximum payload of at
+    /// least 1 MiB once the export is that large, as the protocol asks).
     pub size_bytes: u64,
     /// Whether writes are refused (`NBD_FLAG_READ_ONLY`), as for snapshots.
     pub read_only: bool,
@@ -181,6 +182,9 @@ impl ExportInfo {
             .is_multiple_of(u64::from(self.block_sizes.minimum))
         {
             return bad("size is not a multiple of the minimum block size");
+        }
+        if self.size_bytes >= 1 << 20 && self.block_sizes.maximum < 1 << 20 {
+            return bad("maximum payload under 1 MiB on an export of 1 MiB or more");
         }
         Ok(())
     }
