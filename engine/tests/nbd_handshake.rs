@@ -17,8 +17,8 @@ use spool_engine::nbd::wire::{
     ServerEntry, CLISERV_MAGIC, IHAVEOPT, NBD_MAGIC,
 };
 use spool_engine::nbd::{
-    BlockSizes, CloseReason, ExportInfo, Features, Handshake, HandshakeError, HandshakeOptions,
-    Negotiated, Outcome,
+    BlockSizes, CloseReason, Command, Event, ExportInfo, Features, Handshake, HandshakeError,
+    HandshakeOptions, Negotiated, Outcome, Request, RequestDecoder,
 };
 
 const GIB: u64 = 1 << 30;
@@ -750,6 +750,18 @@ fn bytes_after_go_belong_to_transmission() {
         .raw(&request);
     let r = run(&script);
     assert_eq!(r.consumed, script.0.len() - request.len());
+    // The rest goes to the request decoder of the negotiated connection.
+    let mut decoder = RequestDecoder::new(done(&r).1);
+    let decoded = decoder.decode(&script.0[r.consumed..]).unwrap();
+    assert_eq!(decoded.consumed, request.len());
+    assert!(matches!(
+        decoded.event,
+        Some(Event::Request(Request {
+            handle: 1,
+            command: Command::Read,
+            ..
+        }))
+    ));
     let script = Script::flags(FIXED)
         .opt(OptionCode::ExportName, b"vol0")
         .raw(&request);
