@@ -9,6 +9,8 @@
 //! - [`net`]: TCP and Unix sockets polled by the reactors (listeners, streams).
 //! - `staged`: new files made under a temporary name and linked into place.
 //! - [`signals`]: SIGINT and SIGTERM as a request to stop cleanly (a second one is fatal).
+//! - [`nbd`]: the NBD protocol with no I/O: wire format, handshake, request decoding and
+//!   replies.
 //! - [`size`]: human sizes ("1G", "512MiB", "4096", "0x1000").
 //! - [`error`]: [`EngineError`], wrapping the lower crates' errors with their errno kinds.
 
@@ -16,6 +18,7 @@
 
 pub mod error;
 pub mod lock;
+pub mod nbd;
 pub mod net;
 pub mod offline;
 pub mod signals;

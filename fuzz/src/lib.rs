@@ -6,6 +6,8 @@
 //!   under test breaks a promise.
 //! - [`store`]: `target_store_load`, the whole-store target: patch a small store image,
 //!   load it (clean or recovery), open and read every blob, unload, reload.
+//! - [`nbd`]: `target_nbd_handshake` and `target_nbd_request`, a hostile client's bytes into
+//!   the NBD handshake and request decoder of `spool_engine::nbd`.
 //! - [`corpus`]: seeds cut from the SPDK fixture images and from stores Spool makes.
 //! - [`mutate`]: the mutator (byte-level, descriptor-aware, and patch-level for stores).
 //! - [`runner`]: the loop: mutate, run under `catch_unwind`, keep inputs reaching new outcome
@@ -20,10 +22,12 @@ pub mod corpus;
 pub mod hex;
 pub mod input;
 pub mod mutate;
+pub mod nbd;
 pub mod runner;
 pub mod store;
 pub mod targets;
 
+pub use nbd::{target_nbd_handshake, target_nbd_request};
 pub use store::target_store_load;
 pub use targets::{
     target_descriptors, target_extent_page, target_mask, target_md_chain, target_super_block,
@@ -44,6 +48,10 @@ pub enum Shape {
     ExtentPage,
     /// Base, flags, patches.
     Store,
+    /// Knobs, then a client's handshake bytes.
+    NbdHandshake,
+    /// Knobs, then a client's request stream.
+    NbdRequest,
 }
 
 impl Shape {
@@ -56,6 +64,8 @@ impl Shape {
             Shape::MdChain => targets::MD_CHAIN_KNOBS,
             Shape::ExtentPage => targets::EXTENT_PAGE_KNOBS,
             Shape::Store => store::STORE_KNOBS,
+            Shape::NbdHandshake => nbd::NBD_HANDSHAKE_KNOBS,
+            Shape::NbdRequest => nbd::NBD_REQUEST_KNOBS,
         }
     }
 
@@ -71,7 +81,11 @@ impl Shape {
             Shape::Descriptors => vec![0],
             Shape::MdChain => page_areas(targets::MD_CHAIN_KNOBS, targets::MD_CHAIN_MAX_PAGES),
             Shape::ExtentPage => page_areas(targets::EXTENT_PAGE_KNOBS, 1),
-            Shape::SuperBlock | Shape::Mask | Shape::Store => Vec::new(),
+            Shape::SuperBlock
+            | Shape::Mask
+            | Shape::Store
+            | Shape::NbdHandshake
+            | Shape::NbdRequest => Vec::new(),
         }
     }
 }
@@ -136,6 +150,20 @@ pub static TARGETS: &[Target] = &[
         run: store::store_load,
         shape: Shape::Store,
         max_len: store::STORE_KNOBS + 32 * (store::PATCH_HEADER + 255),
+    },
+    Target {
+        name: "nbd_handshake",
+        about: "the NBD handshake on a client's bytes, whole and split: same answer, bounded buffers, replies that decode, consistent negotiation",
+        run: nbd::nbd_handshake,
+        shape: Shape::NbdHandshake,
+        max_len: nbd::NBD_HANDSHAKE_KNOBS + 4096,
+    },
+    Target {
+        name: "nbd_request",
+        about: "the NBD request decoder on a request stream, whole and split: same events, bounded buffers, accepted requests obey the negotiation, replies decode",
+        run: nbd::nbd_request,
+        shape: Shape::NbdRequest,
+        max_len: nbd::NBD_REQUEST_KNOBS + 4096,
     },
 ];
 

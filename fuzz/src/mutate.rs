@@ -101,6 +101,20 @@ pub fn dictionary() -> Vec<Vec<u8>> {
     for page in 0..8u64 {
         tokens.push(((1u64 << 32) | page).to_le_bytes().to_vec());
     }
+    // NBD: magics (big-endian, as on the wire), option and command codes, lengths.
+    for token in [
+        &b"IHAVEOPT"[..],
+        b"NBDMAGIC",
+        &[0x25, 0x60, 0x95, 0x13],
+        &[0, 0, 0, 7],
+        &[0, 0, 0, 10],
+        &[0, 1, 0, 1],
+        &[0, 0, 0x10, 0],
+        &[0x02, 0, 0, 0],
+        b"base:allocation",
+    ] {
+        tokens.push(token.to_vec());
+    }
     tokens
 }
 

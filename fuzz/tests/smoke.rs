@@ -1,7 +1,7 @@
 //! Goal: every fuzz target runs in CI, so a parser change that panics, hangs or breaks an
 //! invariant on corrupt bytes fails `cargo test`. Method: each target runs its seeds (cut
-//! from the SPDK fixtures and Spool-made stores) and then mutants for a bounded time with a
-//! fixed seed; every input in `fuzz/regressions/` (inputs that once failed, as hex, named
+//! from the SPDK fixtures and Spool-made stores, or scripted NBD clients) and then mutants
+//! for a bounded time with a fixed seed; every input in `fuzz/regressions/` (inputs that once failed, as hex, named
 //! `TARGET-*.hex`) is replayed.
 //!
 //! Each target runs with the fixed seed (the same cases every run), then for half that time
@@ -112,6 +112,16 @@ fn store_load() {
 }
 
 #[test]
+fn nbd_handshake() {
+    fuzz("nbd_handshake");
+}
+
+#[test]
+fn nbd_request() {
+    fuzz("nbd_request");
+}
+
+#[test]
 fn every_target_has_a_smoke_test() {
     let tested = [
         "super_block",
@@ -120,6 +130,8 @@ fn every_target_has_a_smoke_test() {
         "md_chain",
         "extent_page",
         "store_load",
+        "nbd_handshake",
+        "nbd_request",
     ];
     for target in TARGETS {
         assert!(
