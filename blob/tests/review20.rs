@@ -318,3 +318,79 @@ fn a_partly_failed_in_place_extent_write_leaves_a_mapped_cluster_free() {
     assert!(fired_any > 3, "the fault fired only {fired_any} times");
     assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
 }
+
+/// A shrink while the same blob's metadata sync is in flight (two tasks on the metadata
+/// reactor): the sync planned the old size, the shrink moves the cut clusters to
+/// `pending_release`, and the sync, when its old-size root commits, drains and frees them.
+/// The durable root still maps them until the shrink is persisted: memory disagrees with a
+/// fresh load, and another blob's first write takes a cluster blob A still maps on disk.
+#[test]
+fn a_shrink_during_an_in_flight_sync_frees_clusters_the_durable_root_maps() {
+    record_panics();
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    for delay in [0u64, 5, 20] {
+        let seed = 3;
+        let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
+        let desc = BdevDesc::open(Arc::clone(&crash) as Arc<dyn Bdev>);
+        let probe = Arc::clone(&crash);
+        let out = cuts::run_sim(seed, move || async move {
+            let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                .await
+                .unwrap();
+            let a = store.open_blob(ids.a).await.unwrap();
+            // The store is dirty on disk first (no clean-flag write in the sync below).
+            a.set_xattr("first", &[1]).unwrap();
+            a.sync_md().await.unwrap();
+            // A chain of several pages: the sync writes them, flushes, then writes the root.
+            for i in 0..20 {
+                a.set_xattr(&format!("k{i}"), &[i as u8; 300]).unwrap();
+            }
+            let syncer = a.clone();
+            let sync = spool_reactor::spawn_local(async move {
+                syncer.sync_md().await.unwrap();
+            });
+            let shrinker = a.clone();
+            let shrink = spool_reactor::spawn_local(async move {
+                for _ in 0..delay {
+                    spool_reactor::yield_now().await;
+                }
+                shrinker.resize(1).await.unwrap();
+            });
+            let _ = sync.await;
+            let _ = shrink.await;
+            let free = store.free_cluster_count();
+            let at = probe.live_image();
+            // Another blob's first write takes the lowest free cluster, then is flushed.
+            let y = create_thin(&store, 2).await;
+            let yb = store.open_blob(y).await.unwrap();
+            let channel = store.channel().unwrap();
+            channel
+                .write(&yb.io(), 0, buf_of(&pattern(52, 4096)))
+                .await
+                .0
+                .unwrap();
+            channel.flush().await.unwrap();
+            drop(channel);
+            yb.close().await.unwrap();
+            let live = probe.live_image();
+            a.close().await.unwrap();
+            store.unload().await.unwrap();
+            (free, at, live)
+        });
+        let (free, at, live) = out;
+        let what = format!("resize after {delay} yields");
+        let (load_free, _) = loaded_counts(&at);
+        if load_free != free {
+            broken.push(format!(
+                "{what}: {free} free clusters in memory, a load of the device computes {load_free}"
+            ));
+        }
+        LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let label = format!("{what}: power cut after another blob's flushed write");
+        if let Err(panic) = std::panic::catch_unwind(|| check(live, ids, &label)) {
+            broken.push(panic_text(panic));
+        }
+    }
+    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+}
