@@ -458,3 +458,25 @@ fn a_released_cluster_whose_unmap_failed_keeps_its_reads_zeros_mark() {
     }
     assert!(broken.is_empty(), "{}", broken.join("\n"));
 }
+
+/// The same repair rule broken without a delete: snapshot a thin blob X that owns nothing,
+/// clone the snapshot, decouple X (its parent owns nothing: no copy, so no flush before
+/// X's new root drops `SNAP`). A cut keeping the clone's root and X's new root, but not the
+/// snapshot's finished root, makes the load delete the snapshot as "never taken": the clone
+/// names a parent that does not exist.
+#[test]
+fn snapshot_clone_then_decouple_original() {
+    let failures = crash_failures(
+        "snapshot, clone, decouple original",
+        |store, _| {
+            Box::pin(async move {
+                let x = create_thin(&store, 2).await;
+                let s = store.create_snapshot(x, &[]).await.unwrap();
+                store.create_clone(s, &[]).await.unwrap();
+                store.decouple_parent(x).await.unwrap();
+            })
+        },
+        no_extra,
+    );
+    assert_none("snapshot, clone, decouple original", failures);
+}
