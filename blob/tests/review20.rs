@@ -480,3 +480,94 @@ fn snapshot_clone_then_decouple_original() {
     );
     assert_none("snapshot, clone, decouple original", failures);
 }
+
+/// A snapshot whose last step (S's finished root) fails after the commit point (the
+/// original already names S on disk): the error comes back, S stays, and a load finishes
+/// it (read-only). While the original is held open (a live volume), S stays open in memory
+/// as it was: writable, not a snapshot, so it cannot be cloned, and a write to it changes
+/// what the original reads. The running store disagrees with a fresh load.
+#[test]
+fn a_snapshot_failing_after_its_commit_leaves_a_writable_snapshot_in_memory() {
+    use spool_bdev::{ErrorBdev, ErrorRule, IoKind};
+    record_panics();
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    let mut committed_failures = 0;
+    for (kind, n) in (1..=8u64).map(|n| (IoKind::Write, n)).chain((1..=6).map(|n| (IoKind::Flush, n))) {
+        let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
+        let faulty = Arc::new(ErrorBdev::new("faulty", Arc::clone(&crash) as Arc<dyn Bdev>));
+        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+        let errors = Arc::clone(&faulty);
+        let probe = Arc::clone(&crash);
+        let out = cuts::run_sim(12, move || async move {
+            let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                .await
+                .unwrap();
+            let before = store.blob_ids();
+            // The volume stays open while it is snapshotted.
+            let b = store.open_blob(ids.b).await.unwrap();
+            let rule = errors.add_rule(ErrorRule::new(-libc::EIO).kinds(&[kind]).nth(n));
+            let result = store.create_snapshot(ids.b, &[]).await;
+            errors.remove_rule(rule);
+            let Err(err) = result else {
+                b.close().await.unwrap();
+                store.unload().await.unwrap();
+                return None;
+            };
+            // The snapshot the failed call left, if its commit point was passed.
+            let Some(s) = b.parent_id().filter(|p| !before.contains(p)) else {
+                b.close().await.unwrap();
+                store.unload().await.unwrap();
+                return None;
+            };
+            let snap = store.open_blob(s).await.unwrap();
+            let in_memory = (snap.is_data_read_only(), snap.is_md_read_only());
+            // Write to the snapshot: B reads its cluster 1 through it.
+            let channel = store.channel().unwrap();
+            let wrote = channel
+                .write(&snap.io(), 16, buf_of(&pattern(70, 4096)))
+                .await
+                .0
+                .is_ok();
+            let through_b = common::read(&channel, &b.io(), 16, 4096).await;
+            drop(channel);
+            let b_changed = wrote && through_b == pattern(70, 4096);
+            snap.close().await.unwrap();
+            let cloned = store.create_clone(s, &[]).await.map_err(|e| e.to_string());
+            let image = probe.live_image();
+            b.close().await.unwrap();
+            store.unload().await.unwrap();
+            Some((err.to_string(), s, in_memory, cloned, image, b_changed))
+        });
+        let Some((err, s, in_memory, cloned, image, b_changed)) = out else { continue };
+        committed_failures += 1;
+        let bdev = Arc::new(spool_bdev::MallocBdev::from_image("c", 4096, &image).unwrap());
+        let desc = BdevDesc::open(bdev as Arc<dyn Bdev>);
+        let loaded = cuts::run_sim(4, move || async move {
+            let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                .await
+                .unwrap();
+            let snap = store.open_blob(s).await.unwrap();
+            let flags = (snap.is_data_read_only(), snap.is_md_read_only());
+            snap.close().await.unwrap();
+            store.unload().await.unwrap();
+            flags
+        });
+        let what = format!("{kind:?} #{n} fails (`{err}`)");
+        if in_memory != loaded {
+            broken.push(format!(
+                "{what}: snapshot {s:#x} is (data_ro, md_ro) = {in_memory:?} in memory, {loaded:?} after a load"
+            ));
+        }
+        if let Err(e) = cloned {
+            broken.push(format!("{what}: cloning snapshot {s:#x} fails: {e}"));
+        }
+        if b_changed {
+            broken.push(format!(
+                "{what}: a write to snapshot {s:#x} succeeded and changed what blob B reads"
+            ));
+        }
+    }
+    assert!(committed_failures > 0, "no fault failed the snapshot after its commit point");
+    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+}
