@@ -571,3 +571,79 @@ fn a_snapshot_failing_after_its_commit_leaves_a_writable_snapshot_in_memory() {
     assert!(committed_failures > 0, "no fault failed the snapshot after its commit point");
     assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
 }
+
+/// Decouple does not freeze I/O; when its final root write fails, it restores the metadata
+/// it saved before the persist, wiping a thin insert a concurrent write made meanwhile, but
+/// the insert stays queued in `unpublished`. The writer gets EIO and releases its cluster;
+/// the next persist of the blob publishes the queued insert anyway: the I/O map points at a
+/// free cluster, which another blob then takes: the two blobs share a cluster in memory
+/// (the first reads the second's data; a write to it would corrupt the second).
+#[test]
+fn a_failed_decouple_restores_metadata_over_a_concurrent_thin_insert() {
+    use spool_bdev::{ErrorBdev, ErrorRule, IoKind};
+    record_panics();
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    let mut raced = 0;
+    for n in 1..=4u64 {
+        for delay in (0..400u64).step_by(10) {
+            let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
+            let faulty = Arc::new(ErrorBdev::new("faulty", Arc::clone(&crash) as Arc<dyn Bdev>));
+            let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+            let errors = Arc::clone(&faulty);
+            let out = cuts::run_sim(13, move || async move {
+                let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                    .await
+                    .unwrap();
+                let md_end = store.geometry().md_clusters * CLUSTER;
+                let c = store.open_blob(ids.c).await.unwrap();
+                let io = c.io();
+                let writer = spool_reactor::spawn_local(async move {
+                    spool_reactor::sleep(std::time::Duration::from_micros(delay)).await;
+                    let channel = io.channel().unwrap();
+                    channel.write(&io, 16, buf_of(&pattern(80, 4096))).await.0.is_ok()
+                });
+                let rule = errors.add_rule(
+                    ErrorRule::new(-libc::EIO)
+                        .kinds(&[IoKind::Write])
+                        .range_bytes(0..md_end)
+                        .nth(n),
+                );
+                let decoupled = store.decouple_parent(ids.c).await;
+                let wrote = writer.await.unwrap_or(false);
+                errors.remove_rule(rule);
+                // The blob's next persist (a sync) and another blob's first write.
+                let _ = c.sync_md().await;
+                let y = create_thin(&store, 1).await;
+                let yb = store.open_blob(y).await.unwrap();
+                let channel = store.channel().unwrap();
+                channel
+                    .write(&yb.io(), 0, buf_of(&pattern(81, CLUSTER as usize)))
+                    .await
+                    .0
+                    .unwrap();
+                let back = common::read(&channel, &c.io(), 16, 4096).await;
+                drop(channel);
+                yb.close().await.unwrap();
+                let _ = c.close().await;
+                let _ = store.unload().await;
+                (decoupled.is_err(), wrote, back)
+            });
+            let (failed, wrote, back) = out;
+            if !failed || wrote {
+                continue;
+            }
+            raced += 1;
+            let expect_zero = back.iter().all(|&b| b == 0);
+            if !expect_zero {
+                let shows_y = back == pattern(81, CLUSTER as usize)[..4096].to_vec();
+                broken.push(format!(
+                    "md write #{n} fails, write after {delay} us failed: C's unit 16 reads {} instead of zeros",
+                    if shows_y { "another blob's data" } else { "non-zero data" }
+                ));
+            }
+        }
+    }
+    assert!(raced > 0, "no run had both the decouple and the concurrent write fail");
+    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+}
