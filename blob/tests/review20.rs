@@ -647,3 +647,77 @@ fn a_failed_decouple_restores_metadata_over_a_concurrent_thin_insert() {
     assert!(raced > 0, "no run had both the decouple and the concurrent write fail");
     assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
 }
+
+/// A delete-with-merge whose merge committed but whose zeroing of the snapshot's root
+/// failed leaves the snapshot on disk (marked SNAPRM). Its retry (or the load-time repair)
+/// forgets only the clusters the clone still maps at the same index. If the clone shrank
+/// meanwhile and another blob took the cluster it gave back, the retried delete releases
+/// that cluster a second time: another blob's cluster is free in memory (and handed out
+/// again).
+#[test]
+fn a_retried_merge_delete_frees_a_cluster_the_clone_gave_away_meanwhile() {
+    use spool_bdev::{ErrorBdev, ErrorRule, IoKind};
+    record_panics();
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    let mut committed = 0;
+    for n in 1..=8u64 {
+        let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
+        let faulty = Arc::new(ErrorBdev::new("faulty", Arc::clone(&crash) as Arc<dyn Bdev>));
+        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+        let errors = Arc::clone(&faulty);
+        let probe = Arc::clone(&crash);
+        let out = cuts::run_sim(14, move || async move {
+            let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                .await
+                .unwrap();
+            let md_end = store.geometry().md_clusters * CLUSTER;
+            let rule = errors.add_rule(
+                ErrorRule::new(-libc::EIO)
+                    .kinds(&[IoKind::Write, IoKind::WriteZeroes])
+                    .range_bytes(0..md_end)
+                    .nth(n),
+            );
+            let deleted = store.delete_blob(ids.s).await;
+            errors.remove_rule(rule);
+            let merged = store.parent_of(ids.c).is_none();
+            let still_there = store.blob_ids().contains(&ids.s);
+            if deleted.is_ok() || !merged || !still_there {
+                let _ = store.unload().await;
+                return None;
+            }
+            // The clone gives its merged cluster back; another blob takes it.
+            let c = store.open_blob(ids.c).await.unwrap();
+            c.resize(0).await.unwrap();
+            c.sync_md().await.unwrap();
+            c.close().await.unwrap();
+            let y = create_thin(&store, 1).await;
+            let yb = store.open_blob(y).await.unwrap();
+            let channel = store.channel().unwrap();
+            channel
+                .write(&yb.io(), 0, buf_of(&pattern(90, 4096)))
+                .await
+                .0
+                .unwrap();
+            channel.flush().await.unwrap();
+            drop(channel);
+            yb.close().await.unwrap();
+            let retried = store.delete_blob(ids.s).await.map_err(|e| e.to_string());
+            let free = store.free_cluster_count();
+            let image = probe.live_image();
+            let _ = store.unload().await;
+            Some((deleted.unwrap_err().to_string(), retried, free, image))
+        });
+        let Some((err, retried, free, image)) = out else { continue };
+        committed += 1;
+        let what = format!("md write #{n} fails (`{err}`), retry: {retried:?}");
+        let (load_free, _) = loaded_counts(&image);
+        if load_free != free {
+            broken.push(format!(
+                "{what}: {free} free clusters in memory, a load of the device computes {load_free}"
+            ));
+        }
+    }
+    assert!(committed > 0, "no fault left a committed merge with its snapshot on disk");
+    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+}
