@@ -721,3 +721,42 @@ fn a_retried_merge_delete_frees_a_cluster_the_clone_gave_away_meanwhile() {
     assert!(committed > 0, "no fault left a committed merge with its snapshot on disk");
     assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
 }
+
+/// A clone of a snapshot made while that snapshot is being merged into its only clone (a
+/// delete, on another task of the metadata reactor): the merge checked the snapshot's
+/// handles only at its start, so the clone is created naming the snapshot, and then the
+/// merge deletes the snapshot. Both calls succeed; the new clone no longer opens.
+#[test]
+fn a_clone_made_during_a_merge_delete_loses_its_parent() {
+    record_panics();
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    let mut both = 0;
+    for delay in (0..600u64).step_by(15) {
+        let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
+        let desc = BdevDesc::open(Arc::clone(&crash) as Arc<dyn Bdev>);
+        let out = cuts::run_sim(15, move || async move {
+            let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                .await
+                .unwrap();
+            let deleter = store.clone();
+            let delete = spool_reactor::spawn_local(async move { deleter.delete_blob(ids.s).await });
+            spool_reactor::sleep(std::time::Duration::from_micros(delay)).await;
+            let cloned = store.create_clone(ids.s, &[]).await;
+            let deleted = delete.await.unwrap();
+            let _ = store.unload().await;
+            (deleted.is_ok(), cloned.ok())
+        });
+        let (deleted, cloned) = out;
+        let (true, Some(clone)) = (deleted, cloned) else { continue };
+        both += 1;
+        let image = crash.live_image();
+        let what = format!("clone {clone:#x} made {delay} us into the merge delete");
+        LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Err(panic) = std::panic::catch_unwind(|| check(image, ids, &what)) {
+            broken.push(panic_text(panic));
+        }
+    }
+    assert!(both > 0, "the clone and the delete never both succeeded");
+    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+}
