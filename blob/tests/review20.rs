@@ -760,3 +760,110 @@ fn a_clone_made_during_a_merge_delete_loses_its_parent() {
     assert!(both > 0, "the clone and the delete never both succeeded");
     assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
 }
+
+/// `close(self)` consumes the handle; when its persist does not commit, the blob "stays
+/// open and the error is returned", but the caller no longer has the handle to close it
+/// again, and opening and closing another handle never drops the lost reference: the
+/// store can never be unloaded.
+#[test]
+fn a_failed_close_leaves_the_store_unloadable() {
+    use spool_bdev::{ErrorBdev, ErrorRule, IoKind};
+    let (base, ids) = base_image();
+    let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
+    let faulty = Arc::new(ErrorBdev::new("faulty", Arc::clone(&crash) as Arc<dyn Bdev>));
+    let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+    let errors = Arc::clone(&faulty);
+    let (closed, retried, unloaded) = cuts::run_sim(16, move || async move {
+        let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+            .await
+            .unwrap();
+        let a = store.open_blob(ids.a).await.unwrap();
+        a.set_xattr("name", b"volume").unwrap();
+        let rule = errors.add_rule(ErrorRule::new(-libc::EIO).kinds(&[IoKind::Write]).count(1));
+        let closed = a.close().await.map_err(|e| e.to_string());
+        errors.remove_rule(rule);
+        // Retry the way the caller can: a new handle, synced and closed.
+        let again = store.open_blob(ids.a).await.unwrap();
+        let retried = match again.sync_md().await {
+            Ok(()) => again.close().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let unloaded = store.clone().unload().await.map_err(|e| e.to_string());
+        (closed, retried, unloaded)
+    });
+    assert!(closed.is_err(), "the close did not fail");
+    assert!(retried.is_ok(), "retry: {retried:?}");
+    assert!(
+        unloaded.is_ok(),
+        "after a close failed with {closed:?} and a retry succeeded, unload fails: {unloaded:?}"
+    );
+}
+
+/// The same inside the store's own operations: snapshot, inflate and decouple close the
+/// handle they opened (`orig.close()`, `blob.close()`); when a failed operation left the
+/// blob dirty and that close fails too (two metadata writes in a row fail), the reference
+/// is lost for good: the device is healthy again, the operation's retry succeeds, and
+/// unload still refuses ("1 blob(s) still open") for the life of the store.
+#[test]
+fn two_failed_writes_in_an_operation_leave_the_store_unloadable() {
+    use spool_bdev::{ErrorBdev, ErrorRule, IoKind};
+    type Op2 = fn(Blobstore, Ids) -> Pin<Box<dyn Future<Output = Result<(), String>>>>;
+    let ops: [(&str, Op2); 3] = [
+        ("snapshot", |store, ids| {
+            Box::pin(async move {
+                store.create_snapshot(ids.b, &[]).await.map(|_| ()).map_err(|e| e.to_string())
+            })
+        }),
+        ("inflate", |store, ids| {
+            Box::pin(async move { store.inflate_blob(ids.c).await.map_err(|e| e.to_string()) })
+        }),
+        ("decouple", |store, ids| {
+            Box::pin(async move { store.decouple_parent(ids.c).await.map_err(|e| e.to_string()) })
+        }),
+    ];
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    for (name, op) in ops {
+        for n in 1..=10u64 {
+            let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
+            let faulty = Arc::new(ErrorBdev::new("faulty", Arc::clone(&crash) as Arc<dyn Bdev>));
+            let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+            let errors = Arc::clone(&faulty);
+            let out = cuts::run_sim(17, move || async move {
+                let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                    .await
+                    .unwrap();
+                let md_end = store.geometry().md_clusters * CLUSTER;
+                let rules: Vec<_> = [n, n + 1]
+                    .into_iter()
+                    .map(|nth| {
+                        errors.add_rule(
+                            ErrorRule::new(-libc::EIO)
+                                .kinds(&[IoKind::Write])
+                                .range_bytes(0..md_end)
+                                .nth(nth),
+                        )
+                    })
+                    .collect();
+                let first = op(store.clone(), ids).await;
+                for rule in rules {
+                    errors.remove_rule(rule);
+                }
+                let Err(first) = first else {
+                    let _ = store.unload().await;
+                    return None;
+                };
+                let retried = op(store.clone(), ids).await;
+                let unloaded = store.clone().unload().await.map_err(|e| e.to_string());
+                Some((first, retried, store.open_blob_count(), unloaded))
+            });
+            if let Some((first, retried, open, Err(unloaded))) = out {
+                broken.push(format!(
+                    "{name}, md writes #{n} and #{} fail (`{first}`), retry {retried:?}: {open} blob(s) open, unload: {unloaded}",
+                    n + 1
+                ));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+}
