@@ -446,19 +446,33 @@ impl Blob {
         }
     }
 
-    /// Gives this handle back: persists if dirty (if that does not commit, the blob stays
-    /// open and the error is returned), and frees the blob when the last handle is closed
-    /// (then an error from a step after the commit is returned too).
+    /// Gives this handle back: persists if dirty, and frees the blob when the last handle is
+    /// closed. If the persist does not commit, the error is returned and the handle is still
+    /// given back; a blob whose last handle that was stays in memory with its changes (the
+    /// next open gets it, unload writes it). An error from a step after the commit is
+    /// returned too.
     pub async fn close(self) -> Result<()> {
         self.store.check_md_thread()?;
         let mut late = None;
-        if self.state.dirty.get() && !self.state.md_ro.get() {
-            late = crate::persist::persist_outcome(
+        // Read-only metadata included: only the store's own changes make such a blob dirty
+        // (a snapshot's finished root that failed to reach the disk), never the user's.
+        if self.state.dirty.get() {
+            match crate::persist::persist_outcome(
                 &self.store,
                 &self.state,
                 crate::persist::Deps::Own,
             )
-            .await?;
+            .await
+            {
+                Ok(after_commit) => late = after_commit,
+                Err(err) => {
+                    // The handle is given back all the same; the last one leaves the blob in
+                    // memory (dirty) for the next open, and unload writes it first.
+                    let refs = self.state.open_ref.get();
+                    self.state.open_ref.set(refs.saturating_sub(1));
+                    return Err(err);
+                }
+            }
         }
         let refs = self.state.open_ref.get();
         self.state.open_ref.set(refs.saturating_sub(1));

@@ -360,8 +360,9 @@ impl Blobstore {
     }
 
     /// [`Blobstore::delete_open`], with what the root's zeroing depends on. When the delete
-    /// does not commit, the blob is closed and stays on disk as it was (its links too); when
-    /// it commits, it is gone whatever fails after (that error is returned).
+    /// does not commit, the handle is given back and the blob stays (in memory as it is, for
+    /// a retry or for unload to write; on disk and in the clone graph as it was); when it
+    /// commits, it is gone whatever fails after (that error is returned).
     pub(crate) async fn delete_open_with(
         &self,
         blob: Blob,
@@ -374,9 +375,18 @@ impl Blobstore {
             Ok(()) => crate::persist::delete(self, &blob.state, deps).await,
             Err(err) => Err(err),
         };
-        if outcome.is_ok() {
-            self.unlink_clone(id);
-        }
+        let outcome = match outcome {
+            Err(err) => {
+                // Not deleted: the blob stays in memory as it is (what a merge already took
+                // from it included) for the retry, or for unload to write.
+                blob.state
+                    .open_ref
+                    .set(blob.state.open_ref.get().saturating_sub(1));
+                return Err(err);
+            }
+            Ok(late) => late,
+        };
+        self.unlink_clone(id);
         self.inner.state.borrow_mut().open_blobs.remove(&id);
         blob.state.io.mark_closed();
         let parent = blob.state.replace_parent(None);
@@ -385,8 +395,8 @@ impl Blobstore {
             None => Ok(()),
         };
         match outcome {
-            Err(err) | Ok(Some(err)) => Err(err),
-            Ok(None) => closed,
+            Some(err) => Err(err),
+            None => closed,
         }
     }
 }

@@ -93,6 +93,11 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
     };
     state.dirty.set(false);
     state.chain_changed.set(false);
+    // What this plan drops, taken now: a shrink made while it is in flight leaves its own
+    // releases for the persist that writes the smaller size.
+    let cut_clusters: Vec<u32> = std::mem::take(&mut *state.pending_release.borrow_mut());
+    let cut_extent_pages: Vec<u32> =
+        std::mem::take(&mut *state.pending_extent_release.borrow_mut());
     let plan_seq = state.insert_seq.get();
     let inserted: Vec<(usize, u32)> = std::mem::take(&mut *state.unpublished.borrow_mut());
     let channel = &store.inner.md_channel;
@@ -132,6 +137,14 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
     .await;
     if let Err(err) = result {
         undo_failed_persist(store, state, &plan, &inserted, &fresh);
+        // Not committed: what the plan would have dropped is still the blob's to drop.
+        let mut pending = state.pending_release.borrow_mut();
+        let later = std::mem::replace(&mut *pending, cut_clusters);
+        pending.extend(later);
+        drop(pending);
+        let mut pending = state.pending_extent_release.borrow_mut();
+        let later = std::mem::replace(&mut *pending, cut_extent_pages);
+        pending.extend(later);
         return Err(err);
     }
     if plan.root_bytes.is_some() {
@@ -150,10 +163,9 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
         .into_iter()
         .filter(|page| !new_set.contains(page))
         .collect();
-    stale.extend(state.pending_extent_release.borrow_mut().drain(..));
+    stale.extend(cut_extent_pages);
     stale.extend(plan.replaced_extent_pages.iter().map(|&(_, old)| old));
-    let clusters: Vec<u32> = state.pending_release.borrow_mut().drain(..).collect();
-    Ok(finish_releases(store, &stale, stale.clone(), clusters).await)
+    Ok(finish_releases(store, &stale, stale.clone(), cut_clusters).await)
 }
 
 /// Takes the thin inserts waiting for a persist out of the map (their writers release the

@@ -21,6 +21,8 @@ use crate::blob::{Blob, BlobOptions};
 use crate::error::{BlobError, Result};
 use crate::format::descriptor::{FLAG_INTERNAL_XATTR, FLAG_READ_ONLY, FLAG_THIN_PROV};
 use crate::meta::{XATTR_SNAPSHOT, XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING};
+use std::rc::Rc;
+
 use crate::persist::Deps;
 use crate::store::Blobstore;
 
@@ -148,17 +150,19 @@ impl Blobstore {
             sm.flags.data_ro |= FLAG_READ_ONLY;
         }
         snap.state.mark_changed();
+        // From here S is a snapshot whatever fails: the original names it on disk, and the
+        // load-time repair finishes it, so in memory it is read-only already.
+        snap.state.data_ro.set(true);
+        snap.state.md_ro.set(true);
+        snap.state.io.set_data_ro(true);
         match crate::persist::persist_after_all(self, &snap.state).await {
-            // The load-time repair finishes S (the original names it on disk).
-            Err(err) => Err((err, true)),
-            Ok(late) => {
-                warn_late(snap_id, "finished snapshot", late);
-                snap.state.data_ro.set(true);
-                snap.state.md_ro.set(true);
-                snap.state.io.set_data_ro(true);
-                Ok(())
-            }
+            Err(err) => return Err((err, true)),
+            Ok(late) => warn_late(snap_id, "finished snapshot", late),
         }
+        // The finished S durable before the call returns: a later operation on the original
+        // (a delete, a decouple) must never reach the disk while S still looks half-made,
+        // or the load would take S for a snapshot never taken and remove it.
+        self.barrier().await.map_err(|err| (err, true))
     }
 
     /// Deletes a half-made snapshot's own metadata pages only: its cluster map and extent
@@ -186,21 +190,33 @@ impl Blobstore {
     pub async fn create_clone(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
         self.check_md_thread()?;
         let snapshot = self.open_blob(id).await?;
-        let (data_ro, md_ro) = (snapshot.is_data_read_only(), snapshot.is_md_read_only());
-        let (clusters, form) = (snapshot.num_clusters(), snapshot.extent_form());
-        snapshot.close().await?;
-        if !(data_ro && md_ro) {
+        // The snapshot stays open, its operation guard held, until the clone is linked: a
+        // merge-on-delete of the snapshot cannot start in between (it would not see the
+        // new clone and take the snapshot away from under it).
+        let made = match snapshot.state.begin_op("clone") {
+            Ok(_op) => self.clone_of(&snapshot, xattrs).await,
+            Err(err) => Err(err),
+        };
+        let closed = snapshot.close().await;
+        let clone = made?;
+        closed?;
+        Ok(clone)
+    }
+
+    async fn clone_of(&self, snapshot: &Blob, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
+        let id = snapshot.id();
+        if !(snapshot.is_data_read_only() && snapshot.is_md_read_only()) {
             return Err(BlobError::InvalidArgument(format!(
                 "blob {id:#x} is not read-only: only a snapshot (or a read-only blob) can be cloned"
             )));
         }
         let clone = self
             .create_blob(&BlobOptions {
-                num_clusters: clusters,
+                num_clusters: snapshot.num_clusters(),
                 thin: true,
                 xattrs: xattrs.to_vec(),
                 internal_xattrs: vec![(XATTR_SNAPSHOT.into(), id.to_le_bytes().to_vec())],
-                form,
+                form: snapshot.extent_form(),
             })
             .await?;
         self.link_clone(id, clone);
@@ -295,7 +311,16 @@ impl Blobstore {
             Some(g) => Some(self.open_blob(g).await?),
             None => None,
         };
-        let saved = blob.state.meta.borrow().clone();
+        // What is restored if the root does not commit: only the parent link and the thin
+        // flag (the map may gain concurrent thin inserts meanwhile: I/O is not frozen).
+        let (saved_parent_xattr, saved_invalid) = {
+            let meta = blob.state.meta.borrow();
+            (
+                meta.xattr(true, XATTR_SNAPSHOT.as_bytes())
+                    .map(<[u8]>::to_vec),
+                meta.flags.invalid,
+            )
+        };
         {
             let mut meta = blob.state.meta.borrow_mut();
             match grandparent {
@@ -315,7 +340,16 @@ impl Blobstore {
         let persisted = crate::persist::persist_outcome(self, &blob.state, Deps::Own).await;
         if let Err(err) = persisted {
             // Not committed: the blob keeps its parent (on disk and in memory).
-            *blob.state.meta.borrow_mut() = saved;
+            {
+                let mut meta = blob.state.meta.borrow_mut();
+                match &saved_parent_xattr {
+                    Some(value) => meta.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), value)?,
+                    None => {
+                        meta.remove_xattr(true, XATTR_SNAPSHOT.as_bytes());
+                    }
+                }
+                meta.flags.invalid = saved_invalid;
+            }
             blob.state.mark_changed();
             let new_parent = blob.state.replace_parent(old_parent);
             if let Some(new_parent) = new_parent {
@@ -354,9 +388,20 @@ impl Blobstore {
                 "snapshot {snap_id:#x} or its clone {clone_id:#x} is open elsewhere"
             )));
         }
-        let result = match (clone.state.begin_op("merge"), snap.state.begin_op("merge")) {
-            (Ok(_a), Ok(_b)) => self.merge_open(&snap, &clone).await,
-            (Err(err), _) | (_, Err(err)) => Err(err),
+        // Both guards are held until the snapshot is gone: no clone, snapshot, resize or
+        // inflate of either can slip in between the merge and the delete.
+        let (clone_state, snap_state) = (Rc::clone(&clone.state), Rc::clone(&snap.state));
+        let guards = (clone_state.begin_op("merge"), snap_state.begin_op("merge"));
+        let result = match &guards {
+            // A clone made while this call opened the blobs: no longer a one-clone merge.
+            (Ok(_), Ok(_)) if self.clones_of(snap_id) != [clone_id] => {
+                Err(BlobError::Busy(format!(
+                    "snapshot {snap_id:#x} gained a clone: it has {} now",
+                    self.clones_of(snap_id).len()
+                )))
+            }
+            (Ok(_), Ok(_)) => self.merge_open(&snap, &clone).await,
+            (Err(err), _) | (_, Err(err)) => Err(BlobError::Busy(err.to_string())),
         };
         match result {
             Ok(()) => {
@@ -387,13 +432,17 @@ impl Blobstore {
         let merged = self.merge_frozen(snap, clone).await;
         let thawed = crate::freeze::unfreeze(self, &io).await;
         let taken = merged?;
-        // The snapshot keeps only what the clone did not take; deleting it frees that.
+        // The snapshot keeps only what the clone did not take; deleting it frees that (if the
+        // delete fails, the snapshot stays in memory without them and is written so).
         {
             let mut sm = snap.state.meta.borrow_mut();
             for &index in &taken {
                 sm.clusters[index] = 0;
             }
         }
+        snap.state
+            .touch_clusters(0..snap.state.meta.borrow().clusters.len());
+        snap.state.mark_changed();
         thawed
     }
 
@@ -536,8 +585,11 @@ async fn repair_pending_snapshot(store: &Blobstore, snap_id: u64, orig_id: u64) 
         Err(BlobError::NoSuchBlob(_)) => false,
         Err(err) => return Err(err),
     };
+    // Any blob reading through S means S was taken (its finished root failed to reach the
+    // disk, and the original has moved on since: a second snapshot, a decouple).
+    let taken = orig_points_here || !store.clones_of(snap_id).is_empty();
     let snap = store.open_blob(snap_id).await?;
-    if orig_points_here {
+    if taken {
         {
             let mut sm = snap.state.meta.borrow_mut();
             sm.remove_xattr(true, XATTR_SNAPSHOT_PENDING.as_bytes());

@@ -243,6 +243,8 @@ impl Blobstore {
     pub async fn unload(self) -> Result<()> {
         self.check_md_thread()?;
         self.refuse_if_blobs_open("unload")?;
+        self.settle_orphans().await?;
+        self.refuse_if_blobs_open("unload")?;
         let _guard = self.inner.super_lock.lock().await;
         // Releases still waiting for a flush are free once this one completes: the masks
         // must show them free.
