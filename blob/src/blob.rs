@@ -383,7 +383,21 @@ impl Blob {
     }
 
     /// Writes the metadata if it changed. A no-op on a blob whose metadata is read-only.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn sync_md(&self) -> Result<()> {
+        self.store.check_md_thread()?;
+        let blob = self.clone();
+        crate::detach::detached(
+            async move { blob.sync_md_now().await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The work of the method above, run as its own task.
+    async fn sync_md_now(&self) -> Result<()> {
         self.store.check_md_thread()?;
         if self.state.md_ro.get() {
             return Ok(());
@@ -405,7 +419,21 @@ impl Blob {
     /// shrink releases clusters once the new size is on disk. Persisted by sync or close.
     /// -EPERM when the metadata is read-only, -EBUSY while another resize, a snapshot, an
     /// inflate, a decouple or a merge runs on it (as SPDK's per-blob operation lock).
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn resize(&self, num_clusters: u64) -> Result<()> {
+        self.store.check_md_thread()?;
+        let blob = self.clone();
+        crate::detach::detached(
+            async move { blob.resize_now(num_clusters).await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The work of the method above, run as its own task.
+    async fn resize_now(&self, num_clusters: u64) -> Result<()> {
         self.check_md_writable("resize")?;
         let _op = self.state.begin_op("resize")?;
         // I/O is frozen around the map change: nothing in flight uses the old map.
@@ -449,7 +477,16 @@ impl Blob {
     /// Gives this handle back: persists if dirty (if that does not commit, the blob stays
     /// open and the error is returned), and frees the blob when the last handle is closed
     /// (then an error from a step after the commit is returned too).
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn close(self) -> Result<()> {
+        self.store.check_md_thread()?;
+        crate::detach::detached(async move { self.close_now().await }, crate::detach::forget).await
+    }
+
+    /// The work of the method above, run as its own task.
+    async fn close_now(self) -> Result<()> {
         self.store.check_md_thread()?;
         let mut late = None;
         if self.state.dirty.get() && !self.state.md_ro.get() {

@@ -222,7 +222,12 @@ impl Allocation {
             Ok(()) => Ok(true),
             Err(errno) if errno == -libc::EEXIST => Ok(false),
             Err(errno) => {
-                tracing::debug!(blob = format!("{blob_id:#x}"), index, errno, "thin insert failed");
+                tracing::debug!(
+                    blob = format!("{blob_id:#x}"),
+                    index,
+                    errno,
+                    "thin insert failed"
+                );
                 Err(BlobError::Remote {
                     errno,
                     what: format!("blob {blob_id:#x}: inserting cluster {index} into the metadata"),
