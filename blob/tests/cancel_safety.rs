@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cancel::{poll_then_drop, within, Dropped};
+use cancel::{poll_then_drop, within, Polled};
 use common::{buf_of, create_thin, malloc, pattern};
 use cuts::{base_image, Ids, CLUSTER};
 use spool_bdev::{Bdev, BdevDesc, DmaBuf, MallocBdev};
@@ -87,7 +87,7 @@ fn thin_write_dropped_during_allocation_leaves_no_wedge_or_leak() {
                             let second = within(write, WEDGED)
                                 .await
                                 .map(|(result, _)| result.is_ok());
-                            (matches!(seen, Dropped::Completed(_)), second)
+                            (matches!(seen, Polled::Completed(_)), second)
                         })
                         .map_err(|err| err.to_string())?
                         .await
@@ -367,11 +367,11 @@ fn run_one(seed: u64, image: &[u8], ids: Ids, op: Op, polls: usize) -> Run {
                         let channel = ios.a.channel().unwrap();
                         let seen = poll_then_drop(make(&channel, &ios), polls, WEDGED).await;
                         match seen {
-                            Dropped::Completed(result) => {
-                                Dropped::Completed(result.map_err(|e| e.to_string()))
+                            Polled::Completed(result) => {
+                                Polled::Completed(result.map_err(|e| e.to_string()))
                             }
-                            Dropped::Dropped => Dropped::Dropped,
-                            Dropped::Stuck(n) => Dropped::Stuck(n),
+                            Polled::Dropped => Polled::Dropped,
+                            Polled::Stuck(n) => Polled::Stuck(n),
                         }
                     })
                     .unwrap()
@@ -381,22 +381,22 @@ fn run_one(seed: u64, image: &[u8], ids: Ids, op: Op, polls: usize) -> Run {
                 Op::Md(make) => {
                     let future = make(store.clone(), ids, d, a.clone(), b.clone());
                     match poll_then_drop(future, polls, WEDGED).await {
-                        Dropped::Completed(result) => {
-                            Dropped::Completed(result.map_err(|e| e.to_string()))
+                        Polled::Completed(result) => {
+                            Polled::Completed(result.map_err(|e| e.to_string()))
                         }
-                        Dropped::Dropped => Dropped::Dropped,
-                        Dropped::Stuck(n) => Dropped::Stuck(n),
+                        Polled::Dropped => Polled::Dropped,
+                        Polled::Stuck(n) => Polled::Stuck(n),
                     }
                 }
             };
             let completed = match seen {
-                Dropped::Completed(Err(e)) => {
+                Polled::Completed(Err(e)) => {
                     broken.push(format!("the operation failed: {e}"));
                     true
                 }
-                Dropped::Completed(Ok(())) => true,
-                Dropped::Dropped => false,
-                Dropped::Stuck(n) => {
+                Polled::Completed(Ok(())) => true,
+                Polled::Dropped => false,
+                Polled::Stuck(n) => {
                     broken.push(format!("never woken after poll {n}"));
                     false
                 }
@@ -495,7 +495,7 @@ fn every_operation_dropped_at_every_await_point_leaves_nothing_behind() {
     }
     assert!(
         broken.is_empty(),
-        "{} of {runs} runs broke:\n{}",
+        "{} broken expectations in {runs} runs:\n{}",
         broken.len(),
         broken.join("\n")
     );

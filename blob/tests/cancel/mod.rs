@@ -39,7 +39,7 @@ impl Wake for Flag {
 
 /// What [`poll_then_drop`] saw.
 #[derive(Debug)]
-pub enum Dropped<T> {
+pub enum Polled<T> {
     /// The future completed within the polls allowed.
     Completed(T),
     /// It was dropped pending after this many polls.
@@ -55,14 +55,14 @@ pub async fn poll_then_drop<F: Future>(
     future: F,
     polls: usize,
     patience: Duration,
-) -> Dropped<F::Output> {
+) -> Polled<F::Output> {
     let mut future = pin!(future);
     let flag = Arc::new(Flag::default());
     let waker = Waker::from(Arc::clone(&flag));
     for polled in 1..=polls {
         flag.woken.store(false, Ordering::Release);
         if let Poll::Ready(output) = future.as_mut().poll(&mut Context::from_waker(&waker)) {
-            return Dropped::Completed(output);
+            return Polled::Completed(output);
         }
         if polled == polls {
             break;
@@ -79,10 +79,10 @@ pub async fn poll_then_drop<F: Future>(
             }
         });
         if within(woken, patience).await.is_none() {
-            return Dropped::Stuck(polled);
+            return Polled::Stuck(polled);
         }
     }
-    Dropped::Dropped
+    Polled::Dropped
 }
 
 /// `future`'s output, or `None` if it is still pending after `limit` of (virtual) time.
