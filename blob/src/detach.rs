@@ -61,6 +61,11 @@ pub(crate) fn forget<T>(_: Result<T>) {}
 pub(crate) fn close_unclaimed(result: Result<crate::Blob>) {
     if let Ok(blob) = result {
         let id = blob.id();
+        if !spool_reactor::in_reactor() {
+            // Dropped off any reactor (its reactor stopped): nothing can close it now.
+            tracing::warn!(blob = format!("{id:#x}"), "an opened blob nobody took stays open");
+            return;
+        }
         spool_reactor::spawn_local(async move {
             if let Err(err) = blob.close().await {
                 tracing::warn!(blob = format!("{id:#x}"), %err, "closing a blob whose opener went away");
