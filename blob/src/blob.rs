@@ -396,7 +396,7 @@ impl Blob {
         .await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `sync_md`, which runs it as its own task.
     async fn sync_md_now(&self) -> Result<()> {
         self.store.check_md_thread()?;
         if self.state.md_ro.get() {
@@ -432,7 +432,7 @@ impl Blob {
         .await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `resize`, which runs it as its own task.
     async fn resize_now(&self, num_clusters: u64) -> Result<()> {
         self.check_md_writable("resize")?;
         let _op = self.state.begin_op("resize")?;
@@ -485,7 +485,7 @@ impl Blob {
         crate::detach::detached(async move { self.close_now().await }, crate::detach::forget).await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `close`, which runs it as its own task.
     async fn close_now(self) -> Result<()> {
         self.store.check_md_thread()?;
         let mut late = None;

@@ -47,7 +47,7 @@ impl Blobstore {
         .await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `create_blob`, which runs it as its own task.
     async fn create_blob_now(&self, options: &BlobOptions) -> Result<u64> {
         let state = self.create_state(options).await?;
         state.io.mark_closed();
@@ -69,7 +69,7 @@ impl Blobstore {
         .await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `create_and_open`, which runs it as its own task.
     async fn create_and_open_now(&self, options: &BlobOptions) -> Result<Blob> {
         let state = self.create_state(options).await?;
         self.inner
@@ -149,7 +149,7 @@ impl Blobstore {
         })
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `open_blob`, which runs it as its own task.
     fn open_blob_now(&self, id: u64) -> Pin<Box<dyn Future<Output = Result<Blob>> + '_>> {
         Box::pin(async move {
             self.check_md_thread()?;
@@ -319,7 +319,7 @@ impl Blobstore {
         .await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `delete_blob`, which runs it as its own task.
     async fn delete_blob_now(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
         self.drain_releases().await?;

@@ -63,7 +63,10 @@ pub(crate) fn close_unclaimed(result: Result<crate::Blob>) {
         let id = blob.id();
         if !spool_reactor::in_reactor() {
             // Dropped off any reactor (its reactor stopped): nothing can close it now.
-            tracing::warn!(blob = format!("{id:#x}"), "an opened blob nobody took stays open");
+            tracing::warn!(
+                blob = format!("{id:#x}"),
+                "an opened blob nobody took stays open"
+            );
             return;
         }
         spool_reactor::spawn_local(async move {

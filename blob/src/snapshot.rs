@@ -41,7 +41,7 @@ impl Blobstore {
         .await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `create_snapshot`, which runs it as its own task.
     async fn create_snapshot_now(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
         self.check_md_thread()?;
         let orig = self.open_blob(id).await?;
@@ -210,7 +210,7 @@ impl Blobstore {
         .await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `create_clone`, which runs it as its own task.
     async fn create_clone_now(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
         self.check_md_thread()?;
         let snapshot = self.open_blob(id).await?;

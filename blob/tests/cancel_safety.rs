@@ -229,6 +229,41 @@ fn ops() -> Vec<(&'static str, Op)> {
             Op::Md(|_, _, _, _, b| Box::pin(async move { b.resize(2).await })),
         ),
         (
+            "create",
+            Op::Md(|store, _, _, _, _| {
+                Box::pin(async move {
+                    store
+                        .create_blob(&BlobOptions {
+                            num_clusters: 2,
+                            ..BlobOptions::default()
+                        })
+                        .await
+                        .map(|_| ())
+                })
+            }),
+        ),
+        (
+            "open and close",
+            Op::Md(|store, ids, _, _, _| {
+                Box::pin(async move { store.open_blob(ids.s).await?.close().await })
+            }),
+        ),
+        (
+            "sync_md",
+            Op::Md(|_, _, _, a, _| {
+                Box::pin(async move {
+                    a.set_xattr("cancel", &[7; 100])?;
+                    a.sync_md().await
+                })
+            }),
+        ),
+        (
+            "decouple",
+            Op::Md(|store, ids, _, _, _| {
+                Box::pin(async move { store.decouple_parent(ids.c).await })
+            }),
+        ),
+        (
             "delete",
             Op::Md(|store, _, d, _, _| Box::pin(async move { store.delete_blob(d).await })),
         ),

@@ -165,7 +165,7 @@ impl Blobstore {
         .await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `set_super`, which runs it as its own task.
     async fn set_super_now(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
         let _guard = self.inner.super_lock.lock().await;
@@ -265,7 +265,7 @@ impl Blobstore {
         .await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `unload`, which runs it as its own task.
     async fn unload_now(self) -> Result<()> {
         self.check_md_thread()?;
         self.refuse_if_blobs_open("unload")?;
@@ -298,7 +298,7 @@ impl Blobstore {
         .await
     }
 
-    /// The work of the method above, run as its own task.
+    /// The body of `destroy`, which runs it as its own task.
     async fn destroy_now(self) -> Result<()> {
         self.check_md_thread()?;
         self.refuse_if_blobs_open("destroy")?;
