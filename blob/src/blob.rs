@@ -383,7 +383,21 @@ impl Blob {
     }
 
     /// Writes the metadata if it changed. A no-op on a blob whose metadata is read-only.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn sync_md(&self) -> Result<()> {
+        self.store.check_md_thread()?;
+        let blob = self.clone();
+        crate::detach::detached(
+            async move { blob.sync_md_now().await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The body of `sync_md`, which runs it as its own task.
+    async fn sync_md_now(&self) -> Result<()> {
         self.store.check_md_thread()?;
         if self.state.md_ro.get() {
             return Ok(());
@@ -405,7 +419,21 @@ impl Blob {
     /// shrink releases clusters once the new size is on disk. Persisted by sync or close.
     /// -EPERM when the metadata is read-only, -EBUSY while another resize, a snapshot, an
     /// inflate, a decouple or a merge runs on it (as SPDK's per-blob operation lock).
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn resize(&self, num_clusters: u64) -> Result<()> {
+        self.store.check_md_thread()?;
+        let blob = self.clone();
+        crate::detach::detached(
+            async move { blob.resize_now(num_clusters).await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The body of `resize`, which runs it as its own task.
+    async fn resize_now(&self, num_clusters: u64) -> Result<()> {
         self.check_md_writable("resize")?;
         let _op = self.state.begin_op("resize")?;
         // I/O is frozen around the map change: nothing in flight uses the old map.
@@ -451,7 +479,16 @@ impl Blob {
     /// given back; a blob whose last handle that was stays in memory with its changes (the
     /// next open gets it, unload writes it). An error from a step after the commit is
     /// returned too.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn close(self) -> Result<()> {
+        self.store.check_md_thread()?;
+        crate::detach::detached(async move { self.close_now().await }, crate::detach::forget).await
+    }
+
+    /// The body of `close`, which runs it as its own task.
+    async fn close_now(self) -> Result<()> {
         self.store.check_md_thread()?;
         let mut late = None;
         // Read-only metadata included: only the store's own changes make such a blob dirty

@@ -64,7 +64,21 @@ impl Blobstore {
     /// Creates a blob and returns its id (`(1 << 32) | root md page`). The blob is written
     /// to disk and not left open. Errors: -ENOMEM (no md page), -ENOSPC (thick and not
     /// enough clusters), -EINVAL (an xattr too large); nothing is left claimed on failure.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn create_blob(&self, options: &BlobOptions) -> Result<u64> {
+        self.check_md_thread()?;
+        let (store, options) = (self.clone(), options.clone());
+        crate::detach::detached(
+            async move { store.create_blob_now(&options).await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The body of `create_blob`, which runs it as its own task.
+    async fn create_blob_now(&self, options: &BlobOptions) -> Result<u64> {
         let state = self.create_state(options).await?;
         state.io.mark_closed();
         Ok(state.id)
@@ -72,7 +86,21 @@ impl Blobstore {
 
     /// Creates a blob as [`Blobstore::create_blob`] does and returns it open (one handle),
     /// without reading back what was just written.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn create_and_open(&self, options: &BlobOptions) -> Result<Blob> {
+        self.check_md_thread()?;
+        let (store, options) = (self.clone(), options.clone());
+        crate::detach::detached(
+            async move { store.create_and_open_now(&options).await },
+            crate::detach::close_unclaimed,
+        )
+        .await
+    }
+
+    /// The body of `create_and_open`, which runs it as its own task.
+    async fn create_and_open_now(&self, options: &BlobOptions) -> Result<Blob> {
         let state = self.create_state(options).await?;
         self.inner
             .state
@@ -136,12 +164,32 @@ impl Blobstore {
     /// Opens blob `id`: the same in-memory blob (refcount + 1) if it is open or being
     /// opened, else loads it from disk (and opens its parent snapshot, if any).
     /// -ENOENT for an id that is not a blob, -EINVAL for corrupt metadata.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub fn open_blob(&self, id: u64) -> Pin<Box<dyn Future<Output = Result<Blob>> + '_>> {
         self.open_for(id, None)
     }
 
     /// Opens blob `id`, for the load of blob `child` (which names it as its parent) if given.
     fn open_for(
+        &self,
+        id: u64,
+        child: Option<u64>,
+    ) -> Pin<Box<dyn Future<Output = Result<Blob>> + '_>> {
+        Box::pin(async move {
+            self.check_md_thread()?;
+            let store = self.clone();
+            crate::detach::detached(
+                async move { store.open_blob_now(id, child).await },
+                crate::detach::close_unclaimed,
+            )
+            .await
+        })
+    }
+
+    /// The body of `open_blob`, which runs it as its own task.
+    fn open_blob_now(
         &self,
         id: u64,
         child: Option<u64>,
@@ -329,7 +377,21 @@ impl Blobstore {
 
     /// Deletes blob `id`: -EBUSY while it is open elsewhere or is a snapshot with clones.
     /// Its metadata pages are zeroed (root first) and its clusters released.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn delete_blob(&self, id: u64) -> Result<()> {
+        self.check_md_thread()?;
+        let store = self.clone();
+        crate::detach::detached(
+            async move { store.delete_blob_now(id).await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The body of `delete_blob`, which runs it as its own task.
+    async fn delete_blob_now(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
         self.drain_releases().await?;
         let clones = self.clones_of(id);

@@ -15,6 +15,8 @@
 //! - `persist`, `resize`: the metadata write path (crash-safe order, group commit of thin
 //!   inserts) and size changes.
 //! - `io`: [`BlobChannel`] and [`BlobIo`]: reads, writes, thin allocation (`io::thin`).
+//! - `detach`: work that finishes whatever its caller does (metadata operations, persists,
+//!   thin allocations run as their own tasks; the caller's future only waits).
 //! - `freeze`: freezing and draining a blob's I/O on every channel.
 //! - `snapshot`: snapshots, clones, inflate, decouple, merge-on-delete, load-time repair.
 //! - [`bitmap`]: bit arrays for the masks and the lock-free used-cluster map.
@@ -25,6 +27,7 @@
 pub mod bitmap;
 mod blob;
 mod blob_lifecycle;
+mod detach;
 pub mod error;
 pub mod format;
 mod freeze;

@@ -12,12 +12,14 @@
 //! to depend on (the common create or xattr change) is still one write and no flush.
 
 use std::collections::BTreeSet;
+use std::rc::Rc;
 
 use crate::blob::BlobState;
 use crate::error::{BlobError, Result};
 use crate::format::md_page::encode_page;
 use crate::format::{blobid_to_page, EXTENTS_PER_PAGE, INVALID_MD_PAGE, PAGE_SIZE_U64};
 use crate::meta::{encode_extent_page, serialize_chain, ExtentForm};
+use crate::store::claim::ClusterClaim;
 use crate::store::durability::Release;
 use crate::store::md_io::{write_pages, zero_bytes};
 use crate::store::Blobstore;
@@ -41,7 +43,7 @@ pub(crate) type Outcome = Result<Option<BlobError>>;
 
 /// Persists `state` if it is dirty; a failure after the commit point is returned as an
 /// error too (see [`persist_outcome`] to tell the two apart).
-pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> {
+pub(crate) async fn persist(store: &Blobstore, state: &Rc<BlobState>) -> Result<()> {
     match persist_outcome(store, state, Deps::Own).await? {
         None => Ok(()),
         Some(err) => Err(err),
@@ -49,16 +51,29 @@ pub(crate) async fn persist(store: &Blobstore, state: &BlobState) -> Result<()> 
 }
 
 /// Persists `state` if it is dirty, after every earlier metadata write is durable.
-pub(crate) async fn persist_after_all(store: &Blobstore, state: &BlobState) -> Outcome {
+pub(crate) async fn persist_after_all(store: &Blobstore, state: &Rc<BlobState>) -> Outcome {
     persist_outcome(store, state, Deps::All).await
 }
 
 /// Persists `state` if it is dirty. Serialised per blob; every end (success or not)
-/// notifies the inserts waiting for a persist.
-pub(crate) async fn persist_outcome(store: &Blobstore, state: &BlobState, deps: Deps) -> Outcome {
-    let result = persist_locked(store, state, deps).await;
-    state.persisted.notify();
-    result
+/// notifies the inserts waiting for a persist. The persist runs as its own task: dropping
+/// this future does not leave it half-done (the blob marked clean with nothing written, its
+/// claimed pages held, its inserts neither published nor undone); it finishes regardless.
+pub(crate) async fn persist_outcome(
+    store: &Blobstore,
+    state: &Rc<BlobState>,
+    deps: Deps,
+) -> Outcome {
+    let (store, state) = (store.clone(), Rc::clone(state));
+    crate::detach::detached(
+        async move {
+            let result = persist_locked(&store, &state, deps).await;
+            state.persisted.notify();
+            result
+        },
+        crate::detach::forget,
+    )
+    .await
 }
 
 async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Outcome {
@@ -102,6 +117,9 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
     let inserted: Vec<(usize, u32)> = std::mem::take(&mut *state.unpublished.borrow_mut());
     let channel = &store.inner.md_channel;
     let durability = &store.inner.durability;
+    // Set once the in-place extent page writes (the commit of an insert-only persist) are
+    // issued: some of them may then be on disk even if the request failed.
+    let in_place_issued = std::cell::Cell::new(false);
     let result: Result<()> = async {
         // Pages only the new root reaches: harmless on disk until it is written.
         let pre_commit = plan.root_bytes.is_some() && !plan.before_root.is_empty();
@@ -128,6 +146,7 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
                 written
             }
             None => {
+                in_place_issued.set(true);
                 let written = write_pages(channel, &plan.before_root).await;
                 state.in_place_write.set(durability.wrote());
                 written
@@ -135,6 +154,31 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
         }
     }
     .await;
+    if let (Err(err), true) = (&result, in_place_issued.get()) {
+        // Some extent pages may have reached the disk mapping the inserted clusters: they
+        // stay in the map (not published, their writers get the error but the clusters stay
+        // the blob's), and the next persist rewrites the pages and publishes them.
+        state.dirty.set(true);
+        for &(index, _) in &inserted {
+            state.touch_clusters(index..index + 1);
+        }
+        state
+            .unpublished
+            .borrow_mut()
+            .extend(inserted.iter().copied());
+        state.pending_release.borrow_mut().extend(cut_clusters);
+        state
+            .pending_extent_release
+            .borrow_mut()
+            .extend(cut_extent_pages);
+        return Err(BlobError::Remote {
+            errno: err.errno(),
+            what: format!(
+                "blob {:#x}: rewriting its extent pages in place (the next persist retries)",
+                state.id
+            ),
+        });
+    }
     if let Err(err) = result {
         undo_failed_persist(store, state, &plan, &inserted, &fresh);
         // Not committed: what the plan would have dropped is still the blob's to drop.
@@ -448,7 +492,18 @@ fn plan_writes(
 /// merge's clone root before the snapshot goes). `Err` when it did not commit (nothing
 /// changed); `Ok(Some(err))` when it committed but a later step failed (what it released
 /// then waits for the next successful flush).
-pub(crate) async fn delete(store: &Blobstore, state: &BlobState, deps: Deps) -> Outcome {
+pub(crate) async fn delete(store: &Blobstore, state: &Rc<BlobState>, deps: Deps) -> Outcome {
+    // Its own task, as a persist (see `persist_outcome`): never stopped between the commit
+    // and the bookkeeping that follows it.
+    let (store, state) = (store.clone(), Rc::clone(state));
+    crate::detach::detached(
+        async move { delete_locked(&store, &state, deps).await },
+        crate::detach::forget,
+    )
+    .await
+}
+
+async fn delete_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Outcome {
     let _guard = state.persist_lock.lock().await;
     store.drain_releases().await?;
     store.mark_dirty().await?;
@@ -500,15 +555,33 @@ pub(crate) async fn delete(store: &Blobstore, state: &BlobState, deps: Deps) -> 
     Ok(finish_releases(store, &pages, release_pages, clusters).await)
 }
 
-/// The metadata reactor's half of a thin write: insert device `cluster` as blob cluster
-/// `index` of open blob `blob_id` and persist. `Err(-EEXIST)` when another write already
-/// inserted one there (returned only once that one is on disk and visible).
+/// The metadata reactor's half of a thin write, as sent from any reactor: finds the store
+/// (`-ENODEV` if it is gone) and runs [`insert_cluster`]. The claim is released on every
+/// path that does not leave the cluster in the blob's map.
+pub(crate) async fn insert_claimed(
+    store_id: u64,
+    blob_id: u64,
+    index: u64,
+    claim: ClusterClaim,
+) -> std::result::Result<(), i32> {
+    match Blobstore::lookup(store_id) {
+        Some(store) => insert_cluster(&store, blob_id, index, claim).await,
+        None => Err(-libc::ENODEV),
+    }
+}
+
+/// Inserts the claimed cluster as blob cluster `index` of open blob `blob_id` and persists.
+/// `Err(-EEXIST)` when another write already inserted one there (returned only once that
+/// one is on disk and visible). The metadata owns the cluster from the moment it is in the
+/// map; if a failed persist takes it out again, it is released here (the claim's holder
+/// never releases it after handing it over).
 pub(crate) async fn insert_cluster(
     store: &Blobstore,
     blob_id: u64,
     index: u64,
-    cluster: u32,
+    claim: ClusterClaim,
 ) -> std::result::Result<(), i32> {
+    let cluster = claim.cluster();
     let state = store
         .inner
         .state
@@ -538,26 +611,36 @@ pub(crate) async fn insert_cluster(
             wait_for_persist(store, &state).await?;
         }
     }
-    state.meta.borrow_mut().clusters[index] = cluster;
+    state.meta.borrow_mut().clusters[index] = claim.hand_over();
     state.unpublished.borrow_mut().push((index, cluster));
     state.touch_clusters(index..index + 1);
     state.dirty.set(true);
     let seq = state.insert_seq.get() + 1;
     state.insert_seq.set(seq);
     // Group commit: one persist carries every insert made while the previous one ran.
-    loop {
+    let result = loop {
         if state.meta.borrow().clusters.get(index) != Some(&cluster) {
-            return Err(-libc::EIO); // a failed persist undid it
+            break Err(-libc::EIO); // a failed persist undid it
         }
         if state.durable_seq.get() >= seq {
-            return Ok(());
+            break Ok(());
         }
-        wait_for_persist(store, &state).await?;
+        if let Err(errno) = wait_for_persist(store, &state).await {
+            break Err(errno);
+        }
+    };
+    if result.is_err() && state.meta.borrow().clusters.get(index) != Some(&cluster) {
+        // Undone: nothing references it (I/O reactors never saw it published).
+        store.shared().release_cluster(cluster);
     }
+    result
 }
 
 /// Runs a persist if none is running, else waits for the running one to finish.
-async fn wait_for_persist(store: &Blobstore, state: &BlobState) -> std::result::Result<(), i32> {
+async fn wait_for_persist(
+    store: &Blobstore,
+    state: &Rc<BlobState>,
+) -> std::result::Result<(), i32> {
     if state.persist_lock.is_locked() {
         state.persisted.wait().await;
         Ok(())

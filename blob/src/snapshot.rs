@@ -30,7 +30,21 @@ impl Blobstore {
     /// Snapshots blob `id`: returns the new snapshot's id. The blob keeps its id and data and
     /// becomes a thin clone of the snapshot. `xattrs` go to the snapshot. -EINVAL when the
     /// blob is read-only; -ENOENT when it does not exist.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn create_snapshot(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
+        self.check_md_thread()?;
+        let (store, xattrs) = (self.clone(), xattrs.to_vec());
+        crate::detach::detached(
+            async move { store.create_snapshot_now(id, &xattrs).await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The body of `create_snapshot`, which runs it as its own task.
+    async fn create_snapshot_now(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
         self.check_md_thread()?;
         let orig = self.open_blob(id).await?;
         let result = match orig.state.begin_op("snapshot") {
@@ -187,7 +201,21 @@ impl Blobstore {
 
     /// Creates a thin clone of snapshot `id` (which must be read-only in data and metadata,
     /// else -EINVAL): its reads show the snapshot's data until written. Returns its id.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn create_clone(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
+        self.check_md_thread()?;
+        let (store, xattrs) = (self.clone(), xattrs.to_vec());
+        crate::detach::detached(
+            async move { store.create_clone_now(id, &xattrs).await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The body of `create_clone`, which runs it as its own task.
+    async fn create_clone_now(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
         self.check_md_thread()?;
         let snapshot = self.open_blob(id).await?;
         // The snapshot stays open, its operation guard held, until the clone is linked: a
@@ -236,15 +264,33 @@ impl Blobstore {
     /// Inflates blob `id`: every cluster it does not own is allocated and filled with what it
     /// showed (its parent's data, or zeros); it then has no parent and is thick. A thick blob
     /// is left as it is. -ENOSPC (nothing changed) without enough free clusters.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn inflate_blob(&self, id: u64) -> Result<()> {
-        self.take_over_clusters(id, true).await
+        self.check_md_thread()?;
+        let store = self.clone();
+        crate::detach::detached(
+            async move { store.take_over_clusters(id, true).await },
+            crate::detach::forget,
+        )
+        .await
     }
 
     /// Decouples blob `id` from its parent: the clusters the parent itself owns are copied,
     /// and the blob's parent becomes the grandparent (or none); it stays thin. -EINVAL when it
     /// has no parent.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn decouple_parent(&self, id: u64) -> Result<()> {
-        self.take_over_clusters(id, false).await
+        self.check_md_thread()?;
+        let store = self.clone();
+        crate::detach::detached(
+            async move { store.take_over_clusters(id, false).await },
+            crate::detach::forget,
+        )
+        .await
     }
 
     async fn take_over_clusters(&self, id: u64, all: bool) -> Result<()> {

@@ -236,7 +236,6 @@ fn loaded_counts(image: &[u8]) -> (u64, Vec<u64>) {
 /// writer releases its cluster) while the extent page on disk maps it. The running store's
 /// free clusters then disagree with a fresh load, and the cluster can be handed out twice.
 #[test]
-#[ignore = "review finding 4: pending the thin-insert ownership change"]
 fn a_partly_failed_in_place_extent_write_leaves_a_mapped_cluster_free() {
     use spool_bdev::{ErrorBdev, ErrorRule, IoKind};
     record_panics();

@@ -613,7 +613,16 @@ fn a_resize_or_inflate_during_a_snapshot_gets_ebusy_and_works_after() {
             let store = store.clone();
             spool_reactor::spawn_local(async move { store.create_snapshot(id, &[]).await })
         };
-        spool_reactor::yield_now().await; // the snapshot starts and waits on its first write
+        // The snapshot runs as its own task: wait until it has made its new blob (its
+        // operation guard on the original is held from before that to its end).
+        let before = store.blob_ids().len();
+        for _ in 0..10_000 {
+            if store.blob_ids().len() > before {
+                break;
+            }
+            spool_reactor::yield_now().await;
+        }
+        assert!(store.blob_ids().len() > before, "the snapshot never started");
         let err = blob.resize(8).await.unwrap_err();
         assert_eq!(err.errno(), -libc::EBUSY, "{err}");
         assert!(err.to_string().contains("snapshot"), "{err}");

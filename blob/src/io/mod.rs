@@ -393,8 +393,19 @@ impl BlobChannel {
         offset: u64,
         dest: &'a mut [u8],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+        self.read_parent(blob.parent.load_full(), offset, dest)
+    }
+
+    /// Reads what `parent` shows at `offset` (zeros past its end, or with no parent): what
+    /// an unallocated range of its child shows.
+    fn read_parent<'a>(
+        &'a self,
+        parent: Option<Arc<BlobIo>>,
+        offset: u64,
+        dest: &'a mut [u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
         Box::pin(async move {
-            let Some(parent) = blob.parent.load_full() else {
+            let Some(parent) = parent else {
                 dest.fill(0);
                 return Ok(());
             };

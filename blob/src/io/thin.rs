@@ -1,13 +1,26 @@
 //! Thin allocation: the first write to an unallocated cluster (see the parent module's doc).
+//!
+//! Cancellation (docs/architecture.md): the allocation (claim a cluster, fill it, have the
+//! metadata reactor insert and persist it) runs as its own task on the channel's reactor, and
+//! the write only waits for it. A write dropped at any await point therefore leaves no entry
+//! in the channel's allocation map (the task's [`AllocatingEntry`] removes it and wakes the
+//! writes waiting on it when the allocation ends), no claimed cluster (the [`ClusterClaim`]
+//! is released on every path that does not insert it, only once no fill write of it is in
+//! flight), and no half-done insert or persist (those run to completion on the metadata
+//! reactor, which owns the cluster once it is in the map and releases it if the insert is
+//! undone). The allocation also stays counted in the blob's in-flight I/O ([`Counted`]) until
+//! it ends, so a freeze (snapshot, resize) never changes the map under an insert on its way.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use spool_bdev::DmaBuf;
+use spool_reactor::Channel;
 
-use super::{BlobChannel, BlobIo};
+use super::{AllocKey, BlobChannel, BlobIo, ChannelContext};
 use crate::error::{BlobError, Result};
-use crate::store::Blobstore;
+use crate::store::claim::ClusterClaim;
 use crate::sync::LocalEvent;
 
 impl BlobChannel {
@@ -56,14 +69,27 @@ impl BlobChannel {
                 event.wait().await;
                 continue;
             }
-            let event = LocalEvent::new();
-            self.channel
-                .allocating
-                .borrow_mut()
-                .insert(key, Rc::clone(&event));
-            let result = self.allocate(blob, index, offset, data).await;
-            self.channel.allocating.borrow_mut().remove(&key);
-            event.set(());
+            let allocation = Allocation {
+                channel: self.clone(),
+                blob_id: blob.id,
+                parent: blob.parent.load_full(),
+                chain_owns: chain_owns(blob, index as usize),
+                index,
+                offset,
+                data: data.map(<[u8]>::to_vec),
+            };
+            // Both taken before the first await and owned by the task from then on.
+            let entry = AllocatingEntry::insert(&self.channel, key);
+            let counted = Counted::new(&self.channel, blob.slot);
+            let result = crate::detach::detached(
+                async move {
+                    let _entry = entry;
+                    let _counted = counted;
+                    allocation.run().await
+                },
+                crate::detach::forget,
+            )
+            .await;
             match result {
                 Ok(true) => return Ok(()),
                 Ok(false) => continue, // another reactor won: redo against its cluster
@@ -71,91 +97,141 @@ impl BlobChannel {
             }
         }
     }
+}
 
-    /// Claims a cluster, fills it (parent data or zeros, then `data`), and has the
+/// A thin allocation in the channel's map: removed, and the writes waiting on it woken, when
+/// dropped (the allocation ended, however).
+struct AllocatingEntry {
+    channel: Channel<ChannelContext>,
+    key: AllocKey,
+    event: Rc<LocalEvent<()>>,
+}
+
+impl AllocatingEntry {
+    fn insert(channel: &Channel<ChannelContext>, key: AllocKey) -> AllocatingEntry {
+        let event = LocalEvent::new();
+        channel
+            .allocating
+            .borrow_mut()
+            .insert(key, Rc::clone(&event));
+        AllocatingEntry {
+            channel: channel.clone(),
+            key,
+            event,
+        }
+    }
+}
+
+impl Drop for AllocatingEntry {
+    fn drop(&mut self) {
+        let mut map = self.channel.allocating.borrow_mut();
+        if map
+            .get(&self.key)
+            .is_some_and(|event| Rc::ptr_eq(event, &self.event))
+        {
+            map.remove(&self.key);
+        }
+        drop(map);
+        self.event.set(());
+    }
+}
+
+/// Work counted in a blob's in-flight I/O on a channel, owned (`'static`): the allocation
+/// task's share of the count, which outlives a dropped write.
+struct Counted {
+    channel: Channel<ChannelContext>,
+    slot: usize,
+}
+
+impl Counted {
+    fn new(channel: &Channel<ChannelContext>, slot: usize) -> Counted {
+        channel.admit(slot);
+        Counted {
+            channel: channel.clone(),
+            slot,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.channel.finish(self.slot);
+    }
+}
+
+/// One thin allocation, everything it needs owned (it runs as its own task).
+struct Allocation {
+    channel: BlobChannel,
+    blob_id: u64,
+    parent: Option<Arc<BlobIo>>,
+    /// Whether a snapshot up the chain has data at this cluster (else it reads zeros).
+    chain_owns: bool,
+    index: u64,
+    offset: u64,
+    data: Option<Vec<u8>>,
+}
+
+impl Allocation {
+    /// Claims a cluster, fills it (parent data or zeros, then the data), and has the
     /// metadata reactor insert and persist it. `Ok(false)` when another reactor's insert won.
-    async fn allocate(
-        &self,
-        blob: &BlobIo,
-        index: u64,
-        offset: u64,
-        data: Option<&[u8]>,
-    ) -> Result<bool> {
-        let geometry = &self.store.geometry;
-        let cluster_size = geometry.cluster_size;
-        let (cluster, zeroed) = self.store.claim_cluster_zeroed().ok_or_else(|| {
+    async fn run(self) -> Result<bool> {
+        let channel = &self.channel;
+        let cluster_size = channel.store.geometry.cluster_size;
+        let claim = ClusterClaim::claim(&channel.store).ok_or_else(|| {
             BlobError::NoSpace(format!(
                 "blob {:#x}: no free cluster for a thin write",
-                blob.id
+                self.blob_id
             ))
         })?;
-        let device_start = u64::from(cluster) * cluster_size;
-        let filled: Result<()> = async {
-            if zeroed && !chain_owns(blob, index as usize) {
-                // The cluster reads zeros already (unmapped on a device that promises it):
-                // only the new data is written.
-                if let Some(data) = data {
-                    if !data.is_empty() {
-                        let mut piece = DmaBuf::alloc(data.len())?;
-                        piece.copy_from_slice(data);
-                        let at = offset - index * cluster_size;
-                        self.bdev().write(piece, device_start + at).await.0?;
-                    }
-                }
-                return Ok(());
-            }
-            let mut content = DmaBuf::alloc(cluster_size as usize)?;
-            let cluster_start = index * cluster_size;
-            self.read_backing(blob, cluster_start, &mut content).await?;
-            if let Some(data) = data {
-                let at = (offset - cluster_start) as usize;
-                content[at..at + data.len()].copy_from_slice(data);
-            }
-            self.bdev()
-                .write(content, u64::from(cluster) * cluster_size)
-                .await
-                .0?;
-            Ok(())
-        }
-        .await;
-        if let Err(err) = filled {
-            self.store.release_cluster(cluster);
-            return Err(err);
-        }
-        let (store_id, blob_id) = (self.store.store_id, blob.id);
-        let inserted = if spool_reactor::reactor_id().ok() == Some(self.store.md_reactor) {
-            // Already on the metadata reactor: no message needed.
-            match Blobstore::lookup(store_id) {
-                Some(store) => {
-                    crate::persist::insert_cluster(&store, blob_id, index, cluster).await
-                }
-                None => Err(-libc::ENODEV),
+        // An error below drops the claim (released): every fill write has completed by then.
+        let device_start = u64::from(claim.cluster()) * cluster_size;
+        let cluster_start = self.index * cluster_size;
+        if claim.zeroed() && !self.chain_owns {
+            // The cluster reads zeros already (unmapped on a device that promises it): only
+            // the new data is written.
+            if let Some(data) = self.data.as_deref().filter(|data| !data.is_empty()) {
+                let mut piece = DmaBuf::alloc(data.len())?;
+                piece.copy_from_slice(data);
+                let at = self.offset - cluster_start;
+                channel.bdev().write(piece, device_start + at).await.0?;
             }
         } else {
-            spool_reactor::spawn_on(self.store.md_reactor, move || async move {
-                match Blobstore::lookup(store_id) {
-                    Some(store) => {
-                        crate::persist::insert_cluster(&store, blob_id, index, cluster).await
-                    }
-                    None => Err(-libc::ENODEV),
-                }
+            let mut content = DmaBuf::alloc(cluster_size as usize)?;
+            channel
+                .read_parent(self.parent.clone(), cluster_start, &mut content)
+                .await?;
+            if let Some(data) = &self.data {
+                let at = (self.offset - cluster_start) as usize;
+                content[at..at + data.len()].copy_from_slice(data);
+            }
+            channel.bdev().write(content, device_start).await.0?;
+        }
+        // The claim travels with the insert: from here the metadata reactor releases it if
+        // it is not inserted (or the insert is undone), even if this task goes away.
+        let (store_id, blob_id, index) = (channel.store.store_id, self.blob_id, self.index);
+        let md_reactor = channel.store.md_reactor;
+        let inserted = if spool_reactor::reactor_id().ok() == Some(md_reactor) {
+            crate::persist::insert_claimed(store_id, blob_id, index, claim).await
+        } else {
+            spool_reactor::spawn_on(md_reactor, move || {
+                crate::persist::insert_claimed(store_id, blob_id, index, claim)
             })?
             .await?
         };
         match inserted {
             Ok(()) => Ok(true),
+            Err(errno) if errno == -libc::EEXIST => Ok(false),
             Err(errno) => {
-                self.store.release_cluster(cluster);
-                if errno == -libc::EEXIST {
-                    Ok(false)
-                } else {
-                    Err(BlobError::Remote {
-                        errno,
-                        what: format!(
-                            "blob {blob_id:#x}: inserting cluster {index} into the metadata"
-                        ),
-                    })
-                }
+                tracing::debug!(
+                    blob = format!("{blob_id:#x}"),
+                    index,
+                    errno,
+                    "thin insert failed"
+                );
+                Err(BlobError::Remote {
+                    errno,
+                    what: format!("blob {blob_id:#x}: inserting cluster {index} into the metadata"),
+                })
             }
         }
     }

@@ -153,7 +153,21 @@ impl Blobstore {
 
     /// Sets the super blob (any id, or `BLOBID_INVALID` to clear it) and writes the super
     /// block now, keeping its clean flag.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn set_super(&self, id: u64) -> Result<()> {
+        self.check_md_thread()?;
+        let store = self.clone();
+        crate::detach::detached(
+            async move { store.set_super_now(id).await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The body of `set_super`, which runs it as its own task.
+    async fn set_super_now(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
         let _guard = self.inner.super_lock.lock().await;
         let clean = {
@@ -240,7 +254,20 @@ impl Blobstore {
 
     /// Closes the store cleanly: writes the masks, then the super block with clean = 1.
     /// Refused with -EBUSY while any blob is open (the store stays usable).
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn unload(self) -> Result<()> {
+        self.check_md_thread()?;
+        crate::detach::detached(
+            async move { self.unload_now().await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The body of `unload`, which runs it as its own task.
+    async fn unload_now(self) -> Result<()> {
         self.check_md_thread()?;
         self.refuse_if_blobs_open("unload")?;
         self.settle_orphans().await?;
@@ -262,7 +289,20 @@ impl Blobstore {
 
     /// Wipes the super block so the device no longer loads as a store (data and metadata
     /// pages are left as they are). Refused with -EBUSY while any blob is open.
+    ///
+    /// Dropping the returned future does not cancel the operation: it runs to completion as its
+    /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn destroy(self) -> Result<()> {
+        self.check_md_thread()?;
+        crate::detach::detached(
+            async move { self.destroy_now().await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The body of `destroy`, which runs it as its own task.
+    async fn destroy_now(self) -> Result<()> {
         self.check_md_thread()?;
         self.refuse_if_blobs_open("destroy")?;
         zero_bytes(&self.inner.md_channel, 0, PAGE_SIZE_U64).await?;

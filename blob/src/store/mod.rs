@@ -1,6 +1,7 @@
 //! The blobstore: one store on one bdev, its metadata owned by one reactor (the metadata
 //! reactor, where it was initialised or loaded).
 //!
+//! - `claim`: a claimed thin cluster, released on drop unless inserted.
 //! - `md_io`: page-granular reads and writes on the metadata reactor's bdev channel.
 //! - `lifecycle`: init, unload, destroy, super blob.
 //! - `load`: the clean load (masks) and the dirty-shutdown recovery (replay).
@@ -9,6 +10,7 @@
 //! on another reactor returns [`BlobError::WrongThread`]. What I/O reactors need (geometry,
 //! the used-cluster map, the device) lives in the `Send + Sync` [`StoreShared`].
 
+pub(crate) mod claim;
 pub(crate) mod durability;
 mod lifecycle;
 mod load;
