@@ -64,6 +64,8 @@ enum Mode {
     Forget,
     /// Forwards it, then drops the inner channel (and fails later submissions).
     ForwardThenDropInner,
+    /// Panics (say, a `todo!()` for a kind it does not handle yet) without touching it.
+    Panic,
 }
 
 struct Wrapper {
@@ -111,6 +113,7 @@ impl ChannelBackend for WrapperChannel {
                 inner.submit(io);
                 self.inner = None;
             }
+            Mode::Panic => todo!("{:?} is not handled yet", io.kind()),
         }
     }
 
@@ -212,6 +215,40 @@ fn a_wrapper_dropping_its_inner_uring_channel_never_gets_success_for_an_unfinish
     assert!(
         dropper_result.is_err(),
         "the wrapper's unfinished read (4 KiB of 8 KiB transferred) reported {dropper_result:?}"
+    );
+}
+
+/// A backend whose `submit` panics: the panic is contained with the task, the submission is
+/// dropped while unwinding (so the request completes with -ECANCELED), but no `IoFuture` was
+/// made yet (`BdevChannel::start` makes it after `submit` returns), so nobody ever releases
+/// the slot: it stays taken, with the caller's buffer parked in it, for the channel's life.
+/// Every such panic leaks one of the channel's CHANNEL_IO_MAX (4096) slots and a buffer; after
+/// that the channel fails every request with QueueFull.
+#[test]
+fn a_panicking_submit_never_leaks_the_slot_or_the_buffer() {
+    let rt = runtime();
+    let desc = wrap(
+        Arc::new(MallocBdev::new("m-panic", 4096, 16).expect("malloc")),
+        Mode::Panic,
+    );
+    let (panicked, in_flight) = rt
+        .block_on(ReactorId(0), move || async move {
+            let channel = desc.channel().expect("channel");
+            let task_channel = channel.clone();
+            let task = spool_reactor::spawn_local(async move {
+                let (r, _) = task_channel.read(filled(4096, 1), 0).await;
+                r.is_ok()
+            });
+            // The panicking task is contained; give the reactor a few passes.
+            let finished = within(Duration::from_millis(200), task).await;
+            spool_reactor::sleep(Duration::from_millis(20)).await;
+            (matches!(finished, Some(Err(_))), channel.in_flight())
+        })
+        .expect("reactor");
+    assert!(panicked, "the task did not panic");
+    assert_eq!(
+        in_flight, 0,
+        "after a panicking submit, the slot stays taken (its buffer parked in it) for good"
     );
 }
 
