@@ -323,3 +323,44 @@ fn a_waker_that_reads_the_channel_never_stops_other_bdevs_io() {
         "a read on another uring bdev of the reactor never completed"
     );
 }
+
+/// A `Bdev` whose geometry is nonsense (safe code: the trait's methods return any value).
+struct Liar {
+    block_size: u32,
+    block_count: u64,
+}
+
+impl Bdev for Liar {
+    fn name(&self) -> &str {
+        "liar"
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn block_count(&self) -> u64 {
+        self.block_count
+    }
+    fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
+        MallocBdev::new("liar-inner", 4096, 16)
+            .expect("malloc")
+            .create_channel(slots)
+    }
+}
+
+/// `BdevDesc::open` never checks the geometry a `Bdev` reports (`check_geometry` exists but
+/// is only called by the crate's own devices), and `BdevDesc::size_bytes` / the channel's
+/// `Geometry::of` multiply block size by block count unchecked: a device reporting
+/// `u64::MAX` blocks panics the caller in debug builds ("attempt to multiply with overflow")
+/// and wraps silently in release builds (range checks then run against a wrong size).
+#[test]
+fn a_device_with_an_overflowing_geometry_is_refused_not_a_panic() {
+    let desc = BdevDesc::open(Arc::new(Liar {
+        block_size: 4096,
+        block_count: u64::MAX,
+    }));
+    let size = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| desc.size_bytes()));
+    assert!(
+        size.is_ok(),
+        "BdevDesc::size_bytes panicked on a device's geometry"
+    );
+}
