@@ -2,7 +2,8 @@
 //! guarantees `docs/bdev.md` ("Soundness") states. Each test asserts a stated guarantee and
 //! fails where safe code breaks it. None of them shows the kernel touching memory a live
 //! request does not own; they show requests that hang forever, a request reported successful
-//! that did not finish, and a whole reactor's io_uring group stopping for good.
+//! that did not finish, a whole reactor's io_uring group stopping for good, a slot and buffer
+//! leaked by a panicking backend, and a panic on an unchecked device geometry.
 
 use std::cell::RefCell;
 use std::future::Future;
