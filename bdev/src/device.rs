@@ -16,14 +16,17 @@ pub trait Bdev: Send + Sync + 'static {
     /// The device's name (unique among open bdevs by convention).
     fn name(&self) -> &str;
 
-    /// Bytes per block: every offset and length is a multiple of it.
+    /// Bytes per block: every offset and length is a multiple of it. A power of two of at
+    /// least 512 ([`crate::BdevDesc::open`] refuses the device otherwise).
     fn block_size(&self) -> u32;
 
-    /// Number of blocks.
+    /// Number of blocks: non-zero, and `block_size * block_count` must fit a `u64`
+    /// ([`crate::BdevDesc::open`] refuses the device otherwise). Read once, at open.
     fn block_count(&self) -> u64;
 
     /// The alignment, in bytes, each buffer length of a vectored request must have (512 for
-    /// O_DIRECT devices, 1 for memory). Buffers themselves are always 4 KiB aligned.
+    /// O_DIRECT devices, 1 for memory): a power of two no larger than the block size (0 means
+    /// 1). Buffers themselves are always 4 KiB aligned.
     fn iov_len_align(&self) -> u32 {
         1
     }
@@ -62,12 +65,19 @@ pub trait ChannelBackend {
     fn poll(&mut self) -> PollStatus;
 }
 
-/// Checks a device geometry: the block size must be a power of two of at least 512 and the
-/// block count non-zero; anything else is `InvalidArgument` (-EINVAL) naming the value.
+/// Checks a device geometry: the block size must be a power of two of at least 512, the
+/// block count non-zero, and the size in bytes (`block_size * block_count`) must fit a `u64`;
+/// anything else is `InvalidArgument` (-EINVAL) naming the value. [`crate::BdevDesc::open`]
+/// applies it (and more) to every device it opens.
 pub fn check_geometry(block_size: u32, block_count: u64) -> Result<(), BdevError> {
     check_block_size(block_size)?;
     if block_count == 0 {
         return Err(BdevError::InvalidArgument("block count is 0".into()));
+    }
+    if u64::from(block_size).checked_mul(block_count).is_none() {
+        return Err(BdevError::InvalidArgument(format!(
+            "{block_count} blocks of {block_size} bytes overflow a 64-bit size"
+        )));
     }
     Ok(())
 }

@@ -119,7 +119,9 @@ impl ChannelBackend for WrapperChannel {
     }
 
     fn poll(&mut self) -> PollStatus {
-        self.inner.as_mut().map_or(PollStatus::Idle, |inner| inner.poll())
+        self.inner
+            .as_mut()
+            .map_or(PollStatus::Idle, |inner| inner.poll())
     }
 }
 
@@ -129,6 +131,7 @@ fn wrap(inner: Arc<dyn Bdev>, mode: Mode) -> BdevDesc {
         inner,
         mode,
     }))
+    .expect("open bdev")
 }
 
 /// docs/bdev.md: "Dropping it completes the request with -ECANCELED, so nothing hangs." But
@@ -145,7 +148,10 @@ fn a_forgotten_submission_never_hangs_its_request() {
         .block_on(ReactorId(0), move || async move {
             let channel = desc.channel().expect("channel");
             let done = within(Duration::from_millis(500), channel.read(filled(4096, 1), 0)).await;
-            (done.map(|(r, _)| r.map_err(|e| e.errno())), channel.in_flight())
+            (
+                done.map(|(r, _)| r.map_err(|e| e.errno())),
+                channel.in_flight(),
+            )
         })
         .expect("reactor");
     assert!(
@@ -169,7 +175,10 @@ fn a_wrapper_dropping_its_inner_malloc_channel_never_hangs_a_request() {
         .block_on(ReactorId(0), move || async move {
             let channel = desc.channel().expect("channel");
             let done = within(Duration::from_millis(500), channel.read(filled(4096, 1), 0)).await;
-            (done.map(|(r, _)| r.map_err(|e| e.errno())), channel.in_flight())
+            (
+                done.map(|(r, _)| r.map_err(|e| e.errno())),
+                channel.in_flight(),
+            )
         })
         .expect("reactor");
     assert!(
@@ -291,10 +300,12 @@ fn a_waker_that_reads_the_channel_never_stops_other_bdevs_io() {
     let file_b = temp_file(1 << 20);
     let a = BdevDesc::open(Arc::new(
         UringBdev::open(file_a.path(), &UringOptions::default()).expect("open a"),
-    ));
+    ))
+    .expect("open bdev");
     let b = BdevDesc::open(Arc::new(
         UringBdev::open(file_b.path(), &UringOptions::default()).expect("open b"),
-    ));
+    ))
+    .expect("open bdev");
     let outcome = rt
         .block_on(ReactorId(0), move || async move {
             let channel_a = a.channel().expect("channel a");
@@ -353,15 +364,23 @@ impl Bdev for Liar {
 /// `Geometry::of` multiply block size by block count unchecked: a device reporting
 /// `u64::MAX` blocks panics the caller in debug builds ("attempt to multiply with overflow")
 /// and wraps silently in release builds (range checks then run against a wrong size).
+///
+/// Fixed: `BdevDesc::open` returns a `Result` and refuses such a device with -EINVAL (no
+/// panic); the geometry it accepted is fixed for the descriptor's life.
 #[test]
 fn a_device_with_an_overflowing_geometry_is_refused_not_a_panic() {
-    let desc = BdevDesc::open(Arc::new(Liar {
-        block_size: 4096,
-        block_count: u64::MAX,
-    }));
-    let size = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| desc.size_bytes()));
-    assert!(
-        size.is_ok(),
-        "BdevDesc::size_bytes panicked on a device's geometry"
+    let opened = std::panic::catch_unwind(|| {
+        BdevDesc::open(Arc::new(Liar {
+            block_size: 4096,
+            block_count: u64::MAX,
+        }))
+        .map(|desc| desc.size_bytes())
+        .map_err(|err| err.errno())
+    });
+    let opened = opened.expect("BdevDesc::open panicked on a device's geometry");
+    assert_eq!(
+        opened,
+        Err(-libc::EINVAL),
+        "a device whose size overflows u64 is refused"
     );
 }
