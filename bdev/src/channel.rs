@@ -15,12 +15,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use spool_reactor::{poller_register, Channel, IoDevice, PollerHandle};
+use spool_reactor::{poller_register, Channel, IoDevice, PollStatus, PollerHandle};
 
 use crate::device::{check_geometry, Bdev, ChannelBackend};
 use crate::dma::DmaBuf;
 use crate::error::BdevError;
-use crate::io::{IoKind, IoSlots, SlotId, Submission};
+use crate::io::{IoKind, IoSlots, SlotId, Submission, WakeBatch};
 use crate::limits::{CHANNEL_IO_MAX, IOVECS_MAX};
 
 /// The device facts validation needs, read and checked once when the device is opened
@@ -230,8 +230,21 @@ fn create_context(bdev: &Arc<dyn Bdev>, geometry: &Geometry) -> Result<ChannelCo
     })?;
     let backend = Rc::new(RefCell::new(backend));
     let poll_backend = Rc::clone(&backend);
-    let poller = poller_register("bdev", None, move || poll_backend.borrow_mut().poll())
-        .map_err(|err| err.errno())?;
+    let poll_slots = Rc::clone(&slots);
+    let poller = poller_register("bdev", None, move || {
+        let status = match poll_backend.try_borrow_mut() {
+            Ok(mut backend) => backend.poll(),
+            // Unreachable in practice: the backend is borrowed only during a submit call.
+            Err(_) => PollStatus::Busy,
+        };
+        // Wake the waiters of what completed (here, in a wrapped backend, or in the reactor's
+        // io_uring group) only now, with no borrow held: a waker may use or drop channels.
+        if poll_slots.has_wakes() && poll_slots.wake_completed(&mut WakeBatch::default()) > 0 {
+            return PollStatus::Busy;
+        }
+        status
+    })
+    .map_err(|err| err.errno())?;
     Ok(ChannelContext {
         geometry: geometry.clone(),
         slots,

@@ -55,6 +55,11 @@ pub trait Bdev: Send + Sync + 'static {
 /// A safe trait: nothing an implementation does can make a crate backend's device (the
 /// kernel, for io_uring) touch memory the request does not own. Requests, their buffers
 /// and their completion are reachable only through the [`Submission`] (see `docs/bdev.md`).
+///
+/// Dropping a crate backend completes every request it still holds with `-ECANCELED` (the
+/// io_uring one: those not in the kernel yet; those in it complete when reaped, with their
+/// status if finished, else -ECANCELED), so a wrapper that drops or replaces its inner
+/// channel never leaves a request hanging.
 pub trait ChannelBackend {
     /// Starts the validated request `io`. The crate's backends keep its buffers in its slot
     /// until they complete it (exactly once). A wrapper may forward `io` to the backend it
