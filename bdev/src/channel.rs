@@ -399,6 +399,11 @@ impl BdevChannel {
         self.start(context, kind, slot, Vec::new())
     }
 
+    /// Hands the request in `slot` to the backend. The future that owns the slot exists
+    /// before the backend runs, and the submission is checked when `submit` returns or
+    /// unwinds: a backend that panics leaks neither the slot nor the buffers (unwinding drops
+    /// the future, which releases the slot now or at its completion), and one that forgets
+    /// the submission gets the request cancelled instead of left hanging.
     #[inline]
     fn start<'a, T: IoOutput>(
         &'a self,
@@ -407,18 +412,41 @@ impl BdevChannel {
         slot: SlotId,
         spare: Vec<DmaBuf>,
     ) -> IoFuture<'a, T> {
-        context
-            .backend
-            .borrow_mut()
-            .submit(Submission::new(&context.slots, slot));
-        IoFuture {
+        let future = IoFuture {
             context,
             kind,
             slot: Some(slot),
             early: None,
             spare,
             _output: PhantomData,
+        };
+        let finish = FinishSubmission {
+            slots: &context.slots,
+            slot,
+        };
+        let submission = Submission::new(&context.slots, slot);
+        match context.backend.try_borrow_mut() {
+            Ok(mut backend) => backend.submit(submission),
+            // The backend is submitting already: its `submit` started a request on its own
+            // channel. Fail this one instead of panicking.
+            Err(_) => submission.complete(-libc::EBUSY),
         }
+        drop(finish);
+        future
+    }
+}
+
+/// Ends a submission when the backend's `submit` returns or unwinds (see
+/// `Submission::finish`): runs before the future is dropped on unwinding (declared after it).
+struct FinishSubmission<'a> {
+    slots: &'a IoSlots,
+    slot: SlotId,
+}
+
+impl Drop for FinishSubmission<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        Submission::finish(self.slots, self.slot);
     }
 }
 

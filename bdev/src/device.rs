@@ -63,7 +63,8 @@ pub trait Bdev: Send + Sync + 'static {
 pub trait ChannelBackend {
     /// Starts the validated request `io`. The crate's backends keep its buffers in its slot
     /// until they complete it (exactly once). A wrapper may forward `io` to the backend it
-    /// wraps, or complete it with [`Submission::complete`]; dropping it cancels the request.
+    /// wraps, or complete it with [`Submission::complete`]; dropping or forgetting it cancels
+    /// the request (-ECANCELED), and so does a panic here (the slot and buffers are released).
     fn submit(&mut self, io: Submission<'_>);
 
     /// Called every reactor loop pass: push queued work to the device, reap completions.

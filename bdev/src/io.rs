@@ -64,7 +64,7 @@
 //! completion for an earlier use of the slot (a stale io_uring CQE) is logged and ignored,
 //! never delivered to the request now in the slot.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::task::Waker;
 
@@ -188,6 +188,8 @@ pub struct IoSlots {
     /// Tags of the requests completed with a registered waiter not woken yet, in completion
     /// order (see [`IoSlots::wake_completed`]).
     wakes: RefCell<VecDeque<SlotId>>,
+    /// The request whose [`Submission`] is out (handed to a backend, not consumed yet).
+    unconsumed: Cell<Option<SlotId>>,
 }
 
 impl IoSlots {
@@ -197,6 +199,7 @@ impl IoSlots {
             requests: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             wakes: RefCell::new(VecDeque::new()),
+            unconsumed: Cell::new(None),
         }
     }
 
@@ -429,7 +432,9 @@ impl IoSlots {
 /// during its submission, and only by whoever holds this value. A backend outside the crate
 /// may read the request, forward the submission to the backend it wraps, or complete it with
 /// a status without starting it ([`Submission::complete`]). Dropped unused, it completes the
-/// request with `-ECANCELED` (a request is never left hanging).
+/// request with `-ECANCELED` (a request is never left hanging). Forgotten (`std::mem::forget`
+/// is safe), it is still completed with `-ECANCELED`, when the channel's submit call returns
+/// (or unwinds): the channel checks that the submission it made was consumed.
 pub struct Submission<'a> {
     slots: &'a IoSlots,
     slot: SlotId,
@@ -439,7 +444,30 @@ impl<'a> Submission<'a> {
     /// The submission of the request `slot` names in `slots`.
     #[inline]
     pub(crate) fn new(slots: &'a IoSlots, slot: SlotId) -> Submission<'a> {
+        slots.unconsumed.set(Some(slot));
         Submission { slots, slot }
+    }
+
+    /// Ends the submission of `slot` made by [`Submission::new`]: if nothing consumed it
+    /// (accepted, completed or dropped it; a backend may `std::mem::forget` it), the request
+    /// is completed with `-ECANCELED` so it never hangs. Called when the backend's `submit`
+    /// returns or unwinds; the submission borrowed the table for that call only, so it can no
+    /// longer be used.
+    #[inline]
+    pub(crate) fn finish(slots: &IoSlots, slot: SlotId) {
+        if slots.unconsumed.get() == Some(slot) {
+            slots.unconsumed.set(None);
+            tracing::warn!(slot, "a request was forgotten by its backend; cancelled");
+            slots.complete(slot, -libc::ECANCELED);
+        }
+    }
+
+    /// Marks the submission consumed (see [`Submission::finish`]).
+    #[inline]
+    fn consume(slots: &IoSlots, slot: SlotId) {
+        if slots.unconsumed.get() == Some(slot) {
+            slots.unconsumed.set(None);
+        }
     }
 
     /// The operation.
@@ -487,6 +515,7 @@ impl<'a> Submission<'a> {
     #[inline]
     fn into_parts(self) -> (&'a IoSlots, SlotId) {
         let parts = (self.slots, self.slot);
+        Submission::consume(self.slots, self.slot);
         std::mem::forget(self);
         parts
     }
@@ -494,6 +523,7 @@ impl<'a> Submission<'a> {
 
 impl Drop for Submission<'_> {
     fn drop(&mut self) {
+        Submission::consume(self.slots, self.slot);
         tracing::warn!(
             slot = self.slot,
             "a request was dropped by its backend; cancelled"
@@ -684,5 +714,30 @@ mod tests {
         slots.release(slot, |_| ());
         assert_eq!(slots.in_flight(), 0);
         READ_TABLE.with(|table| table.borrow_mut().take());
+    }
+
+    #[test]
+    fn a_forgotten_submission_is_cancelled_when_its_submit_call_ends() {
+        let slots = IoSlots::new();
+        let forgotten = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        std::mem::forget(Submission::new(&slots, forgotten));
+        assert_eq!(slots.poll_done(forgotten, Waker::noop()), None);
+        Submission::finish(&slots, forgotten);
+        assert_eq!(
+            slots.poll_done(forgotten, Waker::noop()),
+            Some(-libc::ECANCELED)
+        );
+        // A consumed submission is left alone: accepted (still in flight), completed.
+        let accepted = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        assert_eq!(
+            Submission::new(&slots, accepted).accept(&slots),
+            Some(accepted)
+        );
+        Submission::finish(&slots, accepted);
+        assert_eq!(slots.poll_done(accepted, Waker::noop()), None);
+        let completed = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        Submission::new(&slots, completed).complete(-libc::EIO);
+        Submission::finish(&slots, completed);
+        assert_eq!(slots.poll_done(completed, Waker::noop()), Some(-libc::EIO));
     }
 }
