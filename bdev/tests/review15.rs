@@ -7,15 +7,15 @@
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use spool_bdev::{
-    Bdev, BdevChannel, BdevDesc, BdevError, ChannelBackend, DmaBuf, IoSlots, MallocBdev,
-    Submission, UringBdev, UringOptions,
+    Bdev, BdevChannel, BdevDesc, BdevError, ChannelBackend, CrashBdev, DmaBuf, ErrorBdev,
+    ErrorRule, IoSlots, MallocBdev, NullBdev, Submission, UringBdev, UringOptions,
 };
 use spool_reactor::{IdleMode, PollStatus, ReactorId, Runtime, RuntimeOptions};
 
@@ -383,4 +383,435 @@ fn a_device_with_an_overflowing_geometry_is_refused_not_a_panic() {
         Err(-libc::EINVAL),
         "a device whose size overflows u64 is refused"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Added with the fixes: the variants of the findings above, on every backend.
+// ---------------------------------------------------------------------------------------
+
+fn uring(file: &tempfile::NamedTempFile) -> Arc<UringBdev> {
+    Arc::new(UringBdev::open(file.path(), &UringOptions::default()).expect("open uring"))
+}
+
+/// One of each memory backend (and the error-injection wrapper, passing and failing).
+fn memory_backends() -> Vec<Arc<dyn Bdev>> {
+    let failing = ErrorBdev::new(
+        "err-failing",
+        Arc::new(MallocBdev::new("err-failing-inner", 4096, 16).expect("malloc")),
+    );
+    failing.add_rule(ErrorRule::new(-libc::EIO));
+    vec![
+        Arc::new(MallocBdev::new("m", 4096, 16).expect("malloc")),
+        Arc::new(NullBdev::new("n", 4096, 16).expect("null")),
+        Arc::new(CrashBdev::new("c", 4096, 16).expect("crash")),
+        Arc::new(ErrorBdev::new(
+            "err-passing",
+            Arc::new(MallocBdev::new("err-passing-inner", 4096, 16).expect("malloc")),
+        )),
+        Arc::new(failing),
+    ]
+}
+
+thread_local! {
+    /// The channel a `ReenteringWaker` uses when woken.
+    static REENTER: RefCell<Option<BdevChannel>> = const { RefCell::new(None) };
+    /// A channel a `DroppingWaker` drops when woken.
+    static TO_DROP: RefCell<Option<BdevChannel>> = const { RefCell::new(None) };
+    /// How many times a `ReenteringWaker` or `DroppingWaker` ran.
+    static WOKEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A waker that, when woken, reads the channel and starts (and drops) a read on it, then
+/// wakes the task: it re-enters the slot table and the backend of the completing channel.
+struct ReenteringWaker {
+    task: Waker,
+}
+
+impl Wake for ReenteringWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        WOKEN.with(|woken| woken.set(woken.get() + 1));
+        REENTER.with(|channel| {
+            if let Some(channel) = channel.borrow().as_ref() {
+                let _ = channel.in_flight();
+                drop(channel.read(filled(4096, 2), 4096));
+            }
+        });
+        self.task.wake_by_ref();
+    }
+}
+
+/// A waker that drops a channel (the last handle on it) when woken.
+struct DroppingWaker {
+    task: Waker,
+}
+
+impl Wake for DroppingWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        WOKEN.with(|woken| woken.set(woken.get() + 1));
+        let channel = TO_DROP.with(|slot| slot.borrow_mut().take());
+        drop(channel);
+        self.task.wake_by_ref();
+    }
+}
+
+/// Polls `fut` once with a waker made by `make` from the task's own waker, then lets the
+/// reactor run its pollers without polling `fut` again (which would replace the waker);
+/// returns how many times such a waker ran meanwhile.
+async fn poll_once_with<F: Future + Unpin>(
+    fut: &mut F,
+    make: impl FnOnce(Waker) -> Waker,
+) -> usize {
+    let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+    let waker = make(task);
+    let before = WOKEN.with(std::cell::Cell::get);
+    assert!(Pin::new(fut)
+        .poll(&mut Context::from_waker(&waker))
+        .is_pending());
+    spool_reactor::sleep(Duration::from_millis(50)).await;
+    WOKEN.with(std::cell::Cell::get) - before
+}
+
+/// A waker that reads and uses the very channel whose request completes, on every backend:
+/// the channel keeps working (before the fix, the poller completing it panicked on a
+/// borrowed slot table or backend and was unregistered).
+#[test]
+fn a_waker_that_uses_the_completing_channel_never_stops_it() {
+    let rt = runtime();
+    let file = temp_file(1 << 20);
+    let mut bdevs = memory_backends();
+    bdevs.push(uring(&file));
+    for bdev in bdevs {
+        let name = bdev.name().to_owned();
+        let desc = BdevDesc::open(bdev).expect("open");
+        let outcome = rt
+            .block_on(ReactorId(0), move || async move {
+                let channel = desc.channel().expect("channel");
+                REENTER.with(|slot| *slot.borrow_mut() = Some(channel.clone()));
+                let mut read = Box::pin(channel.read(filled(4096, 0), 0));
+                let woken = poll_once_with(&mut read, |task| {
+                    Waker::from(Arc::new(ReenteringWaker { task }))
+                })
+                .await;
+                let first = within(Duration::from_secs(2), read).await;
+                REENTER.with(|slot| slot.borrow_mut().take());
+                let again = within(Duration::from_secs(2), channel.read(filled(4096, 0), 0)).await;
+                spool_reactor::sleep(Duration::from_millis(20)).await;
+                (
+                    woken,
+                    first.map(|(r, _)| r.map_err(|e| e.errno())),
+                    again.map(|(r, _)| r.map_err(|e| e.errno())),
+                    channel.in_flight(),
+                )
+            })
+            .expect("reactor");
+        assert_eq!(outcome.0, 1, "{name}: the waker ran once");
+        assert!(
+            outcome.1.is_some(),
+            "{name}: the woken read never completed"
+        );
+        assert!(
+            outcome.2.is_some(),
+            "{name}: the channel stopped completing"
+        );
+        assert_eq!(outcome.3, 0, "{name}: a slot stayed taken");
+    }
+}
+
+/// A waker of a read on one uring bdev drops the last channel of another uring bdev of the
+/// same reactor (same ring): that channel's entry is closed and its registered file slot
+/// released. (The channel's backend is dropped with its poller, at the end of the reactor's
+/// poller pass; see the next test for a backend dropped in the waker itself.)
+#[test]
+fn a_waker_dropping_the_last_channel_of_another_uring_bdev_leaks_nothing() {
+    let rt = runtime();
+    let (file_a, file_b) = (temp_file(1 << 20), temp_file(1 << 20));
+    let (bdev_a, bdev_b) = (uring(&file_a), uring(&file_b));
+    let stats_bdev = Arc::clone(&bdev_a);
+    let a = BdevDesc::open(bdev_a).expect("open a");
+    let b = BdevDesc::open(bdev_b).expect("open b");
+    let (before, after, again) = rt
+        .block_on(ReactorId(0), move || async move {
+            let channel_a = a.channel().expect("channel a");
+            let channel_b = b.channel().expect("channel b");
+            let (r, _) = channel_b.read(filled(4096, 0), 0).await;
+            r.expect("warm-up read on b");
+            let before = stats_bdev.group_stats().expect("stats").channels;
+            TO_DROP.with(|slot| *slot.borrow_mut() = Some(channel_b));
+            let mut read = Box::pin(channel_a.read(filled(4096, 0), 0));
+            let woken = poll_once_with(&mut read, |task| {
+                Waker::from(Arc::new(DroppingWaker { task }))
+            })
+            .await;
+            assert_eq!(woken, 1, "the waker ran");
+            let (r, _) = read.await;
+            r.expect("read on a");
+            spool_reactor::sleep(Duration::from_millis(20)).await;
+            let after = stats_bdev.group_stats().expect("stats").channels;
+            // A new channel of b works.
+            let channel_b = b.channel().expect("channel b again");
+            let done = within(Duration::from_secs(2), channel_b.read(filled(4096, 0), 0)).await;
+            (before, after, done.map(|(r, _)| r.map_err(|e| e.errno())))
+        })
+        .expect("reactor");
+    assert_eq!(before, 2, "both channels attached to the ring");
+    assert_eq!(
+        after, 1,
+        "the dropped channel's entry (and file slot) leaked"
+    );
+    assert_eq!(again, Some(Ok(())));
+}
+
+/// A wrapper that drops its inner channel with a request queued in it gets -ECANCELED for
+/// it, on every memory backend (before the fix, the request hung).
+#[test]
+fn a_wrapper_dropping_its_inner_channel_gets_ecanceled_on_every_memory_backend() {
+    let rt = runtime();
+    for bdev in memory_backends() {
+        let name = bdev.name().to_owned();
+        let desc = wrap(bdev, Mode::ForwardThenDropInner);
+        let outcome = rt
+            .block_on(ReactorId(0), move || async move {
+                let channel = desc.channel().expect("channel");
+                let done =
+                    within(Duration::from_millis(500), channel.read(filled(4096, 1), 0)).await;
+                (
+                    done.map(|(r, _)| r.map_err(|e| e.errno())),
+                    channel.in_flight(),
+                )
+            })
+            .expect("reactor");
+        assert_eq!(outcome, (Some(Err(-libc::ECANCELED)), 0), "{name}");
+    }
+}
+
+/// A wrapper that drops its inner uring channel after forwarding a read that one CQE
+/// finishes gets the read's real result: success, with the data (a closed channel's request
+/// that did finish is not failed either).
+#[test]
+fn a_finished_request_of_a_dropped_uring_channel_keeps_its_result() {
+    let rt = runtime();
+    let file = temp_file(1 << 20);
+    let control = BdevDesc::open(uring(&file)).expect("open");
+    let dropper = wrap(uring(&file), Mode::ForwardThenDropInner);
+    let (result, data) = rt
+        .block_on(ReactorId(0), move || async move {
+            let control = control.channel().expect("channel");
+            let (r, _) = control.write(filled(8192, 0x5a), 0).await;
+            r.expect("write");
+            let dropper = dropper.channel().expect("channel");
+            let (r, buf) = dropper.read(filled(8192, 0), 0).await;
+            (
+                r.map_err(|e| e.errno()),
+                buf.iter().all(|&byte| byte == 0x5a),
+            )
+        })
+        .expect("reactor");
+    assert_eq!(result, Ok(()));
+    assert!(data, "the finished read's data");
+}
+
+/// A forgotten submission completes with -ECANCELED when the wrapper's submit returns, and
+/// its slot (with the buffer) is released.
+#[test]
+fn a_forgotten_submission_is_cancelled_and_its_slot_released() {
+    let rt = runtime();
+    for bdev in memory_backends() {
+        let name = bdev.name().to_owned();
+        let desc = wrap(bdev, Mode::Forget);
+        let outcome = rt
+            .block_on(ReactorId(0), move || async move {
+                let channel = desc.channel().expect("channel");
+                let done =
+                    within(Duration::from_millis(500), channel.read(filled(4096, 1), 0)).await;
+                (
+                    done.map(|(r, _)| r.map_err(|e| e.errno())),
+                    channel.in_flight(),
+                )
+            })
+            .expect("reactor");
+        assert_eq!(outcome, (Some(Err(-libc::ECANCELED)), 0), "{name}");
+    }
+}
+
+/// A `Bdev` reporting any geometry, with any iovec alignment.
+struct Odd {
+    block_size: u32,
+    block_count: u64,
+    iov_len_align: u32,
+}
+
+impl Bdev for Odd {
+    fn name(&self) -> &str {
+        "odd"
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn block_count(&self) -> u64 {
+        self.block_count
+    }
+    fn iov_len_align(&self) -> u32 {
+        self.iov_len_align
+    }
+    fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
+        MallocBdev::new("odd-inner", 4096, 16)
+            .expect("malloc")
+            .create_channel(slots)
+    }
+}
+
+/// Every nonsensical geometry is refused at open with -EINVAL; sane ones open.
+#[test]
+fn every_invalid_geometry_is_refused_at_open() {
+    let open = |block_size, block_count, iov_len_align| {
+        BdevDesc::open(Arc::new(Odd {
+            block_size,
+            block_count,
+            iov_len_align,
+        }))
+        .map(|desc| desc.size_bytes())
+        .map_err(|err| err.errno())
+    };
+    for (block_size, block_count, align) in [
+        (0, 16, 1),
+        (256, 16, 1),
+        (1000, 16, 1),
+        (4096, 0, 1),
+        (4096, u64::MAX / 4096 + 1, 1),
+        (1 << 31, u64::MAX, 1),
+        (4096, 16, 3),
+        (4096, 16, 8192),
+    ] {
+        assert_eq!(
+            open(block_size, block_count, align),
+            Err(-libc::EINVAL),
+            "block size {block_size}, {block_count} blocks, iovec alignment {align}"
+        );
+    }
+    assert_eq!(open(4096, 16, 0), Ok(65536));
+    assert_eq!(open(512, 1, 512), Ok(512));
+    assert_eq!(
+        open(4096, u64::MAX / 4096, 4096),
+        Ok(u64::MAX / 4096 * 4096)
+    );
+}
+
+/// A wrapper's inner channel, shared with whoever may drop it.
+type SharedBackend = Rc<RefCell<Option<Box<dyn ChannelBackend>>>>;
+
+thread_local! {
+    /// The inner channel of the `SharedInner` wrapper, reachable from a waker.
+    static SHARED_INNER: RefCell<Option<SharedBackend>> = const { RefCell::new(None) };
+}
+
+/// A wrapper whose channel keeps its inner channel where a waker can reach it (safe code:
+/// an `Rc<RefCell<..>>` in a thread-local).
+struct SharedInner {
+    inner: Arc<dyn Bdev>,
+}
+
+impl Bdev for SharedInner {
+    fn name(&self) -> &str {
+        "shared-inner"
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn block_count(&self) -> u64 {
+        self.inner.block_count()
+    }
+    fn iov_len_align(&self) -> u32 {
+        self.inner.iov_len_align()
+    }
+    fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
+        let inner = Rc::new(RefCell::new(Some(self.inner.create_channel(slots)?)));
+        SHARED_INNER.with(|shared| *shared.borrow_mut() = Some(Rc::clone(&inner)));
+        Ok(Box::new(SharedInnerChannel { inner }))
+    }
+}
+
+struct SharedInnerChannel {
+    inner: SharedBackend,
+}
+
+impl ChannelBackend for SharedInnerChannel {
+    fn submit(&mut self, io: Submission<'_>) {
+        match self.inner.borrow_mut().as_mut() {
+            Some(inner) => inner.submit(io),
+            None => io.complete(-libc::ENODEV),
+        }
+    }
+    fn poll(&mut self) -> PollStatus {
+        self.inner
+            .borrow_mut()
+            .as_mut()
+            .map_or(PollStatus::Idle, |inner| inner.poll())
+    }
+}
+
+/// A waker that drops the `SharedInner` wrapper's inner channel when woken.
+struct InnerDroppingWaker {
+    task: Waker,
+}
+
+impl Wake for InnerDroppingWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        WOKEN.with(|woken| woken.set(woken.get() + 1));
+        let shared = SHARED_INNER.with(|shared| shared.borrow_mut().take());
+        let inner = shared.and_then(|shared| shared.borrow_mut().take());
+        drop(inner);
+        self.task.wake_by_ref();
+    }
+}
+
+/// A waker of a read on one uring bdev drops a uring channel backend of another bdev (a
+/// wrapper's inner channel) right there, while the reactor's io_uring group is completing:
+/// the channel's entry is closed and its registered file slot released. Before the fix the
+/// group was borrowed while wakers ran: the close was refused ("uring group busy") and the
+/// entry, with its file slot, leaked for the ring's life.
+#[test]
+fn a_waker_dropping_a_uring_channel_backend_leaks_no_file_slot() {
+    let rt = runtime();
+    let (file_a, file_b) = (temp_file(1 << 20), temp_file(1 << 20));
+    let (bdev_a, bdev_b) = (uring(&file_a), uring(&file_b));
+    let stats_bdev = Arc::clone(&bdev_a);
+    let a = BdevDesc::open(bdev_a).expect("open a");
+    let b = BdevDesc::open(Arc::new(SharedInner { inner: bdev_b })).expect("open b");
+    let (before, after, dropped) = rt
+        .block_on(ReactorId(0), move || async move {
+            let channel_a = a.channel().expect("channel a");
+            let channel_b = b.channel().expect("channel b");
+            let (r, _) = channel_b.read(filled(4096, 0), 0).await;
+            r.expect("warm-up read on b");
+            let before = stats_bdev.group_stats().expect("stats").channels;
+            let mut read = Box::pin(channel_a.read(filled(4096, 0), 0));
+            let woken = poll_once_with(&mut read, |task| {
+                Waker::from(Arc::new(InnerDroppingWaker { task }))
+            })
+            .await;
+            assert_eq!(woken, 1, "the waker ran");
+            let (r, _) = read.await;
+            r.expect("read on a");
+            spool_reactor::sleep(Duration::from_millis(20)).await;
+            let after = stats_bdev.group_stats().expect("stats").channels;
+            // The wrapper's channel has no inner channel left.
+            let (r, _) = channel_b.read(filled(4096, 0), 0).await;
+            (before, after, r.map_err(|e| e.errno()))
+        })
+        .expect("reactor");
+    assert_eq!(before, 2, "both channels attached to the ring");
+    assert_eq!(
+        after, 1,
+        "the dropped channel's entry (and file slot) leaked"
+    );
+    assert_eq!(dropped, Err(-libc::ENODEV));
 }
