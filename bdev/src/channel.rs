@@ -15,26 +15,52 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use spool_reactor::{poller_register, Channel, IoDevice, PollerHandle};
+use spool_reactor::{poller_register, Channel, IoDevice, PollStatus, PollerHandle};
 
-use crate::device::{Bdev, ChannelBackend};
+use crate::device::{check_geometry, Bdev, ChannelBackend};
 use crate::dma::DmaBuf;
 use crate::error::BdevError;
-use crate::io::{IoKind, IoSlots, SlotId, Submission};
+use crate::io::{IoKind, IoSlots, SlotId, Submission, WakeBatch};
 use crate::limits::{CHANNEL_IO_MAX, IOVECS_MAX};
 
-/// The device facts validation needs, read once per channel instead of per request.
+/// The device facts validation needs, read and checked once when the device is opened
+/// ([`BdevDesc::open`]); every channel of the descriptor validates against this copy, so a
+/// device whose answers change later cannot move the bounds.
 #[derive(Debug, Clone)]
 struct Geometry {
     name: String,
     block_size: u64,
+    block_count: u64,
     size_bytes: u64,
     iov_len_align: u64,
     supported: [bool; 5],
 }
 
 impl Geometry {
-    fn of(bdev: &dyn Bdev) -> Geometry {
+    /// Reads `bdev`'s geometry and checks it: the block size a power of two of at least 512,
+    /// the block count non-zero, the size in bytes representable (`u64`), and the iovec
+    /// alignment (0 meaning 1) a power of two no larger than the block size. Anything else
+    /// is `InvalidArgument` (-EINVAL) naming the device and the value.
+    fn of(bdev: &dyn Bdev) -> Result<Geometry, BdevError> {
+        let name = bdev.name();
+        let refuse =
+            |reason: String| BdevError::InvalidArgument(format!("bdev '{name}': {reason}"));
+        let (block_size, block_count) = (bdev.block_size(), bdev.block_count());
+        check_geometry(block_size, block_count).map_err(|err| refuse(err.to_string()))?;
+        let size_bytes = u64::from(block_size)
+            .checked_mul(block_count)
+            .ok_or_else(|| {
+                refuse(format!(
+                    "{block_count} blocks of {block_size} bytes overflow a 64-bit size"
+                ))
+            })?;
+        let iov_len_align = bdev.iov_len_align().max(1);
+        if !iov_len_align.is_power_of_two() || iov_len_align > block_size {
+            return Err(refuse(format!(
+                "iovec alignment {iov_len_align} is not a power of two <= the block size \
+                 {block_size}"
+            )));
+        }
         let kinds = [
             IoKind::Read,
             IoKind::Write,
@@ -42,13 +68,14 @@ impl Geometry {
             IoKind::WriteZeroes,
             IoKind::Flush,
         ];
-        Geometry {
-            name: bdev.name().to_owned(),
-            block_size: u64::from(bdev.block_size()),
-            size_bytes: u64::from(bdev.block_size()) * bdev.block_count(),
-            iov_len_align: u64::from(bdev.iov_len_align().max(1)),
+        Ok(Geometry {
+            name: name.to_owned(),
+            block_size: u64::from(block_size),
+            block_count,
+            size_bytes,
+            iov_len_align: u64::from(iov_len_align),
             supported: kinds.map(|kind| bdev.supports(kind)),
-        }
+        })
     }
 
     fn check(&self, kind: IoKind, offset_bytes: u64, len_bytes: u64) -> Result<(), BdevError> {
@@ -127,20 +154,33 @@ pub struct ChannelContext {
 #[derive(Clone)]
 pub struct BdevDesc {
     bdev: Arc<dyn Bdev>,
+    geometry: Arc<Geometry>,
     device: IoDevice<ChannelContext>,
 }
 
 impl BdevDesc {
-    /// Opens `bdev` for I/O: registers it as an io device whose per-reactor context is a
-    /// channel of the backend.
-    pub fn open(bdev: Arc<dyn Bdev>) -> BdevDesc {
+    /// Opens `bdev` for I/O: checks its geometry (see below), then registers it as an io
+    /// device whose per-reactor context is a channel of the backend.
+    ///
+    /// The geometry is read once, here, and fixed for the descriptor's life: the block size
+    /// must be a power of two of at least 512, the block count non-zero, `block_size *
+    /// block_count` must fit a `u64`, and the iovec alignment must be a power of two no
+    /// larger than the block size. A device reporting anything else (`Bdev` is a safe trait:
+    /// its methods may return any value) is refused with `InvalidArgument` (-EINVAL).
+    pub fn open(bdev: Arc<dyn Bdev>) -> Result<BdevDesc, BdevError> {
+        let geometry = Arc::new(Geometry::of(bdev.as_ref())?);
         let for_create = Arc::clone(&bdev);
+        let for_context = Arc::clone(&geometry);
         let device = IoDevice::register(
             format!("bdev:{}", bdev.name()),
-            move |_reactor| create_context(&for_create),
+            move |_reactor| create_context(&for_create, &for_context),
             |_reactor, context| drop(context),
         );
-        BdevDesc { bdev, device }
+        Ok(BdevDesc {
+            bdev,
+            geometry,
+            device,
+        })
     }
 
     /// The device.
@@ -153,19 +193,20 @@ impl BdevDesc {
         self.bdev.name()
     }
 
-    /// Bytes per block.
+    /// Bytes per block (as checked at open).
     pub fn block_size(&self) -> u32 {
-        self.bdev.block_size()
+        // Checked at open: a power of two of at most 2^31.
+        self.geometry.block_size as u32
     }
 
-    /// Number of blocks.
+    /// Number of blocks (as checked at open).
     pub fn block_count(&self) -> u64 {
-        self.bdev.block_count()
+        self.geometry.block_count
     }
 
-    /// The device's size in bytes.
+    /// The device's size in bytes (as checked at open: it fits a `u64`).
     pub fn size_bytes(&self) -> u64 {
-        u64::from(self.bdev.block_size()) * self.bdev.block_count()
+        self.geometry.size_bytes
     }
 
     /// The calling reactor's channel (shared with other callers on this reactor).
@@ -181,7 +222,7 @@ impl BdevDesc {
     }
 }
 
-fn create_context(bdev: &Arc<dyn Bdev>) -> Result<ChannelContext, i32> {
+fn create_context(bdev: &Arc<dyn Bdev>, geometry: &Geometry) -> Result<ChannelContext, i32> {
     let slots = Rc::new(IoSlots::new());
     let backend = bdev.create_channel(Rc::clone(&slots)).map_err(|err| {
         tracing::error!(bdev = bdev.name(), %err, "channel create failed");
@@ -189,10 +230,23 @@ fn create_context(bdev: &Arc<dyn Bdev>) -> Result<ChannelContext, i32> {
     })?;
     let backend = Rc::new(RefCell::new(backend));
     let poll_backend = Rc::clone(&backend);
-    let poller = poller_register("bdev", None, move || poll_backend.borrow_mut().poll())
-        .map_err(|err| err.errno())?;
+    let poll_slots = Rc::clone(&slots);
+    let poller = poller_register("bdev", None, move || {
+        let status = match poll_backend.try_borrow_mut() {
+            Ok(mut backend) => backend.poll(),
+            // Unreachable in practice: the backend is borrowed only during a submit call.
+            Err(_) => PollStatus::Busy,
+        };
+        // Wake the waiters of what completed (here, in a wrapped backend, or in the reactor's
+        // io_uring group) only now, with no borrow held: a waker may use or drop channels.
+        if poll_slots.has_wakes() && poll_slots.wake_completed(&mut WakeBatch::default()) > 0 {
+            return PollStatus::Busy;
+        }
+        status
+    })
+    .map_err(|err| err.errno())?;
     Ok(ChannelContext {
-        geometry: Geometry::of(bdev.as_ref()),
+        geometry: geometry.clone(),
         slots,
         backend,
         _poller: poller,
@@ -345,6 +399,11 @@ impl BdevChannel {
         self.start(context, kind, slot, Vec::new())
     }
 
+    /// Hands the request in `slot` to the backend. The future that owns the slot exists
+    /// before the backend runs, and the submission is checked when `submit` returns or
+    /// unwinds: a backend that panics leaks neither the slot nor the buffers (unwinding drops
+    /// the future, which releases the slot now or at its completion), and one that forgets
+    /// the submission gets the request cancelled instead of left hanging.
     #[inline]
     fn start<'a, T: IoOutput>(
         &'a self,
@@ -353,18 +412,41 @@ impl BdevChannel {
         slot: SlotId,
         spare: Vec<DmaBuf>,
     ) -> IoFuture<'a, T> {
-        context
-            .backend
-            .borrow_mut()
-            .submit(Submission::new(&context.slots, slot));
-        IoFuture {
+        let future = IoFuture {
             context,
             kind,
             slot: Some(slot),
             early: None,
             spare,
             _output: PhantomData,
+        };
+        let finish = FinishSubmission {
+            slots: &context.slots,
+            slot,
+        };
+        let submission = Submission::new(&context.slots, slot);
+        match context.backend.try_borrow_mut() {
+            Ok(mut backend) => backend.submit(submission),
+            // The backend is submitting already: its `submit` started a request on its own
+            // channel. Fail this one instead of panicking.
+            Err(_) => submission.complete(-libc::EBUSY),
         }
+        drop(finish);
+        future
+    }
+}
+
+/// Ends a submission when the backend's `submit` returns or unwinds (see
+/// `Submission::finish`): runs before the future is dropped on unwinding (declared after it).
+struct FinishSubmission<'a> {
+    slots: &'a IoSlots,
+    slot: SlotId,
+}
+
+impl Drop for FinishSubmission<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        Submission::finish(self.slots, self.slot);
     }
 }
 

@@ -336,13 +336,19 @@ impl ChannelBackend for CrashChannel {
         let slots = &self.slots;
         let (state, metas) = (&self.state, &self.meta);
         let pending = &mut self.pending;
-        let completed = slots.complete_batch(|complete| {
-            pending.drain_due(|slot| {
-                let meta = metas.get(slot_index(slot)).copied().unwrap_or_default();
-                let status = slots.with(slot, |request| execute(&mut lock(state), meta, request));
-                complete(slot, status);
-            })
+        let completed = pending.drain_due(|slot| {
+            let meta = metas.get(slot_index(slot)).copied().unwrap_or_default();
+            let status = slots.with(slot, |request| execute(&mut lock(state), meta, request));
+            slots.complete(slot, status);
         });
         self.pending.status(completed)
+    }
+}
+
+impl Drop for CrashChannel {
+    /// Requests still queued complete with -ECANCELED and never reach the media (as if cut
+    /// off before the device saw them).
+    fn drop(&mut self) {
+        self.pending.cancel_all(&self.slots);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use crate::io::SlotId;
+use crate::io::{IoSlots, SlotId};
 use crate::limits::SIM_LATENCY_NS_MAX;
 
 #[derive(Debug, Clone, Copy)]
@@ -117,6 +117,26 @@ impl Deferred {
             spool_reactor::PollStatus::Idle
         } else {
             spool_reactor::PollStatus::Waiting
+        }
+    }
+
+    /// Completes every slot still waiting with `-ECANCELED`, oldest first: what a channel
+    /// does when it is dropped, so none of its queued requests hangs.
+    pub(crate) fn cancel_all(&mut self, slots: &IoSlots) {
+        let count = self.len();
+        if count > 0 {
+            tracing::debug!(
+                count,
+                "channel dropped with queued requests; cancelling them"
+            );
+        }
+        for slot in self.fifo.drain(..) {
+            slots.complete(slot, -libc::ECANCELED);
+        }
+        self.timed
+            .sort_by_key(|pending| (pending.ready_at_ns, pending.seq));
+        for pending in self.timed.drain(..) {
+            slots.complete(pending.slot, -libc::ECANCELED);
         }
     }
 

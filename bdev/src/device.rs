@@ -16,14 +16,17 @@ pub trait Bdev: Send + Sync + 'static {
     /// The device's name (unique among open bdevs by convention).
     fn name(&self) -> &str;
 
-    /// Bytes per block: every offset and length is a multiple of it.
+    /// Bytes per block: every offset and length is a multiple of it. A power of two of at
+    /// least 512 ([`crate::BdevDesc::open`] refuses the device otherwise).
     fn block_size(&self) -> u32;
 
-    /// Number of blocks.
+    /// Number of blocks: non-zero, and `block_size * block_count` must fit a `u64`
+    /// ([`crate::BdevDesc::open`] refuses the device otherwise). Read once, at open.
     fn block_count(&self) -> u64;
 
     /// The alignment, in bytes, each buffer length of a vectored request must have (512 for
-    /// O_DIRECT devices, 1 for memory). Buffers themselves are always 4 KiB aligned.
+    /// O_DIRECT devices, 1 for memory): a power of two no larger than the block size (0 means
+    /// 1). Buffers themselves are always 4 KiB aligned.
     fn iov_len_align(&self) -> u32 {
         1
     }
@@ -52,22 +55,35 @@ pub trait Bdev: Send + Sync + 'static {
 /// A safe trait: nothing an implementation does can make a crate backend's device (the
 /// kernel, for io_uring) touch memory the request does not own. Requests, their buffers
 /// and their completion are reachable only through the [`Submission`] (see `docs/bdev.md`).
+///
+/// Dropping a crate backend completes every request it still holds with `-ECANCELED` (the
+/// io_uring one: those not in the kernel yet; those in it complete when reaped, with their
+/// status if finished, else -ECANCELED), so a wrapper that drops or replaces its inner
+/// channel never leaves a request hanging.
 pub trait ChannelBackend {
     /// Starts the validated request `io`. The crate's backends keep its buffers in its slot
     /// until they complete it (exactly once). A wrapper may forward `io` to the backend it
-    /// wraps, or complete it with [`Submission::complete`]; dropping it cancels the request.
+    /// wraps, or complete it with [`Submission::complete`]; dropping or forgetting it cancels
+    /// the request (-ECANCELED), and so does a panic here (the slot and buffers are released).
     fn submit(&mut self, io: Submission<'_>);
 
     /// Called every reactor loop pass: push queued work to the device, reap completions.
     fn poll(&mut self) -> PollStatus;
 }
 
-/// Checks a device geometry: the block size must be a power of two of at least 512 and the
-/// block count non-zero; anything else is `InvalidArgument` (-EINVAL) naming the value.
+/// Checks a device geometry: the block size must be a power of two of at least 512, the
+/// block count non-zero, and the size in bytes (`block_size * block_count`) must fit a `u64`;
+/// anything else is `InvalidArgument` (-EINVAL) naming the value. [`crate::BdevDesc::open`]
+/// applies it (and more) to every device it opens.
 pub fn check_geometry(block_size: u32, block_count: u64) -> Result<(), BdevError> {
     check_block_size(block_size)?;
     if block_count == 0 {
         return Err(BdevError::InvalidArgument("block count is 0".into()));
+    }
+    if u64::from(block_size).checked_mul(block_count).is_none() {
+        return Err(BdevError::InvalidArgument(format!(
+            "{block_count} blocks of {block_size} bytes overflow a 64-bit size"
+        )));
     }
     Ok(())
 }

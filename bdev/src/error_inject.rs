@@ -405,3 +405,11 @@ impl ChannelBackend for ErrorChannel {
         inner.max(self.failed.status(completed))
     }
 }
+
+impl Drop for ErrorChannel {
+    /// Requests failed by a rule and still queued complete with -ECANCELED; the inner
+    /// channel, dropped next, cancels its own.
+    fn drop(&mut self) {
+        self.failed.cancel_all(&self.slots);
+    }
+}

@@ -6,8 +6,11 @@
 //! request, the only way to start it. The crate's own backends accept it (the slot's tag
 //! then names the request), read the request (and write data into its buffers) with short
 //! borrows through `IoSlots::with`, and complete it with `IoSlots::complete`, from their
-//! poller or, for an immediate failure, from `submit` itself. The awaiting future then takes
-//! the buffers back. A future dropped before completion leaves its slot "abandoned": the
+//! poller or, for an immediate failure, from `submit` itself. Completing never runs a waker:
+//! it queues the waiter, and whoever drives the completions (the channel's poller, the
+//! io_uring group's poller) wakes the queued waiters with [`IoSlots::wake_completed`] once it
+//! holds no borrow (of this table, of a backend, of the group), so a waker may use or drop
+//! any channel. The awaiting future then takes the buffers back. A future dropped before completion leaves its slot "abandoned": the
 //! buffers stay parked in the slot until the device completes, so the device never writes
 //! into freed memory.
 //!
@@ -61,13 +64,14 @@
 //! completion for an earlier use of the slot (a stale io_uring CQE) is logged and ignored,
 //! never delivered to the request now in the slot.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::task::Waker;
 
 use crate::dma::DmaBuf;
 use crate::limits::CHANNEL_IO_MAX;
 
-/// The completions a poller delivers in one pass, across any number of channels. No task runs
+/// The wakes a poller delivers in one pass, across any number of channels. No task runs
 /// while a poller does, so a waiter woken once in the batch need not be woken again: with one
 /// task driving many requests, this saves an atomic operation per completion. Create one per
 /// poll pass, never keep one across passes.
@@ -181,6 +185,11 @@ pub struct IoSlots {
     requests: RefCell<Vec<IoRequest>>,
     /// Indices of free slots.
     free: RefCell<Vec<u32>>,
+    /// Tags of the requests completed with a registered waiter not woken yet, in completion
+    /// order (see [`IoSlots::wake_completed`]).
+    wakes: RefCell<VecDeque<SlotId>>,
+    /// The request whose [`Submission`] is out (handed to a backend, not consumed yet).
+    unconsumed: Cell<Option<SlotId>>,
 }
 
 impl IoSlots {
@@ -189,6 +198,8 @@ impl IoSlots {
         IoSlots {
             requests: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
+            wakes: RefCell::new(VecDeque::new()),
+            unconsumed: Cell::new(None),
         }
     }
 
@@ -237,46 +248,20 @@ impl IoSlots {
             .is_some_and(|request| request.generation == tag_generation(slot))
     }
 
-    /// Completes the request `slot` names with `status` (0 or a negative errno) and wakes its
-    /// waiter. A request whose waiter went away is released here, dropping its buffers. A tag
+    /// Completes the request `slot` names with `status` (0 or a negative errno) and queues its
+    /// waiter for [`IoSlots::wake_completed`] (no waker runs here: the caller may hold any
+    /// borrow). A request whose waiter went away is released here, dropping its buffers. A tag
     /// of an earlier use of the slot, or a second completion, is logged and ignored.
+    ///
+    /// Returns true when this queued the table's first waiter since the last
+    /// `wake_completed`: the caller (a poller serving many tables) notes the table then.
     #[inline]
-    pub(crate) fn complete(&self, slot: SlotId, status: i32) {
-        self.complete_deduplicated(slot, status, &mut None);
-    }
-
-    /// Completes a request as part of `batch` (see [`WakeBatch`]): its waiter is not woken
-    /// again if an earlier completion of the batch already woke it.
-    #[inline]
-    pub(crate) fn complete_in(&self, slot: SlotId, status: i32, batch: &mut WakeBatch) {
-        self.complete_deduplicated(slot, status, &mut batch.last_woken);
-    }
-
-    /// Completes several requests from a poller: like [`IoSlots::complete`] for each slot
-    /// `complete_each` reports, but a waiter woken once in the batch is not woken again (no
-    /// task runs during a poller, so a second wake would only repeat the first; with one task
-    /// driving many requests, this saves an atomic operation per completion).
-    #[inline]
-    pub(crate) fn complete_batch<R>(
-        &self,
-        complete_each: impl FnOnce(&mut dyn FnMut(SlotId, i32)) -> R,
-    ) -> R {
-        let mut last_woken = None;
-        complete_each(&mut |slot, status| self.complete_deduplicated(slot, status, &mut last_woken))
-    }
-
-    #[inline]
-    fn complete_deduplicated(
-        &self,
-        slot: SlotId,
-        status: i32,
-        last_woken: &mut Option<WakerIdentity>,
-    ) {
-        let released = {
+    pub(crate) fn complete(&self, slot: SlotId, status: i32) -> bool {
+        let (released, wake) = {
             let mut requests = self.requests.borrow_mut();
             let Some(request) = requests.get_mut(slot_index(slot)) else {
                 tracing::error!(slot, "completion for a slot that does not exist; ignored");
-                return;
+                return false;
             };
             if request.generation != tag_generation(slot) {
                 tracing::warn!(
@@ -284,38 +269,94 @@ impl IoSlots {
                     current = request.generation,
                     "stale completion for an earlier use of a reused slot; ignored"
                 );
-                return;
+                return false;
             }
             match request.state {
                 SlotState::InFlight => {
                     request.state = SlotState::Done(status);
-                    // Wake by reference and keep the waker (see `waker`). Waking only queues
-                    // the task; it cannot re-enter this table.
-                    if request.waker_current {
-                        if let Some(waker) = &request.waker {
-                            let identity = WakerIdentity::of(waker);
-                            if *last_woken != Some(identity) {
-                                waker.wake_by_ref();
-                                *last_woken = Some(identity);
-                            }
-                        }
-                    }
-                    None
+                    (None, request.waker_current && request.waker.is_some())
                 }
                 SlotState::Abandoned => {
                     request.state = SlotState::Free;
-                    Some(std::mem::take(&mut request.bufs))
+                    (Some(std::mem::take(&mut request.bufs)), false)
                 }
                 state => {
                     tracing::error!(slot, ?state, "slot completed twice; ignored");
-                    return;
+                    return false;
                 }
             }
         };
         if let Some(bufs) = released {
             drop(bufs);
             self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
+            return false;
         }
+        if wake {
+            let mut wakes = self.wakes.borrow_mut();
+            wakes.push_back(slot);
+            return wakes.len() == 1;
+        }
+        false
+    }
+
+    /// Wakes the waiters of the requests completed since the last call, in completion order,
+    /// skipping a waiter `batch` woke already. No borrow of this table is held while a waker
+    /// runs, so a waker may read or use any channel, drop it, or complete more requests
+    /// (queued here and woken by this same call). Returns how many wakers ran.
+    pub(crate) fn wake_completed(&self, batch: &mut WakeBatch) -> usize {
+        let mut woken = 0;
+        loop {
+            let Some(slot) = self.wakes.borrow_mut().pop_front() else {
+                return woken;
+            };
+            let waker = {
+                let mut requests = self.requests.borrow_mut();
+                let Some(request) = requests.get_mut(slot_index(slot)) else {
+                    continue;
+                };
+                // Still the completed request (not released and reused since), still awaited.
+                if request.generation != tag_generation(slot)
+                    || !matches!(request.state, SlotState::Done(_))
+                    || !request.waker_current
+                {
+                    continue;
+                }
+                let Some(waker) = &request.waker else {
+                    continue;
+                };
+                let identity = WakerIdentity::of(waker);
+                if batch.last_woken == Some(identity) {
+                    continue;
+                }
+                batch.last_woken = Some(identity);
+                // Taken out (not cloned) so it runs with no borrow held; put back below.
+                request.waker.take()
+            };
+            let Some(waker) = waker else {
+                continue;
+            };
+            waker.wake_by_ref();
+            woken += 1;
+            // Keep it for the next use of the slot (see `IoRequest::waker`), unless the waker
+            // itself made the slot register another one.
+            let spare = {
+                let mut requests = self.requests.borrow_mut();
+                match requests.get_mut(slot_index(slot)) {
+                    Some(request) if request.waker.is_none() => {
+                        request.waker = Some(waker);
+                        None
+                    }
+                    _ => Some(waker),
+                }
+            };
+            drop(spare);
+        }
+    }
+
+    /// Whether a waiter is queued for [`IoSlots::wake_completed`].
+    #[inline]
+    pub(crate) fn has_wakes(&self) -> bool {
+        !self.wakes.borrow().is_empty()
     }
 
     /// The status if `slot` completed, else registers `waker` and returns None.
@@ -391,7 +432,9 @@ impl IoSlots {
 /// during its submission, and only by whoever holds this value. A backend outside the crate
 /// may read the request, forward the submission to the backend it wraps, or complete it with
 /// a status without starting it ([`Submission::complete`]). Dropped unused, it completes the
-/// request with `-ECANCELED` (a request is never left hanging).
+/// request with `-ECANCELED` (a request is never left hanging). Forgotten (`std::mem::forget`
+/// is safe), it is still completed with `-ECANCELED`, when the channel's submit call returns
+/// (or unwinds): the channel checks that the submission it made was consumed.
 pub struct Submission<'a> {
     slots: &'a IoSlots,
     slot: SlotId,
@@ -401,7 +444,30 @@ impl<'a> Submission<'a> {
     /// The submission of the request `slot` names in `slots`.
     #[inline]
     pub(crate) fn new(slots: &'a IoSlots, slot: SlotId) -> Submission<'a> {
+        slots.unconsumed.set(Some(slot));
         Submission { slots, slot }
+    }
+
+    /// Ends the submission of `slot` made by [`Submission::new`]: if nothing consumed it
+    /// (accepted, completed or dropped it; a backend may `std::mem::forget` it), the request
+    /// is completed with `-ECANCELED` so it never hangs. Called when the backend's `submit`
+    /// returns or unwinds; the submission borrowed the table for that call only, so it can no
+    /// longer be used.
+    #[inline]
+    pub(crate) fn finish(slots: &IoSlots, slot: SlotId) {
+        if slots.unconsumed.get() == Some(slot) {
+            slots.unconsumed.set(None);
+            tracing::warn!(slot, "a request was forgotten by its backend; cancelled");
+            slots.complete(slot, -libc::ECANCELED);
+        }
+    }
+
+    /// Marks the submission consumed (see [`Submission::finish`]).
+    #[inline]
+    fn consume(slots: &IoSlots, slot: SlotId) {
+        if slots.unconsumed.get() == Some(slot) {
+            slots.unconsumed.set(None);
+        }
     }
 
     /// The operation.
@@ -449,6 +515,7 @@ impl<'a> Submission<'a> {
     #[inline]
     fn into_parts(self) -> (&'a IoSlots, SlotId) {
         let parts = (self.slots, self.slot);
+        Submission::consume(self.slots, self.slot);
         std::mem::forget(self);
         parts
     }
@@ -456,6 +523,7 @@ impl<'a> Submission<'a> {
 
 impl Drop for Submission<'_> {
     fn drop(&mut self) {
+        Submission::consume(self.slots, self.slot);
         tracing::warn!(
             slot = self.slot,
             "a request was dropped by its backend; cancelled"
@@ -501,6 +569,12 @@ mod tests {
         slots.complete(slot, 0);
         assert_eq!(
             first.0.load(Ordering::SeqCst),
+            0,
+            "completing runs no waker"
+        );
+        assert_eq!(slots.wake_completed(&mut WakeBatch::default()), 1);
+        assert_eq!(
+            first.0.load(Ordering::SeqCst),
             1,
             "the waiter is woken once"
         );
@@ -510,6 +584,7 @@ mod tests {
         let again = slots.acquire(IoKind::Write, 4096, 4096).unwrap();
         assert_eq!(slot_index(again), slot_index(slot));
         slots.complete(again, -5);
+        assert_eq!(slots.wake_completed(&mut WakeBatch::default()), 0);
         assert_eq!(
             first.0.load(Ordering::SeqCst),
             1,
@@ -591,5 +666,78 @@ mod tests {
             slots.with(slot, |request| request.bufs.is_empty()),
             "the parked buffers were freed"
         );
+    }
+
+    thread_local! {
+        /// The table `ReadingWaker` reads when woken.
+        static READ_TABLE: std::cell::RefCell<Option<std::rc::Rc<IoSlots>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// A waker that reads the table it was woken from (as `BdevChannel::in_flight` does).
+    struct ReadingWaker(AtomicUsize);
+
+    impl Wake for ReadingWaker {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            let in_flight = READ_TABLE.with(|table| table.borrow().as_ref().map(|t| t.in_flight()));
+            self.0
+                .store(in_flight.map_or(0, |n| n + 100), Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_waker_may_read_the_table_it_is_woken_from() {
+        let slots = std::rc::Rc::new(IoSlots::new());
+        READ_TABLE.with(|table| *table.borrow_mut() = Some(std::rc::Rc::clone(&slots)));
+        let reader = Arc::new(ReadingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&reader));
+        let slot = slots.acquire(IoKind::Read, 0, 4096).unwrap();
+        assert_eq!(slots.poll_done(slot, &waker), None);
+        assert!(slots.complete(slot, 0), "the first queued waiter");
+        assert!(slots.has_wakes());
+        assert_eq!(
+            reader.0.load(Ordering::SeqCst),
+            0,
+            "no waker runs in complete"
+        );
+        assert_eq!(slots.wake_completed(&mut WakeBatch::default()), 1);
+        assert_eq!(
+            reader.0.load(Ordering::SeqCst),
+            101,
+            "the waker read the table (1 in flight)"
+        );
+        assert!(!slots.has_wakes());
+        assert_eq!(slots.poll_done(slot, &waker), Some(0));
+        slots.release(slot, |_| ());
+        assert_eq!(slots.in_flight(), 0);
+        READ_TABLE.with(|table| table.borrow_mut().take());
+    }
+
+    #[test]
+    fn a_forgotten_submission_is_cancelled_when_its_submit_call_ends() {
+        let slots = IoSlots::new();
+        let forgotten = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        std::mem::forget(Submission::new(&slots, forgotten));
+        assert_eq!(slots.poll_done(forgotten, Waker::noop()), None);
+        Submission::finish(&slots, forgotten);
+        assert_eq!(
+            slots.poll_done(forgotten, Waker::noop()),
+            Some(-libc::ECANCELED)
+        );
+        // A consumed submission is left alone: accepted (still in flight), completed.
+        let accepted = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        assert_eq!(
+            Submission::new(&slots, accepted).accept(&slots),
+            Some(accepted)
+        );
+        Submission::finish(&slots, accepted);
+        assert_eq!(slots.poll_done(accepted, Waker::noop()), None);
+        let completed = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        Submission::new(&slots, completed).complete(-libc::EIO);
+        Submission::finish(&slots, completed);
+        assert_eq!(slots.poll_done(completed, Waker::noop()), Some(-libc::EIO));
     }
 }

@@ -307,12 +307,18 @@ impl ChannelBackend for MallocChannel {
         let slots = &self.slots;
         let words = &self.memory.words;
         let pending = &mut self.pending;
-        let completed = slots.complete_batch(|complete| {
-            pending.drain_due(|slot| {
-                let status = slots.with(slot, |request| Self::execute(words, request));
-                complete(slot, status);
-            })
+        let completed = pending.drain_due(|slot| {
+            let status = slots.with(slot, |request| Self::execute(words, request));
+            slots.complete(slot, status);
         });
         self.pending.status(completed)
+    }
+}
+
+impl Drop for MallocChannel {
+    /// Requests still queued complete with -ECANCELED, moving no data (a wrapper may drop its
+    /// inner channel with requests queued in it).
+    fn drop(&mut self) {
+        self.pending.cancel_all(&self.slots);
     }
 }

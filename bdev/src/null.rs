@@ -74,8 +74,16 @@ impl ChannelBackend for NullChannel {
             return PollStatus::Idle;
         }
         let slots = &self.slots;
-        let completed =
-            slots.complete_batch(|complete| self.pending.drain_due(|slot| complete(slot, 0)));
+        let completed = self.pending.drain_due(|slot| {
+            slots.complete(slot, 0);
+        });
         self.pending.status(completed)
+    }
+}
+
+impl Drop for NullChannel {
+    /// Requests still queued complete with -ECANCELED (a wrapper may drop its inner channel).
+    fn drop(&mut self) {
+        self.pending.cancel_all(&self.slots);
     }
 }

@@ -29,7 +29,7 @@ fn buf_of(data: &[u8]) -> DmaBuf {
 
 fn crash_device() -> (Arc<CrashBdev>, BdevDesc) {
     let bdev = Arc::new(CrashBdev::new("crash0", BLOCK as u32, BLOCKS).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
     (bdev, desc)
 }
 
@@ -242,7 +242,7 @@ fn after_a_cut_the_device_and_a_reload_read_the_cut_image() {
     let image = bdev.cut_power(|write| write.index % 2 == 0);
     let reloaded = Arc::new(CrashBdev::from_image("reloaded", BLOCK as u32, &image).unwrap());
     for device in [Arc::clone(&bdev), reloaded] {
-        let desc = BdevDesc::open(Arc::clone(&device) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&device) as Arc<dyn Bdev>).expect("open bdev");
         let expect = image.clone();
         sim(3)
             .block_on(ReactorId(0), move || async move {

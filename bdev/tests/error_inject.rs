@@ -31,7 +31,7 @@ fn stack() -> (Arc<MallocBdev>, Arc<ErrorBdev>, BdevDesc) {
         "error0",
         Arc::clone(&inner) as Arc<dyn Bdev>,
     ));
-    let desc = BdevDesc::open(Arc::clone(&error) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&error) as Arc<dyn Bdev>).expect("open bdev");
     (inner, error, desc)
 }
 

@@ -48,7 +48,7 @@ fn concat(bufs: &[DmaBuf]) -> Vec<u8> {
 
 fn malloc(block_size: u32, block_count: u64) -> (Arc<MallocBdev>, BdevDesc) {
     let bdev = Arc::new(MallocBdev::new("malloc0", block_size, block_count).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
     (bdev, desc)
 }
 
@@ -385,7 +385,7 @@ fn data_moves_at_completion_so_a_racing_read_sees_the_write_or_not_by_the_seed()
         let mut sim = Sim::new(SimOptions { seed, reactors: 1 });
         let image = [old.clone(), vec![0; 4096]].concat();
         let bdev = Arc::new(MallocBdev::from_image("race", 4096, &image).unwrap());
-        let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
         let new_data = new.clone();
         let got = sim
             .block_on(ReactorId(0), move || async move {

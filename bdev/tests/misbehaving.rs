@@ -124,6 +124,7 @@ fn a_misbehaving_wrapper_gets_errors_and_never_a_stray_kernel_write() {
             inner: Arc::clone(&inner),
             mode,
         }))
+        .expect("open bdev")
     };
     // The first channel made on the reactor is the control's: its table is the "foreign" one.
     let (control, dropping, faking, foreign) = (

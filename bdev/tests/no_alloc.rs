@@ -55,7 +55,7 @@ fn allocations_per_steady_state(bdev: Arc<dyn Bdev>) -> u64 {
         pin: false,
     })
     .unwrap();
-    let desc = BdevDesc::open(bdev);
+    let desc = BdevDesc::open(bdev).expect("open bdev");
     let counted = runtime
         .block_on(ReactorId(0), move || async move {
             let channel = desc.channel().unwrap();

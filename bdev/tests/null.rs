@@ -8,7 +8,7 @@ use spool_bdev::{BdevDesc, DmaBuf, NullBdev};
 use spool_reactor::{IdleMode, ReactorId, Runtime, RuntimeOptions, Sim, SimOptions};
 
 fn null_desc() -> BdevDesc {
-    BdevDesc::open(Arc::new(NullBdev::new("null0", 4096, 1 << 18).unwrap()))
+    BdevDesc::open(Arc::new(NullBdev::new("null0", 4096, 1 << 18).unwrap())).expect("open bdev")
 }
 
 #[test]

@@ -106,7 +106,7 @@ fn read_after_write_with_submit_batch(submit_batch: u32) -> spool_bdev::UringGro
     let bdev = Arc::new(UringBdev::open(file.path(), &options).expect("open uring bdev"));
     assert_eq!(bdev.block_size(), 4096);
     assert_eq!(bdev.block_count(), FILE_LEN / 4096);
-    let desc = BdevDesc::open(bdev.clone());
+    let desc = BdevDesc::open(bdev.clone()).expect("open bdev");
     let stats = rt
         .block_on(ReactorId(0), move || async move {
             let channel = desc.channel().unwrap();
@@ -160,7 +160,7 @@ fn read_after_write_with_submit_batch(submit_batch: u32) -> spool_bdev::UringGro
 fn vectored_io_crossing_block_and_buffer_boundaries() {
     let rt = runtime(1);
     let file = temp_file(FILE_LEN);
-    let desc = BdevDesc::open(open(file.path()));
+    let desc = BdevDesc::open(open(file.path())).expect("open bdev");
     rt.block_on(ReactorId(0), move || async move {
         let channel = desc.channel().unwrap();
         let offset = 5 * 4096;
@@ -201,7 +201,7 @@ fn data_survives_closing_and_reopening() {
     let file = temp_file(FILE_LEN);
     for round in 0..2u64 {
         let rt = runtime(1);
-        let desc = BdevDesc::open(open(file.path()));
+        let desc = BdevDesc::open(open(file.path())).expect("open bdev");
         rt.block_on(ReactorId(0), move || async move {
             let channel = desc.channel().unwrap();
             if round == 0 {
@@ -253,7 +253,7 @@ fn unmap_write_zeroes_and_flush() {
     let file = temp_file(FILE_LEN);
     let bdev = open(file.path());
     assert!(spool_bdev::Bdev::unmap_reads_zeroes(bdev.as_ref()));
-    let desc = BdevDesc::open(bdev);
+    let desc = BdevDesc::open(bdev).expect("open bdev");
     rt.block_on(ReactorId(0), move || {
         check_unmap_and_write_zeroes(desc, 4 << 20)
     })
@@ -273,7 +273,7 @@ fn zero_fill_fallback_on_tmpfs() {
     file.as_file().set_len(8 << 20).expect("set_len");
     let rt = runtime(1);
     let bdev = open(file.path());
-    let desc = BdevDesc::open(bdev.clone());
+    let desc = BdevDesc::open(bdev.clone()).expect("open bdev");
     rt.block_on(ReactorId(0), move || {
         check_unmap_and_write_zeroes(desc, 1 << 20)
     })
@@ -289,7 +289,7 @@ fn bad_requests_get_einval_and_never_reach_the_ring() {
     let rt = runtime(1);
     let file = temp_file(FILE_LEN);
     let bdev = open(file.path());
-    let desc = BdevDesc::open(bdev.clone());
+    let desc = BdevDesc::open(bdev.clone()).expect("open bdev");
     rt.block_on(ReactorId(0), move || async move {
         let channel = desc.channel().unwrap();
         channel.flush().await.unwrap();
@@ -350,7 +350,7 @@ fn two_reactors_use_their_own_rings_on_one_file() {
     }
     let file = temp_file(FILE_LEN);
     let bdev = open(file.path());
-    let desc = BdevDesc::open(bdev.clone());
+    let desc = BdevDesc::open(bdev.clone()).expect("open bdev");
     let mut handles = Vec::new();
     for reactor in 0..2u32 {
         let desc = desc.clone();
@@ -401,7 +401,10 @@ fn two_bdevs_on_one_reactor_share_one_ring() {
     let rt = runtime(1);
     let (file_a, file_b) = (temp_file(FILE_LEN), temp_file(FILE_LEN));
     let (a, b) = (open(file_a.path()), open(file_b.path()));
-    let (desc_a, desc_b) = (BdevDesc::open(a.clone()), BdevDesc::open(b.clone()));
+    let (desc_a, desc_b) = (
+        BdevDesc::open(a.clone()).expect("open bdev"),
+        BdevDesc::open(b.clone()).expect("open bdev"),
+    );
     rt.block_on(ReactorId(0), move || async move {
         let (ca, cb) = (desc_a.channel().unwrap(), desc_b.channel().unwrap());
         let (ra, rb) = futures_pair(
@@ -441,7 +444,10 @@ fn a_channel_destroyed_with_io_in_flight_drains_it() {
     let rt = runtime(1);
     let (file_a, file_b) = (temp_file(FILE_LEN), temp_file(FILE_LEN));
     let (a, b) = (open(file_a.path()), open(file_b.path()));
-    let (desc_a, desc_b) = (BdevDesc::open(a.clone()), BdevDesc::open(b));
+    let (desc_a, desc_b) = (
+        BdevDesc::open(a.clone()).expect("open bdev"),
+        BdevDesc::open(b).expect("open bdev"),
+    );
     let stats_of = a.clone();
     rt.block_on(ReactorId(0), move || async move {
         let a = stats_of;
@@ -473,7 +479,7 @@ fn a_channel_destroyed_with_io_in_flight_drains_it() {
     })
     .unwrap();
     // A runtime stopped with requests in flight: tasks cancelled, channels destroyed cleanly.
-    let desc = BdevDesc::open(a);
+    let desc = BdevDesc::open(a).expect("open bdev");
     rt.spawn_on(ReactorId(0), move || async move {
         let channel = desc.channel().unwrap();
         loop {
@@ -522,7 +528,11 @@ fn a_closed_channels_queued_writes_land_on_its_own_file_only() {
         open(file_b.path()),
     );
     let stats_of = keep.clone();
-    let (desc_keep, desc_a, desc_b) = (BdevDesc::open(keep), BdevDesc::open(a), BdevDesc::open(b));
+    let (desc_keep, desc_a, desc_b) = (
+        BdevDesc::open(keep).expect("open bdev"),
+        BdevDesc::open(a).expect("open bdev"),
+        BdevDesc::open(b).expect("open bdev"),
+    );
     const WRITES: u64 = 16;
     const LEN: usize = 65536;
     rt.block_on(ReactorId(0), move || async move {
@@ -577,7 +587,7 @@ fn dropping_the_last_channel_with_io_in_flight_does_not_block_the_reactor() {
     let rt = runtime(1);
     let file = temp_file(FILE_LEN);
     let bdev = open(file.path());
-    let desc = BdevDesc::open(bdev);
+    let desc = BdevDesc::open(bdev).expect("open bdev");
     const WRITES: u64 = 16;
     const LEN: usize = 1 << 20;
     rt.block_on(ReactorId(0), move || async move {
@@ -639,7 +649,7 @@ fn dropping_the_last_channel_with_io_in_flight_does_not_block_the_reactor() {
 fn reads_past_a_shrunk_file_fail_with_eio() {
     let rt = runtime(1);
     let file = temp_file(1 << 20);
-    let desc = BdevDesc::open(open(file.path()));
+    let desc = BdevDesc::open(open(file.path())).expect("open bdev");
     let path = file.path().to_path_buf();
     rt.block_on(ReactorId(0), move || async move {
         let channel = desc.channel().unwrap();
@@ -728,7 +738,7 @@ fn buffered_mode_works_and_relaxes_iovec_alignment() {
     assert!(!bdev.is_direct());
     assert_eq!(spool_bdev::Bdev::iov_len_align(bdev.as_ref()), 1);
     assert_eq!(spool_bdev::Bdev::name(bdev.as_ref()), "buffered0");
-    let desc = BdevDesc::open(bdev);
+    let desc = BdevDesc::open(bdev).expect("open bdev");
     rt.block_on(ReactorId(0), move || async move {
         let channel = desc.channel().unwrap();
         let bufs = vec![patterned(100, 1), patterned(3996, 2), patterned(4096, 3)];
@@ -778,7 +788,7 @@ fn loop_block_device_opt_in() {
     assert_eq!(bdev.block_count() * 512, FILE_LEN);
     assert!(!spool_bdev::Bdev::unmap_reads_zeroes(bdev.as_ref()));
     let rt = runtime(1);
-    let desc = BdevDesc::open(bdev);
+    let desc = BdevDesc::open(bdev).expect("open bdev");
     rt.block_on(ReactorId(0), move || async move {
         let channel = desc.channel().unwrap();
         let (r, _) = channel.write(patterned(65536, 3), 4096).await;
@@ -802,7 +812,7 @@ fn a_full_submission_queue_parks_requests_and_retries_them() {
         ..UringOptions::default()
     };
     let bdev = Arc::new(UringBdev::open(file.path(), &small_ring).unwrap());
-    let desc = BdevDesc::open(bdev.clone());
+    let desc = BdevDesc::open(bdev.clone()).expect("open bdev");
     let stats = rt
         .block_on(ReactorId(0), move || async move {
             let channel = desc.channel().unwrap();
@@ -847,7 +857,7 @@ fn randread_iops_probe() {
     })
     .unwrap();
     for depth in [1u64, 32] {
-        let desc = BdevDesc::open(open(file.path()));
+        let desc = BdevDesc::open(open(file.path())).expect("open bdev");
         let (ios, secs) = rt
             .block_on(ReactorId(0), move || async move {
                 let channel = desc.channel().unwrap();

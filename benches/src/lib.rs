@@ -191,7 +191,7 @@ pub async fn spawn_on_roundtrip(peer: ReactorId, iters: u64) -> Duration {
 pub fn null_desc() -> BdevDesc {
     let bdev = NullBdev::new("bench-null", NULL_BLOCK_SIZE, NULL_BLOCK_COUNT)
         .expect("valid null bdev geometry");
-    BdevDesc::open(Arc::new(bdev))
+    BdevDesc::open(Arc::new(bdev)).expect("valid null bdev geometry")
 }
 
 /// The offset of the `index`-th read of a loop: sequential 4 KiB blocks, wrapping.

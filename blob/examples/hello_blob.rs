@@ -36,7 +36,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     drop(file);
     let bdev = UringBdev::open(&path, &UringOptions::default())?;
-    let desc = BdevDesc::open(Arc::new(bdev));
+    let desc = BdevDesc::open(Arc::new(bdev))?;
     let runtime = Runtime::start(&RuntimeOptions {
         cores: vec![0],
         idle: IdleMode::Sleep,

@@ -24,7 +24,7 @@ fn desc_of(image: &[u8]) -> BdevDesc {
 /// written cluster (B, md page 1 + extent page), and a blob with many xattrs (C).
 fn sample_image(rt: &Runtime) -> Vec<u8> {
     let bdev = Arc::new(MallocBdev::new("img", 4096, DEVICE / 4096).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
     rt.block_on(rt.reactors()[0], move || async move {
         let store = Blobstore::init(desc, &InitOptions::default())
             .await

@@ -37,14 +37,14 @@ pub fn malloc(bytes: u64) -> (Arc<MallocBdev>, BdevDesc) {
 /// A zeroed malloc device of `bytes` with `block`-byte blocks.
 pub fn malloc_blocks(bytes: u64, block: u32) -> (Arc<MallocBdev>, BdevDesc) {
     let bdev = Arc::new(MallocBdev::new("malloc0", block, bytes / u64::from(block)).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
     (bdev, desc)
 }
 
 /// A malloc device holding a copy of `image`.
 pub fn from_image(image: &[u8]) -> (Arc<MallocBdev>, BdevDesc) {
     let bdev = Arc::new(MallocBdev::from_image("copy", 4096, image).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
     (bdev, desc)
 }
 

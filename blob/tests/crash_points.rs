@@ -31,7 +31,7 @@ type Op = fn(Blobstore, Ids) -> Pin<Box<dyn Future<Output = ()>>>;
 /// keeping the pending writes `keep` picks. Returns the image and the op's write count.
 fn run_op(base: &[u8], ids: Ids, op: Op, k: Option<u64>, seed: u64) -> (Vec<u8>, u64) {
     let bdev = Arc::new(CrashBdev::from_image("crash", 4096, base).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
     let mut sim = Sim::new(SimOptions { seed, reactors: 1 });
     let reactor = sim.reactors()[0];
     let start = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
@@ -404,7 +404,7 @@ fn a_storm_of_thin_writes_cut_at_random_points() {
     let (base, ids) = base_image();
     for seed in 0..24u64 {
         let bdev = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
-        let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
         let mut sim = Sim::new(SimOptions { seed, reactors: 2 });
         let reactors = sim.reactors();
         let log = Arc::new(std::sync::Mutex::new(StormLog::default()));
@@ -481,7 +481,7 @@ fn a_storm_of_thin_writes_cut_at_random_points() {
             continue;
         }
         let bdev = Arc::new(MallocBdev::from_image("check", 4096, &image).unwrap());
-        let desc = BdevDesc::open(bdev as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).expect("open bdev");
         run_sim(3, move || async move {
             let (store, _) = Blobstore::load(desc, &LoadOptions::default())
                 .await

@@ -158,7 +158,7 @@ fn faulted_run(
         "faulty",
         Arc::clone(&crash) as Arc<dyn Bdev>,
     ));
-    let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>).expect("open bdev");
     let images: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let (probe, shots) = (Arc::clone(&crash), Arc::clone(&images));
     let errors = Arc::clone(&faulty);
@@ -240,7 +240,7 @@ fn faulted_run(
 /// Free clusters and used md pages a load of `image` computes.
 fn loaded_counts(image: &[u8]) -> (u64, Vec<u64>) {
     let bdev = Arc::new(MallocBdev::from_image("count", 4096, image).unwrap());
-    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).expect("open bdev");
     run_sim(4, move || async move {
         let (store, _) = Blobstore::load(desc, &LoadOptions::default())
             .await
@@ -352,7 +352,7 @@ fn a_failed_load_leaves_the_device_loadable() {
     let mut n = 1;
     loop {
         let rule = faulty.add_rule(ErrorRule::new(-libc::EIO).kinds(&[IoKind::Read]).nth(n));
-        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>).expect("open bdev");
         let loaded = run_sim(6, move || async move {
             match Blobstore::load(desc, &LoadOptions::default()).await {
                 Ok((store, _)) => {
@@ -397,7 +397,7 @@ fn a_failed_unload_never_leaves_a_clean_flag_over_later_changes() {
             "faulty",
             Arc::clone(&crash) as Arc<dyn Bdev>,
         ));
-        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>).expect("open bdev");
         let errors = Arc::clone(&faulty);
         let made = run_sim(7, move || async move {
             let (store, _) = Blobstore::load(desc, &LoadOptions::default())
@@ -438,7 +438,7 @@ fn a_failed_unload_never_leaves_a_clean_flag_over_later_changes() {
                 "{kind:?} #{n}: the blob made after the failed unload is gone"
             );
             let bdev = Arc::new(MallocBdev::from_image("check", 4096, &image).unwrap());
-            let desc = BdevDesc::open(bdev as Arc<dyn Bdev>);
+            let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).expect("open bdev");
             run_sim(8, move || async move {
                 let (store, _) = Blobstore::load(desc, &LoadOptions::default())
                     .await

@@ -122,9 +122,12 @@ async fn run_ops(ops: Vec<Op>) {
         cluster_size: CLUSTER,
         ..InitOptions::default()
     };
-    let mut store = Blobstore::init(BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>), &options)
-        .await
-        .unwrap();
+    let mut store = Blobstore::init(
+        BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev"),
+        &options,
+    )
+    .await
+    .unwrap();
     let mut model: BTreeMap<u64, ModelBlob> = BTreeMap::new();
     for op in ops {
         match op {
@@ -229,7 +232,7 @@ async fn run_ops(ops: Vec<Op>) {
                 model.remove(&id);
             }
             Op::Reload => {
-                let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+                let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
                 store.unload().await.unwrap();
                 let (loaded, report) = Blobstore::load(desc, &LoadOptions::default())
                     .await
@@ -242,7 +245,7 @@ async fn run_ops(ops: Vec<Op>) {
                 let image = bdev.snapshot();
                 std::mem::forget(store);
                 bdev = Arc::new(MallocBdev::from_image("m", 4096, &image).unwrap());
-                let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+                let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
                 // Recovery runs unless nothing changed since the last clean unload.
                 let (loaded, _report) = Blobstore::load(desc, &LoadOptions::default())
                     .await

@@ -124,7 +124,7 @@ fn thin_blobs_allocate_on_first_write_and_recover_after_a_crash() {
     let (_bdev2, desc2) = device(32 << 20, 4096);
     let _ = _bdev2;
     let bdev3 = Arc::new(MallocBdev::from_image("copy", 4096, &image).unwrap());
-    let desc3 = BdevDesc::open(Arc::clone(&bdev3) as Arc<dyn Bdev>);
+    let desc3 = BdevDesc::open(Arc::clone(&bdev3) as Arc<dyn Bdev>).expect("open bdev");
     drop(desc2);
     rt.block_on(reactor, move || async move {
         let (store, report) = Blobstore::load(desc3, &LoadOptions::default())

@@ -112,7 +112,7 @@ where
         ))));
     }
     let (bdev, kind) = open_image(image, &TargetOptions::default())?;
-    let desc = BdevDesc::open(Arc::clone(&bdev));
+    let desc = BdevDesc::open(Arc::clone(&bdev)).map_err(EngineError::from)?;
     let runtime = Runtime::start(&RuntimeOptions {
         cores: vec![offline_core()],
         idle: IdleMode::Sleep,

@@ -311,7 +311,8 @@ async fn make_store(
         MallocBdev::new("fuzz-base", block_size, bytes / u64::from(block_size))
             .map_err(|err| fail("malloc bdev", &err))?,
     );
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>)
+        .map_err(|err| fail("bdev open", &err))?;
     let store = Blobstore::init(
         desc,
         &InitOptions {
@@ -516,7 +517,7 @@ async fn device(patched: &Patched) -> Result<BdevDesc, String> {
     let base = &bases[patched.base];
     let bdev = MallocBdev::from_image("fuzz", base.block_size, &base.image)
         .map_err(|err| class("bdev", err))?;
-    let desc = BdevDesc::open(Arc::new(bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::new(bdev) as Arc<dyn Bdev>).map_err(|err| class("bdev", err))?;
     let channel = desc.channel().map_err(|err| class("bdev", err))?;
     for (&page, bytes) in &patched.pages {
         let mut buf = DmaBuf::alloc(PAGE_SIZE).map_err(|err| class("dma", err))?;

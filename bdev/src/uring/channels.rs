@@ -24,7 +24,7 @@ use crate::dma::DmaBuf;
 use crate::error::BdevError;
 use crate::io::{IoSlots, SlotId};
 use crate::uring::bdev::DeviceShared;
-use crate::uring::group::GroupState;
+use crate::uring::group::{complete_noted, GroupState};
 use crate::uring::request::Progress;
 
 /// Initial capacity of a channel's overflow queue (it grows only if more requests overflow).
@@ -106,13 +106,14 @@ impl GroupState {
             return;
         };
         entry.open = false;
+        let wake_lists = &mut self.wake_lists;
         while let Some(slot) = entry.overflow.pop_front() {
             self.overflow_waiting -= 1;
-            entry.slots.complete(slot, -libc::ECANCELED);
+            complete_noted(wake_lists, &entry.slots, slot, -libc::ECANCELED);
         }
         self.ready.retain(|&(channel, slot, status)| {
             if channel == index {
-                entry.slots.complete(slot, status);
+                complete_noted(wake_lists, &entry.slots, slot, status);
                 false
             } else {
                 true

@@ -32,6 +32,14 @@
 //!   enter. Completions are read from the CQ ring without a syscall. A push that finds the SQ
 //!   full parks the slot in the channel's overflow queue, retried at the start of the next pass.
 //! * No allocation per I/O once the per-channel tables have grown to the queue depth in use.
+//! * No waker runs while the group is borrowed: completing a slot only queues its waiter
+//!   (`IoSlots::complete`), the group notes each table with queued waiters
+//!   (`GroupState::wake_lists`), and the poller wakes them after releasing the group, so a
+//!   waker may use, create or drop channels of this group (dropping the last one closes its
+//!   entry and, once drained, releases its registered file slot).
+//! * A closed channel's request is never resumed: its next CQE completes it with its status
+//!   if that CQE finished it, else with -ECANCELED (never a success for an unfinished
+//!   transfer).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -42,7 +50,7 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 use spool_reactor::{poller_register, IoDevice, PollStatus, PollerHandle};
 
 use crate::dma::dma_regions;
-use crate::io::{SlotId, WakeBatch};
+use crate::io::{IoSlots, SlotId, WakeBatch};
 use crate::uring::channels::{user_data, ChannelEntry};
 use crate::uring::request::{issue, on_completion, IssueError, Outcome};
 use crate::uring::sys::{Ring, RingOptions};
@@ -204,7 +212,7 @@ impl GroupCtx {
         )));
         let poll_state = Rc::clone(&state);
         let poller = poller_register("uring-group", None, move || {
-            let (status, drained) = match poll_state.try_borrow_mut() {
+            let (status, drained, mut wake_lists) = match poll_state.try_borrow_mut() {
                 Ok(mut group) => {
                     let status = group.poll();
                     let drained = if group.drain_poller.is_some() && !group.has_pending_io() {
@@ -212,12 +220,26 @@ impl GroupCtx {
                     } else {
                         None
                     };
-                    (status, drained)
+                    (status, drained, std::mem::take(&mut group.wake_lists))
                 }
                 // Unreachable in practice (nothing borrows the group across a loop pass);
                 // try again next pass.
-                Err(_) => (PollStatus::Busy, None),
+                Err(_) => (PollStatus::Busy, None, Vec::new()),
             };
+            // Wake the waiters of this pass's completions now that the group is released.
+            if wake_lists.capacity() > 0 {
+                let mut batch = WakeBatch::default();
+                for slots in wake_lists.drain(..) {
+                    slots.wake_completed(&mut batch);
+                }
+                // Keep the list's capacity (no allocation per pass), unless a waker noted
+                // tables meanwhile (then theirs is kept, for the next pass).
+                if let Ok(mut group) = poll_state.try_borrow_mut() {
+                    if group.wake_lists.is_empty() {
+                        group.wake_lists = wake_lists;
+                    }
+                }
+            }
             // A drained group whose context is gone: unregister this very poller. The reactor
             // removes it at the end of this pass, dropping the last reference to the group.
             drop(drained);
@@ -262,7 +284,24 @@ pub(crate) struct GroupState {
     retry: Vec<(u32, SlotId)>,
     /// DMA regions below this index were offered to `register_dma_regions` already.
     regions_tried: usize,
+    /// Tables with waiters queued by completions, to wake once the group is released (see
+    /// the module docs); each table is listed once per batch of queued waiters.
+    pub(super) wake_lists: Vec<Rc<IoSlots>>,
     stats: UringGroupStats,
+}
+
+/// Completes `slot` of `slots` with `status`, noting the table in `wake_lists` when it queued
+/// the table's first waiter (the group poller wakes them after releasing the group).
+#[inline]
+pub(super) fn complete_noted(
+    wake_lists: &mut Vec<Rc<IoSlots>>,
+    slots: &Rc<IoSlots>,
+    slot: SlotId,
+    status: i32,
+) {
+    if slots.complete(slot, status) {
+        wake_lists.push(Rc::clone(slots));
+    }
 }
 
 impl GroupState {
@@ -289,6 +328,7 @@ impl GroupState {
             ready: Vec::new(),
             retry: Vec::new(),
             regions_tried,
+            wake_lists: Vec::new(),
             stats: UringGroupStats {
                 group_id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 ..UringGroupStats::default()
@@ -369,7 +409,9 @@ impl GroupState {
                 ) {
                     Ok(()) => self.queued.push_back(user_data(channel, slot)),
                     Err(IssueError::Full) => return,
-                    Err(IssueError::Fail(errno)) => entry.slots.complete(slot, errno),
+                    Err(IssueError::Fail(errno)) => {
+                        complete_noted(&mut self.wake_lists, &entry.slots, slot, errno);
+                    }
                 }
                 entry.overflow.pop_front();
                 self.overflow_waiting -= 1;
@@ -449,7 +491,7 @@ impl GroupState {
                         continue;
                     };
                     entry.in_flight -= 1;
-                    entry.slots.complete(slot, errno);
+                    complete_noted(&mut self.wake_lists, &entry.slots, slot, errno);
                     if !entry.open && entry.in_flight == 0 {
                         self.finished.push(index);
                     }
@@ -465,7 +507,7 @@ impl GroupState {
         for entry in self.channels.iter_mut().flatten() {
             while let Some(slot) = entry.overflow.pop_front() {
                 self.overflow_waiting -= 1;
-                entry.slots.complete(slot, errno);
+                complete_noted(&mut self.wake_lists, &entry.slots, slot, errno);
             }
         }
         while let Some(index) = self.finished.pop() {
@@ -482,7 +524,7 @@ impl GroupState {
             let mut ready = std::mem::take(&mut self.ready);
             for &(index, slot, status) in &ready {
                 if let Some(Some(entry)) = self.channels.get(index as usize) {
-                    entry.slots.complete(slot, status);
+                    complete_noted(&mut self.wake_lists, &entry.slots, slot, status);
                 }
             }
             ready.clear();
@@ -504,9 +546,9 @@ impl GroupState {
             finished,
             retry,
             stats,
+            wake_lists,
             ..
         } = self;
-        let mut wakes = WakeBatch::default();
         let reaped = ring.reap(|user_data, result| {
             let index = (user_data >> 32) as u32;
             let slot = user_data as SlotId;
@@ -529,8 +571,16 @@ impl GroupState {
                 return;
             }
             if !entry.open {
-                // The channel is gone; its requests were all abandoned: just release them.
-                entry.slots.complete_in(slot, result.min(0), &mut wakes);
+                // The channel is gone (its requests are abandoned, unless a wrapper dropped
+                // its inner channel under a live request): the request ends here, never
+                // resumed. With its status if this CQE finished it; else (a short transfer,
+                // a step or a fallback left) with -ECANCELED, never a success.
+                let status =
+                    match on_completion(entry, slot, result, &mut UringGroupStats::default()) {
+                        Outcome::Done(status) => status,
+                        Outcome::Again => -libc::ECANCELED,
+                    };
+                complete_noted(wake_lists, &entry.slots, slot, status);
                 if entry.in_flight == 0 {
                     // Removed (and its file slot released) right after this reap.
                     finished.push(index);
@@ -538,7 +588,7 @@ impl GroupState {
                 return;
             }
             match on_completion(entry, slot, result, stats) {
-                Outcome::Done(status) => entry.slots.complete_in(slot, status, &mut wakes),
+                Outcome::Done(status) => complete_noted(wake_lists, &entry.slots, slot, status),
                 Outcome::Again => retry.push((index, slot)),
             }
         });

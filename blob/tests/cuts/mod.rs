@@ -45,7 +45,7 @@ where
 
 pub fn base_image() -> (Vec<u8>, Ids) {
     let bdev = Arc::new(MallocBdev::new("base", 4096, DEVICE / 4096).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
     let ids = run_sim(1, move || async move {
         let store = Blobstore::init(
             desc,
@@ -110,7 +110,7 @@ pub fn expected(ids: Ids, id: u64) -> Vec<(usize, Vec<u8>)> {
 /// Loads `image` and checks the invariants; returns the number of blobs.
 pub fn check(image: Vec<u8>, ids: Ids, what: &str) -> usize {
     let bdev = Arc::new(MallocBdev::from_image("check", 4096, &image).unwrap());
-    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).expect("open bdev");
     let what = what.to_string();
     run_sim(2, move || async move {
         let (store, _report) = Blobstore::load(desc, &LoadOptions::default())

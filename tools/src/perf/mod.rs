@@ -71,7 +71,7 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
     }
     // A path stays locked (created locked when missing) while `target` lives.
     let target = open_target(&spec, &target_options)?;
-    let desc = BdevDesc::open(Arc::clone(&target.bdev));
+    let desc = BdevDesc::open(Arc::clone(&target.bdev)).map_err(spool_engine::EngineError::from)?;
     let block_size = u64::from(desc.block_size());
     if bs % block_size != 0 || bs > desc.size_bytes() {
         return Err(ToolError::Usage(format!("--bs {bs} must be a multiple of the block size {block_size} and at most the device size {}", desc.size_bytes())));
@@ -307,7 +307,7 @@ pub fn run_metadata(args: &PerfArgs) -> Result<metadata::MetadataReport, ToolErr
     };
     // A path stays locked (created locked when missing) while `target` lives.
     let target = open_target(&spec, &target_options)?;
-    let desc = BdevDesc::open(Arc::clone(&target.bdev));
+    let desc = BdevDesc::open(Arc::clone(&target.bdev)).map_err(spool_engine::EngineError::from)?;
     let runtime = Runtime::start(&RuntimeOptions {
         cores: cores[..1].to_vec(),
         idle: IdleMode::Busy,
