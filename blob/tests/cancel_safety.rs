@@ -374,7 +374,7 @@ fn run_one(seed: u64, image: &[u8], ids: Ids, op: Op, polls: usize) -> Run {
     let reactors = sim.reactors();
     let (md, other) = (reactors[0], reactors[1]);
     let bdev = Arc::new(MallocBdev::from_image("cancel", 4096, image).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).unwrap();
     let handle = sim
         .spawn_on(md, move || async move {
             let mut broken = Vec::new();
@@ -470,7 +470,7 @@ fn run_one(seed: u64, image: &[u8], ids: Ids, op: Op, polls: usize) -> Run {
 /// Free clusters and used md pages a fresh load of `image` computes.
 fn loaded_counts(image: &[u8]) -> (u64, Vec<u64>) {
     let bdev = Arc::new(MallocBdev::from_image("count", 4096, image).unwrap());
-    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).unwrap();
     cuts::run_sim(4, move || async move {
         let (store, _) = Blobstore::load(desc, &LoadOptions::default())
             .await

@@ -31,7 +31,7 @@ enum Keep {
 /// Returns the image, the op's write count, and the number of pending writes at the cut.
 fn run_op(base: &[u8], ids: Ids, op: Op, k: Option<u64>, keep: Keep) -> (Vec<u8>, u64, usize) {
     let bdev = Arc::new(CrashBdev::from_image("crash", 4096, base).unwrap());
-    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).unwrap();
     let mut sim = Sim::new(SimOptions {
         seed: 11,
         reactors: 1,
@@ -218,7 +218,7 @@ fn snapshot_clone_then_delete_original() {
 /// Free clusters and used md pages a load of `image` computes.
 fn loaded_counts(image: &[u8]) -> (u64, Vec<u64>) {
     let bdev = Arc::new(spool_bdev::MallocBdev::from_image("count", 4096, image).unwrap());
-    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).unwrap();
     cuts::run_sim(4, move || async move {
         let (store, _) = Blobstore::load(desc, &LoadOptions::default())
             .await
@@ -248,7 +248,7 @@ fn a_partly_failed_in_place_extent_write_leaves_a_mapped_cluster_free() {
             "faulty",
             Arc::clone(&crash) as Arc<dyn Bdev>,
         ));
-        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>).unwrap();
         let errors = Arc::clone(&faulty);
         let probe = Arc::clone(&crash);
         let out = cuts::run_sim(5, move || async move {
@@ -359,7 +359,7 @@ fn a_shrink_during_an_in_flight_sync_frees_clusters_the_durable_root_maps() {
     for delay in [0u64, 5, 20] {
         let seed = 3;
         let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
-        let desc = BdevDesc::open(Arc::clone(&crash) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&crash) as Arc<dyn Bdev>).unwrap();
         let probe = Arc::clone(&crash);
         let out = cuts::run_sim(seed, move || async move {
             let (store, _) = Blobstore::load(desc, &LoadOptions::default())
@@ -445,7 +445,7 @@ fn a_released_cluster_whose_unmap_failed_keeps_its_reads_zeros_mark() {
             "faulty",
             Arc::clone(&crash) as Arc<dyn Bdev>,
         ));
-        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>).unwrap();
         let errors = Arc::clone(&faulty);
         let leaked = cuts::run_sim(9, move || async move {
             let store = Blobstore::init(
@@ -542,7 +542,7 @@ fn a_snapshot_failing_after_its_commit_leaves_a_writable_snapshot_in_memory() {
             "faulty",
             Arc::clone(&crash) as Arc<dyn Bdev>,
         ));
-        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>).unwrap();
         let errors = Arc::clone(&faulty);
         let probe = Arc::clone(&crash);
         let out = cuts::run_sim(12, move || async move {
@@ -590,7 +590,7 @@ fn a_snapshot_failing_after_its_commit_leaves_a_writable_snapshot_in_memory() {
         };
         committed_failures += 1;
         let bdev = Arc::new(spool_bdev::MallocBdev::from_image("c", 4096, &image).unwrap());
-        let desc = BdevDesc::open(bdev as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).unwrap();
         let loaded = cuts::run_sim(4, move || async move {
             let (store, _) = Blobstore::load(desc, &LoadOptions::default())
                 .await
@@ -648,7 +648,7 @@ fn a_failed_decouple_restores_metadata_over_a_concurrent_thin_insert() {
                 "faulty",
                 Arc::clone(&crash) as Arc<dyn Bdev>,
             ));
-            let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+            let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>).unwrap();
             let errors = Arc::clone(&faulty);
             let out = cuts::run_sim(13, move || async move {
                 let (store, _) = Blobstore::load(desc, &LoadOptions::default())
@@ -738,7 +738,7 @@ fn a_retried_merge_delete_frees_a_cluster_the_clone_gave_away_meanwhile() {
             "faulty",
             Arc::clone(&crash) as Arc<dyn Bdev>,
         ));
-        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>).unwrap();
         let errors = Arc::clone(&faulty);
         let probe = Arc::clone(&crash);
         let out = cuts::run_sim(14, move || async move {
@@ -818,7 +818,7 @@ fn a_clone_made_during_a_merge_delete_loses_its_parent() {
     let mut both = 0;
     for delay in (0..600u64).step_by(15) {
         let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
-        let desc = BdevDesc::open(Arc::clone(&crash) as Arc<dyn Bdev>);
+        let desc = BdevDesc::open(Arc::clone(&crash) as Arc<dyn Bdev>).unwrap();
         let out = cuts::run_sim(15, move || async move {
             let (store, _) = Blobstore::load(desc, &LoadOptions::default())
                 .await
@@ -868,7 +868,7 @@ fn a_failed_close_leaves_the_store_unloadable() {
         "faulty",
         Arc::clone(&crash) as Arc<dyn Bdev>,
     ));
-    let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+    let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>).unwrap();
     let errors = Arc::clone(&faulty);
     let (closed, retried, unloaded) = cuts::run_sim(16, move || async move {
         let (store, _) = Blobstore::load(desc, &LoadOptions::default())
@@ -936,7 +936,7 @@ fn two_failed_writes_in_an_operation_leave_the_store_unloadable() {
                 "faulty",
                 Arc::clone(&crash) as Arc<dyn Bdev>,
             ));
-            let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>);
+            let desc = BdevDesc::open(Arc::clone(&faulty) as Arc<dyn Bdev>).unwrap();
             let errors = Arc::clone(&faulty);
             let out = cuts::run_sim(17, move || async move {
                 let (store, _) = Blobstore::load(desc, &LoadOptions::default())

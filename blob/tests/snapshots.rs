@@ -622,7 +622,10 @@ fn a_resize_or_inflate_during_a_snapshot_gets_ebusy_and_works_after() {
             }
             spool_reactor::yield_now().await;
         }
-        assert!(store.blob_ids().len() > before, "the snapshot never started");
+        assert!(
+            store.blob_ids().len() > before,
+            "the snapshot never started"
+        );
         let err = blob.resize(8).await.unwrap_err();
         assert_eq!(err.errno(), -libc::EBUSY, "{err}");
         assert!(err.to_string().contains("snapshot"), "{err}");
