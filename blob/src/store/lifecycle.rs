@@ -273,9 +273,9 @@ impl Blobstore {
         self.settle_orphans().await?;
         self.refuse_if_blobs_open("unload")?;
         let _guard = self.inner.super_lock.lock().await;
-        // Releases still waiting for a flush are free once this one completes: the masks
-        // must show them free.
-        self.flush_md().await?;
+        // Releases still waiting for a flush (only after a failed one) are free once one
+        // completes: the masks must show them free.
+        self.drain_releases().await?;
         self.write_masks().await?;
         self.flush_md().await?;
         // From the moment clean = 1 may be on disk, the next metadata change must clear it:
