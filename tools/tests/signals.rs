@@ -23,11 +23,12 @@ fn interrupted(dir: &Path, args: &[&str], signal: i32, after: Duration) -> (Opti
         .spawn()
         .expect("spool starts");
     std::thread::sleep(after);
-    let sent = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
+    // The shell's own `kill` (no procps needed on a fresh machine).
+    let sent = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -{signal} {}", child.id()))
         .status()
-        .expect("kill runs");
+        .expect("sh runs");
     assert!(sent.success());
     let output = child.wait_with_output().expect("spool ends");
     (
@@ -90,9 +91,9 @@ fn perf_prints_its_partial_table_on_sigint() {
             .spawn()
             .expect("spool starts");
         std::thread::sleep(Duration::from_millis(1500));
-        Command::new("kill")
-            .arg("-INT")
-            .arg(child.id().to_string())
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -INT {}", child.id()))
             .status()
             .unwrap();
         let output = child.wait_with_output().unwrap();
