@@ -83,6 +83,7 @@ fn import_and_export_stop_cleanly_on_sigint_and_sigterm() {
 fn perf_prints_its_partial_table_on_sigint() {
     let (code, stderr) = {
         let dir = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
         let child = Command::new(env!("CARGO_BIN_EXE_spool"))
             .args(["perf", "--target", "null", "--time", "30", "--quiet"])
             .current_dir(dir.path())
@@ -97,6 +98,11 @@ fn perf_prints_its_partial_table_on_sigint() {
             .status()
             .unwrap();
         let output = child.wait_with_output().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "perf ran on for {:?} after SIGINT instead of stopping",
+            started.elapsed()
+        );
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         assert!(stdout.contains("total"), "the partial table: {stdout}");
         (

@@ -228,7 +228,9 @@ fn show_progress(args: &PerfArgs, counters: &[Arc<AtomicU64>]) {
     let mut last_line = Instant::now();
     let mut last_ops = 0;
     let mut last_at = Instant::now();
-    while started.elapsed() < Duration::from_millis(total_ms) {
+    while started.elapsed() < Duration::from_millis(total_ms)
+        && spool_engine::signals::stop_requested().is_none()
+    {
         std::thread::sleep(
             Duration::from_millis(250)
                 .min(Duration::from_millis(total_ms).saturating_sub(started.elapsed())),
