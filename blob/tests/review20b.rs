@@ -4,11 +4,11 @@
 mod common;
 mod cuts;
 
-use cuts::{base_image, check, Ids, CLUSTER};
+use cuts::{base_image, check, CLUSTER};
 
 use std::sync::Arc;
 
-use common::{buf_of, create_thin, pattern};
+use common::{buf_of, pattern};
 use spool_bdev::{Bdev, BdevDesc, CrashBdev, ErrorBdev, ErrorRule, IoKind};
 use spool_blob::{Blobstore, LoadOptions};
 
@@ -23,6 +23,32 @@ fn loaded_counts(image: &[u8]) -> (u64, Vec<u64>) {
         let counts = (store.free_cluster_count(), store.used_md_pages());
         store.unload().await.unwrap();
         counts
+    })
+}
+
+static LAST_PANIC: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs `check` and returns its first panic message (a check panics inside its simulation,
+/// which reports only `Panicked(reactor)`), if any.
+fn check_failure(image: Vec<u8>, ids: cuts::Ids, what: &str) -> Option<String> {
+    std::panic::set_hook(Box::new(|info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).push(text);
+    }));
+    LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    let outcome = std::panic::catch_unwind(|| check(image, ids, what));
+    let _ = std::panic::take_hook();
+    outcome.err().map(|_| {
+        let seen = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner());
+        seen.iter()
+            .find(|t| !t.contains("Panicked("))
+            .cloned()
+            .unwrap_or_else(|| format!("{what}: check failed"))
     })
 }
 
@@ -141,12 +167,67 @@ fn a_failed_persist_after_a_failed_in_place_write_leaks_the_kept_cluster() {
             "{free} free clusters in memory, a load of the device computes {load_free}"
         ));
     }
-    if let Err(err) = std::panic::catch_unwind(|| check(unloaded, ids, "after unload")) {
-        broken.push(
-            err.downcast_ref::<String>()
-                .cloned()
-                .unwrap_or_else(|| "check panicked".into()),
-        );
-    }
+    broken.extend(check_failure(unloaded, ids, "after unload"));
     assert!(broken.is_empty(), "{}", broken.join("\n"));
+}
+
+/// A delete-with-merge that fails before its commit (the clone's new root is not written)
+/// leaves the snapshot on disk marked `SNAPRM` = clone; nothing removes the mark in the
+/// running store. The load-time repair takes "the clone no longer reads through it" for
+/// "the merge committed": once the clone is deleted, or snapshotted (its parent becomes the
+/// new snapshot), the next load deletes the snapshot, an acknowledged blob nobody deleted;
+/// after a snapshot of the clone, the new snapshot then names a parent that is gone, and it
+/// and the clone no longer open.
+#[test]
+fn a_merge_that_did_not_commit_leaves_a_mark_that_deletes_the_snapshot_at_load() {
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    let mut tried = 0;
+    for then in ["delete the clone", "snapshot the clone"] {
+        for n in 1..=6u64 {
+            let (crash, errors, desc) = faulty(&base);
+            let out = cuts::run_sim(23, move || async move {
+                let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                    .await
+                    .unwrap();
+                let md_end = store.geometry().md_clusters * CLUSTER;
+                let rule = errors.add_rule(md_write_rule(md_end).nth(n));
+                let deleted = store.delete_blob(ids.s).await;
+                errors.remove_rule(rule);
+                let untouched =
+                    store.parent_of(ids.c) == Some(ids.s) && store.blob_ids().contains(&ids.s);
+                if deleted.is_ok() || !untouched {
+                    let _ = store.unload().await;
+                    return None;
+                }
+                if then == "delete the clone" {
+                    store.delete_blob(ids.c).await.unwrap();
+                } else {
+                    store.create_snapshot(ids.c, &[]).await.unwrap();
+                }
+                store.unload().await.unwrap();
+                Some(deleted.unwrap_err().to_string())
+            });
+            let Some(err) = out else { continue };
+            tried += 1;
+            let image = crash.live_image();
+            let what = format!("delete of S failed at md write #{n} (`{err}`), then {then}");
+            let bdev = Arc::new(spool_bdev::MallocBdev::from_image("l", 4096, &image).unwrap());
+            let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).unwrap();
+            let (has_s, repaired) = cuts::run_sim(4, move || async move {
+                let (store, report) = Blobstore::load(desc, &LoadOptions::default())
+                    .await
+                    .unwrap();
+                let has = store.blob_ids().contains(&ids.s);
+                store.unload().await.unwrap();
+                (has, report.repaired)
+            });
+            if !has_s {
+                broken.push(format!("{what}: after a load S is gone ({repaired:?})"));
+            }
+            broken.extend(check_failure(image, ids, &what));
+        }
+    }
+    assert!(tried > 0, "no fault left an uncommitted merge");
+    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
 }
