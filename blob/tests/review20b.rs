@@ -231,3 +231,110 @@ fn a_merge_that_did_not_commit_leaves_a_mark_that_deletes_the_snapshot_at_load()
     assert!(tried > 0, "no fault left an uncommitted merge");
     assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
 }
+
+/// A snapshot whose finished root fails to reach the disk (the write fails, and so does the
+/// retry when the snapshot's handle is closed: two errors in a row) returns the error but
+/// stays: the original reads through it, and it is finished in memory (dirty). With the
+/// original kept open, nothing writes it until the original lets it go. An inflate (or
+/// decouple) of the original then commits the original's new root, with no parent, and only
+/// afterwards closes the old parent, which writes the snapshot's finished root. A cut in
+/// between leaves a half-made snapshot that no blob reads through and whose original exists:
+/// the load removes it as "never taken", freeing only its metadata pages; its clusters (the
+/// original's data at snapshot time) stay claimed by nobody.
+#[test]
+fn a_half_made_snapshot_left_by_errors_is_removed_at_load_and_its_clusters_leak() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    let mut tried = 0;
+    for then in ["inflate", "decouple"] {
+        for n in 1..=8u64 {
+            let mut k = 0u64;
+            loop {
+                let (crash, errors, desc) = faulty(&base);
+                let mut sim = spool_reactor::Sim::new(spool_reactor::SimOptions {
+                    seed: 24,
+                    reactors: 1,
+                });
+                let reactor = sim.reactors()[0];
+                let start = Arc::new(AtomicU64::new(u64::MAX));
+                let (started, probe) = (Arc::clone(&start), Arc::clone(&crash));
+                let handle = sim
+                    .spawn_on(reactor, move || async move {
+                        let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                            .await
+                            .unwrap();
+                        let md_end = store.geometry().md_clusters * CLUSTER;
+                        let x = common::create_thin(&store, 2).await;
+                        let blob = store.open_blob(x).await.unwrap();
+                        let channel = store.channel().unwrap();
+                        channel
+                            .write(&blob.io(), 0, buf_of(&pattern(41, CLUSTER as usize)))
+                            .await
+                            .0
+                            .unwrap();
+                        channel.flush().await.unwrap();
+                        drop(channel);
+                        let rules: Vec<_> = [n, n + 1]
+                            .into_iter()
+                            .map(|nth| errors.add_rule(md_write_rule(md_end).nth(nth)))
+                            .collect();
+                        let snap = store.create_snapshot(x, &[]).await;
+                        for rule in rules {
+                            errors.remove_rule(rule);
+                        }
+                        // Only a snapshot that failed after its commit: the original reads
+                        // through it.
+                        if snap.is_ok() || blob.parent_id().is_none() {
+                            blob.close().await.unwrap();
+                            let _ = store.unload().await;
+                            return false;
+                        }
+                        started.store(probe.completed_writes(), Ordering::SeqCst);
+                        let done = if then == "inflate" {
+                            store.inflate_blob(x).await
+                        } else {
+                            store.decouple_parent(x).await
+                        };
+                        done.unwrap();
+                        blob.close().await.unwrap();
+                        store.unload().await.unwrap();
+                        true
+                    })
+                    .unwrap();
+                let mut image = None;
+                let mut finished = None;
+                loop {
+                    let at = start.load(Ordering::SeqCst);
+                    if at != u64::MAX && crash.completed_writes() >= at + k {
+                        image = Some(crash.cut_power_keep_all());
+                        break;
+                    }
+                    if let Some(out) = handle.try_take() {
+                        finished = Some(out.unwrap());
+                        break;
+                    }
+                    if !sim.step() {
+                        break;
+                    }
+                }
+                sim.stop();
+                if finished == Some(false) {
+                    break; // this n does not leave a committed, unfinished snapshot
+                }
+                let Some(image) = image else { break }; // the op ended before write k
+                tried += 1;
+                let what = format!(
+                    "snapshot: md writes #{n} and #{} fail; {then}; cut after its write {k}",
+                    n + 1
+                );
+                if let Some(failure) = check_failure(image, ids, &what) {
+                    broken.push(failure);
+                }
+                k += 1;
+            }
+        }
+    }
+    assert!(tried > 0, "no fault left a committed snapshot unfinished");
+    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+}
