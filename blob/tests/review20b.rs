@@ -383,3 +383,95 @@ fn unload_writes_a_claimed_not_inserted_cluster_into_the_clean_masks() {
     assert!(raced > 0, "no unload overlapped an allocation");
     assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
 }
+
+/// A commit publishes every `(index, cluster)` its plan carried without checking that the
+/// map still holds that cluster there. A thin insert kept (mapped, unpublished) after a
+/// failed in-place extent page write, then a shrink that cuts it (the cluster goes to the
+/// pending releases) and a grow back (the index reads zeros again): the next persist
+/// commits the new size, releases the cluster, and publishes it at its old index. I/O
+/// reactors now write the blob's cluster to a free cluster that another blob then takes: a
+/// write to either corrupts the other, and the blob's acknowledged, flushed write is not
+/// there after a reload (its map says unallocated).
+#[test]
+fn a_kept_insert_cut_by_a_shrink_is_published_after_its_release() {
+    let (base, ids) = base_image();
+    let (crash, errors, desc) = faulty(&base);
+    let probe = Arc::clone(&crash);
+    let out = cuts::run_sim(26, move || async move {
+        let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+            .await
+            .unwrap();
+        let md_end = store.geometry().md_clusters * CLUSTER;
+        let b = store.open_blob(ids.b).await.unwrap();
+        let channel = store.channel().unwrap();
+        channel
+            .write(&b.io(), 2 * 16, buf_of(&pattern(70, 4096)))
+            .await
+            .0
+            .unwrap();
+        let rule = errors.add_rule(md_write_rule(md_end).nth(1));
+        let failed = channel
+            .write(&b.io(), 3 * 16, buf_of(&pattern(71, 4096)))
+            .await
+            .0
+            .is_err();
+        errors.remove_rule(rule);
+        b.resize(3).await.unwrap();
+        b.resize(4).await.unwrap();
+        b.sync_md().await.unwrap();
+        let zeros_before = common::read(&channel, &b.io(), 3 * 16, 4096)
+            .await
+            .iter()
+            .all(|&x| x == 0);
+        // Another blob's first write takes the lowest free cluster.
+        let y = common::create_thin(&store, 1).await;
+        let yb = store.open_blob(y).await.unwrap();
+        channel
+            .write(&yb.io(), 0, buf_of(&pattern(72, CLUSTER as usize)))
+            .await
+            .0
+            .unwrap();
+        // B writes its cluster 3 and flushes: acknowledged and durable.
+        channel
+            .write(&b.io(), 3 * 16, buf_of(&pattern(73, 4096)))
+            .await
+            .0
+            .unwrap();
+        channel.flush().await.unwrap();
+        let y_intact = common::read(&channel, &yb.io(), 0, 4096).await
+            == pattern(72, CLUSTER as usize)[..4096].to_vec();
+        drop(channel);
+        yb.close().await.unwrap();
+        b.close().await.unwrap();
+        store.unload().await.unwrap();
+        (failed, zeros_before, y_intact, y, probe.live_image())
+    });
+    let (failed, zeros_before, y_intact, _y, image) = out;
+    assert!(failed, "the in-place write did not fail");
+    // After a reload, B's acknowledged write must be there.
+    let bdev = Arc::new(spool_bdev::MallocBdev::from_image("l", 4096, &image).unwrap());
+    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).unwrap();
+    let b_kept = cuts::run_sim(4, move || async move {
+        let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+            .await
+            .unwrap();
+        let b = store.open_blob(ids.b).await.unwrap();
+        let channel = store.channel().unwrap();
+        let back = common::read(&channel, &b.io(), 3 * 16, 4096).await;
+        drop(channel);
+        b.close().await.unwrap();
+        store.unload().await.unwrap();
+        back == pattern(73, 4096)
+    });
+    let mut broken = Vec::new();
+    if !zeros_before {
+        broken.push("after shrink and grow, B's cluster 3 does not read zeros".to_string());
+    }
+    if !y_intact {
+        broken.push("B's write to its cluster 3 overwrote another blob's cluster".to_string());
+    }
+    if !b_kept {
+        broken.push("B's acknowledged, flushed write to cluster 3 is gone after a reload".into());
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}
