@@ -475,3 +475,109 @@ fn a_kept_insert_cut_by_a_shrink_is_published_after_its_release() {
     }
     assert!(broken.is_empty(), "{}", broken.join("\n"));
 }
+
+/// A merge whose clone persist does not commit restores the clone's saved metadata, which
+/// holds a thin insert kept (mapped, unpublished) after a failed in-place extent page
+/// write; the failed persist took that insert out of `unpublished`. The clone's map then
+/// holds the cluster while I/O reactors never see it: the next write to that cluster asks
+/// the metadata reactor to insert, finds a cluster there that is not published, waits for a
+/// persist, which has nothing to publish, and asks again, for ever. (The merge's own close
+/// of the clone would write and drop it; when that close fails too, the clone stays in
+/// memory as an orphan, and the next open reuses it.)
+#[test]
+fn a_failed_merge_restores_a_kept_insert_that_is_never_published() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    let mut tried = 0;
+    for n in 1..=4u64 {
+        let (_crash, errors, desc) = faulty(&base);
+        let mut sim = spool_reactor::Sim::new(spool_reactor::SimOptions {
+            seed: 27,
+            reactors: 1,
+        });
+        let reactor = sim.reactors()[0];
+        let writing = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&writing);
+        let handle = sim
+            .spawn_on(reactor, move || async move {
+                let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                    .await
+                    .unwrap();
+                let md_end = store.geometry().md_clusters * CLUSTER;
+                let c = store.open_blob(ids.c).await.unwrap();
+                // C's chain is this process's: its next insert rewrites the extent page.
+                c.set_xattr("v", b"1").unwrap();
+                c.sync_md().await.unwrap();
+                let channel = store.channel().unwrap();
+                // C's cluster 0 gets its own copy: C has an extent page from now on.
+                channel
+                    .write(&c.io(), 0, buf_of(&pattern(76, 4096)))
+                    .await
+                    .0
+                    .unwrap();
+                let rule = errors.add_rule(md_write_rule(md_end).count(2));
+                let wrote = channel
+                    .write(&c.io(), 16, buf_of(&pattern(74, 4096)))
+                    .await
+                    .0
+                    .is_ok();
+                let closed = c.close().await.is_ok();
+                errors.remove_rule(rule);
+                if wrote || closed {
+                    return None;
+                }
+                // The clone's persist fails, and so does its close right after.
+                let rules = [n, n + 1].map(|nth| errors.add_rule(md_write_rule(md_end).nth(nth)));
+                let deleted = store.delete_blob(ids.s).await;
+                for rule in rules {
+                    errors.remove_rule(rule);
+                }
+                if deleted.is_ok() || store.parent_of(ids.c) != Some(ids.s) {
+                    return None;
+                }
+                let c = store.open_blob(ids.c).await.unwrap();
+                flag.store(true, Ordering::SeqCst);
+                let done = channel
+                    .write(&c.io(), 16 + 1, buf_of(&pattern(75, 4096)))
+                    .await
+                    .0
+                    .map_err(|e| e.to_string());
+                Some((deleted.unwrap_err().to_string(), done))
+            })
+            .unwrap();
+        let mut steps_writing = 0u64;
+        let out = loop {
+            if let Some(out) = handle.try_take() {
+                break Some(out.unwrap());
+            }
+            if writing.load(Ordering::SeqCst) {
+                steps_writing += 1;
+                if steps_writing > 200_000 {
+                    break None;
+                }
+            }
+            if !sim.step() {
+                break Some(None);
+            }
+        };
+        sim.stop();
+        match out {
+            Some(None) => {}
+            Some(Some((err, done))) => {
+                tried += 1;
+                if let Err(write) = done {
+                    broken.push(format!("merge failed at md write #{n} (`{err}`): the write to C's cluster 1 fails: {write}"));
+                }
+            }
+            None => {
+                tried += 1;
+                broken.push(format!(
+                    "merge failed at md write #{n}: a write to C's cluster 1 never completes (200000 steps)"
+                ));
+            }
+        }
+    }
+    assert!(tried > 0, "no run reached the write");
+    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+}
