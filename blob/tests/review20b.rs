@@ -762,7 +762,7 @@ fn two_concurrent_clones_of_one_snapshot_are_refused() {
 /// subset (all, none, each pending write alone, all but each).
 #[test]
 fn more_sequences_survive_every_cut() {
-    let sequences: [(&str, Op); 3] = [
+    let sequences: [(&str, Op); 7] = [
         ("snapshot twice, delete the middle snapshot (merge into the newer)", |store, ids| {
             Box::pin(async move {
                 let s2 = store.create_snapshot(ids.c, &[]).await.unwrap();
@@ -789,6 +789,55 @@ fn more_sequences_survive_every_cut() {
                     .unwrap();
                 drop(channel);
                 b.close().await.unwrap();
+            })
+        }),
+        ("delete the clone, then its snapshot", |store, ids| {
+            Box::pin(async move {
+                store.delete_blob(ids.c).await.unwrap();
+                store.delete_blob(ids.s).await.unwrap();
+            })
+        }),
+        ("a second clone, delete the first, delete the snapshot (merge)", |store, ids| {
+            Box::pin(async move {
+                store.create_clone(ids.s, &[]).await.unwrap();
+                store.delete_blob(ids.c).await.unwrap();
+                store.delete_blob(ids.s).await.unwrap();
+            })
+        }),
+        ("snapshot thick A, write A, delete the snapshot (merge)", |store, ids| {
+            Box::pin(async move {
+                let s2 = store.create_snapshot(ids.a, &[]).await.unwrap();
+                let a = store.open_blob(ids.a).await.unwrap();
+                let channel = store.channel().unwrap();
+                channel
+                    .write(&a.io(), 16, buf_of(&pattern(1, 2 * CLUSTER as usize)[CLUSTER as usize..]))
+                    .await
+                    .0
+                    .unwrap();
+                drop(channel);
+                a.close().await.unwrap();
+                store.delete_blob(s2).await.unwrap();
+            })
+        }),
+        ("a long chain shrinks, another blob's chain takes its pages", |store, _| {
+            Box::pin(async move {
+                let x = cuts_create_thin(&store).await;
+                let xb = store.open_blob(x).await.unwrap();
+                for i in 0..20 {
+                    xb.set_xattr(&format!("k{i}"), &[i as u8; 300]).unwrap();
+                }
+                xb.sync_md().await.unwrap();
+                for i in 0..20 {
+                    xb.remove_xattr(&format!("k{i}")).unwrap();
+                }
+                xb.sync_md().await.unwrap();
+                xb.close().await.unwrap();
+                let y = cuts_create_thin(&store).await;
+                let yb = store.open_blob(y).await.unwrap();
+                for i in 0..20 {
+                    yb.set_xattr(&format!("j{i}"), &[i as u8; 300]).unwrap();
+                }
+                yb.close().await.unwrap();
             })
         }),
     ];
@@ -827,4 +876,8 @@ fn inflate_or_decouple_then_delete_the_old_parent() {
         all.extend(crash_failures(name, op, no_extra));
     }
     assert_none("inflate or decouple, then delete the old parent", all);
+}
+
+async fn cuts_create_thin(store: &Blobstore) -> u64 {
+    common::create_thin(store, 2).await
 }
