@@ -881,3 +881,161 @@ fn inflate_or_decouple_then_delete_the_old_parent() {
 async fn cuts_create_thin(store: &Blobstore) -> u64 {
     common::create_thin(store, 2).await
 }
+
+type Op2 = fn(Blobstore, Ids) -> Pin<Box<dyn Future<Output = Result<(), String>>>>;
+
+fn op_snapshot_b(store: Blobstore, ids: Ids) -> Pin<Box<dyn Future<Output = Result<(), String>>>> {
+    Box::pin(async move {
+        store
+            .create_snapshot(ids.b, &[])
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
+fn op_inflate_c(store: Blobstore, ids: Ids) -> Pin<Box<dyn Future<Output = Result<(), String>>>> {
+    Box::pin(async move { store.inflate_blob(ids.c).await.map_err(|e| e.to_string()) })
+}
+
+fn op_decouple_c(store: Blobstore, ids: Ids) -> Pin<Box<dyn Future<Output = Result<(), String>>>> {
+    Box::pin(async move { store.decouple_parent(ids.c).await.map_err(|e| e.to_string()) })
+}
+
+fn op_delete_s(store: Blobstore, ids: Ids) -> Pin<Box<dyn Future<Output = Result<(), String>>>> {
+    Box::pin(async move {
+        match store.delete_blob(ids.s).await {
+            Err(e) if !store.blob_ids().contains(&ids.s) => Err(format!("gone: {e}")),
+            other => other.map_err(|e| e.to_string()),
+        }
+    })
+}
+
+fn op_shrink_a(store: Blobstore, ids: Ids) -> Pin<Box<dyn Future<Output = Result<(), String>>>> {
+    Box::pin(async move {
+        let a = store.open_blob(ids.a).await.map_err(|e| e.to_string())?;
+        let resized = if a.num_clusters() > 1 {
+            a.resize(1).await.map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        let synced = a.sync_md().await.map_err(|e| e.to_string());
+        let closed = a.close().await.map_err(|e| e.to_string());
+        resized.and(synced).and(closed)
+    })
+}
+
+fn op_write_b(store: Blobstore, ids: Ids) -> Pin<Box<dyn Future<Output = Result<(), String>>>> {
+    Box::pin(async move {
+        let b = store.open_blob(ids.b).await.map_err(|e| e.to_string())?;
+        let channel = store.channel().unwrap();
+        let mut result = Ok(());
+        for unit in [0u64, 2 * 16, 3 * 16] {
+            let (r, _) = channel
+                .write(&b.io(), unit, buf_of(&pattern(5, 4096)))
+                .await;
+            if let Err(e) = r {
+                result = Err(e.to_string());
+            }
+        }
+        drop(channel);
+        let closed = b.close().await.map_err(|e| e.to_string());
+        result.and(closed)
+    })
+}
+
+/// Two device errors in a row (md writes n and n+1, flushes n and n+1, or the n-th and
+/// n+1-th of md writes and flushes together) in one operation,
+/// then the same operation retried on a healthy device: memory must agree with a fresh load
+/// (free clusters, md pages), unload must work, and the unloaded image must check out.
+#[test]
+fn two_errors_in_a_row_then_a_retry() {
+    let ops: [(&str, Op2); 6] = [
+        ("snapshot B", op_snapshot_b),
+        ("inflate C", op_inflate_c),
+        ("decouple C", op_decouple_c),
+        ("delete S (merge)", op_delete_s),
+        ("shrink A", op_shrink_a),
+        ("first writes to B", op_write_b),
+    ];
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    for (name, op) in ops {
+        for kind in [&[IoKind::Write][..], &[IoKind::Flush], &[IoKind::Write, IoKind::Flush]] {
+            for n in 1..=10u64 {
+                let (crash, errors, desc) = faulty(&base);
+                let probe = Arc::clone(&crash);
+                let out = cuts::run_sim(29, move || async move {
+                    let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                        .await
+                        .unwrap();
+                    let md_end = store.geometry().md_clusters * CLUSTER;
+                    let rules = [n, n + 1].map(|nth| {
+                        // A flush overlaps any range: md writes and flushes both count.
+                        errors.add_rule(
+                            ErrorRule::new(-libc::EIO)
+                                .kinds(kind)
+                                .range_bytes(0..md_end)
+                                .nth(nth),
+                        )
+                    });
+                    let first = op(store.clone(), ids).await;
+                    let fired = rules
+                        .iter()
+                        .any(|&r| errors.rule_stats(r).unwrap().injected > 0);
+                    for rule in rules {
+                        errors.remove_rule(rule);
+                    }
+                    if !fired {
+                        let _ = store.unload().await;
+                        return None;
+                    }
+                    let retried = if first.is_err() {
+                        op(store.clone(), ids).await
+                    } else {
+                        Ok(())
+                    };
+                    let _ = store.channel().unwrap().flush().await;
+                    let free = store.free_cluster_count();
+                    let md = store.used_md_pages();
+                    let image = probe.live_image();
+                    let unloaded = store.clone().unload().await.map_err(|e| e.to_string());
+                    Some((first, retried, free, md, image, unloaded, probe.live_image()))
+                });
+                let Some((first, retried, free, md, image, unloaded, after)) = out else {
+                    break;
+                };
+                let what = format!(
+                    "{name}: {kind:?} #{n} and #{} fail ({first:?}), retry {retried:?}",
+                    n + 1
+                );
+                if let Err(e) = &retried {
+                    if !e.starts_with("gone") {
+                        broken.push(format!("{what}: the retry fails"));
+                    }
+                }
+                let (load_free, load_md) = loaded_counts(&image);
+                if load_free != free {
+                    broken.push(format!(
+                        "{what}: {free} free in memory, a load computes {load_free}"
+                    ));
+                }
+                if load_md != md {
+                    broken.push(format!(
+                        "{what}: md pages {md:?} in memory, a load computes {load_md:?}"
+                    ));
+                }
+                match unloaded {
+                    Err(e) => broken.push(format!("{what}: unload fails: {e}")),
+                    Ok(()) => broken.extend(check_failure(after, ids, &what)),
+                }
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "{} broken:\n{}",
+        broken.len(),
+        broken.join("\n")
+    );
+}
