@@ -1039,3 +1039,85 @@ fn two_errors_in_a_row_then_a_retry() {
         broken.join("\n")
     );
 }
+
+/// A thin first write in flight while its blob is closed and deleted (close does not wait
+/// for the blob's I/O): the insert reaches the metadata reactor while the delete holds the
+/// blob's persist lock (zeroing the root), puts its cluster in the map, and waits for the
+/// running "persist" to end. A delete never notifies the waiters of a persist: the write
+/// never completes; and the delete took the cluster with the rest of the map and freed it,
+/// so if the waiter were woken it would release the cluster a second time.
+#[test]
+fn a_thin_write_racing_a_delete_never_completes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (base, ids) = base_image();
+    let mut broken = Vec::new();
+    let mut raced = 0;
+    for (seed, delay) in (30..34u64).flat_map(|seed| (0..120u64).map(move |d| (seed, d))) {
+        let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
+        let desc = BdevDesc::open(Arc::clone(&crash) as Arc<dyn Bdev>).unwrap();
+        let mut sim = Sim::new(SimOptions {
+            seed,
+            reactors: 1,
+        });
+        let reactor = sim.reactors()[0];
+        let deleted_flag = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&deleted_flag);
+        let handle = sim
+            .spawn_on(reactor, move || async move {
+                let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                    .await
+                    .unwrap();
+                let b = store.open_blob(ids.b).await.unwrap();
+                let io = b.io();
+                let writer = spool_reactor::spawn_local(async move {
+                    let channel = io.channel().unwrap();
+                    channel
+                        .write(&io, 2 * 16, buf_of(&pattern(91, 4096)))
+                        .await
+                        .0
+                        .map_err(|e| e.to_string())
+                });
+                spool_reactor::sleep(std::time::Duration::from_nanos(delay * 250)).await;
+                b.close().await.unwrap();
+                let deleted = store.delete_blob(ids.b).await.map_err(|e| e.to_string());
+                flag.store(true, Ordering::SeqCst);
+                let wrote = writer.await.unwrap();
+                (deleted, wrote)
+            })
+            .unwrap();
+        let mut after_delete = 0u64;
+        let out = loop {
+            if let Some(out) = handle.try_take() {
+                break Some(out.unwrap());
+            }
+            if deleted_flag.load(Ordering::SeqCst) {
+                after_delete += 1;
+                if after_delete > 100_000 {
+                    break None;
+                }
+            }
+            if !sim.step() {
+                break None;
+            }
+        };
+        sim.stop();
+        match out {
+            Some((Ok(()), Err(_))) => raced += 1,
+            Some(_) => {}
+            None => {
+                raced += 1;
+                broken.push(format!(
+                    "seed {seed}: close and delete {} ns into a thin write: the write never completes",
+                    delay * 250
+                ));
+            }
+        }
+    }
+    assert!(raced > 0, "no delete overlapped an allocation");
+    assert!(
+        broken.is_empty(),
+        "{} broken:\n{}",
+        broken.len(),
+        broken.join("\n")
+    );
+}
