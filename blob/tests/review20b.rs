@@ -13,10 +13,10 @@ use spool_bdev::{Bdev, BdevDesc, CrashBdev, ErrorBdev, ErrorRule, IoKind};
 use spool_blob::{Blobstore, LoadOptions};
 
 // The cut harness of review20.rs (all, none, each alone, all but each).
+use spool_reactor::{Sim, SimOptions};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use spool_reactor::{Sim, SimOptions};
 type Ids = cuts::Ids;
 
 type Op = fn(Blobstore, Ids) -> Pin<Box<dyn Future<Output = ()>>>;
@@ -161,7 +161,6 @@ fn assert_none(name: &str, failures: Vec<String>) {
     );
 }
 
-
 /// Free clusters and used md pages a load of `image` computes.
 fn loaded_counts(image: &[u8]) -> (u64, Vec<u64>) {
     let bdev = Arc::new(spool_bdev::MallocBdev::from_image("count", 4096, image).unwrap());
@@ -188,7 +187,10 @@ fn check_failure(image: Vec<u8>, ids: cuts::Ids, what: &str) -> Option<String> {
             .cloned()
             .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
-        LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).push(text);
+        LAST_PANIC
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(text);
     }));
     LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).clear();
     let outcome = std::panic::catch_unwind(|| check(image, ids, what));
@@ -379,7 +381,12 @@ fn a_merge_that_did_not_commit_leaves_a_mark_that_deletes_the_snapshot_at_load()
         }
     }
     assert!(tried > 0, "no fault left an uncommitted merge");
-    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "{} broken:\n{}",
+        broken.len(),
+        broken.join("\n")
+    );
 }
 
 /// A snapshot whose finished root fails to reach the disk (the write fails, and so does the
@@ -486,7 +493,12 @@ fn a_half_made_snapshot_left_by_errors_is_removed_at_load_and_its_clusters_leak(
         }
     }
     assert!(tried > 0, "no fault left a committed snapshot unfinished");
-    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "{} broken:\n{}",
+        broken.len(),
+        broken.join("\n")
+    );
 }
 
 /// Issue 20 asks that unload not write clean masks while a thin allocation holds a claimed,
@@ -531,7 +543,12 @@ fn unload_writes_a_claimed_not_inserted_cluster_into_the_clean_masks() {
         broken.extend(check_failure(crash.live_image(), ids, &what));
     }
     assert!(raced > 0, "no unload overlapped an allocation");
-    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "{} broken:\n{}",
+        broken.len(),
+        broken.join("\n")
+    );
 }
 
 /// A commit publishes every `(index, cluster)` its plan carried without checking that the
@@ -729,7 +746,12 @@ fn a_failed_merge_restores_a_kept_insert_that_is_never_published() {
         }
     }
     assert!(tried > 0, "no run reached the write");
-    assert!(broken.is_empty(), "{} broken:\n{}", broken.len(), broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "{} broken:\n{}",
+        broken.len(),
+        broken.join("\n")
+    );
 }
 
 /// The clone guard (held on the snapshot while its clone is made, against a merge-delete)
@@ -750,7 +772,10 @@ fn two_concurrent_clones_of_one_snapshot_are_refused() {
         let two = store.create_clone(ids.s, &[]).await;
         let one = one.await.unwrap();
         let _ = store.unload().await;
-        (one.map_err(|e| e.to_string()), two.map_err(|e| e.to_string()))
+        (
+            one.map_err(|e| e.to_string()),
+            two.map_err(|e| e.to_string()),
+        )
     });
     assert!(
         first.is_ok() && second.is_ok(),
@@ -763,83 +788,105 @@ fn two_concurrent_clones_of_one_snapshot_are_refused() {
 #[test]
 fn more_sequences_survive_every_cut() {
     let sequences: [(&str, Op); 7] = [
-        ("snapshot twice, delete the middle snapshot (merge into the newer)", |store, ids| {
-            Box::pin(async move {
-                let s2 = store.create_snapshot(ids.c, &[]).await.unwrap();
-                store.delete_blob(s2).await.unwrap();
-            })
-        }),
-        ("clone written, then the snapshot deleted (merge), then the clone deleted", |store, ids| {
-            Box::pin(async move {
-                store.delete_blob(ids.s).await.unwrap();
-                store.delete_blob(ids.c).await.unwrap();
-            })
-        }),
-        ("thin shrink and grow in one sync, then a write", |store, ids| {
-            Box::pin(async move {
-                let b = store.open_blob(ids.b).await.unwrap();
-                b.resize(2).await.unwrap();
-                b.resize(4).await.unwrap();
-                b.sync_md().await.unwrap();
-                let channel = store.channel().unwrap();
-                channel
-                    .write(&b.io(), 3 * 16, buf_of(&pattern(2, CLUSTER as usize)))
-                    .await
-                    .0
-                    .unwrap();
-                drop(channel);
-                b.close().await.unwrap();
-            })
-        }),
+        (
+            "snapshot twice, delete the middle snapshot (merge into the newer)",
+            |store, ids| {
+                Box::pin(async move {
+                    let s2 = store.create_snapshot(ids.c, &[]).await.unwrap();
+                    store.delete_blob(s2).await.unwrap();
+                })
+            },
+        ),
+        (
+            "clone written, then the snapshot deleted (merge), then the clone deleted",
+            |store, ids| {
+                Box::pin(async move {
+                    store.delete_blob(ids.s).await.unwrap();
+                    store.delete_blob(ids.c).await.unwrap();
+                })
+            },
+        ),
+        (
+            "thin shrink and grow in one sync, then a write",
+            |store, ids| {
+                Box::pin(async move {
+                    let b = store.open_blob(ids.b).await.unwrap();
+                    b.resize(2).await.unwrap();
+                    b.resize(4).await.unwrap();
+                    b.sync_md().await.unwrap();
+                    let channel = store.channel().unwrap();
+                    channel
+                        .write(&b.io(), 3 * 16, buf_of(&pattern(2, CLUSTER as usize)))
+                        .await
+                        .0
+                        .unwrap();
+                    drop(channel);
+                    b.close().await.unwrap();
+                })
+            },
+        ),
         ("delete the clone, then its snapshot", |store, ids| {
             Box::pin(async move {
                 store.delete_blob(ids.c).await.unwrap();
                 store.delete_blob(ids.s).await.unwrap();
             })
         }),
-        ("a second clone, delete the first, delete the snapshot (merge)", |store, ids| {
-            Box::pin(async move {
-                store.create_clone(ids.s, &[]).await.unwrap();
-                store.delete_blob(ids.c).await.unwrap();
-                store.delete_blob(ids.s).await.unwrap();
-            })
-        }),
-        ("snapshot thick A, write A, delete the snapshot (merge)", |store, ids| {
-            Box::pin(async move {
-                let s2 = store.create_snapshot(ids.a, &[]).await.unwrap();
-                let a = store.open_blob(ids.a).await.unwrap();
-                let channel = store.channel().unwrap();
-                channel
-                    .write(&a.io(), 16, buf_of(&pattern(1, 2 * CLUSTER as usize)[CLUSTER as usize..]))
-                    .await
-                    .0
-                    .unwrap();
-                drop(channel);
-                a.close().await.unwrap();
-                store.delete_blob(s2).await.unwrap();
-            })
-        }),
-        ("a long chain shrinks, another blob's chain takes its pages", |store, _| {
-            Box::pin(async move {
-                let x = cuts_create_thin(&store).await;
-                let xb = store.open_blob(x).await.unwrap();
-                for i in 0..20 {
-                    xb.set_xattr(&format!("k{i}"), &[i as u8; 300]).unwrap();
-                }
-                xb.sync_md().await.unwrap();
-                for i in 0..20 {
-                    xb.remove_xattr(&format!("k{i}")).unwrap();
-                }
-                xb.sync_md().await.unwrap();
-                xb.close().await.unwrap();
-                let y = cuts_create_thin(&store).await;
-                let yb = store.open_blob(y).await.unwrap();
-                for i in 0..20 {
-                    yb.set_xattr(&format!("j{i}"), &[i as u8; 300]).unwrap();
-                }
-                yb.close().await.unwrap();
-            })
-        }),
+        (
+            "a second clone, delete the first, delete the snapshot (merge)",
+            |store, ids| {
+                Box::pin(async move {
+                    store.create_clone(ids.s, &[]).await.unwrap();
+                    store.delete_blob(ids.c).await.unwrap();
+                    store.delete_blob(ids.s).await.unwrap();
+                })
+            },
+        ),
+        (
+            "snapshot thick A, write A, delete the snapshot (merge)",
+            |store, ids| {
+                Box::pin(async move {
+                    let s2 = store.create_snapshot(ids.a, &[]).await.unwrap();
+                    let a = store.open_blob(ids.a).await.unwrap();
+                    let channel = store.channel().unwrap();
+                    channel
+                        .write(
+                            &a.io(),
+                            16,
+                            buf_of(&pattern(1, 2 * CLUSTER as usize)[CLUSTER as usize..]),
+                        )
+                        .await
+                        .0
+                        .unwrap();
+                    drop(channel);
+                    a.close().await.unwrap();
+                    store.delete_blob(s2).await.unwrap();
+                })
+            },
+        ),
+        (
+            "a long chain shrinks, another blob's chain takes its pages",
+            |store, _| {
+                Box::pin(async move {
+                    let x = cuts_create_thin(&store).await;
+                    let xb = store.open_blob(x).await.unwrap();
+                    for i in 0..20 {
+                        xb.set_xattr(&format!("k{i}"), &[i as u8; 300]).unwrap();
+                    }
+                    xb.sync_md().await.unwrap();
+                    for i in 0..20 {
+                        xb.remove_xattr(&format!("k{i}")).unwrap();
+                    }
+                    xb.sync_md().await.unwrap();
+                    xb.close().await.unwrap();
+                    let y = cuts_create_thin(&store).await;
+                    let yb = store.open_blob(y).await.unwrap();
+                    for i in 0..20 {
+                        yb.set_xattr(&format!("j{i}"), &[i as u8; 300]).unwrap();
+                    }
+                    yb.close().await.unwrap();
+                })
+            },
+        ),
     ];
     let mut all = Vec::new();
     for (name, op) in sequences {
@@ -856,20 +903,26 @@ fn more_sequences_survive_every_cut() {
 #[test]
 fn inflate_or_decouple_then_delete_the_old_parent() {
     let sequences: [(&str, Op); 2] = [
-        ("snapshot B, inflate B, delete the snapshot", |store, ids| {
-            Box::pin(async move {
-                let s2 = store.create_snapshot(ids.b, &[]).await.unwrap();
-                store.inflate_blob(ids.b).await.unwrap();
-                store.delete_blob(s2).await.unwrap();
-            })
-        }),
-        ("snapshot B, decouple B, delete the snapshot", |store, ids| {
-            Box::pin(async move {
-                let s2 = store.create_snapshot(ids.b, &[]).await.unwrap();
-                store.decouple_parent(ids.b).await.unwrap();
-                store.delete_blob(s2).await.unwrap();
-            })
-        }),
+        (
+            "snapshot B, inflate B, delete the snapshot",
+            |store, ids| {
+                Box::pin(async move {
+                    let s2 = store.create_snapshot(ids.b, &[]).await.unwrap();
+                    store.inflate_blob(ids.b).await.unwrap();
+                    store.delete_blob(s2).await.unwrap();
+                })
+            },
+        ),
+        (
+            "snapshot B, decouple B, delete the snapshot",
+            |store, ids| {
+                Box::pin(async move {
+                    let s2 = store.create_snapshot(ids.b, &[]).await.unwrap();
+                    store.decouple_parent(ids.b).await.unwrap();
+                    store.delete_blob(s2).await.unwrap();
+                })
+            },
+        ),
     ];
     let mut all = Vec::new();
     for (name, op) in sequences {
@@ -899,7 +952,12 @@ fn op_inflate_c(store: Blobstore, ids: Ids) -> Pin<Box<dyn Future<Output = Resul
 }
 
 fn op_decouple_c(store: Blobstore, ids: Ids) -> Pin<Box<dyn Future<Output = Result<(), String>>>> {
-    Box::pin(async move { store.decouple_parent(ids.c).await.map_err(|e| e.to_string()) })
+    Box::pin(async move {
+        store
+            .decouple_parent(ids.c)
+            .await
+            .map_err(|e| e.to_string())
+    })
 }
 
 fn op_delete_s(store: Blobstore, ids: Ids) -> Pin<Box<dyn Future<Output = Result<(), String>>>> {
@@ -961,7 +1019,11 @@ fn two_errors_in_a_row_then_a_retry() {
     let (base, ids) = base_image();
     let mut broken = Vec::new();
     for (name, op) in ops {
-        for kind in [&[IoKind::Write][..], &[IoKind::Flush], &[IoKind::Write, IoKind::Flush]] {
+        for kind in [
+            &[IoKind::Write][..],
+            &[IoKind::Flush],
+            &[IoKind::Write, IoKind::Flush],
+        ] {
             for n in 1..=10u64 {
                 let (crash, errors, desc) = faulty(&base);
                 let probe = Arc::clone(&crash);
@@ -1000,7 +1062,15 @@ fn two_errors_in_a_row_then_a_retry() {
                     let md = store.used_md_pages();
                     let image = probe.live_image();
                     let unloaded = store.clone().unload().await.map_err(|e| e.to_string());
-                    Some((first, retried, free, md, image, unloaded, probe.live_image()))
+                    Some((
+                        first,
+                        retried,
+                        free,
+                        md,
+                        image,
+                        unloaded,
+                        probe.live_image(),
+                    ))
                 });
                 let Some((first, retried, free, md, image, unloaded, after)) = out else {
                     break;
@@ -1055,10 +1125,7 @@ fn a_thin_write_racing_a_delete_never_completes() {
     for (seed, delay) in (30..34u64).flat_map(|seed| (0..120u64).map(move |d| (seed, d))) {
         let crash = Arc::new(CrashBdev::from_image("crash", 4096, &base).unwrap());
         let desc = BdevDesc::open(Arc::clone(&crash) as Arc<dyn Bdev>).unwrap();
-        let mut sim = Sim::new(SimOptions {
-            seed,
-            reactors: 1,
-        });
+        let mut sim = Sim::new(SimOptions { seed, reactors: 1 });
         let reactor = sim.reactors()[0];
         let deleted_flag = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&deleted_flag);
