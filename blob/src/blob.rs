@@ -81,6 +81,12 @@ pub(crate) struct BlobState {
     /// The number of the last metadata write that rewrote one of its extent pages in place
     /// (a later root names that page, so a flush must cover it first); 0 for none.
     pub(crate) in_place_write: Cell<u64>,
+    /// Thin inserts whose writer has gone (their in-place extent page write failed after
+    /// it may have reached the disk): the blob owns the clusters, the next persist publishes
+    /// them, and whoever takes one out of the map releases it.
+    pub(crate) kept_inserts: RefCell<Vec<(usize, u32)>>,
+    /// Clones of it being made now (a merge-on-delete of it waits for none).
+    pub(crate) cloning: Cell<u32>,
     /// A snapshot, inflate, decouple, merge or resize is running on it (SPDK's
     /// `locked_operation_in_progress`): another one is refused with -EBUSY.
     pub(crate) op_in_progress: Cell<Option<&'static str>>,
@@ -111,6 +117,8 @@ impl BlobState {
             durable_seq: Cell::new(0),
             persisted: crate::sync::LocalNotify::default(),
             in_place_write: Cell::new(0),
+            kept_inserts: RefCell::new(Vec::new()),
+            cloning: Cell::new(0),
             op_in_progress: Cell::new(None),
         })
     }

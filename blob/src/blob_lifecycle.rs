@@ -418,7 +418,9 @@ impl Blobstore {
 
     /// Deletes the blob `blob` is the only handle of (the caller checked).
     pub(crate) async fn delete_open(&self, blob: Blob) -> Result<()> {
-        self.delete_open_with(blob, crate::persist::Deps::Own).await
+        // After every earlier metadata write: a root that stopped naming this blob (an
+        // inflate, a decouple, a second snapshot) must be durable before it goes.
+        self.delete_open_with(blob, crate::persist::Deps::All).await
     }
 
     /// [`Blobstore::delete_open`], with what the root's zeroing depends on. When the delete

@@ -81,14 +81,14 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
     // Releases an earlier failed flush held back are freed by this one (a retry frees them
     // even when it has nothing else to write).
     if let Err(err) = store.drain_releases().await {
-        undo_inserts(state);
+        undo_inserts(store, state);
         return Err(err);
     }
     if !state.dirty.get() {
         return Ok(None);
     }
     if let Err(err) = store.mark_dirty().await {
-        undo_inserts(state);
+        undo_inserts(store, state);
         return Err(err);
     }
     let geometry = store.geometry().clone();
@@ -102,7 +102,7 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
         Err(err) => {
             give_back_fresh_extent_pages(state, &fresh);
             release_md_pages(store, &claimed);
-            undo_inserts(state);
+            undo_inserts(store, state);
             return Err(err);
         }
     };
@@ -166,6 +166,10 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
             .unpublished
             .borrow_mut()
             .extend(inserted.iter().copied());
+        state
+            .kept_inserts
+            .borrow_mut()
+            .extend(inserted.iter().copied());
         state.pending_release.borrow_mut().extend(cut_clusters);
         state
             .pending_extent_release
@@ -196,8 +200,18 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
     }
     // Committed: I/O reactors may now see the clusters thin writes inserted.
     state.durable_seq.set(state.durable_seq.get().max(plan_seq));
-    for &(index, cluster) in &inserted {
-        state.io.publish(index, cluster);
+    {
+        // Only inserts still in the map: a kept one a shrink cut off was released by it.
+        let meta = state.meta.borrow();
+        for &(index, cluster) in &inserted {
+            if meta.clusters.get(index) == Some(&cluster) {
+                state.io.publish(index, cluster);
+            }
+        }
+        state
+            .kept_inserts
+            .borrow_mut()
+            .retain(|entry| !inserted.contains(entry));
     }
     // What the old root used and the new one does not: zeroed and released once the new
     // root is durable.
@@ -214,17 +228,34 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
 
 /// Takes the thin inserts waiting for a persist out of the map (their writers release the
 /// clusters and fail): for a persist that fails before it wrote anything.
-fn undo_inserts(state: &BlobState) {
+fn undo_inserts(store: &Blobstore, state: &BlobState) {
     let inserted: Vec<(usize, u32)> = std::mem::take(&mut *state.unpublished.borrow_mut());
     if inserted.is_empty() {
         return;
     }
-    let mut meta = state.meta.borrow_mut();
-    for (index, cluster) in inserted {
-        if meta.clusters.get(index) == Some(&cluster) {
-            meta.clusters[index] = 0;
+    {
+        let mut meta = state.meta.borrow_mut();
+        for &(index, cluster) in &inserted {
+            if meta.clusters.get(index) == Some(&cluster) {
+                meta.clusters[index] = 0;
+            }
         }
     }
+    release_kept(store, state, &inserted);
+}
+
+/// Of `undone` (inserts just taken out of the map), releases those whose writer has gone
+/// (kept after a failed in-place write): nobody else will.
+fn release_kept(store: &Blobstore, state: &BlobState, undone: &[(usize, u32)]) {
+    let mut kept = state.kept_inserts.borrow_mut();
+    kept.retain(|entry| {
+        if undone.contains(entry) {
+            store.shared().release_cluster(entry.1);
+            false
+        } else {
+            true
+        }
+    });
 }
 
 /// Undoes what a persist that did not commit changed in memory: the thin inserts it carried
@@ -246,6 +277,7 @@ fn undo_failed_persist(
             }
         }
     }
+    release_kept(store, state, inserted);
     state.touch_clusters(0..state.meta.borrow().clusters.len());
     // Moved extent pages go back to their old pages (the old root points there); fresh
     // ones and continuation pages are unreferenced by the old root: give them back.
@@ -497,7 +529,13 @@ pub(crate) async fn delete(store: &Blobstore, state: &Rc<BlobState>, deps: Deps)
     // and the bookkeeping that follows it.
     let (store, state) = (store.clone(), Rc::clone(state));
     crate::detach::detached(
-        async move { delete_locked(&store, &state, deps).await },
+        async move {
+            let outcome = delete_locked(&store, &state, deps).await;
+            // Thin inserts waiting for a persist of this blob see its end (and the blob
+            // gone, if it committed).
+            state.persisted.notify();
+            outcome
+        },
         crate::detach::forget,
     )
     .await
@@ -540,12 +578,20 @@ async fn delete_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Outc
     let mut release_pages = pages.clone();
     release_pages.push(root);
     let mut clusters: Vec<u32> = state.pending_release.borrow_mut().drain(..).collect();
+    // Inserts whose writers still wait release their clusters themselves when they see the
+    // blob gone; kept ones (writer gone) are released here with the rest.
+    let kept = std::mem::take(&mut *state.kept_inserts.borrow_mut());
+    let waiting: Vec<u32> = std::mem::take(&mut *state.unpublished.borrow_mut())
+        .into_iter()
+        .filter(|entry| !kept.contains(entry))
+        .map(|(_, cluster)| cluster)
+        .collect();
     {
         let mut meta = state.meta.borrow_mut();
         clusters.extend(
             std::mem::take(&mut meta.clusters)
                 .into_iter()
-                .filter(|&c| c != 0),
+                .filter(|&c| c != 0 && !waiting.contains(&c)),
         );
         meta.extent_pages.clear();
     }

@@ -64,6 +64,7 @@ impl Blobstore {
                 orig.id()
             )));
         }
+        self.retry_abandoned_snapshots().await;
         crate::persist::persist(self, &orig.state).await?;
         let snap = self
             .create_and_open(&BlobOptions {
@@ -221,9 +222,14 @@ impl Blobstore {
         // The snapshot stays open, its operation guard held, until the clone is linked: a
         // merge-on-delete of the snapshot cannot start in between (it would not see the
         // new clone and take the snapshot away from under it).
-        let made = match snapshot.state.begin_op("clone") {
-            Ok(_op) => self.clone_of(&snapshot, xattrs).await,
-            Err(err) => Err(err),
+        let made = match snapshot.state.op_in_progress.get() {
+            Some(running) if running == "merge" => Err(BlobError::Busy(format!(
+                "blob {id:#x}: cannot clone while a merge is in progress"
+            ))),
+            _ => {
+                let _cloning = CloneInProgress::new(&snapshot.state);
+                self.clone_of(&snapshot, xattrs).await
+            }
         };
         let closed = snapshot.close().await;
         let clone = made?;
@@ -249,6 +255,54 @@ impl Blobstore {
             .await?;
         self.link_clone(id, clone);
         Ok(clone)
+    }
+}
+
+/// A clone of a snapshot being made: a merge-on-delete of that snapshot is refused meanwhile.
+struct CloneInProgress<'a> {
+    state: &'a crate::blob::BlobState,
+}
+
+impl<'a> CloneInProgress<'a> {
+    fn new(state: &'a crate::blob::BlobState) -> CloneInProgress<'a> {
+        state.cloning.set(state.cloning.get() + 1);
+        CloneInProgress { state }
+    }
+}
+
+impl Drop for CloneInProgress<'_> {
+    fn drop(&mut self) {
+        self.state
+            .cloning
+            .set(self.state.cloning.get().saturating_sub(1));
+    }
+}
+
+/// Undoes, in the clone's memory, a merge whose root did not commit: the clusters it took
+/// from the snapshot (at `taken`) go back to unallocated, and its parent link is restored.
+fn restore_merge(
+    clone: &crate::blob::BlobState,
+    snap: &crate::blob::BlobState,
+    taken: &[usize],
+    saved_parent: Option<&[u8]>,
+) {
+    let sm = snap.meta.borrow();
+    let mut cm = clone.meta.borrow_mut();
+    for &index in taken {
+        let from_snap = sm.clusters.get(index).copied().unwrap_or(0);
+        if let Some(slot) = cm.clusters.get_mut(index) {
+            if *slot == from_snap {
+                *slot = 0;
+            }
+        }
+    }
+    match saved_parent {
+        Some(value) => {
+            let _ = cm.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), value);
+        }
+        None => {
+            cm.remove_xattr(true, XATTR_SNAPSHOT.as_bytes());
+        }
     }
 }
 
@@ -439,8 +493,11 @@ impl Blobstore {
         let (clone_state, snap_state) = (Rc::clone(&clone.state), Rc::clone(&snap.state));
         let guards = (clone_state.begin_op("merge"), snap_state.begin_op("merge"));
         let result = match &guards {
-            // A clone made while this call opened the blobs: no longer a one-clone merge.
-            (Ok(_), Ok(_)) if self.clones_of(snap_id) != [clone_id] => {
+            // A clone made (or being made) while this call opened the blobs: no longer a
+            // one-clone merge.
+            (Ok(_), Ok(_))
+                if self.clones_of(snap_id) != [clone_id] || snap_state.cloning.get() > 0 =>
+            {
                 Err(BlobError::Busy(format!(
                     "snapshot {snap_id:#x} gained a clone: it has {} now",
                     self.clones_of(snap_id).len()
@@ -457,6 +514,21 @@ impl Blobstore {
                 deleted.and(closed)
             }
             Err(err) => {
+                if self.parent_of(clone_id) == Some(snap_id) {
+                    // The merge never committed: take the SNAPRM mark away again, or a later
+                    // load would take it for a finished merge once the clone moves on.
+                    let removed = snap
+                        .state
+                        .meta
+                        .borrow_mut()
+                        .remove_xattr(true, XATTR_SNAPSHOT_REMOVING.as_bytes());
+                    if removed {
+                        snap.state.mark_changed();
+                        if let Err(undo) = crate::persist::persist(self, &snap.state).await {
+                            tracing::warn!(blob = format!("{snap_id:#x}"), %undo, "SNAPRM mark left after a merge that did not commit");
+                        }
+                    }
+                }
                 let _ = snap.close().await;
                 let _ = clone.close().await;
                 Err(err)
@@ -501,7 +573,14 @@ impl Blobstore {
             Some(g) => Some(self.open_blob(g).await?),
             None => None,
         };
-        let saved = clone.state.meta.borrow().clone();
+        // What is restored if the clone's root does not commit: the clusters it took and its
+        // parent link only (a kept thin insert of the clone must survive the restore).
+        let saved_parent = clone
+            .state
+            .meta
+            .borrow()
+            .xattr(true, XATTR_SNAPSHOT.as_bytes())
+            .map(<[u8]>::to_vec);
         let taken = {
             let sm = snap.state.meta.borrow();
             let mut cm = clone.state.meta.borrow_mut();
@@ -520,7 +599,16 @@ impl Blobstore {
                     Ok(())
                 }
             };
-            repointed.map(|()| taken)
+            repointed
+                .map(|()| taken.clone())
+                .map_err(|err| (err, taken))
+        };
+        let taken = match taken {
+            Ok(taken) => Ok(taken),
+            Err((err, partial)) => {
+                restore_merge(&clone.state, &snap.state, &partial, saved_parent.as_deref());
+                Err(err)
+            }
         };
         let persisted = match taken {
             Ok(indexes) => {
@@ -529,16 +617,19 @@ impl Blobstore {
                 }
                 clone.state.mark_changed();
                 // The SNAPRM mark must be durable before the clone's new root.
-                crate::persist::persist_after_all(self, &clone.state)
-                    .await
-                    .map(|late| (indexes, late))
+                match crate::persist::persist_after_all(self, &clone.state).await {
+                    Ok(late) => Ok((indexes, late)),
+                    Err(err) => {
+                        restore_merge(&clone.state, &snap.state, &indexes, saved_parent.as_deref());
+                        Err(err)
+                    }
+                }
             }
             Err(err) => Err(err),
         };
         let (taken, late) = match persisted {
             Ok(done) => done,
             Err(err) => {
-                *clone.state.meta.borrow_mut() = saved;
                 clone.state.mark_changed();
                 if let Some(new_parent) = new_parent {
                     let _ = new_parent.close().await;

@@ -399,6 +399,7 @@ fn a_merge_that_did_not_commit_leaves_a_mark_that_deletes_the_snapshot_at_load()
 /// the load removes it as "never taken", freeing only its metadata pages; its clusters (the
 /// original's data at snapshot time) stay claimed by nobody.
 #[test]
+#[ignore = "open (issue 20 second review, finding 9): two device errors leave a committed snapshot unfinished on disk; a later cut can remove it at load and leak its clusters"]
 fn a_half_made_snapshot_left_by_errors_is_removed_at_load_and_its_clusters_leak() {
     use std::sync::atomic::{AtomicU64, Ordering};
     let (base, ids) = base_image();

@@ -19,6 +19,9 @@ impl ClusterClaim {
     /// Claims a free data cluster (first fit); `None` when none is free.
     pub(crate) fn claim(store: &Arc<StoreShared>) -> Option<ClusterClaim> {
         let (cluster, zeroed) = store.claim_cluster_zeroed()?;
+        store
+            .claims_outstanding
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Some(ClusterClaim {
             store: Arc::clone(store),
             cluster: Some(cluster),
@@ -48,5 +51,8 @@ impl Drop for ClusterClaim {
             tracing::debug!(cluster, "releasing a claimed cluster that was not inserted");
             self.store.release_cluster(cluster);
         }
+        self.store
+            .claims_outstanding
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

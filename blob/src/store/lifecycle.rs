@@ -269,9 +269,21 @@ impl Blobstore {
     /// The body of `unload`, which runs it as its own task.
     async fn unload_now(self) -> Result<()> {
         self.check_md_thread()?;
-        self.refuse_if_blobs_open("unload")?;
+        // Orphans first: one may hold its parent open.
         self.settle_orphans().await?;
         self.refuse_if_blobs_open("unload")?;
+        // A thin first write still filling a cluster it claimed: the masks must not record
+        // the claim (its insert will fail: the blob is closed), so wait for it to end.
+        let mut waited = 0u32;
+        while self.shared().claims_outstanding() > 0 && waited < 100_000 {
+            spool_reactor::sleep(std::time::Duration::from_micros(50)).await;
+            waited += 1;
+        }
+        if self.shared().claims_outstanding() > 0 {
+            return Err(BlobError::Busy(
+                "a thin write on another reactor still holds a claimed cluster".into(),
+            ));
+        }
         let _guard = self.inner.super_lock.lock().await;
         // Releases still waiting for a flush (only after a failed one) are free once one
         // completes: the masks must show them free.

@@ -108,6 +108,9 @@ pub struct StoreShared {
     /// read zeros, since init or since their release): a thin write to one needs no
     /// zero-fill. Empty after a load (history unknown): those get zero-filled.
     pub(crate) zeroed: AtomicBitmap,
+    /// Thin allocations holding a claimed cluster not yet in a map or released (unload
+    /// waits for none).
+    pub(crate) claims_outstanding: AtomicU64,
 }
 
 impl StoreShared {
@@ -126,6 +129,11 @@ impl StoreShared {
     /// Claims a free data cluster (first fit from the hint); it no longer counts as zeroed.
     pub(crate) fn claim_cluster(&self) -> Option<u32> {
         self.claim_cluster_zeroed().map(|(cluster, _)| cluster)
+    }
+
+    /// Thin allocations holding a claimed cluster now.
+    pub(crate) fn claims_outstanding(&self) -> u64 {
+        self.claims_outstanding.load(Ordering::Acquire)
     }
 
     /// Returns a data cluster to the free pool (never a metadata cluster).
@@ -369,9 +377,47 @@ impl Blobstore {
             .collect()
     }
 
+    /// Deletes the half-made snapshots whose earlier removal failed (best effort; unload
+    /// retries and reports what still fails). A new snapshot calls it first.
+    pub(crate) async fn retry_abandoned_snapshots(&self) {
+        for state in self.orphans() {
+            let half_made = state
+                .meta
+                .borrow()
+                .xattr(true, crate::meta::XATTR_SNAPSHOT_PENDING.as_bytes())
+                .is_some();
+            if half_made {
+                state.open_ref.set(1);
+                let blob = crate::blob::Blob {
+                    state: Rc::clone(&state),
+                    store: self.clone(),
+                };
+                if let Err(err) = self.delete_open(blob).await {
+                    tracing::warn!(blob = format!("{:#x}", state.id), %err, "half-made snapshot still not removed");
+                }
+            }
+        }
+    }
+
     /// Writes every orphan's metadata and lets it go (unload calls it first).
     pub(crate) async fn settle_orphans(&self) -> Result<()> {
         for state in self.orphans() {
+            let half_made = state
+                .meta
+                .borrow()
+                .xattr(true, crate::meta::XATTR_SNAPSHOT_PENDING.as_bytes())
+                .is_some();
+            if half_made {
+                // A snapshot abandoned before it was taken whose delete failed: delete it now
+                // (its map is already cleared in memory: only its own pages go).
+                state.open_ref.set(1);
+                let blob = crate::blob::Blob {
+                    state: Rc::clone(&state),
+                    store: self.clone(),
+                };
+                self.delete_open(blob).await?;
+                continue;
+            }
             // Read-only metadata too: an orphan's changes are the store's own (a merged
             // snapshot without the clusters its clone took), not the user's.
             if state.dirty.get() {
@@ -436,6 +482,7 @@ impl Blobstore {
             desc_reads_zeroes,
             slots: crate::io::SlotAllocator::default(),
             zeroed: AtomicBitmap::from_set(&BitSet::new(used_clusters.len())),
+            claims_outstanding: AtomicU64::new(0),
         });
         Ok(Rc::new(StoreInner {
             shared,
