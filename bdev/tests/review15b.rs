@@ -1,0 +1,162 @@
+//! Second review of issue 15 (a sound bdev API): safe code outside the crate trying to break
+//! the guarantees `docs/bdev.md` ("Soundness") states after the first review's fixes. Each
+//! test asserts a stated guarantee and fails where safe code breaks it.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use spool_bdev::{
+    Bdev, BdevChannel, BdevDesc, BdevError, ChannelBackend, DmaBuf, IoSlots, MallocBdev,
+    NullBdev, Submission, UringBdev, UringOptions,
+};
+use spool_reactor::{IdleMode, PollStatus, ReactorId, Runtime, RuntimeOptions};
+
+fn runtime() -> Runtime {
+    Runtime::start(&RuntimeOptions {
+        cores: vec![0],
+        idle: IdleMode::Sleep,
+        pin: false,
+    })
+    .expect("runtime")
+}
+
+fn filled(len: usize, byte: u8) -> DmaBuf {
+    let mut buf = DmaBuf::alloc(len).expect("alloc");
+    buf.fill(byte);
+    buf
+}
+
+fn temp_file(len: u64) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new_in(std::env::temp_dir()).expect("tempfile");
+    file.as_file().set_len(len).expect("set_len");
+    file
+}
+
+fn uring(file: &tempfile::NamedTempFile) -> Arc<UringBdev> {
+    Arc::new(UringBdev::open(file.path(), &UringOptions::default()).expect("uring open"))
+}
+
+/// `fut`'s output, or None if it is still pending after `limit` of reactor time.
+async fn within<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    let mut sleep = pin!(spool_reactor::sleep(limit));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+fn memory_backends() -> Vec<Arc<dyn Bdev>> {
+    vec![
+        Arc::new(MallocBdev::new("r15b-malloc", 4096, 64).expect("malloc")),
+        Arc::new(NullBdev::new("r15b-null", 4096, 64).expect("null")),
+    ]
+}
+
+thread_local! {
+    /// The channel a `Nesting` wrapper's submit re-enters (its own, shared on the reactor).
+    static NEST: RefCell<Option<BdevChannel>> = const { RefCell::new(None) };
+    /// What the nested request's future resolved to.
+    static NESTED: RefCell<Vec<Result<(), i32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A wrapper whose submit first makes a request on its own channel (a re-entrant submit: it
+/// gets -EBUSY, as documented), then forgets its submission (safe code, documented to be
+/// cancelled when the submit call returns).
+struct Nesting {
+    inner: Arc<dyn Bdev>,
+}
+
+impl Bdev for Nesting {
+    fn name(&self) -> &str {
+        "r15b-nesting"
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn block_count(&self) -> u64 {
+        self.inner.block_count()
+    }
+    fn iov_len_align(&self) -> u32 {
+        self.inner.iov_len_align()
+    }
+    fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
+        Ok(Box::new(NestingChannel {
+            inner: self.inner.create_channel(slots)?,
+        }))
+    }
+}
+
+struct NestingChannel {
+    inner: Box<dyn ChannelBackend>,
+}
+
+impl ChannelBackend for NestingChannel {
+    fn submit(&mut self, io: Submission<'_>) {
+        if let Some(channel) = NEST.with(|nest| nest.borrow_mut().take()) {
+            // Re-entrant: the backend is busy submitting, so this one fails with -EBUSY.
+            let mut nested = pin!(channel.read(filled(4096, 0), 0));
+            let waker = std::task::Waker::noop();
+            if let Poll::Ready((result, _buf)) =
+                nested.as_mut().poll(&mut std::task::Context::from_waker(waker))
+            {
+                NESTED.with(|n| n.borrow_mut().push(result.map_err(|e| e.errno())));
+            }
+            std::mem::forget(io);
+            return;
+        }
+        self.inner.submit(io);
+    }
+    fn poll(&mut self) -> PollStatus {
+        self.inner.poll()
+    }
+}
+
+/// docs/bdev.md and `Submission`: a forgotten submission "is still completed with -ECANCELED,
+/// when the channel's submit call returns", and a re-entrant submit fails with -EBUSY. Both
+/// together: the nested submission overwrites the table's single "unconsumed" marker and
+/// consumes it, so the outer, forgotten request is never cancelled: its future never
+/// resolves and its slot (with the caller's buffer) is held forever.
+#[test]
+fn a_forgotten_submission_after_a_reentrant_submit_never_hangs() {
+    let rt = runtime();
+    for bdev in memory_backends() {
+        let name = bdev.name().to_owned();
+        let desc = BdevDesc::open(Arc::new(Nesting { inner: bdev })).expect("open");
+        let outcome = rt
+            .block_on(ReactorId(0), move || async move {
+                let channel = desc.channel().expect("channel");
+                NEST.with(|nest| *nest.borrow_mut() = Some(channel.clone()));
+                let done =
+                    within(Duration::from_millis(500), channel.read(filled(4096, 1), 0)).await;
+                spool_reactor::sleep(Duration::from_millis(20)).await;
+                (
+                    done.map(|(r, _)| r.map_err(|e| e.errno())),
+                    channel.in_flight(),
+                    NESTED.with(|n| n.borrow_mut().drain(..).collect::<Vec<_>>()),
+                )
+            })
+            .expect("reactor");
+        assert_eq!(
+            outcome.2,
+            vec![Err(-libc::EBUSY)],
+            "{name}: the nested submit gets -EBUSY"
+        );
+        assert_eq!(
+            (outcome.0, outcome.1),
+            (Some(Err(-libc::ECANCELED)), 0),
+            "{name}: the forgotten request hung (None) or its slot leaked"
+        );
+    }
+}
