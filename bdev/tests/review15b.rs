@@ -160,3 +160,84 @@ fn a_forgotten_submission_after_a_reentrant_submit_never_hangs() {
         );
     }
 }
+
+/// A waker whose drop (user code: a task's last reference going away, say) reads the
+/// channel, as `BdevChannel::in_flight` lets any code do.
+struct ReadsChannelOnDrop;
+
+impl std::task::Wake for ReadsChannelOnDrop {
+    fn wake(self: Arc<Self>) {}
+}
+
+impl Drop for ReadsChannelOnDrop {
+    fn drop(&mut self) {
+        NEST.with(|nest| {
+            if let Some(channel) = nest.borrow().as_ref() {
+                let _ = channel.in_flight();
+            }
+        });
+    }
+}
+
+/// Polls `fut` once with a `ReadsChannelOnDrop` waker (the slot keeps the only reference),
+/// then either polls it again with another waker (the slot replaces the first) or drops it
+/// (the slot forgets its waker); returns whether that panicked.
+fn replace_or_drop_waker_panics<F: Future + Unpin>(mut fut: F, drop_it: bool) -> bool {
+    let waker = std::task::Waker::from(Arc::new(ReadsChannelOnDrop));
+    let pending = std::pin::Pin::new(&mut fut)
+        .poll(&mut std::task::Context::from_waker(&waker))
+        .is_pending();
+    assert!(pending, "the request completes from a poller, not inline");
+    drop(waker);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        if drop_it {
+            drop(fut);
+        } else {
+            let _ = std::pin::Pin::new(&mut fut)
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+            // Keep it alive until it completes, if it did not.
+            std::mem::forget(fut);
+        }
+    }))
+    .is_err()
+}
+
+/// io.rs: "Completing never runs a waker ... so a waker may use or drop any channel", and
+/// docs/bdev.md says no waker runs under a borrow. But the slot table drops a waker (user
+/// code, its `Drop`) while holding its `RefCell` mutably borrowed: when a future is polled
+/// with a new waker (`poll_done` replaces the old one) and when a future is dropped
+/// (`abandon` clears it). A waker whose drop reads the channel panics there ("already
+/// mutably borrowed") on the reactor, on every backend.
+#[test]
+fn a_waker_dropped_by_the_slot_table_may_read_the_channel() {
+    let rt = runtime();
+    let file = temp_file(1 << 20);
+    let mut bdevs = memory_backends();
+    bdevs.push(uring(&file));
+    for bdev in bdevs {
+        let name = bdev.name().to_owned();
+        let desc = BdevDesc::open(bdev).expect("open");
+        let (replaced, dropped) = rt
+            .block_on(ReactorId(0), move || async move {
+                let channel = desc.channel().expect("channel");
+                NEST.with(|nest| *nest.borrow_mut() = Some(channel.clone()));
+                let replaced =
+                    replace_or_drop_waker_panics(Box::pin(channel.read(filled(4096, 0), 0)), false);
+                spool_reactor::sleep(Duration::from_millis(20)).await;
+                let dropped =
+                    replace_or_drop_waker_panics(Box::pin(channel.read(filled(4096, 0), 0)), true);
+                spool_reactor::sleep(Duration::from_millis(20)).await;
+                NEST.with(|nest| nest.borrow_mut().take());
+                (replaced, dropped)
+            })
+            .expect("reactor");
+        assert!(
+            !replaced,
+            "{name}: replacing a waker ran its drop under the slot table's borrow (panic)"
+        );
+        assert!(
+            !dropped,
+            "{name}: dropping a future ran its waker's drop under the slot table's borrow (panic)"
+        );
+    }
+}
