@@ -241,3 +241,79 @@ fn a_waker_dropped_by_the_slot_table_may_read_the_channel() {
         );
     }
 }
+
+type Parked = std::pin::Pin<Box<dyn Future<Output = (Result<(), BdevError>, DmaBuf)>>>;
+
+thread_local! {
+    /// A request's future parked where a waker can drop it.
+    static PARKED: RefCell<Option<Parked>> = const { RefCell::new(None) };
+}
+
+/// A waker that drops the parked future when woken, then wakes its task.
+struct DropsParkedFuture {
+    task: std::task::Waker,
+}
+
+impl std::task::Wake for DropsParkedFuture {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        let parked = PARKED.with(|parked| parked.borrow_mut().take());
+        drop(parked);
+        self.task.wake_by_ref();
+    }
+}
+
+/// The escalation of the test above: the io_uring group poller runs wakers (as designed), and
+/// a waker drops another request's future (a `select!` losing branch, say) whose own waker's
+/// drop reads its channel. The slot table panics on its borrow inside the group poller, the
+/// reactor unregisters the panicking poller, and every uring bdev of the reactor (same ring
+/// configuration) stops completing I/O for good.
+#[test]
+fn a_waker_dropping_a_future_never_stops_the_uring_group() {
+    let rt = runtime();
+    let (file_a, file_b) = (temp_file(1 << 20), temp_file(1 << 20));
+    let a = BdevDesc::open(uring(&file_a)).expect("open a");
+    let b = BdevDesc::open(uring(&file_b)).expect("open b");
+    let (first, later) = rt
+        .block_on(ReactorId(0), move || async move {
+            let channel_a = a.channel().expect("channel a");
+            let channel_b: &'static BdevChannel =
+                Box::leak(Box::new(b.channel().expect("channel b")));
+            NEST.with(|nest| *nest.borrow_mut() = Some(channel_b.clone()));
+            // b's read, polled once with a waker whose drop reads channel b, then parked.
+            let mut read_b: Parked = Box::pin(channel_b.read(filled(4096, 0), 0));
+            let reads = std::task::Waker::from(Arc::new(ReadsChannelOnDrop));
+            assert!(read_b
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&reads))
+                .is_pending());
+            drop(reads);
+            PARKED.with(|parked| *parked.borrow_mut() = Some(read_b));
+            // a's read, whose waker (run by the group poller) drops b's read.
+            let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+            let waker = std::task::Waker::from(Arc::new(DropsParkedFuture { task }));
+            let mut read_a = Box::pin(channel_a.read(filled(4096, 0), 0));
+            assert!(read_a
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&waker))
+                .is_pending());
+            drop(waker);
+            spool_reactor::sleep(Duration::from_millis(50)).await;
+            let first = within(Duration::from_secs(2), read_a).await;
+            let later = within(Duration::from_secs(2), channel_a.read(filled(4096, 0), 0)).await;
+            NEST.with(|nest| nest.borrow_mut().take());
+            (
+                first.map(|(r, _)| r.map_err(|e| e.errno())),
+                later.map(|(r, _)| r.map_err(|e| e.errno())),
+            )
+        })
+        .expect("reactor");
+    assert_eq!(first, Some(Ok(())), "the woken read");
+    assert_eq!(
+        later,
+        Some(Ok(())),
+        "the reactor's io_uring group stopped: a later read never completed"
+    );
+}
