@@ -317,3 +317,136 @@ fn a_waker_dropping_a_future_never_stops_the_uring_group() {
         "the reactor's io_uring group stopped: a later read never completed"
     );
 }
+
+thread_local! {
+    /// A channel (the last handle on it) a `DropsChannelOnDrop` waker drops.
+    static TO_DROP: RefCell<Option<BdevChannel>> = const { RefCell::new(None) };
+}
+
+/// A waker whose drop drops a channel (a task's last reference going, with its state).
+struct DropsChannelOnDrop;
+
+impl std::task::Wake for DropsChannelOnDrop {
+    fn wake(self: Arc<Self>) {}
+}
+
+impl Drop for DropsChannelOnDrop {
+    fn drop(&mut self) {
+        let channel = TO_DROP.with(|slot| slot.borrow_mut().take());
+        drop(channel);
+        let shared = SHARED_INNER.with(|shared| shared.borrow_mut().take());
+        let inner = shared.and_then(|shared| shared.borrow_mut().take());
+        drop(inner);
+    }
+}
+
+/// A wrapper's inner channel, shared with whoever may drop it.
+type SharedBackend = Rc<RefCell<Option<Box<dyn ChannelBackend>>>>;
+
+thread_local! {
+    /// The inner channel of the `SharedInner` wrapper, reachable from a waker's drop.
+    static SHARED_INNER: RefCell<Option<SharedBackend>> = const { RefCell::new(None) };
+}
+
+/// A wrapper whose channel keeps its inner channel where other code can reach it (safe code:
+/// an `Rc<RefCell<..>>` in a thread-local), as review15.rs's `SharedInner`.
+struct SharedInner {
+    inner: Arc<dyn Bdev>,
+}
+
+impl Bdev for SharedInner {
+    fn name(&self) -> &str {
+        "r15b-shared-inner"
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn block_count(&self) -> u64 {
+        self.inner.block_count()
+    }
+    fn iov_len_align(&self) -> u32 {
+        self.inner.iov_len_align()
+    }
+    fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
+        let inner = Rc::new(RefCell::new(Some(self.inner.create_channel(slots)?)));
+        SHARED_INNER.with(|shared| *shared.borrow_mut() = Some(Rc::clone(&inner)));
+        Ok(Box::new(SharedInnerChannel { inner }))
+    }
+}
+
+struct SharedInnerChannel {
+    inner: SharedBackend,
+}
+
+impl ChannelBackend for SharedInnerChannel {
+    fn submit(&mut self, io: Submission<'_>) {
+        match self.inner.borrow_mut().as_mut() {
+            Some(inner) => inner.submit(io),
+            None => io.complete(-libc::ENODEV),
+        }
+    }
+    fn poll(&mut self) -> PollStatus {
+        self.inner
+            .borrow_mut()
+            .as_mut()
+            .map_or(PollStatus::Idle, |inner| inner.poll())
+    }
+}
+
+/// The slot table keeps each slot's last waker for reuse, and a closed io_uring channel's
+/// group entry holds the last reference to the table until its last CQE: the table, and the
+/// cached wakers, are dropped by the group poller while it holds the group borrowed
+/// (`remove_entry`). A cached waker whose drop drops another uring channel backend (a
+/// wrapper's inner channel, as in review15.rs) then finds the
+/// group busy, and that channel's entry and registered file slot leak for the ring's life
+/// ("uring group busy while destroying a channel; its entry is leaked").
+#[test]
+fn a_cached_waker_dropped_with_a_closed_uring_table_leaks_no_entry() {
+    let rt = runtime();
+    let (file_x, file_y, file_z) = (temp_file(1 << 20), temp_file(1 << 20), temp_file(1 << 20));
+    let (x, y, z_bdev) = (uring(&file_x), uring(&file_y), uring(&file_z));
+    let stats = Arc::clone(&z_bdev);
+    let x = BdevDesc::open(x).expect("open x");
+    let y = BdevDesc::open(Arc::new(SharedInner { inner: y })).expect("open y");
+    let z = BdevDesc::open(z_bdev).expect("open z");
+    let (before, after) = rt
+        .block_on(ReactorId(0), move || async move {
+            let channel_z = z.channel().expect("channel z");
+            let channel_y = y.channel().expect("channel y");
+            let (r, _) = channel_y.read(filled(4096, 0), 0).await;
+            r.expect("read y");
+            // The waker's drop drops y's inner uring channel (its backend) right there.
+            let keep_y = channel_y;
+            {
+                let channel_x = x.channel().expect("channel x");
+                // Slot 0 completes with the custom waker cached in it.
+                let waker = std::task::Waker::from(Arc::new(DropsChannelOnDrop));
+                let mut a = Box::pin(channel_x.read(filled(4096, 0), 0));
+                let b = channel_x.read(filled(4096, 0), 4096);
+                assert!(a
+                    .as_mut()
+                    .poll(&mut std::task::Context::from_waker(&waker))
+                    .is_pending());
+                drop(waker);
+                spool_reactor::sleep(Duration::from_millis(50)).await;
+                let (r, _) = a.await;
+                r.expect("read a");
+                let (r, _) = b.await;
+                r.expect("read b");
+                // A read left in the ring (abandoned), then the channel goes.
+                drop(channel_x.read(filled(4096, 0), 8192));
+            }
+            let before = stats.group_stats().expect("stats").channels;
+            spool_reactor::sleep(Duration::from_millis(100)).await;
+            let after = stats.group_stats().expect("stats").channels;
+            drop(channel_z);
+            drop(keep_y);
+            (before, after)
+        })
+        .expect("reactor");
+    assert_eq!(before, 3, "x (draining), y and z attached");
+    assert_eq!(
+        after, 1,
+        "only z is left: y's entry (and registered file slot) leaked"
+    );
+}
