@@ -450,3 +450,101 @@ fn a_cached_waker_dropped_with_a_closed_uring_table_leaks_no_entry() {
         "only z is left: y's entry (and registered file slot) leaked"
     );
 }
+
+/// A wrapper whose submit panics (a `todo!()` for a kind it does not handle yet).
+struct PanicsInSubmit {
+    inner: Arc<dyn Bdev>,
+}
+
+impl Bdev for PanicsInSubmit {
+    fn name(&self) -> &str {
+        "r15b-panics"
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn block_count(&self) -> u64 {
+        self.inner.block_count()
+    }
+    fn create_channel(&self, _slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {
+        Ok(Box::new(PanicsInSubmitChannel))
+    }
+}
+
+struct PanicsInSubmitChannel;
+
+impl ChannelBackend for PanicsInSubmitChannel {
+    fn submit(&mut self, io: Submission<'_>) {
+        todo!("{:?} is not handled yet", io.kind())
+    }
+    fn poll(&mut self) -> PollStatus {
+        PollStatus::Idle
+    }
+}
+
+thread_local! {
+    /// The channel a `SubmitsOnWake` waker reads from.
+    static SUBMIT_ON: RefCell<Option<BdevChannel>> = const { RefCell::new(None) };
+}
+
+/// A waker that starts (and drops) a read on another channel when woken, then wakes its
+/// task: docs/bdev.md says a waker may "start or drop requests".
+struct SubmitsOnWake {
+    task: std::task::Waker,
+}
+
+impl std::task::Wake for SubmitsOnWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        let channel = SUBMIT_ON.with(|slot| slot.borrow_mut().take());
+        if let Some(channel) = channel {
+            drop(channel.read(filled(4096, 0), 0));
+        }
+        self.task.wake_by_ref();
+    }
+}
+
+/// docs/bdev.md: "A `submit` that panics leaks nothing ... The panic itself is contained with
+/// the task, as any task panic", and a waker may start requests. A request started from a
+/// waker, on a channel whose backend panics in `submit`, panics inside the io_uring group
+/// poller that runs the waker: the reactor unregisters that poller, and every uring bdev of
+/// the reactor stops completing (the panic is not contained with any task).
+#[test]
+fn a_panicking_submit_started_by_a_waker_never_stops_the_uring_group() {
+    let rt = runtime();
+    let file = temp_file(1 << 20);
+    let a = BdevDesc::open(uring(&file)).expect("open a");
+    let p = BdevDesc::open(Arc::new(PanicsInSubmit {
+        inner: Arc::new(NullBdev::new("r15b-null-p", 4096, 64).expect("null")),
+    }))
+    .expect("open p");
+    let (first, later) = rt
+        .block_on(ReactorId(0), move || async move {
+            let channel_a = a.channel().expect("channel a");
+            SUBMIT_ON.with(|slot| *slot.borrow_mut() = Some(p.channel().expect("channel p")));
+            let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+            let waker = std::task::Waker::from(Arc::new(SubmitsOnWake { task }));
+            let mut read_a = Box::pin(channel_a.read(filled(4096, 0), 0));
+            assert!(read_a
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&waker))
+                .is_pending());
+            drop(waker);
+            spool_reactor::sleep(Duration::from_millis(50)).await;
+            let first = within(Duration::from_secs(2), read_a).await;
+            let later = within(Duration::from_secs(2), channel_a.read(filled(4096, 0), 0)).await;
+            (
+                first.map(|(r, _)| r.map_err(|e| e.errno())),
+                later.map(|(r, _)| r.map_err(|e| e.errno())),
+            )
+        })
+        .expect("reactor");
+    assert_eq!(first, Some(Ok(())), "the woken read");
+    assert_eq!(
+        later,
+        Some(Ok(())),
+        "the reactor's io_uring group stopped: a later read never completed"
+    );
+}
