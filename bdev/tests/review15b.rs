@@ -1,6 +1,14 @@
 //! Second review of issue 15 (a sound bdev API): safe code outside the crate trying to break
 //! the guarantees `docs/bdev.md` ("Soundness") states after the first review's fixes. Each
-//! test asserts a stated guarantee and fails where safe code breaks it.
+//! test asserts a stated guarantee and fails where safe code breaks it. None shows the kernel
+//! touching memory a live request does not own; they show: a forgotten submission that hangs
+//! forever when its backend made a re-entrant (-EBUSY) submit first (the table's single
+//! "unconsumed" marker is overwritten); wakers dropped (their `Drop`, user code) while the
+//! slot table is mutably borrowed (`poll_done` replacing a waker, `abandon`), which panics
+//! the task, leaks the slot, or, from a waker run by the io_uring group poller, kills that
+//! poller and every uring bdev of the reactor; cached wakers dropped with a closed uring
+//! channel's table under the group borrow, leaking another channel's entry and file slot;
+//! and a panicking `submit` started from a waker killing the uring group poller.
 
 use std::cell::RefCell;
 use std::future::Future;
