@@ -19,8 +19,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use spool_bdev::{
-    Bdev, BdevChannel, BdevDesc, BdevError, ChannelBackend, DmaBuf, IoSlots, MallocBdev,
-    NullBdev, Submission, UringBdev, UringOptions,
+    Bdev, BdevChannel, BdevDesc, BdevError, ChannelBackend, DmaBuf, IoSlots, MallocBdev, NullBdev,
+    Submission, UringBdev, UringOptions,
 };
 use spool_reactor::{IdleMode, PollStatus, ReactorId, Runtime, RuntimeOptions};
 
@@ -116,8 +116,9 @@ impl ChannelBackend for NestingChannel {
             // Re-entrant: the backend is busy submitting, so this one fails with -EBUSY.
             let mut nested = pin!(channel.read(filled(4096, 0), 0));
             let waker = std::task::Waker::noop();
-            if let Poll::Ready((result, _buf)) =
-                nested.as_mut().poll(&mut std::task::Context::from_waker(waker))
+            if let Poll::Ready((result, _buf)) = nested
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(waker))
             {
                 NESTED.with(|n| n.borrow_mut().push(result.map_err(|e| e.errno())));
             }
