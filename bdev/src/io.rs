@@ -80,6 +80,17 @@ pub struct WakeBatch {
     last_woken: Option<WakerIdentity>,
 }
 
+/// The text of a panic payload (`panic!` gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(text) = payload.downcast_ref::<&'static str>() {
+        text
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text
+    } else {
+        "(a panic payload that is not a string)"
+    }
+}
+
 /// Which waker this is, by address: two wakers with equal identities wake the same task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct WakerIdentity(*const (), *const std::task::RawWakerVTable);
@@ -188,8 +199,21 @@ pub struct IoSlots {
     /// Tags of the requests completed with a registered waiter not woken yet, in completion
     /// order (see [`IoSlots::wake_completed`]).
     wakes: RefCell<VecDeque<SlotId>>,
-    /// The request whose [`Submission`] is out (handed to a backend, not consumed yet).
-    unconsumed: Cell<Option<SlotId>>,
+    /// One bit per slot: set while the slot's [`Submission`] is out (handed to a backend, not
+    /// consumed yet). Per slot, not one marker for the table: a backend's `submit` may start
+    /// (nested) submissions of its own on the same table, and each submit call's check
+    /// ([`Submission::finish`]) must see its own request only. Fixed size: no allocation.
+    unconsumed: [Cell<u64>; UNCONSUMED_WORDS],
+}
+
+/// Words of [`IoSlots::unconsumed`]: one bit per slot.
+const UNCONSUMED_WORDS: usize = CHANNEL_IO_MAX.div_ceil(64);
+
+/// The word of [`IoSlots::unconsumed`] and the bit in it for `slot`.
+#[inline]
+fn unconsumed_bit(slot: SlotId) -> (usize, u64) {
+    let index = slot_index(slot);
+    (index / 64, 1 << (index % 64))
 }
 
 impl IoSlots {
@@ -199,7 +223,7 @@ impl IoSlots {
             requests: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             wakes: RefCell::new(VecDeque::new()),
-            unconsumed: Cell::new(None),
+            unconsumed: std::array::from_fn(|_| Cell::new(0)),
         }
     }
 
@@ -237,6 +261,24 @@ impl IoSlots {
         let request = &mut requests[slot_index(slot)];
         debug_assert_eq!(request.generation, tag_generation(slot), "stale slot tag");
         f(request)
+    }
+
+    /// Marks `slot`'s submission out (see [`IoSlots::unconsumed`]).
+    #[inline]
+    fn set_unconsumed(&self, slot: SlotId) {
+        let (word, bit) = unconsumed_bit(slot);
+        let cell = &self.unconsumed[word];
+        cell.set(cell.get() | bit);
+    }
+
+    /// Clears `slot`'s "submission out" mark; returns whether it was set.
+    #[inline]
+    fn take_unconsumed(&self, slot: SlotId) -> bool {
+        let (word, bit) = unconsumed_bit(slot);
+        let cell = &self.unconsumed[word];
+        let was = cell.get();
+        cell.set(was & !bit);
+        was & bit != 0
     }
 
     /// Whether `slot` names the request now in its slot (not an earlier use of the slot).
@@ -335,21 +377,42 @@ impl IoSlots {
             let Some(waker) = waker else {
                 continue;
             };
-            waker.wake_by_ref();
             woken += 1;
-            // Keep it for the next use of the slot (see `IoRequest::waker`), unless the waker
-            // itself made the slot register another one.
-            let spare = {
-                let mut requests = self.requests.borrow_mut();
-                match requests.get_mut(slot_index(slot)) {
-                    Some(request) if request.waker.is_none() => {
-                        request.waker = Some(waker);
-                        None
+            // A waker is user code: a panic in it (or in a request it started, or in a drop it
+            // ran) is contained here, so the poller driving the wakes (the io_uring group's,
+            // serving every uring channel of the reactor) and the other waiters go on (see
+            // docs/architecture.md, "Cancellation and panic safety"). No borrow is held here.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                waker.wake_by_ref();
+                // Keep it for the next use of the slot (see `IoRequest::waker`), unless the
+                // waker itself made the slot register another one; a spare is dropped only
+                // once the borrow ends (its drop is user code too).
+                let spare = {
+                    let mut requests = self.requests.borrow_mut();
+                    match requests.get_mut(slot_index(slot)) {
+                        Some(request) if request.waker.is_none() => {
+                            request.waker = Some(waker);
+                            None
+                        }
+                        _ => Some(waker),
                     }
-                    _ => Some(waker),
+                };
+                drop(spare);
+            }));
+            if let Err(payload) = outcome {
+                tracing::error!(
+                    slot,
+                    panic = panic_message(payload.as_ref()),
+                    "a waker panicked while being woken for a completed request; the panic \
+                     is contained and the other waiters are woken"
+                );
+                // A payload whose own drop panics is leaked instead.
+                if let Err(again) =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload)))
+                {
+                    std::mem::forget(again);
                 }
-            };
-            drop(spare);
+            }
         }
     }
 
@@ -360,23 +423,30 @@ impl IoSlots {
     }
 
     /// The status if `slot` completed, else registers `waker` and returns None.
+    ///
+    /// A waker it replaces is dropped only after the table's borrow ends: its drop is user
+    /// code, which may use any channel (this one too).
     #[inline]
     pub(crate) fn poll_done(&self, slot: SlotId, waker: &Waker) -> Option<i32> {
-        let mut requests = self.requests.borrow_mut();
-        let request = &mut requests[slot_index(slot)];
-        debug_assert_eq!(request.generation, tag_generation(slot), "stale slot tag");
-        match request.state {
-            SlotState::Done(status) => Some(status),
-            SlotState::InFlight => {
-                match &request.waker {
-                    Some(current) if current.will_wake(waker) => {}
-                    _ => request.waker = Some(waker.clone()),
+        let (status, replaced) = {
+            let mut requests = self.requests.borrow_mut();
+            let request = &mut requests[slot_index(slot)];
+            debug_assert_eq!(request.generation, tag_generation(slot), "stale slot tag");
+            match request.state {
+                SlotState::Done(status) => (Some(status), None),
+                SlotState::InFlight => {
+                    let replaced = match &request.waker {
+                        Some(current) if current.will_wake(waker) => None,
+                        _ => request.waker.replace(waker.clone()),
+                    };
+                    request.waker_current = true;
+                    (None, replaced)
                 }
-                request.waker_current = true;
-                None
+                state => panic!("slot {slot} polled in state {state:?}"),
             }
-            state => panic!("slot {slot} polled in state {state:?}"),
-        }
+        };
+        drop(replaced);
+        status
     }
 
     /// Frees a completed slot, handing its buffers back through `take`.
@@ -395,13 +465,14 @@ impl IoSlots {
     }
 
     /// Gives up on `slot` (its future was dropped): released now if done, else on completion.
+    /// Its waker (user code in its drop) and buffers are dropped after the table's borrow ends.
     pub(crate) fn abandon(&self, slot: SlotId) {
-        let done = {
+        let (done, waker) = {
             let mut requests = self.requests.borrow_mut();
             let request = &mut requests[slot_index(slot)];
             debug_assert_eq!(request.generation, tag_generation(slot), "stale slot tag");
-            request.waker = None;
-            match request.state {
+            let waker = request.waker.take();
+            let done = match request.state {
                 SlotState::Done(_) => {
                     request.state = SlotState::Free;
                     Some(std::mem::take(&mut request.bufs))
@@ -411,12 +482,14 @@ impl IoSlots {
                     None
                 }
                 _ => None,
-            }
+            };
+            (done, waker)
         };
         if let Some(bufs) = done {
             drop(bufs);
             self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
         }
+        drop(waker);
     }
 
     /// Requests in flight (submitted, not yet completed or released).
@@ -444,7 +517,7 @@ impl<'a> Submission<'a> {
     /// The submission of the request `slot` names in `slots`.
     #[inline]
     pub(crate) fn new(slots: &'a IoSlots, slot: SlotId) -> Submission<'a> {
-        slots.unconsumed.set(Some(slot));
+        slots.set_unconsumed(slot);
         Submission { slots, slot }
     }
 
@@ -455,8 +528,7 @@ impl<'a> Submission<'a> {
     /// longer be used.
     #[inline]
     pub(crate) fn finish(slots: &IoSlots, slot: SlotId) {
-        if slots.unconsumed.get() == Some(slot) {
-            slots.unconsumed.set(None);
+        if slots.take_unconsumed(slot) {
             tracing::warn!(slot, "a request was forgotten by its backend; cancelled");
             slots.complete(slot, -libc::ECANCELED);
         }
@@ -465,9 +537,7 @@ impl<'a> Submission<'a> {
     /// Marks the submission consumed (see [`Submission::finish`]).
     #[inline]
     fn consume(slots: &IoSlots, slot: SlotId) {
-        if slots.unconsumed.get() == Some(slot) {
-            slots.unconsumed.set(None);
-        }
+        slots.take_unconsumed(slot);
     }
 
     /// The operation.
@@ -739,5 +809,66 @@ mod tests {
         Submission::new(&slots, completed).complete(-libc::EIO);
         Submission::finish(&slots, completed);
         assert_eq!(slots.poll_done(completed, Waker::noop()), Some(-libc::EIO));
+    }
+
+    #[test]
+    fn a_nested_submission_never_clears_the_outer_ones_mark() {
+        let slots = IoSlots::new();
+        let outer = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        let outer_submission = Submission::new(&slots, outer);
+        // A nested submit during the outer one (consumed: failed with -EBUSY) and its check.
+        let nested = slots.acquire(IoKind::Flush, 0, 0).unwrap();
+        Submission::new(&slots, nested).complete(-libc::EBUSY);
+        Submission::finish(&slots, nested);
+        // The outer submission is forgotten: its own check still cancels it.
+        std::mem::forget(outer_submission);
+        Submission::finish(&slots, outer);
+        assert_eq!(
+            slots.poll_done(outer, Waker::noop()),
+            Some(-libc::ECANCELED)
+        );
+        assert_eq!(slots.poll_done(nested, Waker::noop()), Some(-libc::EBUSY));
+    }
+
+    thread_local! {
+        /// Set by `ReadsTableOnDrop` when its drop could read the table.
+        static DROP_READ: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// A waker whose drop reads the table (must not be dropped under the table's borrow).
+    struct ReadsTableOnDrop;
+
+    impl Wake for ReadsTableOnDrop {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    impl Drop for ReadsTableOnDrop {
+        fn drop(&mut self) {
+            let in_flight = READ_TABLE.with(|table| table.borrow().as_ref().map(|t| t.in_flight()));
+            DROP_READ.with(|read| read.set(in_flight));
+        }
+    }
+
+    #[test]
+    fn a_waker_is_never_dropped_under_the_tables_borrow() {
+        let slots = std::rc::Rc::new(IoSlots::new());
+        READ_TABLE.with(|table| *table.borrow_mut() = Some(std::rc::Rc::clone(&slots)));
+        // Replaced by poll_done.
+        let slot = slots.acquire(IoKind::Read, 0, 4096).unwrap();
+        assert_eq!(
+            slots.poll_done(slot, &Waker::from(Arc::new(ReadsTableOnDrop))),
+            None
+        );
+        assert_eq!(slots.poll_done(slot, Waker::noop()), None);
+        assert_eq!(DROP_READ.with(std::cell::Cell::take), Some(1));
+        // Forgotten by abandon.
+        let other = slots.acquire(IoKind::Read, 0, 4096).unwrap();
+        assert_eq!(
+            slots.poll_done(other, &Waker::from(Arc::new(ReadsTableOnDrop))),
+            None
+        );
+        slots.abandon(other);
+        assert_eq!(DROP_READ.with(std::cell::Cell::take), Some(2));
+        READ_TABLE.with(|table| table.borrow_mut().take());
     }
 }

@@ -21,6 +21,7 @@ use crate::device::{Bdev, ChannelBackend};
 use crate::error::BdevError;
 use crate::io::{IoSlots, Submission};
 use crate::uring::blk;
+use crate::uring::channels::drop_removed;
 use crate::uring::group::{draining_groups, group_device, GroupCtx, RingKey, UringGroupStats};
 use crate::uring::sys::{probe_support, RingSupport, MAX_ENTRIES};
 
@@ -367,12 +368,20 @@ impl ChannelBackend for UringChannel {
 
 impl Drop for UringChannel {
     fn drop(&mut self) {
-        match self.group.state.try_borrow_mut() {
-            Ok(mut group) => group.close_channel(self.index),
-            Err(_) => tracing::error!(
-                channel = self.index,
-                "uring group busy while destroying a channel; its entry is leaked"
-            ),
-        }
+        let removed = match self.group.state.try_borrow_mut() {
+            Ok(mut group) => {
+                group.close_channel(self.index);
+                group.take_removed()
+            }
+            Err(_) => {
+                tracing::error!(
+                    channel = self.index,
+                    "uring group busy while destroying a channel; its entry is leaked"
+                );
+                Vec::new()
+            }
+        };
+        // Dropped with the group released (see `GroupState::take_removed`).
+        drop_removed(removed);
     }
 }

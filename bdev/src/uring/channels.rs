@@ -136,5 +136,32 @@ impl GroupState {
             tracing::warn!(%err, "unregistering a uring bdev file from the ring failed");
         }
         self.free_indices.push(index);
+        // Not dropped here: the entry may hold the last reference to the channel's table,
+        // whose cached wakers' drops are user code that may use (or drop) other uring
+        // channels, and the group is borrowed now. Dropped once the borrow ends (see
+        // `GroupState::take_removed`).
+        self.removed.push(entry);
+    }
+
+    /// The entries removed since the last call, for the caller to drop once it no longer
+    /// borrows the group (see `remove_entry`).
+    pub(super) fn take_removed(&mut self) -> Vec<ChannelEntry> {
+        std::mem::take(&mut self.removed)
+    }
+}
+
+/// Drops removed channel entries (see `GroupState::take_removed`), with no borrow of the
+/// group held. Their tables' cached wakers run user code in their drops: a panic there is
+/// contained and logged, so the group's poller goes on (docs/architecture.md, "Cancellation
+/// and panic safety").
+pub(super) fn drop_removed(removed: Vec<ChannelEntry>) {
+    if removed.is_empty() {
+        return;
+    }
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(removed))).is_err() {
+        tracing::error!(
+            "dropping a closed uring channel's table panicked (a cached waker's drop); the \
+             panic is contained"
+        );
     }
 }

@@ -51,7 +51,7 @@ use spool_reactor::{poller_register, IoDevice, PollStatus, PollerHandle};
 
 use crate::dma::dma_regions;
 use crate::io::{IoSlots, SlotId, WakeBatch};
-use crate::uring::channels::{user_data, ChannelEntry};
+use crate::uring::channels::{drop_removed, user_data, ChannelEntry};
 use crate::uring::request::{issue, on_completion, IssueError, Outcome};
 use crate::uring::sys::{Ring, RingOptions};
 
@@ -212,7 +212,7 @@ impl GroupCtx {
         )));
         let poll_state = Rc::clone(&state);
         let poller = poller_register("uring-group", None, move || {
-            let (status, drained, mut wake_lists) = match poll_state.try_borrow_mut() {
+            let (status, drained, mut wake_lists, removed) = match poll_state.try_borrow_mut() {
                 Ok(mut group) => {
                     let status = group.poll();
                     let drained = if group.drain_poller.is_some() && !group.has_pending_io() {
@@ -220,12 +220,21 @@ impl GroupCtx {
                     } else {
                         None
                     };
-                    (status, drained, std::mem::take(&mut group.wake_lists))
+                    let removed = group.take_removed();
+                    (
+                        status,
+                        drained,
+                        std::mem::take(&mut group.wake_lists),
+                        removed,
+                    )
                 }
                 // Unreachable in practice (nothing borrows the group across a loop pass);
                 // try again next pass.
-                Err(_) => (PollStatus::Busy, None, Vec::new()),
+                Err(_) => (PollStatus::Busy, None, Vec::new(), Vec::new()),
             };
+            // Closed channels' entries (and maybe their tables, with cached wakers) go now
+            // that the group is released.
+            drop_removed(removed);
             // Wake the waiters of this pass's completions now that the group is released.
             if wake_lists.capacity() > 0 {
                 let mut batch = WakeBatch::default();
@@ -287,6 +296,9 @@ pub(crate) struct GroupState {
     /// Tables with waiters queued by completions, to wake once the group is released (see
     /// the module docs); each table is listed once per batch of queued waiters.
     pub(super) wake_lists: Vec<Rc<IoSlots>>,
+    /// Entries of closed channels removed from `channels`, dropped only once the group is no
+    /// longer borrowed (see `GroupState::take_removed`).
+    pub(super) removed: Vec<ChannelEntry>,
     stats: UringGroupStats,
 }
 
@@ -329,6 +341,7 @@ impl GroupState {
             retry: Vec::new(),
             regions_tried,
             wake_lists: Vec::new(),
+            removed: Vec::new(),
             stats: UringGroupStats {
                 group_id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 ..UringGroupStats::default()
