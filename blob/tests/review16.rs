@@ -205,3 +205,110 @@ fn review16_freeze_returns_while_a_dropped_write_is_still_on_the_device() {
     assert!(runs > 0, "no run dropped the write in flight");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A thin first write dropped while its allocation is on its way (the claimed cluster's fill
+/// on the device), then at once the blob closed and the store unloaded: the unload must not
+/// write a free-cluster mask that still counts the claim (a clean store's next load trusts the
+/// mask), and nothing may write to the device after the unload returned.
+#[test]
+fn review16_thin_write_dropped_then_store_unloaded_keeps_cluster_counts() {
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for seed in 0..4u64 {
+        for on_md in [true, false] {
+            for polls in 1usize..=4 {
+                let mut sim = Sim::new(SimOptions { seed, reactors: 2 });
+                let reactors = sim.reactors();
+                let (md, other) = (reactors[0], reactors[1]);
+                let on = if on_md { md } else { other };
+                let (bdev, desc) = malloc(32 << 20);
+                let probe = Arc::clone(&bdev);
+                let handle = sim
+                    .spawn_on(md, move || async move {
+                        let store = Blobstore::init(desc, &InitOptions::default())
+                            .await
+                            .map_err(|err| err.to_string())?;
+                        let id = create_thin(&store, 4).await;
+                        let free_before = store.free_cluster_count();
+                        let blob = store.open_blob(id).await.map_err(|err| err.to_string())?;
+                        let io = blob.io();
+                        let completed = spool_reactor::spawn_on(on, move || async move {
+                            let channel = io.channel().expect("channel");
+                            let write = channel.write(&io, 256, buf_of(&pattern(1, 4096)));
+                            matches!(
+                                poll_then_drop(write, polls, Duration::from_millis(500)).await,
+                                Polled::Completed(_)
+                            )
+                        })
+                        .map_err(|err| err.to_string())?
+                        .await
+                        .map_err(|err| err.to_string())?;
+                        blob.close().await.map_err(|err| format!("close: {err}"))?;
+                        store.unload().await.map_err(|err| format!("unload: {err}"))?;
+                        let at_unload = probe.snapshot();
+                        spool_reactor::sleep(Duration::from_millis(50)).await;
+                        let later = probe.snapshot();
+                        Ok::<_, String>((completed, free_before, id, at_unload == later, later))
+                    })
+                    .unwrap();
+                let what = format!(
+                    "seed {seed}, write on the {} reactor dropped after {polls} poll(s)",
+                    if on_md { "metadata" } else { "I/O" }
+                );
+                let outcome = run_bounded(&mut sim, &handle, 5_000_000);
+                sim.stop();
+                let (completed, free_before, id, unchanged, image) = match outcome {
+                    None => {
+                        failures.push(format!("{what}: the scenario never finished"));
+                        continue;
+                    }
+                    Some(Err(err)) => {
+                        failures.push(format!("{what}: {err}"));
+                        continue;
+                    }
+                    Some(Ok(outcome)) => outcome,
+                };
+                if completed {
+                    break;
+                }
+                runs += 1;
+                // A fresh load: the free count must equal the clusters no blob owns.
+                let bdev = Arc::new(MallocBdev::from_image("after", 4096, &image).unwrap());
+                let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).unwrap();
+                let mut sim = Sim::new(SimOptions { seed: 1, reactors: 1 });
+                let md = sim.reactors()[0];
+                let handle = sim
+                    .spawn_on(md, move || async move {
+                        let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let free = store.free_cluster_count();
+                        let blob = store.open_blob(id).await.map_err(|e| e.to_string())?;
+                        let allocated = blob.num_allocated_clusters();
+                        blob.close().await.map_err(|e| e.to_string())?;
+                        store.unload().await.map_err(|e| e.to_string())?;
+                        Ok::<_, String>((free, allocated))
+                    })
+                    .unwrap();
+                let loaded = run_bounded(&mut sim, &handle, 2_000_000);
+                sim.stop();
+                match loaded {
+                    Some(Ok((free, allocated))) => {
+                        if free + allocated != free_before {
+                            failures.push(format!(
+                                "{what}: after the unload a fresh load has {free} free clusters and the blob {allocated} \
+                                 allocated; {free_before} were free before the write"
+                            ));
+                        }
+                    }
+                    other => failures.push(format!("{what}: reload: {other:?}")),
+                }
+                if !unchanged {
+                    failures.push(format!("{what}: the device changed after unload returned"));
+                }
+            }
+        }
+    }
+    assert!(runs > 0, "no run dropped the write in flight");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
