@@ -312,3 +312,121 @@ fn review16_thin_write_dropped_then_store_unloaded_keeps_cluster_counts() {
     assert!(runs > 0, "no run dropped the write in flight");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+type MdOp = fn(Blobstore, u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// A metadata operation whose caller dropped its future (after `polls` polls) runs on as a
+/// detached task; `unload` right after must either wait for it or refuse: it must not write
+/// clean = 1 and the masks while that task still changes metadata, nor may anything write
+/// to the device after `unload` returned. Checked: the device does not change after the
+/// unload, and a fresh load of the image as it was when `unload` returned (the process may
+/// exit right then, killing the detached task) has a free count equal to the clusters no
+/// blob owns.
+#[test]
+fn review16_md_op_dropped_then_unload_leaves_a_consistent_clean_store() {
+    let ops: Vec<(&str, MdOp)> = vec![
+        ("create_blob", |store, _| {
+            Box::pin(async move {
+                let _ = store
+                    .create_blob(&spool_blob::BlobOptions {
+                        num_clusters: 3,
+                        ..spool_blob::BlobOptions::default()
+                    })
+                    .await;
+            })
+        }),
+        ("delete_blob", |store, id| {
+            Box::pin(async move {
+                let _ = store.delete_blob(id).await;
+            })
+        }),
+        ("create_snapshot", |store, id| {
+            Box::pin(async move {
+                let _ = store.create_snapshot(id, &[]).await;
+            })
+        }),
+    ];
+    let mut failures = Vec::new();
+    for (name, op) in ops {
+        for seed in 0..3u64 {
+            for polls in 1usize..=12 {
+                let mut sim = Sim::new(SimOptions { seed, reactors: 2 });
+                let md = sim.reactors()[0];
+                let (bdev, desc) = malloc(32 << 20);
+                let probe = Arc::clone(&bdev);
+                let handle = sim
+                    .spawn_on(md, move || async move {
+                        let store = Blobstore::init(desc, &InitOptions::default())
+                            .await
+                            .map_err(|err| err.to_string())?;
+                        let id = common::create_thick(&store, 2).await;
+                        let seen = poll_then_drop(op(store.clone(), id), polls, Duration::from_millis(500)).await;
+                        let completed = matches!(seen, Polled::Completed(_));
+                        let unloaded = store.unload().await.map_err(|err| err.to_string());
+                        let at_unload = probe.snapshot();
+                        spool_reactor::sleep(Duration::from_millis(50)).await;
+                        let later = probe.snapshot();
+                        Ok::<_, String>((completed, unloaded, at_unload == later, at_unload))
+                    })
+                    .unwrap();
+                let what = format!("{name}, seed {seed}, dropped after {polls} poll(s)");
+                let outcome = run_bounded(&mut sim, &handle, 5_000_000);
+                sim.stop();
+                let (completed, unloaded, unchanged, image) = match outcome {
+                    Some(Ok(outcome)) => outcome,
+                    other => {
+                        failures.push(format!("{what}: {:?}", other.map(|r| r.map(|o| (o.0, o.1, o.2)))));
+                        continue;
+                    }
+                };
+                if unloaded.is_err() {
+                    // Refused (busy): acceptable; nothing to check on disk.
+                    if completed {
+                        break;
+                    }
+                    continue;
+                }
+                if !unchanged {
+                    failures.push(format!("{what}: the device changed after unload returned"));
+                }
+                let bdev = Arc::new(MallocBdev::from_image("after", 4096, &image).unwrap());
+                let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).unwrap();
+                let mut sim2 = Sim::new(SimOptions { seed: 1, reactors: 1 });
+                let md2 = sim2.reactors()[0];
+                let handle = sim2
+                    .spawn_on(md2, move || async move {
+                        let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let free = store.free_cluster_count();
+                        let total = store.total_data_cluster_count();
+                        let mut owned = 0;
+                        for id in store.blob_ids() {
+                            let blob = store.open_blob(id).await.map_err(|e| e.to_string())?;
+                            owned += blob.num_allocated_clusters();
+                            blob.close().await.map_err(|e| e.to_string())?;
+                        }
+                        store.unload().await.map_err(|e| e.to_string())?;
+                        Ok::<_, String>((free, total, owned))
+                    })
+                    .unwrap();
+                let loaded = run_bounded(&mut sim2, &handle, 2_000_000);
+                sim2.stop();
+                match loaded {
+                    Some(Ok((free, total, owned))) => {
+                        if free + owned != total {
+                            failures.push(format!(
+                                "{what}: a fresh load has {free} free + {owned} owned of {total} clusters"
+                            ));
+                        }
+                    }
+                    other => failures.push(format!("{what}: reload: {other:?}")),
+                }
+                if completed {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
