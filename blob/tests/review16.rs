@@ -340,6 +340,11 @@ fn review16_md_op_dropped_then_unload_leaves_a_consistent_clean_store() {
                 let _ = store.delete_blob(id).await;
             })
         }),
+        ("open_blob", |store, id| {
+            Box::pin(async move {
+                let _ = store.open_blob(id).await;
+            })
+        }),
         ("create_snapshot", |store, id| {
             Box::pin(async move {
                 let _ = store.create_snapshot(id, &[]).await;
