@@ -223,7 +223,7 @@ impl Blobstore {
         // merge-on-delete of the snapshot cannot start in between (it would not see the
         // new clone and take the snapshot away from under it).
         let made = match snapshot.state.op_in_progress.get() {
-            Some(running) if running == "merge" => Err(BlobError::Busy(format!(
+            Some("merge") => Err(BlobError::Busy(format!(
                 "blob {id:#x}: cannot clone while a merge is in progress"
             ))),
             _ => {

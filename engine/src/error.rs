@@ -17,6 +17,9 @@ pub enum EngineError {
         /// The negative errno.
         errno: i32,
     },
+    /// A stop signal (SIGINT, SIGTERM) interrupted the work; what was done is undone.
+    #[error("{0}")]
+    Interrupted(String),
     /// A bdev failure.
     #[error(transparent)]
     Bdev(#[from] spool_bdev::BdevError),
@@ -33,6 +36,7 @@ impl EngineError {
     pub fn errno(&self) -> i32 {
         match self {
             Self::InvalidArgument(_) => -libc::EINVAL,
+            Self::Interrupted(_) => -libc::EINTR,
             Self::File { errno, .. } => *errno,
             Self::Bdev(err) => err.errno(),
             Self::Reactor(err) => err.errno(),

@@ -124,6 +124,15 @@ impl ImageLock {
                     .map_err(|err| create_error("write", &err))?;
                 written += piece as u64;
                 progress(written);
+                // A stop signal ends the fill at once: the temporary file is removed below
+                // (before a second signal could end the process without clean-up).
+                if let Some(signal) = crate::signals::stop_requested() {
+                    return Err(EngineError::Interrupted(format!(
+                        "{}: creation interrupted by {} after {written} of {size_bytes} bytes; nothing was created",
+                        path.display(),
+                        signal.name()
+                    )));
+                }
             }
             file.sync_all().map_err(|err| create_error("sync", &err))
         })();

@@ -29,8 +29,17 @@ pub(crate) fn create_staged(final_path: &Path) -> std::io::Result<(File, StagedN
         .map_or_else(|| "image".into(), |name| name.to_string_lossy());
     let mut last_err = None;
     for _ in 0..TEMP_NAME_ATTEMPTS_MAX {
+        // At most as long as any valid image name (NAME_MAX is 255): the final name's first
+        // 200 bytes (cut on a char boundary) keep it recognisable.
+        let mut stem: String = String::new();
+        for c in base.chars() {
+            if stem.len() + c.len_utf8() > 200 {
+                break;
+            }
+            stem.push(c);
+        }
         let temp_path = dir.join(format!(
-            ".{base}.spool-new.{}.{}",
+            ".{stem}.spool-new.{}.{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
