@@ -90,30 +90,3 @@ pub fn request_stop(signal: StopSignal) {
         Ordering::Relaxed,
     );
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_signal_is_recorded_not_fatal_and_the_first_one_wins() {
-        install().unwrap();
-        assert_eq!(stop_requested(), None);
-        let raised = raise(libc::SIGTERM);
-        assert!(raised);
-        assert_eq!(stop_requested(), Some(StopSignal::Terminate));
-        request_stop(StopSignal::Interrupt);
-        assert_eq!(
-            stop_requested(),
-            Some(StopSignal::Terminate),
-            "the first one wins"
-        );
-        assert_eq!(StopSignal::Terminate.exit_code(), 143);
-        assert_eq!(StopSignal::Interrupt.exit_code(), 130);
-    }
-
-    /// Raises `signal` at this process through signal-hook's safe wrapper.
-    fn raise(signal: i32) -> bool {
-        signal_hook::low_level::raise(signal).is_ok()
-    }
-}
