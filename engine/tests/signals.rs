@@ -11,7 +11,11 @@ fn a_signal_is_recorded_not_fatal_and_the_first_one_wins() {
     assert!(signal_hook::low_level::raise(libc::SIGTERM).is_ok());
     assert_eq!(stop_requested(), Some(StopSignal::Terminate));
     request_stop(StopSignal::Interrupt);
-    assert_eq!(stop_requested(), Some(StopSignal::Terminate), "the first one wins");
+    assert_eq!(
+        stop_requested(),
+        Some(StopSignal::Terminate),
+        "the first one wins"
+    );
     assert_eq!(StopSignal::Terminate.exit_code(), 143);
     assert_eq!(StopSignal::Interrupt.exit_code(), 130);
 }
