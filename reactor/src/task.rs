@@ -30,10 +30,22 @@ impl TaskSet {
         if finished.is_empty() {
             return;
         }
-        let mut live = self.live.borrow_mut();
-        for key in finished.drain(..) {
-            if let Some(task) = live.try_remove(key) {
-                drop(task);
+        let done: Vec<_> = {
+            let mut live = self.live.borrow_mut();
+            finished
+                .drain(..)
+                .filter_map(|key| live.try_remove(key))
+                .collect()
+        };
+        drop(finished);
+        // Dropped outside the tables' borrows; a panicked task's payload is dropped here too,
+        // and a payload whose own drop panics is contained (its second payload is leaked).
+        for task in done {
+            if let Err(payload) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(task)))
+            {
+                tracing::error!("dropping a finished task's panic payload panicked; contained");
+                std::mem::forget(payload);
             }
         }
     }

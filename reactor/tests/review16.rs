@@ -125,7 +125,6 @@ fn review16_unregister_succeeds_while_a_channel_destroy_is_still_running() {
 /// task table borrowed), outside any containment; `contain` leaks such payloads on purpose on
 /// the other paths. The awaiting task gets `Cancelled`, the reactor thread is gone.
 #[test]
-#[ignore = "open (issue 16 review): a task panic payload whose Drop panics is dropped under the task tables borrow"]
 fn review16_a_task_panic_payload_panicking_on_drop_kills_the_reactor() {
     let rt = runtime(vec![0]);
     let handle = rt
