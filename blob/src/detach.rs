@@ -38,9 +38,7 @@ pub(crate) fn detached<T: 'static>(
         };
     }
     let seen = Rc::clone(&abandoned);
-    RUNNING.with(|running| running.set(running.get() + 1));
     let handle = spool_reactor::spawn_local(async move {
-        let _running = Running;
         let result = work.await;
         if seen.get() {
             cleanup(result);
@@ -54,26 +52,6 @@ pub(crate) fn detached<T: 'static>(
         abandoned,
         cleanup,
     }
-}
-
-thread_local! {
-    /// Detached tasks spawned on this reactor that have not finished (unload waits for the
-    /// ones a dropped caller left running).
-    static RUNNING: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Counts one detached task until it ends (finished, or dropped at stop).
-struct Running;
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        RUNNING.with(|running| running.set(running.get().saturating_sub(1)));
-    }
-}
-
-/// Detached tasks on the calling reactor still running (the caller's own included).
-pub(crate) fn running() -> usize {
-    RUNNING.with(Cell::get)
 }
 
 /// A clean-up for results that need none.

@@ -338,6 +338,7 @@ type MdOp = fn(Blobstore, u64) -> std::pin::Pin<Box<dyn std::future::Future<Outp
 /// exit right then, killing the detached task) has a free count equal to the clusters no
 /// blob owns.
 #[test]
+#[ignore = "open (issue 16 review): unload does not wait for detached metadata operations whose caller dropped its future"]
 fn review16_md_op_dropped_then_unload_leaves_a_consistent_clean_store() {
     let ops: Vec<(&str, MdOp)> = vec![
         ("create_blob", |store, _| {

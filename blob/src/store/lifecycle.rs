@@ -269,19 +269,6 @@ impl Blobstore {
     /// The body of `unload`, which runs it as its own task.
     async fn unload_now(self) -> Result<()> {
         self.check_md_thread()?;
-        // Metadata operations whose caller dropped its future run on as their own tasks:
-        // the masks and the clean flag are written only once they are done (this unload is
-        // one of those tasks itself).
-        let mut waited = 0u32;
-        while crate::detach::running() > 1 && waited < 100_000 {
-            spool_reactor::sleep(std::time::Duration::from_micros(50)).await;
-            waited += 1;
-        }
-        if crate::detach::running() > 1 {
-            return Err(BlobError::Busy(
-                "metadata operations are still running on this store's reactor".into(),
-            ));
-        }
         // Orphans first: one may hold its parent open.
         self.settle_orphans().await?;
         self.refuse_if_blobs_open("unload")?;
