@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 
+pub mod subsets;
+
 use crate::common::{buf_of, create_thick, create_thin, pattern, read};
 use spool_bdev::{Bdev, BdevDesc, MallocBdev};
 use spool_blob::{Blobstore, InitOptions, LoadOptions};
