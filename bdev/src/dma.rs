@@ -590,6 +590,18 @@ impl DmaBuf {
         }
     }
 
+    /// Changes the length to `len` bytes of the same block, `0 < len <= capacity()`, so a
+    /// cached buffer can be reused for a request of another size without allocating. Bytes
+    /// past the old length keep whatever they held (they are readable: the pool's memory is
+    /// always initialised). Fails with [`DmaError::InvalidLength`] otherwise.
+    pub fn set_len(&mut self, len: usize) -> Result<(), DmaError> {
+        if len == 0 || len > self.capacity() {
+            return Err(DmaError::InvalidLength { len });
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// The buffer's bytes.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` points to `len` (<= capacity) bytes of a live, readable mapping that this

@@ -393,3 +393,31 @@ fn stats_track_usage() {
     let g = dma_pool_stats();
     assert!(g.hugepage_chunks <= g.chunks && g.bytes_in_use <= g.chunks * DMA_CHUNK_SIZE);
 }
+
+#[test]
+fn set_len_reuses_the_block_within_its_capacity_only() {
+    let mut buf = DmaBuf::alloc(4096).unwrap();
+    fill_pattern(&mut buf, 7);
+    let capacity = buf.capacity();
+    buf.set_len(512).unwrap();
+    assert_eq!(buf.len(), 512);
+    assert!(
+        check_pattern(&buf, 7),
+        "the first bytes keep their contents"
+    );
+    buf.set_len(capacity).unwrap();
+    assert_eq!(buf.len(), capacity);
+    assert!(matches!(
+        buf.set_len(capacity + 1),
+        Err(DmaError::InvalidLength { .. })
+    ));
+    assert!(matches!(
+        buf.set_len(0),
+        Err(DmaError::InvalidLength { .. })
+    ));
+    assert_eq!(
+        buf.len(),
+        capacity,
+        "a refused change leaves the length alone"
+    );
+}

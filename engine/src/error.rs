@@ -20,6 +20,9 @@ pub enum EngineError {
     /// A stop signal (SIGINT, SIGTERM) interrupted the work; what was done is undone.
     #[error("{0}")]
     Interrupted(String),
+    /// Something named does not exist (-ENOENT): an export, a volume.
+    #[error("{0}")]
+    NotFound(String),
     /// A bdev failure.
     #[error(transparent)]
     Bdev(#[from] spool_bdev::BdevError),
@@ -37,6 +40,7 @@ impl EngineError {
         match self {
             Self::InvalidArgument(_) => -libc::EINVAL,
             Self::Interrupted(_) => -libc::EINTR,
+            Self::NotFound(_) => -libc::ENOENT,
             Self::File { errno, .. } => *errno,
             Self::Bdev(err) => err.errno(),
             Self::Reactor(err) => err.errno(),

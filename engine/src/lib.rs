@@ -1,6 +1,6 @@
 //! Spool's engine: what turns command-line words into running reactors and open devices.
-//! It grows into the daemon (`spool serve`); today it holds target parsing and opening,
-//! and the offline runner of the blobstore commands.
+//! It holds the daemon (`spool serve`), target parsing and opening, and the offline runner
+//! of the blobstore commands.
 //!
 //! Table of contents:
 //! - [`target`]: `null`, `malloc:SIZE` or a path, parsed and opened as a bdev.
@@ -11,6 +11,8 @@
 //! - [`signals`]: SIGINT and SIGTERM as a request to stop cleanly (a second one is fatal).
 //! - [`nbd`]: the NBD protocol with no I/O: wire format, handshake, request decoding and
 //!   replies.
+//! - [`serve`]: the daemon (`spool serve`): the store on the reactors, volumes exported over
+//!   NBD, drained and unloaded cleanly on a stop.
 //! - [`size`]: human sizes ("1G", "512MiB", "4096", "0x1000").
 //! - [`error`]: [`EngineError`], wrapping the lower crates' errors with their errno kinds.
 
@@ -21,6 +23,7 @@ pub mod lock;
 pub mod nbd;
 pub mod net;
 pub mod offline;
+pub mod serve;
 pub mod signals;
 pub mod size;
 mod staged;

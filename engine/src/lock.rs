@@ -89,6 +89,22 @@ impl ImageLock {
     pub fn create(
         path: &Path,
         size_bytes: u64,
+        progress: impl FnMut(u64),
+    ) -> Result<ImageLock, EngineError> {
+        Self::create_with(path, size_bytes, true, progress)
+    }
+
+    /// Like [`ImageLock::create`], but the file is made sparse (`set_len` only, no byte
+    /// written): instant at any size, and it takes disk space only as it is written. For
+    /// stores that are written through their metadata (the daemon's embedded default).
+    pub fn create_sparse(path: &Path, size_bytes: u64) -> Result<ImageLock, EngineError> {
+        Self::create_with(path, size_bytes, false, |_| {})
+    }
+
+    fn create_with(
+        path: &Path,
+        size_bytes: u64,
+        fill: bool,
         mut progress: impl FnMut(u64),
     ) -> Result<ImageLock, EngineError> {
         const CHUNK_BYTES: usize = 4 << 20;
@@ -115,8 +131,8 @@ impl ImageLock {
         let filled = (|| {
             file.set_len(size_bytes)
                 .map_err(|err| create_error("set size", &err))?;
-            let zeros = vec![0u8; CHUNK_BYTES];
-            let mut written = 0u64;
+            let zeros = vec![0u8; if fill { CHUNK_BYTES } else { 0 }];
+            let mut written = if fill { 0 } else { size_bytes };
             while written < size_bytes {
                 let piece = usize::try_from((size_bytes - written).min(CHUNK_BYTES as u64))
                     .unwrap_or(CHUNK_BYTES);

@@ -20,6 +20,8 @@ pub struct Cli {
 /// store, does its job and unloads the store cleanly.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve a store's volumes over NBD until SIGINT/SIGTERM (the daemon).
+    Serve(ServeArgs),
     /// Measure a block device through Spool's reactors (SPDK bdevperf's job).
     Perf(PerfArgs),
     /// Format IMAGE as an empty blobstore (creating the file with --size).
@@ -164,4 +166,48 @@ pub struct PerfArgs {
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// How reactors wait when idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdleArg {
+    /// Spin (lowest latency; a core each), as SPDK does.
+    Busy,
+    /// Sleep up to 1 ms when nothing is pending (for shared machines; adds latency).
+    Sleep,
+}
+
+/// Arguments of `spool serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// The store: a file or block device holding one (loaded, and recovered if it was not
+    /// unloaded cleanly), or malloc:SIZE (a new store in RAM with one thin volume vol0).
+    /// Without it: spool.img in the working directory, created on first use (1 GiB,
+    /// sparse, one thin volume vol0).
+    pub image: Option<String>,
+    /// Listen on this TCP address (repeatable). Default 127.0.0.1:10809 when neither
+    /// --listen nor --socket is given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Vec<String>,
+    /// Listen on this Unix socket (mode 0600; repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Vec<String>,
+    /// Cores to run reactors on (e.g. 0 or 0,1); connections are spread over them.
+    #[arg(long, default_value = "0")]
+    pub cores: String,
+    /// Export only this volume, by name or blob id (repeatable); default: every volume.
+    #[arg(long, value_name = "NAME")]
+    pub export: Vec<String>,
+    /// Connections open at once at most; more are closed at accept.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+    /// What reactors do when idle.
+    #[arg(long, value_enum, default_value_t = IdleArg::Busy)]
+    pub idle: IdleArg,
+    /// Do not pin reactors to their cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Seconds a client may take to finish the NBD handshake.
+    #[arg(long, default_value_t = 10.0)]
+    pub handshake_timeout: f64,
 }

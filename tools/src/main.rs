@@ -4,6 +4,7 @@ mod blob_cmd;
 mod cli;
 mod error;
 mod perf;
+mod serve_cmd;
 
 use std::io::IsTerminal;
 
@@ -18,6 +19,7 @@ fn main() {
     // the library's log lines (SPOOL_LOG=warn) would repeat them.
     let default_level = match cli.command {
         Command::Perf(_) => "warn",
+        Command::Serve(_) => "info",
         _ => "error",
     };
     tracing_subscriber::fmt()
@@ -73,6 +75,7 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
             }
             Ok(())
         }
+        Command::Serve(args) => serve_cmd::serve(args),
         blob_command => blob_cmd::run(blob_command),
     }
 }

@@ -136,6 +136,30 @@ impl BlobIo {
         self.store.geometry.io_unit_size
     }
 
+    /// Bytes per cluster of the blob's store.
+    pub fn cluster_size(&self) -> u64 {
+        self.store.geometry.cluster_size
+    }
+
+    /// Size in clusters.
+    pub fn num_clusters(&self) -> u64 {
+        self.map.load().clusters.len() as u64
+    }
+
+    /// Whether blob cluster `index` shows data of its own or of an ancestor snapshot; false
+    /// means a read there returns zeros without touching the device (a hole: the blob is
+    /// thin, the cluster is unallocated and no parent has it). Past the end: false. What the
+    /// answer says may change as soon as it is given (a write may allocate the cluster).
+    pub fn cluster_has_data(&self, index: u64) -> bool {
+        let Ok(index) = usize::try_from(index) else {
+            return false;
+        };
+        if index >= self.map.load().clusters.len() {
+            return false;
+        }
+        self.published(index) != 0 || super::thin::chain_owns(self, index)
+    }
+
     /// This reactor's channel to the blob's store.
     pub fn channel(&self) -> Result<BlobChannel> {
         channel_of(&self.store)

@@ -239,7 +239,7 @@ impl Allocation {
 
 /// Whether any snapshot up `blob`'s chain has a cluster at blob cluster `index` (if none
 /// does, the blob shows zeros there and a new cluster needs no copy).
-fn chain_owns(blob: &BlobIo, index: usize) -> bool {
+pub(super) fn chain_owns(blob: &BlobIo, index: usize) -> bool {
     let mut next = blob.parent.load_full();
     while let Some(parent) = next {
         if parent.published(index) != 0 {

@@ -7,4 +7,4 @@
 mod readiness;
 mod socket;
 
-pub use socket::{ListenAddr, Listener, Stream};
+pub use socket::{Accepted, ListenAddr, Listener, ReadHalf, Stream, WriteHalf};

@@ -3,6 +3,7 @@
 //! future leaves nothing behind (its waker is replaced by the next one); dropping a socket
 //! deregisters it and closes it.
 
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,23 +72,56 @@ impl Listener {
         }
     }
 
-    /// Waits for the next connection: the stream and the peer's name for the log.
+    /// Waits for the next connection: the stream (on this reactor) and the peer's name for
+    /// the log.
     pub async fn accept(&mut self) -> io::Result<(Stream, String)> {
+        let accepted = self.accept_unregistered().await?;
+        let peer = accepted.peer.clone();
+        Ok((accepted.register()?, peer))
+    }
+
+    /// Waits for the next connection and returns it not yet tied to a reactor, so it can be
+    /// sent to the reactor that will serve it ([`Accepted`] is `Send`).
+    pub async fn accept_unregistered(&mut self) -> io::Result<Accepted> {
         let (readiness, token) = (Rc::clone(&self.readiness), self.token);
         match &mut self.kind {
             ListenerKind::Tcp(listener) => {
                 let (stream, peer) =
                     retry(&readiness, token, Direction::Read, listener, |l| l.accept()).await?;
                 stream.set_nodelay(true)?;
-                Ok((Stream::new(StreamKind::Tcp(stream))?, peer.to_string()))
+                Ok(Accepted {
+                    kind: StreamKind::Tcp(stream),
+                    peer: peer.to_string(),
+                })
             }
             ListenerKind::Unix(listener, path) => {
                 let (stream, _) =
                     retry(&readiness, token, Direction::Read, listener, |l| l.accept()).await?;
-                let peer = format!("unix:{}", path.display());
-                Ok((Stream::new(StreamKind::Unix(stream))?, peer))
+                Ok(Accepted {
+                    kind: StreamKind::Unix(stream),
+                    peer: format!("unix:{}", path.display()),
+                })
             }
         }
+    }
+}
+
+/// A connection accepted but not yet registered on a reactor; `Send`, so the accepting
+/// reactor can hand it to another one.
+pub struct Accepted {
+    kind: StreamKind,
+    peer: String,
+}
+
+impl Accepted {
+    /// The peer's name for the log (`ip:port`, or `unix:PATH` of the listening socket).
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Registers the connection on the calling reactor.
+    pub fn register(self) -> io::Result<Stream> {
+        Stream::new(self.kind)
     }
 }
 
@@ -152,51 +186,27 @@ impl Write for StreamKind {
     }
 }
 
-/// A connected, non-blocking stream on the calling reactor.
-pub struct Stream {
-    kind: StreamKind,
+/// The socket of a [`Stream`] and of its halves: borrowed only for each non-blocking call,
+/// never across an await, so a read half and a write half can wait at the same time.
+struct StreamShared {
+    kind: RefCell<StreamKind>,
     token: Token,
     readiness: Rc<Readiness>,
 }
 
-impl Stream {
-    fn new(mut kind: StreamKind) -> io::Result<Stream> {
-        let readiness = Readiness::current()?;
-        let token = match &mut kind {
-            StreamKind::Tcp(stream) => readiness.register(stream)?,
-            StreamKind::Unix(stream) => readiness.register(stream)?,
-        };
-        Ok(Stream {
-            kind,
-            token,
-            readiness,
-        })
-    }
-
-    /// Connects to `addr` (for tests and tools; the daemon only accepts).
-    pub async fn connect(addr: &ListenAddr) -> io::Result<Stream> {
-        let stream = match addr {
-            ListenAddr::Tcp(addr) => {
-                let std_stream = std::net::TcpStream::connect(addr)?;
-                std_stream.set_nonblocking(true)?;
-                StreamKind::Tcp(TcpStream::from_std(std_stream))
-            }
-            ListenAddr::Unix(path) => StreamKind::Unix(UnixStream::connect(path)?),
-        };
-        Stream::new(stream)
-    }
-
-    /// Reads what is there (at least one byte, waiting for it); 0 at the peer's close.
-    pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let (readiness, token) = (Rc::clone(&self.readiness), self.token);
-        retry(&readiness, token, Direction::Read, &mut self.kind, |s| {
-            s.read(buf)
-        })
+impl StreamShared {
+    async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        retry(
+            &self.readiness,
+            self.token,
+            Direction::Read,
+            &mut (),
+            |()| self.kind.borrow_mut().read(buf),
+        )
         .await
     }
 
-    /// Fills `buf`; `UnexpectedEof` if the peer closes first.
-    pub async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+    async fn read_exact(&self, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
             match self.read(&mut buf[done..]).await? {
@@ -212,16 +222,18 @@ impl Stream {
         Ok(())
     }
 
-    /// Writes all of `bufs`, in order, with vectored writes.
-    pub async fn write_all_vectored(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+    async fn write_all_vectored(&self, bufs: &[&[u8]]) -> io::Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let mut done = 0;
         while done < total {
             let slices = remaining(bufs, done);
-            let (readiness, token) = (Rc::clone(&self.readiness), self.token);
-            let n = retry(&readiness, token, Direction::Write, &mut self.kind, |s| {
-                s.write_vectored(&slices)
-            })
+            let n = retry(
+                &self.readiness,
+                self.token,
+                Direction::Write,
+                &mut (),
+                |()| self.kind.borrow_mut().write_vectored(&slices),
+            )
             .await?;
             if n == 0 {
                 return Err(io::Error::new(
@@ -234,9 +246,129 @@ impl Stream {
         Ok(())
     }
 
+    fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        match &*self.kind.borrow() {
+            StreamKind::Tcp(stream) => stream.shutdown(how),
+            StreamKind::Unix(stream) => stream.shutdown(how),
+        }
+    }
+}
+
+impl Drop for StreamShared {
+    fn drop(&mut self) {
+        match self.kind.get_mut() {
+            StreamKind::Tcp(stream) => self.readiness.deregister(stream, self.token),
+            StreamKind::Unix(stream) => self.readiness.deregister(stream, self.token),
+        }
+    }
+}
+
+/// A connected, non-blocking stream on the calling reactor.
+pub struct Stream {
+    shared: Rc<StreamShared>,
+}
+
+impl Stream {
+    fn new(mut kind: StreamKind) -> io::Result<Stream> {
+        let readiness = Readiness::current()?;
+        let token = match &mut kind {
+            StreamKind::Tcp(stream) => readiness.register(stream)?,
+            StreamKind::Unix(stream) => readiness.register(stream)?,
+        };
+        Ok(Stream {
+            shared: Rc::new(StreamShared {
+                kind: RefCell::new(kind),
+                token,
+                readiness,
+            }),
+        })
+    }
+
+    /// Connects to `addr` (for tests and tools; the daemon only accepts).
+    pub async fn connect(addr: &ListenAddr) -> io::Result<Stream> {
+        let stream = match addr {
+            ListenAddr::Tcp(addr) => {
+                let std_stream = std::net::TcpStream::connect(addr)?;
+                std_stream.set_nonblocking(true)?;
+                std_stream.set_nodelay(true)?;
+                StreamKind::Tcp(TcpStream::from_std(std_stream))
+            }
+            ListenAddr::Unix(path) => StreamKind::Unix(UnixStream::connect(path)?),
+        };
+        Stream::new(stream)
+    }
+
+    /// Reads what is there (at least one byte, waiting for it); 0 at the peer's close.
+    pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.shared.read(buf).await
+    }
+
+    /// Fills `buf`; `UnexpectedEof` if the peer closes first.
+    pub async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.shared.read_exact(buf).await
+    }
+
+    /// Writes all of `bufs`, in order, with vectored writes.
+    pub async fn write_all_vectored(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        self.shared.write_all_vectored(bufs).await
+    }
+
     /// Writes all of `buf`.
     pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.write_all_vectored(&[buf]).await
+        self.shared.write_all_vectored(&[buf]).await
+    }
+
+    /// Splits the stream into a half that reads and a half that writes, which can wait at
+    /// the same time (in two tasks of this reactor). The socket closes when both are dropped.
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        (
+            ReadHalf {
+                shared: Rc::clone(&self.shared),
+            },
+            WriteHalf {
+                shared: self.shared,
+            },
+        )
+    }
+}
+
+/// The reading half of a [`Stream::split`].
+pub struct ReadHalf {
+    shared: Rc<StreamShared>,
+}
+
+impl ReadHalf {
+    /// Reads what is there (at least one byte, waiting for it); 0 at the peer's close.
+    pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.shared.read(buf).await
+    }
+
+    /// Fills `buf`; `UnexpectedEof` if the peer closes first.
+    pub async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.shared.read_exact(buf).await
+    }
+}
+
+/// The writing half of a [`Stream::split`].
+pub struct WriteHalf {
+    shared: Rc<StreamShared>,
+}
+
+impl WriteHalf {
+    /// Writes all of `bufs`, in order, with vectored writes.
+    pub async fn write_all_vectored(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        self.shared.write_all_vectored(bufs).await
+    }
+
+    /// Writes all of `buf`.
+    pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.shared.write_all_vectored(&[buf]).await
+    }
+
+    /// Shuts both directions of the socket down now (the peer sees the close at once, even
+    /// while the read half lives on).
+    pub fn shutdown(&self) -> io::Result<()> {
+        self.shared.shutdown(std::net::Shutdown::Both)
     }
 }
 
@@ -252,15 +384,6 @@ fn remaining<'a>(bufs: &[&'a [u8]], mut skip: usize) -> Vec<io::IoSlice<'a>> {
         skip = 0;
     }
     out
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        match &mut self.kind {
-            StreamKind::Tcp(stream) => self.readiness.deregister(stream, self.token),
-            StreamKind::Unix(stream) => self.readiness.deregister(stream, self.token),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -39,7 +39,9 @@ use crate::error::ToolError;
 /// object and the reason.
 pub fn run(command: &Command) -> Result<(), ToolError> {
     let result = match command {
-        Command::Perf(_) => Err(ToolError::Failed("perf is not a blobstore command".into())),
+        Command::Perf(_) | Command::Serve(_) => Err(ToolError::Failed(
+            "perf and serve are not blobstore commands".into(),
+        )),
         Command::Init(args) => store_cmds::init(args),
         Command::Info(args) => store_cmds::info(args),
         Command::Super(args) => store_cmds::super_blob(args),

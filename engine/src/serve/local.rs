@@ -1,0 +1,141 @@
+//! What each reactor of the daemon keeps for its connections: the exports, its channel to
+//! the store, its buffer cache and its stop notice. One instance per reactor thread,
+//! installed at start by a broadcast and removed at shutdown (before the store unloads, so
+//! no channel outlives it). Everything here is used from its own reactor only: no locks.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use slab::Slab;
+use spool_blob::BlobChannel;
+
+use super::buffers::BufferCache;
+use super::shared::DaemonShared;
+use super::volumes::ExportSet;
+
+/// One reactor's share of the daemon.
+pub(crate) struct ReactorServe {
+    /// The exported volumes.
+    pub(crate) exports: Arc<ExportSet>,
+    /// Daemon-wide counters and settings.
+    pub(crate) shared: Arc<DaemonShared>,
+    /// DMA buffers for requests.
+    pub(crate) buffers: BufferCache,
+    channel: RefCell<Option<BlobChannel>>,
+    stopping: Cell<bool>,
+    stop_wakers: RefCell<Slab<std::task::Waker>>,
+}
+
+thread_local! {
+    static SERVE: RefCell<Option<Rc<ReactorServe>>> = const { RefCell::new(None) };
+}
+
+impl ReactorServe {
+    /// Installs this reactor's state (replacing any earlier one).
+    pub(crate) fn install(exports: Arc<ExportSet>, shared: Arc<DaemonShared>) {
+        let state = Rc::new(ReactorServe {
+            exports,
+            shared,
+            buffers: BufferCache::default(),
+            channel: RefCell::new(None),
+            stopping: Cell::new(false),
+            stop_wakers: RefCell::new(Slab::new()),
+        });
+        SERVE.with(|slot| *slot.borrow_mut() = Some(state));
+    }
+
+    /// This reactor's state, if the daemon runs here.
+    pub(crate) fn current() -> Option<Rc<ReactorServe>> {
+        SERVE.with(|slot| slot.borrow().clone())
+    }
+
+    /// Removes this reactor's state; its channel closes once the last connection that holds
+    /// the state is gone (the daemon waits for that first).
+    pub(crate) fn remove() {
+        let state = SERVE.with(|slot| slot.borrow_mut().take());
+        if let Some(state) = state {
+            state.channel.borrow_mut().take();
+        }
+    }
+
+    /// This reactor's channel to the store (opened on first use).
+    pub(crate) fn channel(&self) -> spool_blob::Result<BlobChannel> {
+        if let Some(channel) = self.channel.borrow().as_ref() {
+            return Ok(channel.clone());
+        }
+        let volume = self.exports.volumes.first().ok_or_else(|| {
+            spool_blob::BlobError::InvalidArgument("no volume is exported".into())
+        })?;
+        let channel = volume.io.channel()?;
+        *self.channel.borrow_mut() = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Whether the daemon is stopping (set on every reactor by [`Self::fire_stop`]).
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
+    /// Marks the daemon stopping on this reactor and wakes everything that waits for it.
+    pub(crate) fn fire_stop(&self) {
+        self.stopping.set(true);
+        let wakers: Vec<_> = self.stop_wakers.borrow_mut().drain().collect();
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once the daemon is stopping.
+    pub(crate) fn stopped(self: &Rc<Self>) -> StopNotice {
+        StopNotice {
+            state: Rc::clone(self),
+            key: None,
+        }
+    }
+}
+
+/// The future of [`ReactorServe::stopped`]; cancel-safe (dropping it unregisters it).
+pub(crate) struct StopNotice {
+    state: Rc<ReactorServe>,
+    key: Option<usize>,
+}
+
+impl Future for StopNotice {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.state.stopping.get() {
+            return Poll::Ready(());
+        }
+        let key = self.key;
+        let mut wakers = self.state.stop_wakers.borrow_mut();
+        match key.and_then(|key| wakers.get_mut(key)) {
+            Some(parked) => {
+                if !parked.will_wake(cx.waker()) {
+                    *parked = cx.waker().clone();
+                }
+            }
+            None => {
+                let key = wakers.insert(cx.waker().clone());
+                drop(wakers);
+                self.key = Some(key);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for StopNotice {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            let mut wakers = self.state.stop_wakers.borrow_mut();
+            if wakers.contains(key) {
+                wakers.remove(key);
+            }
+        }
+    }
+}

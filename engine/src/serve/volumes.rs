@@ -1,0 +1,269 @@
+//! The volumes the daemon exports: which blobs, under which names, with which NBD
+//! parameters. The store and the open blobs stay on the metadata reactor (in a slot of that
+//! thread, from start to shutdown); the other reactors get the `Send` half of each blob, its
+//! [`BlobIo`], in an [`ExportSet`].
+//!
+//! Naming: a blob's export name is its `name` xattr (SPDK's lvol layer stores it NUL-padded
+//! to 64 bytes; trailing NULs are dropped) when that is a valid NBD string and unique in the
+//! store, else its id as SPDK prints it (`0x100000000`). Snapshots (read-only blobs) are
+//! exported read-only.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use spool_blob::{Blob, BlobIo, BlobOptions, Blobstore};
+
+use crate::nbd::handshake::{BlockSizes, ExportInfo, Features};
+use crate::nbd::limits;
+use crate::nbd::wire::check_string;
+use crate::EngineError;
+
+/// The xattr that holds a volume's name (as SPDK's lvol layer names it).
+pub const NAME_XATTR: &str = "name";
+/// Bytes SPDK's lvol layer gives a name (NUL-padded).
+const LVOL_NAME_BYTES: usize = 64;
+
+/// One exported volume.
+pub(crate) struct Volume {
+    /// What the handshake advertises.
+    pub(crate) info: ExportInfo,
+    /// The blob's I/O handle.
+    pub(crate) io: Arc<BlobIo>,
+    /// Thin provisioned.
+    pub(crate) thin: bool,
+}
+
+/// The exported volumes, in the order `NBD_OPT_LIST` shows them.
+pub(crate) struct ExportSet {
+    /// The handshake's view (same order as `volumes`).
+    pub(crate) infos: Arc<[ExportInfo]>,
+    /// The volumes.
+    pub(crate) volumes: Vec<Volume>,
+}
+
+/// An exported volume as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// The NBD export name.
+    pub name: String,
+    /// The blob's id.
+    pub blob_id: u64,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Exported read-only (a snapshot or read-only blob).
+    pub read_only: bool,
+    /// Thin provisioned.
+    pub thin: bool,
+}
+
+/// What the metadata reactor holds while the daemon serves.
+struct HeldStore {
+    store: Blobstore,
+    blobs: Vec<Blob>,
+}
+
+thread_local! {
+    static HELD: RefCell<Option<HeldStore>> = const { RefCell::new(None) };
+}
+
+/// `bytes` as SPDK's lvol layer stores a name: NUL-padded to 64 bytes.
+pub(crate) fn lvol_name(name: &str) -> Result<Vec<u8>, EngineError> {
+    if name.is_empty() || name.len() >= LVOL_NAME_BYTES || name.contains('\0') {
+        return Err(EngineError::InvalidArgument(format!(
+            "volume name {name:?}: 1 to {} bytes, no NUL",
+            LVOL_NAME_BYTES - 1
+        )));
+    }
+    let mut stored = name.as_bytes().to_vec();
+    stored.resize(LVOL_NAME_BYTES, 0);
+    Ok(stored)
+}
+
+/// The name stored in `value` (trailing NULs dropped) if it can be an export name.
+fn stored_name(value: &[u8]) -> Option<String> {
+    let end = value
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |last| last + 1);
+    let text = std::str::from_utf8(&value[..end]).ok()?;
+    (!text.is_empty() && check_string(text.as_bytes()).is_ok()).then(|| text.to_string())
+}
+
+/// Creates the embedded default's volume on a fresh store: a thin blob over every data
+/// cluster, named `name`.
+pub(crate) async fn create_default_volume(
+    store: &Blobstore,
+    name: &str,
+) -> Result<u64, EngineError> {
+    let options = BlobOptions {
+        num_clusters: store.total_data_cluster_count(),
+        thin: true,
+        xattrs: vec![(NAME_XATTR.to_string(), lvol_name(name)?)],
+        ..BlobOptions::default()
+    };
+    Ok(store.create_blob(&options).await?)
+}
+
+/// Parses a blob id as SPDK prints it (`0x...`) or in decimal.
+fn parse_id(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+/// Opens the blobs to export (all of them, or those `wanted` names by export name or id),
+/// keeps the store and the blobs on this (the metadata) reactor, and returns the export set.
+pub(crate) async fn open_exports(
+    store: Blobstore,
+    wanted: &[String],
+) -> Result<ExportSet, EngineError> {
+    let mut opened: Vec<(Blob, Option<String>)> = Vec::new();
+    let mut failure = None;
+    for id in store.blob_ids() {
+        match store.open_blob(id).await {
+            Ok(blob) => {
+                let name = blob.xattr(NAME_XATTR).and_then(|value| stored_name(&value));
+                opened.push((blob, name));
+            }
+            Err(err) => {
+                tracing::warn!(blob = format!("{id:#x}"), %err, "not exported: the blob does not open");
+            }
+        }
+    }
+    // Names used twice fall back to ids (two exports cannot share a name).
+    let mut names: Vec<String> = Vec::with_capacity(opened.len());
+    for (index, (blob, name)) in opened.iter().enumerate() {
+        let unique = name.as_ref().filter(|name| {
+            opened.iter().enumerate().all(|(other, (_, other_name))| {
+                other == index || other_name.as_ref() != Some(*name)
+            })
+        });
+        if name.is_some() && unique.is_none() {
+            tracing::warn!(blob = format!("{:#x}", blob.id()), name = ?name, "name shared by several blobs: exported by id");
+        }
+        names.push(
+            unique
+                .cloned()
+                .unwrap_or_else(|| format!("{:#x}", blob.id())),
+        );
+    }
+    let mut keep = vec![wanted.is_empty(); opened.len()];
+    for want in wanted {
+        let found = names.iter().position(|name| name == want).or_else(|| {
+            let id = parse_id(want)?;
+            opened.iter().position(|(blob, _)| blob.id() == id)
+        });
+        match found {
+            Some(index) => keep[index] = true,
+            None => {
+                failure.get_or_insert(EngineError::NotFound(format!(
+                    "--export {want:?}: no volume has that name or id (the store has: {})",
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                )));
+            }
+        }
+    }
+    let io_unit = store.io_unit_size();
+    let cluster_size = store.cluster_size();
+    let mut blobs = Vec::new();
+    let mut volumes = Vec::new();
+    for ((blob, _), (name, keep)) in opened.into_iter().zip(names.into_iter().zip(keep)) {
+        if !keep || failure.is_some() {
+            if let Err(err) = blob.close().await {
+                tracing::warn!(%err, "close of a blob not exported failed");
+            }
+            continue;
+        }
+        let read_only = blob.is_read_only() || blob.is_data_read_only();
+        let kind = if store.is_snapshot(blob.id()) {
+            "snapshot"
+        } else if blob.is_clone() {
+            "clone"
+        } else if blob.is_thin() {
+            "thin volume"
+        } else {
+            "volume"
+        };
+        let info = ExportInfo {
+            name,
+            description: format!(
+                "spool {kind} {:#x}, {} clusters of {} bytes{}",
+                blob.id(),
+                blob.num_clusters(),
+                cluster_size,
+                if read_only { ", read-only" } else { "" }
+            ),
+            size_bytes: blob.size_bytes(),
+            read_only,
+            block_sizes: block_sizes(io_unit),
+            base_allocation: true,
+            features: Features::ALL,
+        };
+        volumes.push(Volume {
+            info,
+            io: blob.io(),
+            thin: blob.is_thin(),
+        });
+        blobs.push(blob);
+    }
+    if let Some(err) = failure {
+        for blob in blobs {
+            let _ = blob.close().await;
+        }
+        return Err(err);
+    }
+    let infos: Arc<[ExportInfo]> = volumes.iter().map(|v| v.info.clone()).collect();
+    HELD.with(|held| *held.borrow_mut() = Some(HeldStore { store, blobs }));
+    Ok(ExportSet { infos, volumes })
+}
+
+/// The block sizes advertised for a store with this io_unit: the io_unit is the minimum,
+/// 4 KiB (or the io_unit if larger) preferred, 32 MiB the maximum payload.
+pub(crate) fn block_sizes(io_unit: u64) -> BlockSizes {
+    let minimum = u32::try_from(io_unit).unwrap_or(4096).clamp(1, 64 << 10);
+    BlockSizes {
+        minimum,
+        preferred: minimum.max(4096),
+        maximum: limits::MAX_PAYLOAD,
+    }
+}
+
+/// Summaries of `set`'s volumes.
+pub(crate) fn summaries(set: &ExportSet) -> Vec<ExportSummary> {
+    set.volumes
+        .iter()
+        .map(|volume| ExportSummary {
+            name: volume.info.name.clone(),
+            blob_id: volume.io.id(),
+            size_bytes: volume.info.size_bytes,
+            read_only: volume.info.read_only,
+            thin: volume.thin,
+        })
+        .collect()
+}
+
+/// Closes the exported blobs and unloads the store held on this (the metadata) reactor,
+/// leaving it clean on disk. Every connection must be gone first.
+pub(crate) async fn close_and_unload() -> Result<(), EngineError> {
+    let Some(held) = HELD.with(|held| held.borrow_mut().take()) else {
+        return Ok(());
+    };
+    let mut first_error = None;
+    for blob in held.blobs {
+        let id = blob.id();
+        if let Err(err) = blob.close().await {
+            tracing::error!(blob = format!("{id:#x}"), %err, "closing an exported blob failed");
+            first_error.get_or_insert(EngineError::from(err));
+        }
+    }
+    if let Err(err) = held.store.unload().await {
+        tracing::error!(%err, "unloading the store failed: it is left dirty (the next start recovers it)");
+        first_error.get_or_insert(EngineError::from(err));
+    }
+    first_error.map_or(Ok(()), Err)
+}

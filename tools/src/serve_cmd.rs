@@ -1,0 +1,101 @@
+//! `spool serve`: the daemon's command line. Parses the arguments into the engine's
+//! [`ServeOptions`], runs the daemon until SIGINT or SIGTERM, and prints where it listens
+//! and what it exports (one line each, on stdout, once clients can connect).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use spool_engine::net::ListenAddr;
+use spool_engine::serve::{run_until_signal, ServeOptions};
+use spool_reactor::IdleMode;
+
+use crate::cli::{IdleArg, ServeArgs};
+use crate::error::ToolError;
+use crate::perf::parse_cores;
+
+/// Parses `--listen ADDR:PORT` (an IPv6 address in brackets: `[::1]:10809`).
+fn parse_listen(text: &str) -> Result<ListenAddr, ToolError> {
+    text.parse().map(ListenAddr::Tcp).map_err(|_| {
+        ToolError::Usage(format!(
+            "--listen {text:?}: expected ADDRESS:PORT, e.g. 127.0.0.1:10809 or [::1]:10809"
+        ))
+    })
+}
+
+/// The engine's options for `args`.
+pub fn options(args: &ServeArgs) -> Result<ServeOptions, ToolError> {
+    let mut listen = Vec::new();
+    for text in &args.listen {
+        listen.push(parse_listen(text)?);
+    }
+    for path in &args.socket {
+        listen.push(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    if listen.is_empty() {
+        listen.push(spool_engine::serve::default_listen());
+    }
+    if !(args.handshake_timeout > 0.0 && args.handshake_timeout <= 3600.0) {
+        return Err(ToolError::Usage(format!(
+            "--handshake-timeout {}: above 0 and at most 3600 seconds",
+            args.handshake_timeout
+        )));
+    }
+    Ok(ServeOptions {
+        image: args.image.clone(),
+        listen,
+        cores: parse_cores(&args.cores)?,
+        exports: args.export.clone(),
+        max_connections: args.max_connections as usize,
+        idle: match args.idle {
+            IdleArg::Busy => IdleMode::Busy,
+            IdleArg::Sleep => IdleMode::Sleep,
+        },
+        pin: !args.no_pin,
+        handshake_timeout: Duration::from_secs_f64(args.handshake_timeout),
+        ..ServeOptions::default()
+    })
+}
+
+/// Runs `spool serve`.
+pub fn serve(args: &ServeArgs) -> Result<(), ToolError> {
+    let options = options(args)?;
+    let summary = run_until_signal(&options, |daemon| {
+        let start = daemon.start_info();
+        let how = if start.created {
+            "created".to_string()
+        } else if start.load_report.as_ref().is_some_and(|r| r.recovered) {
+            "recovered (it was not unloaded cleanly)".to_string()
+        } else {
+            "loaded".to_string()
+        };
+        println!("spool serve: store {} {how}", start.image);
+        for export in daemon.exports() {
+            println!(
+                "spool serve: export {} (blob {:#x}, {} bytes{}{})",
+                export.name,
+                export.blob_id,
+                export.size_bytes,
+                if export.thin { ", thin" } else { "" },
+                if export.read_only { ", read-only" } else { "" },
+            );
+        }
+        for addr in daemon.listening() {
+            let url = match addr {
+                ListenAddr::Tcp(addr) => format!("nbd://{addr}/"),
+                ListenAddr::Unix(path) => format!("nbd+unix:///?socket={}", path.display()),
+            };
+            println!("spool serve: listening on {addr} ({url})");
+        }
+        println!("spool serve: ready (Ctrl-C or SIGTERM stops it cleanly)");
+    })?;
+    println!(
+        "spool serve: stopped cleanly after {} connection(s){}",
+        summary.connections,
+        if summary.refused > 0 {
+            format!(", {} refused", summary.refused)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
