@@ -1,0 +1,3 @@
+//! Test helpers shared by the engine's integration tests.
+
+pub mod nbd_client;
