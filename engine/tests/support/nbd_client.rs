@@ -72,7 +72,7 @@ impl Write for Conn {
 
 /// Opens a socket to `addr` with a read timeout (so a hung daemon fails the test).
 pub fn dial(addr: &ListenAddr) -> Conn {
-    let conn = match addr {
+    match addr {
         ListenAddr::Tcp(addr) => {
             let s = TcpStream::connect(addr).expect("connect");
             s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -84,8 +84,7 @@ pub fn dial(addr: &ListenAddr) -> Conn {
             s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             Conn::Unix(s)
         }
-    };
-    conn
+    }
 }
 
 /// One reply, whole.
