@@ -669,3 +669,37 @@ fn a_malloc_store_serves_a_fresh_thin_vol0() {
     client.disconnect();
     daemon.stop().unwrap();
 }
+
+#[test]
+fn connections_spread_over_two_reactors_share_the_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = make_store(dir.path());
+    let mut opts = options(&image);
+    opts.cores = vec![0, 1];
+    let daemon = Daemon::start(&opts).unwrap();
+    let at = addr(&daemon);
+    // Four connections go round the two reactors; each writes thin clusters of its own
+    // (first writes: cluster inserts sent to the metadata reactor) and reads the others'.
+    let mut clients: Vec<Client> = (0..4)
+        .map(|_| Client::connect(&at, "vol0", Ask::default()))
+        .collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let offset = i as u64 * 2 * MIB + 4096;
+        assert_eq!(client.write(offset, &pattern(20 + i as u8, 65536), 0), 0);
+    }
+    assert_eq!(clients[3].flush(), 0);
+    for client in &mut clients {
+        for i in 0..4u64 {
+            let back = client.read(i * 2 * MIB + 4096, 65536).unwrap();
+            assert!(
+                back == pattern(20 + i as u8, 65536),
+                "written by client {i}"
+            );
+        }
+    }
+    for client in clients {
+        client.disconnect();
+    }
+    daemon.stop().unwrap();
+    assert_eq!(clean_and_blobs(&image), (true, 4));
+}

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Side-by-side NBD servers under fio's nbd engine: `spool serve`, `qemu-nbd` and nbdkit's
+file plugin, serving the same workload, alternating, with medians.
+
+Cases: 4 KiB randread and randwrite, at iodepth 1 and 16, over one and two connections
+(fio jobs), over TCP loopback and a Unix socket; once with the data in a fully written file
+on disk, once from memory (Spool's malloc store against qemu-nbd and nbdkit on a file in
+/dev/shm). Every server gets the same core (`--server-core`, via taskset; Spool's reactor is
+pinned there) and fio runs on the other (`--fio-core`). Each case runs PAIRS rounds; in each
+round the servers take turns (the order rotates), and the table gives each server's median
+IOPS and p99 completion latency and Spool's ratio to each other server.
+
+Needs: a release build of spool (cargo build --release -p spool-tools), fio, qemu-nbd
+(qemu-utils) and nbdkit. Prints a Markdown table; --raw writes every run as JSON.
+
+Usage:
+  ci/nbd-compare.py [--pairs 3] [--time 5] [--dir /var/tmp] [--size 1G]
+                    [--storage disk,memory] [--transports tcp,unix] [--only SUBSTRING]
+                    [--raw out.json]
+"""
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPOOL = os.path.join(ROOT, "target", "release", "spool")
+PORT = 10900
+
+
+def wait_port(port, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def wait_path(path, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"no socket at {path}")
+
+
+class Server:
+    """One server process serving export `vol0`."""
+
+    def __init__(self, name, cmd, transport, sock):
+        self.name, self.cmd, self.transport, self.sock = name, cmd, transport, sock
+        self.proc = None
+
+    def uri(self):
+        if self.transport == "tcp":
+            return f"nbd://127.0.0.1:{PORT}/vol0"
+        return f"nbd+unix:///vol0?socket={self.sock}"
+
+    def __enter__(self):
+        if self.transport == "unix" and os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        if self.transport == "tcp":
+            wait_port(PORT)
+        else:
+            wait_path(self.sock)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        time.sleep(0.2)
+
+
+def spool_cmd(store, transport, sock, core):
+    listen = ["--listen", f"127.0.0.1:{PORT}"] if transport == "tcp" else ["--socket", sock]
+    return [SPOOL, "serve", store, "--cores", str(core)] + listen
+
+
+def qemu_cmd(path, transport, sock, core):
+    listen = ["-b", "127.0.0.1", "-p", str(PORT)] if transport == "tcp" else ["-k", sock]
+    return ["taskset", "-c", str(core), "qemu-nbd", "-f", "raw", "--cache=none",
+            "--aio=io_uring", "-x", "vol0", "-t", "-e", "16", "--discard=unmap"] + listen + [path]
+
+
+def nbdkit_cmd(path, transport, sock, core):
+    listen = ["-i", "127.0.0.1", "-p", str(PORT)] if transport == "tcp" else ["-U", sock]
+    return ["taskset", "-c", str(core), "nbdkit", "-f", "-e", "vol0"] + listen + [
+        "file", f"file={path}", "cache=none"]
+
+
+def fio(uri, rw, qd, jobs, time_s, core, size):
+    cmd = ["taskset", "-c", str(core), "fio", "--name=cmp", "--ioengine=nbd", f"--uri={uri}",
+           f"--rw={rw}", "--bs=4k", f"--iodepth={qd}", f"--numjobs={jobs}", "--time_based",
+           f"--runtime={time_s}", f"--size={size}", "--group_reporting", "--randrepeat=0",
+           "--norandommap", "--output-format=json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if rw == "randread" else job["write"]
+    p99 = side["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000.0
+    return {"iops": side["iops"], "p99_us": p99}
+
+
+def fill(uri, core, size):
+    subprocess.run(["taskset", "-c", str(core), "fio", "--name=fill", "--ioengine=nbd",
+                    f"--uri={uri}", "--rw=write", "--bs=1M", "--iodepth=8", f"--size={size}"],
+                   check=True, capture_output=True)
+
+
+def prepare(storage, workdir, size_bytes):
+    """The store for Spool and the raw file for the others."""
+    if storage == "memory":
+        raw = "/dev/shm/spool-nbd-compare.raw"
+        subprocess.run(["dd", "if=/dev/zero", f"of={raw}", "bs=4M",
+                        f"count={size_bytes // (4 << 20)}"], check=True, capture_output=True)
+        return f"malloc:{size_bytes}", raw
+    store = os.path.join(workdir, "spool-nbd-compare.img")
+    raw = os.path.join(workdir, "spool-nbd-compare.raw")
+    for path in (store, raw):
+        if os.path.exists(path):
+            os.unlink(path)
+    subprocess.run([SPOOL, "init", store, "--size", str(size_bytes)], check=True,
+                   capture_output=True)
+    info = json.loads(subprocess.run([SPOOL, "info", store, "--json"], check=True,
+                                     capture_output=True, text=True).stdout)
+    volume = info["total_data_clusters"] * info["cluster_size"]
+    subprocess.run([SPOOL, "create", store, "--size", str(volume), "--name", "vol0"],
+                   check=True, capture_output=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={raw}", "bs=4M",
+                    f"count={size_bytes // (4 << 20)}", "oflag=direct"], check=True,
+                   capture_output=True)
+    return store, raw
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--time", type=int, default=5)
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--storage", default="disk,memory")
+    ap.add_argument("--transports", default="tcp,unix")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--server-core", type=int, default=0)
+    ap.add_argument("--fio-core", type=int, default=1)
+    ap.add_argument("--raw")
+    args = ap.parse_args()
+    size_bytes = int(args.size[:-1]) << {"G": 30, "M": 20}[args.size[-1]]
+    io_size = f"{size_bytes // 2 >> 20}M"
+    sock = os.path.join(args.dir, "spool-nbd-compare.sock")
+    raw_runs = []
+    rows = []
+    for storage in args.storage.split(","):
+        store, raw = prepare(storage, args.dir, size_bytes)
+        servers = {
+            "spool": lambda t: spool_cmd(store, t, sock, args.server_core),
+            "qemu-nbd": lambda t: qemu_cmd(raw, t, sock, args.server_core),
+            "nbdkit": lambda t: nbdkit_cmd(raw, t, sock, args.server_core),
+        }
+        for transport, rw, qd, jobs in itertools.product(
+                args.transports.split(","), ["randread", "randwrite"], [1, 16], [1, 2]):
+            case = f"{storage} {transport} {rw} qd{qd} x{jobs}"
+            if args.only and args.only not in case:
+                continue
+            results = {name: [] for name in servers}
+            order = list(servers)
+            for round_ in range(args.pairs):
+                for name in order[round_ % 3:] + order[:round_ % 3]:
+                    with Server(name, servers[name](transport), transport, sock) as server:
+                        if name == "spool" and storage == "memory":
+                            # A malloc store starts empty each run: written first, so reads
+                            # copy data instead of answering holes.
+                            fill(server.uri(), args.fio_core, io_size)
+                        run = fio(server.uri(), rw, qd, jobs, args.time, args.fio_core, io_size)
+                    results[name].append(run)
+                    raw_runs.append({"case": case, "server": name, **run})
+                    print(f"{case:40} {name:9} {run['iops']:>10.0f} IOPS  p99 {run['p99_us']:8.1f} us",
+                          file=sys.stderr, flush=True)
+            med = {n: (statistics.median(r["iops"] for r in rs),
+                       statistics.median(r["p99_us"] for r in rs)) for n, rs in results.items()}
+            rows.append((case, med))
+    print("| case | spool IOPS | qemu-nbd IOPS | nbdkit IOPS | spool/qemu-nbd | spool/nbdkit "
+          "| spool p99 us | qemu-nbd p99 us | nbdkit p99 us |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for case, med in rows:
+        s, q, k = med["spool"], med["qemu-nbd"], med["nbdkit"]
+        print(f"| {case} | {s[0]:.0f} | {q[0]:.0f} | {k[0]:.0f} | {s[0] / max(q[0], 1):.2f} "
+              f"| {s[0] / max(k[0], 1):.2f} | {s[1]:.0f} | {q[1]:.0f} | {k[1]:.0f} |")
+    if args.raw:
+        with open(args.raw, "w") as f:
+            json.dump(raw_runs, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
