@@ -55,8 +55,8 @@ pub(crate) struct Reply {
 pub(crate) struct Conn {
     /// The reactor's daemon state.
     pub(crate) state: Rc<ReactorServe>,
-    /// Index of the export in `state.exports.volumes`.
-    pub(crate) volume: usize,
+    /// The volume served.
+    pub(crate) volume: std::sync::Arc<super::volumes::Volume>,
     /// What was negotiated.
     pub(crate) negotiated: Negotiated,
     /// Encodes the replies.
@@ -267,9 +267,10 @@ async fn handshake(
     reader: &mut ReadHalf,
     writer: &mut WriteHalf,
     state: &Rc<ReactorServe>,
-) -> Result<Option<(usize, Negotiated, Vec<u8>)>, String> {
+) -> Result<Option<(std::sync::Arc<super::volumes::Volume>, Negotiated, Vec<u8>)>, String> {
+    let exports = state.exports();
     let (mut handshake, greeting) =
-        Handshake::new(state.exports.infos.clone(), state.shared.handshake.clone())
+        Handshake::new(exports.infos.clone(), state.shared.handshake.clone())
             .map_err(|err| format!("export configuration: {err}"))?;
     writer
         .write_all(&greeting)
@@ -310,7 +311,12 @@ async fn handshake(
             match step.outcome {
                 None => {}
                 Some(Outcome::Done { export, negotiated }) => {
-                    return Ok(Some((export, negotiated, input.to_vec())));
+                    let volume = exports
+                        .volumes
+                        .get(export)
+                        .cloned()
+                        .ok_or_else(|| format!("export {export} is not in the list"))?;
+                    return Ok(Some((volume, negotiated, input.to_vec())));
                 }
                 Some(Outcome::Aborted) => return Ok(None),
                 Some(Outcome::Closed(reason)) => return Err(reason.to_string()),

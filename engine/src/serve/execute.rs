@@ -111,8 +111,7 @@ pub(crate) async fn execute(conn: Rc<Conn>, request: Request, payload: Option<Dm
 }
 
 async fn run(conn: &Conn, request: &Request, payload: Option<DmaBuf>) -> Done {
-    let volume = &conn.state.exports.volumes[conn.volume];
-    let blob = Arc::clone(&volume.io);
+    let blob = Arc::clone(&conn.volume.io);
     let channel = match conn.state.channel() {
         Ok(channel) => channel,
         Err(err) => return failed(&err),

@@ -19,8 +19,7 @@ use super::volumes::ExportSet;
 
 /// One reactor's share of the daemon.
 pub(crate) struct ReactorServe {
-    /// The exported volumes.
-    pub(crate) exports: Arc<ExportSet>,
+    exports: RefCell<Arc<ExportSet>>,
     /// Daemon-wide counters and settings.
     pub(crate) shared: Arc<DaemonShared>,
     /// DMA buffers for requests.
@@ -38,7 +37,7 @@ impl ReactorServe {
     /// Installs this reactor's state (replacing any earlier one).
     pub(crate) fn install(exports: Arc<ExportSet>, shared: Arc<DaemonShared>) {
         let state = Rc::new(ReactorServe {
-            exports,
+            exports: RefCell::new(exports),
             shared,
             buffers: BufferCache::default(),
             channel: RefCell::new(None),
@@ -62,12 +61,24 @@ impl ReactorServe {
         }
     }
 
+    /// The exported volumes now (a connection keeps the set it started with).
+    pub(crate) fn exports(&self) -> Arc<ExportSet> {
+        Arc::clone(&self.exports.borrow())
+    }
+
+    /// Replaces the exported volumes (connections already serving a volume keep it).
+    #[allow(dead_code)]
+    pub(crate) fn set_exports(&self, exports: Arc<ExportSet>) {
+        *self.exports.borrow_mut() = exports;
+    }
+
     /// This reactor's channel to the store (opened on first use).
     pub(crate) fn channel(&self) -> spool_blob::Result<BlobChannel> {
         if let Some(channel) = self.channel.borrow().as_ref() {
             return Ok(channel.clone());
         }
-        let volume = self.exports.volumes.first().ok_or_else(|| {
+        let exports = self.exports();
+        let volume = exports.volumes.first().ok_or_else(|| {
             spool_blob::BlobError::InvalidArgument("no volume is exported".into())
         })?;
         let channel = volume.io.channel()?;

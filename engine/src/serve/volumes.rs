@@ -37,8 +37,8 @@ pub(crate) struct Volume {
 pub(crate) struct ExportSet {
     /// The handshake's view (same order as `volumes`).
     pub(crate) infos: Arc<[ExportInfo]>,
-    /// The volumes.
-    pub(crate) volumes: Vec<Volume>,
+    /// The volumes (shared with the connections serving them).
+    pub(crate) volumes: Vec<Arc<Volume>>,
 }
 
 /// An exported volume as the daemon reports it.
@@ -204,11 +204,11 @@ pub(crate) async fn open_exports(
             base_allocation: true,
             features: Features::ALL,
         };
-        volumes.push(Volume {
+        volumes.push(Arc::new(Volume {
             info,
             io: blob.io(),
             thin: blob.is_thin(),
-        });
+        }));
         blobs.push(blob);
     }
     if let Some(err) = failure {
