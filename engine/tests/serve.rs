@@ -703,3 +703,75 @@ fn connections_spread_over_two_reactors_share_the_volumes() {
     daemon.stop().unwrap();
     assert_eq!(clean_and_blobs(&image), (true, 4));
 }
+
+/// The SPDK-written image `name` from the shared fixtures, unpacked into `dir`, and its
+/// manifest.
+fn spdk_fixture(name: &str, dir: &Path) -> (PathBuf, serde_json::Value) {
+    // The copies in the repository (fixtures/spdk), as the other crates' tests use them.
+    let fixtures = std::env::var_os("SPOOL_FIXTURES_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/spdk"),
+            PathBuf::from,
+        );
+    let gz = std::fs::File::open(fixtures.join(format!("{name}.img.gz"))).expect("fixture");
+    let mut image = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut image)
+        .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join(format!("{name}.json"))).unwrap())
+            .unwrap();
+    let path = dir.join(format!("{name}.img"));
+    std::fs::write(&path, &image).unwrap();
+    (path, manifest)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn an_lvol_store_spdk_wrote_is_served_volume_by_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, manifest) = spdk_fixture("p2-lvs-thin-snap", dir.path());
+    let daemon = Daemon::start(&options(&image)).unwrap();
+    let mut names: Vec<_> = daemon.exports().iter().map(|e| e.name.clone()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["clone0", "lv0", "snap0"],
+        "the lvs super blob is not a volume"
+    );
+    for blob in manifest["blobs"].as_array().unwrap() {
+        let id = blob["id"].as_u64().unwrap();
+        let Some(export) = daemon.exports().iter().find(|e| e.blob_id == id) else {
+            continue;
+        };
+        let mut client = Client::connect(&addr(&daemon), &export.name, Ask::default());
+        assert_eq!(client.size, blob["size_bytes"].as_u64().unwrap());
+        assert_eq!(
+            client.flags & 2 != 0,
+            blob["read_only"].as_bool().unwrap(),
+            "{}: read-only as SPDK wrote it",
+            export.name
+        );
+        let mut content = Vec::new();
+        for chunk in (0..client.size).step_by(4 << 20) {
+            let len = (client.size - chunk).min(4 << 20) as u32;
+            content.extend(client.read(chunk, len).unwrap());
+        }
+        assert_eq!(
+            sha256_hex(&content),
+            blob["sha256"].as_str().unwrap(),
+            "{}: every byte as SPDK's blobcli read it",
+            export.name
+        );
+        client.disconnect();
+    }
+    daemon.stop().unwrap();
+}

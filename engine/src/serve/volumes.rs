@@ -6,7 +6,8 @@
 //! Naming: a blob's export name is its `name` xattr (SPDK's lvol layer stores it NUL-padded
 //! to 64 bytes; trailing NULs are dropped) when that is a valid NBD string and unique in the
 //! store, else its id as SPDK prints it (`0x100000000`). Snapshots (read-only blobs) are
-//! exported read-only.
+//! exported read-only. In an lvol store (bstype `LVOLSTORE`) the super blob holds the
+//! store's name and uuid and is not exported.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use crate::EngineError;
 
 /// The xattr that holds a volume's name (as SPDK's lvol layer names it).
 pub const NAME_XATTR: &str = "name";
+/// The bstype of a store SPDK's lvol layer made.
+const LVOLSTORE: &str = "LVOLSTORE";
 /// Bytes SPDK's lvol layer gives a name (NUL-padded).
 const LVOL_NAME_BYTES: usize = 64;
 
@@ -120,7 +123,15 @@ pub(crate) async fn open_exports(
 ) -> Result<ExportSet, EngineError> {
     let mut opened: Vec<(Blob, Option<String>)> = Vec::new();
     let mut failure = None;
+    // An lvol store's super blob holds the store's own name and uuid: it is not a volume.
+    let lvstore_super = (spool_blob::format::super_block::bstype_name(&store.bstype())
+        == LVOLSTORE)
+        .then(|| store.get_super().ok())
+        .flatten();
     for id in store.blob_ids() {
+        if Some(id) == lvstore_super {
+            continue;
+        }
         match store.open_blob(id).await {
             Ok(blob) => {
                 let name = blob.xattr(NAME_XATTR).and_then(|value| stored_name(&value));
