@@ -23,6 +23,12 @@ pub enum EngineError {
     /// Something named does not exist (-ENOENT): an export, a volume.
     #[error("{0}")]
     NotFound(String),
+    /// Something with that name exists already (-EEXIST).
+    #[error("{0}")]
+    Exists(String),
+    /// In use (-EBUSY): an export with clients, a volume that is exported.
+    #[error("{0}")]
+    Busy(String),
     /// A bdev failure.
     #[error(transparent)]
     Bdev(#[from] spool_bdev::BdevError),
@@ -41,6 +47,8 @@ impl EngineError {
             Self::InvalidArgument(_) => -libc::EINVAL,
             Self::Interrupted(_) => -libc::EINTR,
             Self::NotFound(_) => -libc::ENOENT,
+            Self::Exists(_) => -libc::EEXIST,
+            Self::Busy(_) => -libc::EBUSY,
             Self::File { errno, .. } => *errno,
             Self::Bdev(err) => err.errno(),
             Self::Reactor(err) => err.errno(),

@@ -11,6 +11,7 @@
 //! - [`signals`]: SIGINT and SIGTERM as a request to stop cleanly (a second one is fatal).
 //! - [`nbd`]: the NBD protocol with no I/O: wire format, handshake, request decoding and
 //!   replies.
+//! - [`rpc`]: JSON-RPC management while serving (SPDK's methods and shapes).
 //! - [`serve`]: the daemon (`spool serve`): the store on the reactors, volumes exported over
 //!   NBD, drained and unloaded cleanly on a stop.
 //! - [`size`]: human sizes ("1G", "512MiB", "4096", "0x1000").
@@ -23,6 +24,7 @@ pub mod lock;
 pub mod nbd;
 pub mod net;
 pub mod offline;
+pub mod rpc;
 pub mod serve;
 pub mod signals;
 pub mod size;

@@ -22,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve a store's volumes over NBD until SIGINT/SIGTERM (the daemon).
     Serve(ServeArgs),
+    /// Call a running daemon's JSON-RPC method and print the result as JSON.
+    Rpc(RpcArgs),
     /// Measure a block device through Spool's reactors (SPDK bdevperf's job).
     Perf(PerfArgs),
     /// Format IMAGE as an empty blobstore (creating the file with --size).
@@ -210,4 +212,28 @@ pub struct ServeArgs {
     /// Seconds a client may take to finish the NBD handshake.
     #[arg(long, default_value_t = 10.0)]
     pub handshake_timeout: f64,
+    /// Take JSON-RPC calls (SPDK's methods) on this Unix socket (mode 0600).
+    #[arg(long, value_name = "PATH", default_value = spool_engine::serve::DEFAULT_RPC_SOCKET)]
+    pub rpc: String,
+    /// No JSON-RPC socket.
+    #[arg(long, conflicts_with = "rpc")]
+    pub no_rpc: bool,
+}
+
+/// Arguments of `spool rpc`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RpcArgs {
+    /// The daemon's JSON-RPC socket.
+    #[arg(short, long, default_value = spool_engine::serve::DEFAULT_RPC_SOCKET)]
+    pub socket: String,
+    /// Seconds to wait for the answer.
+    #[arg(short, long, default_value_t = 60.0)]
+    pub timeout: f64,
+    /// The method (SPDK's names: bdev_lvol_create, bdev_get_bdevs, ...; rpc_get_methods
+    /// lists them).
+    pub method: String,
+    /// The parameters: one JSON object (e.g. '{"name": "lv0"}'), or --key value pairs
+    /// (dashes in keys become underscores; values that parse as JSON are taken as JSON).
+    #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+    pub params: Vec<String>,
 }

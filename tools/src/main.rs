@@ -4,6 +4,7 @@ mod blob_cmd;
 mod cli;
 mod error;
 mod perf;
+mod rpc_cmd;
 mod serve_cmd;
 
 use std::io::IsTerminal;
@@ -76,6 +77,7 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
             Ok(())
         }
         Command::Serve(args) => serve_cmd::serve(args),
+        Command::Rpc(args) => rpc_cmd::rpc(args),
         blob_command => blob_cmd::run(blob_command),
     }
 }

@@ -52,6 +52,7 @@ pub fn options(args: &ServeArgs) -> Result<ServeOptions, ToolError> {
         },
         pin: !args.no_pin,
         handshake_timeout: Duration::from_secs_f64(args.handshake_timeout),
+        rpc: (!args.no_rpc).then(|| PathBuf::from(&args.rpc)),
         ..ServeOptions::default()
     })
 }
@@ -85,6 +86,9 @@ pub fn serve(args: &ServeArgs) -> Result<(), ToolError> {
                 ListenAddr::Unix(path) => format!("nbd+unix:///?socket={}", path.display()),
             };
             println!("spool serve: listening on {addr} ({url})");
+        }
+        if let Some(path) = daemon.rpc_socket() {
+            println!("spool serve: JSON-RPC on {}", path.display());
         }
         println!("spool serve: ready (Ctrl-C or SIGTERM stops it cleanly)");
     })?;

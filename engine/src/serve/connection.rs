@@ -213,6 +213,19 @@ pub(crate) async fn serve_connection(stream: Stream, peer: String, state: Rc<Rea
         via_go = negotiated.via_go,
         "client connected"
     );
+    // Counted as a client of its volume while it lives (a stop_export waits for none).
+    struct Client(std::sync::Arc<super::volumes::Volume>);
+    impl Drop for Client {
+        fn drop(&mut self) {
+            self.0
+                .connections
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+    volume
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let _client = Client(std::sync::Arc::clone(&volume));
     let conn = Rc::new(Conn {
         encoder: ReplyEncoder::new(&negotiated),
         negotiated: negotiated.clone(),

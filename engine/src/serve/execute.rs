@@ -31,6 +31,7 @@ use spool_bdev::dma::DmaBuf;
 use spool_blob::{BlobChannel, BlobError, BlobIo};
 
 use super::connection::{Conn, Reply};
+use super::iostat::IoKind;
 use crate::nbd::request::{Command, Request};
 use crate::nbd::wire::{command_flags as cf, state_flags, Errno, Extent};
 
@@ -55,6 +56,7 @@ fn failed(err: &BlobError) -> Done {
 
 /// Runs `request` and queues its reply on `conn`. `payload` is a WRITE's data.
 pub(crate) async fn execute(conn: Rc<Conn>, request: Request, payload: Option<DmaBuf>) {
+    let started_ns = spool_reactor::now_ns();
     let done = if conn.state.is_stopping() && request.command != Command::Flush {
         if let Some(buf) = payload {
             conn.state.buffers.give(buf);
@@ -63,6 +65,20 @@ pub(crate) async fn execute(conn: Rc<Conn>, request: Request, payload: Option<Dm
     } else {
         run(&conn, &request, payload).await
     };
+    let kind = match request.command {
+        Command::Read => Some(IoKind::Read),
+        Command::Write | Command::WriteZeroes => Some(IoKind::Write),
+        Command::Trim => Some(IoKind::Unmap),
+        _ => None,
+    };
+    if let (Some(kind), false) = (kind, matches!(done, Done::Failed(..))) {
+        conn.state.iostats.count(
+            conn.volume.io.id(),
+            kind,
+            u64::from(request.length),
+            spool_reactor::now_ns().saturating_sub(started_ns),
+        );
+    }
     let mut head = Vec::with_capacity(32);
     let handle = request.handle;
     let (data, is_failure) = match done {

@@ -24,6 +24,8 @@ pub(crate) struct ReactorServe {
     pub(crate) shared: Arc<DaemonShared>,
     /// DMA buffers for requests.
     pub(crate) buffers: BufferCache,
+    /// This reactor's I/O counters per volume.
+    pub(crate) iostats: super::iostat::IoStats,
     channel: RefCell<Option<BlobChannel>>,
     stopping: Cell<bool>,
     stop_wakers: RefCell<Slab<std::task::Waker>>,
@@ -40,6 +42,7 @@ impl ReactorServe {
             exports: RefCell::new(exports),
             shared,
             buffers: BufferCache::default(),
+            iostats: super::iostat::IoStats::default(),
             channel: RefCell::new(None),
             stopping: Cell::new(false),
             stop_wakers: RefCell::new(Slab::new()),

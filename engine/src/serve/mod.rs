@@ -28,11 +28,12 @@
 mod buffers;
 mod connection;
 mod execute;
+pub(crate) mod iostat;
 mod listen;
-mod local;
-mod race;
-mod shared;
-mod volumes;
+pub(crate) mod local;
+pub(crate) mod race;
+pub(crate) mod shared;
+pub(crate) mod volumes;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +49,7 @@ use crate::net::{ListenAddr, Listener};
 use crate::target::{open_image, TargetOptions, TargetSpec};
 use crate::EngineError;
 
+pub use iostat::IoStat;
 pub use volumes::{ExportSummary, NAME_XATTR};
 
 use local::ReactorServe;
@@ -59,6 +61,9 @@ pub const DEFAULT_IMAGE: &str = "spool.img";
 pub const DEFAULT_IMAGE_BYTES: u64 = 1 << 30;
 /// The embedded default's one volume: thin, as large as the store's data clusters.
 pub const DEFAULT_VOLUME: &str = "vol0";
+/// Where `spool serve` takes JSON-RPC calls unless told otherwise (SPDK's default is
+/// /var/tmp/spdk.sock).
+pub const DEFAULT_RPC_SOCKET: &str = "/var/tmp/spool.sock";
 /// The NBD port (IANA), on loopback unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
@@ -92,6 +97,8 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// The io_uring bdev's settings for a file or block device.
     pub target: TargetOptions,
+    /// The JSON-RPC socket (a Unix socket, mode 0600), or none.
+    pub rpc: Option<PathBuf>,
 }
 
 impl Default for ServeOptions {
@@ -108,6 +115,7 @@ impl Default for ServeOptions {
             shutdown_grace: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
             target: TargetOptions::default(),
+            rpc: None,
         }
     }
 }
@@ -143,6 +151,7 @@ pub struct Daemon {
     exports: Vec<ExportSummary>,
     start: StartInfo,
     drain_timeout: Duration,
+    rpc: Option<PathBuf>,
     bdev: Option<Arc<dyn Bdev>>,
     lock: Option<ImageLock>,
 }
@@ -337,6 +346,7 @@ impl Daemon {
                 load_report,
             },
             drain_timeout: options.drain_timeout,
+            rpc: None,
             bdev: None,
             lock: None,
         };
@@ -349,6 +359,8 @@ impl Daemon {
             })?
         };
         install.wait()?;
+        let rpc = options.rpc.clone();
+        let cores = options.cores.clone();
         let bound = runtime.block_on(metadata_reactor, move || async move {
             let mut bound = Vec::new();
             let Some(state) = ReactorServe::current() else {
@@ -364,10 +376,32 @@ impl Daemon {
                 bound.push(listener.local_addr().unwrap_or_else(|_| addr.clone()));
                 listeners.push(listener);
             }
+            let rpc_listener = match &rpc {
+                Some(path) => Some(
+                    Listener::bind(&ListenAddr::Unix(path.clone())).map_err(|err| {
+                        EngineError::File {
+                            path: path.display().to_string(),
+                            reason: format!("JSON-RPC socket: {err}"),
+                            errno: -err.raw_os_error().unwrap_or(libc::EADDRINUSE),
+                        }
+                    })?,
+                ),
+                None => None,
+            };
             for listener in listeners {
                 drop(spool_reactor::spawn_local(listen::accept_loop(
                     listener,
                     std::rc::Rc::clone(&state),
+                )));
+            }
+            if let Some(listener) = rpc_listener {
+                let context = std::rc::Rc::new(crate::rpc::methods::RpcContext {
+                    shared: std::sync::Arc::clone(&state.shared),
+                    cores,
+                    clients: std::cell::Cell::new(0),
+                });
+                drop(spool_reactor::spawn_local(crate::rpc::server::serve_rpc(
+                    listener, context,
                 )));
             }
             Ok(bound)
@@ -385,6 +419,10 @@ impl Daemon {
         }
         for addr in &daemon.listening {
             tracing::info!(%addr, "listening");
+        }
+        daemon.rpc = options.rpc.clone();
+        if let Some(path) = &daemon.rpc {
+            tracing::info!(socket = %path.display(), "JSON-RPC");
         }
         for export in &daemon.exports {
             tracing::info!(
@@ -410,7 +448,12 @@ impl Daemon {
         &self.listening
     }
 
-    /// The exported volumes.
+    /// The JSON-RPC socket, if there is one.
+    pub fn rpc_socket(&self) -> Option<&std::path::Path> {
+        self.rpc.as_deref()
+    }
+
+    /// The exported volumes (as at start; management calls may change them since).
     pub fn exports(&self) -> &[ExportSummary] {
         &self.exports
     }

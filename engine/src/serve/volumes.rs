@@ -10,6 +10,7 @@
 //! store's name and uuid and is not exported.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use spool_blob::{Blob, BlobIo, BlobOptions, Blobstore};
@@ -34,6 +35,8 @@ pub(crate) struct Volume {
     pub(crate) io: Arc<BlobIo>,
     /// Thin provisioned.
     pub(crate) thin: bool,
+    /// Connections serving it now.
+    pub(crate) connections: AtomicUsize,
 }
 
 /// The exported volumes, in the order `NBD_OPT_LIST` shows them.
@@ -57,6 +60,8 @@ pub struct ExportSummary {
     pub read_only: bool,
     /// Thin provisioned.
     pub thin: bool,
+    /// Connections serving it now.
+    pub connections: usize,
 }
 
 /// What the metadata reactor holds while the daemon serves.
@@ -179,8 +184,6 @@ pub(crate) async fn open_exports(
             }
         }
     }
-    let io_unit = store.io_unit_size();
-    let cluster_size = store.cluster_size();
     let mut blobs = Vec::new();
     let mut volumes = Vec::new();
     for ((blob, _), (name, keep)) in opened.into_iter().zip(names.into_iter().zip(keep)) {
@@ -190,36 +193,7 @@ pub(crate) async fn open_exports(
             }
             continue;
         }
-        let read_only = blob.is_read_only() || blob.is_data_read_only();
-        let kind = if store.is_snapshot(blob.id()) {
-            "snapshot"
-        } else if blob.is_clone() {
-            "clone"
-        } else if blob.is_thin() {
-            "thin volume"
-        } else {
-            "volume"
-        };
-        let info = ExportInfo {
-            name,
-            description: format!(
-                "spool {kind} {:#x}, {} clusters of {} bytes{}",
-                blob.id(),
-                blob.num_clusters(),
-                cluster_size,
-                if read_only { ", read-only" } else { "" }
-            ),
-            size_bytes: blob.size_bytes(),
-            read_only,
-            block_sizes: block_sizes(io_unit),
-            base_allocation: true,
-            features: Features::ALL,
-        };
-        volumes.push(Arc::new(Volume {
-            info,
-            io: blob.io(),
-            thin: blob.is_thin(),
-        }));
+        volumes.push(Arc::new(volume_of(&store, &blob, name)));
         blobs.push(blob);
     }
     if let Some(err) = failure {
@@ -228,9 +202,43 @@ pub(crate) async fn open_exports(
         }
         return Err(err);
     }
-    let infos: Arc<[ExportInfo]> = volumes.iter().map(|v| v.info.clone()).collect();
     HELD.with(|held| *held.borrow_mut() = Some(HeldStore { store, blobs }));
-    Ok(ExportSet { infos, volumes })
+    Ok(ExportSet::of(volumes))
+}
+
+/// The export of `blob` under `name`.
+fn volume_of(store: &Blobstore, blob: &Blob, name: String) -> Volume {
+    let read_only = blob.is_read_only() || blob.is_data_read_only();
+    let kind = if store.is_snapshot(blob.id()) {
+        "snapshot"
+    } else if blob.is_clone() {
+        "clone"
+    } else if blob.is_thin() {
+        "thin volume"
+    } else {
+        "volume"
+    };
+    let info = ExportInfo {
+        name,
+        description: format!(
+            "spool {kind} {:#x}, {} clusters of {} bytes{}",
+            blob.id(),
+            blob.num_clusters(),
+            store.cluster_size(),
+            if read_only { ", read-only" } else { "" }
+        ),
+        size_bytes: blob.size_bytes(),
+        read_only,
+        block_sizes: block_sizes(store.io_unit_size()),
+        base_allocation: true,
+        features: Features::ALL,
+    };
+    Volume {
+        info,
+        io: blob.io(),
+        thin: blob.is_thin(),
+        connections: AtomicUsize::new(0),
+    }
 }
 
 /// The block sizes advertised for a store with this io_unit: the io_unit is the minimum,
@@ -254,6 +262,7 @@ pub(crate) fn summaries(set: &ExportSet) -> Vec<ExportSummary> {
             size_bytes: volume.info.size_bytes,
             read_only: volume.info.read_only,
             thin: volume.thin,
+            connections: volume.connections.load(Ordering::Relaxed),
         })
         .collect()
 }
@@ -277,4 +286,186 @@ pub(crate) async fn close_and_unload() -> Result<(), EngineError> {
         first_error.get_or_insert(EngineError::from(err));
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Runs `with` on the store held on this (the metadata) reactor; -ENODEV-style error when
+/// there is none (the daemon is stopping).
+pub(crate) fn held_store() -> Result<Blobstore, EngineError> {
+    HELD.with(|held| held.borrow().as_ref().map(|held| held.store.clone()))
+        .ok_or_else(|| EngineError::InvalidArgument("the store is not open (stopping?)".into()))
+}
+
+/// Whether blob `id` is open for an export.
+pub(crate) fn is_held(id: u64) -> bool {
+    HELD.with(|held| {
+        held.borrow()
+            .as_ref()
+            .is_some_and(|held| held.blobs.iter().any(|blob| blob.id() == id))
+    })
+}
+
+/// Exports blob `id` under `name` (on this, the metadata, reactor): opens it, keeps it open,
+/// and returns the new set (the caller publishes it to every reactor). -EEXIST when the
+/// name or the blob is exported already.
+pub(crate) async fn add_export(
+    current: &ExportSet,
+    id: u64,
+    name: String,
+) -> Result<ExportSet, EngineError> {
+    check_string(name.as_bytes())
+        .map_err(|why| EngineError::InvalidArgument(format!("export name {name:?}: {why}")))?;
+    if current.volumes.iter().any(|v| v.info.name == name) {
+        return Err(EngineError::Exists(format!("an export is named {name:?}")));
+    }
+    if current.volumes.iter().any(|v| v.io.id() == id) || is_held(id) {
+        return Err(EngineError::Exists(format!("blob {id:#x} is exported already")));
+    }
+    let store = held_store()?;
+    let blob = store.open_blob(id).await?;
+    let volume = Arc::new(volume_of(&store, &blob, name));
+    HELD.with(|held| {
+        if let Some(held) = held.borrow_mut().as_mut() {
+            held.blobs.push(blob);
+        }
+    });
+    let mut volumes = current.volumes.clone();
+    volumes.push(volume);
+    Ok(ExportSet::of(volumes))
+}
+
+/// Stops exporting `name`: the new set without it (the caller publishes it), and its blob,
+/// to close once published. -ENOENT when no export has that name, -EBUSY while clients are
+/// connected to it.
+pub(crate) fn remove_export(current: &ExportSet, name: &str) -> Result<(ExportSet, u64), EngineError> {
+    let volume = current
+        .volumes
+        .iter()
+        .find(|v| v.info.name == name)
+        .ok_or_else(|| EngineError::NotFound(format!("no export is named {name:?}")))?;
+    let connections = volume.connections.load(Ordering::Acquire);
+    if connections > 0 {
+        return Err(EngineError::Busy(format!(
+            "export {name:?} has {connections} client(s) connected"
+        )));
+    }
+    let id = volume.io.id();
+    let volumes = current
+        .volumes
+        .iter()
+        .filter(|v| v.info.name != name)
+        .cloned()
+        .collect();
+    Ok((ExportSet::of(volumes), id))
+}
+
+/// Closes the held blob `id` (after its export was removed everywhere).
+pub(crate) async fn close_held(id: u64) -> Result<(), EngineError> {
+    let blob = HELD.with(|held| {
+        let mut held = held.borrow_mut();
+        let held = held.as_mut()?;
+        let index = held.blobs.iter().position(|blob| blob.id() == id)?;
+        Some(held.blobs.swap_remove(index))
+    });
+    match blob {
+        Some(blob) => Ok(blob.close().await?),
+        None => Ok(()),
+    }
+}
+
+impl ExportSet {
+    /// The set of `volumes`.
+    pub(crate) fn of(volumes: Vec<Arc<Volume>>) -> ExportSet {
+        ExportSet {
+            infos: volumes.iter().map(|v| v.info.clone()).collect(),
+            volumes,
+        }
+    }
+}
+
+/// What the management calls say of one volume.
+#[derive(Debug, Clone)]
+pub(crate) struct VolumeDescription {
+    /// Blob id.
+    pub(crate) id: u64,
+    /// The `name` xattr (NULs dropped), if valid text.
+    pub(crate) name: Option<String>,
+    /// The `uuid` xattr (NULs dropped), if valid text.
+    pub(crate) uuid: Option<String>,
+    /// Size in bytes.
+    pub(crate) size_bytes: u64,
+    /// Clusters it owns.
+    pub(crate) allocated_clusters: u64,
+    /// Thin provisioned.
+    pub(crate) thin: bool,
+    /// Read-only (snapshots).
+    pub(crate) read_only: bool,
+    /// A snapshot (others read through it).
+    pub(crate) snapshot: bool,
+    /// Its parent snapshot.
+    pub(crate) parent: Option<u64>,
+    /// Its clones.
+    pub(crate) clones: Vec<u64>,
+}
+
+/// The lvol store's name and uuid (from its super blob), when the store is one.
+pub(crate) async fn lvstore_identity(store: &Blobstore) -> Option<(String, String)> {
+    if spool_blob::format::super_block::bstype_name(&store.bstype()) != LVOLSTORE {
+        return None;
+    }
+    let blob = store.open_blob(store.get_super().ok()?).await.ok()?;
+    let name = blob.xattr(NAME_XATTR).and_then(|v| stored_name(&v));
+    let uuid = blob.xattr("uuid").and_then(|v| stored_name(&v));
+    let _ = blob.close().await;
+    Some((name?, uuid.unwrap_or_default()))
+}
+
+/// Every volume of the store (an lvol store's super blob excepted), described.
+pub(crate) async fn describe_all(store: &Blobstore) -> Vec<VolumeDescription> {
+    let lvstore_super = (spool_blob::format::super_block::bstype_name(&store.bstype())
+        == LVOLSTORE)
+        .then(|| store.get_super().ok())
+        .flatten();
+    let mut out = Vec::new();
+    for id in store.blob_ids() {
+        if Some(id) == lvstore_super {
+            continue;
+        }
+        let Ok(blob) = store.open_blob(id).await else {
+            continue;
+        };
+        out.push(VolumeDescription {
+            id,
+            name: blob.xattr(NAME_XATTR).and_then(|v| stored_name(&v)),
+            uuid: blob.xattr("uuid").and_then(|v| stored_name(&v)),
+            size_bytes: blob.size_bytes(),
+            allocated_clusters: blob.num_allocated_clusters(),
+            thin: blob.is_thin(),
+            read_only: blob.is_read_only() || blob.is_data_read_only(),
+            snapshot: store.is_snapshot(id),
+            parent: store.parent_of(id),
+            clones: store.clones_of(id),
+        });
+        let _ = blob.close().await;
+    }
+    out
+}
+
+/// The blob `text` names: a volume's name, its uuid, `lvs/name`, or an id as SPDK prints it
+/// (`0x100000001`) or in decimal. -ENOENT when none does.
+pub(crate) async fn find_blob(store: &Blobstore, text: &str) -> Result<u64, EngineError> {
+    let all = describe_all(store).await;
+    let lvs = lvstore_identity(store).await.map(|(name, _)| name);
+    let bare = match (&lvs, text.split_once('/')) {
+        (Some(lvs), Some((prefix, name))) if prefix == lvs => name,
+        _ => text,
+    };
+    if let Some(found) = all.iter().find(|d| {
+        d.name.as_deref() == Some(bare) || d.uuid.as_deref() == Some(text)
+    }) {
+        return Ok(found.id);
+    }
+    if let Some(id) = parse_id(text).filter(|id| all.iter().any(|d| d.id == *id)) {
+        return Ok(id);
+    }
+    Err(EngineError::NotFound(format!("no volume is named {text:?}")))
 }

@@ -39,7 +39,7 @@ use crate::error::ToolError;
 /// object and the reason.
 pub fn run(command: &Command) -> Result<(), ToolError> {
     let result = match command {
-        Command::Perf(_) | Command::Serve(_) => Err(ToolError::Failed(
+        Command::Perf(_) | Command::Serve(_) | Command::Rpc(_) => Err(ToolError::Failed(
             "perf and serve are not blobstore commands".into(),
         )),
         Command::Init(args) => store_cmds::init(args),

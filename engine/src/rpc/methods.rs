@@ -1,0 +1,84 @@
+//! The method table: every JSON-RPC method the daemon answers, in one list, so
+//! `rpc_get_methods` cannot drift from what [`dispatch`] runs. Methods take SPDK's parameter
+//! names and give SPDK's result shapes where SPDK has the same operation; parameters are
+//! decoded strictly (an unknown or wrongly-typed one is `-32602`, as SPDK's decoders do).
+//! Operation failures answer the negative errno as the code (`-ENOENT`, `-EEXIST`, `-EBUSY`,
+//! `-EINVAL`, ...) with a message naming what is wrong.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use super::jsonrpc::{codes, RpcError};
+use super::{bdev, framework, nbd};
+use crate::serve::shared::DaemonShared;
+use crate::EngineError;
+
+/// What every method may use (it runs on the metadata reactor).
+pub(crate) struct RpcContext {
+    /// The daemon's shared state (reactors, counters).
+    pub(crate) shared: Arc<DaemonShared>,
+    /// The cores the reactors run on, in reactor order.
+    pub(crate) cores: Vec<usize>,
+    /// RPC clients connected now.
+    pub(crate) clients: Cell<usize>,
+}
+
+/// A method's future.
+pub(crate) type MethodFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, RpcError>> + 'a>>;
+/// A method: context and parameters in, result out.
+pub(crate) type Handler = for<'a> fn(&'a RpcContext, Option<Value>) -> MethodFuture<'a>;
+
+/// Every method, by name.
+pub(crate) const METHODS: &[(&str, Handler)] = &[
+    ("spdk_get_version", framework::spdk_get_version),
+    ("rpc_get_methods", framework::rpc_get_methods),
+    ("framework_get_reactors", framework::framework_get_reactors),
+    ("spdk_kill_instance", framework::spdk_kill_instance),
+    ("bdev_get_bdevs", bdev::bdev_get_bdevs),
+    ("bdev_get_iostat", bdev::bdev_get_iostat),
+    ("nbd_start_export", nbd::nbd_start_export),
+    ("nbd_stop_export", nbd::nbd_stop_export),
+    ("nbd_get_exports", nbd::nbd_get_exports),
+];
+
+/// Runs `method` with `params`.
+pub(crate) async fn dispatch(
+    context: &RpcContext,
+    method: &str,
+    params: Option<Value>,
+) -> Result<Value, RpcError> {
+    match METHODS.iter().find(|(name, _)| *name == method) {
+        Some((_, handler)) => handler(context, params).await,
+        None => Err(RpcError::new(codes::METHOD_NOT_FOUND, "Method not found")),
+    }
+}
+
+/// Decodes `params` into `T` (absent params decode as an empty object).
+pub(crate) fn decode<T: DeserializeOwned>(params: Option<Value>) -> Result<T, RpcError> {
+    serde_json::from_value(params.unwrap_or_else(|| json!({}))).map_err(RpcError::invalid_params)
+}
+
+/// An engine error as SPDK answers an operation's failure: the negative errno and a message.
+pub(crate) fn failed(err: &EngineError) -> RpcError {
+    RpcError::new(err.errno(), err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_names_are_unique() {
+        for (i, (name, _)) in METHODS.iter().enumerate() {
+            assert!(
+                METHODS.iter().skip(i + 1).all(|(other, _)| other != name),
+                "{name} twice"
+            );
+        }
+    }
+}
