@@ -5,6 +5,8 @@
 //! Table of contents:
 //! - [`target`]: `null`, `malloc:SIZE` or a path, parsed and opened as a bdev.
 //! - [`offline`]: one blobstore command on an image: open, load or init, run, unload.
+//! - [`transfer`]: files into blobs and back (`spool import`, `spool export`).
+//! - [`perf`]: the perf runner (`spool perf`): per-core I/O jobs, metadata rates, reports.
 //! - [`lock`]: [`ImageLock`], one writer per image across processes.
 //! - [`net`]: TCP and Unix sockets polled by the reactors (listeners, streams).
 //! - `staged`: new files made under a temporary name and linked into place.
@@ -23,11 +25,13 @@ pub mod lock;
 pub mod nbd;
 pub mod net;
 pub mod offline;
+pub mod perf;
 pub mod serve;
 pub mod signals;
 pub mod size;
 mod staged;
 pub mod target;
+pub mod transfer;
 
 pub use crate::error::EngineError;
 pub use crate::lock::ImageLock;

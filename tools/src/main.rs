@@ -37,11 +37,11 @@ fn main() {
         Ok(()) => 0,
         Err(err) => {
             match &err {
-                ToolError::Io { report, .. } => eprint!("{}", report.to_table()),
+                ToolError::Io { report, .. } => eprint!("{}", perf::table(report)),
                 ToolError::Interrupted {
                     report: Some(report),
                     ..
-                } => print!("{}", report.to_table()),
+                } => print!("{}", perf::table(report)),
                 _ => {}
             }
             eprintln!("error: {err}");
@@ -60,7 +60,7 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
                     .map_err(|err| ToolError::Run(err.to_string()))?;
                 println!("{json}");
             } else {
-                print!("{}", report.to_table());
+                print!("{}", perf::metadata_table(&report));
             }
             Ok(())
         }
@@ -71,7 +71,7 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
                     .map_err(|err| ToolError::Run(err.to_string()))?;
                 println!("{json}");
             } else {
-                print!("{}", report.to_table());
+                print!("{}", perf::table(&report));
             }
             Ok(())
         }
