@@ -1,6 +1,6 @@
 //! Spool's engine: what turns command-line words into running reactors and open devices.
-//! It holds the daemon (`spool serve`), target parsing and opening, and the offline runner
-//! of the blobstore commands.
+//! It holds the daemon (`spool serve`), target parsing and opening, the offline runner of
+//! the blobstore commands, the perf runner and the import/export copy.
 //!
 //! Table of contents:
 //! - [`target`]: `null`, `malloc:SIZE` or a path, parsed and opened as a bdev.
