@@ -1,10 +1,12 @@
 //! Spool's engine: what turns command-line words into running reactors and open devices.
-//! It holds the daemon (`spool serve`), target parsing and opening, and the offline runner
-//! of the blobstore commands.
+//! It holds the daemon (`spool serve`), target parsing and opening, the offline runner of
+//! the blobstore commands, the perf runner and the import/export copy.
 //!
 //! Table of contents:
 //! - [`target`]: `null`, `malloc:SIZE` or a path, parsed and opened as a bdev.
 //! - [`offline`]: one blobstore command on an image: open, load or init, run, unload.
+//! - [`transfer`]: files into blobs and back (`spool import`, `spool export`).
+//! - [`perf`]: the perf runner (`spool perf`): per-core I/O jobs, metadata rates, reports.
 //! - [`lock`]: [`ImageLock`], one writer per image across processes.
 //! - [`net`]: TCP and Unix sockets polled by the reactors (listeners, streams).
 //! - `staged`: new files made under a temporary name and linked into place.
@@ -24,12 +26,14 @@ pub mod lock;
 pub mod nbd;
 pub mod net;
 pub mod offline;
+pub mod perf;
 pub mod rpc;
 pub mod serve;
 pub mod signals;
 pub mod size;
 mod staged;
 pub mod target;
+pub mod transfer;
 
 pub use crate::error::EngineError;
 pub use crate::lock::ImageLock;

@@ -73,17 +73,6 @@ pub enum Layer {
     Md,
 }
 
-impl Layer {
-    /// The layer's name as the command line spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Layer::Bdev => "bdev",
-            Layer::Blob => "blob",
-            Layer::Md => "md",
-        }
-    }
-}
-
 /// The I/O pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RwMode {
@@ -97,19 +86,6 @@ pub enum RwMode {
     Write,
     /// Random mix of reads and writes (see --rwmix).
     Randrw,
-}
-
-impl RwMode {
-    /// The fio name of the pattern.
-    pub fn name(self) -> &'static str {
-        match self {
-            RwMode::Randread => "randread",
-            RwMode::Randwrite => "randwrite",
-            RwMode::Read => "read",
-            RwMode::Write => "write",
-            RwMode::Randrw => "randrw",
-        }
-    }
 }
 
 /// Arguments of `spool perf`.

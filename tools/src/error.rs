@@ -1,6 +1,7 @@
 //! The command line's error: what to print and which exit code to use.
 
-use crate::perf::report::PerfReport;
+use spool_engine::perf::PerfReport;
+use spool_engine::EngineError;
 
 /// A failed command. Printed as one line `error: ...`.
 #[derive(Debug, thiserror::Error)]
@@ -8,9 +9,10 @@ pub enum ToolError {
     /// Bad arguments (exit code 2).
     #[error("{0}")]
     Usage(String),
-    /// The engine refused (bad target, device error).
+    /// The engine refused (bad target, device error). A stop or a benchmark's failed I/O
+    /// become [`ToolError::Interrupted`] and [`ToolError::Io`] instead (see the `From`).
     #[error(transparent)]
-    Engine(#[from] spool_engine::EngineError),
+    Engine(EngineError),
     /// A reactor failure.
     #[error(transparent)]
     Reactor(#[from] spool_reactor::ReactorError),
@@ -53,6 +55,24 @@ impl ToolError {
             ToolError::Engine(err) if err.errno() == -libc::EINVAL => 2,
             ToolError::Reactor(err) if err.errno() == -libc::EINVAL => 2,
             _ => 1,
+        }
+    }
+}
+
+impl From<EngineError> for ToolError {
+    fn from(err: EngineError) -> Self {
+        match err {
+            EngineError::Stopped {
+                signal,
+                done,
+                report,
+            } => ToolError::Interrupted {
+                signal,
+                done,
+                report,
+            },
+            EngineError::IoFailed { report, first, .. } => ToolError::Io { report, first },
+            other => ToolError::Engine(other),
         }
     }
 }

@@ -38,11 +38,11 @@ fn main() {
         Ok(()) => 0,
         Err(err) => {
             match &err {
-                ToolError::Io { report, .. } => eprint!("{}", report.to_table()),
+                ToolError::Io { report, .. } => eprint!("{}", perf::table(report)),
                 ToolError::Interrupted {
                     report: Some(report),
                     ..
-                } => print!("{}", report.to_table()),
+                } => print!("{}", perf::table(report)),
                 _ => {}
             }
             eprintln!("error: {err}");
@@ -61,7 +61,7 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
                     .map_err(|err| ToolError::Run(err.to_string()))?;
                 println!("{json}");
             } else {
-                print!("{}", report.to_table());
+                print!("{}", perf::metadata_table(&report));
             }
             Ok(())
         }
@@ -72,7 +72,7 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
                     .map_err(|err| ToolError::Run(err.to_string()))?;
                 println!("{json}");
             } else {
-                print!("{}", report.to_table());
+                print!("{}", perf::table(&report));
             }
             Ok(())
         }

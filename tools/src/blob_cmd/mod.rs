@@ -7,7 +7,8 @@
 //! - `list`: ls.
 //! - `blob_cmds`: create, resize, delete, set-read-only.
 //! - `xattr`: xattr ls/get/set/rm.
-//! - `transfer`: import and export (chunked blob I/O, progress bar).
+//! - `transfer`: import and export (arguments, progress bar; the copy is
+//!   [`spool_engine::transfer`]).
 //! - `dump`: the raw metadata dump (no load: works on corrupt images).
 //! - `resolve`: BLOB arguments (ids or names) and opening blobs safely.
 //! - `progress`: the progress bar (stderr, terminals only).

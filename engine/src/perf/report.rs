@@ -1,4 +1,6 @@
-//! A perf run's numbers: per core and in total, as a table or as one JSON object.
+//! A perf run's numbers: per core and in total. They serialise as the JSON object
+//! `spool perf --json` prints (the field names are that output's contract: `ci/` scripts and
+//! tests read them).
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -80,9 +82,9 @@ pub struct RunConfig {
     pub target: String,
     /// What the target is.
     pub kind: String,
-    /// The layer measured: "bdev" or "blob".
+    /// The layer measured: "bdev" or "blob" ([`Layer::name`](super::Layer::name)).
     pub layer: String,
-    /// The pattern.
+    /// The pattern ([`RwMode::name`](super::RwMode::name)).
     pub rw: String,
     /// Read percentage (randrw).
     pub rwmix: u8,
@@ -105,57 +107,4 @@ pub struct PerfReport {
     pub cores: Vec<CoreFigures>,
     /// Settings.
     pub config: RunConfig,
-}
-
-impl PerfReport {
-    /// The report as a table for people.
-    pub fn to_table(&self) -> String {
-        let config = &self.config;
-        let mut out = format!(
-            "spool perf: {} ({}, {} layer, {:.2} GiB), {} bs={} qd={} time={}s{}\n",
-            config.target,
-            config.kind,
-            config.layer,
-            config.size_bytes as f64 / f64::from(1u32 << 30),
-            config.rw,
-            config.bs,
-            config.qd,
-            config.time_s,
-            if config.rw == "randrw" {
-                format!(" rwmix={}", config.rwmix)
-            } else {
-                String::new()
-            },
-        );
-        out.push_str(&format!(
-            "{:>6} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}\n",
-            "core", "IOPS", "MiB/s", "mean_us", "p50_us", "p99_us", "p99.9_us", "max_us", "ns/IO"
-        ));
-        for core in &self.cores {
-            out.push_str(&row(
-                &core.core.to_string(),
-                core.iops,
-                core.mib_s,
-                &core.lat_us,
-            ));
-        }
-        out.push_str(&row(
-            "total",
-            self.total.iops,
-            self.total.mib_s,
-            &self.total.lat_us,
-        ));
-        if self.total.errors > 0 {
-            out.push_str(&format!("errors: {}\n", self.total.errors));
-        }
-        out
-    }
-}
-
-fn row(name: &str, iops: f64, mib_s: f64, lat: &LatencyUs) -> String {
-    let ns_per_io = if iops > 0.0 { 1e9 / iops } else { 0.0 };
-    format!(
-        "{:>6} {:>12.0} {:>10.1} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1}\n",
-        name, iops, mib_s, lat.mean, lat.p50, lat.p99, lat.p999, lat.max, ns_per_io
-    )
 }

@@ -1,4 +1,4 @@
-//! `spool perf --layer md`: metadata rates on the target, on one reactor (the metadata
+//! [`Layer::Md`](super::Layer::Md) (`spool perf --layer md`): metadata rates on the target, on one reactor (the metadata
 //! reactor): create (each create writes its blob's metadata: SPDK's create + sync), open +
 //! close, delete, each over `--blobs` blobs, and the time to load the store clean (after an
 //! unload) and dirty (after a crash: the store is dropped without unloading, so the load
@@ -11,6 +11,9 @@ use std::time::Instant;
 use serde::Serialize;
 use spool_bdev::BdevDesc;
 use spool_blob::{BlobOptions, Blobstore, InitOptions, LoadOptions};
+
+use crate::error::step;
+use crate::EngineError;
 
 /// What the metadata run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -44,49 +47,21 @@ pub struct MetadataReport {
     pub clone_ms: f64,
 }
 
-impl MetadataReport {
-    /// The report as a table for people.
-    pub fn to_table(&self) -> String {
-        let rows = [
-            ("create+sync ops/s", format!("{:.0}", self.create_per_s)),
-            ("open+close ops/s", format!("{:.0}", self.open_close_per_s)),
-            ("delete ops/s", format!("{:.0}", self.delete_per_s)),
-            ("clean load ms", format!("{:.1}", self.clean_load_ms)),
-            ("dirty load ms", format!("{:.1}", self.dirty_load_ms)),
-            ("thick write/s", format!("{:.0}", self.thick_write_per_s)),
-            (
-                "thin first write/s",
-                format!("{:.0}", self.thin_first_write_per_s),
-            ),
-            ("snapshot ms", format!("{:.2}", self.snapshot_ms)),
-            (
-                "snapshot under I/O ms",
-                format!("{:.2}", self.loaded_snapshot_ms),
-            ),
-            (
-                "snapshot pause us",
-                format!("{:.0}", self.snapshot_pause_us),
-            ),
-            ("clone ms", format!("{:.2}", self.clone_ms)),
-        ];
-        let mut out = format!(
-            "spool perf --layer md: {} blobs, {} md pages\n{:>22} {:>12}\n",
-            self.blobs, self.md_pages, "phase", "rate"
-        );
-        for (name, value) in rows {
-            out.push_str(&format!("{name:>22} {value:>12}\n"));
-        }
-        out
-    }
-}
-
 fn rate(count: u64, started: Instant) -> f64 {
     count as f64 / started.elapsed().as_secs_f64().max(1e-9)
 }
 
-/// Runs the phases on the calling reactor over `desc`.
-pub async fn run(desc: BdevDesc, blobs: u64, cluster_size: u64) -> Result<MetadataReport, String> {
-    let md_pages = u32::try_from(blobs + 64).map_err(|_| format!("--blobs {blobs} is too many"))?;
+/// Runs the phases on the calling reactor over `desc` (whose contents are replaced by a new
+/// store of `cluster_size` clusters): `blobs` blobs per phase.
+pub async fn run(
+    desc: BdevDesc,
+    blobs: u64,
+    cluster_size: u64,
+) -> Result<MetadataReport, EngineError> {
+    let md_pages = u32::try_from(blobs.saturating_add(64)).map_err(|_| EngineError::Failed {
+        reason: format!("--blobs {blobs} is too many"),
+        errno: -libc::ERANGE,
+    })?;
     let store = Blobstore::init(
         desc.clone(),
         &InitOptions {
@@ -96,7 +71,7 @@ pub async fn run(desc: BdevDesc, blobs: u64, cluster_size: u64) -> Result<Metada
         },
     )
     .await
-    .map_err(|err| format!("blobstore init: {err}"))?;
+    .map_err(step("blobstore init"))?;
     // I/O phases first, on the fresh store (its free clusters are known to read zeros).
     let io = io_phases(&store).await?;
     let started = Instant::now();
@@ -106,28 +81,22 @@ pub async fn run(desc: BdevDesc, blobs: u64, cluster_size: u64) -> Result<Metada
             store
                 .create_blob(&BlobOptions::default())
                 .await
-                .map_err(|err| format!("create: {err}"))?,
+                .map_err(step("create"))?,
         );
     }
     let create_per_s = rate(blobs, started);
-    store
-        .unload()
-        .await
-        .map_err(|err| format!("unload: {err}"))?;
+    store.unload().await.map_err(step("unload"))?;
 
     let started = Instant::now();
     let (store, _) = Blobstore::load(desc.clone(), &LoadOptions::default())
         .await
-        .map_err(|err| format!("clean load: {err}"))?;
+        .map_err(step("clean load"))?;
     let clean_load_ms = started.elapsed().as_secs_f64() * 1e3;
 
     let started = Instant::now();
     for &id in &ids {
-        let blob = store
-            .open_blob(id)
-            .await
-            .map_err(|err| format!("open: {err}"))?;
-        blob.close().await.map_err(|err| format!("close: {err}"))?;
+        let blob = store.open_blob(id).await.map_err(step("open"))?;
+        blob.close().await.map_err(step("close"))?;
     }
     let open_close_per_s = rate(blobs, started);
 
@@ -135,38 +104,32 @@ pub async fn run(desc: BdevDesc, blobs: u64, cluster_size: u64) -> Result<Metada
     let marker = store
         .create_blob(&BlobOptions::default())
         .await
-        .map_err(|err| format!("create: {err}"))?;
+        .map_err(step("create"))?;
     std::mem::forget(store);
     let started = Instant::now();
     let (store, report) = Blobstore::load(desc, &LoadOptions::default())
         .await
-        .map_err(|err| format!("dirty load: {err}"))?;
+        .map_err(step("dirty load"))?;
     let dirty_load_ms = started.elapsed().as_secs_f64() * 1e3;
     if !report.recovered || report.blobs as u64 != blobs + 1 {
-        return Err(format!(
-            "dirty load found {} blobs (recovered: {}), expected {}",
-            report.blobs,
-            report.recovered,
-            blobs + 1
-        ));
+        return Err(EngineError::Failed {
+            reason: format!(
+                "dirty load found {} blobs (recovered: {}), expected {}",
+                report.blobs,
+                report.recovered,
+                blobs + 1
+            ),
+            errno: -libc::EIO,
+        });
     }
 
     let started = Instant::now();
     for &id in &ids {
-        store
-            .delete_blob(id)
-            .await
-            .map_err(|err| format!("delete: {err}"))?;
+        store.delete_blob(id).await.map_err(step("delete"))?;
     }
     let delete_per_s = rate(blobs, started);
-    store
-        .delete_blob(marker)
-        .await
-        .map_err(|err| format!("delete: {err}"))?;
-    store
-        .unload()
-        .await
-        .map_err(|err| format!("unload: {err}"))?;
+    store.delete_blob(marker).await.map_err(step("delete"))?;
+    store.unload().await.map_err(step("unload"))?;
     Ok(MetadataReport {
         thick_write_per_s: io.thick_write_per_s,
         thin_first_write_per_s: io.thin_first_write_per_s,
@@ -203,51 +166,54 @@ async fn cluster_writes(
     io: &std::sync::Arc<spool_blob::BlobIo>,
     clusters: u64,
     units_per_cluster: u64,
-) -> Result<f64, String> {
+) -> Result<f64, EngineError> {
     let next = Rc::new(Cell::new(0u64));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..IO_QD {
         let (next, channel, io) = (Rc::clone(&next), channel.clone(), std::sync::Arc::clone(io));
         tasks.push(spool_reactor::spawn_local(async move {
-            let mut buf = spool_bdev::DmaBuf::alloc(4096).map_err(|err| err.to_string())?;
+            let mut buf = spool_bdev::DmaBuf::alloc(4096)?;
             loop {
                 let index = next.get();
                 if index >= clusters {
-                    return Ok::<(), String>(());
+                    return Ok::<(), EngineError>(());
                 }
                 next.set(index + 1);
                 let (result, back) = channel.write(&io, index * units_per_cluster, buf).await;
-                result.map_err(|err| format!("write: {err}"))?;
+                result.map_err(step("write"))?;
                 buf = back;
             }
         }));
     }
     for task in tasks {
-        task.await.map_err(|err| err.to_string())??;
+        task.await??;
     }
     Ok(rate(clusters, started))
 }
 
 /// Thick vs thin first writes, then the pause a snapshot causes under random writes, and
 /// the snapshot's and a clone's latency. Cleans up after itself.
-async fn io_phases(store: &Blobstore) -> Result<IoPhases, String> {
+async fn io_phases(store: &Blobstore) -> Result<IoPhases, EngineError> {
     let units_per_cluster = store.cluster_size() / store.io_unit_size();
     let clusters = (store.free_cluster_count() / 3).min(8192);
     if clusters < IO_QD {
-        return Err(format!(
-            "only {} free clusters: use a larger target",
-            store.free_cluster_count()
-        ));
+        return Err(EngineError::Failed {
+            reason: format!(
+                "only {} free clusters: use a larger target",
+                store.free_cluster_count()
+            ),
+            errno: -libc::ENOSPC,
+        });
     }
-    let channel = store.channel().map_err(|err| err.to_string())?;
+    let channel = store.channel()?;
     let thick = store
         .create_and_open(&BlobOptions {
             num_clusters: clusters,
             ..BlobOptions::default()
         })
         .await
-        .map_err(|err| format!("create: {err}"))?;
+        .map_err(step("create"))?;
     let thick_write_per_s =
         cluster_writes(&channel, &thick.io(), clusters, units_per_cluster).await?;
     let thin = store
@@ -257,11 +223,11 @@ async fn io_phases(store: &Blobstore) -> Result<IoPhases, String> {
             ..BlobOptions::default()
         })
         .await
-        .map_err(|err| format!("create: {err}"))?;
+        .map_err(step("create"))?;
     let thin_id = thin.id();
     let thin_first_write_per_s =
         cluster_writes(&channel, &thin.io(), clusters, units_per_cluster).await?;
-    thin.close().await.map_err(|err| err.to_string())?;
+    thin.close().await?;
     // The snapshot pause: random 4 KiB writes at qd 32 on the thick blob while it is
     // snapshotted; the longest write latency in that window.
     let stop = Rc::new(Cell::new(false));
@@ -273,18 +239,18 @@ async fn io_phases(store: &Blobstore) -> Result<IoPhases, String> {
         let (channel, io) = (channel.clone(), thick.io());
         writers.push(spool_reactor::spawn_local(async move {
             let mut rng = fastrand::Rng::with_seed(seed);
-            let mut buf = spool_bdev::DmaBuf::alloc(4096).map_err(|err| err.to_string())?;
+            let mut buf = spool_bdev::DmaBuf::alloc(4096)?;
             let units = io.num_io_units();
             while !stop.get() {
                 let started = spool_reactor::now_ns();
                 let (result, back) = channel.write(&io, rng.u64(0..units), buf).await;
-                result.map_err(|err| format!("write: {err}"))?;
+                result.map_err(step("write"))?;
                 buf = back;
                 if window.get() {
                     worst_ns.set(worst_ns.get().max(spool_reactor::now_ns() - started));
                 }
             }
-            Ok::<(), String>(())
+            Ok::<(), EngineError>(())
         }));
     }
     spool_reactor::sleep(std::time::Duration::from_millis(200)).await;
@@ -293,36 +259,30 @@ async fn io_phases(store: &Blobstore) -> Result<IoPhases, String> {
     let snap = store
         .create_snapshot(thick.id(), &[])
         .await
-        .map_err(|err| format!("snapshot: {err}"))?;
+        .map_err(step("snapshot"))?;
     let loaded_snapshot_ms = started.elapsed().as_secs_f64() * 1e3;
     // Writes that waited for the freeze complete right after it.
     spool_reactor::sleep(std::time::Duration::from_millis(5)).await;
     window.set(false);
     stop.set(true);
     for writer in writers {
-        writer.await.map_err(|err| err.to_string())??;
+        writer.await??;
     }
     let started = Instant::now();
-    let clone = store
-        .create_clone(snap, &[])
-        .await
-        .map_err(|err| format!("clone: {err}"))?;
+    let clone = store.create_clone(snap, &[]).await.map_err(step("clone"))?;
     let clone_ms = started.elapsed().as_secs_f64() * 1e3;
     let thick_id = thick.id();
-    thick.close().await.map_err(|err| err.to_string())?;
+    thick.close().await?;
     // Snapshot latency without I/O competing for the core.
     let started = Instant::now();
     let quiet = store
         .create_snapshot(thin_id, &[])
         .await
-        .map_err(|err| format!("snapshot: {err}"))?;
+        .map_err(step("snapshot"))?;
     let snapshot_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(channel);
     for id in [clone, thick_id, snap, thin_id, quiet] {
-        store
-            .delete_blob(id)
-            .await
-            .map_err(|err| format!("delete: {err}"))?;
+        store.delete_blob(id).await.map_err(step("delete"))?;
     }
     Ok(IoPhases {
         loaded_snapshot_ms,

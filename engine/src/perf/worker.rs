@@ -23,7 +23,10 @@ use spool_bdev::{BdevChannel, BdevDesc, DmaBuf, IoFuture};
 use spool_blob::{BlobChannel, BlobIo, BlobIoFuture};
 use spool_reactor::{now_ns, poller_register, PollStatus};
 
-use crate::cli::RwMode;
+use crate::error::step;
+use crate::perf::RwMode;
+use crate::signals::stop_requested;
+use crate::EngineError;
 
 /// What every core's job needs to know.
 #[derive(Debug, Clone)]
@@ -57,7 +60,27 @@ pub struct CoreResult {
     /// I/Os that failed.
     pub errors: u64,
     /// The first failure, if any.
-    pub first_error: Option<String>,
+    pub first_error: Option<JobFailure>,
+}
+
+/// A job's first failed request.
+#[derive(Debug, Clone)]
+pub struct JobFailure {
+    /// What failed: "read at byte 4096: ..." (the request, then the error).
+    pub message: String,
+    /// The error's negative errno.
+    pub errno: i32,
+}
+
+impl JobFailure {
+    fn of(is_read: bool, offset: u64, err: impl Into<EngineError>) -> JobFailure {
+        let err = err.into();
+        let what = if is_read { "read" } else { "write" };
+        JobFailure {
+            message: format!("{what} at byte {offset}: {err}"),
+            errno: err.errno(),
+        }
+    }
 }
 
 /// How many submissions in one wake share a clock read (see `run_core`).
@@ -116,7 +139,7 @@ pub enum JobTarget {
 /// neither the blob layer's larger future nor a match on every poll.
 trait JobIo {
     /// What a failed request reports.
-    type Error: std::fmt::Display;
+    type Error: Into<EngineError>;
     /// One request in flight; yields its status and the buffer.
     type Io<'a>: Future<Output = (Result<(), Self::Error>, DmaBuf)> + Unpin
     where
@@ -174,7 +197,7 @@ fn submit<'a, C: JobIo>(
     pattern: &mut Pattern,
     submitted_ns: u64,
     cx: &mut Context<'_>,
-) -> Result<Inflight<C::Io<'a>>, String> {
+) -> Result<Inflight<C::Io<'a>>, JobFailure> {
     let (is_read, offset) = pattern.next();
     let future = channel.submit(is_read, buf, offset);
     let mut inflight = Inflight {
@@ -187,16 +210,17 @@ fn submit<'a, C: JobIo>(
     // so only a request refused by validation can be done already.
     match Pin::new(&mut inflight.future).poll(cx) {
         Poll::Pending => Ok(inflight),
-        Poll::Ready((result, _buf)) => {
-            let what = if is_read { "read" } else { "write" };
-            Err(format!(
-                "{what} at byte {offset}: {}",
-                result.err().map_or_else(
-                    || "completed at submission".to_string(),
-                    |err| err.to_string()
-                )
-            ))
-        }
+        Poll::Ready((result, _buf)) => Err(match result {
+            Err(err) => JobFailure::of(is_read, offset, err),
+            Ok(()) => JobFailure::of(
+                is_read,
+                offset,
+                EngineError::Failed {
+                    reason: "completed at submission".into(),
+                    errno: -libc::EIO,
+                },
+            ),
+        }),
     }
 }
 
@@ -205,19 +229,15 @@ pub async fn run_core(
     target: JobTarget,
     config: JobConfig,
     progress: Arc<AtomicU64>,
-) -> Result<CoreResult, String> {
+) -> Result<CoreResult, EngineError> {
     match target {
         JobTarget::Bdev(desc) => {
-            let channel = desc
-                .channel()
-                .map_err(|err| format!("open channel: {err}"))?;
+            let channel = desc.channel().map_err(step("open channel"))?;
             run_job(&channel, config, progress).await
         }
         JobTarget::Blob(blob) => {
             let channel = BlobJobChannel {
-                channel: blob
-                    .channel()
-                    .map_err(|err| format!("open blob channel: {err}"))?,
+                channel: blob.channel().map_err(step("open blob channel"))?,
                 io_unit: blob.io_unit_size(),
                 blob,
             };
@@ -231,13 +251,17 @@ async fn run_job<C: JobIo>(
     channel: &C,
     config: JobConfig,
     progress: Arc<AtomicU64>,
-) -> Result<CoreResult, String> {
+) -> Result<CoreResult, EngineError> {
     let mut latency_ns =
-        Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|err| err.to_string())?;
-    let bs = usize::try_from(config.bs).map_err(|err| err.to_string())?;
+        Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|err| EngineError::Failed {
+            reason: err.to_string(),
+            errno: -libc::EINVAL,
+        })?;
+    let bs = usize::try_from(config.bs)
+        .map_err(|err| EngineError::InvalidArgument(format!("--bs {}: {err}", config.bs)))?;
     let mut buffers = Vec::with_capacity(config.qd as usize);
     for index in 0..config.qd {
-        let mut buf = DmaBuf::alloc(bs).map_err(|err| err.to_string())?;
+        let mut buf = DmaBuf::alloc(bs)?;
         fill_pattern(&mut buf, u64::from(index));
         buffers.push(buf);
     }
@@ -250,8 +274,7 @@ async fn run_job<C: JobIo>(
             progress.store(published.get(), Ordering::Relaxed);
             PollStatus::Idle
         },
-    )
-    .map_err(|err| err.to_string())?;
+    )?;
     let mut pattern = Pattern::new(&config);
     let start_ns = now_ns();
     let deadline_ns = start_ns + config.duration_ns;
@@ -262,7 +285,7 @@ async fn run_job<C: JobIo>(
     poll_fn(|cx| {
         let now = now_ns();
         // A stop signal ends submissions like the deadline does (checked once per wake).
-        let stopping = spool_engine::signals::stop_requested().is_some();
+        let stopping = stop_requested().is_some();
         // Submissions are stamped with a clock read at most STAMP_EVERY submissions old, so
         // a stamp is never later than the real submission: latencies can only be overstated,
         // by at most a few submissions' time, never flattered.
@@ -292,9 +315,9 @@ async fn run_job<C: JobIo>(
                 }
                 Err(err) => {
                     errors += 1;
-                    let what = if current.is_read { "read" } else { "write" };
-                    first_error
-                        .get_or_insert_with(|| format!("{what} at byte {}: {err}", current.offset));
+                    first_error.get_or_insert_with(|| {
+                        JobFailure::of(current.is_read, current.offset, err)
+                    });
                 }
             }
             *entry = None;

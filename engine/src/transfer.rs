@@ -1,0 +1,466 @@
+//! Copies between files and blobs (`spool import` and `spool export`): through the blob
+//! channel over the store's bdev, in 1 MiB chunks with several in flight.
+//!
+//! Both run on the store's metadata reactor (e.g. inside a [`crate::run_offline`] job) with an
+//! open blob. Offsets are in bytes and must be multiples of the store's io_unit. An import
+//! whose file does not end on an io_unit boundary reads the blob's last io_unit first and
+//! writes it back with the file's tail over it (read-modify-write); an export of such a
+//! length reads whole io_units and writes only the bytes asked for.
+//!
+//! A stop signal ([`crate::signals`]) ends a copy at a chunk boundary: what is in flight
+//! finishes and the copy returns [`EngineError::Stopped`] saying how far it got. Progress is
+//! reported to a callback (the command line draws a bar with it).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use spool_bdev::DmaBuf;
+use spool_blob::{Blob, BlobChannel, BlobIo, Blobstore};
+use spool_reactor::{spawn_local, JoinHandle};
+
+use crate::signals::stop_requested;
+use crate::EngineError;
+
+/// Bytes per request.
+pub const CHUNK_BYTES: u64 = 1 << 20;
+/// Requests in flight.
+pub const DEPTH: usize = 4;
+
+/// How far a copy is, as the progress callback of [`import`] and [`export`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes copied so far.
+    pub done: u64,
+    /// Bytes the copy moves in all.
+    pub total: u64,
+}
+
+/// Requests in flight, oldest first; the first error wins and later ones are drained.
+struct Window<T: 'static> {
+    in_flight: VecDeque<JoinHandle<Result<T, EngineError>>>,
+}
+
+impl<T: 'static> Window<T> {
+    fn new() -> Self {
+        Window {
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.in_flight.len() >= DEPTH
+    }
+
+    fn push(&mut self, task: impl std::future::Future<Output = Result<T, EngineError>> + 'static) {
+        self.in_flight.push_back(spawn_local(task));
+    }
+
+    /// The oldest request's result, or `None` when none is in flight.
+    async fn pop(&mut self) -> Option<Result<T, EngineError>> {
+        let handle = self.in_flight.pop_front()?;
+        Some(
+            handle
+                .await
+                .map_err(EngineError::from)
+                .and_then(|result| result),
+        )
+    }
+
+    /// Waits for every request left (after a failure: nothing may outlive the blob's close).
+    async fn drain(&mut self) {
+        while self.pop().await.is_some() {}
+    }
+}
+
+fn id_hex(id: u64) -> String {
+    format!("{id:#x}")
+}
+
+fn check_offset(offset: u64, unit: u64) -> Result<(), EngineError> {
+    if offset.is_multiple_of(unit) {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidArgument(format!(
+            "--offset {offset} is not a multiple of the store's {unit}-byte io_unit"
+        )))
+    }
+}
+
+fn dma(len: u64) -> Result<DmaBuf, EngineError> {
+    let len = usize::try_from(len).map_err(|_| {
+        EngineError::InvalidArgument(format!("a {len}-byte buffer does not fit memory"))
+    })?;
+    Ok(DmaBuf::alloc(len)?)
+}
+
+fn file_error(name: &str, reason: String, err: &std::io::Error) -> EngineError {
+    EngineError::File {
+        path: name.to_string(),
+        reason,
+        errno: -err.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+/// A regular file to import, open, with its length.
+#[derive(Debug)]
+pub struct ImportSource {
+    file: File,
+    name: String,
+    len: u64,
+}
+
+impl ImportSource {
+    /// Opens `path` for reading; it must be a regular file (an import reads a file of known
+    /// length). Errors are [`EngineError::File`] naming the path.
+    pub fn open(path: &Path) -> Result<ImportSource, EngineError> {
+        let name = path.display().to_string();
+        let file = File::open(path).map_err(|err| file_error(&name, err.to_string(), &err))?;
+        let meta = file
+            .metadata()
+            .map_err(|err| file_error(&name, err.to_string(), &err))?;
+        if !meta.is_file() {
+            return Err(EngineError::File {
+                path: name,
+                reason: "not a regular file (import reads a file of known length)".into(),
+                errno: -libc::EINVAL,
+            });
+        }
+        Ok(ImportSource {
+            file,
+            name,
+            len: meta.len(),
+        })
+    }
+
+    /// The file's length in bytes (as it was when opened).
+    pub fn bytes(&self) -> u64 {
+        self.len
+    }
+
+    /// The file's name, as messages give it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Fills the buffer for file bytes `[pos, pos + take)` going to blob byte `at`: the blob's
+/// last io_unit first when `take` ends inside one, then the file's bytes.
+async fn fill_chunk(
+    channel: &BlobChannel,
+    io: &BlobIo,
+    source: &ImportSource,
+    at: u64,
+    pos: u64,
+    take: u64,
+    unit: u64,
+) -> Result<DmaBuf, EngineError> {
+    let padded = take.next_multiple_of(unit);
+    let mut buf = dma(padded)?;
+    if padded != take {
+        let (result, tail) = channel
+            .read(io, (at + padded - unit) / unit, dma(unit)?)
+            .await;
+        result?;
+        buf[(padded - unit) as usize..].copy_from_slice(&tail);
+    }
+    source
+        .file
+        .read_exact_at(&mut buf[..take as usize], pos)
+        .map_err(|err| file_error(&source.name, format!("read at byte {pos}: {err}"), &err))?;
+    Ok(buf)
+}
+
+/// Copies all of `source` into `blob` from blob byte `offset` (a multiple of the io_unit; the
+/// file must fit in the blob from there). Runs on the store's metadata reactor; calls
+/// `progress` as chunks are written.
+///
+/// Refused ranges are [`EngineError::InvalidArgument`], file reads [`EngineError::File`],
+/// blob I/O [`EngineError::Blob`]; a stop signal gives [`EngineError::Stopped`] once what
+/// was in flight is written.
+pub async fn import(
+    store: &Blobstore,
+    blob: &Blob,
+    source: &ImportSource,
+    offset: u64,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(), EngineError> {
+    let unit = store.io_unit_size();
+    check_offset(offset, unit)?;
+    let size = blob.size_bytes();
+    let len = source.len;
+    if offset > size || len > size - offset {
+        return Err(EngineError::InvalidArgument(format!(
+            "{} ({len} bytes) at offset {offset} reaches past the end of blob {} ({size} bytes)",
+            source.name,
+            id_hex(blob.id())
+        )));
+    }
+    let channel = store.channel()?;
+    let io = blob.io();
+    let mut done = 0;
+    progress(Progress { done, total: len });
+    let mut window = Window::new();
+    let mut pos = 0;
+    let mut failure = None;
+    let mut stopped = None;
+    while pos < len && failure.is_none() {
+        // A stop signal ends the copy at a chunk boundary; what is in flight finishes.
+        if let Some(signal) = stop_requested() {
+            stopped = Some(signal);
+            break;
+        }
+        let take = CHUNK_BYTES.min(len - pos);
+        match fill_chunk(&channel, &io, source, offset + pos, pos, take, unit).await {
+            Ok(buf) => {
+                let (channel, io) = (channel.clone(), Arc::clone(&io));
+                let at = (offset + pos) / unit;
+                window.push(async move {
+                    channel.write(&io, at, buf).await.0?;
+                    Ok(take)
+                });
+            }
+            Err(err) => failure = Some(err),
+        }
+        if window.is_full() {
+            match window.pop().await {
+                Some(Ok(take)) => {
+                    done += take;
+                    progress(Progress { done, total: len });
+                }
+                Some(Err(err)) => failure = Some(err),
+                None => {}
+            }
+        }
+        pos += take;
+    }
+    while let Some(result) = window.pop().await {
+        match (result, &failure) {
+            (Ok(take), _) => {
+                done += take;
+                progress(Progress { done, total: len });
+            }
+            (Err(err), None) => failure = Some(err),
+            (Err(_), Some(_)) => {}
+        }
+    }
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    match stopped {
+        Some(signal) => Err(EngineError::Stopped {
+            signal,
+            done: format!(
+                "{pos} of {len} bytes of {} written to blob {}",
+                source.name,
+                id_hex(blob.id())
+            ),
+            report: None,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Where an export writes.
+pub enum ExportSink {
+    /// A file, created (or truncated) once the range is checked, and removed again if the
+    /// export does not finish (a partial copy is worse than none).
+    File(PathBuf),
+    /// A stream (standard output): a reader that went away (`EPIPE`) ends the export
+    /// quietly; it is flushed at the end.
+    Stream {
+        /// The stream.
+        writer: Box<dyn Write + Send>,
+        /// Its name in messages ("stdout").
+        name: String,
+    },
+}
+
+impl std::fmt::Debug for ExportSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExportSink::File(path) => f.debug_tuple("File").field(path).finish(),
+            ExportSink::Stream { name, .. } => {
+                f.debug_struct("Stream").field("name", name).finish()
+            }
+        }
+    }
+}
+
+/// An open [`ExportSink`].
+enum Sink {
+    Stream {
+        writer: Box<dyn Write + Send>,
+        name: String,
+    },
+    File {
+        file: File,
+        path: PathBuf,
+    },
+}
+
+impl Sink {
+    fn open(sink: ExportSink) -> Result<Sink, EngineError> {
+        match sink {
+            ExportSink::Stream { writer, name } => Ok(Sink::Stream { writer, name }),
+            ExportSink::File(path) => {
+                let file = File::create(&path).map_err(|err| {
+                    file_error(&path.display().to_string(), err.to_string(), &err)
+                })?;
+                Ok(Sink::File { file, path })
+            }
+        }
+    }
+
+    /// Writes `bytes`; false when the stream's reader went away (stop quietly).
+    fn write(&mut self, bytes: &[u8]) -> Result<bool, EngineError> {
+        match self {
+            Sink::Stream { writer, name } => match writer.write_all(bytes) {
+                Ok(()) => Ok(true),
+                Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+                Err(err) => Err(file_error(name, err.to_string(), &err)),
+            },
+            Sink::File { file, path } => file.write_all(bytes).map(|()| true).map_err(|err| {
+                file_error(&path.display().to_string(), format!("write: {err}"), &err)
+            }),
+        }
+    }
+
+    fn finish(self, ok: bool) {
+        match self {
+            Sink::Stream { mut writer, .. } => {
+                let _ = writer.flush();
+            }
+            Sink::File { file, path } => {
+                drop(file);
+                if !ok {
+                    // A partial copy is worse than none.
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+}
+
+async fn read_range(
+    channel: BlobChannel,
+    io: Arc<BlobIo>,
+    at: u64,
+    padded: u64,
+) -> Result<DmaBuf, EngineError> {
+    let (result, buf) = channel.read(&io, at, dma(padded)?).await;
+    result?;
+    Ok(buf)
+}
+
+async fn copy_out(
+    store: &Blobstore,
+    blob: &Blob,
+    offset: u64,
+    length: u64,
+    sink: &mut Sink,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(), EngineError> {
+    let unit = store.io_unit_size();
+    let channel = store.channel()?;
+    let io = blob.io();
+    let mut window = Window::new();
+    let mut submitted = 0;
+    let mut failure = None;
+    let mut open = true;
+    let mut copied = 0;
+    let mut stopped = None;
+    while (submitted < length || !window.in_flight.is_empty()) && failure.is_none() && open {
+        if stopped.is_none() {
+            // A stop signal ends the submissions; what is in flight is still written out.
+            stopped = stop_requested();
+        }
+        if stopped.is_some() && window.in_flight.is_empty() {
+            break;
+        }
+        while submitted < length && !window.is_full() && stopped.is_none() {
+            let take = CHUNK_BYTES.min(length - submitted);
+            let at = (offset + submitted) / unit;
+            let read = read_range(
+                channel.clone(),
+                Arc::clone(&io),
+                at,
+                take.next_multiple_of(unit),
+            );
+            window.push(async move { Ok((read.await?, take)) });
+            submitted += take;
+        }
+        match window.pop().await {
+            Some(Ok((buf, take))) => {
+                open = sink.write(&buf[..take as usize])?;
+                copied += take;
+                progress(Progress {
+                    done: copied,
+                    total: length,
+                });
+            }
+            Some(Err(err)) => failure = Some(err),
+            None => {}
+        }
+    }
+    window.drain().await;
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    match stopped {
+        Some(signal) if copied < length => Err(EngineError::Stopped {
+            signal,
+            done: format!(
+                "{copied} of {length} bytes of blob {} exported",
+                id_hex(blob.id())
+            ),
+            report: None,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Copies `length` bytes of `blob` (all of it from `offset` when `None`) from blob byte
+/// `offset` (a multiple of the io_unit) into `sink`. Runs on the store's metadata reactor;
+/// calls `progress` as chunks are written out.
+///
+/// The sink is opened only once the range is checked; a file sink is removed again if the
+/// export fails or is stopped. Errors are as [`import`]'s.
+pub async fn export(
+    store: &Blobstore,
+    blob: &Blob,
+    offset: u64,
+    length: Option<u64>,
+    sink: ExportSink,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(), EngineError> {
+    let unit = store.io_unit_size();
+    check_offset(offset, unit)?;
+    let size = blob.size_bytes();
+    if offset > size {
+        return Err(EngineError::InvalidArgument(format!(
+            "--offset {offset} is past the end of blob {} ({size} bytes)",
+            id_hex(blob.id())
+        )));
+    }
+    if let Some(length) = length {
+        if length > size - offset {
+            return Err(EngineError::InvalidArgument(format!(
+                "{length} bytes at offset {offset} reach past the end of blob {} ({size} bytes)",
+                id_hex(blob.id())
+            )));
+        }
+    }
+    let length = length.unwrap_or(size - offset);
+    let mut sink = Sink::open(sink)?;
+    progress(Progress {
+        done: 0,
+        total: length,
+    });
+    let result = copy_out(store, blob, offset, length, &mut sink, progress).await;
+    sink.finish(result.is_ok());
+    result
+}

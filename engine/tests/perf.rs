@@ -1,0 +1,172 @@
+//! Goal: the engine's perf runner works without the command line: a [`PerfConfig`] in, events
+//! while it runs, a report out whose JSON keeps the field names `spool perf --json` prints,
+//! and bad settings refused with -EINVAL before anything runs. Method: short runs on the
+//! null, malloc and file targets.
+
+use std::time::Duration;
+
+use spool_engine::perf::{self, Layer, PerfConfig, PerfEvent, RwMode};
+use spool_engine::{EngineError, TargetOptions};
+
+fn short(target: &str) -> PerfConfig {
+    PerfConfig {
+        target: target.into(),
+        qd: 4,
+        time_s: 0.3,
+        cores: vec![0],
+        ..PerfConfig::default()
+    }
+}
+
+#[test]
+fn a_null_run_reports_figures_and_progress_and_keeps_the_json_names() {
+    let mut events = Vec::new();
+    let report = perf::run(&short("null"), &mut |event| events.push(event)).unwrap();
+    assert!(report.total.ops > 0);
+    assert_eq!(report.total.errors, 0);
+    assert!(report.total.iops > 0.0);
+    assert_eq!(report.cores.len(), 1);
+    assert_eq!(report.cores[0].core, 0);
+    assert_eq!(report.config.kind, "null");
+    assert_eq!(report.config.layer, "bdev");
+    assert_eq!(report.config.rw, "randread");
+    let progress: Vec<(Duration, u64)> = events
+        .iter()
+        .filter_map(|event| match event {
+            PerfEvent::Progress { elapsed, ops } => Some((*elapsed, *ops)),
+            PerfEvent::Creating { .. } => None,
+        })
+        .collect();
+    assert!(!progress.is_empty(), "progress was reported");
+    assert!(
+        progress.windows(2).all(|pair| pair[0] <= pair[1]),
+        "time and ops only grow: {progress:?}"
+    );
+    let json = serde_json::to_value(&report).unwrap();
+    for key in ["total", "cores", "config"] {
+        assert!(json.get(key).is_some(), "{key} in {json}");
+    }
+    for key in ["iops", "mib_s", "lat_us", "ops", "errors"] {
+        assert!(json["total"].get(key).is_some(), "total.{key} in {json}");
+    }
+    for key in ["mean", "p50", "p99", "p999", "max"] {
+        assert!(
+            json["total"]["lat_us"].get(key).is_some(),
+            "{key} in {json}"
+        );
+    }
+    for key in [
+        "target",
+        "kind",
+        "layer",
+        "rw",
+        "rwmix",
+        "bs",
+        "qd",
+        "time_s",
+        "size_bytes",
+    ] {
+        assert!(json["config"].get(key).is_some(), "config.{key} in {json}");
+    }
+}
+
+#[test]
+fn a_missing_file_is_announced_then_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dev.img");
+    let config = PerfConfig {
+        rw: RwMode::Randwrite,
+        target_options: TargetOptions {
+            size_bytes: 8 << 20,
+            ..TargetOptions::default()
+        },
+        ..short(path.to_str().unwrap())
+    };
+    let mut created = Vec::new();
+    let report = perf::run(&config, &mut |event| {
+        if let PerfEvent::Creating { path, bytes } = event {
+            created.push((path, bytes));
+        }
+    })
+    .unwrap();
+    assert_eq!(created, vec![(path.clone(), 8 << 20)]);
+    assert_eq!(report.config.kind, "uring file");
+    assert_eq!(report.config.size_bytes, 8 << 20);
+    let report = perf::run(&config, &mut |event| {
+        assert!(
+            !matches!(event, PerfEvent::Creating { .. }),
+            "an existing file is used as it is"
+        );
+    })
+    .unwrap();
+    assert!(report.total.ops > 0);
+}
+
+#[test]
+fn the_blob_layer_runs_through_a_store() {
+    let config = PerfConfig {
+        layer: Layer::Blob,
+        rw: RwMode::Randrw,
+        rwmix: 50,
+        ..short("malloc:64M")
+    };
+    let report = perf::run(&config, &mut |_| {}).unwrap();
+    assert_eq!(report.config.layer, "blob");
+    assert!(report.total.ops > 0);
+    assert!(
+        report.config.size_bytes < 64 << 20,
+        "the blob is smaller than the device (the store's metadata)"
+    );
+}
+
+#[test]
+fn bad_settings_are_invalid_arguments() {
+    let bad = |config: PerfConfig, needle: &str| {
+        let err = perf::run(&config, &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(err, EngineError::InvalidArgument(_)),
+            "{needle}: {err:?}"
+        );
+        assert_eq!(err.errno(), -libc::EINVAL);
+        assert!(err.to_string().contains(needle), "{needle} in {err}");
+    };
+    bad(
+        PerfConfig {
+            time_s: 0.0,
+            ..short("null")
+        },
+        "--time",
+    );
+    bad(
+        PerfConfig {
+            bs: 1000,
+            ..short("null")
+        },
+        "multiple of the block size",
+    );
+    bad(
+        PerfConfig {
+            layer: Layer::Md,
+            ..short("null")
+        },
+        "metadata",
+    );
+    bad(short("malloc"), "malloc needs a size");
+}
+
+#[test]
+fn metadata_rates_are_measured() {
+    let config = PerfConfig {
+        layer: Layer::Md,
+        blobs: 50,
+        ..short("malloc:256M")
+    };
+    let report = perf::run_metadata(&config).unwrap();
+    assert_eq!(report.blobs, 50);
+    assert!(report.create_per_s > 0.0);
+    assert!(report.open_close_per_s > 0.0);
+    assert!(report.delete_per_s > 0.0);
+    assert!(report.thick_write_per_s > 0.0);
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["md_pages"], 114);
+}
