@@ -39,7 +39,8 @@ pub fn params(args: &[String]) -> Result<Option<Value>, ToolError> {
                 let Some(text) = rest.next() else {
                     return Err(ToolError::Usage(format!("--{name} has no value")));
                 };
-                let value = serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()));
+                let value =
+                    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()));
                 object.insert(name.replace('-', "_"), value);
             }
             Ok(Some(Value::Object(object)))

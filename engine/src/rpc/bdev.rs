@@ -14,12 +14,29 @@ use crate::serve::local::ReactorServe;
 use crate::serve::volumes::{self, VolumeDescription};
 use crate::EngineError;
 
+/// `bdev_get_bdevs`' parameters.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[expect(
+    dead_code,
+    reason = "SPDK's parameters, accepted; Spool answers at once"
+)]
 struct Get {
     name: Option<String>,
-    #[allow(dead_code)]
     timeout: Option<u64>,
+}
+
+/// `bdev_get_iostat`'s parameters (SPDK's client sends `per_channel: false`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[expect(
+    dead_code,
+    reason = "SPDK's parameters, accepted; counters are per volume"
+)]
+struct GetIostat {
+    name: Option<String>,
+    per_channel: Option<bool>,
+    reset_mode: Option<String>,
 }
 
 /// The name SPDK gives an lvol bdev (its uuid), else the volume's name, else its id.
@@ -43,7 +60,9 @@ fn matches(volume: &VolumeDescription, lvs: Option<&str>, wanted: &str) -> bool 
 }
 
 /// The volumes `name` selects (all when `None`); -ENODEV as SPDK when none matches a name.
-async fn selected(name: Option<&str>) -> Result<(Vec<VolumeDescription>, Option<(String, String)>), RpcError> {
+async fn selected(
+    name: Option<&str>,
+) -> Result<(Vec<VolumeDescription>, Option<(String, String)>), RpcError> {
     let store = volumes::held_store().map_err(|err| failed(&err))?;
     let lvs = volumes::lvstore_identity(&store).await;
     let all = volumes::describe_all(&store).await;
@@ -55,7 +74,10 @@ async fn selected(name: Option<&str>) -> Result<(Vec<VolumeDescription>, Option<
         .filter(|v| matches(v, lvs.as_ref().map(|(n, _)| n.as_str()), name))
         .collect();
     if chosen.is_empty() {
-        return Err(RpcError::new(-libc::ENODEV, format!("No such device: bdev {name:?}")));
+        return Err(RpcError::new(
+            -libc::ENODEV,
+            format!("No such device: bdev {name:?}"),
+        ));
     }
     Ok((chosen, lvs))
 }
@@ -128,7 +150,9 @@ async fn gather(context: &RpcContext) -> Result<HashMap<u64, IoStat>, EngineErro
     let mut total: HashMap<u64, IoStat> = HashMap::new();
     for reactor in &context.shared.reactors {
         let handle = spool_reactor::spawn_on(*reactor, || async {
-            ReactorServe::current().map(|state| state.iostats.snapshot()).unwrap_or_default()
+            ReactorServe::current()
+                .map(|state| state.iostats.snapshot())
+                .unwrap_or_default()
         })?;
         for (id, stat) in handle.await? {
             total.entry(id).or_default().add(&stat);
@@ -141,7 +165,7 @@ async fn gather(context: &RpcContext) -> Result<HashMap<u64, IoStat>, EngineErro
 /// `tick_rate` is 1e9).
 pub(crate) fn bdev_get_iostat(context: &RpcContext, params: Option<Value>) -> MethodFuture<'_> {
     Box::pin(async move {
-        let Get { name, .. } = decode(params)?;
+        let GetIostat { name, .. } = decode(params)?;
         let (chosen, _) = selected(name.as_deref()).await?;
         let stats = gather(context).await.map_err(|err| failed(&err))?;
         let bdevs: Vec<Value> = chosen

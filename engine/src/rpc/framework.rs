@@ -32,7 +32,10 @@ pub(crate) struct Empty {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[expect(dead_code, reason = "accepted as SPDK's parameters; they change nothing here")]
+#[expect(
+    dead_code,
+    reason = "accepted as SPDK's parameters; they change nothing here"
+)]
 struct GetMethods {
     #[serde(default)]
     current: bool,
@@ -44,7 +47,10 @@ struct GetMethods {
 pub(crate) fn rpc_get_methods(_: &RpcContext, params: Option<Value>) -> MethodFuture<'_> {
     Box::pin(async move {
         decode::<GetMethods>(params)?;
-        Ok(json!(METHODS.iter().map(|(name, _)| *name).collect::<Vec<_>>()))
+        Ok(json!(METHODS
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()))
     })
 }
 

@@ -258,10 +258,16 @@ mod tests {
             }
         };
         assert_eq!(code(b"{nope"), codes::PARSE_ERROR);
-        assert_eq!(code(b"[{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"id\":1}]"), codes::INVALID_REQUEST);
+        assert_eq!(
+            code(b"[{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"id\":1}]"),
+            codes::INVALID_REQUEST
+        );
         assert_eq!(code(b"42"), codes::INVALID_REQUEST);
         assert_eq!(code(b"{\"method\":\"a\",\"id\":1}"), codes::INVALID_REQUEST);
-        assert_eq!(code(b"{\"jsonrpc\":\"2.0\",\"method\":7,\"id\":1}"), codes::INVALID_REQUEST);
+        assert_eq!(
+            code(b"{\"jsonrpc\":\"2.0\",\"method\":7,\"id\":1}"),
+            codes::INVALID_REQUEST
+        );
         assert_eq!(
             code(b"{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"params\":3,\"id\":1}"),
             codes::INVALID_REQUEST
@@ -278,9 +284,11 @@ mod tests {
     fn responses_are_json_rpc_objects() {
         let ok: Value = serde_json::from_slice(&response(&json!(3), json!(true))).unwrap();
         assert_eq!(ok, json!({"jsonrpc": "2.0", "id": 3, "result": true}));
-        let err: Value =
-            serde_json::from_slice(&error_response(&Value::Null, &RpcError::new(-17, "File exists")))
-                .unwrap();
+        let err: Value = serde_json::from_slice(&error_response(
+            &Value::Null,
+            &RpcError::new(-17, "File exists"),
+        ))
+        .unwrap();
         assert_eq!(
             err,
             json!({"jsonrpc": "2.0", "id": null, "error": {"code": -17, "message": "File exists"}})

@@ -112,7 +112,10 @@ pub(crate) fn nbd_get_exports(_: &RpcContext, params: Option<Value>) -> MethodFu
             })
             .collect();
         if let (Some(name), true) = (&export_name, list.is_empty()) {
-            return Err(RpcError::new(-libc::ENOENT, format!("no export is named {name:?}")));
+            return Err(RpcError::new(
+                -libc::ENOENT,
+                format!("no export is named {name:?}"),
+            ));
         }
         Ok(Value::Array(list))
     })

@@ -54,7 +54,11 @@ pub(crate) enum IoKind {
 fn record(sum: &mut u64, max: &mut u64, min: &mut u64, latency: u64) {
     *sum += latency;
     *max = (*max).max(latency);
-    *min = if *min == 0 { latency } else { (*min).min(latency) };
+    *min = if *min == 0 {
+        latency
+    } else {
+        (*min).min(latency)
+    };
 }
 
 impl IoStat {
@@ -155,7 +159,14 @@ mod tests {
         b.count(IoKind::Write, 512, 7);
         a.add(&b);
         assert_eq!((a.num_read_ops, a.bytes_read), (3, 16384));
-        assert_eq!((a.min_read_latency_ns, a.max_read_latency_ns, a.read_latency_ns), (5, 30, 45));
+        assert_eq!(
+            (
+                a.min_read_latency_ns,
+                a.max_read_latency_ns,
+                a.read_latency_ns
+            ),
+            (5, 30, 45)
+        );
         assert_eq!((a.num_write_ops, a.min_write_latency_ns), (1, 7));
         assert_eq!(a.num_unmap_ops, 0);
     }

@@ -377,15 +377,13 @@ impl Daemon {
                 listeners.push(listener);
             }
             let rpc_listener = match &rpc {
-                Some(path) => Some(
-                    Listener::bind(&ListenAddr::Unix(path.clone())).map_err(|err| {
-                        EngineError::File {
-                            path: path.display().to_string(),
-                            reason: format!("JSON-RPC socket: {err}"),
-                            errno: -err.raw_os_error().unwrap_or(libc::EADDRINUSE),
-                        }
-                    })?,
-                ),
+                Some(path) => Some(Listener::bind(&ListenAddr::Unix(path.clone())).map_err(
+                    |err| EngineError::File {
+                        path: path.display().to_string(),
+                        reason: format!("JSON-RPC socket: {err}"),
+                        errno: -err.raw_os_error().unwrap_or(libc::EADDRINUSE),
+                    },
+                )?),
                 None => None,
             };
             for listener in listeners {

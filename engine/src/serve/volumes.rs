@@ -318,7 +318,9 @@ pub(crate) async fn add_export(
         return Err(EngineError::Exists(format!("an export is named {name:?}")));
     }
     if current.volumes.iter().any(|v| v.io.id() == id) || is_held(id) {
-        return Err(EngineError::Exists(format!("blob {id:#x} is exported already")));
+        return Err(EngineError::Exists(format!(
+            "blob {id:#x} is exported already"
+        )));
     }
     let store = held_store()?;
     let blob = store.open_blob(id).await?;
@@ -336,7 +338,10 @@ pub(crate) async fn add_export(
 /// Stops exporting `name`: the new set without it (the caller publishes it), and its blob,
 /// to close once published. -ENOENT when no export has that name, -EBUSY while clients are
 /// connected to it.
-pub(crate) fn remove_export(current: &ExportSet, name: &str) -> Result<(ExportSet, u64), EngineError> {
+pub(crate) fn remove_export(
+    current: &ExportSet,
+    name: &str,
+) -> Result<(ExportSet, u64), EngineError> {
     let volume = current
         .volumes
         .iter()
@@ -459,13 +464,16 @@ pub(crate) async fn find_blob(store: &Blobstore, text: &str) -> Result<u64, Engi
         (Some(lvs), Some((prefix, name))) if prefix == lvs => name,
         _ => text,
     };
-    if let Some(found) = all.iter().find(|d| {
-        d.name.as_deref() == Some(bare) || d.uuid.as_deref() == Some(text)
-    }) {
+    if let Some(found) = all
+        .iter()
+        .find(|d| d.name.as_deref() == Some(bare) || d.uuid.as_deref() == Some(text))
+    {
         return Ok(found.id);
     }
     if let Some(id) = parse_id(text).filter(|id| all.iter().any(|d| d.id == *id)) {
         return Ok(id);
     }
-    Err(EngineError::NotFound(format!("no volume is named {text:?}")))
+    Err(EngineError::NotFound(format!(
+        "no volume is named {text:?}"
+    )))
 }
