@@ -425,6 +425,29 @@ impl Handshake {
         ))
     }
 
+    /// Replaces the export list for the options still to come (a server whose exports
+    /// change while clients negotiate: what a client lists or selects is what is exported
+    /// when its option arrives). The list is checked as in [`Handshake::new`]; a failed
+    /// check leaves the old list.
+    pub fn set_exports(&mut self, exports: Arc<[ExportInfo]>) -> Result<(), ConfigError> {
+        if Arc::ptr_eq(&exports, &self.exports) {
+            return Ok(());
+        }
+        for (i, export) in exports.iter().enumerate() {
+            export.check()?;
+            if exports.iter().take(i).any(|e| e.name == export.name) {
+                return Err(ConfigError::DuplicateName(export.name.clone()));
+            }
+        }
+        // A meta context was selected for an export by position: follow it by name.
+        self.meta_export = self
+            .meta_export
+            .and_then(|index| self.exports.get(index))
+            .and_then(|old| exports.iter().position(|e| e.name == old.name));
+        self.exports = exports;
+        Ok(())
+    }
+
     /// From now on, answer every option but `NBD_OPT_ABORT` with `NBD_REP_ERR_SHUTDOWN`
     /// (what the protocol asks of a server that is shutting down).
     pub fn begin_shutdown(&mut self) {

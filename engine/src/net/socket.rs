@@ -34,7 +34,8 @@ impl std::fmt::Display for ListenAddr {
 
 enum ListenerKind {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    /// The listener, its path, and the socket file's identity when bound.
+    Unix(UnixListener, PathBuf, Option<(u64, u64)>),
 }
 
 /// A listening socket on the calling reactor.
@@ -51,11 +52,14 @@ impl Listener {
         let readiness = Readiness::current()?;
         let mut kind = match addr {
             ListenAddr::Tcp(addr) => ListenerKind::Tcp(TcpListener::bind(*addr)?),
-            ListenAddr::Unix(path) => ListenerKind::Unix(bind_unix(path)?, path.clone()),
+            ListenAddr::Unix(path) => {
+                let listener = bind_unix(path)?;
+                ListenerKind::Unix(listener, path.clone(), identity(path))
+            }
         };
         let token = match &mut kind {
             ListenerKind::Tcp(listener) => readiness.register(listener)?,
-            ListenerKind::Unix(listener, _) => readiness.register(listener)?,
+            ListenerKind::Unix(listener, ..) => readiness.register(listener)?,
         };
         Ok(Listener {
             kind,
@@ -68,7 +72,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<ListenAddr> {
         match &self.kind {
             ListenerKind::Tcp(listener) => listener.local_addr().map(ListenAddr::Tcp),
-            ListenerKind::Unix(_, path) => Ok(ListenAddr::Unix(path.clone())),
+            ListenerKind::Unix(_, path, _) => Ok(ListenAddr::Unix(path.clone())),
         }
     }
 
@@ -94,7 +98,7 @@ impl Listener {
                     peer: peer.to_string(),
                 })
             }
-            ListenerKind::Unix(listener, path) => {
+            ListenerKind::Unix(listener, path, _) => {
                 let (stream, _) =
                     retry(&readiness, token, Direction::Read, listener, |l| l.accept()).await?;
                 Ok(Accepted {
@@ -129,18 +133,40 @@ impl Drop for Listener {
     fn drop(&mut self) {
         match &mut self.kind {
             ListenerKind::Tcp(listener) => self.readiness.deregister(listener, self.token),
-            ListenerKind::Unix(listener, path) => {
+            ListenerKind::Unix(listener, path, bound) => {
                 self.readiness.deregister(listener, self.token);
-                let _ = std::fs::remove_file(path);
+                // Only our own socket file: another process may have bound the path since.
+                if bound.is_some() && identity(path) == *bound {
+                    let _ = std::fs::remove_file(path);
+                }
             }
         }
     }
+}
+
+/// The identity of a file (device, inode), to tell ours from a later one at the same path.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
 }
 
 fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
+            // A live socket belongs to a running process: never take it over. A stale one
+            // (its process is gone: nobody accepts) is replaced.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{} is a live socket: another process listens on it",
+                        path.display()
+                    ),
+                ));
+            }
             std::fs::remove_file(path)?;
         } else {
             return Err(io::Error::new(
@@ -346,6 +372,12 @@ impl ReadHalf {
     /// Fills `buf`; `UnexpectedEof` if the peer closes first.
     pub async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
         self.shared.read_exact(buf).await
+    }
+
+    /// Shuts both directions of the socket down now (a write waiting on the other half
+    /// fails at once).
+    pub fn shutdown(&self) -> io::Result<()> {
+        self.shared.shutdown(std::net::Shutdown::Both)
     }
 }
 

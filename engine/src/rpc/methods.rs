@@ -26,6 +26,51 @@ pub(crate) struct RpcContext {
     pub(crate) cores: Vec<usize>,
     /// RPC clients connected now.
     pub(crate) clients: Cell<usize>,
+    /// Whether a method is running: methods run one at a time, whoever calls them (each
+    /// reads the state, awaits, and changes it; interleaved, one would undo another).
+    pub(crate) busy: Cell<bool>,
+    /// Methods waiting for their turn.
+    pub(crate) waiting: std::cell::RefCell<std::collections::VecDeque<std::task::Waker>>,
+}
+
+/// The turn of one method; the next waiter goes when it drops.
+struct Turn<'a>(&'a RpcContext);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.busy.set(false);
+        let next = self.0.waiting.borrow_mut().pop_front();
+        if let Some(next) = next {
+            next.wake();
+        }
+    }
+}
+
+impl RpcContext {
+    /// A context for the daemon's reactors.
+    pub(crate) fn new(shared: Arc<DaemonShared>, cores: Vec<usize>) -> RpcContext {
+        RpcContext {
+            shared,
+            cores,
+            clients: Cell::new(0),
+            busy: Cell::new(false),
+            waiting: std::cell::RefCell::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    async fn turn(&self) -> Turn<'_> {
+        std::future::poll_fn(|cx| {
+            if self.busy.get() {
+                self.waiting.borrow_mut().push_back(cx.waker().clone());
+                std::task::Poll::Pending
+            } else {
+                self.busy.set(true);
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        Turn(self)
+    }
 }
 
 /// A method's future.
@@ -53,7 +98,10 @@ pub(crate) async fn dispatch(
     params: Option<Value>,
 ) -> Result<Value, RpcError> {
     match METHODS.iter().find(|(name, _)| *name == method) {
-        Some((_, handler)) => handler(context, params).await,
+        Some((_, handler)) => {
+            let _turn = context.turn().await;
+            handler(context, params).await
+        }
         None => Err(RpcError::new(codes::METHOD_NOT_FOUND, "Method not found")),
     }
 }

@@ -71,6 +71,8 @@ pub(crate) struct Conn {
     held_bytes: Cell<usize>,
     reading_done: Cell<bool>,
     broken: Cell<bool>,
+    /// Writes admitted whose payload is still arriving (0 or 1).
+    receiving: Cell<usize>,
     requests: Cell<u64>,
     failed: Cell<u64>,
 }
@@ -117,17 +119,29 @@ impl Conn {
         wake(&self.room_waker);
     }
 
-    /// A request task is done: queues its reply (dropped if the socket is gone) and counts
-    /// the request out.
-    pub(crate) fn complete(&self, reply: Reply, failed: bool) {
+    /// A request task is done: queues its reply. The request stays counted in flight, and
+    /// its reply's bytes held, until the writer has sent the reply (or dropped it because
+    /// the socket is gone): a client that does not read its replies stops being read.
+    pub(crate) fn complete(&self, mut reply: Reply, failed: bool) {
         self.requests.set(self.requests.get() + 1);
         if failed {
             self.failed.set(self.failed.get() + 1);
         }
+        self.held_bytes
+            .set(self.held_bytes.get() + reply.head.len());
+        reply.held += reply.head.len();
         self.queue(reply);
+    }
+
+    /// A reply was sent or dropped: its request is done.
+    fn retire(&self, reply: Reply) {
+        self.release(reply.held);
+        if let Some(buf) = reply.data {
+            self.state.buffers.give(buf);
+        }
         self.inflight.set(self.inflight.get().saturating_sub(1));
         wake(&self.room_waker);
-        if self.inflight.get() == 0 {
+        if self.inflight.get() == self.receiving.get() {
             wake(&self.idle_waker);
         }
     }
@@ -137,7 +151,7 @@ impl Conn {
     fn abandon(&self, bytes: usize) {
         self.inflight.set(self.inflight.get().saturating_sub(1));
         self.release(bytes);
-        if self.inflight.get() == 0 {
+        if self.inflight.get() == self.receiving.get() {
             wake(&self.idle_waker);
         }
     }
@@ -145,10 +159,7 @@ impl Conn {
     /// Queues a reply for the writer.
     fn queue(&self, reply: Reply) {
         if self.broken.get() {
-            self.release(reply.held);
-            if let Some(buf) = reply.data {
-                self.state.buffers.give(buf);
-            }
+            self.retire(reply);
             return;
         }
         self.out.borrow_mut().push_back(reply);
@@ -160,10 +171,11 @@ impl Conn {
         self.reading_done.get() && self.inflight.get() == 0 && self.out.borrow().is_empty()
     }
 
-    /// Waits until no request is in flight.
+    /// Waits until no started request is in flight (a write whose payload is still
+    /// arriving does not count: it is dropped if the connection ends first).
     async fn idle(&self) {
         std::future::poll_fn(|cx| {
-            if self.inflight.get() == 0 {
+            if self.inflight.get() == self.receiving.get() {
                 Poll::Ready(())
             } else {
                 park(&self.idle_waker, cx);
@@ -213,19 +225,9 @@ pub(crate) async fn serve_connection(stream: Stream, peer: String, state: Rc<Rea
         via_go = negotiated.via_go,
         "client connected"
     );
-    // Counted as a client of its volume while it lives (a stop_export waits for none).
-    struct Client(std::sync::Arc<super::volumes::Volume>);
-    impl Drop for Client {
-        fn drop(&mut self) {
-            self.0
-                .connections
-                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        }
-    }
-    volume
-        .connections
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let _client = Client(std::sync::Arc::clone(&volume));
+    // Counted as a client of its volume (since the handshake) while it lives.
+    let attached = volume;
+    let volume = std::sync::Arc::clone(&attached.0);
     let conn = Rc::new(Conn {
         encoder: ReplyEncoder::new(&negotiated),
         negotiated: negotiated.clone(),
@@ -240,6 +242,7 @@ pub(crate) async fn serve_connection(stream: Stream, peer: String, state: Rc<Rea
         held_bytes: Cell::new(0),
         reading_done: Cell::new(false),
         broken: Cell::new(false),
+        receiving: Cell::new(0),
         requests: Cell::new(0),
         failed: Cell::new(0),
     });
@@ -247,7 +250,12 @@ pub(crate) async fn serve_connection(stream: Stream, peer: String, state: Rc<Rea
     let grace = state.shared.shutdown_grace;
     let closer = async {
         state.stopped().await;
-        conn.idle().await;
+        // Started requests get some time to finish and be sent (a client that does not
+        // read its replies gets no more than that), then the client its grace period.
+        if let Either::Right(()) = race(conn.idle(), sleep(grace * 4)).await {
+            tracing::warn!(peer = %conn.peer, "replies not taken in time after a stop: closing");
+            return;
+        }
         sleep(grace).await;
     };
     let decoder = RequestDecoder::new(negotiated);
@@ -261,10 +269,18 @@ pub(crate) async fn serve_connection(stream: Stream, peer: String, state: Rc<Rea
     };
     // Requests already started finish (their replies go out if the socket takes them).
     conn.reading_done.set(true);
-    conn.idle().await;
+    if state.is_stopping() {
+        // A stop does not wait for a client that does not read: shut the socket down, so
+        // the writer fails and drops what is left.
+        if let Either::Right(()) = race(conn.idle(), sleep(grace)).await {
+            let _ = reader.shutdown();
+        }
+    }
     wake(&conn.writer_waker);
     let _ = writer_task.await;
+    conn.idle().await;
     drop(reader);
+    drop(attached);
     tracing::info!(
         %peer,
         export = %conn.negotiated.export_name,
@@ -274,17 +290,28 @@ pub(crate) async fn serve_connection(stream: Stream, peer: String, state: Rc<Rea
     );
 }
 
+/// A client counted on its volume; counted out when dropped (also when the handshake is
+/// cut short after counting it).
+pub(crate) struct Attached(std::sync::Arc<super::volumes::Volume>);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
 /// Runs the handshake; `Ok(Some((export, negotiated, bytes after it)))` to go on,
 /// `Ok(None)` when the client aborted or left, `Err` with the reason to log.
 async fn handshake(
     reader: &mut ReadHalf,
     writer: &mut WriteHalf,
     state: &Rc<ReactorServe>,
-) -> Result<Option<(std::sync::Arc<super::volumes::Volume>, Negotiated, Vec<u8>)>, String> {
-    let exports = state.exports();
-    let (mut handshake, greeting) =
-        Handshake::new(exports.infos.clone(), state.shared.handshake.clone())
-            .map_err(|err| format!("export configuration: {err}"))?;
+) -> Result<Option<(Attached, Negotiated, Vec<u8>)>, String> {
+    let (mut handshake, greeting) = Handshake::new(
+        state.exports().infos.clone(),
+        state.shared.handshake.clone(),
+    )
+    .map_err(|err| format!("export configuration: {err}"))?;
     writer
         .write_all(&greeting)
         .await
@@ -311,9 +338,31 @@ async fn handshake(
         }
         let mut input = &buf[..n];
         while !input.is_empty() {
+            // Options see the exports as they are now (management calls change them).
+            let exports = state.exports();
+            if let Err(err) = handshake.set_exports(exports.infos.clone()) {
+                tracing::error!(%err, "the export list cannot be served");
+            }
             let step = handshake
                 .input(input)
                 .map_err(|err| format!("handshake: {err}"))?;
+            // Entering transmission: the client is counted on its volume before the server's
+            // final answer goes out, and refused if the export is being stopped.
+            let mut attached = None;
+            if let Some(Outcome::Done { export, .. }) = &step.outcome {
+                let volume = exports
+                    .volumes
+                    .get(*export)
+                    .cloned()
+                    .ok_or_else(|| format!("export {export} is not in the list"))?;
+                if !volume.attach() {
+                    return Err(format!(
+                        "export {:?} was stopped during the handshake",
+                        volume.info.name
+                    ));
+                }
+                attached = Some(Attached(volume));
+            }
             if !step.send.is_empty() {
                 writer
                     .write_all(&step.send)
@@ -323,12 +372,10 @@ async fn handshake(
             input = input.get(step.consumed..).unwrap_or(&[]);
             match step.outcome {
                 None => {}
-                Some(Outcome::Done { export, negotiated }) => {
-                    let volume = exports
-                        .volumes
-                        .get(export)
-                        .cloned()
-                        .ok_or_else(|| format!("export {export} is not in the list"))?;
+                Some(Outcome::Done { negotiated, .. }) => {
+                    let Some(volume) = attached else {
+                        return Err("no volume attached".into());
+                    };
                     return Ok(Some((volume, negotiated, input.to_vec())));
                 }
                 Some(Outcome::Aborted) => return Ok(None),
@@ -368,9 +415,22 @@ impl Receiving {
         self.buf.as_deref_mut().unwrap_or_default()
     }
 
+    /// A write admitted by `conn` whose payload goes into `buf`.
+    fn new(conn: &Rc<Conn>, request: Request, buf: DmaBuf) -> Receiving {
+        conn.receiving.set(conn.receiving.get() + 1);
+        Receiving {
+            conn: Rc::clone(conn),
+            request,
+            buf: Some(buf),
+        }
+    }
+
     /// The payload is complete: start the write.
     fn start(mut self) {
         let buf = self.buf.take();
+        self.conn
+            .receiving
+            .set(self.conn.receiving.get().saturating_sub(1));
         dispatch(&self.conn, self.request, buf);
     }
 }
@@ -378,6 +438,9 @@ impl Receiving {
 impl Drop for Receiving {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
+            self.conn
+                .receiving
+                .set(self.conn.receiving.get().saturating_sub(1));
             self.conn.abandon(held_by(&self.request));
             self.conn.state.buffers.give(buf);
         }
@@ -409,16 +472,14 @@ async fn read_requests(
                 Some(Event::Request(request)) => {
                     conn.admit(held_by(&request)).await;
                     if request.payload_len() > 0 {
-                        let buf = conn
-                            .state
-                            .buffers
-                            .take(request.length as usize)
-                            .map_err(|err| format!("no buffer for a write: {err}"))?;
-                        receiving = Some(Receiving {
-                            conn: Rc::clone(conn),
-                            request,
-                            buf: Some(buf),
-                        });
+                        let buf = match conn.state.buffers.take(request.length as usize) {
+                            Ok(buf) => buf,
+                            Err(err) => {
+                                conn.abandon(held_by(&request));
+                                return Err(format!("no buffer for a write: {err}"));
+                            }
+                        };
+                        receiving = Some(Receiving::new(conn, request, buf));
                     } else {
                         dispatch(conn, request, None);
                     }
@@ -515,7 +576,7 @@ async fn write_replies(conn: Rc<Conn>, mut writer: WriteHalf) {
                 let take = out.len().min(REPLIES_PER_WRITE);
                 batch.extend(out.drain(..take));
                 Poll::Ready(true)
-            } else if conn.reading_done.get() && conn.inflight.get() == 0 {
+            } else if conn.reading_done.get() && conn.inflight.get() == 0 || conn.broken.get() {
                 Poll::Ready(false)
             } else {
                 park(&conn.writer_waker, cx);
@@ -536,10 +597,7 @@ async fn write_replies(conn: Rc<Conn>, mut writer: WriteHalf) {
         let sent = writer.write_all_vectored(&slices).await;
         drop(slices);
         for reply in batch.drain(..) {
-            conn.release(reply.held);
-            if let Some(buf) = reply.data {
-                conn.state.buffers.give(buf);
-            }
+            conn.retire(reply);
         }
         if let Err(err) = sent {
             if !conn.finished() {
@@ -548,7 +606,7 @@ async fn write_replies(conn: Rc<Conn>, mut writer: WriteHalf) {
             conn.broken.set(true);
             let dropped: Vec<Reply> = conn.out.borrow_mut().drain(..).collect();
             for reply in dropped {
-                conn.release(reply.held);
+                conn.retire(reply);
             }
             break;
         }

@@ -44,6 +44,8 @@ enum Done {
     Ok,
     /// A READ's data.
     Data(DmaBuf),
+    /// A READ of zero bytes (answered with a READ reply, structured when agreed).
+    EmptyRead,
     /// Block status extents.
     Status(Vec<Extent>),
     /// Failure: the error to reply and a message for the log and a structured reply.
@@ -90,6 +92,11 @@ pub(crate) async fn execute(conn: Rc<Conn>, request: Request, payload: Option<Dm
             conn.encoder
                 .read_header(&mut head, handle, request.offset, request.length);
             (Some(buf), false)
+        }
+        Done::EmptyRead => {
+            conn.encoder
+                .read_header(&mut head, handle, request.offset, 0);
+            (None, false)
         }
         Done::Status(extents) => match conn.encoder.block_status(&mut head, &request, &extents) {
             Ok(_) => (None, false),
@@ -141,7 +148,12 @@ async fn run(conn: &Conn, request: &Request, payload: Option<DmaBuf>) -> Done {
         Command::Read => io.read(request.offset, request.length as usize).await,
         Command::Write => match payload {
             Some(buf) => io.write(request.offset, buf, request.fua()).await,
-            None => Done::Failed(Errno::Inval, "write without a payload".into()),
+            // A zero-length write is valid and does nothing (but honours FUA).
+            None if request.fua() => match channel.flush().await {
+                Ok(()) => Done::Ok,
+                Err(err) => failed(&err),
+            },
+            None => Done::Ok,
         },
         Command::Flush => match channel.flush().await {
             Ok(()) => Done::Ok,
@@ -196,7 +208,7 @@ impl VolumeIo<'_> {
 
     async fn read(&self, offset: u64, len: usize) -> Done {
         if len == 0 {
-            return Done::Ok;
+            return Done::EmptyRead;
         }
         let (start, cover) = self.cover(offset, len as u64);
         if start == offset && cover == len as u64 {
@@ -223,6 +235,7 @@ impl VolumeIo<'_> {
         let len = buf.len() as u64;
         let (start, cover) = self.cover(offset, len);
         let result = if start == offset && cover == len {
+            let _admitted = self.conn.volume.gate.write(&self.conn.state).await;
             let (result, buf) = self
                 .channel
                 .write(self.blob, offset / self.unit(), buf)
@@ -256,6 +269,7 @@ impl VolumeIo<'_> {
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<(), BlobError> {
         let (start, cover) = self.cover(offset, len);
+        let _alone = self.conn.volume.gate.read_modify_write().await;
         let mut whole = match self.read_aligned(start, cover as usize).await {
             Ok(buf) => buf,
             Err(Done::Failed(_, message)) => return Err(BlobError::InvalidArgument(message)),
@@ -332,6 +346,7 @@ impl VolumeIo<'_> {
                         .await;
                 }
                 if result.is_ok() {
+                    let _admitted = self.conn.volume.gate.write(&self.conn.state).await;
                     result = self
                         .channel
                         .write_zeroes(

@@ -26,6 +26,8 @@ pub(crate) struct ReactorServe {
     pub(crate) buffers: BufferCache,
     /// This reactor's I/O counters per volume.
     pub(crate) iostats: super::iostat::IoStats,
+    /// Aligned writes in flight here on volumes that never saw a read-modify-write.
+    pub(crate) uncounted_writes: Cell<usize>,
     channel: RefCell<Option<BlobChannel>>,
     stopping: Cell<bool>,
     stop_wakers: RefCell<Slab<std::task::Waker>>,
@@ -43,6 +45,7 @@ impl ReactorServe {
             shared,
             buffers: BufferCache::default(),
             iostats: super::iostat::IoStats::default(),
+            uncounted_writes: Cell::new(0),
             channel: RefCell::new(None),
             stopping: Cell::new(false),
             stop_wakers: RefCell::new(Slab::new()),

@@ -34,6 +34,7 @@ pub(crate) mod local;
 pub(crate) mod race;
 pub(crate) mod shared;
 pub(crate) mod volumes;
+mod write_gate;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -393,11 +394,10 @@ impl Daemon {
                 )));
             }
             if let Some(listener) = rpc_listener {
-                let context = std::rc::Rc::new(crate::rpc::methods::RpcContext {
-                    shared: std::sync::Arc::clone(&state.shared),
+                let context = std::rc::Rc::new(crate::rpc::methods::RpcContext::new(
+                    std::sync::Arc::clone(&state.shared),
                     cores,
-                    clients: std::cell::Cell::new(0),
-                });
+                ));
                 drop(spool_reactor::spawn_local(crate::rpc::server::serve_rpc(
                     listener, context,
                 )));

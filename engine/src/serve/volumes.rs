@@ -37,6 +37,27 @@ pub(crate) struct Volume {
     pub(crate) thin: bool,
     /// Connections serving it now.
     pub(crate) connections: AtomicUsize,
+    /// Keeps read-modify-writes from undoing other writes.
+    pub(crate) gate: super::write_gate::WriteGate,
+    /// Set while `nbd_stop_export` removes it: no new client may attach.
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Volume {
+    /// Counts a new client in; `false` (nothing counted) when the export is being stopped.
+    pub(crate) fn attach(&self) -> bool {
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        if self.stopping.load(Ordering::SeqCst) {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Counts a client out.
+    pub(crate) fn detach(&self) {
+        self.connections.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The exported volumes, in the order `NBD_OPT_LIST` shows them.
@@ -238,6 +259,8 @@ fn volume_of(store: &Blobstore, blob: &Blob, name: String) -> Volume {
         io: blob.io(),
         thin: blob.is_thin(),
         connections: AtomicUsize::new(0),
+        gate: super::write_gate::WriteGate::default(),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     }
 }
 
@@ -347,8 +370,12 @@ pub(crate) fn remove_export(
         .iter()
         .find(|v| v.info.name == name)
         .ok_or_else(|| EngineError::NotFound(format!("no export is named {name:?}")))?;
-    let connections = volume.connections.load(Ordering::Acquire);
+    // Dekker with `Volume::attach`: either the client sees `stopping` and backs out, or
+    // this sees the client and refuses.
+    volume.stopping.store(true, Ordering::SeqCst);
+    let connections = volume.connections.load(Ordering::SeqCst);
     if connections > 0 {
+        volume.stopping.store(false, Ordering::SeqCst);
         return Err(EngineError::Busy(format!(
             "export {name:?} has {connections} client(s) connected"
         )));
