@@ -618,6 +618,10 @@ struct Model {
     fuas: u64,
     /// ESHUTDOWN replies (a SIGTERM stop refusing new requests).
     shutdown_replies: u64,
+    /// Requests sent that got no reply before the connection broke.
+    unanswered: u64,
+    /// The daemon was killed or stopped (connections may fail from then on).
+    killed: bool,
     /// Replies other than success while the daemon ran.
     errors: Vec<String>,
 }
@@ -632,6 +636,8 @@ impl Model {
             flushes: 0,
             fuas: 0,
             shutdown_replies: 0,
+            unanswered: 0,
+            killed: false,
             errors: Vec::new(),
         }
     }
@@ -659,8 +665,16 @@ fn writer(
     flush_every: u64,
     fua_every: u64,
 ) {
-    let Ok(mut client) = NbdClient::connect(port, "v") else {
-        return;
+    let mut client = match NbdClient::connect(port, "v") {
+        Ok(client) => client,
+        Err(err) => {
+            // Refused or reset because the kill came first is fine; else a failure.
+            let mut m = model.lock().unwrap();
+            if !m.killed {
+                m.errors.push(format!("connect: {err}"));
+            }
+            return;
+        }
     };
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut pending: HashMap<u64, Pending> = HashMap::new();
@@ -675,6 +689,7 @@ fn writer(
             if handle.is_multiple_of(flush_every) {
                 let mark = model.lock().unwrap().acks;
                 if client.send_flush(handle).is_err() {
+                    model.lock().unwrap().unanswered += pending.len() as u64;
                     return;
                 }
                 pending.insert(handle, Pending::Flush { mark });
@@ -718,6 +733,7 @@ fn writer(
                 .send_write(handle, first * BLOCK, &payload, flags)
                 .is_err()
             {
+                model.lock().unwrap().unanswered += pending.len() as u64;
                 return;
             }
             pending.insert(handle, Pending::Write { first, count });
@@ -729,6 +745,7 @@ fn writer(
             return;
         }
         let Ok(reply) = client.reply() else {
+            model.lock().unwrap().unanswered += pending.len() as u64;
             return;
         };
         let mut m = model.lock().unwrap();
@@ -769,6 +786,14 @@ fn writer(
             }
         }
     }
+}
+
+/// The random seed: `SPOOL_TEST_SEED` to replay a failure (the message prints it), else new.
+fn test_seed() -> u64 {
+    std::env::var("SPOOL_TEST_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..))
 }
 
 /// Two writers on two connections: one with a FLUSH every 32 requests, one with a FLUSH
@@ -912,7 +937,7 @@ fn kill_9_while_writing_keeps_every_flushed_and_fua_write_and_every_cluster_owne
     make_store(d, "128M", &[("v", "96M")]);
     let slots = 96 * MIB / BLOCK;
     let model = Arc::new(Mutex::new(Model::new(slots)));
-    let seed = fastrand::u64(..);
+    let seed = test_seed();
     let mut rng = fastrand::Rng::with_seed(seed);
     let started = Instant::now();
     // Kill after this many acknowledged writes: right at the start, early, later, ...
@@ -927,7 +952,6 @@ fn kill_9_while_writing_keeps_every_flushed_and_fua_write_and_every_cluster_owne
     for (round, &target) in targets.iter().enumerate() {
         let serving = Daemon::start(d, IMAGE, &["--cores", "0,1"]);
         if round > 0 {
-            assert!(serving.recovered(), "round {round}: {:?}", serving.banner);
             let problems = verify(serving.port, &mut model.lock().unwrap(), &mut rng);
             assert!(
                 problems.is_empty(),
@@ -935,22 +959,36 @@ fn kill_9_while_writing_keeps_every_flushed_and_fua_write_and_every_cluster_owne
                 problems.len(),
                 problems[..problems.len().min(10)].join("\n")
             );
+            // The first round's acknowledged writes persisted cluster inserts, so the store
+            // was dirty when killed; a recovered store stays dirty until a clean unload.
+            assert!(serving.recovered(), "round {round}: {:?}", serving.banner);
         }
         let start_acks = model.lock().unwrap().acks;
         let stop = Arc::new(AtomicBool::new(false));
         // Each round writes into a wider part of the volume: some first writes every time.
         let limit = slots * (round as u64 + 1) / targets.len() as u64;
         let writers = start_writers(serving.port, &model, &stop, &mut rng, limit);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         while model.lock().unwrap().acks < start_acks + target && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(200));
+        }
+        {
+            let mut m = model.lock().unwrap();
+            m.killed = true;
+            assert!(
+                m.acks > start_acks,
+                "round {round}: no write acknowledged in 20 s: {:?}; log:\n{}",
+                m.errors,
+                serving.log_text()
+            );
         }
         serving.kill9();
         stop.store(true, Ordering::Relaxed);
         for writer in writers {
             writer.join().expect("a writer thread panicked");
         }
-        let m = model.lock().unwrap();
+        let mut m = model.lock().unwrap();
+        m.killed = false;
         assert!(m.errors.is_empty(), "round {round}: {:?}", m.errors);
         report.push(format!(
             "round {round}: killed after {} acknowledged writes ({} flushes, {} FUA)",
@@ -961,7 +999,6 @@ fn kill_9_while_writing_keeps_every_flushed_and_fua_write_and_every_cluster_owne
     }
     // The last restart: recovered, everything checks; then a clean stop and an offline look.
     let serving = Daemon::start(d, IMAGE, &[]);
-    assert!(serving.recovered(), "{:?}", serving.banner);
     let problems = verify(serving.port, &mut model.lock().unwrap(), &mut rng);
     assert!(
         problems.is_empty(),
@@ -969,6 +1006,7 @@ fn kill_9_while_writing_keeps_every_flushed_and_fua_write_and_every_cluster_owne
         problems.len(),
         problems[..problems.len().min(10)].join("\n")
     );
+    assert!(serving.recovered(), "{:?}", serving.banner);
     serving.stop();
     check_clusters_owned_once(d, IMAGE);
     // And after the clean unload every block still reads what it did.
@@ -991,7 +1029,7 @@ fn sigterm_while_writing_answers_every_request_and_stops_clean() {
     make_store(d, "64M", &[("v", "32M")]);
     let slots = 32 * MIB / BLOCK;
     let model = Arc::new(Mutex::new(Model::new(slots)));
-    let seed = fastrand::u64(..);
+    let seed = test_seed();
     let mut rng = fastrand::Rng::with_seed(seed);
     let serving = Daemon::start(d, IMAGE, &["--cores", "0,1"]);
     let port = serving.port;
@@ -1003,6 +1041,7 @@ fn sigterm_while_writing_answers_every_request_and_stops_clean() {
         std::thread::sleep(Duration::from_micros(200));
     }
     // SIGTERM with the writers going: exit 0, store clean (checked by stop).
+    model.lock().unwrap().killed = true;
     serving.stop();
     stop.store(true, Ordering::Relaxed);
     for writer in writers {
@@ -1012,6 +1051,8 @@ fn sigterm_while_writing_answers_every_request_and_stops_clean() {
         let m = model.lock().unwrap();
         assert!(m.errors.is_empty(), "seed {seed}: {:?}", m.errors);
         assert!(m.acks > 0);
+        // Every request got its reply: done, or refused with ESHUTDOWN once stopping.
+        assert_eq!(m.unanswered, 0, "seed {seed}: requests left unanswered");
     }
     // Every acknowledged write is there after the clean stop.
     let serving = Daemon::start(d, IMAGE, &[]);
@@ -1025,4 +1066,98 @@ fn sigterm_while_writing_answers_every_request_and_stops_clean() {
     );
     serving.stop();
     check_clusters_owned_once(d, IMAGE);
+}
+
+// ---------------------------------------------------------------------------------------
+// FLUSH and FUA reach the device
+
+/// A loop device over a file, detached on drop. Its `/sys/block/NAME/stat` counts the
+/// flushes the block layer completed (field 16, Linux 5.5 on), which a kill -9 test cannot
+/// see: a process that dies loses nothing the kernel has, flushed or not.
+struct LoopDevice {
+    device: String,
+}
+
+impl LoopDevice {
+    fn attach(file: &Path) -> LoopDevice {
+        let output = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap_or_else(|err| panic!("losetup: {err} (this test needs root and util-linux)"));
+        assert!(
+            output.status.success(),
+            "losetup --find --show failed (this test needs root and a free loop device): {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        LoopDevice {
+            device: String::from_utf8_lossy(&output.stdout).trim().to_string(),
+        }
+    }
+
+    /// Flushes the block layer has completed on the device.
+    fn flushes(&self) -> u64 {
+        let name = self.device.trim_start_matches("/dev/");
+        let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+        let fields: Vec<u64> = stat
+            .split_whitespace()
+            .map(|f| f.parse().unwrap())
+            .collect();
+        assert!(
+            fields.len() >= 17,
+            "{name}/stat has no flush counts (Linux 5.5 on): {stat}"
+        );
+        fields[15]
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.device])
+            .status();
+    }
+}
+
+#[test]
+fn flush_and_fua_reach_the_device_from_any_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = std::fs::File::create(d.join("loop.img")).unwrap();
+    file.set_len(64 * MIB).unwrap();
+    drop(file);
+    let device = LoopDevice::attach(&d.join("loop.img"));
+    let dev = device.device.as_str();
+    spool(d, &["init", dev]);
+    // A thick volume: its writes change no metadata, so only FLUSH and FUA flush.
+    spool(d, &["create", dev, "--size", "16M", "--name", "v"]);
+    let serving = Daemon::start(d, dev, &["--cores", "0,1"]);
+    let mut a = NbdClient::connect(serving.port, "v").unwrap();
+    let mut b = NbdClient::connect(serving.port, "v").unwrap();
+    assert_eq!(a.write(0, &[0xa1; 4096]).unwrap(), 0);
+    // A FLUSH on another connection makes a's write durable (multi-conn): a device flush.
+    let before = device.flushes();
+    b.send_flush(7).unwrap();
+    let reply = b.reply().unwrap();
+    assert_eq!((reply.handle, reply.error), (7, 0));
+    let after = device.flushes();
+    assert!(
+        after > before,
+        "an acknowledged NBD_CMD_FLUSH flushed nothing on the device ({before} -> {after})"
+    );
+    // A FUA write flushes before its reply.
+    let before = device.flushes();
+    b.send_write(8, 64 * KIB, &[0xb2; 4096], command_flags::FUA)
+        .unwrap();
+    let reply = b.reply().unwrap();
+    assert_eq!((reply.handle, reply.error), (8, 0));
+    let after = device.flushes();
+    assert!(
+        after > before,
+        "an acknowledged FUA write flushed nothing on the device ({before} -> {after})"
+    );
+    assert_eq!(a.read(64 * KIB, 4096).unwrap(), vec![0xb2; 4096]);
+    a.disconnect();
+    b.disconnect();
+    serving.stop();
 }

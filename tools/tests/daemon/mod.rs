@@ -336,10 +336,20 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // A failing test leaves no daemon behind.
+        // A failing test leaves no daemon behind, and shows the end of its log.
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "spool serve {} (port {}), the last lines of its log:\n{}",
+                self.image,
+                self.port,
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
         }
     }
 }
