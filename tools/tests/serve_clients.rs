@@ -194,6 +194,52 @@ fn qemu_io_writes_and_reads_patterns_on_two_exports_at_once_and_they_survive_a_r
 }
 
 #[test]
+fn the_embedded_default_serves_vol0_to_the_readme_qemu_io_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // `spool serve` with no IMAGE: spool.img (1 GiB, sparse) with the thin volume vol0.
+    let serving = Daemon::start(d, "", &[]);
+    assert!(
+        serving
+            .banner
+            .iter()
+            .any(|l| l == "spool serve: store spool.img created"),
+        "{:?}",
+        serving.banner
+    );
+    assert!(
+        serving
+            .banner
+            .iter()
+            .any(|l| l.starts_with("spool serve: export vol0 ") && l.contains("thin")),
+        "{:?}",
+        serving.banner
+    );
+    let readme_line = [
+        "-c".to_string(),
+        "write -P 0xab 0 1M".to_string(),
+        "-c".to_string(),
+        "read -P 0xab 0 1M".to_string(),
+    ];
+    qemu_io_ok(spawn_qemu_io(d, &serving.uri("vol0"), false, &readme_line).wait(CLIENT_LIMIT));
+    serving.stop();
+    // The second start loads it.
+    let serving = Daemon::start(d, "", &[]);
+    assert!(
+        serving
+            .banner
+            .iter()
+            .any(|l| l == "spool serve: store spool.img loaded"),
+        "{:?}",
+        serving.banner
+    );
+    let read = qemu_io_commands("read", &[region(0, MIB, 0xab), region(MIB, MIB, 0)]);
+    qemu_io_ok(spawn_qemu_io(d, &serving.uri("vol0"), true, &read).wait(CLIENT_LIMIT));
+    serving.stop();
+    check_clusters_owned_once(d, "spool.img");
+}
+
+#[test]
 fn a_snapshot_is_exported_read_only_with_the_data_it_was_taken_with() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -319,7 +365,10 @@ fn qemu_img_convert_copies_a_raw_image_in_and_out_and_a_thin_volume_out_sparsely
     run_client(
         d,
         "qemu-img",
-        &["convert", "-n", "-f", "raw", "-O", "raw", "in.raw", &v],
+        // Out-of-order writes, 16 at once.
+        &[
+            "convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw", "in.raw", &v,
+        ],
         CLIENT_LIMIT,
     )
     .ok();

@@ -207,8 +207,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// `spool serve IMAGE --listen 127.0.0.1:0 --idle sleep --no-pin EXTRA...` in `dir`;
-    /// returns once it printed its ready line.
+    /// `spool serve IMAGE --listen 127.0.0.1:0 --idle sleep --no-pin EXTRA...` in `dir`
+    /// (no IMAGE when `image` is empty: the embedded default, `spool.img`); returns once it
+    /// printed its ready line.
     pub fn start(dir: &Path, image: &str, extra: &[&str]) -> Daemon {
         let log = dir.join("serve.log");
         let log_file = std::fs::OpenOptions::new()
@@ -216,16 +217,13 @@ impl Daemon {
             .append(true)
             .open(&log)
             .expect("open the daemon's log");
-        let mut args = vec![
-            "serve",
-            image,
-            "--listen",
-            "127.0.0.1:0",
-            "--idle",
-            "sleep",
-            "--no-pin",
-        ];
+        let mut args = vec!["serve"];
+        if !image.is_empty() {
+            args.push(image);
+        }
+        args.extend(["--listen", "127.0.0.1:0", "--idle", "sleep", "--no-pin"]);
         args.extend_from_slice(extra);
+        let image = if image.is_empty() { "spool.img" } else { image };
         let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
             .args(&args)
             .current_dir(dir)
