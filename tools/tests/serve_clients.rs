@@ -436,11 +436,15 @@ fn nbdcopy_round_trips_a_file() {
     make_store(d, "64M", &[("v", "16M")]);
     let (image, data_clusters) = disk_image(11, 16);
     std::fs::write(d.join("in.raw"), &image).unwrap();
-    // Two reactors: nbdcopy opens several connections (the export allows multi-conn).
-    let serving = Daemon::start(d, IMAGE, &["--cores", "0,1"]);
+    // Two reactors: nbdcopy opens several connections (the export allows multi-conn). In
+    // over TCP, out over the Unix socket.
+    let socket = d.join("spool.sock");
+    let socket = socket.to_str().unwrap();
+    let serving = Daemon::start(d, IMAGE, &["--cores", "0,1", "--socket", socket]);
     let v = serving.uri("v");
     run_client(d, "nbdcopy", &["--flush", "in.raw", &v], CLIENT_LIMIT).ok();
-    run_client(d, "nbdcopy", &[&v, "out.raw"], CLIENT_LIMIT).ok();
+    let unix = format!("nbd+unix:///v?socket={socket}");
+    run_client(d, "nbdcopy", &[&unix, "out.raw"], CLIENT_LIMIT).ok();
     assert_same(
         "nbdcopy in and out",
         &std::fs::read(d.join("out.raw")).unwrap(),
