@@ -207,7 +207,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// `spool serve IMAGE --listen 127.0.0.1:0 --idle sleep --no-pin EXTRA...` in `dir`
+    /// `spool serve IMAGE --listen 127.0.0.1:0 --idle sleep --no-pin --handshake-timeout 60
+    /// EXTRA...` in `dir`
     /// (no IMAGE when `image` is empty: the embedded default, `spool.img`); returns once it
     /// printed its ready line.
     pub fn start(dir: &Path, image: &str, extra: &[&str]) -> Daemon {
@@ -222,6 +223,8 @@ impl Daemon {
             args.push(image);
         }
         args.extend(["--listen", "127.0.0.1:0", "--idle", "sleep", "--no-pin"]);
+        // Generous: a machine stalled by other work must not cut a client's handshake.
+        args.extend(["--handshake-timeout", "60"]);
         args.extend_from_slice(extra);
         let image = if image.is_empty() { "spool.img" } else { image };
         let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
