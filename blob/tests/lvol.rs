@@ -696,7 +696,7 @@ proptest! {
         // the run before it unloaded.
         for batch in ops.split(|op| matches!(op, Op::Reload)) {
             let (bdev, desc) = match &image {
-                None => malloc(64 * MIB),
+                None => malloc(16 * MIB),
                 Some(bytes) => from_image(bytes),
             };
             let fresh = image.is_none();

@@ -44,6 +44,17 @@ pub struct LvolStore {
     inner: Rc<LvsInner>,
 }
 
+impl std::fmt::Debug for LvolStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.inner.state.borrow();
+        f.debug_struct("LvolStore")
+            .field("name", &state.name)
+            .field("uuid", &state.uuid)
+            .field("lvols", &state.lvols.len())
+            .finish()
+    }
+}
+
 struct LvsInner {
     store: Blobstore,
     super_blob: u64,

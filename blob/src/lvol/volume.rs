@@ -76,7 +76,8 @@ impl LvolStore {
         }
     }
 
-    /// What blob `id` of lvol `lvol` says now (opens and closes it).
+    /// Lvol `id` with what its blob says now (opens and closes it); -ENOENT when it is not
+    /// an lvol of this store.
     pub async fn info(&self, id: u64) -> Result<LvolInfo> {
         let lvol = self.lvol(id)?;
         let store = self.blobstore();
