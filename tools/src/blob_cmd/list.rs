@@ -24,8 +24,12 @@ pub struct BlobRow {
     pub name: Option<String>,
     /// The `uuid` xattr, when it holds a uuid as SPDK's lvol layer stores one (36
     /// characters and a NUL): the lvol's (or, on the super blob, the lvol store's) uuid.
+    /// Left out of the JSON when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
-    /// In an lvol store, an lvol's alias `lvs_name/lvol_name` (SPDK's bdev alias).
+    /// In an lvol store, an lvol's alias `lvs_name/lvol_name` (SPDK's bdev alias). Left out
+    /// of the JSON when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
     /// Size in clusters.
     pub num_clusters: u64,

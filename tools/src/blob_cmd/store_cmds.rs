@@ -56,11 +56,14 @@ pub struct StoreInfo {
     pub num_blobs: usize,
     /// Blobs whose metadata could not be read at load: id and reason.
     pub unreadable_blobs: Vec<(u64, String)>,
-    /// In an lvol store: its name (from its super blob).
+    /// In an lvol store: its name (from its super blob). Left out of the JSON otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lvs_name: Option<String>,
-    /// In an lvol store: its uuid.
+    /// In an lvol store: its uuid. Left out of the JSON otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lvs_uuid: Option<String>,
-    /// In an lvol store: its lvols.
+    /// In an lvol store: its lvols. Left out of the JSON otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_lvols: Option<usize>,
 }
 
