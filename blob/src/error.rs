@@ -54,6 +54,16 @@ pub enum BlobError {
     /// The object is in use (-EBUSY).
     #[error("{0}")]
     Busy(String),
+    /// A name that must be unique is taken (-EEXIST), as an lvol name in its store.
+    #[error("{0}")]
+    Exists(String),
+    /// No object has this name, alias or uuid (-ENOENT), as an lvol looked up by name.
+    #[error("{0}")]
+    NotFound(String),
+    /// The store is not an lvol store SPDK's lvol layer could open (-ENODEV, as SPDK's
+    /// `spdk_lvs_load` says when the super blob is missing or cannot be opened).
+    #[error("not an lvol store: {0}")]
+    NotLvolStore(String),
     /// The blob's data or metadata is read-only (-EPERM).
     #[error("blob {id:#x} is read-only: cannot {what}")]
     ReadOnly {
@@ -119,6 +129,9 @@ impl BlobError {
             Self::CorruptBlob { .. } | Self::InvalidArgument(_) => -libc::EINVAL,
             Self::NoSuchBlob(_) | Self::NoSuchXattr { .. } | Self::NoSuperBlob => -libc::ENOENT,
             Self::Busy(_) => -libc::EBUSY,
+            Self::Exists(_) => -libc::EEXIST,
+            Self::NotFound(_) => -libc::ENOENT,
+            Self::NotLvolStore(_) => -libc::ENODEV,
             Self::ReadOnly { .. } | Self::WrongThread { .. } => -libc::EPERM,
             Self::NoSpace(_) => -libc::ENOSPC,
             Self::NoMdPages(_) => -libc::ENOMEM,

@@ -19,6 +19,8 @@
 //!   thin allocations run as their own tasks; the caller's future only waits).
 //! - `freeze`: freezing and draining a blob's I/O on every channel.
 //! - `snapshot`: snapshots, clones, inflate, decouple, merge-on-delete, load-time repair.
+//! - [`lvol`]: [`LvolStore`]: logical volumes (names, uuids, aliases) as SPDK's lvol layer
+//!   keeps them in xattrs, over the blobstore.
 //! - [`bitmap`]: bit arrays for the masks and the lock-free used-cluster map.
 //! - [`error`]: [`BlobError`] with errno kinds.
 
@@ -32,6 +34,7 @@ pub mod error;
 pub mod format;
 mod freeze;
 mod io;
+pub mod lvol;
 pub mod meta;
 mod persist;
 mod resize;
@@ -42,5 +45,6 @@ mod sync;
 pub use crate::blob::{Blob, BlobOptions};
 pub use crate::error::{BlobError, Result};
 pub use crate::io::{BlobChannel, BlobIo, BlobIoFuture, ChannelContext};
+pub use crate::lvol::{Lvol, LvolInfo, LvolStore, LvsInitOptions};
 pub use crate::meta::ExtentForm;
 pub use crate::store::{Blobstore, Geometry, InitOptions, LoadOptions, LoadReport};

@@ -37,7 +37,7 @@ pub mod transfer;
 
 pub use crate::error::EngineError;
 pub use crate::lock::ImageLock;
-pub use crate::offline::{run_offline, run_offline_locked, OpenInfo, StoreOpen};
+pub use crate::offline::{run_offline, run_offline_locked, store_io_unit, OpenInfo, StoreOpen};
 pub use crate::size::{parse_bytes, parse_size};
 pub use crate::target::{
     open_image, open_target, prepare_file, OpenedTarget, TargetOptions, TargetSpec,

@@ -30,6 +30,35 @@ pub enum StoreOpen {
     Load(LoadOptions),
     /// Format the image as a new, empty store.
     Init(InitOptions),
+    /// Format the image as a new, empty store whose io_unit is `block_size` (512 or 4096):
+    /// a file is opened with blocks of that size (a block device must have that logical block
+    /// size, -EINVAL otherwise), and SPDK, too, takes the device's block size as the io_unit.
+    InitWithBlockSize(InitOptions, u32),
+}
+
+/// The block size to open a regular file with for `open`: the one asked for at init; for a
+/// load, the io_unit its super block records (so a store made with 512-byte blocks loads),
+/// else 4096. Block devices always use their own logical block size.
+fn file_block_size(image: &Path, open: &StoreOpen) -> u32 {
+    const DEFAULT: u32 = 4096;
+    match open {
+        StoreOpen::Init(_) => DEFAULT,
+        StoreOpen::InitWithBlockSize(_, block_size) => *block_size,
+        StoreOpen::Load(_) => store_io_unit(image).unwrap_or(DEFAULT),
+    }
+}
+
+/// The io_unit the store on `image` records in its super block (`None` when the first page
+/// cannot be read or is not a valid super block).
+pub fn store_io_unit(image: &Path) -> Option<u32> {
+    use std::io::Read;
+    let mut page = vec![0u8; 4096];
+    std::fs::File::open(image)
+        .ok()?
+        .read_exact(&mut page)
+        .ok()?;
+    let block = SuperBlock::decode(&page).ok()?;
+    Some(block.effective_io_unit())
 }
 
 /// What the runner knew when it handed the store to the job.
@@ -111,7 +140,11 @@ where
             lock.path().display()
         ))));
     }
-    let (bdev, kind) = open_image(image, &TargetOptions::default())?;
+    let target = TargetOptions {
+        block_size: file_block_size(image, &open),
+        ..TargetOptions::default()
+    };
+    let (bdev, kind) = open_image(image, &target)?;
     let desc = BdevDesc::open(Arc::clone(&bdev)).map_err(EngineError::from)?;
     let runtime = Runtime::start(&RuntimeOptions {
         cores: vec![offline_core()],
@@ -165,6 +198,15 @@ async fn open_store(desc: BdevDesc, open: StoreOpen) -> Result<(Blobstore, OpenI
             // The in-memory super block keeps the clean flag as read at load.
             let super_block = store.super_block();
             Ok((store, info(super_block, Some(report))))
+        }
+        StoreOpen::InitWithBlockSize(options, block_size) => {
+            if desc.block_size() != block_size {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the device's blocks are {} bytes, not the {block_size} asked for",
+                    desc.block_size()
+                )));
+            }
+            Box::pin(open_store(desc, StoreOpen::Init(options))).await
         }
         StoreOpen::Init(options) => {
             let store = Blobstore::init(desc, &options).await?;
@@ -221,6 +263,29 @@ mod tests {
         assert!(clean, "the first run unloaded cleanly");
         assert_eq!(blobs, vec![id]);
         assert_eq!(free, 61);
+    }
+
+    #[test]
+    fn a_store_made_with_512_byte_blocks_loads_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = image(&dir, 16 << 20);
+        let open = StoreOpen::InitWithBlockSize(InitOptions::default(), 512);
+        let unit = run_offline(&path, open, |store, _| async move {
+            Ok::<_, EngineError>(store.io_unit_size())
+        })
+        .unwrap();
+        assert_eq!(unit, 512);
+        assert_eq!(store_io_unit(&path), Some(512));
+        let unit = run_offline(
+            &path,
+            StoreOpen::Load(LoadOptions::default()),
+            |store, _| async move { Ok::<_, EngineError>(store.io_unit_size()) },
+        )
+        .unwrap();
+        assert_eq!(
+            unit, 512,
+            "the load opens the file with the store's io_unit"
+        );
     }
 
     #[test]

@@ -16,6 +16,17 @@ fn bytes_arg(text: &str) -> Result<u64, String> {
     spool_engine::parse_bytes(text).map_err(|err| err.to_string())
 }
 
+/// Parses a store block size (512 or 4096) for clap.
+fn block_size_arg(text: &str) -> Result<u32, String> {
+    match text {
+        "512" => Ok(512),
+        "4096" | "4K" | "4k" => Ok(4096),
+        _ => Err(format!(
+            "'{text}' is not a block size Spool stores use (512 or 4096)"
+        )),
+    }
+}
+
 /// Parses `KEY=VALUE` for clap.
 fn key_value_arg(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
@@ -41,6 +52,15 @@ pub struct InitArgs {
     /// The store's type tag, up to 16 bytes (SPDK's lvol stores use LVOLSTORE).
     #[arg(long, value_name = "NAME")]
     pub bstype: Option<String>,
+    /// Make an lvol store named NAME, as SPDK's bdev_lvol_create_lvstore does: bstype
+    /// LVOLSTORE and a super blob holding the store's name and a new uuid.
+    #[arg(long, value_name = "NAME")]
+    pub lvs: Option<String>,
+    /// Bytes per block of a file image, and so the store's io_unit: 512 (a 512-byte-sector
+    /// store, as SPDK makes on such a device) or 4096 (the default). A block device uses its
+    /// own logical block size, which must match when this is given.
+    #[arg(long, value_name = "BYTES", value_parser = block_size_arg)]
+    pub block_size: Option<u32>,
 }
 
 /// Arguments of `spool info`.

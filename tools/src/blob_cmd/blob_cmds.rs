@@ -1,10 +1,10 @@
 //! The commands on one blob's life: `create`, `resize`, `delete`, `set-read-only`.
 
 use spool_blob::format::BLOBID_INVALID;
-use spool_blob::{BlobOptions, ExtentForm};
+use spool_blob::{BlobOptions, ExtentForm, LvolStore};
 
 use crate::blob_cmd::args::{BlobArgs, CreateArgs, ResizeArgs};
-use crate::blob_cmd::resolve::{blobs_named, resolve_blob, with_blob, NAME_XATTR};
+use crate::blob_cmd::resolve::{blobs_named, lvol_store, resolve_blob, with_blob, NAME_XATTR};
 use crate::blob_cmd::text::{emit, escape, id_hex, name_of};
 use crate::blob_cmd::{clusters_for, on_store};
 use crate::error::ToolError;
@@ -37,13 +37,15 @@ pub fn lvol_name(name: &str) -> Result<Vec<u8>, ToolError> {
 }
 
 /// `spool create IMAGE --size BYTES [--thin] [--name NAME] [--xattr KEY=VALUE]... [--rle]`:
-/// prints the new blob's id (decimal) alone on stdout.
+/// prints the new blob's id (decimal) alone on stdout. In an lvol store the blob is an lvol
+/// (see [`create_lvol`]).
 pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
     let mut xattrs: Vec<(String, Vec<u8>)> = args
         .xattrs
         .iter()
         .map(|(key, value)| (key.clone(), value.as_bytes().to_vec()))
         .collect();
+    let lvol_args = args.clone();
     if let Some(name) = &args.name {
         if xattrs.iter().any(|(key, _)| key == NAME_XATTR) {
             return Err(ToolError::Failed(
@@ -69,6 +71,9 @@ pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
         },
     };
     let id = on_store(&args.image, move |store, _| async move {
+        if let Some(lvs) = lvol_store(&store).await? {
+            return create_lvol(&lvs, &lvol_args).await;
+        }
         if let Some(name) = &name {
             let taken = blobs_named(&store, name).await;
             if let Some(&other) = taken.first() {
@@ -86,6 +91,37 @@ pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
         Ok(store.create_blob(&options).await?)
     })?;
     emit(&format!("{id}\n"))
+}
+
+/// `create` in an lvol store: an lvol named `--name` (required: SPDK's loader refuses a blob
+/// without a name), with a new uuid, as SPDK's bdev_lvol_create; `--xattr`s are added after.
+/// `--rle` is refused (SPDK's lvol layer makes extent tables).
+async fn create_lvol(lvs: &LvolStore, args: &CreateArgs) -> Result<u64, ToolError> {
+    let Some(name) = &args.name else {
+        return Err(ToolError::Failed(format!(
+            "lvol store '{}': an lvol needs a name (--name)",
+            lvs.name()
+        )));
+    };
+    if args.rle {
+        return Err(ToolError::Failed(
+            "lvol store: lvols use an extent table, as SPDK makes them (--rle is for other stores)"
+                .into(),
+        ));
+    }
+    let store = lvs.blobstore();
+    let bytes = clusters_for(args.size, store.cluster_size()) * store.cluster_size();
+    let lvol = lvs.create_lvol(name, bytes, args.thin).await?;
+    if !args.xattrs.is_empty() {
+        with_blob(store, lvol.id, async |blob| {
+            for (key, value) in &args.xattrs {
+                blob.set_xattr(key, value.as_bytes())?;
+            }
+            Ok(blob.sync_md().await?)
+        })
+        .await?;
+    }
+    Ok(lvol.id)
 }
 
 /// `spool resize IMAGE BLOB BYTES`.

@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use spool_blob::{Blob, Blobstore, ExtentForm};
+use spool_blob::lvol::xattr::{parse_uuid, UUID_XATTR};
+use spool_blob::{Blob, Blobstore, ExtentForm, LvolStore};
 
 use crate::blob_cmd::args::LsArgs;
 use crate::blob_cmd::on_store;
-use crate::blob_cmd::resolve::NAME_XATTR;
+use crate::blob_cmd::resolve::{lvol_store, NAME_XATTR};
 use crate::blob_cmd::store_cmds::to_json;
 use crate::blob_cmd::text::{emit, escape, hex, human_bytes, id_hex, name_of, table};
 use crate::error::ToolError;
@@ -21,6 +22,15 @@ pub struct BlobRow {
     pub id_hex: String,
     /// The `name` xattr, trailing NULs stripped, lossy UTF-8.
     pub name: Option<String>,
+    /// The `uuid` xattr, when it holds a uuid as SPDK's lvol layer stores one (36
+    /// characters and a NUL): the lvol's (or, on the super blob, the lvol store's) uuid.
+    /// Left out of the JSON when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// In an lvol store, an lvol's alias `lvs_name/lvol_name` (SPDK's bdev alias). Left out
+    /// of the JSON when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
     /// Size in clusters.
     pub num_clusters: u64,
     /// Clusters with a device cluster of their own.
@@ -77,12 +87,18 @@ fn xattr_map(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn blob_row(store: &Blobstore, blob: &Blob) -> BlobRow {
+fn blob_row(store: &Blobstore, blob: &Blob, lvs: Option<&LvolStore>) -> BlobRow {
     let id = blob.id();
+    let alias = lvs.and_then(|lvs| lvs.lvol(id).ok()).map(|lvol| lvol.alias);
     BlobRow {
         id,
         id_hex: id_hex(id),
         name: blob.xattr(NAME_XATTR).map(|value| name_of(&value)),
+        uuid: blob
+            .xattr(UUID_XATTR)
+            .and_then(|value| parse_uuid(&value))
+            .map(|uuid| uuid.hyphenated().to_string()),
+        alias,
         num_clusters: blob.num_clusters(),
         num_allocated_clusters: blob.num_allocated_clusters(),
         size_bytes: blob.size_bytes(),
@@ -103,11 +119,13 @@ fn blob_row(store: &Blobstore, blob: &Blob) -> BlobRow {
 
 /// Every blob of the store, in id order; a blob that cannot be opened gets an error row.
 pub async fn rows(store: &Blobstore) -> Result<Vec<Row>, ToolError> {
+    // An lvol store that does not open as one (SPDK would refuse it) is listed as blobs.
+    let lvs = lvol_store(store).await.ok().flatten();
     let mut rows = Vec::new();
     for id in store.blob_ids() {
         match store.open_blob(id).await {
             Ok(blob) => {
-                rows.push(Row::Blob(blob_row(store, &blob)));
+                rows.push(Row::Blob(blob_row(store, &blob, lvs.as_ref())));
                 blob.close().await?;
             }
             Err(err) => rows.push(Row::Unreadable(UnreadableRow {
@@ -146,7 +164,11 @@ fn flags(row: &BlobRow) -> String {
 }
 
 fn ls_table(rows: &[Row]) -> String {
-    let mut cells = vec![[
+    // Stores with uuids (lvol stores) get a UUID column, after the parent.
+    let uuids = rows
+        .iter()
+        .any(|row| matches!(row, Row::Blob(blob) if blob.uuid.is_some()));
+    let mut header = [
         "ID",
         "NAME",
         "SIZE",
@@ -156,20 +178,30 @@ fn ls_table(rows: &[Row]) -> String {
         "PARENT",
     ]
     .map(String::from)
-    .to_vec()];
+    .to_vec();
+    if uuids {
+        header.push("UUID".into());
+    }
+    let mut cells = vec![header];
     for row in rows {
         cells.push(match row {
-            Row::Blob(blob) => vec![
-                blob.id_hex.clone(),
-                blob.name
-                    .as_deref()
-                    .map_or_else(|| "-".into(), |name| escape(name.as_bytes())),
-                human_bytes(blob.size_bytes),
-                blob.num_clusters.to_string(),
-                blob.num_allocated_clusters.to_string(),
-                flags(blob),
-                blob.parent.map_or_else(|| "-".into(), id_hex),
-            ],
+            Row::Blob(blob) => {
+                let mut line = vec![
+                    blob.id_hex.clone(),
+                    blob.name
+                        .as_deref()
+                        .map_or_else(|| "-".into(), |name| escape(name.as_bytes())),
+                    human_bytes(blob.size_bytes),
+                    blob.num_clusters.to_string(),
+                    blob.num_allocated_clusters.to_string(),
+                    flags(blob),
+                    blob.parent.map_or_else(|| "-".into(), id_hex),
+                ];
+                if uuids {
+                    line.push(blob.uuid.clone().unwrap_or_else(|| "-".into()));
+                }
+                line
+            }
             // The reason goes last, so it widens no column.
             Row::Unreadable(bad) => {
                 let mut cells = vec![bad.id_hex.clone()];

@@ -2,7 +2,9 @@
 //! it) or the value of a blob's `name` xattr, compared with its trailing NULs stripped (SPDK's
 //! lvol layer stores names NUL-padded to 64 bytes; blobcli stores C strings with their NUL).
 
-use spool_blob::{Blob, Blobstore};
+use spool_blob::format::super_block::bstype_name;
+use spool_blob::lvol::xattr::LVS_BSTYPE;
+use spool_blob::{Blob, Blobstore, LvolStore};
 
 use crate::blob_cmd::text::{escape, id_hex, strip_nuls};
 use crate::error::ToolError;
@@ -50,12 +52,32 @@ pub async fn blobs_named(store: &Blobstore, name: &str) -> Vec<u64> {
     found
 }
 
-/// The blob a BLOB argument names: an existing blob's id, else the one blob with that name.
+/// Whether `store` is an lvol store (bstype `LVOLSTORE`).
+pub fn is_lvol_store(store: &Blobstore) -> bool {
+    bstype_name(&store.bstype()) == LVS_BSTYPE
+}
+
+/// The lvol store view of `store` when it is an lvol store (`None` otherwise); opening it
+/// reads every blob's name and uuid, and fails as SPDK's loader would.
+pub async fn lvol_store(store: &Blobstore) -> Result<Option<LvolStore>, ToolError> {
+    if !is_lvol_store(store) {
+        return Ok(None);
+    }
+    Ok(Some(LvolStore::open(store.clone()).await?))
+}
+
+/// The blob a BLOB argument names: an existing blob's id; in an lvol store, the lvol with
+/// that uuid or alias (`lvs/lvol`); else the one blob with that name.
 pub async fn resolve_blob(store: &Blobstore, text: &str) -> Result<u64, ToolError> {
     let number = parse_id(text);
     if let Some(id) = number {
         if store.blob_ids().contains(&id) {
             return Ok(id);
+        }
+    }
+    if let Ok(Some(lvs)) = lvol_store(store).await {
+        if let Ok(lvol) = lvs.lookup(text) {
+            return Ok(lvol.id);
         }
     }
     let named = blobs_named(store, text).await;

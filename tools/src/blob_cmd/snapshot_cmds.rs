@@ -1,11 +1,11 @@
 //! The commands on snapshot chains: `snapshot`, `clone`, `inflate`, `decouple`.
 
-use spool_blob::Blobstore;
+use spool_blob::{Blobstore, LvolStore};
 
 use crate::blob_cmd::args::{BlobArgs, SnapshotArgs};
 use crate::blob_cmd::blob_cmds::lvol_name;
 use crate::blob_cmd::on_store;
-use crate::blob_cmd::resolve::{blobs_named, resolve_blob, NAME_XATTR};
+use crate::blob_cmd::resolve::{blobs_named, lvol_store, resolve_blob, NAME_XATTR};
 use crate::blob_cmd::text::{emit, escape, id_hex};
 use crate::error::ToolError;
 
@@ -28,22 +28,49 @@ async fn name_xattrs(
     Ok(vec![(NAME_XATTR.to_string(), stored)])
 }
 
-/// `spool snapshot IMAGE BLOB [--name NAME]`: prints the new snapshot's id.
+/// In an lvol store: the new lvol's name (required there, as SPDK's snapshot and clone calls
+/// require one); `None` in other stores.
+async fn lvol_target(
+    store: &Blobstore,
+    name: Option<&str>,
+    what: &str,
+) -> Result<Option<(LvolStore, String)>, ToolError> {
+    let Some(lvs) = lvol_store(store).await? else {
+        return Ok(None);
+    };
+    match name {
+        Some(name) => Ok(Some((lvs, name.to_string()))),
+        None => Err(ToolError::Failed(format!(
+            "lvol store '{}': a {what} needs a name (--name)",
+            lvs.name()
+        ))),
+    }
+}
+
+/// `spool snapshot IMAGE BLOB [--name NAME]`: prints the new snapshot's id. In an lvol store
+/// the snapshot is an lvol (its own uuid), as SPDK's bdev_lvol_snapshot makes it.
 pub fn snapshot(args: &SnapshotArgs) -> Result<(), ToolError> {
     let (text, name) = (args.blob.clone(), args.name.clone());
     let id = on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
+        if let Some((lvs, name)) = lvol_target(&store, name.as_deref(), "snapshot").await? {
+            return Ok(lvs.create_snapshot(id, &name).await?.id);
+        }
         let xattrs = name_xattrs(&store, name.as_deref()).await?;
         Ok(store.create_snapshot(id, &xattrs).await?)
     })?;
     emit(&format!("{id}\n"))
 }
 
-/// `spool clone IMAGE SNAPSHOT [--name NAME]`: prints the new clone's id.
+/// `spool clone IMAGE SNAPSHOT [--name NAME]`: prints the new clone's id. In an lvol store
+/// the clone is an lvol, as SPDK's bdev_lvol_clone makes it.
 pub fn clone(args: &SnapshotArgs) -> Result<(), ToolError> {
     let (text, name) = (args.blob.clone(), args.name.clone());
     let id = on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
+        if let Some((lvs, name)) = lvol_target(&store, name.as_deref(), "clone").await? {
+            return Ok(lvs.create_clone(id, &name).await?.id);
+        }
         let xattrs = name_xattrs(&store, name.as_deref()).await?;
         Ok(store.create_clone(id, &xattrs).await?)
     })?;

@@ -4,14 +4,15 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use serde::Serialize;
-use spool_blob::format::super_block::{bstype_from_name, bstype_name};
+use spool_blob::format::super_block::{bstype_from_name, bstype_name, Bstype};
 use spool_blob::format::{BLOBID_INVALID, PAGE_SIZE_U64};
-use spool_blob::{Blobstore, InitOptions};
+use spool_blob::lvol::xattr::{check_name, LVS_BSTYPE};
+use spool_blob::{Blobstore, InitOptions, LvolStore};
 use spool_engine::{ImageLock, OpenInfo, StoreOpen};
 
 use crate::blob_cmd::args::{InfoArgs, InitArgs, SuperArgs};
 use crate::blob_cmd::progress::bytes_bar;
-use crate::blob_cmd::resolve::resolve_blob;
+use crate::blob_cmd::resolve::{is_lvol_store, resolve_blob};
 use crate::blob_cmd::text::{emit, human_bytes, id_hex, table};
 use crate::blob_cmd::{on_store, with_locked_store, with_store};
 use crate::error::ToolError;
@@ -55,6 +56,15 @@ pub struct StoreInfo {
     pub num_blobs: usize,
     /// Blobs whose metadata could not be read at load: id and reason.
     pub unreadable_blobs: Vec<(u64, String)>,
+    /// In an lvol store: its name (from its super blob). Left out of the JSON otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lvs_name: Option<String>,
+    /// In an lvol store: its uuid. Left out of the JSON otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lvs_uuid: Option<String>,
+    /// In an lvol store: its lvols. Left out of the JSON otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_lvols: Option<usize>,
 }
 
 fn store_info(image: String, store: &Blobstore, info: &OpenInfo) -> StoreInfo {
@@ -80,6 +90,9 @@ fn store_info(image: String, store: &Blobstore, info: &OpenInfo) -> StoreInfo {
         free_clusters: store.free_cluster_count(),
         num_blobs: store.blob_ids().len(),
         unreadable_blobs: report.unreadable,
+        lvs_name: None,
+        lvs_uuid: None,
+        num_lvols: None,
     }
 }
 
@@ -119,6 +132,15 @@ fn info_table(info: &StoreInfo) -> String {
     for (id, reason) in &info.unreadable_blobs {
         rows.push(("unreadable", format!("{}: {reason}", id_hex(*id))));
     }
+    if let Some(name) = &info.lvs_name {
+        rows.push(("lvs_name", name.clone()));
+    }
+    if let Some(uuid) = &info.lvs_uuid {
+        rows.push(("lvs_uuid", uuid.clone()));
+    }
+    if let Some(count) = info.num_lvols {
+        rows.push(("num_lvols", count.to_string()));
+    }
     let rows: Vec<Vec<String>> = rows
         .into_iter()
         .map(|(key, value)| vec![key.to_string(), value])
@@ -130,7 +152,19 @@ fn info_table(info: &StoreInfo) -> String {
 pub fn info(args: &InfoArgs) -> Result<(), ToolError> {
     let image = args.image.clone();
     let info = on_store(&args.image, move |store, open| async move {
-        Ok(store_info(image, &store, &open))
+        let mut info = store_info(image, &store, &open);
+        if is_lvol_store(&store) {
+            // A store SPDK could not open as an lvol store is still described as a blobstore.
+            match LvolStore::open(store.clone()).await {
+                Ok(lvs) => {
+                    info.lvs_name = Some(lvs.name());
+                    info.lvs_uuid = Some(lvs.uuid().hyphenated().to_string());
+                    info.num_lvols = Some(lvs.lvol_count());
+                }
+                Err(err) => eprintln!("warning: not an lvol store SPDK would open: {err}"),
+            }
+        }
+        Ok(info)
     })?;
     if args.json {
         emit(&format!("{}\n", to_json(&info)?))
@@ -180,27 +214,51 @@ fn prepare_image(args: &InitArgs) -> Result<Option<ImageLock>, ToolError> {
     }
 }
 
-/// `spool init IMAGE [--size BYTES] [--cluster-size BYTES] [--md-pages N] [--bstype NAME]`.
-pub fn init(args: &InitArgs) -> Result<(), ToolError> {
-    let bstype = match &args.bstype {
-        None => [0; 16],
-        Some(name) => bstype_from_name(name).ok_or_else(|| {
+/// The bstype `init` formats with: `--bstype`'s, or `LVOLSTORE` with `--lvs` (which refuses
+/// any other `--bstype`).
+fn init_bstype(args: &InitArgs) -> Result<Bstype, ToolError> {
+    let given = match &args.bstype {
+        None => None,
+        Some(name) => Some(bstype_from_name(name).ok_or_else(|| {
             ToolError::Failed(format!(
                 "bstype '{name}' is {} bytes; at most 16",
                 name.len()
             ))
-        })?,
+        })?),
     };
+    let lvs = bstype_from_name(LVS_BSTYPE).unwrap_or_default();
+    match (given, &args.lvs) {
+        (Some(bstype), Some(_)) if bstype != lvs => Err(ToolError::Failed(format!(
+            "--lvs makes a store of bstype {LVS_BSTYPE}, not '{}'",
+            bstype_name(&bstype)
+        ))),
+        (_, Some(_)) => Ok(lvs),
+        (Some(bstype), None) => Ok(bstype),
+        (None, None) => Ok([0; 16]),
+    }
+}
+
+/// `spool init IMAGE [--size BYTES] [--cluster-size BYTES] [--md-pages N] [--bstype NAME]
+/// [--lvs NAME] [--block-size 512|4096]`.
+pub fn init(args: &InitArgs) -> Result<(), ToolError> {
     let options = InitOptions {
         cluster_size: args.cluster_size.unwrap_or(1 << 20),
         md_pages: args.md_pages,
-        bstype,
+        bstype: init_bstype(args)?,
         ..InitOptions::default()
     };
+    if let Some(name) = &args.lvs {
+        check_name(name, "lvol store").map_err(|err| ToolError::Failed(err.to_string()))?;
+    }
     let created = prepare_image(args)?;
+    let lvs_name = args.lvs.clone();
     let summarise = |store: Blobstore, info: OpenInfo| async move {
+        let lvs = match lvs_name {
+            Some(name) => Some(LvolStore::format(store.clone(), &name).await?),
+            None => None,
+        };
         let geometry = store.geometry();
-        Ok(format!(
+        let mut summary = format!(
             "{} bytes, {} clusters of {} ({} for data), md_start {}, md_len {}",
             info.device_bytes,
             geometry.total_clusters,
@@ -208,9 +266,19 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
             store.total_data_cluster_count(),
             geometry.md_start,
             geometry.md_len
-        ))
+        );
+        if geometry.io_unit_size != PAGE_SIZE_U64 {
+            summary.push_str(&format!(", io_unit {}", geometry.io_unit_size));
+        }
+        if let Some(lvs) = lvs {
+            summary.push_str(&format!("\nlvol store {} uuid {}", lvs.name(), lvs.uuid()));
+        }
+        Ok(summary)
     };
-    let open = StoreOpen::Init(options);
+    let open = match args.block_size {
+        Some(block_size) => StoreOpen::InitWithBlockSize(options, block_size),
+        None => StoreOpen::Init(options),
+    };
     let result = match &created {
         Some(lock) => with_locked_store(&args.image, lock, open, summarise),
         None => with_store(&args.image, open, summarise),
