@@ -32,6 +32,9 @@ pub enum EngineError {
     /// In use (-EBUSY): an export with clients, a volume that is exported.
     #[error("{0}")]
     Busy(String),
+    /// No such device (-ENODEV): no store, or no lvol store, where one is needed.
+    #[error("{0}")]
+    NoDevice(String),
     /// A stop signal ended a long run (a benchmark, a transfer) early: what was in flight
     /// finished and what was done is kept; `done` says how much.
     #[error("interrupted by {} after {done}", signal.name())]
@@ -90,6 +93,7 @@ impl EngineError {
             Self::NotFound(_) => -libc::ENOENT,
             Self::Exists(_) => -libc::EEXIST,
             Self::Busy(_) => -libc::EBUSY,
+            Self::NoDevice(_) => -libc::ENODEV,
             Self::IoFailed { errno, .. } | Self::Failed { errno, .. } => *errno,
             Self::Step { source, .. } => source.errno(),
             Self::File { errno, .. } => *errno,

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::jsonrpc::{codes, RpcError};
-use super::{bdev, framework, nbd};
+use super::{bdev, framework, lvol, nbd};
 use crate::serve::shared::DaemonShared;
 use crate::EngineError;
 
@@ -86,6 +86,20 @@ pub(crate) const METHODS: &[(&str, Handler)] = &[
     ("spdk_kill_instance", framework::spdk_kill_instance),
     ("bdev_get_bdevs", bdev::bdev_get_bdevs),
     ("bdev_get_iostat", bdev::bdev_get_iostat),
+    ("bdev_lvol_create_lvstore", lvol::create_lvstore),
+    ("bdev_lvol_get_lvstores", lvol::get_lvstores),
+    ("bdev_lvol_rename_lvstore", lvol::rename_lvstore),
+    ("bdev_lvol_delete_lvstore", lvol::delete_lvstore),
+    ("bdev_lvol_create", lvol::create),
+    ("bdev_lvol_get_lvols", lvol::get_lvols),
+    ("bdev_lvol_snapshot", lvol::snapshot),
+    ("bdev_lvol_clone", lvol::clone),
+    ("bdev_lvol_rename", lvol::rename),
+    ("bdev_lvol_resize", lvol::resize),
+    ("bdev_lvol_set_read_only", lvol::set_read_only),
+    ("bdev_lvol_inflate", lvol::inflate),
+    ("bdev_lvol_decouple_parent", lvol::decouple_parent),
+    ("bdev_lvol_delete", lvol::delete),
     ("nbd_start_export", nbd::nbd_start_export),
     ("nbd_stop_export", nbd::nbd_stop_export),
     ("nbd_get_exports", nbd::nbd_get_exports),

@@ -6,13 +6,14 @@
 //! - [`jsonrpc`]: the framing and JSON-RPC objects, with no I/O (fuzzed).
 //! - [`client`]: a blocking client (`spool rpc`, tests).
 //! - `server`: the socket on the metadata reactor; one task per client.
-//! - `methods`: the method table and parameter decoding; `framework`, `bdev`, `nbd`: the
-//!   methods by family.
+//! - `methods`: the method table and parameter decoding; `framework`, `bdev`, `lvol`, `nbd`:
+//!   the methods by family.
 
 mod bdev;
 pub mod client;
 mod framework;
 pub mod jsonrpc;
+mod lvol;
 pub(crate) mod methods;
 mod nbd;
 pub(crate) mod server;

@@ -92,6 +92,12 @@ impl ReactorServe {
         Ok(channel)
     }
 
+    /// Forgets this reactor's channel (its store was destroyed; the next use opens one to
+    /// the store of the volumes exported then).
+    pub(crate) fn reset_channel(&self) {
+        self.channel.borrow_mut().take();
+    }
+
     /// Whether the daemon is stopping (set on every reactor by [`Self::fire_stop`]).
     pub(crate) fn is_stopping(&self) -> bool {
         self.stopping.get()

@@ -60,6 +60,8 @@ use shared::DaemonShared;
 pub const DEFAULT_IMAGE: &str = "spool.img";
 /// The embedded default's size (a sparse file: it takes disk space only as it is written).
 pub const DEFAULT_IMAGE_BYTES: u64 = 1 << 30;
+/// The embedded default's lvol store.
+pub const DEFAULT_LVS: &str = "lvs0";
 /// The embedded default's one volume: thin, as large as the store's data clusters.
 pub const DEFAULT_VOLUME: &str = "vol0";
 /// Where `spool serve` takes JSON-RPC calls unless told otherwise (SPDK's default is
@@ -227,7 +229,11 @@ impl Daemon {
         let (bdev, lock, image, created_path) = match &source {
             Source::Load(path) => {
                 let lock = ImageLock::exclusive(path)?;
-                let (bdev, _) = open_image(path, &options.target)?;
+                let mut target = options.target.clone();
+                if let Some(io_unit) = crate::offline::store_io_unit(path) {
+                    target.block_size = io_unit;
+                }
+                let (bdev, _) = open_image(path, &target)?;
                 (bdev, Some(lock), path.display().to_string(), None)
             }
             Source::CreateDefault(path) => {
@@ -293,15 +299,20 @@ impl Daemon {
         let wanted = options.exports.clone();
         let opened = runtime.block_on(metadata_reactor, move || async move {
             let (store, report) = if create {
-                let store = Blobstore::init(desc, &InitOptions::default()).await?;
-                volumes::create_default_volume(&store, DEFAULT_VOLUME).await?;
+                // The embedded default is an lvol store (lvs0) with one thin lvol (vol0),
+                // so SPDK's bdev_lvol_* calls work on it as made.
+                let store = Blobstore::init(desc.clone(), &InitOptions::default()).await?;
+                let lvs = spool_blob::LvolStore::format(store.clone(), DEFAULT_LVS).await?;
+                let bytes = store.total_data_cluster_count() * store.cluster_size();
+                lvs.create_lvol(DEFAULT_VOLUME, bytes, true).await?;
                 (store, None)
             } else {
-                let (store, report) = Blobstore::load(desc, &LoadOptions::default()).await?;
+                let (store, report) =
+                    Blobstore::load(desc.clone(), &LoadOptions::default()).await?;
                 (store, Some(report))
             };
             let unload_on_error = store.clone();
-            match volumes::open_exports(store, &wanted).await {
+            match volumes::open_exports(store, desc, &wanted).await {
                 Ok(set) => Ok((Arc::new(set), report)),
                 Err(err) => {
                     if let Err(unload) = unload_on_error.unload().await {

@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use spool_blob::{Blob, BlobIo, BlobOptions, Blobstore};
+use spool_blob::{Blob, BlobIo, Blobstore};
 
 use crate::nbd::handshake::{BlockSizes, ExportInfo, Features};
 use crate::nbd::limits;
@@ -24,8 +24,6 @@ use crate::EngineError;
 pub const NAME_XATTR: &str = "name";
 /// The bstype of a store SPDK's lvol layer made.
 const LVOLSTORE: &str = "LVOLSTORE";
-/// Bytes SPDK's lvol layer gives a name (NUL-padded).
-const LVOL_NAME_BYTES: usize = 64;
 
 /// One exported volume.
 pub(crate) struct Volume {
@@ -41,6 +39,10 @@ pub(crate) struct Volume {
     pub(crate) gate: super::write_gate::WriteGate,
     /// Set while `nbd_stop_export` removes it: no new client may attach.
     pub(crate) stopping: std::sync::atomic::AtomicBool,
+    /// Its size now (a resize changes it; new clients see it, connected ones keep theirs).
+    pub(crate) size_bytes: std::sync::atomic::AtomicU64,
+    /// Read-only now (`bdev_lvol_set_read_only` sets it).
+    pub(crate) read_only: std::sync::atomic::AtomicBool,
 }
 
 impl Volume {
@@ -87,25 +89,18 @@ pub struct ExportSummary {
 
 /// What the metadata reactor holds while the daemon serves.
 struct HeldStore {
-    store: Blobstore,
+    /// The store (`None` after `bdev_lvol_delete_lvstore` destroyed it).
+    store: Option<Blobstore>,
+    /// Its lvol view, when it is an lvol store.
+    lvs: Option<spool_blob::LvolStore>,
+    /// The device, to make a new store on.
+    desc: spool_bdev::BdevDesc,
+    /// The exported blobs, open.
     blobs: Vec<Blob>,
 }
 
 thread_local! {
     static HELD: RefCell<Option<HeldStore>> = const { RefCell::new(None) };
-}
-
-/// `bytes` as SPDK's lvol layer stores a name: NUL-padded to 64 bytes.
-pub(crate) fn lvol_name(name: &str) -> Result<Vec<u8>, EngineError> {
-    if name.is_empty() || name.len() >= LVOL_NAME_BYTES || name.contains('\0') {
-        return Err(EngineError::InvalidArgument(format!(
-            "volume name {name:?}: 1 to {} bytes, no NUL",
-            LVOL_NAME_BYTES - 1
-        )));
-    }
-    let mut stored = name.as_bytes().to_vec();
-    stored.resize(LVOL_NAME_BYTES, 0);
-    Ok(stored)
 }
 
 /// The name stored in `value` (trailing NULs dropped) if it can be an export name.
@@ -116,21 +111,6 @@ fn stored_name(value: &[u8]) -> Option<String> {
         .map_or(0, |last| last + 1);
     let text = std::str::from_utf8(&value[..end]).ok()?;
     (!text.is_empty() && check_string(text.as_bytes()).is_ok()).then(|| text.to_string())
-}
-
-/// Creates the embedded default's volume on a fresh store: a thin blob over every data
-/// cluster, named `name`.
-pub(crate) async fn create_default_volume(
-    store: &Blobstore,
-    name: &str,
-) -> Result<u64, EngineError> {
-    let options = BlobOptions {
-        num_clusters: store.total_data_cluster_count(),
-        thin: true,
-        xattrs: vec![(NAME_XATTR.to_string(), lvol_name(name)?)],
-        ..BlobOptions::default()
-    };
-    Ok(store.create_blob(&options).await?)
 }
 
 /// Parses a blob id as SPDK prints it (`0x...`) or in decimal.
@@ -145,6 +125,7 @@ fn parse_id(text: &str) -> Option<u64> {
 /// keeps the store and the blobs on this (the metadata) reactor, and returns the export set.
 pub(crate) async fn open_exports(
     store: Blobstore,
+    desc: spool_bdev::BdevDesc,
     wanted: &[String],
 ) -> Result<ExportSet, EngineError> {
     let mut opened: Vec<(Blob, Option<String>)> = Vec::new();
@@ -223,7 +204,25 @@ pub(crate) async fn open_exports(
         }
         return Err(err);
     }
-    HELD.with(|held| *held.borrow_mut() = Some(HeldStore { store, blobs }));
+    let lvs = if lvstore_super.is_some() {
+        match spool_blob::LvolStore::open(store.clone()).await {
+            Ok(lvs) => Some(lvs),
+            Err(err) => {
+                tracing::warn!(%err, "the lvol store's names do not load: lvol calls are refused");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    HELD.with(|held| {
+        *held.borrow_mut() = Some(HeldStore {
+            store: Some(store),
+            lvs,
+            desc,
+            blobs,
+        });
+    });
     Ok(ExportSet::of(volumes))
 }
 
@@ -261,6 +260,8 @@ fn volume_of(store: &Blobstore, blob: &Blob, name: String) -> Volume {
         connections: AtomicUsize::new(0),
         gate: super::write_gate::WriteGate::default(),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        size_bytes: std::sync::atomic::AtomicU64::new(blob.size_bytes()),
+        read_only: std::sync::atomic::AtomicBool::new(read_only),
     }
 }
 
@@ -282,8 +283,8 @@ pub(crate) fn summaries(set: &ExportSet) -> Vec<ExportSummary> {
         .map(|volume| ExportSummary {
             name: volume.info.name.clone(),
             blob_id: volume.io.id(),
-            size_bytes: volume.info.size_bytes,
-            read_only: volume.info.read_only,
+            size_bytes: volume.size_bytes.load(Ordering::Acquire),
+            read_only: volume.read_only.load(Ordering::Acquire),
             thin: volume.thin,
             connections: volume.connections.load(Ordering::Relaxed),
         })
@@ -304,9 +305,12 @@ pub(crate) async fn close_and_unload() -> Result<(), EngineError> {
             first_error.get_or_insert(EngineError::from(err));
         }
     }
-    if let Err(err) = held.store.unload().await {
-        tracing::error!(%err, "unloading the store failed: it is left dirty (the next start recovers it)");
-        first_error.get_or_insert(EngineError::from(err));
+    drop(held.lvs);
+    if let Some(store) = held.store {
+        if let Err(err) = store.unload().await {
+            tracing::error!(%err, "unloading the store failed: it is left dirty (the next start recovers it)");
+            first_error.get_or_insert(EngineError::from(err));
+        }
     }
     first_error.map_or(Ok(()), Err)
 }
@@ -314,8 +318,44 @@ pub(crate) async fn close_and_unload() -> Result<(), EngineError> {
 /// Runs `with` on the store held on this (the metadata) reactor; -ENODEV-style error when
 /// there is none (the daemon is stopping).
 pub(crate) fn held_store() -> Result<Blobstore, EngineError> {
-    HELD.with(|held| held.borrow().as_ref().map(|held| held.store.clone()))
-        .ok_or_else(|| EngineError::InvalidArgument("the store is not open (stopping?)".into()))
+    HELD.with(|held| held.borrow().as_ref().and_then(|held| held.store.clone()))
+        .ok_or_else(|| {
+            EngineError::NoDevice(
+                "no store is open (stopping, or its lvol store was deleted)".into(),
+            )
+        })
+}
+
+/// The lvol store held on this (the metadata) reactor; -ENODEV when the store is not one.
+pub(crate) fn held_lvs() -> Result<spool_blob::LvolStore, EngineError> {
+    HELD.with(|held| held.borrow().as_ref().and_then(|held| held.lvs.clone()))
+        .ok_or_else(|| EngineError::NoDevice("no lvol store exists on this daemon's device".into()))
+}
+
+/// The device the store is on.
+pub(crate) fn held_desc() -> Result<spool_bdev::BdevDesc, EngineError> {
+    HELD.with(|held| held.borrow().as_ref().map(|held| held.desc.clone()))
+        .ok_or_else(|| EngineError::NoDevice("the daemon is stopping".into()))
+}
+
+/// Replaces the held store and its lvol view (after an lvol store was made or deleted).
+pub(crate) fn set_held_store(store: Option<Blobstore>, lvs: Option<spool_blob::LvolStore>) {
+    HELD.with(|held| {
+        if let Some(held) = held.borrow_mut().as_mut() {
+            held.store = store;
+            held.lvs = lvs;
+        }
+    });
+}
+
+/// Ids of the blobs open for exports.
+pub(crate) fn held_blob_ids() -> Vec<u64> {
+    HELD.with(|held| {
+        held.borrow()
+            .as_ref()
+            .map(|held| held.blobs.iter().map(Blob::id).collect())
+            .unwrap_or_default()
+    })
 }
 
 /// Whether blob `id` is open for an export.
@@ -405,10 +445,17 @@ pub(crate) async fn close_held(id: u64) -> Result<(), EngineError> {
 }
 
 impl ExportSet {
-    /// The set of `volumes`.
+    /// The set of `volumes` (advertised with their sizes and read-only state now).
     pub(crate) fn of(volumes: Vec<Arc<Volume>>) -> ExportSet {
         ExportSet {
-            infos: volumes.iter().map(|v| v.info.clone()).collect(),
+            infos: volumes
+                .iter()
+                .map(|v| ExportInfo {
+                    size_bytes: v.size_bytes.load(Ordering::Acquire),
+                    read_only: v.read_only.load(Ordering::Acquire),
+                    ..v.info.clone()
+                })
+                .collect(),
             volumes,
         }
     }
@@ -503,4 +550,26 @@ pub(crate) async fn find_blob(store: &Blobstore, text: &str) -> Result<u64, Engi
     Err(EngineError::NotFound(format!(
         "no volume is named {text:?}"
     )))
+}
+
+/// Brings every exported volume's size and read-only state up to date with its blob (after
+/// a resize or a set-read-only); returns whether any changed (the caller republishes).
+pub(crate) fn refresh(current: &ExportSet) -> bool {
+    HELD.with(|held| {
+        let held = held.borrow();
+        let Some(held) = held.as_ref() else {
+            return false;
+        };
+        let mut changed = false;
+        for volume in &current.volumes {
+            let Some(blob) = held.blobs.iter().find(|b| b.id() == volume.io.id()) else {
+                continue;
+            };
+            let size = blob.size_bytes();
+            let read_only = blob.is_read_only() || blob.is_data_read_only();
+            changed |= volume.size_bytes.swap(size, Ordering::AcqRel) != size;
+            changed |= volume.read_only.swap(read_only, Ordering::AcqRel) != read_only;
+        }
+        changed
+    })
 }
