@@ -208,7 +208,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// `spool serve IMAGE --listen 127.0.0.1:0 --idle sleep --no-pin --handshake-timeout 60
-    /// EXTRA...` in `dir`
+    /// --rpc DIR/rpc.sock EXTRA...` in `dir`
     /// (no IMAGE when `image` is empty: the embedded default, `spool.img`); returns once it
     /// printed its ready line.
     pub fn start(dir: &Path, image: &str, extra: &[&str]) -> Daemon {
@@ -225,6 +225,12 @@ impl Daemon {
         args.extend(["--listen", "127.0.0.1:0", "--idle", "sleep", "--no-pin"]);
         // Generous: a machine stalled by other work must not cut a client's handshake.
         args.extend(["--handshake-timeout", "60"]);
+        // Its own JSON-RPC socket (the default /var/tmp/spool.sock is one per machine).
+        let rpc = dir.join("rpc.sock");
+        let rpc = rpc.to_str().expect("a UTF-8 temp path").to_string();
+        if !extra.contains(&"--rpc") && !extra.contains(&"--no-rpc") {
+            args.extend(["--rpc", rpc.as_str()]);
+        }
         args.extend_from_slice(extra);
         let image = if image.is_empty() { "spool.img" } else { image };
         let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
