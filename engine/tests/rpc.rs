@@ -269,10 +269,11 @@ fn bad_input_gets_spdks_json_rpc_errors_and_the_server_goes_on() {
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
     assert!(rest.is_empty(), "closed after a parse error");
-    // A batch, a non-object, a missing method, a bad jsonrpc version: -32600.
+    // A batch, a non-object, a missing method, a bad jsonrpc version: -32600. (A top-level
+    // number ends at the byte after it: `17` alone could still become `170`.)
     for bad in [
         &br#"[{"jsonrpc":"2.0","method":"spdk_get_version","id":1}]"#[..],
-        b"17",
+        b"17\n",
         br#"{"jsonrpc":"2.0","id":1}"#,
         br#"{"jsonrpc":"1.0","method":"spdk_get_version","id":1}"#,
     ] {

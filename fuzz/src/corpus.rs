@@ -225,7 +225,7 @@ pub fn seeds_from_image(shape: Shape, image: &[u8], block_size: u32) -> Vec<Vec<
                 }
             }
         }
-        Shape::Store | Shape::NbdHandshake | Shape::NbdRequest => {}
+        Shape::Store | Shape::NbdHandshake | Shape::NbdRequest | Shape::RpcRequest => {}
     }
     seeds
 }
@@ -239,7 +239,7 @@ fn store_seed(base: usize, flags: u8) -> Vec<u8> {
     .encode()
 }
 
-/// Every seed for a target of shape `shape`: scripted clients for the NBD shapes, else from
+/// Every seed for a target of shape `shape`: scripted clients for the NBD and RPC shapes, else from
 /// the store bases (Spool-made and SPDK
 /// fixtures), or from the fixtures alone if the bases cannot be built; deduplicated.
 pub fn seeds(shape: Shape) -> Vec<Vec<u8>> {
@@ -247,6 +247,7 @@ pub fn seeds(shape: Shape) -> Vec<Vec<u8>> {
     match shape {
         Shape::NbdHandshake => return crate::nbd::handshake_seeds(),
         Shape::NbdRequest => return crate::nbd::request_seeds(),
+        Shape::RpcRequest => return crate::rpc::request_seeds(),
         _ => {}
     }
     let mut seeds = Vec::new();

@@ -8,6 +8,8 @@
 //!   load it (clean or recovery), open and read every blob, unload, reload.
 //! - [`nbd`]: `target_nbd_handshake` and `target_nbd_request`, a hostile client's bytes into
 //!   the NBD handshake and request decoder of `spool_engine::nbd`.
+//! - [`rpc`]: `target_rpc_request`, a hostile client's bytes into the JSON-RPC framing
+//!   decoder of `spool_engine::rpc::jsonrpc`.
 //! - [`corpus`]: seeds cut from the SPDK fixture images and from stores Spool makes.
 //! - [`mutate`]: the mutator (byte-level, descriptor-aware, and patch-level for stores).
 //! - [`runner`]: the loop: mutate, run under `catch_unwind`, keep inputs reaching new outcome
@@ -23,11 +25,13 @@ pub mod hex;
 pub mod input;
 pub mod mutate;
 pub mod nbd;
+pub mod rpc;
 pub mod runner;
 pub mod store;
 pub mod targets;
 
 pub use nbd::{target_nbd_handshake, target_nbd_request};
+pub use rpc::target_rpc_request;
 pub use store::target_store_load;
 pub use targets::{
     target_descriptors, target_extent_page, target_mask, target_md_chain, target_super_block,
@@ -52,6 +56,8 @@ pub enum Shape {
     NbdHandshake,
     /// Knobs, then a client's request stream.
     NbdRequest,
+    /// Knobs (split, pad), then a client's JSON-RPC stream.
+    RpcRequest,
 }
 
 impl Shape {
@@ -66,6 +72,7 @@ impl Shape {
             Shape::Store => store::STORE_KNOBS,
             Shape::NbdHandshake => nbd::NBD_HANDSHAKE_KNOBS,
             Shape::NbdRequest => nbd::NBD_REQUEST_KNOBS,
+            Shape::RpcRequest => rpc::RPC_REQUEST_KNOBS,
         }
     }
 
@@ -85,7 +92,8 @@ impl Shape {
             | Shape::Mask
             | Shape::Store
             | Shape::NbdHandshake
-            | Shape::NbdRequest => Vec::new(),
+            | Shape::NbdRequest
+            | Shape::RpcRequest => Vec::new(),
         }
     }
 }
@@ -164,6 +172,13 @@ pub static TARGETS: &[Target] = &[
         run: nbd::nbd_request,
         shape: Shape::NbdRequest,
         max_len: nbd::NBD_REQUEST_KNOBS + 4096,
+    },
+    Target {
+        name: "rpc_request",
+        about: "the JSON-RPC framing decoder on a request stream (padded up to past the 1 MiB cap), whole and split: same messages, nothing after a fatal error, bounded buffers, serde_json's verdicts, answers that parse",
+        run: rpc::rpc_request,
+        shape: Shape::RpcRequest,
+        max_len: rpc::RPC_REQUEST_KNOBS + 4096,
     },
 ];
 

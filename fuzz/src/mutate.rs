@@ -118,6 +118,47 @@ pub fn dictionary() -> Vec<Vec<u8>> {
     tokens
 }
 
+/// Tokens for the JSON-RPC target (instead of the binary formats' ones): JSON-RPC's keys and
+/// values, structure, escapes, numbers at the edges of `f64` and whitespace.
+pub fn json_dictionary() -> Vec<Vec<u8>> {
+    [
+        &br#""jsonrpc":"2.0""#[..],
+        br#""method":"#,
+        br#""params":"#,
+        br#""id":"#,
+        br#"{"jsonrpc":"2.0","method":"a","id":1}"#,
+        b"\"2.0\"",
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b"\":",
+        b"\",",
+        b"\"",
+        b"\\u",
+        b"\\uD83D\\uDE00",
+        b"\\uDC00",
+        b"\\\"",
+        b"true",
+        b"false",
+        b"null",
+        b"-0",
+        b"1e400",
+        b"1e-400",
+        b"18446744073709551616",
+        b"0.",
+        b"\r\n",
+        b"\x0c",
+        b"\xc3\xa9",
+        b"\xf0\x9f\x98\x80",
+        b"\xed\xa0\x80",
+        b"\xef\xbb\xbf",
+    ]
+    .iter()
+    .map(|t| t.to_vec())
+    .collect()
+}
+
 /// Builds mutants for one target.
 #[derive(Debug)]
 pub struct Mutator {
@@ -134,7 +175,11 @@ impl Mutator {
         let mut mutator = Mutator {
             shape: target.shape,
             max_len: target.max_len,
-            dictionary: dictionary(),
+            dictionary: if target.shape == Shape::RpcRequest {
+                json_dictionary()
+            } else {
+                dictionary()
+            },
             descriptors: Vec::new(),
         };
         for seed in seeds {

@@ -1,6 +1,6 @@
 //! Goal: every fuzz target runs in CI, so a parser change that panics, hangs or breaks an
 //! invariant on corrupt bytes fails `cargo test`. Method: each target runs its seeds (cut
-//! from the SPDK fixtures and Spool-made stores, or scripted NBD clients) and then mutants
+//! from the SPDK fixtures and Spool-made stores, or scripted NBD and JSON-RPC clients) and then mutants
 //! for a bounded time with a fixed seed; every input in `fuzz/regressions/` (inputs that once failed, as hex, named
 //! `TARGET-*.hex`) is replayed.
 //!
@@ -122,6 +122,11 @@ fn nbd_request() {
 }
 
 #[test]
+fn rpc_request() {
+    fuzz("rpc_request");
+}
+
+#[test]
 fn every_target_has_a_smoke_test() {
     let tested = [
         "super_block",
@@ -132,6 +137,7 @@ fn every_target_has_a_smoke_test() {
         "store_load",
         "nbd_handshake",
         "nbd_request",
+        "rpc_request",
     ];
     for target in TARGETS {
         assert!(
