@@ -283,8 +283,22 @@ fn snapshots_and_clones_of_a_volume_being_served() {
         -libc::EBUSY
     );
     assert!(rpc(&socket, "bdev_lvol_delete", json!({"name": "lvs0/snap0"})).is_err());
-    // Inflate the clone (it owns every cluster then), resize the served origin.
-    rpc(&socket, "bdev_lvol_inflate", json!({"name": "lvs0/clone0"})).unwrap();
+    // Inflating the clone would need a cluster for all of it: the store is too small.
+    assert_eq!(
+        code(rpc(
+            &socket,
+            "bdev_lvol_inflate",
+            json!({"name": "lvs0/clone0"})
+        )),
+        -libc::ENOSPC
+    );
+    // Decoupling copies only what its parent owns; the served origin is resized.
+    rpc(
+        &socket,
+        "bdev_lvol_decouple_parent",
+        json!({"name": "lvs0/clone0"}),
+    )
+    .unwrap();
     assert_eq!(clone.read(MIB, 4096).unwrap(), pattern(3, 4096));
     clone.disconnect();
     rpc(
@@ -313,19 +327,25 @@ fn snapshots_and_clones_of_a_volume_being_served() {
         "EPERM for the old client too"
     );
     writer.disconnect();
-    // Once nothing is exported, the clone and then the snapshot go.
+    // Once nothing is exported, the clone goes.
     rpc(&socket, "nbd_stop_export", json!({"export_name": "clone0"})).unwrap();
     rpc(&socket, "bdev_lvol_delete", json!({"name": "lvs0/clone0"})).unwrap();
     rpc(&socket, "nbd_stop_export", json!({"export_name": "snap0"})).unwrap();
     rpc(&socket, "nbd_stop_export", json!({"export_name": "vol0"})).unwrap();
-    rpc(
-        &socket,
-        "bdev_lvol_decouple_parent",
-        json!({"name": "lvs0/vol0"}),
-    )
-    .unwrap();
-    rpc(&socket, "bdev_lvol_delete", json!({"name": "lvs0/snap0"})).unwrap();
+    // A read-only volume is not decoupled (-EPERM); the snapshot keeps its one clone.
+    assert_eq!(
+        code(rpc(
+            &socket,
+            "bdev_lvol_decouple_parent",
+            json!({"name": "lvs0/vol0"})
+        )),
+        -libc::EPERM
+    );
     let lvols = rpc(&socket, "bdev_lvol_get_lvols", Value::Null).unwrap();
-    assert_eq!(lvols.as_array().unwrap().len(), 1);
+    assert_eq!(
+        lvols.as_array().unwrap().len(),
+        2,
+        "vol0 and snap0: {lvols}"
+    );
     daemon.stop().unwrap();
 }
