@@ -10,8 +10,8 @@ pinned there) and fio runs on the other (`--fio-core`). Each case runs PAIRS rou
 round the servers take turns (the order rotates), and the table gives each server's median
 IOPS and p99 completion latency and Spool's ratio to each other server.
 
-Needs: a release build of spool (cargo build --release -p spool-tools), fio, qemu-nbd
-(qemu-utils) and nbdkit. Prints a Markdown table; --raw writes every run as JSON.
+Needs: a release build of spool (cargo build --release -p spool-tools; SPOOL_BIN=PATH picks
+another binary), fio, qemu-nbd (qemu-utils) and nbdkit. Prints a Markdown table; --raw writes every run as JSON.
 
 Usage:
   ci/nbd-compare.py [--pairs 3] [--time 5] [--dir /var/tmp] [--size 1G]
@@ -31,7 +31,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPOOL = os.path.join(ROOT, "target", "release", "spool")
+SPOOL = os.environ.get("SPOOL_BIN") or os.path.join(ROOT, "target", "release", "spool")
 PORT = 10900
 
 
@@ -89,7 +89,7 @@ class Server:
 
 def spool_cmd(store, transport, sock, core):
     listen = ["--listen", f"127.0.0.1:{PORT}"] if transport == "tcp" else ["--socket", sock]
-    return [SPOOL, "serve", store, "--cores", str(core)] + listen
+    return [SPOOL, "serve", store, "--cores", str(core), "--no-rpc"] + listen
 
 
 def qemu_cmd(path, transport, sock, core):
