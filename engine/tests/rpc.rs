@@ -219,6 +219,44 @@ fn exports_start_and_stop_while_serving_and_iostat_counts_them() {
     assert_eq!(vol1["num_read_ops"], 1);
     assert_eq!(vol1["bytes_read"], 65536);
     assert!(vol1["read_latency_ticks"].as_u64().unwrap() > 0);
+    // SPDK's newer client (`spdk-rpc bdev_get_iostat --names vol1,vol0`) sends `names`: the
+    // volumes in that order; both `name` and `names` is -EINVAL, an unknown one -ENODEV.
+    let listed = rpc(
+        &socket,
+        "bdev_get_iostat",
+        json!({"names": ["vol1", "vol0"]}),
+    )
+    .unwrap();
+    let listed = listed["bdevs"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["name"], vol1["name"]);
+    assert_eq!(listed[0]["bytes_written"], 65536);
+    assert_eq!(listed[1]["name"], "vol0");
+    assert_eq!(listed[1]["num_write_ops"], 0);
+    assert_eq!(
+        rpc(&socket, "bdev_get_iostat", json!({"names": []})).unwrap()["bdevs"],
+        json!([])
+    );
+    assert_eq!(
+        rpc(
+            &socket,
+            "bdev_get_iostat",
+            json!({"name": "vol1", "names": ["vol1"]})
+        )
+        .unwrap_err()
+        .0,
+        -libc::EINVAL
+    );
+    assert_eq!(
+        rpc(
+            &socket,
+            "bdev_get_iostat",
+            json!({"names": ["vol1", "nope"]})
+        )
+        .unwrap_err()
+        .0,
+        -libc::ENODEV
+    );
     client.disconnect();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while rpc(&socket, "nbd_stop_export", json!({"export_name": "vol1"})).is_err() {

@@ -26,7 +26,9 @@ struct Get {
     timeout: Option<u64>,
 }
 
-/// `bdev_get_iostat`'s parameters (SPDK's client sends `per_channel: false`).
+/// `bdev_get_iostat`'s parameters (SPDK's client sends `per_channel: false`). SPDK v24.01's
+/// client names one bdev (`-b NAME`: `name`); the newer one (`--names A,B`) sends a list,
+/// `names`, and SPDK refuses both at once.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 #[expect(
@@ -35,6 +37,7 @@ struct Get {
 )]
 struct GetIostat {
     name: Option<String>,
+    names: Option<Vec<String>>,
     per_channel: Option<bool>,
     reset_mode: Option<String>,
 }
@@ -161,12 +164,29 @@ async fn gather(context: &RpcContext) -> Result<HashMap<u64, IoStat>, EngineErro
     Ok(total)
 }
 
-/// `bdev_get_iostat {name?}`: SPDK's counters per volume (ticks are nanoseconds:
+/// `bdev_get_iostat {name? | names?}`: SPDK's counters per volume (ticks are nanoseconds:
 /// `tick_rate` is 1e9).
 pub(crate) fn bdev_get_iostat(context: &RpcContext, params: Option<Value>) -> MethodFuture<'_> {
     Box::pin(async move {
-        let GetIostat { name, .. } = decode(params)?;
-        let (chosen, _) = selected(name.as_deref()).await?;
+        let GetIostat { name, names, .. } = decode(params)?;
+        let chosen = match (name, names) {
+            (Some(_), Some(_)) => {
+                return Err(RpcError::new(
+                    -libc::EINVAL,
+                    "Invalid argument: give name or names, not both",
+                ))
+            }
+            (None, None) => selected(None).await?.0,
+            (Some(name), None) => selected(Some(&name)).await?.0,
+            // Each name's volumes, in the order given (-ENODEV for a name that matches none).
+            (None, Some(names)) => {
+                let mut chosen = Vec::new();
+                for name in &names {
+                    chosen.extend(selected(Some(name)).await?.0);
+                }
+                chosen
+            }
+        };
         let stats = gather(context).await.map_err(|err| failed(&err))?;
         let bdevs: Vec<Value> = chosen
             .iter()

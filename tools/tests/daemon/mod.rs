@@ -34,6 +34,20 @@ fn package_of(program: &str) -> &'static str {
     }
 }
 
+/// How `.ci/run` installs `program`.
+fn install_hint(program: &str) -> String {
+    match program {
+        "spdk-rpc" => "these tests drive SPDK's own JSON-RPC client (its scripts/rpc.py); \
+             `.ci/run` installs it from PyPI (pip install spdk)"
+            .to_string(),
+        _ => format!(
+            "these tests drive real NBD clients; `.ci/run` installs them (apt-get install -y \
+             fio qemu-utils libnbd-bin nbdkit; {program} is in {})",
+            package_of(program)
+        ),
+    }
+}
+
 /// Fails (never skips) when `program` is not installed.
 pub fn require(program: &str) {
     let found = std::env::var_os("PATH").is_some_and(|path| {
@@ -44,9 +58,8 @@ pub fn require(program: &str) {
     });
     assert!(
         found,
-        "{program} is not installed: these tests drive real NBD clients; `.ci/run` installs \
-         them (apt-get install -y fio qemu-utils libnbd-bin nbdkit; {program} is in {})",
-        package_of(program)
+        "{program} is not installed: {}",
+        install_hint(program)
     );
 }
 
@@ -314,15 +327,26 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `--rpc`'s socket (unless the test gave its own).
+    pub fn rpc_socket(&self) -> PathBuf {
+        self.dir.join("rpc.sock")
+    }
+
     /// SIGTERM; checks it exits 0 and that the store is then marked clean.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        signal(self.pid(), "TERM");
+        self.wait_stopped();
+    }
+
+    /// Waits for a stop asked some other way (`spdk_kill_instance`); checks it exits 0 and
+    /// that the store is then marked clean.
+    pub fn wait_stopped(mut self) {
         let mut child = self.child.take().expect("running");
-        signal(child.id() as i32, "TERM");
         let status = wait_for(&mut child, STOP_TIMEOUT);
         assert_eq!(
             status.and_then(|s| s.code()),
             Some(0),
-            "spool serve did not exit 0 after SIGTERM ({status:?}); log:\n{}",
+            "spool serve did not exit 0 ({status:?}); log:\n{}",
             self.log_text()
         );
         let info = spool_json(&self.dir, &["info", &self.image]);
