@@ -123,7 +123,7 @@ fn lvol_stores_and_lvols_are_managed_with_spdks_calls() {
             "bdev_lvol_resize",
             json!({"name": "lvs0/none", "size_in_mib": 2})
         )),
-        -libc::ENOENT
+        -libc::ENODEV
     );
     // Resize and rename, seen by bdev_get_bdevs under the new alias.
     rpc(

@@ -517,8 +517,9 @@ fn acked(client: &mut dyn Client, call: Call) {
 /// `spdk_kill_instance SIGTERM` (the daemon then exits 0 with its store clean).
 fn scenario(client: &mut dyn Client, daemon: Daemon) {
     let c = client;
+    // An unknown lvol is -ENODEV, as SPDK's bdev_lvol_* calls answer it.
     let (enoent, eexist, ebusy, enodev) =
-        (-libc::ENOENT, -libc::EEXIST, -libc::EBUSY, -libc::ENODEV);
+        (-libc::ENODEV, -libc::EEXIST, -libc::EBUSY, -libc::ENODEV);
 
     // Framework: the version, the method list, the reactors.
     let version = c.ok(&call("spdk_get_version", &[], json!({})));

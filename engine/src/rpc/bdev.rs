@@ -66,7 +66,16 @@ fn matches(volume: &VolumeDescription, lvs: Option<&str>, wanted: &str) -> bool 
 async fn selected(
     name: Option<&str>,
 ) -> Result<(Vec<VolumeDescription>, Option<(String, String)>), RpcError> {
-    let store = volumes::held_store().map_err(|err| failed(&err))?;
+    let Ok(store) = volumes::held_store() else {
+        // No store (its lvol store was deleted): no bdevs, as SPDK lists none.
+        return match name {
+            None => Ok((Vec::new(), None)),
+            Some(name) => Err(RpcError::new(
+                -libc::ENODEV,
+                format!("No such device: bdev {name:?}"),
+            )),
+        };
+    };
     let lvs = volumes::lvstore_identity(&store).await;
     let all = volumes::describe_all(&store).await;
     let Some(name) = name else {

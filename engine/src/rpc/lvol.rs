@@ -38,8 +38,15 @@ fn store_for(uuid: Option<&str>, name: Option<&str>) -> Result<LvolStore, RpcErr
     Ok(lvs)
 }
 
+/// The lvol `name` names; an unknown one is -ENODEV, as SPDK answers (its lvols are bdevs).
 fn lookup(lvs: &LvolStore, name: &str) -> Result<Lvol, RpcError> {
-    lvs.lookup(name).map_err(blob_err)
+    lvs.lookup(name).map_err(|err| {
+        if err.errno() == -libc::ENOENT {
+            RpcError::new(-libc::ENODEV, format!("No such device: {err}"))
+        } else {
+            blob_err(err)
+        }
+    })
 }
 
 /// Refreshes exported volumes after a change and publishes them if anything changed.

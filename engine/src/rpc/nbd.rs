@@ -65,6 +65,9 @@ pub(crate) fn nbd_start_export(_: &RpcContext, params: Option<Value>) -> MethodF
     })
 }
 
+/// Looks (10 ms apart) for the clients of an export being stopped to be gone: 0.5 s.
+const STOP_RETRIES: u32 = 50;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Stop {
@@ -76,7 +79,18 @@ pub(crate) fn nbd_stop_export(_: &RpcContext, params: Option<Value>) -> MethodFu
     Box::pin(async move {
         let Stop { export_name } = decode(params)?;
         let run = async {
-            let (set, id) = volumes::remove_export(&*current()?, &export_name)?;
+            // A client that has just left may not have been noticed yet: give closing
+            // connections a moment before answering -EBUSY.
+            let mut tries = 0;
+            let (set, id) = loop {
+                match volumes::remove_export(&*current()?, &export_name) {
+                    Err(EngineError::Busy(_)) if tries < STOP_RETRIES => {
+                        tries += 1;
+                        spool_reactor::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                    other => break other?,
+                }
+            };
             publish(Arc::new(set)).await?;
             volumes::close_held(id).await?;
             tracing::info!(export = %export_name, "export stopped");
