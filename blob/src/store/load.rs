@@ -9,7 +9,7 @@
 //! middle of a snapshot) is not counted twice.
 //!
 //! Cost (`docs/performance.md`, "Loading a store"): both paths read the md region in
-//! batched runs of up to 1 MiB, four in flight, and decode each page in the device buffer it
+//! batched runs of up to 256 KiB, four in flight, and decode each page in the device buffer it
 //! was read into: nothing is copied or kept per page. A page's CRC is computed once, and
 //! only for pages that can matter (a clean load reads only the roots in use; a replay
 //! checksums only pages whose header makes them a root). A one-page chain, almost every
@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use spool_bdev::{BdevChannel, BdevDesc};
 
-use super::md_io::{flush, read_bytes, read_page};
+use super::md_io::{flush, read_page, read_regions};
 use super::md_scan::{self, read_runs, CachedPage, Lookup, PageCache};
 use super::{Blobstore, Geometry, MdState};
 use crate::bitmap::BitSet;
@@ -191,6 +191,7 @@ impl Blobstore {
     }
 }
 
+/// Reads the three masks (all requests at once) and decodes them.
 async fn read_masks(
     channel: &BdevChannel,
     block: &SuperBlock,
@@ -198,24 +199,18 @@ async fn read_masks(
 ) -> Result<(BitSet, BitSet, BitSet)> {
     let region =
         |start: u32, len: u32| (u64::from(start) * PAGE_SIZE_U64, len as usize * PAGE_SIZE);
-    let (offset, len) = region(block.used_page_mask_start, block.used_page_mask_len);
-    let pages = decode_mask(
-        MaskKind::UsedPages,
-        &read_bytes(channel, offset, len).await?,
-        block.md_len,
-    )?;
-    let (offset, len) = region(block.used_cluster_mask_start, block.used_cluster_mask_len);
-    let clusters = decode_mask(
-        MaskKind::UsedClusters,
-        &read_bytes(channel, offset, len).await?,
-        total_clusters as u32,
-    )?;
-    let (offset, len) = region(block.used_blobid_mask_start, block.used_blobid_mask_len);
-    let blobids = decode_mask(
-        MaskKind::UsedBlobIds,
-        &read_bytes(channel, offset, len).await?,
-        block.md_len,
-    )?;
+    let regions = read_regions(
+        channel,
+        &[
+            region(block.used_page_mask_start, block.used_page_mask_len),
+            region(block.used_cluster_mask_start, block.used_cluster_mask_len),
+            region(block.used_blobid_mask_start, block.used_blobid_mask_len),
+        ],
+    )
+    .await?;
+    let pages = decode_mask(MaskKind::UsedPages, &regions[0], block.md_len)?;
+    let clusters = decode_mask(MaskKind::UsedClusters, &regions[1], total_clusters as u32)?;
+    let blobids = decode_mask(MaskKind::UsedBlobIds, &regions[2], block.md_len)?;
     let md_len = u64::from(block.md_len);
     Ok((
         BitSet::from_bytes(md_len, &pages),
