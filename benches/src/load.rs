@@ -6,7 +6,9 @@
 //!   --layer md` creates them), unloaded cleanly.
 //! - [`make_dirty`]: the same store after a crash (one metadata change, no unload).
 //! - [`timed_loads`]: `iters` loads, each timed alone (clean loads are unloaded afterwards,
-//!   dirty loads dropped without an unload so the next is dirty again).
+//!   dirty loads dropped without an unload so the next is dirty again); [`timed_loads_cpu`]
+//!   with the reactor thread's CPU time.
+//! - [`alternating_loads`]: clean and dirty loads of one store in turn (`spool perf`'s way).
 //! - [`MemoryProbe`]: the heap a loaded store keeps per blob, and its peak during the load,
 //!   from a counting allocator the bench binary installs.
 
@@ -34,14 +36,24 @@ fn desc_of(bdev: &Arc<MallocBdev>) -> BdevDesc {
     BdevDesc::open(Arc::clone(bdev) as Arc<dyn Bdev>).expect("open the malloc device")
 }
 
-/// Initialises a store on `bdev` (`cluster_size`, `blobs + 64` md pages as `spool perf
-/// --layer md` sizes it), creates `blobs` empty blobs and unloads it cleanly.
+/// Md pages `spool perf --layer md` gives a store of `blobs` blobs: one each, and 64 more.
+pub fn md_pages_for(blobs: u64) -> u32 {
+    u32::try_from(blobs + 64).expect("md pages fit 32 bits")
+}
+
+/// Initialises a store on `bdev` with `cluster_size` and `md_pages` md pages, creates
+/// `blobs` empty blobs and unloads it cleanly.
 ///
 /// # Panics
 /// On any store error (a broken benchmark environment).
-pub fn build_store(runtime: &Runtime, bdev: &Arc<MallocBdev>, cluster_size: u64, blobs: u64) {
+pub fn build_store(
+    runtime: &Runtime,
+    bdev: &Arc<MallocBdev>,
+    cluster_size: u64,
+    md_pages: u32,
+    blobs: u64,
+) {
     let desc = desc_of(bdev);
-    let md_pages = u32::try_from(blobs + 64).expect("md pages fit 32 bits");
     runtime
         .block_on(runtime.reactors()[0], move || async move {
             let store = Blobstore::init(
@@ -184,6 +196,62 @@ pub fn timed_loads_cpu(
         .expect("load task")
 }
 
+/// `rounds` pairs of loads of the clean store on `bdev`, alternating as `spool perf --layer
+/// md` does: a clean load, a metadata change and a crash (the store dropped), a dirty load,
+/// the change undone and an unload. Returns the clean and the dirty loads' times; neither
+/// kind always runs second, with caches the other warmed.
+///
+/// # Panics
+/// On a store error or a load that finds other blobs.
+pub fn alternating_loads(
+    runtime: &Runtime,
+    bdev: &Arc<MallocBdev>,
+    blobs: u64,
+    rounds: usize,
+) -> (Vec<LoadTimes>, Vec<LoadTimes>) {
+    let desc = desc_of(bdev);
+    runtime
+        .block_on(runtime.reactors()[0], move || async move {
+            let mut clean = Vec::with_capacity(rounds);
+            let mut dirty = Vec::with_capacity(rounds);
+            for _ in 0..rounds {
+                let (started, cpu) = (Instant::now(), thread_cpu_time());
+                let (store, report) = Blobstore::load(desc.clone(), &LoadOptions::default())
+                    .await
+                    .expect("clean load");
+                clean.push(LoadTimes {
+                    wall: started.elapsed(),
+                    cpu: thread_cpu_time().saturating_sub(cpu),
+                });
+                assert!(!report.recovered, "the store was clean");
+                assert_eq!(report.blobs as u64, blobs, "blobs found by the clean load");
+                let marker = store
+                    .create_blob(&BlobOptions::default())
+                    .await
+                    .expect("create");
+                drop(store);
+                let (started, cpu) = (Instant::now(), thread_cpu_time());
+                let (store, report) = Blobstore::load(desc.clone(), &LoadOptions::default())
+                    .await
+                    .expect("dirty load");
+                dirty.push(LoadTimes {
+                    wall: started.elapsed(),
+                    cpu: thread_cpu_time().saturating_sub(cpu),
+                });
+                assert!(report.recovered, "the store was dirty");
+                assert_eq!(
+                    report.blobs as u64,
+                    blobs + 1,
+                    "blobs found by the dirty load"
+                );
+                store.delete_blob(marker).await.expect("delete");
+                store.unload().await.expect("unload");
+            }
+            (clean, dirty)
+        })
+        .expect("load task")
+}
+
 /// Heap bytes in use now and the most since the last reset, kept by [`CountingAlloc`].
 static LIVE: AtomicU64 = AtomicU64::new(0);
 static PEAK: AtomicU64 = AtomicU64::new(0);
@@ -276,6 +344,34 @@ impl MemoryProbe {
                     store.unload().await.expect("unload");
                 }
                 probe
+            })
+            .expect("memory task")
+    }
+
+    /// Loads the (clean) store on `bdev`, opens its first `count` blobs and returns the heap
+    /// they hold per open blob; closes them and unloads.
+    ///
+    /// # Panics
+    /// On a store error.
+    pub fn per_open_blob(runtime: &Runtime, bdev: &Arc<MallocBdev>, count: usize) -> f64 {
+        let desc = desc_of(bdev);
+        runtime
+            .block_on(runtime.reactors()[0], move || async move {
+                let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+                    .await
+                    .expect("load");
+                let ids: Vec<u64> = store.blob_ids().into_iter().take(count).collect();
+                let mut open = Vec::with_capacity(ids.len());
+                let before = LIVE.load(Ordering::Relaxed);
+                for &id in &ids {
+                    open.push(store.open_blob(id).await.expect("open"));
+                }
+                let held = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+                for blob in open {
+                    blob.close().await.expect("close");
+                }
+                store.unload().await.expect("unload");
+                held as f64 / ids.len().max(1) as f64
             })
             .expect("memory task")
     }
