@@ -460,14 +460,13 @@ async fn replay(
                     continue;
                 }
                 match parse_decoded_chain(id, &[page], &[header], check) {
-                    Ok(parsed) => {
+                    Ok(parsed) if parsed.pending_extent_pages.is_empty() => {
                         out.found.graph(root, Ok(GraphInfo::of(&parsed.meta)));
-                        if parsed.pending_extent_pages.is_empty() {
-                            out.claim_clusters(&parsed.meta);
-                        } else {
-                            deferred.push(BlobLoad::with_extent_pages(root, parsed));
-                        }
+                        out.claim_clusters(&parsed.meta);
                     }
+                    // Its extent pages are elsewhere: finished (root read again, parsed
+                    // again) with the others, so no cluster map waits here for them.
+                    Ok(_) => deferred.push(BlobLoad::new(root)),
                     Err(err) => damaged(&mut out.found, root, err),
                 }
             }
@@ -509,14 +508,17 @@ enum Mode {
 const ACTIVE_BLOBS: usize = 256;
 /// Chain pages cached before [`finish`] stops taking more blobs (16 MiB).
 const CHAIN_PAGES_BUDGET: usize = 4096;
+/// Cluster-map entries of the blobs applying extent pages before [`finish`] stops taking
+/// more blobs (2^24: 64 MiB of maps).
+const MAPPED_CLUSTERS_BUDGET: usize = 1 << 24;
 /// Extent pages one blob reads per round (all blobs' together at most
 /// `ACTIVE_BLOBS * EXTENT_PAGES_PER_ROUND` pages, 64 MiB, dropped after the round).
 const EXTENT_PAGES_PER_ROUND: usize = 64;
 
 /// Finishes the blobs the scan could not: walks each chain, parses it and (replay) applies
 /// its extent pages, reading what they need in rounds of batched reads (one round per chain
-/// page depth, then per batch of extent pages), a bounded number of blobs and pages at a
-/// time.
+/// page depth, then per batch of extent pages), a bounded number of blobs, pages and
+/// cluster-map entries at a time.
 #[allow(clippy::too_many_arguments)]
 async fn finish(
     deferred: Vec<BlobLoad>,
@@ -533,7 +535,11 @@ async fn finish(
     let mut queue = deferred.into_iter();
     let mut active: Vec<BlobLoad> = Vec::new();
     loop {
-        while active.len() < ACTIVE_BLOBS && chain_pages.len() < CHAIN_PAGES_BUDGET {
+        let mapped: usize = active.iter().map(BlobLoad::map_len).sum();
+        while active.len() < ACTIVE_BLOBS
+            && chain_pages.len() < CHAIN_PAGES_BUDGET
+            && mapped < MAPPED_CLUSTERS_BUDGET
+        {
             match queue.next() {
                 Some(blob) => active.push(blob),
                 None => break,
@@ -603,18 +609,11 @@ impl BlobLoad {
         }
     }
 
-    /// A one-page blob already parsed (and its graph entry recorded) that has extent pages
-    /// to apply.
-    fn with_extent_pages(root: u32, parsed: ParsedChain) -> BlobLoad {
-        BlobLoad {
-            root,
-            walk: ChainWalk::new(root),
-            extents: Some(Extents {
-                parsed,
-                next: 0,
-                first_error: None,
-            }),
-        }
+    /// Entries of the cluster map it holds (while applying extent pages).
+    fn map_len(&self) -> usize {
+        self.extents
+            .as_ref()
+            .map_or(0, |extents| extents.parsed.meta.clusters.len())
     }
 
     /// Goes as far as the cached pages allow; returns whether the blob is done (else it
