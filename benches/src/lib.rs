@@ -10,6 +10,9 @@
 //! - [`null_desc`], [`null_reads`], [`null_reads_concurrent`]: the null bdev's channel path.
 //! - [`blob_null_reads_concurrent`]: the same through the blobstore (a thick blob on null).
 //! - [`NopRing`]: submissions and completions through the io_uring ring itself.
+//! - [`load`]: clean and dirty loads of a store with many blobs, and their memory.
+
+pub mod load;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -19,24 +19,34 @@ impl BitSet {
         }
     }
 
-    /// From LSB-first bytes (bits beyond `len` ignored).
+    /// From LSB-first bytes (bits beyond `len` ignored). Word at a time: loading the
+    /// used-cluster mask of a large device costs its bytes, not a loop per bit.
     pub fn from_bytes(len: u64, bytes: &[u8]) -> BitSet {
         let mut set = BitSet::new(len);
-        for bit in 0..len.min(bytes.len() as u64 * 8) {
-            if bytes[(bit / 8) as usize] & (1 << (bit % 8)) != 0 {
-                set.set(bit);
-            }
+        let used = bytes.len().min(len.div_ceil(8) as usize);
+        for (word, chunk) in set.words.iter_mut().zip(bytes[..used].chunks(8)) {
+            let mut raw = [0u8; 8];
+            raw[..chunk.len()].copy_from_slice(chunk);
+            *word = u64::from_le_bytes(raw);
         }
+        set.clear_tail();
         set
     }
 
     /// LSB-first bytes, `ceil(len/8)` of them.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut bytes = vec![0u8; self.len.div_ceil(8) as usize];
-        for bit in self.iter_set() {
-            bytes[(bit / 8) as usize] |= 1 << (bit % 8);
-        }
+        let mut bytes: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        bytes.truncate(self.len.div_ceil(8) as usize);
         bytes
+    }
+
+    /// Clears the bits of the last word past `len`.
+    fn clear_tail(&mut self) {
+        if !self.len.is_multiple_of(64) {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1u64 << (self.len % 64)) - 1;
+            }
+        }
     }
 
     /// Number of bits.
@@ -89,18 +99,28 @@ impl BitSet {
 
     /// The set bits in ascending order.
     pub fn iter_set(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(index, &word)| {
-            let mut rest = word;
-            std::iter::from_fn(move || {
-                if rest == 0 {
-                    return None;
-                }
-                let bit = u64::from(rest.trailing_zeros());
-                rest &= rest - 1;
-                Some(index as u64 * 64 + bit)
-            })
-        })
+        set_bits(self.words.iter().copied())
     }
+
+    /// The bits set both here and in `other`, in ascending order (up to the shorter length).
+    pub fn iter_set_and<'a>(&'a self, other: &'a BitSet) -> impl Iterator<Item = u64> + 'a {
+        set_bits(self.words.iter().zip(&other.words).map(|(a, b)| a & b))
+    }
+}
+
+/// The positions of the set bits of `words` (word `i` holds bits `64 i ..`), ascending.
+fn set_bits(words: impl Iterator<Item = u64>) -> impl Iterator<Item = u64> {
+    words.enumerate().flat_map(|(index, word)| {
+        let mut rest = word;
+        std::iter::from_fn(move || {
+            if rest == 0 {
+                return None;
+            }
+            let bit = u64::from(rest.trailing_zeros());
+            rest &= rest - 1;
+            Some(index as u64 * 64 + bit)
+        })
+    })
 }
 
 /// A bit array whose bits are claimed and released with atomic operations, so any reactor
@@ -243,6 +263,35 @@ mod tests {
         assert_eq!(BitSet::from_bytes(130, &set.to_bytes()), set);
         assert_eq!(set.iter_set().collect::<Vec<_>>(), vec![0, 1, 63, 64, 129]);
         assert_eq!(set.count_set(), 5);
+    }
+
+    #[test]
+    fn bytes_convert_word_at_a_time_with_the_tail_cleared() {
+        // 70 bits: a whole word and 6 bits of the next; the source has bits past the end.
+        let mut bytes = vec![0u8; 9];
+        bytes[0] = 0b1000_0001; // bits 0 and 7
+        bytes[7] = 0x80; // bit 63
+        bytes[8] = 0xFF; // bits 64..72, of which 64..70 exist
+        let set = BitSet::from_bytes(70, &bytes);
+        assert_eq!(
+            set.iter_set().collect::<Vec<_>>(),
+            vec![0, 7, 63, 64, 65, 66, 67, 68, 69]
+        );
+        assert_eq!(set.count_set(), 9, "bits past the length are not kept");
+        let back = set.to_bytes();
+        assert_eq!(back.len(), 9);
+        assert_eq!(back[..8], bytes[..8]);
+        assert_eq!(back[8], 0x3F);
+        // A short source: the missing bytes read as clear.
+        let short = BitSet::from_bytes(200, &[0x01, 0x00, 0x02]);
+        assert_eq!(short.iter_set().collect::<Vec<_>>(), vec![0, 17]);
+        assert_eq!(short.to_bytes().len(), 25);
+        // Intersection.
+        let mut other = BitSet::new(70);
+        other.set(7);
+        other.set(64);
+        other.set(3);
+        assert_eq!(set.iter_set_and(&other).collect::<Vec<_>>(), vec![7, 64]);
     }
 
     #[test]

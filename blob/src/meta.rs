@@ -189,10 +189,26 @@ pub trait ClusterCheck {
 /// Parses the chain `pages` (root first, each 4096 bytes, already read in `next` order)
 /// of blob `id`. Validates CRC, ids, sequence numbers and every descriptor.
 pub fn parse_chain(id: u64, pages: &[&[u8]], check: &dyn ClusterCheck) -> Result<ParsedChain> {
-    let Some(first) = pages.first() else {
+    let headers: Vec<MdPageHeader> = pages
+        .iter()
+        .map(|page| MdPageHeader::decode(page))
+        .collect();
+    parse_decoded_chain(id, pages, &headers, check)
+}
+
+/// [`parse_chain`] with each page's header already decoded (`headers[i]` is
+/// `MdPageHeader::decode(pages[i])`): a load that decoded them, CRC included, while scanning
+/// does not check each CRC again.
+pub(crate) fn parse_decoded_chain(
+    id: u64,
+    pages: &[&[u8]],
+    headers: &[MdPageHeader],
+    check: &dyn ClusterCheck,
+) -> Result<ParsedChain> {
+    debug_assert_eq!(pages.len(), headers.len());
+    let Some(root) = headers.first() else {
         return Err(BlobError::corrupt(id, "empty chain"));
     };
-    let root = MdPageHeader::decode(first);
     if root.id != id {
         return Err(BlobError::NoSuchBlob(id));
     }
@@ -202,8 +218,7 @@ pub fn parse_chain(id: u64, pages: &[&[u8]], check: &dyn ClusterCheck) -> Result
     let mut saw_rle = false;
     let mut table: Option<(u64, Vec<u32>)> = None;
     let mut rle_total: u64 = 0;
-    for (sequence, page) in pages.iter().enumerate() {
-        let header = MdPageHeader::decode(page);
+    for (sequence, (page, header)) in pages.iter().zip(headers).enumerate() {
         if !header.crc_ok {
             return Err(BlobError::corrupt(
                 id,
@@ -414,8 +429,19 @@ pub fn apply_extent_page(
     page: &[u8],
     check: &dyn ClusterCheck,
 ) -> Result<()> {
+    apply_decoded_extent_page(meta, index, page, &MdPageHeader::decode(page), check)
+}
+
+/// [`apply_extent_page`] with the page's header already decoded (`header` is
+/// `MdPageHeader::decode(page)`).
+pub(crate) fn apply_decoded_extent_page(
+    meta: &mut BlobMeta,
+    index: usize,
+    page: &[u8],
+    header: &MdPageHeader,
+    check: &dyn ClusterCheck,
+) -> Result<()> {
     let id = meta.id;
-    let header = MdPageHeader::decode(page);
     if !header.crc_ok {
         return Err(BlobError::corrupt(
             id,

@@ -167,3 +167,22 @@ fn regressions_stay_fixed() {
         }
     }
 }
+
+#[test]
+fn an_empty_mask_region_does_not_hide_an_overlap() {
+    // Found as "a store that loaded and unloaded reloads with other blobs": a pre-v3 store
+    // (blob-id mask of 0 pages, left at page 3) whose used-cluster mask covers pages 2..6,
+    // over md pages 0 and 1. The super block's overlap check compared neighbours by start,
+    // and the empty region between the mask and the md region hid the overlap, so the
+    // recovery's mask write zeroed two blobs' root pages. The load must refuse the store.
+    let input = hex::decode(include_str!(
+        "../regressions/store_load-mask-overlap-hidden-by-empty-region.hex"
+    ))
+    .unwrap();
+    let outcome = runner::run_case(target("store_load").unwrap(), &input)
+        .unwrap_or_else(|report| panic!("the case fails again:\n{report}"));
+    assert_eq!(
+        outcome,
+        "load: super block field md: pages #..# overlap used_cluster_mask (pages #..#)"
+    );
+}

@@ -298,7 +298,10 @@ impl SuperBlock {
                 ));
             }
         }
-        let mut regions = [
+        // Sorted by start, each region is checked against the next one; a region of no
+        // pages (a pre-v3 store's blob-id mask) overlaps nothing and is left out, or it
+        // could sit between two that overlap and hide them from each other.
+        let mut regions: Vec<(&'static str, u32, u32)> = [
             (
                 "used_page_mask",
                 self.used_page_mask_start,
@@ -315,14 +318,14 @@ impl SuperBlock {
                 self.used_blobid_mask_len,
             ),
             ("md", self.md_start, self.md_len),
-        ];
+        ]
+        .into_iter()
+        .filter(|&(_, _, len)| len != 0)
+        .collect();
         regions.sort_by_key(|&(_, start, _)| start);
         for pair in regions.windows(2) {
             let ((a, a_start, a_len), (b, b_start, b_len)) = (pair[0], pair[1]);
-            if a_len != 0
-                && b_len != 0
-                && u64::from(a_start) + u64::from(a_len) > u64::from(b_start)
-            {
+            if u64::from(a_start) + u64::from(a_len) > u64::from(b_start) {
                 return Err(field(
                     b,
                     format!(
@@ -491,6 +494,34 @@ mod tests {
             pre_v3.check_geometry(64 << 20, 4096).is_ok(),
             "no blob-id mask is allowed"
         );
+    }
+
+    #[test]
+    fn an_empty_region_between_two_does_not_hide_their_overlap() {
+        // The fuzz finding `store_load-reload-blob-set-differs`: a pre-v3 store (no blob-id
+        // mask, its start left at page 3) whose used-cluster mask claims pages 2..6, over md
+        // pages 0 and 1 (device pages 4 and 5). Sorted by start, the empty blob-id mask sat
+        // between the cluster mask and the md region, so the overlap went unseen and every
+        // mask write zeroed the first two md pages.
+        let mut block = sample();
+        block.used_blobid_mask_len = 0;
+        block.used_cluster_mask_len = 4;
+        let err = block.check_geometry(64 << 20, 4096).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            SuperBlockError::Field {
+                field: "md",
+                reason: "pages 4..68 overlap used_cluster_mask (pages 2..6)".into()
+            }
+            .to_string()
+        );
+        // An empty region anywhere else is still fine, wherever it starts.
+        for start in [0, 1, 3, 4, 30, 67, 68] {
+            let mut ok = sample();
+            ok.used_blobid_mask_len = 0;
+            ok.used_blobid_mask_start = start;
+            assert!(ok.check_geometry(64 << 20, 4096).is_ok(), "start {start}");
+        }
     }
 
     #[test]

@@ -7,24 +7,38 @@
 //! metadata clusters claimed are `ceil((md_start + md_len) / pages_per_cluster)`; and the
 //! free count comes from the rebuilt bitmap, so a cluster referenced twice (a crash in the
 //! middle of a snapshot) is not counted twice.
+//!
+//! Cost (`docs/performance.md`, "Loading a store"): both paths read the md region in
+//! batched runs of up to 256 KiB, four in flight, and decode each page in the device buffer it
+//! was read into: nothing is copied or kept per page. A page's CRC is computed once, and
+//! only for pages that can matter (a clean load reads only the roots in use; a replay
+//! checksums only pages whose header makes them a root). A one-page chain, almost every
+//! blob, is parsed on the spot; the few others are finished afterwards, reading the chain
+//! and extent pages they name in rounds of batched reads, a bounded number at a time
+//! ([`finish`]). The store then keeps no per-blob state beyond its mask bits and the clone
+//! graph's entries.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use spool_bdev::BdevDesc;
+use spool_bdev::{BdevChannel, BdevDesc};
 
-use super::md_io::{flush, read_bytes, read_page};
+use super::md_io::{flush, read_page, read_regions};
+use super::md_scan::{self, read_runs, CachedPage, Lookup, PageCache};
 use super::{Blobstore, Geometry, MdState};
 use crate::bitmap::BitSet;
 use crate::error::{BlobError, Result};
 use crate::format::layout::md_clusters;
 use crate::format::mask::{decode_mask, MaskKind};
-use crate::format::md_page::MdPageHeader;
+use crate::format::md_page::{MdPageHeader, NEXT_OFFSET};
 use crate::format::super_block::{
     bstype_matches, bstype_name, Bstype, SuperBlock, SuperBlockError,
 };
-use crate::format::{page_to_blobid, INVALID_MD_PAGE, PAGE_SIZE, PAGE_SIZE_U64};
+use crate::format::{
+    page_to_blobid, read_u32, read_u64, INVALID_MD_PAGE, PAGE_SIZE, PAGE_SIZE_U64,
+};
 use crate::meta::{
-    apply_extent_page, parse_chain, ClusterCheck, XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING,
+    apply_decoded_extent_page, parse_decoded_chain, BlobMeta, ClusterCheck, ParsedChain,
+    XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING,
 };
 
 /// Options of [`Blobstore::load`].
@@ -47,9 +61,6 @@ pub struct LoadReport {
     /// Snapshots a crash interrupted, finished or removed at this load.
     pub repaired: Vec<String>,
 }
-
-/// Pages read per metadata region request.
-const SCAN_PAGES: u64 = 256;
 
 struct RangeCheck {
     total_clusters: u64,
@@ -113,40 +124,32 @@ impl Blobstore {
             .into());
         }
         let recovered = !block.masks_trusted();
-        let masks = if recovered {
-            None
-        } else {
-            Some(read_masks(&channel, &block, total_clusters).await?)
-        };
-        let scan_mask = masks.as_ref().map(|(pages, _, _)| pages.clone());
-        let pages = scan_md_region(&channel, &geometry, scan_mask.as_ref()).await?;
         let check = RangeCheck {
             total_clusters,
             md_len: block.md_len,
         };
-        let mut damaged = Vec::new();
-        let (used_md_pages, used_clusters, used_blobids) = match masks {
-            Some((md_pages, mut clusters, blobids)) => {
-                for cluster in 0..geometry.md_clusters {
-                    if !clusters.get(cluster) {
-                        tracing::warn!(
-                            cluster,
-                            "metadata cluster not marked used on disk; marking it"
-                        );
-                        clusters.set(cluster);
-                    }
+        let (used_md_pages, used_clusters, used_blobids, found) = if recovered {
+            let replayed = replay(&channel, &geometry, &check).await?;
+            (
+                replayed.used_md_pages,
+                replayed.used_clusters,
+                replayed.used_blobids,
+                replayed.found,
+            )
+        } else {
+            let (md_pages, mut clusters, blobids) =
+                read_masks(&channel, &block, total_clusters).await?;
+            for cluster in 0..geometry.md_clusters {
+                if !clusters.get(cluster) {
+                    tracing::warn!(
+                        cluster,
+                        "metadata cluster not marked used on disk; marking it"
+                    );
+                    clusters.set(cluster);
                 }
-                (md_pages, clusters, blobids)
             }
-            None => {
-                let replayed = replay(&pages, &geometry, &check);
-                damaged = replayed.damaged;
-                (
-                    replayed.used_md_pages,
-                    replayed.used_clusters,
-                    replayed.used_blobids,
-                )
-            }
+            let found = read_graph(&channel, &geometry, &check, &md_pages, &blobids).await?;
+            (md_pages, clusters, blobids, found)
         };
         let mut state = MdState {
             super_block: block.clone(),
@@ -165,49 +168,11 @@ impl Blobstore {
         }
         let mut report = LoadReport {
             recovered,
-            unreadable: damaged,
+            blobs: state.used_blobids.count_set() as usize,
             ..LoadReport::default()
         };
         // The snapshot graph, from each blob's SNAP xattr; snapshots left half-made.
-        let mut pending = Vec::new();
-        let mut removing = Vec::new();
-        for root in state.used_blobids.iter_set() {
-            let id = page_to_blobid(root as u32);
-            report.blobs += 1;
-            match chain_of(&pages, root as u32, block.md_len)
-                .and_then(|chain| {
-                    let refs: Vec<&[u8]> = chain.iter().map(|&p| pages[&p].as_slice()).collect();
-                    parse_chain(id, &refs, &check)
-                })
-                .and_then(|parsed| {
-                    let marked = |name: &str| {
-                        parsed
-                            .meta
-                            .xattr(true, name.as_bytes())
-                            .and_then(|value| <[u8; 8]>::try_from(value).ok())
-                            .map(u64::from_le_bytes)
-                    };
-                    if let Some(orig) = marked(XATTR_SNAPSHOT_PENDING) {
-                        pending.push((id, orig));
-                    }
-                    if let Some(clone) = marked(XATTR_SNAPSHOT_REMOVING) {
-                        removing.push((id, clone));
-                    }
-                    parsed.meta.parent_id()
-                }) {
-                Ok(Some(parent)) => {
-                    state.clones.entry(parent).or_default().push(id);
-                    state.parents.insert(id, parent);
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    if !report.unreadable.iter().any(|(known, _)| *known == id) {
-                        tracing::warn!(blob = format!("{id:#x}"), %err, "blob metadata unreadable");
-                        report.unreadable.push((id, err.to_string()));
-                    }
-                }
-            }
-        }
+        let Repairs { pending, removing } = found.apply(&mut state, &mut report);
         drop(channel);
         let inner = Blobstore::new_inner(desc, geometry, &used_clusters, state)?;
         let store = Blobstore::register(inner);
@@ -226,31 +191,26 @@ impl Blobstore {
     }
 }
 
+/// Reads the three masks (all requests at once) and decodes them.
 async fn read_masks(
-    channel: &spool_bdev::BdevChannel,
+    channel: &BdevChannel,
     block: &SuperBlock,
     total_clusters: u64,
 ) -> Result<(BitSet, BitSet, BitSet)> {
     let region =
         |start: u32, len: u32| (u64::from(start) * PAGE_SIZE_U64, len as usize * PAGE_SIZE);
-    let (offset, len) = region(block.used_page_mask_start, block.used_page_mask_len);
-    let pages = decode_mask(
-        MaskKind::UsedPages,
-        &read_bytes(channel, offset, len).await?,
-        block.md_len,
-    )?;
-    let (offset, len) = region(block.used_cluster_mask_start, block.used_cluster_mask_len);
-    let clusters = decode_mask(
-        MaskKind::UsedClusters,
-        &read_bytes(channel, offset, len).await?,
-        total_clusters as u32,
-    )?;
-    let (offset, len) = region(block.used_blobid_mask_start, block.used_blobid_mask_len);
-    let blobids = decode_mask(
-        MaskKind::UsedBlobIds,
-        &read_bytes(channel, offset, len).await?,
-        block.md_len,
-    )?;
+    let regions = read_regions(
+        channel,
+        &[
+            region(block.used_page_mask_start, block.used_page_mask_len),
+            region(block.used_cluster_mask_start, block.used_cluster_mask_len),
+            region(block.used_blobid_mask_start, block.used_blobid_mask_len),
+        ],
+    )
+    .await?;
+    let pages = decode_mask(MaskKind::UsedPages, &regions[0], block.md_len)?;
+    let clusters = decode_mask(MaskKind::UsedClusters, &regions[1], total_clusters as u32)?;
+    let blobids = decode_mask(MaskKind::UsedBlobIds, &regions[2], block.md_len)?;
     let md_len = u64::from(block.md_len);
     Ok((
         BitSet::from_bytes(md_len, &pages),
@@ -259,177 +219,601 @@ async fn read_masks(
     ))
 }
 
-/// Reads the md region in 1 MiB pieces (only pieces holding a page of `only` when given)
-/// and keeps every page with a good CRC and a non-zero id.
-async fn scan_md_region(
-    channel: &spool_bdev::BdevChannel,
-    geometry: &Geometry,
-    only: Option<&BitSet>,
-) -> Result<HashMap<u32, Vec<u8>>> {
-    let mut pages = HashMap::new();
-    let md_len = u64::from(geometry.md_len);
-    let mut first = 0u64;
-    while first < md_len {
-        let count = SCAN_PAGES.min(md_len - first);
-        let wanted = only.is_none_or(|mask| (first..first + count).any(|page| mask.get(page)));
-        if wanted {
-            let bytes = read_bytes(
-                channel,
-                geometry.md_page_offset(first as u32),
-                count as usize * PAGE_SIZE,
-            )
-            .await?;
-            for (index, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
-                let number = first + index as u64;
-                if only.is_some_and(|mask| !mask.get(number)) {
-                    continue;
+/// A blob's place in the snapshot graph, from its chain: the snapshot markers it carries
+/// and its parent (or why its `SNAP` xattr is unreadable).
+struct GraphInfo {
+    /// `SNAPTMP`: a snapshot of this original still being made.
+    pending: Option<u64>,
+    /// `SNAPRM`: a snapshot being merged into this clone.
+    removing: Option<u64>,
+    /// The parent named by `SNAP`.
+    parent: Result<Option<u64>>,
+}
+
+impl GraphInfo {
+    fn of(meta: &BlobMeta) -> GraphInfo {
+        let marked = |name: &str| {
+            meta.xattr(true, name.as_bytes())
+                .and_then(|value| <[u8; 8]>::try_from(value).ok())
+                .map(u64::from_le_bytes)
+        };
+        GraphInfo {
+            pending: marked(XATTR_SNAPSHOT_PENDING),
+            removing: marked(XATTR_SNAPSHOT_REMOVING),
+            parent: meta.parent_id(),
+        }
+    }
+
+    /// Nothing to record: no marker, no parent.
+    fn is_plain(&self) -> bool {
+        self.pending.is_none() && self.removing.is_none() && matches!(self.parent, Ok(None))
+    }
+}
+
+/// What a load learnt from the blobs' chains, by root md page: the graph entries of the
+/// blobs that have one (most have none and cost nothing here) or whose chain could not be
+/// read, and (recovery) the blobs found damaged. Gathered in any order, applied in root
+/// order (the order the clone lists, repairs and reports keep).
+#[derive(Default)]
+struct Found {
+    graph: Vec<(u32, Result<GraphInfo>)>,
+    damaged: Vec<(u32, BlobError)>,
+}
+
+impl Found {
+    fn graph(&mut self, root: u32, info: Result<GraphInfo>) {
+        if info.as_ref().map_or(true, |info| !info.is_plain()) {
+            self.graph.push((root, info));
+        }
+    }
+
+    /// Fills the clone graph and the report; returns the snapshots to repair.
+    fn apply(mut self, state: &mut MdState, report: &mut LoadReport) -> Repairs {
+        self.damaged.sort_by_key(|(root, _)| *root);
+        self.graph.sort_by_key(|(root, _)| *root);
+        let damaged: HashSet<u32> = self.damaged.iter().map(|(root, _)| *root).collect();
+        report.unreadable = self
+            .damaged
+            .into_iter()
+            .map(|(root, err)| (page_to_blobid(root), err.to_string()))
+            .collect();
+        let mut repairs = Repairs::default();
+        for (root, info) in self.graph {
+            let id = page_to_blobid(root);
+            let parent = info.and_then(|info| {
+                if let Some(original) = info.pending {
+                    repairs.pending.push((id, original));
                 }
-                let header = MdPageHeader::decode(page);
-                if header.crc_ok && header.id != 0 {
-                    pages.insert(number as u32, page.to_vec());
+                if let Some(clone) = info.removing {
+                    repairs.removing.push((id, clone));
+                }
+                info.parent
+            });
+            match parent {
+                Ok(Some(parent)) => {
+                    state.clones.entry(parent).or_default().push(id);
+                    state.parents.insert(id, parent);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    if !damaged.contains(&root) {
+                        tracing::warn!(blob = format!("{id:#x}"), %err, "blob metadata unreadable");
+                        report.unreadable.push((id, err.to_string()));
+                    }
                 }
             }
         }
-        first += count;
-    }
-    Ok(pages)
-}
-
-/// The md pages of the chain rooted at `root`, in order: every `next` in range, never
-/// revisited, each page present, owned by the root's blob and numbered in sequence.
-fn chain_of(pages: &HashMap<u32, Vec<u8>>, root: u32, md_len: u32) -> Result<Vec<u32>> {
-    let id = page_to_blobid(root);
-    let mut chain = vec![root];
-    let mut seen = HashSet::from([root]);
-    let mut current = root;
-    loop {
-        let page = pages.get(&current).ok_or_else(|| {
-            BlobError::corrupt(
-                id,
-                format!("md page {current} of the chain is unreadable or has a bad CRC"),
-            )
-        })?;
-        let header = MdPageHeader::decode(page);
-        let sequence = chain.len() as u32 - 1;
-        if header.id != id || header.sequence != sequence {
-            return Err(BlobError::corrupt(
-                id,
-                format!(
-                    "md page {current} belongs to blob {:#x} at sequence {}, expected this blob at sequence {sequence}",
-                    header.id, header.sequence
-                ),
-            ));
-        }
-        if header.next == INVALID_MD_PAGE {
-            return Ok(chain);
-        }
-        if header.next >= md_len {
-            return Err(BlobError::corrupt(
-                id,
-                format!(
-                    "md page {current}: next page {} is outside the md region",
-                    header.next
-                ),
-            ));
-        }
-        if !seen.insert(header.next) {
-            return Err(BlobError::corrupt(
-                id,
-                format!(
-                    "md page {current}: the chain loops back to page {}",
-                    header.next
-                ),
-            ));
-        }
-        chain.push(header.next);
-        current = header.next;
+        repairs
     }
 }
 
-/// The masks a replay rebuilt, and the blobs whose metadata it could not read whole.
+/// Snapshots a load found half-made, in root order.
+#[derive(Default)]
+struct Repairs {
+    /// Snapshots still being made: `(snapshot, original)`.
+    pending: Vec<(u64, u64)>,
+    /// Snapshots being merged into their clone: `(snapshot, clone)`.
+    removing: Vec<(u64, u64)>,
+}
+
+/// The header fields of an md page that make it a one-page root chain of the blob whose id
+/// its page number gives (id, sequence 0, no next page), read before its CRC is checked:
+/// pages failing this need no CRC to be skipped or deferred.
+fn one_page_root(page: &[u8], number: u32) -> bool {
+    read_u64(page, 0) == page_to_blobid(number)
+        && read_u32(page, 8) == 0
+        && read_u32(page, NEXT_OFFSET) == INVALID_MD_PAGE
+}
+
+/// The pages of a clean load's md region scan that are wanted (ascending): roots in use.
+fn wanted_roots<'a>(
+    used_md_pages: &'a BitSet,
+    used_blobids: &'a BitSet,
+) -> impl Iterator<Item = u32> + 'a {
+    used_blobids
+        .iter_set_and(used_md_pages)
+        .map(|page| page as u32)
+}
+
+/// A clean load's view of the blobs: the masks are trusted, so only the blobs' chains are
+/// read (never their extent pages, which only an open needs), for the snapshot graph and to
+/// list the blobs whose metadata cannot be read. Roots are read in batched runs straight
+/// from the device buffers; a one-page chain (almost every blob) is parsed there, CRC
+/// checked once, nothing copied; the others are walked page by page afterwards.
+async fn read_graph(
+    channel: &BdevChannel,
+    geometry: &Geometry,
+    check: &RangeCheck,
+    used_md_pages: &BitSet,
+    used_blobids: &BitSet,
+) -> Result<Found> {
+    let mut found = Found::default();
+    // Roots whose page is not in use: their chain is unreadable (the walk says so).
+    let mut deferred: Vec<BlobLoad> = used_blobids
+        .iter_set()
+        .filter(|&root| !used_md_pages.get(root))
+        .map(|root| BlobLoad::new(root as u32))
+        .collect();
+    let mut wanted = wanted_roots(used_md_pages, used_blobids).peekable();
+    read_runs(
+        channel,
+        geometry,
+        md_scan::runs(wanted_roots(used_md_pages, used_blobids)),
+        |first, bytes| {
+            let end = first + (bytes.len() / PAGE_SIZE) as u32;
+            while let Some(root) = wanted.next_if(|&page| page < end) {
+                let at = (root - first) as usize * PAGE_SIZE;
+                let page = &bytes[at..at + PAGE_SIZE];
+                if one_page_root(page, root) {
+                    let header = MdPageHeader::decode(page);
+                    if header.crc_ok {
+                        let id = page_to_blobid(root);
+                        let parsed = parse_decoded_chain(id, &[page], &[header], check);
+                        found.graph(root, parsed.map(|parsed| GraphInfo::of(&parsed.meta)));
+                        continue;
+                    }
+                }
+                deferred.push(BlobLoad::new(root));
+            }
+        },
+    )
+    .await?;
+    finish(
+        deferred,
+        Mode::Graph,
+        channel,
+        geometry,
+        check,
+        Some(used_md_pages),
+        &mut found,
+        None,
+    )
+    .await?;
+    Ok(found)
+}
+
+/// The masks a replay rebuilt, and what it learnt of each blob.
 struct Replayed {
     used_md_pages: BitSet,
     used_clusters: BitSet,
     used_blobids: BitSet,
-    damaged: Vec<(u64, String)>,
+    found: Found,
 }
 
-/// Rebuilds the three masks from the pages: every valid root page and its chain, and the
-/// extent pages its extent table names. A blob whose chain or extent pages are unreadable or
-/// invalid does not fail the load: it is reported damaged (it will not open), its id, root
-/// and the chain pages that could be read stay claimed, and the clusters of the parts that
-/// could be parsed stay claimed too, so nothing of it is handed out while readable parts
-/// remain; every other blob loads as it is.
-fn replay(pages: &HashMap<u32, Vec<u8>>, geometry: &Geometry, check: &RangeCheck) -> Replayed {
+impl Replayed {
+    fn claim_clusters(&mut self, meta: &BlobMeta) {
+        for &cluster in &meta.clusters {
+            if cluster != 0 {
+                self.used_clusters.set(u64::from(cluster));
+            }
+        }
+    }
+}
+
+/// Rebuilds the three masks from the md region (SPDK's recovery): every page with a good
+/// CRC whose header makes it the root of the blob its page number names is a blob; its
+/// chain, the extent pages its extent table names and its clusters are claimed. A blob
+/// whose chain or extent pages are unreadable or invalid does not fail the load: it is
+/// reported damaged (it will not open), its id, root and the chain pages that could be read
+/// stay claimed, and the clusters of the parts that could be parsed stay claimed too, so
+/// nothing of it is handed out while readable parts remain; every other blob loads as it is.
+///
+/// The whole region is read in batched runs; a page is only checksummed when its header
+/// makes it a root, a one-page root whose blob has no extent page (almost all) is replayed
+/// straight from the device buffer, and the other blobs are finished by reading the pages
+/// they name.
+async fn replay(
+    channel: &BdevChannel,
+    geometry: &Geometry,
+    check: &RangeCheck,
+) -> Result<Replayed> {
     let md_len = u64::from(geometry.md_len);
     let mut out = Replayed {
         used_md_pages: BitSet::new(md_len),
         used_clusters: BitSet::new(geometry.total_clusters),
         used_blobids: BitSet::new(md_len),
-        damaged: Vec::new(),
+        found: Found::default(),
     };
     for cluster in 0..geometry.md_clusters {
         out.used_clusters.set(cluster);
     }
-    let mut roots: Vec<u32> = pages
-        .iter()
-        .filter(|(&number, page)| {
-            let header = MdPageHeader::decode(page);
-            header.sequence == 0 && header.id == page_to_blobid(number)
-        })
-        .map(|(&number, _)| number)
-        .collect();
-    roots.sort_unstable();
-    for root in roots {
-        let id = page_to_blobid(root);
-        out.used_blobids.set(u64::from(root));
-        out.used_md_pages.set(u64::from(root));
-        if let Err(err) = replay_blob(pages, geometry, check, root, &mut out) {
-            tracing::warn!(blob = format!("{id:#x}"), %err, "blob metadata damaged; the store loads without it");
-            out.damaged.push((id, err.to_string()));
-        }
-    }
-    out
+    let mut deferred = Vec::new();
+    read_runs(
+        channel,
+        geometry,
+        md_scan::whole_region(geometry.md_len),
+        |first, bytes| {
+            for (offset, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+                let root = first + offset as u32;
+                let id = page_to_blobid(root);
+                if read_u64(page, 0) != id || read_u32(page, 8) != 0 {
+                    continue;
+                }
+                let header = MdPageHeader::decode(page);
+                if !header.crc_ok {
+                    continue;
+                }
+                out.used_blobids.set(u64::from(root));
+                out.used_md_pages.set(u64::from(root));
+                if header.next != INVALID_MD_PAGE {
+                    deferred.push(BlobLoad::new(root));
+                    continue;
+                }
+                match parse_decoded_chain(id, &[page], &[header], check) {
+                    Ok(parsed) if parsed.pending_extent_pages.is_empty() => {
+                        out.found.graph(root, Ok(GraphInfo::of(&parsed.meta)));
+                        out.claim_clusters(&parsed.meta);
+                    }
+                    // Its extent pages are elsewhere: finished (root read again, parsed
+                    // again) with the others, so no cluster map waits here for them.
+                    Ok(_) => deferred.push(BlobLoad::new(root)),
+                    Err(err) => damaged(&mut out.found, root, err),
+                }
+            }
+        },
+    )
+    .await?;
+    let mut found = std::mem::take(&mut out.found);
+    finish(
+        deferred,
+        Mode::Replay,
+        channel,
+        geometry,
+        check,
+        None,
+        &mut found,
+        Some(&mut out),
+    )
+    .await?;
+    out.found = found;
+    Ok(out)
 }
 
-/// Claims one blob's chain pages, extent pages and clusters, as far as they can be read.
-fn replay_blob(
-    pages: &HashMap<u32, Vec<u8>>,
+/// Records a blob the replay found damaged.
+fn damaged(found: &mut Found, root: u32, err: BlobError) {
+    tracing::warn!(blob = format!("{:#x}", page_to_blobid(root)), %err, "blob metadata damaged; the store loads without it");
+    found.damaged.push((root, err));
+}
+
+/// What [`finish`] does with each blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A clean load: parse the chain for the snapshot graph.
+    Graph,
+    /// A recovery: also claim its pages and clusters, reading its extent pages.
+    Replay,
+}
+
+/// Blobs [`finish`] works on at once (each holds its chain's pages until it is done).
+const ACTIVE_BLOBS: usize = 256;
+/// Chain pages cached before [`finish`] stops taking more blobs (16 MiB).
+const CHAIN_PAGES_BUDGET: usize = 4096;
+/// Cluster-map entries of the blobs applying extent pages before [`finish`] stops taking
+/// more blobs (2^24: 64 MiB of maps).
+const MAPPED_CLUSTERS_BUDGET: usize = 1 << 24;
+/// Extent pages one blob reads per round (all blobs' together at most
+/// `ACTIVE_BLOBS * EXTENT_PAGES_PER_ROUND` pages, 64 MiB, dropped after the round).
+const EXTENT_PAGES_PER_ROUND: usize = 64;
+
+/// Finishes the blobs the scan could not: walks each chain, parses it and (replay) applies
+/// its extent pages, reading what they need in rounds of batched reads (one round per chain
+/// page depth, then per batch of extent pages), a bounded number of blobs, pages and
+/// cluster-map entries at a time.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    deferred: Vec<BlobLoad>,
+    mode: Mode,
+    channel: &BdevChannel,
     geometry: &Geometry,
     check: &RangeCheck,
-    root: u32,
-    out: &mut Replayed,
+    mask: Option<&BitSet>,
+    found: &mut Found,
+    mut claims: Option<&mut Replayed>,
 ) -> Result<()> {
-    let id = page_to_blobid(root);
-    let chain = chain_of(pages, root, geometry.md_len)?;
-    for &page in &chain {
-        out.used_md_pages.set(u64::from(page));
-    }
-    let refs: Vec<&[u8]> = chain.iter().map(|p| pages[p].as_slice()).collect();
-    let mut parsed = parse_chain(id, &refs, check)?;
-    let claim = |meta: &crate::meta::BlobMeta, used: &mut BitSet| {
-        for &cluster in &meta.clusters {
-            if cluster != 0 {
-                used.set(u64::from(cluster));
+    let mut chain_pages = PageCache::new(mask);
+    let mut extent_pages = PageCache::new(mask);
+    let mut queue = deferred.into_iter();
+    let mut active: Vec<BlobLoad> = Vec::new();
+    loop {
+        let mapped: usize = active.iter().map(BlobLoad::map_len).sum();
+        while active.len() < ACTIVE_BLOBS
+            && chain_pages.len() < CHAIN_PAGES_BUDGET
+            && mapped < MAPPED_CLUSTERS_BUDGET
+        {
+            match queue.next() {
+                Some(blob) => active.push(blob),
+                None => break,
             }
         }
-    };
-    let mut first_error = None;
-    for &(index, page) in &parsed.pending_extent_pages {
-        let applied = match pages.get(&page) {
-            Some(bytes) => apply_extent_page(&mut parsed.meta, index, bytes, check),
-            None => Err(BlobError::corrupt(
-                id,
-                format!("extent page {index} (md page {page}) is unreadable or has a bad CRC"),
-            )),
-        };
-        match applied {
-            Ok(()) => out.used_md_pages.set(u64::from(page)),
-            Err(err) => {
-                first_error.get_or_insert(err);
-            }
+        if active.is_empty() {
+            return Ok(());
         }
+        let mut needs = Needs::default();
+        active.retain_mut(|blob| {
+            let step = Step {
+                mode,
+                md_len: geometry.md_len,
+                check,
+                chain_pages: &chain_pages,
+                extent_pages: &extent_pages,
+            };
+            !blob.advance(&step, found, claims.as_deref_mut(), &mut needs)
+        });
+        // Extent pages serve the round after the one that asked for them only.
+        extent_pages.clear();
+        if active.is_empty() {
+            chain_pages.clear();
+            continue;
+        }
+        chain_pages.fetch(channel, geometry, needs.chain).await?;
+        extent_pages.fetch(channel, geometry, needs.extent).await?;
     }
-    claim(&parsed.meta, &mut out.used_clusters);
-    first_error.map_or(Ok(()), Err)
 }
+
+/// Pages the blobs of a round of [`finish`] asked for.
+#[derive(Default)]
+struct Needs {
+    chain: Vec<u32>,
+    extent: Vec<u32>,
+}
+
+/// What a blob of [`finish`] may use in a round.
+struct Step<'a, 'm> {
+    mode: Mode,
+    md_len: u32,
+    check: &'a RangeCheck,
+    chain_pages: &'a PageCache<'m>,
+    extent_pages: &'a PageCache<'m>,
+}
+
+/// One blob being finished: walking its chain, then (replay) applying its extent pages.
+struct BlobLoad {
+    root: u32,
+    walk: ChainWalk,
+    extents: Option<Extents>,
+}
+
+/// A parsed blob applying its extent pages, `next` the first not applied yet.
+struct Extents {
+    parsed: ParsedChain,
+    next: usize,
+    first_error: Option<BlobError>,
+}
+
+impl BlobLoad {
+    fn new(root: u32) -> BlobLoad {
+        BlobLoad {
+            root,
+            walk: ChainWalk::new(root),
+            extents: None,
+        }
+    }
+
+    /// Entries of the cluster map it holds (while applying extent pages).
+    fn map_len(&self) -> usize {
+        self.extents
+            .as_ref()
+            .map_or(0, |extents| extents.parsed.meta.clusters.len())
+    }
+
+    /// Goes as far as the cached pages allow; returns whether the blob is done (else it
+    /// added what it needs to `needs`).
+    fn advance(
+        &mut self,
+        step: &Step<'_, '_>,
+        found: &mut Found,
+        mut claims: Option<&mut Replayed>,
+        needs: &mut Needs,
+    ) -> bool {
+        let id = page_to_blobid(self.root);
+        if self.extents.is_none() {
+            match self.walk.advance(step.chain_pages, step.md_len) {
+                WalkStep::NeedPage(page) => {
+                    needs.chain.push(page);
+                    return false;
+                }
+                WalkStep::Failed(err) => {
+                    self.fail(step.mode, found, err);
+                    return true;
+                }
+                WalkStep::Done => {}
+            }
+            let cached: Vec<&CachedPage> = self
+                .walk
+                .chain
+                .iter()
+                .filter_map(|&page| match step.chain_pages.get(page) {
+                    Lookup::Page(cached) => Some(cached),
+                    Lookup::Unusable | Lookup::NotRead => None,
+                })
+                .collect();
+            debug_assert_eq!(
+                cached.len(),
+                self.walk.chain.len(),
+                "a walked chain is cached"
+            );
+            if let Some(out) = claims.as_deref_mut() {
+                for &page in &self.walk.chain {
+                    out.used_md_pages.set(u64::from(page));
+                }
+            }
+            let pages: Vec<&[u8]> = cached.iter().map(|page| &page.bytes[..]).collect();
+            let headers: Vec<MdPageHeader> = cached.iter().map(|page| page.header).collect();
+            let parsed = match parse_decoded_chain(id, &pages, &headers, step.check) {
+                Ok(parsed) => parsed,
+                Err(err) => {
+                    self.fail(step.mode, found, err);
+                    return true;
+                }
+            };
+            found.graph(self.root, Ok(GraphInfo::of(&parsed.meta)));
+            if step.mode == Mode::Graph {
+                return true;
+            }
+            self.extents = Some(Extents {
+                parsed,
+                next: 0,
+                first_error: None,
+            });
+        }
+        let Some(extents) = self.extents.as_mut() else {
+            return true;
+        };
+        let Some(out) = claims else {
+            return true;
+        };
+        while let Some(&(index, page)) = extents.parsed.pending_extent_pages.get(extents.next) {
+            let applied = match step.extent_pages.get(page) {
+                Lookup::NotRead => {
+                    needs.extent.extend(
+                        extents.parsed.pending_extent_pages[extents.next..]
+                            .iter()
+                            .map(|&(_, page)| page)
+                            .take(EXTENT_PAGES_PER_ROUND),
+                    );
+                    return false;
+                }
+                Lookup::Unusable => Err(BlobError::corrupt(
+                    id,
+                    format!("extent page {index} (md page {page}) is unreadable or has a bad CRC"),
+                )),
+                Lookup::Page(cached) => apply_decoded_extent_page(
+                    &mut extents.parsed.meta,
+                    index,
+                    &cached.bytes,
+                    &cached.header,
+                    step.check,
+                ),
+            };
+            match applied {
+                Ok(()) => out.used_md_pages.set(u64::from(page)),
+                Err(err) => {
+                    extents.first_error.get_or_insert(err);
+                }
+            }
+            extents.next += 1;
+        }
+        out.claim_clusters(&extents.parsed.meta);
+        if let Some(err) = extents.first_error.take() {
+            damaged(found, self.root, err);
+        }
+        true
+    }
+
+    /// The chain could not be walked or parsed: a damaged blob (replay; its graph entry
+    /// would only repeat it) or an unreadable one (clean load).
+    fn fail(&self, mode: Mode, found: &mut Found, err: BlobError) {
+        match mode {
+            Mode::Replay => damaged(found, self.root, err),
+            Mode::Graph => found.graph(self.root, Err(err)),
+        }
+    }
+}
+
+/// Where a [`ChainWalk`] stands.
+enum WalkStep {
+    /// The next page is not read yet.
+    NeedPage(u32),
+    /// The chain is invalid.
+    Failed(BlobError),
+    /// Every page of the chain is in `chain`.
+    Done,
+}
+
+/// The md pages of the chain rooted at `root`, in order, found a page at a time: every
+/// `next` in range, never revisited, each page usable, owned by the root's blob and
+/// numbered in sequence.
+struct ChainWalk {
+    id: u64,
+    chain: Vec<u32>,
+    seen: HashSet<u32>,
+}
+
+impl ChainWalk {
+    fn new(root: u32) -> ChainWalk {
+        ChainWalk {
+            id: page_to_blobid(root),
+            chain: vec![root],
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Checks the chain's pages from the last one not checked yet.
+    fn advance(&mut self, pages: &PageCache<'_>, md_len: u32) -> WalkStep {
+        let id = self.id;
+        loop {
+            let Some(&current) = self.chain.last() else {
+                return WalkStep::Failed(BlobError::corrupt(id, "empty chain"));
+            };
+            let header = match pages.get(current) {
+                Lookup::NotRead => return WalkStep::NeedPage(current),
+                Lookup::Unusable => {
+                    return WalkStep::Failed(BlobError::corrupt(
+                        id,
+                        format!("md page {current} of the chain is unreadable or has a bad CRC"),
+                    ))
+                }
+                Lookup::Page(cached) => cached.header,
+            };
+            let sequence = self.chain.len() as u32 - 1;
+            if header.id != id || header.sequence != sequence {
+                return WalkStep::Failed(BlobError::corrupt(
+                    id,
+                    format!(
+                        "md page {current} belongs to blob {:#x} at sequence {}, expected this blob at sequence {sequence}",
+                        header.id, header.sequence
+                    ),
+                ));
+            }
+            if header.next == INVALID_MD_PAGE {
+                return WalkStep::Done;
+            }
+            if header.next >= md_len {
+                return WalkStep::Failed(BlobError::corrupt(
+                    id,
+                    format!(
+                        "md page {current}: next page {} is outside the md region",
+                        header.next
+                    ),
+                ));
+            }
+            if self.seen.is_empty() {
+                self.seen.insert(self.chain[0]);
+            }
+            if !self.seen.insert(header.next) {
+                return WalkStep::Failed(BlobError::corrupt(
+                    id,
+                    format!(
+                        "md page {current}: the chain loops back to page {}",
+                        header.next
+                    ),
+                ));
+            }
+            self.chain.push(header.next);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "load_tests.rs"]
+mod tests;

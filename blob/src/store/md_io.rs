@@ -23,6 +23,42 @@ pub(crate) async fn read_bytes(channel: &BdevChannel, offset: u64, len: usize) -
     Ok(out)
 }
 
+/// Reads several regions `(device byte offset, bytes)` (multiples of 4096), every request
+/// submitted before the first is awaited: one round trip to the device, not one per region.
+/// The first error fails the whole read, after the other requests have completed.
+pub(crate) async fn read_regions(
+    channel: &BdevChannel,
+    regions: &[(u64, usize)],
+) -> Result<Vec<Vec<u8>>> {
+    let mut requests = Vec::new();
+    let mut failed = None;
+    for (region, &(offset, len)) in regions.iter().enumerate() {
+        let mut done = 0usize;
+        while done < len && failed.is_none() {
+            let piece = (len - done).min(MD_IO_MAX_BYTES);
+            match DmaBuf::alloc(piece) {
+                Ok(buf) => requests.push((region, channel.read(buf, offset + done as u64))),
+                Err(err) => failed = Some(err.into()),
+            }
+            done += piece;
+        }
+    }
+    let mut out: Vec<Vec<u8>> = regions
+        .iter()
+        .map(|&(_, len)| Vec::with_capacity(len))
+        .collect();
+    for (region, request) in requests {
+        let (result, buf) = request.await;
+        match result {
+            Ok(()) => out[region].extend_from_slice(&buf[..]),
+            Err(err) => {
+                failed.get_or_insert(err.into());
+            }
+        }
+    }
+    failed.map_or(Ok(out), Err)
+}
+
 /// Reads one page at device byte `offset`.
 pub(crate) async fn read_page(channel: &BdevChannel, offset: u64) -> Result<Vec<u8>> {
     read_bytes(channel, offset, PAGE_SIZE).await

@@ -5,6 +5,7 @@
 //! - `md_io`: page-granular reads and writes on the metadata reactor's bdev channel.
 //! - `lifecycle`: init, unload, destroy, super blob.
 //! - `load`: the clean load (masks) and the dirty-shutdown recovery (replay).
+//! - `md_scan`: the load's batched reads of the md region.
 //!
 //! Metadata state lives in [`Blobstore`] (`Rc`, not `Send`): calling its methods from a task
 //! on another reactor returns [`BlobError::WrongThread`]. What I/O reactors need (geometry,
@@ -15,6 +16,7 @@ pub(crate) mod durability;
 mod lifecycle;
 mod load;
 pub(crate) mod md_io;
+mod md_scan;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
