@@ -62,14 +62,24 @@ fn matches(volume: &VolumeDescription, lvs: Option<&str>, wanted: &str) -> bool 
         || format!("{:#x}", volume.id) == wanted
 }
 
+/// What a name selects, with every volume (for naming parents and clones without opening
+/// every blob again) and the lvol store's name and uuid.
+struct Selection {
+    chosen: Vec<VolumeDescription>,
+    all: Vec<VolumeDescription>,
+    lvs: Option<(String, String)>,
+}
+
 /// The volumes `name` selects (all when `None`); -ENODEV as SPDK when none matches a name.
-async fn selected(
-    name: Option<&str>,
-) -> Result<(Vec<VolumeDescription>, Option<(String, String)>), RpcError> {
+async fn selected(name: Option<&str>) -> Result<Selection, RpcError> {
     let Ok(store) = volumes::held_store() else {
         // No store (its lvol store was deleted): no bdevs, as SPDK lists none.
         return match name {
-            None => Ok((Vec::new(), None)),
+            None => Ok(Selection {
+                chosen: Vec::new(),
+                all: Vec::new(),
+                lvs: None,
+            }),
             Some(name) => Err(RpcError::new(
                 -libc::ENODEV,
                 format!("No such device: bdev {name:?}"),
@@ -79,11 +89,16 @@ async fn selected(
     let lvs = volumes::lvstore_identity(&store).await;
     let all = volumes::describe_all(&store).await;
     let Some(name) = name else {
-        return Ok((all, lvs));
+        return Ok(Selection {
+            chosen: all.clone(),
+            all,
+            lvs,
+        });
     };
     let chosen: Vec<_> = all
-        .into_iter()
+        .iter()
         .filter(|v| matches(v, lvs.as_ref().map(|(n, _)| n.as_str()), name))
+        .cloned()
         .collect();
     if chosen.is_empty() {
         return Err(RpcError::new(
@@ -91,17 +106,16 @@ async fn selected(
             format!("No such device: bdev {name:?}"),
         ));
     }
-    Ok((chosen, lvs))
+    Ok(Selection { chosen, all, lvs })
 }
 
 /// `bdev_get_bdevs {name?}`.
 pub(crate) fn bdev_get_bdevs(_: &RpcContext, params: Option<Value>) -> MethodFuture<'_> {
     Box::pin(async move {
         let Get { name, .. } = decode(params)?;
-        let (chosen, lvs) = selected(name.as_deref()).await?;
+        let Selection { chosen, all, lvs } = selected(name.as_deref()).await?;
         let store = volumes::held_store().map_err(|err| failed(&err))?;
         let unit = store.io_unit_size();
-        let all = volumes::describe_all(&store).await;
         let name_of = |id: u64| {
             all.iter()
                 .find(|v| v.id == id)
@@ -185,13 +199,13 @@ pub(crate) fn bdev_get_iostat(context: &RpcContext, params: Option<Value>) -> Me
                     "Invalid argument: give name or names, not both",
                 ))
             }
-            (None, None) => selected(None).await?.0,
-            (Some(name), None) => selected(Some(&name)).await?.0,
+            (None, None) => selected(None).await?.chosen,
+            (Some(name), None) => selected(Some(&name)).await?.chosen,
             // Each name's volumes, in the order given (-ENODEV for a name that matches none).
             (None, Some(names)) => {
                 let mut chosen = Vec::new();
                 for name in &names {
-                    chosen.extend(selected(Some(name)).await?.0);
+                    chosen.extend(selected(Some(name)).await?.chosen);
                 }
                 chosen
             }

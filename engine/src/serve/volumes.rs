@@ -532,6 +532,10 @@ pub(crate) async fn describe_all(store: &Blobstore) -> Vec<VolumeDescription> {
 /// The blob `text` names: a volume's name, its uuid, `lvs/name`, or an id as SPDK prints it
 /// (`0x100000001`) or in decimal. -ENOENT when none does.
 pub(crate) async fn find_blob(store: &Blobstore, text: &str) -> Result<u64, EngineError> {
+    // An lvol store resolves names, aliases and uuids itself, from memory.
+    if let Ok(lvol) = held_lvs().and_then(|lvs| lvs.lookup(text).map_err(EngineError::from)) {
+        return Ok(lvol.id);
+    }
     let all = describe_all(store).await;
     let lvs = lvstore_identity(store).await.map(|(name, _)| name);
     let bare = match (&lvs, text.split_once('/')) {
