@@ -2,7 +2,7 @@
 //! reactor): create (each create writes its blob's metadata: SPDK's create + sync), open +
 //! close, delete, each over `--blobs` blobs, and the time to load the store clean (after an
 //! unload) and dirty (after a crash: the store is dropped without unloading, so the load
-//! replays every metadata page).
+//! replays every metadata page): three of each, alternating, reported as medians.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -26,9 +26,11 @@ pub struct MetadataReport {
     pub open_close_per_s: f64,
     /// Deletes per second.
     pub delete_per_s: f64,
-    /// Milliseconds to load the store with `blobs` blobs after a clean unload.
+    /// Milliseconds to load the store with `blobs` blobs after a clean unload (the median
+    /// of three, alternating with the dirty loads).
     pub clean_load_ms: f64,
-    /// Milliseconds to load it after a crash (recovery replays the metadata).
+    /// Milliseconds to load it after a crash (recovery replays the metadata; the median of
+    /// three).
     pub dirty_load_ms: f64,
     /// Md pages of the store.
     pub md_pages: u32,
@@ -45,6 +47,15 @@ pub struct MetadataReport {
     pub snapshot_pause_us: f64,
     /// Milliseconds to create a clone of that snapshot.
     pub clone_ms: f64,
+}
+
+/// Clean and dirty loads timed per run, alternating; each kind's median is reported.
+const LOAD_ROUNDS: usize = 3;
+
+/// The median of `samples` (0 when empty).
+fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples.get(samples.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn rate(count: u64, started: Instant) -> f64 {
@@ -87,48 +98,71 @@ pub async fn run(
     let create_per_s = rate(blobs, started);
     store.unload().await.map_err(step("unload"))?;
 
-    let started = Instant::now();
-    let (store, _) = Blobstore::load(desc.clone(), &LoadOptions::default())
-        .await
-        .map_err(step("clean load"))?;
-    let clean_load_ms = started.elapsed().as_secs_f64() * 1e3;
+    // Clean and dirty loads alternate, `LOAD_ROUNDS` of each, so neither kind always runs on
+    // colder caches; each kind's median is reported. The first clean load's store also times
+    // open + close; the last dirty load's store times the deletes.
+    let mut clean_ms = Vec::with_capacity(LOAD_ROUNDS);
+    let mut dirty_ms = Vec::with_capacity(LOAD_ROUNDS);
+    let mut open_close_per_s = 0.0;
+    let mut loaded = None;
+    for round in 0..LOAD_ROUNDS {
+        let started = Instant::now();
+        let (store, _) = Blobstore::load(desc.clone(), &LoadOptions::default())
+            .await
+            .map_err(step("clean load"))?;
+        clean_ms.push(started.elapsed().as_secs_f64() * 1e3);
 
-    let started = Instant::now();
-    for &id in &ids {
-        let blob = store.open_blob(id).await.map_err(step("open"))?;
-        blob.close().await.map_err(step("close"))?;
-    }
-    let open_close_per_s = rate(blobs, started);
+        if round == 0 {
+            let started = Instant::now();
+            for &id in &ids {
+                let blob = store.open_blob(id).await.map_err(step("open"))?;
+                blob.close().await.map_err(step("close"))?;
+            }
+            open_close_per_s = rate(blobs, started);
+        }
 
-    // A metadata change makes the on-disk super block dirty; then "crash" (no unload).
-    let marker = store
-        .create_blob(&BlobOptions::default())
-        .await
-        .map_err(step("create"))?;
-    std::mem::forget(store);
-    let started = Instant::now();
-    let (store, report) = Blobstore::load(desc, &LoadOptions::default())
-        .await
-        .map_err(step("dirty load"))?;
-    let dirty_load_ms = started.elapsed().as_secs_f64() * 1e3;
-    if !report.recovered || report.blobs as u64 != blobs + 1 {
-        return Err(EngineError::Failed {
-            reason: format!(
-                "dirty load found {} blobs (recovered: {}), expected {}",
-                report.blobs,
-                report.recovered,
-                blobs + 1
-            ),
-            errno: -libc::EIO,
-        });
+        // A metadata change makes the on-disk super block dirty; then "crash" (no unload).
+        let marker = store
+            .create_blob(&BlobOptions::default())
+            .await
+            .map_err(step("create"))?;
+        std::mem::forget(store);
+        let started = Instant::now();
+        let (store, report) = Blobstore::load(desc.clone(), &LoadOptions::default())
+            .await
+            .map_err(step("dirty load"))?;
+        dirty_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        if !report.recovered || report.blobs as u64 != blobs + 1 {
+            return Err(EngineError::Failed {
+                reason: format!(
+                    "dirty load found {} blobs (recovered: {}), expected {}",
+                    report.blobs,
+                    report.recovered,
+                    blobs + 1
+                ),
+                errno: -libc::EIO,
+            });
+        }
+        // Undo the change so the next round's clean load sees the same store.
+        store.delete_blob(marker).await.map_err(step("delete"))?;
+        if round + 1 < LOAD_ROUNDS {
+            store.unload().await.map_err(step("unload"))?;
+        } else {
+            loaded = Some(store);
+        }
     }
+    let clean_load_ms = median(&mut clean_ms);
+    let dirty_load_ms = median(&mut dirty_ms);
+    let store = loaded.ok_or_else(|| EngineError::Failed {
+        reason: "no load round ran".into(),
+        errno: -libc::EINVAL,
+    })?;
 
     let started = Instant::now();
     for &id in &ids {
         store.delete_blob(id).await.map_err(step("delete"))?;
     }
     let delete_per_s = rate(blobs, started);
-    store.delete_blob(marker).await.map_err(step("delete"))?;
     store.unload().await.map_err(step("unload"))?;
     Ok(MetadataReport {
         thick_write_per_s: io.thick_write_per_s,
