@@ -16,7 +16,7 @@ another binary), fio, qemu-nbd (qemu-utils) and nbdkit. Prints a Markdown table;
 Usage:
   ci/nbd-compare.py [--pairs 3] [--time 5] [--dir /var/tmp] [--size 1G]
                     [--storage disk,memory] [--transports tcp,unix] [--only SUBSTRING]
-                    [--raw out.json]
+                    [--raw out.json] [--spool-idle busy,adaptive]
 """
 
 import argparse
@@ -87,9 +87,9 @@ class Server:
         time.sleep(0.2)
 
 
-def spool_cmd(store, transport, sock, core):
+def spool_cmd(store, transport, sock, core, idle):
     listen = ["--listen", f"127.0.0.1:{PORT}"] if transport == "tcp" else ["--socket", sock]
-    return [SPOOL, "serve", store, "--cores", str(core), "--no-rpc"] + listen
+    return [SPOOL, "serve", store, "--cores", str(core), "--no-rpc", "--idle", idle] + listen
 
 
 def qemu_cmd(path, transport, sock, core):
@@ -113,7 +113,10 @@ def fio(uri, rw, qd, jobs, time_s, core, size):
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["read"] if rw == "randread" else job["write"]
     p99 = side["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000.0
-    return {"iops": side["iops"], "p99_us": p99}
+    # fio's own CPU use (percent of one core, over its jobs): near 100 x jobs means the
+    # client, not the server, set the pace and the tail.
+    cpu = (job.get("usr_cpu", 0) + job.get("sys_cpu", 0)) * jobs
+    return {"iops": side["iops"], "p99_us": p99, "fio_cpu": cpu}
 
 
 def fill(uri, core, size):
@@ -159,19 +162,25 @@ def main():
     ap.add_argument("--server-core", type=int, default=0)
     ap.add_argument("--fio-core", type=int, default=1)
     ap.add_argument("--raw")
+    ap.add_argument("--spool-idle", default="busy",
+                    help="comma-separated idle modes of spool serve to run, each as a server "
+                         "(busy, sleep, adaptive)")
     args = ap.parse_args()
     size_bytes = int(args.size[:-1]) << {"G": 30, "M": 20}[args.size[-1]]
     io_size = f"{size_bytes // 2 >> 20}M"
     sock = os.path.join(args.dir, "spool-nbd-compare.sock")
     raw_runs = []
     rows = []
+    spool_idles = args.spool_idle.split(",")
     for storage in args.storage.split(","):
         store, raw = prepare(storage, args.dir, size_bytes)
-        servers = {
-            "spool": lambda t: spool_cmd(store, t, sock, args.server_core),
-            "qemu-nbd": lambda t: qemu_cmd(raw, t, sock, args.server_core),
-            "nbdkit": lambda t: nbdkit_cmd(raw, t, sock, args.server_core),
-        }
+        servers = {}
+        for idle in spool_idles:
+            name = "spool" if len(spool_idles) == 1 else f"spool-{idle}"
+            servers[name] = (lambda i: lambda t: spool_cmd(store, t, sock, args.server_core,
+                                                           i))(idle)
+        servers["qemu-nbd"] = lambda t: qemu_cmd(raw, t, sock, args.server_core)
+        servers["nbdkit"] = lambda t: nbdkit_cmd(raw, t, sock, args.server_core)
         for transport, rw, qd, jobs in itertools.product(
                 args.transports.split(","), ["randread", "randwrite"], [1, 16], [1, 2]):
             case = f"{storage} {transport} {rw} qd{qd} x{jobs}"
@@ -180,27 +189,34 @@ def main():
             results = {name: [] for name in servers}
             order = list(servers)
             for round_ in range(args.pairs):
-                for name in order[round_ % 3:] + order[:round_ % 3]:
+                shift = round_ % len(order)
+                for name in order[shift:] + order[:shift]:
                     with Server(name, servers[name](transport), transport, sock) as server:
-                        if name == "spool" and storage == "memory":
+                        if name.startswith("spool") and storage == "memory":
                             # A malloc store starts empty each run: written first, so reads
                             # copy data instead of answering holes.
                             fill(server.uri(), args.fio_core, io_size)
                         run = fio(server.uri(), rw, qd, jobs, args.time, args.fio_core, io_size)
                     results[name].append(run)
                     raw_runs.append({"case": case, "server": name, **run})
-                    print(f"{case:40} {name:9} {run['iops']:>10.0f} IOPS  p99 {run['p99_us']:8.1f} us",
+                    print(f"{case:40} {name:14} {run['iops']:>10.0f} IOPS  p99 "
+                          f"{run['p99_us']:8.1f} us  fio cpu {run['fio_cpu']:5.0f} %",
                           file=sys.stderr, flush=True)
             med = {n: (statistics.median(r["iops"] for r in rs),
                        statistics.median(r["p99_us"] for r in rs)) for n, rs in results.items()}
             rows.append((case, med))
-    print("| case | spool IOPS | qemu-nbd IOPS | nbdkit IOPS | spool/qemu-nbd | spool/nbdkit "
-          "| spool p99 us | qemu-nbd p99 us | nbdkit p99 us |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    names = list(rows[0][1]) if rows else []
+    spools = [n for n in names if n.startswith("spool")]
+    others = [n for n in names if not n.startswith("spool")]
+    header = (["case"] + [f"{n} IOPS" for n in names]
+              + [f"{s}/{o}" for s in spools for o in others] + [f"{n} p99 us" for n in names])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for case, med in rows:
-        s, q, k = med["spool"], med["qemu-nbd"], med["nbdkit"]
-        print(f"| {case} | {s[0]:.0f} | {q[0]:.0f} | {k[0]:.0f} | {s[0] / max(q[0], 1):.2f} "
-              f"| {s[0] / max(k[0], 1):.2f} | {s[1]:.0f} | {q[1]:.0f} | {k[1]:.0f} |")
+        cells = ([case] + [f"{med[n][0]:.0f}" for n in names]
+                 + [f"{med[s][0] / max(med[o][0], 1):.2f}" for s in spools for o in others]
+                 + [f"{med[n][1]:.0f}" for n in names])
+        print("| " + " | ".join(cells) + " |")
     if args.raw:
         with open(args.raw, "w") as f:
             json.dump(raw_runs, f, indent=1)

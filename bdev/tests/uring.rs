@@ -1,7 +1,8 @@
 //! Goal: the io_uring bdev stores and returns data correctly through the shared per-reactor
 //! ring, at queue depth, with vectored I/O, unmap/write-zeroes/flush, several reactors and
 //! several bdevs, and fails cleanly on bad requests and bad paths. Method: real reactors
-//! (idle mode Sleep, so parallel tests do not spin each other off the 2 cores) on a temp file
+//! (idle mode Adaptive: they sleep in the kernel while idle or waiting on the ring, so parallel
+//! tests do not spin each other off the 2 cores, and every test exercises the ring's wake-up) on a temp file
 //! in the current filesystem; each test checks data byte for byte.
 
 use std::future::Future;
@@ -17,7 +18,7 @@ fn runtime(cores: usize) -> Runtime {
     let available = std::thread::available_parallelism().map_or(1, usize::from);
     Runtime::start(&RuntimeOptions {
         cores: (0..cores.min(available)).collect(),
-        idle: IdleMode::Sleep,
+        idle: IdleMode::Adaptive,
         pin: false,
     })
     .expect("runtime")

@@ -11,7 +11,7 @@ use spool_reactor::{spawn_local, IdleMode, Runtime, RuntimeOptions};
 fn runtime(reactors: usize) -> Runtime {
     Runtime::start(&RuntimeOptions {
         cores: (0..reactors).collect(),
-        idle: IdleMode::Sleep,
+        idle: IdleMode::Adaptive,
         pin: false,
     })
     .unwrap()

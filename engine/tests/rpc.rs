@@ -57,7 +57,7 @@ fn start(dir: &Path) -> (Daemon, PathBuf) {
         image: Some(image.display().to_string()),
         listen: vec![ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())],
         exports: vec!["vol0".into()],
-        idle: IdleMode::Sleep,
+        idle: IdleMode::Adaptive,
         pin: false,
         shutdown_grace: Duration::from_millis(100),
         rpc: Some(socket.clone()),

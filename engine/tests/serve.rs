@@ -91,7 +91,7 @@ fn options(image: &Path) -> ServeOptions {
     ServeOptions {
         image: Some(image.display().to_string()),
         listen: vec![ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())],
-        idle: IdleMode::Sleep,
+        idle: IdleMode::Adaptive,
         pin: false,
         handshake_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::from_millis(200),

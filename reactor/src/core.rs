@@ -1,6 +1,6 @@
 //! The state of one reactor and one iteration of its loop.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::rc::{Rc, Weak};
@@ -16,6 +16,7 @@ use crate::poller::PollerSet;
 use crate::sim::{SimShared, TraceEvent, TraceKind};
 use crate::task::TaskSet;
 use crate::timer::TimerHeap;
+use crate::wakeup::{Doorbell, WaitSet};
 
 /// The index of a reactor in its runtime (0-based, dense). Reactor 0 is the first core given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -61,6 +62,22 @@ pub(crate) struct ReactorRemote {
     pub(crate) id: ReactorId,
     pub(crate) sender: Sender<Message>,
     pub(crate) stopped: AtomicBool,
+    /// Rung after a message is queued, when the reactor may sleep in the kernel (adaptive
+    /// runtimes only).
+    pub(crate) doorbell: Option<Arc<Doorbell>>,
+}
+
+impl ReactorRemote {
+    /// Queues `message`; rings the doorbell if the reactor may be asleep. Gives the message
+    /// back if the reactor's mailbox is gone.
+    #[inline]
+    pub(crate) fn post(&self, message: Message) -> Result<(), Message> {
+        self.sender.send(message).map_err(|err| err.0)?;
+        if let Some(doorbell) = &self.doorbell {
+            doorbell.ring_if_sleeping();
+        }
+        Ok(())
+    }
 }
 
 /// State shared by every reactor of one runtime or simulation.
@@ -96,8 +113,7 @@ impl Shared {
             return Err(crate::ReactorError::Stopped(id));
         }
         remote
-            .sender
-            .send(message)
+            .post(message)
             .map_err(|_| crate::ReactorError::Stopped(id))
     }
 }
@@ -109,6 +125,8 @@ pub(crate) struct IterationStatus {
     pub(crate) did_work: bool,
     /// A poller has work outstanding in the kernel (I/O in flight).
     pub(crate) waiting: bool,
+    /// Some of that work has no wake source: the reactor must not sleep in the kernel.
+    pub(crate) unwakeable: bool,
 }
 
 /// Everything one reactor owns. Lives on its thread (or the simulation thread) only.
@@ -128,6 +146,8 @@ pub(crate) struct ReactorCore {
     pub(crate) stopping: Cell<bool>,
     pub(crate) sim: Option<Rc<SimShared>>,
     pub(crate) self_weak: RefCell<Weak<ReactorCore>>,
+    /// The epoll set an adaptive reactor sleeps on (unset for other reactors).
+    pub(crate) wait_set: OnceCell<WaitSet>,
 }
 
 impl ReactorCore {
@@ -152,6 +172,7 @@ impl ReactorCore {
             stopping: Cell::new(false),
             sim,
             self_weak: RefCell::new(Weak::new()),
+            wait_set: OnceCell::new(),
         });
         *core.self_weak.borrow_mut() = Rc::downgrade(&core);
         crate::context::run_queue_install(core.shared.runtime_id, id, Rc::clone(&core.run_queue));
@@ -195,6 +216,7 @@ impl ReactorCore {
         IterationStatus {
             did_work,
             waiting: pollers.waiting,
+            unwakeable: pollers.unwakeable,
         }
     }
 

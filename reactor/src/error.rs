@@ -54,6 +54,10 @@ pub enum ReactorError {
     /// reactor goes on.
     #[error("work on reactor {0} panicked (contained; the reactor goes on)")]
     Panicked(ReactorId),
+    /// A system call the reactor needs failed (creating its doorbell or wait set,
+    /// registering a wake source).
+    #[error("reactor system call failed: {0}")]
+    Io(String),
 }
 
 impl ReactorError {
@@ -68,7 +72,7 @@ impl ReactorError {
             Self::DeviceBusy(_) => -libc::EBUSY,
             Self::Cancelled => -libc::ECANCELED,
             Self::SimStalled { .. } => -libc::ETIMEDOUT,
-            Self::Panicked(_) => -libc::EIO,
+            Self::Panicked(_) | Self::Io(_) => -libc::EIO,
         }
     }
 }

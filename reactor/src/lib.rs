@@ -19,6 +19,7 @@
 //! - `task`: spawning futures, [`JoinHandle`].
 //! - `poller`: active and timed pollers.
 //! - `timer`: [`sleep`] and the timer heap.
+//! - `wakeup`: how an adaptive reactor sleeps in the kernel and what wakes it.
 //! - `message`: messages between reactors, [`send_msg`], [`spawn_on`], [`broadcast`].
 //! - `oneshot`: the cross-reactor completion used by messages and walks.
 //! - `io_device`: [`IoDevice`], [`Channel`], [`IoDevice::for_each_channel`].
@@ -43,6 +44,7 @@ mod runtime;
 mod sim;
 mod task;
 mod timer;
+mod wakeup;
 
 pub use crate::clock::now_ns;
 pub use crate::context::{
@@ -58,3 +60,6 @@ pub use crate::runtime::{IdleMode, Runtime, RuntimeOptions, StopReport};
 pub use crate::sim::{Sim, SimOptions, TraceEvent, TraceKind};
 pub use crate::task::{spawn_local, yield_now, JoinHandle};
 pub use crate::timer::{sleep, wake_at};
+pub use crate::wakeup::{
+    sleeps_in_kernel, wake_source_register, wakeup_counts, WakeKind, WakeSource,
+};

@@ -17,6 +17,10 @@ use crate::ReactorError;
 pub enum PollStatus {
     /// Nothing was done and nothing is outstanding.
     Idle,
+    /// Nothing was done; work is outstanding in the kernel, and a wake source of this
+    /// reactor (see [`crate::wake_source_register`]) fires when it completes, so an
+    /// adaptive reactor may sleep until then. Other reactors treat it as `Waiting`.
+    Armed,
     /// Nothing was done, but work is outstanding elsewhere (I/O in flight in the kernel): the
     /// reactor must not sleep, and may briefly yield its core so kernel workers can run.
     Waiting,
@@ -29,8 +33,10 @@ pub enum PollStatus {
 pub(crate) struct PollersStatus {
     /// A poller reported `Busy`.
     pub(crate) busy: bool,
-    /// A poller reported `Waiting`.
+    /// A poller reported `Waiting` (or `Armed`).
     pub(crate) waiting: bool,
+    /// A poller reported `Waiting`: work outstanding that no wake source signals.
+    pub(crate) unwakeable: bool,
 }
 
 struct PollerEntry {
@@ -81,7 +87,11 @@ impl PollerSet {
             };
             match outcome {
                 PollStatus::Idle => {}
-                PollStatus::Waiting => status.waiting = true,
+                PollStatus::Armed => status.waiting = true,
+                PollStatus::Waiting => {
+                    status.waiting = true;
+                    status.unwakeable = true;
+                }
                 PollStatus::Busy => {
                     status.busy = true;
                     if core.sim.is_some() {

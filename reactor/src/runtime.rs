@@ -12,9 +12,12 @@ use crossbeam_channel::RecvTimeoutError;
 use crate::clock::Clock;
 use crate::context::CurrentGuard;
 use crate::core::{ReactorCore, ReactorId, ReactorRemote, Shared};
-use crate::limits::{IDLE_SLEEP_NS_MAX, REACTORS_MAX, YIELD_AFTER_WAITING_PASSES};
+use crate::limits::{
+    ADAPTIVE_SPIN_NS, IDLE_SLEEP_NS_MAX, REACTORS_MAX, YIELD_AFTER_WAITING_PASSES,
+};
 use crate::message::{broadcast_shared, spawn_on_shared, Message};
 use crate::oneshot::RemoteHandle;
+use crate::wakeup::WaitSet;
 use crate::ReactorError;
 
 /// What a reactor does when a loop pass finds nothing to do.
@@ -29,6 +32,14 @@ pub enum IdleMode {
     /// Sleep on the message queue until a message, the next timer, or at most 1 ms, whenever
     /// nothing is pending: no poller did work or has I/O in flight, and nothing is queued.
     Sleep,
+    /// Spin while there is work and for a short while after
+    /// ([`crate::limits::ADAPTIVE_SPIN_NS`]), then block in the kernel until a message, an
+    /// I/O completion or socket readiness a device registered as a wake source, or the next
+    /// timer (SPDK's interrupt mode, entered on its own when idle). I/O in flight does not
+    /// keep the reactor awake when its device signals completions (`PollStatus::Armed`). The
+    /// core is given back to whatever else needs it, at the price of a wake-up (a few
+    /// microseconds) after every idle period.
+    Adaptive,
 }
 
 /// How to start a [`Runtime`].
@@ -75,16 +86,28 @@ impl Runtime {
         validate_cores(&options.cores)?;
         let mut receivers = Vec::new();
         let mut reactors = Vec::new();
+        let mut wait_sets = Vec::new();
         for index in 0..options.cores.len() {
             let (sender, receiver) = crossbeam_channel::unbounded();
             let id = ReactorId(
                 u32::try_from(index)
                     .map_err(|_| ReactorError::BadCores("too many cores".into()))?,
             );
+            let (wait_set, doorbell) = match options.idle {
+                IdleMode::Adaptive => {
+                    let (wait_set, doorbell) = WaitSet::new().map_err(|err| {
+                        ReactorError::Io(format!("creating a reactor's wait set: {err}"))
+                    })?;
+                    (Some(wait_set), Some(doorbell))
+                }
+                IdleMode::Busy | IdleMode::Sleep => (None, None),
+            };
+            wait_sets.push(wait_set);
             reactors.push(ReactorRemote {
                 id,
                 sender,
                 stopped: AtomicBool::new(false),
+                doorbell,
             });
             receivers.push(receiver);
         }
@@ -97,7 +120,7 @@ impl Runtime {
             threads: Vec::new(),
             pinned: Arc::clone(&pinned),
         };
-        for (index, receiver) in receivers.into_iter().enumerate() {
+        for (index, (receiver, wait_set)) in receivers.into_iter().zip(wait_sets).enumerate() {
             let id = shared.reactors[index].id;
             let core_id = options.cores[index];
             let thread_shared = Arc::clone(&shared);
@@ -112,6 +135,9 @@ impl Runtime {
                         thread_pinned.fetch_add(1, Ordering::Relaxed);
                     }
                     let core = ReactorCore::new(id, thread_shared, Clock::real(), receiver, None);
+                    if let Some(wait_set) = wait_set {
+                        let _ = core.wait_set.set(wait_set);
+                    }
                     let _ = thread_started.send(());
                     reactor_loop(&core, idle);
                 })
@@ -199,7 +225,7 @@ impl Runtime {
 
     fn stop_inner(&mut self) -> StopReport {
         for remote in &self.shared.reactors {
-            let _ = remote.sender.send(Message::Stop);
+            let _ = remote.post(Message::Stop);
         }
         let mut panicked = Vec::new();
         for (id, thread) in self.threads.drain(..) {
@@ -270,6 +296,8 @@ fn reactor_loop(core: &std::rc::Rc<ReactorCore>, idle: IdleMode) {
     let _current = CurrentGuard::enter(core);
     // The event loop is the one loop meant to run unbounded: it ends only on a stop message.
     let mut waiting_passes = 0u32;
+    // When an adaptive reactor's current idle stretch began (None while it has work).
+    let mut idle_since_ns: Option<u64> = None;
     loop {
         let status = core.poll_once();
         if core.stopping.get() {
@@ -277,7 +305,18 @@ fn reactor_loop(core: &std::rc::Rc<ReactorCore>, idle: IdleMode) {
         }
         if status.did_work {
             waiting_passes = 0;
+            idle_since_ns = None;
             continue;
+        }
+        if idle == IdleMode::Adaptive && !status.unwakeable {
+            let now_ns = core.clock.now_ns();
+            let since = *idle_since_ns.get_or_insert(now_ns);
+            if now_ns.saturating_sub(since) >= ADAPTIVE_SPIN_NS {
+                adaptive_sleep(core, now_ns);
+                idle_since_ns = None;
+                waiting_passes = 0;
+                continue;
+            }
         }
         if status.waiting {
             // Only the kernel has work for us (I/O in flight). Let whatever else is runnable
@@ -294,6 +333,27 @@ fn reactor_loop(core: &std::rc::Rc<ReactorCore>, idle: IdleMode) {
         }
     }
     core.shutdown();
+}
+
+/// Blocks an adaptive reactor in the kernel until its doorbell rings, a wake source fires,
+/// or its next deadline (timers, timed pollers, device hints) comes. A deadline nearer than
+/// a millisecond (`epoll_wait`'s resolution) is spun for instead; a later one is slept for
+/// in whole milliseconds, rounded down, and spun for the rest.
+fn adaptive_sleep(core: &ReactorCore, now_ns: u64) {
+    let Some(wait_set) = core.wait_set.get() else {
+        return;
+    };
+    let timeout = match core.next_deadline_ns() {
+        None => None,
+        Some(deadline) => {
+            let wait_ms = deadline.saturating_sub(now_ns) / 1_000_000;
+            if wait_ms == 0 {
+                return;
+            }
+            Some(Duration::from_millis(wait_ms))
+        }
+    };
+    wait_set.sleep(timeout, || core.has_queued_work());
 }
 
 fn idle_sleep(core: &ReactorCore) {

@@ -116,6 +116,7 @@ impl Sim {
                 id,
                 sender,
                 stopped: AtomicBool::new(false),
+                doorbell: None,
             });
             receivers.push(receiver);
         }

@@ -194,15 +194,23 @@ where
 fn wake_router(core: &ReactorCore) -> impl Fn(async_task::Runnable<u64>) + Send + Sync + 'static {
     let owner: ReactorId = core.id;
     let runtime_id = core.shared.runtime_id;
-    let sender = core.shared.reactors[owner.index()].sender.clone();
+    let remote = &core.shared.reactors[owner.index()];
+    let sender = remote.sender.clone();
+    let doorbell = remote.doorbell.clone();
     move |runnable| {
         if let Err(runnable) = context::run_queue_push(runtime_id, owner, runnable) {
             // A wake from another thread: the task must run (and drop) on its owner. If the
             // owner has stopped, its tasks were cancelled and their futures already dropped.
-            if let Err(crossbeam_channel::SendError(Message::Wake(runnable))) =
-                sender.send(Message::Wake(runnable))
-            {
-                std::mem::forget(runnable);
+            match sender.send(Message::Wake(runnable)) {
+                Ok(()) => {
+                    if let Some(doorbell) = &doorbell {
+                        doorbell.ring_if_sleeping();
+                    }
+                }
+                Err(crossbeam_channel::SendError(Message::Wake(runnable))) => {
+                    std::mem::forget(runnable);
+                }
+                Err(_) => {}
             }
         }
     }

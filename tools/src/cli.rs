@@ -153,6 +153,9 @@ pub enum IdleArg {
     Busy,
     /// Sleep up to 1 ms when nothing is pending (for shared machines; adds latency).
     Sleep,
+    /// Spin while busy, then after 50 µs idle block in the kernel until a request, an I/O
+    /// completion or a timer wakes the reactor (SPDK's interrupt mode, entered when idle).
+    Adaptive,
 }
 
 /// Arguments of `spool serve`.

@@ -49,6 +49,7 @@ pub fn options(args: &ServeArgs) -> Result<ServeOptions, ToolError> {
         idle: match args.idle {
             IdleArg::Busy => IdleMode::Busy,
             IdleArg::Sleep => IdleMode::Sleep,
+            IdleArg::Adaptive => IdleMode::Adaptive,
         },
         pin: !args.no_pin,
         handshake_timeout: Duration::from_secs_f64(args.handshake_timeout),

@@ -47,7 +47,10 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
-use spool_reactor::{poller_register, IoDevice, PollStatus, PollerHandle};
+use spool_reactor::{
+    poller_register, sleeps_in_kernel, wake_source_register, IoDevice, PollStatus, PollerHandle,
+    WakeKind, WakeSource,
+};
 
 use crate::dma::dma_regions;
 use crate::io::{IoSlots, SlotId, WakeBatch};
@@ -264,6 +267,9 @@ impl GroupCtx {
 
 /// One reactor's ring and the channels using it.
 pub(crate) struct GroupState {
+    /// The ring's completion eventfd in the reactor's wait set, when the reactor sleeps in
+    /// the kernel (declared before `ring`: it leaves the wait set before the fd closes).
+    wake_source: Option<WakeSource>,
     /// Closed (waited for) by `Drop` before the buffers owned by `channels` are released.
     pub(super) ring: Ring,
     pub(super) channels: Vec<Option<ChannelEntry>>,
@@ -325,7 +331,26 @@ impl GroupState {
             tracing::warn!(%err, "registering DMA buffers with io_uring failed");
         }
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let wake_source = if sleeps_in_kernel() {
+            let registered = ring
+                .completion_eventfd()
+                .map_err(|err| err.to_string())
+                .and_then(|fd| {
+                    wake_source_register(fd, WakeKind::EventFd).map_err(|err| err.to_string())
+                });
+            match registered {
+                Ok(source) => source,
+                Err(err) => {
+                    // The reactor then spins while this ring has I/O in flight.
+                    tracing::warn!(%err, "io_uring completions cannot wake a sleeping reactor");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         GroupState {
+            wake_source,
             ring,
             channels: Vec::new(),
             free_indices: Vec::new(),
@@ -623,7 +648,11 @@ impl GroupState {
         if busy {
             PollStatus::Busy
         } else if self.ring.in_flight() > 0 {
-            PollStatus::Waiting
+            if self.wake_source.is_some() {
+                PollStatus::Armed
+            } else {
+                PollStatus::Waiting
+            }
         } else {
             PollStatus::Idle
         }

@@ -38,7 +38,7 @@
 
 use std::cell::Cell;
 use std::marker::PhantomData;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use io_uring::{opcode, register::Probe, types, IoUring};
 
@@ -324,6 +324,8 @@ pub struct Ring {
     retired: bool,
     /// A [`Ring::close`] failed: `Drop` does not wait again.
     close_failed: bool,
+    /// The eventfd the kernel signals for every completion, once asked for.
+    completion_eventfd: Option<OwnedFd>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -412,8 +414,38 @@ impl Ring {
             fixed_rw_pushed: 0,
             retired: false,
             close_failed: false,
+            completion_eventfd: None,
             _not_sync: PhantomData,
         })
+    }
+
+    /// An eventfd the kernel signals whenever it posts a completion to this ring, made and
+    /// registered on the first call (a reactor that sleeps in the kernel waits on it). The
+    /// ring keeps it open for its life.
+    pub fn completion_eventfd(&mut self) -> Result<RawFd, RingError> {
+        if let Some(fd) = &self.completion_eventfd {
+            return Ok(fd.as_raw_fd());
+        }
+        // SAFETY: eventfd takes no pointers; the result is checked before use.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(RingError::Register {
+                what: "completion eventfd (create)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `raw` is a new eventfd nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        self.ring
+            .submitter()
+            .register_eventfd(fd.as_raw_fd())
+            .map_err(|source| RingError::Register {
+                what: "completion eventfd",
+                source,
+            })?;
+        let raw = fd.as_raw_fd();
+        self.completion_eventfd = Some(fd);
+        Ok(raw)
     }
 
     /// Registers `fd` in a free file slot and returns the slot; the ring holds its own reference

@@ -9,13 +9,16 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use mio::{Events, Interest, Token};
 use slab::Slab;
-use spool_reactor::{poller_register, PollStatus, PollerHandle};
+use spool_reactor::{
+    poller_register, wake_source_register, PollStatus, PollerHandle, WakeKind, WakeSource,
+};
 
 /// Events taken from epoll per poller pass.
 const EVENTS_PER_PASS: usize = 256;
@@ -39,6 +42,9 @@ struct SourceState {
 
 /// The calling reactor's readiness poller (one per reactor thread, made on first use).
 pub(crate) struct Readiness {
+    /// The epoll fd in the reactor's wait set, when the reactor sleeps in the kernel
+    /// (declared before `poll`: it leaves the wait set before the fd closes).
+    _wake_source: Option<WakeSource>,
     poll: RefCell<mio::Poll>,
     events: RefCell<Events>,
     sources: RefCell<Slab<SourceState>>,
@@ -55,8 +61,14 @@ impl Readiness {
         if let Some(existing) = READINESS.with(|slot| slot.borrow().clone()) {
             return Ok(existing);
         }
+        let poll = mio::Poll::new()?;
+        // A sleeping reactor wakes when any socket here becomes ready: the poller below
+        // takes every event on each pass, so a new one is a new edge of the epoll fd.
+        let wake_source = wake_source_register(poll.as_raw_fd(), WakeKind::Readable)
+            .map_err(|err| io::Error::other(err.to_string()))?;
         let readiness = Rc::new(Readiness {
-            poll: RefCell::new(mio::Poll::new()?),
+            _wake_source: wake_source,
+            poll: RefCell::new(poll),
             events: RefCell::new(Events::with_capacity(EVENTS_PER_PASS)),
             sources: RefCell::new(Slab::new()),
             poller: RefCell::new(None),
@@ -146,11 +158,16 @@ impl Readiness {
             .borrow_mut()
             .poll(&mut events, Some(Duration::ZERO))
         {
-            if err.kind() != io::ErrorKind::Interrupted {
-                tracing::error!(%err, "epoll wait failed");
+            if err.kind() == io::ErrorKind::Interrupted {
+                // Ready sources may be left unread: look again next pass, not asleep.
+                return PollStatus::Busy;
             }
+            tracing::error!(%err, "epoll wait failed");
             return PollStatus::Idle;
         }
+        // A full batch may have left events in epoll; those are no new edge for a sleeping
+        // reactor, so take them next pass.
+        let full = events.iter().count() >= EVENTS_PER_PASS;
         let mut woken = Vec::new();
         {
             let mut sources = self.sources.borrow_mut();
@@ -170,7 +187,7 @@ impl Readiness {
             }
         }
         // Woken outside the borrow: a waker may run code that registers a socket.
-        let busy = !woken.is_empty();
+        let busy = !woken.is_empty() || full;
         for waker in woken {
             waker.wake();
         }

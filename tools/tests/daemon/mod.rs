@@ -220,7 +220,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// `spool serve IMAGE --listen 127.0.0.1:0 --idle sleep --no-pin --handshake-timeout 60
+    /// `spool serve IMAGE --listen 127.0.0.1:0 --idle adaptive --no-pin --handshake-timeout 60
     /// --rpc DIR/rpc.sock EXTRA...` in `dir`
     /// (no IMAGE when `image` is empty: the embedded default, `spool.img`); returns once it
     /// printed its ready line.
@@ -235,7 +235,7 @@ impl Daemon {
         if !image.is_empty() {
             args.push(image);
         }
-        args.extend(["--listen", "127.0.0.1:0", "--idle", "sleep", "--no-pin"]);
+        args.extend(["--listen", "127.0.0.1:0", "--idle", "adaptive", "--no-pin"]);
         // Generous: a machine stalled by other work must not cut a client's handshake.
         args.extend(["--handshake-timeout", "60"]);
         // Its own JSON-RPC socket (the default /var/tmp/spool.sock is one per machine).
