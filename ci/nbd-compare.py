@@ -174,6 +174,13 @@ def main():
     spool_idles = args.spool_idle.split(",")
     for storage in args.storage.split(","):
         store, raw = prepare(storage, args.dir, size_bytes)
+        if storage == "disk":
+            # `spool init` leaves the data area a hole (as SPDK's init unmaps it): write the
+            # volume's tested range once through Spool, so its reads reach the media as the
+            # raw file's (written by dd) do.
+            with Server("spool", spool_cmd(store, "tcp", sock, args.server_core, "busy"),
+                        "tcp", sock) as server:
+                fill(server.uri(), args.fio_core, io_size)
         servers = {}
         for idle in spool_idles:
             name = "spool" if len(spool_idles) == 1 else f"spool-{idle}"

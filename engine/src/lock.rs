@@ -43,6 +43,17 @@ fn io_errno(err: &std::io::Error) -> i32 {
     -err.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// What a new image file holds when [`ImageLock`] creates it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contents {
+    /// Zeros written to every byte (and synced).
+    Written,
+    /// A hole of the size: no space taken until written.
+    Sparse,
+    /// Space reserved with `fallocate`, nothing written.
+    Reserved,
+}
+
 impl ImageLock {
     /// Locks the existing image at `path` for writing (exclusive; block devices are also
     /// claimed with `O_EXCL`).
@@ -91,22 +102,31 @@ impl ImageLock {
         size_bytes: u64,
         progress: impl FnMut(u64),
     ) -> Result<ImageLock, EngineError> {
-        Self::create_with(path, size_bytes, true, progress)
+        Self::create_with(path, size_bytes, Contents::Written, progress)
     }
 
     /// Like [`ImageLock::create`], but the file is made sparse (`set_len` only, no byte
     /// written): instant at any size, and it takes disk space only as it is written. For
     /// stores that are written through their metadata (the daemon's embedded default).
     pub fn create_sparse(path: &Path, size_bytes: u64) -> Result<ImageLock, EngineError> {
-        Self::create_with(path, size_bytes, false, |_| {})
+        Self::create_with(path, size_bytes, Contents::Sparse, |_| {})
+    }
+
+    /// Like [`ImageLock::create_sparse`], but every byte's disk space is reserved with
+    /// `fallocate` (no byte written: reads of it still return zeros without reaching the
+    /// media), so later writes cannot fail for lack of space. Fails with the filesystem's
+    /// error (`-ENOSPC`, `-EOPNOTSUPP`) and leaves nothing behind.
+    pub fn create_preallocated(path: &Path, size_bytes: u64) -> Result<ImageLock, EngineError> {
+        Self::create_with(path, size_bytes, Contents::Reserved, |_| {})
     }
 
     fn create_with(
         path: &Path,
         size_bytes: u64,
-        fill: bool,
+        contents: Contents,
         mut progress: impl FnMut(u64),
     ) -> Result<ImageLock, EngineError> {
+        let fill = contents == Contents::Written;
         const CHUNK_BYTES: usize = 4 << 20;
         if size_bytes == 0 {
             return Err(EngineError::InvalidArgument(format!(
@@ -131,6 +151,10 @@ impl ImageLock {
         let filled = (|| {
             file.set_len(size_bytes)
                 .map_err(|err| create_error("set size", &err))?;
+            if contents == Contents::Reserved {
+                rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size_bytes)
+                    .map_err(|err| create_error("reserve space (fallocate)", &err.into()))?;
+            }
             let zeros = vec![0u8; if fill { CHUNK_BYTES } else { 0 }];
             let mut written = if fill { 0 } else { size_bytes };
             while written < size_bytes {

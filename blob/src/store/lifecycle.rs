@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use spool_bdev::BdevDesc;
+use spool_bdev::{BdevChannel, BdevDesc};
 
 use super::md_io::{flush, write_bytes, zero_bytes};
 use super::{Blobstore, Geometry, MdState};
@@ -106,7 +106,7 @@ impl Blobstore {
         let inner = Blobstore::new_inner(desc, geometry, &used_clusters, state)?;
         let channel = &inner.md_channel;
         let md_bytes = (u64::from(layout.md_start) + u64::from(layout.md_len)) * PAGE_SIZE_U64;
-        zero_bytes(channel, 0, md_bytes).await?;
+        clear_md_area(channel, md_bytes, inner.shared.desc_reads_zeroes).await?;
         let data_start = layout.md_clusters * options.cluster_size;
         let data_end = layout.total_clusters * options.cluster_size;
         if options.unmap_data && data_end > data_start {
@@ -329,4 +329,24 @@ impl Blobstore {
         // Channels still held on other reactors keep working until dropped; no new ones.
         let _ = self.inner.shared.io_device.unregister();
     }
+}
+
+/// Clears the first `md_bytes` of the device (super block, masks, md pages) so no page of an
+/// earlier store there can be replayed, the way SPDK's init clear methods do: with an unmap
+/// when the device promises that unmapped blocks read zeros (a file: a punched hole, which
+/// takes no disk space; SPDK's default `BS_CLEAR_WITH_UNMAP`), else with write-zeroes (which
+/// falls back to writing zeros where the device has no such command). A 1 TiB store's 4 GiB
+/// md area then costs a new sparse file nothing.
+async fn clear_md_area(
+    channel: &BdevChannel,
+    md_bytes: u64,
+    unmap_reads_zeroes: bool,
+) -> Result<()> {
+    if unmap_reads_zeroes {
+        match channel.unmap(0, md_bytes).await {
+            Ok(()) => return Ok(()),
+            Err(err) => tracing::debug!(%err, "unmap of the md area failed; writing zeroes"),
+        }
+    }
+    zero_bytes(channel, 0, md_bytes).await
 }

@@ -40,9 +40,14 @@ fn key_value_arg(text: &str) -> Result<(String, String), String> {
 pub struct InitArgs {
     /// The image: a file or block device. A missing file is created with --size.
     pub image: String,
-    /// Size of the file to create (e.g. 64M). An existing image is used whole.
+    /// Size of the file to create (e.g. 64M), sparse: it takes disk space only as it is
+    /// written. An existing image is used whole.
     #[arg(long, value_name = "BYTES", value_parser = size_arg)]
     pub size: Option<u64>,
+    /// With --size: reserve the file's whole size on disk (fallocate) so later writes cannot
+    /// run out of space, and keep the data area allocated (init does not unmap it).
+    #[arg(long, requires = "size")]
+    pub preallocate: bool,
     /// Bytes per cluster: the allocation unit (a multiple of 4096; default 1M).
     #[arg(long, value_name = "BYTES", value_parser = size_arg)]
     pub cluster_size: Option<u64>,

@@ -11,7 +11,6 @@ use spool_blob::{Blobstore, InitOptions, LvolStore};
 use spool_engine::{ImageLock, OpenInfo, StoreOpen};
 
 use crate::blob_cmd::args::{InfoArgs, InitArgs, SuperArgs};
-use crate::blob_cmd::progress::bytes_bar;
 use crate::blob_cmd::resolve::{is_lvol_store, resolve_blob};
 use crate::blob_cmd::text::{emit, human_bytes, id_hex, table};
 use crate::blob_cmd::{on_store, with_locked_store, with_store};
@@ -193,12 +192,14 @@ fn prepare_image(args: &InitArgs) -> Result<Option<ImageLock>, ToolError> {
             "{}: no such file or directory (give --size to create it)",
             args.image
         ))),
-        (None, Some(size)) => {
-            let bar = bytes_bar(size, "creating");
-            let lock = ImageLock::create(path, size, |written| bar.set_position(written))?;
-            bar.finish_and_clear();
-            Ok(Some(lock))
+        (None, Some(size)) if args.preallocate => {
+            Ok(Some(ImageLock::create_preallocated(path, size)?))
         }
+        (None, Some(size)) => Ok(Some(ImageLock::create_sparse(path, size)?)),
+        (Some(_), Some(_)) if args.preallocate => Err(ToolError::Failed(format!(
+            "{}: exists; --preallocate is for creating a file",
+            args.image
+        ))),
         (Some(meta), Some(_)) if meta.file_type().is_block_device() => {
             Err(ToolError::Failed(format!(
                 "{}: a block device is used whole; --size is for creating a file",
@@ -245,7 +246,9 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
         cluster_size: args.cluster_size.unwrap_or(1 << 20),
         md_pages: args.md_pages,
         bstype: init_bstype(args)?,
-        ..InitOptions::default()
+        // A preallocated file keeps its data area allocated; otherwise the data area is
+        // unmapped as SPDK's init does (a hole in a new sparse file already).
+        unmap_data: !args.preallocate,
     };
     if let Some(name) = &args.lvs {
         check_name(name, "lvol store").map_err(|err| ToolError::Failed(err.to_string()))?;
