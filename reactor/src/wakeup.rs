@@ -137,7 +137,11 @@ impl WaitSet {
             sources.contains(key).then(|| sources.remove(key))
         };
         if let Some(fd) = removed {
-            // Best effort: a source whose fd closed first has left the epoll set already.
+            // A source whose fd closed first has left the epoll set already, and its number
+            // may now belong to a newer source: leave that one registered.
+            if self.sources.borrow().iter().any(|(_, &other)| other == fd) {
+                return;
+            }
             let _ = self.poll.borrow().registry().deregister(&mut SourceFd(&fd));
         }
     }
@@ -173,7 +177,8 @@ impl WaitSet {
 }
 
 /// A registered wake source; dropping it removes the fd from the reactor's wait set. Drop it
-/// before closing the fd.
+/// before closing the fd (a source dropped after its fd closed leaves alone a newer source
+/// that got the same fd number).
 pub struct WakeSource {
     key: usize,
     core: Weak<ReactorCore>,

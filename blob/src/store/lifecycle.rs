@@ -25,7 +25,9 @@ pub struct InitOptions {
     pub bstype: Bstype,
     /// Unmap the data area at init, as SPDK does (default true). Spool does not rely on it
     /// (new thin clusters are written whole); a benchmark turns it off so a fully written
-    /// file stays allocated and reads reach the media.
+    /// file stays allocated and reads reach the media, and `init --preallocate` so the
+    /// reserved space stays reserved. When off, the md area is cleared with write-zeroes
+    /// (allocation kept) instead of an unmap.
     pub unmap_data: bool,
 }
 
@@ -106,7 +108,10 @@ impl Blobstore {
         let inner = Blobstore::new_inner(desc, geometry, &used_clusters, state)?;
         let channel = &inner.md_channel;
         let md_bytes = (u64::from(layout.md_start) + u64::from(layout.md_len)) * PAGE_SIZE_U64;
-        clear_md_area(channel, md_bytes, inner.shared.desc_reads_zeroes).await?;
+        // A store that keeps its data area allocated (a preallocated file) keeps its md area
+        // allocated too: cleared with write-zeroes, never punched out.
+        let unmap_md = options.unmap_data && inner.shared.desc_reads_zeroes;
+        clear_md_area(channel, md_bytes, unmap_md).await?;
         let data_start = layout.md_clusters * options.cluster_size;
         let data_end = layout.total_clusters * options.cluster_size;
         if options.unmap_data && data_end > data_start {

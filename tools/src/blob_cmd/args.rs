@@ -44,9 +44,10 @@ pub struct InitArgs {
     /// written. An existing image is used whole.
     #[arg(long, value_name = "BYTES", value_parser = size_arg)]
     pub size: Option<u64>,
-    /// With --size: reserve the file's whole size on disk (fallocate) so later writes cannot
-    /// run out of space, and keep the data area allocated (init does not unmap it).
-    #[arg(long, requires = "size")]
+    /// Reserve the file's whole size on disk (fallocate: a new file, or what an existing one
+    /// lacks) so later writes cannot run out of space, and keep it allocated (init unmaps
+    /// nothing).
+    #[arg(long)]
     pub preallocate: bool,
     /// Bytes per cluster: the allocation unit (a multiple of 4096; default 1M).
     #[arg(long, value_name = "BYTES", value_parser = size_arg)]

@@ -196,10 +196,6 @@ fn prepare_image(args: &InitArgs) -> Result<Option<ImageLock>, ToolError> {
             Ok(Some(ImageLock::create_preallocated(path, size)?))
         }
         (None, Some(size)) => Ok(Some(ImageLock::create_sparse(path, size)?)),
-        (Some(_), Some(_)) if args.preallocate => Err(ToolError::Failed(format!(
-            "{}: exists; --preallocate is for creating a file",
-            args.image
-        ))),
         (Some(meta), Some(_)) if meta.file_type().is_block_device() => {
             Err(ToolError::Failed(format!(
                 "{}: a block device is used whole; --size is for creating a file",
@@ -211,8 +207,34 @@ fn prepare_image(args: &InitArgs) -> Result<Option<ImageLock>, ToolError> {
             args.image,
             meta.len()
         ))),
+        (Some(meta), _) if args.preallocate => {
+            if !meta.file_type().is_file() {
+                return Err(ToolError::Failed(format!(
+                    "{}: --preallocate reserves space in a file; this is not a regular file",
+                    args.image
+                )));
+            }
+            reserve_whole_file(path, meta.len())?;
+            Ok(None)
+        }
         (Some(_), _) => Ok(None),
     }
+}
+
+/// Reserves every byte of the existing file at `path` on disk (fallocate, keeping its
+/// contents and size).
+fn reserve_whole_file(path: &Path, len: u64) -> Result<(), ToolError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|err| ToolError::Failed(format!("{}: {err}", path.display())))?;
+    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, len).map_err(|err| {
+        ToolError::Failed(format!(
+            "{}: reserving {len} bytes (fallocate): {}",
+            path.display(),
+            std::io::Error::from(err)
+        ))
+    })
 }
 
 /// The bstype `init` formats with: `--bstype`'s, or `LVOLSTORE` with `--lvs` (which refuses
