@@ -156,7 +156,6 @@ fn review16_thin_write_dropped_then_blob_closed_and_deleted_keeps_cluster_counts
 /// Checked: when `resize` (a freeze/unfreeze around the map change) returns, no write of
 /// the blob issued before it is still to land.
 #[test]
-#[ignore = "open (issue 16 review): a dropped fast-path write gives its in-flight count back before the device finishes it (needs a bdev completion hook)"]
 fn review16_freeze_returns_while_a_dropped_write_is_still_on_the_device() {
     let mut failures = Vec::new();
     let mut runs = 0;
@@ -338,7 +337,6 @@ type MdOp = fn(Blobstore, u64) -> std::pin::Pin<Box<dyn std::future::Future<Outp
 /// exit right then, killing the detached task) has a free count equal to the clusters no
 /// blob owns.
 #[test]
-#[ignore = "open (issue 16 review): unload does not wait for detached metadata operations whose caller dropped its future"]
 fn review16_md_op_dropped_then_unload_leaves_a_consistent_clean_store() {
     let ops: Vec<(&str, MdOp)> = vec![
         ("create_blob", |store, _| {
