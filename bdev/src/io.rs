@@ -12,7 +12,9 @@
 //! holds no borrow (of this table, of a backend, of the group), so a waker may use or drop
 //! any channel. The awaiting future then takes the buffers back. A future dropped before completion leaves its slot "abandoned": the
 //! buffers stay parked in the slot until the device completes, so the device never writes
-//! into freed memory.
+//! into freed memory, and so does whatever the caller handed the request to hold
+//! (`IoFuture::hold_until_done`: a blob channel's in-flight count), dropped by
+//! `wake_completed` once the device is done.
 //!
 //! # What is closed, and why
 //!
@@ -798,6 +800,49 @@ mod tests {
             slots.with(slot, |request| request.bufs.is_empty()),
             "the parked buffers were freed"
         );
+    }
+
+    /// Counts its drops.
+    struct CountsDrop(std::rc::Rc<std::cell::Cell<u32>>);
+
+    impl Drop for CountsDrop {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+
+    #[test]
+    fn a_hold_lives_until_the_device_is_done_with_the_request() {
+        let slots = IoSlots::new();
+        let drops = std::rc::Rc::new(std::cell::Cell::new(0));
+        let hold = || Box::new(CountsDrop(std::rc::Rc::clone(&drops)));
+        // Abandoned in flight: kept with the parked buffers until the device completes, then
+        // dropped by `wake_completed` (not under `complete`'s caller's borrows).
+        let slot = slots.acquire(IoKind::Write, 0, 4096).unwrap();
+        slots.hold(slot, hold());
+        slots.hold(slot, hold());
+        slots.abandon(slot);
+        assert_eq!(drops.get(), 0, "the device may still use the request");
+        assert!(slots.complete(slot, 0), "the table is noted for its poller");
+        assert_eq!(drops.get(), 0, "not dropped inside complete");
+        assert!(slots.has_wakes());
+        assert_eq!(slots.wake_completed(&mut WakeBatch::default()), 1);
+        assert_eq!(drops.get(), 2, "both holds, at the device's completion");
+        assert!(!slots.has_wakes());
+        // Completed and taken by its future: dropped at release.
+        let slot = slots.acquire(IoKind::Write, 0, 4096).unwrap();
+        slots.hold(slot, hold());
+        slots.complete(slot, 0);
+        assert_eq!(slots.poll_done(slot, Waker::noop()), Some(0));
+        slots.release(slot, |_| ());
+        assert_eq!(drops.get(), 3);
+        // Abandoned after the device completed: dropped at once.
+        let slot = slots.acquire(IoKind::Write, 0, 4096).unwrap();
+        slots.hold(slot, hold());
+        slots.complete(slot, 0);
+        slots.abandon(slot);
+        assert_eq!(drops.get(), 4);
+        assert_eq!(slots.in_flight(), 0);
     }
 
     thread_local! {
