@@ -95,7 +95,8 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 
 /// Drops a panic payload; a payload whose own drop panics is leaked instead.
 fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
-    if let Err(again) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload)))
+    if let Err(again) =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload)))
     {
         std::mem::forget(again);
     }

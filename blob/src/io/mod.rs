@@ -709,8 +709,7 @@ pub struct DirectIo<'a> {
 impl Drop for DirectIo<'_> {
     fn drop(&mut self) {
         if let Some(admitted) = self.admitted.take() {
-            self.request
-                .hold_until_done(Box::new(admitted.into_hold()));
+            self.request.hold_until_done(Box::new(admitted.into_hold()));
         }
     }
 }

@@ -159,7 +159,8 @@ impl Blobstore {
     pub async fn set_super(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
         let store = self.clone();
-        crate::detach::detached_op(self.begin_md_op()?, 
+        crate::detach::detached_op(
+            self.begin_md_op()?,
             async move { store.set_super_now(id).await },
             crate::detach::forget,
         )
