@@ -504,6 +504,25 @@ impl<'a, T: IoOutput> IoFuture<'a, T> {
     }
 }
 
+impl<T: IoOutput> IoFuture<'_, T> {
+    /// Keeps `held` alive until the device has finished with this request: it is stored with
+    /// the request and dropped when the request leaves its slot, that is when this future
+    /// completes or, if it is dropped first, when the device completes the request (the
+    /// buffers are parked until then the same way). Dropped at once when the request never
+    /// reached the device or has already been taken.
+    ///
+    /// For a caller that counts its requests in flight (a blob channel, for a freeze): handing
+    /// the count here before dropping the future keeps it counted for as long as the device
+    /// may still read or write the request's buffers. Its drop runs on this reactor, with no
+    /// borrow of this channel held; it should only give back what it holds.
+    pub fn hold_until_done(&mut self, held: Box<dyn std::any::Any>) {
+        match self.slot {
+            Some(slot) => self.context.slots.hold(slot, held),
+            None => drop(held),
+        }
+    }
+}
+
 impl<T: IoOutput> Future for IoFuture<'_, T> {
     type Output = (Result<(), BdevError>, T);
 

@@ -12,7 +12,9 @@
 //! holds no borrow (of this table, of a backend, of the group), so a waker may use or drop
 //! any channel. The awaiting future then takes the buffers back. A future dropped before completion leaves its slot "abandoned": the
 //! buffers stay parked in the slot until the device completes, so the device never writes
-//! into freed memory.
+//! into freed memory, and so does whatever the caller handed the request to hold
+//! (`IoFuture::hold_until_done`: a blob channel's in-flight count), dropped by
+//! `wake_completed` once the device is done.
 //!
 //! # What is closed, and why
 //!
@@ -88,6 +90,26 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         text
     } else {
         "(a panic payload that is not a string)"
+    }
+}
+
+/// Drops a panic payload; a payload whose own drop panics is leaked instead.
+fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
+    if let Err(again) =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload)))
+    {
+        std::mem::forget(again);
+    }
+}
+
+/// Runs `f` (user code: a waker, a hold's drop), containing a panic in it: logged as `what`.
+fn contain_user_code(what: &str, f: impl FnOnce()) {
+    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        tracing::error!(
+            panic = panic_message(payload.as_ref()),
+            "{what} panicked; the panic is contained"
+        );
+        drop_payload(payload);
     }
 }
 
@@ -172,7 +194,14 @@ pub(crate) struct IoRequest {
     /// Whether the current request's future has registered `waker` (until then, `waker` may
     /// be a previous request's and must not be woken).
     waker_current: bool,
+    /// What the request's owner keeps alive until the device is done with the request (see
+    /// [`IoFuture::hold_until_done`](crate::IoFuture::hold_until_done)): dropped when the
+    /// slot is released, never while the device may still use the request's buffers.
+    held: Option<Held>,
 }
+
+/// Something kept alive until a request leaves its slot (see `IoRequest::held`).
+pub(crate) type Held = Box<dyn std::any::Any>;
 
 impl IoRequest {
     fn empty() -> IoRequest {
@@ -186,6 +215,7 @@ impl IoRequest {
             state: SlotState::Free,
             waker: None,
             waker_current: false,
+            held: None,
         }
     }
 }
@@ -199,6 +229,10 @@ pub struct IoSlots {
     /// Tags of the requests completed with a registered waiter not woken yet, in completion
     /// order (see [`IoSlots::wake_completed`]).
     wakes: RefCell<VecDeque<SlotId>>,
+    /// What abandoned requests held (`IoRequest::held`), released by their completion and
+    /// dropped by [`IoSlots::wake_completed`]: its drop is user code, which must not run
+    /// under the borrows `complete`'s caller may hold.
+    released_holds: RefCell<Vec<Held>>,
     /// One bit per slot: set while the slot's [`Submission`] is out (handed to a backend, not
     /// consumed yet). Per slot, not one marker for the table: a backend's `submit` may start
     /// (nested) submissions of its own on the same table, and each submit call's check
@@ -223,6 +257,7 @@ impl IoSlots {
             requests: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             wakes: RefCell::new(VecDeque::new()),
+            released_holds: RefCell::new(Vec::new()),
             unconsumed: std::array::from_fn(|_| Cell::new(0)),
         }
     }
@@ -245,6 +280,7 @@ impl IoSlots {
         };
         let request = &mut requests[index as usize];
         debug_assert_eq!(request.state, SlotState::Free);
+        debug_assert!(request.held.is_none(), "a free slot holds nothing");
         request.kind = kind;
         request.offset_bytes = offset_bytes;
         request.len_bytes = len_bytes;
@@ -292,10 +328,11 @@ impl IoSlots {
 
     /// Completes the request `slot` names with `status` (0 or a negative errno) and queues its
     /// waiter for [`IoSlots::wake_completed`] (no waker runs here: the caller may hold any
-    /// borrow). A request whose waiter went away is released here, dropping its buffers. A tag
-    /// of an earlier use of the slot, or a second completion, is logged and ignored.
+    /// borrow). A request whose waiter went away is released here, dropping its buffers; what
+    /// it held is queued for `wake_completed` to drop. A tag of an earlier use of the slot, or
+    /// a second completion, is logged and ignored.
     ///
-    /// Returns true when this queued the table's first waiter since the last
+    /// Returns true when this queued the table's first waiter (or hold to drop) since the last
     /// `wake_completed`: the caller (a poller serving many tables) notes the table then.
     #[inline]
     pub(crate) fn complete(&self, slot: SlotId, status: i32) -> bool {
@@ -320,7 +357,10 @@ impl IoSlots {
                 }
                 SlotState::Abandoned => {
                     request.state = SlotState::Free;
-                    (Some(std::mem::take(&mut request.bufs)), false)
+                    (
+                        Some((std::mem::take(&mut request.bufs), request.held.take())),
+                        false,
+                    )
                 }
                 state => {
                     tracing::error!(slot, ?state, "slot completed twice; ignored");
@@ -328,26 +368,52 @@ impl IoSlots {
                 }
             }
         };
-        if let Some(bufs) = released {
+        if let Some((bufs, held)) = released {
             drop(bufs);
             self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
-            return false;
+            let Some(held) = held else {
+                return false;
+            };
+            let first = !self.has_wakes();
+            self.released_holds.borrow_mut().push(held);
+            return first;
         }
         if wake {
-            let mut wakes = self.wakes.borrow_mut();
-            wakes.push_back(slot);
-            return wakes.len() == 1;
+            let first = !self.has_wakes();
+            self.wakes.borrow_mut().push_back(slot);
+            return first;
         }
         false
     }
 
+    /// Keeps `held` with the request `slot` names until the request leaves its slot (see
+    /// [`IoFuture::hold_until_done`](crate::IoFuture::hold_until_done)); a second hold is
+    /// kept alongside the first.
+    pub(crate) fn hold(&self, slot: SlotId, held: Held) {
+        self.with(slot, |request| {
+            request.held = Some(match request.held.take() {
+                Some(earlier) => Box::new((earlier, held)),
+                None => held,
+            });
+        });
+    }
+
     /// Wakes the waiters of the requests completed since the last call, in completion order,
-    /// skipping a waiter `batch` woke already. No borrow of this table is held while a waker
-    /// runs, so a waker may read or use any channel, drop it, or complete more requests
-    /// (queued here and woken by this same call). Returns how many wakers ran.
+    /// skipping a waiter `batch` woke already, and drops what completed abandoned requests
+    /// held. No borrow of this table is held while a waker runs or a hold drops, so either
+    /// may read or use any channel, drop it, or complete more requests (queued here and
+    /// handled by this same call). Returns how many wakers ran and holds were dropped.
     pub(crate) fn wake_completed(&self, batch: &mut WakeBatch) -> usize {
         let mut woken = 0;
         loop {
+            let held = self.released_holds.borrow_mut().pop();
+            if let Some(held) = held {
+                woken += 1;
+                contain_user_code("dropping what a completed abandoned request held", || {
+                    drop(held);
+                });
+                continue;
+            }
             let Some(slot) = self.wakes.borrow_mut().pop_front() else {
                 return woken;
             };
@@ -406,20 +472,15 @@ impl IoSlots {
                     "a waker panicked while being woken for a completed request; the panic \
                      is contained and the other waiters are woken"
                 );
-                // A payload whose own drop panics is leaked instead.
-                if let Err(again) =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload)))
-                {
-                    std::mem::forget(again);
-                }
+                drop_payload(payload);
             }
         }
     }
 
-    /// Whether a waiter is queued for [`IoSlots::wake_completed`].
+    /// Whether a waiter (or a hold to drop) is queued for [`IoSlots::wake_completed`].
     #[inline]
     pub(crate) fn has_wakes(&self) -> bool {
-        !self.wakes.borrow().is_empty()
+        !self.wakes.borrow().is_empty() || !self.released_holds.borrow().is_empty()
     }
 
     /// The status if `slot` completed, else registers `waker` and returns None.
@@ -449,23 +510,26 @@ impl IoSlots {
         status
     }
 
-    /// Frees a completed slot, handing its buffers back through `take`.
+    /// Frees a completed slot, handing its buffers back through `take`; what the request
+    /// held is dropped after the table's borrow ends.
     #[inline]
     pub(crate) fn release<R>(&self, slot: SlotId, take: impl FnOnce(&mut Vec<DmaBuf>) -> R) -> R {
-        let out = {
+        let (out, held) = {
             let mut requests = self.requests.borrow_mut();
             let request = &mut requests[slot_index(slot)];
             debug_assert_eq!(request.generation, tag_generation(slot), "stale slot tag");
             debug_assert!(matches!(request.state, SlotState::Done(_)));
             request.state = SlotState::Free;
-            take(&mut request.bufs)
+            (take(&mut request.bufs), request.held.take())
         };
         self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
+        drop(held);
         out
     }
 
     /// Gives up on `slot` (its future was dropped): released now if done, else on completion.
-    /// Its waker (user code in its drop) and buffers are dropped after the table's borrow ends.
+    /// Its waker (user code in its drop), buffers and hold are dropped after the table's
+    /// borrow ends; an in-flight request keeps its buffers and hold until it completes.
     pub(crate) fn abandon(&self, slot: SlotId) {
         let (done, waker) = {
             let mut requests = self.requests.borrow_mut();
@@ -475,7 +539,7 @@ impl IoSlots {
             let done = match request.state {
                 SlotState::Done(_) => {
                     request.state = SlotState::Free;
-                    Some(std::mem::take(&mut request.bufs))
+                    Some((std::mem::take(&mut request.bufs), request.held.take()))
                 }
                 SlotState::InFlight => {
                     request.state = SlotState::Abandoned;
@@ -485,9 +549,10 @@ impl IoSlots {
             };
             (done, waker)
         };
-        if let Some(bufs) = done {
+        if let Some((bufs, held)) = done {
             drop(bufs);
             self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
+            drop(held);
         }
         drop(waker);
     }
@@ -736,6 +801,49 @@ mod tests {
             slots.with(slot, |request| request.bufs.is_empty()),
             "the parked buffers were freed"
         );
+    }
+
+    /// Counts its drops.
+    struct CountsDrop(std::rc::Rc<std::cell::Cell<u32>>);
+
+    impl Drop for CountsDrop {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+
+    #[test]
+    fn a_hold_lives_until_the_device_is_done_with_the_request() {
+        let slots = IoSlots::new();
+        let drops = std::rc::Rc::new(std::cell::Cell::new(0));
+        let hold = || Box::new(CountsDrop(std::rc::Rc::clone(&drops)));
+        // Abandoned in flight: kept with the parked buffers until the device completes, then
+        // dropped by `wake_completed` (not under `complete`'s caller's borrows).
+        let slot = slots.acquire(IoKind::Write, 0, 4096).unwrap();
+        slots.hold(slot, hold());
+        slots.hold(slot, hold());
+        slots.abandon(slot);
+        assert_eq!(drops.get(), 0, "the device may still use the request");
+        assert!(slots.complete(slot, 0), "the table is noted for its poller");
+        assert_eq!(drops.get(), 0, "not dropped inside complete");
+        assert!(slots.has_wakes());
+        assert_eq!(slots.wake_completed(&mut WakeBatch::default()), 1);
+        assert_eq!(drops.get(), 2, "both holds, at the device's completion");
+        assert!(!slots.has_wakes());
+        // Completed and taken by its future: dropped at release.
+        let slot = slots.acquire(IoKind::Write, 0, 4096).unwrap();
+        slots.hold(slot, hold());
+        slots.complete(slot, 0);
+        assert_eq!(slots.poll_done(slot, Waker::noop()), Some(0));
+        slots.release(slot, |_| ());
+        assert_eq!(drops.get(), 3);
+        // Abandoned after the device completed: dropped at once.
+        let slot = slots.acquire(IoKind::Write, 0, 4096).unwrap();
+        slots.hold(slot, hold());
+        slots.complete(slot, 0);
+        slots.abandon(slot);
+        assert_eq!(drops.get(), 4);
+        assert_eq!(slots.in_flight(), 0);
     }
 
     thread_local! {

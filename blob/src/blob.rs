@@ -397,7 +397,8 @@ impl Blob {
     pub async fn sync_md(&self) -> Result<()> {
         self.store.check_md_thread()?;
         let blob = self.clone();
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.store.begin_md_op()?,
             async move { blob.sync_md_now().await },
             crate::detach::forget,
         )
@@ -433,7 +434,8 @@ impl Blob {
     pub async fn resize(&self, num_clusters: u64) -> Result<()> {
         self.store.check_md_thread()?;
         let blob = self.clone();
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.store.begin_md_op()?,
             async move { blob.resize_now(num_clusters).await },
             crate::detach::forget,
         )
@@ -492,7 +494,12 @@ impl Blob {
     /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn close(self) -> Result<()> {
         self.store.check_md_thread()?;
-        crate::detach::detached(async move { self.close_now().await }, crate::detach::forget).await
+        crate::detach::detached_op(
+            self.store.md_op_running(),
+            async move { self.close_now().await },
+            crate::detach::forget,
+        )
+        .await
     }
 
     /// The body of `close`, which runs it as its own task.

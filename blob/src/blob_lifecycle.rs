@@ -70,7 +70,8 @@ impl Blobstore {
     pub async fn create_blob(&self, options: &BlobOptions) -> Result<u64> {
         self.check_md_thread()?;
         let (store, options) = (self.clone(), options.clone());
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.begin_md_op()?,
             async move { store.create_blob_now(&options).await },
             crate::detach::forget,
         )
@@ -92,7 +93,8 @@ impl Blobstore {
     pub async fn create_and_open(&self, options: &BlobOptions) -> Result<Blob> {
         self.check_md_thread()?;
         let (store, options) = (self.clone(), options.clone());
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.begin_md_op()?,
             async move { store.create_and_open_now(&options).await },
             crate::detach::close_unclaimed,
         )
@@ -180,7 +182,8 @@ impl Blobstore {
         Box::pin(async move {
             self.check_md_thread()?;
             let store = self.clone();
-            crate::detach::detached(
+            crate::detach::detached_op(
+                self.begin_md_op()?,
                 async move { store.open_blob_now(id, child).await },
                 crate::detach::close_unclaimed,
             )
@@ -383,7 +386,8 @@ impl Blobstore {
     pub async fn delete_blob(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
         let store = self.clone();
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.begin_md_op()?,
             async move { store.delete_blob_now(id).await },
             crate::detach::forget,
         )

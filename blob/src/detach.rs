@@ -28,6 +28,15 @@ pub(crate) fn detached<T: 'static>(
     work: impl Future<Output = Result<T>> + 'static,
     cleanup: fn(Result<T>),
 ) -> Detached<T> {
+    detached_keeping((), work, cleanup)
+}
+
+/// [`detached`], with `keep` held by the task until the work and its clean-up are done.
+fn detached_keeping<T: 'static, K: 'static>(
+    keep: K,
+    work: impl Future<Output = Result<T>> + 'static,
+    cleanup: fn(Result<T>),
+) -> Detached<T> {
     let abandoned = Rc::new(Cell::new(false));
     if !spool_reactor::in_reactor() {
         // No executor to run it on: report it (the caller's thread check would have).
@@ -40,18 +49,32 @@ pub(crate) fn detached<T: 'static>(
     let seen = Rc::clone(&abandoned);
     let handle = spool_reactor::spawn_local(async move {
         let result = work.await;
-        if seen.get() {
+        let output = if seen.get() {
             cleanup(result);
             None
         } else {
             Some(result)
-        }
+        };
+        drop(keep);
+        output
     });
     Detached {
         handle: Some(handle),
         abandoned,
         cleanup,
     }
+}
+
+/// [`detached`] for a metadata operation of a store: `running` (its count in the store's
+/// running operations) is held by the task until the work and its clean-up are done (a
+/// clean-up's own follow-up, such as `close_unclaimed`'s close, is counted before this one
+/// ends), so `unload` waits for it even after its caller dropped the returned future.
+pub(crate) fn detached_op<T: 'static>(
+    running: crate::store::MdOpRunning,
+    work: impl Future<Output = Result<T>> + 'static,
+    cleanup: fn(Result<T>),
+) -> Detached<T> {
+    detached_keeping(running, work, cleanup)
 }
 
 /// A clean-up for results that need none.
@@ -69,7 +92,11 @@ pub(crate) fn close_unclaimed(result: Result<crate::Blob>) {
             );
             return;
         }
+        // Counted as a running metadata operation from now on, so an unload waiting for the
+        // open waits for this close too.
+        let running = blob.store.md_op_running();
         spool_reactor::spawn_local(async move {
+            let _running = running;
             if let Err(err) = blob.close().await {
                 tracing::warn!(blob = format!("{id:#x}"), %err, "closing a blob whose opener went away");
             }

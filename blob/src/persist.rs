@@ -65,7 +65,8 @@ pub(crate) async fn persist_outcome(
     deps: Deps,
 ) -> Outcome {
     let (store, state) = (store.clone(), Rc::clone(state));
-    crate::detach::detached(
+    crate::detach::detached_op(
+        store.md_op_running(),
         async move {
             let result = persist_locked(&store, &state, deps).await;
             state.persisted.notify();
@@ -528,7 +529,8 @@ pub(crate) async fn delete(store: &Blobstore, state: &Rc<BlobState>, deps: Deps)
     // Its own task, as a persist (see `persist_outcome`): never stopped between the commit
     // and the bookkeeping that follows it.
     let (store, state) = (store.clone(), Rc::clone(state));
-    crate::detach::detached(
+    crate::detach::detached_op(
+        store.md_op_running(),
         async move {
             let outcome = delete_locked(&store, &state, deps).await;
             // Thin inserts waiting for a persist of this blob see its end (and the blob

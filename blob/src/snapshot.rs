@@ -36,7 +36,8 @@ impl Blobstore {
     pub async fn create_snapshot(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
         self.check_md_thread()?;
         let (store, xattrs) = (self.clone(), xattrs.to_vec());
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.begin_md_op()?,
             async move { store.create_snapshot_now(id, &xattrs).await },
             crate::detach::forget,
         )
@@ -208,7 +209,8 @@ impl Blobstore {
     pub async fn create_clone(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
         self.check_md_thread()?;
         let (store, xattrs) = (self.clone(), xattrs.to_vec());
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.begin_md_op()?,
             async move { store.create_clone_now(id, &xattrs).await },
             crate::detach::forget,
         )
@@ -324,7 +326,8 @@ impl Blobstore {
     pub async fn inflate_blob(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
         let store = self.clone();
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.begin_md_op()?,
             async move { store.take_over_clusters(id, true).await },
             crate::detach::forget,
         )
@@ -340,7 +343,8 @@ impl Blobstore {
     pub async fn decouple_parent(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
         let store = self.clone();
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.begin_md_op()?,
             async move { store.take_over_clusters(id, false).await },
             crate::detach::forget,
         )

@@ -156,7 +156,6 @@ fn review16_thin_write_dropped_then_blob_closed_and_deleted_keeps_cluster_counts
 /// Checked: when `resize` (a freeze/unfreeze around the map change) returns, no write of
 /// the blob issued before it is still to land.
 #[test]
-#[ignore = "open (issue 16 review): a dropped fast-path write gives its in-flight count back before the device finishes it (needs a bdev completion hook)"]
 fn review16_freeze_returns_while_a_dropped_write_is_still_on_the_device() {
     let mut failures = Vec::new();
     let mut runs = 0;
@@ -206,6 +205,73 @@ fn review16_freeze_returns_while_a_dropped_write_is_still_on_the_device() {
                     failures.push(format!(
                         "seed {seed}: resize's freeze returned while A's dropped write was still on the \
                          device; it landed after the map change"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(runs > 0, "no run dropped the write in flight");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// As above, for a write on the split path: 8 KiB across the boundary of A's clusters 0
+/// and 1 (physically contiguous on a thick blob: one device request made by the split
+/// path's own future), dropped once submitted. Its `Admitted` count goes with the future; the
+/// device write must stay counted until the device completes it.
+#[test]
+fn review16_freeze_waits_for_a_dropped_split_path_write() {
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for seed in 0..8u64 {
+        let mut sim = Sim::new(SimOptions { seed, reactors: 2 });
+        let md = sim.reactors()[0];
+        let (bdev, desc) = malloc(32 << 20);
+        let probe = Arc::clone(&bdev);
+        let handle = sim
+            .spawn_on(md, move || async move {
+                let store = Blobstore::init(desc, &InitOptions::default())
+                    .await
+                    .map_err(|err| err.to_string())?;
+                let cluster_size = store.geometry().cluster_size;
+                let a_id = common::create_thick(&store, 2).await;
+                let a = store.open_blob(a_id).await.map_err(|err| err.to_string())?;
+                let units_per_cluster = a.num_io_units() / a.num_clusters();
+                let unit = cluster_size / units_per_cluster;
+                let device_at = (u64::from(a.cluster_map()[1]) * cluster_size) as usize;
+                let a_io = a.io();
+                let channel = a_io.channel().map_err(|err| err.to_string())?;
+                let w1 = channel.write(
+                    &a_io,
+                    units_per_cluster - 4096 / unit,
+                    buf_of(&[0xAA; 8192]),
+                );
+                if let Polled::Completed(_) =
+                    poll_then_drop(w1, 1, Duration::from_millis(500)).await
+                {
+                    return Ok(None);
+                }
+                a.resize(3).await.map_err(|err| format!("resize: {err}"))?;
+                let at_return = probe.snapshot()[device_at..device_at + 4096] == [0xAA; 4096];
+                spool_reactor::sleep(Duration::from_millis(5)).await;
+                let later = probe.snapshot()[device_at..device_at + 4096] == [0xAA; 4096];
+                drop(channel);
+                a.close().await.map_err(|err| err.to_string())?;
+                store.unload().await.map_err(|err| err.to_string())?;
+                Ok::<_, String>(Some((at_return, later)))
+            })
+            .unwrap();
+        let outcome = run_bounded(&mut sim, &handle, 5_000_000);
+        sim.stop();
+        match outcome {
+            None => failures.push(format!("seed {seed}: the scenario never finished")),
+            Some(Err(err)) => failures.push(format!("seed {seed}: {err}")),
+            Some(Ok(None)) => {}
+            Some(Ok(Some((at_return, later)))) => {
+                runs += 1;
+                if !at_return && later {
+                    failures.push(format!(
+                        "seed {seed}: resize's freeze returned while A's dropped split write was \
+                         still on the device; it landed after the map change"
                     ));
                 }
             }
@@ -338,7 +404,6 @@ type MdOp = fn(Blobstore, u64) -> std::pin::Pin<Box<dyn std::future::Future<Outp
 /// exit right then, killing the detached task) has a free count equal to the clusters no
 /// blob owns.
 #[test]
-#[ignore = "open (issue 16 review): unload does not wait for detached metadata operations whose caller dropped its future"]
 fn review16_md_op_dropped_then_unload_leaves_a_consistent_clean_store() {
     let ops: Vec<(&str, MdOp)> = vec![
         ("create_blob", |store, _| {

@@ -6,7 +6,10 @@
 //! left half-updated or borrowed; the panicking closure's own guards unwind as usual.
 
 use std::any::Any;
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use crate::core::ReactorCore;
 use crate::sim::TraceKind;
@@ -58,5 +61,59 @@ pub(crate) fn panic_message(payload: &dyn Any) -> &str {
 fn drop_payload(payload: Box<dyn Any + Send>) {
     if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
         std::mem::forget(again);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A task's future, whose destructor is contained like its `poll`: async-task drops a
+    /// cancelled (or finished, or panicked) task's future inside `abort_on_panic`, so a
+    /// destructor that panicked there would abort the process. The panic is logged and
+    /// traced as `task drop` and the reactor goes on; the future's remaining fields are still
+    /// dropped as Rust unwinds through its drop glue.
+    pub(crate) struct DropContained<F> {
+        #[pin]
+        inner: Option<F>,
+    }
+
+    impl<F> PinnedDrop for DropContained<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let mut inner = this.project().inner;
+            // `Pin::set` drops the future in place (allowed for a pinned value); if its drop
+            // panics, the slot still ends up `None`, so nothing is dropped twice.
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| inner.set(None))) {
+                let reported = crate::context::with_current(|core| {
+                    report(core, "task drop", "", payload.as_ref());
+                });
+                if reported.is_none() {
+                    tracing::error!(
+                        panic = panic_message(payload.as_ref()),
+                        "a task's future panicked while being dropped off its reactor; contained"
+                    );
+                }
+                drop_payload(payload);
+            }
+        }
+    }
+}
+
+impl<F> DropContained<F> {
+    /// Wraps `future`.
+    pub(crate) fn new(future: F) -> DropContained<F> {
+        DropContained {
+            inner: Some(future),
+        }
+    }
+}
+
+impl<F: Future> Future for DropContained<F> {
+    type Output = F::Output;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match self.project().inner.as_pin_mut() {
+            Some(future) => future.poll(cx),
+            // Only after the drop above began; async-task never polls then.
+            None => Poll::Pending,
+        }
     }
 }

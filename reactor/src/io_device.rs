@@ -40,6 +40,8 @@ struct Registry {
     holders: BTreeSet<(u64, ReactorId)>,
     /// Channel creations past the unregistered check whose create callback has not returned.
     creating: usize,
+    /// Channels whose last handle dropped and whose destroy callback has not returned.
+    destroying: usize,
     /// Set by a successful unregister; no channel is created after it.
     unregistered: bool,
 }
@@ -177,12 +179,13 @@ impl<C: 'static> IoDevice<C> {
         holders
     }
 
-    /// Refuses further channels; `Err(DeviceBusy)` while any channel is still held or being
-    /// created (checked and set under the lock creations take, so no channel can appear
-    /// after an unregister succeeded).
+    /// Refuses further channels; `Err(DeviceBusy)` while any channel is still held, being
+    /// created, or being destroyed (its destroy callback still running). Checked and set
+    /// under the lock creations take, so no channel can appear after an unregister
+    /// succeeded, and once it succeeded every destroy callback has returned.
     pub fn unregister(&self) -> Result<(), ReactorError> {
         let mut registry = self.inner.registry();
-        if !registry.holders.is_empty() || registry.creating != 0 {
+        if !registry.holders.is_empty() || registry.creating != 0 || registry.destroying != 0 {
             return Err(ReactorError::DeviceBusy(self.inner.name.clone()));
         }
         registry.unregistered = true;
@@ -285,14 +288,37 @@ impl<C: 'static> Drop for ChannelInner<C> {
                 channels.remove(&self.device.id);
             }
         }
-        self.device
-            .registry()
-            .holders
-            .remove(&(self.shared.runtime_id, self.reactor));
+        // No longer a holder (a new channel on this reactor, even one its destroy callback
+        // asks for, is a holder of its own), but counted as destroying until the callback
+        // returns or unwinds, so an unregister cannot succeed while it runs.
+        let destroying = Destroying::begin(&self.device, (self.shared.runtime_id, self.reactor));
         self.shared.live_channels.fetch_sub(1, Ordering::AcqRel);
         if let Some(context) = self.context.take() {
             (self.device.destroy)(self.reactor, context);
         }
+        drop(destroying);
+    }
+}
+
+/// A channel destroy in progress: counted in [`Registry::destroying`] until dropped (after
+/// the destroy callback returned, or while it unwinds).
+struct Destroying<'a, C> {
+    device: &'a DeviceInner<C>,
+}
+
+impl<'a, C> Destroying<'a, C> {
+    /// Turns `holder` into a destroy in progress, under one lock.
+    fn begin(device: &'a DeviceInner<C>, holder: (u64, ReactorId)) -> Self {
+        let mut registry = device.registry();
+        registry.holders.remove(&holder);
+        registry.destroying += 1;
+        Destroying { device }
+    }
+}
+
+impl<C> Drop for Destroying<'_, C> {
+    fn drop(&mut self) {
+        self.device.registry().destroying -= 1;
     }
 }
 

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+use crate::contain::DropContained;
 use crate::context;
 use crate::core::{ReactorCore, ReactorId};
 use crate::message::Message;
@@ -183,7 +184,7 @@ where
     let (runnable, task) = async_task::Builder::new()
         .metadata(key as u64)
         .propagate_panic(true)
-        .spawn_local(move |_| wrapped, schedule);
+        .spawn_local(move |_| DropContained::new(wrapped), schedule);
     entry.insert(task);
     drop(live);
     runnable.schedule();

@@ -54,7 +54,6 @@ fn is_child() -> bool {
 /// process (async-task drops a cancelled future under `abort_on_panic`). The panic policy
 /// says a panic in a task is contained and logged; a drop at stop is not.
 #[test]
-#[ignore = "open (issue 16 review): async-task drops cancelled futures under abort_on_panic at stop"]
 fn review16_a_task_future_panicking_on_drop_at_stop_aborts_the_process() {
     if is_child() {
         let rt = runtime(vec![0]);
@@ -83,7 +82,6 @@ fn review16_a_task_future_panicking_on_drop_at_stop_aborts_the_process() {
 /// running on its reactor: the holder is removed before `destroy` runs. A caller that tears
 /// down what the contexts use after a successful unregister races the destroy.
 #[test]
-#[ignore = "open (issue 16 review): the holder is removed before the destroy callback runs"]
 fn review16_unregister_succeeds_while_a_channel_destroy_is_still_running() {
     let rt = runtime(vec![0]);
     let entered = Arc::new(Barrier::new(2));

@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
-use spool_bdev::{BdevChannel, DmaBuf};
+use spool_bdev::{BdevChannel, DmaBuf, IoFuture, IoOutput};
 use spool_reactor::{Channel, IoDevice};
 
 use crate::error::{BlobError, Result};
@@ -45,8 +45,10 @@ pub struct ChannelContext {
     allocating: RefCell<HashMap<AllocKey, Rc<LocalEvent<()>>>>,
     /// I/Os waiting for a frozen blob, by blob id, in arrival order.
     frozen_waiters: RefCell<HashMap<u64, VecDeque<Waker>>>,
-    /// Per open blob (by its slot): I/Os in flight on this channel and the cached map.
-    blobs: RefCell<Vec<ChannelBlob>>,
+    /// Per open blob (by its slot): I/Os in flight on this channel and the cached map. Shared
+    /// with the [`InFlightHold`]s that bdev requests of dropped I/Os keep until the device
+    /// completes them.
+    blobs: Rc<RefCell<Vec<ChannelBlob>>>,
 }
 
 /// A channel's view of one open blob.
@@ -71,9 +73,7 @@ impl ChannelContext {
     }
 
     fn finish(&self, slot: usize) {
-        if let Some(blob) = self.blobs.borrow_mut().get_mut(slot) {
-            blob.inflight = blob.inflight.saturating_sub(1);
-        }
+        finish_in(&self.blobs, slot);
     }
 
     /// Wakes, in arrival order, the I/Os of blob `id` that wait on this channel.
@@ -82,6 +82,13 @@ impl ChannelContext {
         for waker in waiters.into_iter().flatten() {
             waker.wake();
         }
+    }
+}
+
+/// Counts one I/O of the blob in `slot` out of `blobs` (a channel's table).
+fn finish_in(blobs: &RefCell<Vec<ChannelBlob>>, slot: usize) {
+    if let Some(blob) = blobs.borrow_mut().get_mut(slot) {
+        blob.inflight = blob.inflight.saturating_sub(1);
     }
 }
 
@@ -100,9 +107,74 @@ struct Admitted<'a> {
     slot: usize,
 }
 
+impl Admitted<'_> {
+    /// The same count, owned: for a bdev request to keep until the device completes it.
+    fn into_hold(self) -> InFlightHold {
+        let hold = InFlightHold {
+            blobs: Rc::clone(&self.channel.blobs),
+            slot: self.slot,
+        };
+        std::mem::forget(self);
+        hold
+    }
+}
+
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         self.channel.finish(self.slot);
+    }
+}
+
+/// One I/O counted in a blob's in-flight total on a channel, owned (`'static`): handed to a
+/// bdev request whose future is dropped before the device completed it
+/// ([`spool_bdev::IoFuture::hold_until_done`]), so a freeze keeps waiting until the device
+/// can no longer write what that request carries. Dropped by the device's completion.
+struct InFlightHold {
+    blobs: Rc<RefCell<Vec<ChannelBlob>>>,
+    slot: usize,
+}
+
+impl Drop for InFlightHold {
+    fn drop(&mut self) {
+        finish_in(&self.blobs, self.slot);
+    }
+}
+
+/// A device write of a blob I/O made on an async path (split, vectored): if the I/O's future
+/// is dropped while the write is on the device, the write takes a count of its own in the
+/// blob's in-flight total (the I/O's `Admitted` goes with the future) and hands it to the
+/// bdev request, which gives it back when the device completes.
+struct CountedWrite<'a, T: IoOutput> {
+    request: IoFuture<'a, T>,
+    channel: &'a ChannelContext,
+    slot: usize,
+    done: bool,
+}
+
+impl<T: IoOutput> std::future::Future for CountedWrite<'_, T> {
+    type Output = (std::result::Result<(), spool_bdev::BdevError>, T);
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Self::Output> {
+        let output = std::pin::Pin::new(&mut self.request).poll(cx);
+        if output.is_ready() {
+            self.done = true;
+        }
+        output
+    }
+}
+
+impl<T: IoOutput> Drop for CountedWrite<'_, T> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.channel.admit(self.slot);
+            self.request.hold_until_done(Box::new(InFlightHold {
+                blobs: Rc::clone(&self.channel.blobs),
+                slot: self.slot,
+            }));
+        }
     }
 }
 
@@ -116,7 +188,7 @@ pub(crate) fn register_device(desc: &spool_bdev::BdevDesc) -> IoDevice<ChannelCo
                 bdev,
                 allocating: RefCell::new(HashMap::new()),
                 frozen_waiters: RefCell::new(HashMap::new()),
-                blobs: RefCell::new(Vec::new()),
+                blobs: Rc::new(RefCell::new(Vec::new())),
             })
         },
         |_reactor, context| drop(context),
@@ -188,6 +260,32 @@ impl BlobChannel {
 
     fn bdev(&self) -> &BdevChannel {
         &self.channel.bdev
+    }
+
+    /// Writes `bufs` at device byte `device` for `blob`, counted as in flight until the device
+    /// is done even if this future is dropped first (see [`CountedWrite`]).
+    fn device_writev(
+        &self,
+        blob: &BlobIo,
+        bufs: Vec<DmaBuf>,
+        device: u64,
+    ) -> CountedWrite<'_, Vec<DmaBuf>> {
+        CountedWrite {
+            request: self.bdev().writev(bufs, device),
+            channel: &self.channel,
+            slot: blob.slot,
+            done: false,
+        }
+    }
+
+    /// Writes `buf` at device byte `device` for `blob`, as [`BlobChannel::device_writev`].
+    fn device_write(&self, blob: &BlobIo, buf: DmaBuf, device: u64) -> CountedWrite<'_, DmaBuf> {
+        CountedWrite {
+            request: self.bdev().write(buf, device),
+            channel: &self.channel,
+            slot: blob.slot,
+            done: false,
+        }
     }
 
     fn unit(&self) -> u64 {
@@ -297,7 +395,7 @@ impl BlobChannel {
             {
                 // Physically contiguous clusters (a thick blob): still one request.
                 let (result, buf) = if write {
-                    self.bdev().write(buf, *device).await
+                    self.device_write(blob, buf, *device).await
                 } else {
                     self.bdev().read(buf, *device).await
                 };
@@ -435,7 +533,7 @@ impl BlobChannel {
                 Target::Device(device) => {
                     let mut tmp = DmaBuf::alloc(src.len())?;
                     tmp.copy_from_slice(src);
-                    self.bdev().write(tmp, device).await.0?;
+                    self.device_write(blob, tmp, device).await.0?;
                 }
                 Target::Unallocated { index } => {
                     self.write_unallocated(blob, index, piece.offset, Some(src))
@@ -507,7 +605,7 @@ impl BlobChannel {
             ..
         }] = pieces.as_slice()
         {
-            let (result, bufs) = self.bdev().writev(bufs, *device).await;
+            let (result, bufs) = self.device_writev(blob, bufs, *device).await;
             return (result.map_err(BlobError::from), bufs);
         }
         let flat: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
@@ -600,9 +698,18 @@ impl std::future::Future for BlobIoFuture<'_> {
     }
 }
 
-/// A blob I/O that is one bdev request, counted in the blob's in-flight total until it
-/// completes (or is dropped).
+/// A blob I/O that is one bdev request, counted in the blob's in-flight total until the
+/// device has completed it: dropped before that, it hands its count to the bdev request,
+/// which gives it back at the device's completion (a freeze waits for it).
 pub struct DirectIo<'a> {
     request: spool_bdev::IoFuture<'a, DmaBuf>,
     admitted: Option<Admitted<'a>>,
+}
+
+impl Drop for DirectIo<'_> {
+    fn drop(&mut self) {
+        if let Some(admitted) = self.admitted.take() {
+            self.request.hold_until_done(Box::new(admitted.into_hold()));
+        }
+    }
 }

@@ -74,7 +74,8 @@ impl LvolStore {
     pub async fn format(store: Blobstore, name: &str) -> Result<LvolStore> {
         store.check_md_thread()?;
         let name = name.to_string();
-        crate::detach::detached(
+        crate::detach::detached_op(
+            store.begin_md_op()?,
             async move { LvolStore::format_now(store, &name).await },
             crate::detach::forget,
         )
@@ -154,7 +155,8 @@ impl LvolStore {
     /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn open(store: Blobstore) -> Result<LvolStore> {
         store.check_md_thread()?;
-        crate::detach::detached(
+        crate::detach::detached_op(
+            store.begin_md_op()?,
             async move { LvolStore::open_now(store).await },
             crate::detach::forget,
         )
@@ -230,7 +232,8 @@ impl LvolStore {
     pub async fn rename(&self, new_name: &str) -> Result<()> {
         self.inner.store.check_md_thread()?;
         let (lvs, new_name) = (self.clone(), new_name.to_string());
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.inner.store.begin_md_op()?,
             async move { lvs.rename_now(&new_name).await },
             crate::detach::forget,
         )

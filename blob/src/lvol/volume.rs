@@ -168,7 +168,8 @@ impl LvolStore {
     pub async fn create_lvol(&self, name: &str, size_bytes: u64, thin: bool) -> Result<Lvol> {
         self.blobstore().check_md_thread()?;
         let (lvs, name) = (self.clone(), name.to_string());
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.blobstore().begin_md_op()?,
             async move { lvs.create_lvol_now(&name, size_bytes, thin).await },
             crate::detach::forget,
         )
@@ -200,7 +201,8 @@ impl LvolStore {
     pub async fn create_snapshot(&self, origin: u64, name: &str) -> Result<Lvol> {
         self.blobstore().check_md_thread()?;
         let (lvs, name) = (self.clone(), name.to_string());
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.blobstore().begin_md_op()?,
             async move { lvs.derive_now(origin, &name, true).await },
             crate::detach::forget,
         )
@@ -216,7 +218,8 @@ impl LvolStore {
     pub async fn create_clone(&self, snapshot: u64, name: &str) -> Result<Lvol> {
         self.blobstore().check_md_thread()?;
         let (lvs, name) = (self.clone(), name.to_string());
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.blobstore().begin_md_op()?,
             async move { lvs.derive_now(snapshot, &name, false).await },
             crate::detach::forget,
         )
@@ -248,7 +251,8 @@ impl LvolStore {
     pub async fn rename_lvol(&self, id: u64, new_name: &str) -> Result<()> {
         self.blobstore().check_md_thread()?;
         let (lvs, new_name) = (self.clone(), new_name.to_string());
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.blobstore().begin_md_op()?,
             async move { lvs.rename_lvol_now(id, &new_name).await },
             crate::detach::forget,
         )
@@ -284,7 +288,8 @@ impl LvolStore {
         self.lvol(id)?;
         let clusters = size_bytes.div_ceil(self.blobstore().cluster_size());
         let lvs = self.clone();
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.blobstore().begin_md_op()?,
             async move {
                 lvs.with_blob(id, async |blob| {
                     blob.resize(clusters).await?;
@@ -306,7 +311,8 @@ impl LvolStore {
         self.blobstore().check_md_thread()?;
         self.lvol(id)?;
         let lvs = self.clone();
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.blobstore().begin_md_op()?,
             async move {
                 lvs.with_blob(id, async |blob| {
                     blob.set_read_only()?;
@@ -342,7 +348,8 @@ impl LvolStore {
     pub async fn delete_lvol(&self, id: u64) -> Result<()> {
         self.blobstore().check_md_thread()?;
         let lvs = self.clone();
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.blobstore().begin_md_op()?,
             async move { lvs.delete_lvol_now(id).await },
             crate::detach::forget,
         )

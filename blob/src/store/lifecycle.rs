@@ -164,7 +164,8 @@ impl Blobstore {
     pub async fn set_super(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
         let store = self.clone();
-        crate::detach::detached(
+        crate::detach::detached_op(
+            self.begin_md_op()?,
             async move { store.set_super_now(id).await },
             crate::detach::forget,
         )
@@ -274,6 +275,10 @@ impl Blobstore {
     /// The body of `unload`, which runs it as its own task.
     async fn unload_now(self) -> Result<()> {
         self.check_md_thread()?;
+        // Metadata operations whose callers went away run on as tasks: wait for them, and
+        // take no new ones while writing (closes and internal steps still run), so the masks
+        // and clean flag are never written over a half-done operation.
+        let _closed = self.close_md_ops("unload").await?;
         // Orphans first: one may hold its parent open.
         self.settle_orphans().await?;
         self.refuse_if_blobs_open("unload")?;
@@ -321,6 +326,7 @@ impl Blobstore {
     /// The body of `destroy`, which runs it as its own task.
     async fn destroy_now(self) -> Result<()> {
         self.check_md_thread()?;
+        let _closed = self.close_md_ops("destroy").await?;
         self.refuse_if_blobs_open("destroy")?;
         zero_bytes(&self.inner.md_channel, 0, PAGE_SIZE_U64).await?;
         flush(&self.inner.md_channel).await?;

@@ -16,6 +16,8 @@ pub(crate) mod durability;
 mod lifecycle;
 mod load;
 pub(crate) mod md_io;
+mod md_ops;
+pub(crate) use md_ops::MdOpRunning;
 mod md_scan;
 
 use std::cell::RefCell;
@@ -189,6 +191,8 @@ pub(crate) struct StoreInner {
     pub(crate) super_lock: crate::sync::LocalMutex,
     /// Which metadata writes are durable, and releases waiting for a flush.
     pub(crate) durability: durability::Durability,
+    /// Metadata operations running now (unload and destroy wait for them).
+    pub(crate) md_ops: md_ops::MdOps,
 }
 
 /// An open blobstore. Cheap to clone; lives on the metadata reactor (not `Send`).
@@ -493,6 +497,7 @@ impl Blobstore {
             state: RefCell::new(state),
             super_lock: crate::sync::LocalMutex::default(),
             durability: durability::Durability::default(),
+            md_ops: md_ops::MdOps::default(),
         }))
     }
 }
