@@ -480,7 +480,6 @@ enum Step {
     DeleteClone,
     TakeOver,
     DeleteSnapshot,
-    ReadOrigin,
 }
 
 /// What a test knows of an lvol it made or deleted.
@@ -500,15 +499,15 @@ enum Known {
 struct SnapshotRecord {
     /// The call's window (`end`: its answer, or the kill).
     begin: Instant,
-    end: Option<Instant>,
+    end: Instant,
     /// Its region as read back (checked).
     content: Option<Vec<u8>>,
 }
 
-/// A clone's own writes: region block, stamp generation, acknowledged.
+/// A clone: its snapshot, and its own (acknowledged) writes: region block, generation.
 struct CloneRecord {
     snapshot: String,
-    writes: Vec<(u64, u64, bool)>,
+    writes: Vec<(u64, u64)>,
 }
 
 /// Where to kill the daemon.
@@ -521,7 +520,6 @@ struct KillPoint {
 
 /// The loop's state, across iterations (and kills).
 struct Live {
-    dir: PathBuf,
     daemon: Option<Daemon>,
     rpc: Rpc,
     model: Arc<Mutex<Writes>>,
@@ -576,28 +574,31 @@ impl Live {
         answer
     }
 
-    /// A created lvol's state after its call.
-    fn created(&mut self, name: &str, answer: Option<Answer>) -> Option<String> {
+    /// Whether the daemon still runs (no kill yet).
+    fn alive(&self) -> bool {
+        self.daemon.is_some()
+    }
+
+    /// Records a create's outcome; whether the daemon still runs.
+    fn created(&mut self, name: &str, answer: Option<Answer>) -> bool {
         match answer {
             Some(Ok(uuid)) => {
                 let uuid = uuid.as_str().expect("a uuid").to_string();
-                self.lvols.insert(name.into(), Known::Present(uuid.clone()));
-                Some(uuid)
+                self.lvols.insert(name.into(), Known::Present(uuid));
             }
             Some(Err((code, message))) => panic!("creating {name}: {code} {message}"),
             None => {
                 self.lvols.insert(name.into(), Known::MaybeCreated);
-                None
             }
         }
+        self.alive()
     }
 
-    /// A deleted lvol's state after its call; false when the kill came first.
+    /// Records a delete's outcome; whether the daemon still runs.
     fn deleted(&mut self, name: &str, answer: Option<Answer>) -> bool {
         match answer {
             Some(Ok(_)) => {
                 self.lvols.insert(name.into(), Known::Gone);
-                true
             }
             Some(Err((code, message))) => panic!("deleting {name}: {code} {message}"),
             None => {
@@ -605,17 +606,18 @@ impl Live {
                     panic!("deleting {name}, which is not known present");
                 };
                 self.lvols.insert(name.into(), Known::MaybeDeleted(uuid));
-                false
             }
         }
+        self.alive()
     }
 
+    /// Checks a call that changes no lvol succeeded (if it answered); whether the daemon
+    /// still runs.
     fn acked(&mut self, answer: Option<Answer>, what: &str) -> bool {
-        match answer {
-            Some(Ok(_)) => true,
-            Some(Err((code, message))) => panic!("{what}: {code} {message}"),
-            None => false,
+        if let Some(Err((code, message))) = answer {
+            panic!("{what}: {code} {message}");
         }
+        self.alive()
     }
 
     /// One iteration: snapshot the origin while it is written, read the snapshot (point in
@@ -644,17 +646,16 @@ impl Live {
             "bdev_lvol_snapshot",
             json!({"lvol_name": "lvs0/origin", "snapshot_name": snap}),
         );
-        let end = Instant::now();
-        let answered = answer.is_some();
+        let end = self.killed_at.unwrap_or_else(Instant::now);
         self.snapshots.insert(
             snap.clone(),
             SnapshotRecord {
                 begin,
-                end: answered.then_some(end),
+                end,
                 content: None,
             },
         );
-        if self.created(&snap, answer).is_none() {
+        if !self.created(&snap, answer) {
             return false;
         }
 
@@ -698,7 +699,7 @@ impl Live {
                 writes: Vec::new(),
             },
         );
-        if self.created(&clone, answer).is_none() {
+        if !self.created(&clone, answer) {
             return false;
         }
         let exported = self.op(
@@ -726,7 +727,7 @@ impl Live {
             let at = (block * BLOCK) as usize;
             expected[at..at + BLOCK as usize].copy_from_slice(&data);
             let record = self.clones.get_mut(&clone).unwrap();
-            record.writes.push((block, generation, true));
+            record.writes.push((block, generation));
         }
         // And a cluster fio writes on the origin: the clone's own, too.
         assert_eq!(client.write(0, &[0xc1; 64 << 10]).unwrap(), 0);
@@ -748,13 +749,15 @@ impl Live {
             "bdev_lvol_delete",
             json!({"name": format!("lvs0/{clone}")}),
         );
-        match refused {
-            None => return false,
-            Some(answer) => assert_eq!(
+        if let Some(answer) = refused {
+            assert_eq!(
                 answer.map_err(|(code, _)| code),
                 Err(-libc::EBUSY),
                 "deleting the exported {clone}"
-            ),
+            );
+        }
+        if !self.alive() {
+            return false;
         }
         self.rpc.unexport(&snap);
         assert_eq!(
@@ -893,7 +896,6 @@ fn live_loop_under_fio_keeps_snapshots_point_in_time_and_fio_verify_clean() {
     let model = Arc::new(Mutex::new(Writes::new()));
     let writer = Writer::start(daemon.port, &model, rng.u64(..));
     let mut live = Live {
-        dir: d.to_path_buf(),
         rpc: Rpc {
             socket: daemon.rpc_socket(),
         },
@@ -951,5 +953,292 @@ fn live_loop_under_fio_keeps_snapshots_point_in_time_and_fio_verify_clean() {
          {verified} bytes; calls: {:?}",
         started.elapsed(),
         live.timings
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// kill -9 in the loop
+
+impl Live {
+    /// After a kill, offline: the store loads (and is recovered) with `spool info`, every
+    /// cluster is owned once and none leaked, and `spool ls` has every lvol the test knows
+    /// of, by name and uuid: those whose call answered success and were not deleted, never a
+    /// deleted one, and either way those whose call the kill interrupted (settled here).
+    fn check_offline(&mut self, round: usize) {
+        let dir = self.rpc.socket.parent().expect("the socket's dir").to_path_buf();
+        let info = spool_json(&dir, &["info", IMAGE]);
+        assert_eq!(info["lvs_name"], "lvs0", "seed {}: {info}", self.seed);
+        check_clusters_owned_once(&dir, IMAGE);
+        let listed = spool_json(&dir, &["ls", IMAGE]);
+        let on_disk: BTreeMap<String, String> = listed
+            .as_array()
+            .expect("blobs")
+            .iter()
+            .filter(|blob| blob.get("alias").is_some())
+            .map(|blob| {
+                (
+                    blob["name"].as_str().expect("a name").to_string(),
+                    blob["uuid"].as_str().expect("a uuid").to_string(),
+                )
+            })
+            .collect();
+        self.settle(&on_disk, &format!("round {round}, offline"));
+    }
+
+    /// Compares `found` (name to uuid) with what the test knows, and settles what the kill
+    /// left open.
+    fn settle(&mut self, found: &BTreeMap<String, String>, when: &str) {
+        let seed = self.seed;
+        for name in found.keys() {
+            assert!(
+                self.lvols.contains_key(name),
+                "seed {seed}, {when}: lvol {name} was never made: {found:?}"
+            );
+        }
+        for (name, known) in self.lvols.iter_mut() {
+            let there = found.get(name);
+            match (known.clone(), there) {
+                (Known::Present(uuid), Some(got)) | (Known::MaybeDeleted(uuid), Some(got)) => {
+                    assert_eq!(got, &uuid, "seed {seed}, {when}: lvol {name}'s uuid");
+                    *known = Known::Present(uuid);
+                }
+                (Known::Present(uuid), None) => {
+                    panic!("seed {seed}, {when}: lvol {name} ({uuid}) is lost: {found:?}")
+                }
+                (Known::MaybeCreated, Some(got)) => {
+                    assert_eq!(got.len(), 36, "seed {seed}, {when}: {name}'s uuid {got}");
+                    *known = Known::Present(got.clone());
+                }
+                (Known::MaybeCreated, None) | (Known::MaybeDeleted(_), None) => {
+                    *known = Known::Gone;
+                }
+                (Known::Gone, Some(got)) => {
+                    panic!("seed {seed}, {when}: lvol {name} ({got}) was deleted, but is back")
+                }
+                (Known::Gone, None) => {}
+            }
+        }
+    }
+
+    fn present(&self, name: &str) -> bool {
+        matches!(self.lvols.get(name), Some(Known::Present(_)))
+    }
+
+    /// After a restart: the daemon has the same lvols; the origin holds every acknowledged
+    /// write (or a later one in flight at the kill); every snapshot left holds what it was
+    /// read with (or, not read yet, a point-in-time image of its call's window, the kill
+    /// ending it); every clone left holds its snapshot and its own writes. Then the
+    /// leftovers are deleted (clones, then snapshots, merged into the origin), the origin
+    /// reads the same, and becomes the writer's new base.
+    fn check_restarted(&mut self, round: usize) {
+        let seed = self.seed;
+        let when = format!("round {round}, restarted");
+        let listed = self.rpc.lvols();
+        self.settle(&listed, &when);
+        let port = self.port();
+        let now = Instant::now();
+        let (origin, _) = read_region(port, "origin");
+        let problems = self
+            .model
+            .lock()
+            .unwrap()
+            .check_view("the origin after the kill", &origin, now, now);
+        assert!(
+            problems.is_empty(),
+            "seed {seed}, {when}: {} problem(s):\n{}",
+            problems.len(),
+            problems[..problems.len().min(10)].join("\n")
+        );
+        let snapshots: Vec<String> = self
+            .snapshots
+            .keys()
+            .filter(|name| self.present(name))
+            .cloned()
+            .collect();
+        let mut contents = BTreeMap::new();
+        for snap in &snapshots {
+            self.rpc.export(snap, snap);
+            let (data, flags) = read_region(port, snap);
+            assert_ne!(flags & transmission_flags::READ_ONLY, 0, "{snap} is read-only");
+            let record = &self.snapshots[snap];
+            match &record.content {
+                Some(content) => assert_same(&format!("seed {seed}, {when}: {snap}"), &data, content),
+                None => {
+                    let problems = self.model.lock().unwrap().check_view(
+                        snap,
+                        &data,
+                        record.begin,
+                        record.end,
+                    );
+                    assert!(
+                        problems.is_empty(),
+                        "seed {seed}, {when}: snapshot {snap}, taken as the daemon was killed, \
+                         is not point-in-time: {} problem(s):\n{}",
+                        problems.len(),
+                        problems[..problems.len().min(10)].join("\n")
+                    );
+                }
+            }
+            contents.insert(snap.clone(), data);
+        }
+        let clones: Vec<String> = self
+            .clones
+            .keys()
+            .filter(|name| self.present(name))
+            .cloned()
+            .collect();
+        for clone in &clones {
+            let record = &self.clones[clone];
+            let mut expected = contents
+                .get(&record.snapshot)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "seed {seed}, {when}: clone {clone} is there, its snapshot {} is not",
+                        record.snapshot
+                    )
+                })
+                .clone();
+            for &(block, generation) in &record.writes {
+                let at = (block * BLOCK) as usize;
+                expected[at..at + BLOCK as usize]
+                    .copy_from_slice(&stamp(CLONE_MAGIC, block, generation));
+            }
+            self.rpc.export(clone, clone);
+            let (data, _) = read_region(port, clone);
+            assert_same(&format!("seed {seed}, {when}: {clone}"), &data, &expected);
+            self.rpc.unexport(clone);
+            let deleted = self
+                .rpc
+                .answer("bdev_lvol_delete", json!({"name": format!("lvs0/{clone}")}));
+            self.deleted(clone, Some(deleted));
+        }
+        for snap in &snapshots {
+            self.rpc.unexport(snap);
+            let deleted = self
+                .rpc
+                .answer("bdev_lvol_delete", json!({"name": format!("lvs0/{snap}")}));
+            self.deleted(snap, Some(deleted));
+        }
+        let (after, _) = read_region(port, "origin");
+        assert_same(
+            &format!("seed {seed}, {when}: the origin after the leftovers went"),
+            &after,
+            &origin,
+        );
+        assert_eq!(
+            self.rpc.lvols().keys().collect::<Vec<_>>(),
+            ["origin"],
+            "seed {seed}, {when}"
+        );
+        let mut m = self.model.lock().unwrap();
+        m.rebase(&origin);
+        m.killed = false;
+        self.killed_at = None;
+    }
+}
+
+/// Where kills go: a step of the loop (the persistent calls, more often those that move
+/// clusters) and how far into its call (up to about twice what it takes here).
+fn kill_point(rng: &mut fastrand::Rng) -> KillPoint {
+    let (step, most_us) = [
+        (Step::Snapshot, 8_000),
+        (Step::Snapshot, 8_000),
+        (Step::Snapshot, 8_000),
+        (Step::ReadSnapshot, 1_000),
+        (Step::Clone, 2_000),
+        (Step::Clone, 2_000),
+        (Step::Resize, 4_000),
+        (Step::DeleteClone, 15_000),
+        (Step::DeleteClone, 15_000),
+        (Step::TakeOver, 40_000),
+        (Step::TakeOver, 40_000),
+        (Step::DeleteSnapshot, 25_000),
+        (Step::DeleteSnapshot, 25_000),
+        (Step::DeleteSnapshot, 25_000),
+    ][rng.usize(..14)];
+    KillPoint {
+        iteration: rng.usize(..2),
+        step,
+        delay: Duration::from_micros(rng.u64(..most_us)),
+    }
+}
+
+/// kill -9 at seeded points of the live loop (in the middle of a snapshot, clone, resize,
+/// delete, merge, decouple or inflate while the writer writes): each time the store loads
+/// offline with every lvol's name and uuid (those whose call succeeded and were not
+/// deleted; a call the kill interrupted may go either way), every cluster owned once and
+/// none leaked; the restarted daemon has the same lvols, the origin every acknowledged
+/// write, each snapshot its point-in-time image, each clone its own writes.
+#[test]
+fn kill_9_in_the_live_loop_keeps_every_lvol_cluster_and_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_store(d);
+    let seed = test_seed();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let started = Instant::now();
+    let listed = spool_json(d, &["ls", IMAGE]);
+    let origin_uuid = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|blob| blob["name"] == "origin")
+        .map(|blob| blob["uuid"].as_str().unwrap().to_string())
+        .expect("the origin");
+    let model = Arc::new(Mutex::new(Writes::new()));
+    let mut live = Live {
+        daemon: None,
+        rpc: Rpc {
+            socket: d.join("rpc.sock"),
+        },
+        model: Arc::clone(&model),
+        lvols: BTreeMap::from([("origin".to_string(), Known::Present(origin_uuid.clone()))]),
+        snapshots: BTreeMap::new(),
+        clones: BTreeMap::new(),
+        kill: None,
+        killed_at: None,
+        timings: Vec::new(),
+        seed,
+    };
+    const ROUNDS: usize = 8;
+    let mut report = Vec::new();
+    for round in 0..ROUNDS {
+        live.daemon = Some(serve(d));
+        if round > 0 {
+            live.check_restarted(round);
+        }
+        let writer = Writer::start(live.port(), &model, rng.u64(..));
+        let kill = kill_point(&mut rng);
+        live.kill = Some(kill);
+        let mut iteration = 0;
+        while live.iteration(round, iteration, &mut rng) {
+            iteration += 1;
+        }
+        writer.stop();
+        {
+            let m = model.lock().unwrap();
+            assert!(m.errors.is_empty(), "seed {seed}, round {round}: {:?}", m.errors);
+        }
+        report.push(format!("round {round}: {kill:?}"));
+        live.check_offline(round);
+    }
+    // The last restart checks the last kill; then a clean stop leaves the origin alone.
+    live.daemon = Some(serve(d));
+    live.check_restarted(ROUNDS);
+    live.daemon.take().unwrap().stop();
+    check_clusters_owned_once(d, IMAGE);
+    let listed = spool_json(d, &["ls", IMAGE]);
+    let lvols: Vec<(&str, &str)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|blob| blob.get("alias").is_some())
+        .map(|blob| (blob["name"].as_str().unwrap(), blob["uuid"].as_str().unwrap()))
+        .collect();
+    assert_eq!(lvols, [("origin", origin_uuid.as_str())]);
+    eprintln!(
+        "kill loop (seed {seed}, {:?}):\n{}",
+        started.elapsed(),
+        report.join("\n")
     );
 }
