@@ -48,6 +48,19 @@ const ORIGIN_MAGIC: u64 = u64::from_be_bytes(*b"SPOOLPIT");
 const CLONE_MAGIC: u64 = u64::from_be_bytes(*b"SPOOLCLN");
 /// How long one JSON-RPC call may take.
 const RPC_LIMIT: Duration = Duration::from_secs(60);
+/// How long the writer may go without an acknowledgement (a loaded machine starves the
+/// daemon's io_uring workers for seconds).
+const ACK_LIMIT: Duration = Duration::from_secs(60);
+
+/// The tests take turns: each runs a daemon with two reactors and several clients, and CI
+/// machines have few cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// The random seed: `SPOOL_TEST_SEED` to replay a failure (the messages print it), else new.
 fn test_seed() -> u64 {
@@ -82,7 +95,10 @@ fn decode(block: u64, data: &[u8]) -> Result<Option<u64>, String> {
         return Err("holds a clone's write".into());
     }
     if word(0) != ORIGIN_MAGIC {
-        return Err(format!("not a block the writer wrote ({:02x?})", &data[..16]));
+        return Err(format!(
+            "not a block the writer wrote ({:02x?})",
+            &data[..16]
+        ));
     }
     if word(8) != block {
         return Err(format!("holds block {} (misplaced)", word(8)));
@@ -256,9 +272,7 @@ fn writer(port: u16, model: Arc<Mutex<Writes>>, stop: Arc<AtomicBool>, seed: u64
                 payload.extend(stamp(ORIGIN_MAGIC, block, generation));
             }
             handle += 1;
-            if let Err(err) =
-                client.send_write(handle, REGION_START + first * BLOCK, &payload, 0)
-            {
+            if let Err(err) = client.send_write(handle, REGION_START + first * BLOCK, &payload, 0) {
                 return fail(&model, format!("send: {err}"));
             }
             pending.insert(handle, (first, count));
@@ -273,7 +287,10 @@ fn writer(port: u16, model: Arc<Mutex<Writes>>, stop: Arc<AtomicBool>, seed: u64
         };
         let acked = Instant::now();
         let Some((first, count)) = pending.remove(&reply.handle) else {
-            return fail(&model, format!("a reply to unknown handle {}", reply.handle));
+            return fail(
+                &model,
+                format!("a reply to unknown handle {}", reply.handle),
+            );
         };
         if reply.error != 0 {
             return fail(
@@ -311,10 +328,10 @@ impl Writer {
     }
 }
 
-/// Waits until the writer has had `more` writes acknowledged since `from` (it is writing).
+/// Waits until the writer has had `more` more writes acknowledged (it is writing).
 fn wait_for_acks(model: &Mutex<Writes>, more: u64) {
     let from = model.lock().unwrap().acks;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + ACK_LIMIT;
     loop {
         {
             let m = model.lock().unwrap();
@@ -325,7 +342,7 @@ fn wait_for_acks(model: &Mutex<Writes>, more: u64) {
         }
         assert!(
             Instant::now() < deadline,
-            "the writer got no {more} acknowledgements in 20 s"
+            "the writer got no {more} acknowledgements in {ACK_LIMIT:?}"
         );
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -348,7 +365,11 @@ fn read_region(port: u16, name: &str) -> (Vec<u8>, u16) {
     while done < chunks {
         while next < chunks && in_flight < 8 {
             client
-                .send_read(next, REGION_START + next * chunk * BLOCK, (chunk * BLOCK) as u32)
+                .send_read(
+                    next,
+                    REGION_START + next * chunk * BLOCK,
+                    (chunk * BLOCK) as u32,
+                )
                 .expect("send a READ");
             next += 1;
             in_flight += 1;
@@ -627,7 +648,12 @@ impl Live {
     fn iteration(&mut self, round: usize, iteration: usize, rng: &mut fastrand::Rng) -> bool {
         let snap = format!("snap{round}_{iteration}");
         let clone = format!("clone{round}_{iteration}");
-        let mut drop_way = [Release::Merge, Release::Merge, Release::Decouple, Release::Inflate][rng.usize(..4)];
+        let mut drop_way = [
+            Release::Merge,
+            Release::Merge,
+            Release::Decouple,
+            Release::Inflate,
+        ][rng.usize(..4)];
         if self
             .kill
             .is_some_and(|k| k.iteration == iteration && k.step == Step::TakeOver)
@@ -670,7 +696,11 @@ impl Live {
             return false;
         }
         let (content, flags) = read_region(self.port(), &snap);
-        assert_ne!(flags & transmission_flags::READ_ONLY, 0, "{snap} is read-only");
+        assert_ne!(
+            flags & transmission_flags::READ_ONLY,
+            0,
+            "{snap} is read-only"
+        );
         let problems = self
             .model
             .lock()
@@ -712,7 +742,11 @@ impl Live {
             return false;
         }
         let (before, flags) = read_region(self.port(), &clone);
-        assert_eq!(flags & transmission_flags::READ_ONLY, 0, "{clone} is writable");
+        assert_eq!(
+            flags & transmission_flags::READ_ONLY,
+            0,
+            "{clone} is writable"
+        );
         assert_same(&format!("{clone} before its writes"), &before, &content);
         let mut client = NbdClient::connect(self.port(), &clone).expect("connect to the clone");
         let mut expected = content.clone();
@@ -759,6 +793,12 @@ impl Live {
         if !self.alive() {
             return false;
         }
+        assert_eq!(
+            self.rpc
+                .fails("bdev_lvol_delete", json!({"name": format!("lvs0/{snap}")})),
+            -libc::EBUSY,
+            "deleting the exported {snap}"
+        );
         self.rpc.unexport(&snap);
         assert_eq!(
             self.rpc
@@ -800,7 +840,12 @@ impl Live {
             Release::Inflate => Some("bdev_lvol_inflate"),
         };
         if let Some(method) = method {
-            let answer = self.op(iteration, Step::TakeOver, method, json!({"name": "lvs0/origin"}));
+            let answer = self.op(
+                iteration,
+                Step::TakeOver,
+                method,
+                json!({"name": "lvs0/origin"}),
+            );
             if !self.acked(answer, method) {
                 return false;
             }
@@ -865,6 +910,7 @@ fn serve(dir: &Path) -> Daemon {
 /// write, and the store has every cluster owned once.
 #[test]
 fn live_loop_under_fio_keeps_snapshots_point_in_time_and_fio_verify_clean() {
+    let _turn = take_turn();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     make_store(d);
@@ -916,7 +962,10 @@ fn live_loop_under_fio_keeps_snapshots_point_in_time_and_fio_verify_clean() {
     daemon::signal(fio.pid(), "INT");
     let fio = fio.wait(Duration::from_secs(60));
     writer.stop();
-    let json_at = fio.stdout.find('{').unwrap_or_else(|| panic!("no fio report: {fio:?}"));
+    let json_at = fio
+        .stdout
+        .find('{')
+        .unwrap_or_else(|| panic!("no fio report: {fio:?}"));
     let report: Value = serde_json::from_str(&fio.stdout[json_at..]).expect("fio's report");
     let job = &report["jobs"][0];
     let stray: Vec<&str> = fio
@@ -928,12 +977,23 @@ fn live_loop_under_fio_keeps_snapshots_point_in_time_and_fio_verify_clean() {
                 && !line.contains("terminating on signal 2")
         })
         .collect();
-    assert!(stray.is_empty(), "seed {seed}: fio reported:\n{}", fio.stderr);
+    assert!(
+        stray.is_empty(),
+        "seed {seed}: fio reported:\n{}",
+        fio.stderr
+    );
     assert_eq!(job["error"], 0, "seed {seed}: fio's job failed: {job}");
-    assert_eq!(fio.status.code(), Some(128), "fio stopped by SIGINT: {fio:?}");
+    assert_eq!(
+        fio.status.code(),
+        Some(128),
+        "fio stopped by SIGINT: {fio:?}"
+    );
     let written = job["write"]["io_bytes"].as_u64().unwrap();
     let verified = job["read"]["io_bytes"].as_u64().unwrap();
-    assert!(written > 0 && verified > 0, "fio wrote {written}, verified {verified}");
+    assert!(
+        written > 0 && verified > 0,
+        "fio wrote {written}, verified {verified}"
+    );
 
     // Quiet now: the origin holds exactly every block's last write.
     let now = Instant::now();
@@ -965,7 +1025,12 @@ impl Live {
     /// of, by name and uuid: those whose call answered success and were not deleted, never a
     /// deleted one, and either way those whose call the kill interrupted (settled here).
     fn check_offline(&mut self, round: usize) {
-        let dir = self.rpc.socket.parent().expect("the socket's dir").to_path_buf();
+        let dir = self
+            .rpc
+            .socket
+            .parent()
+            .expect("the socket's dir")
+            .to_path_buf();
         let info = spool_json(&dir, &["info", IMAGE]);
         assert_eq!(info["lvs_name"], "lvs0", "seed {}: {info}", self.seed);
         check_clusters_owned_once(&dir, IMAGE);
@@ -1038,11 +1103,11 @@ impl Live {
         let port = self.port();
         let now = Instant::now();
         let (origin, _) = read_region(port, "origin");
-        let problems = self
-            .model
-            .lock()
-            .unwrap()
-            .check_view("the origin after the kill", &origin, now, now);
+        let problems =
+            self.model
+                .lock()
+                .unwrap()
+                .check_view("the origin after the kill", &origin, now, now);
         assert!(
             problems.is_empty(),
             "seed {seed}, {when}: {} problem(s):\n{}",
@@ -1059,10 +1124,16 @@ impl Live {
         for snap in &snapshots {
             self.rpc.export(snap, snap);
             let (data, flags) = read_region(port, snap);
-            assert_ne!(flags & transmission_flags::READ_ONLY, 0, "{snap} is read-only");
+            assert_ne!(
+                flags & transmission_flags::READ_ONLY,
+                0,
+                "{snap} is read-only"
+            );
             let record = &self.snapshots[snap];
             match &record.content {
-                Some(content) => assert_same(&format!("seed {seed}, {when}: {snap}"), &data, content),
+                Some(content) => {
+                    assert_same(&format!("seed {seed}, {when}: {snap}"), &data, content)
+                }
                 None => {
                     let problems = self.model.lock().unwrap().check_view(
                         snap,
@@ -1100,8 +1171,11 @@ impl Live {
                 .clone();
             for &(block, generation) in &record.writes {
                 let at = (block * BLOCK) as usize;
-                expected[at..at + BLOCK as usize]
-                    .copy_from_slice(&stamp(CLONE_MAGIC, block, generation));
+                expected[at..at + BLOCK as usize].copy_from_slice(&stamp(
+                    CLONE_MAGIC,
+                    block,
+                    generation,
+                ));
             }
             self.rpc.export(clone, clone);
             let (data, _) = read_region(port, clone);
@@ -1171,6 +1245,7 @@ fn kill_point(rng: &mut fastrand::Rng) -> KillPoint {
 /// write, each snapshot its point-in-time image, each clone its own writes.
 #[test]
 fn kill_9_in_the_live_loop_keeps_every_lvol_cluster_and_acknowledged_write() {
+    let _turn = take_turn();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     make_store(d);
@@ -1217,7 +1292,11 @@ fn kill_9_in_the_live_loop_keeps_every_lvol_cluster_and_acknowledged_write() {
         writer.stop();
         {
             let m = model.lock().unwrap();
-            assert!(m.errors.is_empty(), "seed {seed}, round {round}: {:?}", m.errors);
+            assert!(
+                m.errors.is_empty(),
+                "seed {seed}, round {round}: {:?}",
+                m.errors
+            );
         }
         report.push(format!("round {round}: {kill:?}"));
         live.check_offline(round);
@@ -1233,7 +1312,12 @@ fn kill_9_in_the_live_loop_keeps_every_lvol_cluster_and_acknowledged_write() {
         .unwrap()
         .iter()
         .filter(|blob| blob.get("alias").is_some())
-        .map(|blob| (blob["name"].as_str().unwrap(), blob["uuid"].as_str().unwrap()))
+        .map(|blob| {
+            (
+                blob["name"].as_str().unwrap(),
+                blob["uuid"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(lvols, [("origin", origin_uuid.as_str())]);
     eprintln!(
