@@ -955,7 +955,7 @@ fn live_loop_under_fio_keeps_snapshots_point_in_time_and_fio_verify_clean() {
         timings: Vec::new(),
         seed,
     };
-    for iteration in 0..12 {
+    for iteration in 0..10 {
         assert!(live.iteration(0, iteration, &mut rng), "no kill was asked");
     }
     // fio ran the whole loop: stop it (SIGINT: it reports and exits 128).
@@ -1275,7 +1275,7 @@ fn kill_9_in_the_live_loop_keeps_every_lvol_cluster_and_acknowledged_write() {
         timings: Vec::new(),
         seed,
     };
-    const ROUNDS: usize = 8;
+    const ROUNDS: usize = 6;
     let mut report = Vec::new();
     for round in 0..ROUNDS {
         live.daemon = Some(serve(d));
