@@ -53,7 +53,10 @@ const RPC_LIMIT: Duration = Duration::from_secs(60);
 const ACK_LIMIT: Duration = Duration::from_secs(60);
 
 /// The tests take turns: each runs a daemon with two reactors and several clients, and CI
-/// machines have few cores.
+/// machines have few cores. Open (issue 14): run at once on a loaded 2-core machine, about one
+/// run in five had a daemon stop acknowledging the origin's writes for good (both reactors
+/// idle, no I/O left in its io_uring rings), e.g. after a restart and a merge into the
+/// origin; a merge then never finishes draining. Not seen with the tests taking turns.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn take_turn() -> std::sync::MutexGuard<'static, ()> {
