@@ -378,7 +378,9 @@ impl Blobstore {
         Ok(())
     }
 
-    /// Deletes blob `id`: -EBUSY while it is open elsewhere or is a snapshot with clones.
+    /// Deletes blob `id`: -EBUSY while it is open elsewhere or is a snapshot with several
+    /// clones; a snapshot with one clone is merged into it (the clone may be open and doing
+    /// I/O: it is frozen for the merge).
     /// Its metadata pages are zeroed (root first) and its clusters released.
     ///
     /// Dropping the returned future does not cancel the operation: it runs to completion as its

@@ -127,6 +127,11 @@ pub fn spawn_client(dir: &Path, program: &str, args: &[&str]) -> RunningClient {
 }
 
 impl RunningClient {
+    /// Its process id (to signal it).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Waits for it to end, at most `limit` (then kills it and fails).
     pub fn wait(mut self, limit: Duration) -> ClientRun {
         let deadline = Instant::now() + limit;
