@@ -44,7 +44,7 @@ impl Default for InitOptions {
 
 impl Blobstore {
     /// Formats `desc` as an empty store and returns it open, with the calling reactor as
-    /// its metadata reactor. Zeroes the metadata area, unmaps the data area (best effort),
+    /// its metadata reactor. Zeroes the metadata area, unmaps the data area (best effort), flushes,
     /// then writes the super block (clean = 0 until the first unload).
     pub async fn init(desc: BdevDesc, options: &InitOptions) -> Result<Blobstore> {
         let block_size = u64::from(desc.block_size());
@@ -127,6 +127,10 @@ impl Blobstore {
                 Err(err) => tracing::debug!(%err, "unmap of the data area at init skipped"),
             }
         }
+        // The clears must be durable before the super block that makes the area a store's
+        // metadata: a cut that kept the new super block and lost the clear would let a dirty
+        // load replay the pages of the store formatted over.
+        flush(channel).await?;
         write_bytes(channel, 0, &super_block.encode()).await?;
         flush(channel).await?;
         Ok(Blobstore::register(inner))
@@ -343,11 +347,11 @@ impl Blobstore {
 }
 
 /// Clears the first `md_bytes` of the device (super block, masks, md pages) so no page of an
-/// earlier store there can be replayed, the way SPDK's init clear methods do: with an unmap
-/// when the device promises that unmapped blocks read zeros (a file: a punched hole, which
-/// takes no disk space; SPDK's default `BS_CLEAR_WITH_UNMAP`), else with write-zeroes (which
-/// falls back to writing zeros where the device has no such command). A 1 TiB store's 4 GiB
-/// md area then costs a new sparse file nothing.
+/// earlier store there can be replayed. SPDK's init write-zeroes this area; Spool gets the
+/// same zeros with an unmap when the device promises that unmapped blocks read zeros (a
+/// file: a punched hole, which takes no disk space, where a file's write-zeroes allocates
+/// it), else with write-zeroes (which falls back to writing zeros where the device has no
+/// such command). A 1 TiB store's 4 GiB md area then costs a new sparse file nothing.
 async fn clear_md_area(
     channel: &BdevChannel,
     md_bytes: u64,
