@@ -2,9 +2,11 @@
 //!
 //! A snapshot takes over its blob's clusters; the blob becomes a thin clone of it. Order, and
 //! what a crash at each step leaves (the load-time repair is in [`repair_pending_snapshots`]):
-//! 1. the blob's metadata is synced, then a new blob S is created with the internal xattr
-//!    `SNAPTMP` = the original's id (crash: S is deleted at load);
-//! 2. the original's I/O is frozen and drained (see `freeze`);
+//! 1. a new blob S is created with the internal xattr `SNAPTMP` = the original's id (crash:
+//!    S is deleted at load);
+//! 2. the original's I/O is frozen and drained (see `freeze`), then its metadata is synced
+//!    (drained, it is clean as a rule: thin inserts end once persisted; under load, a sync
+//!    before the freeze waited behind the writers' group commits);
 //! 3. S gets the original's cluster map (and its extent pages, as SPDK moves them) and is
 //!    written (crash: the original still owns everything; S is deleted at load, freeing only
 //!    its own metadata pages);
@@ -74,8 +76,6 @@ impl Blobstore {
         }
         self.retry_abandoned_snapshots().await;
         steps.mark("retry");
-        crate::persist::persist(self, &orig.state).await?;
-        steps.mark("persist_orig");
         let snap = self
             .create_and_open(&BlobOptions {
                 num_clusters: 0,
@@ -95,6 +95,17 @@ impl Blobstore {
             return Err(err);
         }
         steps.mark("freeze");
+        // Drained, the original is clean as a rule (a thin insert ends once persisted); a
+        // change of its own (a resize, an xattr) is written now, so that S takes a map
+        // whose extent pages are on disk.
+        if let Err(err) = crate::persist::persist(self, &orig.state).await {
+            if let Err(undo) = crate::freeze::unfreeze(self, &io).await {
+                tracing::warn!(blob = format!("{:#x}", orig.id()), %undo, "releasing I/O after a failed snapshot");
+            }
+            self.abandon_snapshot(snap).await;
+            return Err(err);
+        }
+        steps.mark("persist_orig");
         let result = self.move_clusters(orig, &snap, steps).await;
         let thawed = crate::freeze::unfreeze(self, &io).await;
         steps.mark("unfreeze");
