@@ -82,6 +82,38 @@ impl Deferred {
         count
     }
 
+    /// As [`Deferred::drain_due`], except that the FIFO part stops once `complete` has
+    /// reported `budget` bytes of work (after at least one slot; it returns each slot's
+    /// bytes): a device that moves data at completion time bounds one pass's work, so what
+    /// else the reactor has to do (a metadata step, a message) waits for at most that much.
+    /// The rest stays queued, in order, for the next pass.
+    #[inline]
+    pub fn drain_due_within(
+        &mut self,
+        budget: usize,
+        mut complete: impl FnMut(SlotId) -> usize,
+    ) -> usize {
+        let mut count = 0;
+        let mut spent = 0usize;
+        let fifo_len = self.fifo.len();
+        for _ in 0..fifo_len {
+            if count > 0 && spent >= budget {
+                break;
+            }
+            let Some(slot) = self.fifo.pop_front() else {
+                break;
+            };
+            spent = spent.saturating_add(complete(slot));
+            count += 1;
+        }
+        if !self.timed.is_empty() {
+            count += self.drain_timed(&mut |slot| {
+                complete(slot);
+            });
+        }
+        count
+    }
+
     fn drain_timed(&mut self, complete: &mut impl FnMut(SlotId)) -> usize {
         let now_ns = spool_reactor::now_ns();
         let mut due = std::mem::take(&mut self.due);

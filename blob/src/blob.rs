@@ -502,6 +502,21 @@ impl Blob {
         .await
     }
 
+    /// Gives back a handle an operation of the store opened for itself (a snapshot's handles
+    /// on the original and on the new snapshot), from inside that operation's own task.
+    /// While other handles remain only the count drops: no task, no persist, so the call
+    /// does not wait for reactor passes (each one long while copy-on-writes run). Whatever
+    /// is dirty then is written by its own owners: thin inserts persist themselves, and the
+    /// operation wrote its own changes before. The last handle closes as [`Blob::close`].
+    pub(crate) async fn close_within_op(self) -> Result<()> {
+        let refs = self.state.open_ref.get();
+        if refs > 1 {
+            self.state.open_ref.set(refs - 1);
+            return Ok(());
+        }
+        self.close_now().await
+    }
+
     /// The body of `close`, which runs it as its own task.
     async fn close_now(self) -> Result<()> {
         self.store.check_md_thread()?;

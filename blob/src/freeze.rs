@@ -32,6 +32,7 @@ pub(crate) async fn freeze(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> {
 }
 
 async fn enter_and_drain(store: &Blobstore, io: &Arc<BlobIo>, first: bool) -> Result<()> {
+    let mut steps = crate::steps::Steps::start("freeze");
     if first {
         // A barrier: every reactor holding a channel has seen the flag, so whatever it
         // submits from now on waits, and what it submitted before is counted in flight.
@@ -45,6 +46,7 @@ async fn enter_and_drain(store: &Blobstore, io: &Arc<BlobIo>, first: bool) -> Re
             what: format!("freezing I/O of blob {:#x}", io.id()),
         })?;
     }
+    steps.mark("gate");
     // Every channel's count of this blob's I/O, until all are zero (they only fall now).
     loop {
         let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -64,6 +66,7 @@ async fn enter_and_drain(store: &Blobstore, io: &Arc<BlobIo>, first: bool) -> Re
             });
         }
         if total.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            steps.mark("drain");
             return Ok(());
         }
         spool_reactor::sleep(DRAIN_POLL).await;

@@ -39,6 +39,7 @@ pub mod meta;
 mod persist;
 mod resize;
 mod snapshot;
+mod steps;
 pub mod store;
 mod sync;
 

@@ -2,9 +2,11 @@
 //!
 //! A snapshot takes over its blob's clusters; the blob becomes a thin clone of it. Order, and
 //! what a crash at each step leaves (the load-time repair is in [`repair_pending_snapshots`]):
-//! 1. the blob's metadata is synced, then a new blob S is created with the internal xattr
-//!    `SNAPTMP` = the original's id (crash: S is deleted at load);
-//! 2. the original's I/O is frozen and drained (see `freeze`);
+//! 1. a new blob S is created with the internal xattr `SNAPTMP` = the original's id (crash:
+//!    S is deleted at load);
+//! 2. the original's I/O is frozen and drained (see `freeze`), then its metadata is synced
+//!    (drained, it is clean as a rule: thin inserts end once persisted; under load, a sync
+//!    before the freeze waited behind the writers' group commits);
 //! 3. S gets the original's cluster map (and its extent pages, as SPDK moves them) and is
 //!    written (crash: the original still owns everything; S is deleted at load, freeing only
 //!    its own metadata pages);
@@ -47,18 +49,26 @@ impl Blobstore {
     /// The body of `create_snapshot`, which runs it as its own task.
     async fn create_snapshot_now(&self, id: u64, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
         self.check_md_thread()?;
+        let mut steps = crate::steps::Steps::start("snapshot");
         let orig = self.open_blob(id).await?;
+        steps.mark("open");
         let result = match orig.state.begin_op("snapshot") {
-            Ok(_op) => self.snapshot_of(&orig, xattrs).await,
+            Ok(_op) => self.snapshot_of(&orig, xattrs, &mut steps).await,
             Err(err) => Err(err),
         };
-        let closed = orig.close().await;
+        let closed = orig.close_within_op().await;
+        steps.mark("close_orig");
         let snapshot = result?;
         closed?;
         Ok(snapshot)
     }
 
-    async fn snapshot_of(&self, orig: &Blob, xattrs: &[(String, Vec<u8>)]) -> Result<u64> {
+    async fn snapshot_of(
+        &self,
+        orig: &Blob,
+        xattrs: &[(String, Vec<u8>)],
+        steps: &mut crate::steps::Steps,
+    ) -> Result<u64> {
         if orig.is_read_only() {
             return Err(BlobError::InvalidArgument(format!(
                 "blob {:#x} is read-only: a snapshot needs a writable blob",
@@ -66,7 +76,7 @@ impl Blobstore {
             )));
         }
         self.retry_abandoned_snapshots().await;
-        crate::persist::persist(self, &orig.state).await?;
+        steps.mark("retry");
         let snap = self
             .create_and_open(&BlobOptions {
                 num_clusters: 0,
@@ -79,17 +89,32 @@ impl Blobstore {
                 form: orig.extent_form(),
             })
             .await?;
+        steps.mark("create_snap");
         let io = orig.io();
         if let Err(err) = crate::freeze::freeze(self, &io).await {
             self.abandon_snapshot(snap).await;
             return Err(err);
         }
-        let result = self.move_clusters(orig, &snap).await;
+        steps.mark("freeze");
+        // Drained, the original is clean as a rule (a thin insert ends once persisted); a
+        // change of its own (a resize, an xattr) is written now, so that S takes a map
+        // whose extent pages are on disk.
+        if let Err(err) = crate::persist::persist(self, &orig.state).await {
+            if let Err(undo) = crate::freeze::unfreeze(self, &io).await {
+                tracing::warn!(blob = format!("{:#x}", orig.id()), %undo, "releasing I/O after a failed snapshot");
+            }
+            self.abandon_snapshot(snap).await;
+            return Err(err);
+        }
+        steps.mark("persist_orig");
+        let result = self.move_clusters(orig, &snap, steps).await;
         let thawed = crate::freeze::unfreeze(self, &io).await;
+        steps.mark("unfreeze");
         let snap_id = snap.id();
         match result {
             Ok(()) => {
-                snap.close().await?;
+                snap.close_within_op().await?;
+                steps.mark("close_snap");
                 thawed?;
                 Ok(snap_id)
             }
@@ -107,7 +132,12 @@ impl Blobstore {
 
     /// Steps 3 to 5 with I/O frozen. On error, says whether the original's new metadata
     /// reached the disk (then S must stay).
-    async fn move_clusters(&self, orig: &Blob, snap: &Blob) -> Result<(), (BlobError, bool)> {
+    async fn move_clusters(
+        &self,
+        orig: &Blob,
+        snap: &Blob,
+        steps: &mut crate::steps::Steps,
+    ) -> Result<(), (BlobError, bool)> {
         let snap_id = snap.id();
         let old_parent = orig.parent_id();
         {
@@ -127,6 +157,7 @@ impl Blobstore {
             Err(err) => return Err((err, false)),
             Ok(late) => warn_late(snap_id, "snapshot map", late),
         }
+        steps.mark("persist_snap_map");
         // The original becomes a thin clone of S with an empty map, once S is durable.
         let saved = orig.state.meta.borrow().clone();
         {
@@ -150,6 +181,7 @@ impl Blobstore {
             }
             Ok(late) => warn_late(orig.id(), "snapshot's original", late),
         }
+        steps.mark("persist_orig_thin");
         // In memory: the parent handle moves to S, the original reads through S.
         let moved_parent = orig.state.replace_parent(Some(snap.reopen()));
         snap.state.replace_parent(moved_parent);
@@ -175,6 +207,7 @@ impl Blobstore {
             Err(err) => return Err((err, true)),
             Ok(late) => warn_late(snap_id, "finished snapshot", late),
         }
+        steps.mark("persist_snap_final");
         // The finished S durable before the call returns: a later operation on the original
         // (a delete, a decouple) must never reach the disk while S still looks half-made,
         // or the load would take S for a snapshot never taken and remove it.

@@ -170,3 +170,20 @@ fn metadata_rates_are_measured() {
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["md_pages"], 114);
 }
+
+#[test]
+fn snapshots_under_load_are_measured() {
+    let config = PerfConfig {
+        layer: Layer::Snap,
+        snapshots: 2,
+        snap_gap_ms: 5,
+        ..short("malloc:256M")
+    };
+    let report = perf::snapshot_load::run(&config).unwrap();
+    assert_eq!(report.snapshots, 2, "the first snapshot is not counted");
+    assert!(report.call_ms.p50 > 0.0 && report.call_ms.p50 <= report.call_ms.max);
+    assert!(report.write_iops > 0.0);
+    assert!(report.volume_bytes > 0 && report.volume_bytes < 256 << 20);
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["pause_ms"]["max"].is_number());
+}

@@ -71,6 +71,9 @@ pub enum Layer {
     /// Metadata rates: create, open+close, delete of --blobs blobs, and clean and dirty
     /// load times (the target's contents are replaced).
     Md,
+    /// Snapshot call latency and write pause under --qd random writes of --bs on every
+    /// core, at --cluster-size (the target's contents are replaced).
+    Snap,
 }
 
 /// The I/O pattern.
@@ -104,6 +107,12 @@ pub struct PerfArgs {
     /// Blobs per phase of --layer md.
     #[arg(long, default_value_t = 10_000)]
     pub blobs: u64,
+    /// Snapshots --layer snap counts (it takes one more first, of the thick volume).
+    #[arg(long, default_value_t = 20)]
+    pub snapshots: u64,
+    /// Milliseconds from one snapshot call's return to the next (--layer snap).
+    #[arg(long, default_value_t = 20)]
+    pub snap_gap: u64,
     /// I/O pattern.
     #[arg(long, value_enum, default_value_t = RwMode::Randread)]
     pub rw: RwMode,

@@ -65,6 +65,17 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
             }
             Ok(())
         }
+        Command::Perf(args) if args.layer == cli::Layer::Snap => {
+            let report = perf::run_snapshot_load(args)?;
+            if args.json {
+                let json = serde_json::to_string_pretty(&report)
+                    .map_err(|err| ToolError::Run(err.to_string()))?;
+                println!("{json}");
+            } else {
+                print!("{}", perf::snapshot_table(&report));
+            }
+            Ok(())
+        }
         Command::Perf(args) => {
             let report = perf::run(args)?;
             if args.json {

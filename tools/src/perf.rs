@@ -6,7 +6,9 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use spool_engine::perf::report::LatencyUs;
-use spool_engine::perf::{self, MetadataReport, PerfConfig, PerfEvent, PerfReport};
+use spool_engine::perf::{
+    self, MetadataReport, PerfConfig, PerfEvent, PerfReport, SnapshotLoadReport,
+};
 use spool_engine::{parse_size, TargetOptions};
 
 use crate::cli::{Layer, PerfArgs, RwMode};
@@ -18,6 +20,7 @@ impl From<Layer> for perf::Layer {
             Layer::Bdev => perf::Layer::Bdev,
             Layer::Blob => perf::Layer::Blob,
             Layer::Md => perf::Layer::Md,
+            Layer::Snap => perf::Layer::Snap,
         }
     }
 }
@@ -72,7 +75,7 @@ fn config(args: &PerfArgs) -> Result<PerfConfig, ToolError> {
     };
     let cluster_size = match args.layer {
         Layer::Bdev => PerfConfig::default().cluster_size,
-        Layer::Blob | Layer::Md => parse_size(&args.cluster_size)?,
+        Layer::Blob | Layer::Md | Layer::Snap => parse_size(&args.cluster_size)?,
     };
     Ok(PerfConfig {
         target: args.target.clone(),
@@ -80,6 +83,8 @@ fn config(args: &PerfArgs) -> Result<PerfConfig, ToolError> {
         layer: args.layer.into(),
         cluster_size,
         blobs: args.blobs,
+        snapshots: args.snapshots,
+        snap_gap_ms: args.snap_gap,
         rw: args.rw.into(),
         rwmix: args.rwmix,
         bs,
@@ -114,6 +119,11 @@ pub fn run(args: &PerfArgs) -> Result<PerfReport, ToolError> {
 /// Runs `spool perf --layer md`: metadata rates on the target (on the first chosen core).
 pub fn run_metadata(args: &PerfArgs) -> Result<MetadataReport, ToolError> {
     Ok(perf::run_metadata(&config(args)?)?)
+}
+
+/// Runs `spool perf --layer snap`: snapshot call latency and write pause under load.
+pub fn run_snapshot_load(args: &PerfArgs) -> Result<SnapshotLoadReport, ToolError> {
+    Ok(perf::snapshot_load::run(&config(args)?)?)
 }
 
 /// The progress line on stderr while the jobs run: a bar on a terminal, else a line a
@@ -263,6 +273,40 @@ pub fn metadata_table(report: &MetadataReport) -> String {
     );
     for (name, value) in rows {
         out.push_str(&format!("{name:>22} {value:>12}\n"));
+    }
+    out
+}
+
+/// A `--layer snap` report as a table for people.
+pub fn snapshot_table(report: &SnapshotLoadReport) -> String {
+    let mut out = format!(
+        "spool perf --layer snap: {}, cluster {} KiB, volume {} MiB, bs={} qd={} cores {:?}, {} snapshots {} ms apart, {:.0} writes/s\n",
+        report.target,
+        report.cluster_size >> 10,
+        report.volume_bytes >> 20,
+        report.bs,
+        report.qd,
+        report.cores,
+        report.snapshots,
+        report.gap_ms,
+        report.write_iops,
+    );
+    out.push_str(&format!(
+        "first snapshot (nothing to copy): {:.2} ms\n{:>34} {:>9} {:>9} {:>9}\n",
+        report.first_call_ms, "ms", "p50", "p99", "max"
+    ));
+    let rows = [
+        ("snapshot call", report.call_ms),
+        ("write pause during the call", report.pause_ms),
+        ("completion gap between calls", report.baseline_gap_ms),
+        ("longest write during the call", report.write_max_ms),
+        ("longest write between calls", report.baseline_write_max_ms),
+    ];
+    for (name, spread) in rows {
+        out.push_str(&format!(
+            "{name:>34} {:>9.2} {:>9.2} {:>9.2}\n",
+            spread.p50, spread.p99, spread.max
+        ));
     }
     out
 }

@@ -10,14 +10,17 @@
 //! - `blob_layer`: the store and the thick blob that [`Layer::Blob`] measures through.
 //! - [`metadata`]: [`Layer::Md`], metadata rates and load times.
 //! - [`report`]: the figures, serialisable as the JSON `spool perf --json` prints.
+//! - [`snapshot_load`]: [`Layer::Snap`], snapshot call latency and write pause under load.
 
 mod blob_layer;
 pub mod metadata;
 pub mod report;
+pub mod snapshot_load;
 mod worker;
 
 pub use crate::perf::metadata::MetadataReport;
 pub use crate::perf::report::PerfReport;
+pub use crate::perf::snapshot_load::SnapshotLoadReport;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +47,9 @@ pub enum Layer {
     Blob,
     /// Metadata rates (see [`run_metadata`]; the target's contents are replaced).
     Md,
+    /// Snapshot call latency and write pause under random writes (see [`snapshot_load`];
+    /// the target's contents are replaced).
+    Snap,
 }
 
 impl Layer {
@@ -53,6 +59,7 @@ impl Layer {
             Layer::Bdev => "bdev",
             Layer::Blob => "blob",
             Layer::Md => "md",
+            Layer::Snap => "snap",
         }
     }
 }
@@ -104,6 +111,10 @@ pub struct PerfConfig {
     pub cluster_size: u64,
     /// Blobs per phase of [`Layer::Md`].
     pub blobs: u64,
+    /// Snapshots [`Layer::Snap`] counts (it takes one more first).
+    pub snapshots: u64,
+    /// Milliseconds between one snapshot call's return and the next call ([`Layer::Snap`]).
+    pub snap_gap_ms: u64,
     /// The I/O pattern.
     pub rw: RwMode,
     /// Percentage of reads for [`RwMode::Randrw`] (0 to 100).
@@ -130,6 +141,8 @@ impl Default for PerfConfig {
             layer: Layer::Bdev,
             cluster_size: 1 << 20,
             blobs: 10_000,
+            snapshots: 20,
+            snap_gap_ms: 20,
             rw: RwMode::Randread,
             rwmix: 70,
             bs: 4096,
@@ -227,10 +240,11 @@ pub fn run(
             let bytes = blob.num_io_units() * blob.io_unit_size();
             (JobTarget::Blob(blob), bytes)
         }
-        Layer::Md => {
-            return Err(EngineError::InvalidArgument(
-                "--layer md measures metadata, not I/O (see run_metadata)".into(),
-            ))
+        Layer::Md | Layer::Snap => {
+            return Err(EngineError::InvalidArgument(format!(
+                "--layer {} is not an I/O job (see run_metadata, snapshot_load::run)",
+                config.layer.name()
+            )))
         }
     };
     if bs > region_bytes {
