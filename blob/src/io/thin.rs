@@ -59,7 +59,8 @@ impl BlobChannel {
                     let device = u64::from(cluster) * cluster_size + offset % cluster_size;
                     let mut tmp = DmaBuf::alloc(data.len())?;
                     tmp.copy_from_slice(data);
-                    self.bdev().write(tmp, device).await.0?;
+                    // Counted until the device is done, even if this future is dropped.
+                    self.device_write(blob, tmp, device).await.0?;
                 }
                 return Ok(());
             }

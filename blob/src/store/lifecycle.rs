@@ -288,16 +288,7 @@ impl Blobstore {
         self.refuse_if_blobs_open("unload")?;
         // A thin first write still filling a cluster it claimed: the masks must not record
         // the claim (its insert will fail: the blob is closed), so wait for it to end.
-        let mut waited = 0u32;
-        while self.shared().claims_outstanding() > 0 && waited < 100_000 {
-            spool_reactor::sleep(std::time::Duration::from_micros(50)).await;
-            waited += 1;
-        }
-        if self.shared().claims_outstanding() > 0 {
-            return Err(BlobError::Busy(
-                "a thin write on another reactor still holds a claimed cluster".into(),
-            ));
-        }
+        self.wait_for_claims().await?;
         let _guard = self.inner.super_lock.lock().await;
         // Releases still waiting for a flush (only after a failed one) are free once one
         // completes: the masks must show them free.
@@ -332,9 +323,28 @@ impl Blobstore {
         self.check_md_thread()?;
         let _closed = self.close_md_ops("destroy").await?;
         self.refuse_if_blobs_open("destroy")?;
+        // A thin first write still filling a cluster it claimed would write after destroy
+        // returned: wait for it, as unload does.
+        self.wait_for_claims().await?;
         zero_bytes(&self.inner.md_channel, 0, PAGE_SIZE_U64).await?;
         flush(&self.inner.md_channel).await?;
         self.finish();
+        Ok(())
+    }
+
+    /// Waits (at most about 5 s) until no thin first write holds a claimed cluster (its fill
+    /// write may still be on the device); -EBUSY if one still does.
+    async fn wait_for_claims(&self) -> Result<()> {
+        let mut waited = 0u32;
+        while self.shared().claims_outstanding() > 0 && waited < 100_000 {
+            spool_reactor::sleep(std::time::Duration::from_micros(50)).await;
+            waited += 1;
+        }
+        if self.shared().claims_outstanding() > 0 {
+            return Err(BlobError::Busy(
+                "a thin write on another reactor still holds a claimed cluster".into(),
+            ));
+        }
         Ok(())
     }
 
