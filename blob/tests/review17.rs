@@ -421,3 +421,137 @@ fn a_mask_disagreement_is_named_as_such() {
         "the reason does not name the mask disagreement: {reason:?}"
     );
 }
+
+/// A clone whose `SNAP` names md page 5, where no blob is (a corrupt or hostile store; a
+/// clean store never has one: a snapshot with clones cannot be deleted). The clean load
+/// records the edge as it is: `clones_of(0x100000005)` lists the clone although no such blob
+/// exists, and nothing in the load report says the clone is broken. Then `create_blob` fills
+/// pages 1..5, the blob at page 5 gets that id and, from its first moment, "has" a clone:
+/// the clone, which could not open before (its parent was missing), now opens and reads
+/// through a blob it never had anything to do with (deleting the new blob would merge it
+/// into the clone).
+///
+/// Expected: the load reports the clone unreadable (its parent is not a blob) and keeps no
+/// graph edge to a free id, so a new blob never inherits a clone. Fault: `Found::apply` in
+/// `blob/src/store/load.rs` (a `SNAP` target not in `used_blobids` is accepted).
+#[test]
+fn a_clone_whose_parent_is_not_a_blob_is_reported_and_never_adopted() {
+    let rt = runtime();
+    let missing = page_to_blobid(5);
+    let image = make_image(&rt, move |store| async move {
+        store
+            .create_blob(&BlobOptions {
+                num_clusters: 2,
+                thin: true,
+                internal_xattrs: vec![("SNAP".into(), missing.to_le_bytes().to_vec())],
+                ..BlobOptions::default()
+            })
+            .await
+            .unwrap();
+    });
+    let clone = page_to_blobid(0);
+    let outcome = rt
+        .block_on(rt.reactors()[0], move || async move {
+            let (store, report) = Blobstore::load(desc_of(&image), &LoadOptions::default())
+                .await
+                .unwrap();
+            assert!(store.open_blob(clone).await.is_err(), "its parent is missing");
+            let reported = report.unreadable.iter().any(|(id, _)| *id == clone);
+            let mut made = Vec::new();
+            for _ in 0..5 {
+                made.push(store.create_blob(&BlobOptions::default()).await.unwrap());
+            }
+            assert!(made.contains(&missing));
+            let adopted = store.clones_of(missing);
+            let opens = match store.open_blob(clone).await {
+                Ok(blob) => {
+                    let parent = blob.parent_id();
+                    blob.close().await.unwrap();
+                    format!("opens now, reading through {parent:x?}")
+                }
+                Err(err) => format!("still fails to open: {err}"),
+            };
+            store.unload().await.unwrap();
+            if !reported || !adopted.is_empty() {
+                Err(format!(
+                    "the load report does not name the clone ({:?}); after create_blob made \
+                     {missing:#x}, clones_of({missing:#x}) = {adopted:x?}; the clone {opens}",
+                    report.unreadable
+                ))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+    if let Err(msg) = outcome {
+        panic!("{msg}");
+    }
+}
+
+/// A thick run-length blob A whose one cluster is clear in the used-cluster mask (a mask
+/// that disagrees with the pages). The clean load parses A's root page (it parses every
+/// one-page root for the snapshot graph) but checks its clusters only against the store's
+/// size, so the cluster stays free; a new thick blob N gets it; A then opens fine (its
+/// cluster is now "in use", by N) and the two blobs share a cluster: N's writes show in A.
+///
+/// Expected: the load, which already visits A's clusters, refuses the store or marks the
+/// cluster used (or A fails to open), so that no cluster is ever mapped by two blobs.
+/// Fault: `read_graph` in `blob/src/store/load.rs` (`RangeCheck` for a clean load does not
+/// consult the used-cluster mask it trusts).
+#[test]
+fn a_cluster_missing_from_the_mask_is_not_handed_to_a_second_blob() {
+    let rt = runtime();
+    let mut image = make_image(&rt, |store| async move {
+        store
+            .create_blob(&BlobOptions {
+                num_clusters: 1,
+                form: ExtentForm::Rle,
+                ..BlobOptions::default()
+            })
+            .await
+            .unwrap();
+    });
+    let block = super_of(&image);
+    // Cluster 1: the first data cluster, A's.
+    assert!(mask_bit(&image, block.used_cluster_mask_start, 1));
+    clear_mask_bit(&mut image, block.used_cluster_mask_start, 1);
+    let a = page_to_blobid(0);
+    let outcome = rt
+        .block_on(rt.reactors()[0], move || async move {
+            let (store, _) = match Blobstore::load(desc_of(&image), &LoadOptions::default()).await
+            {
+                Ok(loaded) => loaded,
+                Err(_) => return Ok(()),
+            };
+            let n = common::create_thick(&store, 1).await;
+            let nb = store.open_blob(n).await.unwrap();
+            let n_map = nb.cluster_map();
+            let channel = store.channel().unwrap();
+            common::write(&channel, &nb.io(), 0, &[0x4E; 4096]).await;
+            nb.close().await.unwrap();
+            let result = match store.open_blob(a).await {
+                Err(_) => Ok(()),
+                Ok(ab) => {
+                    let a_map = ab.cluster_map();
+                    let data = common::read(&channel, &ab.io(), 0, 4096).await;
+                    ab.close().await.unwrap();
+                    if a_map.iter().any(|c| n_map.contains(c)) {
+                        Err(format!(
+                            "A {a:#x} maps {a_map:?} and N {n:#x} maps {n_map:?}: one cluster, \
+                             two blobs (A reads {:#x}, N's byte)",
+                            data[0]
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+            drop(channel);
+            store.unload().await.unwrap();
+            result
+        })
+        .unwrap();
+    if let Err(msg) = outcome {
+        panic!("{msg}");
+    }
+}
