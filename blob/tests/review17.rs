@@ -555,3 +555,141 @@ fn a_cluster_missing_from_the_mask_is_not_handed_to_a_second_blob() {
         panic!("{msg}");
     }
 }
+
+/// A device that claims `blocks` blocks but stores only the inner device's: requests past the
+/// inner device complete at once, untouched (no memory per block).
+struct Sparse {
+    inner: Arc<MallocBdev>,
+    blocks: u64,
+}
+
+struct SparseChannel {
+    inner: Box<dyn spool_bdev::ChannelBackend>,
+    inner_bytes: u64,
+}
+
+impl Bdev for Sparse {
+    fn name(&self) -> &str {
+        "sparse"
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn block_count(&self) -> u64 {
+        self.blocks
+    }
+    fn create_channel(
+        &self,
+        slots: std::rc::Rc<spool_bdev::IoSlots>,
+    ) -> Result<Box<dyn spool_bdev::ChannelBackend>, spool_bdev::BdevError> {
+        Ok(Box::new(SparseChannel {
+            inner: self.inner.create_channel(slots)?,
+            inner_bytes: self.inner.size_bytes(),
+        }))
+    }
+}
+
+impl spool_bdev::ChannelBackend for SparseChannel {
+    fn submit(&mut self, io: spool_bdev::Submission<'_>) {
+        if io.offset_bytes() + io.len_bytes() <= self.inner_bytes {
+            self.inner.submit(io);
+        } else {
+            io.complete(0);
+        }
+    }
+    fn poll(&mut self) -> spool_reactor::PollStatus {
+        self.inner.poll()
+    }
+}
+
+const CHILD: &str = "REVIEW17_CHILD";
+
+/// The child half of [`a_mask_region_longer_than_its_bits_does_not_abort_the_load`]: a
+/// 256 GiB store (1 GiB clusters, md region at 128 GiB) whose super block gives the
+/// used-md-page mask (16 bits: one page needed) a region of 2^24 pages (64 GiB) between the
+/// super block and the md region. Every field passes `check_geometry`.
+fn hostile_mask_length_child() {
+    let mut image = vec![0u8; 16 * 4096];
+    let block = SuperBlock {
+        clean: 1,
+        cluster_size: 1 << 30,
+        used_page_mask_start: 1,
+        used_page_mask_len: 1 << 24,
+        used_cluster_mask_start: (1 << 24) + 1,
+        used_cluster_mask_len: 1,
+        used_blobid_mask_start: (1 << 24) + 2,
+        used_blobid_mask_len: 1,
+        md_start: 1 << 25,
+        md_len: 16,
+        ..SuperBlock::default()
+    };
+    image[..4096].copy_from_slice(&block.encode());
+    image[4096] = 0; // type: used md pages
+    image[4097..4101].copy_from_slice(&16u32.to_le_bytes());
+    let inner = Arc::new(MallocBdev::from_image("inner", 4096, &image).unwrap());
+    let sparse = Arc::new(Sparse {
+        inner,
+        blocks: (256u64 << 30) / 4096,
+    });
+    let desc = BdevDesc::open(sparse as Arc<dyn Bdev>).unwrap();
+    let rt = runtime();
+    let outcome = rt
+        .block_on(rt.reactors()[0], move || async move {
+            match Blobstore::load(desc, &LoadOptions::default()).await {
+                Ok((store, _)) => {
+                    drop(store);
+                    "loaded".to_string()
+                }
+                Err(err) => format!("refused: {err}"),
+            }
+        })
+        .unwrap();
+    println!("LOAD RETURNED: {outcome}");
+}
+
+/// A super block may give a mask a region far longer than its bits need (`check_geometry`
+/// only checks that it is long enough, fits the store and overlaps nothing). The clean
+/// load's `read_masks` -> `read_regions` (`blob/src/store/md_io.rs`) reads every page of each
+/// region, with every request submitted at once and a `Vec::with_capacity` of the whole
+/// region: here 64 GiB for a 16-bit mask, so the process aborts ("memory allocation of
+/// 68719476736 bytes failed") instead of the load returning. (On a device small enough not
+/// to abort, the load reads and holds twice the claimed region: its cost follows a number in
+/// the super block, up to the device's capacity, not what the masks hold.)
+///
+/// Expected: the load returns (an -EILSEQ for a mask region longer than the mask, or a
+/// success reading only `mask_pages(bits)` pages of each region); never an abort. Run in a
+/// child process with a 2 GiB address-space limit (64 GiB is more than this machine's
+/// memory, so without the limit the allocation fails the same way), so the machine's memory is safe.
+#[test]
+fn a_mask_region_longer_than_its_bits_does_not_abort_the_load() {
+    if std::env::var_os(CHILD).is_some() {
+        hostile_mask_length_child();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(
+            "ulimit -v 2097152; exec \"$0\" --exact \
+             a_mask_region_longer_than_its_bits_does_not_abort_the_load --nocapture \
+             --test-threads=1",
+        )
+        .arg(&exe)
+        .env(CHILD, "1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let tail: String = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty() && !line.starts_with("note:"))
+        .last()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        output.status.success() && stdout.contains("LOAD RETURNED"),
+        "the load did not return: child {} ({tail})",
+        output.status
+    );
+}
