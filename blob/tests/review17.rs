@@ -693,3 +693,66 @@ fn a_mask_region_longer_than_its_bits_does_not_abort_the_load() {
         output.status
     );
 }
+
+/// A blob with data and a `SNAPRM` mark naming md page 9, where no blob is (a bit flip, or a
+/// hostile image: a merge writes the mark naming the snapshot's clone, which exists until
+/// long after the snapshot is gone). The load's merge repair
+/// (`repair_interrupted_merge` in `blob/src/snapshot.rs`, called by `Blobstore::load`) sees
+/// that the "clone" does not read through the blob and deletes the blob with its data,
+/// reporting the merge "finished". The pending-snapshot repair next to it refuses to act
+/// on an original it cannot read; this one deletes on a mark naming nothing.
+///
+/// Expected: a mark whose clone is not a blob (or is not a clone of this blob's parent line)
+/// leaves the blob alone and is reported "not repaired"; the blob still opens with its data.
+#[test]
+fn a_merge_mark_naming_no_blob_does_not_delete_the_blob_at_load() {
+    let rt = runtime();
+    let nobody = page_to_blobid(9);
+    let data = common::pattern(5, 4096);
+    let written = data.clone();
+    let image = make_image(&rt, move |store| async move {
+        let id = store
+            .create_blob(&BlobOptions {
+                num_clusters: 1,
+                internal_xattrs: vec![("SNAPRM".into(), nobody.to_le_bytes().to_vec())],
+                ..BlobOptions::default()
+            })
+            .await
+            .unwrap();
+        let blob = store.open_blob(id).await.unwrap();
+        let channel = store.channel().unwrap();
+        common::write(&channel, &blob.io(), 0, &written).await;
+        drop(channel);
+        blob.close().await.unwrap();
+    });
+    let id = page_to_blobid(0);
+    let outcome = rt
+        .block_on(rt.reactors()[0], move || async move {
+            let (store, report) = Blobstore::load(desc_of(&image), &LoadOptions::default())
+                .await
+                .unwrap();
+            let result = match store.open_blob(id).await {
+                Ok(blob) => {
+                    let channel = store.channel().unwrap();
+                    let back = common::read(&channel, &blob.io(), 0, 4096).await;
+                    drop(channel);
+                    blob.close().await.unwrap();
+                    if back == data {
+                        Ok(())
+                    } else {
+                        Err(format!("the blob lost its data; load report {report:?}"))
+                    }
+                }
+                Err(err) => Err(format!(
+                    "the load deleted blob {id:#x} (repaired: {:?}); open: {err}",
+                    report.repaired
+                )),
+            };
+            store.unload().await.unwrap();
+            result
+        })
+        .unwrap();
+    if let Err(msg) = outcome {
+        panic!("{msg}");
+    }
+}
