@@ -756,3 +756,101 @@ fn a_merge_mark_naming_no_blob_does_not_delete_the_blob_at_load() {
         panic!("{msg}");
     }
 }
+
+/// Offset of the first descriptor of type `kind` in an md page (the 5-byte headers walked
+/// from byte 16).
+fn find_descriptor(page: &[u8], kind: u8) -> Option<usize> {
+    let mut at = 16;
+    while at + 5 <= 16 + 4072 {
+        let (ty, len) = (
+            page[at],
+            u32::from_le_bytes(page[at + 1..at + 5].try_into().unwrap()) as usize,
+        );
+        if ty == kind {
+            return Some(at);
+        }
+        if ty == 0 && len == 0 {
+            return None;
+        }
+        at += 5 + len;
+    }
+    None
+}
+
+/// Six thin run-length blobs of 2^26 clusters each (one root page each: FLAGS and one RLE run
+/// `(0, 2^26)`; SPDK before 20.01 writes thin blobs this way, and a thin blob may be far
+/// larger than the device; 2^26 is `MAX_BLOB_CLUSTERS`). A clean load needs only the
+/// blobs' xattrs for the snapshot graph, yet `read_graph` parses every root with
+/// `parse_decoded_chain`, which expands each run into the cluster map one entry at a time:
+/// 2^26 pushes (256 MiB written) per blob: about 0.25 s each on this machine (48 such roots
+/// measured 12 s), so a 16 MiB image whose 4,096 md pages are such roots keeps the load busy
+/// for about 17 minutes. The
+/// load's cost follows a number in the metadata, not the pages read ("a clean load costs
+/// what the blobs cost"; "every load ... must finish in bounded time on any input").
+///
+/// Expected: the graph pass does not build cluster maps (or builds unallocated runs without
+/// a loop per cluster): these six roots load in milliseconds, as six plain roots do.
+/// Fault: `read_graph` / `finish` (Mode::Graph) in `blob/src/store/load.rs` and the
+/// `ExtentRle` arm of `parse_decoded_chain` in `blob/src/meta.rs`.
+#[test]
+fn a_clean_load_does_not_expand_thin_run_length_maps() {
+    const BLOBS: u32 = 6;
+    let rt = runtime();
+    let bdev = Arc::new(MallocBdev::new("img", 4096, DEVICE / 4096).unwrap());
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).expect("open bdev");
+    rt.block_on(rt.reactors()[0], move || async move {
+        let store = Blobstore::init(
+            desc,
+            &InitOptions {
+                md_pages: Some(64),
+                ..InitOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        store
+            .create_blob(&BlobOptions {
+                num_clusters: 1,
+                thin: true,
+                form: ExtentForm::Rle,
+                ..BlobOptions::default()
+            })
+            .await
+            .unwrap();
+        store.unload().await.unwrap();
+    })
+    .unwrap();
+    let mut image = bdev.snapshot();
+    let block = super_of(&image);
+    let mut root = md_page(&image, &block, 0);
+    let rle = find_descriptor(&root, 1).expect("an RLE descriptor");
+    assert_eq!(&root[rle + 1..rle + 5], &8u32.to_le_bytes());
+    root[rle + 9..rle + 13].copy_from_slice(&(1u32 << 26).to_le_bytes());
+    for page in 0..BLOBS {
+        let mut bytes = root.clone();
+        bytes[..8].copy_from_slice(&page_to_blobid(page).to_le_bytes());
+        spool_blob::format::seal_page(&mut bytes);
+        let at = (block.md_start + page) as usize * 4096;
+        image[at..at + 4096].copy_from_slice(&bytes);
+        for start in [block.used_page_mask_start, block.used_blobid_mask_start] {
+            image[start as usize * 4096 + 5 + page as usize / 8] |= 1 << (page % 8);
+        }
+    }
+    let elapsed = rt
+        .block_on(rt.reactors()[0], move || async move {
+            let started = std::time::Instant::now();
+            let (store, report) = Blobstore::load(desc_of(&image), &LoadOptions::default())
+                .await
+                .unwrap();
+            let elapsed = started.elapsed();
+            assert_eq!(report.blobs, BLOBS as usize);
+            assert!(report.unreadable.is_empty(), "{report:?}");
+            store.unload().await.unwrap();
+            elapsed
+        })
+        .unwrap();
+    assert!(
+        elapsed < std::time::Duration::from_millis(250),
+        "a clean load of {BLOBS} one-page roots took {elapsed:?}"
+    );
+}
