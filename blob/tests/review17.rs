@@ -11,8 +11,8 @@ use std::sync::Arc;
 use common::runtime;
 
 use spool_bdev::{Bdev, BdevDesc, MallocBdev};
-use spool_blob::format::super_block::SuperBlock;
 use spool_blob::format::page_to_blobid;
+use spool_blob::format::super_block::SuperBlock;
 use spool_blob::{BlobOptions, Blobstore, ExtentForm, InitOptions, LoadOptions};
 use spool_reactor::Runtime;
 
@@ -277,7 +277,11 @@ fn a_mask_region_in_the_data_area_is_refused() {
     let mut image = make_image(&rt, |_| async {});
     let mut block = super_of(&image);
     let pages_per_cluster = block.cluster_size / 4096;
-    assert_eq!(block.md_start + block.md_len, 20, "md clusters: cluster 0 only");
+    assert_eq!(
+        block.md_start + block.md_len,
+        20,
+        "md clusters: cluster 0 only"
+    );
     let target = 8 * pages_per_cluster;
     let from = block.used_page_mask_start as usize * 4096;
     let mask = image[from..from + 4096].to_vec();
@@ -294,7 +298,10 @@ fn a_mask_region_in_the_data_area_is_refused() {
             let id = common::create_thick(&store, 15).await;
             let blob = store.open_blob(id).await.unwrap();
             let map = blob.cluster_map();
-            let index = map.iter().position(|&c| c == 8).expect("cluster 8 is the blob's") as u64;
+            let index = map
+                .iter()
+                .position(|&c| c == 8)
+                .expect("cluster 8 is the blob's") as u64;
             let unit = index * (store.cluster_size() / store.io_unit_size());
             let data = common::pattern(17, 4096);
             let channel = store.channel().unwrap();
@@ -455,7 +462,10 @@ fn a_clone_whose_parent_is_not_a_blob_is_reported_and_never_adopted() {
             let (store, report) = Blobstore::load(desc_of(&image), &LoadOptions::default())
                 .await
                 .unwrap();
-            assert!(store.open_blob(clone).await.is_err(), "its parent is missing");
+            assert!(
+                store.open_blob(clone).await.is_err(),
+                "its parent is missing"
+            );
             let reported = report.unreadable.iter().any(|(id, _)| *id == clone);
             let mut made = Vec::new();
             for _ in 0..5 {
@@ -518,8 +528,7 @@ fn a_cluster_missing_from_the_mask_is_not_handed_to_a_second_blob() {
     let a = page_to_blobid(0);
     let outcome = rt
         .block_on(rt.reactors()[0], move || async move {
-            let (store, _) = match Blobstore::load(desc_of(&image), &LoadOptions::default()).await
-            {
+            let (store, _) = match Blobstore::load(desc_of(&image), &LoadOptions::default()).await {
                 Ok(loaded) => loaded,
                 Err(_) => return Ok(()),
             };
@@ -608,10 +617,10 @@ const CHILD: &str = "REVIEW17_CHILD";
 /// 256 GiB store (1 GiB clusters, md region at 128 GiB) whose super block gives the
 /// used-md-page mask (16 bits: one page needed) a region of 2^24 pages (64 GiB) between the
 /// super block and the md region. Every field passes `check_geometry`.
-fn hostile_mask_length_child() {
+fn hostile_mask_length_child(clean: bool) {
     let mut image = vec![0u8; 16 * 4096];
     let block = SuperBlock {
-        clean: 1,
+        clean: u32::from(clean),
         cluster_size: 1 << 30,
         used_page_mask_start: 1,
         used_page_mask_len: 1 << 24,
@@ -662,19 +671,35 @@ fn hostile_mask_length_child() {
 /// memory, so without the limit the allocation fails the same way), so the machine's memory is safe.
 #[test]
 fn a_mask_region_longer_than_its_bits_does_not_abort_the_load() {
+    run_hostile_mask_length_child(
+        "a_mask_region_longer_than_its_bits_does_not_abort_the_load",
+        true,
+    );
+}
+
+/// The same super block with `clean = 0`: the recovery reads only the md region, then
+/// `write_masks` (`blob/src/store/lifecycle.rs`) encodes each mask as its whole region
+/// (`encode_mask(.., pages = used_page_mask_len)`: a 64 GiB `vec![0; ..]`) and the process
+/// aborts the same way. Expected: the load returns.
+#[test]
+fn a_mask_region_longer_than_its_bits_does_not_abort_the_recovery() {
+    run_hostile_mask_length_child(
+        "a_mask_region_longer_than_its_bits_does_not_abort_the_recovery",
+        false,
+    );
+}
+
+fn run_hostile_mask_length_child(name: &str, clean: bool) {
     if std::env::var_os(CHILD).is_some() {
-        hostile_mask_length_child();
+        hostile_mask_length_child(clean);
         return;
     }
     let exe = std::env::current_exe().unwrap();
     let output = std::process::Command::new("sh")
         .arg("-c")
-        .arg(
-            "ulimit -v 2097152; exec \"$0\" --exact \
-             a_mask_region_longer_than_its_bits_does_not_abort_the_load --nocapture \
-             --test-threads=1",
-        )
+        .arg("ulimit -v 2097152; exec \"$0\" --exact \"$1\" --nocapture --test-threads=1")
         .arg(&exe)
+        .arg(name)
         .env(CHILD, "1")
         .env("RUST_BACKTRACE", "0")
         .output()

@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::runtime;
 
 use spool_bdev::{Bdev, BdevDesc, MallocBdev};
-use spool_blob::format::super_block::SuperBlock;
 use spool_blob::format::page_to_blobid;
+use spool_blob::format::super_block::SuperBlock;
 use spool_blob::{BlobOptions, Blobstore, ExtentForm, InitOptions, LoadOptions};
 
 fn desc_512(image: &[u8]) -> BdevDesc {
@@ -165,10 +165,7 @@ fn clean_and_dirty_loads_agree_on_512_byte_blocks_across_read_boundaries() {
         chain.push(next);
         page = next;
     }
-    assert!(
-        chain.iter().any(|&p| p / 64 != chain[0] / 64),
-        "{chain:?}"
-    );
+    assert!(chain.iter().any(|&p| p / 64 != chain[0] / 64), "{chain:?}");
     block.clean = 0;
     put_super(&mut dirty, &block);
     let load = |image: Vec<u8>, recovered: bool| {
@@ -201,7 +198,9 @@ fn concurrent_opens_around_a_cycle_the_graph_does_not_show_end() {
         let bdev = Arc::new(MallocBdev::new("img", 4096, (16 << 20) / 4096).unwrap());
         let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).unwrap();
         rt.block_on(rt.reactors()[0], move || async move {
-            let store = Blobstore::init(desc, &InitOptions::default()).await.unwrap();
+            let store = Blobstore::init(desc, &InitOptions::default())
+                .await
+                .unwrap();
             for page in 0..cycle {
                 let parent = page_to_blobid((page + 1) % cycle);
                 store
