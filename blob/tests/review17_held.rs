@@ -248,3 +248,84 @@ fn concurrent_opens_around_a_cycle_the_graph_does_not_show_end() {
         assert!(results.iter().all(Result::is_err), "{results:?}");
     }
 }
+
+/// A read error anywhere in the md pages a load reads (a root in the first 256 KiB run, one
+/// in the last run, a continuation page read by `finish`) fails the clean and the dirty load
+/// with -EIO: no hang, no panic, no store loaded without the blobs behind the error.
+#[test]
+fn a_read_error_in_the_md_region_fails_the_load_with_eio() {
+    let rt = runtime();
+    let bdev = Arc::new(MallocBdev::new("img", 4096, (64 << 20) / 4096).unwrap());
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).unwrap();
+    let chain_root = rt
+        .block_on(rt.reactors()[0], move || async move {
+            let store = Blobstore::init(
+                desc,
+                &InitOptions {
+                    cluster_size: 64 << 10,
+                    md_pages: Some(150),
+                    ..InitOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            for _ in 0..100 {
+                store.create_blob(&BlobOptions::default()).await.unwrap();
+            }
+            let root = store
+                .create_blob(&BlobOptions {
+                    xattrs: (0..30)
+                        .map(|i| (format!("x{i:02}"), vec![i as u8; 300]))
+                        .collect(),
+                    ..BlobOptions::default()
+                })
+                .await
+                .unwrap();
+            store.unload().await.unwrap();
+            (root & 0xFFFF_FFFF) as u32
+        })
+        .unwrap();
+    let clean = bdev.snapshot();
+    let block = SuperBlock::decode(&clean[..4096]).unwrap();
+    let mut dirty = clean.clone();
+    let mut dirty_block = block.clone();
+    dirty_block.clean = 0;
+    put_super(&mut dirty, &dirty_block);
+    let continuation = {
+        let at = (block.md_start + chain_root) as usize * 4096;
+        u32::from_le_bytes(clean[at + 4088..at + 4092].try_into().unwrap())
+    };
+    for image in [clean, dirty] {
+        for page in [3, 99, continuation] {
+            let image = image.clone();
+            let at = u64::from(block.md_start + page) * 4096;
+            let result = rt
+                .spawn_on(rt.reactors()[0], move || async move {
+                    let inner = Arc::new(MallocBdev::from_image("img", 4096, &image).unwrap());
+                    let faulty = Arc::new(spool_bdev::ErrorBdev::new(
+                        "faulty",
+                        inner as Arc<dyn Bdev>,
+                    ));
+                    faulty.add_rule(
+                        spool_bdev::ErrorRule::new(-libc_eio())
+                            .kinds(&[spool_bdev::IoKind::Read])
+                            .range_bytes(at..at + 4096),
+                    );
+                    let desc = BdevDesc::open(faulty as Arc<dyn Bdev>).unwrap();
+                    Blobstore::load(desc, &LoadOptions::default())
+                        .await
+                        .map(|_| ())
+                        .map_err(|err| err.errno())
+                })
+                .unwrap()
+                .wait_timeout(Duration::from_secs(10))
+                .expect("the load ends")
+                .unwrap();
+            assert_eq!(result, Err(-libc_eio()), "md page {page}");
+        }
+    }
+}
+
+fn libc_eio() -> i32 {
+    5
+}
