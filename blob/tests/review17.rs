@@ -879,3 +879,58 @@ fn a_clean_load_does_not_expand_thin_run_length_maps() {
         "a clean load of {BLOBS} one-page roots took {elapsed:?}"
     );
 }
+
+/// A clean store whose blob-id mask marks md page 1 (also marked in the used-md-page mask),
+/// where the page is zeroed: "a used-blob bit with no valid page". The clean load lists
+/// 0x100000001 in `blob_ids()` (and reports it unreadable), `open_blob` says it does not
+/// exist (-ENOENT), and `delete_blob` fails the same way: the store lists a blob that can
+/// never be opened nor removed, and its md page is never reused. (SPDK's load iterates the
+/// blob-id mask and takes the -ENOENT for the end of the blobs.)
+///
+/// Expected: one consistent answer: the load refuses the store (-EILSEQ naming the mask),
+/// or the ghost is not listed (and its bits are cleared), or `delete_blob` removes it.
+/// Fault: `read_graph`/`Found::apply` in `blob/src/store/load.rs` keep the bit as read;
+/// `delete_blob` in `blob/src/blob_lifecycle.rs` needs an openable blob.
+#[test]
+fn a_blob_id_bit_over_a_zeroed_page_is_not_a_blob_that_cannot_be_removed() {
+    let rt = runtime();
+    let mut image = make_image(&rt, |store| async move {
+        for _ in 0..2 {
+            store.create_blob(&BlobOptions::default()).await.unwrap();
+        }
+    });
+    let block = super_of(&image);
+    let at = (block.md_start + 1) as usize * 4096;
+    image[at..at + 4096].fill(0);
+    let ghost = page_to_blobid(1);
+    let outcome = rt
+        .block_on(rt.reactors()[0], move || async move {
+            let (store, report) =
+                match Blobstore::load(desc_of(&image), &LoadOptions::default()).await {
+                    Ok(loaded) => loaded,
+                    Err(_) => return Ok(()),
+                };
+            if !store.blob_ids().contains(&ghost) {
+                store.unload().await.unwrap();
+                return Ok(());
+            }
+            let open = store.open_blob(ghost).await.map(|b| b.id());
+            let delete = store.delete_blob(ghost).await;
+            let listed = store.blob_ids().contains(&ghost);
+            store.unload().await.unwrap();
+            if listed {
+                Err(format!(
+                    "{ghost:#x} stays listed: open {:?}, delete {:?} (report {:?})",
+                    open.map_err(|e| e.to_string()),
+                    delete.map_err(|e| e.to_string()),
+                    report.unreadable
+                ))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+    if let Err(msg) = outcome {
+        panic!("{msg}");
+    }
+}

@@ -302,10 +302,8 @@ fn a_read_error_in_the_md_region_fails_the_load_with_eio() {
             let result = rt
                 .spawn_on(rt.reactors()[0], move || async move {
                     let inner = Arc::new(MallocBdev::from_image("img", 4096, &image).unwrap());
-                    let faulty = Arc::new(spool_bdev::ErrorBdev::new(
-                        "faulty",
-                        inner as Arc<dyn Bdev>,
-                    ));
+                    let faulty =
+                        Arc::new(spool_bdev::ErrorBdev::new("faulty", inner as Arc<dyn Bdev>));
                     faulty.add_rule(
                         spool_bdev::ErrorRule::new(-libc_eio())
                             .kinds(&[spool_bdev::IoKind::Read])
