@@ -708,8 +708,7 @@ fn run_hostile_mask_length_child(name: &str, clean: bool) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     let tail: String = stderr
         .lines()
-        .filter(|line| !line.trim().is_empty() && !line.starts_with("note:"))
-        .last()
+        .rfind(|line| !line.trim().is_empty() && !line.starts_with("note:"))
         .unwrap_or("")
         .to_string();
     assert!(
