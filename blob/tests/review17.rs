@@ -933,3 +933,60 @@ fn a_blob_id_bit_over_a_zeroed_page_is_not_a_blob_that_cannot_be_removed() {
         panic!("{msg}");
     }
 }
+
+/// The dirty-load side of [`a_mask_region_in_the_data_area_is_refused`]: a thick blob owns
+/// cluster 8; the super block (clean = 0) puts the used-md-page mask region at the start of
+/// that cluster. The recovery accepts it and its `write_masks` writes the rebuilt mask
+/// there, over the blob's data, during the load itself: the user did nothing but load.
+/// Expected: the load refuses the super block (-EILSEQ). Fault: `SuperBlock::check_geometry`
+/// in `blob/src/format/super_block.rs`.
+#[test]
+fn a_recovery_never_writes_a_mask_over_blob_data() {
+    let rt = runtime();
+    let data = common::pattern(23, 4096);
+    let written = data.clone();
+    let mut image = make_image(&rt, move |store| async move {
+        let id = common::create_thick(&store, 15).await;
+        let blob = store.open_blob(id).await.unwrap();
+        let index = blob.cluster_map().iter().position(|&c| c == 8).unwrap() as u64;
+        let unit = index * (store.cluster_size() / store.io_unit_size());
+        let channel = store.channel().unwrap();
+        common::write(&channel, &blob.io(), unit, &written).await;
+        drop(channel);
+        blob.close().await.unwrap();
+    });
+    let mut block = super_of(&image);
+    block.used_page_mask_start = 8 * (block.cluster_size / 4096);
+    block.clean = 0;
+    put_super(&mut image, &block);
+    let id = page_to_blobid(0);
+    let outcome = rt
+        .block_on(rt.reactors()[0], move || async move {
+            let (store, _) = match Blobstore::load(desc_of(&image), &LoadOptions::default()).await {
+                Ok(loaded) => loaded,
+                Err(err) => return Ok(format!("refused: {err}")),
+            };
+            let blob = store.open_blob(id).await.unwrap();
+            let index = blob.cluster_map().iter().position(|&c| c == 8).unwrap() as u64;
+            let unit = index * (store.cluster_size() / store.io_unit_size());
+            let channel = store.channel().unwrap();
+            let back = common::read(&channel, &blob.io(), unit, 4096).await;
+            drop(channel);
+            blob.close().await.unwrap();
+            store.unload().await.unwrap();
+            if back == data {
+                Ok("kept".into())
+            } else {
+                Err(format!(
+                    "the recovery wrote its mask over blob {id:#x}'s data in cluster 8: it reads \
+                     {:02x?}... instead of {:02x?}...",
+                    &back[..8],
+                    &data[..8]
+                ))
+            }
+        })
+        .unwrap();
+    if let Err(msg) = outcome {
+        panic!("{msg}");
+    }
+}
