@@ -28,7 +28,7 @@ use super::{Blobstore, Geometry, MdState};
 use crate::bitmap::BitSet;
 use crate::error::{BlobError, Result};
 use crate::format::layout::md_clusters;
-use crate::format::mask::{decode_mask, MaskKind};
+use crate::format::mask::{decode_mask, mask_region_pages, MaskKind};
 use crate::format::md_page::{MdPageHeader, NEXT_OFFSET};
 use crate::format::super_block::{
     bstype_matches, bstype_name, Bstype, SuperBlock, SuperBlockError,
@@ -197,14 +197,24 @@ async fn read_masks(
     block: &SuperBlock,
     total_clusters: u64,
 ) -> Result<(BitSet, BitSet, BitSet)> {
-    let region =
-        |start: u32, len: u32| (u64::from(start) * PAGE_SIZE_U64, len as usize * PAGE_SIZE);
+    // Only the pages the bits need: a longer region's tail is never read.
+    let region = |start: u32, len: u32, bits: u64| {
+        (
+            u64::from(start) * PAGE_SIZE_U64,
+            mask_region_pages(len, bits) as usize * PAGE_SIZE,
+        )
+    };
+    let md_bits = u64::from(block.md_len);
     let regions = read_regions(
         channel,
         &[
-            region(block.used_page_mask_start, block.used_page_mask_len),
-            region(block.used_cluster_mask_start, block.used_cluster_mask_len),
-            region(block.used_blobid_mask_start, block.used_blobid_mask_len),
+            region(block.used_page_mask_start, block.used_page_mask_len, md_bits),
+            region(
+                block.used_cluster_mask_start,
+                block.used_cluster_mask_len,
+                total_clusters,
+            ),
+            region(block.used_blobid_mask_start, block.used_blobid_mask_len, md_bits),
         ],
     )
     .await?;
