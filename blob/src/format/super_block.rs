@@ -339,8 +339,9 @@ impl SuperBlock {
         // The masks live in the metadata clusters (SPDK's layout puts them between the
         // super block and the md region): a mask region in a data cluster would be written
         // over a blob's data at the next unload or recovery.
-        let md_area_pages = super::layout::md_clusters(self.md_start, self.md_len, self.cluster_size)
-            * u64::from(self.cluster_size / page);
+        let md_area_pages =
+            super::layout::md_clusters(self.md_start, self.md_len, self.cluster_size)
+                * u64::from(self.cluster_size / page);
         for (name, start, len) in [
             (
                 "used_page_mask",

@@ -101,6 +101,7 @@ impl Blobstore {
             awaiting_parent: HashMap::new(),
             clones: BTreeMap::new(),
             parents: HashMap::new(),
+            unreadable: HashMap::new(),
             unloaded: false,
         };
         let inner = Blobstore::new_inner(desc, geometry, &used_clusters, state)?;
