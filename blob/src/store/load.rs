@@ -55,10 +55,12 @@ pub struct LoadReport {
     pub recovered: bool,
     /// Blobs found.
     pub blobs: usize,
-    /// Blobs whose metadata could not be parsed while building the clone graph (they
-    /// fail to open with the reason).
+    /// Blobs whose metadata could not be parsed while building the clone graph, whose
+    /// parent is not a blob, or (clean load) whose pages or clusters the masks did not
+    /// mark: they fail to open with the reason until the store is loaded again.
     pub unreadable: Vec<(u64, String)>,
-    /// Snapshots a crash interrupted, finished or removed at this load.
+    /// Snapshots a crash interrupted, finished or removed at this load (or a mark left
+    /// as it is, "not repaired"), and blob-id bits cleared over zeroed md pages.
     pub repaired: Vec<String>,
 }
 
@@ -154,13 +156,7 @@ impl Blobstore {
                 clusters: &mut clusters,
             };
             let found = read_graph(&channel, &geometry, &check, &mut masks, &blobids).await?;
-            // Blob-id bits over zeroed pages: no blob, nothing to keep.
-            for &page in &found.ghosts {
-                blobids.clear(u64::from(page));
-                if !masks.claimed.get(u64::from(page)) {
-                    masks.md_pages.clear(u64::from(page));
-                }
-            }
+            masks.drop_ghosts(&found, &mut blobids);
             (md_pages, clusters, blobids, found)
         };
         let mut state = MdState {
@@ -195,7 +191,8 @@ impl Blobstore {
             flush(&store.inner.md_channel).await?;
         }
         if !pending.is_empty() {
-            report.repaired = crate::snapshot::repair_pending_snapshots(&store, pending).await?;
+            let done = crate::snapshot::repair_pending_snapshots(&store, pending).await?;
+            report.repaired.extend(done);
         }
         if !removing.is_empty() {
             let done = crate::snapshot::repair_interrupted_merges(&store, removing).await?;
@@ -431,6 +428,17 @@ struct GraphMasks<'a> {
 }
 
 impl GraphMasks<'_> {
+    /// Clears the blob-id bits over zeroed pages (no blob there, nothing to keep) and their
+    /// used-md-page bits unless a blob uses the page.
+    fn drop_ghosts(&mut self, found: &Found, used_blobids: &mut BitSet) {
+        for &page in &found.ghosts {
+            used_blobids.clear(u64::from(page));
+            if !self.claimed.get(u64::from(page)) {
+                self.md_pages.clear(u64::from(page));
+            }
+        }
+    }
+
     /// Claims md page `page`; false when the on-disk mask did not mark it.
     fn claim_page(&mut self, page: u32) -> bool {
         self.claimed.set(u64::from(page));
