@@ -205,7 +205,7 @@ impl Blobstore {
                 if let Some(reason) = state.unreadable.get(&id) {
                     return Err(BlobError::corrupt(
                         id,
-                        format!("the load reported it unreadable: {reason}"),
+                        format!("{reason} (reported unreadable by the load)"),
                     ));
                 }
                 if let Some(open) = state.open_blobs.get(&id) {

@@ -314,7 +314,7 @@ pub(crate) fn parse_decoded_chain(
                                 if !check.cluster_run_ok(cluster, len) {
                                     return Err(BlobError::corrupt(
                                         id,
-                                        format!("extent run {cluster}..={last} is outside the store or not allocated"),
+                                        format!("extent run of clusters {cluster}..={last} is outside the store or not allocated"),
                                     ));
                                 }
                             }

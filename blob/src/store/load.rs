@@ -308,6 +308,11 @@ impl Found {
         self.damaged.sort_by_key(|(root, _)| *root);
         self.graph.sort_by_key(|(root, _)| *root);
         let damaged: HashSet<u32> = self.damaged.iter().map(|(root, _)| *root).collect();
+        for (root, err) in &self.damaged {
+            state
+                .unreadable
+                .insert(page_to_blobid(*root), reason_of(err));
+        }
         report.unreadable = self
             .damaged
             .into_iter()
@@ -353,13 +358,21 @@ impl Found {
                 Err(err) => {
                     if !damaged.contains(&root) {
                         tracing::warn!(blob = format!("{id:#x}"), %err, "blob metadata unreadable");
+                        state.unreadable.insert(id, reason_of(&err));
                         report.unreadable.push((id, err.to_string()));
                     }
                 }
             }
         }
-        state.unreadable = report.unreadable.iter().cloned().collect();
         repairs
+    }
+}
+
+/// What is wrong with a blob, without the blob's name (its open error adds it).
+fn reason_of(err: &BlobError) -> String {
+    match err {
+        BlobError::CorruptBlob { reason, .. } => reason.clone(),
+        other => other.to_string(),
     }
 }
 
