@@ -921,7 +921,7 @@ impl BlobLoad {
                 None => step.check,
             };
             let parsed = parse_decoded_chain(id, &pages, &headers, check);
-            if let (Some(masks), Some(graph_check)) = (masks.as_deref_mut(), step.graph_check) {
+            if let (Some(masks), Some(graph_check)) = (masks, step.graph_check) {
                 let runs = graph_check.take_runs();
                 masks.claim_blob(
                     found,
