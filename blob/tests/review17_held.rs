@@ -188,9 +188,10 @@ fn clean_and_dirty_loads_agree_on_512_byte_blocks_across_read_boundaries() {
 
 /// Two clones whose `SNAP`s name each other, opened at the same time, where the load's graph
 /// does not have them (their root pages are clear in the used-md-page mask, so the clean
-/// load lists them unreadable and records no edge): both opens end, with errors, within the
-/// timeout; the same for a three-blob cycle. (The dynamic check on the `awaiting_parent`
-/// edges holds; the store's handling of those mask bits is a finding of its own.)
+/// load lists them unreadable, a mask disagreement, and they refuse to open): both opens
+/// end, with errors, within the timeout; the same for a three-blob cycle. (Since the review's
+/// fix the load claims those pages and keeps the blobs' edges; the dynamic check on the
+/// `awaiting_parent` edges is still what ends a cycle the graph does not show.)
 #[test]
 fn concurrent_opens_around_a_cycle_the_graph_does_not_show_end() {
     for cycle in [2u32, 3] {
