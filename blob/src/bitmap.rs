@@ -78,6 +78,28 @@ impl BitSet {
         }
     }
 
+    /// Sets bits `start..start + count` (clipped at the end), a word at a time; returns
+    /// whether every one of them was set already.
+    pub fn set_range(&mut self, start: u64, count: u64) -> bool {
+        let end = start.saturating_add(count).min(self.len);
+        let mut all_set = true;
+        let mut bit = start;
+        while bit < end {
+            let word = (bit / 64) as usize;
+            let low = bit % 64;
+            let high = (end - (bit - low)).min(64);
+            let bits = if high - low == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (high - low)) - 1) << low
+            };
+            all_set &= self.words[word] & bits == bits;
+            self.words[word] |= bits;
+            bit = (bit - low) + 64;
+        }
+        all_set
+    }
+
     /// The first clear bit at or after `from`.
     pub fn first_clear(&self, from: u64) -> Option<u64> {
         let mut bit = from;
@@ -250,6 +272,23 @@ impl AtomicBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_range_sets_word_at_a_time_and_says_whether_all_were_set() {
+        let mut set = BitSet::new(200);
+        assert!(!set.set_range(3, 130));
+        assert!((3..133).all(|bit| set.get(bit)));
+        assert!(!set.get(2) && !set.get(133));
+        assert!(set.set_range(3, 130));
+        assert!(set.set_range(64, 64));
+        assert!(!set.set_range(130, 10));
+        assert!(!set.set_range(190, 100), "clipped at the end");
+        assert!(set.get(199));
+        assert!(set.set_range(10, 0));
+        let mut full = BitSet::new(128);
+        assert!(!full.set_range(0, 128));
+        assert_eq!(full.count_set(), 128);
+    }
 
     #[test]
     fn bitset_round_trips_bytes_and_finds_clear_bits() {

@@ -205,6 +205,12 @@ impl Blobstore {
                 if !state.used_blobids.get(u64::from(page)) {
                     return Err(BlobError::NoSuchBlob(id));
                 }
+                if let Some(reason) = state.unreadable.get(&id) {
+                    return Err(BlobError::corrupt(
+                        id,
+                        format!("{reason} (reported unreadable by the load)"),
+                    ));
+                }
                 if let Some(open) = state.open_blobs.get(&id) {
                     open.open_ref.set(open.open_ref.get() + 1);
                     return Ok(Blob {

@@ -184,6 +184,18 @@ pub trait ClusterCheck {
     fn cluster_ok(&self, cluster: u32) -> bool;
     /// Whether md page `page` is inside the md region.
     fn md_page_ok(&self, page: u32) -> bool;
+    /// Whether the parse builds the cluster map. A check that says no (a load's graph
+    /// pass, which needs only the xattrs) gets each allocated run through
+    /// [`ClusterCheck::cluster_run_ok`] instead, and the parsed blob's `clusters` stays
+    /// empty: a run costs the same whatever its length.
+    fn builds_map(&self) -> bool {
+        true
+    }
+    /// Whether the allocated clusters `first..first + len` (`len > 0`, no overflow) may
+    /// back a blob; only asked when [`ClusterCheck::builds_map`] is false.
+    fn cluster_run_ok(&self, first: u32, len: u32) -> bool {
+        (first..=first + (len - 1)).all(|cluster| self.cluster_ok(cluster))
+    }
 }
 
 /// Parses the chain `pages` (root first, each 4096 bytes, already read in `next` order)
@@ -218,6 +230,8 @@ pub(crate) fn parse_decoded_chain(
     let mut saw_rle = false;
     let mut table: Option<(u64, Vec<u32>)> = None;
     let mut rle_total: u64 = 0;
+    // An unallocated run seen without building the map (`ClusterCheck::builds_map`).
+    let mut saw_unallocated = false;
     for (sequence, (page, header)) in pages.iter().zip(headers).enumerate() {
         if !header.crc_ok {
             return Err(BlobError::corrupt(
@@ -275,6 +289,7 @@ pub(crate) fn parse_decoded_chain(
                 }
                 Descriptor::ExtentRle(runs) => {
                     saw_rle = true;
+                    let builds_map = check.builds_map();
                     for (cluster, len) in runs.iter() {
                         if cluster == 0 && saw_flags && meta.flags.invalid & FLAG_THIN_PROV == 0 {
                             return Err(BlobError::corrupt(
@@ -288,6 +303,22 @@ pub(crate) fn parse_decoded_chain(
                                 id,
                                 format!("extents describe more than {MAX_BLOB_CLUSTERS} clusters"),
                             ));
+                        }
+                        if !builds_map {
+                            if cluster == 0 {
+                                saw_unallocated |= len != 0;
+                            } else if len != 0 {
+                                let last = cluster.checked_add(len - 1).ok_or_else(|| {
+                                    BlobError::corrupt(id, "extent run overflows the cluster index")
+                                })?;
+                                if !check.cluster_run_ok(cluster, len) {
+                                    return Err(BlobError::corrupt(
+                                        id,
+                                        format!("extent run of clusters {cluster}..={last} is outside the store or not allocated"),
+                                    ));
+                                }
+                            }
+                            continue;
                         }
                         for step in 0..len {
                             let device = if cluster == 0 {
@@ -380,7 +411,7 @@ pub(crate) fn parse_decoded_chain(
         ));
     }
     let thin = meta.is_thin();
-    if !thin && meta.clusters.contains(&0) {
+    if !thin && (saw_unallocated || meta.clusters.contains(&0)) {
         return Err(BlobError::corrupt(
             id,
             "unallocated cluster in a thick blob",
@@ -389,8 +420,10 @@ pub(crate) fn parse_decoded_chain(
     let mut pending = Vec::new();
     if let Some((num_clusters, pages)) = table {
         meta.form = ExtentForm::Table;
-        meta.clusters = vec![0; num_clusters as usize];
-        let needed = meta.extent_pages_needed();
+        let needed = num_clusters.div_ceil(u64::from(EXTENTS_PER_PAGE)) as usize;
+        if check.builds_map() {
+            meta.clusters = vec![0; num_clusters as usize];
+        }
         if pages.len() < needed {
             // SPDK may leave trailing unallocated extent pages out of the table.
             meta.extent_pages = pages;

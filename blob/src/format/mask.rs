@@ -55,6 +55,14 @@ pub fn mask_pages(bits: u64) -> u64 {
     (MASK_HEADER_LEN as u64 + bits.div_ceil(8)).div_ceil(PAGE_SIZE as u64)
 }
 
+/// Pages of a mask region of `region_len` pages that a mask of `bits` bits uses: only
+/// those are read or written (a super block may give a mask a longer region; its tail is
+/// never touched, so the cost follows the mask, not a number in the super block).
+pub fn mask_region_pages(region_len: u32, bits: u64) -> u32 {
+    // mask_pages(bits) <= region_len once check_geometry passed; min() keeps it so anyway.
+    mask_pages(bits).min(u64::from(region_len)) as u32
+}
+
 /// Encodes `bits` (a bitmap of `len_bits` bits, LSB-first bytes) as `pages` whole pages.
 pub fn encode_mask(kind: MaskKind, len_bits: u32, bitmap: &[u8], pages: u32) -> Vec<u8> {
     let mut region = vec![0u8; pages as usize * PAGE_SIZE];

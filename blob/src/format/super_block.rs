@@ -336,6 +336,40 @@ impl SuperBlock {
                 ));
             }
         }
+        // The masks live in the metadata clusters (SPDK's layout puts them between the
+        // super block and the md region): a mask region in a data cluster would be written
+        // over a blob's data at the next unload or recovery.
+        let md_area_pages =
+            super::layout::md_clusters(self.md_start, self.md_len, self.cluster_size)
+                * u64::from(self.cluster_size / page);
+        for (name, start, len) in [
+            (
+                "used_page_mask",
+                self.used_page_mask_start,
+                self.used_page_mask_len,
+            ),
+            (
+                "used_cluster_mask",
+                self.used_cluster_mask_start,
+                self.used_cluster_mask_len,
+            ),
+            (
+                "used_blobid_mask",
+                self.used_blobid_mask_start,
+                self.used_blobid_mask_len,
+            ),
+        ] {
+            let end = u64::from(start) + u64::from(len);
+            if len != 0 && end > md_area_pages {
+                return Err(field(
+                    name,
+                    format!(
+                        "pages {start}..{end} lie outside the metadata clusters (pages \
+                         0..{md_area_pages}): a mask there would be written over blob data"
+                    ),
+                ));
+            }
+        }
         if self.md_start == 0 {
             return Err(field("md_start", "0 is the super block".into()));
         }

@@ -10,7 +10,7 @@ use super::{Blobstore, Geometry, MdState};
 use crate::bitmap::BitSet;
 use crate::error::{BlobError, Result};
 use crate::format::layout::Layout;
-use crate::format::mask::{encode_mask, MaskKind};
+use crate::format::mask::{encode_mask, mask_region_pages, MaskKind};
 use crate::format::super_block::{Bstype, SuperBlock, VERSION};
 use crate::format::{BLOBID_INVALID, PAGE_SIZE_U64};
 
@@ -103,6 +103,7 @@ impl Blobstore {
             awaiting_parent: HashMap::new(),
             clones: BTreeMap::new(),
             parents: HashMap::new(),
+            unreadable: HashMap::new(),
             unloaded: false,
         };
         let inner = Blobstore::new_inner(desc, geometry, &used_clusters, state)?;
@@ -222,7 +223,7 @@ impl Blobstore {
                         MaskKind::UsedPages,
                         md_len,
                         &state.used_md_pages.to_bytes(),
-                        block.used_page_mask_len,
+                        mask_region_pages(block.used_page_mask_len, u64::from(md_len)),
                     ),
                 ),
                 (
@@ -231,7 +232,7 @@ impl Blobstore {
                         MaskKind::UsedClusters,
                         clusters.len() as u32,
                         &clusters.to_bytes(),
-                        block.used_cluster_mask_len,
+                        mask_region_pages(block.used_cluster_mask_len, clusters.len()),
                     ),
                 ),
             ];
@@ -244,7 +245,7 @@ impl Blobstore {
                             MaskKind::UsedBlobIds,
                             md_len,
                             &state.used_blobids.to_bytes(),
-                            block.used_blobid_mask_len,
+                            mask_region_pages(block.used_blobid_mask_len, u64::from(md_len)),
                         ),
                     ),
                 );

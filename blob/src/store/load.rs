@@ -28,7 +28,7 @@ use super::{Blobstore, Geometry, MdState};
 use crate::bitmap::BitSet;
 use crate::error::{BlobError, Result};
 use crate::format::layout::md_clusters;
-use crate::format::mask::{decode_mask, MaskKind};
+use crate::format::mask::{decode_mask, mask_region_pages, MaskKind};
 use crate::format::md_page::{MdPageHeader, NEXT_OFFSET};
 use crate::format::super_block::{
     bstype_matches, bstype_name, Bstype, SuperBlock, SuperBlockError,
@@ -55,10 +55,12 @@ pub struct LoadReport {
     pub recovered: bool,
     /// Blobs found.
     pub blobs: usize,
-    /// Blobs whose metadata could not be parsed while building the clone graph (they
-    /// fail to open with the reason).
+    /// Blobs whose metadata could not be parsed while building the clone graph, whose
+    /// parent is not a blob, or (clean load) whose pages or clusters the masks did not
+    /// mark: they fail to open with the reason until the store is loaded again.
     pub unreadable: Vec<(u64, String)>,
-    /// Snapshots a crash interrupted, finished or removed at this load.
+    /// Snapshots a crash interrupted, finished or removed at this load (or a mark left
+    /// as it is, "not repaired"), and blob-id bits cleared over zeroed md pages.
     pub repaired: Vec<String>,
 }
 
@@ -137,7 +139,7 @@ impl Blobstore {
                 replayed.found,
             )
         } else {
-            let (md_pages, mut clusters, blobids) =
+            let (mut md_pages, mut clusters, mut blobids) =
                 read_masks(&channel, &block, total_clusters).await?;
             for cluster in 0..geometry.md_clusters {
                 if !clusters.get(cluster) {
@@ -148,7 +150,13 @@ impl Blobstore {
                     clusters.set(cluster);
                 }
             }
-            let found = read_graph(&channel, &geometry, &check, &md_pages, &blobids).await?;
+            let mut masks = GraphMasks {
+                claimed: BitSet::new(md_pages.len()),
+                md_pages: &mut md_pages,
+                clusters: &mut clusters,
+            };
+            let found = read_graph(&channel, &geometry, &check, &mut masks, &blobids).await?;
+            masks.drop_ghosts(&found, &mut blobids);
             (md_pages, clusters, blobids, found)
         };
         let mut state = MdState {
@@ -161,6 +169,7 @@ impl Blobstore {
             awaiting_parent: HashMap::new(),
             clones: BTreeMap::new(),
             parents: HashMap::new(),
+            unreadable: HashMap::new(),
             unloaded: false,
         };
         if state.super_block.size == 0 {
@@ -173,6 +182,7 @@ impl Blobstore {
         };
         // The snapshot graph, from each blob's SNAP xattr; snapshots left half-made.
         let Repairs { pending, removing } = found.apply(&mut state, &mut report);
+        let removing = merges_to_repair(&state, removing, &mut report);
         drop(channel);
         let inner = Blobstore::new_inner(desc, geometry, &used_clusters, state)?;
         let store = Blobstore::register(inner);
@@ -181,7 +191,8 @@ impl Blobstore {
             flush(&store.inner.md_channel).await?;
         }
         if !pending.is_empty() {
-            report.repaired = crate::snapshot::repair_pending_snapshots(&store, pending).await?;
+            let done = crate::snapshot::repair_pending_snapshots(&store, pending).await?;
+            report.repaired.extend(done);
         }
         if !removing.is_empty() {
             let done = crate::snapshot::repair_interrupted_merges(&store, removing).await?;
@@ -197,14 +208,32 @@ async fn read_masks(
     block: &SuperBlock,
     total_clusters: u64,
 ) -> Result<(BitSet, BitSet, BitSet)> {
-    let region =
-        |start: u32, len: u32| (u64::from(start) * PAGE_SIZE_U64, len as usize * PAGE_SIZE);
+    // Only the pages the bits need: a longer region's tail is never read.
+    let region = |start: u32, len: u32, bits: u64| {
+        (
+            u64::from(start) * PAGE_SIZE_U64,
+            mask_region_pages(len, bits) as usize * PAGE_SIZE,
+        )
+    };
+    let md_bits = u64::from(block.md_len);
     let regions = read_regions(
         channel,
         &[
-            region(block.used_page_mask_start, block.used_page_mask_len),
-            region(block.used_cluster_mask_start, block.used_cluster_mask_len),
-            region(block.used_blobid_mask_start, block.used_blobid_mask_len),
+            region(
+                block.used_page_mask_start,
+                block.used_page_mask_len,
+                md_bits,
+            ),
+            region(
+                block.used_cluster_mask_start,
+                block.used_cluster_mask_len,
+                total_clusters,
+            ),
+            region(
+                block.used_blobid_mask_start,
+                block.used_blobid_mask_len,
+                md_bits,
+            ),
         ],
     )
     .await?;
@@ -258,6 +287,12 @@ impl GraphInfo {
 struct Found {
     graph: Vec<(u32, Result<GraphInfo>)>,
     damaged: Vec<(u32, BlobError)>,
+    /// Clean load: blobs whose metadata uses pages or clusters the masks do not mark (the
+    /// load claimed them), with what was missing. Reported unreadable: they refuse to open
+    /// until the store is reloaded with the repaired masks.
+    disagree: Vec<(u32, BlobError)>,
+    /// Clean load: blob-id bits over zeroed md pages (no blob there).
+    ghosts: Vec<u32>,
 }
 
 impl Found {
@@ -269,14 +304,27 @@ impl Found {
 
     /// Fills the clone graph and the report; returns the snapshots to repair.
     fn apply(mut self, state: &mut MdState, report: &mut LoadReport) -> Repairs {
+        self.damaged.append(&mut self.disagree);
         self.damaged.sort_by_key(|(root, _)| *root);
         self.graph.sort_by_key(|(root, _)| *root);
         let damaged: HashSet<u32> = self.damaged.iter().map(|(root, _)| *root).collect();
+        for (root, err) in &self.damaged {
+            state
+                .unreadable
+                .insert(page_to_blobid(*root), reason_of(err));
+        }
         report.unreadable = self
             .damaged
             .into_iter()
             .map(|(root, err)| (page_to_blobid(root), err.to_string()))
             .collect();
+        for &page in &self.ghosts {
+            report.repaired.push(format!(
+                "the blob-id mask marked md page {page}, which is zeroed (no blob {:#x}): \
+                 bit cleared",
+                page_to_blobid(page)
+            ));
+        }
         let mut repairs = Repairs::default();
         for (root, info) in self.graph {
             let id = page_to_blobid(root);
@@ -289,6 +337,18 @@ impl Found {
                 }
                 info.parent
             });
+            let is_blob = |blob: u64| {
+                crate::format::blobid_to_page(blob)
+                    .is_some_and(|page| state.used_blobids.get(u64::from(page)))
+            };
+            let parent = parent.and_then(|parent| match parent {
+                // No edge to a free id: a blob made there later would inherit the clone.
+                Some(parent) if !is_blob(parent) => Err(BlobError::corrupt(
+                    id,
+                    format!("its parent {parent:#x} (SNAP xattr) is not a blob in this store"),
+                )),
+                parent => Ok(parent),
+            });
             match parent {
                 Ok(Some(parent)) => {
                     state.clones.entry(parent).or_default().push(id);
@@ -298,6 +358,7 @@ impl Found {
                 Err(err) => {
                     if !damaged.contains(&root) {
                         tracing::warn!(blob = format!("{id:#x}"), %err, "blob metadata unreadable");
+                        state.unreadable.insert(id, reason_of(&err));
                         report.unreadable.push((id, err.to_string()));
                     }
                 }
@@ -305,6 +366,49 @@ impl Found {
         }
         repairs
     }
+}
+
+/// What is wrong with a blob, without the blob's name (its open error adds it).
+fn reason_of(err: &BlobError) -> String {
+    match err {
+        BlobError::CorruptBlob { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The interrupted merges (`SNAPRM`: `(snapshot, clone)`) a load may repair: the clone must
+/// be a blob that is the snapshot's clone (merge not committed) or its parent's (merge
+/// committed). A mark naming anything else (a bit flip, a hostile image) is reported "not
+/// repaired" and the snapshot is left as it is: never deleted on a mark naming nothing.
+fn merges_to_repair(
+    state: &MdState,
+    removing: Vec<(u64, u64)>,
+    report: &mut LoadReport,
+) -> Vec<(u64, u64)> {
+    removing
+        .into_iter()
+        .filter(|&(snapshot, clone)| {
+            let is_blob = crate::format::blobid_to_page(clone)
+                .is_some_and(|page| state.used_blobids.get(u64::from(page)));
+            let parent = state.parents.get(&clone);
+            let why = if !is_blob {
+                "the clone it names is not a blob"
+            } else if parent != Some(&snapshot) && parent != state.parents.get(&snapshot) {
+                "the blob it names is a clone of neither the snapshot nor its parent"
+            } else {
+                return true;
+            };
+            tracing::warn!(
+                blob = format!("{snapshot:#x}"),
+                why,
+                "merge mark left as it is"
+            );
+            report.repaired.push(format!(
+                "merge of snapshot {snapshot:#x} into {clone:#x}: not repaired: {why}"
+            ));
+            false
+        })
+        .collect()
 }
 
 /// Snapshots a load found half-made, in root order.
@@ -325,58 +429,181 @@ fn one_page_root(page: &[u8], number: u32) -> bool {
         && read_u32(page, NEXT_OFFSET) == INVALID_MD_PAGE
 }
 
-/// The pages of a clean load's md region scan that are wanted (ascending): roots in use.
-fn wanted_roots<'a>(
-    used_md_pages: &'a BitSet,
-    used_blobids: &'a BitSet,
-) -> impl Iterator<Item = u32> + 'a {
-    used_blobids
-        .iter_set_and(used_md_pages)
-        .map(|page| page as u32)
+/// The masks a clean load trusts, completed with what the blobs it reads use.
+struct GraphMasks<'a> {
+    /// The used-md-page mask as read, plus every page a listed blob's chain or extent
+    /// table names.
+    md_pages: &'a mut BitSet,
+    /// The used-cluster mask as read, plus every cluster a parsed root maps.
+    clusters: &'a mut BitSet,
+    /// The md pages some blob claimed (a ghost's page is freed only when none did).
+    claimed: BitSet,
 }
 
-/// A clean load's view of the blobs: the masks are trusted, so only the blobs' chains are
-/// read (never their extent pages, which only an open needs), for the snapshot graph and to
-/// list the blobs whose metadata cannot be read. Roots are read in batched runs straight
-/// from the device buffers; a one-page chain (almost every blob) is parsed there, CRC
-/// checked once, nothing copied; the others are walked page by page afterwards.
+impl GraphMasks<'_> {
+    /// Clears the blob-id bits over zeroed pages (no blob there, nothing to keep) and their
+    /// used-md-page bits unless a blob uses the page.
+    fn drop_ghosts(&mut self, found: &Found, used_blobids: &mut BitSet) {
+        for &page in &found.ghosts {
+            used_blobids.clear(u64::from(page));
+            if !self.claimed.get(u64::from(page)) {
+                self.md_pages.clear(u64::from(page));
+            }
+        }
+    }
+
+    /// Claims md page `page`; false when the on-disk mask did not mark it.
+    fn claim_page(&mut self, page: u32) -> bool {
+        self.claimed.set(u64::from(page));
+        self.md_pages.set_range(u64::from(page), 1)
+    }
+
+    /// Claims what blob `root` uses: its chain pages (those read and its own), and when it
+    /// parsed, its extent pages and the cluster runs the parse saw. A blob using anything
+    /// the masks did not mark is recorded in `found.disagree` (it keeps its graph entry:
+    /// its clone edges still protect what it shares).
+    fn claim_blob(
+        &mut self,
+        found: &mut Found,
+        root: u32,
+        chain: impl Iterator<Item = u32>,
+        parsed: Option<&ParsedChain>,
+        runs: &[(u32, u32)],
+    ) {
+        let mut pages = Vec::new();
+        let mut clusters = Vec::new();
+        for page in chain {
+            if !self.claim_page(page) {
+                pages.push(format!("md page {page}"));
+            }
+        }
+        if let Some(parsed) = parsed {
+            for &(index, page) in &parsed.pending_extent_pages {
+                if !self.claim_page(page) {
+                    pages.push(format!("extent page {index} (md page {page})"));
+                }
+            }
+        }
+        for &(first, len) in runs {
+            if !self.clusters.set_range(u64::from(first), u64::from(len)) {
+                clusters.push(format!("{first}..={}", first + (len - 1)));
+            }
+        }
+        if pages.is_empty() && clusters.is_empty() {
+            return;
+        }
+        let mut what = Vec::new();
+        if !pages.is_empty() {
+            what.push(format!(
+                "{} not marked in the used-md-page mask",
+                pages.join(", ")
+            ));
+        }
+        if !clusters.is_empty() {
+            what.push(format!(
+                "clusters {} not marked in the used-cluster mask",
+                clusters.join(", ")
+            ));
+        }
+        let err = BlobError::corrupt(
+            page_to_blobid(root),
+            format!(
+                "the masks disagree with its metadata: {}; claimed now (nothing of it is \
+                 handed out); it opens once the store is loaded again",
+                what.join("; ")
+            ),
+        );
+        tracing::warn!(%err, "mask disagreement");
+        found.disagree.push((root, err));
+    }
+}
+
+/// The cluster check of a clean load's graph pass: no cluster map is built; each allocated
+/// run is range-checked and kept for [`GraphMasks::claim_blob`].
+struct GraphCheck<'a> {
+    range: &'a RangeCheck,
+    runs: std::cell::RefCell<Vec<(u32, u32)>>,
+}
+
+impl GraphCheck<'_> {
+    /// The runs seen since the last call.
+    fn take_runs(&self) -> Vec<(u32, u32)> {
+        std::mem::take(&mut *self.runs.borrow_mut())
+    }
+}
+
+impl ClusterCheck for GraphCheck<'_> {
+    fn cluster_ok(&self, cluster: u32) -> bool {
+        self.range.cluster_ok(cluster)
+    }
+    fn md_page_ok(&self, page: u32) -> bool {
+        self.range.md_page_ok(page)
+    }
+    fn builds_map(&self) -> bool {
+        false
+    }
+    fn cluster_run_ok(&self, first: u32, len: u32) -> bool {
+        let ok = u64::from(first) + u64::from(len) <= self.range.total_clusters;
+        if ok {
+            self.runs.borrow_mut().push((first, len));
+        }
+        ok
+    }
+}
+
+/// A clean load's view of the blobs: the masks are trusted for what they mark, and every
+/// root the blob-id mask lists is read (never the extent pages, which only an open needs)
+/// for the snapshot graph and to list the blobs whose metadata cannot be read. What a
+/// listed blob uses (chain pages, the extent pages its table names, the clusters of its
+/// run-length map) is claimed in the masks, so a mask that disagrees with the pages never
+/// hands out a page or cluster a blob uses; such a blob is reported. Roots are read in
+/// batched runs straight from the device buffers; a one-page chain (almost every blob) is
+/// parsed there, CRC checked once, nothing copied, no cluster map built; the others are
+/// walked page by page afterwards.
 async fn read_graph(
     channel: &BdevChannel,
     geometry: &Geometry,
     check: &RangeCheck,
-    used_md_pages: &BitSet,
+    masks: &mut GraphMasks<'_>,
     used_blobids: &BitSet,
 ) -> Result<Found> {
     let mut found = Found::default();
-    // Roots whose page is not in use: their chain is unreadable (the walk says so).
-    let mut deferred: Vec<BlobLoad> = used_blobids
-        .iter_set()
-        .filter(|&root| !used_md_pages.get(root))
-        .map(|root| BlobLoad::new(root as u32))
-        .collect();
-    let mut wanted = wanted_roots(used_md_pages, used_blobids).peekable();
-    read_runs(
-        channel,
-        geometry,
-        md_scan::runs(wanted_roots(used_md_pages, used_blobids)),
-        |first, bytes| {
-            let end = first + (bytes.len() / PAGE_SIZE) as u32;
-            while let Some(root) = wanted.next_if(|&page| page < end) {
-                let at = (root - first) as usize * PAGE_SIZE;
-                let page = &bytes[at..at + PAGE_SIZE];
-                if one_page_root(page, root) {
-                    let header = MdPageHeader::decode(page);
-                    if header.crc_ok {
-                        let id = page_to_blobid(root);
-                        let parsed = parse_decoded_chain(id, &[page], &[header], check);
-                        found.graph(root, parsed.map(|parsed| GraphInfo::of(&parsed.meta)));
-                        continue;
-                    }
+    let graph_check = GraphCheck {
+        range: check,
+        runs: Default::default(),
+    };
+    let mut deferred: Vec<BlobLoad> = Vec::new();
+    let roots = || used_blobids.iter_set().map(|page| page as u32);
+    let mut wanted = roots().peekable();
+    read_runs(channel, geometry, md_scan::runs(roots()), |first, bytes| {
+        let end = first + (bytes.len() / PAGE_SIZE) as u32;
+        while let Some(root) = wanted.next_if(|&page| page < end) {
+            let at = (root - first) as usize * PAGE_SIZE;
+            let page = &bytes[at..at + PAGE_SIZE];
+            if one_page_root(page, root) {
+                let header = MdPageHeader::decode(page);
+                if header.crc_ok {
+                    let id = page_to_blobid(root);
+                    let parsed = parse_decoded_chain(id, &[page], &[header], &graph_check);
+                    let runs = graph_check.take_runs();
+                    masks.claim_blob(
+                        &mut found,
+                        root,
+                        std::iter::once(root),
+                        parsed.as_ref().ok(),
+                        &runs,
+                    );
+                    found.graph(root, parsed.map(|parsed| GraphInfo::of(&parsed.meta)));
+                    continue;
                 }
-                deferred.push(BlobLoad::new(root));
             }
-        },
-    )
+            if page.iter().all(|&byte| byte == 0) {
+                found.ghosts.push(root);
+                continue;
+            }
+            deferred.push(BlobLoad::new(root));
+        }
+    })
     .await?;
     finish(
         deferred,
@@ -384,9 +611,9 @@ async fn read_graph(
         channel,
         geometry,
         check,
-        Some(used_md_pages),
         &mut found,
         None,
+        Some((masks, &graph_check)),
     )
     .await?;
     Ok(found)
@@ -480,9 +707,9 @@ async fn replay(
         channel,
         geometry,
         check,
-        None,
         &mut found,
         Some(&mut out),
+        None,
     )
     .await?;
     out.found = found;
@@ -526,12 +753,18 @@ async fn finish(
     channel: &BdevChannel,
     geometry: &Geometry,
     check: &RangeCheck,
-    mask: Option<&BitSet>,
     found: &mut Found,
     mut claims: Option<&mut Replayed>,
+    graph: Option<(&mut GraphMasks<'_>, &GraphCheck<'_>)>,
 ) -> Result<()> {
-    let mut chain_pages = PageCache::new(mask);
-    let mut extent_pages = PageCache::new(mask);
+    // Every page is read: a clean load checks the pages a chain uses against the mask
+    // afterwards (claiming them), rather than taking a clear bit for a bad page.
+    let mut chain_pages = PageCache::new(None);
+    let mut extent_pages = PageCache::new(None);
+    let (mut masks, graph_check) = match graph {
+        Some((masks, graph_check)) => (Some(masks), Some(graph_check)),
+        None => (None, None),
+    };
     let mut queue = deferred.into_iter();
     let mut active: Vec<BlobLoad> = Vec::new();
     loop {
@@ -554,10 +787,17 @@ async fn finish(
                 mode,
                 md_len: geometry.md_len,
                 check,
+                graph_check,
                 chain_pages: &chain_pages,
                 extent_pages: &extent_pages,
             };
-            !blob.advance(&step, found, claims.as_deref_mut(), &mut needs)
+            !blob.advance(
+                &step,
+                found,
+                claims.as_deref_mut(),
+                masks.as_deref_mut(),
+                &mut needs,
+            )
         });
         // Extent pages serve the round after the one that asked for them only.
         extent_pages.clear();
@@ -582,6 +822,8 @@ struct Step<'a, 'm> {
     mode: Mode,
     md_len: u32,
     check: &'a RangeCheck,
+    /// A clean load's check (no cluster maps built).
+    graph_check: Option<&'a GraphCheck<'a>>,
     chain_pages: &'a PageCache<'m>,
     extent_pages: &'a PageCache<'m>,
 }
@@ -623,6 +865,7 @@ impl BlobLoad {
         step: &Step<'_, '_>,
         found: &mut Found,
         mut claims: Option<&mut Replayed>,
+        mut masks: Option<&mut GraphMasks<'_>>,
         needs: &mut Needs,
     ) -> bool {
         let id = page_to_blobid(self.root);
@@ -633,6 +876,20 @@ impl BlobLoad {
                     return false;
                 }
                 WalkStep::Failed(err) => {
+                    // The pages walked so far that read fine and are this blob's stay
+                    // claimed: nothing of a damaged blob is handed out.
+                    if let Some(out) = claims.as_deref_mut() {
+                        for page in self.walk.readable(step.chain_pages) {
+                            out.used_md_pages.set(u64::from(page));
+                        }
+                    }
+                    // A listed blob's root and readable pages are never handed out.
+                    if let Some(masks) = masks.as_deref_mut() {
+                        masks.claim_page(self.root);
+                        for page in self.walk.readable(step.chain_pages) {
+                            masks.claim_page(page);
+                        }
+                    }
                     self.fail(step.mode, found, err);
                     return true;
                 }
@@ -659,7 +916,22 @@ impl BlobLoad {
             }
             let pages: Vec<&[u8]> = cached.iter().map(|page| &page.bytes[..]).collect();
             let headers: Vec<MdPageHeader> = cached.iter().map(|page| page.header).collect();
-            let parsed = match parse_decoded_chain(id, &pages, &headers, step.check) {
+            let check: &dyn ClusterCheck = match step.graph_check {
+                Some(graph_check) => graph_check,
+                None => step.check,
+            };
+            let parsed = parse_decoded_chain(id, &pages, &headers, check);
+            if let (Some(masks), Some(graph_check)) = (masks, step.graph_check) {
+                let runs = graph_check.take_runs();
+                masks.claim_blob(
+                    found,
+                    self.root,
+                    self.walk.chain.iter().copied(),
+                    parsed.as_ref().ok(),
+                    &runs,
+                );
+            }
+            let parsed = match parsed {
                 Ok(parsed) => parsed,
                 Err(err) => {
                     self.fail(step.mode, found, err);
@@ -756,6 +1028,14 @@ impl ChainWalk {
             chain: vec![root],
             seen: HashSet::new(),
         }
+    }
+
+    /// The pages of the chain so far that were read, have a good CRC and carry this
+    /// blob's id (what a damaged chain keeps claimed).
+    fn readable<'a>(&'a self, pages: &'a PageCache<'_>) -> impl Iterator<Item = u32> + 'a {
+        self.chain.iter().copied().filter(move |&page| {
+            matches!(pages.get(page), Lookup::Page(cached) if cached.header.id == self.id)
+        })
     }
 
     /// Checks the chain's pages from the last one not checked yet.

@@ -152,9 +152,37 @@ fn reference_pages(
         .collect()
 }
 
-fn reference_chain(pages: &HashMap<u32, Vec<u8>>, root: u32, md_len: u32) -> Result<Vec<u32>> {
-    let id = page_to_blobid(root);
+/// The chain of `root`; on failure, the pages walked (the failing one included) and why.
+fn reference_walk(
+    pages: &HashMap<u32, Vec<u8>>,
+    root: u32,
+    md_len: u32,
+) -> std::result::Result<Vec<u32>, (Vec<u32>, BlobError)> {
     let mut chain = vec![root];
+    let walked = reference_walk_into(pages, root, md_len, &mut chain);
+    walked.map(|()| chain.clone()).map_err(|err| (chain, err))
+}
+
+/// The pages of `walked` a damaged chain keeps claimed: read, good CRC, `root`'s id.
+fn reference_readable(pages: &HashMap<u32, Vec<u8>>, root: u32, walked: &[u32]) -> Vec<u32> {
+    walked
+        .iter()
+        .copied()
+        .filter(|page| {
+            pages
+                .get(page)
+                .is_some_and(|bytes| MdPageHeader::decode(bytes).id == page_to_blobid(root))
+        })
+        .collect()
+}
+
+fn reference_walk_into(
+    pages: &HashMap<u32, Vec<u8>>,
+    root: u32,
+    md_len: u32,
+    chain: &mut Vec<u32>,
+) -> Result<()> {
+    let id = page_to_blobid(root);
     let mut seen = HashSet::from([root]);
     let mut current = root;
     loop {
@@ -176,7 +204,7 @@ fn reference_chain(pages: &HashMap<u32, Vec<u8>>, root: u32, md_len: u32) -> Res
             ));
         }
         if header.next == INVALID_MD_PAGE {
-            return Ok(chain);
+            return Ok(());
         }
         if header.next >= md_len {
             return Err(BlobError::corrupt(
@@ -199,18 +227,6 @@ fn reference_chain(pages: &HashMap<u32, Vec<u8>>, root: u32, md_len: u32) -> Res
         chain.push(header.next);
         current = header.next;
     }
-}
-
-fn reference_parse(
-    pages: &HashMap<u32, Vec<u8>>,
-    root: u32,
-    md_len: u32,
-    check: &RangeCheck,
-) -> Result<(Vec<u32>, ParsedChain)> {
-    let chain = reference_chain(pages, root, md_len)?;
-    let refs: Vec<&[u8]> = chain.iter().map(|page| pages[page].as_slice()).collect();
-    let parsed = parse_chain(page_to_blobid(root), &refs, check)?;
-    Ok((chain, parsed))
 }
 
 /// What a load found, comparable: masks, damaged blobs and graph entries as text.
@@ -237,6 +253,7 @@ fn graph_text(root: u32, info: &Result<GraphInfo>) -> String {
 
 impl Outcome {
     fn new(md_pages: &BitSet, clusters: &BitSet, blobids: &BitSet, mut found: Found) -> Outcome {
+        found.damaged.append(&mut found.disagree);
         found.damaged.sort_by_key(|(root, _)| *root);
         found.graph.sort_by_key(|(root, _)| *root);
         Outcome {
@@ -264,17 +281,56 @@ fn reference_check(image: &[u8], block: &SuperBlock) -> RangeCheck {
     }
 }
 
-/// The clean load before: every used page read, each root's chain walked and parsed.
-fn reference_clean(image: &[u8], block: &SuperBlock, masks: &(BitSet, BitSet, BitSet)) -> Found {
-    let (md_pages, _, blobids) = masks;
-    let pages = reference_pages(image, block, Some(md_pages));
-    let check = reference_check(image, block);
+/// The clean load: every listed root read, its chain walked and parsed, what it uses
+/// claimed in the masks (a zeroed root is a ghost: its bits dropped).
+fn reference_clean(
+    image: &[u8],
+    block: &SuperBlock,
+    masks: &mut (BitSet, BitSet, BitSet),
+) -> Found {
+    let (md_pages, clusters, blobids) = masks;
+    let pages = reference_pages(image, block, None);
+    let range = reference_check(image, block);
+    let check = GraphCheck {
+        range: &range,
+        runs: Default::default(),
+    };
+    let mut graph = GraphMasks {
+        claimed: BitSet::new(md_pages.len()),
+        md_pages,
+        clusters,
+    };
     let mut found = Found::default();
     for root in blobids.iter_set() {
         let root = root as u32;
-        let parsed = reference_parse(&pages, root, block.md_len, &check);
-        found.graph(root, parsed.map(|(_, parsed)| GraphInfo::of(&parsed.meta)));
+        if md_page(image, block, root).iter().all(|&byte| byte == 0) {
+            found.ghosts.push(root);
+            continue;
+        }
+        match reference_walk(&pages, root, block.md_len) {
+            Ok(chain) => {
+                let refs: Vec<&[u8]> = chain.iter().map(|page| pages[page].as_slice()).collect();
+                let parsed = parse_chain(page_to_blobid(root), &refs, &check);
+                let runs = check.take_runs();
+                graph.claim_blob(
+                    &mut found,
+                    root,
+                    chain.iter().copied(),
+                    parsed.as_ref().ok(),
+                    &runs,
+                );
+                found.graph(root, parsed.map(|parsed| GraphInfo::of(&parsed.meta)));
+            }
+            Err((walked, err)) => {
+                graph.claim_page(root);
+                for page in reference_readable(&pages, root, &walked) {
+                    graph.claim_page(page);
+                }
+                found.graph(root, Err(err));
+            }
+        }
     }
+    graph.drop_ghosts(&found, blobids);
     found
 }
 
@@ -303,9 +359,12 @@ fn reference_replay(image: &[u8], block: &SuperBlock, geometry: &Geometry) -> Ou
     for root in roots {
         used_blobids.set(u64::from(root));
         used_md_pages.set(u64::from(root));
-        let chain = match reference_chain(&pages, root, block.md_len) {
+        let chain = match reference_walk(&pages, root, block.md_len) {
             Ok(chain) => chain,
-            Err(err) => {
+            Err((walked, err)) => {
+                for page in reference_readable(&pages, root, &walked) {
+                    used_md_pages.set(u64::from(page));
+                }
                 found.damaged.push((root, err));
                 continue;
             }
@@ -368,13 +427,19 @@ fn batched(rt: &Runtime, image: &[u8]) -> Option<Outcome> {
             md_len: block.md_len,
         };
         if block.masks_trusted() {
-            let (md_pages, clusters, blobids) =
+            let (mut md_pages, mut clusters, mut blobids) =
                 read_masks(&channel, &block, geometry.total_clusters)
                     .await
                     .ok()?;
-            let found = read_graph(&channel, &geometry, &check, &md_pages, &blobids)
+            let mut masks = GraphMasks {
+                claimed: BitSet::new(md_pages.len()),
+                md_pages: &mut md_pages,
+                clusters: &mut clusters,
+            };
+            let found = read_graph(&channel, &geometry, &check, &mut masks, &blobids)
                 .await
                 .unwrap();
+            masks.drop_ghosts(&found, &mut blobids);
             Some(Outcome::new(&md_pages, &clusters, &blobids, found))
         } else {
             let replayed = replay(&channel, &geometry, &check).await.unwrap();
@@ -434,12 +499,12 @@ fn reference(image: &[u8]) -> Option<Outcome> {
         md_bits,
     )
     .ok()?;
-    let masks = (
+    let mut masks = (
         BitSet::from_bytes(u64::from(md_bits), &md_pages),
         BitSet::from_bytes(clusters, &cluster_mask),
         BitSet::from_bytes(u64::from(md_bits), &blobids),
     );
-    let found = reference_clean(image, &block, &masks);
+    let found = reference_clean(image, &block, &mut masks);
     Some(Outcome::new(&masks.0, &masks.1, &masks.2, found))
 }
 
@@ -609,11 +674,11 @@ fn a_long_chain_is_walked_in_rounds_to_its_end() {
         chain[5]
     );
     assert!(found.damaged.contains(&expected), "{:?}", found.damaged);
-    // A chain that cannot be walked claims its root only (its other pages are free).
-    assert!(found.used_md_pages.contains(&u64::from(root)));
-    for page in &chain[1..] {
+    // A chain that cannot be walked keeps the pages it could read claimed (the replay's
+    // rule: nothing of a damaged blob is handed out while readable parts remain).
+    for page in &chain {
         assert!(
-            !found.used_md_pages.contains(&u64::from(*page)),
+            found.used_md_pages.contains(&u64::from(*page)),
             "page {page}"
         );
     }

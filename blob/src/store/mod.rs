@@ -178,6 +178,9 @@ pub(crate) struct MdState {
     pub(crate) clones: BTreeMap<u64, Vec<u64>>,
     /// Clone id -> its parent snapshot.
     pub(crate) parents: HashMap<u64, u64>,
+    /// Blobs the load reported unreadable, with the reason: they refuse to open (with that
+    /// reason) until the store is loaded again.
+    pub(crate) unreadable: HashMap<u64, String>,
     /// Set by unload and destroy.
     pub(crate) unloaded: bool,
 }
