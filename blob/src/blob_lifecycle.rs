@@ -445,6 +445,18 @@ impl Blobstore {
         deps: crate::persist::Deps,
     ) -> Result<()> {
         let id = blob.id();
+        // Its parent's root made durable first (see `settle_parent`); every caller passes
+        // `Deps::All`, which orders the zeroing after it.
+        let parent = blob.state.parent.borrow().clone();
+        if let Some(parent) = &parent {
+            if let Err(err) = crate::snapshot::settle_parent(self, parent).await {
+                blob.state
+                    .open_ref
+                    .set(blob.state.open_ref.get().saturating_sub(1));
+                return Err(err);
+            }
+        }
+        drop(parent);
         // A snapshot whose merge into its clone committed before an earlier delete attempt
         // failed: the clone owns some of the clusters its root still names.
         let outcome = match self.forget_merged_clusters(&blob).await {

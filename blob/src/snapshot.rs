@@ -341,6 +341,20 @@ fn restore_merge(
     }
 }
 
+/// Writes `parent`'s root if it is dirty, before a blob stops reading through it (an
+/// inflate, a decouple, a delete). A snapshot that committed (its original reads through it)
+/// but whose finished root failed to reach the disk is still `SNAPTMP` there; once no blob
+/// reads through it, a load would take it for one never taken and remove it, leaking the
+/// clusters only it owns. Returns whether a write was needed (the caller's commit must then
+/// follow a flush of it); an error means nothing was changed.
+pub(crate) async fn settle_parent(store: &Blobstore, parent: &Blob) -> Result<bool> {
+    if !parent.state.dirty.get() {
+        return Ok(false);
+    }
+    crate::persist::persist(store, &parent.state).await?;
+    Ok(true)
+}
+
 /// Logs a failure that came after a persist's commit point: the operation goes on (its
 /// state is what the blob is now); what it released waits for the next successful flush.
 fn warn_late(id: u64, what: &str, late: Option<BlobError>) {
@@ -416,6 +430,13 @@ impl Blobstore {
                 what: "inflate or decouple",
             });
         }
+        // The blob is about to stop reading through its parent: a parent whose root is not
+        // durable (a snapshot whose finished root failed to reach the disk) is written first,
+        // and the new root below waits for every earlier metadata write (`Deps::All`).
+        let parent_was_dirty = match &parent {
+            Some(parent) => settle_parent(self, parent).await?,
+            None => false,
+        };
         let parent_map = parent.as_ref().map(Blob::cluster_map).unwrap_or_default();
         let needed: Vec<u64> = blob
             .cluster_map()
@@ -473,8 +494,14 @@ impl Blobstore {
         }
         let old_parent = blob.state.replace_parent(new_parent);
         blob.state.mark_changed();
-        // The root follows a flush of the extent pages the touches rewrote in place.
-        let persisted = crate::persist::persist_outcome(self, &blob.state, Deps::Own).await;
+        // The root follows a flush of the extent pages the touches rewrote in place (and of
+        // the parent's root when it was just written).
+        let deps = if parent_was_dirty {
+            Deps::All
+        } else {
+            Deps::Own
+        };
+        let persisted = crate::persist::persist_outcome(self, &blob.state, deps).await;
         if let Err(err) = persisted {
             // Not committed: the blob keeps its parent (on disk and in memory).
             {
