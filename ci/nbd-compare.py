@@ -10,13 +10,20 @@ pinned there) and fio runs on the other (`--fio-core`). Each case runs PAIRS rou
 round the servers take turns (the order rotates), and the table gives each server's median
 IOPS and p99 completion latency and Spool's ratio to each other server.
 
+At full speed a closed loop's tail says as much about the client as the server: a server
+twice as fast makes fio's own core the bottleneck (the `fio cpu` column), and fio's queueing
+then sets the p99. `--matched FRACTION` adds a second pass per case in which every server
+gets the same offered load, FRACTION of the slowest server's median IOPS (fio's `rate_iops`,
+split over its jobs), and a second table of p99 at that equal load: the comparison of tails
+that does not reward the slower server with an idle client.
+
 Needs: a release build of spool (cargo build --release -p spool-tools; SPOOL_BIN=PATH picks
 another binary), fio, qemu-nbd (qemu-utils) and nbdkit. Prints a Markdown table; --raw writes every run as JSON.
 
 Usage:
   ci/nbd-compare.py [--pairs 3] [--time 5] [--dir /var/tmp] [--size 1G]
                     [--storage disk,memory] [--transports tcp,unix] [--only SUBSTRING]
-                    [--raw out.json] [--spool-idle busy,adaptive]
+                    [--raw out.json] [--spool-idle busy,adaptive] [--matched 0.9]
 """
 
 import argparse
@@ -104,11 +111,14 @@ def nbdkit_cmd(path, transport, sock, core):
         "file", f"file={path}", "cache=none"]
 
 
-def fio(uri, rw, qd, jobs, time_s, core, size):
+def fio(uri, rw, qd, jobs, time_s, core, size, rate_iops=None):
     cmd = ["taskset", "-c", str(core), "fio", "--name=cmp", "--ioengine=nbd", f"--uri={uri}",
            f"--rw={rw}", "--bs=4k", f"--iodepth={qd}", f"--numjobs={jobs}", "--time_based",
            f"--runtime={time_s}", f"--size={size}", "--group_reporting", "--randrepeat=0",
            "--norandommap", "--output-format=json"]
+    if rate_iops:
+        # Per job: the case's offered load split over its jobs.
+        cmd.append(f"--rate_iops={max(1, int(rate_iops / jobs))}")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["read"] if rw == "randread" else job["write"]
@@ -162,6 +172,9 @@ def main():
     ap.add_argument("--server-core", type=int, default=0)
     ap.add_argument("--fio-core", type=int, default=1)
     ap.add_argument("--raw")
+    ap.add_argument("--matched", type=float, default=0.0,
+                    help="also run each case at this fraction of its slowest server's median "
+                         "IOPS, the same offered load for every server, and print the p99s")
     ap.add_argument("--spool-idle", default="busy",
                     help="comma-separated idle modes of spool serve to run, each as a server "
                          "(busy, sleep, adaptive)")
@@ -171,6 +184,7 @@ def main():
     sock = os.path.join(args.dir, "spool-nbd-compare.sock")
     raw_runs = []
     rows = []
+    matched_rows = []
     spool_idles = args.spool_idle.split(",")
     for storage in args.storage.split(","):
         store, raw = prepare(storage, args.dir, size_bytes)
@@ -193,25 +207,35 @@ def main():
             case = f"{storage} {transport} {rw} qd{qd} x{jobs}"
             if args.only and args.only not in case:
                 continue
-            results = {name: [] for name in servers}
-            order = list(servers)
-            for round_ in range(args.pairs):
-                shift = round_ % len(order)
-                for name in order[shift:] + order[:shift]:
-                    with Server(name, servers[name](transport), transport, sock) as server:
-                        if name.startswith("spool") and storage == "memory":
-                            # A malloc store starts empty each run: written first, so reads
-                            # copy data instead of answering holes.
-                            fill(server.uri(), args.fio_core, io_size)
-                        run = fio(server.uri(), rw, qd, jobs, args.time, args.fio_core, io_size)
-                    results[name].append(run)
-                    raw_runs.append({"case": case, "server": name, **run})
-                    print(f"{case:40} {name:14} {run['iops']:>10.0f} IOPS  p99 "
-                          f"{run['p99_us']:8.1f} us  fio cpu {run['fio_cpu']:5.0f} %",
-                          file=sys.stderr, flush=True)
-            med = {n: (statistics.median(r["iops"] for r in rs),
-                       statistics.median(r["p99_us"] for r in rs)) for n, rs in results.items()}
+            def run_case(rate):
+                results = {name: [] for name in servers}
+                order = list(servers)
+                for round_ in range(args.pairs):
+                    shift = round_ % len(order)
+                    for name in order[shift:] + order[:shift]:
+                        with Server(name, servers[name](transport), transport, sock) as server:
+                            if name.startswith("spool") and storage == "memory":
+                                # A malloc store starts empty each run: written first, so
+                                # reads copy data instead of answering holes.
+                                fill(server.uri(), args.fio_core, io_size)
+                            run = fio(server.uri(), rw, qd, jobs, args.time, args.fio_core,
+                                      io_size, rate)
+                        results[name].append(run)
+                        raw_runs.append({"case": case, "server": name, "rate_iops": rate,
+                                         **run})
+                        label = f"{case} @{rate:.0f}" if rate else case
+                        print(f"{label:48} {name:14} {run['iops']:>10.0f} IOPS  p99 "
+                              f"{run['p99_us']:8.1f} us  fio cpu {run['fio_cpu']:5.0f} %",
+                              file=sys.stderr, flush=True)
+                return {n: (statistics.median(r["iops"] for r in rs),
+                            statistics.median(r["p99_us"] for r in rs))
+                        for n, rs in results.items()}
+
+            med = run_case(None)
             rows.append((case, med))
+            if args.matched > 0:
+                rate = args.matched * min(iops for iops, _ in med.values())
+                matched_rows.append((case, rate, run_case(rate)))
     names = list(rows[0][1]) if rows else []
     spools = [n for n in names if n.startswith("spool")]
     others = [n for n in names if not n.startswith("spool")]
@@ -224,6 +248,19 @@ def main():
                  + [f"{med[s][0] / max(med[o][0], 1):.2f}" for s in spools for o in others]
                  + [f"{med[n][1]:.0f}" for n in names])
         print("| " + " | ".join(cells) + " |")
+    if matched_rows:
+        print()
+        print(f"p99 at the same offered load ({args.matched:.2f} of each case's slowest "
+              "server's median IOPS):")
+        print()
+        header = (["case", "offered IOPS"] + [f"{n} IOPS" for n in names]
+                  + [f"{n} p99 us" for n in names])
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for case, rate, med in matched_rows:
+            cells = ([case, f"{rate:.0f}"] + [f"{med[n][0]:.0f}" for n in names]
+                     + [f"{med[n][1]:.0f}" for n in names])
+            print("| " + " | ".join(cells) + " |")
     if args.raw:
         with open(args.raw, "w") as f:
             json.dump(raw_runs, f, indent=1)
