@@ -76,11 +76,8 @@ fn review16_last_close_waits_for_a_dropped_write() {
                     let keep_rx = Mutex::new(keep_rx);
                     let dropped = spool_reactor::spawn_on(on, move || async move {
                         let channel = io.channel().expect("channel");
-                        let mut write = Box::pin(channel.write(
-                            &io,
-                            units_per_cluster,
-                            buf_of(&[0xAA; 4096]),
-                        ));
+                        let mut write =
+                            Box::pin(channel.write(&io, units_per_cluster, buf_of(&[0xAA; 4096])));
                         if poll_once(write.as_mut()) {
                             return false;
                         }
@@ -97,7 +94,10 @@ fn review16_last_close_waits_for_a_dropped_write() {
                     let later = probe.snapshot()[device_at..device_at + 4096] == [0xAA; 4096];
                     let _ = keep_tx.send(());
                     let dropped = dropped.await.map_err(|err| err.to_string())?;
-                    store.unload().await.map_err(|err| format!("unload: {err}"))?;
+                    store
+                        .unload()
+                        .await
+                        .map_err(|err| format!("unload: {err}"))?;
                     Ok::<_, String>(dropped.then_some((closed.is_ok(), at_return, later)))
                 })
                 .unwrap();
@@ -176,8 +176,8 @@ fn review16_teardown_waits_for_a_write_dropped_after_its_blob_was_closed() {
                             }
                             wait_for(&closed_rx).await;
                             // Still on the device? Only then does dropping it leave it held.
-                            let landed = io_probe.snapshot()[device_at..device_at + 4096]
-                                == [0xAA; 4096];
+                            let landed =
+                                io_probe.snapshot()[device_at..device_at + 4096] == [0xAA; 4096];
                             let held = !landed && !poll_once(write.as_mut());
                             drop(write);
                             let _ = dropped_tx.send(held);
@@ -243,6 +243,9 @@ fn review16_teardown_waits_for_a_write_dropped_after_its_blob_was_closed() {
             }
         }
     }
-    assert!(runs > 0, "no run dropped the write in flight after the close");
+    assert!(
+        runs > 0,
+        "no run dropped the write in flight after the close"
+    );
     assert!(failures.is_empty(), "{runs} runs:\n{}", failures.join("\n"));
 }
