@@ -640,6 +640,8 @@ fn review16_freeze_ignores_a_dropped_write_that_waited_for_an_allocation() {
 /// channels, or refuse with -EBUSY, as they do for a thin write's claim.
 /// (In these seeds only `destroy` fails: `unload` writes masks and the super block first, so
 /// the simulated device happens to complete the dropped write before it returns.)
+/// Fixed: a dropped I/O's request counts in its blob's and store's held requests
+/// (blob/src/io/held.rs); the last close and unload/destroy wait for them.
 #[test]
 fn review16_unload_or_destroy_returns_while_a_dropped_write_is_still_on_the_device() {
     let mut failures = Vec::new();
@@ -738,6 +740,7 @@ fn review16_unload_or_destroy_returns_while_a_dropped_write_is_still_on_the_devi
 /// super blob), so the volumes are neither destroyed nor reachable. Should: the destroy runs
 /// to completion as its own task (or is undone), so a fresh load finds either the intact lvol
 /// store with its volume or no store at all.
+/// Fixed: both steps run as one detached task under the store's teardown lock.
 #[test]
 fn review16_lvs_destroy_dropped_between_its_steps_leaves_a_store_without_its_super_blob() {
     use spool_blob::{LvolStore, LvsInitOptions};
@@ -841,6 +844,8 @@ fn review16_lvs_destroy_dropped_between_its_steps_leaves_a_store_without_its_sup
 /// one: the "destroyed" device loads again as a (clean) store. Should: a teardown still
 /// running makes the next one wait for it or refuse (-EBUSY), and nothing writes to the
 /// device after `destroy` returned Ok.
+/// Fixed: teardowns run one at a time under the store's teardown lock; a destroy queued
+/// behind an unload wipes the super block once the unload is done.
 #[test]
 fn review16_destroy_after_a_dropped_unload_is_undone_by_the_unload() {
     let mut failures = Vec::new();
@@ -934,6 +939,8 @@ fn review16_destroy_after_a_dropped_unload_is_undone_by_the_unload() {
 /// Should: a freeze waits for every write of the blob the device may still carry, whatever
 /// became of the channel it came from (or dropping a channel waits for / cancels its held
 /// requests).
+/// Fixed: the held count lives in the blob (blob/src/io/held.rs), which a freeze reads after
+/// its channel walk.
 #[test]
 fn review16_freeze_misses_a_held_write_whose_blob_channel_was_dropped() {
     let mut failures = Vec::new();
