@@ -13,7 +13,7 @@
 //! any channel. The awaiting future then takes the buffers back. A future dropped before completion leaves its slot "abandoned": the
 //! buffers stay parked in the slot until the device completes, so the device never writes
 //! into freed memory, and so does whatever the caller handed the request to hold
-//! (`IoFuture::hold_until_done`: a blob channel's in-flight count), dropped by
+//! (`IoFuture::hold_until_done`: a dropped blob I/O's held-request count), dropped by
 //! `wake_completed` once the device is done.
 //!
 //! # What is closed, and why

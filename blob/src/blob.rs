@@ -490,6 +490,10 @@ impl Blob {
     /// next open gets it, unload writes it). An error from a step after the commit is
     /// returned too.
     ///
+    /// The last close waits (at most about 5 s) until no request of the blob's dropped I/O is
+    /// still on the device (-EBUSY, the handle given back all the same, if one still is). I/O
+    /// whose futures are still held is the caller's to finish before closing, as in SPDK.
+    ///
     /// Dropping the returned future does not cancel the operation: it runs to completion as its
     /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn close(self) -> Result<()> {
@@ -551,6 +555,16 @@ impl Blob {
                 .open_blobs
                 .remove(&self.state.id);
             self.state.io.mark_closed();
+            // Requests of the blob's dropped I/O the device may still carry: nothing of the
+            // blob lands after its last close returned (a delete next frees its clusters).
+            let io = &self.state.io;
+            if !crate::io::wait_until_zero(|| io.held()).await {
+                late = late.or(Some(BlobError::Busy(format!(
+                    "blob {:#x} closed with {} dropped request(s) still on the device",
+                    self.state.id,
+                    io.held()
+                ))));
+            }
             let parent = self.state.replace_parent(None);
             if let Some(parent) = parent {
                 Box::pin(parent.close()).await?;

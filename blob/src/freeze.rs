@@ -16,7 +16,8 @@ use crate::store::Blobstore;
 /// How often a freeze looks again at the in-flight count.
 const DRAIN_POLL: Duration = Duration::from_micros(20);
 
-/// Freezes `io`: after this returns, no I/O of the blob is in flight and new I/O waits.
+/// Freezes `io`: after this returns, no I/O of the blob is in flight and new I/O waits
+/// (counting a dropped I/O's request the device may still carry, see `crate::io::HeldCount`).
 /// On error the blob is not left frozen (this freeze is undone and waiting I/O released).
 pub(crate) async fn freeze(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> {
     let first = io.freeze_enter() == 0;
@@ -47,7 +48,8 @@ async fn enter_and_drain(store: &Blobstore, io: &Arc<BlobIo>, first: bool) -> Re
         })?;
     }
     steps.mark("gate");
-    // Every channel's count of this blob's I/O, until all are zero (they only fall now).
+    // Every channel's count of this blob's I/O and its held requests, until all are zero
+    // (they only fall now).
     loop {
         let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (sum, slot) = (Arc::clone(&total), io.slot());
@@ -65,7 +67,10 @@ async fn enter_and_drain(store: &Blobstore, io: &Arc<BlobIo>, first: bool) -> Re
                 what: format!("draining I/O of blob {:#x}", io.id()),
             });
         }
-        if total.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        // Then the blob's held requests (dropped I/O still on the device, whatever became
+        // of its channel): read after the walk, so a request that moved from a channel's
+        // count to the held count during the walk is seen in one or the other.
+        if total.load(std::sync::atomic::Ordering::Acquire) == 0 && io.held() == 0 {
             steps.mark("drain");
             return Ok(());
         }

@@ -640,8 +640,9 @@ fn review16_freeze_ignores_a_dropped_write_that_waited_for_an_allocation() {
 /// channels, or refuse with -EBUSY, as they do for a thin write's claim.
 /// (In these seeds only `destroy` fails: `unload` writes masks and the super block first, so
 /// the simulated device happens to complete the dropped write before it returns.)
+/// Fixed: a dropped I/O's request counts in its blob's and store's held requests
+/// (blob/src/io/held.rs); the last close and unload/destroy wait for them.
 #[test]
-#[ignore = "open (issue 16 second review): close, unload and destroy do not wait for held in-flight writes"]
 fn review16_unload_or_destroy_returns_while_a_dropped_write_is_still_on_the_device() {
     let mut failures = Vec::new();
     let mut runs = 0;
@@ -739,8 +740,8 @@ fn review16_unload_or_destroy_returns_while_a_dropped_write_is_still_on_the_devi
 /// super blob), so the volumes are neither destroyed nor reachable. Should: the destroy runs
 /// to completion as its own task (or is undone), so a fresh load finds either the intact lvol
 /// store with its volume or no store at all.
+/// Fixed: both steps run as one detached task under the store's teardown lock.
 #[test]
-#[ignore = "open (issue 16 second review): LvolStore::destroy runs its two steps in the caller future, not as one detached md operation"]
 fn review16_lvs_destroy_dropped_between_its_steps_leaves_a_store_without_its_super_blob() {
     use spool_blob::{LvolStore, LvsInitOptions};
     let mut failures = Vec::new();
@@ -843,8 +844,9 @@ fn review16_lvs_destroy_dropped_between_its_steps_leaves_a_store_without_its_sup
 /// one: the "destroyed" device loads again as a (clean) store. Should: a teardown still
 /// running makes the next one wait for it or refuse (-EBUSY), and nothing writes to the
 /// device after `destroy` returned Ok.
+/// Fixed: teardowns run one at a time under the store's teardown lock; a destroy queued
+/// behind an unload wipes the super block once the unload is done.
 #[test]
-#[ignore = "open (issue 16 second review): unload and destroy are not counted as md operations, so a destroy after a dropped unload returns while the unload still writes a clean super block"]
 fn review16_destroy_after_a_dropped_unload_is_undone_by_the_unload() {
     let mut failures = Vec::new();
     let mut runs = 0;
@@ -937,8 +939,9 @@ fn review16_destroy_after_a_dropped_unload_is_undone_by_the_unload() {
 /// Should: a freeze waits for every write of the blob the device may still carry, whatever
 /// became of the channel it came from (or dropping a channel waits for / cancels its held
 /// requests).
+/// Fixed: the held count lives in the blob (blob/src/io/held.rs), which a freeze reads after
+/// its channel walk.
 #[test]
-#[ignore = "open (issue 16 second review): a held write counts into its dropped blob channel table, which the freeze walk no longer visits"]
 fn review16_freeze_misses_a_held_write_whose_blob_channel_was_dropped() {
     let mut failures = Vec::new();
     let mut runs = 0;

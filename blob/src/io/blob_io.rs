@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use super::{channel_of, BlobChannel};
+use super::{channel_of, BlobChannel, HeldCount};
 use crate::error::{BlobError, Result};
 use crate::meta::BlobMeta;
 use crate::store::StoreShared;
@@ -58,6 +58,8 @@ pub struct BlobIo {
     /// Changes whenever `map` is replaced (store-wide unique), so channels know their
     /// cached map is stale.
     pub(super) map_generation: AtomicU64,
+    /// Device requests of this blob's dropped I/O still on the device (shared with them).
+    pub(super) held: Arc<HeldCount>,
 }
 
 impl Drop for BlobIo {
@@ -118,6 +120,7 @@ impl BlobIo {
             frozen: AtomicU32::new(0),
             slot: store.slots.acquire(),
             map_generation: AtomicU64::new(store.slots.next_generation()),
+            held: HeldCount::new(&store.held_io),
         })
     }
 
@@ -163,6 +166,11 @@ impl BlobIo {
     /// This reactor's channel to the blob's store.
     pub fn channel(&self) -> Result<BlobChannel> {
         channel_of(&self.store)
+    }
+
+    /// Device requests of this blob's dropped I/O still on the device.
+    pub(crate) fn held(&self) -> u64 {
+        self.held.get()
     }
 
     /// This blob's index in the channels' per-blob tables.

@@ -29,11 +29,13 @@ use crate::store::{Blobstore, StoreShared};
 use crate::sync::LocalEvent;
 
 mod blob_io;
+mod held;
 mod thin;
 
 pub use blob_io::BlobIo;
 pub(crate) use blob_io::SlotAllocator;
 use blob_io::{gate_refusing, ClusterMap};
+pub(crate) use held::{wait_until_zero, HeldCount};
 
 /// (blob id, blob cluster index) of a thin allocation in flight.
 type AllocKey = (u64, u64);
@@ -45,10 +47,10 @@ pub struct ChannelContext {
     allocating: RefCell<HashMap<AllocKey, Rc<LocalEvent<()>>>>,
     /// I/Os waiting for a frozen blob, by blob id, in arrival order.
     frozen_waiters: RefCell<HashMap<u64, VecDeque<Waker>>>,
-    /// Per open blob (by its slot): I/Os in flight on this channel and the cached map. Shared
-    /// with the [`InFlightHold`]s that bdev requests of dropped I/Os keep until the device
-    /// completes them.
-    blobs: Rc<RefCell<Vec<ChannelBlob>>>,
+    /// Per open blob (by its slot): I/Os in flight on this channel and the cached map. (A
+    /// dropped I/O's request still on the device is counted in the blob's
+    /// [`HeldCount`] instead: it outlives this channel.)
+    blobs: RefCell<Vec<ChannelBlob>>,
 }
 
 /// A channel's view of one open blob.
@@ -73,7 +75,9 @@ impl ChannelContext {
     }
 
     fn finish(&self, slot: usize) {
-        finish_in(&self.blobs, slot);
+        if let Some(blob) = self.blobs.borrow_mut().get_mut(slot) {
+            blob.inflight = blob.inflight.saturating_sub(1);
+        }
     }
 
     /// Wakes, in arrival order, the I/Os of blob `id` that wait on this channel.
@@ -82,13 +86,6 @@ impl ChannelContext {
         for waker in waiters.into_iter().flatten() {
             waker.wake();
         }
-    }
-}
-
-/// Counts one I/O of the blob in `slot` out of `blobs` (a channel's table).
-fn finish_in(blobs: &RefCell<Vec<ChannelBlob>>, slot: usize) {
-    if let Some(blob) = blobs.borrow_mut().get_mut(slot) {
-        blob.inflight = blob.inflight.saturating_sub(1);
     }
 }
 
@@ -104,50 +101,22 @@ fn entry(blobs: &mut Vec<ChannelBlob>, slot: usize) -> &mut ChannelBlob {
 /// An admitted I/O: counted in its blob's in-flight count on this channel until dropped.
 struct Admitted<'a> {
     channel: &'a ChannelContext,
-    slot: usize,
-}
-
-impl Admitted<'_> {
-    /// The same count, owned: for a bdev request to keep until the device completes it.
-    fn into_hold(self) -> InFlightHold {
-        let hold = InFlightHold {
-            blobs: Rc::clone(&self.channel.blobs),
-            slot: self.slot,
-        };
-        std::mem::forget(self);
-        hold
-    }
+    blob: &'a BlobIo,
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        self.channel.finish(self.slot);
-    }
-}
-
-/// One I/O counted in a blob's in-flight total on a channel, owned (`'static`): handed to a
-/// bdev request whose future is dropped before the device completed it
-/// ([`spool_bdev::IoFuture::hold_until_done`]), so a freeze keeps waiting until the device
-/// can no longer write what that request carries. Dropped by the device's completion.
-struct InFlightHold {
-    blobs: Rc<RefCell<Vec<ChannelBlob>>>,
-    slot: usize,
-}
-
-impl Drop for InFlightHold {
-    fn drop(&mut self) {
-        finish_in(&self.blobs, self.slot);
+        self.channel.finish(self.blob.slot);
     }
 }
 
 /// A device write of a blob I/O made on an async path (split, vectored): if the I/O's future
-/// is dropped while the write is on the device, the write takes a count of its own in the
-/// blob's in-flight total (the I/O's `Admitted` goes with the future) and hands it to the
-/// bdev request, which gives it back when the device completes.
+/// is dropped while the write is on the device, the write is counted in the blob's held
+/// requests ([`HeldCount`]; the I/O's `Admitted` goes with the future) until the device
+/// completes it.
 struct CountedWrite<'a, T: IoOutput> {
     request: IoFuture<'a, T>,
-    channel: &'a ChannelContext,
-    slot: usize,
+    blob: &'a BlobIo,
     done: bool,
 }
 
@@ -169,11 +138,7 @@ impl<T: IoOutput> std::future::Future for CountedWrite<'_, T> {
 impl<T: IoOutput> Drop for CountedWrite<'_, T> {
     fn drop(&mut self) {
         if !self.done {
-            self.channel.admit(self.slot);
-            self.request.hold_until_done(Box::new(InFlightHold {
-                blobs: Rc::clone(&self.channel.blobs),
-                slot: self.slot,
-            }));
+            self.request.hold_until_done(self.blob.held.hold());
         }
     }
 }
@@ -188,7 +153,7 @@ pub(crate) fn register_device(desc: &spool_bdev::BdevDesc) -> IoDevice<ChannelCo
                 bdev,
                 allocating: RefCell::new(HashMap::new()),
                 frozen_waiters: RefCell::new(HashMap::new()),
-                blobs: Rc::new(RefCell::new(Vec::new())),
+                blobs: RefCell::new(Vec::new()),
             })
         },
         |_reactor, context| drop(context),
@@ -236,7 +201,7 @@ pub struct BlobChannel {
 impl BlobChannel {
     /// Waits while `blob` is frozen (queued on this channel, in order), then counts the I/O
     /// in flight until the returned guard drops.
-    async fn admit<'a>(&'a self, blob: &BlobIo) -> Admitted<'a> {
+    async fn admit<'a>(&'a self, blob: &'a BlobIo) -> Admitted<'a> {
         std::future::poll_fn(|cx| {
             if blob.is_frozen() {
                 self.channel
@@ -254,7 +219,7 @@ impl BlobChannel {
         self.channel.admit(blob.slot);
         Admitted {
             channel: &self.channel,
-            slot: blob.slot,
+            blob,
         }
     }
 
@@ -264,26 +229,29 @@ impl BlobChannel {
 
     /// Writes `bufs` at device byte `device` for `blob`, counted as in flight until the device
     /// is done even if this future is dropped first (see [`CountedWrite`]).
-    fn device_writev(
-        &self,
-        blob: &BlobIo,
+    fn device_writev<'a>(
+        &'a self,
+        blob: &'a BlobIo,
         bufs: Vec<DmaBuf>,
         device: u64,
-    ) -> CountedWrite<'_, Vec<DmaBuf>> {
+    ) -> CountedWrite<'a, Vec<DmaBuf>> {
         CountedWrite {
             request: self.bdev().writev(bufs, device),
-            channel: &self.channel,
-            slot: blob.slot,
+            blob,
             done: false,
         }
     }
 
     /// Writes `buf` at device byte `device` for `blob`, as [`BlobChannel::device_writev`].
-    fn device_write(&self, blob: &BlobIo, buf: DmaBuf, device: u64) -> CountedWrite<'_, DmaBuf> {
+    fn device_write<'a>(
+        &'a self,
+        blob: &'a BlobIo,
+        buf: DmaBuf,
+        device: u64,
+    ) -> CountedWrite<'a, DmaBuf> {
         CountedWrite {
             request: self.bdev().write(buf, device),
-            channel: &self.channel,
-            slot: blob.slot,
+            blob,
             done: false,
         }
     }
@@ -377,7 +345,7 @@ impl BlobChannel {
                 request,
                 admitted: Some(Admitted {
                     channel: &self.channel,
-                    slot: blob.slot,
+                    blob,
                 }),
             });
         }
@@ -699,8 +667,9 @@ impl std::future::Future for BlobIoFuture<'_> {
 }
 
 /// A blob I/O that is one bdev request, counted in the blob's in-flight total until the
-/// device has completed it: dropped before that, it hands its count to the bdev request,
-/// which gives it back at the device's completion (a freeze waits for it).
+/// device has completed it: dropped before that, the request is counted in the blob's held
+/// requests ([`HeldCount`]) until the device completes it (a freeze, the blob's last close,
+/// unload and destroy wait for it).
 pub struct DirectIo<'a> {
     request: spool_bdev::IoFuture<'a, DmaBuf>,
     admitted: Option<Admitted<'a>>,
@@ -709,7 +678,9 @@ pub struct DirectIo<'a> {
 impl Drop for DirectIo<'_> {
     fn drop(&mut self) {
         if let Some(admitted) = self.admitted.take() {
-            self.request.hold_until_done(Box::new(admitted.into_hold()));
+            // Held first, then out of the channel's count: never counted nowhere.
+            self.request.hold_until_done(admitted.blob.held.hold());
+            drop(admitted);
         }
     }
 }

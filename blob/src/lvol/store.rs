@@ -266,18 +266,37 @@ impl LvolStore {
     /// Destroys the store as SPDK's `spdk_lvs_destroy` does: deletes the super blob, then
     /// wipes the super block ([`Blobstore::destroy`]). The lvols' blobs are not deleted one by
     /// one (the device no longer loads as a store); -EBUSY while any blob is open.
+    ///
+    /// Dropping the returned future does not cancel the operation: both steps run to
+    /// completion as one task on the metadata reactor, holding the store's teardown lock (an
+    /// unload or destroy called meanwhile waits for it), so no caller going away leaves a
+    /// store without its super blob.
     pub async fn destroy(self) -> Result<()> {
-        let store = self.inner.store.clone();
-        store.check_md_thread()?;
-        if store.open_blob_count() > 0 {
-            return Err(BlobError::Busy(format!(
-                "cannot destroy lvol store '{}': {} blob(s) still open",
-                self.name(),
-                store.open_blob_count()
-            )));
+        self.inner.store.check_md_thread()?;
+        crate::detach::detached(
+            async move { self.destroy_now().await },
+            crate::detach::forget,
+        )
+        .await
+    }
+
+    /// The body of `destroy`, which runs it as its own task.
+    async fn destroy_now(&self) -> Result<()> {
+        let store = &self.inner.store;
+        let _teardown = store.teardown().await;
+        if !store.inner.state.borrow().unloaded {
+            store.check_md_thread()?;
+            if store.open_blob_count() > 0 {
+                return Err(BlobError::Busy(format!(
+                    "cannot destroy lvol store '{}': {} blob(s) still open",
+                    self.name(),
+                    store.open_blob_count()
+                )));
+            }
+            store.delete_blob(self.inner.super_blob).await?;
         }
-        store.delete_blob(self.inner.super_blob).await?;
-        store.destroy().await
+        // As `Blobstore::destroy` after whatever teardown ran before this one.
+        store.destroy_queued().await
     }
 }
 

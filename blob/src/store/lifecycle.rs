@@ -264,21 +264,28 @@ impl Blobstore {
     }
 
     /// Closes the store cleanly: writes the masks, then the super block with clean = 1.
-    /// Refused with -EBUSY while any blob is open (the store stays usable).
+    /// Refused with -EBUSY while any blob is open (the store stays usable). Waits first for
+    /// the metadata operations running, for thin writes still filling a claimed cluster and
+    /// for requests of dropped blob I/O still on the device (each bounded at about 5 s, then
+    /// -EBUSY), and for another unload or destroy still running (after which the store is no
+    /// longer loaded: -ENODEV).
     ///
     /// Dropping the returned future does not cancel the operation: it runs to completion as its
     /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn unload(self) -> Result<()> {
         self.check_md_thread()?;
         crate::detach::detached(
-            async move { self.unload_now().await },
+            async move {
+                let _teardown = self.teardown().await;
+                self.unload_now().await
+            },
             crate::detach::forget,
         )
         .await
     }
 
-    /// The body of `unload`, which runs it as its own task.
-    async fn unload_now(self) -> Result<()> {
+    /// The body of `unload`, which runs it as its own task (the teardown lock held).
+    async fn unload_now(&self) -> Result<()> {
         self.check_md_thread()?;
         // Metadata operations whose callers went away run on as tasks: wait for them, and
         // take no new ones while writing (closes and internal steps still run), so the masks
@@ -288,8 +295,9 @@ impl Blobstore {
         self.settle_orphans().await?;
         self.refuse_if_blobs_open("unload")?;
         // A thin first write still filling a cluster it claimed: the masks must not record
-        // the claim (its insert will fail: the blob is closed), so wait for it to end.
-        self.wait_for_claims().await?;
+        // the claim (its insert will fail: the blob is closed), so wait for it to end; and
+        // nothing of a dropped I/O may land after the store said it is done.
+        self.wait_for_device_work().await?;
         let _guard = self.inner.super_lock.lock().await;
         // Releases still waiting for a flush (only after a failed one) are free once one
         // completes: the masks must show them free.
@@ -306,45 +314,76 @@ impl Blobstore {
     }
 
     /// Wipes the super block so the device no longer loads as a store (data and metadata
-    /// pages are left as they are). Refused with -EBUSY while any blob is open.
+    /// pages are left as they are). Refused with -EBUSY while any blob is open; waits as
+    /// [`Blobstore::unload`] does, so nothing of the store writes to the device after it
+    /// returned Ok. A destroy called while another teardown runs waits for it: after a
+    /// destroy it returns Ok, after an unload (its caller gone) it still wipes the now clean
+    /// super block, as asked.
     ///
     /// Dropping the returned future does not cancel the operation: it runs to completion as its
     /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn destroy(self) -> Result<()> {
         self.check_md_thread()?;
         crate::detach::detached(
-            async move { self.destroy_now().await },
+            async move {
+                let _teardown = self.teardown().await;
+                self.destroy_queued().await
+            },
             crate::detach::forget,
         )
         .await
     }
 
-    /// The body of `destroy`, which runs it as its own task.
-    async fn destroy_now(self) -> Result<()> {
+    /// The body of `destroy`, run as its own task with the teardown lock held, after any
+    /// teardown that was running when it was called.
+    pub(crate) async fn destroy_queued(&self) -> Result<()> {
+        if self.inner.md_ops.destroyed.get() {
+            return Ok(()); // a destroy before this one did it
+        }
+        if self.inner.state.borrow().unloaded {
+            // An unload before this one closed the store cleanly and waited for everything
+            // it had running: only the super block is left to wipe.
+            return self.wipe_super().await;
+        }
+        self.destroy_now().await
+    }
+
+    /// Destroys the loaded store (the teardown lock held).
+    async fn destroy_now(&self) -> Result<()> {
         self.check_md_thread()?;
         let _closed = self.close_md_ops("destroy").await?;
         self.refuse_if_blobs_open("destroy")?;
-        // A thin first write still filling a cluster it claimed would write after destroy
-        // returned: wait for it, as unload does.
-        self.wait_for_claims().await?;
-        zero_bytes(&self.inner.md_channel, 0, PAGE_SIZE_U64).await?;
-        flush(&self.inner.md_channel).await?;
+        // A thin first write still filling a cluster it claimed, or a dropped I/O's request
+        // still on the device, would write after destroy returned: wait, as unload does.
+        self.wait_for_device_work().await?;
+        self.wipe_super().await?;
         self.finish();
         Ok(())
     }
 
-    /// Waits (at most about 5 s) until no thin first write holds a claimed cluster (its fill
-    /// write may still be on the device); -EBUSY if one still does.
-    async fn wait_for_claims(&self) -> Result<()> {
-        let mut waited = 0u32;
-        while self.shared().claims_outstanding() > 0 && waited < 100_000 {
-            spool_reactor::sleep(std::time::Duration::from_micros(50)).await;
-            waited += 1;
-        }
-        if self.shared().claims_outstanding() > 0 {
+    /// Zeroes the super block, durably, and marks the store destroyed.
+    async fn wipe_super(&self) -> Result<()> {
+        zero_bytes(&self.inner.md_channel, 0, PAGE_SIZE_U64).await?;
+        flush(&self.inner.md_channel).await?;
+        self.inner.md_ops.destroyed.set(true);
+        Ok(())
+    }
+
+    /// Waits (at most about 5 s each) until no thin first write holds a claimed cluster (its
+    /// fill write may still be on the device) and no request of a dropped blob I/O is still
+    /// on the device (`crate::io::HeldCount`); -EBUSY if one still does.
+    async fn wait_for_device_work(&self) -> Result<()> {
+        let shared = self.shared();
+        if !crate::io::wait_until_zero(|| shared.claims_outstanding()).await {
             return Err(BlobError::Busy(
                 "a thin write on another reactor still holds a claimed cluster".into(),
             ));
+        }
+        if !crate::io::wait_until_zero(|| shared.held_io()).await {
+            return Err(BlobError::Busy(format!(
+                "{} request(s) of dropped blob I/O still on the device",
+                shared.held_io()
+            )));
         }
         Ok(())
     }

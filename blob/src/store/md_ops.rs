@@ -2,6 +2,11 @@
 //! `unload` and `destroy` wait for them, so a clean unload never writes its masks and clean
 //! flag over an operation whose caller dropped its future half-way, and refuse new ones
 //! while they write.
+//!
+//! The teardowns themselves (`unload`, `destroy`, an lvol store's `destroy` with both its
+//! steps) run as tasks too, one at a time under the store's teardown lock: a teardown whose
+//! caller went away still holds it, so the next one waits for it to end instead of writing
+//! beside it.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -9,6 +14,7 @@ use std::time::Duration;
 
 use crate::error::{BlobError, Result};
 use crate::store::{Blobstore, StoreInner};
+use crate::sync::{LocalMutex, LocalMutexGuard};
 
 /// How often `unload` looks again at the operations running.
 const IDLE_POLL: Duration = Duration::from_micros(50);
@@ -21,6 +27,10 @@ const IDLE_POLLS_MAX: u32 = 100_000;
 pub(crate) struct MdOps {
     running: Cell<usize>,
     closed: Cell<bool>,
+    /// Held by the teardown running now (see the module doc).
+    teardown: LocalMutex,
+    /// Set once a destroy wiped the super block.
+    pub(crate) destroyed: Cell<bool>,
 }
 
 /// One running operation, counted until its task drops this (when it finishes, or is
@@ -67,6 +77,13 @@ impl Blobstore {
         MdOpRunning {
             store: Rc::clone(&self.inner),
         }
+    }
+
+    /// Waits until no other teardown (unload, destroy) of the store runs, and keeps the next
+    /// one waiting until the returned guard drops. Taken by the teardown's own task, so a
+    /// dropped caller does not release it half-way.
+    pub(crate) async fn teardown(&self) -> LocalMutexGuard<'_> {
+        self.inner.md_ops.teardown.lock().await
     }
 
     /// Waits until no metadata operation runs, then refuses new ones until the returned

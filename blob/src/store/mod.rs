@@ -115,6 +115,9 @@ pub struct StoreShared {
     /// Thin allocations holding a claimed cluster not yet in a map or released (unload
     /// waits for none).
     pub(crate) claims_outstanding: AtomicU64,
+    /// Device requests of dropped blob I/O still on the device, all blobs (see
+    /// `crate::io::HeldCount`): unload and destroy wait for none.
+    pub(crate) held_io: Arc<AtomicU64>,
 }
 
 impl StoreShared {
@@ -138,6 +141,11 @@ impl StoreShared {
     /// Thin allocations holding a claimed cluster now.
     pub(crate) fn claims_outstanding(&self) -> u64 {
         self.claims_outstanding.load(Ordering::Acquire)
+    }
+
+    /// Device requests of dropped blob I/O still on the device now.
+    pub(crate) fn held_io(&self) -> u64 {
+        self.held_io.load(Ordering::Acquire)
     }
 
     /// Returns a data cluster to the free pool (never a metadata cluster).
@@ -492,6 +500,7 @@ impl Blobstore {
             slots: crate::io::SlotAllocator::default(),
             zeroed: AtomicBitmap::from_set(&BitSet::new(used_clusters.len())),
             claims_outstanding: AtomicU64::new(0),
+            held_io: Arc::new(AtomicU64::new(0)),
         });
         Ok(Rc::new(StoreInner {
             shared,
