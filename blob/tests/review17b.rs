@@ -442,3 +442,58 @@ fn a_blob_created_after_the_load_never_inherits_a_load_verdict() {
         panic!("{msg}");
     }
 }
+
+/// A chain of 1,000 snapshots (each blob's `SNAP` names the one before; what 1,000
+/// snapshots of one volume leave, e.g. hourly snapshots kept six weeks; `MAX_CHAIN_DEPTH`
+/// is 1,024). Opening the last blob loads all 1,000 (one md page each), but took about 4 s in
+/// a debug build (0.4 s in release): `check_ancestry` (`blob/src/blob_lifecycle.rs`) walks a
+/// blob's whole ancestry at every level of the open, keeping the ids seen in a `Vec`
+/// searched linearly, so one open costs O(depth^3) comparisons (1.7e8 here). An lvol store
+/// load opens every blob (`LvolStore::open`), each from scratch: the sum over the chain is
+/// O(depth^4) and took many minutes: a daemon restart that never ends.
+///
+/// Expected: an open's cost follows the blobs it loads: the 1,000-deep open well under a
+/// second (and a store whose chain is deeper than `MAX_CHAIN_DEPTH` still refused).
+#[test]
+fn opening_the_end_of_a_deep_snapshot_chain_costs_what_it_loads() {
+    const DEPTH: usize = 1000;
+    let rt = runtime();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let image = make_image_with(&rt, Some(2048), move |store| async move {
+        let mut prev: Option<u64> = None;
+        for _ in 0..DEPTH {
+            let id = store
+                .create_blob(&BlobOptions {
+                    thin: true,
+                    num_clusters: 1,
+                    internal_xattrs: prev
+                        .map(|parent| vec![("SNAP".to_string(), parent.to_le_bytes().to_vec())])
+                        .unwrap_or_default(),
+                    ..BlobOptions::default()
+                })
+                .await
+                .unwrap();
+            prev = Some(id);
+        }
+        tx.send(prev.unwrap()).unwrap();
+    });
+    let last = rx.recv().unwrap();
+    let elapsed = rt
+        .block_on(rt.reactors()[0], move || async move {
+            let (store, report) = Blobstore::load(desc_of(&image), &LoadOptions::default())
+                .await
+                .unwrap();
+            assert!(report.unreadable.is_empty(), "{report:?}");
+            let started = Instant::now();
+            let blob = store.open_blob(last).await.unwrap();
+            let elapsed = started.elapsed();
+            blob.close().await.unwrap();
+            store.unload().await.unwrap();
+            elapsed
+        })
+        .unwrap();
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "opening the end of a {DEPTH}-deep snapshot chain took {elapsed:?}"
+    );
+}
