@@ -497,3 +497,57 @@ fn opening_the_end_of_a_deep_snapshot_chain_costs_what_it_loads() {
         "opening the end of a {DEPTH}-deep snapshot chain took {elapsed:?}"
     );
 }
+
+/// An lvol store whose one volume has 200 snapshots (a chain 200 deep: each snapshot's
+/// `SNAP` names the one before). `LvolStore::load` (the daemon's restart path) opens every
+/// blob to read its name, each from scratch: the volume loads all 200 ancestors, then each
+/// snapshot loads its own ancestry again (its handle, and so the chain, closed after reading
+/// the name): 20,000 blob loads, each checking its whole ancestry (`check_ancestry`, see
+/// [`opening_the_end_of_a_deep_snapshot_chain_costs_what_it_loads`]); several seconds in a
+/// debug build for 201 blobs (11 s at 300 snapshots, and O(depth^4): a 1,000-snapshot volume
+/// takes many minutes). The store's blobstore load itself takes milliseconds.
+///
+/// Expected: the lvol store load costs what its blobs cost: each blob loaded a bounded
+/// number of times, well under a second here.
+#[test]
+fn an_lvol_store_load_loads_each_blob_of_a_deep_chain_once() {
+    const SNAPSHOTS: usize = 200;
+    let rt = runtime();
+    let (bdev, desc) = common::malloc(DEVICE);
+    common::run(&rt, move || async move {
+        let lvs = spool_blob::LvolStore::init(
+            desc,
+            &spool_blob::LvsInitOptions {
+                name: "lvs0".into(),
+                init: InitOptions {
+                    cluster_size: 1 << 20,
+                    md_pages: Some(1024),
+                    ..InitOptions::default()
+                },
+            },
+        )
+        .await
+        .unwrap();
+        let volume = lvs.create_lvol("volume", 4 << 20, true).await.unwrap();
+        for index in 0..SNAPSHOTS {
+            lvs.create_snapshot(volume.id, &format!("snap{index}"))
+                .await
+                .unwrap();
+        }
+        lvs.unload().await.unwrap();
+    });
+    let image = bdev.snapshot();
+    let elapsed = common::run(&rt, move || async move {
+        let started = Instant::now();
+        let (lvs, report) = spool_blob::LvolStore::load(desc_of(&image)).await.unwrap();
+        let elapsed = started.elapsed();
+        assert!(report.unreadable.is_empty(), "{report:?}");
+        assert_eq!(lvs.lvol_count(), SNAPSHOTS + 1);
+        lvs.unload().await.unwrap();
+        elapsed
+    });
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "loading an lvol store of one volume and its {SNAPSHOTS} snapshots took {elapsed:?}"
+    );
+}
