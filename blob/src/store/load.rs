@@ -377,9 +377,11 @@ fn reason_of(err: &BlobError) -> String {
 }
 
 /// The interrupted merges (`SNAPRM`: `(snapshot, clone)`) a load may repair: the clone must
-/// be a blob that is the snapshot's clone (merge not committed) or its parent's (merge
-/// committed). A mark naming anything else (a bit flip, a hostile image) is reported "not
-/// repaired" and the snapshot is left as it is: never deleted on a mark naming nothing.
+/// be another blob that is the snapshot's clone (merge not committed) or its parent's (merge
+/// committed), and the snapshot may have no clone but that one (a merge only ever marks a
+/// snapshot with exactly one clone, the one it names). A mark naming anything else (a bit
+/// flip, a hostile image) is reported "not repaired" and the snapshot is left as it is: never
+/// deleted on a mark naming nothing, nor with the clusters other clones read through.
 fn merges_to_repair(
     state: &MdState,
     removing: Vec<(u64, u64)>,
@@ -391,8 +393,17 @@ fn merges_to_repair(
             let is_blob = crate::format::blobid_to_page(clone)
                 .is_some_and(|page| state.used_blobids.get(u64::from(page)));
             let parent = state.parents.get(&clone);
-            let why = if !is_blob {
+            let other_clone = state
+                .clones
+                .get(&snapshot)
+                .is_some_and(|clones| clones.iter().any(|&other| other != clone));
+            let why = if clone == snapshot {
+                "it names the snapshot itself"
+            } else if !is_blob {
                 "the clone it names is not a blob"
+            } else if other_clone {
+                "the snapshot has a clone other than the one it names (a merge marks a \
+                 snapshot with one clone)"
             } else if parent != Some(&snapshot) && parent != state.parents.get(&snapshot) {
                 "the blob it names is a clone of neither the snapshot nor its parent"
             } else {
