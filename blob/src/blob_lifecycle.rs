@@ -125,6 +125,9 @@ impl Blobstore {
                 .ok_or_else(|| BlobError::NoMdPages("every metadata page is in use".into()))?;
             state.used_md_pages.set(page);
             state.used_blobids.set(page);
+            // The page was free, so whatever the load said of an id over it (a blob-id bit
+            // over another blob's page, freed since) is not about this blob.
+            state.unreadable.remove(&page_to_blobid(page as u32));
             page as u32
         };
         let id = page_to_blobid(page);
