@@ -289,8 +289,9 @@ fn a_dirty_load_does_not_expand_thin_cluster_maps() {
     make_dirty(&mut image);
     let elapsed = rt
         .block_on(rt.reactors()[0], move || async move {
+            let desc = desc_of(&image);
             let started = Instant::now();
-            let (store, report) = Blobstore::load(desc_of(&image), &LoadOptions::default())
+            let (store, report) = Blobstore::load(desc, &LoadOptions::default())
                 .await
                 .unwrap();
             let elapsed = started.elapsed();
@@ -538,8 +539,9 @@ fn an_lvol_store_load_loads_each_blob_of_a_deep_chain_once() {
     });
     let image = bdev.snapshot();
     let elapsed = common::run(&rt, move || async move {
+        let desc = desc_of(&image);
         let started = Instant::now();
-        let (lvs, report) = spool_blob::LvolStore::load(desc_of(&image)).await.unwrap();
+        let (lvs, report) = spool_blob::LvolStore::load(desc).await.unwrap();
         let elapsed = started.elapsed();
         assert!(report.unreadable.is_empty(), "{report:?}");
         assert_eq!(lvs.lvol_count(), SNAPSHOTS + 1);
