@@ -11,12 +11,14 @@
 //! Cost (`docs/performance.md`, "Loading a store"): both paths read the md region in
 //! batched runs of up to 256 KiB, four in flight, and decode each page in the device buffer it
 //! was read into: nothing is copied or kept per page. A page's CRC is computed once, and
-//! only for pages that can matter (a clean load reads only the roots in use; a replay
-//! checksums only pages whose header makes them a root). A one-page chain, almost every
-//! blob, is parsed on the spot; the few others are finished afterwards, reading the chain
-//! and extent pages they name in rounds of batched reads, a bounded number at a time
-//! ([`finish`]). The store then keeps no per-blob state beyond its mask bits and the clone
-//! graph's entries.
+//! only for pages that can matter (a clean load reads only the roots in use and the pages
+//! their chains and extent tables name; a replay checksums only pages whose header makes
+//! them a root). A one-page chain without extent pages, almost every blob, is parsed on the
+//! spot; the few others are finished afterwards, reading the chain and extent pages they
+//! name in rounds of batched reads, a bounded number at a time ([`finish`]). No cluster map
+//! is built (a run is claimed a word at a time, an extent page entry by entry), so a blob's
+//! declared size costs nothing. The store then keeps no per-blob state beyond its mask bits
+//! and the clone graph's entries.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
