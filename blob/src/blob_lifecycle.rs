@@ -125,6 +125,9 @@ impl Blobstore {
                 .ok_or_else(|| BlobError::NoMdPages("every metadata page is in use".into()))?;
             state.used_md_pages.set(page);
             state.used_blobids.set(page);
+            // The page was free, so whatever the load said of an id over it (a blob-id bit
+            // over another blob's page, freed since) is not about this blob.
+            state.unreadable.remove(&page_to_blobid(page as u32));
             page as u32
         };
         let id = page_to_blobid(page);
@@ -246,7 +249,7 @@ impl Blobstore {
                 .borrow_mut()
                 .loading
                 .insert(id, Rc::clone(&event));
-            let loaded = self.load_blob(id, page).await;
+            let loaded = self.load_blob(id, page, child).await;
             self.inner.state.borrow_mut().loading.remove(&id);
             match loaded {
                 Ok(state) => {
@@ -269,7 +272,9 @@ impl Blobstore {
         })
     }
 
-    async fn load_blob(&self, id: u64, root: u32) -> Result<Rc<BlobState>> {
+    /// Reads blob `id` (root md page `root`) and opens its parent; `child` is the blob whose
+    /// load opens it, if any.
+    async fn load_blob(&self, id: u64, root: u32, child: Option<u64>) -> Result<Rc<BlobState>> {
         let channel = &self.inner.md_channel;
         let geometry = self.geometry().clone();
         let mut chain_pages = vec![root];
@@ -321,7 +326,12 @@ impl Blobstore {
                 "a clone that is not thin provisioned",
             ));
         }
-        if parent_id.is_some() {
+        // Opened for a child whose edge to it the graph has, the chain from here was
+        // checked with the child's (the walk from the first blob opened covers its whole
+        // ancestry): checking again at every level made a deep open quadratic.
+        let checked = child.is_some_and(|child| self.parent_of(child) == Some(id))
+            && self.parent_of(id) == parent_id;
+        if parent_id.is_some() && !checked {
             self.check_ancestry(id, parent_id)?;
         }
         let parent = match parent_id {
@@ -360,10 +370,12 @@ impl Blobstore {
     }
 
     /// Refuses a snapshot chain from `id` (whose parent is `parent`) that loops or is
-    /// deeper than [`MAX_CHAIN_DEPTH`]: opening it would wait on itself forever.
+    /// deeper than [`MAX_CHAIN_DEPTH`]: opening it would wait on itself forever. Linear in
+    /// the depth (the open of each ancestor checks its own chain again: a `Vec` searched at
+    /// each step made opening the end of a 1,000-deep chain cost 10^8 comparisons).
     fn check_ancestry(&self, id: u64, parent: Option<u64>) -> Result<()> {
         let state = self.inner.state.borrow();
-        let mut seen = vec![id];
+        let mut seen = std::collections::HashSet::from([id]);
         let mut next = parent;
         while let Some(ancestor) = next {
             if seen.contains(&ancestor) {
@@ -378,7 +390,7 @@ impl Blobstore {
                     format!("its snapshot chain is deeper than {MAX_CHAIN_DEPTH}"),
                 ));
             }
-            seen.push(ancestor);
+            seen.insert(ancestor);
             next = state.parents.get(&ancestor).copied();
         }
         Ok(())

@@ -176,6 +176,9 @@ pub struct ParsedChain {
     pub meta: BlobMeta,
     /// Extent pages still to read and apply.
     pub pending_extent_pages: Vec<(usize, u32)>,
+    /// The blob's size in clusters (its extent table's, or its runs' total), known whether
+    /// or not the parse built the cluster map.
+    pub num_clusters: u64,
 }
 
 /// How a parse checks cluster indexes.
@@ -418,6 +421,9 @@ pub(crate) fn parse_decoded_chain(
         ));
     }
     let mut pending = Vec::new();
+    let size = table
+        .as_ref()
+        .map_or(rle_total, |(num_clusters, _)| *num_clusters);
     if let Some((num_clusters, pages)) = table {
         meta.form = ExtentForm::Table;
         let needed = num_clusters.div_ceil(u64::from(EXTENTS_PER_PAGE)) as usize;
@@ -452,6 +458,7 @@ pub(crate) fn parse_decoded_chain(
     Ok(ParsedChain {
         meta,
         pending_extent_pages: pending,
+        num_clusters: size,
     })
 }
 
@@ -474,7 +481,42 @@ pub(crate) fn apply_decoded_extent_page(
     header: &MdPageHeader,
     check: &dyn ClusterCheck,
 ) -> Result<()> {
-    let id = meta.id;
+    let blob = ExtentPageOf {
+        id: meta.id,
+        num_clusters: meta.clusters.len() as u64,
+        thin: meta.is_thin(),
+    };
+    let clusters = &mut meta.clusters;
+    visit_extent_page(&blob, index, page, header, check, |slot, device| {
+        clusters[slot] = device;
+    })
+}
+
+/// The blob an extent page is checked for: [`visit_extent_page`] needs no cluster map.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ExtentPageOf {
+    /// The blob's id (for errors).
+    pub(crate) id: u64,
+    /// The blob's size in clusters: entries past it are ignored.
+    pub(crate) num_clusters: u64,
+    /// Whether the blob is thin (a thick blob's entries may not be 0).
+    pub(crate) thin: bool,
+}
+
+/// Checks extent page number `index` (bytes `page`, header `header`) of `blob` and calls
+/// `visit(blob cluster, device cluster)` for each of its entries inside the blob, in order,
+/// up to the first that `check` refuses (0 = unallocated is visited too). The entries
+/// visited before an error stay visited (what a replay claims of a damaged page). Costs
+/// what the page holds (at most [`EXTENTS_PER_PAGE`] entries), whatever the blob's size.
+pub(crate) fn visit_extent_page(
+    blob: &ExtentPageOf,
+    index: usize,
+    page: &[u8],
+    header: &MdPageHeader,
+    check: &dyn ClusterCheck,
+    mut visit: impl FnMut(usize, u32),
+) -> Result<()> {
+    let id = blob.id;
     if !header.crc_ok {
         return Err(BlobError::corrupt(
             id,
@@ -524,9 +566,14 @@ pub(crate) fn apply_decoded_extent_page(
             ),
         ));
     }
-    let expected = (meta.clusters.len().saturating_sub(start)).min(EXTENTS_PER_PAGE as usize);
+    let expected = usize::try_from(blob.num_clusters)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(start)
+        .min(EXTENTS_PER_PAGE as usize);
     // Entries past the blob's end (an extent page rewritten in place by a grow whose root
-    // page never made it to disk) describe nothing the blob owns: ignored.
+    // page never made it to disk) describe nothing the blob owns: ignored. Entries the
+    // page lacks inside the blob are unallocated.
+    let mut unallocated = clusters.len() < expected;
     for (offset, device) in clusters.iter().enumerate().take(expected) {
         if device != 0 && !check.cluster_ok(device) {
             return Err(BlobError::corrupt(
@@ -534,9 +581,10 @@ pub(crate) fn apply_decoded_extent_page(
                 format!("extent page {index} points at cluster {device}, which is outside the store or not allocated"),
             ));
         }
-        meta.clusters[start + offset] = device;
+        unallocated |= device == 0;
+        visit(start + offset, device);
     }
-    if !meta.is_thin() && meta.clusters[start..start + expected].contains(&0) {
+    if !blob.thin && unallocated {
         return Err(BlobError::corrupt(
             id,
             "unallocated cluster in a thick blob",

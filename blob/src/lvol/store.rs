@@ -176,24 +176,7 @@ impl LvolStore {
             .get_super()
             .map_err(|_| BlobError::NotLvolStore("no super blob is set".into()))?;
         let (name, uuid) = read_super_blob(&store, super_blob).await?;
-        let mut lvols = BTreeMap::new();
-        let mut unreadable = Vec::new();
-        for id in store.blob_ids() {
-            if id == super_blob {
-                continue;
-            }
-            match read_lvol(&store, id).await {
-                Ok(Some(entry)) => {
-                    lvols.insert(id, entry);
-                }
-                Ok(None) => {}
-                Err(LvolReadError::Open(err)) => {
-                    tracing::warn!(blob = format!("{id:#x}"), %err, "skipping a blob that cannot be opened");
-                    unreadable.push((id, err.to_string()));
-                }
-                Err(LvolReadError::Store(err)) => return Err(err),
-            }
-        }
+        let (lvols, unreadable) = read_lvols(&store, super_blob).await?;
         Ok(LvolStore::new(
             store, super_blob, name, uuid, lvols, unreadable,
         ))
@@ -340,34 +323,126 @@ async fn read_super_blob(store: &Blobstore, id: u64) -> Result<(String, Uuid)> {
     Ok((name, uuid))
 }
 
-/// Why reading an lvol failed: a blob that cannot be opened is skipped; anything else fails
-/// the store.
-enum LvolReadError {
-    Open(BlobError),
-    Store(BlobError),
+/// Every lvol's name and uuid (all blobs but the super blob `super_blob`), and the blobs
+/// that cannot be opened (skipped, as SPDK's iteration skips them), in id order.
+///
+/// Each blob is loaded once: the snapshot graph is walked depth first from the blobs with
+/// no parent, a blob opened while its parent's handle is still held (so its open reads only
+/// its own metadata), the handles along the current path held and no others. Opening each
+/// blob from scratch in id order reloaded its whole ancestry every time: a volume with
+/// 1,000 snapshots cost half a million blob loads. Blobs the walk cannot reach (a parent
+/// that does not open, a loop) are opened on their own afterwards.
+async fn read_lvols(
+    store: &Blobstore,
+    super_blob: u64,
+) -> Result<(BTreeMap<u64, LvolEntry>, Vec<(u64, String)>)> {
+    let ids = store.blob_ids();
+    let roots = ids
+        .iter()
+        .copied()
+        .filter(|&id| store.parent_of(id).is_none());
+    let mut scan = LvolScan {
+        store,
+        seen: std::collections::HashSet::from([super_blob]),
+        path: Vec::new(),
+        lvols: BTreeMap::new(),
+        unreadable: Vec::new(),
+    };
+    let mut starts = roots.chain(ids.iter().copied());
+    let scanned = loop {
+        let Some(start) = starts.next() else {
+            break Ok(());
+        };
+        if let Err(err) = scan.walk_from(start).await {
+            break Err(err);
+        }
+    };
+    // On an error the handles still held are given back before it is returned.
+    let mut closed = Ok(());
+    while let Some((blob, _)) = scan.path.pop() {
+        let result = blob.close().await;
+        if closed.is_ok() {
+            closed = result;
+        }
+    }
+    scanned?;
+    closed?;
+    scan.unreadable.sort_by_key(|(id, _)| *id);
+    Ok((scan.lvols, scan.unreadable))
 }
 
-/// The name and uuid of blob `id`; `None` for a blob that is not an lvol of this view (a
-/// half-made snapshot the load will remove).
-async fn read_lvol(store: &Blobstore, id: u64) -> Result<Option<LvolEntry>, LvolReadError> {
-    let blob = store.open_blob(id).await.map_err(LvolReadError::Open)?;
+/// The depth-first walk of [`read_lvols`].
+struct LvolScan<'a> {
+    store: &'a Blobstore,
+    /// Blobs opened (or tried) already, the super blob included.
+    seen: std::collections::HashSet<u64>,
+    /// The open handles from the walk's start down to the blob being read, each with the
+    /// clones it has left to visit.
+    path: Vec<(crate::blob::Blob, std::collections::VecDeque<u64>)>,
+    lvols: BTreeMap<u64, LvolEntry>,
+    unreadable: Vec<(u64, String)>,
+}
+
+impl LvolScan<'_> {
+    /// Reads `start` (unless seen) and, depth first, every clone below it not seen yet.
+    async fn walk_from(&mut self, start: u64) -> Result<()> {
+        self.enter(start).await?;
+        while let Some((_, clones)) = self.path.last_mut() {
+            match clones.pop_front() {
+                Some(clone) => self.enter(clone).await?,
+                None => {
+                    if let Some((blob, _)) = self.path.pop() {
+                        blob.close().await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens and reads blob `id` unless seen; an opened blob joins the path.
+    async fn enter(&mut self, id: u64) -> Result<()> {
+        if !self.seen.insert(id) {
+            return Ok(());
+        }
+        let blob = match self.store.open_blob(id).await {
+            Ok(blob) => blob,
+            Err(err) => {
+                tracing::warn!(blob = format!("{id:#x}"), %err, "skipping a blob that cannot be opened");
+                self.unreadable.push((id, err.to_string()));
+                return Ok(());
+            }
+        };
+        let entry = read_lvol(&blob);
+        let clones = self.store.clones_of(id).into();
+        self.path.push((blob, clones));
+        if let Some(entry) = entry? {
+            self.lvols.insert(id, entry);
+        }
+        Ok(())
+    }
+}
+
+/// The name and uuid of the open blob `blob`; `None` for a blob that is not an lvol of this
+/// view (a half-made snapshot the load will remove). A missing or bad name fails the store.
+fn read_lvol(blob: &crate::blob::Blob) -> Result<Option<LvolEntry>> {
+    let id = blob.id();
     let half_made = blob
         .internal_xattr(crate::meta::XATTR_SNAPSHOT_PENDING)
         .is_some();
-    let name_raw = blob.xattr(NAME_XATTR);
-    let uuid_raw = blob.xattr(UUID_XATTR);
-    blob.close().await.map_err(LvolReadError::Store)?;
     if half_made {
         return Ok(None);
     }
+    let name_raw = blob.xattr(NAME_XATTR);
+    let uuid_raw = blob.xattr(UUID_XATTR);
     let name = name_raw.as_deref().and_then(parse_name).ok_or_else(|| {
-        LvolReadError::Store(BlobError::corrupt(
+        BlobError::corrupt(
             id,
             format!(
                 "a blob of an lvol store has {}",
                 describe_bad_name(name_raw.as_deref())
             ),
-        ))
+        )
     })?;
     let uuid = uuid_raw
         .as_deref()

@@ -11,12 +11,14 @@
 //! Cost (`docs/performance.md`, "Loading a store"): both paths read the md region in
 //! batched runs of up to 256 KiB, four in flight, and decode each page in the device buffer it
 //! was read into: nothing is copied or kept per page. A page's CRC is computed once, and
-//! only for pages that can matter (a clean load reads only the roots in use; a replay
-//! checksums only pages whose header makes them a root). A one-page chain, almost every
-//! blob, is parsed on the spot; the few others are finished afterwards, reading the chain
-//! and extent pages they name in rounds of batched reads, a bounded number at a time
-//! ([`finish`]). The store then keeps no per-blob state beyond its mask bits and the clone
-//! graph's entries.
+//! only for pages that can matter (a clean load reads only the roots in use and the pages
+//! their chains and extent tables name; a replay checksums only pages whose header makes
+//! them a root). A one-page chain without extent pages, almost every blob, is parsed on the
+//! spot; the few others are finished afterwards, reading the chain and extent pages they
+//! name in rounds of batched reads, a bounded number at a time ([`finish`]). No cluster map
+//! is built (a run is claimed a word at a time, an extent page entry by entry), so a blob's
+//! declared size costs nothing. The store then keeps no per-blob state beyond its mask bits
+//! and the clone graph's entries.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -37,7 +39,7 @@ use crate::format::{
     page_to_blobid, read_u32, read_u64, INVALID_MD_PAGE, PAGE_SIZE, PAGE_SIZE_U64,
 };
 use crate::meta::{
-    apply_decoded_extent_page, parse_decoded_chain, BlobMeta, ClusterCheck, ParsedChain,
+    parse_decoded_chain, visit_extent_page, BlobMeta, ClusterCheck, ExtentPageOf, ParsedChain,
     XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING,
 };
 
@@ -377,9 +379,11 @@ fn reason_of(err: &BlobError) -> String {
 }
 
 /// The interrupted merges (`SNAPRM`: `(snapshot, clone)`) a load may repair: the clone must
-/// be a blob that is the snapshot's clone (merge not committed) or its parent's (merge
-/// committed). A mark naming anything else (a bit flip, a hostile image) is reported "not
-/// repaired" and the snapshot is left as it is: never deleted on a mark naming nothing.
+/// be another blob that is the snapshot's clone (merge not committed) or its parent's (merge
+/// committed), and the snapshot may have no clone but that one (a merge only ever marks a
+/// snapshot with exactly one clone, the one it names). A mark naming anything else (a bit
+/// flip, a hostile image) is reported "not repaired" and the snapshot is left as it is: never
+/// deleted on a mark naming nothing, nor with the clusters other clones read through.
 fn merges_to_repair(
     state: &MdState,
     removing: Vec<(u64, u64)>,
@@ -391,8 +395,17 @@ fn merges_to_repair(
             let is_blob = crate::format::blobid_to_page(clone)
                 .is_some_and(|page| state.used_blobids.get(u64::from(page)));
             let parent = state.parents.get(&clone);
-            let why = if !is_blob {
+            let other_clone = state
+                .clones
+                .get(&snapshot)
+                .is_some_and(|clones| clones.iter().any(|&other| other != clone));
+            let why = if clone == snapshot {
+                "it names the snapshot itself"
+            } else if !is_blob {
                 "the clone it names is not a blob"
+            } else if other_clone {
+                "the snapshot has a clone other than the one it names (a merge marks a \
+                 snapshot with one clone)"
             } else if parent != Some(&snapshot) && parent != state.parents.get(&snapshot) {
                 "the blob it names is a clone of neither the snapshot nor its parent"
             } else {
@@ -434,7 +447,8 @@ struct GraphMasks<'a> {
     /// The used-md-page mask as read, plus every page a listed blob's chain or extent
     /// table names.
     md_pages: &'a mut BitSet,
-    /// The used-cluster mask as read, plus every cluster a parsed root maps.
+    /// The used-cluster mask as read, plus every cluster a listed blob maps (the runs of
+    /// its run-length map, the entries of its extent pages).
     clusters: &'a mut BitSet,
     /// The md pages some blob claimed (a ghost's page is freed only when none did).
     claimed: BitSet,
@@ -458,51 +472,88 @@ impl GraphMasks<'_> {
         self.md_pages.set_range(u64::from(page), 1)
     }
 
-    /// Claims what blob `root` uses: its chain pages (those read and its own), and when it
-    /// parsed, its extent pages and the cluster runs the parse saw. A blob using anything
-    /// the masks did not mark is recorded in `found.disagree` (it keeps its graph entry:
-    /// its clone edges still protect what it shares).
-    fn claim_blob(
+    /// Claims what a blob's chain uses: its chain pages (those read and its own), and when
+    /// it parsed, its extent pages and the cluster runs the parse saw. What the on-disk
+    /// masks did not mark is added to `missing` (the blob keeps its graph entry: its clone
+    /// edges still protect what it shares). Its extent pages' clusters are claimed as they
+    /// are read ([`GraphMasks::claim_cluster`]).
+    fn claim_chain(
         &mut self,
-        found: &mut Found,
-        root: u32,
+        missing: &mut Missing,
         chain: impl Iterator<Item = u32>,
         parsed: Option<&ParsedChain>,
         runs: &[(u32, u32)],
     ) {
-        let mut pages = Vec::new();
-        let mut clusters = Vec::new();
         for page in chain {
             if !self.claim_page(page) {
-                pages.push(format!("md page {page}"));
+                missing.pages.push(format!("md page {page}"));
             }
         }
         if let Some(parsed) = parsed {
             for &(index, page) in &parsed.pending_extent_pages {
                 if !self.claim_page(page) {
-                    pages.push(format!("extent page {index} (md page {page})"));
+                    missing
+                        .pages
+                        .push(format!("extent page {index} (md page {page})"));
                 }
             }
         }
         for &(first, len) in runs {
             if !self.clusters.set_range(u64::from(first), u64::from(len)) {
-                clusters.push(format!("{first}..={}", first + (len - 1)));
+                missing.clusters(first, len);
             }
         }
-        if pages.is_empty() && clusters.is_empty() {
+    }
+
+    /// Claims device cluster `cluster` (an extent page's entry, not 0); what the on-disk
+    /// mask did not mark is added to `missing`.
+    fn claim_cluster(&mut self, missing: &mut Missing, cluster: u32) {
+        if !self.clusters.set_range(u64::from(cluster), 1) {
+            missing.clusters(cluster, 1);
+        }
+    }
+}
+
+/// What a blob uses that the on-disk masks of a clean load did not mark.
+#[derive(Default)]
+struct Missing {
+    /// The md pages, named.
+    pages: Vec<String>,
+    /// The clusters, as `(first, last)` ranges (neighbours joined).
+    clusters: Vec<(u32, u32)>,
+}
+
+impl Missing {
+    /// Adds clusters `first..first + len` (`len > 0`, no overflow).
+    fn clusters(&mut self, first: u32, len: u32) {
+        let last = first + (len - 1);
+        match self.clusters.last_mut() {
+            Some((_, end)) if u64::from(*end) + 1 == u64::from(first) => *end = last,
+            _ => self.clusters.push((first, last)),
+        }
+    }
+
+    /// Records blob `root` in `found.disagree` when it used anything not marked.
+    fn report(self, found: &mut Found, root: u32) {
+        if self.pages.is_empty() && self.clusters.is_empty() {
             return;
         }
         let mut what = Vec::new();
-        if !pages.is_empty() {
+        if !self.pages.is_empty() {
             what.push(format!(
                 "{} not marked in the used-md-page mask",
-                pages.join(", ")
+                self.pages.join(", ")
             ));
         }
-        if !clusters.is_empty() {
+        if !self.clusters.is_empty() {
+            let ranges: Vec<String> = self
+                .clusters
+                .iter()
+                .map(|(first, last)| format!("{first}..={last}"))
+                .collect();
             what.push(format!(
                 "clusters {} not marked in the used-cluster mask",
-                clusters.join(", ")
+                ranges.join(", ")
             ));
         }
         let err = BlobError::corrupt(
@@ -518,21 +569,21 @@ impl GraphMasks<'_> {
     }
 }
 
-/// The cluster check of a clean load's graph pass: no cluster map is built; each allocated
-/// run is range-checked and kept for [`GraphMasks::claim_blob`].
-struct GraphCheck<'a> {
+/// The cluster check of a load's parse: no cluster map is built (a blob's size costs
+/// nothing); each allocated run is range-checked and kept for the caller to claim.
+struct RunCheck<'a> {
     range: &'a RangeCheck,
     runs: std::cell::RefCell<Vec<(u32, u32)>>,
 }
 
-impl GraphCheck<'_> {
+impl RunCheck<'_> {
     /// The runs seen since the last call.
     fn take_runs(&self) -> Vec<(u32, u32)> {
         std::mem::take(&mut *self.runs.borrow_mut())
     }
 }
 
-impl ClusterCheck for GraphCheck<'_> {
+impl ClusterCheck for RunCheck<'_> {
     fn cluster_ok(&self, cluster: u32) -> bool {
         self.range.cluster_ok(cluster)
     }
@@ -552,14 +603,14 @@ impl ClusterCheck for GraphCheck<'_> {
 }
 
 /// A clean load's view of the blobs: the masks are trusted for what they mark, and every
-/// root the blob-id mask lists is read (never the extent pages, which only an open needs)
-/// for the snapshot graph and to list the blobs whose metadata cannot be read. What a
-/// listed blob uses (chain pages, the extent pages its table names, the clusters of its
-/// run-length map) is claimed in the masks, so a mask that disagrees with the pages never
-/// hands out a page or cluster a blob uses; such a blob is reported. Roots are read in
-/// batched runs straight from the device buffers; a one-page chain (almost every blob) is
-/// parsed there, CRC checked once, nothing copied, no cluster map built; the others are
-/// walked page by page afterwards.
+/// root the blob-id mask lists is read for the snapshot graph and to list the blobs whose
+/// metadata cannot be read. What a listed blob uses (chain pages, the extent pages its
+/// table names, the clusters of its run-length map and of its extent pages) is claimed in
+/// the masks, so a mask that disagrees with the pages never hands out a page or cluster a
+/// blob uses; such a blob is reported. Roots are read in batched runs straight from the
+/// device buffers; a one-page chain without extent pages (almost every blob) is parsed
+/// there, CRC checked once, nothing copied, no cluster map built; the others are walked
+/// page by page afterwards, and their extent pages read (what a blob's clusters cost).
 async fn read_graph(
     channel: &BdevChannel,
     geometry: &Geometry,
@@ -568,7 +619,7 @@ async fn read_graph(
     used_blobids: &BitSet,
 ) -> Result<Found> {
     let mut found = Found::default();
-    let graph_check = GraphCheck {
+    let run_check = RunCheck {
         range: check,
         runs: Default::default(),
     };
@@ -584,15 +635,24 @@ async fn read_graph(
                 let header = MdPageHeader::decode(page);
                 if header.crc_ok {
                     let id = page_to_blobid(root);
-                    let parsed = parse_decoded_chain(id, &[page], &[header], &graph_check);
-                    let runs = graph_check.take_runs();
-                    masks.claim_blob(
-                        &mut found,
-                        root,
+                    let parsed = parse_decoded_chain(id, &[page], &[header], &run_check);
+                    let runs = run_check.take_runs();
+                    if parsed
+                        .as_ref()
+                        .is_ok_and(|parsed| !parsed.pending_extent_pages.is_empty())
+                    {
+                        // Its extent pages are elsewhere: finished with the others.
+                        deferred.push(BlobLoad::new(root));
+                        continue;
+                    }
+                    let mut missing = Missing::default();
+                    masks.claim_chain(
+                        &mut missing,
                         std::iter::once(root),
                         parsed.as_ref().ok(),
                         &runs,
                     );
+                    missing.report(&mut found, root);
                     found.graph(root, parsed.map(|parsed| GraphInfo::of(&parsed.meta)));
                     continue;
                 }
@@ -611,9 +671,10 @@ async fn read_graph(
         channel,
         geometry,
         check,
+        &run_check,
         &mut found,
         None,
-        Some((masks, &graph_check)),
+        Some(masks),
     )
     .await?;
     Ok(found)
@@ -628,11 +689,11 @@ struct Replayed {
 }
 
 impl Replayed {
-    fn claim_clusters(&mut self, meta: &BlobMeta) {
-        for &cluster in &meta.clusters {
-            if cluster != 0 {
-                self.used_clusters.set(u64::from(cluster));
-            }
+    /// Claims the cluster runs a parse saw (a word at a time, whatever their length).
+    fn claim_runs(&mut self, runs: &[(u32, u32)]) {
+        for &(first, len) in runs {
+            self.used_clusters
+                .set_range(u64::from(first), u64::from(len));
         }
     }
 }
@@ -648,7 +709,9 @@ impl Replayed {
 /// The whole region is read in batched runs; a page is only checksummed when its header
 /// makes it a root, a one-page root whose blob has no extent page (almost all) is replayed
 /// straight from the device buffer, and the other blobs are finished by reading the pages
-/// they name.
+/// they name. No cluster map is built: a run-length run is claimed a word at a time and an
+/// extent page entry by entry, so the replay costs what the pages hold, never the sizes they
+/// declare (a thin blob of 2^26 clusters costs what an empty one does).
 async fn replay(
     channel: &BdevChannel,
     geometry: &Geometry,
@@ -664,6 +727,10 @@ async fn replay(
     for cluster in 0..geometry.md_clusters {
         out.used_clusters.set(cluster);
     }
+    let run_check = RunCheck {
+        range: check,
+        runs: Default::default(),
+    };
     let mut deferred = Vec::new();
     read_runs(
         channel,
@@ -686,13 +753,15 @@ async fn replay(
                     deferred.push(BlobLoad::new(root));
                     continue;
                 }
-                match parse_decoded_chain(id, &[page], &[header], check) {
+                let parsed = parse_decoded_chain(id, &[page], &[header], &run_check);
+                let runs = run_check.take_runs();
+                match parsed {
                     Ok(parsed) if parsed.pending_extent_pages.is_empty() => {
                         out.found.graph(root, Ok(GraphInfo::of(&parsed.meta)));
-                        out.claim_clusters(&parsed.meta);
+                        out.claim_runs(&runs);
                     }
                     // Its extent pages are elsewhere: finished (root read again, parsed
-                    // again) with the others, so no cluster map waits here for them.
+                    // again) with the others.
                     Ok(_) => deferred.push(BlobLoad::new(root)),
                     Err(err) => damaged(&mut out.found, root, err),
                 }
@@ -707,6 +776,7 @@ async fn replay(
         channel,
         geometry,
         check,
+        &run_check,
         &mut found,
         Some(&mut out),
         None,
@@ -725,9 +795,10 @@ fn damaged(found: &mut Found, root: u32, err: BlobError) {
 /// What [`finish`] does with each blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// A clean load: parse the chain for the snapshot graph.
+    /// A clean load: parse the chain for the snapshot graph, claim what it uses in the
+    /// masks read (its extent pages' clusters included).
     Graph,
-    /// A recovery: also claim its pages and clusters, reading its extent pages.
+    /// A recovery: claim its pages and clusters in the masks rebuilt.
     Replay,
 }
 
@@ -735,17 +806,14 @@ enum Mode {
 const ACTIVE_BLOBS: usize = 256;
 /// Chain pages cached before [`finish`] stops taking more blobs (16 MiB).
 const CHAIN_PAGES_BUDGET: usize = 4096;
-/// Cluster-map entries of the blobs applying extent pages before [`finish`] stops taking
-/// more blobs (2^24: 64 MiB of maps).
-const MAPPED_CLUSTERS_BUDGET: usize = 1 << 24;
 /// Extent pages one blob reads per round (all blobs' together at most
 /// `ACTIVE_BLOBS * EXTENT_PAGES_PER_ROUND` pages, 64 MiB, dropped after the round).
 const EXTENT_PAGES_PER_ROUND: usize = 64;
 
-/// Finishes the blobs the scan could not: walks each chain, parses it and (replay) applies
-/// its extent pages, reading what they need in rounds of batched reads (one round per chain
-/// page depth, then per batch of extent pages), a bounded number of blobs, pages and
-/// cluster-map entries at a time.
+/// Finishes the blobs the scan could not: walks each chain, parses it and claims what it
+/// uses, its extent pages' clusters included, reading what they need in rounds of batched
+/// reads (one round per chain page depth, then per batch of extent pages), a bounded number
+/// of blobs and pages at a time. No cluster map is built.
 #[allow(clippy::too_many_arguments)]
 async fn finish(
     deferred: Vec<BlobLoad>,
@@ -753,26 +821,19 @@ async fn finish(
     channel: &BdevChannel,
     geometry: &Geometry,
     check: &RangeCheck,
+    run_check: &RunCheck<'_>,
     found: &mut Found,
     mut claims: Option<&mut Replayed>,
-    graph: Option<(&mut GraphMasks<'_>, &GraphCheck<'_>)>,
+    mut masks: Option<&mut GraphMasks<'_>>,
 ) -> Result<()> {
     // Every page is read: a clean load checks the pages a chain uses against the mask
     // afterwards (claiming them), rather than taking a clear bit for a bad page.
     let mut chain_pages = PageCache::new(None);
     let mut extent_pages = PageCache::new(None);
-    let (mut masks, graph_check) = match graph {
-        Some((masks, graph_check)) => (Some(masks), Some(graph_check)),
-        None => (None, None),
-    };
     let mut queue = deferred.into_iter();
     let mut active: Vec<BlobLoad> = Vec::new();
     loop {
-        let mapped: usize = active.iter().map(BlobLoad::map_len).sum();
-        while active.len() < ACTIVE_BLOBS
-            && chain_pages.len() < CHAIN_PAGES_BUDGET
-            && mapped < MAPPED_CLUSTERS_BUDGET
-        {
+        while active.len() < ACTIVE_BLOBS && chain_pages.len() < CHAIN_PAGES_BUDGET {
             match queue.next() {
                 Some(blob) => active.push(blob),
                 None => break,
@@ -787,7 +848,7 @@ async fn finish(
                 mode,
                 md_len: geometry.md_len,
                 check,
-                graph_check,
+                run_check,
                 chain_pages: &chain_pages,
                 extent_pages: &extent_pages,
             };
@@ -821,23 +882,27 @@ struct Needs {
 struct Step<'a, 'm> {
     mode: Mode,
     md_len: u32,
+    /// The range check of extent page entries.
     check: &'a RangeCheck,
-    /// A clean load's check (no cluster maps built).
-    graph_check: Option<&'a GraphCheck<'a>>,
+    /// The parse's check (no cluster map built; the runs kept for the claims).
+    run_check: &'a RunCheck<'a>,
     chain_pages: &'a PageCache<'m>,
     extent_pages: &'a PageCache<'m>,
 }
 
-/// One blob being finished: walking its chain, then (replay) applying its extent pages.
+/// One blob being finished: walking its chain, then claiming its extent pages' clusters.
 struct BlobLoad {
     root: u32,
     walk: ChainWalk,
     extents: Option<Extents>,
+    /// Clean load: what it uses that the on-disk masks did not mark.
+    missing: Missing,
 }
 
-/// A parsed blob applying its extent pages, `next` the first not applied yet.
+/// A parsed blob reading its extent pages, `next` the first not claimed yet.
 struct Extents {
-    parsed: ParsedChain,
+    blob: ExtentPageOf,
+    pages: Vec<(usize, u32)>,
     next: usize,
     first_error: Option<BlobError>,
 }
@@ -848,14 +913,8 @@ impl BlobLoad {
             root,
             walk: ChainWalk::new(root),
             extents: None,
+            missing: Missing::default(),
         }
-    }
-
-    /// Entries of the cluster map it holds (while applying extent pages).
-    fn map_len(&self) -> usize {
-        self.extents
-            .as_ref()
-            .map_or(0, |extents| extents.parsed.meta.clusters.len())
     }
 
     /// Goes as far as the cached pages allow; returns whether the blob is done (else it
@@ -916,16 +975,11 @@ impl BlobLoad {
             }
             let pages: Vec<&[u8]> = cached.iter().map(|page| &page.bytes[..]).collect();
             let headers: Vec<MdPageHeader> = cached.iter().map(|page| page.header).collect();
-            let check: &dyn ClusterCheck = match step.graph_check {
-                Some(graph_check) => graph_check,
-                None => step.check,
-            };
-            let parsed = parse_decoded_chain(id, &pages, &headers, check);
-            if let (Some(masks), Some(graph_check)) = (masks, step.graph_check) {
-                let runs = graph_check.take_runs();
-                masks.claim_blob(
-                    found,
-                    self.root,
+            let parsed = parse_decoded_chain(id, &pages, &headers, step.run_check);
+            let runs = step.run_check.take_runs();
+            if let Some(masks) = masks.as_deref_mut() {
+                masks.claim_chain(
+                    &mut self.missing,
                     self.walk.chain.iter().copied(),
                     parsed.as_ref().ok(),
                     &runs,
@@ -934,16 +988,22 @@ impl BlobLoad {
             let parsed = match parsed {
                 Ok(parsed) => parsed,
                 Err(err) => {
+                    std::mem::take(&mut self.missing).report(found, self.root);
                     self.fail(step.mode, found, err);
                     return true;
                 }
             };
-            found.graph(self.root, Ok(GraphInfo::of(&parsed.meta)));
-            if step.mode == Mode::Graph {
-                return true;
+            if let Some(out) = claims.as_deref_mut() {
+                out.claim_runs(&runs);
             }
+            found.graph(self.root, Ok(GraphInfo::of(&parsed.meta)));
             self.extents = Some(Extents {
-                parsed,
+                blob: ExtentPageOf {
+                    id,
+                    num_clusters: parsed.num_clusters,
+                    thin: parsed.meta.is_thin(),
+                },
+                pages: parsed.pending_extent_pages,
                 next: 0,
                 first_error: None,
             });
@@ -951,14 +1011,12 @@ impl BlobLoad {
         let Some(extents) = self.extents.as_mut() else {
             return true;
         };
-        let Some(out) = claims else {
-            return true;
-        };
-        while let Some(&(index, page)) = extents.parsed.pending_extent_pages.get(extents.next) {
+        let missing = &mut self.missing;
+        while let Some(&(index, page)) = extents.pages.get(extents.next) {
             let applied = match step.extent_pages.get(page) {
                 Lookup::NotRead => {
                     needs.extent.extend(
-                        extents.parsed.pending_extent_pages[extents.next..]
+                        extents.pages[extents.next..]
                             .iter()
                             .map(|&(_, page)| page)
                             .take(EXTENT_PAGES_PER_ROUND),
@@ -969,25 +1027,42 @@ impl BlobLoad {
                     id,
                     format!("extent page {index} (md page {page}) is unreadable or has a bad CRC"),
                 )),
-                Lookup::Page(cached) => apply_decoded_extent_page(
-                    &mut extents.parsed.meta,
+                Lookup::Page(cached) => visit_extent_page(
+                    &extents.blob,
                     index,
                     &cached.bytes,
                     &cached.header,
                     step.check,
+                    |_, cluster| {
+                        if cluster == 0 {
+                            return;
+                        }
+                        if let Some(out) = claims.as_deref_mut() {
+                            out.used_clusters.set(u64::from(cluster));
+                        }
+                        if let Some(masks) = masks.as_deref_mut() {
+                            masks.claim_cluster(missing, cluster);
+                        }
+                    },
                 ),
             };
             match applied {
-                Ok(()) => out.used_md_pages.set(u64::from(page)),
+                Ok(()) => {
+                    if let Some(out) = claims.as_deref_mut() {
+                        out.used_md_pages.set(u64::from(page));
+                    }
+                }
                 Err(err) => {
                     extents.first_error.get_or_insert(err);
                 }
             }
             extents.next += 1;
         }
-        out.claim_clusters(&extents.parsed.meta);
-        if let Some(err) = extents.first_error.take() {
-            damaged(found, self.root, err);
+        // A blob with an unusable extent page is damaged (it cannot open); one that only
+        // used clusters the masks did not mark opens once the repaired masks are written.
+        match extents.first_error.take() {
+            Some(err) => damaged(found, self.root, err),
+            None => std::mem::take(missing).report(found, self.root),
         }
         true
     }

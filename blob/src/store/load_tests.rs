@@ -291,7 +291,7 @@ fn reference_clean(
     let (md_pages, clusters, blobids) = masks;
     let pages = reference_pages(image, block, None);
     let range = reference_check(image, block);
-    let check = GraphCheck {
+    let check = RunCheck {
         range: &range,
         runs: Default::default(),
     };
@@ -310,16 +310,61 @@ fn reference_clean(
         match reference_walk(&pages, root, block.md_len) {
             Ok(chain) => {
                 let refs: Vec<&[u8]> = chain.iter().map(|page| pages[page].as_slice()).collect();
-                let parsed = parse_chain(page_to_blobid(root), &refs, &check);
+                let id = page_to_blobid(root);
+                let parsed = parse_chain(id, &refs, &check);
                 let runs = check.take_runs();
-                graph.claim_blob(
-                    &mut found,
-                    root,
+                let mut missing = Missing::default();
+                graph.claim_chain(
+                    &mut missing,
                     chain.iter().copied(),
                     parsed.as_ref().ok(),
                     &runs,
                 );
-                found.graph(root, parsed.map(|parsed| GraphInfo::of(&parsed.meta)));
+                let parsed = match parsed {
+                    Ok(parsed) => parsed,
+                    Err(err) => {
+                        missing.report(&mut found, root);
+                        found.graph(root, Err(err));
+                        continue;
+                    }
+                };
+                found.graph(root, Ok(GraphInfo::of(&parsed.meta)));
+                // Its extent pages' clusters are claimed too.
+                let blob = ExtentPageOf {
+                    id,
+                    num_clusters: parsed.num_clusters,
+                    thin: parsed.meta.is_thin(),
+                };
+                let mut first_error = None;
+                for &(index, page) in &parsed.pending_extent_pages {
+                    let claimed = match pages.get(&page) {
+                        Some(bytes) => visit_extent_page(
+                            &blob,
+                            index,
+                            bytes,
+                            &MdPageHeader::decode(bytes),
+                            &range,
+                            |_, cluster| {
+                                if cluster != 0 {
+                                    graph.claim_cluster(&mut missing, cluster);
+                                }
+                            },
+                        ),
+                        None => Err(BlobError::corrupt(
+                            id,
+                            format!(
+                                "extent page {index} (md page {page}) is unreadable or has a bad CRC"
+                            ),
+                        )),
+                    };
+                    if let Err(err) = claimed {
+                        first_error.get_or_insert(err);
+                    }
+                }
+                match first_error {
+                    Some(err) => found.damaged.push((root, err)),
+                    None => missing.report(&mut found, root),
+                }
             }
             Err((walked, err)) => {
                 graph.claim_page(root);
