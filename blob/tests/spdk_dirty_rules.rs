@@ -318,7 +318,8 @@ fn a_record_spdks_recovery_overwrote_is_not_trusted() {
     let region = u32_at(&image, 72) as usize * PAGE;
     image[region..region + PAGE].fill(0);
     image[region] = 2; // type: used blob ids
-    image[region + 1..region + 5].copy_from_slice(&u32_at(&image, 52).to_le_bytes());
+    let md_len = u32_at(&image, 52);
+    image[region + 1..region + 5].copy_from_slice(&md_len.to_le_bytes());
     image[region + 5] = 1;
     assert_eq!(&image[92..100], b"SPOOLRS1", "the marker is still there");
     let (report, ids) = spool_load(&image, LoadOptions::default());

@@ -8,6 +8,10 @@
 //! free count comes from the rebuilt bitmap, so a cluster referenced twice (a crash in the
 //! middle of a snapshot) is not counted twice.
 //!
+//! A recovery of a store Spool held dirty reads only the md pages of its root superset
+//! (`superset.rs`, docs/format.md "Bounded recovery") when the record is trusted, else
+//! every md page as SPDK does; either way it then follows the chains and extent pages.
+//!
 //! Cost (`docs/performance.md`, "Loading a store"): both paths read the md region in
 //! batched runs of up to 256 KiB, four in flight, and decode each page in the device buffer it
 //! was read into: nothing is copied or kept per page. A page's CRC is computed once, and
