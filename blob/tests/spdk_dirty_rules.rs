@@ -69,7 +69,7 @@ impl Replay {
                     }
                 }
                 6 => {
-                    if len <= 4 || (len - 4) % 4 != 0 {
+                    if len <= 4 || !(len - 4).is_multiple_of(4) {
                         return Err(-libc::EINVAL);
                     }
                     for i in 0..(len - 4) / 4 {
@@ -80,10 +80,11 @@ impl Replay {
                     }
                 }
                 5 => {
-                    if len == 0 || (len - 8) % 8 != 0 {
+                    // size_t arithmetic, as SPDK's: a length below 8 wraps.
+                    if len == 0 || !len.wrapping_sub(8).is_multiple_of(8) {
                         return Err(-libc::EINVAL);
                     }
-                    for i in 0..(len - 8) / 8 {
+                    for i in 0..len.wrapping_sub(8) / 8 {
                         let entry = body(8 + i * 8, 8).ok_or(-libc::EINVAL)?;
                         let (page_idx, pages) = (u32_at(entry, 0), u32_at(entry, 4));
                         if page_idx != 0 {
