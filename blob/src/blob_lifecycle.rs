@@ -131,7 +131,12 @@ impl Blobstore {
             page as u32
         };
         let id = page_to_blobid(page);
-        let result = self.create_at(id, options).await;
+        // A dirty load reads only the root superset's pages for roots: it must cover this
+        // one, durably, before the root is written (docs/format.md, "Bounded recovery").
+        let result = match self.cover_root(page).await {
+            Ok(()) => self.create_at(id, options).await,
+            Err(err) => Err(err),
+        };
         if result.is_err() {
             let mut state = self.inner.state.borrow_mut();
             state.used_md_pages.clear(u64::from(page));

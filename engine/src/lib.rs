@@ -36,7 +36,7 @@ pub mod target;
 pub mod transfer;
 
 pub use crate::error::EngineError;
-pub use crate::lock::ImageLock;
+pub use crate::lock::{ImageLock, StagedImage};
 pub use crate::offline::{run_offline, run_offline_locked, store_io_unit, OpenInfo, StoreOpen};
 pub use crate::size::{parse_bytes, parse_size};
 pub use crate::target::{

@@ -120,12 +120,36 @@ impl ImageLock {
         Self::create_with(path, size_bytes, Contents::Reserved, |_| {})
     }
 
+    /// Like [`ImageLock::create_sparse`], but the file is left under its temporary name,
+    /// locked: the caller prepares it (formats a store on [`StagedImage::temp_path`]) and
+    /// then [`StagedImage::publish`]es it, so `path` only ever appears fully prepared. A
+    /// process killed before publishing leaves at most the temporary file
+    /// (`.NAME.spool-new.*`), never `path`; dropping the [`StagedImage`] removes it.
+    pub fn stage_sparse(path: &Path, size_bytes: u64) -> Result<StagedImage, EngineError> {
+        Self::stage_with(path, size_bytes, Contents::Sparse, |_| {})
+    }
+
+    /// Like [`ImageLock::stage_sparse`], with every byte's disk space reserved as
+    /// [`ImageLock::create_preallocated`] does.
+    pub fn stage_preallocated(path: &Path, size_bytes: u64) -> Result<StagedImage, EngineError> {
+        Self::stage_with(path, size_bytes, Contents::Reserved, |_| {})
+    }
+
     fn create_with(
         path: &Path,
         size_bytes: u64,
         contents: Contents,
-        mut progress: impl FnMut(u64),
+        progress: impl FnMut(u64),
     ) -> Result<ImageLock, EngineError> {
+        Self::stage_with(path, size_bytes, contents, progress)?.publish()
+    }
+
+    fn stage_with(
+        path: &Path,
+        size_bytes: u64,
+        contents: Contents,
+        mut progress: impl FnMut(u64),
+    ) -> Result<StagedImage, EngineError> {
         let fill = contents == Contents::Written;
         const CHUNK_BYTES: usize = 4 << 20;
         if size_bytes == 0 {
@@ -147,7 +171,8 @@ impl ImageLock {
         let handle = file
             .try_clone()
             .map_err(|err| create_error("create", &err))?;
-        let lock = Self::lock(handle, path, true)?;
+        let temp_path = name.temp_path().unwrap_or(path).to_path_buf();
+        let lock = Self::lock(handle, &temp_path, true)?;
         let filled = (|| {
             file.set_len(size_bytes)
                 .map_err(|err| create_error("set size", &err))?;
@@ -181,10 +206,11 @@ impl ImageLock {
             drop(name);
             return Err(err);
         }
-        // A failed publish removes the temporary file itself, still under the lock.
-        name.publish(path)
-            .map_err(|err| create_error("create", &err))?;
-        Ok(lock)
+        Ok(StagedImage {
+            lock,
+            name,
+            final_path: path.to_path_buf(),
+        })
     }
 
     /// The locked path.
@@ -212,6 +238,47 @@ impl ImageLock {
                 io_errno(&err),
             )),
         }
+    }
+}
+
+/// A new image file still under its temporary name, locked exclusively (see
+/// [`ImageLock::stage_sparse`]). Dropping it unpublished removes the file.
+#[derive(Debug)]
+pub struct StagedImage {
+    /// The lock, on the temporary path until published.
+    lock: ImageLock,
+    /// The temporary name (removed on drop unless published).
+    name: crate::staged::StagedName,
+    /// Where [`StagedImage::publish`] links the file.
+    final_path: PathBuf,
+}
+
+impl StagedImage {
+    /// The temporary path the file is at until published (prepare it there).
+    pub fn temp_path(&self) -> &Path {
+        self.lock.path()
+    }
+
+    /// The lock held on the temporary file (for [`crate::run_offline_locked`] on
+    /// [`StagedImage::temp_path`]).
+    pub fn lock(&self) -> &ImageLock {
+        &self.lock
+    }
+
+    /// Links the prepared file to its final path without replacing anything (`EEXIST` if the
+    /// path appeared meanwhile; the temporary file is removed then) and returns the lock,
+    /// now naming the final path.
+    pub fn publish(self) -> Result<ImageLock, EngineError> {
+        let StagedImage {
+            mut lock,
+            name,
+            final_path,
+        } = self;
+        // A failed publish removes the temporary file itself, still under the lock.
+        name.publish(&final_path)
+            .map_err(|err| file_error(&final_path, format!("create: {err}"), io_errno(&err)))?;
+        lock.path = final_path;
+        Ok(lock)
     }
 }
 

@@ -63,6 +63,11 @@ pub(crate) fn create_staged(final_path: &Path) -> std::io::Result<(File, StagedN
 }
 
 impl StagedName {
+    /// The temporary path (`None` once published).
+    pub(crate) fn temp_path(&self) -> Option<&Path> {
+        self.temp_path.as_deref()
+    }
+
     /// Gives the file its final name, failing with `EEXIST` if `final_path` exists (it is
     /// never replaced), and syncs the directory so the name is durable. On success the
     /// temporary name is gone; on failure it is still there (dropping the guard removes it).

@@ -6,6 +6,7 @@
 //! - [`md_page`]: the 4 KiB metadata page header and CRC.
 //! - [`descriptor`]: the descriptors inside a metadata page.
 //! - [`layout`]: where init puts each region.
+//! - [`root_superset`]: Spool's record of where roots can be, for a bounded dirty load.
 //!
 //! See `docs/format.md` for the layout in prose.
 
@@ -13,6 +14,7 @@ pub mod descriptor;
 pub mod layout;
 pub mod mask;
 pub mod md_page;
+pub mod root_superset;
 pub mod super_block;
 
 /// Bytes in a metadata page (and the unit of every on-disk region's offsets).

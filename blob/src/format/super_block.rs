@@ -58,6 +58,9 @@ pub struct SuperBlock {
     pub size: u64,
     /// Bytes per io_unit; 0 on old stores means 4096.
     pub io_unit_size: u32,
+    /// Spool's bounded-recovery marker in the reserved bytes (see
+    /// [`super::root_superset`]): the nonce of the root superset record, or `None`.
+    pub root_superset_nonce: Option<u64>,
 }
 
 /// Why a super block was refused. Each maps to SPDK's `-EILSEQ` on load.
@@ -129,6 +132,7 @@ impl SuperBlock {
             used_blobid_mask_len: read_u32(page, 76),
             size: read_u64(page, 80),
             io_unit_size: read_u32(page, 88),
+            root_superset_nonce: super::root_superset::decode_marker(page),
         })
     }
 
@@ -152,6 +156,9 @@ impl SuperBlock {
         write_u32(&mut page, 76, self.used_blobid_mask_len);
         write_u64(&mut page, 80, self.size);
         write_u32(&mut page, 88, self.io_unit_size);
+        if let Some(nonce) = self.root_superset_nonce {
+            super::root_superset::encode_marker(&mut page, nonce);
+        }
         let crc = page_crc(&page);
         write_u32(&mut page, CRC_OFFSET, crc);
         page
@@ -404,6 +411,7 @@ impl Default for SuperBlock {
             used_blobid_mask_len: 0,
             size: 0,
             io_unit_size: 0,
+            root_superset_nonce: None,
         }
     }
 }
@@ -448,6 +456,7 @@ mod tests {
             md_len: 64,
             size: 64 << 20,
             io_unit_size: 4096,
+            root_superset_nonce: None,
             bstype: bstype_from_name("LVOLSTORE").unwrap(),
             ..SuperBlock::default()
         }

@@ -41,6 +41,9 @@ pub(crate) struct Durability {
     /// Test support: skip the ordering flushes (the crash harness's self-test plants this
     /// bug and must catch it).
     pub(crate) skip_barriers: Cell<bool>,
+    /// Test support: never grow the root superset ahead of a create (the bounded
+    /// recovery's crash tests plant this bug and must catch it).
+    pub(crate) skip_superset: Cell<bool>,
 }
 
 impl Durability {

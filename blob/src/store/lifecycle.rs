@@ -45,7 +45,8 @@ impl Default for InitOptions {
 impl Blobstore {
     /// Formats `desc` as an empty store and returns it open, with the calling reactor as
     /// its metadata reactor. Zeroes the metadata area, unmaps the data area (best effort), flushes,
-    /// then writes the super block (clean = 0 until the first unload).
+    /// then writes an empty root superset record and the super block (clean = 0 until the
+    /// first unload, with the marker), and flushes.
     pub async fn init(desc: BdevDesc, options: &InitOptions) -> Result<Blobstore> {
         let block_size = u64::from(desc.block_size());
         if block_size > PAGE_SIZE_U64 || !PAGE_SIZE_U64.is_multiple_of(block_size) {
@@ -77,6 +78,7 @@ impl Blobstore {
             used_blobid_mask_len: layout.used_blobid_mask.1,
             size: device_bytes,
             io_unit_size: block_size as u32,
+            root_superset_nonce: None,
         };
         let geometry = Geometry {
             cluster_size: options.cluster_size,
@@ -98,6 +100,8 @@ impl Blobstore {
             clean_on_disk: false,
             used_md_pages: BitSet::new(u64::from(layout.md_len)),
             used_blobids: BitSet::new(u64::from(layout.md_len)),
+            root_superset: None,
+            root_superset_lost: false,
             open_blobs: HashMap::new(),
             loading: HashMap::new(),
             awaiting_parent: HashMap::new(),
@@ -132,9 +136,11 @@ impl Blobstore {
         // metadata: a cut that kept the new super block and lost the clear would let a dirty
         // load replay the pages of the store formatted over.
         flush(channel).await?;
-        write_bytes(channel, 0, &super_block.encode()).await?;
-        flush(channel).await?;
-        Ok(Blobstore::register(inner))
+        let store = Blobstore::register(inner);
+        // The super block (clean = 0) with the marker and an empty root superset: a crash
+        // before the first unload recovers by reading the superset's pages only.
+        store.start_root_superset(true).await?;
+        Ok(store)
     }
 
     /// Writes the super block from the in-memory state with `clean`.
@@ -156,7 +162,7 @@ impl Blobstore {
         if !self.inner.state.borrow().clean_on_disk {
             return Ok(());
         }
-        self.write_super(0).await?;
+        self.mark_dirty_with_record().await?;
         self.inner.state.borrow_mut().clean_on_disk = false;
         Ok(())
     }
@@ -302,6 +308,9 @@ impl Blobstore {
         // Releases still waiting for a flush (only after a failed one) are free once one
         // completes: the masks must show them free.
         self.drain_releases().await?;
+        // The masks overwrite the root superset record, and the clean super block has no
+        // marker: SPDK may load and change the store next, and never keeps a superset.
+        self.drop_root_superset();
         self.write_masks().await?;
         self.flush_md().await?;
         // From the moment clean = 1 may be on disk, the next metadata change must clear it:

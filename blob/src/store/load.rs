@@ -8,6 +8,10 @@
 //! free count comes from the rebuilt bitmap, so a cluster referenced twice (a crash in the
 //! middle of a snapshot) is not counted twice.
 //!
+//! A recovery of a store Spool held dirty reads only the md pages of its root superset
+//! (`superset.rs`, docs/format.md "Bounded recovery") when the record is trusted, else
+//! every md page as SPDK does; either way it then follows the chains and extent pages.
+//!
 //! Cost (`docs/performance.md`, "Loading a store"): both paths read the md region in
 //! batched runs of up to 256 KiB, four in flight, and decode each page in the device buffer it
 //! was read into: nothing is copied or kept per page. A page's CRC is computed once, and
@@ -32,6 +36,7 @@ use crate::error::{BlobError, Result};
 use crate::format::layout::md_clusters;
 use crate::format::mask::{decode_mask, mask_region_pages, MaskKind};
 use crate::format::md_page::{MdPageHeader, NEXT_OFFSET};
+use crate::format::root_superset::RootSuperset;
 use crate::format::super_block::{
     bstype_matches, bstype_name, Bstype, SuperBlock, SuperBlockError,
 };
@@ -48,6 +53,9 @@ use crate::meta::{
 pub struct LoadOptions {
     /// The type the caller expects; all zero matches any store.
     pub bstype: Bstype,
+    /// A dirty load scans the whole md region even when Spool's root superset is trusted
+    /// (SPDK's cost; for measurements, and for a store SPDK may also have written).
+    pub full_scan: bool,
 }
 
 /// What a load found and did.
@@ -64,6 +72,11 @@ pub struct LoadReport {
     /// Snapshots a crash interrupted, finished or removed at this load (or a mark left
     /// as it is, "not repaired"), and blob-id bits cleared over zeroed md pages.
     pub repaired: Vec<String>,
+    /// Recovery only: the scan read just the pages of Spool's root superset (a trusted
+    /// marker and record), not the whole md region.
+    pub bounded: bool,
+    /// Recovery only: md pages the scan for roots read (the superset's, or `md_len`).
+    pub md_pages_scanned: u64,
 }
 
 struct RangeCheck {
@@ -132,8 +145,20 @@ impl Blobstore {
             total_clusters,
             md_len: block.md_len,
         };
+        let mut scan = (false, 0u64);
         let (used_md_pages, used_clusters, used_blobids, found) = if recovered {
-            let replayed = replay(&channel, &geometry, &check).await?;
+            let superset = if options.full_scan {
+                None
+            } else {
+                read_root_superset(&channel, &block).await
+            };
+            scan = (
+                superset.is_some(),
+                superset
+                    .as_ref()
+                    .map_or(u64::from(block.md_len), RootSuperset::page_count),
+            );
+            let replayed = replay(&channel, &geometry, &check, superset.as_ref()).await?;
             (
                 replayed.used_md_pages,
                 replayed.used_clusters,
@@ -166,6 +191,8 @@ impl Blobstore {
             clean_on_disk: block.clean == 1,
             used_md_pages,
             used_blobids,
+            root_superset: None,
+            root_superset_lost: false,
             open_blobs: HashMap::new(),
             loading: HashMap::new(),
             awaiting_parent: HashMap::new(),
@@ -177,8 +204,12 @@ impl Blobstore {
         if state.super_block.size == 0 {
             state.super_block.size = device_bytes;
         }
+        // No record is kept yet: the dirty mark (or, after a recovery, below) sets one up.
+        state.super_block.root_superset_nonce = None;
         let mut report = LoadReport {
             recovered,
+            bounded: scan.0,
+            md_pages_scanned: scan.1,
             blobs: state.used_blobids.count_set() as usize,
             ..LoadReport::default()
         };
@@ -191,6 +222,8 @@ impl Blobstore {
         if recovered {
             store.write_masks().await?;
             flush(&store.inner.md_channel).await?;
+            // A new record (new nonce) for the blobs found, before anything can be created.
+            store.start_root_superset(false).await?;
         }
         if !pending.is_empty() {
             let done = crate::snapshot::repair_pending_snapshots(&store, pending).await?;
@@ -201,6 +234,45 @@ impl Blobstore {
             report.repaired.extend(done);
         }
         Ok((store, report))
+    }
+}
+
+/// The root superset a dirty load may trust instead of scanning the whole md region: the
+/// super block says dirty and carries Spool's marker, and the blob-id mask region holds a
+/// record with the marker's nonce, the store's geometry and a good CRC (docs/format.md,
+/// "Bounded recovery"). `None` (with the reason logged) means the full scan: no marker
+/// (a store SPDK wrote or Spool unloaded clean), SPDK's mask written over the record by
+/// its recovery or unload, a torn record, a read error.
+async fn read_root_superset(channel: &BdevChannel, block: &SuperBlock) -> Option<RootSuperset> {
+    let nonce = block.root_superset_nonce?;
+    if block.clean != 0 {
+        return None;
+    }
+    let region_pages = super::superset::record_region_pages(block);
+    let start = u64::from(block.used_blobid_mask_start) * PAGE_SIZE_U64;
+    let untrusted = |reason: String| {
+        tracing::info!(%reason, "root superset not trusted: the dirty load scans the whole md region");
+        None
+    };
+    let first = match read_page(channel, start).await {
+        Ok(page) => page,
+        Err(err) => return untrusted(err.to_string()),
+    };
+    let len = match RootSuperset::decode_header(&first, nonce, block.md_len, region_pages) {
+        Ok(len) => len,
+        Err(err) => return untrusted(err.to_string()),
+    };
+    let bytes = if len <= first.len() {
+        first
+    } else {
+        match read_regions(channel, &[(start, len.div_ceil(PAGE_SIZE) * PAGE_SIZE)]).await {
+            Ok(mut regions) => regions.pop().unwrap_or_default(),
+            Err(err) => return untrusted(err.to_string()),
+        }
+    };
+    match RootSuperset::decode(&bytes, nonce, block.md_len, region_pages) {
+        Ok(record) => Some(record),
+        Err(err) => untrusted(err.to_string()),
     }
 }
 
@@ -706,7 +778,8 @@ impl Replayed {
 /// stay claimed, and the clusters of the parts that could be parsed stay claimed too, so
 /// nothing of it is handed out while readable parts remain; every other blob loads as it is.
 ///
-/// The whole region is read in batched runs; a page is only checksummed when its header
+/// The whole region (only the root superset's pages when a record is trusted, see
+/// docs/format.md "Bounded recovery") is read in batched runs; a page is only checksummed when its header
 /// makes it a root, a one-page root whose blob has no extent page (almost all) is replayed
 /// straight from the device buffer, and the other blobs are finished by reading the pages
 /// they name. No cluster map is built: a run-length run is claimed a word at a time and an
@@ -716,6 +789,7 @@ async fn replay(
     channel: &BdevChannel,
     geometry: &Geometry,
     check: &RangeCheck,
+    superset: Option<&RootSuperset>,
 ) -> Result<Replayed> {
     let md_len = u64::from(geometry.md_len);
     let mut out = Replayed {
@@ -732,42 +806,43 @@ async fn replay(
         runs: Default::default(),
     };
     let mut deferred = Vec::new();
-    read_runs(
-        channel,
-        geometry,
-        md_scan::whole_region(geometry.md_len),
-        |first, bytes| {
-            for (offset, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
-                let root = first + offset as u32;
-                let id = page_to_blobid(root);
-                if read_u64(page, 0) != id || read_u32(page, 8) != 0 {
-                    continue;
-                }
-                let header = MdPageHeader::decode(page);
-                if !header.crc_ok {
-                    continue;
-                }
-                out.used_blobids.set(u64::from(root));
-                out.used_md_pages.set(u64::from(root));
-                if header.next != INVALID_MD_PAGE {
-                    deferred.push(BlobLoad::new(root));
-                    continue;
-                }
-                let parsed = parse_decoded_chain(id, &[page], &[header], &run_check);
-                let runs = run_check.take_runs();
-                match parsed {
-                    Ok(parsed) if parsed.pending_extent_pages.is_empty() => {
-                        out.found.graph(root, Ok(GraphInfo::of(&parsed.meta)));
-                        out.claim_runs(&runs);
-                    }
-                    // Its extent pages are elsewhere: finished (root read again, parsed
-                    // again) with the others.
-                    Ok(_) => deferred.push(BlobLoad::new(root)),
-                    Err(err) => damaged(&mut out.found, root, err),
-                }
+    // Roots are looked for in the superset's pages only when a record is trusted: every
+    // other page reached (continuations, extent pages) is read on demand by `finish`.
+    let runs: Box<dyn Iterator<Item = (u32, u32)>> = match superset {
+        Some(superset) => Box::new(md_scan::runs(superset.pages())),
+        None => Box::new(md_scan::whole_region(geometry.md_len)),
+    };
+    read_runs(channel, geometry, runs, |first, bytes| {
+        for (offset, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+            let root = first + offset as u32;
+            let id = page_to_blobid(root);
+            if read_u64(page, 0) != id || read_u32(page, 8) != 0 {
+                continue;
             }
-        },
-    )
+            let header = MdPageHeader::decode(page);
+            if !header.crc_ok {
+                continue;
+            }
+            out.used_blobids.set(u64::from(root));
+            out.used_md_pages.set(u64::from(root));
+            if header.next != INVALID_MD_PAGE {
+                deferred.push(BlobLoad::new(root));
+                continue;
+            }
+            let parsed = parse_decoded_chain(id, &[page], &[header], &run_check);
+            let runs = run_check.take_runs();
+            match parsed {
+                Ok(parsed) if parsed.pending_extent_pages.is_empty() => {
+                    out.found.graph(root, Ok(GraphInfo::of(&parsed.meta)));
+                    out.claim_runs(&runs);
+                }
+                // Its extent pages are elsewhere: finished (root read again, parsed
+                // again) with the others.
+                Ok(_) => deferred.push(BlobLoad::new(root)),
+                Err(err) => damaged(&mut out.found, root, err),
+            }
+        }
+    })
     .await?;
     let mut found = std::mem::take(&mut out.found);
     finish(

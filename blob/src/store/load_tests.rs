@@ -487,7 +487,7 @@ fn batched(rt: &Runtime, image: &[u8]) -> Option<Outcome> {
             masks.drop_ghosts(&found, &mut blobids);
             Some(Outcome::new(&md_pages, &clusters, &blobids, found))
         } else {
-            let replayed = replay(&channel, &geometry, &check).await.unwrap();
+            let replayed = replay(&channel, &geometry, &check, None).await.unwrap();
             Some(Outcome::new(
                 &replayed.used_md_pages,
                 &replayed.used_clusters,

@@ -6,6 +6,7 @@
 //! - `lifecycle`: init, unload, destroy, super blob.
 //! - `load`: the clean load (masks) and the dirty-shutdown recovery (replay).
 //! - `md_scan`: the load's batched reads of the md region.
+//! - `superset`: the root superset a dirty load reads instead of the whole md region.
 //!
 //! Metadata state lives in [`Blobstore`] (`Rc`, not `Send`): calling its methods from a task
 //! on another reactor returns [`BlobError::WrongThread`]. What I/O reactors need (geometry,
@@ -19,6 +20,7 @@ pub(crate) mod md_io;
 mod md_ops;
 pub(crate) use md_ops::MdOpRunning;
 mod md_scan;
+mod superset;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -175,6 +177,13 @@ pub(crate) struct MdState {
     pub(crate) used_md_pages: BitSet,
     /// Md pages that are a blob's root.
     pub(crate) used_blobids: BitSet,
+    /// The root superset record durable on disk (with the super block's marker), which
+    /// covers every root page a create has written since; `None` while none is kept (the
+    /// store clean on disk, unloading, or no room for one).
+    pub(crate) root_superset: Option<crate::format::root_superset::RootSuperset>,
+    /// An unload dropped the record and then failed (the store stays usable): the masks may
+    /// have overwritten the record, or not. The next create sets a new record up first.
+    pub(crate) root_superset_lost: bool,
     /// Open blobs.
     pub(crate) open_blobs: HashMap<u64, Rc<BlobState>>,
     /// Blobs being loaded: later opens wait for the first.

@@ -87,9 +87,11 @@ where
     run_offline(Path::new(image), open, job).map_err(|err| name_image(image, err))
 }
 
-/// Like [`with_store`], on an image the caller holds the lock of (one it just created).
+/// Like [`with_store`], on an image the caller holds the lock of (one it just created, at
+/// `path`: its temporary name until published); errors name `image`.
 fn with_locked_store<T, F, Fut>(
     image: &str,
+    path: &Path,
     lock: &ImageLock,
     open: StoreOpen,
     job: F,
@@ -99,7 +101,7 @@ where
     Fut: Future<Output = Result<T, ToolError>> + 'static,
     T: Send + 'static,
 {
-    run_offline_locked(Path::new(image), lock, open, job).map_err(|err| name_image(image, err))
+    run_offline_locked(path, lock, open, job).map_err(|err| name_image(image, err))
 }
 
 /// Whether `err` says the image holds no blobstore at all (wrong signature or version).

@@ -8,7 +8,7 @@ use spool_blob::format::super_block::{bstype_from_name, bstype_name, Bstype};
 use spool_blob::format::{BLOBID_INVALID, PAGE_SIZE_U64};
 use spool_blob::lvol::xattr::{check_name, LVS_BSTYPE};
 use spool_blob::{Blobstore, InitOptions, LvolStore};
-use spool_engine::{ImageLock, OpenInfo, StoreOpen};
+use spool_engine::{ImageLock, OpenInfo, StagedImage, StoreOpen};
 
 use crate::blob_cmd::args::{InfoArgs, InitArgs, SuperArgs};
 use crate::blob_cmd::resolve::{is_lvol_store, resolve_blob};
@@ -177,10 +177,10 @@ pub fn to_json(value: &impl Serialize) -> Result<String, ToolError> {
     serde_json::to_string_pretty(value).map_err(|err| ToolError::Failed(format!("JSON: {err}")))
 }
 
-/// Makes sure IMAGE exists as `init` needs: created with --size when missing (returns its
-/// lock then, taken before the first byte was written), or checked against --size when it
-/// exists.
-fn prepare_image(args: &InitArgs) -> Result<Option<ImageLock>, ToolError> {
+/// Makes sure IMAGE exists as `init` needs: created with --size when missing (returns it
+/// staged then: under a temporary name, locked before the first byte was written, to be
+/// formatted there and published only after), or checked against --size when it exists.
+fn prepare_image(args: &InitArgs) -> Result<Option<StagedImage>, ToolError> {
     let path = Path::new(&args.image);
     let meta = match std::fs::metadata(path) {
         Ok(meta) => Some(meta),
@@ -193,9 +193,9 @@ fn prepare_image(args: &InitArgs) -> Result<Option<ImageLock>, ToolError> {
             args.image
         ))),
         (None, Some(size)) if args.preallocate => {
-            Ok(Some(ImageLock::create_preallocated(path, size)?))
+            Ok(Some(ImageLock::stage_preallocated(path, size)?))
         }
-        (None, Some(size)) => Ok(Some(ImageLock::create_sparse(path, size)?)),
+        (None, Some(size)) => Ok(Some(ImageLock::stage_sparse(path, size)?)),
         (Some(meta), Some(_)) if meta.file_type().is_block_device() => {
             Err(ToolError::Failed(format!(
                 "{}: a block device is used whole; --size is for creating a file",
@@ -305,21 +305,23 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
         None => StoreOpen::Init(options),
     };
     let result = match &created {
-        Some(lock) => with_locked_store(&args.image, lock, open, summarise),
+        // A new file is formatted under its temporary name; IMAGE appears (below) only once
+        // it holds a store, so a killed init leaves at most the temporary file.
+        Some(staged) => with_locked_store(
+            &args.image,
+            staged.temp_path(),
+            staged.lock(),
+            open,
+            summarise,
+        ),
         None => with_store(&args.image, open, summarise),
     };
-    match result {
-        Ok(summary) => emit(&format!("initialized {}: {summary}\n", args.image)),
-        Err(err) => {
-            if created.is_some() {
-                // Leave nothing half-made: the file did not exist before. Removed while the
-                // lock is still held, so no other command can have started using it.
-                let _ = std::fs::remove_file(&args.image);
-            }
-            drop(created);
-            Err(err)
-        }
+    // On failure, dropping the staged file removes it (while still locked): nothing is left.
+    let summary = result?;
+    if let Some(staged) = created {
+        staged.publish()?;
     }
+    emit(&format!("initialized {}: {summary}\n", args.image))
 }
 
 /// `spool super IMAGE [BLOB | --clear]`.
