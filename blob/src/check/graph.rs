@@ -26,8 +26,14 @@ fn text(value: &[u8]) -> String {
     String::from_utf8_lossy(&value[..end]).into_owned()
 }
 
-/// Checks the graph and the lvol names; `records` sorted by id.
-pub fn check_graph(records: &[BlobRecord], super_blob: u64, problems: &mut Vec<Problem>) {
+/// Checks the graph and the lvol names; `records` sorted by id; `lvs` when the store's
+/// bstype is `LVOLSTORE`.
+pub fn check_graph(
+    records: &[BlobRecord],
+    super_blob: u64,
+    lvs: bool,
+    problems: &mut Vec<Problem>,
+) {
     let by_id: HashMap<u64, &BlobRecord> = records
         .iter()
         .filter(|r| !r.root_broken)
@@ -51,6 +57,9 @@ pub fn check_graph(records: &[BlobRecord], super_blob: u64, problems: &mut Vec<P
             expected: "a blob of this store, or 0xffffffffffffffff".into(),
             found: format!("{super_blob:#x}, which is not a blob"),
         });
+    }
+    if lvs {
+        check_lvs(&by_id, super_blob, problems);
     }
     let mut parents: HashMap<u64, u64> = HashMap::new();
     for record in records {
@@ -170,6 +179,40 @@ pub fn check_graph(records: &[BlobRecord], super_blob: u64, problems: &mut Vec<P
             } else {
                 seen.insert(value, record.id);
             }
+        }
+    }
+}
+
+/// An lvol store keeps its `name` and `uuid` in the super blob (SPDK's lvol layer refuses a
+/// store without them).
+fn check_lvs(by_id: &HashMap<u64, &BlobRecord>, super_blob: u64, problems: &mut Vec<Problem>) {
+    let Some(record) = by_id.get(&super_blob) else {
+        if super_blob == BLOBID_INVALID {
+            problems.push(Problem {
+                kind: ProblemKind::LvsMetadata,
+                page: None,
+                blob: None,
+                field: "super.super_blob".into(),
+                expected: "the lvol store's super blob (bstype LVOLSTORE)".into(),
+                found: "no super blob".into(),
+            });
+        }
+        return;
+    };
+    let Some(meta) = &record.meta else {
+        return;
+    };
+    for xattr in [NAME_XATTR, UUID_XATTR] {
+        let value = meta.xattr(false, xattr.as_bytes()).map(text);
+        if value.as_deref().is_none_or(str::is_empty) {
+            problems.push(Problem {
+                kind: ProblemKind::LvsMetadata,
+                page: Some(record.root()),
+                blob: Some(record.id),
+                field: xattr.into(),
+                expected: format!("the lvol store's {xattr}"),
+                found: value.map_or("no such xattr".into(), |v| format!("{v:?}")),
+            });
         }
     }
 }

@@ -36,6 +36,8 @@ use self::cross::{DiskMasks, Rebuilt};
 use self::image::Image;
 use self::super_check::StoreShape;
 use crate::format::page_to_blobid;
+use crate::format::super_block::bstype_name;
+use crate::lvol::xattr::LVS_BSTYPE;
 
 /// Why a check could not run at all (exit code 1 of `spool check`).
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +215,8 @@ pub fn check_image(file: &File, progress: &mut dyn FnMut(String)) -> Result<Chec
         }
     }
     progress("phase 6: snapshots, clones and lvol names".into());
-    graph::check_graph(&records, shape.block.super_blob, &mut problems);
+    let lvs = bstype_name(&shape.block.bstype) == LVS_BSTYPE;
+    graph::check_graph(&records, shape.block.super_blob, lvs, &mut problems);
     report.used_clusters = rebuilt.used_clusters.count_set();
     report.used_md_pages = rebuilt.used_pages.count_set();
     report.blobs = records.iter().map(summary).collect();

@@ -150,6 +150,7 @@ pub fn repair_image(file: &File, checked: &Checked) -> Result<RepairReport, Chec
             | ProblemKind::ParentCycle
             | ProblemKind::LvolNameDuplicate
             | ProblemKind::LvolUuidDuplicate
+            | ProblemKind::LvsMetadata
             | ProblemKind::SuperBlobMissing => {
                 report
                     .not_repaired

@@ -54,6 +54,8 @@ pub enum ProblemKind {
     SnapshotPending,
     /// A merge half done (`SNAPRM` left by a crash).
     MergePending,
+    /// An lvol store's super blob is missing or lacks the store's `name` or `uuid`.
+    LvsMetadata,
     /// Two lvols share a name.
     LvolNameDuplicate,
     /// Two lvols share a uuid.
@@ -89,6 +91,7 @@ impl ProblemKind {
             ProblemKind::ParentCycle => "parent_cycle",
             ProblemKind::SnapshotPending => "snapshot_pending",
             ProblemKind::MergePending => "merge_pending",
+            ProblemKind::LvsMetadata => "lvs_metadata",
             ProblemKind::LvolNameDuplicate => "lvol_name_duplicate",
             ProblemKind::LvolUuidDuplicate => "lvol_uuid_duplicate",
         }
