@@ -104,6 +104,20 @@ pub fn claim_all(
             rebuilt.used_pages.set(u64::from(page));
         }
     }
+    if shared.len() > MAX_LISTED_BITS {
+        problems.push(Problem {
+            kind: ProblemKind::PageShared,
+            page: None,
+            blob: None,
+            field: "md pages".into(),
+            expected: "no further shared md pages".into(),
+            found: format!(
+                "{} more md pages used twice",
+                shared.len() - MAX_LISTED_BITS
+            ),
+        });
+        shared.truncate(MAX_LISTED_BITS);
+    }
     for (page, blob, extent) in shared {
         let other = owner_of_page(records, page, blob)
             .map_or("another reference of the same blob".to_string(), |o| {

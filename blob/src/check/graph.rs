@@ -3,7 +3,7 @@
 //! half done (`SNAPTMP`, `SNAPRM`), the super blob exists, and lvol names and uuids are
 //! unique within the store.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::chains::BlobRecord;
 use super::report::{Problem, ProblemKind};
@@ -130,25 +130,37 @@ pub fn check_graph(
             }
         }
     }
-    // Cycles: follow each parent chain, at most one step per blob.
+    // Cycles: each blob's parent chain is walked once in all (a blob already known to
+    // reach a root, or already reported, stops the walk), so the cost is linear.
+    let mut settled: HashSet<u64> = HashSet::new();
     for record in records {
+        let mut path = Vec::new();
+        let mut on_path = HashSet::new();
         let mut at = record.id;
-        for _ in 0..=parents.len() {
-            match parents.get(&at) {
-                Some(&parent) if parent == record.id => {
+        loop {
+            if settled.contains(&at) {
+                break;
+            }
+            if !on_path.insert(at) {
+                // `at` is on a cycle: report it once, at the blob where the walk met it.
+                if let Some(blob) = by_id.get(&at) {
                     problems.push(problem(
                         ProblemKind::ParentCycle,
-                        record,
+                        blob,
                         "SNAP",
                         "a parent chain ending at a blob with no parent".into(),
-                        format!("a chain coming back to {:#x}", record.id),
+                        format!("a chain coming back to {at:#x}"),
                     ));
-                    break;
                 }
+                break;
+            }
+            path.push(at);
+            match parents.get(&at) {
                 Some(&parent) => at = parent,
                 None => break,
             }
         }
+        settled.extend(path);
     }
     // Lvol names and uuids (the super blob's are the store's own).
     for (xattr, kind) in [
