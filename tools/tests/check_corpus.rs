@@ -811,11 +811,19 @@ fn graph_markers_and_lvol_names_are_named() {
     let path = base.path(&image);
     rewrite_meta(&path, s, |m| internal(m, "SNAP", b));
     let report = check_json(d, &image, 2);
-    assert_eq!(problems(&report, "parent_cycle").len(), 1, "one cycle, reported once");
+    assert_eq!(
+        problems(&report, "parent_cycle").len(),
+        1,
+        "one cycle, reported once"
+    );
     assert_names(&report, "parent_not_read_only", Some(b), None);
     let run = repair(d, &image);
     assert_eq!(run.code, Some(2));
-    assert!(run.text().contains("not repaired: parent_cycle"), "{}", run.text());
+    assert!(
+        run.text().contains("not repaired: parent_cycle"),
+        "{}",
+        run.text()
+    );
 
     // A writable parent.
     let image = base.copy("writable_parent");
