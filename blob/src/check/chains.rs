@@ -45,6 +45,10 @@ pub struct BlobRecord {
     pub flags_at: Option<usize>,
     /// Whether the root page itself is unusable (bad CRC): no blob for a load.
     pub root_broken: bool,
+    /// Clusters of the blob (its size), once its map was claimed.
+    pub num_clusters: Option<u64>,
+    /// Allocated clusters of its map.
+    pub allocated: u64,
 }
 
 impl BlobRecord {
@@ -154,6 +158,8 @@ pub fn walk_blob(
         damage: None,
         flags_at: None,
         root_broken: false,
+        num_clusters: None,
+        allocated: 0,
     };
     let mut pages = vec![md_page(image, shape, root)?];
     let mut visited = HashSet::from([root]);
@@ -291,7 +297,20 @@ pub fn walk_blob(
             return Ok(record);
         }
     };
-    for (index, page) in std::mem::take(&mut parsed.pending_extent_pages) {
+    let pending = std::mem::take(&mut parsed.pending_extent_pages);
+    if pending.len() > md_len as usize {
+        problems.push(problem(
+            ProblemKind::ExtentPageShared,
+            root,
+            id,
+            "extent_table",
+            format!("at most {md_len} extent pages (each md page once)"),
+            format!("{} extent page references", pending.len()),
+        ));
+        record.damage("its extent table names more extent pages than the md region has");
+        return Ok(record);
+    }
+    for (index, page) in pending {
         if page >= md_len {
             problems.push(problem(
                 ProblemKind::ExtentPageOutOfRange,
@@ -352,6 +371,8 @@ pub fn broken_root(
         damage: Some(format!("root md page {root}: CRC mismatch")),
         flags_at: None,
         root_broken: true,
+        num_clusters: None,
+        allocated: 0,
     })
 }
 

@@ -3,13 +3,13 @@
 //! blob at most; then the three masks against the state rebuilt from the md pages.
 
 use super::chains::BlobRecord;
+use super::clusters::Claims;
 use super::image::Image;
 use super::report::{Problem, ProblemKind};
 use super::super_check::StoreShape;
 use super::CheckError;
 use crate::bitmap::BitSet;
 use crate::format::mask::{decode_mask, mask_region_pages, MaskKind};
-use crate::meta::{XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING};
 
 /// Mask differences listed one by one per mask and direction; the rest are counted.
 pub const MAX_LISTED_BITS: usize = 64;
@@ -19,7 +19,7 @@ pub const MAX_LISTED_BITS: usize = 64;
 pub struct Rebuilt {
     /// Md pages in use: chains and extent pages (damaged blobs' pages included).
     pub used_pages: BitSet,
-    /// Clusters in use: the metadata clusters and every intact blob's clusters.
+    /// Clusters in use: the metadata clusters and every cluster a blob maps in range.
     pub used_clusters: BitSet,
     /// Root pages of the blobs (a blob whose root page is unusable has none).
     pub used_blobids: BitSet,
@@ -33,56 +33,20 @@ fn owner_of_page(records: &[BlobRecord], page: u32, skip: u64) -> Option<u64> {
         .map(|r| r.id)
 }
 
-fn owner_of_cluster(records: &[BlobRecord], cluster: u32, skip: u64) -> Option<u64> {
-    records
-        .iter()
-        .filter(|r| r.id != skip)
-        .find(|r| {
-            r.meta
-                .as_ref()
-                .is_some_and(|m| m.clusters.contains(&cluster))
-        })
-        .map(|r| r.id)
-}
-
-/// Whether `a` and `b` may share clusters: one is a snapshot half made of, or half merged
-/// into, the other (the marker's problem covers it).
-fn marked_pair(records: &[BlobRecord], a: u64, b: u64) -> bool {
-    let names = |x: u64, y: u64| {
-        records
-            .iter()
-            .find(|r| r.id == x)
-            .and_then(|r| r.meta.as_ref())
-            .is_some_and(|m| {
-                [XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING]
-                    .iter()
-                    .any(|name| {
-                        m.xattr(true, name.as_bytes())
-                            .and_then(|v| <[u8; 8]>::try_from(v).ok())
-                            .map(u64::from_le_bytes)
-                            == Some(y)
-                    })
-            })
-    };
-    names(a, b) || names(b, a)
-}
-
-/// Claims every page and cluster, reporting double use and bad indexes; damages the blobs
-/// whose clusters cannot be used. Returns the rebuilt masks.
+/// Claims every md page, reporting double use; returns the rebuilt masks, the clusters
+/// from `claims` (phase 4's cluster half, [`super::clusters`]).
 pub fn claim_all(
     shape: &StoreShape,
-    records: &mut [BlobRecord],
+    records: &[BlobRecord],
+    claims: &Claims,
     problems: &mut Vec<Problem>,
 ) -> Rebuilt {
     let md_len = u64::from(shape.md_len());
     let mut rebuilt = Rebuilt {
         used_pages: BitSet::new(md_len),
-        used_clusters: BitSet::new(shape.total_clusters),
+        used_clusters: claims.used.clone(),
         used_blobids: BitSet::new(md_len),
     };
-    for cluster in 0..shape.md_clusters {
-        rebuilt.used_clusters.set(cluster);
-    }
     // Pages: chains first (a root's page is its own), then extent pages.
     let mut shared = Vec::new();
     for record in records.iter() {
@@ -122,7 +86,7 @@ pub fn claim_all(
         let owner = owner_of_page(records, page, blob);
         // A snapshot half made holds its original's extent pages until the original's new
         // root is written (the marker's problem covers it).
-        if extent && owner.is_some_and(|o| marked_pair(records, blob, o)) {
+        if extent && owner.is_some_and(|o| claims.marked_pair(blob, o)) {
             continue;
         }
         let other = owner.map_or("another reference of the same blob".to_string(), |o| {
@@ -140,111 +104,6 @@ pub fn claim_all(
             expected: "an md page no other chain or extent table uses".into(),
             found: other,
         });
-    }
-    // Clusters: range, metadata, ownership.
-    let mut claimed = BitSet::new(shape.total_clusters);
-    let mut conflicts = Vec::new();
-    // Conflicts past MAX_LISTED_BITS: counted, not listed (finding each owner costs a
-    // walk of the blobs).
-    let mut unlisted = 0u64;
-    for record in records.iter_mut() {
-        let Some(meta) = record.meta.as_ref() else {
-            continue;
-        };
-        let id = record.id;
-        let root = record.root();
-        let mut bad = None;
-        for (blob_cluster, &cluster) in meta.clusters.iter().enumerate() {
-            if cluster == 0 {
-                continue;
-            }
-            let field = format!("cluster[{blob_cluster}]");
-            if u64::from(cluster) >= shape.total_clusters {
-                problems.push(Problem {
-                    kind: ProblemKind::ClusterOutOfRange,
-                    page: Some(root),
-                    blob: Some(id),
-                    field,
-                    expected: format!("a cluster below {}", shape.total_clusters),
-                    found: cluster.to_string(),
-                });
-                bad.get_or_insert(format!("cluster {cluster} is outside the store"));
-                continue;
-            }
-            if u64::from(cluster) < shape.md_clusters {
-                problems.push(Problem {
-                    kind: ProblemKind::ClusterInMetadata,
-                    page: Some(root),
-                    blob: Some(id),
-                    field,
-                    expected: format!(
-                        "a cluster at or above {} (past the metadata)",
-                        shape.md_clusters
-                    ),
-                    found: cluster.to_string(),
-                });
-                bad.get_or_insert(format!("cluster {cluster} holds metadata"));
-                continue;
-            }
-            if claimed.get(u64::from(cluster)) {
-                if conflicts.len() < MAX_LISTED_BITS {
-                    conflicts.push((id, blob_cluster, cluster));
-                } else {
-                    unlisted += 1;
-                }
-            }
-            claimed.set(u64::from(cluster));
-        }
-        if let Some(reason) = bad {
-            record.damage(reason);
-        }
-    }
-    for (id, blob_cluster, cluster) in conflicts {
-        let Some(other) = owner_of_cluster(records, cluster, id) else {
-            // The same blob maps it twice.
-            problems.push(Problem {
-                kind: ProblemKind::ClusterShared,
-                page: Some(id as u32),
-                blob: Some(id),
-                field: format!("cluster[{blob_cluster}]"),
-                expected: "a cluster no other blob cluster maps".into(),
-                found: format!("cluster {cluster}, mapped twice by this blob"),
-            });
-            continue;
-        };
-        if marked_pair(records, id, other) {
-            continue;
-        }
-        problems.push(Problem {
-            kind: ProblemKind::ClusterShared,
-            page: Some(id as u32),
-            blob: Some(id),
-            field: format!("cluster[{blob_cluster}]"),
-            expected: "a cluster no other blob owns".into(),
-            found: format!("cluster {cluster}, also owned by blob {other:#x}"),
-        });
-    }
-    if unlisted > 0 {
-        problems.push(Problem {
-            kind: ProblemKind::ClusterShared,
-            page: None,
-            blob: None,
-            field: "clusters".into(),
-            expected: "no further shared clusters".into(),
-            found: format!("{unlisted} more cluster references to clusters already owned"),
-        });
-    }
-    for record in records.iter() {
-        if record.damage.is_some() {
-            continue;
-        }
-        if let Some(meta) = &record.meta {
-            for &cluster in &meta.clusters {
-                if cluster != 0 {
-                    rebuilt.used_clusters.set(u64::from(cluster));
-                }
-            }
-        }
     }
     rebuilt
 }

@@ -1,6 +1,8 @@
-//! Reading (and, for repair, writing) an image with plain positioned file I/O: the checker
-//! works on stores that do not load, so it never goes through the bdev or the store.
+//! Reading (and, for repair, writing) an image with plain positioned I/O: the checker works
+//! on stores that do not load, so it never goes through the bdev or the store. An image is
+//! anything [`ImageIo`]: a file or block device, or bytes in memory (tests, fuzzing).
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -11,19 +13,74 @@ use crate::format::{PAGE_SIZE, PAGE_SIZE_U64};
 /// Most md pages read by one request (1 MiB).
 pub(crate) const BATCH_PAGES: u32 = 256;
 
-/// An image: a regular file or a block device.
+/// Positioned I/O on a device image.
+pub trait ImageIo {
+    /// Bytes of the device.
+    fn size(&self) -> std::io::Result<u64>;
+    /// Fills `buf` from byte `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// Writes `buf` at byte `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Makes the writes durable.
+    fn sync(&self) -> std::io::Result<()>;
+}
+
+impl ImageIo for File {
+    /// Found by seeking to the end (block devices report a zero length in their metadata).
+    fn size(&self) -> std::io::Result<u64> {
+        let mut handle = self;
+        handle.seek(SeekFrom::End(0))
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.write_all_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.sync_all()
+    }
+}
+
+/// An image in memory (its length is the device's).
+impl ImageIo for RefCell<Vec<u8>> {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.borrow().len() as u64)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let image = self.borrow();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let range = image
+            .get(start..start.saturating_add(buf.len()))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(range);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut image = self.borrow_mut();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let range = image
+            .get_mut(start..start.saturating_add(buf.len()))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::WriteZero))?;
+        range.copy_from_slice(buf);
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An image and its size.
 pub struct Image<'f> {
-    file: &'f File,
+    file: &'f dyn ImageIo,
     len: u64,
 }
 
 impl<'f> Image<'f> {
-    /// Wraps an open file; its size is found by seeking to the end (block devices report a
-    /// zero length in their metadata).
-    pub fn new(file: &'f File) -> Result<Image<'f>, CheckError> {
-        let mut handle = file;
-        let len = handle
-            .seek(SeekFrom::End(0))
+    /// Wraps an image, finding its size.
+    pub fn new(file: &'f dyn ImageIo) -> Result<Image<'f>, CheckError> {
+        let len = file
+            .size()
             .map_err(|err| CheckError::io("find the size of", 0, &err))?;
         Ok(Image { file, len })
     }
@@ -51,7 +108,7 @@ impl<'f> Image<'f> {
         }
         let mut buf = vec![0u8; bytes];
         self.file
-            .read_exact_at(&mut buf, offset)
+            .read_at(&mut buf, offset)
             .map_err(|err| CheckError::io("read", offset, &err))?;
         Ok(buf)
     }
@@ -67,14 +124,14 @@ impl<'f> Image<'f> {
             });
         }
         self.file
-            .write_all_at(bytes, offset)
+            .write_at(bytes, offset)
             .map_err(|err| CheckError::io("write", offset, &err))
     }
 
     /// Flushes written pages to the media.
     pub fn sync(&self) -> Result<(), CheckError> {
         self.file
-            .sync_all()
+            .sync()
             .map_err(|err| CheckError::io("sync", 0, &err))
     }
 }

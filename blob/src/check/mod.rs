@@ -20,6 +20,7 @@
 //! [`repair`] fixes what can be fixed without guessing and writes a clean store.
 
 pub mod chains;
+pub mod clusters;
 pub mod cross;
 pub mod graph;
 pub mod image;
@@ -27,13 +28,11 @@ pub mod repair;
 pub mod report;
 pub mod super_check;
 
-use std::fs::File;
-
 pub use report::{BlobSummary, CheckReport, Problem, ProblemKind};
 
 use self::chains::BlobRecord;
 use self::cross::{DiskMasks, Rebuilt};
-use self::image::Image;
+use self::image::{Image, ImageIo};
 use self::super_check::StoreShape;
 use crate::format::page_to_blobid;
 use crate::format::super_block::bstype_name;
@@ -104,11 +103,17 @@ pub struct Checked {
     pub(crate) rebuilt: Option<Rebuilt>,
     /// The masks as on disk.
     pub(crate) disk: Option<DiskMasks>,
+    /// Pairs of blobs sharing clusters (outside a marked snapshot or merge).
+    pub(crate) shared: Vec<(u64, u64)>,
 }
 
-/// Checks the store on `file` (read only: nothing is written). `progress` gets one line
+/// Checks the store on `file` (a [`std::fs::File`], or bytes in memory; read only: nothing
+/// is written). `progress` gets one line
 /// per phase, and lines during long scans.
-pub fn check_image(file: &File, progress: &mut dyn FnMut(String)) -> Result<Checked, CheckError> {
+pub fn check_image(
+    file: &dyn ImageIo,
+    progress: &mut dyn FnMut(String),
+) -> Result<Checked, CheckError> {
     let image = Image::new(file)?;
     let mut problems = Vec::new();
     progress("phase 1: super block".into());
@@ -129,6 +134,7 @@ pub fn check_image(file: &File, progress: &mut dyn FnMut(String)) -> Result<Chec
             records: Vec::new(),
             rebuilt: None,
             disk: None,
+            shared: Vec::new(),
         });
     };
     report.clean = shape.block.clean;
@@ -142,9 +148,13 @@ pub fn check_image(file: &File, progress: &mut dyn FnMut(String)) -> Result<Chec
         scan.roots.len() + scan.broken_roots.len()
     ));
     let mut records = Vec::with_capacity(scan.roots.len());
+    let mut claims = clusters::Claims::new(&shape);
     for &root in &scan.roots {
-        records.push(chains::walk_blob(&image, &shape, root, &mut problems)?);
+        let mut record = chains::walk_blob(&image, &shape, root, &mut problems)?;
+        claims.take(&shape, &mut record, &mut problems);
+        records.push(record);
     }
+    claims.finish(&mut problems);
     progress("phase 4: md page and cluster ownership".into());
     let disk = if shape.masks_trusted {
         Some(cross::read_masks(&image, &shape, &mut problems)?)
@@ -162,7 +172,7 @@ pub fn check_image(file: &File, progress: &mut dyn FnMut(String)) -> Result<Chec
         records.push(chains::broken_root(&image, &shape, root, &mut problems)?);
     }
     records.sort_by_key(|r| r.id);
-    let rebuilt = cross::claim_all(&shape, &mut records, &mut problems);
+    let rebuilt = cross::claim_all(&shape, &records, &claims, &mut problems);
     if let Some(disk) = &disk {
         progress("phase 5: masks".into());
         let describe_page = |bit: u64| {
@@ -182,18 +192,8 @@ pub fn check_image(file: &File, progress: &mut dyn FnMut(String)) -> Result<Chec
                 &mut problems,
             );
         }
-        let describe_cluster = |bit: u64| {
-            let cluster = bit as u32;
-            let owner = records
-                .iter()
-                .find(|r| {
-                    r.meta
-                        .as_ref()
-                        .is_some_and(|m| m.clusters.contains(&cluster))
-                })
-                .map(|r| r.id);
-            (None, owner)
-        };
+        let describe_cluster =
+            |bit: u64| (None, u32::try_from(bit).ok().and_then(|c| claims.owner(c)));
         if let Some(mask) = &disk.clusters {
             cross::compare_mask(
                 "used_cluster_mask",
@@ -227,6 +227,7 @@ pub fn check_image(file: &File, progress: &mut dyn FnMut(String)) -> Result<Chec
         records,
         rebuilt: Some(rebuilt),
         disk,
+        shared: claims.shared,
     })
 }
 
@@ -234,8 +235,8 @@ fn summary(record: &BlobRecord) -> BlobSummary {
     let meta = record.meta.as_ref();
     BlobSummary {
         id: record.id,
-        clusters: meta.map(|m| m.clusters.len() as u64),
-        allocated: meta.map_or(0, |m| m.clusters.iter().filter(|&&c| c != 0).count() as u64),
+        clusters: record.num_clusters,
+        allocated: record.allocated,
         md_pages: (record.chain.len() + record.extent_pages.len()) as u64,
         parent: meta.and_then(|m| m.parent_id().ok().flatten()),
         read_only: meta.is_some_and(|m| m.data_ro()),

@@ -17,10 +17,9 @@
 //! not repaired: fixing them would mean choosing for the user.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 
 use super::chains::BlobRecord;
-use super::image::Image;
+use super::image::{Image, ImageIo};
 use super::report::ProblemKind;
 use super::{CheckError, Checked};
 use crate::format::descriptor::FLAG_READ_ONLY;
@@ -62,7 +61,7 @@ fn mark_read_only(
 
 /// Repairs the store on `file` (opened for writing, locked by the caller) from the check
 /// `checked` made of it. The caller checks again afterwards.
-pub fn repair_image(file: &File, checked: &Checked) -> Result<RepairReport, CheckError> {
+pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairReport, CheckError> {
     let image = Image::new(file)?;
     let (Some(shape), Some(rebuilt)) = (&checked.shape, &checked.rebuilt) else {
         return Err(CheckError::Unrepairable(
@@ -76,14 +75,6 @@ pub fn repair_image(file: &File, checked: &Checked) -> Result<RepairReport, Chec
     let any_damaged = checked.records.iter().any(|r| r.damage.is_some());
     for record in checked.records.iter().filter(|r| r.damage.is_some()) {
         let reason = record.damage.clone().unwrap_or_default();
-        if let Some(meta) = &record.meta {
-            for &cluster in &meta.clusters {
-                let cluster = u64::from(cluster);
-                if cluster >= shape.md_clusters && cluster < shape.total_clusters {
-                    masks.used_clusters.set(cluster);
-                }
-            }
-        }
         if record.root_broken {
             report.changes.push(format!(
                 "blob {:#x}: root md page {} fails its CRC ({reason}): its blob-id bit is cleared (no load can open it), its md page and clusters are kept",
@@ -125,22 +116,9 @@ pub fn repair_image(file: &File, checked: &Checked) -> Result<RepairReport, Chec
         }
     }
     // Shared clusters and writable parents: read-only, nothing freed.
-    let mut read_only: BTreeSet<u64> = BTreeSet::new();
+    let mut read_only: BTreeSet<u64> = checked.shared.iter().flat_map(|&(a, b)| [a, b]).collect();
     for problem in &checked.report.problems {
         match problem.kind {
-            ProblemKind::ClusterShared => {
-                if let Some(blob) = problem.blob {
-                    read_only.insert(blob);
-                }
-                if let Some(other) = problem
-                    .found
-                    .split("blob ")
-                    .nth(1)
-                    .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-                {
-                    read_only.insert(other);
-                }
-            }
             ProblemKind::ParentNotReadOnly => {
                 if let Some(blob) = problem.blob {
                     read_only.insert(blob);
