@@ -8,7 +8,9 @@
 //!   stays listed as damaged.
 //! - Two blobs owning one cluster are both marked read-only (which one is right is a guess).
 //! - A writable parent of a clone is marked read-only.
-//! - The super block gets its CRC, length and clean = 1.
+//! - The super block gets its CRC, length and clean = 1. It is written with clean = 0
+//!   (and synced) before anything else, so a repair cut short leaves a dirty store, which
+//!   every load replays, and with clean = 1 only after the rest is written and synced.
 //!
 //! Half-done snapshots and merges (`SNAPTMP`, `SNAPRM`) are finished or rolled back by the
 //! store's own load ([`crate::Blobstore::load`]), which the caller runs after this (see
@@ -69,6 +71,12 @@ pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairRepor
         ));
     };
     let mut report = RepairReport::default();
+    // Dirty first: a repair cut short leaves a store every load replays, never clean masks
+    // half written.
+    let mut dirty = shape.block.clone();
+    dirty.clean = 0;
+    image.write_pages(0, &dirty.encode())?;
+    image.sync()?;
     let mut masks = rebuilt.clone();
     let disk_clusters = checked.disk.as_ref().and_then(|d| d.clusters.as_ref());
     // Damaged blobs keep their pages (already in the rebuilt page mask) and clusters.
@@ -204,7 +212,7 @@ pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairRepor
             .changes
             .push(format!("{name} mask rewritten from the metadata: {what}"));
     }
-    // The super block last, clean.
+    // The super block last, clean (written dirty above).
     let mut block = block.clone();
     let super_problem = checked.report.problems.iter().any(|p| {
         matches!(
@@ -212,9 +220,11 @@ pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairRepor
             ProblemKind::SuperBlockCrc | ProblemKind::SuperBlockField
         )
     });
-    if block.clean != 1 || super_problem {
-        block.clean = 1;
-        image.write_pages(0, &block.encode())?;
+    image.sync()?;
+    let was_clean = block.clean == 1;
+    block.clean = 1;
+    image.write_pages(0, &block.encode())?;
+    if !was_clean || super_problem {
         report.changes.push(if super_problem {
             "super block rewritten: length 4096, clean = 1, CRC sealed".into()
         } else {
