@@ -310,3 +310,67 @@ fn random_damage_never_panics() {
     );
     assert!(refused >= 1, "some damage hits the signature or version");
 }
+
+/// An in-memory image that logs each write (offset, clean flag when it is page 0) and sync.
+struct Logged {
+    image: std::cell::RefCell<Vec<u8>>,
+    log: std::cell::RefCell<Vec<String>>,
+}
+
+impl spool_blob::check::image::ImageIo for Logged {
+    fn size(&self) -> std::io::Result<u64> {
+        self.image.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.image.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let entry = if offset == 0 {
+            format!("super clean={}", buf[16])
+        } else {
+            format!("write {offset}")
+        };
+        self.log.borrow_mut().push(entry);
+        self.image.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.log.borrow_mut().push("sync".into());
+        Ok(())
+    }
+}
+
+/// A repair marks the store dirty (synced) before its first change and clean only after the
+/// last one is synced.
+#[test]
+fn a_repair_is_dirty_until_every_change_is_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    store(d);
+    let mut image = std::fs::read(d.join("s.img")).unwrap();
+    image[2 * 4096 + 5] &= !0b10; // a used cluster's bit
+    image[4096 + 5] |= 0b1000_0000; // an orphaned md page's bit
+    let logged = Logged {
+        image: std::cell::RefCell::new(image),
+        log: std::cell::RefCell::new(Vec::new()),
+    };
+    let checked = check_image(&logged, &mut |_| {}).unwrap();
+    assert_eq!(
+        checked.report.problems.len(),
+        2,
+        "{:?}",
+        checked.report.problems
+    );
+    let repaired = repair_image(&logged, &checked).unwrap();
+    assert_eq!(repaired.changes.len(), 2, "{:?}", repaired.changes);
+    let log = logged.log.borrow().clone();
+    assert_eq!(log[..2], ["super clean=0", "sync"], "{log:?}");
+    assert_eq!(
+        log[log.len() - 3..],
+        ["sync", "super clean=1", "sync"],
+        "{log:?}"
+    );
+    assert!(log.contains(&format!("write {}", 4096)), "{log:?}");
+    assert!(log.contains(&format!("write {}", 2 * 4096)), "{log:?}");
+    let again = check_image(&logged, &mut |_| {}).unwrap();
+    assert!(again.report.is_clean(), "{:?}", again.report.problems);
+}
