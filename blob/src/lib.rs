@@ -21,6 +21,7 @@
 //! - `snapshot`: snapshots, clones, inflate, decouple, merge-on-delete, load-time repair.
 //! - [`lvol`]: [`LvolStore`]: logical volumes (names, uuids, aliases) as SPDK's lvol layer
 //!   keeps them in xattrs, over the blobstore.
+//! - [`check`]: the offline checker and repairer behind `spool check`.
 //! - [`bitmap`]: bit arrays for the masks and the lock-free used-cluster map.
 //! - [`error`]: [`BlobError`] with errno kinds.
 
@@ -29,6 +30,7 @@
 pub mod bitmap;
 mod blob;
 mod blob_lifecycle;
+pub mod check;
 mod detach;
 pub mod error;
 pub mod format;

@@ -6,6 +6,8 @@
 //!   under test breaks a promise.
 //! - [`store`]: `target_store_load`, the whole-store target: patch a small store image,
 //!   load it (clean or recovery), open and read every blob, unload, reload.
+//! - [`check`]: `target_store_check`, `spool check`'s checker and repair on a patched store
+//!   image: the repaired store must check clean of mask and super block problems and load.
 //! - [`nbd`]: `target_nbd_handshake` and `target_nbd_request`, a hostile client's bytes into
 //!   the NBD handshake and request decoder of `spool_engine::nbd`.
 //! - [`rpc`]: `target_rpc_request`, a hostile client's bytes into the JSON-RPC framing
@@ -20,6 +22,7 @@
 
 #![warn(clippy::unwrap_used)]
 
+pub mod check;
 pub mod corpus;
 pub mod hex;
 pub mod input;
@@ -30,6 +33,7 @@ pub mod runner;
 pub mod store;
 pub mod targets;
 
+pub use check::target_store_check;
 pub use nbd::{target_nbd_handshake, target_nbd_request};
 pub use rpc::target_rpc_request;
 pub use store::target_store_load;
@@ -156,6 +160,13 @@ pub static TARGETS: &[Target] = &[
         name: "store_load",
         about: "Blobstore::load of a patched image (clean and recovery), open and read every blob, unload, reload",
         run: store::store_load,
+        shape: Shape::Store,
+        max_len: store::STORE_KNOBS + 32 * (store::PATCH_HEADER + 255),
+    },
+    Target {
+        name: "store_check",
+        about: "spool check's checker and repair on a patched image: the repaired store checks clean of mask problems and loads",
+        run: check::store_check,
         shape: Shape::Store,
         max_len: store::STORE_KNOBS + 32 * (store::PATCH_HEADER + 255),
     },

@@ -112,6 +112,11 @@ fn store_load() {
 }
 
 #[test]
+fn store_check() {
+    fuzz("store_check");
+}
+
+#[test]
 fn nbd_handshake() {
     fuzz("nbd_handshake");
 }
@@ -135,6 +140,7 @@ fn every_target_has_a_smoke_test() {
         "md_chain",
         "extent_page",
         "store_load",
+        "store_check",
         "nbd_handshake",
         "nbd_request",
         "rpc_request",

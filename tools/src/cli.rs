@@ -3,8 +3,8 @@
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::blob_cmd::args::{
-    BlobArgs, CreateArgs, DumpArgs, ExportArgs, ImportArgs, InfoArgs, InitArgs, LsArgs, ResizeArgs,
-    SnapshotArgs, SuperArgs, XattrArgs,
+    BlobArgs, CheckArgs, CreateArgs, DumpArgs, ExportArgs, ImportArgs, InfoArgs, InitArgs, LsArgs,
+    ResizeArgs, SnapshotArgs, SuperArgs, XattrArgs,
 };
 
 /// Spool: a polled, userspace storage engine (SPDK-style, in Rust).
@@ -58,6 +58,9 @@ pub enum Command {
     Export(ExportArgs),
     /// Decode every metadata page, checking CRCs (SPDK's blobcli -D); reads the raw image.
     Dump(DumpArgs),
+    /// Check a store for damage (exit 0 consistent, 2 problems found, 1 could not check);
+    /// with --repair, fix what can be fixed without guessing.
+    Check(CheckArgs),
 }
 
 /// Which layer `spool perf` measures.

@@ -36,6 +36,9 @@ pub enum ToolError {
         /// A benchmark's partial report.
         report: Option<Box<PerfReport>>,
     },
+    /// `spool check` found problems (exit code 2); they were printed.
+    #[error("{0} problem(s) found")]
+    Inconsistent(usize),
     /// I/O failed during the run; the partial report is kept.
     #[error("I/O failed: {first}")]
     Io {
@@ -50,7 +53,7 @@ impl ToolError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ToolError::Usage(_) => 2,
+            ToolError::Usage(_) | ToolError::Inconsistent(_) => 2,
             ToolError::Interrupted { signal, .. } => signal.exit_code(),
             ToolError::Engine(err) if err.errno() == -libc::EINVAL => 2,
             ToolError::Reactor(err) if err.errno() == -libc::EINVAL => 2,

@@ -247,3 +247,20 @@ pub struct DumpArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// Arguments of `spool check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// The image: a file or block device (read raw, never loaded: works on damaged stores).
+    pub image: String,
+    /// Fix what can be fixed without guessing, print every change, then check again.
+    #[arg(long)]
+    pub repair: bool,
+    /// Print one JSON object (the report; with --repair: before, changes, after).
+    #[arg(long)]
+    pub json: bool,
+    /// With --repair: copy IMAGE sparsely to NEW (which must not exist) and repair the copy,
+    /// leaving IMAGE untouched.
+    #[arg(long, value_name = "NEW", requires = "repair")]
+    pub output: Option<String>,
+}

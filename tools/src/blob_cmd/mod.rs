@@ -10,12 +10,15 @@
 //! - `transfer`: import and export (arguments, progress bar; the copy is
 //!   [`spool_engine::transfer`]).
 //! - `dump`: the raw metadata dump (no load: works on corrupt images).
+//! - `check`: `spool check [--repair]`: arguments and printing (the checker is
+//!   [`spool_blob::check`]).
 //! - `resolve`: BLOB arguments (ids or names) and opening blobs safely.
 //! - `progress`: the progress bar (stderr, terminals only).
 //! - `text`: escaping, hex, sizes, stdout.
 
 pub mod args;
 mod blob_cmds;
+mod check;
 mod dump;
 mod list;
 mod progress;
@@ -59,9 +62,10 @@ pub fn run(command: &Command) -> Result<(), ToolError> {
         Command::Import(args) => transfer::import(args),
         Command::Export(args) => transfer::export(args),
         Command::Dump(args) => dump::dump(args),
+        Command::Check(args) => check::check(args),
     };
     result.map_err(|err| match err {
-        ToolError::Failed(_) | ToolError::Interrupted { .. } => err,
+        ToolError::Failed(_) | ToolError::Interrupted { .. } | ToolError::Inconsistent(_) => err,
         other => ToolError::Failed(other.to_string()),
     })
 }

@@ -1,0 +1,395 @@
+//! Phases 2 and 3: scan the md region for root pages, then walk every blob's chain and
+//! extent pages, parsing them with the blob layer's decoders ([`crate::meta::parse_chain`],
+//! [`crate::meta::apply_extent_page`]). Every walk is bounded: a chain by the pages it has
+//! visited (a loop is a problem, not a hang) and by [`MAX_CHAIN_PAGES`].
+
+use std::collections::HashSet;
+
+use super::image::{Image, BATCH_PAGES};
+use super::report::{Problem, ProblemKind};
+use super::super_check::StoreShape;
+use super::CheckError;
+use crate::bitmap::BitSet;
+use crate::format::descriptor::{descriptors, Descriptor, TYPE_FLAGS};
+use crate::format::md_page::{descriptor_area, MdPageHeader, DESC_OFFSET};
+use crate::format::{page_to_blobid, read_u32, read_u64, INVALID_MD_PAGE, PAGE_SIZE};
+use crate::meta::{apply_extent_page, parse_chain, BlobMeta, ClusterCheck};
+
+/// Longest chain a check follows (256 MiB of metadata); longer ones are reported.
+pub const MAX_CHAIN_PAGES: usize = 1 << 16;
+
+/// What the scan of the md region found.
+pub struct Scan {
+    /// Pages that are a valid root: good CRC, id naming the page, sequence 0.
+    pub roots: Vec<u32>,
+    /// Pages placed and numbered as a root (id naming the page, sequence 0) whose CRC fails.
+    pub broken_roots: Vec<u32>,
+    /// Pages holding any non-zero byte.
+    pub nonzero: BitSet,
+}
+
+/// A blob as the walk found it.
+#[derive(Debug, Clone)]
+pub struct BlobRecord {
+    /// The blob id.
+    pub id: u64,
+    /// Its chain, root first (the pages reached before any fault).
+    pub chain: Vec<u32>,
+    /// Its extent pages (those inside the md region).
+    pub extent_pages: Vec<u32>,
+    /// Its metadata, when it parsed.
+    pub meta: Option<BlobMeta>,
+    /// Why it cannot be used (`meta` is `None`, or its clusters are unusable).
+    pub damage: Option<String>,
+    /// Byte offset of the FLAGS descriptor's body in the root page, if it has one.
+    pub flags_at: Option<usize>,
+    /// Whether the root page itself is unusable (bad CRC): no blob for a load.
+    pub root_broken: bool,
+    /// Clusters of the blob (its size), once its map was claimed.
+    pub num_clusters: Option<u64>,
+    /// Allocated clusters of its map.
+    pub allocated: u64,
+}
+
+impl BlobRecord {
+    /// The root md page.
+    pub fn root(&self) -> u32 {
+        self.id as u32
+    }
+
+    /// Marks it damaged (the first reason is kept).
+    pub fn damage(&mut self, reason: impl Into<String>) {
+        if self.damage.is_none() {
+            self.damage = Some(reason.into());
+        }
+    }
+}
+
+/// Accepts every index: the check tests ranges itself, to name each fault.
+struct AnyIndex;
+
+impl ClusterCheck for AnyIndex {
+    fn cluster_ok(&self, _cluster: u32) -> bool {
+        true
+    }
+    fn md_page_ok(&self, _page: u32) -> bool {
+        true
+    }
+}
+
+/// Reads the md region in batches and finds the root pages.
+pub fn scan(
+    image: &Image<'_>,
+    shape: &StoreShape,
+    progress: &mut dyn FnMut(String),
+) -> Result<Scan, CheckError> {
+    let md_len = shape.md_len();
+    let mut scan = Scan {
+        roots: Vec::new(),
+        broken_roots: Vec::new(),
+        nonzero: BitSet::new(u64::from(md_len)),
+    };
+    let report_every = (md_len / 10).max(BATCH_PAGES * 64);
+    let mut next_report = report_every;
+    let mut first = 0u32;
+    while first < md_len {
+        let count = BATCH_PAGES.min(md_len - first);
+        let bytes = image.read_pages(shape.md_device_page(first), count)?;
+        for (offset, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+            let number = first + offset as u32;
+            if page.iter().all(|&b| b == 0) {
+                continue;
+            }
+            scan.nonzero.set(u64::from(number));
+            if read_u64(page, 0) == page_to_blobid(number) && read_u32(page, 8) == 0 {
+                if MdPageHeader::decode(page).crc_ok {
+                    scan.roots.push(number);
+                } else {
+                    scan.broken_roots.push(number);
+                }
+            }
+        }
+        first += count;
+        if first >= next_report && first < md_len {
+            progress(format!("md region: {first} of {md_len} pages scanned"));
+            next_report = next_report.saturating_add(report_every);
+        }
+    }
+    Ok(scan)
+}
+
+fn problem(
+    kind: ProblemKind,
+    page: u32,
+    blob: u64,
+    field: &str,
+    expected: impl Into<String>,
+    found: impl Into<String>,
+) -> Problem {
+    Problem {
+        kind,
+        page: Some(page),
+        blob: Some(blob),
+        field: field.into(),
+        expected: expected.into(),
+        found: found.into(),
+    }
+}
+
+fn md_page(image: &Image<'_>, shape: &StoreShape, page: u32) -> Result<Vec<u8>, CheckError> {
+    image.read_pages(shape.md_device_page(page), 1)
+}
+
+/// Walks the chain of the blob rooted at `root` (a valid root page), parses it and its
+/// extent pages; every fault is a problem and makes the blob damaged.
+pub fn walk_blob(
+    image: &Image<'_>,
+    shape: &StoreShape,
+    root: u32,
+    problems: &mut Vec<Problem>,
+) -> Result<BlobRecord, CheckError> {
+    let id = page_to_blobid(root);
+    let md_len = shape.md_len();
+    let mut record = BlobRecord {
+        id,
+        chain: vec![root],
+        extent_pages: Vec::new(),
+        meta: None,
+        damage: None,
+        flags_at: None,
+        root_broken: false,
+        num_clusters: None,
+        allocated: 0,
+    };
+    let mut pages = vec![md_page(image, shape, root)?];
+    let mut visited = HashSet::from([root]);
+    loop {
+        let current = *record.chain.last().unwrap_or(&root);
+        let next = read_u32(pages.last().map_or(&[][..], |p| &p[..]), PAGE_SIZE - 8);
+        if next == INVALID_MD_PAGE {
+            break;
+        }
+        if next >= md_len {
+            problems.push(problem(
+                ProblemKind::PageNext,
+                current,
+                id,
+                "next",
+                format!("an md page below {md_len}, or {INVALID_MD_PAGE:#x}"),
+                next.to_string(),
+            ));
+            record.damage(format!(
+                "md page {current}: next {next} is outside the md region"
+            ));
+            break;
+        }
+        if visited.contains(&next) {
+            problems.push(problem(
+                ProblemKind::ChainLoop,
+                current,
+                id,
+                "next",
+                "a page not already in the chain",
+                format!("md page {next}, visited before"),
+            ));
+            record.damage(format!("chain loops back to md page {next}"));
+            break;
+        }
+        if record.chain.len() >= MAX_CHAIN_PAGES {
+            problems.push(problem(
+                ProblemKind::PageNext,
+                current,
+                id,
+                "next",
+                format!("a chain of at most {MAX_CHAIN_PAGES} pages"),
+                "a longer chain".to_string(),
+            ));
+            record.damage("chain too long");
+            break;
+        }
+        let bytes = md_page(image, shape, next)?;
+        let header = MdPageHeader::decode(&bytes);
+        let sequence = record.chain.len();
+        if !header.crc_ok {
+            problems.push(problem(
+                ProblemKind::PageCrc,
+                next,
+                id,
+                "crc",
+                format!("{:#010x}", crate::format::page_crc(&bytes)),
+                format!("{:#010x}", header.crc),
+            ));
+            record.damage(format!(
+                "md page {next} (chain page {sequence}): CRC mismatch"
+            ));
+            break;
+        }
+        if header.id != id {
+            problems.push(problem(
+                ProblemKind::PageBlobId,
+                next,
+                id,
+                "id",
+                format!("{id:#x} (the chain's blob)"),
+                format!("{:#x}", header.id),
+            ));
+            record.damage(format!("md page {next} belongs to blob {:#x}", header.id));
+            break;
+        }
+        if header.sequence as usize != sequence {
+            problems.push(problem(
+                ProblemKind::PageSequence,
+                next,
+                id,
+                "sequence",
+                sequence.to_string(),
+                header.sequence.to_string(),
+            ));
+            record.damage(format!(
+                "md page {next}: sequence {} in place {sequence}",
+                header.sequence
+            ));
+            break;
+        }
+        visited.insert(next);
+        record.chain.push(next);
+        pages.push(bytes);
+    }
+    // Descriptors page by page, so a fault names its page and offset.
+    let chain = record.chain.clone();
+    for (index, (&number, bytes)) in chain.iter().zip(&pages).enumerate() {
+        for descriptor in descriptors(descriptor_area(bytes)) {
+            match descriptor {
+                Err(err) => {
+                    problems.push(problem(
+                        ProblemKind::Descriptor,
+                        number,
+                        id,
+                        "descriptor",
+                        "a descriptor inside the page with its type's length",
+                        err.to_string(),
+                    ));
+                    record.damage(format!("md page {number}: {err}"));
+                }
+                Ok(Descriptor::Flags(_)) if index == 0 && record.flags_at.is_none() => {
+                    record.flags_at = flags_offset(bytes);
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+    if record.damage.is_some() {
+        return Ok(record);
+    }
+    let refs: Vec<&[u8]> = pages.iter().map(|p| &p[..]).collect();
+    let mut parsed = match parse_chain(id, &refs, &AnyIndex) {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            problems.push(problem(
+                ProblemKind::BlobMetadata,
+                root,
+                id,
+                "descriptors",
+                "metadata that makes a blob",
+                err.to_string(),
+            ));
+            record.damage(err.to_string());
+            return Ok(record);
+        }
+    };
+    let pending = std::mem::take(&mut parsed.pending_extent_pages);
+    if pending.len() > md_len as usize {
+        problems.push(problem(
+            ProblemKind::ExtentPageShared,
+            root,
+            id,
+            "extent_table",
+            format!("at most {md_len} extent pages (each md page once)"),
+            format!("{} extent page references", pending.len()),
+        ));
+        record.damage("its extent table names more extent pages than the md region has");
+        return Ok(record);
+    }
+    for (index, page) in pending {
+        if page >= md_len {
+            problems.push(problem(
+                ProblemKind::ExtentPageOutOfRange,
+                root,
+                id,
+                &format!("extent_table[{index}]"),
+                format!("an md page below {md_len}"),
+                page.to_string(),
+            ));
+            record.damage(format!(
+                "extent page {index} at md page {page}, outside the md region"
+            ));
+            continue;
+        }
+        record.extent_pages.push(page);
+        let bytes = md_page(image, shape, page)?;
+        if let Err(err) = apply_extent_page(&mut parsed.meta, index, &bytes, &AnyIndex) {
+            problems.push(problem(
+                ProblemKind::ExtentPage,
+                page,
+                id,
+                &format!("extent page {index}"),
+                "a sealed extent page (sequence 0, no next, one extent descriptor)",
+                err.to_string(),
+            ));
+            record.damage(err.to_string());
+        }
+    }
+    if record.damage.is_none() {
+        record.meta = Some(parsed.meta);
+    }
+    Ok(record)
+}
+
+/// A record for a page placed as a root whose CRC fails: a damaged blob with no metadata.
+pub fn broken_root(
+    image: &Image<'_>,
+    shape: &StoreShape,
+    root: u32,
+    problems: &mut Vec<Problem>,
+) -> Result<BlobRecord, CheckError> {
+    let id = page_to_blobid(root);
+    let bytes = md_page(image, shape, root)?;
+    let header = MdPageHeader::decode(&bytes);
+    problems.push(problem(
+        ProblemKind::PageCrc,
+        root,
+        id,
+        "crc",
+        format!("{:#010x}", crate::format::page_crc(&bytes)),
+        format!("{:#010x}", header.crc),
+    ));
+    Ok(BlobRecord {
+        id,
+        chain: vec![root],
+        extent_pages: Vec::new(),
+        meta: None,
+        damage: Some(format!("root md page {root}: CRC mismatch")),
+        flags_at: None,
+        root_broken: true,
+        num_clusters: None,
+        allocated: 0,
+    })
+}
+
+/// Byte offset in `page` of the first FLAGS descriptor's body (its invalid_flags field).
+pub fn flags_offset(page: &[u8]) -> Option<usize> {
+    let area = descriptor_area(page);
+    let mut at = 0usize;
+    while at + 5 <= area.len() {
+        let kind = area[at];
+        let len = read_u32(area, at + 1) as usize;
+        if kind == 0 && len == 0 {
+            return None;
+        }
+        if kind == TYPE_FLAGS && len == 24 && at + 5 + 24 <= area.len() {
+            return Some(DESC_OFFSET + at + 5);
+        }
+        at = at.checked_add(5 + len)?;
+    }
+    None
+}

@@ -1,0 +1,283 @@
+//! `spool check IMAGE [--repair] [--json] [--output NEW]`: the arguments, the locks and the
+//! printing. The checker and the repair are [`spool_blob::check`]; half-done snapshots and
+//! merges are finished by the store's own load, run here after the repair.
+//!
+//! Exit codes: 0 consistent, 2 problems found (after a repair: problems left), 1 the check
+//! could not run (unreadable device, not a blobstore, image locked by another process).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde_json::{json, Value};
+use spool_blob::check::repair::{repair_image, RepairReport};
+use spool_blob::check::{check_image, CheckError, CheckReport, Checked};
+use spool_blob::LoadOptions;
+use spool_engine::offline::check_image_exists;
+use spool_engine::{ImageLock, StoreOpen};
+
+use crate::blob_cmd::args::CheckArgs;
+use crate::blob_cmd::store_cmds::to_json;
+use crate::blob_cmd::text::emit;
+use crate::blob_cmd::with_locked_store;
+use crate::error::ToolError;
+
+/// Runs `spool check`.
+pub fn check(args: &CheckArgs) -> Result<(), ToolError> {
+    if args.repair {
+        repair(args)
+    } else {
+        check_only(args)
+    }
+}
+
+fn failed(image: &str, err: impl std::fmt::Display) -> ToolError {
+    let message = err.to_string();
+    if message.contains(image) {
+        ToolError::Failed(message)
+    } else {
+        ToolError::Failed(format!("{image}: {message}"))
+    }
+}
+
+/// Runs the checker, printing its phases on stderr (not with --json).
+fn run_check(image: &str, file: &File, json: bool) -> Result<Checked, ToolError> {
+    let mut progress = |line: String| {
+        if !json {
+            eprintln!("check: {line}");
+        }
+    };
+    check_image(file, &mut progress).map_err(|err: CheckError| failed(image, err))
+}
+
+fn verdict(report: &CheckReport) -> Result<(), ToolError> {
+    if report.is_clean() {
+        Ok(())
+    } else {
+        Err(ToolError::Inconsistent(report.problems.len()))
+    }
+}
+
+fn check_only(args: &CheckArgs) -> Result<(), ToolError> {
+    let path = Path::new(&args.image);
+    check_image_exists(path).map_err(|err| failed(&args.image, err))?;
+    let _lock = ImageLock::shared(path).map_err(|err| failed(&args.image, err))?;
+    let file = File::open(path).map_err(|err| failed(&args.image, err))?;
+    let checked = run_check(&args.image, &file, args.json)?;
+    if args.json {
+        emit(&format!(
+            "{}\n",
+            to_json(&report_json(&args.image, &checked.report))?
+        ))?;
+    } else {
+        emit(&report_text(&args.image, &checked.report))?;
+    }
+    verdict(&checked.report)
+}
+
+/// Copies `from` to the new file `to` (refused if it exists), writing only its non-zero
+/// 1 MiB pieces (the copy is sparse); returns the copy locked exclusively.
+fn copy_sparse(from: &str, to: &str) -> Result<ImageLock, ToolError> {
+    const PIECE: usize = 1 << 20;
+    let source = File::open(from).map_err(|err| failed(from, err))?;
+    let size = {
+        use std::io::{Seek, SeekFrom};
+        let mut handle = &source;
+        handle
+            .seek(SeekFrom::End(0))
+            .map_err(|err| failed(from, err))?
+    };
+    let lock = ImageLock::create_sparse(Path::new(to), size).map_err(|err| failed(to, err))?;
+    let target = OpenOptions::new()
+        .write(true)
+        .open(to)
+        .map_err(|err| failed(to, err))?;
+    let mut buf = vec![0u8; PIECE];
+    let mut offset = 0u64;
+    while offset < size {
+        let len = usize::try_from((size - offset).min(PIECE as u64)).unwrap_or(PIECE);
+        source
+            .read_exact_at(&mut buf[..len], offset)
+            .map_err(|err| failed(from, err))?;
+        if buf[..len].iter().any(|&b| b != 0) {
+            target
+                .write_all_at(&buf[..len], offset)
+                .map_err(|err| failed(to, err))?;
+        }
+        offset += len as u64;
+    }
+    target.sync_all().map_err(|err| failed(to, err))?;
+    Ok(lock)
+}
+
+fn repair(args: &CheckArgs) -> Result<(), ToolError> {
+    let source = Path::new(&args.image);
+    check_image_exists(source).map_err(|err| failed(&args.image, err))?;
+    let (target, lock) = match &args.output {
+        Some(new) => {
+            // The source is read under a shared lock: refused while a writer has it.
+            let _source_lock = ImageLock::shared(source).map_err(|err| failed(&args.image, err))?;
+            if !args.json {
+                eprintln!("check: copying {} to {new} (sparse)", args.image);
+            }
+            (new.clone(), copy_sparse(&args.image, new)?)
+        }
+        None => (
+            args.image.clone(),
+            ImageLock::exclusive(source).map_err(|err| failed(&args.image, err))?,
+        ),
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&target)
+        .map_err(|err| failed(&target, err))?;
+    let before = run_check(&target, &file, args.json)?;
+    if !args.json {
+        emit(&format!(
+            "before repair:\n{}",
+            report_text(&target, &before.report)
+        ))?;
+    }
+    let nothing_to_do = before.report.is_clean() && before.report.clean == 1;
+    let repaired = if nothing_to_do {
+        RepairReport::default()
+    } else {
+        repair_image(&file, &before).map_err(|err| failed(&target, err))?
+    };
+    drop(file);
+    let mut load_lines = Vec::new();
+    if !nothing_to_do {
+        // The store's own load finishes or rolls back half-done snapshots and merges, and
+        // its unload leaves the store clean.
+        let loaded = with_locked_store(
+            &target,
+            Path::new(&target),
+            &lock,
+            StoreOpen::Load(LoadOptions::default()),
+            |_store, info| async move { Ok(info.load_report) },
+        );
+        match loaded {
+            Ok(Some(report)) => {
+                load_lines.extend(report.repaired.iter().map(|line| format!("load: {line}")));
+                load_lines.extend(
+                    report
+                        .unreadable
+                        .iter()
+                        .map(|(id, why)| format!("load: blob {id:#x} stays unreadable: {why}")),
+                );
+            }
+            Ok(None) => {}
+            Err(err) => load_lines.push(format!("load after the repair failed: {err}")),
+        }
+    }
+    if !args.json {
+        let mut text = String::new();
+        if nothing_to_do {
+            text.push_str("repair: nothing to change\n");
+        }
+        for line in repaired.changes.iter() {
+            text.push_str(&format!("repair: {line}\n"));
+        }
+        for line in &load_lines {
+            text.push_str(&format!("repair: {line}\n"));
+        }
+        for line in &repaired.not_repaired {
+            text.push_str(&format!("not repaired: {line}\n"));
+        }
+        emit(&text)?;
+    }
+    let file = File::open(&target).map_err(|err| failed(&target, err))?;
+    let after = run_check(&target, &file, args.json)?;
+    drop(lock);
+    if args.json {
+        let value = json!({
+            "image": target,
+            "before": report_json(&target, &before.report),
+            "changes": repaired.changes,
+            "load": load_lines,
+            "not_repaired": repaired.not_repaired,
+            "after": report_json(&target, &after.report),
+        });
+        emit(&format!("{}\n", to_json(&value)?))?;
+    } else {
+        emit(&format!(
+            "after repair:\n{}",
+            report_text(&target, &after.report)
+        ))?;
+    }
+    verdict(&after.report)
+}
+
+/// The text report: a summary, each problem on its own line, the verdict.
+fn report_text(image: &str, report: &CheckReport) -> String {
+    let mut out = String::new();
+    let damaged = report.blobs.iter().filter(|b| b.damaged.is_some()).count();
+    out.push_str(&format!(
+        "{image}: {} clusters ({} metadata), {} md pages, {}\n",
+        report.total_clusters,
+        report.md_clusters,
+        report.md_len,
+        if report.clean == 1 { "clean" } else { "dirty" }
+    ));
+    out.push_str(&format!(
+        "blobs: {} ({damaged} damaged); clusters in use: {}; md pages in use: {}\n",
+        report.blobs.len(),
+        report.used_clusters,
+        report.used_md_pages
+    ));
+    for blob in report.blobs.iter().filter(|b| b.damaged.is_some()) {
+        out.push_str(&format!(
+            "damaged: blob {:#x}: {}\n",
+            blob.id,
+            blob.damaged.as_deref().unwrap_or_default()
+        ));
+    }
+    for note in &report.notes {
+        out.push_str(&format!("note: {note}\n"));
+    }
+    for problem in &report.problems {
+        out.push_str(&format!("problem: {problem}\n"));
+    }
+    if report.is_clean() {
+        out.push_str("consistent\n");
+    } else {
+        out.push_str(&format!("{} problem(s) found\n", report.problems.len()));
+    }
+    out
+}
+
+/// The JSON report.
+fn report_json(image: &str, report: &CheckReport) -> Value {
+    json!({
+        "image": image,
+        "consistent": report.is_clean(),
+        "device_bytes": report.device_bytes,
+        "clean": report.clean,
+        "total_clusters": report.total_clusters,
+        "md_clusters": report.md_clusters,
+        "md_len": report.md_len,
+        "used_clusters": report.used_clusters,
+        "used_md_pages": report.used_md_pages,
+        "blobs": report.blobs.iter().map(|b| json!({
+            "id": b.id,
+            "id_hex": format!("{:#x}", b.id),
+            "clusters": b.clusters,
+            "allocated": b.allocated,
+            "md_pages": b.md_pages,
+            "parent": b.parent,
+            "read_only": b.read_only,
+            "damaged": b.damaged,
+        })).collect::<Vec<_>>(),
+        "problems": report.problems.iter().map(|p| json!({
+            "kind": p.kind.name(),
+            "page": p.page,
+            "blob": p.blob,
+            "blob_hex": p.blob.map(|b| format!("{b:#x}")),
+            "field": p.field,
+            "expected": p.expected,
+            "found": p.found,
+        })).collect::<Vec<_>>(),
+        "notes": report.notes,
+    })
+}
