@@ -83,10 +83,10 @@ fn offline_core() -> usize {
         .unwrap_or(0)
 }
 
-/// Fails unless `image` exists (the runner never creates an image; see
-/// [`crate::prepare_file`] for that).
+/// Fails unless `image` exists and is not a directory (the runner never creates an image;
+/// see [`crate::prepare_file`] for that).
 pub fn check_image_exists(image: &Path) -> Result<(), EngineError> {
-    std::fs::metadata(image).map(|_| ()).map_err(|err| {
+    let meta = std::fs::metadata(image).map_err(|err| {
         let reason = if err.kind() == std::io::ErrorKind::NotFound {
             "no such file or directory".to_string()
         } else {
@@ -97,7 +97,15 @@ pub fn check_image_exists(image: &Path) -> Result<(), EngineError> {
             reason,
             errno: -err.raw_os_error().unwrap_or(libc::EIO),
         }
-    })
+    })?;
+    if meta.is_dir() {
+        return Err(EngineError::File {
+            path: image.display().to_string(),
+            reason: "is a directory, not an image: give the store's file or block device".into(),
+            errno: -libc::EISDIR,
+        });
+    }
+    Ok(())
 }
 
 /// Opens `image`, gets its store as `open` says on a fresh one-reactor runtime, runs `job`

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use spool_bdev::Bdev;
 
+use crate::guard::{describe_path, refuse_new_file_in_dev};
 use crate::lock::ImageLock;
 use crate::size::parse_size;
 use crate::EngineError;
@@ -74,11 +75,16 @@ impl Default for TargetOptions {
     }
 }
 
+/// The null target's kind in reports: no device does any work, so what is measured is the
+/// stack's own cost.
+pub const NULL_KIND: &str = "no device";
+
 /// An open target.
 pub struct OpenedTarget {
     /// The device.
     pub bdev: Arc<dyn Bdev>,
-    /// What it is, for reports ("null", "malloc", "uring file", "uring block device").
+    /// What it really is, for reports: [`NULL_KIND`], "RAM" (malloc), "uring, block device",
+    /// "uring, file on ext4" (the filesystem by its statfs type; "tmpfs (RAM)").
     pub kind: String,
     /// For a path: its [`ImageLock`], held as long as the target is (nothing else writes
     /// the image meanwhile).
@@ -86,7 +92,8 @@ pub struct OpenedTarget {
 }
 
 /// Opens `spec`. A path is locked for as long as the target lives (see [`ImageLock`]); a
-/// missing file is created, locked before its first byte is written (as [`prepare_file`]).
+/// missing file is created, locked before its first byte is written (as [`prepare_file`]),
+/// except under `/dev`, where a missing path is a mistyped device and is refused (-ENODEV).
 pub fn open_target(
     spec: &TargetSpec,
     options: &TargetOptions,
@@ -101,7 +108,7 @@ pub fn open_target(
             )?;
             Ok(OpenedTarget {
                 bdev: Arc::new(bdev),
-                kind: "null".into(),
+                kind: NULL_KIND.into(),
                 lock: None,
             })
         }
@@ -118,7 +125,7 @@ pub fn open_target(
             )?;
             Ok(OpenedTarget {
                 bdev: Arc::new(bdev),
-                kind: "malloc".into(),
+                kind: "RAM".into(),
                 lock: None,
             })
         }
@@ -126,12 +133,13 @@ pub fn open_target(
             let lock = if path.exists() {
                 ImageLock::exclusive(path)?
             } else {
+                refuse_new_file_in_dev(path)?;
                 ImageLock::create(path, options.size_bytes, |_| {})?
             };
-            let (bdev, kind) = open_image(path, options)?;
+            let (bdev, _) = open_image(path, options)?;
             Ok(OpenedTarget {
                 bdev,
-                kind,
+                kind: format!("uring, {}", describe_path(path)),
                 lock: Some(lock),
             })
         }

@@ -6,6 +6,7 @@
 //! - `store_cmds`: init, info, super.
 //! - `list`: ls.
 //! - `blob_cmds`: create, resize, delete, set-read-only.
+//! - `names`: the rules every blob name follows, and rename.
 //! - `xattr`: xattr ls/get/set/rm.
 //! - `transfer`: import and export (arguments, progress bar; the copy is
 //!   [`spool_engine::transfer`]).
@@ -18,6 +19,7 @@ pub mod args;
 mod blob_cmds;
 mod dump;
 mod list;
+mod names;
 mod progress;
 mod resolve;
 mod snapshot_cmds;
@@ -49,6 +51,7 @@ pub fn run(command: &Command) -> Result<(), ToolError> {
         Command::Ls(args) => list::ls(args),
         Command::Create(args) => blob_cmds::create(args),
         Command::Resize(args) => blob_cmds::resize(args),
+        Command::Rename(args) => names::rename(args),
         Command::Delete(args) => blob_cmds::delete(args),
         Command::SetReadOnly(args) => blob_cmds::set_read_only(args),
         Command::Snapshot(args) => snapshot_cmds::snapshot(args),
@@ -61,7 +64,7 @@ pub fn run(command: &Command) -> Result<(), ToolError> {
         Command::Dump(args) => dump::dump(args),
     };
     result.map_err(|err| match err {
-        ToolError::Failed(_) | ToolError::Interrupted { .. } => err,
+        ToolError::Failed(_) | ToolError::Interrupted { .. } | ToolError::Problems(_) => err,
         other => ToolError::Failed(other.to_string()),
     })
 }
@@ -117,6 +120,11 @@ fn not_a_blobstore(err: &ToolError) -> bool {
 /// Makes an engine, store or reactor error name the image (unless it already does).
 fn name_image(image: &str, err: ToolError) -> ToolError {
     if not_a_blobstore(&err) {
+        if !spool_engine::guard::holds_blobstore(Path::new(image)) {
+            return ToolError::Failed(format!(
+                "{image}: not a blobstore: no SPDKBLOB signature (spool init formats one)"
+            ));
+        }
         return ToolError::Failed(format!("{image}: not a blobstore ({err})"));
     }
     match err {

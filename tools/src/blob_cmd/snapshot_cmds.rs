@@ -3,10 +3,10 @@
 use spool_blob::{Blobstore, LvolStore};
 
 use crate::blob_cmd::args::{BlobArgs, SnapshotArgs};
-use crate::blob_cmd::blob_cmds::lvol_name;
+use crate::blob_cmd::names::{check_blob_name, check_unique, lvol_name};
 use crate::blob_cmd::on_store;
-use crate::blob_cmd::resolve::{blobs_named, lvol_store, resolve_blob, NAME_XATTR};
-use crate::blob_cmd::text::{emit, escape, id_hex};
+use crate::blob_cmd::resolve::{lvol_store, resolve_blob, NAME_XATTR};
+use crate::blob_cmd::text::{emit, id_hex};
 use crate::error::ToolError;
 
 /// The xattrs a `--name NAME` gives the new blob (refused if the name is taken).
@@ -18,13 +18,7 @@ async fn name_xattrs(
         return Ok(Vec::new());
     };
     let stored = lvol_name(name)?;
-    if let Some(&other) = blobs_named(store, name).await.first() {
-        return Err(ToolError::Failed(format!(
-            "a blob named '{}' already exists ({})",
-            escape(name.as_bytes()),
-            id_hex(other)
-        )));
-    }
+    check_unique(store, name, None).await?;
     Ok(vec![(NAME_XATTR.to_string(), stored)])
 }
 
@@ -39,7 +33,10 @@ async fn lvol_target(
         return Ok(None);
     };
     match name {
-        Some(name) => Ok(Some((lvs, name.to_string()))),
+        Some(name) => {
+            check_blob_name(name.as_bytes())?;
+            Ok(Some((lvs, name.to_string())))
+        }
         None => Err(ToolError::Failed(format!(
             "lvol store '{}': a {what} needs a name (--name)",
             lvs.name()
@@ -47,7 +44,7 @@ async fn lvol_target(
     }
 }
 
-/// `spool snapshot IMAGE BLOB [--name NAME]`: prints the new snapshot's id. In an lvol store
+/// `spool snapshot IMAGE BLOB [--name NAME]`: prints the new snapshot's id (hex). In an lvol store
 /// the snapshot is an lvol (its own uuid), as SPDK's bdev_lvol_snapshot makes it.
 pub fn snapshot(args: &SnapshotArgs) -> Result<(), ToolError> {
     let (text, name) = (args.blob.clone(), args.name.clone());
@@ -59,10 +56,10 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<(), ToolError> {
         let xattrs = name_xattrs(&store, name.as_deref()).await?;
         Ok(store.create_snapshot(id, &xattrs).await?)
     })?;
-    emit(&format!("{id}\n"))
+    emit(&format!("{}\n", id_hex(id)))
 }
 
-/// `spool clone IMAGE SNAPSHOT [--name NAME]`: prints the new clone's id. In an lvol store
+/// `spool clone IMAGE SNAPSHOT [--name NAME]`: prints the new clone's id (hex). In an lvol store
 /// the clone is an lvol, as SPDK's bdev_lvol_clone makes it.
 pub fn clone(args: &SnapshotArgs) -> Result<(), ToolError> {
     let (text, name) = (args.blob.clone(), args.name.clone());
@@ -74,7 +71,7 @@ pub fn clone(args: &SnapshotArgs) -> Result<(), ToolError> {
         let xattrs = name_xattrs(&store, name.as_deref()).await?;
         Ok(store.create_clone(id, &xattrs).await?)
     })?;
-    emit(&format!("{id}\n"))
+    emit(&format!("{}\n", id_hex(id)))
 }
 
 /// `spool inflate IMAGE BLOB`: allocate every cluster the blob does not own; no parent after.

@@ -262,7 +262,8 @@ fn init_bstype(args: &InitArgs) -> Result<Bstype, ToolError> {
 }
 
 /// `spool init IMAGE [--size BYTES] [--cluster-size BYTES] [--md-pages N] [--bstype NAME]
-/// [--lvs NAME] [--block-size 512|4096]`.
+/// [--lvs NAME] [--block-size 512|4096] [--force]`: an image that holds a store already
+/// needs `--force`.
 pub fn init(args: &InitArgs) -> Result<(), ToolError> {
     let options = InitOptions {
         cluster_size: args.cluster_size.unwrap_or(1 << 20),
@@ -274,6 +275,13 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
     };
     if let Some(name) = &args.lvs {
         check_name(name, "lvol store").map_err(|err| ToolError::Failed(err.to_string()))?;
+    }
+    let path = Path::new(&args.image);
+    if !args.force && path.exists() && spool_engine::guard::holds_blobstore(path) {
+        return Err(ToolError::Failed(format!(
+            "{}: holds a blobstore already; init would lose every blob in it: add --force to format it anyway",
+            args.image
+        )));
     }
     let created = prepare_image(args)?;
     let lvs_name = args.lvs.clone();

@@ -34,8 +34,17 @@ fn draw<'a>(bar: &'a mut Option<ProgressBar>, what: &'a str) -> impl FnMut(Progr
     }
 }
 
-/// `spool import IMAGE BLOB FILE [--offset BYTES]`.
+/// `spool import IMAGE BLOB FILE [--offset BYTES] [--force]`: a FILE in a disk image format
+/// (qcow2, VMDK, VHD, ...) is refused without `--force`: its bytes are not the disk's.
 pub fn import(args: &ImportArgs) -> Result<(), ToolError> {
+    if !args.force {
+        if let Some(format) = spool_engine::guard::disk_image_format(Path::new(&args.file)) {
+            return Err(ToolError::Failed(format!(
+                "{}: is a {format} image, not raw data: convert it to raw with qemu-img first (qemu-img convert -O raw {} out.raw), or add --force to copy its bytes as they are",
+                args.file, args.file
+            )));
+        }
+    }
     let source = ImportSource::open(Path::new(&args.file)).map_err(transfer_error)?;
     let offset = args.offset;
     let text = args.blob.clone();
