@@ -75,6 +75,10 @@ pub enum BlobError {
     /// Not enough free clusters (-ENOSPC).
     #[error("no space: {0}")]
     NoSpace(String),
+    /// The store was loaded read-only ([`crate::LoadOptions::read_only`]): no metadata
+    /// change is written (-EROFS).
+    #[error("the store is open read-only: cannot {0}")]
+    StoreReadOnly(&'static str),
     /// No free metadata page (-ENOMEM, as SPDK reports it).
     #[error("no free metadata page: {0}")]
     NoMdPages(String),
@@ -134,6 +138,7 @@ impl BlobError {
             Self::NotLvolStore(_) => -libc::ENODEV,
             Self::ReadOnly { .. } | Self::WrongThread { .. } => -libc::EPERM,
             Self::NoSpace(_) => -libc::ENOSPC,
+            Self::StoreReadOnly(_) => -libc::EROFS,
             Self::NoMdPages(_) => -libc::ENOMEM,
             Self::NotOpen(_) => -libc::EBADF,
             Self::Unsupported(_) => -libc::ENOTSUP,

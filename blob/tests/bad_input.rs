@@ -161,6 +161,7 @@ fn bstype_must_match_unless_the_caller_gives_none() {
         .block_on(rt.reactors()[0], move || async move {
             let options = LoadOptions {
                 bstype: spool_blob::format::super_block::bstype_from_name("BLOBFS").unwrap(),
+                ..LoadOptions::default()
             };
             Blobstore::load(desc_of(&wrong), &options)
                 .await

@@ -61,6 +61,9 @@ pub struct TargetOptions {
     /// io_uring: submit as soon as this many SQEs are queued (0: once per loop pass); see
     /// [`spool_bdev::UringOptions::submit_batch`].
     pub submit_batch: u32,
+    /// Open a path `O_RDONLY` (readers that never write: see
+    /// [`spool_bdev::UringOptions::read_only`]).
+    pub read_only: bool,
 }
 
 impl Default for TargetOptions {
@@ -71,6 +74,7 @@ impl Default for TargetOptions {
             ring_entries: 256,
             sqpoll: false,
             submit_batch: spool_bdev::DEFAULT_SUBMIT_BATCH,
+            read_only: false,
         }
     }
 }
@@ -161,6 +165,7 @@ pub fn open_image(
         ring_entries: options.ring_entries,
         sqpoll: options.sqpoll,
         submit_batch: options.submit_batch,
+        read_only: options.read_only,
         ..spool_bdev::UringOptions::default()
     };
     let bdev = spool_bdev::UringBdev::open(path, &uring_options)?;

@@ -539,6 +539,7 @@ async fn exercise(patched: Patched, knobs: Knobs) -> String {
         } else {
             [0; 16]
         },
+        ..LoadOptions::default()
     };
     stage("Blobstore::load");
     let (store, report) = match Blobstore::load(desc.clone(), &options).await {

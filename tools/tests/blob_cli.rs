@@ -238,10 +238,16 @@ fn info_reports_the_clean_flag_found_at_open() {
     assert_eq!(first["clean"], false, "p3 was left dirty by SPDK");
     assert_eq!(first["recovered"], true);
     assert_eq!(first["free_clusters"], 28, "SPDK's recovery counts 28");
+    // info only reads: the recovery was in memory, and the image is still dirty.
     let second = info_json(dir.path(), image);
-    assert_eq!(second["clean"], true, "the first info unloaded cleanly");
-    assert_eq!(second["recovered"], false);
-    assert_eq!(second["free_clusters"], 28);
+    assert_eq!(second["clean"], false, "info wrote nothing");
+    assert_eq!(second["recovered"], true);
+    // A command that writes recovers it for good.
+    ok_in(dir.path(), &["super", image, "--clear"]);
+    let third = info_json(dir.path(), image);
+    assert_eq!(third["clean"], true, "the writer unloaded cleanly");
+    assert_eq!(third["recovered"], false);
+    assert_eq!(third["free_clusters"], 28);
 }
 
 #[test]

@@ -380,3 +380,122 @@ fn perf_refuses_a_missing_dev_path_and_labels_what_the_target_is() {
         "{ram}"
     );
 }
+
+/// `chattr +i` on a path for as long as it lives (`chattr -i` on drop, so the temporary
+/// directory can be removed); `None` when the filesystem or the user cannot set it.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Option<Immutable> {
+        let done = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .output()
+            .ok()?;
+        done.status.success().then(|| Immutable(path.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The commands that only read work on an image nobody may write: immutable (refused even
+/// to root: this is what proves they open it `O_RDONLY`), and mode 0444 for a user who is
+/// not root (run through setpriv when the test runs as root). They write nothing: a dirty
+/// store is recovered in memory only.
+#[test]
+fn read_only_commands_work_on_an_image_nobody_may_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    store(d, 64);
+    ok_in(d, &["create", "store.img", "--size", "1M", "--name", "vol"]);
+    std::fs::write(d.join("hello.txt"), b"hello\n").unwrap();
+    ok_in(d, &["import", "store.img", "vol", "hello.txt"]);
+    // Mark the store dirty (clean flag at byte 16 of the super block), so a load replays it.
+    let path = d.join("store.img");
+    let mut bytes = image_bytes(d, "store.img");
+    bytes[16..20].copy_from_slice(&0u32.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[..4092]);
+    bytes[4092..4096].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+
+    let readers: [&[&str]; 6] = [
+        &["ls", "store.img"],
+        &["info", "store.img", "--json"],
+        &["export", "store.img", "vol", "-", "--length", "6"],
+        &["xattr", "store.img", "vol", "get", "name"],
+        &["super", "store.img"],
+        &["dump", "store.img"],
+    ];
+    let check_readers = |who: &str| {
+        for args in readers {
+            let run = spool_in(d, args);
+            assert_eq!(run.code, Some(0), "{who}: spool {args:?}: {}", run.stderr);
+        }
+        let info = json(&ok_in(d, &["info", "store.img", "--json"]));
+        assert_eq!(info["clean"], false, "{who}: the image stays dirty");
+        assert_eq!(info["recovered"], true, "{who}: recovered in memory");
+        let out = ok_in(d, &["export", "store.img", "vol", "-", "--length", "6"]);
+        assert_eq!(out.stdout, b"hello\n", "{who}");
+        assert!(
+            image_bytes(d, "store.img") == bytes,
+            "{who}: nothing written"
+        );
+    };
+    check_readers("anyone");
+
+    match Immutable::set(&path) {
+        Some(_immutable) => {
+            check_readers("immutable");
+            refused(
+                d,
+                "store.img",
+                &["create", "store.img", "--size", "1M"],
+                1,
+                "error: store.img: cannot be opened for writing: operation not permitted (is it immutable? see lsattr); this command writes the image (ls, info, export and dump only read it)",
+            );
+        }
+        None => eprintln!("chattr +i is not available here: the immutable case is skipped"),
+    }
+
+    // Mode 0444, for a user who is not root.
+    let as_root = std::fs::metadata("/proc/self")
+        .map(|meta| std::os::unix::fs::MetadataExt::uid(&meta) == 0)
+        .unwrap_or(false);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_spool"))
+            .args(args)
+            .current_dir(d)
+            .output()
+    };
+    if as_root && as_nobody(&["--version"]).is_ok_and(|out| out.status.success()) {
+        for args in readers {
+            let out = as_nobody(args).unwrap();
+            assert!(
+                out.status.success(),
+                "nobody: spool {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = as_nobody(&["create", "store.img", "--size", "1M"]).unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "error: store.img: cannot be opened for writing: permission denied; this command writes the image (ls, info, export and dump only read it)\n"
+        );
+        assert!(image_bytes(d, "store.img") == bytes, "nothing written");
+    } else if !as_root {
+        check_readers("a user who is not root");
+    }
+}

@@ -130,6 +130,7 @@ impl LvolStore {
     pub async fn load(desc: BdevDesc) -> Result<(LvolStore, LoadReport)> {
         let options = LoadOptions {
             bstype: lvs_bstype(),
+            ..LoadOptions::default()
         };
         let (store, report) = Blobstore::load(desc, &options).await?;
         match LvolStore::open(store.clone()).await {

@@ -46,6 +46,11 @@ use crate::meta::{
 pub struct LoadOptions {
     /// The type the caller expects; all zero matches any store.
     pub bstype: Bstype,
+    /// Load without writing anything, for readers of an image they may not write: a dirty
+    /// store is replayed in memory only (and stays dirty on disk), snapshots and merges a
+    /// crash interrupted are left as they are (listed in [`LoadReport::repaired`]), every
+    /// metadata change fails with -EROFS, and unload writes nothing.
+    pub read_only: bool,
 }
 
 /// What a load found and did.
@@ -171,6 +176,7 @@ impl Blobstore {
             parents: HashMap::new(),
             unreadable: HashMap::new(),
             unloaded: false,
+            read_only: options.read_only,
         };
         if state.super_block.size == 0 {
             state.super_block.size = device_bytes;
@@ -186,6 +192,16 @@ impl Blobstore {
         drop(channel);
         let inner = Blobstore::new_inner(desc, geometry, &used_clusters, state)?;
         let store = Blobstore::register(inner);
+        if options.read_only {
+            if !pending.is_empty() || !removing.is_empty() {
+                report.repaired.push(format!(
+                    "{} interrupted snapshot(s) and {} interrupted merge(s) left as they are (read-only load)",
+                    pending.len(),
+                    removing.len()
+                ));
+            }
+            return Ok((store, report));
+        }
         if recovered {
             store.write_masks().await?;
             flush(&store.inner.md_channel).await?;

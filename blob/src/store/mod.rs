@@ -183,6 +183,8 @@ pub(crate) struct MdState {
     pub(crate) unreadable: HashMap<u64, String>,
     /// Set by unload and destroy.
     pub(crate) unloaded: bool,
+    /// Loaded read-only ([`crate::LoadOptions::read_only`]): nothing is written.
+    pub(crate) read_only: bool,
 }
 
 pub(crate) struct StoreInner {

@@ -80,6 +80,19 @@ where
     with_store(image, StoreOpen::Load(LoadOptions::default()), job)
 }
 
+/// Like [`on_store`], for commands that only read (`ls`, `info`, `export`, `xattr ls/get`,
+/// `super` without BLOB): the image is opened read-only under a shared lock and nothing is
+/// written to it (a dirty store is recovered in memory only), so they work on an image the
+/// user may not write (mode 0444, immutable, a read-only mount).
+fn on_store_read_only<T, F, Fut>(image: &str, job: F) -> Result<T, ToolError>
+where
+    F: FnOnce(Blobstore, OpenInfo) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, ToolError>> + 'static,
+    T: Send + 'static,
+{
+    with_store(image, StoreOpen::read_only(), job)
+}
+
 /// Like [`on_store`], with the store opened as `open` says.
 fn with_store<T, F, Fut>(image: &str, open: StoreOpen, job: F) -> Result<T, ToolError>
 where

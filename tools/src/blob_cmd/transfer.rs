@@ -8,9 +8,9 @@ use spool_engine::transfer::{self, ExportSink, ImportSource, Progress};
 use spool_engine::EngineError;
 
 use crate::blob_cmd::args::{ExportArgs, ImportArgs};
-use crate::blob_cmd::on_store;
 use crate::blob_cmd::progress::bytes_bar;
 use crate::blob_cmd::resolve::{resolve_blob, with_blob};
+use crate::blob_cmd::{on_store, on_store_read_only};
 use crate::error::ToolError;
 
 /// A transfer's error as the command reports it: a refused range or a file error is the
@@ -81,7 +81,7 @@ pub fn export(args: &ExportArgs) -> Result<(), ToolError> {
     }
     let (file, offset, length) = (args.file.clone(), args.offset, args.length);
     let text = args.blob.clone();
-    on_store(&args.image, move |store, _| async move {
+    on_store_read_only(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
         with_blob(&store, id, async |blob| {
             let sink = if file == "-" {
