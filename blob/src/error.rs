@@ -75,6 +75,19 @@ pub enum BlobError {
     /// Not enough free clusters (-ENOSPC).
     #[error("no space: {0}")]
     NoSpace(String),
+    /// A long operation (inflate, decouple) was asked to stop and did, between two clusters
+    /// (-EINTR): `done` of `total` clusters were copied; running it again finishes it.
+    #[error("blob {id:#x}: {what} stopped after {done} of {total} clusters")]
+    Stopped {
+        /// The blob.
+        id: u64,
+        /// The operation.
+        what: &'static str,
+        /// Clusters copied.
+        done: u64,
+        /// Clusters it had to copy.
+        total: u64,
+    },
     /// The store was loaded read-only ([`crate::LoadOptions::read_only`]): no metadata
     /// change is written (-EROFS).
     #[error("the store is open read-only: cannot {0}")]
@@ -139,6 +152,7 @@ impl BlobError {
             Self::ReadOnly { .. } | Self::WrongThread { .. } => -libc::EPERM,
             Self::NoSpace(_) => -libc::ENOSPC,
             Self::StoreReadOnly(_) => -libc::EROFS,
+            Self::Stopped { .. } => -libc::EINTR,
             Self::NoMdPages(_) => -libc::ENOMEM,
             Self::NotOpen(_) => -libc::EBADF,
             Self::Unsupported(_) => -libc::ENOTSUP,

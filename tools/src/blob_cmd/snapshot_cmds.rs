@@ -1,6 +1,9 @@
 //! The commands on snapshot chains: `snapshot`, `clone`, `inflate`, `decouple`.
 
-use spool_blob::{Blobstore, LvolStore};
+use std::rc::Rc;
+
+use spool_blob::{BlobError, Blobstore, LvolStore};
+use spool_engine::signals;
 
 use crate::blob_cmd::args::{BlobArgs, SnapshotArgs};
 use crate::blob_cmd::names::{check_blob_name, check_unique, lvol_name};
@@ -74,20 +77,57 @@ pub fn clone(args: &SnapshotArgs) -> Result<(), ToolError> {
     emit(&format!("{}\n", id_hex(id)))
 }
 
+/// Whether a stop signal (Ctrl-C, SIGTERM) asked the command to stop.
+fn stop_asked() -> Rc<dyn Fn() -> bool> {
+    Rc::new(|| signals::stop_requested().is_some())
+}
+
+/// A copy a stop signal ended between two clusters, as the command reports it: what was done,
+/// and that running it again finishes the job (the store is unloaded cleanly after).
+fn stopped(err: BlobError) -> ToolError {
+    match (&err, signals::stop_requested()) {
+        (
+            BlobError::Stopped {
+                id,
+                what,
+                done,
+                total,
+            },
+            Some(signal),
+        ) => ToolError::Interrupted {
+            signal,
+            done: format!(
+                "{done} of {total} clusters of blob {} copied (the {what} is not finished: the blob still reads through its parent; run it again to finish)",
+                id_hex(*id)
+            ),
+            report: None,
+        },
+        _ => ToolError::from(err),
+    }
+}
+
 /// `spool inflate IMAGE BLOB`: allocate every cluster the blob does not own; no parent after.
+/// Ctrl-C stops it between two clusters (the store is unloaded cleanly; exit 130).
 pub fn inflate(args: &BlobArgs) -> Result<(), ToolError> {
     let text = args.blob.clone();
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
-        Ok(store.inflate_blob(id).await?)
+        store
+            .inflate_blob_until(id, stop_asked())
+            .await
+            .map_err(stopped)
     })
 }
 
 /// `spool decouple IMAGE BLOB`: copy what the parent owns; the grandparent becomes the parent.
+/// Ctrl-C stops it between two clusters, as for inflate.
 pub fn decouple(args: &BlobArgs) -> Result<(), ToolError> {
     let text = args.blob.clone();
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
-        Ok(store.decouple_parent(id).await?)
+        store
+            .decouple_parent_until(id, stop_asked())
+            .await
+            .map_err(stopped)
     })
 }
