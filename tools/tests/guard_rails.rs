@@ -499,3 +499,96 @@ fn read_only_commands_work_on_an_image_nobody_may_write() {
         check_readers("a user who is not root");
     }
 }
+
+/// Bytes of disk a file takes (its allocated 512-byte blocks).
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// A tmpfs of `mib` MiB mounted at a directory for as long as it lives (unmounted on drop);
+/// `None` where mounting is not allowed (not root, no CAP_SYS_ADMIN).
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, mib: u64) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).ok()?;
+        let done = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .output()
+            .ok()?;
+        done.status.success().then(|| SmallFs(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A thick blob on a file-backed store reserves its clusters on the host when it is created
+/// or grown (fallocate); a thin one stays sparse. On a host filesystem too small for it, the
+/// create fails up front, in words, and changes nothing; a thin blob that fills the host says
+/// after how many bytes.
+#[test]
+fn thick_blobs_reserve_their_space_on_the_host_and_thin_ones_stay_sparse() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    store(d, 256);
+    let path = d.join("store.img");
+    let before = allocated_bytes(&path);
+    ok_in(d, &["create", "store.img", "--size", "100M", "--thin"]);
+    assert!(
+        allocated_bytes(&path) < before + MIB,
+        "a thin blob takes no disk"
+    );
+    ok_in(
+        d,
+        &["create", "store.img", "--size", "64M", "--name", "thick"],
+    );
+    assert!(
+        allocated_bytes(&path) >= before + 64 * MIB,
+        "a thick blob's clusters are reserved: {} bytes",
+        allocated_bytes(&path)
+    );
+    ok_in(d, &["resize", "store.img", "thick", "96M"]);
+    assert!(
+        allocated_bytes(&path) >= before + 96 * MIB,
+        "and so is its growth"
+    );
+
+    let Some(_small) = SmallFs::mount(&d.join("small"), 48) else {
+        eprintln!("cannot mount a tmpfs here: the full-host case is skipped");
+        return;
+    };
+    let small = d.join("small");
+    ok_in(&small, &["init", "s.img", "--size", "200M"]);
+    refused(
+        &small,
+        "s.img",
+        &["create", "s.img", "--size", "100M"],
+        1,
+        "error: s.img: the host filesystem is full: reserving 100 MiB for a 100 MiB blob failed (No space left on device); free space on the host, or make the blob thin (--thin) to allocate on write",
+    );
+    let blobs = json(&ok_in(&small, &["ls", "s.img", "--json"]));
+    assert_eq!(blobs.as_array().unwrap().len(), 0, "no blob came to be");
+    ok_in(
+        &small,
+        &[
+            "create", "s.img", "--size", "100M", "--thin", "--name", "thin",
+        ],
+    );
+    std::fs::write(d.join("big.bin"), support::pattern(5, 64 << 20)).unwrap();
+    let big = d.join("big.bin");
+    let run = spool_in(&small, &["import", "s.img", "thin", big.to_str().unwrap()]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let line = run.stderr.trim_end();
+    assert!(
+        line.starts_with("error: s.img: the host filesystem is full after ")
+            && line.ends_with(&format!(" of 67108864 bytes of {} were written to blob 0x100000000: No space left on device (free space on the host; a thick blob reserves its space when it is created)", big.display())),
+        "{}",
+        run.stderr
+    );
+}

@@ -340,6 +340,23 @@ impl Bdev for UringBdev {
         !self.dev.block_device
     }
 
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), BdevError> {
+        if self.dev.block_device || self.read_only || len == 0 {
+            return Ok(());
+        }
+        match blk::reserve_file_range(&self.dev.file, offset, len) {
+            Ok(()) => Ok(()),
+            // A filesystem that cannot reserve: writes allocate as they come, as before.
+            Err(errno) if errno == -libc::EOPNOTSUPP => Ok(()),
+            Err(errno) => Err(BdevError::Reserve {
+                bdev: self.name.clone(),
+                offset,
+                len,
+                errno,
+            }),
+        }
+    }
+
     fn supports(&self, kind: IoKind) -> bool {
         !self.read_only || matches!(kind, IoKind::Read | IoKind::Flush)
     }

@@ -115,6 +115,8 @@ pub struct StoreShared {
     /// Thin allocations holding a claimed cluster not yet in a map or released (unload
     /// waits for none).
     pub(crate) claims_outstanding: AtomicU64,
+    /// The device, to reserve a thick blob's clusters on the host ([`spool_bdev::Bdev::reserve`]).
+    pub(crate) bdev: Arc<dyn spool_bdev::Bdev>,
 }
 
 impl StoreShared {
@@ -494,6 +496,7 @@ impl Blobstore {
             slots: crate::io::SlotAllocator::default(),
             zeroed: AtomicBitmap::from_set(&BitSet::new(used_clusters.len())),
             claims_outstanding: AtomicU64::new(0),
+            bdev: Arc::clone(desc.bdev()),
         });
         Ok(Rc::new(StoreInner {
             shared,

@@ -1,7 +1,7 @@
 //! The commands on one blob's life: `create`, `resize`, `delete`, `set-read-only`.
 
 use spool_blob::format::BLOBID_INVALID;
-use spool_blob::{BlobOptions, Blobstore, ExtentForm, LvolStore};
+use spool_blob::{BlobError, BlobOptions, Blobstore, ExtentForm, LvolStore};
 
 use crate::blob_cmd::args::{BlobArgs, CreateArgs, ResizeArgs};
 use crate::blob_cmd::names::{check_blob_name, check_name_value, check_unique, lvol_name};
@@ -24,6 +24,18 @@ fn check_room(image: &str, store: &Blobstore, what: &str, clusters: u64) -> Resu
         human_bytes(clusters.saturating_mul(cluster)),
         human_bytes(free * cluster),
     )))
+}
+
+/// A thick blob's clusters the host filesystem could not reserve, in words (any other error
+/// as it is): the image, how much, and what to do.
+fn host_full(image: &str, what: &str, err: BlobError) -> ToolError {
+    match err {
+        BlobError::HostNoSpace { bytes, .. } => ToolError::Failed(format!(
+            "{image}: the host filesystem is full: reserving {} {what} failed (No space left on device); free space on the host, or make the blob thin (--thin) to allocate on write",
+            human_bytes(bytes)
+        )),
+        other => other.into(),
+    }
 }
 
 /// `spool create IMAGE --size BYTES [--thin] [--name NAME] [--xattr KEY=VALUE]... [--rle]`:
@@ -74,11 +86,14 @@ pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
             num_clusters: clusters_for(size, store.cluster_size()),
             ..options
         };
+        let what = format!("for a {} blob", human_bytes(size));
         if !options.thin {
-            let what = format!("for a {} blob", human_bytes(size));
             check_room(&image, &store, &what, options.num_clusters)?;
         }
-        Ok(store.create_blob(&options).await?)
+        store
+            .create_blob(&options)
+            .await
+            .map_err(|err| host_full(&image, &what, err))
     })?;
     emit(&format!("{}\n", id_hex(id)))
 }
@@ -107,7 +122,10 @@ async fn create_lvol(image: &str, lvs: &LvolStore, args: &CreateArgs) -> Result<
         check_room(image, store, &what, clusters)?;
     }
     let bytes = clusters * store.cluster_size();
-    let lvol = lvs.create_lvol(name, bytes, args.thin).await?;
+    let lvol = lvs
+        .create_lvol(name, bytes, args.thin)
+        .await
+        .map_err(|err| host_full(image, &format!("for a {} lvol", human_bytes(bytes)), err))?;
     if !args.xattrs.is_empty() {
         with_blob(store, lvol.id, async |blob| {
             for (key, value) in &args.xattrs {
@@ -143,7 +161,10 @@ pub fn resize(args: &ResizeArgs) -> Result<(), ToolError> {
                 let what = format!("to grow blob {} to {}", id_hex(id), human_bytes(size));
                 check_room(&image, &store, &what, clusters - now)?;
             }
-            blob.resize(clusters).await?;
+            let what = format!("to grow blob {} to {}", id_hex(id), human_bytes(size));
+            blob.resize(clusters)
+                .await
+                .map_err(|err| host_full(&image, &what, err))?;
             blob.sync_md().await?;
             Ok(())
         })
