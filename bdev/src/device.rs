@@ -43,6 +43,16 @@ pub trait Bdev: Send + Sync + 'static {
         false
     }
 
+    /// Reserves the backing space of `len` bytes at `offset` so later writes there cannot
+    /// fail for lack of it: a file-backed device allocates the range (`fallocate`, as qemu-img's
+    /// `preallocation=falloc`); a device with nothing to reserve (a block device, RAM, null)
+    /// succeeds at once, as this default does. A blocking call on the caller's thread, not a
+    /// queued request. A full host gives [`BdevError::Reserve`] with -ENOSPC.
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), BdevError> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// Creates the calling reactor's context. `slots` is the channel's request table, opaque
     /// outside this crate: the crate's backends keep it to complete requests from their
     /// pollers, and accept only submissions of that table. A wrapper passes it on to the

@@ -43,11 +43,24 @@ pub enum BdevError {
         kind: IoKind,
     },
     /// The device completed the request with this negative errno.
-    #[error("{kind:?} failed on the device: errno {errno}")]
+    #[error("{kind:?} failed on the device: {} (errno {errno})", std::io::Error::from_raw_os_error(-errno))]
     Io {
         /// The operation.
         kind: IoKind,
         /// The negative errno the device reported.
+        errno: i32,
+    },
+    /// Reserving backing space failed ([`crate::Bdev::reserve`]); -ENOSPC when the host
+    /// filesystem is full.
+    #[error("{bdev}: reserving {len} bytes at offset {offset} on the host failed: {}", std::io::Error::from_raw_os_error(-errno))]
+    Reserve {
+        /// The device.
+        bdev: String,
+        /// Byte offset of the range.
+        offset: u64,
+        /// Bytes of the range.
+        len: u64,
+        /// The negative errno.
         errno: i32,
     },
     /// The channel has as many requests in flight as it may hold.
@@ -85,7 +98,9 @@ impl BdevError {
                 -libc::EINVAL
             }
             Self::Unsupported { .. } => -libc::ENOTSUP,
-            Self::Io { errno, .. } | Self::Open { errno, .. } => *errno,
+            Self::Io { errno, .. } | Self::Open { errno, .. } | Self::Reserve { errno, .. } => {
+                *errno
+            }
             Self::QueueFull { .. } => -libc::ENOMEM,
             Self::Reactor(err) => err.errno(),
             Self::Dma(err) => err.errno(),

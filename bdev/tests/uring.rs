@@ -891,3 +891,32 @@ fn randread_iops_probe() {
     }
     rt.stop();
 }
+
+/// `reserve` allocates a sparse file's range (fallocate) without changing its size or its
+/// zeros; a read-only open reserves nothing and refuses writes before the kernel.
+#[test]
+fn reserve_allocates_a_files_range_and_read_only_opens_refuse_writes() {
+    use std::os::unix::fs::MetadataExt;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(16 << 20).unwrap();
+    let allocated = || std::fs::metadata(file.path()).unwrap().blocks() * 512;
+    assert!(allocated() < 1 << 20, "a sparse file to start with");
+    let bdev = open(file.path());
+    bdev.reserve(4 << 20, 8 << 20).unwrap();
+    assert!(allocated() >= 8 << 20, "reserved: {} bytes", allocated());
+    assert_eq!(std::fs::metadata(file.path()).unwrap().len(), 16 << 20);
+    drop(bdev);
+    let read_only = UringBdev::open(
+        file.path(),
+        &UringOptions {
+            read_only: true,
+            ..UringOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(read_only.reserve(0, 16 << 20).is_ok());
+    assert!(allocated() < 9 << 20, "a read-only open reserves nothing");
+    assert!(read_only.supports(spool_bdev::IoKind::Read));
+    assert!(!read_only.supports(spool_bdev::IoKind::Write));
+    assert!(!read_only.supports(spool_bdev::IoKind::Unmap));
+}

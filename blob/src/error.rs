@@ -75,6 +75,34 @@ pub enum BlobError {
     /// Not enough free clusters (-ENOSPC).
     #[error("no space: {0}")]
     NoSpace(String),
+    /// The host filesystem under a file-backed store could not reserve a thick blob's new
+    /// clusters (-ENOSPC): nothing changed.
+    #[error("blob {id:#x}: the host filesystem cannot reserve {bytes} bytes for its {clusters} new clusters: No space left on device")]
+    HostNoSpace {
+        /// The blob (for a create: the id it would have had).
+        id: u64,
+        /// Clusters it needed.
+        clusters: u64,
+        /// Bytes it needed.
+        bytes: u64,
+    },
+    /// A long operation (inflate, decouple) was asked to stop and did, between two clusters
+    /// (-EINTR): `done` of `total` clusters were copied; running it again finishes it.
+    #[error("blob {id:#x}: {what} stopped after {done} of {total} clusters")]
+    Stopped {
+        /// The blob.
+        id: u64,
+        /// The operation.
+        what: &'static str,
+        /// Clusters copied.
+        done: u64,
+        /// Clusters it had to copy.
+        total: u64,
+    },
+    /// The store was loaded read-only ([`crate::LoadOptions::read_only`]): no metadata
+    /// change is written (-EROFS).
+    #[error("the store is open read-only: cannot {0}")]
+    StoreReadOnly(&'static str),
     /// No free metadata page (-ENOMEM, as SPDK reports it).
     #[error("no free metadata page: {0}")]
     NoMdPages(String),
@@ -133,7 +161,9 @@ impl BlobError {
             Self::NotFound(_) => -libc::ENOENT,
             Self::NotLvolStore(_) => -libc::ENODEV,
             Self::ReadOnly { .. } | Self::WrongThread { .. } => -libc::EPERM,
-            Self::NoSpace(_) => -libc::ENOSPC,
+            Self::NoSpace(_) | Self::HostNoSpace { .. } => -libc::ENOSPC,
+            Self::StoreReadOnly(_) => -libc::EROFS,
+            Self::Stopped { .. } => -libc::EINTR,
             Self::NoMdPages(_) => -libc::ENOMEM,
             Self::NotOpen(_) => -libc::EBADF,
             Self::Unsupported(_) => -libc::ENOTSUP,

@@ -6,6 +6,7 @@ use crate::error::{BlobError, Result};
 use crate::format::EXTENTS_PER_PAGE;
 use crate::meta::{ExtentForm, MAX_BLOB_CLUSTERS};
 use crate::store::Blobstore;
+use spool_bdev::BdevError;
 
 /// Sets `state`'s size to `num_clusters` (see [`crate::Blob::resize`]).
 pub(crate) fn resize(store: &Blobstore, state: &BlobState, num_clusters: u64) -> Result<()> {
@@ -34,9 +35,13 @@ pub(crate) fn resize(store: &Blobstore, state: &BlobState, num_clusters: u64) ->
                 )));
             }
             let mut claimed = Vec::with_capacity(grow);
+            let mut from_spare = 0;
             while claimed.len() < grow {
                 let next = match spare.pop() {
-                    Some(cluster) => Some(cluster),
+                    Some(cluster) => {
+                        from_spare += 1;
+                        Some(cluster)
+                    }
                     None => store.shared().claim_cluster(),
                 };
                 match next {
@@ -52,6 +57,22 @@ pub(crate) fn resize(store: &Blobstore, state: &BlobState, num_clusters: u64) ->
                         )));
                     }
                 }
+            }
+            // A thick blob's clusters are reserved on the host now (a file: fallocate), so
+            // its writes cannot later fail for lack of space; a full host fails here, with
+            // nothing changed.
+            if let Err(err) = reserve_clusters(store, &claimed) {
+                let (spared, claimed_now) = claimed.split_at(from_spare);
+                for &cluster in claimed_now {
+                    store.shared().release_cluster(cluster);
+                }
+                spare.extend(spared.iter().rev().copied());
+                return Err(reserve_error(
+                    state.id,
+                    grow as u64,
+                    store.cluster_size(),
+                    err,
+                ));
             }
             meta.clusters.extend(claimed);
         }
@@ -84,6 +105,37 @@ pub(crate) fn resize(store: &Blobstore, state: &BlobState, num_clusters: u64) ->
     state.publish_map();
     state.mark_changed();
     Ok(())
+}
+
+/// Reserves `clusters` (device cluster indexes) on the host, one call per contiguous run.
+fn reserve_clusters(store: &Blobstore, clusters: &[u32]) -> std::result::Result<(), BdevError> {
+    let cluster_size = store.cluster_size();
+    let bdev = &store.shared().bdev;
+    let mut index = 0;
+    while index < clusters.len() {
+        let first = clusters[index];
+        let mut run = 1;
+        while index + run < clusters.len()
+            && u64::from(clusters[index + run]) == u64::from(first) + run as u64
+        {
+            run += 1;
+        }
+        bdev.reserve(u64::from(first) * cluster_size, run as u64 * cluster_size)?;
+        index += run;
+    }
+    Ok(())
+}
+
+/// A failed reservation in words: a full host says so, naming the bytes.
+fn reserve_error(id: u64, clusters: u64, cluster_size: u64, err: BdevError) -> BlobError {
+    if err.errno() == -libc::ENOSPC {
+        return BlobError::HostNoSpace {
+            id,
+            clusters,
+            bytes: clusters * cluster_size,
+        };
+    }
+    BlobError::Bdev(err)
 }
 
 /// Releases every cluster a never-persisted blob claimed (a failed create).

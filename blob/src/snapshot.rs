@@ -371,11 +371,20 @@ impl Blobstore {
     /// Dropping the returned future does not cancel the operation: it runs to completion as its
     /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn inflate_blob(&self, id: u64) -> Result<()> {
+        self.inflate_blob_until(id, Rc::new(|| false)).await
+    }
+
+    /// Like [`Blobstore::inflate_blob`], but `stop` is asked before each cluster is copied:
+    /// once it says true, the copy stops there with [`BlobError::Stopped`] (how many of how
+    /// many clusters were copied). The blob is then as a thin blob is after that many first
+    /// writes: it still reads through its parent, owns the clusters copied, and a later
+    /// inflate finishes the job. For commands a signal may interrupt (`spool inflate`).
+    pub async fn inflate_blob_until(&self, id: u64, stop: Rc<dyn Fn() -> bool>) -> Result<()> {
         self.check_md_thread()?;
         let store = self.clone();
         crate::detach::detached_op(
             self.begin_md_op()?,
-            async move { store.take_over_clusters(id, true).await },
+            async move { store.take_over_clusters(id, true, stop).await },
             crate::detach::forget,
         )
         .await
@@ -388,24 +397,35 @@ impl Blobstore {
     /// Dropping the returned future does not cancel the operation: it runs to completion as its
     /// own task on the metadata reactor (the caller's future only waits for its result).
     pub async fn decouple_parent(&self, id: u64) -> Result<()> {
+        self.decouple_parent_until(id, Rc::new(|| false)).await
+    }
+
+    /// Like [`Blobstore::decouple_parent`], stopping as [`Blobstore::inflate_blob_until`]
+    /// does when `stop` says so (the parent link is then unchanged).
+    pub async fn decouple_parent_until(&self, id: u64, stop: Rc<dyn Fn() -> bool>) -> Result<()> {
         self.check_md_thread()?;
         let store = self.clone();
         crate::detach::detached_op(
             self.begin_md_op()?,
-            async move { store.take_over_clusters(id, false).await },
+            async move { store.take_over_clusters(id, false, stop).await },
             crate::detach::forget,
         )
         .await
     }
 
-    async fn take_over_clusters(&self, id: u64, all: bool) -> Result<()> {
+    async fn take_over_clusters(
+        &self,
+        id: u64,
+        all: bool,
+        stop: Rc<dyn Fn() -> bool>,
+    ) -> Result<()> {
         self.check_md_thread()?;
         let blob = self.open_blob(id).await?;
         let result = match blob
             .state
             .begin_op(if all { "inflate" } else { "decouple" })
         {
-            Ok(_op) => self.take_over_open(&blob, all).await,
+            Ok(_op) => self.take_over_open(&blob, all, &*stop).await,
             Err(err) => Err(err),
         };
         let closed = blob.close().await;
@@ -413,7 +433,7 @@ impl Blobstore {
         closed
     }
 
-    async fn take_over_open(&self, blob: &Blob, all: bool) -> Result<()> {
+    async fn take_over_open(&self, blob: &Blob, all: bool, stop: &dyn Fn() -> bool) -> Result<()> {
         let id = blob.id();
         let parent = blob.state.parent.borrow().clone();
         if !all && parent.is_none() {
@@ -456,7 +476,17 @@ impl Blobstore {
         }
         let channel = self.channel()?;
         let io = blob.io();
-        for index in needed {
+        let total = needed.len() as u64;
+        for (done, index) in needed.into_iter().enumerate() {
+            if stop() {
+                // Each cluster copied so far is an ordinary first write: nothing to undo.
+                return Err(BlobError::Stopped {
+                    id,
+                    what: if all { "inflate" } else { "decouple" },
+                    done: done as u64,
+                    total,
+                });
+            }
             channel.touch_cluster(&io, index).await?;
         }
         // Re-point: inflate drops the parent; decouple moves to the grandparent.

@@ -7,6 +7,7 @@
 //! - [`offline`]: one blobstore command on an image: open, load or init, run, unload.
 //! - [`transfer`]: files into blobs and back (`spool import`, `spool export`).
 //! - [`perf`]: the perf runner (`spool perf`): per-core I/O jobs, metadata rates, reports.
+//! - [`guard`]: guard rails: what a file holds before it is overwritten or copied raw.
 //! - [`lock`]: [`ImageLock`], one writer per image across processes.
 //! - [`net`]: TCP and Unix sockets polled by the reactors (listeners, streams).
 //! - `staged`: new files made under a temporary name and linked into place.
@@ -22,6 +23,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod error;
+pub mod guard;
 pub mod lock;
 pub mod nbd;
 pub mod net;

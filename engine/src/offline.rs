@@ -36,6 +36,23 @@ pub enum StoreOpen {
     InitWithBlockSize(InitOptions, u32),
 }
 
+impl StoreOpen {
+    /// Loads the store read-only: the image is opened `O_RDONLY` under a shared lock and
+    /// nothing is written to it (see [`LoadOptions::read_only`]). For commands that only
+    /// read (`spool ls`, `info`, `export`): they work on an image they may not write.
+    pub fn read_only() -> StoreOpen {
+        StoreOpen::Load(LoadOptions {
+            read_only: true,
+            ..LoadOptions::default()
+        })
+    }
+
+    /// Whether this opening writes nothing.
+    fn is_read_only(&self) -> bool {
+        matches!(self, StoreOpen::Load(options) if options.read_only)
+    }
+}
+
 /// The block size to open a regular file with for `open`: the one asked for at init; for a
 /// load, the io_unit its super block records (so a store made with 512-byte blocks loads),
 /// else 4096. Block devices always use their own logical block size.
@@ -83,10 +100,10 @@ fn offline_core() -> usize {
         .unwrap_or(0)
 }
 
-/// Fails unless `image` exists (the runner never creates an image; see
-/// [`crate::prepare_file`] for that).
+/// Fails unless `image` exists and is not a directory (the runner never creates an image;
+/// see [`crate::prepare_file`] for that).
 pub fn check_image_exists(image: &Path) -> Result<(), EngineError> {
-    std::fs::metadata(image).map(|_| ()).map_err(|err| {
+    let meta = std::fs::metadata(image).map_err(|err| {
         let reason = if err.kind() == std::io::ErrorKind::NotFound {
             "no such file or directory".to_string()
         } else {
@@ -97,7 +114,15 @@ pub fn check_image_exists(image: &Path) -> Result<(), EngineError> {
             reason,
             errno: -err.raw_os_error().unwrap_or(libc::EIO),
         }
-    })
+    })?;
+    if meta.is_dir() {
+        return Err(EngineError::File {
+            path: image.display().to_string(),
+            reason: "is a directory, not an image: give the store's file or block device".into(),
+            errno: -libc::EISDIR,
+        });
+    }
+    Ok(())
 }
 
 /// Opens `image`, gets its store as `open` says on a fresh one-reactor runtime, runs `job`
@@ -114,8 +139,13 @@ where
     E: From<EngineError> + Send + 'static,
 {
     check_image_exists(image)?;
-    // Held until the store is unloaded and the device closed (dropped last).
-    let lock = ImageLock::exclusive(image)?;
+    // Held until the store is unloaded and the device closed (dropped last). A read-only
+    // load shares the image with other readers (and is refused while a writer holds it).
+    let lock = if open.is_read_only() {
+        ImageLock::shared(image)?
+    } else {
+        ImageLock::exclusive(image)?
+    };
     run_offline_locked(image, &lock, open, job)
 }
 
@@ -142,9 +172,16 @@ where
     }
     let target = TargetOptions {
         block_size: file_block_size(image, &open),
+        read_only: open.is_read_only(),
         ..TargetOptions::default()
     };
-    let (bdev, kind) = open_image(image, &target)?;
+    let (bdev, kind) = open_image(image, &target).map_err(|err| {
+        if target.read_only {
+            err
+        } else {
+            unwritable(image, err)
+        }
+    })?;
     let desc = BdevDesc::open(Arc::clone(&bdev)).map_err(EngineError::from)?;
     let runtime = Runtime::start(&RuntimeOptions {
         cores: vec![offline_core()],
@@ -182,6 +219,25 @@ where
     }
     drop(bdev);
     outcome.map_err(|err| E::from(EngineError::Reactor(err)))?
+}
+
+/// An image a writer could not open for writing (mode, immutable flag, read-only mount),
+/// said in words: what failed, and that the commands which only read still work.
+fn unwritable(image: &Path, err: EngineError) -> EngineError {
+    let errno = err.errno();
+    let reason = match -errno {
+        libc::EACCES => "permission denied",
+        libc::EPERM => "operation not permitted (is it immutable? see lsattr)",
+        libc::EROFS => "on a read-only filesystem",
+        _ => return err,
+    };
+    EngineError::File {
+        path: image.display().to_string(),
+        reason: format!(
+            "cannot be opened for writing: {reason}; this command writes the image (ls, info, export and dump only read it)"
+        ),
+        errno,
+    }
 }
 
 async fn open_store(desc: BdevDesc, open: StoreOpen) -> Result<(Blobstore, OpenInfo), EngineError> {

@@ -1,13 +1,16 @@
-//! Human-readable sizes: a number with an optional binary suffix.
+//! Human-readable sizes: a number with an optional unit suffix.
 //!
-//! [`parse_size`] is for sizes that must be positive (devices, clusters, blocks);
-//! [`parse_bytes`] also takes 0 (offsets, lengths, a blob's new size).
+//! `K`, `M`, `G`, `T`, `P` and `KiB` ... `PiB` are powers of 1024; `KB`, `MB`, `GB`, `TB`,
+//! `PB` are powers of 1000, as `dd` and `truncate` read them (any case: `100mb` is 100 MB,
+//! 100,000,000 bytes). A plain `B` means bytes. [`parse_size`] is for sizes that must be
+//! positive (devices, clusters, blocks); [`parse_bytes`] also takes 0 (offsets, lengths, a
+//! blob's new size).
 
 use crate::EngineError;
 
-/// Parses "4096", "4k", "512M", "1G", "1GiB", "2T" (suffixes are powers of 1024, case
-/// insensitive, optional "iB"/"B"; a trailing plain "B" means bytes: "512B"), or a hex
-/// number "0x1000" (no suffix). Zero and overflow are errors.
+/// Parses "4096", "4k", "512M", "1G", "1GiB", "2T" (powers of 1024), "100MB", "1GB"
+/// (powers of 1000), "512B" (bytes), or a hex number "0x1000" (no suffix); case
+/// insensitive. Zero, negative numbers and overflow are errors.
 pub fn parse_size(text: &str) -> Result<u64, EngineError> {
     let size = parse_bytes(text)?;
     if size == 0 {
@@ -20,6 +23,11 @@ pub fn parse_size(text: &str) -> Result<u64, EngineError> {
 pub fn parse_bytes(text: &str) -> Result<u64, EngineError> {
     let trimmed = text.trim();
     let bad = || bad_size(trimmed);
+    if trimmed.starts_with('-') && trimmed.len() > 1 {
+        return Err(EngineError::InvalidArgument(format!(
+            "size cannot be negative ('{trimmed}')"
+        )));
+    }
     if let Some(hex) = trimmed
         .strip_prefix("0x")
         .or_else(|| trimmed.strip_prefix("0X"))
@@ -30,33 +38,38 @@ pub fn parse_bytes(text: &str) -> Result<u64, EngineError> {
         return u64::from_str_radix(hex, 16).map_err(|_| bad());
     }
     let lower = trimmed.to_ascii_lowercase();
-    let body = lower
-        .strip_suffix("ib")
-        .or_else(|| lower.strip_suffix('b'))
-        .unwrap_or(&lower);
-    let (digits, shift) = match body.chars().last() {
-        Some('k') => (&body[..body.len() - 1], 10),
-        Some('m') => (&body[..body.len() - 1], 20),
-        Some('g') => (&body[..body.len() - 1], 30),
-        Some('t') => (&body[..body.len() - 1], 40),
-        Some('p') => (&body[..body.len() - 1], 50),
+    // "KiB" is binary, "KB" decimal, "K" binary; a plain "B" after the digits is bytes.
+    let (body, decimal) = if let Some(body) = lower.strip_suffix("ib") {
+        (body, false)
+    } else if let Some(body) = lower.strip_suffix('b') {
+        (body, true)
+    } else {
+        (lower.as_str(), false)
+    };
+    let (digits, power) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 1),
+        Some('m') => (&body[..body.len() - 1], 2),
+        Some('g') => (&body[..body.len() - 1], 3),
+        Some('t') => (&body[..body.len() - 1], 4),
+        Some('p') => (&body[..body.len() - 1], 5),
         _ => (body, 0),
     };
     let digits = digits.trim();
     // "iB" alone after the digits ("4iB") is not a size; a bare "B" is ("512B").
-    if lower.ends_with("ib") && shift == 0 {
+    if lower.ends_with("ib") && power == 0 {
         return Err(bad());
     }
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     let number: u64 = digits.parse().map_err(|_| bad())?;
-    number.checked_mul(1u64 << shift).ok_or_else(bad)
+    let base: u64 = if decimal { 1000 } else { 1024 };
+    number.checked_mul(base.pow(power)).ok_or_else(bad)
 }
 
 fn bad_size(text: &str) -> EngineError {
     EngineError::InvalidArgument(format!(
-        "bad size '{text}' (expected e.g. 4096, 64K, 16MiB, 1G or 0x1000)"
+        "bad size '{text}' (expected e.g. 4096, 64K, 16MiB, 1G, 0x1000, or 100MB for 10^6 units)"
     ))
 }
 
@@ -74,8 +87,17 @@ mod tests {
         assert_eq!(parse_size("16mib").unwrap(), 16 << 20);
         assert_eq!(parse_size("1G").unwrap(), 1 << 30);
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_size("1GB").unwrap(), 1 << 30);
-        assert_eq!(parse_size("2TB").unwrap(), 2 << 40);
+        assert_eq!(
+            parse_size("1GB").unwrap(),
+            1_000_000_000,
+            "GB is decimal, as dd reads it"
+        );
+        assert_eq!(parse_size("100MB").unwrap(), 100_000_000);
+        assert_eq!(parse_size("100mb").unwrap(), 100_000_000);
+        assert_eq!(parse_size("2TB").unwrap(), 2_000_000_000_000);
+        assert_eq!(parse_size("4KB").unwrap(), 4000);
+        assert_eq!(parse_size("100MiB").unwrap(), 100 << 20);
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
         assert_eq!(parse_size("1P").unwrap(), 1 << 50);
         assert_eq!(parse_size("512B").unwrap(), 512);
         assert_eq!(parse_size(" 8 M ").unwrap(), 8 << 20);
@@ -108,7 +130,22 @@ mod tests {
         ] {
             let err = parse_size(text).unwrap_err();
             assert_eq!(err.errno(), -libc::EINVAL, "{text}");
-            assert!(err.to_string().contains("bad size"), "{err}");
+            let said = err.to_string();
+            assert!(
+                said.contains("bad size") || said.contains("cannot be negative"),
+                "{said}"
+            );
+        }
+    }
+
+    #[test]
+    fn negative_sizes_say_so() {
+        for text in ["-1", "-4096", "-1M"] {
+            let err = parse_bytes(text).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("size cannot be negative ('{text}')")
+            );
         }
     }
 

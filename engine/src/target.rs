@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use spool_bdev::Bdev;
 
+use crate::guard::{describe_path, refuse_new_file_in_dev};
 use crate::lock::ImageLock;
 use crate::size::parse_size;
 use crate::EngineError;
@@ -60,6 +61,9 @@ pub struct TargetOptions {
     /// io_uring: submit as soon as this many SQEs are queued (0: once per loop pass); see
     /// [`spool_bdev::UringOptions::submit_batch`].
     pub submit_batch: u32,
+    /// Open a path `O_RDONLY` (readers that never write: see
+    /// [`spool_bdev::UringOptions::read_only`]).
+    pub read_only: bool,
 }
 
 impl Default for TargetOptions {
@@ -70,15 +74,21 @@ impl Default for TargetOptions {
             ring_entries: 256,
             sqpoll: false,
             submit_batch: spool_bdev::DEFAULT_SUBMIT_BATCH,
+            read_only: false,
         }
     }
 }
+
+/// The null target's kind in reports: no device does any work, so what is measured is the
+/// stack's own cost.
+pub const NULL_KIND: &str = "no device";
 
 /// An open target.
 pub struct OpenedTarget {
     /// The device.
     pub bdev: Arc<dyn Bdev>,
-    /// What it is, for reports ("null", "malloc", "uring file", "uring block device").
+    /// What it really is, for reports: [`NULL_KIND`], "RAM" (malloc), "uring, block device",
+    /// "uring, file on ext4" (the filesystem by its statfs type; "tmpfs (RAM)").
     pub kind: String,
     /// For a path: its [`ImageLock`], held as long as the target is (nothing else writes
     /// the image meanwhile).
@@ -86,7 +96,8 @@ pub struct OpenedTarget {
 }
 
 /// Opens `spec`. A path is locked for as long as the target lives (see [`ImageLock`]); a
-/// missing file is created, locked before its first byte is written (as [`prepare_file`]).
+/// missing file is created, locked before its first byte is written (as [`prepare_file`]),
+/// except under `/dev`, where a missing path is a mistyped device and is refused (-ENODEV).
 pub fn open_target(
     spec: &TargetSpec,
     options: &TargetOptions,
@@ -101,7 +112,7 @@ pub fn open_target(
             )?;
             Ok(OpenedTarget {
                 bdev: Arc::new(bdev),
-                kind: "null".into(),
+                kind: NULL_KIND.into(),
                 lock: None,
             })
         }
@@ -118,7 +129,7 @@ pub fn open_target(
             )?;
             Ok(OpenedTarget {
                 bdev: Arc::new(bdev),
-                kind: "malloc".into(),
+                kind: "RAM".into(),
                 lock: None,
             })
         }
@@ -126,12 +137,13 @@ pub fn open_target(
             let lock = if path.exists() {
                 ImageLock::exclusive(path)?
             } else {
+                refuse_new_file_in_dev(path)?;
                 ImageLock::create(path, options.size_bytes, |_| {})?
             };
-            let (bdev, kind) = open_image(path, options)?;
+            let (bdev, _) = open_image(path, options)?;
             Ok(OpenedTarget {
                 bdev,
-                kind,
+                kind: format!("uring, {}", describe_path(path)),
                 lock: Some(lock),
             })
         }
@@ -153,6 +165,7 @@ pub fn open_image(
         ring_entries: options.ring_entries,
         sqpoll: options.sqpoll,
         submit_batch: options.submit_batch,
+        read_only: options.read_only,
         ..spool_bdev::UringOptions::default()
     };
     let bdev = spool_bdev::UringBdev::open(path, &uring_options)?;

@@ -248,6 +248,16 @@ pub async fn import(
         }
     }
     if let Some(err) = failure {
+        if err.errno() == -libc::ENOSPC {
+            return Err(EngineError::Failed {
+                reason: format!(
+                    "the host filesystem is full after {done} of {len} bytes of {} were written to blob {}: No space left on device (free space on the host; a thick blob reserves its space when it is created)",
+                    source.name,
+                    id_hex(blob.id())
+                ),
+                errno: -libc::ENOSPC,
+            });
+        }
         return Err(err);
     }
     match stopped {

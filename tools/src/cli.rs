@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::blob_cmd::args::{
     BlobArgs, CheckArgs, CreateArgs, DumpArgs, ExportArgs, ImportArgs, InfoArgs, InitArgs, LsArgs,
-    ResizeArgs, SnapshotArgs, SuperArgs, XattrArgs,
+    RenameArgs, ResizeArgs, SnapshotArgs, SuperArgs, XattrArgs,
 };
 
 /// Spool: a polled, userspace storage engine (SPDK-style, in Rust).
@@ -26,23 +26,26 @@ pub enum Command {
     Rpc(RpcArgs),
     /// Measure a block device through Spool's reactors (SPDK bdevperf's job).
     Perf(PerfArgs),
-    /// Format IMAGE as an empty blobstore (creating the file with --size).
+    /// Format IMAGE as an empty blobstore (creating the file with --size; a store already
+    /// there needs --force).
     Init(InitArgs),
     /// Show the store: geometry, clean flag, type, super blob, free clusters.
     Info(InfoArgs),
     /// List the blobs, one row each.
     Ls(LsArgs),
-    /// Create a blob and print its id (decimal) alone on stdout.
+    /// Create a blob and print its id (hex, as SPDK prints it) alone on stdout.
     Create(CreateArgs),
-    /// Change a blob's size.
+    /// Change a blob's size (a smaller one needs --shrink).
     Resize(ResizeArgs),
+    /// Give a blob a new name (checked as create checks --name).
+    Rename(RenameArgs),
     /// Delete a blob.
     Delete(BlobArgs),
     /// Make a blob read-only (data and metadata), for good.
     SetReadOnly(BlobArgs),
-    /// Snapshot a blob (the blob becomes a thin clone of it); prints the snapshot's id.
+    /// Snapshot a blob (the blob becomes a thin clone of it); prints the snapshot's id (hex).
     Snapshot(SnapshotArgs),
-    /// Clone a snapshot (a thin blob reading through it); prints the clone's id.
+    /// Clone a snapshot (a thin blob reading through it); prints the clone's id (hex).
     Clone(SnapshotArgs),
     /// Allocate every cluster a blob does not own; it then has no parent and is thick.
     Inflate(BlobArgs),
@@ -56,7 +59,8 @@ pub enum Command {
     Import(ImportArgs),
     /// Copy a blob (or part of it) into a file.
     Export(ExportArgs),
-    /// Decode every metadata page, checking CRCs (SPDK's blobcli -D); reads the raw image.
+    /// Decode every metadata page, checking CRCs (SPDK's blobcli -D); reads the raw image;
+    /// exit 2 when it finds problems.
     Dump(DumpArgs),
     /// Check a store for damage (exit 0 consistent, 2 problems found, 1 could not check);
     /// with --repair, fix what can be fixed without guessing.
@@ -98,7 +102,7 @@ pub enum RwMode {
 #[derive(Debug, Clone, clap::Args)]
 pub struct PerfArgs {
     /// `null`, `malloc:SIZE` (RAM), or a PATH (file or block device; a missing file is
-    /// created with --size and fully written first).
+    /// created with --size and fully written first, except under /dev).
     #[arg(long, default_value = "spool-perf.img")]
     pub target: String,
     /// What to measure: the bdev, the blob layer over it, or metadata rates.
@@ -135,7 +139,7 @@ pub struct PerfArgs {
     #[arg(long, default_value = "0")]
     pub cores: String,
     /// Size of a null device, or of a file to create (e.g. 1G).
-    #[arg(long, default_value = "1G")]
+    #[arg(long, default_value = "1G", allow_hyphen_values = true)]
     pub size: String,
     /// Block size of null/malloc devices and of files.
     #[arg(long, default_value_t = 4096)]
@@ -156,6 +160,9 @@ pub struct PerfArgs {
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Write to a PATH that holds a blobstore (its data is lost); refused without this.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// How reactors wait when idle.

@@ -25,6 +25,10 @@ pub enum ToolError {
     /// The run itself failed.
     #[error("{0}")]
     Run(String),
+    /// A check ran to its end and found problems (listed on stdout); exit code 2, as
+    /// `fsck`-like tools do.
+    #[error("{0}")]
+    Problems(String),
     /// A stop signal interrupted the command; what was done is said, what was in flight
     /// finished, the store was unloaded cleanly (exit 130 for SIGINT, 143 for SIGTERM).
     #[error("interrupted by {} after {done}", signal.name())]
@@ -53,7 +57,7 @@ impl ToolError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ToolError::Usage(_) | ToolError::Inconsistent(_) => 2,
+            ToolError::Usage(_) | ToolError::Inconsistent(_) | ToolError::Problems(_) => 2,
             ToolError::Interrupted { signal, .. } => signal.exit_code(),
             ToolError::Engine(err) if err.errno() == -libc::EINVAL => 2,
             ToolError::Reactor(err) if err.errno() == -libc::EINVAL => 2,

@@ -61,9 +61,35 @@ pub fn parse_cores(text: &str) -> Result<Vec<usize>, ToolError> {
     Ok(cores)
 }
 
+/// Whether the job writes its target: a write pattern, or a layer that formats a store.
+fn writes_target(args: &PerfArgs) -> bool {
+    args.layer != Layer::Bdev || !matches!(args.rw, RwMode::Randread | RwMode::Read)
+}
+
+/// Refuses a missing PATH under /dev (a mistyped device), and a job that would write over a
+/// blobstore on a PATH target unless `--force`.
+fn refuse_overwriting_a_store(args: &PerfArgs) -> Result<(), ToolError> {
+    let path = std::path::Path::new(&args.target);
+    if matches!(args.target.as_str(), "null" | "malloc") || args.target.starts_with("malloc:") {
+        return Ok(());
+    }
+    spool_engine::guard::refuse_new_file_in_dev(path)?;
+    if args.force || !writes_target(args) || !path.exists() {
+        return Ok(());
+    }
+    if spool_engine::guard::holds_blobstore(path) {
+        return Err(ToolError::Failed(format!(
+            "{}: holds a blobstore (SPDKBLOB super block) that this job would overwrite: point --target elsewhere, or add --force to lose it",
+            args.target
+        )));
+    }
+    Ok(())
+}
+
 /// The engine's settings for `args`. The cluster size is parsed only for the layers that
 /// create a store.
 fn config(args: &PerfArgs) -> Result<PerfConfig, ToolError> {
+    refuse_overwriting_a_store(args)?;
     let cores = parse_cores(&args.cores)?;
     let bs = parse_size(&args.bs)?;
     let target_options = TargetOptions {
@@ -208,16 +234,20 @@ pub fn table(report: &PerfReport) -> String {
             String::new()
         },
     );
+    // 1e9/IOPS is the stack's own cost per I/O only where no device does any work.
+    let stack_cost = config.kind == spool_engine::target::NULL_KIND;
     out.push_str(&format!(
-        "{:>6} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}\n",
-        "core", "IOPS", "MiB/s", "mean_us", "p50_us", "p99_us", "p99.9_us", "max_us", "ns/IO"
+        "{:>6} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "core", "IOPS", "MiB/s", "mean_us", "p50_us", "p99_us", "p99.9_us", "max_us"
     ));
+    out.push_str(if stack_cost { " stack_ns/IO\n" } else { "\n" });
     for core in &report.cores {
         out.push_str(&row(
             &core.core.to_string(),
             core.iops,
             core.mib_s,
             &core.lat_us,
+            stack_cost,
         ));
     }
     out.push_str(&row(
@@ -225,6 +255,7 @@ pub fn table(report: &PerfReport) -> String {
         report.total.iops,
         report.total.mib_s,
         &report.total.lat_us,
+        stack_cost,
     ));
     if report.total.errors > 0 {
         out.push_str(&format!("errors: {}\n", report.total.errors));
@@ -232,12 +263,18 @@ pub fn table(report: &PerfReport) -> String {
     out
 }
 
-fn row(name: &str, iops: f64, mib_s: f64, lat: &LatencyUs) -> String {
-    let ns_per_io = if iops > 0.0 { 1e9 / iops } else { 0.0 };
-    format!(
-        "{:>6} {:>12.0} {:>10.1} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1}\n",
-        name, iops, mib_s, lat.mean, lat.p50, lat.p99, lat.p999, lat.max, ns_per_io
-    )
+/// One table row; with `stack_cost`, a last column of 1e9/IOPS (ns of one core per I/O).
+fn row(name: &str, iops: f64, mib_s: f64, lat: &LatencyUs, stack_cost: bool) -> String {
+    let mut line = format!(
+        "{:>6} {:>12.0} {:>10.1} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+        name, iops, mib_s, lat.mean, lat.p50, lat.p99, lat.p999, lat.max
+    );
+    if stack_cost {
+        let ns_per_io = if iops > 0.0 { 1e9 / iops } else { 0.0 };
+        line.push_str(&format!(" {ns_per_io:>11.1}"));
+    }
+    line.push('\n');
+    line
 }
 
 /// A metadata report as a table for people.

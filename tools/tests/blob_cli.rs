@@ -39,7 +39,11 @@ fn create(dir: &Path, args: &[&str]) -> u64 {
         text.ends_with('\n') && text.lines().count() == 1,
         "{text:?}"
     );
-    text.trim_end().parse().expect("the id alone, in decimal")
+    let hex = text
+        .trim_end()
+        .strip_prefix("0x")
+        .expect("the id alone, in hex");
+    u64::from_str_radix(hex, 16).expect("the id alone, in hex")
 }
 
 #[test]
@@ -125,7 +129,7 @@ fn init_makes_a_sparse_file_that_takes_only_its_metadata_on_disk() {
     std::fs::write(&data, pattern(7, 3 * MIB as usize)).unwrap();
     let id = {
         let run = ok_in(dir.path(), &["create", "big.img", "--size", "8M", "--thin"]);
-        run.text().trim_end().parse::<u64>().unwrap()
+        u64::from_str_radix(run.text().trim_end().trim_start_matches("0x"), 16).unwrap()
     };
     let id = id.to_string();
     ok_in(dir.path(), &["import", "big.img", &id, "data.bin"]);
@@ -156,7 +160,10 @@ fn init_preallocate_reserves_the_whole_file() {
     );
     assert_eq!(info_json(dir.path(), "full.img")["clean"], true);
     // Re-formatting with --preallocate keeps the reservation; a missing file needs --size.
-    ok_in(dir.path(), &["init", "full.img", "--preallocate"]);
+    ok_in(
+        dir.path(),
+        &["init", "full.img", "--preallocate", "--force"],
+    );
     assert!(allocated_bytes(&dir.path().join("full.img")) >= used);
     let line = fails_in(dir.path(), &["init", "none.img", "--preallocate"]);
     assert!(line.contains("--size"), "{line}");
@@ -172,7 +179,7 @@ fn init_over_an_old_store_leaves_none_of_its_metadata() {
         create(dir.path(), &["--size", "1M"]);
     }
     assert_eq!(ls(dir.path(), "store.img").len(), 5);
-    ok_in(dir.path(), &["init", "store.img"]);
+    ok_in(dir.path(), &["init", "store.img", "--force"]);
     assert_eq!(ls(dir.path(), "store.img").len(), 0);
     // Mark the new store dirty (clean flag at byte offset 16 of the super block: see
     // docs/format.md) so the next load replays every md page.
@@ -210,7 +217,10 @@ fn init_refuses_what_it_cannot_do_and_leaves_no_file_behind() {
     let line = fails_in(dir.path(), &["init", "new.img", "--size", "512K"]);
     assert!(line.contains("smaller than one cluster"), "{line}");
     store(dir.path());
-    let line = fails_in(dir.path(), &["init", "store.img", "--size", "32M"]);
+    let line = fails_in(
+        dir.path(),
+        &["init", "store.img", "--size", "32M", "--force"],
+    );
     assert!(line.contains("67108864"), "{line}");
     let line = fails_in(
         dir.path(),
@@ -228,10 +238,16 @@ fn info_reports_the_clean_flag_found_at_open() {
     assert_eq!(first["clean"], false, "p3 was left dirty by SPDK");
     assert_eq!(first["recovered"], true);
     assert_eq!(first["free_clusters"], 28, "SPDK's recovery counts 28");
+    // info only reads: the recovery was in memory, and the image is still dirty.
     let second = info_json(dir.path(), image);
-    assert_eq!(second["clean"], true, "the first info unloaded cleanly");
-    assert_eq!(second["recovered"], false);
-    assert_eq!(second["free_clusters"], 28);
+    assert_eq!(second["clean"], false, "info wrote nothing");
+    assert_eq!(second["recovered"], true);
+    // A command that writes recovers it for good.
+    ok_in(dir.path(), &["super", image, "--clear"]);
+    let third = info_json(dir.path(), image);
+    assert_eq!(third["clean"], true, "the writer unloaded cleanly");
+    assert_eq!(third["recovered"], false);
+    assert_eq!(third["free_clusters"], 28);
 }
 
 #[test]
@@ -316,7 +332,7 @@ fn sizes_round_up_to_whole_clusters_and_say_so() {
         "{}",
         run.stderr
     );
-    assert_eq!(run.text(), "4294967296\n");
+    assert_eq!(run.text(), "0x100000000\n");
     assert_eq!(ls(dir.path(), "store.img")[0]["num_clusters"], 1);
     let run = ok_in(dir.path(), &["resize", "store.img", "0x100000000", "2560K"]);
     assert!(
@@ -333,7 +349,10 @@ fn sizes_round_up_to_whole_clusters_and_say_so() {
         run.stderr
     );
     assert_eq!(ls(dir.path(), "store.img")[0]["num_clusters"], 8);
-    ok_in(dir.path(), &["resize", "store.img", "0x100000000", "0"]);
+    ok_in(
+        dir.path(),
+        &["resize", "store.img", "0x100000000", "0", "--shrink"],
+    );
     assert_eq!(ls(dir.path(), "store.img")[0]["num_clusters"], 0);
     assert_eq!(info_json(dir.path(), "store.img")["free_clusters"], 63);
 }
@@ -633,11 +652,29 @@ fn blobs_are_found_by_id_or_name() {
     assert_eq!(size("hello"), 2 * MIB);
     assert_eq!(size("4294967300"), 3 * MIB);
     assert_eq!(size("0x100000004"), 3 * MIB);
-    // A name shared by two blobs is refused, naming both.
+    // A name shared by two blobs (as an SPDK-written store may have; spool refuses to make
+    // one) is refused, naming both. Made by renaming "hellx" in the md page to "hello".
     ok_in(
         d,
-        &["xattr", "store.img", "0x100000004", "set", "name", "hello"],
+        &["xattr", "store.img", "0x100000004", "set", "name", "hellx"],
     );
+    let path = d.join("store.img");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let md = 4 * 4096..68 * 4096;
+    let page = bytes[md.clone()]
+        .chunks(4096)
+        .position(|page| page.windows(5).any(|w| w == b"hellx"))
+        .expect("the md page holding the name");
+    let page = md.start + page * 4096;
+    let at = page
+        + bytes[page..page + 4096]
+            .windows(5)
+            .position(|w| w == b"hellx")
+            .unwrap();
+    bytes[at + 4] = b'o';
+    let crc = crc32c::crc32c(&bytes[page..page + 4092]);
+    bytes[page + 4092..page + 4096].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
     let line = fails_in(d, &["export", "store.img", "hello", "out.bin"]);
     assert!(
         line.contains("2 blobs (0x100000002, 0x100000004)"),
@@ -805,6 +842,14 @@ fn dump_decodes_every_md_page_of_an_spdk_image() {
     }
 }
 
+/// Runs a `dump` that finds problems: it prints the whole dump, then exits 2.
+fn dump_with_problems(d: &Path, args: &[&str]) -> support::Run {
+    let run = spool_in(d, args);
+    assert_eq!(run.code, Some(2), "{args:?}: {}", run.stderr);
+    assert!(run.stderr.contains("problem(s) found"), "{}", run.stderr);
+    run
+}
+
 #[test]
 fn dump_works_on_corrupt_images_and_flags_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
@@ -817,7 +862,7 @@ fn dump_works_on_corrupt_images_and_flags_what_is_wrong() {
     bytes[(4 + 5) * 4096 + 17..(4 + 5) * 4096 + 21].copy_from_slice(&5000u32.to_le_bytes()); // ...that overruns
     std::fs::write(&image, &bytes).unwrap();
     let image = image.to_str().unwrap();
-    let dump = json(&ok_in(d, &["dump", image, "--json"]));
+    let dump = json(&dump_with_problems(d, &["dump", image, "--json"]));
     assert_eq!(dump["super_block"]["crc_ok"], false);
     assert_eq!(dump["super_block"]["md_len"], 64, "fields still decoded");
     let pages = dump["pages"].as_array().unwrap();
@@ -826,7 +871,7 @@ fn dump_works_on_corrupt_images_and_flags_what_is_wrong() {
     assert_eq!(pages[3]["descriptors"][0]["type"], "error");
     let problems = dump["problems"].as_array().unwrap();
     assert_eq!(problems.len(), 4, "{problems:?}");
-    let text = ok_in(d, &["dump", image]).text();
+    let text = dump_with_problems(d, &["dump", image]).text();
     assert!(
         text.contains("super block: crc 0x42d6c20d MISMATCH"),
         "{text}"
@@ -838,7 +883,7 @@ fn dump_works_on_corrupt_images_and_flags_what_is_wrong() {
     assert!(std::fs::read(image).unwrap() == bytes);
     // A truncated image: the md region is there, the data is not.
     std::fs::write(d.join("short.img"), &bytes[..64 * 1024]).unwrap();
-    let dump = json(&ok_in(d, &["dump", "short.img", "--json"]));
+    let dump = json(&dump_with_problems(d, &["dump", "short.img", "--json"]));
     assert!(
         dump["problems"]
             .to_string()
@@ -846,7 +891,7 @@ fn dump_works_on_corrupt_images_and_flags_what_is_wrong() {
         "{dump}"
     );
     std::fs::write(d.join("shorter.img"), &bytes[..6 * 4096]).unwrap();
-    let dump = json(&ok_in(d, &["dump", "shorter.img", "--json"]));
+    let dump = json(&dump_with_problems(d, &["dump", "shorter.img", "--json"]));
     assert_eq!(
         dump["pages"].as_array().unwrap().len(),
         2,
@@ -997,7 +1042,7 @@ fn a_locked_image_is_refused_with_a_named_error_and_left_untouched() {
         &["ls", image],
         &["create", image, "--size", "1M"],
         &["delete", image, &id],
-        &["init", image],
+        &["init", image, "--force"],
         &["dump", image],
     ];
     for args in commands {

@@ -141,7 +141,7 @@ fn a_preallocated_image_can_be_reformatted_without_losing_its_reservation() {
     );
     let path = dir.path().join("pa.img");
     let before = allocated_bytes(&path);
-    let run = spool_in(dir.path(), &["init", "pa.img", "--preallocate"]);
+    let run = spool_in(dir.path(), &["init", "pa.img", "--preallocate", "--force"]);
     let after = allocated_bytes(&path);
     assert!(
         run.code == Some(0) && after >= before,
@@ -185,7 +185,7 @@ fn reformatted_stores_replay_nothing_of_the_old_one() {
     ] {
         let path = fixture_image(fixture, dir.path());
         let image = path.to_str().unwrap();
-        ok_in(dir.path(), &["init", image]);
+        ok_in(dir.path(), &["init", image, "--force"]);
         mark_dirty(&path);
         assert_eq!(blob_count(dir.path(), image), 0, "{fixture}");
     }
@@ -196,7 +196,10 @@ fn reformatted_stores_replay_nothing_of_the_old_one() {
     for _ in 0..3 {
         ok_in(dir.path(), &["create", "b512.img", "--size", "1M"]);
     }
-    ok_in(dir.path(), &["init", "b512.img", "--block-size", "512"]);
+    ok_in(
+        dir.path(),
+        &["init", "b512.img", "--block-size", "512", "--force"],
+    );
     mark_dirty(&dir.path().join("b512.img"));
     assert_eq!(blob_count(dir.path(), "b512.img"), 0, "512-byte blocks");
     ok_in(
@@ -224,6 +227,7 @@ fn reformatted_stores_replay_nothing_of_the_old_one() {
             "64K",
             "--md-pages",
             "100",
+            "--force",
         ],
     );
     mark_dirty(&dir.path().join("md.img"));

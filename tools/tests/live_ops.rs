@@ -18,7 +18,8 @@
 //! clones are exported with `nbd_start_export` and read with the same client. The kill test
 //! SIGKILLs the daemon at seeded points (the seed is printed; `SPOOL_TEST_SEED` replays it),
 //! in the middle of a call, then checks the store offline (`spool info`, which loads and
-//! recovers it, `spool dump`'s cluster ownership, `spool ls`'s names and uuids) and restarts
+//! recovers it in memory, a command that writes the recovery back, `spool dump`'s cluster
+//! ownership, `spool ls`'s names and uuids) and restarts
 //! the daemon to read every volume back.
 
 mod daemon;
@@ -1023,7 +1024,8 @@ fn live_loop_under_fio_keeps_snapshots_point_in_time_and_fio_verify_clean() {
 // kill -9 in the loop
 
 impl Live {
-    /// After a kill, offline: the store loads (and is recovered) with `spool info`, every
+    /// After a kill, offline: the store loads (and is recovered) with `spool info`, and a
+    /// command that writes (setting the super blob it has) writes the recovery back; every
     /// cluster is owned once and none leaked, and `spool ls` has every lvol the test knows
     /// of, by name and uuid: those whose call answered success and were not deleted, never a
     /// deleted one, and either way those whose call the kill interrupted (settled here).
@@ -1036,6 +1038,12 @@ impl Live {
             .to_path_buf();
         let info = spool_json(&dir, &["info", IMAGE]);
         assert_eq!(info["lvs_name"], "lvs0", "seed {}: {info}", self.seed);
+        // `info` only reads (a dirty store is recovered in memory and stays dirty on disk),
+        // and `dump` reads the masks on disk: let a command that writes recover it for good.
+        let super_blob = info["super_blob"]
+            .as_u64()
+            .expect("an lvol store's super blob");
+        spool(&dir, &["super", IMAGE, &format!("{super_blob:#x}")]);
         check_clusters_owned_once(&dir, IMAGE);
         let listed = spool_json(&dir, &["ls", IMAGE]);
         let on_disk: BTreeMap<String, String> = listed

@@ -78,7 +78,7 @@ fn init_lvs_makes_an_lvol_store_and_lvols_with_spdks_bytes() {
             "create", "lvs.img", "--size", "4M", "--thin", "--name", "lv0",
         ],
     ));
-    assert_eq!(lv0, "4294967297");
+    assert_eq!(lv0, "0x100000001");
     let line = fails_in(
         d,
         &[
@@ -121,7 +121,7 @@ fn init_lvs_makes_an_lvol_store_and_lvols_with_spdks_bytes() {
             .iter()
             .zip([("lv0", &lv0), ("snap0", &snap), ("clone0", &clone)])
     {
-        assert_eq!(row["id"].to_string(), *id);
+        assert_eq!(row["id_hex"], id.as_str());
         assert_eq!(row["name"], name);
         assert_eq!(row["alias"], format!("lvs0/{name}"));
         let uuid = row["uuid"].as_str().unwrap();

@@ -114,3 +114,52 @@ fn perf_prints_its_partial_table_on_sigint() {
     assert!(stderr.contains("interrupted by SIGINT after"), "{stderr}");
     assert!(stderr.contains("of 30 s"), "{stderr}");
 }
+
+/// Inflate (and so decouple, the same copy) stops between two clusters: the blob keeps
+/// reading through its parent, owns what was copied, the store is unloaded cleanly, and
+/// running it again finishes the job.
+#[test]
+fn inflate_stops_between_clusters_on_sigint_and_finishes_when_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok_in(d, &["init", "store.img", "--size", "1100M"]);
+    ok_in(
+        d,
+        &[
+            "create",
+            "store.img",
+            "--size",
+            "1000M",
+            "--thin",
+            "--name",
+            "vol",
+        ],
+    );
+    let snap = ok_in(d, &["snapshot", "store.img", "vol"]).text();
+    let (code, stderr) = interrupted(
+        d,
+        &["inflate", "store.img", "vol"],
+        libc::SIGINT,
+        Duration::from_millis(400),
+    );
+    assert_eq!(code, Some(130), "{stderr}");
+    let line = stderr.trim_end();
+    assert!(
+        line.starts_with("error: interrupted by SIGINT after ")
+            && line.ends_with(" of 1000 clusters of blob 0x100000000 copied (the inflate is not finished: the blob still reads through its parent; run it again to finish)"),
+        "{stderr}"
+    );
+    assert!(clean(d), "the store was unloaded cleanly");
+    let blobs = json(&ok_in(d, &["ls", "store.img", "--json"]));
+    let vol = &blobs[0];
+    assert_eq!(
+        vol["parent"].as_u64(),
+        u64::from_str_radix(snap.trim().trim_start_matches("0x"), 16).ok()
+    );
+    let copied = vol["num_allocated_clusters"].as_u64().unwrap();
+    assert!(copied < 1000, "stopped mid-way: {copied}");
+    ok_in(d, &["inflate", "store.img", "vol"]);
+    let blobs = json(&ok_in(d, &["ls", "store.img", "--json"]));
+    assert_eq!(blobs[0]["num_allocated_clusters"], 1000);
+    assert_eq!(blobs[0]["parent"], serde_json::Value::Null);
+}

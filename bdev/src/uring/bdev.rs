@@ -19,7 +19,7 @@ use spool_reactor::{Channel, IoDevice, PollStatus};
 
 use crate::device::{Bdev, ChannelBackend};
 use crate::error::BdevError;
-use crate::io::{IoSlots, Submission};
+use crate::io::{IoKind, IoSlots, Submission};
 use crate::uring::blk;
 use crate::uring::channels::drop_removed;
 use crate::uring::group::{draining_groups, group_device, GroupCtx, RingKey, UringGroupStats};
@@ -47,6 +47,10 @@ pub struct UringOptions {
     /// submits only at the end of each pass. Part of the ring configuration, like
     /// `ring_entries`.
     pub submit_batch: u32,
+    /// Open `O_RDONLY` (default false: `O_RDWR`): for readers of an image they may not write
+    /// (mode 0444, immutable, a read-only mount). Writes, unmaps and write-zeroes then fail
+    /// with -ENOTSUP before reaching the file.
+    pub read_only: bool,
 }
 
 /// The default [`UringOptions::submit_batch`]. The kernel spends microseconds building each
@@ -67,6 +71,7 @@ impl Default for UringOptions {
             name: None,
             direct: true,
             submit_batch: DEFAULT_SUBMIT_BATCH,
+            read_only: false,
         }
     }
 }
@@ -94,6 +99,7 @@ pub struct UringBdev {
     block_count: u64,
     iov_len_align: u32,
     direct: bool,
+    read_only: bool,
     group: IoDevice<GroupCtx>,
 }
 
@@ -107,6 +113,7 @@ impl std::fmt::Debug for UringBdev {
             .field("block_count", &self.block_count)
             .field("iov_len_align", &self.iov_len_align)
             .field("direct", &self.direct)
+            .field("read_only", &self.read_only)
             .finish()
     }
 }
@@ -163,7 +170,7 @@ impl UringBdev {
         let support = ring_support().map_err(|(reason, errno)| {
             open_error(path, format!("io_uring unusable: {reason}"), errno)
         })?;
-        let (file, direct) = Self::open_file(path, options.direct)?;
+        let (file, direct) = Self::open_file(path, options.direct, options.read_only)?;
         let metadata = file
             .metadata()
             .map_err(|err| open_error(path, format!("stat: {err}"), io_errno(&err)))?;
@@ -239,15 +246,16 @@ impl UringBdev {
             block_count,
             iov_len_align,
             direct,
+            read_only: options.read_only,
             group,
         })
     }
 
-    fn open_file(path: &Path, direct: bool) -> Result<(File, bool), BdevError> {
+    fn open_file(path: &Path, direct: bool, read_only: bool) -> Result<(File, bool), BdevError> {
         let open = |flags: i32| {
             OpenOptions::new()
                 .read(true)
-                .write(true)
+                .write(!read_only)
                 .custom_flags(libc::O_CLOEXEC | flags)
                 .open(path)
         };
@@ -330,6 +338,27 @@ impl Bdev for UringBdev {
 
     fn unmap_reads_zeroes(&self) -> bool {
         !self.dev.block_device
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), BdevError> {
+        if self.dev.block_device || self.read_only || len == 0 {
+            return Ok(());
+        }
+        match blk::reserve_file_range(&self.dev.file, offset, len) {
+            Ok(()) => Ok(()),
+            // A filesystem that cannot reserve: writes allocate as they come, as before.
+            Err(errno) if errno == -libc::EOPNOTSUPP => Ok(()),
+            Err(errno) => Err(BdevError::Reserve {
+                bdev: self.name.clone(),
+                offset,
+                len,
+                errno,
+            }),
+        }
+    }
+
+    fn supports(&self, kind: IoKind) -> bool {
+        !self.read_only || matches!(kind, IoKind::Read | IoKind::Flush)
     }
 
     fn create_channel(&self, slots: Rc<IoSlots>) -> Result<Box<dyn ChannelBackend>, BdevError> {

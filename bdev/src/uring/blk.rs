@@ -1,4 +1,5 @@
-//! Block-device ioctls of the uring bdev: logical block size, discard, zero-out.
+//! Block-device ioctls of the uring bdev: logical block size, discard, zero-out; and the
+//! file's space reservation (`fallocate` mode 0), the other blocking syscall it makes.
 //!
 //! These are ordinary blocking syscalls. The size query runs at open; discard and zero-out
 //! run on the reactor when a block device is asked to unmap or write zeros, which stalls that
@@ -41,6 +42,22 @@ pub(crate) fn logical_block_size(file: &File) -> Result<u32, i32> {
         return Err(last_errno());
     }
     u32::try_from(size).map_err(|_| -libc::EINVAL)
+}
+
+/// Reserves the disk space of `len` bytes at `offset` of the regular file `file`
+/// (`fallocate` mode 0: allocated, reading zeros, size unchanged unless it grows), or a
+/// negative errno (-ENOSPC when the filesystem is full, -EOPNOTSUPP when it cannot reserve).
+pub(crate) fn reserve_file_range(file: &File, offset: u64, len: u64) -> Result<(), i32> {
+    let offset = libc::off_t::try_from(offset).map_err(|_| -libc::EINVAL)?;
+    let len = libc::off_t::try_from(len).map_err(|_| -libc::EINVAL)?;
+    // SAFETY: fallocate takes the fd (owned by `file`, open for the call) and two integers;
+    // no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
+    if rc < 0 {
+        Err(last_errno())
+    } else {
+        Ok(())
+    }
 }
 
 fn range_ioctl(file: &File, request: libc::Ioctl, offset: u64, len: u64) -> Result<(), i32> {

@@ -109,6 +109,7 @@ impl Blobstore {
             parents: HashMap::new(),
             unreadable: HashMap::new(),
             unloaded: false,
+            read_only: false,
         };
         let inner = Blobstore::new_inner(desc, geometry, &used_clusters, state)?;
         let channel = &inner.md_channel;
@@ -159,6 +160,9 @@ impl Blobstore {
     /// Before the first metadata change after a clean load: clears the on-disk clean flag.
     pub(crate) async fn mark_dirty(&self) -> Result<()> {
         let _guard = self.inner.super_lock.lock().await;
+        if self.inner.state.borrow().read_only {
+            return Err(BlobError::StoreReadOnly("change its metadata"));
+        }
         if !self.inner.state.borrow().clean_on_disk {
             return Ok(());
         }
@@ -304,6 +308,11 @@ impl Blobstore {
         // the claim (its insert will fail: the blob is closed), so wait for it to end; and
         // nothing of a dropped I/O may land after the store said it is done.
         self.wait_for_device_work().await?;
+        if self.inner.state.borrow().read_only {
+            // Nothing was written; nothing is (the clean flag stays as it was found).
+            self.finish();
+            return Ok(());
+        }
         let _guard = self.inner.super_lock.lock().await;
         // Releases still waiting for a flush (only after a failed one) are free once one
         // completes: the masks must show them free.

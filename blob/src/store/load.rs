@@ -56,6 +56,11 @@ pub struct LoadOptions {
     /// A dirty load scans the whole md region even when Spool's root superset is trusted
     /// (SPDK's cost; for measurements, and for a store SPDK may also have written).
     pub full_scan: bool,
+    /// Load without writing anything, for readers of an image they may not write: a dirty
+    /// store is replayed in memory only (and stays dirty on disk), snapshots and merges a
+    /// crash interrupted are left as they are (listed in [`LoadReport::repaired`]), every
+    /// metadata change fails with -EROFS, and unload writes nothing.
+    pub read_only: bool,
 }
 
 /// What a load found and did.
@@ -200,6 +205,7 @@ impl Blobstore {
             parents: HashMap::new(),
             unreadable: HashMap::new(),
             unloaded: false,
+            read_only: options.read_only,
         };
         if state.super_block.size == 0 {
             state.super_block.size = device_bytes;
@@ -219,6 +225,16 @@ impl Blobstore {
         drop(channel);
         let inner = Blobstore::new_inner(desc, geometry, &used_clusters, state)?;
         let store = Blobstore::register(inner);
+        if options.read_only {
+            if !pending.is_empty() || !removing.is_empty() {
+                report.repaired.push(format!(
+                    "{} interrupted snapshot(s) and {} interrupted merge(s) left as they are (read-only load)",
+                    pending.len(),
+                    removing.len()
+                ));
+            }
+            return Ok((store, report));
+        }
         if recovered {
             store.write_masks().await?;
             flush(&store.inner.md_channel).await?;

@@ -730,3 +730,40 @@ fn a_long_chain_is_walked_in_rounds_to_its_end() {
     assert_eq!(get_u32(&image, page_at(last) + NEXT_OFFSET), chain[5]);
     rt.stop();
 }
+
+/// A read-only load writes nothing: a dirty store is replayed in memory (and stays dirty on
+/// the device), a metadata change fails with -EROFS, blobs open and read, and the unload
+/// leaves every byte as it was.
+#[test]
+fn a_read_only_load_writes_nothing() {
+    let rt = runtime();
+    let mut image = base_image(&rt);
+    set_dirty(&mut image);
+    let (bdev, desc) = device(&image);
+    let (recovered, create, blobs) = rt
+        .block_on(rt.reactors()[0], move || async move {
+            let options = LoadOptions {
+                read_only: true,
+                ..LoadOptions::default()
+            };
+            let (store, report) = Blobstore::load(desc, &options).await.unwrap();
+            let create = store.create_blob(&BlobOptions::default()).await;
+            let ids = store.blob_ids();
+            for &id in &ids {
+                if let Ok(blob) = store.open_blob(id).await {
+                    blob.close().await.unwrap();
+                }
+            }
+            store.unload().await.unwrap();
+            (report.recovered, create.map(|_| ()), ids.len())
+        })
+        .unwrap();
+    rt.stop();
+    assert!(recovered, "the dirty store was replayed");
+    assert_eq!(create.unwrap_err().errno(), -libc::EROFS);
+    assert!(blobs > 0);
+    assert!(
+        bdev.snapshot() == image,
+        "the device is byte for byte as it was"
+    );
+}

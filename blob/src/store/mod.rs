@@ -120,6 +120,8 @@ pub struct StoreShared {
     /// Device requests of dropped blob I/O still on the device, all blobs (see
     /// `crate::io::HeldCount`): unload and destroy wait for none.
     pub(crate) held_io: Arc<AtomicU64>,
+    /// The device, to reserve a thick blob's clusters on the host ([`spool_bdev::Bdev::reserve`]).
+    pub(crate) bdev: Arc<dyn spool_bdev::Bdev>,
 }
 
 impl StoreShared {
@@ -200,6 +202,8 @@ pub(crate) struct MdState {
     pub(crate) unreadable: HashMap<u64, String>,
     /// Set by unload and destroy.
     pub(crate) unloaded: bool,
+    /// Loaded read-only ([`crate::LoadOptions::read_only`]): nothing is written.
+    pub(crate) read_only: bool,
 }
 
 pub(crate) struct StoreInner {
@@ -510,6 +514,7 @@ impl Blobstore {
             zeroed: AtomicBitmap::from_set(&BitSet::new(used_clusters.len())),
             claims_outstanding: AtomicU64::new(0),
             held_io: Arc::new(AtomicU64::new(0)),
+            bdev: Arc::clone(desc.bdev()),
         });
         Ok(Rc::new(StoreInner {
             shared,

@@ -1,7 +1,7 @@
 //! The command-line grammar of the blobstore commands (`spool init`, `ls`, `import`, ...).
 //!
-//! Sizes take suffixes (4096, 64K, 16MiB, 1G, 0x1000): a size clap cannot parse is a usage
-//! error (exit 2). Everything checked against the store (a blob id, an offset's alignment)
+//! Sizes take suffixes (4096, 64K, 16MiB, 1G, 0x1000 binary; 100MB decimal, as dd reads
+//! it): a size clap cannot parse, or a negative one, is a usage error (exit 2). Everything checked against the store (a blob id, an offset's alignment)
 //! is checked once the store is loaded, and fails with exit 1.
 
 use clap::{Args, Subcommand};
@@ -42,7 +42,7 @@ pub struct InitArgs {
     pub image: String,
     /// Size of the file to create (e.g. 64M), sparse: it takes disk space only as it is
     /// written. An existing image is used whole.
-    #[arg(long, value_name = "BYTES", value_parser = size_arg)]
+    #[arg(long, value_name = "BYTES", value_parser = size_arg, allow_hyphen_values = true)]
     pub size: Option<u64>,
     /// Reserve the file's whole size on disk (fallocate: a new file, or what an existing one
     /// lacks) so later writes cannot run out of space, and keep it allocated (init unmaps
@@ -50,11 +50,14 @@ pub struct InitArgs {
     #[arg(long)]
     pub preallocate: bool,
     /// Bytes per cluster: the allocation unit (a multiple of 4096; default 1M).
-    #[arg(long, value_name = "BYTES", value_parser = size_arg)]
+    #[arg(long, value_name = "BYTES", value_parser = size_arg, allow_hyphen_values = true)]
     pub cluster_size: Option<u64>,
     /// Metadata pages (one per blob plus extent pages; default: one per cluster).
     #[arg(long, value_name = "N")]
     pub md_pages: Option<u32>,
+    /// Format the image even though it holds a blobstore already (whose blobs are lost).
+    #[arg(long)]
+    pub force: bool,
     /// The store's type tag, up to 16 bytes (SPDK's lvol stores use LVOLSTORE).
     #[arg(long, value_name = "NAME")]
     pub bstype: Option<String>,
@@ -95,7 +98,7 @@ pub struct CreateArgs {
     /// The image: a file or block device holding a blobstore.
     pub image: String,
     /// The blob's size (rounded up to whole clusters; 0 makes an empty blob).
-    #[arg(long, value_name = "BYTES", value_parser = bytes_arg)]
+    #[arg(long, value_name = "BYTES", value_parser = bytes_arg, allow_hyphen_values = true)]
     pub size: u64,
     /// Thin provisioned: clusters are allocated on first write.
     #[arg(long)]
@@ -121,8 +124,22 @@ pub struct ResizeArgs {
     /// The blob: an id (decimal or 0x-hex) or the value of its `name` xattr.
     pub blob: String,
     /// The new size (rounded up to whole clusters; 0 empties the blob).
-    #[arg(value_name = "BYTES", value_parser = bytes_arg)]
+    #[arg(value_name = "BYTES", value_parser = bytes_arg, allow_hyphen_values = true)]
     pub size: u64,
+    /// Allow a smaller size: the data past it is dropped (refused without this).
+    #[arg(long)]
+    pub shrink: bool,
+}
+
+/// Arguments of `spool rename`.
+#[derive(Debug, Clone, Args)]
+pub struct RenameArgs {
+    /// The image: a file or block device holding a blobstore.
+    pub image: String,
+    /// The blob: an id (decimal or 0x-hex) or its current name.
+    pub blob: String,
+    /// The new name: 1 to 63 bytes, unique in the store, not a blob id.
+    pub name: String,
 }
 
 /// Arguments of the commands that take just a blob (`delete`, `set-read-only`).
@@ -217,8 +234,12 @@ pub struct ImportArgs {
     /// The file to copy into the blob (all of it).
     pub file: String,
     /// Where in the blob to start (a multiple of the io_unit; default 0).
-    #[arg(long, value_name = "BYTES", value_parser = bytes_arg, default_value = "0")]
+    #[arg(long, value_name = "BYTES", value_parser = bytes_arg, default_value = "0", allow_hyphen_values = true)]
     pub offset: u64,
+    /// Copy FILE even though it starts like a qcow2, VMDK or VHD image (its bytes, not the
+    /// disk it describes, would land in the blob).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Arguments of `spool export`.
@@ -231,10 +252,10 @@ pub struct ExportArgs {
     /// The file to write (created or truncated), or `-` for stdout.
     pub file: String,
     /// Where in the blob to start (a multiple of the io_unit; default 0).
-    #[arg(long, value_name = "BYTES", value_parser = bytes_arg, default_value = "0")]
+    #[arg(long, value_name = "BYTES", value_parser = bytes_arg, default_value = "0", allow_hyphen_values = true)]
     pub offset: u64,
     /// Bytes to copy (default: to the end of the blob).
-    #[arg(long, value_name = "BYTES", value_parser = bytes_arg)]
+    #[arg(long, value_name = "BYTES", value_parser = bytes_arg, allow_hyphen_values = true)]
     pub length: Option<u64>,
 }
 

@@ -1,43 +1,45 @@
 //! The commands on one blob's life: `create`, `resize`, `delete`, `set-read-only`.
 
 use spool_blob::format::BLOBID_INVALID;
-use spool_blob::{BlobOptions, ExtentForm, LvolStore};
+use spool_blob::{BlobError, BlobOptions, Blobstore, ExtentForm, LvolStore};
 
 use crate::blob_cmd::args::{BlobArgs, CreateArgs, ResizeArgs};
-use crate::blob_cmd::resolve::{blobs_named, lvol_store, resolve_blob, with_blob, NAME_XATTR};
-use crate::blob_cmd::text::{emit, escape, id_hex, name_of};
+use crate::blob_cmd::names::{check_blob_name, check_name_value, check_unique, lvol_name};
+use crate::blob_cmd::resolve::{lvol_store, resolve_blob, with_blob, NAME_XATTR};
+use crate::blob_cmd::text::{emit, human_bytes, id_hex, name_of};
 use crate::blob_cmd::{clusters_for, on_store};
 use crate::error::ToolError;
 
-/// Bytes of the name buffer SPDK's lvol layer stores (`SPDK_LVOL_NAME_MAX`).
-pub const LVOL_NAME_BYTES: usize = 64;
+/// Fails, in words, when a thick blob of `clusters` cannot get them from the store's
+/// free clusters (`growing` of them for a resize): the image, the sizes, and what to do.
+fn check_room(image: &str, store: &Blobstore, what: &str, clusters: u64) -> Result<(), ToolError> {
+    let free = store.free_cluster_count();
+    if clusters <= free {
+        return Ok(());
+    }
+    let cluster = store.cluster_size();
+    Err(ToolError::Failed(format!(
+        "{image}: no space {what}: it needs {clusters} clusters of {} ({}) and {free} are free ({}); free some, or make the blob thin (--thin) to allocate on write",
+        human_bytes(cluster),
+        human_bytes(clusters.saturating_mul(cluster)),
+        human_bytes(free * cluster),
+    )))
+}
 
-/// `name` as SPDK's lvol layer stores it: NUL-padded to 64 bytes (at most 63 of name).
-pub fn lvol_name(name: &str) -> Result<Vec<u8>, ToolError> {
-    let bytes = name.as_bytes();
-    if bytes.is_empty() {
-        return Err(ToolError::Failed("the blob name is empty".into()));
+/// A thick blob's clusters the host filesystem could not reserve, in words (any other error
+/// as it is): the image, how much, and what to do.
+fn host_full(image: &str, what: &str, err: BlobError) -> ToolError {
+    match err {
+        BlobError::HostNoSpace { bytes, .. } => ToolError::Failed(format!(
+            "{image}: the host filesystem is full: reserving {} {what} failed (No space left on device); free space on the host, or make the blob thin (--thin) to allocate on write",
+            human_bytes(bytes)
+        )),
+        other => other.into(),
     }
-    if bytes.len() >= LVOL_NAME_BYTES {
-        return Err(ToolError::Failed(format!(
-            "the blob name '{}' is {} bytes; at most {} fit SPDK's {LVOL_NAME_BYTES}-byte name",
-            escape(bytes),
-            bytes.len(),
-            LVOL_NAME_BYTES - 1
-        )));
-    }
-    if bytes.contains(&0) {
-        return Err(ToolError::Failed(
-            "the blob name contains a NUL byte".into(),
-        ));
-    }
-    let mut stored = bytes.to_vec();
-    stored.resize(LVOL_NAME_BYTES, 0);
-    Ok(stored)
 }
 
 /// `spool create IMAGE --size BYTES [--thin] [--name NAME] [--xattr KEY=VALUE]... [--rle]`:
-/// prints the new blob's id (decimal) alone on stdout. In an lvol store the blob is an lvol
+/// prints the new blob's id (hex, as SPDK prints it) alone on stdout. In an lvol store the blob is an lvol
 /// (see [`create_lvol`]).
 pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
     let mut xattrs: Vec<(String, Vec<u8>)> = args
@@ -54,11 +56,14 @@ pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
         }
         xattrs.push((NAME_XATTR.to_string(), lvol_name(name)?));
     }
+    if let Some((_, value)) = xattrs.iter().find(|(key, _)| key == NAME_XATTR) {
+        check_name_value(value)?;
+    }
     let name = xattrs
         .iter()
         .find(|(key, _)| key == NAME_XATTR)
         .map(|(_, value)| name_of(value));
-    let size = args.size;
+    let (size, image) = (args.size, args.image.clone());
     let options = BlobOptions {
         num_clusters: 0,
         thin: args.thin,
@@ -72,31 +77,31 @@ pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
     };
     let id = on_store(&args.image, move |store, _| async move {
         if let Some(lvs) = lvol_store(&store).await? {
-            return create_lvol(&lvs, &lvol_args).await;
+            return create_lvol(&image, &lvs, &lvol_args).await;
         }
         if let Some(name) = &name {
-            let taken = blobs_named(&store, name).await;
-            if let Some(&other) = taken.first() {
-                return Err(ToolError::Failed(format!(
-                    "a blob named '{}' already exists ({})",
-                    escape(name.as_bytes()),
-                    id_hex(other)
-                )));
-            }
+            check_unique(&store, name, None).await?;
         }
         let options = BlobOptions {
             num_clusters: clusters_for(size, store.cluster_size()),
             ..options
         };
-        Ok(store.create_blob(&options).await?)
+        let what = format!("for a {} blob", human_bytes(size));
+        if !options.thin {
+            check_room(&image, &store, &what, options.num_clusters)?;
+        }
+        store
+            .create_blob(&options)
+            .await
+            .map_err(|err| host_full(&image, &what, err))
     })?;
-    emit(&format!("{id}\n"))
+    emit(&format!("{}\n", id_hex(id)))
 }
 
 /// `create` in an lvol store: an lvol named `--name` (required: SPDK's loader refuses a blob
 /// without a name), with a new uuid, as SPDK's bdev_lvol_create; `--xattr`s are added after.
 /// `--rle` is refused (SPDK's lvol layer makes extent tables).
-async fn create_lvol(lvs: &LvolStore, args: &CreateArgs) -> Result<u64, ToolError> {
+async fn create_lvol(image: &str, lvs: &LvolStore, args: &CreateArgs) -> Result<u64, ToolError> {
     let Some(name) = &args.name else {
         return Err(ToolError::Failed(format!(
             "lvol store '{}': an lvol needs a name (--name)",
@@ -109,9 +114,18 @@ async fn create_lvol(lvs: &LvolStore, args: &CreateArgs) -> Result<u64, ToolErro
                 .into(),
         ));
     }
+    check_blob_name(name.as_bytes())?;
     let store = lvs.blobstore();
-    let bytes = clusters_for(args.size, store.cluster_size()) * store.cluster_size();
-    let lvol = lvs.create_lvol(name, bytes, args.thin).await?;
+    let clusters = clusters_for(args.size, store.cluster_size());
+    if !args.thin {
+        let what = format!("for a {} lvol", human_bytes(args.size));
+        check_room(image, store, &what, clusters)?;
+    }
+    let bytes = clusters * store.cluster_size();
+    let lvol = lvs
+        .create_lvol(name, bytes, args.thin)
+        .await
+        .map_err(|err| host_full(image, &format!("for a {} lvol", human_bytes(bytes)), err))?;
     if !args.xattrs.is_empty() {
         with_blob(store, lvol.id, async |blob| {
             for (key, value) in &args.xattrs {
@@ -124,14 +138,33 @@ async fn create_lvol(lvs: &LvolStore, args: &CreateArgs) -> Result<u64, ToolErro
     Ok(lvol.id)
 }
 
-/// `spool resize IMAGE BLOB BYTES`.
+/// `spool resize IMAGE BLOB BYTES [--shrink]`: a smaller size drops the data past it, so
+/// it is refused without `--shrink`; a thick blob that grows must find its clusters free.
 pub fn resize(args: &ResizeArgs) -> Result<(), ToolError> {
-    let (text, size) = (args.blob.clone(), args.size);
+    let (text, size, shrink) = (args.blob.clone(), args.size, args.shrink);
+    let image = args.image.clone();
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
         let clusters = clusters_for(size, store.cluster_size());
+        let cluster = store.cluster_size();
         with_blob(&store, id, async |blob| {
-            blob.resize(clusters).await?;
+            let now = blob.num_clusters();
+            if clusters < now && !shrink {
+                return Err(ToolError::Failed(format!(
+                    "{image}: blob {} is {}; resizing it to {} would drop the data past that: add --shrink if that is what you want",
+                    id_hex(id),
+                    human_bytes(now * cluster),
+                    human_bytes(clusters * cluster)
+                )));
+            }
+            if clusters > now && !blob.is_thin() {
+                let what = format!("to grow blob {} to {}", id_hex(id), human_bytes(size));
+                check_room(&image, &store, &what, clusters - now)?;
+            }
+            let what = format!("to grow blob {} to {}", id_hex(id), human_bytes(size));
+            blob.resize(clusters)
+                .await
+                .map_err(|err| host_full(&image, &what, err))?;
             blob.sync_md().await?;
             Ok(())
         })
@@ -169,21 +202,4 @@ pub fn set_read_only(args: &BlobArgs) -> Result<(), ToolError> {
         })
         .await
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lvol_names_are_nul_padded_to_64_bytes() {
-        let stored = lvol_name("lv0").unwrap();
-        assert_eq!(stored.len(), 64);
-        assert_eq!(&stored[..3], b"lv0");
-        assert!(stored[3..].iter().all(|&b| b == 0));
-        assert!(lvol_name(&"x".repeat(63)).is_ok());
-        let err = lvol_name(&"x".repeat(64)).unwrap_err();
-        assert!(err.to_string().contains("64 bytes"), "{err}");
-        assert!(lvol_name("").is_err());
-    }
 }

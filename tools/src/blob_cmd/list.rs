@@ -7,7 +7,7 @@ use spool_blob::lvol::xattr::{parse_uuid, UUID_XATTR};
 use spool_blob::{Blob, Blobstore, ExtentForm, LvolStore};
 
 use crate::blob_cmd::args::LsArgs;
-use crate::blob_cmd::on_store;
+use crate::blob_cmd::on_store_read_only;
 use crate::blob_cmd::resolve::{lvol_store, NAME_XATTR};
 use crate::blob_cmd::store_cmds::to_json;
 use crate::blob_cmd::text::{emit, escape, hex, human_bytes, id_hex, name_of, table};
@@ -216,7 +216,7 @@ fn ls_table(rows: &[Row]) -> String {
 
 /// `spool ls IMAGE [--json]`.
 pub fn ls(args: &LsArgs) -> Result<(), ToolError> {
-    let rows = on_store(&args.image, |store, _| async move { rows(&store).await })?;
+    let rows = on_store_read_only(&args.image, |store, _| async move { rows(&store).await })?;
     for row in &rows {
         if let Row::Unreadable(bad) = row {
             eprintln!("warning: {}", bad.error);

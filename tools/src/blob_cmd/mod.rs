@@ -6,6 +6,7 @@
 //! - `store_cmds`: init, info, super.
 //! - `list`: ls.
 //! - `blob_cmds`: create, resize, delete, set-read-only.
+//! - `names`: the rules every blob name follows, and rename.
 //! - `xattr`: xattr ls/get/set/rm.
 //! - `transfer`: import and export (arguments, progress bar; the copy is
 //!   [`spool_engine::transfer`]).
@@ -21,6 +22,7 @@ mod blob_cmds;
 mod check;
 mod dump;
 mod list;
+mod names;
 mod progress;
 mod resolve;
 mod snapshot_cmds;
@@ -52,6 +54,7 @@ pub fn run(command: &Command) -> Result<(), ToolError> {
         Command::Ls(args) => list::ls(args),
         Command::Create(args) => blob_cmds::create(args),
         Command::Resize(args) => blob_cmds::resize(args),
+        Command::Rename(args) => names::rename(args),
         Command::Delete(args) => blob_cmds::delete(args),
         Command::SetReadOnly(args) => blob_cmds::set_read_only(args),
         Command::Snapshot(args) => snapshot_cmds::snapshot(args),
@@ -65,7 +68,10 @@ pub fn run(command: &Command) -> Result<(), ToolError> {
         Command::Check(args) => check::check(args),
     };
     result.map_err(|err| match err {
-        ToolError::Failed(_) | ToolError::Interrupted { .. } | ToolError::Inconsistent(_) => err,
+        ToolError::Failed(_)
+        | ToolError::Interrupted { .. }
+        | ToolError::Inconsistent(_)
+        | ToolError::Problems(_) => err,
         other => ToolError::Failed(other.to_string()),
     })
 }
@@ -79,6 +85,19 @@ where
     T: Send + 'static,
 {
     with_store(image, StoreOpen::Load(LoadOptions::default()), job)
+}
+
+/// Like [`on_store`], for commands that only read (`ls`, `info`, `export`, `xattr ls/get`,
+/// `super` without BLOB): the image is opened read-only under a shared lock and nothing is
+/// written to it (a dirty store is recovered in memory only), so they work on an image the
+/// user may not write (mode 0444, immutable, a read-only mount).
+fn on_store_read_only<T, F, Fut>(image: &str, job: F) -> Result<T, ToolError>
+where
+    F: FnOnce(Blobstore, OpenInfo) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, ToolError>> + 'static,
+    T: Send + 'static,
+{
+    with_store(image, StoreOpen::read_only(), job)
 }
 
 /// Like [`on_store`], with the store opened as `open` says.
@@ -123,6 +142,11 @@ fn not_a_blobstore(err: &ToolError) -> bool {
 /// Makes an engine, store or reactor error name the image (unless it already does).
 fn name_image(image: &str, err: ToolError) -> ToolError {
     if not_a_blobstore(&err) {
+        if !spool_engine::guard::holds_blobstore(Path::new(image)) {
+            return ToolError::Failed(format!(
+                "{image}: not a blobstore: no SPDKBLOB signature (spool init formats one)"
+            ));
+        }
         return ToolError::Failed(format!("{image}: not a blobstore ({err})"));
     }
     match err {

@@ -1,12 +1,15 @@
 //! The commands on snapshot chains: `snapshot`, `clone`, `inflate`, `decouple`.
 
-use spool_blob::{Blobstore, LvolStore};
+use std::rc::Rc;
+
+use spool_blob::{BlobError, Blobstore, LvolStore};
+use spool_engine::signals;
 
 use crate::blob_cmd::args::{BlobArgs, SnapshotArgs};
-use crate::blob_cmd::blob_cmds::lvol_name;
+use crate::blob_cmd::names::{check_blob_name, check_unique, lvol_name};
 use crate::blob_cmd::on_store;
-use crate::blob_cmd::resolve::{blobs_named, lvol_store, resolve_blob, NAME_XATTR};
-use crate::blob_cmd::text::{emit, escape, id_hex};
+use crate::blob_cmd::resolve::{lvol_store, resolve_blob, NAME_XATTR};
+use crate::blob_cmd::text::{emit, id_hex};
 use crate::error::ToolError;
 
 /// The xattrs a `--name NAME` gives the new blob (refused if the name is taken).
@@ -18,13 +21,7 @@ async fn name_xattrs(
         return Ok(Vec::new());
     };
     let stored = lvol_name(name)?;
-    if let Some(&other) = blobs_named(store, name).await.first() {
-        return Err(ToolError::Failed(format!(
-            "a blob named '{}' already exists ({})",
-            escape(name.as_bytes()),
-            id_hex(other)
-        )));
-    }
+    check_unique(store, name, None).await?;
     Ok(vec![(NAME_XATTR.to_string(), stored)])
 }
 
@@ -39,7 +36,10 @@ async fn lvol_target(
         return Ok(None);
     };
     match name {
-        Some(name) => Ok(Some((lvs, name.to_string()))),
+        Some(name) => {
+            check_blob_name(name.as_bytes())?;
+            Ok(Some((lvs, name.to_string())))
+        }
         None => Err(ToolError::Failed(format!(
             "lvol store '{}': a {what} needs a name (--name)",
             lvs.name()
@@ -47,7 +47,7 @@ async fn lvol_target(
     }
 }
 
-/// `spool snapshot IMAGE BLOB [--name NAME]`: prints the new snapshot's id. In an lvol store
+/// `spool snapshot IMAGE BLOB [--name NAME]`: prints the new snapshot's id (hex). In an lvol store
 /// the snapshot is an lvol (its own uuid), as SPDK's bdev_lvol_snapshot makes it.
 pub fn snapshot(args: &SnapshotArgs) -> Result<(), ToolError> {
     let (text, name) = (args.blob.clone(), args.name.clone());
@@ -59,10 +59,10 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<(), ToolError> {
         let xattrs = name_xattrs(&store, name.as_deref()).await?;
         Ok(store.create_snapshot(id, &xattrs).await?)
     })?;
-    emit(&format!("{id}\n"))
+    emit(&format!("{}\n", id_hex(id)))
 }
 
-/// `spool clone IMAGE SNAPSHOT [--name NAME]`: prints the new clone's id. In an lvol store
+/// `spool clone IMAGE SNAPSHOT [--name NAME]`: prints the new clone's id (hex). In an lvol store
 /// the clone is an lvol, as SPDK's bdev_lvol_clone makes it.
 pub fn clone(args: &SnapshotArgs) -> Result<(), ToolError> {
     let (text, name) = (args.blob.clone(), args.name.clone());
@@ -74,23 +74,60 @@ pub fn clone(args: &SnapshotArgs) -> Result<(), ToolError> {
         let xattrs = name_xattrs(&store, name.as_deref()).await?;
         Ok(store.create_clone(id, &xattrs).await?)
     })?;
-    emit(&format!("{id}\n"))
+    emit(&format!("{}\n", id_hex(id)))
+}
+
+/// Whether a stop signal (Ctrl-C, SIGTERM) asked the command to stop.
+fn stop_asked() -> Rc<dyn Fn() -> bool> {
+    Rc::new(|| signals::stop_requested().is_some())
+}
+
+/// A copy a stop signal ended between two clusters, as the command reports it: what was done,
+/// and that running it again finishes the job (the store is unloaded cleanly after).
+fn stopped(err: BlobError) -> ToolError {
+    match (&err, signals::stop_requested()) {
+        (
+            BlobError::Stopped {
+                id,
+                what,
+                done,
+                total,
+            },
+            Some(signal),
+        ) => ToolError::Interrupted {
+            signal,
+            done: format!(
+                "{done} of {total} clusters of blob {} copied (the {what} is not finished: the blob still reads through its parent; run it again to finish)",
+                id_hex(*id)
+            ),
+            report: None,
+        },
+        _ => ToolError::from(err),
+    }
 }
 
 /// `spool inflate IMAGE BLOB`: allocate every cluster the blob does not own; no parent after.
+/// Ctrl-C stops it between two clusters (the store is unloaded cleanly; exit 130).
 pub fn inflate(args: &BlobArgs) -> Result<(), ToolError> {
     let text = args.blob.clone();
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
-        Ok(store.inflate_blob(id).await?)
+        store
+            .inflate_blob_until(id, stop_asked())
+            .await
+            .map_err(stopped)
     })
 }
 
 /// `spool decouple IMAGE BLOB`: copy what the parent owns; the grandparent becomes the parent.
+/// Ctrl-C stops it between two clusters, as for inflate.
 pub fn decouple(args: &BlobArgs) -> Result<(), ToolError> {
     let text = args.blob.clone();
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
-        Ok(store.decouple_parent(id).await?)
+        store
+            .decouple_parent_until(id, stop_asked())
+            .await
+            .map_err(stopped)
     })
 }

@@ -13,7 +13,7 @@ use spool_engine::{ImageLock, OpenInfo, StagedImage, StoreOpen};
 use crate::blob_cmd::args::{InfoArgs, InitArgs, SuperArgs};
 use crate::blob_cmd::resolve::{is_lvol_store, resolve_blob};
 use crate::blob_cmd::text::{emit, human_bytes, id_hex, table};
-use crate::blob_cmd::{on_store, with_locked_store, with_store};
+use crate::blob_cmd::{on_store, on_store_read_only, with_locked_store, with_store};
 use crate::error::ToolError;
 
 /// What `spool info` reports (`--json` prints it as is).
@@ -150,7 +150,7 @@ fn info_table(info: &StoreInfo) -> String {
 /// `spool info IMAGE [--json]`.
 pub fn info(args: &InfoArgs) -> Result<(), ToolError> {
     let image = args.image.clone();
-    let info = on_store(&args.image, move |store, open| async move {
+    let info = on_store_read_only(&args.image, move |store, open| async move {
         let mut info = store_info(image, &store, &open);
         if is_lvol_store(&store) {
             // A store SPDK could not open as an lvol store is still described as a blobstore.
@@ -262,7 +262,8 @@ fn init_bstype(args: &InitArgs) -> Result<Bstype, ToolError> {
 }
 
 /// `spool init IMAGE [--size BYTES] [--cluster-size BYTES] [--md-pages N] [--bstype NAME]
-/// [--lvs NAME] [--block-size 512|4096]`.
+/// [--lvs NAME] [--block-size 512|4096] [--force]`: an image that holds a store already
+/// needs `--force`.
 pub fn init(args: &InitArgs) -> Result<(), ToolError> {
     let options = InitOptions {
         cluster_size: args.cluster_size.unwrap_or(1 << 20),
@@ -274,6 +275,13 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
     };
     if let Some(name) = &args.lvs {
         check_name(name, "lvol store").map_err(|err| ToolError::Failed(err.to_string()))?;
+    }
+    let path = Path::new(&args.image);
+    if !args.force && path.exists() && spool_engine::guard::holds_blobstore(path) {
+        return Err(ToolError::Failed(format!(
+            "{}: holds a blobstore already; init would lose every blob in it: add --force to format it anyway",
+            args.image
+        )));
     }
     let created = prepare_image(args)?;
     let lvs_name = args.lvs.clone();
@@ -328,7 +336,8 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
 pub fn super_blob(args: &SuperArgs) -> Result<(), ToolError> {
     let blob = args.blob.clone();
     let clear = args.clear;
-    let printed = on_store(&args.image, move |store, _| async move {
+    let reads_only = blob.is_none() && !clear;
+    let job = move |store: Blobstore, _: OpenInfo| async move {
         if clear {
             store.set_super(BLOBID_INVALID).await?;
             return Ok(None);
@@ -345,7 +354,12 @@ pub fn super_blob(args: &SuperArgs) -> Result<(), ToolError> {
                     .map_or_else(|_| "none".to_string(), id_hex),
             )),
         }
-    })?;
+    };
+    let printed = if reads_only {
+        on_store_read_only(&args.image, job)?
+    } else {
+        on_store(&args.image, job)?
+    };
     match printed {
         Some(line) => emit(&format!("{line}\n")),
         None => Ok(()),

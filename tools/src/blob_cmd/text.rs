@@ -36,8 +36,9 @@ pub fn strip_nuls(bytes: &[u8]) -> (&[u8], usize) {
     (&bytes[..end], bytes.len() - end)
 }
 
-/// `bytes` as one line of text: valid UTF-8 as it is, except backslash, control characters
-/// (`\0`, `\n`, `\t`, `\r`, `\u{..}`) and invalid bytes (`\xNN`), which are escaped.
+/// `bytes` as one line of text: valid UTF-8 as it is, except backslash, `\0`, `\n`, `\t`,
+/// `\r`, and other control characters and invalid bytes, which are escaped as `\xNN` (each
+/// byte).
 pub fn escape(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
@@ -49,7 +50,10 @@ pub fn escape(bytes: &[u8]) -> String {
                 '\t' => out.push_str("\\t"),
                 '\r' => out.push_str("\\r"),
                 ch if ch.is_control() => {
-                    let _ = write!(out, "\\u{{{:x}}}", u32::from(ch));
+                    let mut utf8 = [0u8; 4];
+                    for byte in ch.encode_utf8(&mut utf8).bytes() {
+                        let _ = write!(out, "\\x{byte:02x}");
+                    }
                 }
                 ch => out.push(ch),
             }
@@ -158,7 +162,9 @@ mod tests {
         assert_eq!(escape(b"a\0b\n\\"), "a\\0b\\n\\\\");
         assert_eq!(escape(&[0xff, b'x']), "\\xffx");
         assert_eq!(escape("café".as_bytes()), "café");
-        assert_eq!(escape(b"\x1b"), "\\u{1b}");
+        assert_eq!(escape(b"\x1b"), "\\x1b");
+        assert_eq!(escape(b"\x03\0\0\0\x01"), "\\x03\\0\\0\\0\\x01");
+        assert_eq!(escape("\u{85}".as_bytes()), "\\xc2\\x85");
         assert_eq!(show_value(b"hello\0"), "hello (+1 NUL)");
         assert_eq!(show_value(b""), "");
         assert_eq!(name_of(b"lv0\0\0\0"), "lv0");

@@ -8,9 +8,9 @@ use spool_engine::transfer::{self, ExportSink, ImportSource, Progress};
 use spool_engine::EngineError;
 
 use crate::blob_cmd::args::{ExportArgs, ImportArgs};
-use crate::blob_cmd::on_store;
 use crate::blob_cmd::progress::bytes_bar;
 use crate::blob_cmd::resolve::{resolve_blob, with_blob};
+use crate::blob_cmd::{on_store, on_store_read_only};
 use crate::error::ToolError;
 
 /// A transfer's error as the command reports it: a refused range or a file error is the
@@ -34,8 +34,17 @@ fn draw<'a>(bar: &'a mut Option<ProgressBar>, what: &'a str) -> impl FnMut(Progr
     }
 }
 
-/// `spool import IMAGE BLOB FILE [--offset BYTES]`.
+/// `spool import IMAGE BLOB FILE [--offset BYTES] [--force]`: a FILE in a disk image format
+/// (qcow2, VMDK, VHD, ...) is refused without `--force`: its bytes are not the disk's.
 pub fn import(args: &ImportArgs) -> Result<(), ToolError> {
+    if !args.force {
+        if let Some(format) = spool_engine::guard::disk_image_format(Path::new(&args.file)) {
+            return Err(ToolError::Failed(format!(
+                "{}: is a {format} image, not raw data: convert it to raw with qemu-img first (qemu-img convert -O raw {} out.raw), or add --force to copy its bytes as they are",
+                args.file, args.file
+            )));
+        }
+    }
     let source = ImportSource::open(Path::new(&args.file)).map_err(transfer_error)?;
     let offset = args.offset;
     let text = args.blob.clone();
@@ -72,7 +81,7 @@ pub fn export(args: &ExportArgs) -> Result<(), ToolError> {
     }
     let (file, offset, length) = (args.file.clone(), args.offset, args.length);
     let text = args.blob.clone();
-    on_store(&args.image, move |store, _| async move {
+    on_store_read_only(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
         with_blob(&store, id, async |blob| {
             let sink = if file == "-" {

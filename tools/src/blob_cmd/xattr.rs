@@ -2,13 +2,15 @@
 
 use std::collections::BTreeMap;
 
-use spool_blob::{Blob, BlobError};
+use spool_blob::{Blob, BlobError, Blobstore};
+use spool_engine::OpenInfo;
 
 use crate::blob_cmd::args::{XattrArgs, XattrOp};
-use crate::blob_cmd::on_store;
-use crate::blob_cmd::resolve::{resolve_blob, with_blob};
+use crate::blob_cmd::names::{check_name_value, check_unique};
+use crate::blob_cmd::resolve::{resolve_blob, with_blob, NAME_XATTR};
 use crate::blob_cmd::store_cmds::to_json;
-use crate::blob_cmd::text::{emit_bytes, escape, hex, show_value, strip_nuls, unhex};
+use crate::blob_cmd::text::{emit_bytes, escape, hex, name_of, show_value, strip_nuls, unhex};
+use crate::blob_cmd::{on_store, on_store_read_only};
 use crate::error::ToolError;
 
 /// What an operation prints on stdout (nothing for set and rm).
@@ -86,10 +88,34 @@ pub fn xattr(args: &XattrArgs) -> Result<(), ToolError> {
             )));
         }
     }
+    // A name set here follows the rules `create --name` and `rename` follow.
+    let new_name = match &args.op {
+        XattrOp::Set {
+            key, value, hex, ..
+        } if key == NAME_XATTR => {
+            let bytes = if *hex {
+                unhex(value).unwrap_or_default()
+            } else {
+                value.as_bytes().to_vec()
+            };
+            check_name_value(&bytes)?;
+            Some(name_of(&bytes))
+        }
+        _ => None,
+    };
     let (text, op) = (args.blob.clone(), args.op.clone());
-    let out = on_store(&args.image, move |store, _| async move {
+    let reads_only = matches!(op, XattrOp::Ls { .. } | XattrOp::Get { .. });
+    let job = move |store: Blobstore, _: OpenInfo| async move {
         let id = resolve_blob(&store, &text).await?;
+        if let Some(name) = &new_name {
+            check_unique(&store, name, Some(id)).await?;
+        }
         with_blob(&store, id, async |blob| apply(blob, op).await).await
-    })?;
+    };
+    let out = if reads_only {
+        on_store_read_only(&args.image, job)?
+    } else {
+        on_store(&args.image, job)?
+    };
     emit_bytes(&out)
 }

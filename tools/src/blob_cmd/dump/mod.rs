@@ -369,12 +369,19 @@ fn read_pages(
     pages
 }
 
-/// `spool dump IMAGE [--json]`.
+/// `spool dump IMAGE [--json]`: exit 2 (after the whole dump) when it lists problems.
 pub fn dump(args: &DumpArgs) -> Result<(), ToolError> {
     let report = collect(&args.image)?;
     if args.json {
-        emit(&format!("{}\n", to_json(&report)?))
+        emit(&format!("{}\n", to_json(&report)?))?;
     } else {
-        emit(&render::text(&report))
+        emit(&render::text(&report))?;
+    }
+    match report.problems.len() {
+        0 => Ok(()),
+        count => Err(ToolError::Problems(format!(
+            "{}: {count} problem(s) found (listed under problems)",
+            args.image
+        ))),
     }
 }

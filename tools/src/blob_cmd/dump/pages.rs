@@ -35,7 +35,8 @@ pub enum DescriptorDump {
         name: String,
         /// Value as lowercase hex.
         value: String,
-        /// Value as text: escaped, trailing NULs counted.
+        /// Value as text: escaped, trailing NULs counted; the internal `SNAP` xattr (an
+        /// 8-byte little-endian blob id) as `parent 0x...`.
         text: String,
     },
     /// Run-length extents: `[first device cluster, count]`, cluster 0 = unallocated.
@@ -69,6 +70,20 @@ pub enum DescriptorDump {
         /// What is wrong.
         message: String,
     },
+}
+
+/// The internal xattr SPDK names a clone's parent with (`BLOB_SNAPSHOT`).
+const SNAP_XATTR: &[u8] = b"SNAP";
+
+/// An xattr's value as text: the `SNAP` internal xattr decoded as the parent's id, the others
+/// escaped with trailing NULs counted.
+fn xattr_text(internal: bool, name: &[u8], value: &[u8]) -> String {
+    if internal && name == SNAP_XATTR {
+        if let Ok(bytes) = <[u8; 8]>::try_from(value) {
+            return format!("parent {}", id_hex(u64::from_le_bytes(bytes)));
+        }
+    }
+    show_value(value)
 }
 
 /// One md page with a non-zero id.
@@ -147,7 +162,7 @@ fn descriptor_dump(descriptor: Descriptor<'_>) -> DescriptorDump {
             internal,
             name: String::from_utf8_lossy(name).into_owned(),
             value: hex(value),
-            text: show_value(value),
+            text: xattr_text(internal, name, value),
         },
         Descriptor::ExtentRle(runs) => DescriptorDump::ExtentRle {
             runs: runs

@@ -1,0 +1,162 @@
+//! Guard rails: what a file holds, looked at before a command would overwrite it or copy it
+//! as raw bytes. A blobstore's super block (`SPDKBLOB` at byte 0) before `init` or a `perf`
+//! write; a disk image format (qcow2, VMDK, VHD, VHDX, VDI) before `import`, which would copy
+//! the format's bytes and not the disk they describe; a missing path under `/dev`, which is a
+//! typo for a device and not a place for a new file; and what a target really is, for reports.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use crate::EngineError;
+
+/// The signature at byte 0 of a blobstore's super block.
+pub const BLOBSTORE_SIGNATURE: &[u8; 8] = b"SPDKBLOB";
+
+/// Reads up to `buf.len()` bytes at `offset` of `file`; how many were read.
+fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    file.seek(SeekFrom::Start(offset))?;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Whether the file or device at `path` starts with a blobstore's signature (`false` when it
+/// cannot be read).
+pub fn holds_blobstore(path: &Path) -> bool {
+    let mut head = [0u8; 8];
+    File::open(path)
+        .and_then(|mut file| read_at(&mut file, 0, &mut head))
+        .is_ok_and(|n| n == head.len() && &head == BLOBSTORE_SIGNATURE)
+}
+
+/// The disk image format the file at `path` is in, by its magic (`None`: raw, or unreadable):
+/// "qcow2" (or qcow), "VMDK", "VHDX", "VDI", or "VHD" (its `conectix` footer at the start, as
+/// a dynamic VHD has a copy, or in its last 512 bytes, as every VHD has).
+pub fn disk_image_format(path: &Path) -> Option<&'static str> {
+    let mut file = File::open(path).ok()?;
+    let mut head = [0u8; 512];
+    let n = read_at(&mut file, 0, &mut head).ok()?;
+    let head = &head[..n];
+    let magics: [(&[u8], usize, &'static str); 7] = [
+        (b"QFI\xfb", 0, "qcow2"),
+        (b"KDMV", 0, "VMDK"),
+        (b"# Disk DescriptorFile", 0, "VMDK"),
+        (b"vhdxfile", 0, "VHDX"),
+        (b"conectix", 0, "VHD"),
+        (b"<<< ", 0, "VDI"),
+        (b"\x7f\x10\xda\xbe", 0x40, "VDI"),
+    ];
+    for (magic, at, format) in magics {
+        if head.get(at..at + magic.len()) == Some(magic) {
+            if format == "VDI" && at == 0 && !head.windows(4).any(|w| w == b"VDI ") {
+                continue;
+            }
+            return Some(format);
+        }
+    }
+    let len = file.metadata().ok()?.len();
+    if len >= 512 {
+        let mut footer = [0u8; 8];
+        if read_at(&mut file, len - 512, &mut footer).ok()? == 8 && &footer == b"conectix" {
+            return Some("VHD");
+        }
+    }
+    None
+}
+
+/// Refuses to create a missing `path` under `/dev`: a name there that does not exist is a
+/// mistyped device, and a file made there would live in RAM (devtmpfs).
+pub fn refuse_new_file_in_dev(path: &Path) -> Result<(), EngineError> {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    if absolute.starts_with("/dev") && !path.exists() {
+        return Err(EngineError::File {
+            path: path.display().to_string(),
+            reason: "no such device (a missing path under /dev is not created: check the device name, e.g. with lsblk)".into(),
+            errno: -libc::ENODEV,
+        });
+    }
+    Ok(())
+}
+
+/// What the path target at `path` really is, for reports: "block device", or "file on ext4"
+/// (the filesystem's type from statfs: tmpfs and ramfs are said to be RAM).
+pub fn describe_path(path: &Path) -> String {
+    let is_block = std::fs::metadata(path).is_ok_and(|meta| meta.file_type().is_block_device());
+    if is_block {
+        return "block device".into();
+    }
+    match rustix::fs::statfs(path) {
+        Ok(stat) => {
+            // f_type is an i64 here but of another width on some architectures.
+            #[allow(clippy::unnecessary_cast)]
+            let magic = stat.f_type as i64;
+            format!("file on {}", filesystem_name(magic))
+        }
+        Err(_) => "file".into(),
+    }
+}
+
+/// A filesystem's name from its statfs magic number.
+fn filesystem_name(magic: i64) -> String {
+    let name = match magic {
+        0xEF53 => "ext4",
+        0x5846_5342 => "xfs",
+        0x9123_683E => "btrfs",
+        0x0102_1994 => "tmpfs (RAM)",
+        0x8584_58F6 => "ramfs (RAM)",
+        0x2FC1_2FC1 => "zfs",
+        0x6969 => "nfs",
+        0x794C_7630 => "overlayfs",
+        0xF2F5_2010 => "f2fs",
+        0x0000_4d44 => "vfat",
+        0x6573_5546 => "fuse",
+        0x0102_1997 => "9p",
+        0x1CD1 => "devpts",
+        _ => return format!("a filesystem of type {magic:#x}"),
+    };
+    name.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_image_magics_are_recognised_and_raw_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let mut qcow = b"QFI\xfb\0\0\0\x03".to_vec();
+        qcow.resize(4096, 0);
+        assert_eq!(disk_image_format(&write("a.qcow2", &qcow)), Some("qcow2"));
+        assert_eq!(
+            disk_image_format(&write("a.vmdk", b"KDMV\x01")),
+            Some("VMDK")
+        );
+        let mut fixed = vec![0u8; 8192];
+        fixed[8192 - 512..8192 - 504].copy_from_slice(b"conectix");
+        assert_eq!(disk_image_format(&write("a.vhd", &fixed)), Some("VHD"));
+        assert_eq!(disk_image_format(&write("raw", &[7u8; 9000])), None);
+        assert_eq!(disk_image_format(&write("empty", b"")), None);
+        assert!(!holds_blobstore(&write("short", b"SPDK")));
+        assert!(holds_blobstore(&write("store", b"SPDKBLOB\x03")));
+    }
+
+    #[test]
+    fn missing_paths_under_dev_are_refused() {
+        let err = refuse_new_file_in_dev(Path::new("/dev/spool-no-such-device")).unwrap_err();
+        assert_eq!(err.errno(), -libc::ENODEV);
+        assert!(refuse_new_file_in_dev(Path::new("/dev/null")).is_ok());
+        assert!(refuse_new_file_in_dev(Path::new("/tmp/spool-new-file")).is_ok());
+    }
+}
