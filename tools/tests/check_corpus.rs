@@ -27,8 +27,11 @@ struct Base {
     contents: BTreeMap<&'static str, Vec<u8>>,
 }
 
+/// The id `create`, `snapshot` and `clone` print (hex, as SPDK prints ids).
 fn id_of(run: &Run) -> u64 {
-    run.text().trim_end().parse().expect("an id")
+    let text = run.text();
+    let hex = text.trim_end().trim_start_matches("0x");
+    u64::from_str_radix(hex, 16).expect("an id in hex")
 }
 
 fn write_file(dir: &Path, name: &str, data: &[u8]) -> String {
