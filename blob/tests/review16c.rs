@@ -6,7 +6,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{buf_of, malloc};
+use common::malloc;
 use spool_blob::{Blobstore, InitOptions};
 use spool_reactor::{RemoteHandle, Sim, SimOptions};
 
@@ -56,7 +56,7 @@ enum Op {
 fn dropped_zeroing_then_close(op: Op) {
     let mut failures = Vec::new();
     let mut runs = 0;
-    for seed in 0..8u64 {
+    for seed in 0..4u64 {
         for on_md in [true, false] {
             let mut sim = Sim::new(SimOptions { seed, reactors: 2 });
             let reactors = sim.reactors();
