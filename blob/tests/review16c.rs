@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::malloc;
+use spool_bdev::{Bdev, BdevDesc, ErrorBdev, ErrorRule, IoKind};
 use spool_blob::{Blobstore, InitOptions};
 use spool_reactor::{RemoteHandle, Sim, SimOptions};
 
@@ -42,9 +43,11 @@ async fn wait_for(rx: &Mutex<Receiver<()>>) -> bool {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Op {
     WriteZeroes,
+    /// write_zeroes on a device that refuses it (-ENOTSUP): zero-filled writes instead.
+    WriteZeroesFallback,
     Unmap,
 }
 
@@ -56,7 +59,7 @@ enum Op {
 fn dropped_zeroing_then_close(op: Op) {
     let mut failures = Vec::new();
     let mut runs = 0;
-    for seed in 0..4u64 {
+    for seed in 0..8u64 {
         for on_md in [true, false] {
             let mut sim = Sim::new(SimOptions { seed, reactors: 2 });
             let reactors = sim.reactors();
@@ -64,6 +67,14 @@ fn dropped_zeroing_then_close(op: Op) {
             let on = if on_md { md } else { other };
             let (bdev, desc) = malloc(32 << 20);
             let probe = Arc::clone(&bdev);
+            let faulty = Arc::new(ErrorBdev::new("faulty", Arc::clone(&bdev) as Arc<dyn Bdev>));
+            faulty.add_rule(ErrorRule::new(-libc::ENOTSUP).kinds(&[IoKind::WriteZeroes]));
+            let seen = Arc::clone(&faulty);
+            let desc = if op == Op::WriteZeroesFallback {
+                BdevDesc::open(faulty as Arc<dyn Bdev>).expect("open")
+            } else {
+                desc
+            };
             let handle = sim
                 .spawn_on(md, move || async move {
                     let store = Blobstore::init(desc, &InitOptions::default())
@@ -77,6 +88,7 @@ fn dropped_zeroing_then_close(op: Op) {
                     let io = blob.io();
                     let (keep_tx, keep_rx) = channel::<()>();
                     let keep_rx = Mutex::new(keep_rx);
+                    let (dropped_tx, dropped_rx) = channel::<bool>();
                     let dropped = spool_reactor::spawn_on(on, move || async move {
                         let channel = io.channel().expect("channel");
                         common::write(&channel, &io, units_per_cluster, &[0xAA; 4096]).await;
@@ -86,11 +98,27 @@ fn dropped_zeroing_then_close(op: Op) {
                                     Box::pin(channel.write_zeroes(&io, units_per_cluster, 1));
                                 poll_once(zero.as_mut())
                             }
+                            Op::WriteZeroesFallback => {
+                                // Polled until its zero-filled write is submitted.
+                                let writes = seen.seen_count(IoKind::Write);
+                                let mut zero =
+                                    Box::pin(channel.write_zeroes(&io, units_per_cluster, 1));
+                                loop {
+                                    if poll_once(zero.as_mut()) {
+                                        break true;
+                                    }
+                                    if seen.seen_count(IoKind::Write) > writes {
+                                        break false;
+                                    }
+                                    spool_reactor::sleep(Duration::from_nanos(100)).await;
+                                }
+                            }
                             Op::Unmap => {
                                 let mut unmap = Box::pin(channel.unmap(&io, units_per_cluster, 1));
                                 poll_once(unmap.as_mut())
                             }
                         };
+                        let _ = dropped_tx.send(!completed);
                         if completed {
                             return false;
                         }
@@ -99,15 +127,13 @@ fn dropped_zeroing_then_close(op: Op) {
                         true
                     })
                     .map_err(|err| err.to_string())?;
-                    // Let the pattern write land and the zeroing be submitted.
-                    let mut waited = 0;
-                    while probe.snapshot()[device_at..device_at + 4096] != [0xAA; 4096]
-                        && waited < 10_000
-                    {
+                    // The zeroing submitted and its future dropped (or completed) first.
+                    let in_flight = loop {
+                        if let Ok(in_flight) = dropped_rx.try_recv() {
+                            break in_flight;
+                        }
                         spool_reactor::sleep(Duration::from_micros(1)).await;
-                        waited += 1;
-                    }
-                    spool_reactor::sleep(Duration::from_micros(1)).await;
+                    };
                     let closed = blob.close().await;
                     let zeros = |probe: &spool_bdev::MallocBdev| {
                         probe.snapshot()[device_at..device_at + 4096] == [0u8; 4096]
@@ -121,7 +147,11 @@ fn dropped_zeroing_then_close(op: Op) {
                         .unload()
                         .await
                         .map_err(|err| format!("unload: {err}"))?;
-                    Ok::<_, String>(dropped.then_some((closed.is_ok(), at_return, later)))
+                    Ok::<_, String>((dropped && in_flight).then_some((
+                        closed.is_ok(),
+                        at_return,
+                        later,
+                    )))
                 })
                 .unwrap();
             let what = format!(
@@ -160,4 +190,9 @@ fn review16c_last_close_waits_for_a_dropped_write_zeroes() {
 #[test]
 fn review16c_last_close_waits_for_a_dropped_unmap() {
     dropped_zeroing_then_close(Op::Unmap);
+}
+
+#[test]
+fn review16c_last_close_waits_for_a_dropped_write_zeroes_fallback() {
+    dropped_zeroing_then_close(Op::WriteZeroesFallback);
 }
