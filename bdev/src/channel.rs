@@ -320,6 +320,19 @@ impl BdevChannel {
         async move { request.await.0 }
     }
 
+    /// [`BdevChannel::unmap`] as the request's own [`IoFuture`] (output `()`): its owner can
+    /// [`IoFuture::hold_until_done`] something until the device is done with the request,
+    /// even if the future is dropped first.
+    pub fn unmap_request(&self, offset_bytes: u64, len_bytes: u64) -> IoFuture<'_, ()> {
+        self.submit_none(IoKind::Unmap, offset_bytes, len_bytes)
+    }
+
+    /// [`BdevChannel::write_zeroes`] as the request's own [`IoFuture`], as
+    /// [`BdevChannel::unmap_request`].
+    pub fn write_zeroes_request(&self, offset_bytes: u64, len_bytes: u64) -> IoFuture<'_, ()> {
+        self.submit_none(IoKind::WriteZeroes, offset_bytes, len_bytes)
+    }
+
     /// Makes every write completed before this call durable.
     pub fn flush(&self) -> impl Future<Output = Result<(), BdevError>> + '_ {
         let request = self.submit_none(IoKind::Flush, 0, 0);

@@ -256,6 +256,46 @@ impl BlobChannel {
         }
     }
 
+    /// Unmaps `len` bytes at device byte `device` for `blob`, counted as in flight until the
+    /// device is done even if this future is dropped first (see [`CountedWrite`]): a late
+    /// unmap discards whatever the cluster holds by then.
+    fn device_unmap<'a>(&'a self, blob: &'a BlobIo, device: u64, len: u64) -> CountedWrite<'a, ()> {
+        CountedWrite {
+            request: self.bdev().unmap_request(device, len),
+            blob,
+            done: false,
+        }
+    }
+
+    /// Writes zeros over `len` bytes at device byte `device` for `blob` (zero-filled writes on
+    /// a device without write_zeroes), every request counted as [`BlobChannel::device_write`].
+    async fn device_zero(&self, blob: &BlobIo, device: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let request = CountedWrite {
+            request: self.bdev().write_zeroes_request(device, len),
+            blob,
+            done: false,
+        };
+        match request.await.0 {
+            Ok(()) => Ok(()),
+            Err(err) if err.errno() == -libc::ENOTSUP => {
+                let most = len.min(crate::store::md_io::MD_IO_MAX_BYTES as u64);
+                let mut done = 0u64;
+                while done < len {
+                    let piece = (len - done).min(most) as usize;
+                    let mut zeros = DmaBuf::alloc(piece)?;
+                    zeros.fill(0);
+                    self.device_write(blob, zeros, device + done).await.0?;
+                    done += piece as u64;
+                }
+                Ok(())
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
     fn unit(&self) -> u64 {
         self.store.geometry.io_unit_size
     }
@@ -590,7 +630,7 @@ impl BlobChannel {
         let unit = self.unit();
         for piece in self.pieces(blob, offset * unit, len * unit) {
             if let Target::Device(device) = piece.target {
-                match self.bdev().unmap(device, piece.len).await {
+                match self.device_unmap(blob, device, piece.len).await.0 {
                     Ok(()) => {}
                     Err(err) if err.errno() == -libc::ENOTSUP => {}
                     Err(err) => return Err(err.into()),
@@ -617,7 +657,7 @@ impl BlobChannel {
         for piece in self.pieces(blob, offset * unit, len * unit) {
             match piece.target {
                 Target::Device(device) => {
-                    crate::store::md_io::zero_bytes(self.bdev(), device, piece.len).await?;
+                    self.device_zero(blob, device, piece.len).await?;
                 }
                 Target::Unallocated { index } => {
                     let zeros = vec![0u8; piece.len as usize];
