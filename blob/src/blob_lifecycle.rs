@@ -474,6 +474,19 @@ impl Blobstore {
             }
         }
         drop(parent);
+        // A dropped request of this blob's I/O may still be on the device under an earlier
+        // handle (dropped after that handle's last close): its clusters must not be freed
+        // under it. Only dropped requests count, so this costs nothing without them.
+        let shared = self.shared();
+        if !crate::io::wait_until_zero(|| shared.held_io()).await {
+            blob.state
+                .open_ref
+                .set(blob.state.open_ref.get().saturating_sub(1));
+            return Err(BlobError::Busy(format!(
+                "blob {id:#x}: {} request(s) of dropped blob I/O still on the device",
+                shared.held_io()
+            )));
+        }
         // A snapshot whose merge into its clone committed before an earlier delete attempt
         // failed: the clone owns some of the clusters its root still names.
         let outcome = match self.forget_merged_clusters(&blob).await {
