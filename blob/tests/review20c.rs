@@ -58,7 +58,10 @@ fn a_read_error_in_the_load_time_merge_repair_frees_the_clones_clusters() {
         (deleted, fired, c_root, probe.cut_power_keep_all())
     });
     let (deleted, fired, c_root, image) = merged;
-    assert!(fired == 1 && deleted.is_err(), "the zeroing did not fail: {deleted:?}");
+    assert!(
+        fired == 1 && deleted.is_err(),
+        "the zeroing did not fail: {deleted:?}"
+    );
     let mut broken = Vec::new();
     for n in 1..8u64 {
         let (_crash, errors, desc) = faulty(&image);
@@ -113,7 +116,9 @@ fn a_read_error_in_the_load_time_merge_repair_frees_the_clones_clusters() {
             }
             let back = read(&channel, &c.io(), 0, CLUSTER as usize - 4096).await;
             if back != pattern(3, CLUSTER as usize)[..CLUSTER as usize - 4096] {
-                broken.push(format!("read #{n} of C's root failed during the load: C lost its data"));
+                broken.push(format!(
+                    "read #{n} of C's root failed during the load: C lost its data"
+                ));
             }
             (fired, broken)
         });
@@ -151,7 +156,11 @@ fn a_waiting_writer_and_the_kept_list_both_release_one_cluster() {
             let io = b.io();
             // The chain is this process's now: later inserts rewrite the extent page in place.
             let first = io.channel().unwrap();
-            first.write(&io, 1, buf_of(&pattern(80, 4096))).await.0.unwrap();
+            first
+                .write(&io, 1, buf_of(&pattern(80, 4096)))
+                .await
+                .0
+                .unwrap();
             drop(first);
             // The in-place write of the persist carrying both inserts fails, then the next
             // persist's barrier flush.
@@ -228,4 +237,84 @@ fn loaded_counts(image: &[u8]) -> (u64, Vec<u64>) {
         store.unload().await.unwrap();
         counts
     })
+}
+
+/// A persist that moves an extent page (the chain changes: here an xattr change carried
+/// with a thin insert) claims the new page and points the blob's extent table at it before
+/// it claims the continuation pages; when one of those claims fails (every md page in
+/// use: -ENOMEM), the claimed pages are given back but the extent table still names the
+/// moved page, and the dirty mark of that extent page is gone. The next persist writes a
+/// root naming a page that was never written (or that another blob now owns): after a load
+/// the blob no longer opens, and its data is lost.
+#[test]
+fn a_persist_that_runs_out_of_md_pages_leaves_the_extent_table_on_a_released_page() {
+    let bdev = Arc::new(spool_bdev::MallocBdev::new("md", 4096, (8 << 20) / 4096).unwrap());
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).unwrap();
+    let (x, failed) = cuts::run_sim(41, move || async move {
+        let store = Blobstore::init(
+            desc,
+            &spool_blob::InitOptions {
+                cluster_size: CLUSTER,
+                md_pages: Some(16),
+                ..spool_blob::InitOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let channel = store.channel().unwrap();
+        let x = common::create_thin(&store, 4).await;
+        let blob = store.open_blob(x).await.unwrap();
+        channel
+            .write(&blob.io(), 0, buf_of(&pattern(60, CLUSTER as usize)))
+            .await
+            .0
+            .unwrap();
+        // Fill the md region but one page.
+        let mut fillers = Vec::new();
+        while 16 - store.used_md_pages().len() > 1 {
+            fillers.push(common::create_thin(&store, 0).await);
+        }
+        // Two pages' worth of xattrs and a thin insert: the extent page moves (the last
+        // free page), the continuation page finds none.
+        blob.set_xattr("big", &[7u8; 3000]).unwrap();
+        blob.set_xattr("big2", &[8u8; 3000]).unwrap();
+        let failed = channel
+            .write(&blob.io(), 16, buf_of(&pattern(61, 4096)))
+            .await
+            .0
+            .map_err(|e| e.to_string());
+        // Room again: the next persist succeeds.
+        store.delete_blob(fillers.pop().unwrap()).await.unwrap();
+        store.delete_blob(fillers.pop().unwrap()).await.unwrap();
+        blob.sync_md().await.unwrap();
+        drop(channel);
+        blob.close().await.unwrap();
+        store.unload().await.unwrap();
+        (x, failed)
+    });
+    assert!(failed.is_err(), "the md pages did not run out: {failed:?}");
+    let image = bdev.snapshot();
+    let back = cuts::run_sim(42, move || async move {
+        let (store, _) = Blobstore::load(
+            BdevDesc::open(
+                Arc::new(spool_bdev::MallocBdev::from_image("b", 4096, &image).unwrap())
+                    as Arc<dyn Bdev>,
+            )
+            .unwrap(),
+            &LoadOptions::default(),
+        )
+        .await
+        .unwrap();
+        let blob = match store.open_blob(x).await {
+            Ok(blob) => blob,
+            Err(err) => return Err(format!("the blob does not open after a load: {err}")),
+        };
+        let channel = store.channel().unwrap();
+        let data = read(&channel, &blob.io(), 0, CLUSTER as usize).await;
+        if data != pattern(60, CLUSTER as usize) {
+            return Err("the blob lost its cluster 0".into());
+        }
+        Ok(())
+    });
+    back.unwrap();
 }
