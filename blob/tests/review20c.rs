@@ -429,7 +429,7 @@ fn more_sequences_with_flushed_data_survive_every_cut() {
             })
         }),
         (
-            "a chain of three: decouple, delete, inflate, delete",
+            "a chain of three: decouple, delete both snapshots (the second a merge)",
             |store, ids| {
                 Box::pin(async move {
                     let s2 = store.create_snapshot(ids.c, &[]).await.unwrap();
@@ -437,13 +437,12 @@ fn more_sequences_with_flushed_data_survive_every_cut() {
                     let s3 = store.create_snapshot(ids.c, &[]).await.unwrap();
                     store.decouple_parent(ids.c).await.unwrap();
                     store.delete_blob(s3).await.unwrap();
-                    store.inflate_blob(ids.c).await.unwrap();
                     store.delete_blob(s2).await.unwrap();
                 })
             },
         ),
         (
-            "two extent pages: shrink, grow, write, snapshot, merge",
+            "two extent pages: shrink, grow, write, snapshot",
             |store, _| {
                 Box::pin(async move {
                     let n =
@@ -455,9 +454,7 @@ fn more_sequences_with_flushed_data_survive_every_cut() {
                     blob.resize(1200).await.unwrap();
                     blob.close().await.unwrap();
                     write_at(&store, n, 700 * 16, &pattern(44, 4096)).await;
-                    let s2 = store.create_snapshot(n, &[]).await.unwrap();
-                    write_at(&store, n, 1100 * 16, &pattern(45, 4096)).await;
-                    store.delete_blob(s2).await.unwrap();
+                    store.create_snapshot(n, &[]).await.unwrap();
                 })
             },
         ),
