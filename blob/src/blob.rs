@@ -81,6 +81,9 @@ pub(crate) struct BlobState {
     /// The number of the last metadata write that rewrote one of its extent pages in place
     /// (a later root names that page, so a flush must cover it first); 0 for none.
     pub(crate) in_place_write: Cell<u64>,
+    /// The number of its last metadata write that the map on disk depends on (a root, or an
+    /// extent page rewritten in place); 0 for none (see `persist::Deps::After`).
+    pub(crate) last_write: Cell<u64>,
     /// Thin inserts whose writer has gone (their in-place extent page write failed after
     /// it may have reached the disk): the blob owns the clusters, the next persist publishes
     /// them, and whoever takes one out of the map releases it.
@@ -117,6 +120,7 @@ impl BlobState {
             durable_seq: Cell::new(0),
             persisted: crate::sync::LocalNotify::default(),
             in_place_write: Cell::new(0),
+            last_write: Cell::new(0),
             kept_inserts: RefCell::new(Vec::new()),
             cloning: Cell::new(0),
             op_in_progress: Cell::new(None),

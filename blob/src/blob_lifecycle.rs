@@ -353,6 +353,9 @@ impl Blobstore {
         };
         let io = BlobIo::new(self.shared(), &meta);
         let state = BlobState::new(meta, chain_pages, io);
+        // Its last metadata write is unknown here (it may have been closed with one not yet
+        // flushed): taken as the last write made so far, so `Deps::After` stays safe.
+        state.last_write.set(self.inner.durability.last_write());
         state.replace_parent(parent);
         Ok(state)
     }

@@ -33,6 +33,12 @@ pub(crate) enum Deps {
     /// wrote first: a snapshot's map before the original drops it, a clone's new root
     /// before the snapshot's goes).
     All,
+    /// Also metadata write number `n` (another blob's last write: a snapshot's map root
+    /// names the original's clusters and extent pages, so the original's own last root, or
+    /// extent page rewritten in place, must be durable first, or a cut could keep the
+    /// snapshot's map without the original's, and the load, removing the snapshot as one
+    /// never taken, would leak what only the snapshot's map names).
+    After(u64),
 }
 
 /// How a persist ended: `Err` when it did not commit (everything it claimed is given
@@ -132,7 +138,8 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
         let barrier = pre_commit
             || !inserted.is_empty()
             || !durability.is_durable(state.in_place_write.get())
-            || (deps == Deps::All && durability.any_unflushed());
+            || (deps == Deps::All && durability.any_unflushed())
+            || matches!(deps, Deps::After(n) if !durability.is_durable(n));
         if barrier {
             store.barrier().await?;
         }
@@ -143,13 +150,15 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
                     &[(geometry.md_page_offset(root), root_bytes.clone())],
                 )
                 .await;
-                durability.wrote();
+                state.last_write.set(durability.wrote());
                 written
             }
             None => {
                 in_place_issued.set(true);
                 let written = write_pages(channel, &plan.before_root).await;
-                state.in_place_write.set(durability.wrote());
+                let number = durability.wrote();
+                state.in_place_write.set(number);
+                state.last_write.set(number);
                 written
             }
         }
@@ -157,18 +166,16 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
     .await;
     if let (Err(err), true) = (&result, in_place_issued.get()) {
         // Some extent pages may have reached the disk mapping the inserted clusters: they
-        // stay in the map (not published, their writers get the error but the clusters stay
-        // the blob's), and the next persist rewrites the pages and publishes them.
+        // stay in the map (not published), and the next persist rewrites the pages and
+        // publishes them. Each writer still owns its cluster's release until it leaves: one
+        // that gives up now hands it to the blob (`kept_inserts`, in `insert_cluster`); one
+        // still waiting runs the next persist and releases it itself if that undoes it.
         state.dirty.set(true);
         for &(index, _) in &inserted {
             state.touch_clusters(index..index + 1);
         }
         state
             .unpublished
-            .borrow_mut()
-            .extend(inserted.iter().copied());
-        state
-            .kept_inserts
             .borrow_mut()
             .extend(inserted.iter().copied());
         state.pending_release.borrow_mut().extend(cut_clusters);
@@ -476,7 +483,13 @@ fn plan_writes(
         // once the new root is on disk.
         for &index in &dirty {
             if !fresh.contains(&index) {
-                let page = claim_md_page(store, root)?;
+                let page = match claim_md_page(store, root) {
+                    Ok(page) => page,
+                    Err(err) => {
+                        unplan_moves(&mut meta, &mut marked, &replaced, &dirty);
+                        return Err(err);
+                    }
+                };
                 claimed.push(page);
                 replaced.push((index, meta.extent_pages[index]));
                 meta.extent_pages[index] = page;
@@ -489,8 +502,65 @@ fn plan_writes(
                 encode_extent_page(&meta, index),
             ));
         }
+        // From here a failure (no md page for the chain) undoes the moves as well: the
+        // caller gives the claimed pages back, and the extent table must not keep naming
+        // them (the next persist would write a root pointing at a page never written).
+        let chain = plan_chain(store, &meta, root, claimed);
+        if chain.is_err() {
+            unplan_moves(&mut meta, &mut marked, &replaced, &dirty);
+        }
+        let (chain, new_continuation, root_bytes, continuation_writes) = chain?;
+        before_root.extend(continuation_writes);
+        return Ok(Plan {
+            before_root,
+            root_bytes: Some(root_bytes),
+            chain,
+            new_continuation,
+            replaced_extent_pages: replaced,
+        });
     }
-    let areas = serialize_chain(&meta)?;
+    let (chain, new_continuation, root_bytes, continuation_writes) =
+        plan_chain(store, &meta, root, claimed)?;
+    before_root.extend(continuation_writes);
+    Ok(Plan {
+        before_root,
+        root_bytes: Some(root_bytes),
+        chain,
+        new_continuation,
+        replaced_extent_pages: replaced,
+    })
+}
+
+/// Takes back, in memory, what a plan that failed after moving extent pages changed: each
+/// moved page's slot names its old page again, and every extent page it was to write is
+/// marked dirty again (the caller releases the claimed pages; fresh slots are its own).
+fn unplan_moves(
+    meta: &mut crate::meta::BlobMeta,
+    marked: &mut std::collections::BTreeSet<usize>,
+    replaced: &[(usize, u32)],
+    dirty: &[usize],
+) {
+    for &(index, old) in replaced {
+        if let Some(slot) = meta.extent_pages.get_mut(index) {
+            *slot = old;
+        }
+    }
+    marked.extend(dirty.iter().copied());
+}
+
+/// Claims the chain's continuation pages and encodes the chain: `(chain, the new
+/// continuation pages, the root page, the continuation pages' writes)`. Pages it claims go
+/// into `claimed` (the caller gives them back on error).
+#[allow(clippy::type_complexity)]
+fn plan_chain(
+    store: &Blobstore,
+    meta: &crate::meta::BlobMeta,
+    root: u32,
+    claimed: &mut Vec<u32>,
+) -> Result<(Vec<u32>, Vec<u32>, Vec<u8>, Vec<(u64, Vec<u8>)>)> {
+    let geometry = store.geometry();
+    let state_id = meta.id;
+    let areas = serialize_chain(meta)?;
     let mut chain = vec![root];
     let mut new_continuation = Vec::new();
     for _ in 1..areas.len() {
@@ -501,22 +571,17 @@ fn plan_writes(
         chain.push(page);
     }
     let mut root_bytes = Vec::new();
+    let mut writes = Vec::new();
     for (sequence, area) in areas.iter().enumerate() {
         let next = chain.get(sequence + 1).copied().unwrap_or(INVALID_MD_PAGE);
-        let bytes = encode_page(state.id, sequence as u32, next, area.bytes());
+        let bytes = encode_page(state_id, sequence as u32, next, area.bytes());
         if sequence == 0 {
             root_bytes = bytes;
         } else {
-            before_root.push((geometry.md_page_offset(chain[sequence]), bytes));
+            writes.push((geometry.md_page_offset(chain[sequence]), bytes));
         }
     }
-    Ok(Plan {
-        before_root,
-        root_bytes: Some(root_bytes),
-        chain,
-        new_continuation,
-        replaced_extent_pages: replaced,
-    })
+    Ok((chain, new_continuation, root_bytes, writes))
 }
 
 /// Deletes `state` from disk: zero the root (the commit point: the blob is gone), then,
@@ -674,12 +739,28 @@ pub(crate) async fn insert_cluster(
             break Ok(());
         }
         if let Err(errno) = wait_for_persist(store, &state).await {
+            // An earlier persist may have committed it before this one failed.
+            let mapped = state.meta.borrow().clusters.get(index) == Some(&cluster);
+            if mapped && state.durable_seq.get() >= seq {
+                break Ok(());
+            }
             break Err(errno);
         }
     };
-    if result.is_err() && state.meta.borrow().clusters.get(index) != Some(&cluster) {
-        // Undone: nothing references it (I/O reactors never saw it published).
-        store.shared().release_cluster(cluster);
+    if result.is_err() {
+        if state.meta.borrow().clusters.get(index) != Some(&cluster) {
+            // Undone: nothing references it (I/O reactors never saw it published).
+            store.shared().release_cluster(cluster);
+        } else if state.io.published(index) != cluster
+            && !state.kept_inserts.borrow().contains(&(index, cluster))
+        {
+            // Still in the map, not committed (an in-place write that failed may have put
+            // it on disk; a persist may be carrying it now): the writer leaves, the blob
+            // keeps it, and whoever undoes it from now on releases it (`release_kept`, a
+            // delete); a persist that commits it drops it from the list. Until this point
+            // the release was the writer's alone: never both.
+            state.kept_inserts.borrow_mut().push((index, cluster));
+        }
     }
     result
 }

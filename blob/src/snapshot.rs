@@ -8,8 +8,10 @@
 //!    (drained, it is clean as a rule: thin inserts end once persisted; under load, a sync
 //!    before the freeze waited behind the writers' group commits);
 //! 3. S gets the original's cluster map (and its extent pages, as SPDK moves them) and is
-//!    written (crash: the original still owns everything; S is deleted at load, freeing only
-//!    its own metadata pages);
+//!    written once the original's last metadata write is durable (a flush first if not:
+//!    otherwise S's map could reach the disk naming a cluster the original's root on disk
+//!    does not, and the load below would leak it) (crash: the original still owns
+//!    everything; S is deleted at load, freeing only its own metadata pages);
 //! 4. a flush makes S durable, then the original gets `SNAP` = S, thin, an empty map, and
 //!    is written (crash: S is finished at load);
 //! 5. a flush makes the original durable, then S loses `SNAPTMP`, becomes read-only and is
@@ -153,7 +155,10 @@ impl Blobstore {
         }
         snap.state.mark_changed();
         snap.state.publish_map();
-        match crate::persist::persist_outcome(self, &snap.state, crate::persist::Deps::Own).await {
+        // S's map must not reach the disk before the original's own (its last root or
+        // in-place extent page write, e.g. a thin insert's): see `Deps::After`.
+        let orig_written = orig.state.last_write.get();
+        match crate::persist::persist_outcome(self, &snap.state, Deps::After(orig_written)).await {
             Err(err) => return Err((err, false)),
             Ok(late) => warn_late(snap_id, "snapshot map", late),
         }
@@ -765,13 +770,18 @@ impl Blobstore {
         if self.parent_of(clone_id) == Some(snap.id()) {
             return Ok(()); // the merge never committed
         }
+        // Only a clone that does not exist took nothing. One that cannot be read now (a
+        // read error, damaged metadata) may still map the clusters: the snapshot is not
+        // deleted then (the error is returned; a load reports the merge not repaired), or
+        // its delete would free clusters the clone owns.
         let clone_clusters = match self.open_blob(clone_id).await {
             Ok(clone) => {
                 let map = clone.cluster_map();
                 clone.close().await?;
                 map
             }
-            Err(_) => Vec::new(),
+            Err(BlobError::NoSuchBlob(_)) => Vec::new(),
+            Err(err) => return Err(err),
         };
         let mut sm = snap.state.meta.borrow_mut();
         for (index, slot) in sm.clusters.iter_mut().enumerate() {

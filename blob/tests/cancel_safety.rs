@@ -441,6 +441,10 @@ fn run_one(seed: u64, image: &[u8], ids: Ids, op: Op, polls: usize) -> Run {
             if let Err(e) = check_after(&store, ids, [md, other], vec![a, b, c]).await {
                 broken.push(e);
             }
+            let twice = store.testing_clusters_released_twice();
+            if twice != 0 {
+                broken.push(format!("{twice} cluster(s) released while already free"));
+            }
             let free = store.free_cluster_count();
             let md_pages = store.used_md_pages();
             let image = bdev.snapshot();

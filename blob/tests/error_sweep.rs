@@ -201,6 +201,12 @@ fn faulted_run(
                 }
             }
         }
+        let twice = store.testing_clusters_released_twice();
+        if twice != 0 {
+            return Err(format!(
+                "{name}: {twice} cluster(s) released while already free (first attempt: {first:?})"
+            ));
+        }
         let free = store.free_cluster_count();
         let md_pages = store.used_md_pages();
         shots.lock().unwrap().push(probe.live_image());

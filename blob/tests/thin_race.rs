@@ -52,6 +52,11 @@ async fn race(reactors: Vec<ReactorId>, desc: spool_bdev::BdevDesc) {
         free - 2,
         "losers' clusters were released"
     );
+    assert_eq!(
+        store.testing_clusters_released_twice(),
+        0,
+        "a cluster released twice"
+    );
     let channel = store.channel().unwrap();
     for (unit, seed) in expected {
         assert_eq!(

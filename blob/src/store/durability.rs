@@ -54,6 +54,11 @@ impl Durability {
         n
     }
 
+    /// The number of the last metadata write completed so far.
+    pub(crate) fn last_write(&self) -> u64 {
+        self.written.get()
+    }
+
     /// Whether write number `n` is covered by a completed flush.
     pub(crate) fn is_durable(&self, n: u64) -> bool {
         n <= self.durable.get()

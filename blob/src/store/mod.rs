@@ -122,6 +122,8 @@ pub struct StoreShared {
     pub(crate) held_io: Arc<AtomicU64>,
     /// The device, to reserve a thick blob's clusters on the host ([`spool_bdev::Bdev::reserve`]).
     pub(crate) bdev: Arc<dyn spool_bdev::Bdev>,
+    /// Releases of a cluster that was already free (test support: must stay 0).
+    pub(crate) released_twice: AtomicU64,
 }
 
 impl StoreShared {
@@ -155,7 +157,12 @@ impl StoreShared {
     /// Returns a data cluster to the free pool (never a metadata cluster).
     pub(crate) fn release_cluster(&self, cluster: u32) {
         if u64::from(cluster) >= self.geometry.md_clusters {
-            self.used_clusters.release(u64::from(cluster));
+            if !self.used_clusters.release(u64::from(cluster)) {
+                // Already free: a second release of one cluster (a bug; between the two, a
+                // claim elsewhere could have taken it). Counted for the tests.
+                self.released_twice.fetch_add(1, Ordering::AcqRel);
+                tracing::warn!(cluster, "a cluster released while already free");
+            }
             let hint = self.cluster_hint.load(Ordering::Relaxed);
             if u64::from(cluster) < hint {
                 self.cluster_hint
@@ -515,6 +522,7 @@ impl Blobstore {
             claims_outstanding: AtomicU64::new(0),
             held_io: Arc::new(AtomicU64::new(0)),
             bdev: Arc::clone(desc.bdev()),
+            released_twice: AtomicU64::new(0),
         });
         Ok(Rc::new(StoreInner {
             shared,
@@ -583,6 +591,13 @@ impl Blobstore {
     #[doc(hidden)]
     pub fn testing_skip_ordering_flushes(&self, skip: bool) {
         self.inner.durability.skip_barriers.set(skip);
+    }
+
+    /// Test support: how many times a cluster was released while already free (each one a
+    /// bug: a claim between the two releases would hand the cluster out twice).
+    #[doc(hidden)]
+    pub fn testing_clusters_released_twice(&self) -> u64 {
+        self.inner.shared.released_twice.load(Ordering::Acquire)
     }
 
     /// Clusters and md pages waiting for a flush before they return to the free pool (after
