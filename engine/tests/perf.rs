@@ -27,7 +27,7 @@ fn a_null_run_reports_figures_and_progress_and_keeps_the_json_names() {
     assert!(report.total.iops > 0.0);
     assert_eq!(report.cores.len(), 1);
     assert_eq!(report.cores[0].core, 0);
-    assert_eq!(report.config.kind, "null");
+    assert_eq!(report.config.kind, spool_engine::target::NULL_KIND);
     assert_eq!(report.config.layer, "bdev");
     assert_eq!(report.config.rw, "randread");
     let progress: Vec<(Duration, u64)> = events
@@ -90,7 +90,12 @@ fn a_missing_file_is_announced_then_created() {
     })
     .unwrap();
     assert_eq!(created, vec![(path.clone(), 8 << 20)]);
-    assert_eq!(report.config.kind, "uring file");
+    // The label names what the target really is: a file, and on which filesystem.
+    assert!(
+        report.config.kind.starts_with("uring, file on "),
+        "{}",
+        report.config.kind
+    );
     assert_eq!(report.config.size_bytes, 8 << 20);
     let report = perf::run(&config, &mut |event| {
         assert!(
