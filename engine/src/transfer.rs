@@ -309,6 +309,10 @@ enum Sink {
     File {
         file: File,
         path: PathBuf,
+        /// A regular file this export filled: removed if the export fails. Never a device
+        /// node, a FIFO or a socket (`spool export IMAGE vol /dev/sdb` must not delete the
+        /// node when it fails).
+        remove_on_failure: bool,
     },
 }
 
@@ -320,7 +324,15 @@ impl Sink {
                 let file = File::create(&path).map_err(|err| {
                     file_error(&path.display().to_string(), err.to_string(), &err)
                 })?;
-                Ok(Sink::File { file, path })
+                let remove_on_failure = file
+                    .metadata()
+                    .map(|meta| meta.file_type().is_file())
+                    .unwrap_or(false);
+                Ok(Sink::File {
+                    file,
+                    path,
+                    remove_on_failure,
+                })
             }
         }
     }
@@ -333,7 +345,7 @@ impl Sink {
                 Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
                 Err(err) => Err(file_error(name, err.to_string(), &err)),
             },
-            Sink::File { file, path } => file.write_all(bytes).map(|()| true).map_err(|err| {
+            Sink::File { file, path, .. } => file.write_all(bytes).map(|()| true).map_err(|err| {
                 file_error(&path.display().to_string(), format!("write: {err}"), &err)
             }),
         }
@@ -344,10 +356,14 @@ impl Sink {
             Sink::Stream { mut writer, .. } => {
                 let _ = writer.flush();
             }
-            Sink::File { file, path } => {
+            Sink::File {
+                file,
+                path,
+                remove_on_failure,
+            } => {
                 drop(file);
-                if !ok {
-                    // A partial copy is worse than none.
+                if !ok && remove_on_failure {
+                    // A partial copy is worse than none (a regular file only).
                     let _ = std::fs::remove_file(&path);
                 }
             }
