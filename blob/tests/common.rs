@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use spool_bdev::{Bdev, BdevDesc, DmaBuf, MallocBdev};
 use spool_blob::{BlobChannel, BlobIo, BlobOptions, Blobstore};
-use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
+use spool_reactor::{IdleMode, RemoteHandle, Runtime, RuntimeOptions, Sim};
 
 /// A one-reactor runtime that sleeps when idle.
 pub fn runtime() -> Runtime {
@@ -104,4 +104,26 @@ pub async fn create_thin(store: &Blobstore, num_clusters: u64) -> u64 {
         })
         .await
         .unwrap()
+}
+
+/// Steps the simulation until `handle`'s task finishes or `steps` steps have run (or nothing
+/// is left to run); its result, or `None` if it has not finished.
+pub fn run_bounded<T>(sim: &mut Sim, handle: &RemoteHandle<T>, steps: u64) -> Option<T> {
+    for _ in 0..steps {
+        if let Some(result) = handle.try_take() {
+            return Some(result.expect("the scenario task failed"));
+        }
+        if !sim.step() {
+            break;
+        }
+    }
+    handle
+        .try_take()
+        .map(|result| result.expect("the scenario task failed"))
+}
+
+/// Polls `future` once with a waker that does nothing; true if it completed.
+pub fn poll_once<F: std::future::Future + ?Sized>(future: std::pin::Pin<&mut F>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    future.poll(&mut cx).is_ready()
 }

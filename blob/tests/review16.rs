@@ -8,24 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cancel::{poll_then_drop, Polled};
-use common::{buf_of, create_thin, malloc, pattern};
+use common::{buf_of, create_thin, malloc, pattern, poll_once, run_bounded};
 use spool_bdev::{Bdev, BdevDesc, MallocBdev};
 use spool_blob::{Blobstore, InitOptions, LoadOptions};
-use spool_reactor::{RemoteHandle, Sim, SimOptions};
-
-fn run_bounded<T>(sim: &mut Sim, handle: &RemoteHandle<T>, steps: u64) -> Option<T> {
-    for _ in 0..steps {
-        if let Some(result) = handle.try_take() {
-            return Some(result.expect("the scenario task failed"));
-        }
-        if !sim.step() {
-            break;
-        }
-    }
-    handle
-        .try_take()
-        .map(|result| result.expect("the scenario task failed"))
-}
+use spool_reactor::{Sim, SimOptions};
 
 fn loaded_free(image: Vec<u8>) -> u64 {
     let bdev = Arc::new(MallocBdev::from_image("count", 4096, &image).unwrap());
@@ -526,12 +512,6 @@ fn review16_md_op_dropped_then_unload_leaves_a_consistent_clean_store() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-/// Polls `future` once with a waker that does nothing; true if it completed.
-fn poll_once<F: std::future::Future + ?Sized>(future: std::pin::Pin<&mut F>) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    future.poll(&mut cx).is_ready()
 }
 
 /// Finding (rv16): a thin write that waited for another write's allocation of the same

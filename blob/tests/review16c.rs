@@ -6,30 +6,10 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::malloc;
+use common::{malloc, poll_once, run_bounded};
 use spool_bdev::{Bdev, BdevDesc, ErrorBdev, ErrorRule, IoKind};
 use spool_blob::{Blobstore, InitOptions};
-use spool_reactor::{RemoteHandle, Sim, SimOptions};
-
-fn run_bounded<T>(sim: &mut Sim, handle: &RemoteHandle<T>, steps: u64) -> Option<T> {
-    for _ in 0..steps {
-        if let Some(result) = handle.try_take() {
-            return Some(result.expect("the scenario task failed"));
-        }
-        if !sim.step() {
-            break;
-        }
-    }
-    handle
-        .try_take()
-        .map(|result| result.expect("the scenario task failed"))
-}
-
-/// Polls `future` once with a waker that does nothing; true if it completed.
-fn poll_once<F: std::future::Future + ?Sized>(future: std::pin::Pin<&mut F>) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    future.poll(&mut cx).is_ready()
-}
+use spool_reactor::{Sim, SimOptions};
 
 /// Waits (polling, in virtual time) for a message on `rx`; false if the sender went away.
 async fn wait_for(rx: &Mutex<Receiver<()>>) -> bool {

@@ -12,23 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cancel::{poll_then_drop, Polled};
-use common::malloc;
+use common::{malloc, run_bounded};
 use spool_blob::{Blobstore, InitOptions, LoadOptions};
-use spool_reactor::{RemoteHandle, Sim, SimOptions};
-
-fn run_bounded<T>(sim: &mut Sim, handle: &RemoteHandle<T>, steps: u64) -> Option<T> {
-    for _ in 0..steps {
-        if let Some(result) = handle.try_take() {
-            return Some(result.expect("the scenario task failed"));
-        }
-        if !sim.step() {
-            break;
-        }
-    }
-    handle
-        .try_take()
-        .map(|result| result.expect("the scenario task failed"))
-}
+use spool_reactor::{Sim, SimOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Teardown {
