@@ -163,3 +163,44 @@ fn inflate_stops_between_clusters_on_sigint_and_finishes_when_run_again() {
     assert_eq!(blobs[0]["num_allocated_clusters"], 1000);
     assert_eq!(blobs[0]["parent"], serde_json::Value::Null);
 }
+
+/// `spool serve` with no IMAGE makes `spool.img` on first use. Killed (-9) at any moment of
+/// that first start, it leaves either no `spool.img` or a store that loads: never a file
+/// that is not a store, which the next start would refuse. The next start serves either way.
+#[test]
+fn serve_killed_during_its_first_start_never_leaves_a_spool_img_that_is_not_a_store() {
+    let mut published = 0;
+    for round in 0..16u64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Port 0: each round listens on a port of its own.
+        let (_, stderr) = interrupted(
+            dir.path(),
+            &["serve", "--listen", "127.0.0.1:0"],
+            9,
+            Duration::from_millis(round * 4),
+        );
+        let image = dir.path().join("spool.img");
+        if image.exists() {
+            published += 1;
+            let ls = Command::new(env!("CARGO_BIN_EXE_spool"))
+                .args(["ls", "spool.img", "--json"])
+                .current_dir(dir.path())
+                .env_remove("SPOOL_LOG")
+                .output()
+                .expect("spool ls runs");
+            assert!(
+                ls.status.success(),
+                "round {round}: the spool.img a killed first start left is not a store: {}\n(serve said: {stderr})",
+                String::from_utf8_lossy(&ls.stderr)
+            );
+            assert!(
+                String::from_utf8_lossy(&ls.stdout).contains("vol0"),
+                "round {round}: a published spool.img holds vol0"
+            );
+        }
+    }
+    assert!(
+        published > 0,
+        "no round got far enough to publish spool.img"
+    );
+}

@@ -159,6 +159,16 @@ pub struct Daemon {
     lock: Option<ImageLock>,
 }
 
+/// How `start` holds the image while the daemon starts.
+enum Lock {
+    /// A new image under its temporary name, published once its store is made.
+    Staged(crate::lock::StagedImage),
+    /// An image at its final path, locked exclusively.
+    Held(ImageLock),
+    /// No file (a malloc store).
+    None,
+}
+
 /// Where the store comes from.
 enum Source {
     /// An existing image: load it.
@@ -234,14 +244,17 @@ impl Daemon {
                     target.block_size = io_unit;
                 }
                 let (bdev, _) = open_image(path, &target)?;
-                (bdev, Some(lock), path.display().to_string(), None)
+                (bdev, Lock::Held(lock), path.display().to_string(), None)
             }
             Source::CreateDefault(path) => {
-                let lock = ImageLock::create_sparse(path, DEFAULT_IMAGE_BYTES)?;
-                let (bdev, _) = open_image(path, &options.target)?;
+                // Formatted under a temporary name and published only once the store and
+                // `vol0` are on it: a start killed half-way never leaves a `spool.img` that
+                // is not a store (the next start would refuse it).
+                let staged = ImageLock::stage_sparse(path, DEFAULT_IMAGE_BYTES)?;
+                let (bdev, _) = open_image(staged.temp_path(), &options.target)?;
                 (
                     bdev,
-                    Some(lock),
+                    Lock::Staged(staged),
                     path.display().to_string(),
                     Some(path.clone()),
                 )
@@ -258,22 +271,32 @@ impl Daemon {
                     options.target.block_size,
                     bytes / block,
                 )?);
-                (bdev, None, format!("malloc:{bytes}"), None)
+                (bdev, Lock::None, format!("malloc:{bytes}"), None)
             }
         };
-        let started = Self::start_on(options, &source, listen, Arc::clone(&bdev), image);
+        let mut lock = lock;
+        let started = Self::start_on(options, &source, listen, Arc::clone(&bdev), image, || {
+            if let Lock::Staged(staged) = std::mem::replace(&mut lock, Lock::None) {
+                lock = Lock::Held(staged.publish()?);
+            }
+            Ok(())
+        });
         match started {
             Ok(mut daemon) => {
                 daemon.bdev = Some(bdev);
-                daemon.lock = lock;
+                daemon.lock = match lock {
+                    Lock::Held(held) => Some(held),
+                    Lock::Staged(_) | Lock::None => None,
+                };
                 Ok(daemon)
             }
             Err(err) => {
                 drop(bdev);
-                if let Some(path) = created_path {
+                if let (Some(path), Lock::Held(_)) = (created_path, &lock) {
                     // Nothing half-made is left: removed while the lock is still held.
                     let _ = std::fs::remove_file(path);
                 }
+                // An image still staged removes its temporary file as it drops.
                 drop(lock);
                 Err(err)
             }
@@ -286,6 +309,7 @@ impl Daemon {
         listen: Vec<ListenAddr>,
         bdev: Arc<dyn Bdev>,
         image: String,
+        publish: impl FnOnce() -> Result<(), EngineError>,
     ) -> Result<Daemon, EngineError> {
         let desc = BdevDesc::open(bdev)?;
         let runtime = Runtime::start(&RuntimeOptions {
@@ -362,6 +386,12 @@ impl Daemon {
             bdev: None,
             lock: None,
         };
+        // The store is made (or loaded): a new image gets its final name now, before any
+        // client can reach it.
+        if let Err(err) = publish() {
+            let _ = daemon.shut_down();
+            return Err(err);
+        }
         let runtime = daemon.runtime()?;
         let install = {
             let exports = Arc::clone(&exports);
