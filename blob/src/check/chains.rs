@@ -93,6 +93,15 @@ pub fn scan(
     let mut next_report = report_every;
     let mut first = 0u32;
     while first < md_len {
+        // A sparse file's holes read as zeros: skip them rather than read them.
+        if let Some(data) = image.next_data_page(shape.md_device_page(first)) {
+            let data_md_page = data.saturating_sub(shape.md_device_page(0));
+            if data_md_page >= u64::from(md_len) {
+                break;
+            }
+            // `data` rounds down to its page: never past a page that may hold data.
+            first = first.max(data_md_page as u32);
+        }
         let count = BATCH_PAGES.min(md_len - first);
         let bytes = image.read_pages(shape.md_device_page(first), count)?;
         for (offset, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {

@@ -10,8 +10,8 @@ use std::os::unix::fs::FileExt;
 use super::CheckError;
 use crate::format::{PAGE_SIZE, PAGE_SIZE_U64};
 
-/// Most md pages read by one request (1 MiB).
-pub(crate) const BATCH_PAGES: u32 = 256;
+/// Most md pages read by one request (4 MiB).
+pub(crate) const BATCH_PAGES: u32 = 1024;
 
 /// Positioned I/O on a device image.
 pub trait ImageIo {
@@ -23,6 +23,14 @@ pub trait ImageIo {
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()>;
     /// Makes the writes durable.
     fn sync(&self) -> std::io::Result<()>;
+    /// Where the next byte that may be non-zero lies at or after `offset`: `Some(offset)`
+    /// or later, `Some(u64::MAX)` when everything from `offset` on reads as zeros, or
+    /// `None` when the image cannot tell (then every byte must be read). Lets a scan skip
+    /// the holes of a sparse file instead of reading gigabytes of zeros.
+    fn next_data(&self, offset: u64) -> Option<u64> {
+        let _ = offset;
+        None
+    }
 }
 
 impl ImageIo for File {
@@ -39,6 +47,18 @@ impl ImageIo for File {
     }
     fn sync(&self) -> std::io::Result<()> {
         self.sync_all()
+    }
+    /// `lseek(SEEK_DATA)`: a regular file's filesystem knows its holes. A block device or a
+    /// filesystem without the call answers with an error: `None`, read everything.
+    fn next_data(&self, offset: u64) -> Option<u64> {
+        match rustix::fs::seek(self, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(found) => Some(found),
+            // No data at or after `offset` in a regular file: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) if self.metadata().is_ok_and(|meta| meta.is_file()) => {
+                Some(u64::MAX)
+            }
+            Err(_) => None,
+        }
     }
 }
 
@@ -93,6 +113,17 @@ impl<'f> Image<'f> {
     /// Whether the device has no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The first device page at or after `page` that may hold a non-zero byte (`None`: the
+    /// image cannot tell; `Some(u64::MAX)`: none does).
+    pub fn next_data_page(&self, page: u64) -> Option<u64> {
+        let found = self.file.next_data(page.saturating_mul(PAGE_SIZE_U64))?;
+        Some(if found == u64::MAX {
+            u64::MAX
+        } else {
+            found / PAGE_SIZE_U64
+        })
     }
 
     /// Reads `count` pages from device page `first` (bounds checked against the device).
