@@ -563,3 +563,35 @@ fn interrupted_inflate_of_a_parentless_blob_does_not_speak_of_a_parent() {
     assert!(!stderr.contains("parent"), "{stderr}");
     assert!(clean(&r, "s.img"));
 }
+
+// ---------------------------------------------------------------------------------------
+// Guard rails in an lvol store: one command must not make the store one SPDK cannot open.
+// ---------------------------------------------------------------------------------------
+
+/// In an lvol store every lvol must carry a name (SPDK's loader refuses a blob without one,
+/// and `create` there insists on `--name`), and the super blob holds the store's own name and
+/// uuid. Yet each of these exits 0 and leaves a store SPDK will not open as the lvol store it
+/// was (`info`: "warning: not an lvol store SPDK would open: ..."; later `create` fails with
+/// "corrupt metadata: a blob of an lvol store has no `name` xattr"):
+/// - `xattr lvs.img lv0 rm name`;
+/// - `super lvs.img lv0` (lv0 becomes the store's super blob: `info` then calls the store
+///   `lv0`, with lv0's uuid);
+/// - `super lvs.img --clear`.
+///
+/// Expected: refused (or behind --force), in words, the image unchanged.
+#[test]
+fn an_lvol_store_is_not_broken_by_one_xattr_or_super_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok_in(d, &["init", "l.img", "--size", "64M", "--lvs", "lvs0"]);
+    ok_in(d, &["create", "l.img", "--size", "4M", "--name", "lv0"]);
+    for args in [
+        &["xattr", "l.img", "lv0", "rm", "name"][..],
+        &["super", "l.img", "lv0"][..],
+        &["super", "l.img", "--clear"][..],
+    ] {
+        refused_with(d, "l.img", args, 1, "error: ", false);
+    }
+    let info = json(&ok_in(d, &["info", "l.img", "--json"]));
+    assert_eq!(info["lvs_name"], "lvs0");
+}
