@@ -595,3 +595,33 @@ fn an_lvol_store_is_not_broken_by_one_xattr_or_super_command() {
     let info = json(&ok_in(d, &["info", "l.img", "--json"]));
     assert_eq!(info["lvs_name"], "lvs0");
 }
+
+/// Not only Ctrl-C: any failed export removes FILE whatever it is. A FIFO whose reader stops
+/// after 1 MiB gives "error: out.fifo: write: Broken pipe (os error 32)" and the FIFO is gone;
+/// by hand, `export IMAGE BLOB NODE` where NODE is a block device smaller than the blob ends
+/// with "NODE: write: No space left on device (os error 28)" and the device node deleted.
+#[test]
+fn a_failed_export_into_a_fifo_leaves_the_fifo_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "64M"]);
+    ok_in(d, &["create", "s.img", "--size", "32M", "--name", "vol"]);
+    let fifo = d.join("out.fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || {
+        let mut file = std::fs::File::open(&reader_path).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let _ = file.read_exact(&mut buf);
+        // The reader goes away: the export's next write fails with EPIPE.
+    });
+    let out = run(d, &["export", "s.img", "vol", "out.fifo"]);
+    reader.join().unwrap();
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.starts_with("error: out.fifo: "), "{}", out.stderr);
+    assert!(
+        std::fs::symlink_metadata(&fifo).is_ok(),
+        "the failed export deleted the FIFO it was writing into: {}",
+        out.stderr
+    );
+}
