@@ -625,3 +625,49 @@ fn a_failed_export_into_a_fifo_leaves_the_fifo_in_place() {
         out.stderr
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Ctrl-C stops every long command: perf --layer md and --layer snap ignore it.
+// ---------------------------------------------------------------------------------------
+
+/// `perf --layer md --blobs 20000` (about 8 s here) and `perf --layer snap --snapshots 150`
+/// (about 12 s) take SIGINT 1 s in and run to their end, exit 0, full table: the signal is
+/// recorded and never looked at. `--layer bdev` and `--layer blob` stop (exit 130, partial
+/// table, "interrupted by SIGINT after 0.6 of 5 s").
+#[test]
+fn perf_md_and_snap_layers_stop_on_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &[
+            "perf", "--target", "malloc:256M", "--layer", "md", "--blobs", "20000", "-q",
+        ][..],
+        &[
+            "perf", "--target", "malloc:1G", "--layer", "snap", "--snapshots", "150",
+            "--snap-gap", "50", "-q",
+        ][..],
+    ] {
+        let child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("SPOOL_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        let started = std::time::Instant::now();
+        kill(child.id(), libc::SIGINT);
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(130),
+            "{args:?} ran {:?} past the SIGINT: {stderr}",
+            started.elapsed()
+        );
+        assert!(
+            stderr.contains("error: interrupted by SIGINT after "),
+            "{args:?}: {stderr}"
+        );
+    }
+}
