@@ -671,3 +671,20 @@ fn perf_md_and_snap_layers_stop_on_sigint() {
         );
     }
 }
+
+/// `init b.img --size 1000` names the temporary file and the bdev layer: "error: bdev
+/// './.b.img.spool-new.26580.0': size 1000 bytes is smaller than one block of 4096 bytes
+/// (errno -22)". Expected: the image the user named, in words, and nothing left behind.
+#[test]
+fn init_of_a_too_small_size_names_the_image_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = run(d, &["init", "b.img", "--size", "1000"]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let line = out.stderr.trim_end();
+    assert!(line.starts_with("error: b.img: "), "{line}");
+    assert!(!line.contains("spool-new"), "{line}");
+    assert_in_words(line);
+    let left: Vec<_> = std::fs::read_dir(d).unwrap().collect();
+    assert!(left.is_empty(), "init left {left:?}");
+}
