@@ -727,3 +727,36 @@ fn check_repair_output_stops_on_sigint() {
     assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
     assert!(before == std::fs::read(r.join("c.img")).unwrap());
 }
+
+/// `perf --target FILE --size 2G` writes FILE in full before measuring; SIGINT during that
+/// stops it and removes the file ("error: p.img: creation interrupted by SIGINT after
+/// 775946240 of 2147483648 bytes; nothing was created") but exits 1, where every interrupted
+/// command exits 130 (143 for SIGTERM).
+#[test]
+fn perf_file_creation_interrupted_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let Some(_fs) = SmallFs::mount(&d.join("ram"), 2200) else {
+        eprintln!("cannot mount a tmpfs here: skipped");
+        return;
+    };
+    let r = d.join("ram");
+    let child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["perf", "--target", "p.img", "--size", "2G", "--time", "1", "-q"])
+        .current_dir(&r)
+        .env_remove("SPOOL_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    kill(child.id(), libc::SIGINT);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("interrupted by SIGINT after "),
+        "{stderr}"
+    );
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(!r.join("p.img").exists());
+}
