@@ -760,3 +760,41 @@ fn perf_file_creation_interrupted_exits_130() {
     assert_eq!(output.status.code(), Some(130), "{stderr}");
     assert!(!r.join("p.img").exists());
 }
+
+// ---------------------------------------------------------------------------------------
+// Exit codes: a bad argument is a usage error (2) whether clap or the command finds it.
+// ---------------------------------------------------------------------------------------
+
+/// The same mistake gets two exit codes: an empty xattr key is 2 for `create --xattr =v`
+/// (clap) and 1 for `xattr IMAGE BLOB set "" v`; a bad `--block-size` is 2 but a 17-byte
+/// `--bstype` or a `--hex` value that is not hex is 1. None of these needs the store: they
+/// are a command line that does not parse (docs/cli.md: exit 2), and the image is untouched.
+#[test]
+fn argument_errors_found_before_the_store_is_opened_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok_in(d, &["init", "x.img", "--size", "64M"]);
+    ok_in(d, &["create", "x.img", "--size", "1M", "--name", "a"]);
+    let out = run(d, &["create", "x.img", "--size", "1M", "--xattr", "=v"]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    refused(
+        d,
+        "x.img",
+        &["xattr", "x.img", "a", "set", "", "v"],
+        2,
+        "error: the xattr name is empty",
+    );
+    refused(
+        d,
+        "x.img",
+        &["xattr", "x.img", "a", "set", "k", "zz", "--hex"],
+        2,
+        "error: --hex value 'zz' is not whole hex bytes",
+    );
+    let out = run(
+        d,
+        &["init", "y.img", "--size", "64M", "--bstype", "12345678901234567"],
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(!d.join("y.img").exists());
+}
