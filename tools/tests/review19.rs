@@ -798,3 +798,45 @@ fn argument_errors_found_before_the_store_is_opened_exit_2() {
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(!d.join("y.img").exists());
 }
+
+/// Clears `chattr +i` on drop, so the temporary directory can be removed.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Option<Immutable> {
+        let done = Command::new("chattr").arg("+i").arg(path).output().ok()?;
+        done.status.success().then(|| Immutable(path.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// Every writer says an image it cannot write in words ("cannot be opened for writing:
+/// operation not permitted (is it immutable? see lsattr); ..."), but `check --repair` says
+/// "error: s.img: Operation not permitted (os error 1)" (and "Read-only file system (os error
+/// 30)" on a read-only mount), even when there is nothing to repair.
+#[test]
+fn check_repair_on_an_immutable_image_says_so_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "64M"]);
+    let Some(_immutable) = Immutable::set(&d.join("s.img")) else {
+        eprintln!("chattr +i is not possible here: skipped");
+        return;
+    };
+    refused(
+        d,
+        "s.img",
+        &["create", "s.img", "--size", "1M"],
+        1,
+        "error: s.img: cannot be opened for writing: operation not permitted (is it immutable? see lsattr); this command writes the image (ls, info, export and dump only read it)",
+    );
+    let out = run(d, &["check", "s.img", "--repair"]);
+    let line = out.stderr.lines().last().unwrap_or_default();
+    assert!(line.starts_with("error: s.img: "), "{}", out.stderr);
+    assert_in_words(line);
+}
