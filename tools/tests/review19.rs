@@ -840,3 +840,36 @@ fn check_repair_on_an_immutable_image_says_so_in_words() {
     assert!(line.starts_with("error: s.img: "), "{}", out.stderr);
     assert_in_words(line);
 }
+
+/// `init` on a full host: "error: s.img: Write failed on the device: No space left on device
+/// (os error 28) (errno -28)" (the line the issue quotes), and with `--preallocate`
+/// "error: p.img: reserve space (fallocate): No space left on device (os error 28)".
+/// Expected: "the host filesystem is full ..." as `create` says it, and no file left.
+#[test]
+fn init_on_a_full_host_says_so_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let Some(_small) = SmallFs::mount(&d.join("small"), 8) else {
+        eprintln!("cannot mount a tmpfs here: skipped");
+        return;
+    };
+    let s = d.join("small");
+    let filler = vec![0u8; 1 << 20];
+    let mut fill = std::fs::File::create(s.join("filler")).unwrap();
+    while std::io::Write::write_all(&mut fill, &filler).is_ok() {}
+    drop(fill);
+    for args in [
+        &["init", "s.img", "--size", "64M"][..],
+        &["init", "s.img", "--size", "4M", "--preallocate"][..],
+    ] {
+        let out = run(&s, args);
+        assert_eq!(out.code, Some(1), "{args:?}: {}", out.stderr);
+        let line = out.stderr.trim_end();
+        assert!(
+            line.starts_with("error: s.img: the host filesystem is full"),
+            "{args:?}: {line}"
+        );
+        assert_in_words(line);
+        assert!(!s.join("s.img").exists());
+    }
+}
