@@ -873,3 +873,26 @@ fn init_on_a_full_host_says_so_in_words() {
         assert!(!s.join("s.img").exists());
     }
 }
+
+/// `export` into a filesystem too small for the copy: "error: .../out.raw: write: No space
+/// left on device (os error 28)": the host full, not in words, and not how far it got.
+#[test]
+fn export_onto_a_full_host_says_so_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok_in(d, &["init", "e.img", "--size", "64M"]);
+    ok_in(d, &["create", "e.img", "--size", "16M", "--name", "v"]);
+    let Some(_small) = SmallFs::mount(&d.join("small"), 8) else {
+        eprintln!("cannot mount a tmpfs here: skipped");
+        return;
+    };
+    let out = run(d, &["export", "e.img", "v", "small/out.raw"]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let line = out.stderr.trim_end();
+    assert!(
+        line.starts_with("error: small/out.raw: the host filesystem is full after "),
+        "{line}"
+    );
+    assert_in_words(line);
+    assert!(!d.join("small/out.raw").exists());
+}
