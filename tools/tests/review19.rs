@@ -607,7 +607,11 @@ fn a_failed_export_into_a_fifo_leaves_the_fifo_in_place() {
     ok_in(d, &["init", "s.img", "--size", "64M"]);
     ok_in(d, &["create", "s.img", "--size", "32M", "--name", "vol"]);
     let fifo = d.join("out.fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let reader_path = fifo.clone();
     let reader = std::thread::spawn(move || {
         let mut file = std::fs::File::open(&reader_path).unwrap();
@@ -618,7 +622,11 @@ fn a_failed_export_into_a_fifo_leaves_the_fifo_in_place() {
     let out = run(d, &["export", "s.img", "vol", "out.fifo"]);
     reader.join().unwrap();
     assert_eq!(out.code, Some(1), "{}", out.stderr);
-    assert!(out.stderr.starts_with("error: out.fifo: "), "{}", out.stderr);
+    assert!(
+        out.stderr.starts_with("error: out.fifo: "),
+        "{}",
+        out.stderr
+    );
     assert!(
         std::fs::symlink_metadata(&fifo).is_ok(),
         "the failed export deleted the FIFO it was writing into: {}",
@@ -639,11 +647,26 @@ fn perf_md_and_snap_layers_stop_on_sigint() {
     let dir = tempfile::tempdir().unwrap();
     for args in [
         &[
-            "perf", "--target", "malloc:256M", "--layer", "md", "--blobs", "20000", "-q",
+            "perf",
+            "--target",
+            "malloc:256M",
+            "--layer",
+            "md",
+            "--blobs",
+            "20000",
+            "-q",
         ][..],
         &[
-            "perf", "--target", "malloc:1G", "--layer", "snap", "--snapshots", "150",
-            "--snap-gap", "50", "-q",
+            "perf",
+            "--target",
+            "malloc:1G",
+            "--layer",
+            "snap",
+            "--snapshots",
+            "150",
+            "--snap-gap",
+            "50",
+            "-q",
         ][..],
     ] {
         let child = Command::new(env!("CARGO_BIN_EXE_spool"))
@@ -742,7 +765,9 @@ fn perf_file_creation_interrupted_exits_130() {
     };
     let r = d.join("ram");
     let child = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(["perf", "--target", "p.img", "--size", "2G", "--time", "1", "-q"])
+        .args([
+            "perf", "--target", "p.img", "--size", "2G", "--time", "1", "-q",
+        ])
         .current_dir(&r)
         .env_remove("SPOOL_LOG")
         .stdout(Stdio::piped())
@@ -753,10 +778,7 @@ fn perf_file_creation_interrupted_exits_130() {
     kill(child.id(), libc::SIGINT);
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("interrupted by SIGINT after "),
-        "{stderr}"
-    );
+    assert!(stderr.contains("interrupted by SIGINT after "), "{stderr}");
     assert_eq!(output.status.code(), Some(130), "{stderr}");
     assert!(!r.join("p.img").exists());
 }
@@ -793,7 +815,14 @@ fn argument_errors_found_before_the_store_is_opened_exit_2() {
     );
     let out = run(
         d,
-        &["init", "y.img", "--size", "64M", "--bstype", "12345678901234567"],
+        &[
+            "init",
+            "y.img",
+            "--size",
+            "64M",
+            "--bstype",
+            "12345678901234567",
+        ],
     );
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(!d.join("y.img").exists());
