@@ -243,7 +243,7 @@ fn init_bstype(args: &InitArgs) -> Result<Bstype, ToolError> {
     let given = match &args.bstype {
         None => None,
         Some(name) => Some(bstype_from_name(name).ok_or_else(|| {
-            ToolError::Failed(format!(
+            ToolError::Usage(format!(
                 "bstype '{name}' is {} bytes; at most 16",
                 name.len()
             ))
@@ -282,6 +282,14 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
             "{}: holds a blobstore already; init would lose every blob in it: add --force to format it anyway",
             args.image
         )));
+    }
+    if !args.force && path.exists() {
+        if let Some(found) = spool_engine::guard::foreign_contents(path) {
+            return Err(ToolError::Failed(format!(
+                "{}: holds {found}, not a blobstore; init would overwrite it: add --force to format it anyway",
+                args.image
+            )));
+        }
     }
     let created = prepare_image(args)?;
     let lvs_name = args.lvs.clone();
@@ -338,6 +346,11 @@ pub fn super_blob(args: &SuperArgs) -> Result<(), ToolError> {
     let clear = args.clear;
     let reads_only = blob.is_none() && !clear;
     let job = move |store: Blobstore, _: OpenInfo| async move {
+        if !reads_only && is_lvol_store(&store) {
+            return Err(ToolError::Failed(
+                "lvol store: its super blob holds the store's name and uuid (SPDK finds the lvol store by it); setting or clearing it would leave a store SPDK does not open as the lvol store it is".into(),
+            ));
+        }
         if clear {
             store.set_super(BLOBID_INVALID).await?;
             return Ok(None);
