@@ -83,8 +83,8 @@ impl ImageLock {
     /// Locks the existing image at `path` for reading only (shared with other readers,
     /// refused while a writer holds it).
     pub fn shared(path: &Path) -> Result<ImageLock, EngineError> {
-        let file =
-            File::open(path).map_err(|err| file_error(path, crate::words::io_words(&err), io_errno(&err)))?;
+        let file = File::open(path)
+            .map_err(|err| file_error(path, crate::words::io_words(&err), io_errno(&err)))?;
         Self::lock(file, path, false)
     }
 
@@ -178,7 +178,9 @@ impl ImageLock {
                 .map_err(|err| create_error("set size", &err))?;
             if contents == Contents::Reserved {
                 rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size_bytes)
-                    .map_err(|err| create_error("reserving the file's space (fallocate)", &err.into()))?;
+                    .map_err(|err| {
+                        create_error("reserving the file's space (fallocate)", &err.into())
+                    })?;
             }
             let zeros = vec![0u8; if fill { CHUNK_BYTES } else { 0 }];
             let mut written = if fill { 0 } else { size_bytes };
@@ -278,14 +280,13 @@ impl StagedImage {
             final_path,
         } = self;
         // A failed publish removes the temporary file itself, still under the lock.
-        name.publish(&final_path)
-            .map_err(|err| {
-                file_error(
-                    &final_path,
-                    crate::words::failure("create", &err),
-                    io_errno(&err),
-                )
-            })?;
+        name.publish(&final_path).map_err(|err| {
+            file_error(
+                &final_path,
+                crate::words::failure("create", &err),
+                io_errno(&err),
+            )
+        })?;
         lock.path = final_path;
         Ok(lock)
     }

@@ -43,11 +43,11 @@ pub fn failure(what: &str, err: &std::io::Error) -> String {
     }
 }
 
-/// "the host filesystem is full: {what} found no space left (free space on the host, then
-/// run the command again)".
+/// "the host filesystem is full: {what} failed (No space left on device); free space on the
+/// host, then run the command again".
 pub fn host_full(what: &str) -> String {
     format!(
-        "the host filesystem is full: {what} found no space left on it; free space on the host, then run the command again"
+        "the host filesystem is full: {what} failed (No space left on device); free space on the host, then run the command again"
     )
 }
 
@@ -59,7 +59,11 @@ pub fn scrub(text: &str) -> String {
             let rest = &out[start + marker.len()..];
             let Some(close) = rest.find(')') else { break };
             let inside = &rest[..close];
-            if !inside.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
+            if !inside
+                .trim_start_matches('-')
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
                 break;
             }
             out.replace_range(start..start + marker.len() + close + 1, "");
@@ -96,6 +100,9 @@ mod tests {
             failure("open", &perm),
             "open: operation not permitted (is it immutable? see lsattr)"
         );
-        assert_eq!(errno_words(libc::ELOOP), "too many levels of symbolic links");
+        assert_eq!(
+            errno_words(libc::ELOOP),
+            "too many levels of symbolic links"
+        );
     }
 }

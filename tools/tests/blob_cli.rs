@@ -242,8 +242,10 @@ fn info_reports_the_clean_flag_found_at_open() {
     let second = info_json(dir.path(), image);
     assert_eq!(second["clean"], false, "info wrote nothing");
     assert_eq!(second["recovered"], true);
-    // A command that writes recovers it for good.
-    ok_in(dir.path(), &["super", image, "--clear"]);
+    // A command that writes recovers it for good (setting the super blob to the one it is:
+    // p3 is an lvol store, whose super blob is not changed without --force).
+    let super_blob = format!("{:#x}", first["super_blob"].as_u64().unwrap());
+    ok_in(dir.path(), &["super", image, &super_blob]);
     let third = info_json(dir.path(), image);
     assert_eq!(third["clean"], true, "the writer unloaded cleanly");
     assert_eq!(third["recovered"], false);
@@ -408,8 +410,10 @@ fn xattrs_are_set_read_listed_and_removed() {
         line.contains("0x100000000") && line.contains("color"),
         "{line}"
     );
-    let line = fails_in(d, &["xattr", "store.img", "x", "set", "k", "zz", "--hex"]);
-    assert!(line.contains("hex"), "{line}");
+    // A value that is not hex is a command line that does not parse: exit 2 (issue 19).
+    let run = spool_in(d, &["xattr", "store.img", "x", "set", "k", "zz", "--hex"]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("hex"), "{}", run.stderr);
     assert_eq!(
         ls(d, "store.img")[0]["xattrs"],
         serde_json::json!({"name": format!("78{}", "00".repeat(63)), "bin": "00ff0a"})

@@ -86,10 +86,15 @@ impl LvolStore {
             return Some(format!("is the id of lvol {:#x}", lvol.id));
         }
         if let Ok(uuid) = Uuid::try_parse(name) {
-            return Some(match lvols.iter().find(|lvol| !uuid.is_nil() && lvol.uuid == uuid) {
-                Some(lvol) => format!("is the uuid of lvol '{}' ({:#x})", lvol.name, lvol.id),
-                None => "reads as a uuid".to_string(),
-            });
+            return Some(
+                match lvols
+                    .iter()
+                    .find(|lvol| !uuid.is_nil() && lvol.uuid == uuid)
+                {
+                    Some(lvol) => format!("is the uuid of lvol '{}' ({:#x})", lvol.name, lvol.id),
+                    None => "reads as a uuid".to_string(),
+                },
+            );
         }
         let prefix = format!("{}/", self.name());
         if let Some(rest) = name.strip_prefix(&prefix) {

@@ -92,7 +92,9 @@ pub async fn run(
     let started = Instant::now();
     let mut ids = Vec::with_capacity(blobs as usize);
     for created in 0..blobs {
-        if let Err(err) = stop_point(|| format!("{created} of {blobs} blobs created (no table: the phases did not run)")) {
+        if let Err(err) = stop_point(|| {
+            format!("{created} of {blobs} blobs created (no table: the phases did not run)")
+        }) {
             return Err(unloading(store, err).await);
         }
         ids.push(
@@ -113,7 +115,9 @@ pub async fn run(
     let mut open_close_per_s = 0.0;
     let mut loaded = None;
     for round in 0..LOAD_ROUNDS {
-        stop_point(|| format!("{round} of {LOAD_ROUNDS} load rounds (no table: the phases did not finish)"))?;
+        stop_point(|| {
+            format!("{round} of {LOAD_ROUNDS} load rounds (no table: the phases did not finish)")
+        })?;
         let started = Instant::now();
         let (store, _) = Blobstore::load(desc.clone(), &LoadOptions::default())
             .await
@@ -123,7 +127,9 @@ pub async fn run(
         if round == 0 {
             let started = Instant::now();
             for (opened, &id) in ids.iter().enumerate() {
-                if let Err(err) = stop_point(|| format!("{opened} of {blobs} blobs opened and closed (no table: the phases did not finish)")) {
+                if let Err(err) = stop_point(|| {
+                    format!("{opened} of {blobs} blobs opened and closed (no table: the phases did not finish)")
+                }) {
                     return Err(unloading(store, err).await);
                 }
                 let blob = store.open_blob(id).await.map_err(step("open"))?;
@@ -171,7 +177,9 @@ pub async fn run(
 
     let started = Instant::now();
     for (deleted, &id) in ids.iter().enumerate() {
-        if let Err(err) = stop_point(|| format!("{deleted} of {blobs} blobs deleted (no table: the phases did not finish)")) {
+        if let Err(err) = stop_point(|| {
+            format!("{deleted} of {blobs} blobs deleted (no table: the phases did not finish)")
+        }) {
             return Err(unloading(store, err).await);
         }
         store.delete_blob(id).await.map_err(step("delete"))?;

@@ -240,7 +240,10 @@ async fn take_snapshots(
     let mut windows = Vec::new();
     for taken in 0..=snapshots {
         crate::perf::stop_point(|| {
-            format!("{taken} of {} snapshots taken (no table: too few to report)", snapshots + 1)
+            format!(
+                "{taken} of {} snapshots taken (no table: too few to report)",
+                snapshots + 1
+            )
         })?;
         let started = now_ns();
         store

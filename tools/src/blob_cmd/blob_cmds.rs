@@ -4,7 +4,9 @@ use spool_blob::format::BLOBID_INVALID;
 use spool_blob::{BlobError, BlobOptions, Blobstore, ExtentForm, LvolStore};
 
 use crate::blob_cmd::args::{BlobArgs, CreateArgs, ResizeArgs};
-use crate::blob_cmd::names::{check_blob_name, check_name_value, check_unique, lvol_name};
+use crate::blob_cmd::names::{
+    check_blob_name, check_name_value, check_not_an_lvol_id, check_unique, lvol_name,
+};
 use crate::blob_cmd::resolve::{lvol_store, resolve_blob, with_blob, NAME_XATTR};
 use crate::blob_cmd::text::{emit, human_bytes, id_hex, name_of};
 use crate::blob_cmd::{clusters_for, on_store};
@@ -129,7 +131,7 @@ async fn create_lvol(image: &str, lvs: &LvolStore, args: &CreateArgs) -> Result<
     }
     check_blob_name(name.as_bytes())?;
     let store = lvs.blobstore();
-    check_unique(store, name, None).await?;
+    check_not_an_lvol_id(store, name).await?;
     let clusters = clusters_for(image, args.size, store.cluster_size())?;
     if !args.thin {
         let what = format!("for a {} lvol", human_bytes(args.size));

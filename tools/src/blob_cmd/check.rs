@@ -82,7 +82,8 @@ fn check_only(args: &CheckArgs) -> Result<(), ToolError> {
 /// Refuses, before any phase is printed, an image with no blobstore signature at all (as
 /// every command says it); a store damaged past its signature is the checker's to report.
 fn refuse_a_non_store(image: &str) -> Result<(), ToolError> {
-    if spool_engine::guard::holds_blobstore(Path::new(image)) {
+    // An image that cannot be read is reported by what opens it next, in its own words.
+    if File::open(image).is_err() || spool_engine::guard::holds_blobstore(Path::new(image)) {
         return Ok(());
     }
     Err(crate::blob_cmd::not_a_store(image, "no SPDKBLOB signature"))

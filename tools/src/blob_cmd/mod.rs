@@ -145,15 +145,39 @@ fn not_a_blobstore(err: &ToolError) -> bool {
     )
 }
 
-/// Whether `err` (an engine, store or reactor error) is the host filesystem being full.
+/// Whether `err` is the host filesystem being full: a device write (or space reservation)
+/// the host refused with ENOSPC or EDQUOT. Not the store's own "no space" (no free
+/// cluster, a device smaller than a cluster), which says what it needs in its own words.
 fn host_is_full(err: &ToolError) -> bool {
-    let errno = match err {
-        ToolError::Engine(err) => err.errno(),
-        ToolError::Blob(err) => err.errno(),
-        ToolError::Reactor(err) => err.errno(),
-        _ => return false,
-    };
-    errno == -libc::ENOSPC || errno == -libc::EDQUOT
+    fn device(err: &spool_bdev::BdevError) -> bool {
+        use spool_bdev::BdevError;
+        match err {
+            BdevError::Io { errno, .. } | BdevError::Reserve { errno, .. } => {
+                *errno == -libc::ENOSPC || *errno == -libc::EDQUOT
+            }
+            _ => false,
+        }
+    }
+    fn blob(err: &BlobError) -> bool {
+        match err {
+            BlobError::Bdev(err) => device(err),
+            BlobError::Remote { errno, .. } => *errno == -libc::ENOSPC || *errno == -libc::EDQUOT,
+            _ => false,
+        }
+    }
+    fn engine(err: &EngineError) -> bool {
+        match err {
+            EngineError::Bdev(err) => device(err),
+            EngineError::Blob(err) => blob(err),
+            EngineError::Step { source, .. } => engine(source),
+            _ => false,
+        }
+    }
+    match err {
+        ToolError::Engine(err) => engine(err),
+        ToolError::Blob(err) => blob(err),
+        _ => false,
+    }
 }
 
 /// Makes an engine, store or reactor error name the image (unless it already does), in

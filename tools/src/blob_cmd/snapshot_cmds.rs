@@ -6,7 +6,7 @@ use spool_blob::{BlobError, Blobstore, LvolStore};
 use spool_engine::signals;
 
 use crate::blob_cmd::args::{BlobArgs, SnapshotArgs};
-use crate::blob_cmd::names::{check_blob_name, check_unique, lvol_name};
+use crate::blob_cmd::names::{check_blob_name, check_not_an_lvol_id, check_unique, lvol_name};
 use crate::blob_cmd::on_store;
 use crate::blob_cmd::resolve::{lvol_store, resolve_blob, with_blob, NAME_XATTR};
 use crate::blob_cmd::text::{emit, id_hex};
@@ -38,6 +38,7 @@ async fn lvol_target(
     match name {
         Some(name) => {
             check_blob_name(name.as_bytes())?;
+            check_not_an_lvol_id(store, name).await?;
             Ok(Some((lvs, name.to_string())))
         }
         None => Err(ToolError::Failed(format!(

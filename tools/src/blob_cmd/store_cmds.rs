@@ -343,13 +343,20 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
 /// `spool super IMAGE [BLOB | --clear]`.
 pub fn super_blob(args: &SuperArgs) -> Result<(), ToolError> {
     let blob = args.blob.clone();
-    let clear = args.clear;
+    let (clear, force) = (args.clear, args.force);
     let reads_only = blob.is_none() && !clear;
     let job = move |store: Blobstore, _: OpenInfo| async move {
-        if !reads_only && is_lvol_store(&store) {
-            return Err(ToolError::Failed(
-                "lvol store: its super blob holds the store's name and uuid (SPDK finds the lvol store by it); setting or clearing it would leave a store SPDK does not open as the lvol store it is".into(),
-            ));
+        if !reads_only && !force && is_lvol_store(&store) {
+            // Setting it to the blob it is already changes nothing SPDK reads.
+            let same = match &blob {
+                Some(text) => store.get_super().ok() == Some(resolve_blob(&store, text).await?),
+                None => false,
+            };
+            if !same {
+                return Err(ToolError::Failed(
+                    "lvol store: its super blob holds the store's name and uuid (SPDK finds the lvol store by it); setting or clearing it leaves a store SPDK does not open as the lvol store it is: add --force to do it anyway".into(),
+                ));
+            }
         }
         if clear {
             store.set_super(BLOBID_INVALID).await?;
