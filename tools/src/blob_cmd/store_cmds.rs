@@ -343,7 +343,7 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
 /// `spool super IMAGE [BLOB | --clear]`.
 pub fn super_blob(args: &SuperArgs) -> Result<(), ToolError> {
     let blob = args.blob.clone();
-    let (clear, force) = (args.clear, args.force);
+    let (clear, force, image) = (args.clear, args.force, args.image.clone());
     let reads_only = blob.is_none() && !clear;
     let job = move |store: Blobstore, _: OpenInfo| async move {
         if !reads_only && !force && is_lvol_store(&store) {
@@ -353,9 +353,9 @@ pub fn super_blob(args: &SuperArgs) -> Result<(), ToolError> {
                 None => false,
             };
             if !same {
-                return Err(ToolError::Failed(
-                    "lvol store: its super blob holds the store's name and uuid (SPDK finds the lvol store by it); setting or clearing it leaves a store SPDK does not open as the lvol store it is: add --force to do it anyway".into(),
-                ));
+                return Err(ToolError::Failed(format!(
+                    "{image}: lvol store: its super blob holds the store's name and uuid (SPDK finds the lvol store by it); setting or clearing it leaves a store SPDK does not open as the lvol store it is: add --force to do it anyway"
+                )));
             }
         }
         if clear {

@@ -74,7 +74,11 @@ async fn apply(blob: &Blob, op: XattrOp) -> Result<Vec<u8>, ToolError> {
 /// without a name, and finds lvols by uuid): removing either, or setting `uuid`, would leave
 /// a store SPDK does not open as it was. A name changes with `spool rename` (or `xattr set
 /// name`, checked as every name is).
-async fn refuse_breaking_an_lvol(store: &Blobstore, op: &XattrOp) -> Result<(), ToolError> {
+async fn refuse_breaking_an_lvol(
+    image: &str,
+    store: &Blobstore,
+    op: &XattrOp,
+) -> Result<(), ToolError> {
     let (key, removes) = match op {
         XattrOp::Rm { key } => (key.as_str(), true),
         XattrOp::Set { key, .. } => (key.as_str(), false),
@@ -84,7 +88,7 @@ async fn refuse_breaking_an_lvol(store: &Blobstore, op: &XattrOp) -> Result<(), 
         return Ok(());
     }
     Err(ToolError::Failed(format!(
-        "lvol store: every lvol keeps its `{key}` xattr (SPDK finds and loads lvols by their name and uuid; without it the store would not open as it was){}",
+        "{image}: lvol store: every lvol keeps its '{key}' xattr (SPDK finds and loads lvols by their name and uuid; without it the store would not open as it was){}",
         if key == NAME_XATTR {
             "; to change the name use spool rename"
         } else {
@@ -127,12 +131,12 @@ pub fn xattr(args: &XattrArgs) -> Result<(), ToolError> {
         }
         _ => None,
     };
-    let (text, op) = (args.blob.clone(), args.op.clone());
+    let (text, op, image) = (args.blob.clone(), args.op.clone(), args.image.clone());
     let reads_only = matches!(op, XattrOp::Ls { .. } | XattrOp::Get { .. });
     let job = move |store: Blobstore, _: OpenInfo| async move {
         let id = resolve_blob(&store, &text).await?;
         if !reads_only {
-            refuse_breaking_an_lvol(&store, &op).await?;
+            refuse_breaking_an_lvol(&image, &store, &op).await?;
         }
         if let Some(name) = &new_name {
             check_unique(&store, name, Some(id)).await?;
