@@ -137,7 +137,7 @@ impl ImportSource {
             return Err(EngineError::File {
                 path: name,
                 reason: if meta.is_dir() {
-                    "is a directory (import reads a file or a block device)".into()
+                    "is a directory, not a regular file or block device (import reads one)".into()
                 } else {
                     "not a regular file or block device (import reads one of known length)".into()
                 },

@@ -67,7 +67,7 @@ fn import_of_a_directory_or_a_character_device_is_refused_in_words() {
     let before = std::fs::read(d.join("s.img")).unwrap();
     assert_eq!(
         fails_in(d, &["import", "s.img", "v", "adir"]),
-        "error: adir: is a directory (import reads a file or a block device)"
+        "error: adir: is a directory, not a regular file or block device (import reads one)"
     );
     assert_eq!(
         fails_in(d, &["import", "s.img", "v", "/dev/null"]),
