@@ -6,8 +6,8 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
 
 use crate::EngineError;
 
@@ -71,11 +71,51 @@ pub fn disk_image_format(path: &Path) -> Option<&'static str> {
     None
 }
 
+/// `path` resolved as the kernel would resolve it once created: its nearest existing
+/// ancestor with every symlink and `..` resolved (`canonicalize`), then the missing rest
+/// (which holds no symlink, so its `..` are lexical). `None` when no ancestor resolves.
+fn resolve_missing(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let absolute = std::path::absolute(path).ok()?;
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            let mut resolved = real.clone();
+            for part in rest.iter().rev() {
+                match part {
+                    Component::ParentDir => {
+                        resolved.pop();
+                    }
+                    Component::CurDir => {}
+                    other => resolved.push(other.as_os_str()),
+                }
+            }
+            return Some((real, resolved));
+        }
+        let mut components = existing.components();
+        rest.push(components.next_back()?);
+        existing = components.as_path();
+    }
+}
+
 /// Refuses to create a missing `path` under `/dev`: a name there that does not exist is a
-/// mistyped device, and a file made there would live in RAM (devtmpfs).
+/// mistyped device, and a file made there would live in RAM (devtmpfs). The path is resolved
+/// first (`..`, symlinks: `/tmp/../dev/sdx` is under /dev), and "under /dev" means on the
+/// filesystem /dev itself is: a filesystem mounted below it, such as the tmpfs at /dev/shm,
+/// is a place for files.
 pub fn refuse_new_file_in_dev(path: &Path) -> Result<(), EngineError> {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    if absolute.starts_with("/dev") && !path.exists() {
+    if path.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    let Some((ancestor, resolved)) = resolve_missing(path) else {
+        return Ok(());
+    };
+    let on_dev = resolved.starts_with("/dev")
+        && match (std::fs::metadata(&ancestor), std::fs::metadata("/dev")) {
+            (Ok(at), Ok(dev)) => at.dev() == dev.dev(),
+            _ => true,
+        };
+    if on_dev {
         return Err(EngineError::File {
             path: path.display().to_string(),
             reason: "no such device (a missing path under /dev is not created: check the device name, e.g. with lsblk)".into(),
@@ -83,6 +123,43 @@ pub fn refuse_new_file_in_dev(path: &Path) -> Result<(), EngineError> {
         });
     }
     Ok(())
+}
+
+/// What the file or device at `path` holds at its start, when it is not a blobstore and
+/// not blank: "an ext4 filesystem", "a GPT partition table", "a qcow2 image", ..., or "data
+/// (non-zero bytes in its first MiB)". `None`: all zeros there (or missing, or unreadable),
+/// or a blobstore (see [`holds_blobstore`]). Only the first MiB is read (and the last for a
+/// GPT's backup header is not needed: the primary is at the start).
+pub fn foreign_contents(path: &Path) -> Option<String> {
+    const HEAD: usize = 1 << 20;
+    let mut file = File::open(path).ok()?;
+    let mut head = vec![0u8; HEAD];
+    let n = read_at(&mut file, 0, &mut head).ok()?;
+    let head = &head[..n];
+    if head.iter().all(|&b| b == 0) || head.starts_with(BLOBSTORE_SIGNATURE) {
+        return None;
+    }
+    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    let found = if at(1080, &[0x53, 0xEF]) {
+        "an ext2/3/4 filesystem"
+    } else if at(0, b"XFSB") {
+        "an XFS filesystem"
+    } else if at(0x10040, b"_BHRfS_M") {
+        "a btrfs filesystem"
+    } else if at(0, b"LUKS\xba\xbe") {
+        "a LUKS encrypted volume"
+    } else if at(4086, b"SWAPSPACE2") || at(4086, b"SWAP-SPACE") {
+        "a swap area"
+    } else if at(512, b"EFI PART") {
+        "a GPT partition table"
+    } else if at(510, &[0x55, 0xAA]) {
+        "a boot sector or MBR partition table"
+    } else if let Some(format) = disk_image_format(path) {
+        return Some(format!("a {format} image"));
+    } else {
+        "data (non-zero bytes in its first MiB)"
+    };
+    Some(found.to_string())
 }
 
 /// What the path target at `path` really is, for reports: "block device", or "file on ext4"
@@ -158,5 +235,18 @@ mod tests {
         assert_eq!(err.errno(), -libc::ENODEV);
         assert!(refuse_new_file_in_dev(Path::new("/dev/null")).is_ok());
         assert!(refuse_new_file_in_dev(Path::new("/tmp/spool-new-file")).is_ok());
+        // Resolved, not compared as text: `..` back into /dev is under /dev.
+        let dotdot = refuse_new_file_in_dev(Path::new("/tmp/../dev/spool-no-such-device"));
+        assert_eq!(dotdot.unwrap_err().errno(), -libc::ENODEV);
+        let missing_dir = Path::new("/dev/spool-no-such-dir/x/../y");
+        assert_eq!(
+            refuse_new_file_in_dev(missing_dir).unwrap_err().errno(),
+            -libc::ENODEV
+        );
+        // A filesystem mounted under /dev (the tmpfs at /dev/shm) is a place for files.
+        let dev_of = |path: &str| std::fs::metadata(path).ok().map(|meta| meta.dev());
+        if dev_of("/dev/shm").is_some() && dev_of("/dev/shm") != dev_of("/dev") {
+            assert!(refuse_new_file_in_dev(Path::new("/dev/shm/spool-new-file")).is_ok());
+        }
     }
 }

@@ -18,6 +18,7 @@
 //! - [`serve`]: the daemon (`spool serve`): the store on the reactors, volumes exported over
 //!   NBD, drained and unloaded cleanly on a stop.
 //! - [`size`]: human sizes ("1G", "512MiB", "4096", "0x1000").
+//! - [`words`]: OS errors in words (one place; a full host filesystem said as such).
 //! - [`error`]: [`EngineError`], wrapping the lower crates' errors with their errno kinds.
 
 #![warn(clippy::unwrap_used)]
@@ -36,6 +37,7 @@ pub mod size;
 mod staged;
 pub mod target;
 pub mod transfer;
+pub mod words;
 
 pub use crate::error::EngineError;
 pub use crate::lock::{ImageLock, StagedImage};

@@ -74,7 +74,7 @@ impl ImageLock {
                     -libc::EBUSY,
                 )
             } else {
-                file_error(path, err.to_string(), io_errno(&err))
+                file_error(path, crate::words::io_words(&err), io_errno(&err))
             }
         })?;
         Self::lock(file, path, true)
@@ -83,8 +83,8 @@ impl ImageLock {
     /// Locks the existing image at `path` for reading only (shared with other readers,
     /// refused while a writer holds it).
     pub fn shared(path: &Path) -> Result<ImageLock, EngineError> {
-        let file =
-            File::open(path).map_err(|err| file_error(path, err.to_string(), io_errno(&err)))?;
+        let file = File::open(path)
+            .map_err(|err| file_error(path, crate::words::io_words(&err), io_errno(&err)))?;
         Self::lock(file, path, false)
     }
 
@@ -159,7 +159,7 @@ impl ImageLock {
             )));
         }
         let create_error = |what: &str, err: &std::io::Error| {
-            file_error(path, format!("{what}: {err}"), io_errno(err))
+            file_error(path, crate::words::failure(what, err), io_errno(err))
         };
         // Refuse an existing path before writing anything; publishing checks again, atomically.
         if path.symlink_metadata().is_ok() {
@@ -178,7 +178,9 @@ impl ImageLock {
                 .map_err(|err| create_error("set size", &err))?;
             if contents == Contents::Reserved {
                 rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size_bytes)
-                    .map_err(|err| create_error("reserve space (fallocate)", &err.into()))?;
+                    .map_err(|err| {
+                        create_error("reserving the file's space (fallocate)", &err.into())
+                    })?;
             }
             let zeros = vec![0u8; if fill { CHUNK_BYTES } else { 0 }];
             let mut written = if fill { 0 } else { size_bytes };
@@ -192,11 +194,14 @@ impl ImageLock {
                 // A stop signal ends the fill at once: the temporary file is removed below
                 // (before a second signal could end the process without clean-up).
                 if let Some(signal) = crate::signals::stop_requested() {
-                    return Err(EngineError::Interrupted(format!(
-                        "{}: creation interrupted by {} after {written} of {size_bytes} bytes; nothing was created",
-                        path.display(),
-                        signal.name()
-                    )));
+                    return Err(EngineError::Stopped {
+                        signal,
+                        done: format!(
+                            "{written} of {size_bytes} bytes of {} written while creating it; nothing was created",
+                            path.display()
+                        ),
+                        report: None,
+                    });
                 }
             }
             file.sync_all().map_err(|err| create_error("sync", &err))
@@ -275,8 +280,13 @@ impl StagedImage {
             final_path,
         } = self;
         // A failed publish removes the temporary file itself, still under the lock.
-        name.publish(&final_path)
-            .map_err(|err| file_error(&final_path, format!("create: {err}"), io_errno(&err)))?;
+        name.publish(&final_path).map_err(|err| {
+            file_error(
+                &final_path,
+                crate::words::failure("create", &err),
+                io_errno(&err),
+            )
+        })?;
         lock.path = final_path;
         Ok(lock)
     }

@@ -102,6 +102,12 @@ pub fn open_target(
     spec: &TargetSpec,
     options: &TargetOptions,
 ) -> Result<OpenedTarget, EngineError> {
+    if !options.block_size.is_power_of_two() || options.block_size < 512 {
+        return Err(EngineError::InvalidArgument(format!(
+            "--block-size {} is not a block size: a power of two from 512 (512 or 4096)",
+            options.block_size
+        )));
+    }
     let block_size = u64::from(options.block_size);
     match spec {
         TargetSpec::Null => {
@@ -168,7 +174,34 @@ pub fn open_image(
         read_only: options.read_only,
         ..spool_bdev::UringOptions::default()
     };
-    let bdev = spool_bdev::UringBdev::open(path, &uring_options)?;
+    let bdev = spool_bdev::UringBdev::open(path, &uring_options).map_err(|err| match err {
+        // Said of the path as given, in words (no bdev name, no errno).
+        spool_bdev::BdevError::Open { reason, errno, .. } => EngineError::File {
+            path: path.display().to_string(),
+            reason: match -errno {
+                libc::EINVAL if reason.contains("not a regular file") => {
+                    "not a regular file or block device: give the store's file or block device"
+                        .to_string()
+                }
+                libc::EINVAL if reason.contains("smaller than one block") => {
+                    format!("too small to hold a blobstore: {reason}")
+                }
+                libc::EISDIR => {
+                    "is a directory, not an image: give the store's file or block device".into()
+                }
+                code if reason.contains("os error") || reason.contains("errno") => {
+                    let words = crate::words::errno_words(code);
+                    match reason.split_once(": ") {
+                        Some((what, _)) => format!("{what}: {words}"),
+                        None => words,
+                    }
+                }
+                _ => reason,
+            },
+            errno,
+        },
+        other => other.into(),
+    })?;
     let kind = if is_block {
         "uring block device"
     } else {

@@ -114,26 +114,37 @@ pub struct ImportSource {
 }
 
 impl ImportSource {
-    /// Opens `path` for reading; it must be a regular file (an import reads a file of known
-    /// length). Errors are [`EngineError::File`] naming the path.
+    /// Opens `path` for reading: a regular file, or a block device (read whole: its size is
+    /// the device's). Errors are [`EngineError::File`] naming the path, in words.
     pub fn open(path: &Path) -> Result<ImportSource, EngineError> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileTypeExt;
         let name = path.display().to_string();
-        let file = File::open(path).map_err(|err| file_error(&name, err.to_string(), &err))?;
+        let file = File::open(path)
+            .map_err(|err| file_error(&name, crate::words::failure("open", &err), &err))?;
         let meta = file
             .metadata()
-            .map_err(|err| file_error(&name, err.to_string(), &err))?;
-        if !meta.is_file() {
+            .map_err(|err| file_error(&name, crate::words::failure("stat", &err), &err))?;
+        let len = if meta.is_file() {
+            meta.len()
+        } else if meta.file_type().is_block_device() {
+            // A block device's size is where a seek to its end lands.
+            let mut handle = &file;
+            handle.seek(SeekFrom::End(0)).map_err(|err| {
+                file_error(&name, crate::words::failure("device size", &err), &err)
+            })?
+        } else {
             return Err(EngineError::File {
                 path: name,
-                reason: "not a regular file (import reads a file of known length)".into(),
+                reason: if meta.is_dir() {
+                    "is a directory, not a regular file or block device (import reads one)".into()
+                } else {
+                    "not a regular file or block device (import reads one of known length)".into()
+                },
                 errno: -libc::EINVAL,
             });
-        }
-        Ok(ImportSource {
-            file,
-            name,
-            len: meta.len(),
-        })
+        };
+        Ok(ImportSource { file, name, len })
     }
 
     /// The file's length in bytes (as it was when opened).
@@ -170,7 +181,13 @@ async fn fill_chunk(
     source
         .file
         .read_exact_at(&mut buf[..take as usize], pos)
-        .map_err(|err| file_error(&source.name, format!("read at byte {pos}: {err}"), &err))?;
+        .map_err(|err| {
+            file_error(
+                &source.name,
+                crate::words::failure(&format!("read at byte {pos}"), &err),
+                &err,
+            )
+        })?;
     Ok(buf)
 }
 
@@ -322,7 +339,11 @@ impl Sink {
             ExportSink::Stream { writer, name } => Ok(Sink::Stream { writer, name }),
             ExportSink::File(path) => {
                 let file = File::create(&path).map_err(|err| {
-                    file_error(&path.display().to_string(), err.to_string(), &err)
+                    file_error(
+                        &path.display().to_string(),
+                        crate::words::failure("create", &err),
+                        &err,
+                    )
                 })?;
                 let remove_on_failure = file
                     .metadata()
@@ -337,16 +358,28 @@ impl Sink {
         }
     }
 
+    /// The sink's name in messages.
+    fn name(&self) -> String {
+        match self {
+            Sink::Stream { name, .. } => name.clone(),
+            Sink::File { path, .. } => path.display().to_string(),
+        }
+    }
+
     /// Writes `bytes`; false when the stream's reader went away (stop quietly).
     fn write(&mut self, bytes: &[u8]) -> Result<bool, EngineError> {
         match self {
             Sink::Stream { writer, name } => match writer.write_all(bytes) {
                 Ok(()) => Ok(true),
                 Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-                Err(err) => Err(file_error(name, err.to_string(), &err)),
+                Err(err) => Err(file_error(name, crate::words::failure("write", &err), &err)),
             },
             Sink::File { file, path, .. } => file.write_all(bytes).map(|()| true).map_err(|err| {
-                file_error(&path.display().to_string(), format!("write: {err}"), &err)
+                file_error(
+                    &path.display().to_string(),
+                    crate::words::failure("write", &err),
+                    &err,
+                )
             }),
         }
     }
@@ -421,7 +454,20 @@ async fn copy_out(
         }
         match window.pop().await {
             Some(Ok((buf, take))) => {
-                open = sink.write(&buf[..take as usize])?;
+                open = sink.write(&buf[..take as usize]).map_err(|err| {
+                    if err.errno() == -libc::ENOSPC || err.errno() == -libc::EDQUOT {
+                        EngineError::File {
+                            path: sink.name(),
+                            reason: format!(
+                                "the host filesystem is full after {copied} of {length} bytes of blob {} were written (no space left on it); free space on the host, or export elsewhere",
+                                id_hex(blob.id())
+                            ),
+                            errno: err.errno(),
+                        }
+                    } else {
+                        err
+                    }
+                })?;
                 copied += take;
                 progress(Progress {
                     done: copied,

@@ -109,7 +109,7 @@ pub struct PerfArgs {
     #[arg(long, value_enum, default_value_t = Layer::Bdev)]
     pub layer: Layer,
     /// Cluster size of the store --layer blob and --layer md create.
-    #[arg(long, default_value = "1M")]
+    #[arg(long, default_value = "1M", allow_hyphen_values = true)]
     pub cluster_size: String,
     /// Blobs per phase of --layer md.
     #[arg(long, default_value_t = 10_000)]
@@ -127,7 +127,7 @@ pub struct PerfArgs {
     #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub rwmix: u8,
     /// Bytes per I/O (a multiple of the device block size).
-    #[arg(long, default_value = "4096")]
+    #[arg(long, default_value = "4096", allow_hyphen_values = true)]
     pub bs: String,
     /// I/Os in flight per core.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]

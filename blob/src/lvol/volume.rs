@@ -76,6 +76,36 @@ impl LvolStore {
         }
     }
 
+    /// Why `name` cannot be an lvol's name in this store, if it cannot: [`LvolStore::lookup`]
+    /// tries uuids and aliases before names, so a name that reads as a uuid (or SPDK's
+    /// `storeuuid_blobid` id) or starts with this store's alias prefix `store/` could not be
+    /// reached by name, and would reach another lvol instead. `None` when it is fine.
+    pub fn name_reads_as_other(&self, name: &str) -> Option<String> {
+        let lvols = self.lvols();
+        if let Some(lvol) = lvols.iter().find(|lvol| lvol.unique_id == name) {
+            return Some(format!("is the id of lvol {:#x}", lvol.id));
+        }
+        if let Ok(uuid) = Uuid::try_parse(name) {
+            return Some(
+                match lvols
+                    .iter()
+                    .find(|lvol| !uuid.is_nil() && lvol.uuid == uuid)
+                {
+                    Some(lvol) => format!("is the uuid of lvol '{}' ({:#x})", lvol.name, lvol.id),
+                    None => "reads as a uuid".to_string(),
+                },
+            );
+        }
+        let prefix = format!("{}/", self.name());
+        if let Some(rest) = name.strip_prefix(&prefix) {
+            return Some(match lvols.iter().find(|lvol| lvol.name == rest) {
+                Some(lvol) => format!("is the alias of lvol '{}' ({:#x})", lvol.name, lvol.id),
+                None => format!("starts with the store's alias prefix '{prefix}'"),
+            });
+        }
+        None
+    }
+
     /// Lvol `id` with what its blob says now (opens and closes it); -ENOENT when it is not
     /// an lvol of this store.
     pub async fn info(&self, id: u64) -> Result<LvolInfo> {
@@ -128,6 +158,11 @@ impl LvolStore {
     /// lvol has it or another operation is taking it.
     fn reserve_name(&self, name: &str) -> Result<NameReservation<'_>> {
         check_name(name, "lvol")?;
+        if let Some(reason) = self.name_reads_as_other(name) {
+            return Err(BlobError::InvalidArgument(format!(
+                "lvol name '{name}' {reason}"
+            )));
+        }
         let mut state = self.inner.state.borrow_mut();
         let taken = state.lvols.values().any(|entry| entry.name == name)
             || state.pending_names.contains(name);

@@ -13,6 +13,7 @@ use spool_bdev::BdevDesc;
 use spool_blob::{BlobOptions, Blobstore, InitOptions, LoadOptions};
 
 use crate::error::step;
+use crate::perf::stop_point;
 use crate::EngineError;
 
 /// What the metadata run measured.
@@ -84,10 +85,18 @@ pub async fn run(
     .await
     .map_err(step("blobstore init"))?;
     // I/O phases first, on the fresh store (its free clusters are known to read zeros).
-    let io = io_phases(&store).await?;
+    let io = match io_phases(&store).await {
+        Ok(io) => io,
+        Err(err) => return Err(unloading(store, err).await),
+    };
     let started = Instant::now();
     let mut ids = Vec::with_capacity(blobs as usize);
-    for _ in 0..blobs {
+    for created in 0..blobs {
+        if let Err(err) = stop_point(|| {
+            format!("{created} of {blobs} blobs created (no table: the phases did not run)")
+        }) {
+            return Err(unloading(store, err).await);
+        }
         ids.push(
             store
                 .create_blob(&BlobOptions::default())
@@ -106,6 +115,9 @@ pub async fn run(
     let mut open_close_per_s = 0.0;
     let mut loaded = None;
     for round in 0..LOAD_ROUNDS {
+        stop_point(|| {
+            format!("{round} of {LOAD_ROUNDS} load rounds (no table: the phases did not finish)")
+        })?;
         let started = Instant::now();
         let (store, _) = Blobstore::load(desc.clone(), &LoadOptions::default())
             .await
@@ -114,7 +126,12 @@ pub async fn run(
 
         if round == 0 {
             let started = Instant::now();
-            for &id in &ids {
+            for (opened, &id) in ids.iter().enumerate() {
+                if let Err(err) = stop_point(|| {
+                    format!("{opened} of {blobs} blobs opened and closed (no table: the phases did not finish)")
+                }) {
+                    return Err(unloading(store, err).await);
+                }
                 let blob = store.open_blob(id).await.map_err(step("open"))?;
                 blob.close().await.map_err(step("close"))?;
             }
@@ -159,7 +176,12 @@ pub async fn run(
     })?;
 
     let started = Instant::now();
-    for &id in &ids {
+    for (deleted, &id) in ids.iter().enumerate() {
+        if let Err(err) = stop_point(|| {
+            format!("{deleted} of {blobs} blobs deleted (no table: the phases did not finish)")
+        }) {
+            return Err(unloading(store, err).await);
+        }
         store.delete_blob(id).await.map_err(step("delete"))?;
     }
     let delete_per_s = rate(blobs, started);
@@ -179,6 +201,14 @@ pub async fn run(
         dirty_load_ms,
         md_pages,
     })
+}
+
+/// Unloads `store` after `err` ended the run early (a stop signal), and returns `err`.
+async fn unloading(store: Blobstore, err: EngineError) -> EngineError {
+    if let Err(unload) = store.unload().await {
+        tracing::warn!(%unload, "unload after an interrupted metadata run failed");
+    }
+    err
 }
 
 /// Queue depth of the I/O phases.

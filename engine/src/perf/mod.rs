@@ -182,6 +182,19 @@ const GRACE: Duration = Duration::from_secs(60);
 /// How often [`run`] reports [`PerfEvent::Progress`].
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
+/// Fails with [`EngineError::Stopped`] (saying `done()`) when a stop signal has arrived: the
+/// check a long phase makes between two steps.
+pub(crate) fn stop_point(done: impl FnOnce() -> String) -> Result<(), EngineError> {
+    match stop_requested() {
+        Some(signal) => Err(EngineError::Stopped {
+            signal,
+            done: done(),
+            report: None,
+        }),
+        None => Ok(()),
+    }
+}
+
 fn run_failed(reason: String, errno: i32) -> EngineError {
     EngineError::Failed { reason, errno }
 }

@@ -238,7 +238,13 @@ async fn take_snapshots(
     };
     spool_reactor::sleep(Duration::from_millis(WARMUP_MS)).await;
     let mut windows = Vec::new();
-    for _ in 0..=snapshots {
+    for taken in 0..=snapshots {
+        crate::perf::stop_point(|| {
+            format!(
+                "{taken} of {} snapshots taken (no table: too few to report)",
+                snapshots + 1
+            )
+        })?;
         let started = now_ns();
         store
             .create_snapshot(volume, &[])

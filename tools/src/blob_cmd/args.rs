@@ -222,6 +222,10 @@ pub struct SuperArgs {
     /// Clear the super blob instead.
     #[arg(long, conflicts_with = "blob")]
     pub clear: bool,
+    /// In an lvol store, change the super blob even though it holds the store's name and
+    /// uuid (the store is then no longer an lvol store SPDK opens); refused without this.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Arguments of `spool import`.

@@ -4,7 +4,9 @@ use spool_blob::format::BLOBID_INVALID;
 use spool_blob::{BlobError, BlobOptions, Blobstore, ExtentForm, LvolStore};
 
 use crate::blob_cmd::args::{BlobArgs, CreateArgs, ResizeArgs};
-use crate::blob_cmd::names::{check_blob_name, check_name_value, check_unique, lvol_name};
+use crate::blob_cmd::names::{
+    check_blob_name, check_name_value, check_not_an_lvol_id, check_unique, lvol_name,
+};
 use crate::blob_cmd::resolve::{lvol_store, resolve_blob, with_blob, NAME_XATTR};
 use crate::blob_cmd::text::{emit, human_bytes, id_hex, name_of};
 use crate::blob_cmd::{clusters_for, on_store};
@@ -22,7 +24,7 @@ fn check_room(image: &str, store: &Blobstore, what: &str, clusters: u64) -> Resu
         "{image}: no space {what}: it needs {clusters} clusters of {} ({}) and {free} are free ({}); free some, or make the blob thin (--thin) to allocate on write",
         human_bytes(cluster),
         human_bytes(clusters.saturating_mul(cluster)),
-        human_bytes(free * cluster),
+        human_bytes(free.saturating_mul(cluster)),
     )))
 }
 
@@ -56,7 +58,14 @@ pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
         }
         xattrs.push((NAME_XATTR.to_string(), lvol_name(name)?));
     }
-    if let Some((_, value)) = xattrs.iter().find(|(key, _)| key == NAME_XATTR) {
+    // A blob has one name, checked by the rules every name follows, however it is given.
+    let names = xattrs.iter().filter(|(key, _)| key == NAME_XATTR).count();
+    if names > 1 {
+        return Err(ToolError::Failed(
+            "--xattr name=... is given more than once: a blob has one name".into(),
+        ));
+    }
+    for (_, value) in xattrs.iter().filter(|(key, _)| key == NAME_XATTR) {
         check_name_value(value)?;
     }
     let name = xattrs
@@ -83,7 +92,7 @@ pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
             check_unique(&store, name, None).await?;
         }
         let options = BlobOptions {
-            num_clusters: clusters_for(size, store.cluster_size()),
+            num_clusters: clusters_for(&image, size, store.cluster_size())?,
             ..options
         };
         let what = format!("for a {} blob", human_bytes(size));
@@ -114,14 +123,22 @@ async fn create_lvol(image: &str, lvs: &LvolStore, args: &CreateArgs) -> Result<
                 .into(),
         ));
     }
+    if args.xattrs.iter().any(|(key, _)| key == NAME_XATTR) {
+        return Err(ToolError::Failed(format!(
+            "lvol store '{}': give the lvol's name with --name, not --xattr name=...",
+            lvs.name()
+        )));
+    }
     check_blob_name(name.as_bytes())?;
     let store = lvs.blobstore();
-    let clusters = clusters_for(args.size, store.cluster_size());
+    check_not_an_lvol_id(store, name).await?;
+    let clusters = clusters_for(image, args.size, store.cluster_size())?;
     if !args.thin {
         let what = format!("for a {} lvol", human_bytes(args.size));
         check_room(image, store, &what, clusters)?;
     }
-    let bytes = clusters * store.cluster_size();
+    // clusters_for checked that the rounded size fits.
+    let bytes = clusters.saturating_mul(store.cluster_size());
     let lvol = lvs
         .create_lvol(name, bytes, args.thin)
         .await
@@ -145,7 +162,7 @@ pub fn resize(args: &ResizeArgs) -> Result<(), ToolError> {
     let image = args.image.clone();
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
-        let clusters = clusters_for(size, store.cluster_size());
+        let clusters = clusters_for(&image, size, store.cluster_size())?;
         let cluster = store.cluster_size();
         with_blob(&store, id, async |blob| {
             let now = blob.num_clusters();
@@ -154,7 +171,7 @@ pub fn resize(args: &ResizeArgs) -> Result<(), ToolError> {
                     "{image}: blob {} is {}; resizing it to {} would drop the data past that: add --shrink if that is what you want",
                     id_hex(id),
                     human_bytes(now * cluster),
-                    human_bytes(clusters * cluster)
+                    human_bytes(clusters.saturating_mul(cluster))
                 )));
             }
             if clusters > now && !blob.is_thin() {

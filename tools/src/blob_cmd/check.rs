@@ -32,7 +32,7 @@ pub fn check(args: &CheckArgs) -> Result<(), ToolError> {
 }
 
 fn failed(image: &str, err: impl std::fmt::Display) -> ToolError {
-    let message = err.to_string();
+    let message = spool_engine::words::scrub(&err.to_string());
     if message.contains(image) {
         ToolError::Failed(message)
     } else {
@@ -47,7 +47,10 @@ fn run_check(image: &str, file: &File, json: bool) -> Result<Checked, ToolError>
             eprintln!("check: {line}");
         }
     };
-    check_image(file, &mut progress).map_err(|err: CheckError| failed(image, err))
+    check_image(file, &mut progress).map_err(|err: CheckError| match err {
+        CheckError::NotABlobstore(why) => crate::blob_cmd::not_a_store(image, &why),
+        other => failed(image, other),
+    })
 }
 
 fn verdict(report: &CheckReport) -> Result<(), ToolError> {
@@ -61,8 +64,9 @@ fn verdict(report: &CheckReport) -> Result<(), ToolError> {
 fn check_only(args: &CheckArgs) -> Result<(), ToolError> {
     let path = Path::new(&args.image);
     check_image_exists(path).map_err(|err| failed(&args.image, err))?;
+    refuse_a_non_store(&args.image)?;
     let _lock = ImageLock::shared(path).map_err(|err| failed(&args.image, err))?;
-    let file = File::open(path).map_err(|err| failed(&args.image, err))?;
+    let file = File::open(path).map_err(|err| io_failed(&args.image, "open", &err))?;
     let checked = run_check(&args.image, &file, args.json)?;
     if args.json {
         emit(&format!(
@@ -75,44 +79,86 @@ fn check_only(args: &CheckArgs) -> Result<(), ToolError> {
     verdict(&checked.report)
 }
 
+/// Refuses, before any phase is printed, an image with no blobstore signature at all (as
+/// every command says it); a store damaged past its signature is the checker's to report.
+fn refuse_a_non_store(image: &str) -> Result<(), ToolError> {
+    // An image that cannot be read is reported by what opens it next, in its own words.
+    if File::open(image).is_err() || spool_engine::guard::holds_blobstore(Path::new(image)) {
+        return Ok(());
+    }
+    Err(crate::blob_cmd::not_a_store(image, "no SPDKBLOB signature"))
+}
+
+/// An io error on `image` while doing `what`, in words.
+fn io_failed(image: &str, what: &str, err: &std::io::Error) -> ToolError {
+    ToolError::Failed(format!(
+        "{image}: {}",
+        spool_engine::words::failure(what, err)
+    ))
+}
+
+/// `image` could not be opened for writing, in words (as every writer says it).
+fn unwritable(image: &str, err: &std::io::Error) -> ToolError {
+    ToolError::Failed(format!(
+        "{image}: cannot be opened for writing: {}; check --repair writes the image (check without --repair, or --repair --output NEW, only read it)",
+        spool_engine::words::io_words(err)
+    ))
+}
+
 /// Copies `from` to the new file `to` (refused if it exists), writing only its non-zero
-/// 1 MiB pieces (the copy is sparse); returns the copy locked exclusively.
+/// 1 MiB pieces (the copy is sparse); returns the copy locked exclusively. The copy is made
+/// under a temporary name and appears at `to` only once whole: a stop signal (or a failure)
+/// on the way removes it, and `to` never exists half-written.
 fn copy_sparse(from: &str, to: &str) -> Result<ImageLock, ToolError> {
     const PIECE: usize = 1 << 20;
-    let source = File::open(from).map_err(|err| failed(from, err))?;
+    let source = File::open(from).map_err(|err| io_failed(from, "open", &err))?;
     let size = {
         use std::io::{Seek, SeekFrom};
         let mut handle = &source;
         handle
             .seek(SeekFrom::End(0))
-            .map_err(|err| failed(from, err))?
+            .map_err(|err| io_failed(from, "size", &err))?
     };
-    let lock = ImageLock::create_sparse(Path::new(to), size).map_err(|err| failed(to, err))?;
+    let staged = ImageLock::stage_sparse(Path::new(to), size).map_err(|err| failed(to, err))?;
     let target = OpenOptions::new()
         .write(true)
-        .open(to)
-        .map_err(|err| failed(to, err))?;
+        .open(staged.temp_path())
+        .map_err(|err| io_failed(to, "open", &err))?;
     let mut buf = vec![0u8; PIECE];
     let mut offset = 0u64;
     while offset < size {
+        if let Some(signal) = spool_engine::signals::stop_requested() {
+            // Dropping `staged` removes the partial copy; the source was only read.
+            return Err(ToolError::Interrupted {
+                signal,
+                done: format!(
+                    "copying {offset} of {size} bytes of {from} to {to}; {to} was not created and {from} is untouched"
+                ),
+                report: None,
+            });
+        }
         let len = usize::try_from((size - offset).min(PIECE as u64)).unwrap_or(PIECE);
         source
             .read_exact_at(&mut buf[..len], offset)
-            .map_err(|err| failed(from, err))?;
+            .map_err(|err| io_failed(from, &format!("read at byte {offset}"), &err))?;
         if buf[..len].iter().any(|&b| b != 0) {
             target
                 .write_all_at(&buf[..len], offset)
-                .map_err(|err| failed(to, err))?;
+                .map_err(|err| io_failed(to, &format!("write at byte {offset}"), &err))?;
         }
         offset += len as u64;
     }
-    target.sync_all().map_err(|err| failed(to, err))?;
-    Ok(lock)
+    target
+        .sync_all()
+        .map_err(|err| io_failed(to, "sync", &err))?;
+    drop(target);
+    staged.publish().map_err(|err| failed(to, err))
 }
 
 fn repair(args: &CheckArgs) -> Result<(), ToolError> {
     let source = Path::new(&args.image);
     check_image_exists(source).map_err(|err| failed(&args.image, err))?;
+    refuse_a_non_store(&args.image)?;
     let (target, lock) = match &args.output {
         Some(new) => {
             // The source is read under a shared lock: refused while a writer has it.
@@ -131,7 +177,7 @@ fn repair(args: &CheckArgs) -> Result<(), ToolError> {
         .read(true)
         .write(true)
         .open(&target)
-        .map_err(|err| failed(&target, err))?;
+        .map_err(|err| unwritable(&target, &err))?;
     let before = run_check(&target, &file, args.json)?;
     if !args.json {
         emit(&format!(
@@ -187,7 +233,7 @@ fn repair(args: &CheckArgs) -> Result<(), ToolError> {
         }
         emit(&text)?;
     }
-    let file = File::open(&target).map_err(|err| failed(&target, err))?;
+    let file = File::open(&target).map_err(|err| io_failed(&target, "open", &err))?;
     let after = run_check(&target, &file, args.json)?;
     drop(lock);
     if args.json {

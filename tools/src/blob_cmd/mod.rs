@@ -69,6 +69,7 @@ pub fn run(command: &Command) -> Result<(), ToolError> {
     };
     result.map_err(|err| match err {
         ToolError::Failed(_)
+        | ToolError::Usage(_)
         | ToolError::Interrupted { .. }
         | ToolError::Inconsistent(_)
         | ToolError::Problems(_) => err,
@@ -124,7 +125,12 @@ where
     Fut: Future<Output = Result<T, ToolError>> + 'static,
     T: Send + 'static,
 {
-    run_offline_locked(path, lock, open, job).map_err(|err| name_image(image, err))
+    // The run names the temporary path it works on; the user named IMAGE.
+    let temp = path.display().to_string();
+    run_offline_locked(path, lock, open, job).map_err(|err| match name_image(image, err) {
+        ToolError::Failed(message) => ToolError::Failed(message.replace(&temp, image)),
+        other => other,
+    })
 }
 
 /// Whether `err` says the image holds no blobstore at all (wrong signature or version).
@@ -139,19 +145,56 @@ fn not_a_blobstore(err: &ToolError) -> bool {
     )
 }
 
-/// Makes an engine, store or reactor error name the image (unless it already does).
+/// Whether `err` is the host filesystem being full: a device write (or space reservation)
+/// the host refused with ENOSPC or EDQUOT. Not the store's own "no space" (no free
+/// cluster, a device smaller than a cluster), which says what it needs in its own words.
+fn host_is_full(err: &ToolError) -> bool {
+    fn device(err: &spool_bdev::BdevError) -> bool {
+        use spool_bdev::BdevError;
+        match err {
+            BdevError::Io { errno, .. } | BdevError::Reserve { errno, .. } => {
+                *errno == -libc::ENOSPC || *errno == -libc::EDQUOT
+            }
+            _ => false,
+        }
+    }
+    fn blob(err: &BlobError) -> bool {
+        match err {
+            BlobError::Bdev(err) => device(err),
+            BlobError::Remote { errno, .. } => *errno == -libc::ENOSPC || *errno == -libc::EDQUOT,
+            _ => false,
+        }
+    }
+    fn engine(err: &EngineError) -> bool {
+        match err {
+            EngineError::Bdev(err) => device(err),
+            EngineError::Blob(err) => blob(err),
+            EngineError::Step { source, .. } => engine(source),
+            _ => false,
+        }
+    }
+    match err {
+        ToolError::Engine(err) => engine(err),
+        ToolError::Blob(err) => blob(err),
+        _ => false,
+    }
+}
+
+/// Makes an engine, store or reactor error name the image (unless it already does), in
+/// words: a full host filesystem said as such, no errno numbers or io error tails.
 fn name_image(image: &str, err: ToolError) -> ToolError {
     if not_a_blobstore(&err) {
-        if !spool_engine::guard::holds_blobstore(Path::new(image)) {
-            return ToolError::Failed(format!(
-                "{image}: not a blobstore: no SPDKBLOB signature (spool init formats one)"
-            ));
-        }
-        return ToolError::Failed(format!("{image}: not a blobstore ({err})"));
+        return not_a_store(image, &err.to_string());
+    }
+    if host_is_full(&err) && !err.to_string().contains("host filesystem is full") {
+        return ToolError::Failed(format!(
+            "{image}: {}",
+            spool_engine::words::host_full("a write to the image")
+        ));
     }
     match err {
         ToolError::Engine(_) | ToolError::Blob(_) | ToolError::Reactor(_) => {
-            let message = err.to_string();
+            let message = spool_engine::words::scrub(&err.to_string());
             if message.contains(image) {
                 ToolError::Failed(message)
             } else {
@@ -162,15 +205,35 @@ fn name_image(image: &str, err: ToolError) -> ToolError {
     }
 }
 
-/// Clusters for `bytes` (rounded up), telling on stderr when it rounded.
-fn clusters_for(bytes: u64, cluster_size: u64) -> u64 {
+/// IMAGE holds no blobstore (its super block did not decode: `why`), said the one way every
+/// command says it: no signature at all, or a signature with a super block this build
+/// cannot read.
+fn not_a_store(image: &str, why: &str) -> ToolError {
+    if !spool_engine::guard::holds_blobstore(Path::new(image)) {
+        return ToolError::Failed(format!(
+            "{image}: not a blobstore: no SPDKBLOB signature (spool init formats one)"
+        ));
+    }
+    ToolError::Failed(format!("{image}: not a blobstore ({why})"))
+}
+
+/// Clusters for `bytes` (rounded up), telling on stderr when it rounded. A size whose
+/// rounding passes the largest byte count is refused in words (naming `image`), never an
+/// overflow.
+fn clusters_for(image: &str, bytes: u64, cluster_size: u64) -> Result<u64, ToolError> {
     let clusters = bytes.div_ceil(cluster_size);
-    if !bytes.is_multiple_of(cluster_size) {
-        eprintln!(
-            "note: {bytes} bytes is not a whole number of {} clusters: rounded up to {clusters} cluster(s) ({} bytes)",
+    let Some(rounded) = clusters.checked_mul(cluster_size) else {
+        return Err(ToolError::Failed(format!(
+            "{image}: {bytes} bytes rounded up to whole {} clusters is more bytes than a size can hold (at most {} bytes)",
             text::human_bytes(cluster_size),
-            clusters * cluster_size
+            u64::MAX / cluster_size * cluster_size
+        )));
+    };
+    if rounded != bytes {
+        eprintln!(
+            "note: {bytes} bytes is not a whole number of {} clusters: rounded up to {clusters} cluster(s) ({rounded} bytes)",
+            text::human_bytes(cluster_size),
         );
     }
-    clusters
+    Ok(clusters)
 }

@@ -65,12 +65,29 @@ pub fn lvol_name(name: &str) -> Result<Vec<u8>, ToolError> {
     Ok(stored)
 }
 
-/// Fails when a blob other than `except` is named `name`.
+/// Fails, in an lvol store, when `name` reads as an lvol's uuid or alias (see
+/// [`spool_blob::LvolStore::name_reads_as_other`]): it could not be reached by name, and a
+/// command given it would act on that other lvol.
+pub async fn check_not_an_lvol_id(store: &Blobstore, name: &str) -> Result<(), ToolError> {
+    if let Ok(Some(lvs)) = lvol_store(store).await {
+        if let Some(reason) = lvs.name_reads_as_other(name) {
+            return Err(ToolError::Failed(format!(
+                "the blob name '{}' {reason}: a name that reads as an lvol's uuid or alias could not be told from one",
+                escape(name.as_bytes())
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Fails when a blob other than `except` is named `name`, or, in an lvol store, when `name`
+/// reads as an lvol's uuid or alias (see [`spool_blob::LvolStore::name_reads_as_other`]).
 pub async fn check_unique(
     store: &Blobstore,
     name: &str,
     except: Option<u64>,
 ) -> Result<(), ToolError> {
+    check_not_an_lvol_id(store, name).await?;
     let taken = blobs_named(store, name).await;
     match taken.iter().find(|&&id| Some(id) != except) {
         Some(&other) => Err(ToolError::Failed(format!(

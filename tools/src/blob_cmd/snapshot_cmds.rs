@@ -6,9 +6,9 @@ use spool_blob::{BlobError, Blobstore, LvolStore};
 use spool_engine::signals;
 
 use crate::blob_cmd::args::{BlobArgs, SnapshotArgs};
-use crate::blob_cmd::names::{check_blob_name, check_unique, lvol_name};
+use crate::blob_cmd::names::{check_blob_name, check_not_an_lvol_id, check_unique, lvol_name};
 use crate::blob_cmd::on_store;
-use crate::blob_cmd::resolve::{lvol_store, resolve_blob, NAME_XATTR};
+use crate::blob_cmd::resolve::{lvol_store, resolve_blob, with_blob, NAME_XATTR};
 use crate::blob_cmd::text::{emit, id_hex};
 use crate::error::ToolError;
 
@@ -38,6 +38,7 @@ async fn lvol_target(
     match name {
         Some(name) => {
             check_blob_name(name.as_bytes())?;
+            check_not_an_lvol_id(store, name).await?;
             Ok(Some((lvs, name.to_string())))
         }
         None => Err(ToolError::Failed(format!(
@@ -83,8 +84,9 @@ fn stop_asked() -> Rc<dyn Fn() -> bool> {
 }
 
 /// A copy a stop signal ended between two clusters, as the command reports it: what was done,
-/// and that running it again finishes the job (the store is unloaded cleanly after).
-fn stopped(err: BlobError) -> ToolError {
+/// what the blob reads meanwhile (through its parent, or zeros where it has no parent), and
+/// that running it again finishes the job (the store is unloaded cleanly after).
+fn stopped(err: BlobError, has_parent: bool) -> ToolError {
     match (&err, signals::stop_requested()) {
         (
             BlobError::Stopped {
@@ -97,8 +99,13 @@ fn stopped(err: BlobError) -> ToolError {
         ) => ToolError::Interrupted {
             signal,
             done: format!(
-                "{done} of {total} clusters of blob {} copied (the {what} is not finished: the blob still reads through its parent; run it again to finish)",
-                id_hex(*id)
+                "{done} of {total} clusters of blob {} copied (the {what} is not finished: {}; run it again to finish)",
+                id_hex(*id),
+                if has_parent {
+                    "the blob still reads through its parent"
+                } else {
+                    "the blob reads zeros where it has no cluster yet"
+                }
             ),
             report: None,
         },
@@ -112,10 +119,11 @@ pub fn inflate(args: &BlobArgs) -> Result<(), ToolError> {
     let text = args.blob.clone();
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
+        let has_parent = with_blob(&store, id, async |blob| Ok(blob.parent_id().is_some())).await?;
         store
             .inflate_blob_until(id, stop_asked())
             .await
-            .map_err(stopped)
+            .map_err(|err| stopped(err, has_parent))
     })
 }
 
@@ -125,9 +133,10 @@ pub fn decouple(args: &BlobArgs) -> Result<(), ToolError> {
     let text = args.blob.clone();
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
+        let has_parent = with_blob(&store, id, async |blob| Ok(blob.parent_id().is_some())).await?;
         store
             .decouple_parent_until(id, stop_asked())
             .await
-            .map_err(stopped)
+            .map_err(|err| stopped(err, has_parent))
     })
 }

@@ -243,7 +243,7 @@ fn init_bstype(args: &InitArgs) -> Result<Bstype, ToolError> {
     let given = match &args.bstype {
         None => None,
         Some(name) => Some(bstype_from_name(name).ok_or_else(|| {
-            ToolError::Failed(format!(
+            ToolError::Usage(format!(
                 "bstype '{name}' is {} bytes; at most 16",
                 name.len()
             ))
@@ -282,6 +282,14 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
             "{}: holds a blobstore already; init would lose every blob in it: add --force to format it anyway",
             args.image
         )));
+    }
+    if !args.force && path.exists() {
+        if let Some(found) = spool_engine::guard::foreign_contents(path) {
+            return Err(ToolError::Failed(format!(
+                "{}: holds {found}, not a blobstore; init would overwrite it: add --force to format it anyway",
+                args.image
+            )));
+        }
     }
     let created = prepare_image(args)?;
     let lvs_name = args.lvs.clone();
@@ -335,9 +343,21 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
 /// `spool super IMAGE [BLOB | --clear]`.
 pub fn super_blob(args: &SuperArgs) -> Result<(), ToolError> {
     let blob = args.blob.clone();
-    let clear = args.clear;
+    let (clear, force, image) = (args.clear, args.force, args.image.clone());
     let reads_only = blob.is_none() && !clear;
     let job = move |store: Blobstore, _: OpenInfo| async move {
+        if !reads_only && !force && is_lvol_store(&store) {
+            // Setting it to the blob it is already changes nothing SPDK reads.
+            let same = match &blob {
+                Some(text) => store.get_super().ok() == Some(resolve_blob(&store, text).await?),
+                None => false,
+            };
+            if !same {
+                return Err(ToolError::Failed(format!(
+                    "{image}: lvol store: its super blob holds the store's name and uuid (SPDK finds the lvol store by it); setting or clearing it leaves a store SPDK does not open as the lvol store it is: add --force to do it anyway"
+                )));
+            }
+        }
         if clear {
             store.set_super(BLOBID_INVALID).await?;
             return Ok(None);

@@ -2,12 +2,13 @@
 
 use std::collections::BTreeMap;
 
+use spool_blob::lvol::xattr::UUID_XATTR;
 use spool_blob::{Blob, BlobError, Blobstore};
 use spool_engine::OpenInfo;
 
 use crate::blob_cmd::args::{XattrArgs, XattrOp};
 use crate::blob_cmd::names::{check_name_value, check_unique};
-use crate::blob_cmd::resolve::{resolve_blob, with_blob, NAME_XATTR};
+use crate::blob_cmd::resolve::{is_lvol_store, resolve_blob, with_blob, NAME_XATTR};
 use crate::blob_cmd::store_cmds::to_json;
 use crate::blob_cmd::text::{emit_bytes, escape, hex, name_of, show_value, strip_nuls, unhex};
 use crate::blob_cmd::{on_store, on_store_read_only};
@@ -69,6 +70,33 @@ async fn apply(blob: &Blob, op: XattrOp) -> Result<Vec<u8>, ToolError> {
     }
 }
 
+/// In an lvol store every lvol carries its `name` and `uuid` (SPDK's loader refuses a blob
+/// without a name, and finds lvols by uuid): removing either, or setting `uuid`, would leave
+/// a store SPDK does not open as it was. A name changes with `spool rename` (or `xattr set
+/// name`, checked as every name is).
+async fn refuse_breaking_an_lvol(
+    image: &str,
+    store: &Blobstore,
+    op: &XattrOp,
+) -> Result<(), ToolError> {
+    let (key, removes) = match op {
+        XattrOp::Rm { key } => (key.as_str(), true),
+        XattrOp::Set { key, .. } => (key.as_str(), false),
+        XattrOp::Ls { .. } | XattrOp::Get { .. } => return Ok(()),
+    };
+    if !is_lvol_store(store) || !(key == UUID_XATTR || (removes && key == NAME_XATTR)) {
+        return Ok(());
+    }
+    Err(ToolError::Failed(format!(
+        "{image}: lvol store: every lvol keeps its '{key}' xattr (SPDK finds and loads lvols by their name and uuid; without it the store would not open as it was){}",
+        if key == NAME_XATTR {
+            "; to change the name use spool rename"
+        } else {
+            ""
+        }
+    )))
+}
+
 /// `spool xattr IMAGE BLOB OP`.
 pub fn xattr(args: &XattrArgs) -> Result<(), ToolError> {
     let key = match &args.op {
@@ -76,14 +104,14 @@ pub fn xattr(args: &XattrArgs) -> Result<(), ToolError> {
         XattrOp::Get { key, .. } | XattrOp::Set { key, .. } | XattrOp::Rm { key } => Some(key),
     };
     if key.is_some_and(String::is_empty) {
-        return Err(ToolError::Failed("the xattr name is empty".into()));
+        return Err(ToolError::Usage("the xattr name is empty".into()));
     }
     if let XattrOp::Set {
         value, hex: true, ..
     } = &args.op
     {
         if unhex(value).is_none() {
-            return Err(ToolError::Failed(format!(
+            return Err(ToolError::Usage(format!(
                 "--hex value '{value}' is not whole hex bytes"
             )));
         }
@@ -103,10 +131,13 @@ pub fn xattr(args: &XattrArgs) -> Result<(), ToolError> {
         }
         _ => None,
     };
-    let (text, op) = (args.blob.clone(), args.op.clone());
+    let (text, op, image) = (args.blob.clone(), args.op.clone(), args.image.clone());
     let reads_only = matches!(op, XattrOp::Ls { .. } | XattrOp::Get { .. });
     let job = move |store: Blobstore, _: OpenInfo| async move {
         let id = resolve_blob(&store, &text).await?;
+        if !reads_only {
+            refuse_breaking_an_lvol(&image, &store, &op).await?;
+        }
         if let Some(name) = &new_name {
             check_unique(&store, name, Some(id)).await?;
         }

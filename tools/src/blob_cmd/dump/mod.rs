@@ -141,6 +141,16 @@ fn failed(image: &str, what: impl std::fmt::Display) -> ToolError {
     ToolError::Failed(format!("{image}: {what}"))
 }
 
+/// An error that names the image already (or should), in words.
+fn failed_in_words(image: &str, err: impl std::fmt::Display) -> ToolError {
+    let message = spool_engine::words::scrub(&err.to_string());
+    if message.starts_with(image) {
+        ToolError::Failed(message)
+    } else {
+        failed(image, message)
+    }
+}
+
 /// Reads `len` bytes at `offset`, or says why not (past the end, I/O error).
 fn read_at(file: &File, image_bytes: u64, offset: u64, len: u64) -> Result<Vec<u8>, String> {
     let end = offset.checked_add(len).ok_or("offset overflows")?;
@@ -151,7 +161,7 @@ fn read_at(file: &File, image_bytes: u64, offset: u64, len: u64) -> Result<Vec<u
     }
     let mut buf = vec![0u8; usize::try_from(len).map_err(|_| "too large to read")?];
     file.read_exact_at(&mut buf, offset)
-        .map_err(|err| format!("read at byte {offset}: {err}"))?;
+        .map_err(|err| spool_engine::words::failure(&format!("read at byte {offset}"), &err))?;
     Ok(buf)
 }
 
@@ -195,7 +205,7 @@ fn decode_super(image: &str, page: &[u8]) -> Result<(SuperBlock, bool), ToolErro
             let block = SuperBlock::decode(&sealed).map_err(|err| failed(image, err))?;
             Ok((block, false))
         }
-        Err(err) => Err(failed(image, format!("not a blobstore ({err})"))),
+        Err(err) => Err(crate::blob_cmd::not_a_store(image, &err.to_string())),
     }
 }
 
@@ -254,7 +264,10 @@ fn mask_dump(
 
 /// Reads and decodes the whole metadata of `image`.
 pub fn collect(image: &str) -> Result<DumpReport, ToolError> {
-    let mut file = File::open(image).map_err(|err| failed(image, err))?;
+    spool_engine::offline::check_image_exists(std::path::Path::new(image))
+        .map_err(|err| failed_in_words(image, err))?;
+    let mut file = File::open(image)
+        .map_err(|err| failed(image, spool_engine::words::failure("open", &err)))?;
     // Readers share the image; a command writing it makes this fail at once (-EBUSY) rather
     // than decode metadata halfway through a change.
     let _lock = spool_engine::ImageLock::shared(std::path::Path::new(image))?;
