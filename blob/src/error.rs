@@ -75,6 +75,19 @@ pub enum BlobError {
     /// Not enough free clusters (-ENOSPC).
     #[error("no space: {0}")]
     NoSpace(String),
+    /// An operation that copies clusters into a blob (inflate, decouple) needs more free
+    /// clusters than the store has (-ENOSPC): checked before anything is copied.
+    #[error("blob {id:#x}: {what} needs {needed} clusters to allocate, {free} are free")]
+    NoRoom {
+        /// The blob.
+        id: u64,
+        /// The operation.
+        what: &'static str,
+        /// Clusters it needs.
+        needed: u64,
+        /// Clusters the store has free.
+        free: u64,
+    },
     /// The host filesystem under a file-backed store could not reserve a thick blob's new
     /// clusters (-ENOSPC): nothing changed.
     #[error("blob {id:#x}: the host filesystem cannot reserve {bytes} bytes for its {clusters} new clusters: No space left on device")]
@@ -161,7 +174,7 @@ impl BlobError {
             Self::NotFound(_) => -libc::ENOENT,
             Self::NotLvolStore(_) => -libc::ENODEV,
             Self::ReadOnly { .. } | Self::WrongThread { .. } => -libc::EPERM,
-            Self::NoSpace(_) | Self::HostNoSpace { .. } => -libc::ENOSPC,
+            Self::NoSpace(_) | Self::NoRoom { .. } | Self::HostNoSpace { .. } => -libc::ENOSPC,
             Self::StoreReadOnly(_) => -libc::EROFS,
             Self::Stopped { .. } => -libc::EINTR,
             Self::NoMdPages(_) => -libc::ENOMEM,

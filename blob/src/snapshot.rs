@@ -474,10 +474,12 @@ impl Blobstore {
             .collect();
         let free = self.free_cluster_count();
         if needed.len() as u64 > free {
-            return Err(BlobError::NoSpace(format!(
-                "blob {id:#x}: {} clusters to allocate, {free} free",
-                needed.len()
-            )));
+            return Err(BlobError::NoRoom {
+                id,
+                what: if all { "inflate" } else { "decouple" },
+                needed: needed.len() as u64,
+                free,
+            });
         }
         let channel = self.channel()?;
         let io = blob.io();

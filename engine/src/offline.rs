@@ -104,10 +104,11 @@ fn offline_core() -> usize {
 /// see [`crate::prepare_file`] for that).
 pub fn check_image_exists(image: &Path) -> Result<(), EngineError> {
     let meta = std::fs::metadata(image).map_err(|err| {
-        let reason = if err.kind() == std::io::ErrorKind::NotFound {
-            "no such file or directory".to_string()
-        } else {
-            err.to_string()
+        let reason = match err.raw_os_error() {
+            Some(libc::ENOENT) => "no such file or directory".to_string(),
+            // `s.img/`: a trailing slash asks for a directory.
+            Some(libc::ENOTDIR) => "a part of the path is not a directory (a trailing slash? give the image's path without it)".to_string(),
+            _ => crate::words::io_words(&err),
         };
         EngineError::File {
             path: image.display().to_string(),

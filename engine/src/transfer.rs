@@ -191,6 +191,16 @@ async fn fill_chunk(
     Ok(buf)
 }
 
+/// Whether `err` is the store's own "no free cluster" (a thin blob's first write), which is
+/// not the host filesystem's ENOSPC.
+fn store_is_full(err: &EngineError) -> bool {
+    match err {
+        EngineError::Blob(spool_blob::BlobError::NoSpace(_)) => true,
+        EngineError::Step { source, .. } => store_is_full(source),
+        _ => false,
+    }
+}
+
 /// Copies all of `source` into `blob` from blob byte `offset` (a multiple of the io_unit; the
 /// file must fit in the blob from there). Runs on the store's metadata reactor; calls
 /// `progress` as chunks are written.
@@ -265,6 +275,17 @@ pub async fn import(
         }
     }
     if let Some(err) = failure {
+        if store_is_full(&err) {
+            let free_hint = "delete blobs or snapshots the store no longer needs (`spool ls`, `spool delete`), or import into a store with more room";
+            return Err(EngineError::Failed {
+                reason: format!(
+                    "the store has no free cluster left after {done} of {len} bytes of {} were written to blob {} (a thin blob takes a cluster on its first write there); {free_hint}",
+                    source.name,
+                    id_hex(blob.id())
+                ),
+                errno: -libc::ENOSPC,
+            });
+        }
         if err.errno() == -libc::ENOSPC {
             return Err(EngineError::Failed {
                 reason: format!(

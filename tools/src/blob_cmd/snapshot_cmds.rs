@@ -9,7 +9,7 @@ use crate::blob_cmd::args::{BlobArgs, SnapshotArgs};
 use crate::blob_cmd::names::{check_blob_name, check_not_an_lvol_id, check_unique, lvol_name};
 use crate::blob_cmd::on_store;
 use crate::blob_cmd::resolve::{lvol_store, resolve_blob, with_blob, NAME_XATTR};
-use crate::blob_cmd::text::{emit, id_hex};
+use crate::blob_cmd::text::{emit, human_bytes, id_hex};
 use crate::error::ToolError;
 
 /// The xattrs a `--name NAME` gives the new blob (refused if the name is taken).
@@ -113,17 +113,43 @@ fn stopped(err: BlobError, has_parent: bool) -> ToolError {
     }
 }
 
+/// An inflate or decouple without room for its clusters, in words: the image, the sizes and
+/// what to do (as `create` and `resize` say it); any other error as `then` words it.
+fn no_room(
+    image: &str,
+    cluster_size: u64,
+    err: BlobError,
+    then: impl FnOnce(BlobError) -> ToolError,
+) -> ToolError {
+    match err {
+        BlobError::NoRoom {
+            what, needed, free, ..
+        } => ToolError::Failed(format!(
+            "{image}: no space to {what}: it needs {needed} clusters of {} ({}) and {free} are free ({}); free some (delete blobs or snapshots no longer needed), then run it again",
+            human_bytes(cluster_size),
+            human_bytes(needed.saturating_mul(cluster_size)),
+            human_bytes(free.saturating_mul(cluster_size)),
+        )),
+        other => then(other),
+    }
+}
+
 /// `spool inflate IMAGE BLOB`: allocate every cluster the blob does not own; no parent after.
 /// Ctrl-C stops it between two clusters (the store is unloaded cleanly; exit 130).
 pub fn inflate(args: &BlobArgs) -> Result<(), ToolError> {
     let text = args.blob.clone();
+    let image = args.image.clone();
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
         let has_parent = with_blob(&store, id, async |blob| Ok(blob.parent_id().is_some())).await?;
         store
             .inflate_blob_until(id, stop_asked())
             .await
-            .map_err(|err| stopped(err, has_parent))
+            .map_err(|err| {
+                no_room(&image, store.cluster_size(), err, |err| {
+                    stopped(err, has_parent)
+                })
+            })
     })
 }
 
@@ -131,12 +157,17 @@ pub fn inflate(args: &BlobArgs) -> Result<(), ToolError> {
 /// Ctrl-C stops it between two clusters, as for inflate.
 pub fn decouple(args: &BlobArgs) -> Result<(), ToolError> {
     let text = args.blob.clone();
+    let image = args.image.clone();
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
         let has_parent = with_blob(&store, id, async |blob| Ok(blob.parent_id().is_some())).await?;
         store
             .decouple_parent_until(id, stop_asked())
             .await
-            .map_err(|err| stopped(err, has_parent))
+            .map_err(|err| {
+                no_room(&image, store.cluster_size(), err, |err| {
+                    stopped(err, has_parent)
+                })
+            })
     })
 }

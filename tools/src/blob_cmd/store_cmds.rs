@@ -184,8 +184,25 @@ fn prepare_image(args: &InitArgs) -> Result<Option<StagedImage>, ToolError> {
     let path = Path::new(&args.image);
     let meta = match std::fs::metadata(path) {
         Ok(meta) => Some(meta),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
-        Err(err) => return Err(ToolError::Failed(format!("{}: {err}", args.image))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            // A dangling symbolic link: metadata follows it and finds nothing, but the name
+            // is taken, so creating IMAGE would fail with "exists already".
+            if let Ok(target) = std::fs::read_link(path) {
+                return Err(ToolError::Failed(format!(
+                    "{}: a symbolic link to {}, which does not exist: give the link's target as IMAGE to create the store there, or remove the link",
+                    args.image,
+                    target.display()
+                )));
+            }
+            None
+        }
+        Err(err) => {
+            return Err(ToolError::Failed(format!(
+                "{}: {}",
+                args.image,
+                spool_engine::words::io_words(&err)
+            )))
+        }
     };
     match (meta, args.size) {
         (None, None) => Err(ToolError::Failed(format!(
