@@ -58,12 +58,20 @@ const ACK_LIMIT: Duration = Duration::from_secs(60);
 /// run in five had a daemon stop acknowledging the origin's writes for good (both reactors
 /// idle, no I/O left in its io_uring rings), e.g. after a restart and a merge into the
 /// origin; a merge then never finishes draining. Not seen with the tests taking turns.
+/// `SPOOL_NO_TURN=1` runs them at once (to hunt it; with `SPOOL_HANG_HOLD=SECS` and
+/// `--nocapture` a failing test keeps its daemon alive that long and prints its pid).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn take_turn() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The turn, unless `SPOOL_NO_TURN` is set.
+fn take_turn() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if std::env::var_os("SPOOL_NO_TURN").is_some() {
+        return None;
+    }
+    Some(
+        ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
 }
 
 /// The random seed: `SPOOL_TEST_SEED` to replay a failure (the messages print it), else new.

@@ -254,7 +254,10 @@ impl Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
             .args(&args)
             .current_dir(dir)
-            .env("SPOOL_LOG", "info")
+            .env(
+                "SPOOL_LOG",
+                std::env::var("SPOOL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
@@ -364,6 +367,15 @@ impl Daemon {
     /// SIGKILL, and waits for it to be gone.
     pub fn kill9(mut self) {
         if let Some(mut child) = self.child.take() {
+            if std::thread::panicking() {
+                if let Some(secs) = std::env::var("SPOOL_HANG_HOLD")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                {
+                    eprintln!("HANG_HOLD pid {} dir {}", child.id(), self.dir.display());
+                    std::thread::sleep(std::time::Duration::from_secs(secs));
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -374,6 +386,15 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         // A failing test leaves no daemon behind, and shows the end of its log.
         if let Some(mut child) = self.child.take() {
+            if std::thread::panicking() {
+                if let Some(secs) = std::env::var("SPOOL_HANG_HOLD")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                {
+                    eprintln!("HANG_HOLD pid {} dir {}", child.id(), self.dir.display());
+                    std::thread::sleep(std::time::Duration::from_secs(secs));
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
