@@ -23,7 +23,8 @@ another binary), fio, qemu-nbd (qemu-utils) and nbdkit. Prints a Markdown table;
 Usage:
   ci/nbd-compare.py [--pairs 3] [--time 5] [--dir /var/tmp] [--size 1G]
                     [--storage disk,memory] [--transports tcp,unix] [--only SUBSTRING]
-                    [--raw out.json] [--spool-idle busy,adaptive] [--matched 0.9]
+                    [--raw out.json] [--spool-idle busy,adaptive,interrupt] [--matched 0.9]
+                    [--others qemu-nbd,nbdkit]
 """
 
 import argparse
@@ -126,7 +127,11 @@ def fio(uri, rw, qd, jobs, time_s, core, size, rate_iops=None):
     # fio's own CPU use (percent of one core, over its jobs): near 100 x jobs means the
     # client, not the server, set the pace and the tail.
     cpu = (job.get("usr_cpu", 0) + job.get("sys_cpu", 0)) * jobs
-    return {"iops": side["iops"], "p99_us": p99, "fio_cpu": cpu}
+    # fio's context switches per second (its jobs together): few means fio's threads never
+    # block on the socket (every poll finds a reply), so they share fio's core in whole
+    # scheduler slices, and a job waits a slice to see replies that came long before.
+    ctx = job.get("ctx", 0) / max(time_s, 1)
+    return {"iops": side["iops"], "p99_us": p99, "fio_cpu": cpu, "fio_ctx_per_s": ctx}
 
 
 def fill(uri, core, size):
@@ -168,7 +173,8 @@ def main():
     ap.add_argument("--size", default="1G")
     ap.add_argument("--storage", default="disk,memory")
     ap.add_argument("--transports", default="tcp,unix")
-    ap.add_argument("--only", default="")
+    ap.add_argument("--only", default="",
+                    help="run only the cases containing one of these comma-separated substrings")
     ap.add_argument("--server-core", type=int, default=0)
     ap.add_argument("--fio-core", type=int, default=1)
     ap.add_argument("--raw")
@@ -177,7 +183,9 @@ def main():
                          "IOPS, the same offered load for every server, and print the p99s")
     ap.add_argument("--spool-idle", default="busy",
                     help="comma-separated idle modes of spool serve to run, each as a server "
-                         "(busy, sleep, adaptive)")
+                         "(busy, sleep, adaptive, interrupt)")
+    ap.add_argument("--others", default="qemu-nbd,nbdkit",
+                    help="the other servers to run (comma-separated: qemu-nbd, nbdkit)")
     args = ap.parse_args()
     size_bytes = int(args.size[:-1]) << {"G": 30, "M": 20}[args.size[-1]]
     io_size = f"{size_bytes // 2 >> 20}M"
@@ -200,12 +208,15 @@ def main():
             name = "spool" if len(spool_idles) == 1 else f"spool-{idle}"
             servers[name] = (lambda i: lambda t: spool_cmd(store, t, sock, args.server_core,
                                                            i))(idle)
-        servers["qemu-nbd"] = lambda t: qemu_cmd(raw, t, sock, args.server_core)
-        servers["nbdkit"] = lambda t: nbdkit_cmd(raw, t, sock, args.server_core)
+        others = args.others.split(",")
+        if "qemu-nbd" in others:
+            servers["qemu-nbd"] = lambda t: qemu_cmd(raw, t, sock, args.server_core)
+        if "nbdkit" in others:
+            servers["nbdkit"] = lambda t: nbdkit_cmd(raw, t, sock, args.server_core)
         for transport, rw, qd, jobs in itertools.product(
                 args.transports.split(","), ["randread", "randwrite"], [1, 16], [1, 2]):
             case = f"{storage} {transport} {rw} qd{qd} x{jobs}"
-            if args.only and args.only not in case:
+            if args.only and not any(part in case for part in args.only.split(",")):
                 continue
             def run_case(rate):
                 results = {name: [] for name in servers}
@@ -224,9 +235,10 @@ def main():
                         raw_runs.append({"case": case, "server": name, "rate_iops": rate,
                                          **run})
                         label = f"{case} @{rate:.0f}" if rate else case
-                        print(f"{label:48} {name:14} {run['iops']:>10.0f} IOPS  p99 "
-                              f"{run['p99_us']:8.1f} us  fio cpu {run['fio_cpu']:5.0f} %",
-                              file=sys.stderr, flush=True)
+                        print(f"{label:48} {name:16} {run['iops']:>10.0f} IOPS  p99 "
+                              f"{run['p99_us']:8.1f} us  fio cpu {run['fio_cpu']:5.0f} %  "
+                              f"fio ctx/s {run['fio_ctx_per_s']:7.0f}  load "
+                              f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
                 return {n: (statistics.median(r["iops"] for r in rs),
                             statistics.median(r["p99_us"] for r in rs))
                         for n, rs in results.items()}

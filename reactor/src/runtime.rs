@@ -40,6 +40,25 @@ pub enum IdleMode {
     /// core is given back to whatever else needs it, at the price of a wake-up (a few
     /// microseconds) after every idle period.
     Adaptive,
+    /// As `Adaptive` with no spin: block in the kernel as soon as a loop pass finds nothing
+    /// to do (and every outstanding I/O has a wake source). The reactor uses only the CPU
+    /// its work takes, so on a core it shares (with the client, other daemons, compilers)
+    /// the scheduler runs it promptly when a request arrives instead of preempting it for
+    /// whole time slices with requests in flight, as it does a spinning reactor; each
+    /// request batch then costs a wake-up (a few microseconds) instead of none.
+    Interrupt,
+}
+
+impl IdleMode {
+    /// How long a reactor in this mode spins with nothing to do before it blocks in the
+    /// kernel; `None` when it never blocks there.
+    fn kernel_sleep_after_ns(self) -> Option<u64> {
+        match self {
+            IdleMode::Adaptive => Some(ADAPTIVE_SPIN_NS),
+            IdleMode::Interrupt => Some(0),
+            IdleMode::Busy | IdleMode::Sleep => None,
+        }
+    }
 }
 
 /// How to start a [`Runtime`].
@@ -94,7 +113,7 @@ impl Runtime {
                     .map_err(|_| ReactorError::BadCores("too many cores".into()))?,
             );
             let (wait_set, doorbell) = match options.idle {
-                IdleMode::Adaptive => {
+                IdleMode::Adaptive | IdleMode::Interrupt => {
                     let (wait_set, doorbell) = WaitSet::new().map_err(|err| {
                         ReactorError::Io(format!("creating a reactor's wait set: {err}"))
                     })?;
@@ -296,8 +315,9 @@ fn reactor_loop(core: &std::rc::Rc<ReactorCore>, idle: IdleMode) {
     let _current = CurrentGuard::enter(core);
     // The event loop is the one loop meant to run unbounded: it ends only on a stop message.
     let mut waiting_passes = 0u32;
-    // When an adaptive reactor's current idle stretch began (None while it has work).
+    // When a kernel-sleeping reactor's current idle stretch began (None while it has work).
     let mut idle_since_ns: Option<u64> = None;
+    let idle_spin = idle.kernel_sleep_after_ns();
     loop {
         let status = core.poll_once();
         if core.stopping.get() {
@@ -308,10 +328,10 @@ fn reactor_loop(core: &std::rc::Rc<ReactorCore>, idle: IdleMode) {
             idle_since_ns = None;
             continue;
         }
-        if idle == IdleMode::Adaptive && !status.unwakeable {
+        if let (Some(spin_ns), false) = (idle_spin, status.unwakeable) {
             let now_ns = core.clock.now_ns();
             let since = *idle_since_ns.get_or_insert(now_ns);
-            if now_ns.saturating_sub(since) >= ADAPTIVE_SPIN_NS {
+            if now_ns.saturating_sub(since) >= spin_ns {
                 adaptive_sleep(core, now_ns);
                 idle_since_ns = None;
                 waiting_passes = 0;

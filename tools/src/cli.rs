@@ -168,13 +168,18 @@ pub struct PerfArgs {
 /// How reactors wait when idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IdleArg {
-    /// Spin (lowest latency; a core each), as SPDK does.
+    /// Spin (a core each, fully used even when idle), as SPDK does: for a core no other
+    /// busy thread shares.
     Busy,
     /// Sleep up to 1 ms when nothing is pending (for shared machines; adds latency).
     Sleep,
     /// Spin while busy, then after 50 µs idle block in the kernel until a request, an I/O
     /// completion or a timer wakes the reactor (SPDK's interrupt mode, entered when idle).
+    /// The default.
     Adaptive,
+    /// Block in the kernel as soon as there is nothing to do (no spin): the reactor uses
+    /// only the CPU its work takes and is run promptly on a core it shares.
+    Interrupt,
 }
 
 /// Arguments of `spool serve`.
@@ -202,7 +207,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections: u32,
     /// What reactors do when idle.
-    #[arg(long, value_enum, default_value_t = IdleArg::Busy)]
+    #[arg(long, value_enum, default_value_t = IdleArg::Adaptive)]
     pub idle: IdleArg,
     /// Do not pin reactors to their cores.
     #[arg(long)]

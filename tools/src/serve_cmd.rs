@@ -50,6 +50,7 @@ pub fn options(args: &ServeArgs) -> Result<ServeOptions, ToolError> {
             IdleArg::Busy => IdleMode::Busy,
             IdleArg::Sleep => IdleMode::Sleep,
             IdleArg::Adaptive => IdleMode::Adaptive,
+            IdleArg::Interrupt => IdleMode::Interrupt,
         },
         pin: !args.no_pin,
         handshake_timeout: Duration::from_secs_f64(args.handshake_timeout),

@@ -86,7 +86,8 @@ pub struct ServeOptions {
     pub exports: Vec<String>,
     /// Connections open at once at most; more are closed at accept.
     pub max_connections: usize,
-    /// Reactors spin when idle (lowest latency, a core each) or sleep.
+    /// What reactors do when idle: spin (a core each), or sleep in the kernel after a short
+    /// spin (`Adaptive`, the default) or at once (`Interrupt`).
     pub idle: IdleMode,
     /// Pin each reactor to its core.
     pub pin: bool,
@@ -112,7 +113,8 @@ impl Default for ServeOptions {
             cores: vec![0],
             exports: Vec::new(),
             max_connections: 64,
-            idle: IdleMode::Busy,
+            // A daemon shares its machine: spin only while there is work (see IdleMode).
+            idle: IdleMode::Adaptive,
             pin: true,
             handshake_timeout: Duration::from_secs(crate::nbd::limits::HANDSHAKE_TIMEOUT_SECS),
             shutdown_grace: Duration::from_secs(1),
