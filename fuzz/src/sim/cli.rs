@@ -15,6 +15,7 @@ usage: spool-fuzz sim --seed N [--trace]
   options: --ops N (plan length, default 40) --faults PER_MILLE (default 40)
            --shrink-runs N (default 400; 0: no shrinking)
            --plant flush-lies|skip-ordering-flushes (a planted bug the run must catch)
+           --strict-thick-zeros (a thick blob's new clusters must read zeros)
            --quiet";
 
 struct Args {
@@ -25,7 +26,6 @@ struct Args {
     bugs: Bugs,
     trace: bool,
     quiet: bool,
-    plant: Option<String>,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -37,7 +37,6 @@ fn parse(args: &[String]) -> Result<Args, String> {
         bugs: Bugs::default(),
         trace: false,
         quiet: false,
-        plant: None,
     };
     let mut seed_given = false;
     let mut it = args.iter();
@@ -84,7 +83,9 @@ fn parse(args: &[String]) -> Result<Args, String> {
                     "skip-ordering-flushes" => out.bugs.skip_ordering_flushes = true,
                     _ => return Err(format!("--plant: unknown bug {bug}")),
                 }
-                out.plant = Some(bug);
+            }
+            "--strict-thick-zeros" => {
+                out.bugs.strict_thick_zeros = true;
             }
             "--trace" => out.trace = true,
             "--quiet" => out.quiet = true,
@@ -114,8 +115,14 @@ fn replay_command(seed: u64, args: &Args) -> String {
     if args.size.fault_per_mille != default.fault_per_mille {
         command += &format!(" --faults {}", args.size.fault_per_mille);
     }
-    if let Some(bug) = &args.plant {
-        command += &format!(" --plant {bug}");
+    if args.bugs.flush_lies {
+        command += " --plant flush-lies";
+    }
+    if args.bugs.skip_ordering_flushes {
+        command += " --plant skip-ordering-flushes";
+    }
+    if args.bugs.strict_thick_zeros {
+        command += " --strict-thick-zeros";
     }
     command
 }
@@ -131,6 +138,7 @@ pub fn main(args: &[String]) -> ExitCode {
     };
     let started = Instant::now();
     let (mut passed, mut faults, mut cuts, mut reloads) = (0u64, 0u64, 0usize, 0usize);
+    let mut enospc = 0usize;
     let mut last_report = Instant::now();
     for seed in args.seeds.clone() {
         if args.soak.is_some_and(|soak| started.elapsed() >= soak) {
@@ -142,6 +150,7 @@ pub fn main(args: &[String]) -> ExitCode {
                 faults += report.injected;
                 cuts += report.cuts;
                 reloads += report.reloads;
+                enospc += report.enospc;
                 if args.trace {
                     for line in &report.trace {
                         println!("{line}");
@@ -183,7 +192,7 @@ pub fn main(args: &[String]) -> ExitCode {
     }
     let seconds = started.elapsed().as_secs_f64();
     println!(
-        "{passed} seeds passed in {seconds:.1} s ({:.1} seeds/s): {faults} injected faults, {cuts} power cuts, {reloads} clean reloads",
+        "{passed} seeds passed in {seconds:.1} s ({:.1} seeds/s): {faults} injected faults, {enospc} operations failed on a full device, {cuts} power cuts, {reloads} clean reloads",
         passed as f64 / seconds.max(1e-9)
     );
     ExitCode::SUCCESS

@@ -17,8 +17,8 @@ use super::plan::{FaultErrno, FaultIo, Op, WriteSpec};
 
 /// Cluster size of simulated stores.
 pub const CLUSTER: u64 = 64 << 10;
-/// Simulated device size (about 60 data clusters: workloads fill it).
-pub const DEVICE: u64 = 4 << 20;
+/// Simulated device size (about 30 data clusters: workloads fill it).
+pub const DEVICE: u64 = 2 << 20;
 /// Reactors simulated.
 pub const REACTORS: usize = 2;
 /// Simulation steps one life may take before it counts as hung.
@@ -487,11 +487,12 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
             } else {
                 ctx.bugs.fresh_thick()
             };
+            let parent = blob.parent_id();
             let result = blob.resize(u64::from(clusters)).await;
             let closed = close(ctx, blob).await?;
             match result {
                 Ok(()) => {
-                    model.resize(id, u64::from(clusters), fresh);
+                    model.resize(id, u64::from(clusters), parent, fresh);
                     if !closed {
                         // Close persists the resize: a failure leaves its size unknown.
                         model.taint(id);

@@ -40,6 +40,8 @@ pub struct Report {
     pub reloads: usize,
     /// Operations run (restarts included).
     pub ops: usize,
+    /// Operations that failed with -ENOSPC (a full device, or an injected ENOSPC).
+    pub enospc: usize,
 }
 
 /// A failing run: where, what, and the trace up to it.
@@ -136,7 +138,12 @@ pub fn run_plan(plan: &Plan, bugs: Bugs) -> Result<Report, Failure> {
         model = out.model;
         image = Some(out.image);
     }
+    let enospc = trace
+        .iter()
+        .map(|line| line.matches("errno -28").count())
+        .sum();
     Ok(Report {
+        enospc,
         trace,
         injected,
         cuts,

@@ -172,10 +172,14 @@ impl Model {
         self.deleted.clear();
     }
 
-    /// Blob `id` resized to `clusters` (completed); units it grows by read `fresh` (zeros
-    /// for a thin blob, [`ANY`] or zeros for a thick one).
-    pub fn resize(&mut self, id: u64, clusters: u64, fresh: u64) {
+    /// Blob `id` resized to `clusters` (completed); units it grows by read what its parent
+    /// `parent` reads there (a clone: unallocated clusters read through, zeros past the
+    /// parent's end), else `fresh` (zeros for a thin blob, [`ANY`] or zeros for a thick one).
+    pub fn resize(&mut self, id: u64, clusters: u64, parent: Option<u64>, fresh: u64) {
         let upc = self.units_per_cluster;
+        let through: Option<(u64, Vec<UnitState>)> = parent
+            .and_then(|parent| self.blobs.get(&parent))
+            .map(|parent| (parent.clusters * upc, parent.units.clone()));
         let Some(blob) = self.blobs.get_mut(&id) else {
             return;
         };
@@ -184,9 +188,28 @@ impl Model {
         if blob.units.len() < new_units {
             blob.units.resize(new_units, UnitState::default());
         }
-        for unit in blob.units.iter_mut().take(new_units).skip(old_units) {
-            unit.live = BTreeSet::from([fresh]);
-            unit.crash.insert(fresh);
+        for (index, unit) in blob
+            .units
+            .iter_mut()
+            .enumerate()
+            .take(new_units)
+            .skip(old_units)
+        {
+            match &through {
+                Some((size, units)) if (index as u64) < *size => {
+                    unit.live.clone_from(&units[index].live);
+                    unit.crash.extend(units[index].crash.iter().copied());
+                    unit.crash.extend(units[index].live.iter().copied());
+                }
+                Some(_) => {
+                    unit.live = BTreeSet::from([0]);
+                    unit.crash.insert(0);
+                }
+                None => {
+                    unit.live = BTreeSet::from([fresh]);
+                    unit.crash.insert(fresh);
+                }
+            }
         }
         // Units past the new end read zeros if the blob grows again (and may still hold
         // their old values after a cut that loses the resize).
