@@ -7,7 +7,7 @@
 //! two ranges). A failure prints its shrunk plan and the `spool-fuzz sim` command replaying it.
 
 use spool_fuzz::sim::shrink::shrink;
-use spool_fuzz::sim::{run_plan, run_seed, Bugs, Plan, PlanSize};
+use spool_fuzz::sim::{run_plan, run_seed, Bugs, Op, Plan, PlanSize};
 
 fn seeds_per_range() -> u64 {
     std::env::var("SPOOL_SIM_SEEDS")
@@ -152,4 +152,49 @@ fn sim_seed_2_thick_grow_exposes_stale_cluster_data() {
             panic!("seed {seed}: {}", failure.what);
         }
     }
+}
+
+/// Found by seed 1388: a delete of a snapshot with one clone (a merge) whose last flush
+/// fails leaves the snapshot in memory with the clusters the clone took zeroed in its map;
+/// the snapshot was thick, so the unload wrote a thick chain with holes, which does not parse
+/// ("unallocated cluster in a thick blob"): `spool check` reported it and the snapshot no
+/// longer opened. Fixed: such a snapshot is written thin. The shrunk plan, then the seed.
+#[test]
+fn sim_seed_1388_failed_merge_delete_leaves_a_parsable_snapshot() {
+    use spool_fuzz::sim::plan::{FaultErrno, FaultIo};
+    let shrunk = Plan {
+        seed: 1388,
+        ops: vec![
+            Op::Create {
+                thin: false,
+                clusters: 1,
+            },
+            Op::Snapshot { pick: 0 },
+            Op::Inflate { pick: 1 },
+            Op::Create {
+                thin: false,
+                clusters: 1,
+            },
+            Op::Cut {
+                inflight: Vec::new(),
+                yields: 0,
+                fate: 6_686_309_370_536_808_494,
+            },
+            Op::Fault {
+                io: FaultIo::Flush,
+                errno: FaultErrno::Eio,
+                nth: 5,
+            },
+            Op::Snapshot { pick: 0 },
+            Op::Delete { pick: 3 },
+            Op::Reload,
+        ],
+    };
+    let report = run_plan(&shrunk, Bugs::default()).unwrap_or_else(|failure| panic!("{}", failure.what));
+    assert!(
+        report.trace.iter().any(|line| line.starts_with("Delete") && line.ends_with("errno -5")),
+        "the merge's delete failed on the injected flush error: {:#?}",
+        report.trace
+    );
+    run_seed(1388, PlanSize::default(), Bugs::default()).unwrap_or_else(|failure| panic!("{}", failure.what));
 }

@@ -84,7 +84,8 @@ impl ModelBlob {
 pub struct Model {
     /// Blobs that exist now, by id.
     pub blobs: BTreeMap<u64, ModelBlob>,
-    /// Blobs deleted since the last flush: a power cut may bring them back.
+    /// Blobs deleted by an operation that failed on an injected fault: a power cut may
+    /// bring them back (none today: a failed delete keeps its blob in the model, tainted).
     pub deleted: BTreeMap<u64, ModelBlob>,
     /// A metadata operation failed on an injected fault: blobs the model does not know may
     /// appear after a restart (they are adopted, tainted).
@@ -247,11 +248,12 @@ impl Model {
         self.blobs.insert(clone, copy);
     }
 
-    /// Blob `id` deleted (completed).
+    /// Blob `id` deleted (completed). A delete is durable when it returns (its zeroed root
+    /// is flushed before it releases anything, docs/blob.md "Write ordering"), so the blob
+    /// may not come back after a cut, and its id may be reused at once.
     pub fn delete(&mut self, id: u64) {
-        if let Some(blob) = self.blobs.remove(&id) {
-            self.deleted.insert(id, blob);
-        }
+        self.blobs.remove(&id);
+        self.deleted.remove(&id);
     }
 
     /// Blob `id` tainted by a failed metadata operation.
