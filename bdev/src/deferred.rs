@@ -57,9 +57,8 @@ impl Deferred {
         match spool_reactor::sim_rng_u64() {
             None => self.fifo.push_back(slot),
             Some(draw) => {
-                let ready_at_ns = spool_reactor::now_ns()
-                    + draw % (SIM_LATENCY_NS_MAX + 1)
-                    + extra_ns;
+                let ready_at_ns =
+                    spool_reactor::now_ns() + draw % (SIM_LATENCY_NS_MAX + 1) + extra_ns;
                 self.timed.push(Pending {
                     ready_at_ns,
                     seq: self.seq,

@@ -35,7 +35,11 @@ fn two_writes(flush_lies: bool, spikes: bool) -> (Arc<CrashBdev>, u64) {
     sim.block_on(ReactorId(0), move || async move {
         let channel = desc.channel().unwrap();
         channel.write(filled(0xAA, 4 * BLOCK), 0).await.0.unwrap();
-        channel.write(filled(0xBB, 4 * BLOCK), 2 * BLOCK as u64).await.0.unwrap();
+        channel
+            .write(filled(0xBB, 4 * BLOCK), 2 * BLOCK as u64)
+            .await
+            .0
+            .unwrap();
         if flush_lies {
             channel.flush().await.unwrap();
         }
@@ -99,7 +103,11 @@ fn a_torn_write_lands_only_the_blocks_named() {
 #[test]
 fn a_lying_flush_makes_nothing_durable() {
     let (bdev, _) = two_writes(true, false);
-    assert_eq!(bdev.pending_writes().len(), 2, "the flush kept both pending");
+    assert_eq!(
+        bdev.pending_writes().len(),
+        2,
+        "the flush kept both pending"
+    );
     assert!(bdev.cut_power_with(&[]).iter().all(|&b| b == 0));
     let (honest, _) = two_writes(false, false);
     assert_eq!(honest.pending_writes().len(), 2, "no flush issued");
@@ -109,6 +117,12 @@ fn a_lying_flush_makes_nothing_durable() {
 fn latency_spikes_delay_completions_in_virtual_time() {
     let (_, quick) = two_writes(false, false);
     let (_, spiked) = two_writes(false, true);
-    assert!(quick < 1_000_000, "two writes take microseconds: {quick} ns");
-    assert!(spiked >= 10_000_000, "each write waited 5 ms more: {spiked} ns");
+    assert!(
+        quick < 1_000_000,
+        "two writes take microseconds: {quick} ns"
+    );
+    assert!(
+        spiked >= 10_000_000,
+        "each write waited 5 ms more: {spiked} ns"
+    );
 }

@@ -32,7 +32,12 @@ fn run_range(seeds: std::ops::Range<u64>) {
             Err(failure) => {
                 let plan = Plan::generate(seed, PlanSize::default());
                 let shrunk = shrink(&plan, failure.clone(), Bugs::default(), 200);
-                let steps: Vec<String> = shrunk.plan.ops.iter().map(|op| format!("  {op:?}")).collect();
+                let steps: Vec<String> = shrunk
+                    .plan
+                    .ops
+                    .iter()
+                    .map(|op| format!("  {op:?}"))
+                    .collect();
                 panic!(
                     "seed {seed} fails in life {}: {}\nreplay: cargo run -p spool-fuzz -- sim --seed {seed}\nshrunk to {} steps ({}):\n{}\ntrace:\n  {}",
                     failure.life,
@@ -190,11 +195,16 @@ fn sim_seed_1388_failed_merge_delete_leaves_a_parsable_snapshot() {
             Op::Reload,
         ],
     };
-    let report = run_plan(&shrunk, Bugs::default()).unwrap_or_else(|failure| panic!("{}", failure.what));
+    let report =
+        run_plan(&shrunk, Bugs::default()).unwrap_or_else(|failure| panic!("{}", failure.what));
     assert!(
-        report.trace.iter().any(|line| line.starts_with("Delete") && line.ends_with("errno -5")),
+        report
+            .trace
+            .iter()
+            .any(|line| line.starts_with("Delete") && line.ends_with("errno -5")),
         "the merge's delete failed on the injected flush error: {:#?}",
         report.trace
     );
-    run_seed(1388, PlanSize::default(), Bugs::default()).unwrap_or_else(|failure| panic!("{}", failure.what));
+    run_seed(1388, PlanSize::default(), Bugs::default())
+        .unwrap_or_else(|failure| panic!("{}", failure.what));
 }

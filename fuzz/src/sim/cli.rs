@@ -158,7 +158,10 @@ pub fn main(args: &[String]) -> ExitCode {
                 }
             }
             Err(failure) => {
-                println!("seed {seed} FAILED in life {}: {}", failure.life, failure.what);
+                println!(
+                    "seed {seed} FAILED in life {}: {}",
+                    failure.life, failure.what
+                );
                 println!("replay: {}", replay_command(seed, &args));
                 if args.shrink_runs > 0 {
                     let plan = Plan::generate(seed, args.size);

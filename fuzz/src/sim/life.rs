@@ -117,11 +117,13 @@ pub fn run_life(
         reactors: REACTORS,
     });
     let reactors = sim.reactors();
-    let crash = Arc::new(match &image {
-        Some(image) => CrashBdev::from_image("sim", UNIT as u32, image),
-        None => CrashBdev::new("sim", UNIT as u32, DEVICE / UNIT),
-    }
-    .map_err(|err| (Vec::new(), format!("device: {err}")))?);
+    let crash = Arc::new(
+        match &image {
+            Some(image) => CrashBdev::from_image("sim", UNIT as u32, image),
+            None => CrashBdev::new("sim", UNIT as u32, DEVICE / UNIT),
+        }
+        .map_err(|err| (Vec::new(), format!("device: {err}")))?,
+    );
     crash.testing_flush_lies(bugs.flush_lies);
     let errors = Arc::new(ErrorBdev::new(
         "sim-faults",
@@ -376,7 +378,11 @@ fn spawn_write(
         let channel = io.channel().map_err(|err| err.errno())?;
         let mut buf = DmaBuf::alloc(data.len()).map_err(|_| -libc::ENOMEM)?;
         buf.copy_from_slice(&data);
-        channel.write(&io, unit, buf).await.0.map_err(|err| err.errno())
+        channel
+            .write(&io, unit, buf)
+            .await
+            .0
+            .map_err(|err| err.errno())
     });
     match spawned {
         Ok(handle) => handle,
@@ -575,11 +581,8 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
                 FaultErrno::Eio => -libc::EIO,
                 FaultErrno::Enospc => -libc::ENOSPC,
             };
-            ctx.errors.add_rule(
-                ErrorRule::new(errno)
-                    .kinds(&[kind])
-                    .nth(u64::from(nth)),
-            );
+            ctx.errors
+                .add_rule(ErrorRule::new(errno).kinds(&[kind]).nth(u64::from(nth)));
             Ok("armed".into())
         }
         Op::Spikes { one_in, ms } => {

@@ -210,7 +210,9 @@ impl Plan {
                 },
                 12..=41 => Op::Write(write_spec(&mut rng)),
                 42..=47 => Op::Batch((0..rng.usize(2..6)).map(|_| write_spec(&mut rng)).collect()),
-                48..=52 => Op::Read { pick: rng.u32(0..8) },
+                48..=52 => Op::Read {
+                    pick: rng.u32(0..8),
+                },
                 53..=62 => Op::Flush {
                     reactor: rng.u8(0..2),
                 },
@@ -218,11 +220,21 @@ impl Plan {
                     pick: rng.u32(0..8),
                     clusters: rng.u32(0..7),
                 },
-                68..=70 => Op::Sync { pick: rng.u32(0..8) },
-                71..=76 => Op::Snapshot { pick: rng.u32(0..8) },
-                77..=80 => Op::Clone { pick: rng.u32(0..8) },
-                81..=83 => Op::Inflate { pick: rng.u32(0..8) },
-                84..=88 => Op::Delete { pick: rng.u32(0..8) },
+                68..=70 => Op::Sync {
+                    pick: rng.u32(0..8),
+                },
+                71..=76 => Op::Snapshot {
+                    pick: rng.u32(0..8),
+                },
+                77..=80 => Op::Clone {
+                    pick: rng.u32(0..8),
+                },
+                81..=83 => Op::Inflate {
+                    pick: rng.u32(0..8),
+                },
+                84..=88 => Op::Delete {
+                    pick: rng.u32(0..8),
+                },
                 89..=91 => Op::Reload,
                 _ => Op::Cut {
                     inflight: (0..rng.usize(0..4)).map(|_| write_spec(&mut rng)).collect(),

@@ -78,10 +78,7 @@ pub fn shrink(plan: &Plan, failure: Failure, bugs: Bugs, budget: usize) -> Shrun
 fn smaller_spec(spec: &WriteSpec) -> Vec<WriteSpec> {
     let mut out = Vec::new();
     if spec.units > 1 {
-        out.push(WriteSpec {
-            units: 1,
-            ..*spec
-        });
+        out.push(WriteSpec { units: 1, ..*spec });
     }
     if spec.unit > 0 {
         out.push(WriteSpec { unit: 0, ..*spec });
