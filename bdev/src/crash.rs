@@ -12,6 +12,14 @@
 //!   not torn below request granularity, and nothing outside written ranges changes.
 //! - Requests in flight at the cut never reach the media: they complete with -EIO and move
 //!   no data (the device counts power epochs and compares the request's with the current).
+//! - [`CrashBdev::cut_power_with`] widens this for the whole-engine simulation: a pending
+//!   write may also be torn (only some of its blocks reach the media, each block whole), and
+//!   the survivors are applied in an order the caller chooses (reordering: of two
+//!   overlapping survivors, either may win). Every block then holds its durable content or
+//!   the content of one pending write covering it; nothing else.
+//! - Test switches: latency spikes ([`CrashBdev::set_latency_spikes`], simulation only) and a
+//!   planted bug, a flush that completes without making anything durable
+//!   ([`CrashBdev::testing_flush_lies`]), which the simulation's self-test must catch.
 //!
 //! Invariants:
 //! - Reads see the live image: the durable image plus every pending write, in completion
@@ -32,6 +40,16 @@ use crate::device::{check_block_size, Bdev, ChannelBackend};
 use crate::dma::DmaBuf;
 use crate::error::BdevError;
 use crate::io::{slot_index, IoKind, IoRequest, IoSlots, Submission};
+
+/// A pending write reaching the media at a [`CrashBdev::cut_power_with`]: whole, or torn.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Survivor {
+    /// The write's completion number ([`PendingWrite::index`]).
+    pub index: u64,
+    /// `None`: every block of it; `Some(blocks)`: only these blocks, counted from the
+    /// write's first block (a torn write; blocks outside the write are ignored).
+    pub blocks: Option<Vec<u64>>,
+}
 
 /// A write completed since the last flush that covered it, and so not yet durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,6 +86,11 @@ struct State {
     completed_writes: u64,
     /// Power cuts so far: requests submitted in an earlier epoch fail with -EIO.
     epoch: u64,
+    /// Planted bug: flushes succeed without making anything durable.
+    flush_lies: bool,
+    /// Latency spikes: one request in `spike_one_in` (0: none) waits `spike_ns` more.
+    spike_one_in: u64,
+    spike_ns: u64,
 }
 
 impl State {
@@ -139,6 +162,9 @@ impl CrashBdev {
                 pending: Vec::new(),
                 completed_writes: 0,
                 epoch: 0,
+                flush_lies: false,
+                spike_one_in: 0,
+                spike_ns: 0,
             })),
         })
     }
@@ -189,6 +215,63 @@ impl CrashBdev {
         state.live.clone_from(&image);
         state.epoch += 1;
         image
+    }
+
+    /// Cuts the power with exactly `survivors` reaching the media, applied in the order
+    /// given (so an older write may land over a newer one it overlaps), each whole or torn
+    /// to the blocks it names; every other pending write is lost. Returns (and resets the
+    /// device to) the image, as [`CrashBdev::cut_power`]. Indices that name no pending write
+    /// are ignored.
+    pub fn cut_power_with(&self, survivors: &[Survivor]) -> Vec<u8> {
+        let mut state = lock(&self.state);
+        let mut image = state.durable.clone();
+        let block = self.block_size as usize;
+        for survivor in survivors {
+            let Some(recorded) = state
+                .pending
+                .iter()
+                .find(|recorded| recorded.write.index == survivor.index)
+            else {
+                continue;
+            };
+            match &survivor.blocks {
+                None => State::apply(&mut image, recorded),
+                Some(blocks) => {
+                    let start = recorded.write.offset_bytes as usize;
+                    for &n in blocks {
+                        let Ok(n) = usize::try_from(n) else { continue };
+                        let from = n.saturating_mul(block);
+                        let (Some(data), Some(target)) = (
+                            recorded.data.get(from..from.saturating_add(block)),
+                            image.get_mut(start + from..(start + from).saturating_add(block)),
+                        ) else {
+                            continue;
+                        };
+                        target.copy_from_slice(data);
+                    }
+                }
+            }
+        }
+        state.pending.clear();
+        state.durable.clone_from(&image);
+        state.live.clone_from(&image);
+        state.epoch += 1;
+        image
+    }
+
+    /// Test support (a planted bug): while set, a flush completes successfully without
+    /// making any write durable, as a device lying about its cache would.
+    #[doc(hidden)]
+    pub fn testing_flush_lies(&self, lies: bool) {
+        lock(&self.state).flush_lies = lies;
+    }
+
+    /// Under a simulation, one request in `one_in` (drawn from the seed; 0 turns spikes
+    /// off) completes `spike_ns` later than its normal simulated latency.
+    pub fn set_latency_spikes(&self, one_in: u64, spike_ns: u64) {
+        let mut state = lock(&self.state);
+        state.spike_one_in = one_in;
+        state.spike_ns = spike_ns;
     }
 
     /// Cuts the power losing every pending write: returns (and resets to) the durable image.
@@ -258,6 +341,9 @@ fn execute(state: &mut State, meta: SlotMeta, request: &mut IoRequest) -> i32 {
         return -libc::EIO;
     }
     if request.kind == IoKind::Flush {
+        if state.flush_lies {
+            return 0;
+        }
         let made_durable = state
             .pending
             .partition_point(|recorded| recorded.write.index < meta.flush_mark);
@@ -310,23 +396,31 @@ impl ChannelBackend for CrashChannel {
             return;
         };
         let kind = self.slots.with(slot, |request| request.kind);
-        let meta = {
+        let (meta, spike) = {
             let state = lock(&self.state);
-            SlotMeta {
+            let spike = if state.spike_one_in > 0 {
+                spool_reactor::sim_rng_u64()
+                    .filter(|draw| draw % state.spike_one_in == 0)
+                    .map_or(0, |_| state.spike_ns)
+            } else {
+                0
+            };
+            let meta = SlotMeta {
                 epoch: state.epoch,
                 flush_mark: if kind == IoKind::Flush {
                     state.completed_writes
                 } else {
                     0
                 },
-            }
+            };
+            (meta, spike)
         };
         let index = slot_index(slot);
         if self.meta.len() <= index {
             self.meta.resize(index + 1, SlotMeta::default());
         }
         self.meta[index] = meta;
-        self.pending.push(slot);
+        self.pending.push_after(slot, spike);
     }
 
     fn poll(&mut self) -> PollStatus {

@@ -43,6 +43,13 @@ impl Deferred {
     /// Queues `slot`: for the next pass, or at a seeded latency under a simulation.
     #[inline]
     pub fn push(&mut self, slot: SlotId) {
+        self.push_after(slot, 0);
+    }
+
+    /// As [`Deferred::push`], with `extra_ns` added to the simulated latency (a latency
+    /// spike); outside a simulation the extra time is ignored.
+    #[inline]
+    pub fn push_after(&mut self, slot: SlotId, extra_ns: u64) {
         if !self.simulated {
             self.fifo.push_back(slot);
             return;
@@ -50,7 +57,8 @@ impl Deferred {
         match spool_reactor::sim_rng_u64() {
             None => self.fifo.push_back(slot),
             Some(draw) => {
-                let ready_at_ns = spool_reactor::now_ns() + draw % (SIM_LATENCY_NS_MAX + 1);
+                let ready_at_ns =
+                    spool_reactor::now_ns() + draw % (SIM_LATENCY_NS_MAX + 1) + extra_ns;
                 self.timed.push(Pending {
                     ready_at_ns,
                     seq: self.seq,

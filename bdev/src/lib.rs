@@ -29,7 +29,7 @@ pub mod null;
 pub mod uring;
 
 pub use crate::channel::{BdevChannel, BdevDesc, IoFuture, IoOutput};
-pub use crate::crash::{CrashBdev, PendingWrite};
+pub use crate::crash::{CrashBdev, PendingWrite, Survivor};
 pub use crate::device::{Bdev, ChannelBackend};
 pub use crate::dma::DmaBuf;
 pub use crate::error::BdevError;

@@ -660,6 +660,12 @@ impl Blobstore {
             for &index in &taken {
                 sm.clusters[index] = 0;
             }
+            // A thick map may not have holes (its chain would no longer parse, and the
+            // snapshot would not open after a reload): a snapshot left with holes by a
+            // delete that fails below is written thin (found by the simulation, seed 1388).
+            if !taken.is_empty() {
+                sm.flags.invalid |= FLAG_THIN_PROV;
+            }
         }
         snap.state
             .touch_clusters(0..snap.state.meta.borrow().clusters.len());

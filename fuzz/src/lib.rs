@@ -12,6 +12,8 @@
 //!   the NBD handshake and request decoder of `spool_engine::nbd`.
 //! - [`rpc`]: `target_rpc_request`, a hostile client's bytes into the JSON-RPC framing
 //!   decoder of `spool_engine::rpc::jsonrpc`.
+//! - [`sim`]: the whole-engine deterministic simulation (`spool-fuzz sim`): seeded
+//!   workloads and faults on simulated time, checked against a model after every restart.
 //! - [`corpus`]: seeds cut from the SPDK fixture images and from stores Spool makes.
 //! - [`mutate`]: the mutator (byte-level, descriptor-aware, and patch-level for stores).
 //! - [`runner`]: the loop: mutate, run under `catch_unwind`, keep inputs reaching new outcome
@@ -30,6 +32,7 @@ pub mod mutate;
 pub mod nbd;
 pub mod rpc;
 pub mod runner;
+pub mod sim;
 pub mod store;
 pub mod targets;
 

@@ -21,6 +21,7 @@ usage: spool-fuzz [--target NAME|all] [--seconds N] [--seed S] [--cases N] [--ou
                   [--timeout SECS] [--minimize SECS] [--keep-going] [--slow-ms MS] [--quiet]
        spool-fuzz --target NAME --replay FILE [--dump-image IMG]   (FILE: hex or raw bytes)
        spool-fuzz --list
+       spool-fuzz sim --seed N | --seeds A..B | --soak HOURS   (the deterministic simulation)
 
   --target     a target (see --list) or all (default: all)
   --seconds    time per target (default 60)
@@ -142,6 +143,10 @@ fn read_input(path: &PathBuf) -> Result<Vec<u8>, String> {
 }
 
 fn main() -> ExitCode {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if raw.first().map(String::as_str) == Some("sim") {
+        return spool_fuzz::sim::cli::main(&raw[1..]);
+    }
     let args = match parse_args() {
         Ok(args) => args,
         Err(err) => {

@@ -1,0 +1,269 @@
+//! A simulation's plan: the operations and faults one seed runs, drawn from the seed alone
+//! (so `--seed N` replays it), and small enough to shrink by dropping and reducing entries.
+
+use std::fmt;
+
+/// Which requests an injected fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultIo {
+    /// Writes (data and metadata).
+    Write,
+    /// Flushes.
+    Flush,
+    /// Reads.
+    Read,
+}
+
+/// The errno an injected fault completes a request with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultErrno {
+    /// An I/O error.
+    Eio,
+    /// The device is full (a thin pool exhausted).
+    Enospc,
+}
+
+/// One write of a workload: blob `pick` (an index into the model's blobs), `units` io_units
+/// from `unit`, issued from reactor `reactor` (modulo the reactors simulated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteSpec {
+    /// Which blob (modulo the writable blobs).
+    pub pick: u32,
+    /// First io_unit (modulo the blob's size).
+    pub unit: u32,
+    /// How many io_units (clamped to the blob's end).
+    pub units: u32,
+    /// Which reactor issues it.
+    pub reactor: u8,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create a blob.
+    Create {
+        /// Thin provisioned.
+        thin: bool,
+        /// Size in clusters.
+        clusters: u32,
+    },
+    /// One write, awaited.
+    Write(WriteSpec),
+    /// Writes issued together (any order, any reactor), all awaited.
+    Batch(Vec<WriteSpec>),
+    /// Read a whole blob and compare with the model.
+    Read {
+        /// Which blob.
+        pick: u32,
+    },
+    /// Flush the device through a blob channel on `reactor`.
+    Flush {
+        /// Which reactor.
+        reactor: u8,
+    },
+    /// Resize a writable blob.
+    Resize {
+        /// Which blob.
+        pick: u32,
+        /// New size in clusters.
+        clusters: u32,
+    },
+    /// Write a blob's metadata (`sync_md`).
+    Sync {
+        /// Which blob.
+        pick: u32,
+    },
+    /// Snapshot a writable blob.
+    Snapshot {
+        /// Which blob.
+        pick: u32,
+    },
+    /// Clone a snapshot.
+    Clone {
+        /// Which snapshot.
+        pick: u32,
+    },
+    /// Inflate a clone (allocate every cluster, drop the parent).
+    Inflate {
+        /// Which blob.
+        pick: u32,
+    },
+    /// Delete a blob.
+    Delete {
+        /// Which blob (any).
+        pick: u32,
+    },
+    /// Arm an injected fault on the device: the `nth` matching request from now fails.
+    Fault {
+        /// Which requests.
+        io: FaultIo,
+        /// With what.
+        errno: FaultErrno,
+        /// Which one (1-based).
+        nth: u32,
+    },
+    /// Latency spikes: one request in `one_in` waits `ms` more (0: off).
+    Spikes {
+        /// Frequency.
+        one_in: u32,
+        /// Extra latency, ms of virtual time.
+        ms: u32,
+    },
+    /// End of a life: a clean unload and load.
+    Reload,
+    /// End of a life: the power is cut while `inflight` writes run, after `yields` yields;
+    /// the pending writes' fates (lost, whole, torn; order) are drawn from `fate`.
+    Cut {
+        /// Writes in flight at the cut.
+        inflight: Vec<WriteSpec>,
+        /// Yields of the driver between issuing them and the cut.
+        yields: u32,
+        /// Seed of the fates of pending writes.
+        fate: u64,
+    },
+}
+
+impl fmt::Display for WriteSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "blob#{} units {}+{} on r{}",
+            self.pick, self.unit, self.units, self.reactor
+        )
+    }
+}
+
+/// A plan: what a seed runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The seed it came from (also the simulation's seed).
+    pub seed: u64,
+    /// The steps, in order.
+    pub ops: Vec<Op>,
+}
+
+/// How big plans are.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanSize {
+    /// Operations per plan (restarts included).
+    pub ops: usize,
+    /// Chance (per mille) that an operation is an injected fault.
+    pub fault_per_mille: u32,
+}
+
+impl Default for PlanSize {
+    fn default() -> Self {
+        PlanSize {
+            ops: 40,
+            fault_per_mille: 40,
+        }
+    }
+}
+
+fn write_spec(rng: &mut fastrand::Rng) -> WriteSpec {
+    WriteSpec {
+        pick: rng.u32(0..8),
+        unit: rng.u32(0..256),
+        units: if rng.u32(0..4) == 0 {
+            rng.u32(1..40)
+        } else {
+            rng.u32(1..4)
+        },
+        reactor: rng.u8(0..2),
+    }
+}
+
+impl Plan {
+    /// The plan of `seed`.
+    pub fn generate(seed: u64, size: PlanSize) -> Plan {
+        let mut rng = fastrand::Rng::with_seed(seed ^ 0xA5A5_5A5A_C0FF_EE00);
+        let count = size.ops / 2 + rng.usize(0..=size.ops);
+        let mut ops = Vec::with_capacity(count + 1);
+        for _ in 0..count {
+            if rng.u32(0..1000) < size.fault_per_mille {
+                ops.push(if rng.u32(0..4) == 0 {
+                    Op::Spikes {
+                        one_in: rng.u32(0..8),
+                        ms: rng.u32(1..50),
+                    }
+                } else {
+                    Op::Fault {
+                        io: match rng.u32(0..6) {
+                            0..=2 => FaultIo::Write,
+                            3..=4 => FaultIo::Flush,
+                            _ => FaultIo::Read,
+                        },
+                        errno: if rng.u32(0..4) == 0 {
+                            FaultErrno::Enospc
+                        } else {
+                            FaultErrno::Eio
+                        },
+                        nth: rng.u32(1..12),
+                    }
+                });
+                continue;
+            }
+            let op = match rng.u32(0..100) {
+                0..=11 => Op::Create {
+                    thin: rng.bool(),
+                    clusters: rng.u32(0..6),
+                },
+                12..=41 => Op::Write(write_spec(&mut rng)),
+                42..=47 => Op::Batch((0..rng.usize(2..6)).map(|_| write_spec(&mut rng)).collect()),
+                48..=52 => Op::Read {
+                    pick: rng.u32(0..8),
+                },
+                53..=62 => Op::Flush {
+                    reactor: rng.u8(0..2),
+                },
+                63..=67 => Op::Resize {
+                    pick: rng.u32(0..8),
+                    clusters: rng.u32(0..7),
+                },
+                68..=70 => Op::Sync {
+                    pick: rng.u32(0..8),
+                },
+                71..=76 => Op::Snapshot {
+                    pick: rng.u32(0..8),
+                },
+                77..=80 => Op::Clone {
+                    pick: rng.u32(0..8),
+                },
+                81..=83 => Op::Inflate {
+                    pick: rng.u32(0..8),
+                },
+                84..=88 => Op::Delete {
+                    pick: rng.u32(0..8),
+                },
+                89..=91 => Op::Reload,
+                _ => Op::Cut {
+                    inflight: (0..rng.usize(0..4)).map(|_| write_spec(&mut rng)).collect(),
+                    yields: rng.u32(0..40),
+                    fate: rng.u64(..),
+                },
+            };
+            ops.push(op);
+        }
+        // Every plan ends with a power cut, so each seed checks recovery at least once.
+        ops.push(Op::Cut {
+            inflight: (0..rng.usize(0..3)).map(|_| write_spec(&mut rng)).collect(),
+            yields: rng.u32(0..40),
+            fate: rng.u64(..),
+        });
+        Plan { seed, ops }
+    }
+
+    /// Injected faults and restarts in the plan: (faults, power cuts, clean reloads).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut counts = (0, 0, 0);
+        for op in &self.ops {
+            match op {
+                Op::Fault { .. } | Op::Spikes { .. } => counts.0 += 1,
+                Op::Cut { .. } => counts.1 += 1,
+                Op::Reload => counts.2 += 1,
+                _ => {}
+            }
+        }
+        counts
+    }
+}

@@ -1,0 +1,210 @@
+//! Goal: the whole-engine simulation runs in CI: at least 1,000 seeds per run (each a plan of
+//! blob operations, injected faults, clean reloads and power cuts, checked against the model
+//! after every restart), replays a seed exactly, catches planted bugs within a few seeds, and
+//! shrinks a failure to a short plan. Method: `spool_fuzz::sim` on fixed seed ranges plus a
+//! fresh range from the clock (printed; `SPOOL_SIM_SEED` replays it), so each CI run also
+//! tries seeds no run tried before. `SPOOL_SIM_SEEDS` sets the seeds per range (default 500,
+//! two ranges). A failure prints its shrunk plan and the `spool-fuzz sim` command replaying it.
+
+use spool_fuzz::sim::shrink::shrink;
+use spool_fuzz::sim::{run_plan, run_seed, Bugs, Op, Plan, PlanSize};
+
+fn seeds_per_range() -> u64 {
+    std::env::var("SPOOL_SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500)
+}
+
+/// Runs `seeds`; on the first failure, shrinks it and panics with the plan and the replay.
+fn run_range(seeds: std::ops::Range<u64>) {
+    let started = std::time::Instant::now();
+    let (mut faults, mut cuts, mut reloads, mut enospc) = (0, 0, 0, 0);
+    let count = seeds.end - seeds.start;
+    for seed in seeds.clone() {
+        match run_seed(seed, PlanSize::default(), Bugs::default()) {
+            Ok(report) => {
+                faults += report.injected;
+                cuts += report.cuts;
+                reloads += report.reloads;
+                enospc += report.enospc;
+            }
+            Err(failure) => {
+                let plan = Plan::generate(seed, PlanSize::default());
+                let shrunk = shrink(&plan, failure.clone(), Bugs::default(), 200);
+                let steps: Vec<String> = shrunk
+                    .plan
+                    .ops
+                    .iter()
+                    .map(|op| format!("  {op:?}"))
+                    .collect();
+                panic!(
+                    "seed {seed} fails in life {}: {}\nreplay: cargo run -p spool-fuzz -- sim --seed {seed}\nshrunk to {} steps ({}):\n{}\ntrace:\n  {}",
+                    failure.life,
+                    failure.what,
+                    shrunk.plan.ops.len(),
+                    shrunk.failure.what,
+                    steps.join("\n"),
+                    shrunk.failure.trace.join("\n  ")
+                );
+            }
+        }
+    }
+    eprintln!(
+        "sim seeds {}..{}: {count} passed in {:.1} s: {faults} injected faults, {enospc} ENOSPC failures, {cuts} power cuts, {reloads} clean reloads",
+        seeds.start,
+        seeds.end,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(cuts >= count as usize, "every plan ends with a power cut");
+    assert!(faults > 0 && reloads > 0 && enospc > 0, "the faults ran");
+}
+
+#[test]
+fn fixed_seeds_pass() {
+    run_range(0..seeds_per_range());
+}
+
+#[test]
+fn fresh_seeds_pass() {
+    let start = std::env::var("SPOOL_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
+                + 1_000_000
+        });
+    eprintln!("sim: fresh seeds from {start} (SPOOL_SIM_SEED={start} replays this range)");
+    run_range(start..start + seeds_per_range());
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let first = run_seed(7, PlanSize::default(), Bugs::default()).expect("seed 7 passes");
+    let again = run_seed(7, PlanSize::default(), Bugs::default()).expect("seed 7 passes");
+    assert!(first.trace.len() > 10, "a real trace: {:?}", first.trace);
+    assert!(first.trace.iter().any(|line| line.contains("sim trace")));
+    assert_eq!(first, again, "one seed, one trace");
+    let other = run_seed(8, PlanSize::default(), Bugs::default()).expect("seed 8 passes");
+    assert_ne!(first.trace, other.trace, "another seed, another trace");
+}
+
+/// The first seed (of 20) a planted bug fails, and its failure.
+fn first_failure(bugs: Bugs) -> (u64, spool_fuzz::sim::Failure) {
+    for seed in 0..20 {
+        if let Err(failure) = run_seed(seed, PlanSize::default(), bugs) {
+            return (seed, failure);
+        }
+    }
+    panic!("the planted bug {bugs:?} survived 20 seeds: the simulation does not catch it");
+}
+
+#[test]
+fn a_device_that_lies_about_flushes_is_caught() {
+    let (seed, failure) = first_failure(Bugs {
+        flush_lies: true,
+        ..Bugs::default()
+    });
+    eprintln!("flush-lies caught by seed {seed}: {}", failure.what);
+    // The same seeds pass without the bug.
+    for clean in 0..=seed {
+        run_seed(clean, PlanSize::default(), Bugs::default()).expect("passes without the bug");
+    }
+}
+
+#[test]
+fn skipped_ordering_flushes_are_caught_and_shrink_to_a_short_plan() {
+    let bugs = Bugs {
+        skip_ordering_flushes: true,
+        ..Bugs::default()
+    };
+    let (seed, failure) = first_failure(bugs);
+    let plan = Plan::generate(seed, PlanSize::default());
+    let shrunk = shrink(&plan, failure.clone(), bugs, 150);
+    assert!(
+        shrunk.plan.ops.len() <= 8 && shrunk.plan.ops.len() < plan.ops.len(),
+        "seed {seed} shrank from {} to {} steps: {:?}",
+        plan.ops.len(),
+        shrunk.plan.ops.len(),
+        shrunk.plan.ops
+    );
+    assert_eq!(shrunk.failure.class(), failure.class());
+    // The shrunk plan fails on replay, and passes without the bug.
+    assert!(run_plan(&shrunk.plan, bugs).is_err());
+    run_plan(&shrunk.plan, Bugs::default()).expect("the shrunk plan passes without the bug");
+}
+
+/// Found by seed 2 (and 74): a thick blob's new cluster shows bytes another write left on a
+/// free cluster. Seed 2: two racing first writes to one cluster of a clone; the loser's
+/// claimed cluster, already filled with its data, is released without an unmap; a thick
+/// resize then claims it and reads the loser's data at unit 16 (written for unit 0). Seed 74:
+/// a write to a thick blob whose create a power cut lost leaves its data on a free cluster,
+/// which a later thick resize exposes. The blob layer does not zero a thick blob's clusters
+/// (as SPDK does not), so the default check accepts any bytes there; this test asks for
+/// zeros (`--strict-thick-zeros`). Ignored until thick claims zero (or released dirty
+/// clusters are unmapped).
+#[test]
+#[ignore = "thick blob clusters are not zeroed: stale data from a race loser or a lost create shows"]
+fn sim_seed_2_thick_grow_exposes_stale_cluster_data() {
+    let strict = Bugs {
+        strict_thick_zeros: true,
+        ..Bugs::default()
+    };
+    for seed in [2, 74] {
+        if let Err(failure) = run_seed(seed, PlanSize::default(), strict) {
+            panic!("seed {seed}: {}", failure.what);
+        }
+    }
+}
+
+/// Found by seed 1388: a delete of a snapshot with one clone (a merge) whose last flush
+/// fails leaves the snapshot in memory with the clusters the clone took zeroed in its map;
+/// the snapshot was thick, so the unload wrote a thick chain with holes, which does not parse
+/// ("unallocated cluster in a thick blob"): `spool check` reported it and the snapshot no
+/// longer opened. Fixed: such a snapshot is written thin. The shrunk plan, then the seed.
+#[test]
+fn sim_seed_1388_failed_merge_delete_leaves_a_parsable_snapshot() {
+    use spool_fuzz::sim::plan::{FaultErrno, FaultIo};
+    let shrunk = Plan {
+        seed: 1388,
+        ops: vec![
+            Op::Create {
+                thin: false,
+                clusters: 1,
+            },
+            Op::Snapshot { pick: 0 },
+            Op::Inflate { pick: 1 },
+            Op::Create {
+                thin: false,
+                clusters: 1,
+            },
+            Op::Cut {
+                inflight: Vec::new(),
+                yields: 0,
+                fate: 6_686_309_370_536_808_494,
+            },
+            Op::Fault {
+                io: FaultIo::Flush,
+                errno: FaultErrno::Eio,
+                nth: 5,
+            },
+            Op::Snapshot { pick: 0 },
+            Op::Delete { pick: 3 },
+            Op::Reload,
+        ],
+    };
+    let report =
+        run_plan(&shrunk, Bugs::default()).unwrap_or_else(|failure| panic!("{}", failure.what));
+    assert!(
+        report
+            .trace
+            .iter()
+            .any(|line| line.starts_with("Delete") && line.ends_with("errno -5")),
+        "the merge's delete failed on the injected flush error: {:#?}",
+        report.trace
+    );
+    run_seed(1388, PlanSize::default(), Bugs::default())
+        .unwrap_or_else(|failure| panic!("{}", failure.what));
+}
