@@ -16,7 +16,7 @@
 //! obeys Little's law (mean = qd / IOPS, as bdevperf's does). fio's `clat` differs: it starts
 //! when the request is handed to the engine, leaving out the submission itself.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -68,7 +68,13 @@ pub struct CoreResult {
     pub errors: u64,
     /// The first failure, if any.
     pub first_error: Option<JobFailure>,
+    /// (ns since the job started, I/Os completed by then), every progress period
+    /// ([`PROGRESS_PERIOD`]) and at the end: the IOPS-over-time series.
+    pub timeline: Vec<(u64, u64)>,
 }
+
+/// How often a job publishes its count and samples its timeline.
+pub const PROGRESS_PERIOD: Duration = Duration::from_millis(100);
 
 /// A job's first failed request.
 #[derive(Debug, Clone)]
@@ -271,17 +277,20 @@ async fn run_job<C: JobIo>(
     }
     let ops = Rc::new(Cell::new(0u64));
     let published = Rc::clone(&ops);
-    let progress_poller = poller_register(
-        "perf-progress",
-        Some(Duration::from_millis(100)),
-        move || {
-            progress.store(published.get(), Ordering::Relaxed);
-            PollStatus::Idle
-        },
-    )?;
-    let mut pattern = Pattern::new(&config);
     let clock = ReactorClock::current();
     let start_ns = clock.now_ns();
+    let timeline = Rc::new(RefCell::new(vec![(0u64, 0u64)]));
+    let sampled = Rc::clone(&timeline);
+    let sample_clock = clock.clone();
+    let progress_poller = poller_register("perf-progress", Some(PROGRESS_PERIOD), move || {
+        let done = published.get();
+        progress.store(done, Ordering::Relaxed);
+        sampled
+            .borrow_mut()
+            .push((sample_clock.now_ns().saturating_sub(start_ns), done));
+        PollStatus::Idle
+    })?;
+    let mut pattern = Pattern::new(&config);
     let deadline_ns = start_ns + config.duration_ns;
     let mut inflight: Vec<Option<Inflight<C::Io<'_>>>> = Vec::with_capacity(buffers.len());
     let mut errors = 0u64;
@@ -345,12 +354,15 @@ async fn run_job<C: JobIo>(
     let elapsed_ns = clock.now_ns() - start_ns;
     drop(inflight);
     drop(progress_poller);
+    let mut timeline = timeline.take();
+    timeline.push((elapsed_ns, completed));
     Ok(CoreResult {
         ops: completed,
         elapsed_ns,
         latency_ns,
         errors,
         first_error,
+        timeline,
     })
 }
 
