@@ -95,7 +95,10 @@ fn mean_latency_obeys_littles_law_at_qd_32() {
     // The same holds for one core's figures, and at depth 1 (mean = 1 / IOPS).
     let core = &report.cores[0];
     let core_ratio = core.lat_us.mean / (32.0 / core.iops * 1e6);
-    assert!((0.95..=1.05).contains(&core_ratio), "core ratio {core_ratio:.3}");
+    assert!(
+        (0.95..=1.05).contains(&core_ratio),
+        "core ratio {core_ratio:.3}"
+    );
     let report = perf::run(&PerfConfig { qd: 1, ..config }, &mut |_| {}).unwrap();
     let ratio = report.total.lat_us.mean / (1.0 / report.total.iops * 1e6);
     assert!((0.95..=1.05).contains(&ratio), "qd 1 ratio {ratio:.3}");

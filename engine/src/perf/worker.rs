@@ -321,7 +321,8 @@ async fn run_job<C: JobIo>(
             let handled = clock.now_ns();
             match result {
                 Ok(()) => {
-                    latency_ns.saturating_record(handled.saturating_sub(current.submitted_ns).max(1));
+                    latency_ns
+                        .saturating_record(handled.saturating_sub(current.submitted_ns).max(1));
                     completed += 1;
                 }
                 Err(err) => {
