@@ -45,9 +45,8 @@ fn latency_panel(area: &Area<'_>, series: &[CoreSeries], title: &str) -> DrawRes
     let x_min = points
         .clone()
         .map(|point| point.0)
-        .fold(f64::INFINITY, f64::min)
-        .min(1.0)
-        .max(0.01);
+        .fold(1.0, f64::min)
+        .clamp(0.01, 1.0);
     let x_max = points.clone().map(|point| point.0).fold(1.0, f64::max) * 1.25;
     let y_max = points.map(|point| point.1).fold(1.0, f64::max) * 1.1;
     let mut chart = ChartBuilder::on(area)
