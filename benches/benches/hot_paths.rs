@@ -4,9 +4,10 @@
 //! - `messages/one_way_batch`: messages queued to one reactor, per message.
 //! - `messages/spawn_on_roundtrip`: `spawn_on` + awaiting its `RemoteHandle`.
 //! - `request_pool/runtime`, `request_pool/sim`: one null read at a time through the channel.
-//! - `null_path_qd32`: 32 tasks looping null reads on one reactor, per I/O.
-//! - `blob_null_path_qd32`: the same through a thick blob (the blob layer's cost per I/O is
-//!   the difference).
+//! - `null_path_qd1`, `null_path_qd32`: 1 or 32 tasks looping null reads on one reactor, per
+//!   I/O (qd 1 is the latency path: every I/O pays its own wake and poll).
+//! - `blob_null_path_qd1`, `blob_null_path_qd32`: the same through a thick blob (the blob
+//!   layer's cost per I/O is the difference).
 //! - `ring_nop/batch32`: io_uring Nops pushed, submitted and reaped in batches of 32.
 //! - `dma_alloc_free/4k`: `DmaBuf::alloc(4096)` and its drop, from an idle pool (a chunk is
 //!   split on alloc and merged on free) and with a neighbouring block held (no split/merge).
@@ -104,20 +105,18 @@ fn request_pool(c: &mut Criterion) {
     group.finish();
 }
 
-/// 32 concurrent readers on one reactor's null channel: ns per I/O at queue depth 32.
-fn null_path_qd32(c: &mut Criterion) {
+/// `qd` concurrent readers on one reactor's null channel: ns per I/O at that depth.
+fn null_path(c: &mut Criterion, name: &str, qd: u64) {
     let runtime = start_runtime(1);
     let home = runtime.reactors()[0];
     let desc = null_desc();
-    let mut group = c.benchmark_group("null_path_qd32");
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(1));
     group.bench_function("read_4k", |b| {
         b.iter_custom(|iters| {
             let desc = desc.clone();
             runtime
-                .block_on(home, move || {
-                    null_reads_concurrent(desc, QUEUE_DEPTH, iters)
-                })
+                .block_on(home, move || null_reads_concurrent(desc, qd, iters))
                 .expect("null_reads_concurrent task")
         });
     });
@@ -125,24 +124,43 @@ fn null_path_qd32(c: &mut Criterion) {
     stop_runtime(runtime);
 }
 
-/// 32 concurrent readers through a thick blob on a null bdev: ns per I/O of the blob path.
-fn blob_null_path_qd32(c: &mut Criterion) {
+/// `qd` concurrent readers through a thick blob on a null bdev: ns per I/O of the blob path.
+fn blob_null_path(c: &mut Criterion, name: &str, qd: u64) {
     let runtime = start_runtime(1);
     let home = runtime.reactors()[0];
-    let mut group = c.benchmark_group("blob_null_path_qd32");
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(1));
     group.bench_function("read_4k", |b| {
         b.iter_custom(|iters| {
             let desc = null_desc();
             runtime
-                .block_on(home, move || {
-                    blob_null_reads_concurrent(desc, QUEUE_DEPTH, iters)
-                })
+                .block_on(home, move || blob_null_reads_concurrent(desc, qd, iters))
                 .expect("blob_null_reads_concurrent task")
         });
     });
     group.finish();
     stop_runtime(runtime);
+}
+
+/// 32 concurrent readers on one reactor's null channel: ns per I/O at queue depth 32.
+fn null_path_qd32(c: &mut Criterion) {
+    null_path(c, "null_path_qd32", QUEUE_DEPTH);
+}
+
+/// The same through a thick blob.
+fn blob_null_path_qd32(c: &mut Criterion) {
+    blob_null_path(c, "blob_null_path_qd32", QUEUE_DEPTH);
+}
+
+/// One reader at a time on the null channel: the whole latency path per I/O (submit, the
+/// device's poller completion, the wake, the task's poll), nothing amortised over a batch.
+fn null_path_qd1(c: &mut Criterion) {
+    null_path(c, "null_path_qd1", 1);
+}
+
+/// The same through a thick blob: the blob layer's cost at queue depth 1 is the difference.
+fn blob_null_path_qd1(c: &mut Criterion) {
+    blob_null_path(c, "blob_null_path_qd1", 1);
 }
 
 /// Nops through the io_uring ring, per operation; skipped where io_uring is unavailable.
@@ -198,6 +216,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_paths;
     config = config();
-    targets = messages, request_pool, null_path_qd32, blob_null_path_qd32, ring_nop, dma_alloc_free
+    targets = messages, request_pool, null_path_qd1, blob_null_path_qd1, null_path_qd32, blob_null_path_qd32, ring_nop, dma_alloc_free
 }
 criterion_main!(hot_paths);

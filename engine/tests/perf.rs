@@ -70,6 +70,40 @@ fn a_null_run_reports_figures_and_progress_and_keeps_the_json_names() {
     }
 }
 
+/// Little's law: with `qd` requests always in flight, the mean latency is `qd / IOPS`. Latency
+/// measured as bdevperf does (submission to the completion reaching the job) obeys it; one that
+/// leaves out the time a completed request waits before the job handles it falls short (the
+/// old accounting gave 0.65-0.70 of it at qd 32). A ratio check, not a speed target: it holds
+/// however fast or slow (or preempted) the machine is.
+#[test]
+fn mean_latency_obeys_littles_law_at_qd_32() {
+    let config = PerfConfig {
+        qd: 32,
+        time_s: 0.5,
+        ..short("null")
+    };
+    let report = perf::run(&config, &mut |_| {}).unwrap();
+    assert_eq!(report.total.errors, 0);
+    assert!(report.total.ops > 10_000, "{} ops", report.total.ops);
+    let expected_us = 32.0 / report.total.iops * 1e6;
+    let ratio = report.total.lat_us.mean / expected_us;
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "mean {:.3} us, qd / IOPS {expected_us:.3} us: ratio {ratio:.3}",
+        report.total.lat_us.mean
+    );
+    // The same holds for one core's figures, and at depth 1 (mean = 1 / IOPS).
+    let core = &report.cores[0];
+    let core_ratio = core.lat_us.mean / (32.0 / core.iops * 1e6);
+    assert!(
+        (0.95..=1.05).contains(&core_ratio),
+        "core ratio {core_ratio:.3}"
+    );
+    let report = perf::run(&PerfConfig { qd: 1, ..config }, &mut |_| {}).unwrap();
+    let ratio = report.total.lat_us.mean / (1.0 / report.total.iops * 1e6);
+    assert!((0.95..=1.05).contains(&ratio), "qd 1 ratio {ratio:.3}");
+}
+
 #[test]
 fn a_missing_file_is_announced_then_created() {
     let dir = tempfile::tempdir().unwrap();

@@ -65,6 +65,9 @@ pub(crate) struct ReactorRemote {
     /// Rung after a message is queued, when the reactor may sleep in the kernel (adaptive
     /// runtimes only).
     pub(crate) doorbell: Option<Arc<Doorbell>>,
+    /// Set by every sender after it queued a message; the reactor clears it before it drains
+    /// its mailbox. A pass with no mail costs one relaxed load instead of a channel poll.
+    pub(crate) mail: Arc<AtomicBool>,
 }
 
 impl ReactorRemote {
@@ -73,6 +76,7 @@ impl ReactorRemote {
     #[inline]
     pub(crate) fn post(&self, message: Message) -> Result<(), Message> {
         self.sender.send(message).map_err(|err| err.0)?;
+        self.mail.store(true, Ordering::Release);
         if let Some(doorbell) = &self.doorbell {
             doorbell.ring_if_sleeping();
         }
@@ -136,6 +140,8 @@ pub(crate) struct ReactorCore {
     pub(crate) clock: Clock,
     pub(crate) run_queue: Rc<RunQueue>,
     pub(crate) mailbox: Receiver<Message>,
+    /// This reactor's [`ReactorRemote::mail`] flag.
+    mail: Arc<AtomicBool>,
     pub(crate) tasks: TaskSet,
     pub(crate) pollers: PollerSet,
     pub(crate) timers: TimerHeap,
@@ -158,9 +164,11 @@ impl ReactorCore {
         mailbox: Receiver<Message>,
         sim: Option<Rc<SimShared>>,
     ) -> Rc<ReactorCore> {
+        let mail = Arc::clone(&shared.reactors[id.index()].mail);
         let core = Rc::new(ReactorCore {
             id,
             shared,
+            mail,
             clock,
             run_queue: Rc::new(RunQueue::default()),
             mailbox,
@@ -236,16 +244,27 @@ impl ReactorCore {
         .min()
     }
 
+    /// Handles up to [`MSG_BATCH_MAX`] messages. Senders raise the mail flag after queueing, so
+    /// a pass with an empty mailbox only loads the flag; the flag is cleared before the
+    /// mailbox is drained (a message queued meanwhile raises it again) and raised again when
+    /// the batch bound leaves messages queued, so none waits longer than it did before.
+    #[inline]
     fn poll_messages(&self) -> bool {
+        // The swap (not a store) reads the latest raise: a sender whose raise it overwrites
+        // has its message visible to the drain below (Release in `post`, Acquire here).
+        if !self.mail.load(Ordering::Relaxed) || !self.mail.swap(false, Ordering::Acquire) {
+            return false;
+        }
         let mut handled = 0;
         while handled < MSG_BATCH_MAX {
             let Ok(message) = self.mailbox.try_recv() else {
-                break;
+                return handled > 0;
             };
             handled += 1;
             self.handle_message(message);
         }
-        handled > 0
+        self.mail.store(true, Ordering::Relaxed);
+        true
     }
 
     pub(crate) fn handle_message(&self, message: Message) {

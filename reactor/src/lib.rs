@@ -46,7 +46,7 @@ mod task;
 mod timer;
 mod wakeup;
 
-pub use crate::clock::now_ns;
+pub use crate::clock::{now_ns, ReactorClock};
 pub use crate::context::{
     in_reactor, is_simulated, reactor_count, reactor_id, sim_rng_u64, stats, trace, ReactorStats,
 };

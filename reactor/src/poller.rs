@@ -101,12 +101,19 @@ impl PollerSet {
             }
         }
         self.polling.set(false);
-        let removed_now = self.apply_changes(&mut entries);
+        // Most passes change nothing: then the list goes straight back.
+        let changed = !self.added.borrow().is_empty() || !self.removed.borrow().is_empty();
+        let removed_now = if changed {
+            self.apply_changes(&mut entries)
+        } else {
+            Vec::new()
+        };
         let previous = std::mem::replace(&mut *self.entries.borrow_mut(), entries);
         debug_assert!(
             previous.is_empty(),
             "pollers registered behind the poll loop's back"
         );
+        drop(previous);
         if !removed_now.is_empty() {
             crate::contain::contain(core, "poller drop", "", move || drop(removed_now));
         }

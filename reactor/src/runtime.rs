@@ -127,6 +127,7 @@ impl Runtime {
                 sender,
                 stopped: AtomicBool::new(false),
                 doorbell,
+                mail: Arc::new(AtomicBool::new(false)),
             });
             receivers.push(receiver);
         }

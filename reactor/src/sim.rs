@@ -117,6 +117,7 @@ impl Sim {
                 sender,
                 stopped: AtomicBool::new(false),
                 doorbell: None,
+                mail: Arc::new(AtomicBool::new(false)),
             });
             receivers.push(receiver);
         }

@@ -9,6 +9,8 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use crate::contain::DropContained;
@@ -198,12 +200,14 @@ fn wake_router(core: &ReactorCore) -> impl Fn(async_task::Runnable<u64>) + Send 
     let remote = &core.shared.reactors[owner.index()];
     let sender = remote.sender.clone();
     let doorbell = remote.doorbell.clone();
+    let mail = Arc::clone(&remote.mail);
     move |runnable| {
         if let Err(runnable) = context::run_queue_push(runtime_id, owner, runnable) {
             // A wake from another thread: the task must run (and drop) on its owner. If the
             // owner has stopped, its tasks were cancelled and their futures already dropped.
             match sender.send(Message::Wake(runnable)) {
                 Ok(()) => {
+                    mail.store(true, Ordering::Release);
                     if let Some(doorbell) = &doorbell {
                         doorbell.ring_if_sleeping();
                     }

@@ -157,6 +157,10 @@ pub struct PerfArgs {
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw the run as an SVG picture in FILE: the latency histogram and IOPS over time,
+    /// one line per core (--layer bdev and blob).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,

@@ -4,6 +4,7 @@ mod blob_cmd;
 mod cli;
 mod error;
 mod perf;
+mod perf_plot;
 mod rpc_cmd;
 mod serve_cmd;
 
@@ -54,6 +55,13 @@ fn main() {
 
 fn run(cli: &Cli) -> Result<(), ToolError> {
     match &cli.command {
+        Command::Perf(args)
+            if args.plot.is_some() && matches!(args.layer, cli::Layer::Md | cli::Layer::Snap) =>
+        {
+            Err(ToolError::Usage(
+                "--plot draws an I/O job: use it with --layer bdev or blob".into(),
+            ))
+        }
         Command::Perf(args) if args.layer == cli::Layer::Md => {
             let report = perf::run_metadata(args)?;
             if args.json {
@@ -78,6 +86,9 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
         }
         Command::Perf(args) => {
             let report = perf::run(args)?;
+            if let Some(path) = &args.plot {
+                perf_plot::write_svg(&report, path)?;
+            }
             if args.json {
                 let json = serde_json::to_string_pretty(&report)
                     .map_err(|err| ToolError::Run(err.to_string()))?;

@@ -204,3 +204,78 @@ fn an_unusable_path_is_a_clear_error() {
     ]);
     assert_ne!(output.status.code(), Some(0), "a directory is not a device");
 }
+
+/// `--plot FILE.svg` draws the run: a latency histogram and IOPS over time, one labelled line
+/// per core in each panel.
+#[test]
+fn perf_plot_writes_an_svg_with_a_latency_and_an_iops_series_per_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.svg");
+    let output = spool(&[
+        "perf",
+        "--target",
+        "null",
+        "--qd",
+        "4",
+        "--time",
+        "0.5",
+        "--cores",
+        "0,1",
+        "--quiet",
+        "--json",
+        "--plot",
+        path.to_str().unwrap(),
+    ]);
+    let report = json_of(&output);
+    assert!(
+        report.get("series").is_none(),
+        "the series stay out of the JSON"
+    );
+    let svg = std::fs::read_to_string(&path).expect("the SVG was written");
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+    assert!(svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.contains("latency: null randread bs=4096 qd=4"),
+        "latency caption"
+    );
+    assert!(
+        svg.contains("IOPS over time: null randread"),
+        "IOPS caption"
+    );
+    for core in ["core 0", "core 1"] {
+        assert_eq!(
+            svg.matches(core).count(),
+            2,
+            "{core} labels a line in both panels' legends"
+        );
+    }
+    // Data lines (many points), as opposed to axis ticks and legend swatches (two).
+    let data_lines = svg
+        .split("<polyline")
+        .skip(1)
+        .filter(|element| {
+            let points = element.split("points=\"").nth(1).unwrap_or("");
+            points
+                .split('"')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .count()
+                >= 4
+        })
+        .count();
+    assert!(data_lines >= 4, "{data_lines} data lines: two per core");
+    // A metadata run has nothing to plot: a usage error (exit 2), nothing written.
+    let md = dir.path().join("md.svg");
+    let output = spool(&[
+        "perf",
+        "--target",
+        "malloc:64M",
+        "--layer",
+        "md",
+        "--plot",
+        md.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(!md.exists());
+}

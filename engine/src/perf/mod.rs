@@ -31,7 +31,7 @@ use hdrhistogram::Histogram;
 use spool_bdev::BdevDesc;
 use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
 
-use crate::perf::report::{CoreFigures, LatencyUs, RunConfig, TotalFigures};
+use crate::perf::report::{CoreFigures, CoreSeries, LatencyUs, RunConfig, TotalFigures};
 use crate::perf::worker::{run_core, CoreResult, JobConfig, JobTarget};
 use crate::signals::stop_requested;
 use crate::target::{open_target, TargetOptions, TargetSpec};
@@ -392,7 +392,9 @@ fn summarise(
     let mut merged = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
         .map_err(|err| histogram_failed(&err))?;
     let mut core_figures = Vec::new();
+    let mut series = Vec::new();
     for (&core, result) in cores.iter().zip(results) {
+        series.push(CoreSeries::of(core, &result.latency_ns, &result.timeline));
         merged
             .add(&result.latency_ns)
             .map_err(|err| histogram_failed(&err))?;
@@ -418,6 +420,7 @@ fn summarise(
         total,
         cores: core_figures,
         config,
+        series,
     })
 }
 

@@ -98,6 +98,58 @@ pub struct RunConfig {
     pub size_bytes: u64,
 }
 
+/// One core's series for a picture of the run (`spool perf --plot`); not in the JSON.
+#[derive(Debug, Clone, Default)]
+pub struct CoreSeries {
+    /// The CPU core.
+    pub core: usize,
+    /// The latency histogram: (bucket's upper bound in microseconds, percent of the core's
+    /// I/Os in the bucket), buckets growing by [`LATENCY_BUCKET_GROWTH`] from 10 ns.
+    pub latency: Vec<(f64, f64)>,
+    /// IOPS over time: (seconds since the job started, IOPS over the period that ends then).
+    pub iops: Vec<(f64, f64)>,
+}
+
+/// The ratio between the upper bounds of consecutive buckets of [`CoreSeries::latency`].
+pub const LATENCY_BUCKET_GROWTH: f64 = 1.25;
+
+impl CoreSeries {
+    /// `core`'s series from its latency histogram (ns) and its timeline of (ns since start,
+    /// I/Os completed by then).
+    pub fn of(core: usize, histogram: &Histogram<u64>, timeline: &[(u64, u64)]) -> CoreSeries {
+        let total = histogram.len().max(1) as f64;
+        let latency = if histogram.is_empty() {
+            Vec::new()
+        } else {
+            histogram
+                .iter_log(10, LATENCY_BUCKET_GROWTH)
+                .map(|step| {
+                    (
+                        step.value_iterated_to() as f64 / 1000.0,
+                        step.count_since_last_iteration() as f64 * 100.0 / total,
+                    )
+                })
+                .collect()
+        };
+        let iops = timeline
+            .windows(2)
+            .filter(|pair| pair[1].0 > pair[0].0)
+            .map(|pair| {
+                let ((t0, n0), (t1, n1)) = (pair[0], pair[1]);
+                (
+                    t1 as f64 / 1e9,
+                    n1.saturating_sub(n0) as f64 / ((t1 - t0) as f64 / 1e9),
+                )
+            })
+            .collect();
+        CoreSeries {
+            core,
+            latency,
+            iops,
+        }
+    }
+}
+
 /// A finished run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PerfReport {
@@ -107,4 +159,7 @@ pub struct PerfReport {
     pub cores: Vec<CoreFigures>,
     /// Settings.
     pub config: RunConfig,
+    /// Per core, the series `spool perf --plot` draws (left out of the JSON).
+    #[serde(skip)]
+    pub series: Vec<CoreSeries>,
 }

@@ -5,11 +5,18 @@
 //! futures and, each time it is woken, polls them, records the ones that completed and
 //! submits their successors. A wake therefore serves every completion of a reactor pass, not
 //! one. Every request still takes the whole path: validation, a pooled slot, the device's
-//! submit, the device poller's completion, and the hand-back of the buffer. The clock is read
-//! once per wake: the completion time of the I/Os found done is the submission time of the
-//! ones that replace them. Buffers are allocated once; nothing allocates per I/O.
+//! submit, the device poller's completion, and the hand-back of the buffer. Buffers are
+//! allocated once; nothing allocates per I/O.
+//!
+//! Latency is bdevperf's: from the submission to the moment the job handles the completion.
+//! The clock (a TSC read through the reactor's [`ReactorClock`], no system call) is read once
+//! per completion as the job reaches it, so the time a completed request waits while the job
+//! handles the ones before it counts; that reading is also the submission time of the request
+//! that replaces it. Every moment of the run is thus covered by `qd` latencies, and the mean
+//! obeys Little's law (mean = qd / IOPS, as bdevperf's does). fio's `clat` differs: it starts
+//! when the request is handed to the engine, leaving out the submission itself.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -21,7 +28,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use spool_bdev::{BdevChannel, BdevDesc, DmaBuf, IoFuture};
 use spool_blob::{BlobChannel, BlobIo, BlobIoFuture};
-use spool_reactor::{now_ns, poller_register, PollStatus};
+use spool_reactor::{poller_register, PollStatus, ReactorClock};
 
 use crate::error::step;
 use crate::perf::RwMode;
@@ -61,7 +68,13 @@ pub struct CoreResult {
     pub errors: u64,
     /// The first failure, if any.
     pub first_error: Option<JobFailure>,
+    /// (ns since the job started, I/Os completed by then), every progress period
+    /// ([`PROGRESS_PERIOD`]) and at the end: the IOPS-over-time series.
+    pub timeline: Vec<(u64, u64)>,
 }
+
+/// How often a job publishes its count and samples its timeline.
+pub const PROGRESS_PERIOD: Duration = Duration::from_millis(100);
 
 /// A job's first failed request.
 #[derive(Debug, Clone)]
@@ -82,9 +95,6 @@ impl JobFailure {
         }
     }
 }
-
-/// How many submissions in one wake share a clock read (see `run_core`).
-const STAMP_EVERY: u32 = 8;
 
 /// Chooses offsets and directions for the job.
 struct Pattern {
@@ -267,31 +277,30 @@ async fn run_job<C: JobIo>(
     }
     let ops = Rc::new(Cell::new(0u64));
     let published = Rc::clone(&ops);
-    let progress_poller = poller_register(
-        "perf-progress",
-        Some(Duration::from_millis(100)),
-        move || {
-            progress.store(published.get(), Ordering::Relaxed);
-            PollStatus::Idle
-        },
-    )?;
+    let clock = ReactorClock::current();
+    let start_ns = clock.now_ns();
+    let timeline = Rc::new(RefCell::new(vec![(0u64, 0u64)]));
+    let sampled = Rc::clone(&timeline);
+    let sample_clock = clock.clone();
+    let progress_poller = poller_register("perf-progress", Some(PROGRESS_PERIOD), move || {
+        let done = published.get();
+        progress.store(done, Ordering::Relaxed);
+        sampled
+            .borrow_mut()
+            .push((sample_clock.now_ns().saturating_sub(start_ns), done));
+        PollStatus::Idle
+    })?;
     let mut pattern = Pattern::new(&config);
-    let start_ns = now_ns();
     let deadline_ns = start_ns + config.duration_ns;
     let mut inflight: Vec<Option<Inflight<C::Io<'_>>>> = Vec::with_capacity(buffers.len());
     let mut errors = 0u64;
     let mut first_error = None;
     let mut completed = 0u64;
     poll_fn(|cx| {
-        let now = now_ns();
         // A stop signal ends submissions like the deadline does (checked once per wake).
         let stopping = stop_requested().is_some();
-        // Submissions are stamped with a clock read at most STAMP_EVERY submissions old, so
-        // a stamp is never later than the real submission: latencies can only be overstated,
-        // by at most a few submissions' time, never flattered.
-        let mut stamp = now;
-        let mut submitted_this_wake = 0u32;
         if inflight.is_empty() {
+            let now = clock.now_ns();
             for buf in buffers.drain(..) {
                 let started = submit(channel, buf, &mut pattern, now, cx);
                 if let Err(err) = &started {
@@ -308,9 +317,12 @@ async fn run_job<C: JobIo>(
                 busy += 1;
                 continue;
             };
+            // The completion reaches the job now: its latency ends, its successor's begins.
+            let handled = clock.now_ns();
             match result {
                 Ok(()) => {
-                    latency_ns.saturating_record((now - current.submitted_ns).max(1));
+                    latency_ns
+                        .saturating_record(handled.saturating_sub(current.submitted_ns).max(1));
                     completed += 1;
                 }
                 Err(err) => {
@@ -321,12 +333,8 @@ async fn run_job<C: JobIo>(
                 }
             }
             *entry = None;
-            if now < deadline_ns && errors == 0 && !stopping {
-                if submitted_this_wake > 0 && submitted_this_wake.is_multiple_of(STAMP_EVERY) {
-                    stamp = now_ns();
-                }
-                submitted_this_wake += 1;
-                match submit(channel, buf, &mut pattern, stamp, cx) {
+            if handled < deadline_ns && errors == 0 && !stopping {
+                match submit(channel, buf, &mut pattern, handled, cx) {
                     Ok(next) => *entry = Some(next),
                     Err(err) => {
                         errors += 1;
@@ -344,15 +352,18 @@ async fn run_job<C: JobIo>(
         }
     })
     .await;
-    let elapsed_ns = now_ns() - start_ns;
+    let elapsed_ns = clock.now_ns() - start_ns;
     drop(inflight);
     drop(progress_poller);
+    let mut timeline = timeline.take();
+    timeline.push((elapsed_ns, completed));
     Ok(CoreResult {
         ops: completed,
         elapsed_ns,
         latency_ns,
         errors,
         first_error,
+        timeline,
     })
 }
 

@@ -1,0 +1,105 @@
+//! `spool perf --plot FILE.svg`: the picture people compare runs with. Two panels, one line
+//! per core in each: the latency histogram (percent of the core's I/Os per bucket, log
+//! latency axis) and IOPS over time (one point per progress period). Drawn with plotters'
+//! SVG backend; every series is labelled `core N` in the legend.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use spool_engine::perf::report::CoreSeries;
+use spool_engine::perf::PerfReport;
+
+use crate::error::ToolError;
+
+/// Picture size in pixels.
+const SIZE: (u32, u32) = (1200, 480);
+
+/// Writes `report`'s series to `path` as an SVG.
+pub fn write_svg(report: &PerfReport, path: &Path) -> Result<(), ToolError> {
+    let failed = |err: &dyn std::fmt::Display| {
+        ToolError::Failed(format!("--plot {}: {err}", path.display()))
+    };
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|err| failed(&err))?;
+    let (left, right) = root.split_horizontally(SIZE.0 / 2);
+    let config = &report.config;
+    let title = format!(
+        "{} {} bs={} qd={} ({} layer)",
+        config.target, config.rw, config.bs, config.qd, config.layer
+    );
+    latency_panel(&left, &report.series, &title).map_err(|err| failed(&err))?;
+    iops_panel(&right, &report.series, &title).map_err(|err| failed(&err))?;
+    root.present().map_err(|err| failed(&err))
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
+
+fn colour(index: usize) -> RGBColor {
+    let (r, g, b) = Palette99::pick(index).to_rgba().rgb();
+    RGBColor(r, g, b)
+}
+
+fn latency_panel(area: &Area<'_>, series: &[CoreSeries], title: &str) -> DrawResult {
+    let points = series.iter().flat_map(|core| core.latency.iter());
+    let x_min = points
+        .clone()
+        .map(|point| point.0)
+        .fold(1.0, f64::min)
+        .clamp(0.01, 1.0);
+    let x_max = points.clone().map(|point| point.0).fold(1.0, f64::max) * 1.25;
+    let y_max = points.map(|point| point.1).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .caption(format!("latency: {title}"), ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((x_min..x_max).log_scale(), 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("latency, us (submission to completion reaching the job)")
+        .y_desc("% of I/Os")
+        .draw()?;
+    for (index, core) in series.iter().enumerate() {
+        let style = colour(index);
+        chart
+            .draw_series(LineSeries::new(core.latency.iter().copied(), style))?
+            .label(format!("core {}", core.core))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+}
+
+fn iops_panel(area: &Area<'_>, series: &[CoreSeries], title: &str) -> DrawResult {
+    let points = series.iter().flat_map(|core| core.iops.iter());
+    let x_max = points.clone().map(|point| point.0).fold(0.1, f64::max);
+    let y_max = points.map(|point| point.1).fold(1.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(area)
+        .caption(format!("IOPS over time: {title}"), ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("IOPS")
+        .y_label_formatter(&|iops| format!("{:.2}M", iops / 1e6))
+        .draw()?;
+    for (index, core) in series.iter().enumerate() {
+        let style = colour(index);
+        chart
+            .draw_series(LineSeries::new(core.iops.iter().copied(), style))?
+            .label(format!("core {}", core.core))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+}
