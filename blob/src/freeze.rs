@@ -3,8 +3,10 @@
 //!
 //! Unlike the seed, a freeze also waits for the blob's in-flight I/O to finish (thin
 //! allocations included), so the cluster map the caller changes is not changed under it by
-//! an insert already on its way: a snapshot captures exactly the writes acknowledged before
-//! it, and every write acknowledged after it lands in the blob, not the snapshot.
+//! an insert already on its way: a snapshot captures every write acknowledged before it,
+//! and every write acknowledged after it lands in the blob, not the snapshot. A snapshot's
+//! freeze ([`freeze_for_snapshot`]) leaves out the writes parked in a thin allocation: their
+//! inserts wait for its hand-over instead (see `io::thin::Parked`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,7 +9,12 @@
 //! flight), and no half-done insert or persist (those run to completion on the metadata
 //! reactor, which owns the cluster once it is in the map and releases it if the insert is
 //! undone). The allocation also stays counted in the blob's in-flight I/O ([`Counted`]) until
-//! it ends, so a freeze (snapshot, resize) never changes the map under an insert on its way.
+//! it ends, so a resize's or merge's freeze never changes the map under an insert on its way.
+//! A snapshot's freeze does not wait for it (nor for the writes waiting on it: see
+//! [`Parked`]): its insert waits for the snapshot's hand-over instead, and is refused (the
+//! write redone) if the new snapshot has the cluster. Fills go to the channel's fill channel,
+//! so that ordinary writes (and a snapshot's drain of them) do not queue behind whole-cluster
+//! copies.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
