@@ -216,6 +216,22 @@ impl BdevDesc {
         })
     }
 
+    /// A new channel on the calling reactor that is shared with nobody: its requests queue
+    /// and complete apart from those of [`BdevDesc::channel`] (the blobstore's metadata I/O
+    /// does not wait behind its reactor's data I/O). Each call makes another one, with its
+    /// own poller; it goes when its last clone drops.
+    pub fn private_channel(&self) -> Result<BdevChannel, BdevError> {
+        let (bdev, geometry) = (Arc::clone(&self.bdev), Arc::clone(&self.geometry));
+        let device = IoDevice::register(
+            format!("bdev:{}:private", self.bdev.name()),
+            move |_reactor| create_context(&bdev, &geometry),
+            |_reactor, context| drop(context),
+        );
+        Ok(BdevChannel {
+            channel: device.get_channel()?,
+        })
+    }
+
     /// The reactors that hold a channel now.
     pub fn channel_holders(&self) -> Vec<spool_reactor::ReactorId> {
         self.device.channel_holders()

@@ -93,6 +93,10 @@ pub(crate) struct BlobState {
     /// A snapshot, inflate, decouple, merge or resize is running on it (SPDK's
     /// `locked_operation_in_progress`): another one is refused with -EBUSY.
     pub(crate) op_in_progress: Cell<Option<&'static str>>,
+    /// A snapshot is handing the blob's map over: thin inserts wait (see
+    /// `persist::insert_cluster`) until it ends, notified on `handover_done`.
+    pub(crate) handover: Cell<bool>,
+    pub(crate) handover_done: crate::sync::LocalNotify,
 }
 
 impl BlobState {
@@ -124,6 +128,8 @@ impl BlobState {
             kept_inserts: RefCell::new(Vec::new()),
             cloning: Cell::new(0),
             op_in_progress: Cell::new(None),
+            handover: Cell::new(false),
+            handover_done: crate::sync::LocalNotify::default(),
         })
     }
 

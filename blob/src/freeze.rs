@@ -3,8 +3,10 @@
 //!
 //! Unlike the seed, a freeze also waits for the blob's in-flight I/O to finish (thin
 //! allocations included), so the cluster map the caller changes is not changed under it by
-//! an insert already on its way: a snapshot captures exactly the writes acknowledged before
-//! it, and every write acknowledged after it lands in the blob, not the snapshot.
+//! an insert already on its way: a snapshot captures every write acknowledged before it,
+//! and every write acknowledged after it lands in the blob, not the snapshot. A snapshot's
+//! freeze ([`freeze_for_snapshot`]) leaves out the writes parked in a thin allocation: their
+//! inserts wait for its hand-over instead (see `io::thin::Parked`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +22,21 @@ const DRAIN_POLL: Duration = Duration::from_micros(20);
 /// (counting a dropped I/O's request the device may still carry, see `crate::io::HeldCount`).
 /// On error the blob is not left frozen (this freeze is undone and waiting I/O released).
 pub(crate) async fn freeze(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> {
+    freeze_draining(store, io, false).await
+}
+
+/// A snapshot's freeze: as [`freeze`], but it does not wait for writes parked in a thin
+/// allocation (`io::thin::Parked`: their fill touches nothing the snapshot moves, their
+/// insert waits for the hand-over and goes into the blob's new map, and they wait for the
+/// unfreeze before any other device write). The caller has marked the blob as handing over
+/// (`BlobIo::set_handing_over`, `BlobState::handover`) first.
+pub(crate) async fn freeze_for_snapshot(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> {
+    freeze_draining(store, io, true).await
+}
+
+async fn freeze_draining(store: &Blobstore, io: &Arc<BlobIo>, parked_aside: bool) -> Result<()> {
     let first = io.freeze_enter() == 0;
-    match enter_and_drain(store, io, first).await {
+    match enter_and_drain(store, io, first, parked_aside).await {
         Ok(()) => Ok(()),
         Err(err) => {
             if let Err(undo) = unfreeze(store, io).await {
@@ -32,7 +47,12 @@ pub(crate) async fn freeze(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> {
     }
 }
 
-async fn enter_and_drain(store: &Blobstore, io: &Arc<BlobIo>, first: bool) -> Result<()> {
+async fn enter_and_drain(
+    store: &Blobstore,
+    io: &Arc<BlobIo>,
+    first: bool,
+    parked_aside: bool,
+) -> Result<()> {
     let mut steps = crate::steps::Steps::start("freeze");
     if first {
         // A barrier: every reactor holding a channel has seen the flag, so whatever it
@@ -57,7 +77,12 @@ async fn enter_and_drain(store: &Blobstore, io: &Arc<BlobIo>, first: bool) -> Re
             .shared()
             .io_device
             .for_each_channel(move |_, channel| {
-                sum.fetch_add(channel.inflight(slot), std::sync::atomic::Ordering::AcqRel);
+                let count = if parked_aside {
+                    channel.inflight_unparked(slot)
+                } else {
+                    channel.inflight(slot)
+                };
+                sum.fetch_add(count, std::sync::atomic::Ordering::AcqRel);
                 Ok(())
             })?
             .await?;

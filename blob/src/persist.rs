@@ -675,23 +675,28 @@ pub(crate) async fn insert_claimed(
     store_id: u64,
     blob_id: u64,
     index: u64,
+    read_through: Option<u64>,
     claim: ClusterClaim,
 ) -> std::result::Result<(), i32> {
     match Blobstore::lookup(store_id) {
-        Some(store) => insert_cluster(&store, blob_id, index, claim).await,
+        Some(store) => insert_cluster(&store, blob_id, index, read_through, claim).await,
         None => Err(-libc::ENODEV),
     }
 }
 
 /// Inserts the claimed cluster as blob cluster `index` of open blob `blob_id` and persists.
 /// `Err(-EEXIST)` when another write already inserted one there (returned only once that
-/// one is on disk and visible). The metadata owns the cluster from the moment it is in the
+/// one is on disk and visible), or when a snapshot taken since the fill read through
+/// `read_through` (the blob's parent then) has the cluster: the fill missed its data, and
+/// the write is redone. While a snapshot hands the blob's map over the insert waits (it goes
+/// into the blob's new map afterwards). The metadata owns the cluster from the moment it is in the
 /// map; if a failed persist takes it out again, it is released here (the claim's holder
 /// never releases it after handing it over).
 pub(crate) async fn insert_cluster(
     store: &Blobstore,
     blob_id: u64,
     index: u64,
+    read_through: Option<u64>,
     claim: ClusterClaim,
 ) -> std::result::Result<(), i32> {
     let cluster = claim.cluster();
@@ -704,6 +709,12 @@ pub(crate) async fn insert_cluster(
         .cloned()
         .ok_or(-libc::EBADF)?;
     let index = index as usize;
+    while state.handover.get() {
+        state.handover_done.wait().await;
+    }
+    if !state.io.fill_still_valid(index, read_through) {
+        return Err(-libc::EEXIST);
+    }
     let existing = {
         let meta = state.meta.borrow();
         *meta.clusters.get(index).ok_or(-libc::EINVAL)?

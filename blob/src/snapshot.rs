@@ -93,7 +93,8 @@ impl Blobstore {
             .await?;
         steps.mark("create_snap");
         let io = orig.io();
-        if let Err(err) = crate::freeze::freeze(self, &io).await {
+        let _handing_over = HandingOver::start(&orig.state);
+        if let Err(err) = crate::freeze::freeze_for_snapshot(self, &io).await {
             self.abandon_snapshot(snap).await;
             return Err(err);
         }
@@ -295,6 +296,29 @@ impl Blobstore {
             .await?;
         self.link_clone(id, clone);
         Ok(clone)
+    }
+}
+
+/// A snapshot of the blob runs: from before its freeze until after its unfreeze, thin
+/// inserts into the blob wait (they go into its new map afterwards), and writes parked in
+/// a thin allocation wait before any other device write (see `freeze::freeze_for_snapshot`).
+struct HandingOver<'a> {
+    state: &'a crate::blob::BlobState,
+}
+
+impl<'a> HandingOver<'a> {
+    fn start(state: &'a crate::blob::BlobState) -> HandingOver<'a> {
+        state.handover.set(true);
+        state.io.set_handing_over(true);
+        HandingOver { state }
+    }
+}
+
+impl Drop for HandingOver<'_> {
+    fn drop(&mut self) {
+        self.state.io.set_handing_over(false);
+        self.state.handover.set(false);
+        self.state.handover_done.notify();
     }
 }
 

@@ -52,6 +52,9 @@ pub struct BlobIo {
     pub(super) parent: ArcSwapOption<BlobIo>,
     /// Freeze depth: while above 0, new I/O waits on its channel (snapshot, resize).
     pub(super) frozen: AtomicU32,
+    /// Snapshots of the blob running: while above 0 (and frozen), writes parked in a thin
+    /// allocation wait before they unpark (see `io::thin::Parked`).
+    pub(super) handing_over: AtomicU32,
     /// This open blob's index in every channel's per-blob table (in-flight count, cached
     /// map); unique among the store's live `BlobIo`s, reused after drop.
     pub(super) slot: usize,
@@ -118,6 +121,7 @@ impl BlobIo {
             gate: AtomicU32::new(if meta.data_ro() { GATE_READ_ONLY } else { 0 }),
             parent: ArcSwapOption::empty(),
             frozen: AtomicU32::new(0),
+            handing_over: AtomicU32::new(0),
             slot: store.slots.acquire(),
             map_generation: AtomicU64::new(store.slots.next_generation()),
             held: HeldCount::new(&store.held_io),
@@ -194,6 +198,36 @@ impl BlobIo {
             self.gate.fetch_and(!GATE_FROZEN, Ordering::AcqRel);
         }
         after
+    }
+
+    /// Whether a fill of blob cluster `index` that read through parent `read_through`
+    /// (`None`: through no parent) still shows what the blob shows there now: no snapshot
+    /// in the chain between the blob and that parent (one taken since) has the cluster.
+    pub(crate) fn fill_still_valid(&self, index: usize, read_through: Option<u64>) -> bool {
+        let mut next = self.parent.load_full();
+        while let Some(parent) = next {
+            if Some(parent.id) == read_through {
+                return true;
+            }
+            if parent.published(index) != 0 {
+                return false;
+            }
+            next = parent.parent.load_full();
+        }
+        read_through.is_none()
+    }
+
+    /// A snapshot of the blob starts (before its freeze) or ends (after its unfreeze).
+    pub(crate) fn set_handing_over(&self, on: bool) {
+        if on {
+            self.handing_over.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.handing_over.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    pub(super) fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Acquire) != 0
     }
 
     pub(super) fn is_frozen(&self) -> bool {

@@ -44,6 +44,9 @@ type AllocKey = (u64, u64);
 /// flight.
 pub struct ChannelContext {
     bdev: BdevChannel,
+    /// The thin allocations' fills (copies of whole clusters), on a bdev channel of their
+    /// own: a 4 KiB write does not queue behind them (nor does a snapshot's drain).
+    fill: BdevChannel,
     allocating: RefCell<HashMap<AllocKey, Rc<LocalEvent<()>>>>,
     /// I/Os waiting for a frozen blob, by blob id, in arrival order.
     frozen_waiters: RefCell<HashMap<u64, VecDeque<Waker>>>,
@@ -57,6 +60,9 @@ pub struct ChannelContext {
 #[derive(Default)]
 struct ChannelBlob {
     inflight: u64,
+    /// Of `inflight`, the writes (and allocation tasks) parked in a thin allocation (see
+    /// [`Parked`]): a snapshot's freeze does not wait for them.
+    parked: u64,
     generation: u64,
     map: Option<Arc<ClusterMap>>,
 }
@@ -70,8 +76,27 @@ impl ChannelContext {
             .map_or(0, |blob| blob.inflight)
     }
 
+    /// I/Os of the blob in `slot` in flight on this channel that a snapshot's freeze waits
+    /// for: all but those parked in a thin allocation.
+    pub(crate) fn inflight_unparked(&self, slot: usize) -> u64 {
+        self.blobs
+            .borrow()
+            .get(slot)
+            .map_or(0, |blob| blob.inflight.saturating_sub(blob.parked))
+    }
+
     fn admit(&self, slot: usize) {
         entry(&mut self.blobs.borrow_mut(), slot).inflight += 1;
+    }
+
+    fn park(&self, slot: usize) {
+        entry(&mut self.blobs.borrow_mut(), slot).parked += 1;
+    }
+
+    fn unpark(&self, slot: usize) {
+        if let Some(blob) = self.blobs.borrow_mut().get_mut(slot) {
+            blob.parked = blob.parked.saturating_sub(1);
+        }
     }
 
     fn finish(&self, slot: usize) {
@@ -149,8 +174,10 @@ pub(crate) fn register_device(desc: &spool_bdev::BdevDesc) -> IoDevice<ChannelCo
         format!("blobstore:{}", desc.name()),
         move |_reactor| {
             let bdev = desc.channel().map_err(|err| err.errno())?;
+            let fill = desc.private_channel().map_err(|err| err.errno())?;
             Ok(ChannelContext {
                 bdev,
+                fill,
                 allocating: RefCell::new(HashMap::new()),
                 frozen_waiters: RefCell::new(HashMap::new()),
                 blobs: RefCell::new(Vec::new()),
@@ -164,6 +191,7 @@ fn channel_of(store: &Arc<StoreShared>) -> Result<BlobChannel> {
     Ok(BlobChannel {
         channel: store.io_device.get_channel()?,
         store: Arc::clone(store),
+        fill: false,
     })
 }
 
@@ -196,6 +224,8 @@ struct Piece {
 pub struct BlobChannel {
     channel: Channel<ChannelContext>,
     store: Arc<StoreShared>,
+    /// Device requests go to the channel's fill channel (a thin allocation's copy).
+    fill: bool,
 }
 
 impl BlobChannel {
@@ -223,8 +253,22 @@ impl BlobChannel {
         }
     }
 
+    #[inline]
     fn bdev(&self) -> &BdevChannel {
-        &self.channel.bdev
+        if self.fill {
+            &self.channel.fill
+        } else {
+            &self.channel.bdev
+        }
+    }
+
+    /// This channel, its device requests made on the fill channel (a thin allocation's).
+    fn for_fill(&self) -> BlobChannel {
+        BlobChannel {
+            channel: self.channel.clone(),
+            store: Arc::clone(&self.store),
+            fill: true,
+        }
     }
 
     /// Writes `bufs` at device byte `device` for `blob`, counted as in flight until the device
@@ -534,17 +578,30 @@ impl BlobChannel {
         start: u64,
         data: &[u8],
     ) -> Result<()> {
-        for piece in pieces {
+        let end = start + data.len() as u64;
+        let mut pieces = pieces.to_vec();
+        let mut next = 0;
+        let mut parked = None;
+        while let Some(&piece) = pieces.get(next) {
+            next += 1;
             let at = (piece.offset - start) as usize;
             let src = &data[at..at + piece.len as usize];
             match piece.target {
                 Target::Device(device) => {
+                    if let Some(guard) = parked.take() {
+                        // A snapshot may have taken the blob's clusters while the write was
+                        // parked: the rest is planned again against the map now.
+                        thin::Parked::unpark(guard, blob).await;
+                        pieces = self.pieces(blob, piece.offset, end - piece.offset);
+                        next = 0;
+                        continue;
+                    }
                     let mut tmp = DmaBuf::alloc(src.len())?;
                     tmp.copy_from_slice(src);
                     self.device_write(blob, tmp, device).await.0?;
                 }
                 Target::Unallocated { index } => {
-                    self.write_unallocated(blob, index, piece.offset, Some(src))
+                    self.write_unallocated(blob, index, piece.offset, Some(src), Some(&mut parked))
                         .await?;
                 }
             }
@@ -654,15 +711,33 @@ impl BlobChannel {
         let _admitted = self.admit(blob).await;
         blob.check(offset, len, true)?;
         let unit = self.unit();
-        for piece in self.pieces(blob, offset * unit, len * unit) {
+        let end = (offset + len) * unit;
+        let mut pieces = self.pieces(blob, offset * unit, len * unit);
+        let mut next = 0;
+        let mut parked = None;
+        while let Some(&piece) = pieces.get(next) {
+            next += 1;
             match piece.target {
                 Target::Device(device) => {
+                    if let Some(guard) = parked.take() {
+                        // As in `write_pieces`: planned again after a park.
+                        thin::Parked::unpark(guard, blob).await;
+                        pieces = self.pieces(blob, piece.offset, end - piece.offset);
+                        next = 0;
+                        continue;
+                    }
                     self.device_zero(blob, device, piece.len).await?;
                 }
                 Target::Unallocated { index } => {
                     let zeros = vec![0u8; piece.len as usize];
-                    self.write_unallocated(blob, index, piece.offset, Some(&zeros))
-                        .await?;
+                    self.write_unallocated(
+                        blob,
+                        index,
+                        piece.offset,
+                        Some(&zeros),
+                        Some(&mut parked),
+                    )
+                    .await?;
                 }
             }
         }

@@ -9,7 +9,12 @@
 //! flight), and no half-done insert or persist (those run to completion on the metadata
 //! reactor, which owns the cluster once it is in the map and releases it if the insert is
 //! undone). The allocation also stays counted in the blob's in-flight I/O ([`Counted`]) until
-//! it ends, so a freeze (snapshot, resize) never changes the map under an insert on its way.
+//! it ends, so a resize's or merge's freeze never changes the map under an insert on its way.
+//! A snapshot's freeze does not wait for it (nor for the writes waiting on it: see
+//! [`Parked`]): its insert waits for the snapshot's hand-over instead, and is refused (the
+//! write redone) if the new snapshot has the cluster. Fills go to the channel's fill channel,
+//! so that ordinary writes (and a snapshot's drain of them) do not queue behind whole-cluster
+//! copies.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -28,17 +33,22 @@ impl BlobChannel {
     /// none: the "touch" inflate and decouple use.
     pub(crate) async fn touch_cluster(&self, blob: &BlobIo, index: u64) -> Result<()> {
         let offset = index * self.store.geometry.cluster_size;
-        self.write_unallocated(blob, index, offset, None).await
+        // Not an admitted I/O (inflate and decouple run it): never parked.
+        self.write_unallocated(blob, index, offset, None, None)
+            .await
     }
 
     /// Writes `data` at blob byte `offset` inside cluster `index`, allocating the cluster
-    /// first if it still has none (see the module doc).
+    /// first if it still has none (see the module doc). An admitted write passes `parked`:
+    /// it is parked (see [`Parked`]) while it waits for an allocation, and may come back
+    /// still parked (the caller unparks it before any other device write).
     pub(super) async fn write_unallocated(
         &self,
         blob: &BlobIo,
         index: u64,
         offset: u64,
         data: Option<&[u8]>,
+        mut parked: Option<&mut Option<Parked>>,
     ) -> Result<()> {
         let cluster_size = self.store.geometry.cluster_size;
         loop {
@@ -56,6 +66,11 @@ impl BlobChannel {
                 })?;
             if cluster != 0 {
                 if let Some(data) = data {
+                    if let Some(guard) = parked.as_deref_mut().and_then(Option::take) {
+                        // A snapshot may hand the map over while parked: read it again.
+                        guard.unpark(blob).await;
+                        continue;
+                    }
                     let device = u64::from(cluster) * cluster_size + offset % cluster_size;
                     let mut tmp = DmaBuf::alloc(data.len())?;
                     tmp.copy_from_slice(data);
@@ -64,6 +79,11 @@ impl BlobChannel {
                 }
                 return Ok(());
             }
+            if let Some(slot) = parked.as_deref_mut() {
+                if slot.is_none() {
+                    *slot = Some(Parked::new(&self.channel, blob.slot));
+                }
+            }
             let key = (blob.id, index);
             let waiting = self.channel.allocating.borrow().get(&key).cloned();
             if let Some(event) = waiting {
@@ -71,7 +91,7 @@ impl BlobChannel {
                 continue;
             }
             let allocation = Allocation {
-                channel: self.clone(),
+                channel: self.for_fill(),
                 blob_id: blob.id,
                 parent: blob.parent.load_full(),
                 chain_owns: chain_owns(blob, index as usize),
@@ -137,8 +157,58 @@ impl Drop for AllocatingEntry {
     }
 }
 
+/// A write parked in a thin allocation (claim, fill, insert, or waiting for another
+/// write's): counted in its channel's `parked` as well as in flight, so a snapshot's freeze
+/// does not wait for it. What it does while parked cannot disturb a snapshot: the fill goes
+/// to a cluster nobody owns yet and reads the parent chain, which a snapshot does not change,
+/// and the insert waits for the snapshot's hand-over and is refused (the write redone) if
+/// the new snapshot has the cluster (`persist::insert_cluster`). Before any other device
+/// write the write unparks ([`Parked::unpark`]).
+pub(crate) struct Parked {
+    channel: Channel<ChannelContext>,
+    slot: usize,
+}
+
+impl Parked {
+    fn new(channel: &Channel<ChannelContext>, slot: usize) -> Parked {
+        channel.park(slot);
+        Parked {
+            channel: channel.clone(),
+            slot,
+        }
+    }
+
+    /// Waits while a snapshot's freeze is on (it does not wait for this write, and may hand
+    /// the blob's map over meanwhile), then counts as an ordinary I/O in flight: a freeze
+    /// that starts later waits for it. The caller reads the map again afterwards.
+    pub(crate) async fn unpark(self, blob: &BlobIo) {
+        std::future::poll_fn(|cx| {
+            if blob.is_frozen() && blob.handing_over() {
+                self.channel
+                    .frozen_waiters
+                    .borrow_mut()
+                    .entry(blob.id)
+                    .or_default()
+                    .push_back(cx.waker().clone());
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        drop(self);
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.channel.unpark(self.slot);
+    }
+}
+
 /// Work counted in a blob's in-flight I/O on a channel, owned (`'static`): the allocation
-/// task's share of the count, which outlives a dropped write.
+/// task's share of the count, which outlives a dropped write. Parked as well (see
+/// [`Parked`]): a snapshot's freeze does not wait for an allocation.
 struct Counted {
     channel: Channel<ChannelContext>,
     slot: usize,
@@ -147,6 +217,7 @@ struct Counted {
 impl Counted {
     fn new(channel: &Channel<ChannelContext>, slot: usize) -> Counted {
         channel.admit(slot);
+        channel.park(slot);
         Counted {
             channel: channel.clone(),
             slot,
@@ -156,6 +227,7 @@ impl Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
+        self.channel.unpark(self.slot);
         self.channel.finish(self.slot);
     }
 }
@@ -210,12 +282,15 @@ impl Allocation {
         // The claim travels with the insert: from here the metadata reactor releases it if
         // it is not inserted (or the insert is undone), even if this task goes away.
         let (store_id, blob_id, index) = (channel.store.store_id, self.blob_id, self.index);
+        // The parent the fill read through: the insert is refused if a snapshot taken since
+        // has the cluster (the fill would miss its data).
+        let read_through = self.parent.as_ref().map(|parent| parent.id);
         let md_reactor = channel.store.md_reactor;
         let inserted = if spool_reactor::reactor_id().ok() == Some(md_reactor) {
-            crate::persist::insert_claimed(store_id, blob_id, index, claim).await
+            crate::persist::insert_claimed(store_id, blob_id, index, read_through, claim).await
         } else {
             spool_reactor::spawn_on(md_reactor, move || {
-                crate::persist::insert_claimed(store_id, blob_id, index, claim)
+                crate::persist::insert_claimed(store_id, blob_id, index, read_through, claim)
             })?
             .await?
         };

@@ -504,7 +504,9 @@ impl Blobstore {
         state: MdState,
     ) -> Result<Rc<StoreInner>> {
         let md_reactor = spool_reactor::reactor_id()?;
-        let md_channel = desc.channel()?;
+        // A channel of its own: metadata writes and flushes do not queue behind the data
+        // I/O of the metadata reactor (copy-on-writes of whole clusters, under load).
+        let md_channel = desc.private_channel()?;
         let store_id = next_store_id();
         let first_data = geometry.md_clusters;
         let io_device = crate::io::register_device(&desc);
