@@ -334,10 +334,10 @@ async fn open<'a>(
     opened: &'a mut BTreeMap<u64, Blob>,
     id: u64,
 ) -> Result<Option<&'a Blob>, String> {
-    if !opened.contains_key(&id) {
+    if let std::collections::btree_map::Entry::Vacant(slot) = opened.entry(id) {
         match store.open_blob(id).await {
             Ok(blob) => {
-                opened.insert(id, blob);
+                slot.insert(blob);
             }
             Err(err) if ctx.expected(err.errno()) => return Ok(None),
             Err(err) => return Err(format!("open {id:#x}: {err}")),
