@@ -163,6 +163,16 @@ pub fn open_image(
     path: &Path,
     options: &TargetOptions,
 ) -> Result<(Arc<dyn Bdev>, String), EngineError> {
+    open_image_as(path, path, options)
+}
+
+/// Like [`open_image`], for a file still at a temporary path (`path`) that will be linked to
+/// `shown`: the bdev is named, and errors speak, after `shown` (what the user asked for).
+pub fn open_image_as(
+    path: &Path,
+    shown: &Path,
+    options: &TargetOptions,
+) -> Result<(Arc<dyn Bdev>, String), EngineError> {
     let is_block = std::fs::metadata(path)
         .map(|meta| meta.file_type().is_block_device())
         .unwrap_or(false);
@@ -172,12 +182,13 @@ pub fn open_image(
         sqpoll: options.sqpoll,
         submit_batch: options.submit_batch,
         read_only: options.read_only,
+        name: Some(shown.display().to_string()),
         ..spool_bdev::UringOptions::default()
     };
     let bdev = spool_bdev::UringBdev::open(path, &uring_options).map_err(|err| match err {
         // Said of the path as given, in words (no bdev name, no errno).
         spool_bdev::BdevError::Open { reason, errno, .. } => EngineError::File {
-            path: path.display().to_string(),
+            path: shown.display().to_string(),
             reason: match -errno {
                 libc::EINVAL if reason.contains("not a regular file") => {
                     "not a regular file or block device: give the store's file or block device"

@@ -47,7 +47,7 @@ use spool_reactor::{IdleMode, ReactorId, Runtime, RuntimeOptions};
 use crate::lock::ImageLock;
 use crate::nbd::HandshakeOptions;
 use crate::net::{ListenAddr, Listener};
-use crate::target::{open_image, TargetOptions, TargetSpec};
+use crate::target::{open_image, open_image_as, TargetOptions, TargetSpec};
 use crate::EngineError;
 
 pub use iostat::IoStat;
@@ -253,7 +253,7 @@ impl Daemon {
                 // `vol0` are on it: a start killed half-way never leaves a `spool.img` that
                 // is not a store (the next start would refuse it).
                 let staged = ImageLock::stage_sparse(path, DEFAULT_IMAGE_BYTES)?;
-                let (bdev, _) = open_image(staged.temp_path(), &options.target)?;
+                let (bdev, _) = open_image_as(staged.temp_path(), path, &options.target)?;
                 (
                     bdev,
                     Lock::Staged(staged),
