@@ -250,3 +250,81 @@ fn sim_seed_0_power_cuts_do_not_leak_the_device() {
         "the resident set grew {grown} KiB over 40 seeds ({cuts} power cuts): a cut leaks the device"
     );
 }
+
+/// Found by seed 4111 (a snapshot racing writes to its blob): a write planned its pieces
+/// (cluster 1 on device cluster 9), parked in a thin allocation of cluster 0 (waiting for
+/// another write's), and the snapshot's freeze went on without it and handed the blob's
+/// clusters (9 included) over to the new snapshot. Woken after the unfreeze, the write found
+/// cluster 0 allocated and unparked inside the allocation path, so `write_pieces` did not
+/// plan the rest again: its cluster-1 piece went to device cluster 9, now the read-only
+/// snapshot's, and the blob, which reads cluster 1 through the snapshot until it allocates
+/// its own, lost it once the other write allocated cluster 1 from the snapshot's old data.
+/// An acknowledged write read back zeros (unit 23). Fixed: a write that was parked plans
+/// its remaining pieces again when the map was replaced (`io::write_pieces`, `write_zeroes`).
+#[test]
+fn sim_seed_4111_write_parked_across_a_snapshot_lost_its_next_cluster() {
+    let w = |unit, units| spool_fuzz::sim::plan::WriteSpec {
+        pick: 0,
+        unit,
+        units,
+        reactor: 0,
+    };
+    let mut ops = vec![
+        Op::Create {
+            thin: false,
+            clusters: 0,
+        },
+        Op::Create {
+            thin: false,
+            clusters: 1,
+        },
+        Op::Snapshot {
+            pick: 3,
+            racing: vec![w(0, 1), w(0, 1)],
+        },
+        Op::Create {
+            thin: false,
+            clusters: 3,
+        },
+        Op::Delete { pick: 0 },
+        Op::Snapshot {
+            pick: 4,
+            racing: vec![w(0, 1)],
+        },
+        Op::Write(w(0, 1)),
+        Op::Snapshot {
+            pick: 7,
+            racing: vec![w(0, 1)],
+        },
+        Op::Delete { pick: 7 },
+        Op::Create {
+            thin: false,
+            clusters: 1,
+        },
+        Op::Snapshot {
+            pick: 5,
+            racing: vec![
+                w(65, 1),
+                spool_fuzz::sim::plan::WriteSpec {
+                    reactor: 1,
+                    ..w(0, 1)
+                },
+            ],
+        },
+        // The racing writes: units 0..23 and 0..24 of the 3-cluster blob (16 units a
+        // cluster); the second's piece in cluster 1 was the one lost.
+        Op::Snapshot {
+            pick: 2,
+            racing: vec![w(0, 23), w(0, 24)],
+        },
+    ];
+    ops.extend((0..8).map(|pick| Op::Read { pick }));
+    ops.push(Op::Flush { reactor: 0 });
+    ops.push(Op::Reload);
+    let plan = Plan { seed: 4111, ops };
+    if let Err(failure) = run_plan(&plan, Bugs::default()) {
+        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+    }
+    run_seed(4111, PlanSize::default(), Bugs::default())
+        .unwrap_or_else(|failure| panic!("seed 4111: {}", failure.what));
+}
