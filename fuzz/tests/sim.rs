@@ -328,3 +328,43 @@ fn sim_seed_4111_write_parked_across_a_snapshot_lost_its_next_cluster() {
     run_seed(4111, PlanSize::default(), Bugs::default())
         .unwrap_or_else(|failure| panic!("seed 4111: {}", failure.what));
 }
+
+/// Found by seed 4797 (seed 4475 fails the same way on main, without racing snapshots):
+/// inflating a thin blob that has no parent (both clusters allocated by one write just
+/// before) only turns it thick, and a power cut right after, with the two pending writes
+/// reaching the media (shuffled), leaves an image whose blob is thick with an unallocated
+/// cluster in its extent page: `spool check` reports "unallocated cluster in a thick blob".
+/// Not fixed yet: the inflate's root (thick) seems to reach the disk without the thin
+/// inserts' extent page before it (`take_over_open`'s `Deps::Own`).
+#[test]
+#[ignore = "open: inflate's thick root is not ordered after the thin inserts' extent page"]
+fn sim_seed_4797_inflate_then_cut_leaves_a_thick_blob_with_a_hole() {
+    let plan = Plan {
+        seed: 4797,
+        ops: vec![
+            Op::Create {
+                thin: true,
+                clusters: 2,
+            },
+            Op::Write(spool_fuzz::sim::plan::WriteSpec {
+                pick: 0,
+                unit: 47,
+                units: 3,
+                reactor: 0,
+            }),
+            Op::Inflate { pick: 4 },
+            Op::Cut {
+                inflight: Vec::new(),
+                yields: 0,
+                fate: 17_668_154_026_951_515_210,
+            },
+        ],
+    };
+    if let Err(failure) = run_plan(&plan, Bugs::default()) {
+        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+    }
+    for seed in [4475, 4797] {
+        run_seed(seed, PlanSize::default(), Bugs::default())
+            .unwrap_or_else(|failure| panic!("seed {seed}: {}", failure.what));
+    }
+}
