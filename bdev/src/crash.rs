@@ -274,6 +274,18 @@ impl CrashBdev {
         state.spike_ns = spike_ns;
     }
 
+    /// After a power cut whose image was taken: frees the device's images and pending
+    /// writes, for a crashed process whose objects (holding this device) are leaked rather
+    /// than dropped. Every request from now on fails (-EIO if submitted before, -EINVAL
+    /// after); the device is useless.
+    pub fn discard_media(&self) {
+        let mut state = lock(&self.state);
+        state.durable = Vec::new();
+        state.live = Vec::new();
+        state.pending = Vec::new();
+        state.epoch += 1;
+    }
+
     /// Cuts the power losing every pending write: returns (and resets to) the durable image.
     pub fn cut_power_keep_none(&self) -> Vec<u8> {
         self.cut_power(|_| false)

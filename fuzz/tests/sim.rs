@@ -174,7 +174,10 @@ fn sim_seed_1388_failed_merge_delete_leaves_a_parsable_snapshot() {
                 thin: false,
                 clusters: 1,
             },
-            Op::Snapshot { pick: 0 },
+            Op::Snapshot {
+                pick: 0,
+                racing: Vec::new(),
+            },
             Op::Inflate { pick: 1 },
             Op::Create {
                 thin: false,
@@ -190,7 +193,10 @@ fn sim_seed_1388_failed_merge_delete_leaves_a_parsable_snapshot() {
                 errno: FaultErrno::Eio,
                 nth: 5,
             },
-            Op::Snapshot { pick: 0 },
+            Op::Snapshot {
+                pick: 0,
+                racing: Vec::new(),
+            },
             Op::Delete { pick: 3 },
             Op::Reload,
         ],
@@ -207,4 +213,158 @@ fn sim_seed_1388_failed_merge_delete_leaves_a_parsable_snapshot() {
     );
     run_seed(1388, PlanSize::default(), Bugs::default())
         .unwrap_or_else(|failure| panic!("{}", failure.what));
+}
+
+/// The process's resident set in KiB (Linux), if it can be read.
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Seed 0 with the racing-snapshot step "hung": not the engine, the driver. Every power cut
+/// leaked the crashed process's store (on purpose: nothing of it may run again), and with it
+/// the simulated device's durable and live images (2 MiB each), about 16 MiB a seed: a range
+/// of 500 seeds in one process grew to 8 GiB (two such ranges run at once in this test
+/// binary) and the run crawled in swap or died. A cut now frees the device's images
+/// (`CrashBdev::discard_media`). All of these seeds pass on their own; the range from seed 0
+/// in one process must stay small.
+#[test]
+fn sim_seed_0_power_cuts_do_not_leak_the_device() {
+    let Some(before) = rss_kib() else {
+        eprintln!("no /proc/self/status: skipped");
+        return;
+    };
+    let mut cuts = 0;
+    for seed in 0..40 {
+        let report = run_seed(seed, PlanSize::default(), Bugs::default())
+            .unwrap_or_else(|failure| panic!("seed {seed}: {}", failure.what));
+        cuts += report.cuts;
+    }
+    let grown = rss_kib().unwrap_or(0).saturating_sub(before);
+    eprintln!("40 seeds, {cuts} power cuts: the resident set grew {grown} KiB");
+    // Leaking 4 MiB a cut: over 500 MiB. Other tests of this binary run at the same time,
+    // so the bound leaves them room.
+    assert!(
+        grown < 256 << 10,
+        "the resident set grew {grown} KiB over 40 seeds ({cuts} power cuts): a cut leaks the device"
+    );
+}
+
+/// Found by seed 4111 (a snapshot racing writes to its blob): a write planned its pieces
+/// (cluster 1 on device cluster 9), parked in a thin allocation of cluster 0 (waiting for
+/// another write's), and the snapshot's freeze went on without it and handed the blob's
+/// clusters (9 included) over to the new snapshot. Woken after the unfreeze, the write found
+/// cluster 0 allocated and unparked inside the allocation path, so `write_pieces` did not
+/// plan the rest again: its cluster-1 piece went to device cluster 9, now the read-only
+/// snapshot's, and the blob, which reads cluster 1 through the snapshot until it allocates
+/// its own, lost it once the other write allocated cluster 1 from the snapshot's old data.
+/// An acknowledged write read back zeros (unit 23). Fixed: a write that was parked plans
+/// its remaining pieces again when the map was replaced (`io::write_pieces`, `write_zeroes`).
+#[test]
+fn sim_seed_4111_write_parked_across_a_snapshot_lost_its_next_cluster() {
+    let w = |unit, units| spool_fuzz::sim::plan::WriteSpec {
+        pick: 0,
+        unit,
+        units,
+        reactor: 0,
+    };
+    let mut ops = vec![
+        Op::Create {
+            thin: false,
+            clusters: 0,
+        },
+        Op::Create {
+            thin: false,
+            clusters: 1,
+        },
+        Op::Snapshot {
+            pick: 3,
+            racing: vec![w(0, 1), w(0, 1)],
+        },
+        Op::Create {
+            thin: false,
+            clusters: 3,
+        },
+        Op::Delete { pick: 0 },
+        Op::Snapshot {
+            pick: 4,
+            racing: vec![w(0, 1)],
+        },
+        Op::Write(w(0, 1)),
+        Op::Snapshot {
+            pick: 7,
+            racing: vec![w(0, 1)],
+        },
+        Op::Delete { pick: 7 },
+        Op::Create {
+            thin: false,
+            clusters: 1,
+        },
+        Op::Snapshot {
+            pick: 5,
+            racing: vec![
+                w(65, 1),
+                spool_fuzz::sim::plan::WriteSpec {
+                    reactor: 1,
+                    ..w(0, 1)
+                },
+            ],
+        },
+        // The racing writes: units 0..23 and 0..24 of the 3-cluster blob (16 units a
+        // cluster); the second's piece in cluster 1 was the one lost.
+        Op::Snapshot {
+            pick: 2,
+            racing: vec![w(0, 23), w(0, 24)],
+        },
+    ];
+    ops.extend((0..8).map(|pick| Op::Read { pick }));
+    ops.push(Op::Flush { reactor: 0 });
+    ops.push(Op::Reload);
+    let plan = Plan { seed: 4111, ops };
+    if let Err(failure) = run_plan(&plan, Bugs::default()) {
+        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+    }
+    run_seed(4111, PlanSize::default(), Bugs::default())
+        .unwrap_or_else(|failure| panic!("seed 4111: {}", failure.what));
+}
+
+/// Found by seed 4797 (seed 4475 fails the same way on main, without racing snapshots):
+/// inflating a thin blob that has no parent (both clusters allocated by one write just
+/// before) only turns it thick, and a power cut right after, with the two pending writes
+/// reaching the media (shuffled), leaves an image whose blob is thick with an unallocated
+/// cluster in its extent page: `spool check` reports "unallocated cluster in a thick blob".
+/// Not fixed yet: the inflate's root (thick) seems to reach the disk without the thin
+/// inserts' extent page before it (`take_over_open`'s `Deps::Own`).
+#[test]
+#[ignore = "open: inflate's thick root is not ordered after the thin inserts' extent page"]
+fn sim_seed_4797_inflate_then_cut_leaves_a_thick_blob_with_a_hole() {
+    let plan = Plan {
+        seed: 4797,
+        ops: vec![
+            Op::Create {
+                thin: true,
+                clusters: 2,
+            },
+            Op::Write(spool_fuzz::sim::plan::WriteSpec {
+                pick: 0,
+                unit: 47,
+                units: 3,
+                reactor: 0,
+            }),
+            Op::Inflate { pick: 4 },
+            Op::Cut {
+                inflight: Vec::new(),
+                yields: 0,
+                fate: 17_668_154_026_951_515_210,
+            },
+        ],
+    };
+    if let Err(failure) = run_plan(&plan, Bugs::default()) {
+        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+    }
+    for seed in [4475, 4797] {
+        run_seed(seed, PlanSize::default(), Bugs::default())
+            .unwrap_or_else(|failure| panic!("seed {seed}: {}", failure.what));
+    }
 }

@@ -580,6 +580,8 @@ impl BlobChannel {
     ) -> Result<()> {
         let end = start + data.len() as u64;
         let mut pieces = pieces.to_vec();
+        // The map the pieces were planned against (the caller planned them just now).
+        let mut planned = blob.map.load_full();
         let mut next = 0;
         let mut parked = None;
         while let Some(&piece) = pieces.get(next) {
@@ -592,6 +594,7 @@ impl BlobChannel {
                         // A snapshot may have taken the blob's clusters while the write was
                         // parked: the rest is planned again against the map now.
                         thin::Parked::unpark(guard, blob).await;
+                        planned = blob.map.load_full();
                         pieces = self.pieces(blob, piece.offset, end - piece.offset);
                         next = 0;
                         continue;
@@ -603,6 +606,18 @@ impl BlobChannel {
                 Target::Unallocated { index } => {
                     self.write_unallocated(blob, index, piece.offset, Some(src), Some(&mut parked))
                         .await?;
+                    // Parked meanwhile and unparked inside (a later piece's cluster was
+                    // allocated by then): a snapshot may have handed the map over, taking
+                    // the clusters the rest was planned against (sim seed 4111: the rest
+                    // went to the new snapshot's cluster and the blob lost it). Still
+                    // parked, the next device piece unparks and plans again.
+                    let now = blob.map.load_full();
+                    if parked.is_none() && !Arc::ptr_eq(&now, &planned) {
+                        let done = piece.offset + piece.len;
+                        planned = now;
+                        pieces = self.pieces(blob, done, end - done);
+                        next = 0;
+                    }
                 }
             }
         }
@@ -713,6 +728,7 @@ impl BlobChannel {
         let unit = self.unit();
         let end = (offset + len) * unit;
         let mut pieces = self.pieces(blob, offset * unit, len * unit);
+        let mut planned = blob.map.load_full();
         let mut next = 0;
         let mut parked = None;
         while let Some(&piece) = pieces.get(next) {
@@ -722,6 +738,7 @@ impl BlobChannel {
                     if let Some(guard) = parked.take() {
                         // As in `write_pieces`: planned again after a park.
                         thin::Parked::unpark(guard, blob).await;
+                        planned = blob.map.load_full();
                         pieces = self.pieces(blob, piece.offset, end - piece.offset);
                         next = 0;
                         continue;
@@ -738,6 +755,14 @@ impl BlobChannel {
                         Some(&mut parked),
                     )
                     .await?;
+                    // As in `write_pieces`: planned again if unparked inside after a hand-over.
+                    let now = blob.map.load_full();
+                    if parked.is_none() && !Arc::ptr_eq(&now, &planned) {
+                        let done = piece.offset + piece.len;
+                        planned = now;
+                        pieces = self.pieces(blob, done, end - done);
+                        next = 0;
+                    }
                 }
             }
         }

@@ -235,6 +235,26 @@ impl Model {
         self.blobs.insert(snap, copy);
     }
 
+    /// A snapshot `snap` of blob `id` taken while `racing` writes `(unit, units, value)` to
+    /// `id` ran: the snapshot reads what `before` (the blob before the writes) read, or any
+    /// racing write's value, per unit.
+    pub fn snapshot_racing(&mut self, before: &ModelBlob, snap: u64, racing: &[(u64, u64, u64)]) {
+        let mut copy = before.clone();
+        copy.snapshot = true;
+        copy.thin = true;
+        copy.durable = false;
+        copy.crash_sizes = BTreeSet::from([before.clusters]);
+        for &(unit, units, value) in racing {
+            for u in unit..unit + units {
+                if let Some(state) = copy.units.get_mut(u as usize) {
+                    state.live.insert(value);
+                    state.crash.insert(value);
+                }
+            }
+        }
+        self.blobs.insert(snap, copy);
+    }
+
     /// A clone `clone` of snapshot `snap` (completed).
     pub fn clone_of(&mut self, snap: u64, clone: u64) {
         let Some(blob) = self.blobs.get(&snap) else {

@@ -73,10 +73,12 @@ pub enum Op {
         /// Which blob.
         pick: u32,
     },
-    /// Snapshot a writable blob.
+    /// Snapshot a writable blob, while `racing` writes to it run (issued just before).
     Snapshot {
         /// Which blob.
         pick: u32,
+        /// Writes to the same blob racing the snapshot (their `pick` is ignored).
+        racing: Vec<WriteSpec>,
     },
     /// Clone a snapshot.
     Clone {
@@ -223,9 +225,24 @@ impl Plan {
                 68..=70 => Op::Sync {
                     pick: rng.u32(0..8),
                 },
-                71..=76 => Op::Snapshot {
-                    pick: rng.u32(0..8),
-                },
+                71..=76 => {
+                    // Racing writes come from a side stream, so the main one (and every
+                    // other step of the plan) does not depend on them.
+                    let mut side = fastrand::Rng::with_seed(
+                        seed ^ (ops.len() as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+                    );
+                    let racing = if side.bool() {
+                        (0..side.usize(1..4))
+                            .map(|_| write_spec(&mut side))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    Op::Snapshot {
+                        pick: rng.u32(0..8),
+                        racing,
+                    }
+                }
                 77..=80 => Op::Clone {
                     pick: rng.u32(0..8),
                 },

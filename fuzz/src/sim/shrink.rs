@@ -141,6 +141,17 @@ fn reductions(op: &Op) -> Vec<Op> {
             }
             out
         }
+        Op::Snapshot { pick, racing } if !racing.is_empty() => {
+            let mut out = vec![Op::Snapshot {
+                pick: *pick,
+                racing: Vec::new(),
+            }];
+            out.extend(without_each(racing).into_iter().map(|racing| Op::Snapshot {
+                pick: *pick,
+                racing,
+            }));
+            out
+        }
         Op::Resize { pick, clusters } if *clusters > 0 => vec![Op::Resize {
             pick: *pick,
             clusters: clusters - 1,
