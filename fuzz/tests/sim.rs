@@ -72,7 +72,10 @@ fn fixed_seeds_pass() {
 #[test]
 fn more_seeds_pass() {
     let per_range = seeds_per_range();
-    let start = match std::env::var("SPOOL_SIM_SEED").ok().and_then(|v| v.parse().ok()) {
+    let start = match std::env::var("SPOOL_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         Some(start) => start,
         None if std::env::var_os("SPOOL_SIM_FRESH").is_some() => {
             std::time::SystemTime::now()
