@@ -359,6 +359,13 @@ impl Sink {
         match sink {
             ExportSink::Stream { writer, name } => Ok(Sink::Stream { writer, name }),
             ExportSink::File(path) => {
+                if std::fs::metadata(&path).is_ok_and(|meta| meta.is_dir()) {
+                    return Err(EngineError::File {
+                        path: path.display().to_string(),
+                        reason: "is a directory: give the path of a file to write (or - for standard output)".into(),
+                        errno: -libc::EISDIR,
+                    });
+                }
                 let file = File::create(&path).map_err(|err| {
                     file_error(
                         &path.display().to_string(),
@@ -396,11 +403,13 @@ impl Sink {
                 Err(err) => Err(file_error(name, crate::words::failure("write", &err), &err)),
             },
             Sink::File { file, path, .. } => file.write_all(bytes).map(|()| true).map_err(|err| {
-                file_error(
-                    &path.display().to_string(),
-                    crate::words::failure("write", &err),
-                    &err,
-                )
+                let reason = if err.raw_os_error() == Some(libc::EIO) {
+                    // EIO here is the output's, not the store's (e.g. a file in /proc).
+                    "write: the output file refused the write (input/output error); give a regular file or a block device".to_string()
+                } else {
+                    crate::words::failure("write", &err)
+                };
+                file_error(&path.display().to_string(), reason, &err)
             }),
         }
     }

@@ -135,6 +135,24 @@ fn errors_name_the_path_say_what_is_wrong_and_what_to_do() {
         1,
         "error: store.img: no space to grow blob 0x100000000 to 70 MiB: it needs 10 clusters of 1 MiB (10 MiB) and 3 are free (3 MiB); free some, or make the blob thin (--thin) to allocate on write",
     );
+    refused(
+        d,
+        "store.img",
+        &["export", "store.img", &id, "adir"],
+        1,
+        "error: adir: is a directory: give the path of a file to write (or - for standard output)",
+    );
+    // `--output` names a new file: an existing one (even the image itself) is refused before
+    // anything is copied or said.
+    for existing in ["store.img", "junk"] {
+        refused(
+            d,
+            "store.img",
+            &["check", "store.img", "--repair", "--output", existing],
+            1,
+            &format!("error: {existing}: exists already: --output names a new file for the repaired copy (to repair store.img in place, leave --output out)"),
+        );
+    }
 }
 
 #[test]
@@ -230,32 +248,53 @@ fn names_follow_one_set_of_rules_and_rename_applies_them() {
     ok_in(d, &["create", "store.img", "--size", "1M", "--name", "a"]);
     ok_in(d, &["create", "store.img", "--size", "1M", "--name", "b"]);
     let long = "n".repeat(100);
-    let cases: [(&[&str], String); 5] = [
+    // A name that breaks the rules is a bad argument (exit 2); a name taken fails (exit 1).
+    let cases: [(&[&str], i32, String); 8] = [
+        (
+            &["create", "store.img", "--size", "1M", "--xattr", "name=x", "--xattr", "name=y"],
+            2,
+            "error: --xattr name=... is given more than once: a blob has one name".into(),
+        ),
+        (
+            &["create", "store.img", "--size", "1M", "--name", "x", "--xattr", "name=y"],
+            2,
+            "error: give the name with --name or with --xattr name=..., not both".into(),
+        ),
+        (
+            &["rename", "store.img", "a", ""],
+            2,
+            "error: the blob name is empty".into(),
+        ),
         (
             &["xattr", "store.img", "a", "set", "name", &long],
+            2,
             format!("error: the blob name '{long}' is 100 bytes; at most 63 fit SPDK's 64-byte name"),
         ),
         (
             &["xattr", "store.img", "a", "set", "name", "b"],
+            1,
             "error: a blob named 'b' already exists (0x100000002); names are unique in a store"
                 .into(),
         ),
         (
             &["xattr", "store.img", "a", "set", "name", "0x100000002"],
+            2,
             "error: the blob name '0x100000002' reads as a blob id; a name must not (it could not be told from one)".into(),
         ),
         (
             &["rename", "store.img", "a", "b"],
+            1,
             "error: a blob named 'b' already exists (0x100000002); names are unique in a store"
                 .into(),
         ),
         (
             &["create", "store.img", "--size", "1M", "--xattr", "name=4294967296"],
+            2,
             "error: the blob name '4294967296' reads as a blob id; a name must not (it could not be told from one)".into(),
         ),
     ];
-    for (args, line) in cases {
-        refused(d, "store.img", args, 1, &line);
+    for (args, code, line) in cases {
+        refused(d, "store.img", args, code, &line);
     }
     ok_in(d, &["rename", "store.img", "a", "alpha"]);
     ok_in(d, &["rename", "store.img", "alpha", "alpha"]);

@@ -52,7 +52,7 @@ pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
     let lvol_args = args.clone();
     if let Some(name) = &args.name {
         if xattrs.iter().any(|(key, _)| key == NAME_XATTR) {
-            return Err(ToolError::Failed(
+            return Err(ToolError::Usage(
                 "give the name with --name or with --xattr name=..., not both".into(),
             ));
         }
@@ -61,7 +61,7 @@ pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
     // A blob has one name, checked by the rules every name follows, however it is given.
     let names = xattrs.iter().filter(|(key, _)| key == NAME_XATTR).count();
     if names > 1 {
-        return Err(ToolError::Failed(
+        return Err(ToolError::Usage(
             "--xattr name=... is given more than once: a blob has one name".into(),
         ));
     }

@@ -163,6 +163,12 @@ fn repair(args: &CheckArgs) -> Result<(), ToolError> {
         Some(new) => {
             // The source is read under a shared lock: refused while a writer has it.
             let _source_lock = ImageLock::shared(source).map_err(|err| failed(&args.image, err))?;
+            if std::fs::symlink_metadata(new).is_ok() {
+                return Err(ToolError::Failed(format!(
+                    "{new}: exists already: --output names a new file for the repaired copy (to repair {} in place, leave --output out)",
+                    args.image
+                )));
+            }
             if !args.json {
                 eprintln!("check: copying {} to {new} (sparse)", args.image);
             }

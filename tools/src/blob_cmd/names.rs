@@ -19,10 +19,10 @@ pub const LVOL_NAME_BYTES: usize = 64;
 /// Checks `name` against the rules every name follows (not its uniqueness).
 pub fn check_blob_name(name: &[u8]) -> Result<(), ToolError> {
     if name.is_empty() {
-        return Err(ToolError::Failed("the blob name is empty".into()));
+        return Err(ToolError::Usage("the blob name is empty".into()));
     }
     if name.len() >= LVOL_NAME_BYTES {
-        return Err(ToolError::Failed(format!(
+        return Err(ToolError::Usage(format!(
             "the blob name '{}' is {} bytes; at most {} fit SPDK's {LVOL_NAME_BYTES}-byte name",
             escape(name),
             name.len(),
@@ -30,12 +30,10 @@ pub fn check_blob_name(name: &[u8]) -> Result<(), ToolError> {
         )));
     }
     if name.contains(&0) {
-        return Err(ToolError::Failed(
-            "the blob name contains a NUL byte".into(),
-        ));
+        return Err(ToolError::Usage("the blob name contains a NUL byte".into()));
     }
     if std::str::from_utf8(name).ok().and_then(parse_id).is_some() {
-        return Err(ToolError::Failed(format!(
+        return Err(ToolError::Usage(format!(
             "the blob name '{}' reads as a blob id; a name must not (it could not be told from one)",
             escape(name)
         )));
@@ -49,7 +47,7 @@ pub fn check_name_value(value: &[u8]) -> Result<(), ToolError> {
     let (name, _) = strip_nuls(value);
     check_blob_name(name)?;
     if value.len() > LVOL_NAME_BYTES {
-        return Err(ToolError::Failed(format!(
+        return Err(ToolError::Usage(format!(
             "the name value is {} bytes; at most {LVOL_NAME_BYTES} with its NUL padding",
             value.len()
         )));
