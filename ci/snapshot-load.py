@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FIGURES = [
     ("call_ms", "call"),
+    ("frozen_ms", "writes frozen"),
     ("pause_ms", "pause"),
     ("baseline_gap_ms", "gap between calls"),
     ("write_max_ms", "longest write in call"),

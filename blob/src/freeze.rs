@@ -8,6 +8,7 @@
 //! freeze ([`freeze_for_snapshot`]) leaves out the writes parked in a thin allocation: their
 //! inserts wait for its hand-over instead (see `io::thin::Parked`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,10 @@ pub(crate) async fn freeze_for_snapshot(store: &Blobstore, io: &Arc<BlobIo>) -> 
 
 async fn freeze_draining(store: &Blobstore, io: &Arc<BlobIo>, parked_aside: bool) -> Result<()> {
     let first = io.freeze_enter() == 0;
+    if first {
+        io.frozen_since_ns
+            .store(spool_reactor::now_ns(), Ordering::Release);
+    }
     match enter_and_drain(store, io, first, parked_aside).await {
         Ok(()) => Ok(()),
         Err(err) => {
@@ -71,7 +76,7 @@ async fn enter_and_drain(
     // Every channel's count of this blob's I/O and its held requests, until all are zero
     // (they only fall now).
     loop {
-        let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let total = Arc::new(AtomicU64::new(0));
         let (sum, slot) = (Arc::clone(&total), io.slot());
         let walk = store
             .shared()
@@ -82,7 +87,7 @@ async fn enter_and_drain(
                 } else {
                     channel.inflight(slot)
                 };
-                sum.fetch_add(count, std::sync::atomic::Ordering::AcqRel);
+                sum.fetch_add(count, Ordering::AcqRel);
                 Ok(())
             })?
             .await?;
@@ -95,7 +100,7 @@ async fn enter_and_drain(
         // Then the blob's held requests (dropped I/O still on the device, whatever became
         // of its channel): read after the walk, so a request that moved from a channel's
         // count to the held count during the walk is seen in one or the other.
-        if total.load(std::sync::atomic::Ordering::Acquire) == 0 && io.held() == 0 {
+        if total.load(Ordering::Acquire) == 0 && io.held() == 0 {
             steps.mark("drain");
             return Ok(());
         }
@@ -119,6 +124,53 @@ pub(crate) async fn unfreeze(store: &Blobstore, io: &Arc<BlobIo>) -> Result<()> 
             errno,
             what: format!("releasing I/O of blob {id:#x}"),
         })?;
+        let since = io.frozen_since_ns.load(Ordering::Acquire);
+        store
+            .shared()
+            .freeze_windows
+            .record(spool_reactor::now_ns().saturating_sub(since));
     }
     Ok(())
+}
+
+/// The store's record of freeze windows (gate to release), updated by the metadata thread
+/// and read from anywhere.
+#[derive(Debug, Default)]
+pub(crate) struct FreezeWindows {
+    count: AtomicU64,
+    total_ns: AtomicU64,
+    longest_ns: AtomicU64,
+    last_ns: AtomicU64,
+}
+
+impl FreezeWindows {
+    fn record(&self, window_ns: u64) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.total_ns.fetch_add(window_ns, Ordering::AcqRel);
+        self.longest_ns.fetch_max(window_ns, Ordering::AcqRel);
+        self.last_ns.store(window_ns, Ordering::Release);
+    }
+
+    pub(crate) fn stats(&self) -> FreezeStats {
+        FreezeStats {
+            count: self.count.load(Ordering::Acquire),
+            total_ns: self.total_ns.load(Ordering::Acquire),
+            longest_ns: self.longest_ns.load(Ordering::Acquire),
+            last_ns: self.last_ns.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// How long blob I/O stayed frozen, over every freeze window since the store was loaded
+/// (see [`Blobstore::freeze_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FreezeStats {
+    /// Windows ended (an outermost freeze released).
+    pub count: u64,
+    /// Their sum, ns.
+    pub total_ns: u64,
+    /// The longest, ns.
+    pub longest_ns: u64,
+    /// The latest, ns.
+    pub last_ns: u64,
 }

@@ -710,3 +710,34 @@ fn a_resize_or_inflate_during_a_snapshot_gets_ebusy_and_works_after() {
     });
     rt.stop();
 }
+
+/// Each snapshot freezes its blob's I/O once: the store counts the window (gate to release)
+/// and it lies inside the call, so `freeze_stats` bounds the write pause a snapshot causes.
+#[test]
+fn a_snapshot_records_its_freeze_window_inside_the_call() {
+    let rt = runtime();
+    let (_bdev, desc) = malloc(64 << 20);
+    run(&rt, move || async move {
+        let store = Blobstore::init(desc, &InitOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(store.freeze_stats(), spool_blob::FreezeStats::default());
+        let id = create_thick(&store, 4).await;
+        let mut calls_ns = 0;
+        for taken in 1..=3u64 {
+            let started = std::time::Instant::now();
+            store.create_snapshot(id, &[]).await.unwrap();
+            let call_ns = started.elapsed().as_nanos() as u64;
+            calls_ns += call_ns;
+            let stats = store.freeze_stats();
+            assert_eq!(stats.count, taken, "one window per snapshot");
+            assert!(
+                stats.last_ns > 0 && stats.last_ns <= call_ns,
+                "window {} ns outside the {call_ns} ns call",
+                stats.last_ns
+            );
+            assert!(stats.longest_ns >= stats.last_ns && stats.total_ns <= calls_ns);
+        }
+        store.unload().await.unwrap();
+    });
+}

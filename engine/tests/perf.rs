@@ -221,6 +221,8 @@ fn snapshots_under_load_are_measured() {
     let report = perf::snapshot_load::run(&config).unwrap();
     assert_eq!(report.snapshots, 2, "the first snapshot is not counted");
     assert!(report.call_ms.p50 > 0.0 && report.call_ms.p50 <= report.call_ms.max);
+    // Each call froze the volume once, within the call.
+    assert!(report.frozen_ms.p50 > 0.0 && report.frozen_ms.max <= report.call_ms.max);
     assert!(report.write_iops > 0.0);
     assert!(report.volume_bytes > 0 && report.volume_bytes < 256 << 20);
     let json = serde_json::to_value(&report).unwrap();

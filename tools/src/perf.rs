@@ -334,6 +334,7 @@ pub fn snapshot_table(report: &SnapshotLoadReport) -> String {
     ));
     let rows = [
         ("snapshot call", report.call_ms),
+        ("writes frozen by the call", report.frozen_ms),
         ("write pause during the call", report.pause_ms),
         ("completion gap between calls", report.baseline_gap_ms),
         ("longest write during the call", report.write_max_ms),

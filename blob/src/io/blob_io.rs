@@ -52,6 +52,9 @@ pub struct BlobIo {
     pub(super) parent: ArcSwapOption<BlobIo>,
     /// Freeze depth: while above 0, new I/O waits on its channel (snapshot, resize).
     pub(super) frozen: AtomicU32,
+    /// When the outermost freeze set the gate (`spool_reactor::now_ns`), for the store's
+    /// freeze windows.
+    pub(crate) frozen_since_ns: AtomicU64,
     /// Snapshots of the blob running: while above 0 (and frozen), writes parked in a thin
     /// allocation wait before they unpark (see `io::thin::Parked`).
     pub(super) handing_over: AtomicU32,
@@ -121,6 +124,7 @@ impl BlobIo {
             gate: AtomicU32::new(if meta.data_ro() { GATE_READ_ONLY } else { 0 }),
             parent: ArcSwapOption::empty(),
             frozen: AtomicU32::new(0),
+            frozen_since_ns: AtomicU64::new(0),
             handing_over: AtomicU32::new(0),
             slot: store.slots.acquire(),
             map_generation: AtomicU64::new(store.slots.next_generation()),

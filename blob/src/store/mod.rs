@@ -124,6 +124,8 @@ pub struct StoreShared {
     pub(crate) bdev: Arc<dyn spool_bdev::Bdev>,
     /// Releases of a cluster that was already free (test support: must stay 0).
     pub(crate) released_twice: AtomicU64,
+    /// How long blobs' I/O stayed frozen (see [`Blobstore::freeze_stats`]).
+    pub(crate) freeze_windows: crate::freeze::FreezeWindows,
 }
 
 impl StoreShared {
@@ -308,6 +310,14 @@ impl Blobstore {
     /// Bytes per io_unit: the unit of blob I/O.
     pub fn io_unit_size(&self) -> u64 {
         self.geometry().io_unit_size
+    }
+
+    /// How long blob I/O has stayed frozen (snapshot, resize, merge), since the store was
+    /// loaded: each window runs from the freeze's gate (new I/O of the blob waits from then)
+    /// to its unfreeze (the waiting I/O released on every channel), so it bounds the pause a
+    /// writer of that blob sees from the operation.
+    pub fn freeze_stats(&self) -> crate::freeze::FreezeStats {
+        self.inner.shared.freeze_windows.stats()
     }
 
     /// Free data clusters now.
@@ -525,6 +535,7 @@ impl Blobstore {
             held_io: Arc::new(AtomicU64::new(0)),
             bdev: Arc::clone(desc.bdev()),
             released_twice: AtomicU64::new(0),
+            freeze_windows: crate::freeze::FreezeWindows::default(),
         });
         Ok(Rc::new(StoreInner {
             shared,

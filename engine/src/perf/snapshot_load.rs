@@ -87,6 +87,10 @@ pub struct SnapshotLoadReport {
     pub first_call_ms: f64,
     /// The snapshot call's latency, ms.
     pub call_ms: Spread,
+    /// How long each call kept the volume's I/O frozen (from the gate, after which new
+    /// writes wait, to their release on every channel), ms: the write pause the snapshot
+    /// itself causes ([`spool_blob::Blobstore::freeze_stats`]).
+    pub frozen_ms: Spread,
     /// The longest gap between write completions overlapping each call, ms.
     pub pause_ms: Spread,
     /// The longest gap between write completions between calls (baseline), ms.
@@ -222,13 +226,15 @@ async fn teardown() -> Result<(), EngineError> {
     Ok(store.unload().await?)
 }
 
-/// On the metadata reactor: `snapshots + 1` snapshots of the volume, `gap_ms` apart; each
-/// call's start and end, ns.
+/// One snapshot call: its start and end, and how long it kept the volume frozen, ns.
+type Call = (u64, u64, u64);
+
+/// On the metadata reactor: `snapshots + 1` snapshots of the volume, `gap_ms` apart.
 async fn take_snapshots(
     volume: u64,
     snapshots: u64,
     gap_ms: u64,
-) -> Result<Vec<(u64, u64)>, EngineError> {
+) -> Result<Vec<Call>, EngineError> {
     let Some(store) = HELD.with(|held| held.borrow().as_ref().map(|(store, _)| store.clone()))
     else {
         return Err(EngineError::Failed {
@@ -250,7 +256,7 @@ async fn take_snapshots(
             .create_snapshot(volume, &[])
             .await
             .map_err(step("snapshot"))?;
-        windows.push((started, now_ns()));
+        windows.push((started, now_ns(), store.freeze_stats().last_ns));
         spool_reactor::sleep(Duration::from_millis(gap_ms)).await;
     }
     Ok(windows)
@@ -327,16 +333,23 @@ fn window_figures(sorted: &[Completion], from: u64, to: u64, submitted_after: u6
 fn summarise(
     config: &PerfConfig,
     volume: &BlobIo,
-    windows: &[(u64, u64)],
+    windows: &[Call],
     sorted: &[Completion],
 ) -> SnapshotLoadReport {
     let ms = |ns: u64| ns as f64 / 1e6;
-    let (mut calls, mut pauses, mut gaps, mut worst, mut base_worst) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut calls, mut frozen, mut pauses, mut gaps, mut worst, mut base_worst) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     let half_gap = config.snap_gap_ms * 500_000;
     for pair in windows.windows(2) {
-        let (previous_end, (start, end)) = (pair[0].1, pair[1]);
+        let (previous_end, (start, end, frozen_ns)) = (pair[0].1, pair[1]);
         calls.push(ms(end - start));
+        frozen.push(ms(frozen_ns));
         let (gap, latency) = window_figures(sorted, start, end, 0);
         pauses.push(ms(gap));
         worst.push(ms(latency));
@@ -359,8 +372,9 @@ fn summarise(
         snapshots: calls.len() as u64,
         gap_ms: config.snap_gap_ms,
         write_iops: sorted.len() as f64 / (run_ns as f64 / 1e9),
-        first_call_ms: windows.first().map_or(0.0, |&(s, e)| ms(e - s)),
+        first_call_ms: windows.first().map_or(0.0, |&(s, e, _)| ms(e - s)),
         call_ms: Spread::of(calls),
+        frozen_ms: Spread::of(frozen),
         pause_ms: Spread::of(pauses),
         baseline_gap_ms: Spread::of(gaps),
         write_max_ms: Spread::of(worst),
