@@ -187,4 +187,19 @@ impl CheckReport {
     pub fn of_kind(&self, kind: ProblemKind) -> impl Iterator<Item = &Problem> {
         self.problems.iter().filter(move |p| p.kind == kind)
     }
+
+    /// The problems a crash may not leave: all but what the next load repairs (a
+    /// half-made snapshot, whose original may already read through it and so is not yet
+    /// read-only, and a half-done merge). A store Spool left at any power cut has none.
+    pub fn beyond_crash_repair(&self) -> impl Iterator<Item = &Problem> {
+        let pending: Vec<u64> = self
+            .of_kind(ProblemKind::SnapshotPending)
+            .filter_map(|p| p.blob)
+            .collect();
+        self.problems.iter().filter(move |p| match p.kind {
+            ProblemKind::SnapshotPending | ProblemKind::MergePending => false,
+            ProblemKind::ParentNotReadOnly => !p.blob.is_some_and(|b| pending.contains(&b)),
+            _ => true,
+        })
+    }
 }

@@ -115,25 +115,14 @@ pub fn expected(ids: Ids, id: u64) -> Vec<(usize, Vec<u8>)> {
 /// it, or a half-done merge); anything else is a problem the checker must not report on a
 /// store Spool left, or a store Spool should not leave.
 pub fn offline_check(image: &[u8], what: &str) {
-    use spool_blob::check::{check_image, ProblemKind};
+    use spool_blob::check::check_image;
     let mut file = tempfile::tempfile().unwrap();
     std::io::Write::write_all(&mut file, image).unwrap();
     let checked = check_image(&file, &mut |_| {})
         .unwrap_or_else(|err| panic!("{what}: the checker cannot run: {err}"));
-    let pending: Vec<u64> = checked
-        .report
-        .of_kind(ProblemKind::SnapshotPending)
-        .filter_map(|p| p.blob)
-        .collect();
     let unexpected: Vec<String> = checked
         .report
-        .problems
-        .iter()
-        .filter(|p| match p.kind {
-            ProblemKind::SnapshotPending | ProblemKind::MergePending => false,
-            ProblemKind::ParentNotReadOnly => !p.blob.is_some_and(|b| pending.contains(&b)),
-            _ => true,
-        })
+        .beyond_crash_repair()
         .map(|p| p.to_string())
         .collect();
     assert!(

@@ -20,7 +20,7 @@ pub mod shrink;
 
 use std::cell::RefCell;
 
-use spool_blob::check::{check_image, ProblemKind};
+use spool_blob::check::check_image;
 
 pub use life::Bugs;
 use life::{run_life, End};
@@ -159,20 +159,9 @@ pub fn offline_check(image: &[u8]) -> Result<(), String> {
     let file = RefCell::new(image.to_vec());
     let checked =
         check_image(&file, &mut |_| {}).map_err(|err| format!("the checker cannot run: {err}"))?;
-    let pending: Vec<u64> = checked
-        .report
-        .of_kind(ProblemKind::SnapshotPending)
-        .filter_map(|p| p.blob)
-        .collect();
     let unexpected: Vec<String> = checked
         .report
-        .problems
-        .iter()
-        .filter(|p| match p.kind {
-            ProblemKind::SnapshotPending | ProblemKind::MergePending => false,
-            ProblemKind::ParentNotReadOnly => !p.blob.is_some_and(|b| pending.contains(&b)),
-            _ => true,
-        })
+        .beyond_crash_repair()
         .map(|p| p.to_string())
         .collect();
     if unexpected.is_empty() {
