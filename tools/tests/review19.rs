@@ -13,59 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{json, ok_in};
-
-/// What one run printed (no panic check: some of these cases are panics).
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(dir: &Path, args: &[&str]) -> Out {
-    let output = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("SPOOL_LOG")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("spool runs");
-    Out {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-/// Runs `args` expecting exit `code`, one stderr line starting with `start` (the whole
-/// line when `exact`), nothing on stdout, and `image` unchanged byte for byte.
-fn refused_with(dir: &Path, image: &str, args: &[&str], code: i32, start: &str, exact: bool) {
-    let before = std::fs::read(dir.join(image)).ok();
-    let out = run(dir, args);
-    assert!(
-        !out.stderr.contains("panicked"),
-        "spool {args:?} panicked: {}",
-        out.stderr
-    );
-    assert_eq!(out.code, Some(code), "spool {args:?}: {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().collect();
-    let first = lines.first().copied().unwrap_or_default();
-    if exact {
-        assert_eq!(first, start, "spool {args:?}: {}", out.stderr);
-    } else {
-        assert!(first.starts_with(start), "spool {args:?}: {}", out.stderr);
-    }
-    if code == 1 {
-        assert_eq!(lines.len(), 1, "spool {args:?}: one line: {}", out.stderr);
-    }
-    assert!(
-        out.stdout.is_empty(),
-        "spool {args:?}: stdout {}",
-        out.stdout
-    );
-    let after = std::fs::read(dir.join(image)).ok();
-    assert!(before == after, "spool {args:?} changed {image}");
-}
+use support::{json, ok_in, refused_with, spool_unchecked as run};
 
 fn refused(dir: &Path, image: &str, args: &[&str], code: i32, line: &str) {
     refused_with(dir, image, args, code, line, true);
@@ -208,7 +156,7 @@ fn a_repeated_xattr_name_on_create_cannot_bypass_the_name_rules() {
         out.code,
         Some(2),
         "a second blob named 'b' was made (or not refused as a bad argument): {}",
-        out.stdout
+        out.text()
     );
     assert!(out.stderr.starts_with("error: "), "{}", out.stderr);
     assert_eq!(before, std::fs::read(d.join("s.img")).unwrap());
@@ -225,7 +173,7 @@ fn a_repeated_xattr_name_on_create_cannot_bypass_the_name_rules() {
         out.code,
         Some(2),
         "a 100-byte name was stored (or not refused as a bad argument): {}",
-        out.stdout
+        out.text()
     );
     assert_eq!(num_blobs(d, "s.img"), 1);
 }
@@ -309,7 +257,7 @@ fn the_largest_sizes_are_refused_in_words_not_by_a_panic() {
                 "spool {args:?}: {}",
                 out.stderr
             );
-            assert!(out.stdout.is_empty(), "spool {args:?}: {}", out.stdout);
+            assert!(out.stdout.is_empty(), "spool {args:?}: {}", out.text());
             assert_eq!(before, std::fs::read(d.join("s.img")).unwrap(), "{args:?}");
         }
     }

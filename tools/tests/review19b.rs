@@ -6,58 +6,13 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 
-use support::{json, ok_in};
-
-/// What one run printed.
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(dir: &Path, args: &[&str]) -> Out {
-    let output = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("SPOOL_LOG")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("spool runs");
-    Out {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
+use support::{json, ok_in, refused_with, spool_unchecked as run};
 
 /// Runs `args` expecting exit 1, one `error: ...` line on stderr, nothing on stdout and
 /// `image` unchanged byte for byte; returns the line.
 fn refused_line(dir: &Path, image: &str, args: &[&str]) -> String {
-    let before = std::fs::read(dir.join(image)).ok();
-    let out = run(dir, args);
-    assert!(
-        !out.stderr.contains("panicked"),
-        "spool {args:?} panicked: {}",
-        out.stderr
-    );
-    assert_eq!(out.code, Some(1), "spool {args:?}: {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "spool {args:?}: one line: {}", out.stderr);
-    assert!(
-        lines[0].starts_with("error: "),
-        "spool {args:?}: {}",
-        out.stderr
-    );
-    assert!(
-        out.stdout.is_empty(),
-        "spool {args:?}: stdout {}",
-        out.stdout
-    );
-    let after = std::fs::read(dir.join(image)).ok();
-    assert!(before == after, "spool {args:?} changed {image}");
-    lines[0].to_string()
+    refused_with(dir, image, args, 1, "error: ", false)
 }
 
 fn free_clusters(dir: &Path, image: &str) -> u64 {

@@ -60,6 +60,58 @@ pub fn spool_in(dir: &Path, args: &[&str]) -> Run {
     run
 }
 
+/// Runs `spool ARGS` in `dir` with no panic check (the case may be a panic) and backtraces
+/// off, for tests that assert on what a failure prints.
+pub fn spool_unchecked(dir: &Path, args: &[&str]) -> Run {
+    Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SPOOL_LOG")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("spool runs")
+        .into()
+}
+
+/// Runs `args` expecting exit `code`, no panic, a first stderr line starting with `start`
+/// (equal to it when `exact`), one line only for a failure (code 1), nothing on stdout, and
+/// `image` unchanged byte for byte; returns the line.
+pub fn refused_with(
+    dir: &Path,
+    image: &str,
+    args: &[&str],
+    code: i32,
+    start: &str,
+    exact: bool,
+) -> String {
+    let before = std::fs::read(dir.join(image)).ok();
+    let out = spool_unchecked(dir, args);
+    assert!(
+        !out.stderr.contains("panicked"),
+        "spool {args:?} panicked: {}",
+        out.stderr
+    );
+    assert_eq!(out.code, Some(code), "spool {args:?}: {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    let first = lines.first().copied().unwrap_or_default();
+    if exact {
+        assert_eq!(first, start, "spool {args:?}: {}", out.stderr);
+    } else {
+        assert!(first.starts_with(start), "spool {args:?}: {}", out.stderr);
+    }
+    if code == 1 {
+        assert_eq!(lines.len(), 1, "spool {args:?}: one line: {}", out.stderr);
+    }
+    assert!(
+        out.stdout.is_empty(),
+        "spool {args:?}: stdout {}",
+        out.text()
+    );
+    let after = std::fs::read(dir.join(image)).ok();
+    assert!(before == after, "spool {args:?} changed {image}");
+    first.to_string()
+}
+
 /// Runs `spool ARGS` in `dir` and returns its stdout; panics unless it exits 0.
 pub fn ok_in(dir: &Path, args: &[&str]) -> Run {
     let run = spool_in(dir, args);
