@@ -6,6 +6,8 @@
 //! (the reactor sleeps with no timeout when it has no timer). A failing test forgets the
 //! runtime instead of stopping it, so it fails instead of hanging on a reactor that sleeps.
 
+mod idle;
+
 use std::future::Future;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -15,69 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use idle::{ask, counts, fail_without_stop, let_it_sleep, runtime, REPLY_WAIT};
 use spool_reactor::{
-    poller_register, sleep, wake_source_register, wakeup_counts, IdleMode, PollStatus, ReactorId,
-    Runtime, RuntimeOptions, WakeKind,
+    poller_register, sleep, wake_source_register, wakeup_counts, IdleMode, PollStatus, WakeKind,
 };
-
-const REPLY_WAIT: Duration = Duration::from_secs(10);
-
-fn adaptive_runtime() -> Runtime {
-    Runtime::start(&RuntimeOptions {
-        cores: vec![0],
-        idle: IdleMode::Adaptive,
-        pin: false,
-    })
-    .expect("runtime starts")
-}
-
-/// Runs `f` on `reactor` and returns its result, or None if no reply came in time (a
-/// reactor that never woke).
-fn ask<T: Send + 'static>(
-    runtime: &Runtime,
-    reactor: ReactorId,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Option<T> {
-    let (sender, receiver) = crossbeam_channel::bounded(1);
-    runtime
-        .send_msg(reactor, move || {
-            let _ = sender.send(f());
-        })
-        .expect("send");
-    receiver.recv_timeout(REPLY_WAIT).ok()
-}
-
-/// (sleeps, doorbell rings) of `reactor`, read on it; fails the test if it never answers.
-fn counts(runtime: Runtime, reactor: ReactorId) -> (Runtime, (u64, u64)) {
-    match ask(&runtime, reactor, wakeup_counts) {
-        Some(counts) => (runtime, counts),
-        None => fail_without_stop(runtime, "a sleeping reactor did not answer a message"),
-    }
-}
-
-/// Lets `reactor` go idle and sleep (it sleeps once idle for 50 µs; 30 ms is ample), and
-/// checks that it did.
-fn let_it_sleep(runtime: Runtime, reactor: ReactorId) -> Runtime {
-    let (runtime, (before, _)) = counts(runtime, reactor);
-    std::thread::sleep(Duration::from_millis(30));
-    let (runtime, (after, _)) = counts(runtime, reactor);
-    assert!(
-        after > before,
-        "the adaptive reactor did not sleep while idle"
-    );
-    std::thread::sleep(Duration::from_millis(30));
-    runtime
-}
-
-/// Fails the test without stopping a runtime whose reactor may never wake.
-fn fail_without_stop(runtime: Runtime, why: &str) -> ! {
-    std::mem::forget(runtime);
-    panic!("{why}");
-}
 
 #[test]
 fn a_message_from_another_thread_wakes_a_sleeping_reactor() {
-    let runtime = adaptive_runtime();
+    let runtime = runtime(IdleMode::Adaptive, 1);
     let reactor = runtime.reactors()[0];
     let runtime = let_it_sleep(runtime, reactor);
     let (runtime, (_, rings_before)) = counts(runtime, reactor);
@@ -117,7 +64,7 @@ impl Future for Flagged {
 
 #[test]
 fn a_task_woken_from_another_thread_runs_on_a_sleeping_reactor() {
-    let runtime = adaptive_runtime();
+    let runtime = runtime(IdleMode::Adaptive, 1);
     let reactor = runtime.reactors()[0];
     let state = Arc::new(Mutex::new((false, None::<Waker>)));
     let task_state = Arc::clone(&state);
@@ -147,7 +94,7 @@ fn a_task_woken_from_another_thread_runs_on_a_sleeping_reactor() {
 
 #[test]
 fn timers_fire_on_a_sleeping_reactor() {
-    let runtime = adaptive_runtime();
+    let runtime = runtime(IdleMode::Adaptive, 1);
     let reactor = runtime.reactors()[0];
     let (sender, receiver) = crossbeam_channel::bounded(1);
     let spawned = ask(&runtime, reactor, move || {
@@ -181,7 +128,7 @@ fn timers_fire_on_a_sleeping_reactor() {
 /// the reactor sleeps, and the byte written from another thread wakes it.
 #[test]
 fn an_armed_poller_wakes_the_reactor_through_its_wake_source() {
-    let runtime = adaptive_runtime();
+    let runtime = runtime(IdleMode::Adaptive, 1);
     let reactor = runtime.reactors()[0];
     let (mut writer, reader) = UnixStream::pair().expect("socket pair");
     reader.set_nonblocking(true).expect("nonblocking");

@@ -6,6 +6,8 @@
 
 #![allow(unsafe_code)]
 
+mod idle;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
@@ -13,64 +15,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use idle::{ask, fail_without_stop, let_it_sleep, runtime, REPLY_WAIT};
 use spool_reactor::{
     poller_register, sleep, wake_source_register, wakeup_counts, IdleMode, PollStatus, ReactorId,
-    Runtime, RuntimeOptions, WakeKind,
+    WakeKind,
 };
-
-const REPLY_WAIT: Duration = Duration::from_secs(5);
-
-fn adaptive_runtime(cores: usize) -> Runtime {
-    Runtime::start(&RuntimeOptions {
-        cores: (0..cores).collect(),
-        idle: IdleMode::Adaptive,
-        pin: false,
-    })
-    .expect("runtime starts")
-}
-
-/// Fails the test without stopping a runtime whose reactor may never wake.
-fn fail_without_stop(runtime: Runtime, why: &str) -> ! {
-    std::mem::forget(runtime);
-    panic!("{why}");
-}
-
-/// Runs `f` on `reactor`; None if no reply came in time.
-fn ask<T: Send + 'static>(
-    runtime: &Runtime,
-    reactor: ReactorId,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Option<T> {
-    let (sender, receiver) = crossbeam_channel::bounded(1);
-    runtime
-        .send_msg(reactor, move || {
-            let _ = sender.send(f());
-        })
-        .expect("send");
-    receiver.recv_timeout(REPLY_WAIT).ok()
-}
-
-/// Waits until `reactor` has slept at least once more (it sleeps 50 µs after going idle).
-fn let_it_sleep(runtime: Runtime, reactor: ReactorId) -> Runtime {
-    let Some((before, _)) = ask(&runtime, reactor, wakeup_counts) else {
-        fail_without_stop(runtime, "a reactor did not answer");
-    };
-    std::thread::sleep(Duration::from_millis(20));
-    let Some((after, _)) = ask(&runtime, reactor, wakeup_counts) else {
-        fail_without_stop(runtime, "a reactor did not answer");
-    };
-    if after <= before {
-        fail_without_stop(runtime, "the adaptive reactor did not sleep while idle");
-    }
-    std::thread::sleep(Duration::from_millis(20));
-    runtime
-}
 
 /// Timers shorter than epoll's millisecond, at a millisecond exactly and just above, each
 /// set by a message handled right after a long sleep: all fire, none early.
 #[test]
 fn short_and_boundary_timers_set_by_a_message_fire_on_a_sleeping_reactor() {
-    let mut runtime = adaptive_runtime(1);
+    let mut runtime = runtime(IdleMode::Adaptive, 1);
     let reactor = runtime.reactors()[0];
     for micros in [1u64, 200, 999, 1000, 1001, 1999, 2000, 3500] {
         runtime = let_it_sleep(runtime, reactor);
@@ -98,7 +53,7 @@ fn short_and_boundary_timers_set_by_a_message_fire_on_a_sleeping_reactor() {
 /// A timed poller (period 3 ms) keeps running on a reactor that sleeps between its runs.
 #[test]
 fn a_timed_poller_runs_on_a_sleeping_reactor() {
-    let runtime = adaptive_runtime(1);
+    let runtime = runtime(IdleMode::Adaptive, 1);
     let reactor = runtime.reactors()[0];
     let runs = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&runs);
@@ -135,7 +90,7 @@ fn a_timed_poller_runs_on_a_sleeping_reactor() {
 /// reactor, with pauses that let both fall asleep; every hop must arrive.
 #[test]
 fn two_sleeping_reactors_message_each_other() {
-    let runtime = adaptive_runtime(2);
+    let runtime = runtime(IdleMode::Adaptive, 2);
     let [a, b] = [runtime.reactors()[0], runtime.reactors()[1]];
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     fn hop(here: ReactorId, there: ReactorId, left: u32, done: crossbeam_channel::Sender<()>) {
@@ -162,7 +117,7 @@ fn two_sleeping_reactors_message_each_other() {
 /// as the reactor falls asleep); every one is handled.
 #[test]
 fn heavy_cross_thread_traffic_loses_nothing() {
-    let runtime = Arc::new(adaptive_runtime(1));
+    let runtime = Arc::new(runtime(IdleMode::Adaptive, 1));
     let reactor = runtime.reactors()[0];
     let handled = Arc::new(AtomicU64::new(0));
     const THREADS: u64 = 4;
@@ -218,7 +173,7 @@ fn heavy_cross_thread_traffic_loses_nothing() {
 /// `Runtime::stop` and `block_on` from outside reach reactors that are asleep.
 #[test]
 fn stop_and_block_on_reach_sleeping_reactors() {
-    let runtime = adaptive_runtime(2);
+    let runtime = runtime(IdleMode::Adaptive, 2);
     let reactors = runtime.reactors();
     let runtime = let_it_sleep(runtime, reactors[0]);
     let value = runtime.block_on(reactors[1], || async {
@@ -257,7 +212,7 @@ fn stop_and_block_on_reach_sleeping_reactors() {
 /// instead removes an unrelated registration, silently: a hang, not an error.)
 #[test]
 fn dropping_a_stale_wake_source_leaves_a_new_source_with_the_same_fd_number_armed() {
-    let runtime = adaptive_runtime(1);
+    let runtime = runtime(IdleMode::Adaptive, 1);
     let reactor = runtime.reactors()[0];
     let (got_tx, got_rx) = crossbeam_channel::bounded(1);
     let (writer_tx, writer_rx) = crossbeam_channel::bounded(1);
@@ -326,7 +281,7 @@ fn dropping_a_stale_wake_source_leaves_a_new_source_with_the_same_fd_number_arme
 /// for hints far and nearer than a millisecond.
 #[test]
 fn wake_at_hints_from_a_poller_wake_a_sleeping_reactor() {
-    let mut runtime = adaptive_runtime(1);
+    let mut runtime = runtime(IdleMode::Adaptive, 1);
     let reactor = runtime.reactors()[0];
     for delay_us in [300u64, 1000, 4000, 25_000] {
         runtime = let_it_sleep(runtime, reactor);
@@ -368,7 +323,7 @@ fn wake_at_hints_from_a_poller_wake_a_sleeping_reactor() {
 #[ignore = "measurement; run with --ignored --nocapture"]
 fn measure_cpu_of_an_idle_reactor_with_a_timed_poller() {
     for period_us in [0u64, 1000, 1500, 2500, 10_000] {
-        let runtime = adaptive_runtime(1);
+        let runtime = runtime(IdleMode::Adaptive, 1);
         let reactor = runtime.reactors()[0];
         if period_us > 0 {
             ask(&runtime, reactor, move || {

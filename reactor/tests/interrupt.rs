@@ -7,52 +7,24 @@
 //! be right, and the reactor must have slept in most gaps. A lost wake-up shows as an echo
 //! that never comes; a failing test forgets the runtime instead of stopping it.
 
+mod idle;
+
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use idle::{ask, fail_without_stop, runtime, REPLY_WAIT};
 use spool_reactor::{
-    poller_register, wake_source_register, wakeup_counts, IdleMode, PollStatus, ReactorId, Runtime,
-    RuntimeOptions, WakeKind,
+    poller_register, wake_source_register, wakeup_counts, IdleMode, PollStatus, WakeKind,
 };
 
-const REPLY_WAIT: Duration = Duration::from_secs(10);
 const ROUNDS: u32 = 400;
-
-fn runtime(idle: IdleMode) -> Runtime {
-    Runtime::start(&RuntimeOptions {
-        cores: vec![0],
-        idle,
-        pin: false,
-    })
-    .expect("runtime starts")
-}
-
-/// Runs `f` on `reactor` and returns its result, or None if no reply came in time.
-fn ask<T: Send + 'static>(
-    runtime: &Runtime,
-    reactor: ReactorId,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Option<T> {
-    let (sender, receiver) = crossbeam_channel::bounded(1);
-    runtime
-        .send_msg(reactor, move || {
-            let _ = sender.send(f());
-        })
-        .expect("send");
-    receiver.recv_timeout(REPLY_WAIT).ok()
-}
-
-fn fail_without_stop(runtime: Runtime, why: &str) -> ! {
-    std::mem::forget(runtime);
-    panic!("{why}");
-}
 
 /// Plays `ROUNDS` rounds of ping-pong with an echo poller on a fresh reactor in `idle`
 /// mode; returns how many times the reactor slept in the kernel during them.
 fn ping_pong(idle: IdleMode) -> u64 {
-    let runtime = runtime(idle);
+    let runtime = runtime(idle, 1);
     let reactor = runtime.reactors()[0];
     let (mut client, server) = UnixStream::pair().expect("socket pair");
     server.set_nonblocking(true).expect("nonblocking");
@@ -116,7 +88,7 @@ fn an_interrupt_reactor_sleeps_between_back_to_back_requests() {
 
 #[test]
 fn an_interrupt_reactor_wakes_for_a_message_and_a_timer() {
-    let runtime = runtime(IdleMode::Interrupt);
+    let runtime = runtime(IdleMode::Interrupt, 1);
     let reactor = runtime.reactors()[0];
     std::thread::sleep(Duration::from_millis(20));
     let (sender, receiver) = crossbeam_channel::bounded(1);
