@@ -60,18 +60,7 @@ fn latency_panel(area: &Area<'_>, series: &[CoreSeries], title: &str) -> DrawRes
         .x_desc("latency, us (submission to completion reaching the job)")
         .y_desc("% of I/Os")
         .draw()?;
-    for (index, core) in series.iter().enumerate() {
-        let style = colour(index);
-        chart
-            .draw_series(LineSeries::new(core.latency.iter().copied(), style))?
-            .label(format!("core {}", core.core))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-    }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()
+    draw_cores(&mut chart, series, |core| &core.latency)
 }
 
 fn iops_panel(area: &Area<'_>, series: &[CoreSeries], title: &str) -> DrawResult {
@@ -90,10 +79,24 @@ fn iops_panel(area: &Area<'_>, series: &[CoreSeries], title: &str) -> DrawResult
         .y_desc("IOPS")
         .y_label_formatter(&|iops| format!("{:.2}M", iops / 1e6))
         .draw()?;
+    draw_cores(&mut chart, series, |core| &core.iops)
+}
+
+/// One line per core (the points `points` picks from its series), labelled `core N`, and
+/// the legend.
+fn draw_cores<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    series: &[CoreSeries],
+    points: impl Fn(&CoreSeries) -> &[(f64, f64)],
+) -> DrawResult
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
     for (index, core) in series.iter().enumerate() {
         let style = colour(index);
         chart
-            .draw_series(LineSeries::new(core.iops.iter().copied(), style))?
+            .draw_series(LineSeries::new(points(core).iter().copied(), style))?
             .label(format!("core {}", core.core))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
     }
