@@ -35,7 +35,7 @@ FIGURES = [
 def run(spool, target, cluster, args):
     cmd = [spool, "perf", "--layer", "snap", "--target", target, "--cluster-size", cluster,
            "--snapshots", str(args.snapshots), "--snap-gap", str(args.gap), "--cores", args.cores,
-           "--size", args.size, "--json", "--quiet"]
+           "--size", args.size, "--json", "--quiet", "--force"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
