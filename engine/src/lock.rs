@@ -177,10 +177,14 @@ impl ImageLock {
             file.set_len(size_bytes)
                 .map_err(|err| create_error("set size", &err))?;
             if contents == Contents::Reserved {
-                rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size_bytes)
-                    .map_err(|err| {
-                        create_error("reserving the file's space (fallocate)", &err.into())
-                    })?;
+                reserve_space(&file, path, size_bytes, false).map_err(|err| match err {
+                    EngineError::Stopped { signal, done, .. } => EngineError::Stopped {
+                        signal,
+                        done: format!("{done} while creating it; nothing was created"),
+                        report: None,
+                    },
+                    other => other,
+                })?;
             }
             let zeros = vec![0u8; if fill { CHUNK_BYTES } else { 0 }];
             let mut written = if fill { 0 } else { size_bytes };
@@ -290,6 +294,45 @@ impl StagedImage {
         lock.path = final_path;
         Ok(lock)
     }
+}
+
+/// Reserves the disk space of the first `len` bytes of `file` (at `path`, for messages) with
+/// `fallocate`, in 256 MiB pieces so that a stop signal is acted on within one piece
+/// ([`EngineError::Stopped`] saying how much was reserved); `keep_size` leaves the file's
+/// size as it is (an existing image). Contents are never changed.
+pub fn reserve_space(
+    file: &File,
+    path: &Path,
+    len: u64,
+    keep_size: bool,
+) -> Result<(), EngineError> {
+    const PIECE_BYTES: u64 = 256 << 20;
+    let flags = if keep_size {
+        rustix::fs::FallocateFlags::KEEP_SIZE
+    } else {
+        rustix::fs::FallocateFlags::empty()
+    };
+    let mut reserved = 0;
+    while reserved < len {
+        if let Some(signal) = crate::signals::stop_requested() {
+            return Err(EngineError::Stopped {
+                signal,
+                done: format!("{reserved} of {len} bytes of {} reserved", path.display()),
+                report: None,
+            });
+        }
+        let piece = PIECE_BYTES.min(len - reserved);
+        rustix::fs::fallocate(file, flags, reserved, piece).map_err(|err| {
+            let err = std::io::Error::from(err);
+            file_error(
+                path,
+                crate::words::failure("reserving the file's space (fallocate)", &err),
+                io_errno(&err),
+            )
+        })?;
+        reserved += piece;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -105,6 +105,19 @@ fn file_error(name: &str, reason: String, err: &std::io::Error) -> EngineError {
     }
 }
 
+/// The refusal of an import source that is neither a regular file nor a block device.
+fn not_importable(name: String, meta: &std::fs::Metadata) -> EngineError {
+    EngineError::File {
+        path: name,
+        reason: if meta.is_dir() {
+            "is a directory, not a regular file or block device (import reads one)".into()
+        } else {
+            "not a regular file or block device (import reads one of known length)".into()
+        },
+        errno: -libc::EINVAL,
+    }
+}
+
 /// A regular file to import, open, with its length.
 #[derive(Debug)]
 pub struct ImportSource {
@@ -120,6 +133,12 @@ impl ImportSource {
         use std::io::{Seek, SeekFrom};
         use std::os::unix::fs::FileTypeExt;
         let name = path.display().to_string();
+        // Its type first, without opening it: opening a FIFO blocks until a writer comes.
+        let meta = std::fs::metadata(path)
+            .map_err(|err| file_error(&name, crate::words::failure("open", &err), &err))?;
+        if !meta.is_file() && !meta.file_type().is_block_device() {
+            return Err(not_importable(name, &meta));
+        }
         let file = File::open(path)
             .map_err(|err| file_error(&name, crate::words::failure("open", &err), &err))?;
         let meta = file
@@ -134,15 +153,7 @@ impl ImportSource {
                 file_error(&name, crate::words::failure("device size", &err), &err)
             })?
         } else {
-            return Err(EngineError::File {
-                path: name,
-                reason: if meta.is_dir() {
-                    "is a directory, not a regular file or block device (import reads one)".into()
-                } else {
-                    "not a regular file or block device (import reads one of known length)".into()
-                },
-                errno: -libc::EINVAL,
-            });
+            return Err(not_importable(name, &meta));
         };
         Ok(ImportSource { file, name, len })
     }
@@ -317,8 +328,8 @@ pub enum ExportSink {
     /// A file, created (or truncated) once the range is checked, and removed again if the
     /// export does not finish (a partial copy is worse than none).
     File(PathBuf),
-    /// A stream (standard output): a reader that went away (`EPIPE`) ends the export
-    /// quietly; it is flushed at the end.
+    /// A stream (standard output): a reader that went away (`EPIPE`) before the end fails
+    /// the export in words (-EPIPE, no panic, no partial success); it is flushed at the end.
     Stream {
         /// The stream.
         writer: Box<dyn Write + Send>,
@@ -347,10 +358,10 @@ enum Sink {
     File {
         file: File,
         path: PathBuf,
-        /// A regular file this export filled: removed if the export fails. Never a device
-        /// node, a FIFO or a socket (`spool export IMAGE vol /dev/sdb` must not delete the
-        /// node when it fails).
-        remove_on_failure: bool,
+        /// The regular file this export fills (through any symlink): removed if the export
+        /// fails. Never a device node, a FIFO or a socket (`spool export IMAGE vol /dev/sdb`
+        /// must not delete the node when it fails).
+        remove_on_failure: Option<PathBuf>,
     },
 }
 
@@ -373,10 +384,12 @@ impl Sink {
                         &err,
                     )
                 })?;
+                // What a failure removes: the regular file filled, never a device node, FIFO
+                // or socket, and through a symlink the file it points at, not the link.
                 let remove_on_failure = file
                     .metadata()
-                    .map(|meta| meta.file_type().is_file())
-                    .unwrap_or(false);
+                    .is_ok_and(|meta| meta.file_type().is_file())
+                    .then(|| std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone()));
                 Ok(Sink::File {
                     file,
                     path,
@@ -394,7 +407,7 @@ impl Sink {
         }
     }
 
-    /// Writes `bytes`; false when the stream's reader went away (stop quietly).
+    /// Writes `bytes`; false when the stream's reader went away (the export stops there).
     fn write(&mut self, bytes: &[u8]) -> Result<bool, EngineError> {
         match self {
             Sink::Stream { writer, name } => match writer.write_all(bytes) {
@@ -421,13 +434,13 @@ impl Sink {
             }
             Sink::File {
                 file,
-                path,
                 remove_on_failure,
+                ..
             } => {
                 drop(file);
-                if !ok && remove_on_failure {
+                if let Some(filled) = remove_on_failure.filter(|_| !ok) {
                     // A partial copy is worse than none (a regular file only).
-                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(filled);
                 }
             }
         }
@@ -511,6 +524,18 @@ async fn copy_out(
     window.drain().await;
     if let Some(err) = failure {
         return Err(err);
+    }
+    if !open && copied < length {
+        // A reader that went away is not a finished copy: say so, as cat and dd do with
+        // their non-zero status.
+        return Err(EngineError::File {
+            path: sink.name(),
+            reason: format!(
+                "the reader went away (broken pipe) after {copied} of {length} bytes of blob {}; the copy is not complete",
+                id_hex(blob.id())
+            ),
+            errno: -libc::EPIPE,
+        });
     }
     match stopped {
         Some(signal) if copied < length => Err(EngineError::Stopped {

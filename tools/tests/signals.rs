@@ -170,14 +170,20 @@ fn inflate_stops_between_clusters_on_sigint_and_finishes_when_run_again() {
 #[test]
 fn serve_killed_during_its_first_start_never_leaves_a_spool_img_that_is_not_a_store() {
     let mut published = 0;
-    for round in 0..16u64 {
+    for round in 0..32u64 {
+        if round >= 16 && published > 0 {
+            break;
+        }
+        // Kills every 4 ms of the first 60, then (on a loaded machine, where no start got
+        // that far) every 60 ms up to about a second.
+        let delay = if round < 16 { round * 4 } else { (round - 15) * 60 };
         let dir = tempfile::tempdir().expect("tempdir");
         // Port 0: each round listens on a port of its own.
         let (_, stderr) = interrupted(
             dir.path(),
             &["serve", "--listen", "127.0.0.1:0"],
             9,
-            Duration::from_millis(round * 4),
+            Duration::from_millis(delay),
         );
         let image = dir.path().join("spool.img");
         if image.exists() {

@@ -16,6 +16,29 @@ fn bytes_arg(text: &str) -> Result<u64, String> {
     spool_engine::parse_bytes(text).map_err(|err| err.to_string())
 }
 
+/// Parses a metadata page count for clap: a whole number from 1 to 2^32 - 1, said in words
+/// otherwise.
+fn md_pages_arg(text: &str) -> Result<u32, String> {
+    if text.trim_start().starts_with('-') {
+        return Err(format!(
+            "the metadata page count cannot be negative ('{text}')"
+        ));
+    }
+    match text.trim().parse::<u64>() {
+        Ok(0) => Err(
+            "the metadata page count must be at least 1 (one page per blob, plus extent pages)"
+                .into(),
+        ),
+        Ok(pages) => u32::try_from(pages).map_err(|_| {
+            format!(
+                "{pages} metadata pages is more than a store can have (at most {})",
+                u32::MAX
+            )
+        }),
+        Err(_) => Err(format!("'{text}' is not a whole number of metadata pages")),
+    }
+}
+
 /// Parses a store block size (512 or 4096) for clap.
 fn block_size_arg(text: &str) -> Result<u32, String> {
     match text {
@@ -53,7 +76,7 @@ pub struct InitArgs {
     #[arg(long, value_name = "BYTES", value_parser = size_arg, allow_hyphen_values = true)]
     pub cluster_size: Option<u64>,
     /// Metadata pages (one per blob plus extent pages; default: one per cluster).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = md_pages_arg, allow_hyphen_values = true)]
     pub md_pages: Option<u32>,
     /// Format the image even though it holds a blobstore already (whose blobs are lost).
     #[arg(long)]

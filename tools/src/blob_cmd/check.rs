@@ -163,6 +163,8 @@ fn repair(args: &CheckArgs) -> Result<(), ToolError> {
         Some(new) => {
             // The source is read under a shared lock: refused while a writer has it.
             let _source_lock = ImageLock::shared(source).map_err(|err| failed(&args.image, err))?;
+            spool_engine::guard::refuse_new_file_in_dev(Path::new(new))
+                .map_err(|err| ToolError::Failed(err.to_string()))?;
             if std::fs::symlink_metadata(new).is_ok() {
                 return Err(ToolError::Failed(format!(
                     "{new}: exists already: --output names a new file for the repaired copy (to repair {} in place, leave --output out)",

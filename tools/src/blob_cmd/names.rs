@@ -1,6 +1,6 @@
 //! Blob names: one set of rules for every command that gives a blob a name (`create --name`,
 //! `create --xattr name=...`, `snapshot`/`clone --name`, `xattr set name`, `rename`): 1 to 63
-//! bytes (SPDK's 64-byte name buffer less its NUL), no NUL inside, not a blob id (a name like
+//! bytes (SPDK's 64-byte name buffer less its NUL), UTF-8 with no NUL inside, not a blob id (a name like
 //! `0x100000000` or `4294967296` could not be told from one), and unique in the store.
 
 use spool_blob::Blobstore;
@@ -31,6 +31,12 @@ pub fn check_blob_name(name: &[u8]) -> Result<(), ToolError> {
     }
     if name.contains(&0) {
         return Err(ToolError::Usage("the blob name contains a NUL byte".into()));
+    }
+    if std::str::from_utf8(name).is_err() {
+        return Err(ToolError::Usage(format!(
+            "the blob name '{}' is not UTF-8: no command line could name the blob back",
+            escape(name)
+        )));
     }
     if std::str::from_utf8(name).ok().and_then(parse_id).is_some() {
         return Err(ToolError::Usage(format!(

@@ -245,13 +245,7 @@ fn reserve_whole_file(path: &Path, len: u64) -> Result<(), ToolError> {
         .write(true)
         .open(path)
         .map_err(|err| ToolError::Failed(format!("{}: {err}", path.display())))?;
-    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, len).map_err(|err| {
-        ToolError::Failed(format!(
-            "{}: reserving {len} bytes (fallocate): {}",
-            path.display(),
-            std::io::Error::from(err)
-        ))
-    })
+    spool_engine::lock::reserve_space(&file, path, len, true).map_err(ToolError::from)
 }
 
 /// The bstype `init` formats with: `--bstype`'s, or `LVOLSTORE` with `--lvs` (which refuses
@@ -294,6 +288,8 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
         check_name(name, "lvol store").map_err(|err| ToolError::Failed(err.to_string()))?;
     }
     let path = Path::new(&args.image);
+    spool_engine::guard::refuse_new_file_in_dev(path)
+        .map_err(|err| ToolError::Failed(err.to_string()))?;
     if !args.force && path.exists() && spool_engine::guard::holds_blobstore(path) {
         return Err(ToolError::Failed(format!(
             "{}: holds a blobstore already; init would lose every blob in it: add --force to format it anyway",

@@ -37,6 +37,9 @@ fn draw<'a>(bar: &'a mut Option<ProgressBar>, what: &'a str) -> impl FnMut(Progr
 /// `spool import IMAGE BLOB FILE [--offset BYTES] [--force]`: a FILE in a disk image format
 /// (qcow2, VMDK, VHD, ...) is refused without `--force`: its bytes are not the disk's.
 pub fn import(args: &ImportArgs) -> Result<(), ToolError> {
+    // Opened first: it refuses what is not a regular file or block device (a FIFO, whose
+    // open would block) before anything reads it.
+    let source = ImportSource::open(Path::new(&args.file)).map_err(transfer_error)?;
     if !args.force {
         if let Some(format) = spool_engine::guard::disk_image_format(Path::new(&args.file)) {
             return Err(ToolError::Failed(format!(
@@ -45,7 +48,6 @@ pub fn import(args: &ImportArgs) -> Result<(), ToolError> {
             )));
         }
     }
-    let source = ImportSource::open(Path::new(&args.file)).map_err(transfer_error)?;
     let offset = args.offset;
     let text = args.blob.clone();
     on_store(&args.image, move |store, _| async move {
@@ -64,15 +66,28 @@ pub fn import(args: &ImportArgs) -> Result<(), ToolError> {
     })
 }
 
+/// Whether paths `a` and `b` are one file or one device, whatever their names: the same
+/// inode (a hard link, a symlink, a bind mount) or the same block device (another node of
+/// it, made with mknod).
 fn same_file(a: &str, b: &str) -> bool {
-    match (Path::new(a).canonicalize(), Path::new(b).canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => {
+            (a.dev() == b.dev() && a.ino() == b.ino())
+                || (a.file_type().is_block_device()
+                    && b.file_type().is_block_device()
+                    && a.rdev() == b.rdev())
+        }
         _ => false,
     }
 }
 
 /// `spool export IMAGE BLOB FILE [--offset BYTES] [--length BYTES]` (FILE `-` is stdout).
 pub fn export(args: &ExportArgs) -> Result<(), ToolError> {
+    if args.file != "-" {
+        spool_engine::guard::refuse_new_file_in_dev(Path::new(&args.file))
+            .map_err(transfer_error)?;
+    }
     if same_file(&args.file, &args.image) {
         return Err(ToolError::Failed(format!(
             "{}: is the image itself; export to another file",
