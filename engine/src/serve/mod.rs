@@ -278,8 +278,12 @@ impl Daemon {
         };
         let mut lock = lock;
         let started = Self::start_on(options, &source, listen, Arc::clone(&bdev), image, || {
-            if let Lock::Staged(staged) = std::mem::replace(&mut lock, Lock::None) {
-                lock = Lock::Held(staged.publish()?);
+            // Only a staged image changes hands; a held lock stays where it is (taking it
+            // out would drop it, and with it the flock other writers are refused by).
+            if matches!(lock, Lock::Staged(_)) {
+                if let Lock::Staged(staged) = std::mem::replace(&mut lock, Lock::None) {
+                    lock = Lock::Held(staged.publish()?);
+                }
             }
             Ok(())
         });
