@@ -176,7 +176,11 @@ fn serve_killed_during_its_first_start_never_leaves_a_spool_img_that_is_not_a_st
         }
         // Kills every 4 ms of the first 60, then (on a loaded machine, where no start got
         // that far) every 60 ms up to about a second.
-        let delay = if round < 16 { round * 4 } else { (round - 15) * 60 };
+        let delay = if round < 16 {
+            round * 4
+        } else {
+            (round - 15) * 60
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         // Port 0: each round listens on a port of its own.
         let (_, stderr) = interrupted(

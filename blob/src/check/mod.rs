@@ -123,6 +123,12 @@ pub fn check_image(
         ..CheckReport::default()
     };
     let Some(shape) = shape else {
+        // The clean flag as the super block holds it (a clean store on a shrunk device is
+        // still one that was unloaded cleanly).
+        if image.len() >= crate::format::PAGE_SIZE_U64 {
+            let page = image.read_pages(0, 1)?;
+            report.clean = crate::format::read_u32(&page, 16);
+        }
         report.problems = problems;
         report.notes.push(
             "the super block's geometry is unusable: the masks and metadata were not checked"

@@ -61,6 +61,42 @@ fn mark_read_only(
     Ok(true)
 }
 
+/// Refuses (before anything is written) a repair that would reseal a super block failing
+/// its CRC whose fields the metadata contradicts: the CRC says those bytes are not what was
+/// written, and sealing them would turn every blob past a wrong size or region into damage.
+/// A failing CRC with nothing else wrong is resealed as it is.
+fn refuse_to_bless_a_corrupt_super_block(checked: &Checked) -> Result<(), CheckError> {
+    let problems = &checked.report.problems;
+    if !problems
+        .iter()
+        .any(|p| p.kind == ProblemKind::SuperBlockCrc)
+    {
+        return Ok(());
+    }
+    let contradicted: Vec<&str> = problems
+        .iter()
+        .filter(|p| {
+            matches!(
+                p.kind,
+                ProblemKind::SuperBlockField
+                    | ProblemKind::ClusterOutOfRange
+                    | ProblemKind::ClusterInMetadata
+                    | ProblemKind::ExtentPageOutOfRange
+                    | ProblemKind::PageNext
+                    | ProblemKind::MaskHeader
+            )
+        })
+        .map(|p| p.kind.name())
+        .collect();
+    if contradicted.is_empty() {
+        return Ok(());
+    }
+    Err(CheckError::Unrepairable(format!(
+        "the super block fails its CRC and the metadata contradicts its fields ({}): repairing would mean guessing their true values, so nothing was written",
+        contradicted.join(", ")
+    )))
+}
+
 /// Repairs the store on `file` (opened for writing, locked by the caller) from the check
 /// `checked` made of it. The caller checks again afterwards.
 pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairReport, CheckError> {
@@ -70,6 +106,7 @@ pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairRepor
             "the super block's geometry is unusable, so the metadata cannot be located (see the problems listed)".into(),
         ));
     };
+    refuse_to_bless_a_corrupt_super_block(checked)?;
     let mut report = RepairReport::default();
     // Dirty first: a repair cut short leaves a store every load replays, never clean masks
     // half written.
@@ -223,6 +260,9 @@ pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairRepor
     image.sync()?;
     let was_clean = block.clean == 1;
     block.clean = 1;
+    // A clean super block never carries Spool's bounded-recovery marker (a load writes a
+    // new one with its first metadata change).
+    block.root_superset_nonce = None;
     image.write_pages(0, &block.encode())?;
     if !was_clean || super_problem {
         report.changes.push(if super_problem {
