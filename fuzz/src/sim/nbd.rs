@@ -320,12 +320,12 @@ fn parse(
             }
         }
         match option {
-            OptionCode::SetMetaContext => {
-                if contexts.len() != 1 || contexts[0].name != BASE_ALLOCATION {
-                    return Err(format!(
-                        "meta contexts {contexts:?}, asked for {BASE_ALLOCATION}"
-                    ));
-                }
+            OptionCode::SetMetaContext
+                if contexts.len() != 1 || contexts[0].name != BASE_ALLOCATION =>
+            {
+                return Err(format!(
+                    "meta contexts {contexts:?}, asked for {BASE_ALLOCATION}"
+                ));
             }
             OptionCode::Go => {
                 use transmission_flags as tf;
@@ -338,7 +338,9 @@ fn parse(
                     | tf::SEND_TRIM
                     | tf::SEND_WRITE_ZEROES;
                 if export_size != size || flags & wanted != wanted || flags & tf::READ_ONLY != 0 {
-                    return Err(format!("export {export_size} bytes, flags {flags:#x}; expected {size} bytes, writable, flags {wanted:#x}"));
+                    return Err(format!(
+                        "export {export_size} bytes, flags {flags:#x}; expected {size} bytes, writable, flags {wanted:#x}"
+                    ));
                 }
                 if block_size != Some(UNIT as u32) {
                     return Err(format!(
