@@ -44,6 +44,8 @@ struct Sent {
     value: u64,
     /// The piece of the client's bytes its last byte is in.
     piece: usize,
+    /// The piece its header ends in (a refused WRITE is answered once its header is in).
+    header_piece: usize,
 }
 
 /// A reply as received.
@@ -73,11 +75,11 @@ pub(super) async fn run(
     requests: &[NbdCmd],
     split: u64,
 ) -> Result<String, String> {
-    let Some(id) = model.pick(pick, |blob| {
-        !blob.snapshot && !blob.tainted && blob.clusters > 0
-    }) else {
+    let Some(id) = model.pick(pick, |blob| !blob.tainted && blob.clusters > 0) else {
         return Ok("no blob".into());
     };
+    // A snapshot is exported read-only: its writes must be refused.
+    let read_only = model.blobs[&id].snapshot;
     let Some(blob) = open_one(ctx, store, id).await? else {
         return Ok("open failed".into());
     };
@@ -94,6 +96,7 @@ pub(super) async fn run(
     let mut bytes = handshake(structured);
     let mut sent = Vec::new();
     let mut ends = Vec::new();
+    let mut header_ends = Vec::new();
     for (index, cmd) in requests.iter().enumerate() {
         let (unit, units) = match *cmd {
             NbdCmd::Write { unit, units, .. }
@@ -124,6 +127,7 @@ pub(super) async fn run(
             length: (units * UNIT) as u32,
         }
         .encode(&mut bytes);
+        header_ends.push(bytes.len());
         let value = if let NbdCmd::Write { .. } = cmd {
             let value = model.value();
             bytes.extend_from_slice(&encode(value, unit, units));
@@ -138,6 +142,7 @@ pub(super) async fn run(
             units,
             value,
             piece: 0,
+            header_piece: 0,
         });
     }
     RequestHeader {
@@ -163,8 +168,10 @@ pub(super) async fn run(
         pieces.push(bytes[from..to].to_vec());
         from = to;
     }
-    for (request, &end) in sent.iter_mut().zip(&ends) {
-        request.piece = cuts.iter().position(|&cut| end <= cut).unwrap_or(0);
+    let piece_of = |end: usize| cuts.iter().position(|&cut| end <= cut).unwrap_or(0);
+    for ((request, &end), &header_end) in sent.iter_mut().zip(&ends).zip(&header_ends) {
+        request.piece = piece_of(end);
+        request.header_piece = piece_of(header_end);
     }
     // The server, on its reactor.
     let export = Export::new(store, &blob, EXPORT);
@@ -188,8 +195,17 @@ pub(super) async fn run(
     if !closed {
         return Err("NBD connection still open after NBD_CMD_DISC".into());
     }
-    let got = parse(&outs, structured, size_units * UNIT, &sent)?;
-    check_and_learn(ctx, model, id, &sent, &got, structured, cuts.len())
+    let got = parse(&outs, structured, read_only, size_units * UNIT, &sent)?;
+    check_and_learn(
+        ctx,
+        model,
+        id,
+        &sent,
+        &got,
+        structured,
+        read_only,
+        cuts.len(),
+    )
 }
 
 /// The client's handshake: flags, then (if `structured`) structured replies and
@@ -271,6 +287,7 @@ impl<'a> Stream<'a> {
 fn parse(
     outs: &[Vec<u8>],
     structured: bool,
+    read_only: bool,
     size: u64,
     sent: &[Sent],
 ) -> Result<BTreeMap<u64, Got>, String> {
@@ -332,14 +349,16 @@ fn parse(
                 let Some((export_size, flags)) = export else {
                     return Err("NBD_OPT_GO without NBD_INFO_EXPORT".into());
                 };
-                let wanted = tf::HAS_FLAGS
-                    | tf::SEND_FLUSH
-                    | tf::SEND_FUA
-                    | tf::SEND_TRIM
-                    | tf::SEND_WRITE_ZEROES;
-                if export_size != size || flags & wanted != wanted || flags & tf::READ_ONLY != 0 {
+                let mut wanted = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA;
+                if read_only {
+                    wanted |= tf::READ_ONLY;
+                } else {
+                    wanted |= tf::SEND_TRIM | tf::SEND_WRITE_ZEROES;
+                }
+                let read_only_flag = flags & tf::READ_ONLY != 0;
+                if export_size != size || flags & wanted != wanted || read_only_flag != read_only {
                     return Err(format!(
-                        "export {export_size} bytes, flags {flags:#x}; expected {size} bytes, writable, flags {wanted:#x}"
+                        "export {export_size} bytes, flags {flags:#x}; expected {size} bytes, flags {wanted:#x}, read-only {read_only}"
                     ));
                 }
                 if block_size != Some(UNIT as u32) {
@@ -428,8 +447,14 @@ fn parse(
         let handle = HANDLE_BASE + index as u64;
         match got.get(&handle) {
             Some(reply) if reply.done => {
-                // Each piece's requests are answered before the next piece is given.
-                if reply.piece != request.piece + 1 {
+                // Each piece's requests are answered before the next piece is given (a refused
+                // request as soon as its header is in).
+                let first = if reply.error == 0 {
+                    request.piece
+                } else {
+                    request.header_piece
+                };
+                if reply.piece < first + 1 || reply.piece > request.piece + 1 {
                     return Err(format!(
                         "handle {handle:#x} sent in piece {} answered after piece {}",
                         request.piece + 1,
@@ -456,6 +481,7 @@ fn request_of(sent: &[Sent], handle: u64) -> Result<&Sent, String> {
 }
 
 /// Checks each piece's replies against the model and teaches it what they did.
+#[allow(clippy::too_many_arguments)]
 fn check_and_learn(
     ctx: &Ctx,
     model: &mut Model,
@@ -463,6 +489,7 @@ fn check_and_learn(
     sent: &[Sent],
     got: &BTreeMap<u64, Got>,
     structured: bool,
+    read_only: bool,
     pieces: usize,
 ) -> Result<String, String> {
     let mut outcome = Vec::new();
@@ -489,6 +516,21 @@ fn check_and_learn(
                 NbdCmd::BlockStatus { .. } => "S",
             };
             let no_context = !structured && matches!(request.cmd, NbdCmd::BlockStatus { .. });
+            let refused = read_only
+                && matches!(
+                    request.cmd,
+                    NbdCmd::Write { .. } | NbdCmd::Trim { .. } | NbdCmd::WriteZeroes { .. }
+                );
+            if refused {
+                if reply.error != Errno::Perm.code() {
+                    return Err(format!(
+                        "{:?} on a read-only export answered error {} (EPERM expected)",
+                        request.cmd, reply.error
+                    ));
+                }
+                outcome.push("-EPERM".into());
+                continue;
+            }
             if no_context {
                 if reply.error != Errno::Inval.code() {
                     return Err(format!(
