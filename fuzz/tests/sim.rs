@@ -1,7 +1,8 @@
 //! Goal: the whole-engine simulation runs in CI: at least 1,000 seeds per run (each a plan of
-//! blob operations, injected faults, clean reloads and power cuts, checked against the model
-//! after every restart), replays a seed exactly, catches planted bugs within a few seeds, and
-//! shrinks a failure to a short plan. Method: `spool_fuzz::sim` on fixed seed ranges plus a
+//! blob operations, NBD clients served by the daemon's front end, injected faults, clean
+//! reloads and power cuts, checked against the model after every restart), replays a seed
+//! exactly, catches planted bugs within a few seeds, and shrinks a failure to a short plan.
+//! Method: `spool_fuzz::sim` on fixed seed ranges plus a
 //! fresh range from the clock (printed; `SPOOL_SIM_SEED` replays it), so each CI run also
 //! tries seeds no run tried before. `SPOOL_SIM_SEEDS` sets the seeds per range (default 500,
 //! two ranges). A failure prints its shrunk plan and the `spool-fuzz sim` command replaying it.
@@ -143,6 +144,36 @@ fn skipped_ordering_flushes_are_caught_and_shrink_to_a_short_plan() {
     // The shrunk plan fails on replay, and passes without the bug.
     assert!(run_plan(&shrunk.plan, bugs).is_err());
     run_plan(&shrunk.plan, Bugs::default()).expect("the shrunk plan passes without the bug");
+}
+
+/// The NBD front end's durability promise: a FLUSH reply, or a FUA write's, means the data
+/// survives a power cut. Planted: the request execution acknowledges both without a device
+/// flush (`Bugs::nbd_skips_flushes`); a seed must catch it, and shrink to a plan whose NBD
+/// client is what fails it.
+#[test]
+fn nbd_flush_and_fua_acknowledged_without_a_flush_are_caught() {
+    let bugs = Bugs {
+        nbd_skips_flushes: true,
+        ..Bugs::default()
+    };
+    let (seed, failure) = first_failure(bugs);
+    eprintln!("nbd-skips-flushes caught by seed {seed}: {}", failure.what);
+    let plan = Plan::generate(seed, PlanSize::default());
+    let shrunk = shrink(&plan, failure, bugs, 150);
+    assert!(
+        shrunk
+            .plan
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::Nbd { .. })),
+        "the shrunk plan has an NBD client: {:?}",
+        shrunk.plan.ops
+    );
+    assert!(run_plan(&shrunk.plan, bugs).is_err());
+    run_plan(&shrunk.plan, Bugs::default()).expect("the shrunk plan passes without the bug");
+    for clean in 0..=seed {
+        run_seed(clean, PlanSize::default(), Bugs::default()).expect("passes without the bug");
+    }
 }
 
 /// Found by seed 2 (and 74): a thick blob's new cluster shows bytes another write left on a

@@ -5,7 +5,8 @@
 //!   task per request; a WRITE's payload is received straight into the DMA buffer the write
 //!   goes to the device from (only bytes that arrived in the same socket read as a header are
 //!   copied, out of the small staging buffer);
-//! - each *request task* ([`super::execute`]) runs its blob I/O and queues its reply;
+//! - each *request task* runs its request ([`super::execute`], which knows no socket) and
+//!   queues the reply it returns;
 //! - the *writer* sends queued replies in completion order, many per `writev`, a READ's data
 //!   straight from the DMA buffer the device filled.
 //!
@@ -29,7 +30,7 @@ use std::task::{Poll, Waker};
 use spool_bdev::dma::DmaBuf;
 use spool_reactor::{sleep, spawn_local};
 
-use super::execute;
+use super::execute::{self, Executed, Session};
 use super::local::ReactorServe;
 use super::race::{race, Either};
 use crate::nbd::request::{Command, Event, Request, RequestDecoder};
@@ -42,27 +43,21 @@ const STAGING_BYTES: usize = 16 << 10;
 const REPLIES_PER_WRITE: usize = 256;
 
 /// A reply waiting for the writer.
-pub(crate) struct Reply {
+struct Reply {
     /// The reply header (or the whole reply, for all but a READ's data).
-    pub(crate) head: Vec<u8>,
+    head: Vec<u8>,
     /// A READ's data, sent after `head`.
-    pub(crate) data: Option<DmaBuf>,
+    data: Option<DmaBuf>,
     /// Buffer bytes counted against the connection's bound until this reply is sent.
-    pub(crate) held: usize,
+    held: usize,
 }
 
 /// What the reader, the request tasks and the writer of one connection share.
 pub(crate) struct Conn {
-    /// The reactor's daemon state.
-    pub(crate) state: Rc<ReactorServe>,
-    /// The volume served.
-    pub(crate) volume: std::sync::Arc<super::volumes::Volume>,
+    /// What its requests run against (state, volume, reply encoder, peer).
+    session: Session,
     /// What was negotiated.
-    pub(crate) negotiated: Negotiated,
-    /// Encodes the replies.
-    pub(crate) encoder: ReplyEncoder,
-    /// The peer, for the log.
-    pub(crate) peer: String,
+    negotiated: Negotiated,
     out: RefCell<VecDeque<Reply>>,
     writer_waker: RefCell<Option<Waker>>,
     room_waker: RefCell<Option<Waker>>,
@@ -113,7 +108,7 @@ impl Conn {
     }
 
     /// Releases `bytes` of held buffers.
-    pub(crate) fn release(&self, bytes: usize) {
+    fn release(&self, bytes: usize) {
         self.held_bytes
             .set(self.held_bytes.get().saturating_sub(bytes));
         wake(&self.room_waker);
@@ -122,7 +117,7 @@ impl Conn {
     /// A request task is done: queues its reply. The request stays counted in flight, and
     /// its reply's bytes held, until the writer has sent the reply (or dropped it because
     /// the socket is gone): a client that does not read its replies stops being read.
-    pub(crate) fn complete(&self, mut reply: Reply, failed: bool) {
+    fn complete(&self, mut reply: Reply, failed: bool) {
         self.requests.set(self.requests.get() + 1);
         if failed {
             self.failed.set(self.failed.get() + 1);
@@ -137,7 +132,7 @@ impl Conn {
     fn retire(&self, reply: Reply) {
         self.release(reply.held);
         if let Some(buf) = reply.data {
-            self.state.buffers.give(buf);
+            self.session.state.buffers.give(buf);
         }
         self.inflight.set(self.inflight.get().saturating_sub(1));
         wake(&self.room_waker);
@@ -229,11 +224,14 @@ pub(crate) async fn serve_connection(stream: Stream, peer: String, state: Rc<Rea
     let attached = volume;
     let volume = std::sync::Arc::clone(&attached.0);
     let conn = Rc::new(Conn {
-        encoder: ReplyEncoder::new(&negotiated),
+        session: Session {
+            encoder: ReplyEncoder::new(&negotiated),
+            state: Rc::clone(&state),
+            volume,
+            peer: peer.clone(),
+            testing_skip_flushes: false,
+        },
         negotiated: negotiated.clone(),
-        state: Rc::clone(&state),
-        volume,
-        peer: peer.clone(),
         out: RefCell::new(VecDeque::new()),
         writer_waker: RefCell::new(None),
         room_waker: RefCell::new(None),
@@ -253,7 +251,7 @@ pub(crate) async fn serve_connection(stream: Stream, peer: String, state: Rc<Rea
         // Started requests get some time to finish and be sent (a client that does not
         // read its replies gets no more than that), then the client its grace period.
         if let Either::Right(()) = race(conn.idle(), sleep(grace * 4)).await {
-            tracing::warn!(peer = %conn.peer, "replies not taken in time after a stop: closing");
+            tracing::warn!(peer = %conn.session.peer, "replies not taken in time after a stop: closing");
             return;
         }
         sleep(grace).await;
@@ -393,13 +391,23 @@ fn held_by(request: &Request) -> usize {
     }
 }
 
-/// Starts a request task.
+/// Starts a request task: runs the request, then queues its reply for the writer.
 fn dispatch(conn: &Rc<Conn>, request: Request, payload: Option<DmaBuf>) {
-    drop(spawn_local(execute::execute(
-        Rc::clone(conn),
-        request,
-        payload,
-    )));
+    let conn = Rc::clone(conn);
+    drop(spawn_local(async move {
+        let Executed { head, data, failed } =
+            execute::execute(&conn.session, request, payload).await;
+        // A READ's buffer stays held until the writer has sent it; a WRITE's is free now.
+        let held = match (&data, request.command) {
+            (Some(_), _) => request.length as usize,
+            (None, Command::Read | Command::Write) => {
+                conn.release(request.length as usize);
+                0
+            }
+            _ => 0,
+        };
+        conn.complete(Reply { head, data, held }, failed);
+    }));
 }
 
 /// A WRITE whose payload is arriving, with the buffer it goes into. Dropped before it is
@@ -442,7 +450,7 @@ impl Drop for Receiving {
                 .receiving
                 .set(self.conn.receiving.get().saturating_sub(1));
             self.conn.abandon(held_by(&self.request));
-            self.conn.state.buffers.give(buf);
+            self.conn.session.state.buffers.give(buf);
         }
     }
 }
@@ -472,7 +480,7 @@ async fn read_requests(
                 Some(Event::Request(request)) => {
                     conn.admit(held_by(&request)).await;
                     if request.payload_len() > 0 {
-                        let buf = match conn.state.buffers.take(request.length as usize) {
+                        let buf = match conn.session.state.buffers.take(request.length as usize) {
                             Ok(buf) => buf,
                             Err(err) => {
                                 conn.abandon(held_by(&request));
@@ -501,7 +509,7 @@ async fn read_requests(
                 }
                 Some(Event::Rejected(rejection)) => {
                     tracing::warn!(
-                        peer = %conn.peer,
+                        peer = %conn.session.peer,
                         handle = rejection.handle,
                         command = rejection.command,
                         error = rejection.error.name(),
@@ -510,7 +518,7 @@ async fn read_requests(
                     );
                     conn.admit(0).await;
                     let mut head = Vec::new();
-                    conn.encoder.reject(&mut head, &rejection);
+                    conn.session.encoder.reject(&mut head, &rejection);
                     conn.complete(
                         Reply {
                             head,
@@ -601,7 +609,7 @@ async fn write_replies(conn: Rc<Conn>, mut writer: WriteHalf) {
         }
         if let Err(err) = sent {
             if !conn.finished() {
-                tracing::warn!(peer = %conn.peer, %err, "sending replies failed; replies still to come are dropped");
+                tracing::warn!(peer = %conn.session.peer, %err, "sending replies failed; replies still to come are dropped");
             }
             conn.broken.set(true);
             let dropped: Vec<Reply> = conn.out.borrow_mut().drain(..).collect();

@@ -1,5 +1,7 @@
 //! One NBD request against its volume, as a task of the connection's reactor: the blob I/O
-//! through the reactor's blob channel, then the reply queued for the writer.
+//! through the reactor's blob channel, then the reply's bytes. Nothing here knows the
+//! socket: the daemon's connection sends the reply, the simulation's byte pipe (`inproc`)
+//! hands it to its client.
 //!
 //! - READ: one blob read into a DMA buffer that the writer sends as is (no copy).
 //! - WRITE: one blob write from the buffer the payload was received into; acknowledged when
@@ -30,13 +32,42 @@ use std::sync::Arc;
 use spool_bdev::dma::DmaBuf;
 use spool_blob::{BlobChannel, BlobError, BlobIo};
 
-use super::connection::{Conn, Reply};
 use super::iostat::IoKind;
+use super::local::ReactorServe;
+use super::volumes::Volume;
 use crate::nbd::request::{Command, Request};
 use crate::nbd::wire::{command_flags as cf, state_flags, Errno, Extent};
+use crate::nbd::ReplyEncoder;
 
 /// Block status extents reported per request at most (the encoder merges equal ones).
 const STATUS_EXTENTS_MAX: usize = 1 << 16;
+
+/// What one connection's requests run against, whatever carries its bytes (the daemon's
+/// socket, or the simulation's byte pipe).
+pub(crate) struct Session {
+    /// The reactor's daemon state (channel, buffers, counters, stop notice).
+    pub(crate) state: Rc<ReactorServe>,
+    /// The volume served.
+    pub(crate) volume: Arc<Volume>,
+    /// Encodes the replies (as negotiated).
+    pub(crate) encoder: ReplyEncoder,
+    /// The peer, for the log.
+    pub(crate) peer: String,
+    /// A planted bug for the simulation's self-test: FLUSH and FUA are acknowledged without
+    /// a device flush. Always off in the daemon.
+    pub(crate) testing_skip_flushes: bool,
+}
+
+/// A request's reply: bytes to send, `head` then `data`.
+pub(crate) struct Executed {
+    /// The reply header (or the whole reply, for all but a READ's data).
+    pub(crate) head: Vec<u8>,
+    /// A READ's data, sent after `head` (its buffer goes back to the reactor's cache once
+    /// sent).
+    pub(crate) data: Option<DmaBuf>,
+    /// The reply is an error.
+    pub(crate) failed: bool,
+}
 
 /// What a request produced.
 enum Done {
@@ -56,16 +87,20 @@ fn failed(err: &BlobError) -> Done {
     Done::Failed(Errno::from_os(err.errno()), err.to_string())
 }
 
-/// Runs `request` and queues its reply on `conn`. `payload` is a WRITE's data.
-pub(crate) async fn execute(conn: Rc<Conn>, request: Request, payload: Option<DmaBuf>) {
+/// Runs `request` (`payload`: a WRITE's data) on `session` and returns its reply.
+pub(crate) async fn execute(
+    session: &Session,
+    request: Request,
+    payload: Option<DmaBuf>,
+) -> Executed {
     let started_ns = spool_reactor::now_ns();
-    let done = if conn.state.is_stopping() && request.command != Command::Flush {
+    let done = if session.state.is_stopping() && request.command != Command::Flush {
         if let Some(buf) = payload {
-            conn.state.buffers.give(buf);
+            session.state.buffers.give(buf);
         }
         Done::Failed(Errno::Shutdown, "the server is shutting down".into())
     } else {
-        run(&conn, &request, payload).await
+        run(session, &request, payload).await
     };
     let kind = match request.command {
         Command::Read => Some(IoKind::Read),
@@ -74,42 +109,40 @@ pub(crate) async fn execute(conn: Rc<Conn>, request: Request, payload: Option<Dm
         _ => None,
     };
     if let (Some(kind), false) = (kind, matches!(done, Done::Failed(..))) {
-        conn.state.iostats.count(
-            conn.volume.io.id(),
+        session.state.iostats.count(
+            session.volume.io.id(),
             kind,
             u64::from(request.length),
             spool_reactor::now_ns().saturating_sub(started_ns),
         );
     }
+    let encoder = &session.encoder;
     let mut head = Vec::with_capacity(32);
     let handle = request.handle;
-    let (data, is_failure) = match done {
+    let (data, failed) = match done {
         Done::Ok => {
-            conn.encoder.ok(&mut head, handle);
+            encoder.ok(&mut head, handle);
             (None, false)
         }
         Done::Data(buf) => {
-            conn.encoder
-                .read_header(&mut head, handle, request.offset, request.length);
+            encoder.read_header(&mut head, handle, request.offset, request.length);
             (Some(buf), false)
         }
         Done::EmptyRead => {
-            conn.encoder
-                .read_header(&mut head, handle, request.offset, 0);
+            encoder.read_header(&mut head, handle, request.offset, 0);
             (None, false)
         }
-        Done::Status(extents) => match conn.encoder.block_status(&mut head, &request, &extents) {
+        Done::Status(extents) => match encoder.block_status(&mut head, &request, &extents) {
             Ok(_) => (None, false),
             Err(err) => {
                 head.clear();
-                conn.encoder
-                    .error(&mut head, handle, Errno::Inval, &err.to_string());
+                encoder.error(&mut head, handle, Errno::Inval, &err.to_string());
                 (None, true)
             }
         },
         Done::Failed(error, message) => {
             tracing::warn!(
-                peer = %conn.peer,
+                peer = %session.peer,
                 handle,
                 command = ?request.command,
                 offset = request.offset,
@@ -117,48 +150,44 @@ pub(crate) async fn execute(conn: Rc<Conn>, request: Request, payload: Option<Dm
                 error = error.name(),
                 "request failed: {message}"
             );
-            conn.encoder.error(&mut head, handle, error, &message);
+            encoder.error(&mut head, handle, error, &message);
             (None, true)
         }
     };
-    // A READ's buffer stays held until the writer has sent it; a WRITE's is free now.
-    let held = match (&data, request.command) {
-        (Some(_), _) => request.length as usize,
-        (None, Command::Read | Command::Write) => {
-            conn.release(request.length as usize);
-            0
-        }
-        _ => 0,
-    };
-    conn.complete(Reply { head, data, held }, is_failure);
+    Executed { head, data, failed }
 }
 
-async fn run(conn: &Conn, request: &Request, payload: Option<DmaBuf>) -> Done {
-    let blob = Arc::clone(&conn.volume.io);
-    let channel = match conn.state.channel() {
+/// A device flush through `channel` (skipped when the planted bug says so).
+async fn flush(session: &Session, channel: &BlobChannel) -> Done {
+    if session.testing_skip_flushes {
+        return Done::Ok;
+    }
+    match channel.flush().await {
+        Ok(()) => Done::Ok,
+        Err(err) => failed(&err),
+    }
+}
+
+async fn run(session: &Session, request: &Request, payload: Option<DmaBuf>) -> Done {
+    let blob = Arc::clone(&session.volume.io);
+    let channel = match session.state.channel() {
         Ok(channel) => channel,
         Err(err) => return failed(&err),
     };
     let io = VolumeIo {
         channel: &channel,
         blob: &blob,
-        conn,
+        session,
     };
     match request.command {
         Command::Read => io.read(request.offset, request.length as usize).await,
         Command::Write => match payload {
             Some(buf) => io.write(request.offset, buf, request.fua()).await,
             // A zero-length write is valid and does nothing (but honours FUA).
-            None if request.fua() => match channel.flush().await {
-                Ok(()) => Done::Ok,
-                Err(err) => failed(&err),
-            },
+            None if request.fua() => flush(session, &channel).await,
             None => Done::Ok,
         },
-        Command::Flush => match channel.flush().await {
-            Ok(()) => Done::Ok,
-            Err(err) => failed(&err),
-        },
+        Command::Flush => flush(session, &channel).await,
         Command::Trim => io.trim(request).await,
         Command::WriteZeroes => io.write_zeroes(request).await,
         Command::Cache => Done::Ok,
@@ -170,7 +199,7 @@ async fn run(conn: &Conn, request: &Request, payload: Option<DmaBuf>) -> Done {
 struct VolumeIo<'a> {
     channel: &'a BlobChannel,
     blob: &'a BlobIo,
-    conn: &'a Conn,
+    session: &'a Session,
 }
 
 impl VolumeIo<'_> {
@@ -188,7 +217,7 @@ impl VolumeIo<'_> {
 
     async fn read_aligned(&self, offset: u64, len: usize) -> Result<DmaBuf, Done> {
         let buf = self
-            .conn
+            .session
             .state
             .buffers
             .take(len)
@@ -200,7 +229,7 @@ impl VolumeIo<'_> {
         match result {
             Ok(()) => Ok(buf),
             Err(err) => {
-                self.conn.state.buffers.give(buf);
+                self.session.state.buffers.give(buf);
                 Err(failed(&err))
             }
         }
@@ -221,13 +250,13 @@ impl VolumeIo<'_> {
             Ok(buf) => buf,
             Err(done) => return done,
         };
-        let mut exact = match self.conn.state.buffers.take(len) {
+        let mut exact = match self.session.state.buffers.take(len) {
             Ok(buf) => buf,
             Err(err) => return Done::Failed(Errno::NoMem, err.to_string()),
         };
         let skip = (offset - start) as usize;
         exact.copy_from_slice(&whole[skip..skip + len]);
-        self.conn.state.buffers.give(whole);
+        self.session.state.buffers.give(whole);
         Done::Data(exact)
     }
 
@@ -235,27 +264,25 @@ impl VolumeIo<'_> {
         let len = buf.len() as u64;
         let (start, cover) = self.cover(offset, len);
         let result = if start == offset && cover == len {
-            let _admitted = self.conn.volume.gate.write(&self.conn.state).await;
+            let _admitted = self.session.volume.gate.write(&self.session.state).await;
             let (result, buf) = self
                 .channel
                 .write(self.blob, offset / self.unit(), buf)
                 .await;
-            self.conn.state.buffers.give(buf);
+            self.session.state.buffers.give(buf);
             result
         } else {
             let result = self
                 .read_modify_write(offset, len, |dest| dest.copy_from_slice(&buf))
                 .await;
-            self.conn.state.buffers.give(buf);
+            self.session.state.buffers.give(buf);
             result
         };
         if let Err(err) = result {
             return failed(&err);
         }
         if fua {
-            if let Err(err) = self.channel.flush().await {
-                return failed(&err);
-            }
+            return flush(self.session, self.channel).await;
         }
         Done::Ok
     }
@@ -269,7 +296,7 @@ impl VolumeIo<'_> {
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<(), BlobError> {
         let (start, cover) = self.cover(offset, len);
-        let _alone = self.conn.volume.gate.read_modify_write().await;
+        let _alone = self.session.volume.gate.read_modify_write().await;
         let mut whole = match self.read_aligned(start, cover as usize).await {
             Ok(buf) => buf,
             Err(Done::Failed(_, message)) => return Err(BlobError::InvalidArgument(message)),
@@ -281,7 +308,7 @@ impl VolumeIo<'_> {
             .channel
             .write(self.blob, start / self.unit(), whole)
             .await;
-        self.conn.state.buffers.give(whole);
+        self.session.state.buffers.give(whole);
         result
     }
 
@@ -346,7 +373,7 @@ impl VolumeIo<'_> {
                         .await;
                 }
                 if result.is_ok() {
-                    let _admitted = self.conn.volume.gate.write(&self.conn.state).await;
+                    let _admitted = self.session.volume.gate.write(&self.session.state).await;
                     result = self
                         .channel
                         .write_zeroes(
@@ -368,9 +395,7 @@ impl VolumeIo<'_> {
             }
         }
         if request.fua() {
-            if let Err(err) = self.channel.flush().await {
-                return failed(&err);
-            }
+            return flush(self.session, self.channel).await;
         }
         Done::Ok
     }

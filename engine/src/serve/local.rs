@@ -40,7 +40,14 @@ thread_local! {
 impl ReactorServe {
     /// Installs this reactor's state (replacing any earlier one).
     pub(crate) fn install(exports: Arc<ExportSet>, shared: Arc<DaemonShared>) {
-        let state = Rc::new(ReactorServe {
+        let state = ReactorServe::new(exports, shared);
+        SERVE.with(|slot| *slot.borrow_mut() = Some(state));
+    }
+
+    /// A reactor's state, not installed (the simulation's byte-pipe server keeps its own:
+    /// its reactors share one thread, so one thread-local slot cannot tell them apart).
+    pub(crate) fn new(exports: Arc<ExportSet>, shared: Arc<DaemonShared>) -> Rc<ReactorServe> {
+        Rc::new(ReactorServe {
             exports: RefCell::new(exports),
             shared,
             buffers: BufferCache::default(),
@@ -49,8 +56,7 @@ impl ReactorServe {
             channel: RefCell::new(None),
             stopping: Cell::new(false),
             stop_wakers: RefCell::new(Slab::new()),
-        });
-        SERVE.with(|slot| *slot.borrow_mut() = Some(state));
+        })
     }
 
     /// This reactor's state, if the daemon runs here.

@@ -24,10 +24,12 @@
 //!   reactor.
 //! - `listen`: accept loops. `connection`: one client. `execute`: one request.
 //! - `buffers`: the per-reactor DMA buffer cache. `race`: first of two futures.
+//! - [`inproc`]: the NBD front end with no socket (bytes in, bytes out), for the simulation.
 
 mod buffers;
 mod connection;
 mod execute;
+pub mod inproc;
 pub(crate) mod iostat;
 mod listen;
 pub(crate) mod local;

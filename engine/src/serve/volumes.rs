@@ -227,7 +227,7 @@ pub(crate) async fn open_exports(
 }
 
 /// The export of `blob` under `name`.
-fn volume_of(store: &Blobstore, blob: &Blob, name: String) -> Volume {
+pub(super) fn volume_of(store: &Blobstore, blob: &Blob, name: String) -> Volume {
     let read_only = blob.is_read_only() || blob.is_data_read_only();
     let kind = if store.is_snapshot(blob.id()) {
         "snapshot"

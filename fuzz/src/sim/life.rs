@@ -33,6 +33,8 @@ pub struct Bugs {
     pub flush_lies: bool,
     /// Planted: the blob layer skips its metadata ordering flushes.
     pub skip_ordering_flushes: bool,
+    /// Planted: the NBD front end acknowledges FLUSH and FUA writes without a device flush.
+    pub nbd_skips_flushes: bool,
     /// Stricter check: a thick blob's new clusters must read zeros (the blob layer does not
     /// promise it; see the seed-2 regression test).
     pub strict_thick_zeros: bool,
@@ -82,17 +84,20 @@ pub struct LifeOut {
     pub trace_hash: u64,
 }
 
-struct Ctx {
+/// What a life's operations share: the device's layers, the reactors, the planted bugs.
+pub(super) struct Ctx {
     crash: Arc<CrashBdev>,
     errors: Arc<ErrorBdev>,
-    reactors: Vec<ReactorId>,
-    bugs: Bugs,
+    /// The simulated reactors (the first is the metadata reactor, the driver's).
+    pub(super) reactors: Vec<ReactorId>,
+    /// Planted bugs.
+    pub(super) bugs: Bugs,
 }
 
 impl Ctx {
     /// An error is part of the plan when the device is full, or a fault was injected in
     /// this life (its effects may surface in a later operation).
-    fn expected(&self, errno: i32) -> bool {
+    pub(super) fn expected(&self, errno: i32) -> bool {
         errno == -libc::ENOSPC || self.errors.injected_count() > 0
     }
 }
@@ -350,7 +355,11 @@ async fn open<'a>(
 }
 
 /// Opens blob `id` for one operation: `None` when the open failed as a fault allows.
-async fn open_one(ctx: &Ctx, store: &Blobstore, id: u64) -> Result<Option<Blob>, String> {
+pub(super) async fn open_one(
+    ctx: &Ctx,
+    store: &Blobstore,
+    id: u64,
+) -> Result<Option<Blob>, String> {
     match store.open_blob(id).await {
         Ok(blob) => Ok(Some(blob)),
         Err(err) if ctx.expected(err.errno()) => Ok(None),
@@ -640,6 +649,18 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
                 .set_latency_spikes(u64::from(one_in), u64::from(ms) * 1_000_000);
             Ok("set".into())
         }
+        Op::Nbd {
+            pick,
+            reactor,
+            structured,
+            requests,
+            split,
+        } => {
+            super::nbd::run(
+                ctx, store, model, pick, reactor, structured, &requests, split,
+            )
+            .await
+        }
         Op::Reload | Op::Cut { .. } => Ok("(ends a life)".into()),
     }
 }
@@ -667,7 +688,7 @@ fn md_error(
 
 /// Closes `blob`: `Ok(false)` when the close failed as a fault allows (its metadata may
 /// not be written).
-async fn close(ctx: &Ctx, blob: Blob) -> Result<bool, String> {
+pub(super) async fn close(ctx: &Ctx, blob: Blob) -> Result<bool, String> {
     match blob.close().await {
         Ok(()) => Ok(true),
         Err(err) if ctx.expected(err.errno()) => Ok(false),

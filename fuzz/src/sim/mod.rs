@@ -8,6 +8,7 @@
 //! - [`model`]: what each io_unit may read now and after a power cut.
 //! - [`data`]: the bytes each write puts down (naming the write and the unit).
 //! - [`life`]: one life of the engine, from init or load to unload or power cut.
+//! - [`nbd`]: a simulated NBD client, served by the daemon's front end with no socket.
 //! - [`cli`]: the `sim` subcommand (one seed, a range, a soak).
 //! - [`shrink`]: dropping and reducing a failing plan's steps.
 
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod data;
 pub mod life;
 pub mod model;
+pub mod nbd;
 pub mod plan;
 pub mod shrink;
 

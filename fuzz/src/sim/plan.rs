@@ -37,6 +37,51 @@ pub struct WriteSpec {
     pub reactor: u8,
 }
 
+/// One request of a simulated NBD client: io_unit ranges are modulo the blob's size and
+/// clamped to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdCmd {
+    /// `NBD_CMD_WRITE` of `units` io_units from `unit`, with `NBD_CMD_FLAG_FUA` if `fua`.
+    Write {
+        /// First io_unit.
+        unit: u32,
+        /// How many.
+        units: u32,
+        /// Force unit access.
+        fua: bool,
+    },
+    /// `NBD_CMD_READ`, checked against the model.
+    Read {
+        /// First io_unit.
+        unit: u32,
+        /// How many.
+        units: u32,
+    },
+    /// `NBD_CMD_FLUSH`.
+    Flush,
+    /// `NBD_CMD_TRIM` (advisory: the units read their old values or zeros).
+    Trim {
+        /// First io_unit.
+        unit: u32,
+        /// How many.
+        units: u32,
+    },
+    /// `NBD_CMD_WRITE_ZEROES`.
+    WriteZeroes {
+        /// First io_unit.
+        unit: u32,
+        /// How many.
+        units: u32,
+    },
+    /// `NBD_CMD_BLOCK_STATUS` (`base:allocation`): a hole must read zeros.
+    BlockStatus {
+        /// First io_unit.
+        unit: u32,
+        /// How many.
+        units: u32,
+    },
+}
+
 /// One step of a plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -111,6 +156,22 @@ pub enum Op {
         /// Extra latency, ms of virtual time.
         ms: u32,
     },
+    /// A simulated NBD client on blob `pick` (exported as the daemon exports it, served on
+    /// `reactor`): the handshake, `requests` pipelined, then `NBD_CMD_DISC`, its bytes cut
+    /// into pieces at points drawn from `split`; every request runs through the daemon's
+    /// decoder, request execution and reply encoder, and its reply is checked.
+    Nbd {
+        /// Which blob (modulo the writable ones).
+        pick: u32,
+        /// Which reactor serves the connection.
+        reactor: u8,
+        /// Structured replies (and `base:allocation`) negotiated.
+        structured: bool,
+        /// The requests, in order.
+        requests: Vec<NbdCmd>,
+        /// Seed of the points where the client's bytes are cut into pieces.
+        split: u64,
+    },
     /// End of a life: a clean unload and load.
     Reload,
     /// End of a life: the power is cut while `inflight` writes run, after `yields` yields;
@@ -151,6 +212,9 @@ pub struct PlanSize {
     pub ops: usize,
     /// Chance (per mille) that an operation is an injected fault.
     pub fault_per_mille: u32,
+    /// Chance (per mille) that an NBD client's operation comes before an operation (drawn
+    /// from a side stream: the plan's other steps do not depend on it).
+    pub nbd_per_mille: u32,
 }
 
 impl Default for PlanSize {
@@ -158,7 +222,51 @@ impl Default for PlanSize {
         PlanSize {
             ops: 40,
             fault_per_mille: 40,
+            nbd_per_mille: 80,
         }
+    }
+}
+
+fn nbd_range(rng: &mut fastrand::Rng) -> (u32, u32) {
+    (rng.u32(0..128), rng.u32(1..5))
+}
+
+fn nbd_op(rng: &mut fastrand::Rng) -> Op {
+    let requests = (0..rng.usize(1..6))
+        .map(|_| match rng.u32(0..100) {
+            0..=39 => {
+                let (unit, units) = nbd_range(rng);
+                NbdCmd::Write {
+                    unit,
+                    units,
+                    fua: rng.u32(0..3) == 0,
+                }
+            }
+            40..=59 => {
+                let (unit, units) = nbd_range(rng);
+                NbdCmd::Read { unit, units }
+            }
+            60..=74 => NbdCmd::Flush,
+            75..=82 => {
+                let (unit, units) = nbd_range(rng);
+                NbdCmd::Trim { unit, units }
+            }
+            83..=91 => {
+                let (unit, units) = nbd_range(rng);
+                NbdCmd::WriteZeroes { unit, units }
+            }
+            _ => {
+                let (unit, units) = nbd_range(rng);
+                NbdCmd::BlockStatus { unit, units }
+            }
+        })
+        .collect();
+    Op::Nbd {
+        pick: rng.u32(0..8),
+        reactor: rng.u8(0..2),
+        structured: rng.u32(0..4) != 0,
+        requests,
+        split: rng.u64(..),
     }
 }
 
@@ -181,7 +289,13 @@ impl Plan {
         let mut rng = fastrand::Rng::with_seed(seed ^ 0xA5A5_5A5A_C0FF_EE00);
         let count = size.ops / 2 + rng.usize(0..=size.ops);
         let mut ops = Vec::with_capacity(count + 1);
-        for _ in 0..count {
+        for index in 0..count {
+            let mut nbd = fastrand::Rng::with_seed(
+                seed ^ 0x4E42_4400_0000_0000 ^ (index as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25),
+            );
+            if nbd.u32(0..1000) < size.nbd_per_mille {
+                ops.push(nbd_op(&mut nbd));
+            }
             if rng.u32(0..1000) < size.fault_per_mille {
                 ops.push(if rng.u32(0..4) == 0 {
                     Op::Spikes {
@@ -229,7 +343,7 @@ impl Plan {
                     // Racing writes come from a side stream, so the main one (and every
                     // other step of the plan) does not depend on them.
                     let mut side = fastrand::Rng::with_seed(
-                        seed ^ (ops.len() as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+                        seed ^ (index as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
                     );
                     let racing = if side.bool() {
                         (0..side.usize(1..4))

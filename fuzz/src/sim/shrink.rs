@@ -190,6 +190,33 @@ fn reductions(op: &Op) -> Vec<Op> {
             }
             out
         }
+        Op::Nbd {
+            pick,
+            reactor,
+            structured,
+            requests,
+            split,
+        } if requests.len() > 1 || *split != 0 => {
+            let nbd = |requests: Vec<_>, split| Op::Nbd {
+                pick: *pick,
+                reactor: *reactor,
+                structured: *structured,
+                requests,
+                split,
+            };
+            let mut out = Vec::new();
+            if *split != 0 {
+                out.push(nbd(requests.clone(), 0));
+            }
+            for skip in 0..requests.len().min(8) {
+                let mut fewer = requests.clone();
+                fewer.remove(skip);
+                if !fewer.is_empty() {
+                    out.push(nbd(fewer, *split));
+                }
+            }
+            out
+        }
         _ => Vec::new(),
     }
 }
