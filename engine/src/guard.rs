@@ -14,6 +14,35 @@ use crate::EngineError;
 /// The signature at byte 0 of a blobstore's super block.
 pub const BLOBSTORE_SIGNATURE: &[u8; 8] = b"SPDKBLOB";
 
+/// Refuses an existing `path` that is neither a regular file, a block device nor a directory
+/// (a FIFO, a socket, a character device) before anything opens it: opening a FIFO waits
+/// for a writer, so a command given one by mistake would hang. A missing path passes (the
+/// caller says what it does with one), and so does a directory (said in its own words).
+pub fn refuse_special_file(path: &Path) -> Result<(), EngineError> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let kind = meta.file_type();
+    if kind.is_file() || kind.is_block_device() || kind.is_dir() {
+        return Ok(());
+    }
+    Err(EngineError::File {
+        path: path.display().to_string(),
+        reason: "not a regular file or block device: give the store's file or block device".into(),
+        errno: -libc::EINVAL,
+    })
+}
+
+/// Opens `path` to look at its first bytes: only a regular file or a block device (a FIFO
+/// would block the open; nothing else has bytes worth a look).
+fn open_to_peek(path: &Path) -> Option<File> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return None;
+    }
+    File::open(path).ok()
+}
+
 /// Reads up to `buf.len()` bytes at `offset` of `file`; how many were read.
 fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
     file.seek(SeekFrom::Start(offset))?;
@@ -31,16 +60,16 @@ fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<usiz
 /// cannot be read).
 pub fn holds_blobstore(path: &Path) -> bool {
     let mut head = [0u8; 8];
-    File::open(path)
-        .and_then(|mut file| read_at(&mut file, 0, &mut head))
-        .is_ok_and(|n| n == head.len() && &head == BLOBSTORE_SIGNATURE)
+    open_to_peek(path)
+        .and_then(|mut file| read_at(&mut file, 0, &mut head).ok())
+        .is_some_and(|n| n == head.len() && &head == BLOBSTORE_SIGNATURE)
 }
 
 /// The disk image format the file at `path` is in, by its magic (`None`: raw, or unreadable):
 /// "qcow2" (or qcow), "VMDK", "VHDX", "VDI", or "VHD" (its `conectix` footer at the start, as
 /// a dynamic VHD has a copy, or in its last 512 bytes, as every VHD has).
 pub fn disk_image_format(path: &Path) -> Option<&'static str> {
-    let mut file = File::open(path).ok()?;
+    let mut file = open_to_peek(path)?;
     let mut head = [0u8; 512];
     let n = read_at(&mut file, 0, &mut head).ok()?;
     let head = &head[..n];
@@ -132,7 +161,7 @@ pub fn refuse_new_file_in_dev(path: &Path) -> Result<(), EngineError> {
 /// GPT's backup header is not needed: the primary is at the start).
 pub fn foreign_contents(path: &Path) -> Option<String> {
     const HEAD: usize = 1 << 20;
-    let mut file = File::open(path).ok()?;
+    let mut file = open_to_peek(path)?;
     let mut head = vec![0u8; HEAD];
     let n = read_at(&mut file, 0, &mut head).ok()?;
     let head = &head[..n];

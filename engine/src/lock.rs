@@ -58,6 +58,7 @@ impl ImageLock {
     /// Locks the existing image at `path` for writing (exclusive; block devices are also
     /// claimed with `O_EXCL`).
     pub fn exclusive(path: &Path) -> Result<ImageLock, EngineError> {
+        crate::guard::refuse_special_file(path)?;
         let is_block = std::fs::metadata(path)
             .map(|meta| meta.file_type().is_block_device())
             .unwrap_or(false);
@@ -83,6 +84,7 @@ impl ImageLock {
     /// Locks the existing image at `path` for reading only (shared with other readers,
     /// refused while a writer holds it).
     pub fn shared(path: &Path) -> Result<ImageLock, EngineError> {
+        crate::guard::refuse_special_file(path)?;
         let file = File::open(path)
             .map_err(|err| file_error(path, crate::words::io_words(&err), io_errno(&err)))?;
         Self::lock(file, path, false)

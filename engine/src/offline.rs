@@ -123,7 +123,7 @@ pub fn check_image_exists(image: &Path) -> Result<(), EngineError> {
             errno: -libc::EISDIR,
         });
     }
-    Ok(())
+    crate::guard::refuse_special_file(image)
 }
 
 /// Opens `image`, gets its store as `open` says on a fresh one-reactor runtime, runs `job`

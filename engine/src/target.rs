@@ -173,6 +173,11 @@ pub fn open_image_as(
     shown: &Path,
     options: &TargetOptions,
 ) -> Result<(Arc<dyn Bdev>, String), EngineError> {
+    crate::guard::refuse_special_file(path).map_err(|_| EngineError::File {
+        path: shown.display().to_string(),
+        reason: "not a regular file or block device: give the store's file or block device".into(),
+        errno: -libc::EINVAL,
+    })?;
     let is_block = std::fs::metadata(path)
         .map(|meta| meta.file_type().is_block_device())
         .unwrap_or(false);

@@ -79,7 +79,9 @@ impl LvolStore {
     /// Why `name` cannot be an lvol's name in this store, if it cannot: [`LvolStore::lookup`]
     /// tries uuids and aliases before names, so a name that reads as a uuid (or SPDK's
     /// `storeuuid_blobid` id) or starts with this store's alias prefix `store/` could not be
-    /// reached by name, and would reach another lvol instead. `None` when it is fine.
+    /// reached by name, and would reach another lvol instead; nor can a name that reads as a
+    /// blob id (`0x100000001`, `12`), which the command line takes as an id first (a rule
+    /// SPDK does not have: such names are refused with -EINVAL). `None` when it is fine.
     pub fn name_reads_as_other(&self, name: &str) -> Option<String> {
         let lvols = self.lvols();
         if let Some(lvol) = lvols.iter().find(|lvol| lvol.unique_id == name) {
@@ -94,6 +96,11 @@ impl LvolStore {
                     Some(lvol) => format!("is the uuid of lvol '{}' ({:#x})", lvol.name, lvol.id),
                     None => "reads as a uuid".to_string(),
                 },
+            );
+        }
+        if reads_as_blob_id(name) {
+            return Some(
+                "reads as a blob id (the command line takes ids before names, so the lvol could not be told from that blob)".to_string(),
             );
         }
         let prefix = format!("{}/", self.name());
@@ -428,4 +435,22 @@ fn new_lvol_xattrs(name: &str, uuid: &Uuid) -> Vec<(String, Vec<u8>)> {
         (NAME_XATTR.into(), lvol_name_value(name)),
         (UUID_XATTR.into(), uuid_value(uuid)),
     ]
+}
+
+/// Whether `name` reads as a blob id as the command line takes one: `0x` and hex digits, or
+/// decimal digits, that fit 64 bits.
+fn reads_as_blob_id(name: &str) -> bool {
+    let text = name.trim();
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => {
+            !hex.is_empty()
+                && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                && u64::from_str_radix(hex, 16).is_ok()
+        }
+        None => {
+            !text.is_empty()
+                && text.bytes().all(|b| b.is_ascii_digit())
+                && text.parse::<u64>().is_ok()
+        }
+    }
 }
