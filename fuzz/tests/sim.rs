@@ -379,3 +379,92 @@ fn sim_seed_4797_inflate_then_cut_leaves_a_thick_blob_with_a_hole() {
             .unwrap_or_else(|failure| panic!("seed {seed}: {}", failure.what));
     }
 }
+
+/// Found by seed 964254536: a clone (0x9) shrunk to 0 clusters, snapshotted (0xa: 0
+/// clusters, its parent 0x6 holding data), then grown to 1 cluster reads zeros there (past
+/// its parent's end, as in SPDK). Deleting 0xa merges it into its only clone, which then
+/// reads through 0x6: the grown cluster showed 0x6's data (unit 0 read value 3, after the
+/// restart, where the model allowed only zeros). The model is right: a snapshot's delete must
+/// not change what its clone reads. SPDK re-points the clone the same way (and would show the
+/// grandparent's data too); Spool now gives the clone zeroed clusters of its own first where
+/// the grandparent's chain would show data (`snapshot::past_parent_end_shown_by`; a decouple
+/// likewise). The shrunk plan, then the seed.
+#[test]
+fn sim_seed_964254536_deleting_a_zero_cluster_snapshot_keeps_what_its_clone_reads() {
+    let w = |pick, unit, units| {
+        Op::Write(spool_fuzz::sim::plan::WriteSpec {
+            pick,
+            unit,
+            units,
+            reactor: 0,
+        })
+    };
+    let plan = Plan {
+        seed: 964_254_536,
+        ops: vec![
+            Op::Create {
+                thin: true,
+                clusters: 2,
+            },
+            w(0, 59, 1),
+            Op::Create {
+                thin: false,
+                clusters: 0,
+            },
+            Op::Delete { pick: 3 },
+            Op::Create {
+                thin: false,
+                clusters: 2,
+            },
+            w(0, 0, 1),
+            w(5, 0, 1),
+            Op::Create {
+                thin: false,
+                clusters: 1,
+            },
+            Op::Snapshot {
+                pick: 2,
+                racing: Vec::new(),
+            },
+            w(5, 0, 1),
+            Op::Clone { pick: 0 },
+            Op::Clone { pick: 1 },
+            Op::Resize {
+                pick: 4,
+                clusters: 0,
+            },
+            Op::Snapshot {
+                pick: 4,
+                racing: Vec::new(),
+            },
+            Op::Flush { reactor: 1 },
+            w(7, 99, 16),
+            Op::Create {
+                thin: false,
+                clusters: 1,
+            },
+            Op::Resize {
+                pick: 5,
+                clusters: 1,
+            },
+            Op::Delete { pick: 7 },
+            Op::Cut {
+                inflight: Vec::new(),
+                yields: 0,
+                fate: 15_811_867_058_900_768_384,
+            },
+        ],
+    };
+    let report = run_plan(&plan, Bugs::default())
+        .unwrap_or_else(|failure| panic!("{}\n  {}", failure.what, failure.trace.join("\n  ")));
+    assert!(
+        report
+            .trace
+            .iter()
+            .any(|line| line.starts_with("Delete { pick: 7 } -> 0x10000000a ok")),
+        "the 0-cluster snapshot between the clone and its grandparent was deleted: {:#?}",
+        report.trace
+    );
+    run_seed(964_254_536, PlanSize::default(), Bugs::default())
+        .unwrap_or_else(|failure| panic!("seed 964254536: {}", failure.what));
+}
