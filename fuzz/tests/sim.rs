@@ -468,3 +468,58 @@ fn sim_seed_964254536_deleting_a_zero_cluster_snapshot_keeps_what_its_clone_read
     run_seed(964_254_536, PlanSize::default(), Bugs::default())
         .unwrap_or_else(|failure| panic!("seed 964254536: {}", failure.what));
 }
+
+/// Found by seed 42524 (open; fails the same way without this branch's fixes). Not traced
+/// yet; the likely reading: the delete of a snapshot (0x1) with one clone (0x0) merges it;
+/// the clone's new root commits, then a flush fails (-EIO) and the delete fails, leaving 0x1 on disk with `SNAPRM` = 0x0 and its
+/// old map (in memory its taken clusters are zeroed, but that root is never written). A
+/// snapshot of the clone (0x4) then takes the clone's map, clusters 0x1 still names on disk:
+/// after the cut `spool check` reports clusters shared by 0x4 and 0x1 (only the marked pair
+/// 0x1/0x0 may share). The load's merge repair (`forget_merged_clusters`) compares 0x1's map
+/// with the clone's own map only, now empty, so it would free clusters 0x4 maps.
+#[test]
+#[ignore = "open: a failed merge-delete's SNAPRM snapshot still names clusters a later snapshot of the clone took"]
+fn sim_seed_42524_failed_merge_then_snapshot_of_the_clone_shares_clusters() {
+    use spool_fuzz::sim::plan::{FaultErrno, FaultIo};
+    let w = |unit| spool_fuzz::sim::plan::WriteSpec {
+        pick: 0,
+        unit,
+        units: 1,
+        reactor: 0,
+    };
+    let plan = Plan {
+        seed: 42524,
+        ops: vec![
+            Op::Create {
+                thin: true,
+                clusters: 5,
+            },
+            Op::Fault {
+                io: FaultIo::Flush,
+                errno: FaultErrno::Eio,
+                nth: 10,
+            },
+            Op::Write(w(0)),
+            Op::Batch(vec![w(114), w(137)]),
+            Op::Snapshot {
+                pick: 2,
+                racing: Vec::new(),
+            },
+            Op::Delete { pick: 5 },
+            Op::Snapshot {
+                pick: 4,
+                racing: Vec::new(),
+            },
+            Op::Cut {
+                inflight: Vec::new(),
+                yields: 0,
+                fate: 18_270_685_293_136_912_525,
+            },
+        ],
+    };
+    if let Err(failure) = run_plan(&plan, Bugs::default()) {
+        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+    }
+    run_seed(42524, PlanSize::default(), Bugs::default())
+        .unwrap_or_else(|failure| panic!("seed 42524: {}", failure.what));
+}
