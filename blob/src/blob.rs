@@ -79,7 +79,8 @@ pub(crate) struct BlobState {
     /// Notified at the end of every persist.
     pub(crate) persisted: crate::sync::LocalNotify,
     /// The number of the last metadata write that rewrote one of its extent pages in place
-    /// (a later root names that page, so a flush must cover it first); 0 for none.
+    /// (a later root names that page, so a flush must cover it first); 0 for none. A blob
+    /// opened again starts from the last write made so far (one may be from before its close).
     pub(crate) in_place_write: Cell<u64>,
     /// The number of its last metadata write that the map on disk depends on (a root, or an
     /// extent page rewritten in place); 0 for none (see `persist::Deps::After`).

@@ -354,8 +354,13 @@ impl Blobstore {
         let io = BlobIo::new(self.shared(), &meta);
         let state = BlobState::new(meta, chain_pages, io);
         // Its last metadata write is unknown here (it may have been closed with one not yet
-        // flushed): taken as the last write made so far, so `Deps::After` stays safe.
-        state.last_write.set(self.inner.durability.last_write());
+        // flushed): taken as the last write made so far, so `Deps::After` stays safe. So is
+        // its last in-place extent page write (a thin insert's, made before a close): the
+        // next root must not reach the disk before it (seed 4797: an inflate's thick root
+        // did, and a cut kept the root without the extent page, a thick blob with a hole).
+        let last = self.inner.durability.last_write();
+        state.last_write.set(last);
+        state.in_place_write.set(last);
         state.replace_parent(parent);
         Ok(state)
     }

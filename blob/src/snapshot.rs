@@ -392,6 +392,52 @@ fn warn_late(id: u64, what: &str, late: Option<BlobError>) {
     }
 }
 
+/// Cluster indexes of `blob` that read zeros now only because they lie past the end of its
+/// parent `parent`, and would show data (of `new_parent` or one of its ancestors) once the
+/// blob reads through `new_parent` instead: what a merge (the delete of `parent`, its only
+/// clone `blob`) or a decouple must give clusters of their own first, filled with what they
+/// show now (zeros), or the re-pointing would change the blob's data (found by the
+/// simulation, seed 964254536: a clone grown past its 0-cluster snapshot read the
+/// grandparent's data once that snapshot was deleted). SPDK re-points without them, and
+/// there the blob's data changes; the image format is the same either way.
+fn past_parent_end_shown_by(blob: &Blob, parent: &Blob, new_parent: Option<&Blob>) -> Vec<u64> {
+    let Some(new_parent) = new_parent else {
+        return Vec::new();
+    };
+    let map = blob.cluster_map();
+    let start = parent.num_clusters() as usize;
+    if map.len() <= start {
+        return Vec::new();
+    }
+    // The maps of the chain from the new parent up: an index past one's end reads zeros
+    // there (and nothing above it shows through).
+    let mut chain = vec![new_parent.cluster_map()];
+    let mut next = new_parent
+        .state
+        .parent
+        .borrow()
+        .as_ref()
+        .map(|p| Rc::clone(&p.state));
+    while let Some(state) = next {
+        chain.push(state.meta.borrow().clusters.clone());
+        next = state.parent.borrow().as_ref().map(|p| Rc::clone(&p.state));
+    }
+    let shows_data = |index: usize| {
+        for ancestor in &chain {
+            match ancestor.get(index) {
+                None => return false,
+                Some(&cluster) if cluster != 0 => return true,
+                Some(_) => {}
+            }
+        }
+        false
+    };
+    (start..map.len())
+        .filter(|&index| map[index] == 0 && shows_data(index))
+        .map(|index| index as u64)
+        .collect()
+}
+
 impl Blobstore {
     /// Inflates blob `id`: every cluster it does not own is allocated and filled with what it
     /// showed (its parent's data, or zeros); it then has no parent and is thick. A thick blob
@@ -487,7 +533,7 @@ impl Blobstore {
             None => false,
         };
         let parent_map = parent.as_ref().map(Blob::cluster_map).unwrap_or_default();
-        let needed: Vec<u64> = blob
+        let mut needed: Vec<u64> = blob
             .cluster_map()
             .iter()
             .enumerate()
@@ -496,6 +542,11 @@ impl Blobstore {
             })
             .map(|(index, _)| index as u64)
             .collect();
+        if let (false, Some(parent)) = (all, &parent) {
+            // Past the parent's end the blob reads zeros; through the grandparent it may not.
+            let grandparent = parent.state.parent.borrow();
+            needed.extend(past_parent_end_shown_by(blob, parent, grandparent.as_ref()));
+        }
         let free = self.free_cluster_count();
         if needed.len() as u64 > free {
             return Err(BlobError::NoRoom {
@@ -665,6 +716,29 @@ impl Blobstore {
 
     async fn merge_open(&self, snap: &Blob, clone: &Blob) -> Result<()> {
         let clone_id = clone.id();
+        // The clone's clusters past the snapshot's end read zeros; once it reads through the
+        // snapshot's parent they would show that one's data: they get clusters of their own
+        // first (ordinary first writes of zeros; nothing to undo if the merge fails).
+        let hidden = {
+            let grand = snap.state.parent.borrow();
+            past_parent_end_shown_by(clone, snap, grand.as_ref())
+        };
+        if !hidden.is_empty() {
+            let free = self.free_cluster_count();
+            if hidden.len() as u64 > free {
+                return Err(BlobError::NoRoom {
+                    id: clone_id,
+                    what: "delete (the merge into the clone)",
+                    needed: hidden.len() as u64,
+                    free,
+                });
+            }
+            let channel = self.channel()?;
+            let io = clone.io();
+            for index in hidden {
+                channel.touch_cluster(&io, index).await?;
+            }
+        }
         snap.state.meta.borrow_mut().set_xattr(
             true,
             XATTR_SNAPSHOT_REMOVING.as_bytes(),

@@ -741,3 +741,78 @@ fn a_snapshot_records_its_freeze_window_inside_the_call() {
         store.unload().await.unwrap();
     });
 }
+
+/// A clone grown past the end of its snapshot reads zeros there (as in SPDK: past a parent's
+/// end a clone reads zeros). Deleting that snapshot (a merge) or decoupling the clone from it
+/// re-points the clone to the grandparent, which may have data there: the clone first gets
+/// zeroed clusters of its own where the grandparent's chain would show data (found by the
+/// simulation, seed 964254536: the clone read the grandparent's data after the delete).
+/// SPDK re-points without them, so its clone's data changes; Spool's does not.
+#[test]
+fn a_clone_grown_past_its_snapshot_keeps_its_zeros_after_a_merge_or_decouple() {
+    let rt = runtime();
+    let (_bdev, desc) = malloc(64 << 20);
+    let again = desc.clone();
+    let ids = run(&rt, move || async move {
+        let store = Blobstore::init(desc, &InitOptions::default())
+            .await
+            .unwrap();
+        let channel = store.channel().unwrap();
+        let mut chains = Vec::new();
+        for _ in 0..2 {
+            // G: 2 clusters, cluster 0 written, cluster 1 unallocated (thin).
+            let c = create_thin(&store, 2).await;
+            let b = store.open_blob(c).await.unwrap();
+            write(&channel, &b.io(), 0, &pattern(1, CLUSTER)).await;
+            let g = store.create_snapshot(c, &[]).await.unwrap();
+            // S: a snapshot of C shrunk to nothing; C grows to 3 clusters past S's end.
+            b.resize(0).await.unwrap();
+            let s = store.create_snapshot(c, &[]).await.unwrap();
+            b.resize(3).await.unwrap();
+            assert_eq!(b.parent_id(), Some(s));
+            assert!(read(&channel, &b.io(), 0, 3 * CLUSTER).await == vec![0u8; 3 * CLUSTER]);
+            chains.push((b, g, s));
+        }
+        let (merged, decoupled) = (chains.remove(0), chains.remove(0));
+        // The merge: S goes, C reads through G. Only cluster 0 shows G's data: one cluster
+        // of zeros for C (cluster 1 is unallocated in G, cluster 2 past G's end).
+        let free = store.free_cluster_count();
+        store.delete_blob(merged.2).await.unwrap();
+        assert_eq!(merged.0.parent_id(), Some(merged.1));
+        assert!(
+            read(&channel, &merged.0.io(), 0, 3 * CLUSTER).await == vec![0u8; 3 * CLUSTER],
+            "after the merge the clone reads G's data where it read zeros"
+        );
+        assert_eq!(store.free_cluster_count(), free - 1);
+        assert_eq!(merged.0.num_allocated_clusters(), 1);
+        // The decouple: the same from C's side (S stays, without clones).
+        store.decouple_parent(decoupled.0.id()).await.unwrap();
+        assert_eq!(decoupled.0.parent_id(), Some(decoupled.1));
+        assert_eq!(decoupled.0.num_allocated_clusters(), 1);
+        assert!(
+            read(&channel, &decoupled.0.io(), 0, 3 * CLUSTER).await == vec![0u8; 3 * CLUSTER],
+            "after the decouple the clone reads G's data where it read zeros"
+        );
+        drop(channel);
+        let ids = [merged.0.id(), decoupled.0.id()];
+        merged.0.close().await.unwrap();
+        decoupled.0.close().await.unwrap();
+        store.unload().await.unwrap();
+        ids
+    });
+    run(&rt, move || async move {
+        let (store, _) = Blobstore::load(again, &LoadOptions::default())
+            .await
+            .unwrap();
+        let channel = store.channel().unwrap();
+        for id in ids {
+            let b = store.open_blob(id).await.unwrap();
+            assert!(b.parent_id().is_some());
+            assert!(read(&channel, &b.io(), 0, 3 * CLUSTER).await == vec![0u8; 3 * CLUSTER]);
+            b.close().await.unwrap();
+        }
+        drop(channel);
+        store.unload().await.unwrap();
+    });
+    rt.stop();
+}

@@ -369,15 +369,17 @@ fn sim_seed_4111_write_parked_across_a_snapshot_lost_its_next_cluster() {
         .unwrap_or_else(|failure| panic!("seed 4111: {}", failure.what));
 }
 
-/// Found by seed 4797 (seed 4475 fails the same way on main, without racing snapshots):
-/// inflating a thin blob that has no parent (both clusters allocated by one write just
-/// before) only turns it thick, and a power cut right after, with the two pending writes
-/// reaching the media (shuffled), leaves an image whose blob is thick with an unallocated
-/// cluster in its extent page: `spool check` reports "unallocated cluster in a thick blob".
-/// Not fixed yet: the inflate's root (thick) seems to reach the disk without the thin
-/// inserts' extent page before it (`take_over_open`'s `Deps::Own`).
+/// Found by seed 4797 (seed 4475 fails the same way on main, without racing snapshots; so
+/// does 30039): inflating a thin blob that has no parent (both clusters allocated by one
+/// write just before) only turns it thick, and a power cut right after, with the two pending
+/// writes reaching the media (shuffled), left an image whose blob is thick with an
+/// unallocated cluster in its extent page: `spool check` reported "unallocated cluster in a
+/// thick blob". The write's second insert rewrote the extent page in place, then closed the
+/// blob; the inflate opened it again, and the new in-memory state had forgotten that
+/// unflushed in-place write, so the thick root was written with no flush before it (the cut
+/// kept the root, lost the page). Fixed: a blob opened from disk counts the last metadata
+/// write made so far as its last in-place write.
 #[test]
-#[ignore = "open: inflate's thick root is not ordered after the thin inserts' extent page"]
 fn sim_seed_4797_inflate_then_cut_leaves_a_thick_blob_with_a_hole() {
     let plan = Plan {
         seed: 4797,
@@ -403,8 +405,152 @@ fn sim_seed_4797_inflate_then_cut_leaves_a_thick_blob_with_a_hole() {
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
         panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
     }
-    for seed in [4475, 4797] {
+    for seed in [4475, 4797, 30039] {
         run_seed(seed, PlanSize::default(), Bugs::default())
             .unwrap_or_else(|failure| panic!("seed {seed}: {}", failure.what));
     }
+}
+
+/// Found by seed 964254536: a clone (0x9) shrunk to 0 clusters, snapshotted (0xa: 0
+/// clusters, its parent 0x6 holding data), then grown to 1 cluster reads zeros there (past
+/// its parent's end, as in SPDK). Deleting 0xa merges it into its only clone, which then
+/// reads through 0x6: the grown cluster showed 0x6's data (unit 0 read value 3, after the
+/// restart, where the model allowed only zeros). The model is right: a snapshot's delete must
+/// not change what its clone reads. SPDK re-points the clone the same way (and would show the
+/// grandparent's data too); Spool now gives the clone zeroed clusters of its own first where
+/// the grandparent's chain would show data (`snapshot::past_parent_end_shown_by`; a decouple
+/// likewise). The shrunk plan, then the seed.
+#[test]
+fn sim_seed_964254536_deleting_a_zero_cluster_snapshot_keeps_what_its_clone_reads() {
+    let w = |pick, unit, units| {
+        Op::Write(spool_fuzz::sim::plan::WriteSpec {
+            pick,
+            unit,
+            units,
+            reactor: 0,
+        })
+    };
+    let plan = Plan {
+        seed: 964_254_536,
+        ops: vec![
+            Op::Create {
+                thin: true,
+                clusters: 2,
+            },
+            w(0, 59, 1),
+            Op::Create {
+                thin: false,
+                clusters: 0,
+            },
+            Op::Delete { pick: 3 },
+            Op::Create {
+                thin: false,
+                clusters: 2,
+            },
+            w(0, 0, 1),
+            w(5, 0, 1),
+            Op::Create {
+                thin: false,
+                clusters: 1,
+            },
+            Op::Snapshot {
+                pick: 2,
+                racing: Vec::new(),
+            },
+            w(5, 0, 1),
+            Op::Clone { pick: 0 },
+            Op::Clone { pick: 1 },
+            Op::Resize {
+                pick: 4,
+                clusters: 0,
+            },
+            Op::Snapshot {
+                pick: 4,
+                racing: Vec::new(),
+            },
+            Op::Flush { reactor: 1 },
+            w(7, 99, 16),
+            Op::Create {
+                thin: false,
+                clusters: 1,
+            },
+            Op::Resize {
+                pick: 5,
+                clusters: 1,
+            },
+            Op::Delete { pick: 7 },
+            Op::Cut {
+                inflight: Vec::new(),
+                yields: 0,
+                fate: 15_811_867_058_900_768_384,
+            },
+        ],
+    };
+    let report = run_plan(&plan, Bugs::default())
+        .unwrap_or_else(|failure| panic!("{}\n  {}", failure.what, failure.trace.join("\n  ")));
+    assert!(
+        report
+            .trace
+            .iter()
+            .any(|line| line.starts_with("Delete { pick: 7 } -> 0x10000000a ok")),
+        "the 0-cluster snapshot between the clone and its grandparent was deleted: {:#?}",
+        report.trace
+    );
+    run_seed(964_254_536, PlanSize::default(), Bugs::default())
+        .unwrap_or_else(|failure| panic!("seed 964254536: {}", failure.what));
+}
+
+/// Found by seed 42524 (open; fails the same way without this branch's fixes). Not traced
+/// yet; the likely reading: the delete of a snapshot (0x1) with one clone (0x0) merges it;
+/// the clone's new root commits, then a flush fails (-EIO) and the delete fails, leaving 0x1 on disk with `SNAPRM` = 0x0 and its
+/// old map (in memory its taken clusters are zeroed, but that root is never written). A
+/// snapshot of the clone (0x4) then takes the clone's map, clusters 0x1 still names on disk:
+/// after the cut `spool check` reports clusters shared by 0x4 and 0x1 (only the marked pair
+/// 0x1/0x0 may share). The load's merge repair (`forget_merged_clusters`) compares 0x1's map
+/// with the clone's own map only, now empty, so it would free clusters 0x4 maps.
+#[test]
+#[ignore = "open: a failed merge-delete's SNAPRM snapshot still names clusters a later snapshot of the clone took"]
+fn sim_seed_42524_failed_merge_then_snapshot_of_the_clone_shares_clusters() {
+    use spool_fuzz::sim::plan::{FaultErrno, FaultIo};
+    let w = |unit| spool_fuzz::sim::plan::WriteSpec {
+        pick: 0,
+        unit,
+        units: 1,
+        reactor: 0,
+    };
+    let plan = Plan {
+        seed: 42524,
+        ops: vec![
+            Op::Create {
+                thin: true,
+                clusters: 5,
+            },
+            Op::Fault {
+                io: FaultIo::Flush,
+                errno: FaultErrno::Eio,
+                nth: 10,
+            },
+            Op::Write(w(0)),
+            Op::Batch(vec![w(114), w(137)]),
+            Op::Snapshot {
+                pick: 2,
+                racing: Vec::new(),
+            },
+            Op::Delete { pick: 5 },
+            Op::Snapshot {
+                pick: 4,
+                racing: Vec::new(),
+            },
+            Op::Cut {
+                inflight: Vec::new(),
+                yields: 0,
+                fate: 18_270_685_293_136_912_525,
+            },
+        ],
+    };
+    if let Err(failure) = run_plan(&plan, Bugs::default()) {
+        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+    }
+    run_seed(42524, PlanSize::default(), Bugs::default())
+        .unwrap_or_else(|failure| panic!("seed 42524: {}", failure.what));
 }
