@@ -861,7 +861,9 @@ impl Blobstore {
 
     /// A snapshot marked `SNAPRM` whose clone no longer reads through it (the merge
     /// committed): forgets, in memory, the clusters the clone took, so that deleting it
-    /// frees only its own.
+    /// frees only its own. What the clone took may since have moved on to a snapshot of the
+    /// clone (taken after the merge, before the snapshot's delete was finished): every
+    /// blob on the clone's parent chain counts, up to the chain's end or back to `snap`.
     pub(crate) async fn forget_merged_clusters(&self, snap: &Blob) -> Result<()> {
         let removing = snap
             .state
@@ -880,18 +882,23 @@ impl Blobstore {
         // read error, damaged metadata) may still map the clusters: the snapshot is not
         // deleted then (the error is returned; a load reports the merge not repaired), or
         // its delete would free clusters the clone owns.
-        let clone_clusters = match self.open_blob(clone_id).await {
-            Ok(clone) => {
-                let map = clone.cluster_map();
-                clone.close().await?;
-                map
+        let mut taken: Vec<Vec<u32>> = Vec::new();
+        let mut next = Some(clone_id);
+        let mut seen = std::collections::HashSet::new();
+        while let Some(id) = next.filter(|&id| id != snap.id() && seen.insert(id)) {
+            match self.open_blob(id).await {
+                Ok(blob) => {
+                    taken.push(blob.cluster_map());
+                    blob.close().await?;
+                }
+                Err(BlobError::NoSuchBlob(_)) => {}
+                Err(err) => return Err(err),
             }
-            Err(BlobError::NoSuchBlob(_)) => Vec::new(),
-            Err(err) => return Err(err),
-        };
+            next = self.parent_of(id);
+        }
         let mut sm = snap.state.meta.borrow_mut();
         for (index, slot) in sm.clusters.iter_mut().enumerate() {
-            if *slot != 0 && clone_clusters.get(index) == Some(slot) {
+            if *slot != 0 && taken.iter().any(|map| map.get(index) == Some(&*slot)) {
                 *slot = 0;
             }
         }

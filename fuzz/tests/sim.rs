@@ -509,7 +509,7 @@ fn sim_seed_964254536_deleting_a_zero_cluster_snapshot_keeps_what_its_clone_read
 /// 0x1/0x0 may share). The load's merge repair (`forget_merged_clusters`) compares 0x1's map
 /// with the clone's own map only, now empty, so it would free clusters 0x4 maps.
 #[test]
-#[ignore = "open: a failed merge-delete's SNAPRM snapshot still names clusters a later snapshot of the clone took"]
+
 fn sim_seed_42524_failed_merge_then_snapshot_of_the_clone_shares_clusters() {
     use spool_fuzz::sim::plan::{FaultErrno, FaultIo};
     let w = |unit| spool_fuzz::sim::plan::WriteSpec {

@@ -8,7 +8,7 @@ use super::chains::BlobRecord;
 use super::report::{Problem, ProblemKind};
 use super::super_check::StoreShape;
 use crate::bitmap::BitSet;
-use crate::meta::{BlobMeta, XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING};
+use crate::meta::{BlobMeta, XATTR_SNAPSHOT, XATTR_SNAPSHOT_PENDING, XATTR_SNAPSHOT_REMOVING};
 
 /// Problems of one kind listed one by one (per blob for bad indexes, per store for shared
 /// clusters); the rest are counted in one more problem.
@@ -25,9 +25,18 @@ pub struct Claims {
     markers: HashMap<u64, Vec<u64>>,
     /// Pairs of blobs sharing clusters outside a marked snapshot or merge.
     pub shared: Vec<(u64, u64)>,
-    listed: usize,
+    /// Each blob's parent (its `SNAP` xattr).
+    parents: HashMap<u64, u64>,
+    /// Snapshots half merged (`SNAPRM`) and the clone each names.
+    removing: HashMap<u64, u64>,
+    /// Shared clusters found, judged once every blob's parent and markers are known (a
+    /// merged snapshot's clusters may have moved on to a later snapshot of its clone).
+    pending: Vec<(u64, u64, Problem)>,
     unlisted: u64,
 }
+
+/// Shared clusters held for judgement at most (the rest are counted as shared).
+const MAX_PENDING: usize = 16 * MAX_LISTED;
 
 /// The blobs `meta`'s `SNAPTMP` and `SNAPRM` markers name.
 fn markers_of(meta: &BlobMeta) -> Vec<u64> {
@@ -53,7 +62,9 @@ impl Claims {
             owners: HashMap::new(),
             markers: HashMap::new(),
             shared: Vec::new(),
-            listed: 0,
+            parents: HashMap::new(),
+            removing: HashMap::new(),
+            pending: Vec::new(),
             unlisted: 0,
         }
     }
@@ -70,6 +81,24 @@ impl Claims {
         names(a, b) || names(b, a)
     }
 
+    /// Whether `merged` is a snapshot half merged (`SNAPRM`) whose clone, or a snapshot of
+    /// the clone taken since (on the clone's parent chain), is `other`: the clusters the
+    /// clone took may be there, and the load forgets them before the snapshot goes.
+    fn merged_into_chain(&self, merged: u64, other: u64) -> bool {
+        let Some(&clone) = self.removing.get(&merged) else {
+            return false;
+        };
+        let mut next = Some(clone);
+        for _ in 0..=self.parents.len() {
+            match next {
+                Some(id) if id == other => return true,
+                Some(id) if id != merged => next = self.parents.get(&id).copied(),
+                _ => return false,
+            }
+        }
+        false
+    }
+
     /// Claims the clusters of a parsed blob (its map is consumed: `meta.clusters` is left
     /// empty, its size and allocated count are kept in the record). A cluster outside the
     /// store or in the metadata damages the blob.
@@ -82,9 +111,21 @@ impl Claims {
         let Some(meta) = record.meta.as_mut() else {
             return;
         };
+        let named = |name: &str| {
+            meta.xattr(true, name.as_bytes())
+                .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                .map(u64::from_le_bytes)
+        };
+        if let Some(parent) = named(XATTR_SNAPSHOT) {
+            self.parents.insert(record.id, parent);
+        }
+        if let Some(clone) = named(XATTR_SNAPSHOT_REMOVING) {
+            self.removing.insert(record.id, clone);
+        }
         let clusters = std::mem::take(&mut meta.clusters);
         let markers = markers_of(meta);
         let (id, root) = (record.id, record.root());
+
         if !markers.is_empty() {
             self.markers.insert(id, markers);
         }
@@ -138,24 +179,23 @@ impl Claims {
             if owner != id && self.marked_pair(id, owner) {
                 continue;
             }
-            if owner != id && !self.shared.contains(&(owner, id)) && self.shared.len() < MAX_LISTED
-            {
-                self.shared.push((owner, id));
-            }
-            if self.listed < MAX_LISTED {
-                self.listed += 1;
-                problems.push(Problem {
-                    kind: ProblemKind::ClusterShared,
-                    page: Some(root),
-                    blob: Some(id),
-                    field: format!("cluster[{blob_cluster}]"),
-                    expected: "a cluster no other blob (or blob cluster) maps".into(),
-                    found: if owner == id {
-                        format!("cluster {cluster}, mapped twice by this blob")
-                    } else {
-                        format!("cluster {cluster}, also owned by blob {owner:#x}")
+            if self.pending.len() < MAX_PENDING {
+                self.pending.push((
+                    owner,
+                    id,
+                    Problem {
+                        kind: ProblemKind::ClusterShared,
+                        page: Some(root),
+                        blob: Some(id),
+                        field: format!("cluster[{blob_cluster}]"),
+                        expected: "a cluster no other blob (or blob cluster) maps".into(),
+                        found: if owner == id {
+                            format!("cluster {cluster}, mapped twice by this blob")
+                        } else {
+                            format!("cluster {cluster}, also owned by blob {owner:#x}")
+                        },
                     },
-                });
+                ));
             } else {
                 self.unlisted += 1;
             }
@@ -175,8 +215,27 @@ impl Claims {
         }
     }
 
-    /// Adds the count of shared clusters not listed.
-    pub fn finish(&self, problems: &mut Vec<Problem>) {
+    /// Judges the shared clusters found (now that every blob's parent and markers are
+    /// known): lists them, and adds the count of those not listed.
+    pub fn finish(&mut self, problems: &mut Vec<Problem>) {
+        let mut listed = 0;
+        for (owner, id, problem) in std::mem::take(&mut self.pending) {
+            if owner != id
+                && (self.merged_into_chain(owner, id) || self.merged_into_chain(id, owner))
+            {
+                continue;
+            }
+            if owner != id && !self.shared.contains(&(owner, id)) && self.shared.len() < MAX_LISTED
+            {
+                self.shared.push((owner, id));
+            }
+            if listed < MAX_LISTED {
+                listed += 1;
+                problems.push(problem);
+            } else {
+                self.unlisted += 1;
+            }
+        }
         if self.unlisted > 0 {
             problems.push(Problem {
                 kind: ProblemKind::ClusterShared,

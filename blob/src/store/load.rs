@@ -466,9 +466,28 @@ fn reason_of(err: &BlobError) -> String {
     }
 }
 
+/// Whether `clone`'s parent chain reaches `grand` (`None`: the chain's end) without passing
+/// `grand`'s side: after a committed merge the clone reads through the snapshot's parent,
+/// directly or through snapshots of the clone taken since (which a failed delete of the
+/// merged snapshot leaves in between).
+fn reads_through_to(state: &MdState, clone: u64, grand: Option<u64>) -> bool {
+    let mut at = state.parents.get(&clone).copied();
+    for _ in 0..=state.parents.len() {
+        if at == grand {
+            return true;
+        }
+        match at {
+            Some(id) => at = state.parents.get(&id).copied(),
+            None => return false,
+        }
+    }
+    false
+}
+
 /// The interrupted merges (`SNAPRM`: `(snapshot, clone)`) a load may repair: the clone must
-/// be another blob that is the snapshot's clone (merge not committed) or its parent's (merge
-/// committed), and the snapshot may have no clone but that one (a merge only ever marks a
+/// be another blob that is the snapshot's clone (merge not committed) or reads through its
+/// parent (merge committed; snapshots of the clone taken since may be in between), and the
+/// snapshot may have no clone but that one (a merge only ever marks a
 /// snapshot with exactly one clone, the one it names). A mark naming anything else (a bit
 /// flip, a hostile image) is reported "not repaired" and the snapshot is left as it is: never
 /// deleted on a mark naming nothing, nor with the clusters other clones read through.
@@ -494,7 +513,9 @@ fn merges_to_repair(
             } else if other_clone {
                 "the snapshot has a clone other than the one it names (a merge marks a \
                  snapshot with one clone)"
-            } else if parent != Some(&snapshot) && parent != state.parents.get(&snapshot) {
+            } else if parent != Some(&snapshot)
+                && !reads_through_to(state, clone, state.parents.get(&snapshot).copied())
+            {
                 "the blob it names is a clone of neither the snapshot nor its parent"
             } else {
                 return true;

@@ -230,8 +230,8 @@ async fn drive(
             .await
             .map_err(|err| format!("the store does not load: {err}"))?;
         log.push(format!(
-            "load: {} blobs, recovered {}",
-            report.blobs, report.recovered
+            "load: {} blobs, recovered {}, repaired {:?}, unreadable {:?}",
+            report.blobs, report.recovered, report.repaired, report.unreadable
         ));
         verify(&store, model, log).await?;
         store
