@@ -154,6 +154,9 @@ pub fn refuse_new_file_in_dev(path: &Path) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// What [`foreign_contents`] says of non-zero bytes it does not recognise.
+pub const UNRECOGNISED_DATA: &str = "data (non-zero bytes in its first MiB)";
+
 /// What the file or device at `path` holds at its start, when it is not a blobstore and
 /// not blank: "an ext4 filesystem", "a GPT partition table", "a qcow2 image", ..., or "data
 /// (non-zero bytes in its first MiB)". `None`: all zeros there (or missing, or unreadable),
@@ -186,7 +189,7 @@ pub fn foreign_contents(path: &Path) -> Option<String> {
     } else if let Some(format) = disk_image_format(path) {
         return Some(format!("a {format} image"));
     } else {
-        "data (non-zero bytes in its first MiB)"
+        UNRECOGNISED_DATA
     };
     Some(found.to_string())
 }

@@ -20,6 +20,12 @@ pub fn errno_words(code: i32) -> String {
         libc::EFBIG => "the file would grow past the largest size the host filesystem allows",
         libc::ENODEV | libc::ENXIO => "no such device",
         libc::EOPNOTSUPP => "not supported by the host filesystem",
+        libc::EADDRINUSE => "address already in use (another process listens there)",
+        libc::EADDRNOTAVAIL => "this host has no such address (see ip addr)",
+        libc::ECONNREFUSED => "connection refused: nothing listens there (is spool serve running?)",
+        libc::ENOTSOCK => "not a socket",
+        libc::EINTR => "interrupted by a signal",
+        libc::ETIMEDOUT => "timed out",
         _ => return strip_os_error(&std::io::Error::from_raw_os_error(code).to_string()),
     };
     phrase.to_string()
@@ -99,6 +105,11 @@ mod tests {
         assert_eq!(
             failure("open", &perm),
             "open: operation not permitted (is it immutable? see lsattr)"
+        );
+        let busy = std::io::Error::from_raw_os_error(libc::EADDRINUSE);
+        assert_eq!(
+            failure("listen", &busy),
+            "listen: address already in use (another process listens there)"
         );
         assert_eq!(
             errno_words(libc::ELOOP),

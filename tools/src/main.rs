@@ -17,10 +17,10 @@ use crate::error::ToolError;
 
 fn main() {
     let cli = Cli::parse();
-    // The blobstore commands report what matters in their own one-line errors and warnings;
-    // the library's log lines (SPOOL_LOG=warn) would repeat them.
+    // The blobstore commands and perf report what matters in their own one-line errors,
+    // warnings and report labels; the library's log lines (a module path, an errno) come only
+    // when asked for with SPOOL_LOG=warn (or debug). The daemon logs as a daemon does.
     let default_level = match cli.command {
-        Command::Perf(_) => "warn",
         Command::Serve(_) => "info",
         _ => "error",
     };
@@ -43,7 +43,10 @@ fn main() {
                 ToolError::Interrupted {
                     report: Some(report),
                     ..
-                } => print!("{}", perf::table(report)),
+                } => {
+                    // Printed where it failed, quietly on a closed pipe, as a report is.
+                    let _ = blob_cmd::emit(&perf::table(report));
+                }
                 _ => {}
             }
             eprintln!("error: {err}");
@@ -65,41 +68,62 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
         Command::Perf(args) if args.layer == cli::Layer::Md => {
             let report = perf::run_metadata(args)?;
             if args.json {
-                let json = serde_json::to_string_pretty(&report)
-                    .map_err(|err| ToolError::Run(err.to_string()))?;
-                println!("{json}");
+                blob_cmd::emit(&json_line(&report)?)
             } else {
-                print!("{}", perf::metadata_table(&report));
+                blob_cmd::emit(&perf::metadata_table(&report))
             }
-            Ok(())
         }
         Command::Perf(args) if args.layer == cli::Layer::Snap => {
             let report = perf::run_snapshot_load(args)?;
             if args.json {
-                let json = serde_json::to_string_pretty(&report)
-                    .map_err(|err| ToolError::Run(err.to_string()))?;
-                println!("{json}");
+                blob_cmd::emit(&json_line(&report)?)
             } else {
-                print!("{}", perf::snapshot_table(&report));
+                blob_cmd::emit(&perf::snapshot_table(&report))
             }
-            Ok(())
         }
-        Command::Perf(args) => {
-            let report = perf::run(args)?;
-            if let Some(path) = &args.plot {
-                perf_plot::write_svg(&report, path)?;
+        Command::Perf(args) => match perf::run(args) {
+            Ok(report) => show_perf_report(args, &report),
+            // A stopped run shows what it measured as a finished one does (the table or the
+            // JSON, and the picture), then says it was stopped (exit 130 or 143).
+            Err(ToolError::Interrupted {
+                signal,
+                done,
+                report: Some(report),
+            }) => {
+                show_perf_report(args, &report)?;
+                Err(ToolError::Interrupted {
+                    signal,
+                    done,
+                    report: None,
+                })
             }
-            if args.json {
-                let json = serde_json::to_string_pretty(&report)
-                    .map_err(|err| ToolError::Run(err.to_string()))?;
-                println!("{json}");
-            } else {
-                print!("{}", perf::table(&report));
-            }
-            Ok(())
-        }
+            Err(err) => Err(err),
+        },
         Command::Serve(args) => serve_cmd::serve(args),
         Command::Rpc(args) => rpc_cmd::rpc(args),
         blob_command => blob_cmd::run(blob_command),
+    }
+}
+
+/// `value` as pretty JSON and a newline.
+fn json_line(value: &impl serde::Serialize) -> Result<String, ToolError> {
+    let json =
+        serde_json::to_string_pretty(value).map_err(|err| ToolError::Run(err.to_string()))?;
+    Ok(format!("{json}\n"))
+}
+
+/// Draws `--plot` and prints a bdev or blob layer report (the table, or with `--json` one
+/// JSON object) on stdout; a closed pipe ends the output quietly.
+fn show_perf_report(
+    args: &cli::PerfArgs,
+    report: &spool_engine::perf::PerfReport,
+) -> Result<(), ToolError> {
+    if let Some(path) = &args.plot {
+        perf_plot::write_svg(report, path)?;
+    }
+    if args.json {
+        blob_cmd::emit(&json_line(report)?)
+    } else {
+        blob_cmd::emit(&perf::table(report))
     }
 }

@@ -3,6 +3,7 @@
 //! as a table (the JSON is the report serialised).
 
 use std::io::IsTerminal;
+use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
 use spool_engine::perf::report::LatencyUs;
@@ -66,8 +67,12 @@ fn writes_target(args: &PerfArgs) -> bool {
     args.layer != Layer::Bdev || !matches!(args.rw, RwMode::Randread | RwMode::Read)
 }
 
-/// Refuses a missing PATH under /dev (a mistyped device), and a job that would write over a
-/// blobstore on a PATH target unless `--force`.
+/// Refuses a missing PATH under /dev (a mistyped device), and, unless `--force`, a job that
+/// would write over a blobstore on a PATH target, or over what `init` refuses to format (see
+/// [`spool_engine::guard::foreign_contents`]): a filesystem, a partition table, a disk
+/// image, and on a block device any non-zero byte in its first MiB. A regular file with
+/// unrecognised data is written (perf's own write jobs leave such data, and running the
+/// same job again is what benchmarking is).
 fn refuse_overwriting_a_store(args: &PerfArgs) -> Result<(), ToolError> {
     let path = std::path::Path::new(&args.target);
     if matches!(args.target.as_str(), "null" | "malloc") || args.target.starts_with("malloc:") {
@@ -83,7 +88,16 @@ fn refuse_overwriting_a_store(args: &PerfArgs) -> Result<(), ToolError> {
             args.target
         )));
     }
-    Ok(())
+    let is_block = std::fs::metadata(path).is_ok_and(|meta| meta.file_type().is_block_device());
+    match spool_engine::guard::foreign_contents(path) {
+        Some(found) if is_block || found != spool_engine::guard::UNRECOGNISED_DATA => {
+            Err(ToolError::Failed(format!(
+                "{}: holds {found}, not a blobstore; this job would overwrite it: point --target elsewhere, or add --force to lose it",
+                args.target
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The engine's settings for `args`. The cluster size is parsed only for the layers that
@@ -97,6 +111,8 @@ fn config(args: &PerfArgs) -> Result<PerfConfig, ToolError> {
         block_size: args.block_size,
         sqpoll: args.sqpoll,
         submit_batch: args.submit_batch,
+        // A read job opens its target read-only: it works on an image nobody may write.
+        read_only: !writes_target(args),
         ..TargetOptions::default()
     };
     let cluster_size = match args.layer {

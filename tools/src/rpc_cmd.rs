@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use spool_engine::rpc::client::call;
+use spool_engine::rpc::client::call_until_stopped;
 
 use crate::cli::RpcArgs;
 use crate::error::ToolError;
@@ -51,7 +51,13 @@ pub fn params(args: &[String]) -> Result<Option<Value>, ToolError> {
 /// Runs `spool rpc`.
 pub fn rpc(args: &RpcArgs) -> Result<(), ToolError> {
     let params = params(&args.params)?;
-    let answer = call(
+    if !(args.timeout > 0.0 && args.timeout <= 86_400.0) {
+        return Err(ToolError::Usage(format!(
+            "--timeout {}: above 0 and at most 86400 seconds",
+            args.timeout
+        )));
+    }
+    let answer = call_until_stopped(
         Path::new(&args.socket),
         &args.method,
         params,

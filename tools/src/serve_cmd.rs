@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use spool_engine::net::ListenAddr;
 use spool_engine::serve::{run_until_signal, ServeOptions};
+use spool_engine::EngineError;
 use spool_reactor::IdleMode;
 
 use crate::cli::{IdleArg, ServeArgs};
@@ -59,6 +60,24 @@ pub fn options(args: &ServeArgs) -> Result<ServeOptions, ToolError> {
     })
 }
 
+/// A failure to open or load the store, said as every blobstore command says it: naming
+/// IMAGE, and "not a blobstore: no SPDKBLOB signature" for a file without one. Other
+/// failures (an address to listen on, a socket) name what they are about already.
+fn name_the_store(args: &ServeArgs, err: EngineError) -> ToolError {
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| spool_engine::serve::DEFAULT_IMAGE.to_string());
+    let about_the_store = matches!(
+        err,
+        EngineError::Blob(_) | EngineError::Bdev(_) | EngineError::Step { .. }
+    );
+    if image.starts_with("malloc:") || !about_the_store {
+        return err.into();
+    }
+    crate::blob_cmd::name_image(&image, err.into())
+}
+
 /// Runs `spool serve`.
 pub fn serve(args: &ServeArgs) -> Result<(), ToolError> {
     let options = options(args)?;
@@ -93,7 +112,8 @@ pub fn serve(args: &ServeArgs) -> Result<(), ToolError> {
             println!("spool serve: JSON-RPC on {}", path.display());
         }
         println!("spool serve: ready (Ctrl-C or SIGTERM stops it cleanly)");
-    })?;
+    })
+    .map_err(|err| name_the_store(args, err))?;
     println!(
         "spool serve: stopped cleanly after {} connection(s){}",
         summary.connections,

@@ -195,6 +195,40 @@ pub(crate) fn stop_point(done: impl FnOnce() -> String) -> Result<(), EngineErro
     }
 }
 
+/// Refuses, before a missing target file is made (so a refused job leaves no file behind),
+/// what the job would be refused for once it is: a `--size` under one block, and for an I/O
+/// job (`io_job`) a `--bs` that is not a whole number of blocks or is larger than the file
+/// would be. An existing target, or a block size `open_target` refuses, is left to the
+/// checks after opening.
+pub(crate) fn refuse_before_creating(
+    spec: &TargetSpec,
+    config: &PerfConfig,
+    io_job: bool,
+) -> Result<(), EngineError> {
+    let TargetSpec::Path(path) = spec else {
+        return Ok(());
+    };
+    let block = u64::from(config.target_options.block_size);
+    if path.symlink_metadata().is_ok() || !block.is_power_of_two() || block < 512 {
+        return Ok(());
+    }
+    let size = config.target_options.size_bytes;
+    if size < block {
+        return Err(EngineError::InvalidArgument(format!(
+            "{}: --size {size} is smaller than one block of {block} bytes: a target file needs at least one block",
+            path.display()
+        )));
+    }
+    let device = size / block * block;
+    let bs = config.bs;
+    if io_job && (bs == 0 || !bs.is_multiple_of(block) || bs > device) {
+        return Err(EngineError::InvalidArgument(format!(
+            "--bs {bs} must be a multiple of the block size {block} and at most the device size {device}"
+        )));
+    }
+    Ok(())
+}
+
 fn run_failed(reason: String, errno: i32) -> EngineError {
     EngineError::Failed { reason, errno }
 }
@@ -217,6 +251,7 @@ pub fn run(
     }
     let bs = config.bs;
     let spec = TargetSpec::parse(&config.target)?;
+    refuse_before_creating(&spec, config, true)?;
     if let TargetSpec::Path(path) = &spec {
         if !path.exists() {
             events(PerfEvent::Creating {
@@ -428,6 +463,7 @@ fn summarise(
 /// [`metadata`]). Uses the target, its options, `cluster_size`, `blobs` and `cores`.
 pub fn run_metadata(config: &PerfConfig) -> Result<MetadataReport, EngineError> {
     let spec = TargetSpec::parse(&config.target)?;
+    refuse_before_creating(&spec, config, false)?;
     // A path stays locked (created locked when missing) while `target` lives.
     let target = open_target(&spec, &config.target_options)?;
     let desc = BdevDesc::open(Arc::clone(&target.bdev))?;

@@ -118,6 +118,7 @@ pub fn run(config: &PerfConfig) -> Result<SnapshotLoadReport, EngineError> {
         ));
     }
     let spec = TargetSpec::parse(&config.target)?;
+    super::refuse_before_creating(&spec, config, true)?;
     let target = open_target(&spec, &config.target_options)?;
     let desc = BdevDesc::open(Arc::clone(&target.bdev))?;
     let runtime = Runtime::start(&RuntimeOptions {

@@ -420,7 +420,7 @@ impl Daemon {
             for addr in &listen {
                 let listener = Listener::bind(addr).map_err(|err| EngineError::File {
                     path: addr.to_string(),
-                    reason: format!("listen: {err}"),
+                    reason: format!("listen: {}", bind_words(addr, &err)),
                     errno: -err.raw_os_error().unwrap_or(libc::EADDRINUSE),
                 })?;
                 bound.push(listener.local_addr().unwrap_or_else(|_| addr.clone()));
@@ -430,7 +430,10 @@ impl Daemon {
                 Some(path) => Some(Listener::bind(&ListenAddr::Unix(path.clone())).map_err(
                     |err| EngineError::File {
                         path: path.display().to_string(),
-                        reason: format!("JSON-RPC socket: {err}"),
+                        reason: format!(
+                            "JSON-RPC socket: {}",
+                            bind_words(&ListenAddr::Unix(path.clone()), &err)
+                        ),
                         errno: -err.raw_os_error().unwrap_or(libc::EADDRINUSE),
                     },
                 )?),
@@ -585,6 +588,22 @@ impl Drop for Daemon {
                 tracing::error!(%err, "stopping the daemon failed");
             }
         }
+    }
+}
+
+/// Why binding `addr` failed, in words; a Unix socket whose directory is missing says so.
+fn bind_words(addr: &ListenAddr, err: &std::io::Error) -> String {
+    match addr {
+        ListenAddr::Unix(path) if err.raw_os_error() == Some(libc::ENOENT) => {
+            match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                Some(dir) => format!(
+                    "the directory {} does not exist (create it, or choose another path)",
+                    dir.display()
+                ),
+                None => crate::words::io_words(err),
+            }
+        }
+        _ => crate::words::io_words(err),
     }
 }
 

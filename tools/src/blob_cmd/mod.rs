@@ -31,6 +31,8 @@ mod text;
 mod transfer;
 mod xattr;
 
+pub use text::emit;
+
 use std::future::Future;
 use std::path::Path;
 
@@ -182,7 +184,7 @@ fn host_is_full(err: &ToolError) -> bool {
 
 /// Makes an engine, store or reactor error name the image (unless it already does), in
 /// words: a full host filesystem said as such, no errno numbers or io error tails.
-fn name_image(image: &str, err: ToolError) -> ToolError {
+pub(crate) fn name_image(image: &str, err: ToolError) -> ToolError {
     if not_a_blobstore(&err) {
         return not_a_store(image, &err.to_string());
     }
