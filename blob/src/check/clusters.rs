@@ -29,6 +29,8 @@ pub struct Claims {
     parents: HashMap<u64, u64>,
     /// Snapshots half merged (`SNAPRM`) and the clone each names.
     removing: HashMap<u64, u64>,
+    /// Snapshots half made (`SNAPTMP`) and the original each names.
+    half_made: HashMap<u64, u64>,
     /// Shared clusters found, judged once every blob's parent and markers are known (a
     /// merged snapshot's clusters may have moved on to a later snapshot of its clone).
     pending: Vec<(u64, u64, Problem)>,
@@ -64,6 +66,7 @@ impl Claims {
             shared: Vec::new(),
             parents: HashMap::new(),
             removing: HashMap::new(),
+            half_made: HashMap::new(),
             pending: Vec::new(),
             unlisted: 0,
         }
@@ -79,6 +82,16 @@ impl Claims {
     pub(crate) fn marked_pair(&self, a: u64, b: u64) -> bool {
         let names = |x: u64, y: u64| self.markers.get(&x).is_some_and(|v| v.contains(&y));
         names(a, b) || names(b, a)
+    }
+
+    /// Whether `id` is a snapshot half made (`SNAPTMP`) that its original does not read
+    /// through: never taken, so its map is a stale copy of the original's (which may since
+    /// have released those extent pages and clusters to other blobs), and the load frees
+    /// only its own md pages. Known once every blob was claimed.
+    pub(crate) fn untaken_snapshot(&self, id: u64) -> bool {
+        self.half_made
+            .get(&id)
+            .is_some_and(|original| self.parents.get(original) != Some(&id))
     }
 
     /// Whether `merged` is a snapshot half merged (`SNAPRM`) whose clone, or a snapshot of
@@ -121,6 +134,9 @@ impl Claims {
         }
         if let Some(clone) = named(XATTR_SNAPSHOT_REMOVING) {
             self.removing.insert(record.id, clone);
+        }
+        if let Some(original) = named(XATTR_SNAPSHOT_PENDING) {
+            self.half_made.insert(record.id, original);
         }
         let clusters = std::mem::take(&mut meta.clusters);
         let markers = markers_of(meta);
@@ -221,7 +237,10 @@ impl Claims {
         let mut listed = 0;
         for (owner, id, problem) in std::mem::take(&mut self.pending) {
             if owner != id
-                && (self.merged_into_chain(owner, id) || self.merged_into_chain(id, owner))
+                && (self.merged_into_chain(owner, id)
+                    || self.merged_into_chain(id, owner)
+                    || self.untaken_snapshot(owner)
+                    || self.untaken_snapshot(id))
             {
                 continue;
             }

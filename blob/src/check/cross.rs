@@ -86,7 +86,13 @@ pub fn claim_all(
         let owner = owner_of_page(records, page, blob);
         // A snapshot half made holds its original's extent pages until the original's new
         // root is written (the marker's problem covers it).
-        if extent && owner.is_some_and(|o| claims.marked_pair(blob, o)) {
+        if extent
+            && owner.is_some_and(|o| {
+                claims.marked_pair(blob, o)
+                    || claims.untaken_snapshot(blob)
+                    || claims.untaken_snapshot(o)
+            })
+        {
             continue;
         }
         let other = owner.map_or("another reference of the same blob".to_string(), |o| {
