@@ -1,7 +1,9 @@
 //! Goal (issue 14): thin first writes on two reactors, running while the metadata reactor
 //! loops through the live operations (snapshot, clone, write the clone, resize, delete the
 //! clone, inflate or decouple the origin or neither, delete the snapshot: merged into the
-//! origin when it is still its parent), with power cuts and dirty loads in between (after a
+//! origin when it is still its parent; the clone is written from both reactors and those
+//! writes are dropped where they stand before its delete, as a stopped export drops its
+//! requests), with power cuts and dirty loads in between (after a
 //! load, the leftovers of an interrupted round are deleted, merging into the origin, while
 //! it is written), never hang: every operation and every write finishes. Method: the
 //! deterministic simulation over many seeds, each life bounded in steps (a hang fails the
@@ -9,6 +11,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +46,28 @@ impl Progress {
             self.stage.lock().unwrap().clone(),
             self.writes.load(Ordering::SeqCst),
         )
+    }
+}
+
+/// `io` until `cut` is raised (then it is dropped where it stands: `None`).
+async fn until_cut<F: Future>(io: F, cut: &AtomicBool) -> Option<F::Output> {
+    let mut io = std::pin::pin!(io);
+    loop {
+        let tick = spool_reactor::sleep(std::time::Duration::from_micros(30));
+        let mut tick = std::pin::pin!(tick);
+        let done = std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(output) = io.as_mut().poll(cx) {
+                return std::task::Poll::Ready(Some(output));
+            }
+            tick.as_mut().poll(cx).map(|_| None)
+        })
+        .await;
+        if done.is_some() {
+            return done;
+        }
+        if cut.load(Ordering::SeqCst) {
+            return None;
+        }
     }
 }
 
@@ -110,7 +135,10 @@ async fn life(
         store
     } else {
         progress.set("load".into());
-        Blobstore::load(desc, &LoadOptions::default()).await.unwrap().0
+        Blobstore::load(desc, &LoadOptions::default())
+            .await
+            .unwrap()
+            .0
     };
     let origin = origin.load(Ordering::SeqCst);
     let blob = store.open_blob(origin).await.unwrap();
@@ -127,12 +155,22 @@ async fn life(
             .filter(|&id| id != origin && store.clones_of(id).len() <= 1)
             .filter(|&id| store.clones_of(id) != [origin] || store.parent_of(origin) == Some(id))
             .collect();
-        let Some(&id) = leftovers.iter().find(|&&id| store.clones_of(id).is_empty()).or(leftovers.first()) else {
+        let Some(&id) = leftovers
+            .iter()
+            .find(|&&id| store.clones_of(id).is_empty())
+            .or(leftovers.first())
+        else {
             break;
         };
-        progress.set(format!("cleanup: delete {id:#x} (clones {:?})", store.clones_of(id)));
+        progress.set(format!(
+            "cleanup: delete {id:#x} (clones {:?})",
+            store.clones_of(id)
+        ));
         if std::env::var_os("VERBOSE").is_some() {
-            eprintln!("cleanup: delete {id:#x} (clones {:?}, origin {origin:#x})", store.clones_of(id));
+            eprintln!(
+                "cleanup: delete {id:#x} (clones {:?}, origin {origin:#x})",
+                store.clones_of(id)
+            );
         }
         store.delete_blob(id).await.unwrap();
     }
@@ -143,22 +181,43 @@ async fn life(
         let clone = store.create_clone(snap, &[]).await.unwrap();
         let c = store.open_blob(clone).await.unwrap();
         progress.set(format!("round {round}: clone write"));
-        {
-            let cio = c.io();
-            let channel = store.channel().unwrap();
-            for i in 0..4u64 {
-                let unit = rng.u64(0..CLUSTERS * UNITS_PER_CLUSTER);
-                let (result, _) = channel
-                    .write(&cio, unit, buf_of(&pattern(1000 + i, 4096)))
-                    .await;
-                result.unwrap();
-            }
+        // The clone is written from both reactors, then its writes are dropped where they
+        // stand (an export stopped with requests in flight), and it is closed and deleted.
+        let cut_clone = Arc::new(AtomicBool::new(false));
+        let clone_writers: Vec<_> = reactors
+            .iter()
+            .enumerate()
+            .map(|(n, &reactor)| {
+                let (cio, cut_clone) = (c.io(), Arc::clone(&cut_clone));
+                let wseed = rng.u64(..);
+                spool_reactor::spawn_on(reactor, move || async move {
+                    let channel = cio.channel().unwrap();
+                    let mut rng = fastrand::Rng::with_seed(wseed);
+                    let mut k = 0u64;
+                    loop {
+                        let unit = rng.u64(0..CLUSTERS * UNITS_PER_CLUSTER);
+                        k += 1;
+                        let write =
+                            channel.write(&cio, unit, buf_of(&pattern(n as u64 * 1000 + k, 4096)));
+                        match until_cut(write, &cut_clone).await {
+                            Some((result, _)) => result.unwrap(),
+                            None => break,
+                        }
+                    }
+                })
+                .unwrap()
+            })
+            .collect();
+        spool_reactor::sleep(std::time::Duration::from_micros(rng.u64(50..2_000))).await;
+        cut_clone.store(true, Ordering::SeqCst);
+        for handle in clone_writers {
+            handle.await.unwrap();
         }
         c.close().await.unwrap();
-        progress.set(format!("round {round}: resize"));
-        blob.resize(CLUSTERS + 1 + round % 3).await.unwrap();
         progress.set(format!("round {round}: delete clone"));
         store.delete_blob(clone).await.unwrap();
+        progress.set(format!("round {round}: resize"));
+        blob.resize(CLUSTERS + 1 + round % 3).await.unwrap();
         match rng.u8(0..3) {
             0 => {}
             1 => {
@@ -239,7 +298,7 @@ fn run_life(
             ));
         }
         steps += 1;
-        if steps % 1_000 == 0 {
+        if steps.is_multiple_of(1_000) {
             let now = progress.snapshot();
             if now != seen {
                 seen = now;
@@ -261,7 +320,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
     let mut image = None;
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
     for n in 0..LIVES {
-        let cut = (n + 1 < LIVES).then(|| rng.u64(1_000..12_000));
+        let cut = (n + 1 < LIVES).then(|| rng.u64(1_000..25_000));
         image = Some(
             run_life(seed ^ (n << 40), image, &origin, cut)
                 .map_err(|what| format!("seed {seed}, life {n} (cut {cut:?}): {what}"))?,
@@ -278,7 +337,7 @@ fn live_ops_with_thin_writers_and_power_cuts_never_hang() {
             let n: u64 = std::env::var("SEEDS")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(16);
+                .unwrap_or(8);
             (0..n).collect()
         }
     };
