@@ -59,7 +59,7 @@ const ACK_LIMIT: Duration = Duration::from_secs(60);
 /// idle, no I/O left in its io_uring rings), e.g. after a restart and a merge into the
 /// origin; a merge then never finishes draining. Not seen with the tests taking turns.
 /// Not reproduced since (hang14, at 6258fc5): 46 runs of both tests at once, up to three such
-/// runs at a time on the loaded 2-core machine, and 22 runs of the 16:46 code (5fa0a08): no
+/// runs at a time on the loaded 2-core machine, and 76 runs of the 16:46 code (5fa0a08): no
 /// hang (two failures were the host's disk filling up: ENOSPC from the image file). The cause
 /// is not known, so the turn stays. `blob/tests/live_ops_hang.rs` runs the same loop on the
 /// blob layer under the simulation (power cuts and a merge into the origin after the load
