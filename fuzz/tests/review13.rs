@@ -155,13 +155,10 @@ fn the_simulated_store_has_more_than_one_root_superset_chunk() {
 /// Either the model accepts -ENOMEM when the md region is full, or the sim's store gets
 /// more md pages (see the test above).
 ///
-/// Failed at 6258fc5, fixed: the checker took the map of a half-made snapshot that was
-/// never taken (its original does not read through it) as owned; it is a stale copy of the
-/// original's, whose extent page and cluster the original had since released to the clone
-/// 0x100000004, and the load frees only the snapshot's own md pages. Found by `spool-fuzz sim --seeds 50000..52000`; shrunk to 23 steps:
+/// Failed at 6258fc5 (fixed: -ENOMEM with the md region full is an expected outcome, as
+/// -ENOSPC is; found by `spool-fuzz sim --seeds 50000..52000`; shrunk to 23 steps:
 /// `cargo run -p spool-fuzz -- sim --seed 50914`).
 #[test]
-#[ignore = "FAILS: md page exhaustion (-ENOMEM) fails the sim (review13)"]
 fn sim_seed_50914_metadata_pages_exhausted_is_not_a_failure() {
     if let Err(failure) = run_seed(50914, PlanSize::default(), Bugs::default()) {
         panic!(
@@ -309,7 +306,10 @@ fn fault(io: FaultIo, errno: FaultErrno, nth: u32) -> Op {
 /// Expects: seed 81363 with `--faults 150` passes: after a power cut, no two blobs map the
 /// same cluster or use the same extent page (the sim's "no cluster owned twice").
 ///
-/// FAILS at 6258fc5 (found by `spool-fuzz sim --seeds 80000..82000 --faults 150`, shrunk
+/// Failed at 6258fc5, fixed: the checker took the map of a half-made snapshot that was
+/// never taken (its original does not read through it) as owned; it is a stale copy of the
+/// original's, whose extent page and cluster the original had since released to the clone
+/// 0x100000004, and the load frees only the snapshot's own md pages. Found by `spool-fuzz sim --seeds 80000..82000 --faults 150`, shrunk
 /// from 61 to 21 steps; replay: `cargo run -p spool-fuzz -- sim --seed 81363 --faults
 /// 150`): a failed create (EIO), then a snapshot of a clone failing with -ENOSPC (an
 /// injected flush fault) while a write races it, then writes and a cut leave blob

@@ -95,10 +95,11 @@ pub(super) struct Ctx {
 }
 
 impl Ctx {
-    /// An error is part of the plan when the device is full, or a fault was injected in
+    /// An error is part of the plan when the device is full (-ENOSPC: no free cluster;
+    /// -ENOMEM: every metadata page in use, SPDK's errno for it), or a fault was injected in
     /// this life (its effects may surface in a later operation).
     pub(super) fn expected(&self, errno: i32) -> bool {
-        errno == -libc::ENOSPC || self.errors.injected_count() > 0
+        errno == -libc::ENOSPC || errno == -libc::ENOMEM || self.errors.injected_count() > 0
     }
 }
 
