@@ -176,6 +176,38 @@ fn nbd_flush_and_fua_acknowledged_without_a_flush_are_caught() {
     }
 }
 
+/// The bounded dirty load reads only the md chunks the root-superset record covers; a
+/// create whose root lands past them must grow the record first. The sim's store has two
+/// chunks (`life::MD_PAGES`) and its blobs carry xattrs spanning several md pages, so plans
+/// root blobs in the second chunk. Planted: the record never grows
+/// (`Bugs::skip_root_superset_growth`); a power cut then hides those blobs from the load (a
+/// durable blob lost, or a clone whose parent snapshot is "not a blob in this store"). A
+/// seed must catch it and shrink to a short plan that passes without the bug.
+#[test]
+fn a_root_superset_record_that_does_not_grow_is_caught() {
+    let bugs = Bugs {
+        skip_root_superset_growth: true,
+        ..Bugs::default()
+    };
+    let (seed, failure) = first_failure(bugs);
+    eprintln!(
+        "skip-root-superset-growth caught by seed {seed}: {}",
+        failure.what
+    );
+    let plan = Plan::generate(seed, PlanSize::default());
+    let shrunk = shrink(&plan, failure, bugs, 150);
+    assert!(
+        shrunk.plan.ops.len() < plan.ops.len(),
+        "seed {seed} shrank: {:?}",
+        shrunk.plan.ops
+    );
+    assert!(run_plan(&shrunk.plan, bugs).is_err());
+    run_plan(&shrunk.plan, Bugs::default()).expect("the shrunk plan passes without the bug");
+    for clean in 0..=seed {
+        run_seed(clean, PlanSize::default(), Bugs::default()).expect("passes without the bug");
+    }
+}
+
 /// Found by seed 2 (and 74): a thick blob's new cluster shows bytes another write left on a
 /// free cluster. Seed 2: two racing first writes to one cluster of a clone; the loser's
 /// claimed cluster, already filled with its data, is released without an unmap; a thick
