@@ -101,14 +101,14 @@ fn a_seed_replays_exactly() {
     assert_ne!(first.trace, other.trace, "another seed, another trace");
 }
 
-/// The first seed (of 20) a planted bug fails, and its failure.
+/// The first seed (of 40) a planted bug fails, and its failure.
 fn first_failure(bugs: Bugs) -> (u64, spool_fuzz::sim::Failure) {
-    for seed in 0..20 {
+    for seed in 0..40 {
         if let Err(failure) = run_seed(seed, PlanSize::default(), bugs) {
             return (seed, failure);
         }
     }
-    panic!("the planted bug {bugs:?} survived 20 seeds: the simulation does not catch it");
+    panic!("the planted bug {bugs:?} survived 40 seeds: the simulation does not catch it");
 }
 
 #[test]
@@ -506,11 +506,13 @@ fn sim_seed_964254536_deleting_a_zero_cluster_snapshot_keeps_what_its_clone_read
                 thin: false,
                 clusters: 1,
             },
+            // Picks renumbered for the store's 12-page md chains per create (ids and so
+            // the model's order changed): the clone grown, then the 0-cluster snapshot deleted.
             Op::Resize {
-                pick: 5,
+                pick: 4,
                 clusters: 1,
             },
-            Op::Delete { pick: 7 },
+            Op::Delete { pick: 6 },
             Op::Cut {
                 inflight: Vec::new(),
                 yields: 0,
@@ -520,12 +522,34 @@ fn sim_seed_964254536_deleting_a_zero_cluster_snapshot_keeps_what_its_clone_read
     };
     let report = run_plan(&plan, Bugs::default())
         .unwrap_or_else(|failure| panic!("{}\n  {}", failure.what, failure.trace.join("\n  ")));
+    // The second snapshot (of the clone shrunk to 0 clusters) is the one deleted, and the
+    // clone the grown one.
+    let made = |prefix: &str| {
+        report
+            .trace
+            .iter()
+            .find(|line| line.starts_with(prefix))
+            .and_then(|line| line.split(" -> ").nth(2))
+            .map(|id| id.split(' ').next().unwrap_or_default().to_string())
+    };
+    let snapshot = made("Snapshot { pick: 4,").expect("the snapshot of the clone was taken");
+    let clone = report
+        .trace
+        .iter()
+        .find(|line| line.starts_with("Snapshot { pick: 4,"))
+        .and_then(|line| line.split(" -> ").nth(1))
+        .expect("snapshot line")
+        .to_string();
     assert!(
         report
             .trace
             .iter()
-            .any(|line| line.starts_with("Delete { pick: 7 } -> 0x10000000a ok")),
-        "the 0-cluster snapshot between the clone and its grandparent was deleted: {:#?}",
+            .any(|line| line == &format!("Resize {{ pick: 4, clusters: 1 }} -> {clone} ok"))
+            && report
+                .trace
+                .iter()
+                .any(|line| line == &format!("Delete {{ pick: 6 }} -> {snapshot} ok")),
+        "the clone {clone} was grown and the 0-cluster snapshot {snapshot} between it and its grandparent deleted: {:#?}",
         report.trace
     );
     run_seed(964_254_536, PlanSize::default(), Bugs::default())
