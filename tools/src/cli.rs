@@ -105,7 +105,9 @@ fn blobs_arg(text: &str) -> Result<u64, String> {
         return Err(format!("--blobs cannot be negative ('{text}')"));
     }
     match text.trim().parse::<u64>() {
-        Ok(0) => Err("--blobs must be at least 1 (the blobs each phase of --layer md times)".into()),
+        Ok(0) => {
+            Err("--blobs must be at least 1 (the blobs each phase of --layer md times)".into())
+        }
         Ok(blobs) => Ok(blobs),
         Err(_) => Err(format!("'{text}' is not a whole number of blobs")),
     }
