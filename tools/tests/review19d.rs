@@ -144,7 +144,7 @@ fn a_truncated_store_says_what_to_do() {
         .unwrap();
     file.set_len(10 << 20).unwrap();
     drop(file);
-    let line = "error: t.img: the store is truncated: its super block says 67108864 bytes (64 MiB) but the device holds 10485760 (10 MiB); the file lost its tail or the device is smaller than the store: restore the missing tail (or give the whole device), then run spool check t.img";
+    let line = "error: t.img: the store is truncated: its super block says 67108864 bytes (64 MiB), larger than the device (10485760 bytes, 10 MiB); the file lost its tail or the device is smaller than the store: restore the missing tail (or give the whole device), then run spool check t.img";
     for args in [
         &["info", "t.img"][..],
         &["ls", "t.img"],

@@ -170,7 +170,7 @@ fn truncated_store(image: &str, err: &ToolError) -> Option<ToolError> {
         .collect();
     let sizes = match numbers[..] {
         [size, device] => format!(
-            "its super block says {size} bytes ({}) but the device holds {device} ({})",
+            "its super block says {size} bytes ({}), larger than the device ({device} bytes, {})",
             text::human_bytes(size),
             text::human_bytes(device)
         ),
