@@ -193,9 +193,24 @@ impl ImageLock {
             while written < size_bytes {
                 let piece = usize::try_from((size_bytes - written).min(CHUNK_BYTES as u64))
                     .unwrap_or(CHUNK_BYTES);
-                file.write_all(&zeros[..piece])
-                    .map_err(|err| create_error("write", &err))?;
-                written += piece as u64;
+                let mut rest = &zeros[..piece];
+                while !rest.is_empty() {
+                    match file.write(rest) {
+                        Ok(0) => {
+                            let err = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                            return Err(create_error("write", &err));
+                        }
+                        Ok(n) => {
+                            rest = &rest[n..];
+                            written += n as u64;
+                        }
+                        Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(err) if is_host_full(&err) => {
+                            return Err(host_full_while_creating(path, written, size_bytes, &err))
+                        }
+                        Err(err) => return Err(create_error("write", &err)),
+                    }
+                }
                 progress(written);
                 // A stop signal ends the fill at once: the temporary file is removed below
                 // (before a second signal could end the process without clean-up).
@@ -210,7 +225,14 @@ impl ImageLock {
                     });
                 }
             }
-            file.sync_all().map_err(|err| create_error("sync", &err))
+            file.sync_all().map_err(|err| {
+                if fill && is_host_full(&err) {
+                    // Delayed allocation: the filesystem may find it full only at the sync.
+                    host_full_while_creating(path, written, size_bytes, &err)
+                } else {
+                    create_error("sync", &err)
+                }
+            })
         })();
         if let Err(err) = filled {
             // Removed while still locked (the lock drops after it).
@@ -296,6 +318,33 @@ impl StagedImage {
         lock.path = final_path;
         Ok(lock)
     }
+}
+
+/// Whether `err` is the host filesystem being full (ENOSPC, or EDQUOT: the user's quota).
+fn is_host_full(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// A new file's fill that the host filesystem refused, said as import says it: "the host
+/// filesystem is full after N of M bytes written while creating it", and what to do.
+fn host_full_while_creating(
+    path: &Path,
+    written: u64,
+    size_bytes: u64,
+    err: &std::io::Error,
+) -> EngineError {
+    let cause = if err.raw_os_error() == Some(libc::EDQUOT) {
+        "disk quota exceeded"
+    } else {
+        "No space left on device"
+    };
+    file_error(
+        path,
+        format!(
+            "the host filesystem is full after {written} of {size_bytes} bytes written while creating it ({cause}); nothing was created: free space on the host, or give a smaller --size"
+        ),
+        io_errno(err),
+    )
 }
 
 /// Reserves the disk space of the first `len` bytes of `file` (at `path`, for messages) with

@@ -103,6 +103,24 @@ impl StagedName {
     }
 }
 
+impl StagedName {
+    /// Renames the file over `final_path`, replacing what is there (the caller has synced
+    /// the file's data), and syncs the directory so the new name is durable. On failure the
+    /// temporary name is still there (dropping the guard removes it).
+    pub(crate) fn replace(mut self, final_path: &Path) -> std::io::Result<()> {
+        let Some(temp_path) = self.temp_path.as_deref() else {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+        };
+        std::fs::rename(temp_path, final_path)?;
+        self.temp_path = None;
+        let dir = directory_of(final_path);
+        if let Err(err) = File::open(dir).and_then(|dir| dir.sync_all()) {
+            tracing::warn!(dir = %dir.display(), %err, "could not sync the directory of a replaced file");
+        }
+        Ok(())
+    }
+}
+
 impl Drop for StagedName {
     fn drop(&mut self) {
         if let Some(temp_path) = self.temp_path.take() {

@@ -325,8 +325,11 @@ pub async fn import(
 
 /// Where an export writes.
 pub enum ExportSink {
-    /// A file, created (or truncated) once the range is checked, and removed again if the
-    /// export does not finish (a partial copy is worse than none).
+    /// A file. A regular file (or a missing one) is written under a temporary name in its
+    /// directory (through a symlink: the link's target's directory; the link stays) and
+    /// renamed over FILE, synced, only once the export is complete: a failed or stopped
+    /// export leaves FILE as it was (or absent) and removes the temporary file. A device
+    /// node, FIFO or socket is written in place.
     File(PathBuf),
     /// A stream (standard output): a reader that went away (`EPIPE`) before the end fails
     /// the export in words (-EPIPE, no panic, no partial success); it is flushed at the end.
@@ -349,6 +352,13 @@ impl std::fmt::Debug for ExportSink {
     }
 }
 
+/// A file an export fills out of sight: its temporary name, and the path it replaces once
+/// the export is complete.
+struct Staged {
+    name: crate::staged::StagedName,
+    final_path: PathBuf,
+}
+
 /// An open [`ExportSink`].
 enum Sink {
     Stream {
@@ -358,11 +368,39 @@ enum Sink {
     File {
         file: File,
         path: PathBuf,
-        /// The regular file this export fills (through any symlink): removed if the export
-        /// fails. Never a device node, a FIFO or a socket (`spool export IMAGE vol /dev/sdb`
-        /// must not delete the node when it fails).
-        remove_on_failure: Option<PathBuf>,
+        /// Where the file is staged (`None`: written in place, a device node, FIFO or
+        /// socket, or a regular file in a directory where no temporary file can be made).
+        staged: Option<Staged>,
     },
+}
+
+/// Where `path` leads through any symbolic links: the path itself when it is none, else
+/// the last link's target (which may not exist yet: a dangling link is followed to the file
+/// it names, as `open(O_CREAT)` would create it). Loops and over-long chains give up and
+/// return the path as it came (the open then says what is wrong).
+fn link_target(path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    let mut at = path.to_path_buf();
+    for _ in 0..40 {
+        let Ok(next) = std::fs::read_link(&at) else {
+            return at;
+        };
+        at = match at.parent() {
+            Some(dir) if next.is_relative() => dir.join(next),
+            _ => next,
+        };
+    }
+    path.to_path_buf()
+}
+
+/// Gives the staged `file` the mode and (where allowed) the owner of the regular file it
+/// will replace, as an in-place write would have kept them.
+fn keep_mode_and_owner(file: &File, old: &std::fs::Metadata) {
+    use std::os::unix::fs::MetadataExt;
+    let _ = file.set_permissions(old.permissions());
+    let _ = std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()));
 }
 
 impl Sink {
@@ -370,30 +408,46 @@ impl Sink {
         match sink {
             ExportSink::Stream { writer, name } => Ok(Sink::Stream { writer, name }),
             ExportSink::File(path) => {
+                let shown = path.display().to_string();
                 if std::fs::metadata(&path).is_ok_and(|meta| meta.is_dir()) {
                     return Err(EngineError::File {
-                        path: path.display().to_string(),
+                        path: shown,
                         reason: "is a directory: give the path of a file to write (or - for standard output)".into(),
                         errno: -libc::EISDIR,
                     });
                 }
-                let file = File::create(&path).map_err(|err| {
-                    file_error(
-                        &path.display().to_string(),
-                        crate::words::failure("create", &err),
-                        &err,
-                    )
-                })?;
-                // What a failure removes: the regular file filled, never a device node, FIFO
-                // or socket, and through a symlink the file it points at, not the link.
-                let remove_on_failure = file
-                    .metadata()
-                    .is_ok_and(|meta| meta.file_type().is_file())
-                    .then(|| std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone()));
+                let create_error = |err: std::io::Error| {
+                    file_error(&shown, crate::words::failure("create", &err), &err)
+                };
+                let final_path = link_target(&path);
+                let existing = std::fs::metadata(&final_path);
+                let regular_or_new = match &existing {
+                    Ok(meta) => meta.is_file(),
+                    Err(err) => err.kind() == std::io::ErrorKind::NotFound,
+                };
+                if regular_or_new {
+                    match crate::staged::create_staged(&final_path) {
+                        Ok((file, name)) => {
+                            if let Ok(old) = &existing {
+                                keep_mode_and_owner(&file, old);
+                            }
+                            return Ok(Sink::File {
+                                file,
+                                path,
+                                staged: Some(Staged { name, final_path }),
+                            });
+                        }
+                        // A new file needs its directory writable either way.
+                        Err(err) if existing.is_err() => return Err(create_error(err)),
+                        // An existing file in a directory that takes no new file: in place.
+                        Err(_) => {}
+                    }
+                }
+                let file = File::create(&path).map_err(create_error)?;
                 Ok(Sink::File {
                     file,
                     path,
-                    remove_on_failure,
+                    staged: None,
                 })
             }
         }
@@ -427,21 +481,41 @@ impl Sink {
         }
     }
 
-    fn finish(self, ok: bool) {
+    /// Ends the export: after a complete copy (`ok`) a staged file is synced and renamed over
+    /// FILE; otherwise it is removed and FILE is left as it was. A failure to sync or rename
+    /// is the export's failure (the temporary file is removed then too).
+    fn finish(self, ok: bool) -> Result<(), EngineError> {
         match self {
             Sink::Stream { mut writer, .. } => {
                 let _ = writer.flush();
+                Ok(())
             }
             Sink::File {
                 file,
-                remove_on_failure,
-                ..
+                path,
+                staged: Some(Staged { name, final_path }),
+            } => {
+                if !ok {
+                    // Dropping the name removes the temporary file.
+                    return Ok(());
+                }
+                let shown = path.display().to_string();
+                file.sync_all()
+                    .map_err(|err| file_error(&shown, crate::words::failure("sync", &err), &err))?;
+                drop(file);
+                name.replace(&final_path).map_err(|err| {
+                    file_error(
+                        &shown,
+                        crate::words::failure("rename the finished copy into place", &err),
+                        &err,
+                    )
+                })
+            }
+            Sink::File {
+                file, staged: None, ..
             } => {
                 drop(file);
-                if let Some(filled) = remove_on_failure.filter(|_| !ok) {
-                    // A partial copy is worse than none (a regular file only).
-                    let _ = std::fs::remove_file(filled);
-                }
+                Ok(())
             }
         }
     }
@@ -554,8 +628,10 @@ async fn copy_out(
 /// `offset` (a multiple of the io_unit) into `sink`. Runs on the store's metadata reactor;
 /// calls `progress` as chunks are written out.
 ///
-/// The sink is opened only once the range is checked; a file sink is removed again if the
-/// export fails or is stopped. Errors are as [`import`]'s.
+/// The sink is opened only once the range is checked; a regular file is written under a
+/// temporary name and renamed over FILE only when the copy is complete, so a failed or
+/// stopped export leaves FILE as it was (see [`ExportSink::File`]). Errors are as
+/// [`import`]'s.
 pub async fn export(
     store: &Blobstore,
     blob: &Blob,
@@ -588,6 +664,6 @@ pub async fn export(
         total: length,
     });
     let result = copy_out(store, blob, offset, length, &mut sink, progress).await;
-    sink.finish(result.is_ok());
-    result
+    let finished = sink.finish(result.is_ok());
+    result.and(finished)
 }

@@ -98,6 +98,21 @@ pub enum RwMode {
     Randrw,
 }
 
+/// Parses `--blobs` for clap: a whole number from 1, said in words otherwise (a run over no
+/// blobs would time nothing and print rates of 0).
+fn blobs_arg(text: &str) -> Result<u64, String> {
+    if text.trim_start().starts_with('-') {
+        return Err(format!("--blobs cannot be negative ('{text}')"));
+    }
+    match text.trim().parse::<u64>() {
+        Ok(0) => {
+            Err("--blobs must be at least 1 (the blobs each phase of --layer md times)".into())
+        }
+        Ok(blobs) => Ok(blobs),
+        Err(_) => Err(format!("'{text}' is not a whole number of blobs")),
+    }
+}
+
 /// Arguments of `spool perf`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PerfArgs {
@@ -111,8 +126,8 @@ pub struct PerfArgs {
     /// Cluster size of the store --layer blob and --layer md create.
     #[arg(long, default_value = "1M", allow_hyphen_values = true)]
     pub cluster_size: String,
-    /// Blobs per phase of --layer md.
-    #[arg(long, default_value_t = 10_000)]
+    /// Blobs per phase of --layer md (at least 1).
+    #[arg(long, default_value_t = 10_000, value_parser = blobs_arg, allow_hyphen_values = true)]
     pub blobs: u64,
     /// Snapshots --layer snap counts (it takes one more first, of the thick volume).
     #[arg(long, default_value_t = 20)]

@@ -78,7 +78,10 @@ impl From<EngineError> for ToolError {
                 done,
                 report,
             },
-            EngineError::IoFailed { report, first, .. } => ToolError::Io { report, first },
+            EngineError::IoFailed { report, first, .. } => ToolError::Io {
+                report,
+                first: spool_engine::words::scrub(&first),
+            },
             other => ToolError::Engine(other),
         }
     }

@@ -38,16 +38,13 @@ fn main() {
     let code = match run(&cli) {
         Ok(()) => 0,
         Err(err) => {
-            match &err {
-                ToolError::Io { report, .. } => eprint!("{}", perf::table(report)),
-                ToolError::Interrupted {
-                    report: Some(report),
-                    ..
-                } => {
-                    // Printed where it failed, quietly on a closed pipe, as a report is.
-                    let _ = blob_cmd::emit(&perf::table(report));
-                }
-                _ => {}
+            if let ToolError::Interrupted {
+                report: Some(report),
+                ..
+            } = &err
+            {
+                // Printed where it failed, quietly on a closed pipe, as a report is.
+                let _ = blob_cmd::emit(&perf::table(report));
             }
             eprintln!("error: {err}");
             err.exit_code()
@@ -82,7 +79,7 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
             }
         }
         Command::Perf(args) => match perf::run(args) {
-            Ok(report) => show_perf_report(args, &report),
+            Ok(report) => show_perf_report(args, &report, None),
             // A stopped run shows what it measured as a finished one does (the table or the
             // JSON, and the picture), then says it was stopped (exit 130 or 143).
             Err(ToolError::Interrupted {
@@ -90,12 +87,20 @@ fn run(cli: &Cli) -> Result<(), ToolError> {
                 done,
                 report: Some(report),
             }) => {
-                show_perf_report(args, &report)?;
+                show_perf_report(args, &report, None)?;
                 Err(ToolError::Interrupted {
                     signal,
                     done,
                     report: None,
                 })
+            }
+            // So does a run an I/O failure ended (its JSON says the error too), then the
+            // error line (exit 1).
+            Err(err @ ToolError::Io { .. }) => {
+                if let ToolError::Io { report, .. } = &err {
+                    show_perf_report(args, report, Some(&err.to_string()))?;
+                }
+                Err(err)
             }
             Err(err) => Err(err),
         },
@@ -113,16 +118,23 @@ fn json_line(value: &impl serde::Serialize) -> Result<String, ToolError> {
 }
 
 /// Draws `--plot` and prints a bdev or blob layer report (the table, or with `--json` one
-/// JSON object) on stdout; a closed pipe ends the output quietly.
+/// JSON object, with an `"error"` member when `error` ended the run) on stdout; a closed
+/// pipe ends the output quietly.
 fn show_perf_report(
     args: &cli::PerfArgs,
     report: &spool_engine::perf::PerfReport,
+    error: Option<&str>,
 ) -> Result<(), ToolError> {
     if let Some(path) = &args.plot {
         perf_plot::write_svg(report, path)?;
     }
     if args.json {
-        blob_cmd::emit(&json_line(report)?)
+        let mut value =
+            serde_json::to_value(report).map_err(|err| ToolError::Run(err.to_string()))?;
+        if let (Some(error), Some(object)) = (error, value.as_object_mut()) {
+            object.insert("error".into(), error.into());
+        }
+        blob_cmd::emit(&json_line(&value)?)
     } else {
         blob_cmd::emit(&perf::table(report))
     }

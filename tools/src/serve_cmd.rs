@@ -2,7 +2,7 @@
 //! [`ServeOptions`], runs the daemon until SIGINT or SIGTERM, and prints where it listens
 //! and what it exports (one line each, on stdout, once clients can connect).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use spool_engine::net::ListenAddr;
@@ -23,8 +23,49 @@ fn parse_listen(text: &str) -> Result<ListenAddr, ToolError> {
     })
 }
 
+/// Where a socket path points, for comparing two of them: absolute, with its directory
+/// resolved (`./s.sock`, `s.sock` and `dir/../s.sock` are one path).
+fn socket_key(path: &str) -> PathBuf {
+    let path = Path::new(path);
+    let absolute = match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => cwd.join(path),
+        _ => path.to_path_buf(),
+    };
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|dir| dir.join(name))
+            .unwrap_or(absolute),
+        _ => absolute,
+    }
+}
+
+/// Refuses two sockets at one path (exit 2): a `--socket` given twice, or the NBD socket and
+/// the JSON-RPC socket (`--rpc`, on by default) sharing a path. Both would bind it; the
+/// second would find the first listening and say another process does.
+fn refuse_shared_socket_paths(args: &ServeArgs) -> Result<(), ToolError> {
+    for (index, socket) in args.socket.iter().enumerate() {
+        let key = socket_key(socket);
+        if !args.no_rpc && key == socket_key(&args.rpc) {
+            return Err(ToolError::Usage(format!(
+                "--socket {socket} and --rpc {}: the NBD socket and the JSON-RPC socket cannot share a path; give --rpc another path (or --no-rpc)",
+                args.rpc
+            )));
+        }
+        if let Some(other) = args.socket[..index]
+            .iter()
+            .find(|other| socket_key(other) == key)
+        {
+            return Err(ToolError::Usage(format!(
+                "--socket {other} and --socket {socket}: two NBD sockets cannot share a path; give each its own"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The engine's options for `args`.
 pub fn options(args: &ServeArgs) -> Result<ServeOptions, ToolError> {
+    refuse_shared_socket_paths(args)?;
     let mut listen = Vec::new();
     for text in &args.listen {
         listen.push(parse_listen(text)?);

@@ -9,7 +9,7 @@ mod support;
 
 use std::path::Path;
 
-use support::{json, ok_in, spool_in};
+use support::{json, ok_in, spool_in, SmallFs};
 
 const MIB: u64 = 1 << 20;
 
@@ -543,28 +543,6 @@ fn read_only_commands_work_on_an_image_nobody_may_write() {
 fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).unwrap().blocks() * 512
-}
-
-/// A tmpfs of `mib` MiB mounted at a directory for as long as it lives (unmounted on drop);
-/// `None` where mounting is not allowed (not root, no CAP_SYS_ADMIN).
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(at: &Path, mib: u64) -> Option<SmallFs> {
-        std::fs::create_dir_all(at).ok()?;
-        let done = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(at)
-            .output()
-            .ok()?;
-        done.status.success().then(|| SmallFs(at.to_path_buf()))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 /// A thick blob on a file-backed store reserves its clusters on the host when it is created

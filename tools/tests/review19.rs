@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{json, ok_in, refused_with, spool_unchecked as run};
+use support::{clean, json, kill, ok_in, refused_with, spool_unchecked as run, SmallFs};
 
 fn refused(dir: &Path, image: &str, args: &[&str], code: i32, line: &str) {
     refused_with(dir, image, args, code, line, true);
@@ -29,45 +29,10 @@ fn assert_in_words(line: &str) {
     }
 }
 
-fn clean(dir: &Path, image: &str) -> bool {
-    json(&ok_in(dir, &["info", image, "--json"]))["clean"] == true
-}
-
 fn num_blobs(dir: &Path, image: &str) -> u64 {
     json(&ok_in(dir, &["info", image, "--json"]))["num_blobs"]
         .as_u64()
         .unwrap()
-}
-
-/// A tmpfs of `mib` MiB at `at`, unmounted on drop; `None` where mounting is not allowed.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(at: &Path, mib: u64) -> Option<SmallFs> {
-        std::fs::create_dir_all(at).ok()?;
-        let done = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(at)
-            .output()
-            .ok()?;
-        done.status.success().then(|| SmallFs(at.to_path_buf()))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-/// Sends `signal` to `pid` with the shell's `kill`.
-fn kill(pid: u32, signal: i32) {
-    let sent = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill -{signal} {pid}"))
-        .status()
-        .expect("sh runs");
-    assert!(sent.success());
 }
 
 // ---------------------------------------------------------------------------------------

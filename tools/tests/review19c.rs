@@ -15,102 +15,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{json, ok_in};
-
-/// What one run printed.
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn spool() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_spool"));
-    command.env_remove("SPOOL_LOG").env("RUST_BACKTRACE", "0");
-    command
-}
-
-fn run(dir: &Path, args: &[&str]) -> Out {
-    let output = spool()
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("spool runs");
-    Out {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-/// A scratch directory in RAM when there is one.
-fn scratch() -> tempfile::TempDir {
-    if Path::new("/dev/shm").is_dir() {
-        if let Ok(dir) = tempfile::tempdir_in("/dev/shm") {
-            return dir;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
-
-/// Sends `signal` to `pid` with the shell's `kill`.
-fn kill(pid: u32, signal: i32) {
-    let sent = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill -{signal} {pid}"))
-        .status()
-        .expect("sh runs");
-    assert!(sent.success());
-}
-
-/// Starts `spool ARGS` in `dir`, sends `signal` after `after`, and returns what it printed.
-fn interrupted(dir: &Path, args: &[&str], signal: i32, after: Duration) -> Out {
-    let child = spool()
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spool starts");
-    std::thread::sleep(after);
-    kill(child.id(), signal);
-    let output = child.wait_with_output().expect("spool ends");
-    Out {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-/// Starts `spool ARGS` in `dir` and sends SIGINT as soon as `under_way` holds (polled every
-/// millisecond); panics if the command ended before that was seen.
-fn interrupted_once(dir: &Path, args: &[&str], under_way: impl Fn() -> bool) -> Out {
-    let mut child = spool()
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spool starts");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !under_way() {
-        if let Some(status) = child.try_wait().expect("wait") {
-            panic!("spool {args:?} ended ({status}) before the signal could be sent");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "spool {args:?} never got under way"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    kill(child.id(), libc::SIGINT);
-    let output = child.wait_with_output().expect("spool ends");
-    Out {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
+use support::{
+    clean, interrupted, interrupted_once, json, kill, ok_in, scratch, spool,
+    spool_unchecked as run, Run,
+};
 
 /// No internals in an error line: no errno numbers, no Rust io error tails, no bdev names.
 fn assert_in_words(what: &str, stderr: &str) {
@@ -120,10 +28,6 @@ fn assert_in_words(what: &str, stderr: &str) {
             "{what}: internal detail {internal:?} in {stderr:?}"
         );
     }
-}
-
-fn clean(dir: &Path, image: &str) -> bool {
-    json(&ok_in(dir, &["info", image, "--json"]))["clean"] == true
 }
 
 /// Any file left in `dir` whose name contains `part`.
@@ -184,9 +88,11 @@ fn export_into_a_hard_link_of_the_image_leaves_the_store_whole() {
 /// docs/cli.md: "an interrupted or failed export removes its partial output when FILE is a
 /// regular file it filled". When FILE is a symlink to a regular file (an export into
 /// `latest.raw -> backups/2026-12-07.raw`), the export fills the target, and on SIGINT it
-/// removes the symlink, not the file it filled: the partial copy stays behind under the
-/// target's name, looking like a finished backup, and the user's link is gone. Expected:
-/// exit 130, and no partial copy left anywhere.
+/// removed the symlink, not the file it filled: the partial copy stayed behind under the
+/// target's name, looking like a finished backup, and the user's link was gone. Expected:
+/// exit 130, no partial copy left anywhere. (Since the fourth review an export writes a
+/// temporary file beside the link's target and renames it into place only when complete:
+/// the target keeps what it held, the link stays, and the temporary file is removed.)
 #[test]
 fn interrupted_export_through_a_symlink_leaves_no_partial_copy() {
     let dir = scratch();
@@ -199,13 +105,18 @@ fn interrupted_export_through_a_symlink_leaves_no_partial_copy() {
         ],
     );
     let blob_bytes = 768u64 << 20;
-    std::fs::write(d.join("target.raw"), b"yesterday's backup\n").unwrap();
+    let yesterday = b"yesterday's backup\n";
+    std::fs::write(d.join("target.raw"), yesterday).unwrap();
     std::os::unix::fs::symlink("target.raw", d.join("latest.raw")).unwrap();
 
     // The signal goes once the copy is seen under way (a fixed delay raced a quiet
-    // machine, where the whole export finished first).
+    // machine, where the whole export finished first): the copy being made beside the
+    // link's target, or the target itself, holds 1 MiB.
     let out = interrupted_once(d, &["export", "s.img", "vol", "latest.raw"], || {
-        std::fs::metadata(d.join("target.raw")).is_ok_and(|m| m.len() >= 1 << 20)
+        std::fs::read_dir(d).unwrap().flatten().any(|entry| {
+            entry.file_name().to_string_lossy().contains("target.raw")
+                && entry.metadata().is_ok_and(|m| m.len() >= 1 << 20)
+        })
     });
     assert_eq!(out.code, Some(130), "stderr {:?}", out.stderr);
     assert!(
@@ -217,7 +128,7 @@ fn interrupted_export_through_a_symlink_leaves_no_partial_copy() {
     assert!(clean(d, "s.img"));
     let target = std::fs::metadata(d.join("target.raw")).map(|m| m.len());
     assert!(
-        !matches!(target, Ok(len) if len > 0 && len < blob_bytes),
+        !matches!(target, Ok(len) if len > yesterday.len() as u64 && len < blob_bytes),
         "a partial copy of {} bytes (of {blob_bytes}) is left in target.raw; latest.raw {}",
         target.unwrap(),
         if std::fs::symlink_metadata(d.join("latest.raw")).is_ok() {
@@ -226,6 +137,17 @@ fn interrupted_export_through_a_symlink_leaves_no_partial_copy() {
             "was deleted"
         }
     );
+    assert_eq!(
+        std::fs::read(d.join("target.raw")).unwrap(),
+        yesterday,
+        "the interrupted export changed the file the link points at"
+    );
+    assert_eq!(
+        std::fs::read_link(d.join("latest.raw")).unwrap(),
+        Path::new("target.raw"),
+        "the link stays"
+    );
+    assert_eq!(leftovers(d, "spool-new"), Vec::<String>::new());
 }
 
 /// `perf --json` promises "one JSON object on stdout instead of the table", and an
@@ -242,11 +164,11 @@ fn interrupted_perf_with_json_prints_json() {
         Duration::from_millis(1500),
     );
     assert_eq!(out.code, Some(130), "stderr {:?}", out.stderr);
-    let parsed: Result<serde_json::Value, _> = serde_json::from_str(&out.stdout);
+    let parsed: Result<serde_json::Value, _> = serde_json::from_str(&out.text());
     assert!(
         parsed.is_ok(),
         "perf --json interrupted printed no JSON on stdout: {:?}",
-        out.stdout
+        out.text()
     );
 }
 
@@ -309,7 +231,7 @@ fn init_preallocate_stops_on_sigint() {
         out.code,
         Some(130),
         "SIGINT during init --preallocate: stdout {:?} stderr {:?}",
-        out.stdout,
+        out.text(),
         out.stderr
     );
     assert!(left.is_empty(), "left behind: {left:?}");
@@ -605,7 +527,7 @@ fn perf_writes_refuse_a_filesystem_as_init_does() {
         out.code,
         Some(1),
         "perf randwrite over an ext4 image: stdout {:?} stderr {:?}",
-        out.stdout,
+        out.text(),
         out.stderr
     );
     assert!(out.stderr.contains("--force"), "{}", out.stderr);
@@ -644,7 +566,7 @@ fn a_perf_read_job_works_on_an_immutable_image() {
         "perf randread on an immutable image: {}",
         out.stderr
     );
-    assert!(out.stdout.contains("total"), "{}", out.stdout);
+    assert!(out.text().contains("total"), "{}", out.text());
 }
 
 /// docs/cli.md: errors are "in words: no errno numbers"; the library's log lines come with
@@ -918,7 +840,8 @@ fn init_refuses_to_create_a_missing_path_under_dev() {
     assert!(
         !made,
         "init made {name} in /dev (exit {:?}, stdout {:?})",
-        out.code, out.stdout
+        out.code,
+        out.text()
     );
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert_eq!(
@@ -972,7 +895,7 @@ fn export_and_repair_output_refuse_a_missing_path_under_dev() {
 
 /// Runs `spool ARGS` in `dir` for at most `limit`; `None` (after SIGKILL) if it is still
 /// running by then.
-fn run_within(dir: &Path, args: &[&str], limit: Duration) -> Option<Out> {
+fn run_within(dir: &Path, args: &[&str], limit: Duration) -> Option<Run> {
     let mut child = spool()
         .args(args)
         .current_dir(dir)
@@ -985,11 +908,7 @@ fn run_within(dir: &Path, args: &[&str], limit: Duration) -> Option<Out> {
     while start.elapsed() < limit {
         if child.try_wait().unwrap().is_some() {
             let output = child.wait_with_output().unwrap();
-            return Some(Out {
-                code: output.status.code(),
-                stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            });
+            return Some(output.into());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1130,9 +1049,9 @@ fn the_daemon_applies_the_name_rules_too() {
         rename.code != Some(0) && create.code != Some(0),
         "the daemon took names that read as blob ids: rename exit {:?} ({}), create exit {:?} ({}); names now {names:?}",
         rename.code,
-        rename.stdout.trim(),
+        rename.text().trim(),
         create.code,
-        create.stdout.trim()
+        create.text().trim()
     );
     assert!(!names.iter().any(|n| n.starts_with("0x")), "{names:?}");
 }

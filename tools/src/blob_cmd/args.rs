@@ -276,7 +276,8 @@ pub struct ExportArgs {
     pub image: String,
     /// The blob: an id (decimal or 0x-hex) or the value of its `name` xattr.
     pub blob: String,
-    /// The file to write (created or truncated), or `-` for stdout.
+    /// The file to write, or `-` for stdout: a regular file is written beside FILE and renamed
+    /// over it once complete (a failed or stopped export leaves FILE as it was).
     pub file: String,
     /// Where in the blob to start (a multiple of the io_unit; default 0).
     #[arg(long, value_name = "BYTES", value_parser = bytes_arg, default_value = "0", allow_hyphen_values = true)]

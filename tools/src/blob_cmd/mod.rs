@@ -135,6 +135,52 @@ where
     })
 }
 
+/// The super block error inside `err`, if loading the store failed on one (through the
+/// engine's step and blob errors).
+fn super_block_error(err: &ToolError) -> Option<&SuperBlockError> {
+    fn engine(err: &EngineError) -> Option<&SuperBlockError> {
+        match err {
+            EngineError::Blob(BlobError::SuperBlock(sb)) => Some(sb),
+            EngineError::Step { source, .. } => engine(source),
+            _ => None,
+        }
+    }
+    match err {
+        ToolError::Blob(BlobError::SuperBlock(sb)) => Some(sb),
+        ToolError::Engine(err) => engine(err),
+        _ => None,
+    }
+}
+
+/// A store whose super block says it is larger than its device (a truncated file, or a
+/// device smaller than the one the store was made on), said with what to do; `None` for any
+/// other error.
+fn truncated_store(image: &str, err: &ToolError) -> Option<ToolError> {
+    let Some(SuperBlockError::Field {
+        field: "size",
+        reason,
+    }) = super_block_error(err)
+    else {
+        return None;
+    };
+    // The reason is "{size} bytes is larger than the device's {device} bytes".
+    let numbers: Vec<u64> = reason
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    let sizes = match numbers[..] {
+        [size, device] => format!(
+            "its super block says {size} bytes ({}), larger than the device ({device} bytes, {})",
+            text::human_bytes(size),
+            text::human_bytes(device)
+        ),
+        _ => format!("its super block says {reason}"),
+    };
+    Some(ToolError::Failed(format!(
+        "{image}: the store is truncated: {sizes}; the file lost its tail or the device is smaller than the store: restore the missing tail (or give the whole device), then run spool check {image}"
+    )))
+}
+
 /// Whether `err` says the image holds no blobstore at all (wrong signature or version).
 fn not_a_blobstore(err: &ToolError) -> bool {
     let blob = match err {
@@ -187,6 +233,9 @@ fn host_is_full(err: &ToolError) -> bool {
 pub(crate) fn name_image(image: &str, err: ToolError) -> ToolError {
     if not_a_blobstore(&err) {
         return not_a_store(image, &err.to_string());
+    }
+    if let Some(truncated) = truncated_store(image, &err) {
+        return truncated;
     }
     if host_is_full(&err) && !err.to_string().contains("host filesystem is full") {
         return ToolError::Failed(format!(

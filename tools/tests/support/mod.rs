@@ -5,7 +5,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -60,14 +61,107 @@ pub fn spool_in(dir: &Path, args: &[&str]) -> Run {
     run
 }
 
+/// The `spool` binary as a command, with no library log asked for and backtraces off.
+pub fn spool() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spool"));
+    command.env_remove("SPOOL_LOG").env("RUST_BACKTRACE", "0");
+    command
+}
+
+/// Sends `signal` to `pid` with the shell's `kill`.
+pub fn kill(pid: u32, signal: i32) {
+    let sent = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -{signal} {pid}"))
+        .status()
+        .expect("sh runs");
+    assert!(sent.success(), "kill -{signal} {pid}");
+}
+
+/// Starts `spool ARGS` in `dir`, sends `signal` after `after`, and returns what it printed.
+pub fn interrupted(dir: &Path, args: &[&str], signal: i32, after: Duration) -> Run {
+    let child = spool()
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spool starts");
+    std::thread::sleep(after);
+    kill(child.id(), signal);
+    child.wait_with_output().expect("spool ends").into()
+}
+
+/// Starts `spool ARGS` in `dir` and sends SIGINT as soon as `under_way` holds (polled every
+/// millisecond); panics if the command ended before that was seen.
+pub fn interrupted_once(dir: &Path, args: &[&str], under_way: impl Fn() -> bool) -> Run {
+    let mut child = spool()
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spool starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !under_way() {
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!("spool {args:?} ended ({status}) before the signal could be sent");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spool {args:?} never got under way"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    kill(child.id(), libc::SIGINT);
+    child.wait_with_output().expect("spool ends").into()
+}
+
+/// A scratch directory in RAM (`/dev/shm`) when there is one, else in the system's
+/// temporary directory: large files there spare the shared disk, and copies are fast.
+pub fn scratch() -> tempfile::TempDir {
+    if Path::new("/dev/shm").is_dir() {
+        if let Ok(dir) = tempfile::tempdir_in("/dev/shm") {
+            return dir;
+        }
+    }
+    tempfile::tempdir().expect("a temporary directory")
+}
+
+/// Whether `spool info IMAGE` says the store was unloaded cleanly.
+pub fn clean(dir: &Path, image: &str) -> bool {
+    json(&ok_in(dir, &["info", image, "--json"]))["clean"] == true
+}
+
+/// A tmpfs of `mib` MiB mounted at a directory for as long as it lives (unmounted on drop);
+/// `None` where mounting is not allowed (not root, no CAP_SYS_ADMIN).
+pub struct SmallFs(PathBuf);
+
+impl SmallFs {
+    /// Mounts it at `at` (made if missing).
+    pub fn mount(at: &Path, mib: u64) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).ok()?;
+        let done = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .output()
+            .ok()?;
+        done.status.success().then(|| SmallFs(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// Runs `spool ARGS` in `dir` with no panic check (the case may be a panic) and backtraces
 /// off, for tests that assert on what a failure prints.
 pub fn spool_unchecked(dir: &Path, args: &[&str]) -> Run {
-    Command::new(env!("CARGO_BIN_EXE_spool"))
+    spool()
         .args(args)
         .current_dir(dir)
-        .env_remove("SPOOL_LOG")
-        .env("RUST_BACKTRACE", "0")
         .output()
         .expect("spool runs")
         .into()
