@@ -154,11 +154,10 @@ fn plant_root(image: &mut [u8], page: u32) -> u64 {
 /// it (name a root the record misses) instead of saying "consistent" for a store whose next
 /// load silently drops a blob that SPDK's replay (and `spool check`) both see.
 ///
-/// FAILS at 6258fc5: the check never reads the marker or the record (grep "superset" in
+/// Failed at 6258fc5 (fixed: `root_outside_superset`): the check never read the marker or the record (grep "superset" in
 /// blob/src/check finds nothing); it lists the planted blob, reports no problem, and the
 /// bounded load does not find it.
 #[test]
-#[ignore = "FAILS: check does not verify the root superset record (review13)"]
 fn check_names_a_root_the_root_superset_record_does_not_cover() {
     let (mut image, a, c) = dirty_store();
     assert_eq!(

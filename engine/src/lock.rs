@@ -314,6 +314,21 @@ pub fn reserve_space(
     } else {
         rustix::fs::FallocateFlags::empty()
     };
+    // All or nothing up front, as one fallocate call would be: pieces must not fill the
+    // filesystem (or a tmpfs, the host's memory) before finding that the whole cannot fit.
+    if let (Ok(stats), Ok(meta)) = (rustix::fs::fstatvfs(file), file.metadata()) {
+        use std::os::unix::fs::MetadataExt;
+        let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+        let needed = len.saturating_sub(meta.blocks().saturating_mul(512));
+        if needed > free {
+            let err = std::io::Error::from_raw_os_error(libc::ENOSPC);
+            return Err(file_error(
+                path,
+                crate::words::failure("reserving the file's space (fallocate)", &err),
+                -libc::ENOSPC,
+            ));
+        }
+    }
     let mut reserved = 0;
     while reserved < len {
         if let Some(signal) = crate::signals::stop_requested() {

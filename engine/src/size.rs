@@ -14,7 +14,10 @@ use crate::EngineError;
 pub fn parse_size(text: &str) -> Result<u64, EngineError> {
     let size = parse_bytes(text)?;
     if size == 0 {
-        return Err(bad_size(text.trim()));
+        return Err(EngineError::InvalidArgument(format!(
+            "size cannot be 0 ('{}'): give a size of at least one byte",
+            text.trim()
+        )));
     }
     Ok(size)
 }
@@ -23,6 +26,10 @@ pub fn parse_size(text: &str) -> Result<u64, EngineError> {
 pub fn parse_bytes(text: &str) -> Result<u64, EngineError> {
     let trimmed = text.trim();
     let bad = || bad_size(trimmed);
+    // "-0" is zero, not a negative size.
+    if let Some(rest) = trimmed.strip_prefix('-').filter(|rest| is_zero(rest)) {
+        return parse_bytes(rest);
+    }
     if trimmed.starts_with('-') && trimmed.len() > 1 {
         return Err(EngineError::InvalidArgument(format!(
             "size cannot be negative ('{trimmed}')"
@@ -65,6 +72,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, EngineError> {
     let number: u64 = digits.parse().map_err(|_| bad())?;
     let base: u64 = if decimal { 1000 } else { 1024 };
     number.checked_mul(base.pow(power)).ok_or_else(bad)
+}
+
+/// Whether `text` is a zero size ("0", "0K", "0x0", ...), whatever its unit.
+fn is_zero(text: &str) -> bool {
+    !text.starts_with('-') && parse_bytes(text).is_ok_and(|size| size == 0)
 }
 
 fn bad_size(text: &str) -> EngineError {
@@ -132,10 +144,24 @@ mod tests {
             assert_eq!(err.errno(), -libc::EINVAL, "{text}");
             let said = err.to_string();
             assert!(
-                said.contains("bad size") || said.contains("cannot be negative"),
+                said.contains("bad size")
+                    || said.contains("cannot be negative")
+                    || said.contains("cannot be 0"),
                 "{said}"
             );
         }
+    }
+
+    #[test]
+    fn zero_is_said_as_zero_and_minus_zero_is_not_negative() {
+        for text in ["0", "-0", "0K", "0x0"] {
+            assert_eq!(
+                parse_size(text).unwrap_err().to_string(),
+                format!("size cannot be 0 ('{text}'): give a size of at least one byte")
+            );
+        }
+        assert_eq!(parse_bytes("-0").unwrap(), 0);
+        assert_eq!(parse_bytes("-0K").unwrap(), 0);
     }
 
     #[test]

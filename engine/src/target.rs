@@ -151,6 +151,17 @@ pub fn open_target(
                 ImageLock::exclusive(path)?
             } else {
                 refuse_new_file_in_dev(path)?;
+                if let Ok(target) = std::fs::read_link(path) {
+                    // A dangling symbolic link: the name is taken, its target missing.
+                    return Err(EngineError::File {
+                        path: path.display().to_string(),
+                        reason: format!(
+                            "a symbolic link to {}, which does not exist: give the link's target as the target, or remove the link",
+                            target.display()
+                        ),
+                        errno: -libc::ENOENT,
+                    });
+                }
                 ImageLock::create(path, options.size_bytes, |_| {})?
             };
             let (bdev, uring_kind) = open_image(path, options)?;

@@ -1,11 +1,11 @@
 //! Review of issue 13, part 3 (the whole-engine simulation): tests written to break it.
-//! Tests that FAIL at the branch point (6258fc5) say so in their doc comment and are
-//! `#[ignore]`d so CI stays green until fixed; run them all with
+//! Tests that failed at the branch point (6258fc5) say so in their doc comment (all fixed
+//! now); run them all with
 //! `cargo test -p spool-fuzz --test review13 -- --include-ignored`.
 
 use spool_blob::format::layout::Layout;
 use spool_blob::format::root_superset::MIN_SHIFT;
-use spool_fuzz::sim::life::{run_life, End, CLUSTER, DEVICE, UPC};
+use spool_fuzz::sim::life::{run_life, End, CLUSTER, DEVICE, MD_PAGES, UPC};
 use spool_fuzz::sim::model::Model;
 use spool_fuzz::sim::plan::{FaultErrno, FaultIo, WriteSpec};
 use spool_fuzz::sim::{run_plan, run_seed, Bugs, Op, Plan, PlanSize};
@@ -97,12 +97,12 @@ fn lost_flushed_data_is_caught() {
 /// cluster was never touched); the issue says "the model must not be so lax that it
 /// accepts lost data".
 ///
-/// FAILS at 6258fc5: the failed close taints the blob, and a tainted blob's content (and
+/// Failed at 6258fc5 (fixed: a failed resize keeps the crash sets of the units below the
+/// smaller size, model.rs): the failed close taints the blob, and a tainted blob's content (and
 /// even its existence) is accepted as whatever the restart reads (life.rs `verify`:
 /// `state.crash.contains(&ANY) || mblob.tainted` takes any bytes), so zeroing its
 /// flushed data passes.
 #[test]
-#[ignore = "FAILS: a tainted blob's flushed data may be lost unnoticed (review13)"]
 fn lost_flushed_data_is_caught_after_a_failed_resize() {
     let (mut image, model) = flushed_blob_then(vec![
         Op::Fault {
@@ -135,12 +135,13 @@ fn lost_flushed_data_is_caught_after_a_failed_resize() {
 /// sim too. With md_len <= 64 the record always covers the whole region (chunk 0), every
 /// "bounded" load is a full scan and the sim cannot tell.
 ///
-/// FAILS at 6258fc5: the sim inits with the default md pages (one per cluster): 2 MiB /
-/// 64 KiB = 32 md pages, one chunk.
+/// Failed at 6258fc5 (fixed: the sim inits with `MD_PAGES` = 128, two chunks, and its blobs'
+/// xattrs root some past page 63; `a_root_superset_record_that_does_not_grow_is_caught` in
+/// sim.rs): the sim inited with the default md pages (one per cluster): 2 MiB / 64 KiB = 32
+/// md pages, one chunk.
 #[test]
-#[ignore = "FAILS: the sim never exercises a selective bounded load (review13)"]
 fn the_simulated_store_has_more_than_one_root_superset_chunk() {
-    let layout = Layout::compute(DEVICE, CLUSTER, None).unwrap();
+    let layout = Layout::compute(DEVICE, CLUSTER, Some(MD_PAGES)).unwrap();
     assert!(
         u64::from(layout.md_len) > 1u64 << MIN_SHIFT,
         "the sim's store has {} md pages: one root-superset chunk covers all of them",
@@ -172,10 +173,9 @@ fn sim_seed_50914_metadata_pages_exhausted_is_not_a_failure() {
 /// later metadata operation on it (a grow whose persist hit an injected EIO) failed: the
 /// failed persist may leave either size, never no blob.
 ///
-/// FAILS at 6258fc5: verify() forgives a lost blob when it is tainted
+/// Failed at 6258fc5 (fixed: only a failed delete lets a durable blob vanish): verify() forgives a lost blob when it is tainted
 /// (`blob.durable && !blob.tainted`), so zeroing its root md page passes.
 #[test]
-#[ignore = "FAILS: a tainted durable blob may vanish unnoticed (review13)"]
 fn a_durable_blob_lost_after_a_failed_resize_is_caught() {
     let (mut image, model) = flushed_blob_then(vec![
         Op::Fault {
@@ -211,7 +211,8 @@ fn a_durable_blob_lost_after_a_failed_resize_is_caught() {
 /// B). Blob 0's root page from image A is written back into image B: "the delete was not
 /// durable". The restart must fail.
 ///
-/// FAILS at 6258fc5: the failed grow sets `strays_allowed`, and verify() adopts the
+/// Failed at 6258fc5 (fixed: strays only after a failed create, snapshot or clone, never an
+/// id whose delete completed): the failed grow sets `strays_allowed`, and verify() adopts the
 /// resurrected deleted blob as a stray.
 fn resurrected_after_delete(with_fault: bool) -> Result<Vec<String>, String> {
     let thin = Op::Create {
@@ -281,7 +282,6 @@ fn a_deleted_blob_coming_back_is_caught() {
 }
 
 #[test]
-#[ignore = "FAILS: a deleted blob's resurrection is accepted after any md fault (review13)"]
 fn a_deleted_blob_coming_back_is_caught_after_an_unrelated_fault() {
     let outcome = resurrected_after_delete(true);
     assert!(

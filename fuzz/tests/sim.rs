@@ -101,14 +101,14 @@ fn a_seed_replays_exactly() {
     assert_ne!(first.trace, other.trace, "another seed, another trace");
 }
 
-/// The first seed (of 20) a planted bug fails, and its failure.
+/// The first seed (of 40) a planted bug fails, and its failure.
 fn first_failure(bugs: Bugs) -> (u64, spool_fuzz::sim::Failure) {
-    for seed in 0..20 {
+    for seed in 0..40 {
         if let Err(failure) = run_seed(seed, PlanSize::default(), bugs) {
             return (seed, failure);
         }
     }
-    panic!("the planted bug {bugs:?} survived 20 seeds: the simulation does not catch it");
+    panic!("the planted bug {bugs:?} survived 40 seeds: the simulation does not catch it");
 }
 
 #[test]
@@ -167,6 +167,38 @@ fn nbd_flush_and_fua_acknowledged_without_a_flush_are_caught() {
             .iter()
             .any(|op| matches!(op, Op::Nbd { .. })),
         "the shrunk plan has an NBD client: {:?}",
+        shrunk.plan.ops
+    );
+    assert!(run_plan(&shrunk.plan, bugs).is_err());
+    run_plan(&shrunk.plan, Bugs::default()).expect("the shrunk plan passes without the bug");
+    for clean in 0..=seed {
+        run_seed(clean, PlanSize::default(), Bugs::default()).expect("passes without the bug");
+    }
+}
+
+/// The bounded dirty load reads only the md chunks the root-superset record covers; a
+/// create whose root lands past them must grow the record first. The sim's store has two
+/// chunks (`life::MD_PAGES`) and its blobs carry xattrs spanning several md pages, so plans
+/// root blobs in the second chunk. Planted: the record never grows
+/// (`Bugs::skip_root_superset_growth`); a power cut then hides those blobs from the load (a
+/// durable blob lost, or a clone whose parent snapshot is "not a blob in this store"). A
+/// seed must catch it and shrink to a short plan that passes without the bug.
+#[test]
+fn a_root_superset_record_that_does_not_grow_is_caught() {
+    let bugs = Bugs {
+        skip_root_superset_growth: true,
+        ..Bugs::default()
+    };
+    let (seed, failure) = first_failure(bugs);
+    eprintln!(
+        "skip-root-superset-growth caught by seed {seed}: {}",
+        failure.what
+    );
+    let plan = Plan::generate(seed, PlanSize::default());
+    let shrunk = shrink(&plan, failure, bugs, 150);
+    assert!(
+        shrunk.plan.ops.len() < plan.ops.len(),
+        "seed {seed} shrank: {:?}",
         shrunk.plan.ops
     );
     assert!(run_plan(&shrunk.plan, bugs).is_err());
@@ -474,11 +506,13 @@ fn sim_seed_964254536_deleting_a_zero_cluster_snapshot_keeps_what_its_clone_read
                 thin: false,
                 clusters: 1,
             },
+            // Picks renumbered for the store's 12-page md chains per create (ids and so
+            // the model's order changed): the clone grown, then the 0-cluster snapshot deleted.
             Op::Resize {
-                pick: 5,
+                pick: 4,
                 clusters: 1,
             },
-            Op::Delete { pick: 7 },
+            Op::Delete { pick: 6 },
             Op::Cut {
                 inflight: Vec::new(),
                 yields: 0,
@@ -488,12 +522,34 @@ fn sim_seed_964254536_deleting_a_zero_cluster_snapshot_keeps_what_its_clone_read
     };
     let report = run_plan(&plan, Bugs::default())
         .unwrap_or_else(|failure| panic!("{}\n  {}", failure.what, failure.trace.join("\n  ")));
+    // The second snapshot (of the clone shrunk to 0 clusters) is the one deleted, and the
+    // clone the grown one.
+    let made = |prefix: &str| {
+        report
+            .trace
+            .iter()
+            .find(|line| line.starts_with(prefix))
+            .and_then(|line| line.split(" -> ").nth(2))
+            .map(|id| id.split(' ').next().unwrap_or_default().to_string())
+    };
+    let snapshot = made("Snapshot { pick: 4,").expect("the snapshot of the clone was taken");
+    let clone = report
+        .trace
+        .iter()
+        .find(|line| line.starts_with("Snapshot { pick: 4,"))
+        .and_then(|line| line.split(" -> ").nth(1))
+        .expect("snapshot line")
+        .to_string();
     assert!(
         report
             .trace
             .iter()
-            .any(|line| line.starts_with("Delete { pick: 7 } -> 0x10000000a ok")),
-        "the 0-cluster snapshot between the clone and its grandparent was deleted: {:#?}",
+            .any(|line| line == &format!("Resize {{ pick: 4, clusters: 1 }} -> {clone} ok"))
+            && report
+                .trace
+                .iter()
+                .any(|line| line == &format!("Delete {{ pick: 6 }} -> {snapshot} ok")),
+        "the clone {clone} was grown and the 0-cluster snapshot {snapshot} between it and its grandparent deleted: {:#?}",
         report.trace
     );
     run_seed(964_254_536, PlanSize::default(), Bugs::default())

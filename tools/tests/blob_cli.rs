@@ -315,12 +315,14 @@ fn create_refuses_long_and_duplicate_names() {
         line.contains("'taken' already exists (0x100000000)"),
         "{line}"
     );
+    // A name that breaks the rules is a bad argument: exit 2.
     let long = "n".repeat(64);
-    let line = fails_in(
+    let run = spool_in(
         dir.path(),
         &["create", "store.img", "--size", "1M", "--name", &long],
     );
-    assert!(line.contains("at most 63"), "{line}");
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("at most 63"), "{}", run.stderr);
     create(dir.path(), &["--size", "1M", "--name", &"n".repeat(63)]);
     let line = fails_in(dir.path(), &["create", "store.img", "--size", "1G"]);
     assert!(line.contains("no space"), "{line}");

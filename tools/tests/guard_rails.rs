@@ -631,3 +631,56 @@ fn thick_blobs_reserve_their_space_on_the_host_and_thin_ones_stay_sparse() {
         run.stderr
     );
 }
+
+/// The third review's minor lines: a zero size says so (and `-0` is zero, not negative), a
+/// snapshot's rename says why it cannot, and a perf target that is a dangling symlink says
+/// what it is instead of "exists already".
+#[test]
+fn zero_sizes_snapshot_renames_and_dangling_targets_are_said_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for zero in ["0", "-0"] {
+        let run = spool_in(d, &["init", "z.img", "--size", zero]);
+        assert_eq!(run.code, Some(2), "{}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!(
+                "size cannot be 0 ('{zero}'): give a size of at least one byte"
+            )),
+            "{}",
+            run.stderr
+        );
+        assert!(!d.join("z.img").exists());
+    }
+    store(d, 64);
+    ok_in(d, &["create", "store.img", "--size", "4M", "--name", "v"]);
+    let snap = printed_id(d, &["snapshot", "store.img", "v", "--name", "snap"]);
+    refused(
+        d,
+        "store.img",
+        &["rename", "store.img", "snap", "snap2"],
+        1,
+        &format!("error: blob {snap} is read-only (a snapshot, or set read-only): its metadata does not change, so it keeps the name it has"),
+    );
+    std::os::unix::fs::symlink(d.join("missing.img"), d.join("dangling.img")).unwrap();
+    let run = spool_in(
+        d,
+        &[
+            "perf",
+            "--target",
+            "dangling.img",
+            "--size",
+            "16M",
+            "--time",
+            "1",
+            "-q",
+        ],
+    );
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .starts_with("error: dangling.img: a symbolic link to ")
+            && run.stderr.contains("which does not exist"),
+        "{}",
+        run.stderr
+    );
+}

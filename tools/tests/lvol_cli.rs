@@ -95,8 +95,10 @@ fn init_lvs_makes_an_lvol_store_and_lvols_with_spdks_bytes() {
         "error: lvol store 'lvs0': an lvol needs a name (--name)"
     );
     let long = "x".repeat(64);
-    let line = fails_in(d, &["create", "lvs.img", "--size", "4M", "--name", &long]);
-    assert!(line.contains("64 bytes"), "{line}");
+    // A name that breaks the rules is a bad argument: exit 2.
+    let run = spool_in(d, &["create", "lvs.img", "--size", "4M", "--name", &long]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("64 bytes"), "{}", run.stderr);
     let snap = id_of(&ok_in(
         d,
         &["snapshot", "lvs.img", "lvs0/lv0", "--name", "snap0"],

@@ -82,6 +82,36 @@ fn interrupted(dir: &Path, args: &[&str], signal: i32, after: Duration) -> Out {
     }
 }
 
+/// Starts `spool ARGS` in `dir` and sends SIGINT as soon as `under_way` holds (polled every
+/// millisecond); panics if the command ended before that was seen.
+fn interrupted_once(dir: &Path, args: &[&str], under_way: impl Fn() -> bool) -> Out {
+    let mut child = spool()
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spool starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !under_way() {
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!("spool {args:?} ended ({status}) before the signal could be sent");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spool {args:?} never got under way"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    kill(child.id(), libc::SIGINT);
+    let output = child.wait_with_output().expect("spool ends");
+    Out {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
 /// No internals in an error line: no errno numbers, no Rust io error tails, no bdev names.
 fn assert_in_words(what: &str, stderr: &str) {
     for internal in ["os error", "errno", "bdev '", "panicked"] {
@@ -172,12 +202,11 @@ fn interrupted_export_through_a_symlink_leaves_no_partial_copy() {
     std::fs::write(d.join("target.raw"), b"yesterday's backup\n").unwrap();
     std::os::unix::fs::symlink("target.raw", d.join("latest.raw")).unwrap();
 
-    let out = interrupted(
-        d,
-        &["export", "s.img", "vol", "latest.raw"],
-        libc::SIGINT,
-        Duration::from_millis(500),
-    );
+    // The signal goes once the copy is seen under way (a fixed delay raced a quiet
+    // machine, where the whole export finished first).
+    let out = interrupted_once(d, &["export", "s.img", "vol", "latest.raw"], || {
+        std::fs::metadata(d.join("target.raw")).is_ok_and(|m| m.len() >= 1 << 20)
+    });
     assert_eq!(out.code, Some(130), "stderr {:?}", out.stderr);
     assert!(
         out.stderr

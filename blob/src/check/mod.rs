@@ -154,6 +154,7 @@ pub fn check_image(
         "phase 3: chains of {} blob(s)",
         scan.roots.len() + scan.broken_roots.len()
     ));
+    check_root_superset(&image, &shape, &scan.roots, &mut report, &mut problems)?;
     let mut records = Vec::with_capacity(scan.roots.len());
     let mut claims = clusters::Claims::new(&shape);
     for &root in &scan.roots {
@@ -245,6 +246,73 @@ pub fn check_image(
         disk,
         shared: claims.shared,
     })
+}
+
+/// On a dirty store carrying Spool's bounded-recovery marker, checks that the root superset
+/// record covers every root page found (the bounded dirty load reads only those pages, so
+/// a root outside it is a blob the next load would not find). A record that does not
+/// decode is no problem: the load then scans the whole region, as SPDK's does (a note
+/// says so).
+fn check_root_superset(
+    image: &Image<'_>,
+    shape: &super_check::StoreShape,
+    roots: &[u32],
+    report: &mut CheckReport,
+    problems: &mut Vec<Problem>,
+) -> Result<(), CheckError> {
+    use crate::format::root_superset::RootSuperset;
+    let block = &shape.block;
+    let Some(nonce) = block.root_superset_nonce.filter(|_| block.clean == 0) else {
+        return Ok(());
+    };
+    let region_pages = block.used_blobid_mask_len;
+    if region_pages == 0
+        || u64::from(block.used_blobid_mask_start) + u64::from(region_pages)
+            > image.len() / crate::format::PAGE_SIZE_U64
+    {
+        return Ok(());
+    }
+    let bytes = image.read_pages(u64::from(block.used_blobid_mask_start), region_pages)?;
+    let record = match RootSuperset::decode(&bytes, nonce, block.md_len, region_pages) {
+        Ok(record) => record,
+        Err(err) => {
+            report.notes.push(format!(
+                "the root superset record is not used ({err}): the next load scans the whole md region"
+            ));
+            return Ok(());
+        }
+    };
+    let missed: Vec<u32> = roots
+        .iter()
+        .copied()
+        .filter(|&root| !record.covers(root))
+        .collect();
+    for &root in missed.iter().take(clusters::MAX_LISTED) {
+        problems.push(Problem {
+            kind: ProblemKind::RootOutsideSuperset,
+            page: Some(root),
+            blob: Some(crate::format::page_to_blobid(root)),
+            field: "root_superset".into(),
+            expected: format!(
+                "a root page inside the chunks the record covers (chunk {} of {} pages)",
+                record.chunk_of(root),
+                1u64 << record.shift
+            ),
+            found: "a blob root outside them: the bounded dirty load would not find the blob"
+                .into(),
+        });
+    }
+    if missed.len() > clusters::MAX_LISTED {
+        problems.push(Problem {
+            kind: ProblemKind::RootOutsideSuperset,
+            page: None,
+            blob: None,
+            field: "root_superset".into(),
+            expected: "no further roots outside the record".into(),
+            found: format!("{} more", missed.len() - clusters::MAX_LISTED),
+        });
+    }
+    Ok(())
 }
 
 fn summary(record: &BlobRecord) -> BlobSummary {

@@ -60,6 +60,10 @@ pub enum ProblemKind {
     LvolNameDuplicate,
     /// Two lvols share a uuid.
     LvolUuidDuplicate,
+    /// A dirty Spool store's root superset record (bounded recovery) misses a blob's root
+    /// page: the bounded dirty load, which reads only the pages the record covers, would
+    /// not find that blob.
+    RootOutsideSuperset,
 }
 
 impl ProblemKind {
@@ -94,6 +98,7 @@ impl ProblemKind {
             ProblemKind::LvsMetadata => "lvs_metadata",
             ProblemKind::LvolNameDuplicate => "lvol_name_duplicate",
             ProblemKind::LvolUuidDuplicate => "lvol_uuid_duplicate",
+            ProblemKind::RootOutsideSuperset => "root_outside_superset",
         }
     }
 }

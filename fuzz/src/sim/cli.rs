@@ -14,7 +14,7 @@ usage: spool-fuzz sim --seed N [--trace]
        spool-fuzz sim --soak HOURS [--seed START]
   options: --ops N (plan length, default 40) --faults PER_MILLE (default 40)
            --shrink-runs N (default 400; 0: no shrinking)
-           --plant flush-lies|skip-ordering-flushes|nbd-skips-flushes (a planted bug the run must catch)
+           --plant flush-lies|skip-ordering-flushes|nbd-skips-flushes|skip-root-superset-growth (a planted bug the run must catch)
            --strict-thick-zeros (a thick blob's new clusters must read zeros)
            --quiet";
 
@@ -82,6 +82,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
                     "flush-lies" => out.bugs.flush_lies = true,
                     "skip-ordering-flushes" => out.bugs.skip_ordering_flushes = true,
                     "nbd-skips-flushes" => out.bugs.nbd_skips_flushes = true,
+                    "skip-root-superset-growth" => out.bugs.skip_root_superset_growth = true,
                     _ => return Err(format!("--plant: unknown bug {bug}")),
                 }
             }
@@ -124,6 +125,9 @@ fn replay_command(seed: u64, args: &Args) -> String {
     }
     if args.bugs.nbd_skips_flushes {
         command += " --plant nbd-skips-flushes";
+    }
+    if args.bugs.skip_root_superset_growth {
+        command += " --plant skip-root-superset-growth";
     }
     if args.bugs.strict_thick_zeros {
         command += " --strict-thick-zeros";

@@ -17,8 +17,13 @@ use super::plan::{FaultErrno, FaultIo, Op, WriteSpec};
 
 /// Cluster size of simulated stores.
 pub const CLUSTER: u64 = 64 << 10;
-/// Simulated device size (about 30 data clusters: workloads fill it).
-pub const DEVICE: u64 = 2 << 20;
+/// Simulated device size: 40 clusters, about 30 for data (workloads fill it).
+pub const DEVICE: u64 = 40 * CLUSTER;
+/// Metadata pages of simulated stores: two root-superset chunks of 64 pages
+/// (`format::root_superset::MIN_SHIFT`), so a dirty load after a cut reads only the chunks
+/// the record covers (bounded and selective), and a create past page 63 must grow the
+/// record first.
+pub const MD_PAGES: u32 = 128;
 /// Reactors simulated.
 pub const REACTORS: usize = 2;
 /// Simulation steps one life may take before it counts as hung.
@@ -35,6 +40,9 @@ pub struct Bugs {
     pub skip_ordering_flushes: bool,
     /// Planted: the NBD front end acknowledges FLUSH and FUA writes without a device flush.
     pub nbd_skips_flushes: bool,
+    /// Planted: the blob layer never grows the root-superset record ahead of a create (a
+    /// dirty load then misses blobs rooted in a chunk the record does not cover).
+    pub skip_root_superset_growth: bool,
     /// Stricter check: a thick blob's new clusters must read zeros (the blob layer does not
     /// promise it; see the seed-2 regression test).
     pub strict_thick_zeros: bool,
@@ -221,6 +229,7 @@ async fn drive(
             desc,
             &InitOptions {
                 cluster_size: CLUSTER,
+                md_pages: Some(MD_PAGES),
                 ..InitOptions::default()
             },
         )
@@ -238,6 +247,7 @@ async fn drive(
         store
     };
     store.testing_skip_ordering_flushes(ctx.bugs.skip_ordering_flushes);
+    store.testing_skip_root_superset_growth(ctx.bugs.skip_root_superset_growth);
     for (index, op) in ops.into_iter().enumerate() {
         let line = format!("{op:?}");
         let outcome = run_op(ctx, &store, model, op)
@@ -336,6 +346,18 @@ fn fates(pending: &[spool_bdev::PendingWrite], fate: u64) -> Vec<Survivor> {
     survivors
 }
 
+/// Xattrs of 3,000 bytes every created blob carries: one md page each.
+const XATTRS: u8 = 12;
+
+/// The xattrs every created blob carries ([`XATTRS`] of 3,000 bytes: a chain of that many
+/// md pages), so plans reach the store's second root-superset chunk (md page 64 on) and the bounded
+/// dirty load after a cut has chunks to skip and a record to grow.
+fn create_xattrs() -> Vec<(String, Vec<u8>)> {
+    (0..XATTRS)
+        .map(|i| (format!("sim{i}"), vec![i; 3000]))
+        .collect()
+}
+
 /// Opens blob `id` once per operation: `None` when the open failed as a fault allows.
 async fn open<'a>(
     ctx: &Ctx,
@@ -416,6 +438,7 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
                 .create_blob(&BlobOptions {
                     num_clusters: u64::from(clusters),
                     thin,
+                    xattrs: create_xattrs(),
                     ..BlobOptions::default()
                 })
                 .await;
@@ -427,7 +450,7 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
                         .insert(id, ModelBlob::new(thin, u64::from(clusters), UPC, fresh));
                     Ok(format!("{id:#x}"))
                 }
-                Err(err) => md_error(ctx, model, &[], err.errno(), "create"),
+                Err(err) => md_error(ctx, model, Failed::Create, err.errno(), "create"),
             }
         }
         Op::Write(spec) => writes(ctx, store, model, &[spec]).await,
@@ -507,19 +530,32 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
                 ctx.bugs.fresh_thick()
             };
             let parent = blob.parent_id();
+            let old = model.blobs[&id].clusters;
             let result = blob.resize(u64::from(clusters)).await;
+            // The size in memory now (a failure may come after the map changed).
+            let now = blob.num_clusters();
             let closed = close(ctx, blob).await?;
             match result {
                 Ok(()) => {
                     model.resize(id, u64::from(clusters), parent, fresh);
                     if !closed {
-                        // Close persists the resize: a failure leaves its size unknown.
-                        model.taint(id);
+                        // Close persists the resize: a failure leaves the size on disk old
+                        // or new (the blob stays dirty in memory, at the new size).
+                        model.unsettle(id);
                         return Ok(format!("{id:#x} resized, close failed"));
                     }
                     Ok(format!("{id:#x} ok"))
                 }
-                Err(err) => md_error(ctx, model, &[id], err.errno(), "resize"),
+                Err(err) => {
+                    let outcome = md_error(ctx, model, Failed::Resize(id), err.errno(), "resize")?;
+                    if now != old {
+                        model.resize(id, now, parent, fresh);
+                    }
+                    if !closed {
+                        model.unsettle(id);
+                    }
+                    Ok(format!("{outcome}, {now} clusters in memory"))
+                }
             }
         }
         Op::Sync { pick } => {
@@ -531,11 +567,11 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
             };
             let result = blob.sync_md().await;
             if !close(ctx, blob).await? {
-                model.taint(id);
+                model.unsettle(id);
             }
             match result {
                 Ok(()) => Ok(format!("{id:#x} ok")),
-                Err(err) => md_error(ctx, model, &[id], err.errno(), "sync"),
+                Err(err) => md_error(ctx, model, Failed::Resize(id), err.errno(), "sync"),
             }
         }
         Op::Snapshot { pick, racing } => {
@@ -594,7 +630,7 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
                         outcome.join(" ")
                     ))
                 }
-                Err(err) => md_error(ctx, model, &[id], err.errno(), "snapshot"),
+                Err(err) => md_error(ctx, model, Failed::Snapshot(id), err.errno(), "snapshot"),
             }
         }
         Op::Clone { pick } => {
@@ -606,7 +642,7 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
                     model.clone_of(snap, clone);
                     Ok(format!("{snap:#x} -> {clone:#x}"))
                 }
-                Err(err) => md_error(ctx, model, &[snap], err.errno(), "clone"),
+                Err(err) => md_error(ctx, model, Failed::Snapshot(snap), err.errno(), "clone"),
             }
         }
         Op::Inflate { pick } => {
@@ -615,7 +651,7 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
             };
             match store.inflate_blob(id).await {
                 Ok(()) => Ok(format!("{id:#x} ok")),
-                Err(err) => md_error(ctx, model, &[id], err.errno(), "inflate"),
+                Err(err) => md_error(ctx, model, Failed::Content(id), err.errno(), "inflate"),
             }
         }
         Op::Delete { pick } => {
@@ -628,7 +664,7 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
                     Ok(format!("{id:#x} ok"))
                 }
                 Err(err) if err.errno() == -libc::EBUSY => Ok(format!("{id:#x} busy")),
-                Err(err) => md_error(ctx, model, &[id], err.errno(), "delete"),
+                Err(err) => md_error(ctx, model, Failed::Delete(id), err.errno(), "delete"),
             }
         }
         Op::Fault { io, errno, nth } => {
@@ -666,12 +702,30 @@ async fn run_op(ctx: &Ctx, store: &Blobstore, model: &mut Model, op: Op) -> Resu
     }
 }
 
+/// What a failed metadata operation may have done (model.rs has the rules).
+#[derive(Debug, Clone, Copy)]
+enum Failed {
+    /// A create: its new id may appear.
+    Create,
+    /// A resize or sync of the blob: its size on disk old or new (the caller models the
+    /// size in memory).
+    Resize(u64),
+    /// A snapshot of the blob, or a clone of the snapshot: a new id may appear; the blob
+    /// reads as before.
+    Snapshot(u64),
+    /// An inflate or decouple of the blob: it reads as before.
+    Content(u64),
+    /// A delete (or merge-delete) of the blob: it may vanish; if not, it reads as before.
+    Delete(u64),
+}
+
 /// A metadata operation failed: expected (the device is full, or a fault was injected)
-/// or a failure. An expected error with a fault injected taints the blobs it touched.
+/// or a failure. An expected error with a fault injected is modelled by what the
+/// operation can do ([`Failed`]).
 fn md_error(
     ctx: &Ctx,
     model: &mut Model,
-    ids: &[u64],
+    failed: Failed,
     errno: i32,
     what: &str,
 ) -> Result<String, String> {
@@ -679,9 +733,15 @@ fn md_error(
         return Err(format!("{what}: unexpected errno {errno}"));
     }
     if ctx.errors.injected_count() > 0 {
-        model.strays_allowed = true;
-        for &id in ids {
-            model.taint(id);
+        match failed {
+            Failed::Create => model.failed_create(),
+            Failed::Resize(id) => model.unsettle(id),
+            Failed::Snapshot(id) => {
+                model.failed_create();
+                model.taint(id);
+            }
+            Failed::Content(id) => model.taint(id),
+            Failed::Delete(id) => model.failed_delete(id),
         }
     }
     Ok(format!("errno {errno}"))
@@ -763,9 +823,14 @@ async fn verify(store: &Blobstore, model: &mut Model, log: &mut Vec<String>) -> 
     for id in known {
         if !ids.contains(&id) {
             let blob = &model.blobs[&id];
-            if blob.durable && !blob.tainted {
+            if blob.durable && !blob.may_vanish {
                 return Err(format!(
-                    "blob {id:#x} lost: its create was covered by a flush and no delete was"
+                    "blob {id:#x} lost: its create was covered by a flush and no delete was{}",
+                    if blob.tainted {
+                        " (a metadata operation on it failed, not a delete)"
+                    } else {
+                        ""
+                    }
                 ));
             }
             model.blobs.remove(&id);
@@ -777,10 +842,19 @@ async fn verify(store: &Blobstore, model: &mut Model, log: &mut Vec<String>) -> 
         }
         if let Some(blob) = model.deleted.remove(&id) {
             model.blobs.insert(id, blob);
-        } else if model.strays_allowed {
-            let mut blob = ModelBlob::new(true, 0, UPC, 0);
-            blob.tainted = true;
-            model.blobs.insert(id, blob);
+        } else if model.strays_allowed && !model.completed_deletes.contains(&id) {
+            // What a failed create, snapshot or clone left: its content is not predicted.
+            model.blobs.insert(id, ModelBlob::new(true, 0, UPC, ANY));
+            model
+                .blobs
+                .get_mut(&id)
+                .expect("just inserted")
+                .crash_sizes
+                .clear();
+        } else if model.completed_deletes.contains(&id) {
+            return Err(format!(
+                "blob {id:#x} exists after the restart: its delete completed"
+            ));
         } else {
             return Err(format!(
                 "blob {id:#x} exists after the restart: never created, or its delete was flushed"
@@ -789,6 +863,7 @@ async fn verify(store: &Blobstore, model: &mut Model, log: &mut Vec<String>) -> 
     }
     model.deleted.clear();
     model.strays_allowed = false;
+    model.completed_deletes.clear();
     let mut owned = BTreeSet::new();
     for id in ids {
         let blob = store
@@ -818,7 +893,9 @@ async fn verify(store: &Blobstore, model: &mut Model, log: &mut Vec<String>) -> 
         let Some(mblob) = model.blobs.get_mut(&id) else {
             continue;
         };
-        if !mblob.tainted && !mblob.crash_sizes.contains(&clusters) {
+        // A stray (no crash size yet) takes the size it has.
+        let stray = mblob.crash_sizes.is_empty();
+        if !stray && !mblob.crash_sizes.contains(&clusters) {
             return Err(format!(
                 "blob {id:#x} has {clusters} clusters after the restart, the model allows {:?}",
                 mblob.crash_sizes
@@ -826,14 +903,22 @@ async fn verify(store: &Blobstore, model: &mut Model, log: &mut Vec<String>) -> 
         }
         let units = (clusters * UPC) as usize;
         if mblob.units.len() < units {
-            mblob.units.resize(units, Default::default());
+            let fill = if stray {
+                super::model::UnitState {
+                    live: BTreeSet::from([ANY]),
+                    crash: BTreeSet::from([ANY]),
+                }
+            } else {
+                Default::default()
+            };
+            mblob.units.resize(units, fill);
         }
         for (unit, bytes) in data.chunks(UNIT as usize).enumerate() {
             let state = &mut mblob.units[unit];
-            if state.crash.contains(&ANY) || mblob.tainted {
-                // Unspecified content (a thick blob's new cluster, or a blob a failed
-                // operation left unpredicted): a decodable value is tracked from now on,
-                // anything else stays unspecified until written.
+            if state.crash.contains(&ANY) {
+                // Unspecified content (a thick blob's new cluster, or a stray a failed
+                // create, snapshot or clone left): a decodable value is tracked from now
+                // on, anything else stays unspecified until written.
                 let value = decode(bytes, unit as u64).unwrap_or(ANY);
                 state.live = BTreeSet::from([value]);
                 state.crash = BTreeSet::from([value]);
@@ -841,7 +926,7 @@ async fn verify(store: &Blobstore, model: &mut Model, log: &mut Vec<String>) -> 
             }
             let value = decode(bytes, unit as u64)
                 .map_err(|what| format!("blob {id:#x} after the restart: {what}"))?;
-            if !mblob.tainted && !state.crash.contains(&value) {
+            if !state.crash.contains(&value) {
                 return Err(format!(
                     "blob {id:#x} unit {unit} reads value {value} after the restart, the model allows {:?} (live was {:?})",
                     state.crash, state.live
@@ -857,6 +942,8 @@ async fn verify(store: &Blobstore, model: &mut Model, log: &mut Vec<String>) -> 
         mblob.crash_sizes = BTreeSet::from([clusters]);
         mblob.durable = true;
         mblob.tainted = false;
+        mblob.md_unsettled = false;
+        mblob.may_vanish = false;
         mblob.snapshot = read_only;
         mblob.thin = thin;
     }

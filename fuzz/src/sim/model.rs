@@ -9,8 +9,28 @@
 //! value of both sets. Sizes and existence follow the same rule: a resize, create,
 //! snapshot, clone or delete is certain after a restart only once a flush covered it.
 //!
-//! A blob a metadata operation failed on (an injected I/O error) is *tainted*: its content
-//! and size are no longer predicted (the checker and the cluster accounting still cover it).
+//! A metadata operation that fails on an injected fault is modelled by what it can really
+//! do (SPDK semantics), never by "anything goes":
+//! - a failed **resize** leaves the size in memory as the blob reports it and on disk old
+//!   or new ([`ModelBlob::md_unsettled`]: until the next restart a flush does not settle
+//!   the size, since a device flush does not write a blob's dirty metadata); units below
+//!   the smaller size keep their crash sets, a grown part reads zeros (thin, or through to
+//!   a clone's parent) or [`ANY`] (thick), a shrunk part may keep its old values;
+//! - a failed **snapshot, clone, inflate or decouple** does not change what the blob reads
+//!   (a snapshot moves the map under a new parent, inflate/decouple copy the parent's data)
+//!   nor its size;
+//! - only a failed **delete** (or merge-delete of a snapshot) may make that blob vanish
+//!   ([`ModelBlob::may_vanish`]); if it stays it reads as before;
+//! - **strays** (blobs the model does not know) may appear only after a failed create,
+//!   snapshot or clone (the ids those create), never with an id whose delete completed
+//!   ([`Model::completed_deletes`]) unless a failed create ran after that delete and may
+//!   have reused its md page.
+//!
+//! Escape hatches where the content is genuinely unpredictable: a stray's units are
+//! [`ANY`] (the model does not know what the failed op had copied), as are a thick blob's
+//! new clusters. A blob a failed operation touched is *tainted* for the rest of the life:
+//! live reads (Read, NBD) skip it, but its size, existence and crash sets are checked after
+//! the restart like any other blob's.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -55,8 +75,15 @@ pub struct ModelBlob {
     pub units: Vec<UnitState>,
     /// Covered by a completed flush: must exist after a power cut.
     pub durable: bool,
-    /// Content and size no longer predicted.
+    /// A metadata operation on it failed in this life: live reads skip it (its size,
+    /// existence and crash sets are still checked after a restart).
     pub tainted: bool,
+    /// Its on-disk metadata may lag memory (a failed resize, sync or close): a flush does
+    /// not settle its size, and units at or past the smallest crash size keep their old
+    /// values as possible, until the next restart.
+    pub md_unsettled: bool,
+    /// A delete of it failed: it may be gone after a restart.
+    pub may_vanish: bool,
 }
 
 impl ModelBlob {
@@ -75,6 +102,8 @@ impl ModelBlob {
             units: vec![unit; (clusters * units_per_cluster) as usize],
             durable: false,
             tainted: false,
+            md_unsettled: false,
+            may_vanish: false,
         }
     }
 }
@@ -85,11 +114,14 @@ pub struct Model {
     /// Blobs that exist now, by id.
     pub blobs: BTreeMap<u64, ModelBlob>,
     /// Blobs deleted by an operation that failed on an injected fault: a power cut may
-    /// bring them back (none today: a failed delete keeps its blob in the model, tainted).
+    /// bring them back (none today: a failed delete keeps its blob in the model, with
+    /// [`ModelBlob::may_vanish`]).
     pub deleted: BTreeMap<u64, ModelBlob>,
-    /// A metadata operation failed on an injected fault: blobs the model does not know may
-    /// appear after a restart (they are adopted, tainted).
+    /// A create, snapshot or clone failed on an injected fault: blobs the model does not
+    /// know may appear after a restart (adopted with [`ANY`] content).
     pub strays_allowed: bool,
+    /// Ids whose delete completed since the last restart: never accepted back as strays.
+    pub completed_deletes: BTreeSet<u64>,
     /// io_units per cluster.
     pub units_per_cluster: u64,
     /// The next write's value id.
@@ -163,8 +195,23 @@ impl Model {
 
     /// A completed flush: every acknowledged write and metadata change is durable.
     pub fn flush(&mut self) {
+        let upc = self.units_per_cluster;
         for blob in self.blobs.values_mut() {
             blob.durable = true;
+            if blob.md_unsettled {
+                // The size on disk may still be any earlier one: units past the smallest
+                // keep their old values as possible (a shrink not on disk keeps them).
+                blob.crash_sizes.insert(blob.clusters);
+                let settled = (blob.crash_sizes.first().copied().unwrap_or(0) * upc) as usize;
+                for (index, unit) in blob.units.iter_mut().enumerate() {
+                    if index < settled {
+                        unit.crash.clone_from(&unit.live);
+                    } else {
+                        unit.crash.extend(unit.live.iter().copied());
+                    }
+                }
+                continue;
+            }
             blob.crash_sizes = BTreeSet::from([blob.clusters]);
             for unit in &mut blob.units {
                 unit.crash.clone_from(&unit.live);
@@ -231,6 +278,9 @@ impl Model {
         copy.snapshot = true;
         copy.thin = true;
         copy.durable = false;
+        copy.tainted = false;
+        copy.md_unsettled = false;
+        copy.may_vanish = false;
         copy.crash_sizes = BTreeSet::from([blob.clusters]);
         self.blobs.insert(snap, copy);
     }
@@ -243,6 +293,9 @@ impl Model {
         copy.snapshot = true;
         copy.thin = true;
         copy.durable = false;
+        copy.tainted = false;
+        copy.md_unsettled = false;
+        copy.may_vanish = false;
         copy.crash_sizes = BTreeSet::from([before.clusters]);
         for &(unit, units, value) in racing {
             for u in unit..unit + units {
@@ -264,6 +317,9 @@ impl Model {
         copy.snapshot = false;
         copy.thin = true;
         copy.durable = false;
+        copy.tainted = false;
+        copy.md_unsettled = false;
+        copy.may_vanish = false;
         copy.crash_sizes = BTreeSet::from([blob.clusters]);
         self.blobs.insert(clone, copy);
     }
@@ -274,13 +330,36 @@ impl Model {
     pub fn delete(&mut self, id: u64) {
         self.blobs.remove(&id);
         self.deleted.remove(&id);
+        self.completed_deletes.insert(id);
     }
 
-    /// Blob `id` tainted by a failed metadata operation.
+    /// Blob `id` touched by a failed metadata operation: live reads skip it this life.
     pub fn taint(&mut self, id: u64) {
         if let Some(blob) = self.blobs.get_mut(&id) {
             blob.tainted = true;
         }
+    }
+
+    /// Blob `id`'s metadata on disk may lag memory (a failed resize, sync or close).
+    pub fn unsettle(&mut self, id: u64) {
+        self.taint(id);
+        if let Some(blob) = self.blobs.get_mut(&id) {
+            blob.md_unsettled = true;
+        }
+    }
+
+    /// A delete of blob `id` failed: it may vanish after a restart.
+    pub fn failed_delete(&mut self, id: u64) {
+        self.taint(id);
+        if let Some(blob) = self.blobs.get_mut(&id) {
+            blob.may_vanish = true;
+        }
+    }
+
+    /// A create, snapshot or clone failed: its new id may appear after a restart (and may
+    /// be the id of a blob deleted before it, whose md page it may have reused).
+    pub fn failed_create(&mut self) {
         self.strays_allowed = true;
+        self.completed_deletes.clear();
     }
 }

@@ -111,6 +111,13 @@ pub fn rename(args: &RenameArgs) -> Result<(), ToolError> {
     on_store(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
         check_unique(&store, &name, Some(id)).await?;
+        // A read-only blob's metadata (a snapshot's, as in SPDK) does not change: it keeps
+        // the name it has.
+        if with_blob(&store, id, async |blob| Ok(blob.is_read_only())).await? {
+            return Err(ToolError::Failed(format!(
+                "blob {id:#x} is read-only (a snapshot, or set read-only): its metadata does not change, so it keeps the name it has"
+            )));
+        }
         if let Some(lvs) = lvol_store(&store).await? {
             return Ok(lvs.rename_lvol(id, &name).await?);
         }

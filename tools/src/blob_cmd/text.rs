@@ -116,7 +116,10 @@ pub fn emit_bytes(bytes: &[u8]) -> Result<(), ToolError> {
     match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(err) => Err(ToolError::Failed(format!("stdout: {err}"))),
+        Err(err) => Err(ToolError::Failed(format!(
+            "stdout: {}",
+            spool_engine::words::failure("write", &err)
+        ))),
     }
 }
 
