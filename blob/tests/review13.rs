@@ -217,11 +217,14 @@ fn repair_writes_a_clean_super_block_without_the_marker() {
 /// clusters free. (Policy finding: the repair does print a "not repaired" line saying a
 /// load would free them.)
 ///
-/// FAILS at 6258fc5: the rebuilt cluster mask frees `c`'s 2 clusters and the super block is
-/// written clean, so the next thick create takes them and overwrites `c`'s data; the
-/// change line even says "marked read-only; its md pages and clusters are kept".
+/// Failed at 6258fc5 (fixed): the rebuilt cluster mask freed `c`'s 2 clusters and the super
+/// block was written clean, so the next thick create took them and overwrote `c`'s data;
+/// the change line even said "marked read-only; its md pages and clusters are kept". Now
+/// the check keeps the clusters `c`'s pages still name (the CRC-failing page's descriptors
+/// included: they can only add kept clusters), and since `c`'s clusters cannot be known for
+/// certain on a dirty store the repair leaves the store dirty, says so, and a second repair
+/// does the same.
 #[test]
-#[ignore = "FAILS: repair of a dirty store frees a damaged blob's clusters (review13)"]
 fn repair_of_a_dirty_store_keeps_a_damaged_blobs_clusters() {
     let (mut image, a, c) = dirty_store();
     let (before, _) = check(image.clone());
@@ -242,7 +245,28 @@ fn repair_of_a_dirty_store_keeps_a_damaged_blobs_clusters() {
         .expect("c listed");
     assert!(damaged.damaged.is_some(), "c is damaged");
     let changes = repair_image(&cell, &checked).expect("the repair runs");
+    assert!(changes.left_dirty, "{changes:?}");
+    assert!(
+        changes
+            .not_repaired
+            .iter()
+            .any(|line| line.contains(&format!("{c:#x}")) && line.contains("not known")),
+        "{changes:?}"
+    );
+    assert!(
+        !changes.changes.iter().any(|line| line.contains("are kept")),
+        "no change line claims the clusters are kept in a store left dirty: {changes:?}"
+    );
     let (after, cell) = check(cell.into_inner());
+    assert_eq!(after.report.clean, 0, "the store is left dirty");
+    // Repairing again is the same refusal, and writes nothing new.
+    let image_once = cell.borrow().clone();
+    let again = repair_image(&cell, &after).expect("the second repair runs");
+    assert!(again.left_dirty);
+    assert!(
+        *cell.borrow() == image_once,
+        "a second repair changes nothing"
+    );
     assert!(
         after.report.blobs.iter().any(|b| b.id == c),
         "c stays listed after the repair"
@@ -316,12 +340,12 @@ fn disk_mask(image: &[u8], at: usize) -> BTreeSet<u64> {
 /// page or cluster is taken by the next create or write and `c`'s data or metadata is gone
 /// for good.
 ///
-/// FAILS at 6258fc5: the first repair already clears the bit of `c`'s second chain page
+/// Failed at 6258fc5 (fixed): the first repair cleared the bit of `c`'s second chain page
 /// (the walk cannot reach it from a broken root) while printing that its md pages are
-/// kept; whether the second repair then also frees the clusters is reported by the
-/// assertion message.
+/// kept. Now the trusted on-disk masks' pages and clusters no readable blob uses are kept
+/// for the damaged blob, and so is `c`'s blob-id bit: a clean load lists `c` (unreadable)
+/// instead of forgetting it.
 #[test]
-#[ignore = "FAILS: repair frees a damaged blob's chain page while saying it keeps it (review13)"]
 fn repairs_keep_every_md_page_and_cluster_of_a_blob_with_a_damaged_root() {
     let (dirty, _a, c) = dirty_store();
     let mut image = unloaded(&dirty);
@@ -345,6 +369,17 @@ fn repairs_keep_every_md_page_and_cluster_of_a_blob_with_a_damaged_root() {
     let changes2 = repair_image(&cell, &second_check).expect("second repair");
     let image = cell.into_inner();
     let (pages2, clusters2) = (disk_mask(&image, 32), disk_mask(&image, 40));
+    assert!(
+        disk_mask(&image, 72).contains(&(c as u32 as u64)),
+        "c's blob-id bit is kept"
+    );
+    assert_eq!((&pages1, &clusters1), (&pages2, &clusters2), "idempotent");
+    let (report, ids, _) = load(&image, 0);
+    assert!(ids.contains(&c), "a clean load still lists c");
+    assert!(
+        report.unreadable.iter().any(|(id, _)| *id == c),
+        "{report:?}"
+    );
     let lost = |before: &BTreeSet<u64>, after: &BTreeSet<u64>| -> Vec<u64> {
         before.difference(after).copied().collect()
     };

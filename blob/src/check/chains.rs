@@ -45,6 +45,17 @@ pub struct BlobRecord {
     pub flags_at: Option<usize>,
     /// Whether the root page itself is unusable (bad CRC): no blob for a load.
     pub root_broken: bool,
+    /// Whether the blob's clusters are all known: its whole chain and every extent page
+    /// read, checked and parsed (a blob damaged only by the clusters it maps still has
+    /// them known). When false, some of its clusters may be named only by a page that
+    /// cannot be trusted (see [`salvage_clusters`]).
+    pub clusters_known: bool,
+    /// The page where the walk stopped on a CRC mismatch, when its header still names
+    /// this blob: its descriptors are read only to keep the clusters they name.
+    pub unsure_page: Option<u32>,
+    /// Clusters a salvage kept for this damaged blob that nothing claimed before it (see
+    /// [`salvage_clusters`]).
+    pub salvaged: u64,
     /// Clusters of the blob (its size), once its map was claimed.
     pub num_clusters: Option<u64>,
     /// Allocated clusters of its map.
@@ -167,6 +178,9 @@ pub fn walk_blob(
         damage: None,
         flags_at: None,
         root_broken: false,
+        clusters_known: true,
+        unsure_page: None,
+        salvaged: 0,
         num_clusters: None,
         allocated: 0,
     };
@@ -231,6 +245,9 @@ pub fn walk_blob(
             record.damage(format!(
                 "md page {next} (chain page {sequence}): CRC mismatch"
             ));
+            if header.id == id {
+                record.unsure_page = Some(next);
+            }
             break;
         }
         if header.id != id {
@@ -288,6 +305,7 @@ pub fn walk_blob(
         }
     }
     if record.damage.is_some() {
+        record.clusters_known = false;
         return Ok(record);
     }
     let refs: Vec<&[u8]> = pages.iter().map(|p| &p[..]).collect();
@@ -303,6 +321,7 @@ pub fn walk_blob(
                 err.to_string(),
             ));
             record.damage(err.to_string());
+            record.clusters_known = false;
             return Ok(record);
         }
     };
@@ -317,6 +336,7 @@ pub fn walk_blob(
             format!("{} extent page references", pending.len()),
         ));
         record.damage("its extent table names more extent pages than the md region has");
+        record.clusters_known = false;
         return Ok(record);
     }
     for (index, page) in pending {
@@ -351,6 +371,7 @@ pub fn walk_blob(
     if record.damage.is_none() {
         record.meta = Some(parsed.meta);
     }
+    record.clusters_known = record.damage.is_none();
     Ok(record)
 }
 
@@ -380,9 +401,80 @@ pub fn broken_root(
         damage: Some(format!("root md page {root}: CRC mismatch")),
         flags_at: None,
         root_broken: true,
+        clusters_known: false,
+        unsure_page: None,
+        salvaged: 0,
         num_clusters: None,
         allocated: 0,
     })
+}
+
+/// Run lengths a salvage follows at most, in all (hostile runs cannot make it spin).
+const MAX_SALVAGED: u64 = 1 << 32;
+
+/// Marks in `used` every cluster a damaged blob's pages still name, and returns how many
+/// were not marked before: the runs of every run-length descriptor that decodes in its
+/// chain pages and in the page where its walk stopped on a CRC mismatch (when that page's
+/// header still names the blob), and the entries of every extent page its extent tables
+/// name whose header names the blob. Bytes failing a CRC are not trusted to be right, but a
+/// cluster kept on their word costs space at worst, while one freed may be the blob's data:
+/// so they may add clusters, never remove any. Indexes outside the store are skipped.
+pub fn salvage_clusters(
+    image: &Image<'_>,
+    shape: &StoreShape,
+    record: &BlobRecord,
+    used: &mut BitSet,
+) -> Result<u64, CheckError> {
+    let md_len = shape.md_len();
+    let before = used.count_set();
+    let mut budget = MAX_SALVAGED;
+    let mut extent_pages: Vec<u32> = record.extent_pages.clone();
+    let pages = record.chain.iter().chain(record.unsure_page.iter());
+    for &number in pages {
+        let bytes = md_page(image, shape, number)?;
+        for descriptor in descriptors(descriptor_area(&bytes)) {
+            match descriptor {
+                Ok(Descriptor::ExtentRle(runs)) => {
+                    for (first, count) in runs.iter().filter(|&(first, _)| first != 0) {
+                        let count = u64::from(count).min(budget);
+                        budget -= count;
+                        used.set_range(u64::from(first), count);
+                    }
+                }
+                Ok(Descriptor::ExtentTable { entries, .. }) => {
+                    for (page, _) in entries.iter() {
+                        if page != 0 && page < md_len && extent_pages.len() < md_len as usize {
+                            extent_pages.push(page);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    extent_pages.sort_unstable();
+    extent_pages.dedup();
+    for page in extent_pages {
+        let bytes = md_page(image, shape, page)?;
+        if read_u64(&bytes, 0) != record.id {
+            continue;
+        }
+        for descriptor in descriptors(descriptor_area(&bytes)) {
+            match descriptor {
+                Ok(Descriptor::ExtentPage { clusters, .. }) => {
+                    for cluster in clusters.iter().filter(|&c| c != 0) {
+                        if u64::from(cluster) < used.len() {
+                            used.set(u64::from(cluster));
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    Ok(used.count_set() - before)
 }
 
 /// Byte offset in `page` of the first FLAGS descriptor's body (its invalid_flags field).

@@ -19,7 +19,8 @@ pub const MAX_LISTED_BITS: usize = 64;
 pub struct Rebuilt {
     /// Md pages in use: chains and extent pages (damaged blobs' pages included).
     pub used_pages: BitSet,
-    /// Clusters in use: the metadata clusters and every cluster a blob maps in range.
+    /// Clusters in use: the metadata clusters, every cluster a blob maps in range, and every
+    /// cluster a damaged blob's pages still name ([`super::chains::salvage_clusters`]).
     pub used_clusters: BitSet,
     /// Root pages of the blobs (a blob whose root page is unusable has none).
     pub used_blobids: BitSet,

@@ -12,7 +12,8 @@
 //! 3. [`chains::walk_blob`]: each blob's chain (CRC, id, sequence, next, loops),
 //!    descriptors and extent pages.
 //! 4. [`cross::claim_all`]: md pages and extent pages used once, clusters in range, outside
-//!    the metadata, owned once.
+//!    the metadata, owned once; a damaged blob's clusters claimed as far as its pages still
+//!    name them ([`chains::salvage_clusters`]).
 //! 5. [`cross::compare_mask`]: the three masks against that state (only when a load would
 //!    trust them: a dirty store's masks are rebuilt by every load).
 //! 6. [`graph`]: parents, snapshot and merge markers, the super blob, lvol names and uuids.
@@ -177,6 +178,15 @@ pub fn check_image(
     // (or, on a dirty store, simply a damaged page: a replay skips it).
     for &root in &scan.broken_roots {
         records.push(chains::broken_root(&image, &shape, root, &mut problems)?);
+    }
+    // A damaged blob's clusters stay claimed as far as its pages still name them (after
+    // every intact blob claimed its own): keeping a cluster costs space, freeing one may
+    // lose data.
+    for record in records
+        .iter_mut()
+        .filter(|r| r.damage.is_some() && r.meta.is_none())
+    {
+        record.salvaged = chains::salvage_clusters(&image, &shape, record, &mut claims.used)?;
     }
     records.sort_by_key(|r| r.id);
     let rebuilt = cross::claim_all(&shape, &records, &claims, &mut problems);

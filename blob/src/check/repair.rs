@@ -2,10 +2,31 @@
 //!
 //! - The three masks are rebuilt from the md pages: orphaned md pages, clusters and blob
 //!   ids are freed, missing bits set.
-//! - A blob whose metadata does not parse (or maps clusters it cannot own) keeps its md
-//!   pages and every cluster the on-disk mask gave it that no intact blob owns (its data is
-//!   never freed), and is marked read-only when its root page's FLAGS can be edited. It
-//!   stays listed as damaged.
+//! - A damaged blob (metadata that does not parse, or clusters it cannot own) is never
+//!   deleted and nothing it may still use is freed; it is marked read-only when its root
+//!   page's FLAGS can be edited, and stays listed as damaged. It keeps:
+//!   - what the check rebuilt for it: the md pages its walk reached, the in-range clusters
+//!     of its map, and every cluster its pages still name
+//!     ([`super::chains::salvage_clusters`], CRC-failing bytes included: they can only add
+//!     kept clusters);
+//!   - with trusted on-disk masks (clean store), every md page and cluster they mark that
+//!     no readable blob uses: the pages past a broken link (unreachable from a broken root)
+//!     as much as its clusters;
+//!   - a broken root (CRC mismatch) keeps its blob-id bit when the trusted mask had it set:
+//!     a clean load then lists it as unreadable, as SPDK's iteration skips a blob that does
+//!     not open, rather than forgetting it; its id is not reused, and rewriting the root page
+//!     brings it back. (A dirty load's replay skips such a root, in SPDK and Spool alike.)
+//!
+//!   Policy when the masks are not trusted (dirty store, bad mask header) and a damaged
+//!   blob's clusters are not all known (some page of it unreadable or failing its CRC): the
+//!   store is left dirty ([`RepairReport::left_dirty`]) and the masks are not written. The
+//!   alternatives were worse: writing it clean frees whatever only the unreadable bytes
+//!   name (a guess that loses data), and the only safe superset (every cluster no intact
+//!   blob owns) would fill the store for good. Leaving it dirty writes nothing false; the
+//!   caller must not load it on the user's behalf (a replay frees those clusters), and says
+//!   so, so the operator can copy the image first. Repairing again refuses again the same
+//!   way; once every damaged blob's clusters are known, the repair writes the store clean.
+//!   Repairs are idempotent: what one keeps, the next keeps.
 //! - Two blobs owning one cluster are both marked read-only (which one is right is a guess).
 //! - A writable parent of a clone is marked read-only.
 //! - The super block gets its CRC, length and clean = 1. It is written with clean = 0
@@ -35,6 +56,10 @@ pub struct RepairReport {
     pub changes: Vec<String>,
     /// Problems left as they are, with the reason.
     pub not_repaired: Vec<String>,
+    /// Whether the store was left dirty (clean = 0, masks not rewritten) because a
+    /// damaged blob's clusters are not known and the on-disk masks are not trusted: the
+    /// caller must not load it on the user's behalf (a load would free those clusters).
+    pub left_dirty: bool,
 }
 
 /// Sets the read-only bit in `record`'s root page FLAGS. Returns whether it changed.
@@ -115,50 +140,105 @@ pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairRepor
     image.write_pages(0, &dirty.encode())?;
     image.sync()?;
     let mut masks = rebuilt.clone();
-    let disk_clusters = checked.disk.as_ref().and_then(|d| d.clusters.as_ref());
-    // Damaged blobs keep their pages (already in the rebuilt page mask) and clusters.
-    let any_damaged = checked.records.iter().any(|r| r.damage.is_some());
-    for record in checked.records.iter().filter(|r| r.damage.is_some()) {
+    let disk = checked.disk.as_ref();
+    let disk_pages = disk.and_then(|d| d.pages.as_ref());
+    let disk_clusters = disk.and_then(|d| d.clusters.as_ref());
+    let disk_blobids = disk.and_then(|d| d.blobids.as_ref());
+    // Damaged blobs keep their pages and clusters: those the walk reached and their pages
+    // still name are in the rebuilt masks already; the rest are kept below from the trusted
+    // on-disk masks, or (untrusted masks) the store is left dirty.
+    let damaged: Vec<&BlobRecord> = checked
+        .records
+        .iter()
+        .filter(|r| r.damage.is_some())
+        .collect();
+    let unknown: Vec<&BlobRecord> = damaged
+        .iter()
+        .copied()
+        .filter(|r| !r.clusters_known)
+        .collect();
+    let leave_dirty = disk_clusters.is_none() && !unknown.is_empty();
+    for &record in &damaged {
         let reason = record.damage.clone().unwrap_or_default();
+        let kept = if leave_dirty {
+            "the repair frees none of its md pages or clusters but leaves the store dirty (see \"not repaired\")".to_string()
+        } else if record.salvaged > 0 {
+            format!(
+                "its md pages and clusters are kept ({} cluster(s) named only by its damaged metadata among them)",
+                record.salvaged
+            )
+        } else {
+            "its md pages and clusters are kept".to_string()
+        };
         if record.root_broken {
+            let root = u64::from(record.root());
+            let bit = match disk_blobids {
+                Some(ids) if ids.get(root) => {
+                    masks.used_blobids.set(root);
+                    "its blob-id bit is kept (a clean load lists it as unreadable; rewriting the root page brings it back)"
+                }
+                Some(_) => "its blob-id bit stays clear (the on-disk mask did not list it)",
+                None => "it gets no blob-id bit (the mask is not trusted, and a dirty load's replay skips a root failing its CRC)",
+            };
             report.changes.push(format!(
-                "blob {:#x}: root md page {} fails its CRC ({reason}): its blob-id bit is cleared (no load can open it), its md page and clusters are kept",
+                "blob {:#x}: root md page {} fails its CRC ({reason}): {bit}; {kept}",
                 record.id,
                 record.root()
             ));
         } else if mark_read_only(&image, checked, record)? {
             report.changes.push(format!(
-                "blob {:#x}: damaged ({reason}): marked read-only; its md pages and clusters are kept",
+                "blob {:#x}: damaged ({reason}): marked read-only; {kept}",
                 record.id
             ));
         } else {
             report.changes.push(format!(
-                "blob {:#x}: damaged ({reason}): left as it is, with its md pages and clusters",
+                "blob {:#x}: damaged ({reason}): left as it is; {kept}",
                 record.id
             ));
         }
     }
-    if any_damaged {
-        match disk_clusters {
-            Some(disk) => {
-                let held: Vec<u64> = disk
-                    .iter_set()
-                    .filter(|&c| !masks.used_clusters.get(c))
-                    .collect();
-                for &cluster in &held {
-                    masks.used_clusters.set(cluster);
-                }
-                if !held.is_empty() {
-                    report.changes.push(format!(
-                        "{} cluster(s) marked used on disk and owned by no intact blob are kept for the damaged blob(s)",
-                        held.len()
-                    ));
-                }
+    if !damaged.is_empty() {
+        if let Some(disk) = disk_pages {
+            let held: Vec<u64> = disk
+                .iter_set()
+                .filter(|&p| !masks.used_pages.get(p))
+                .collect();
+            for &page in &held {
+                masks.used_pages.set(page);
             }
-            None => report.not_repaired.push(
-                "the on-disk cluster mask is not trusted (dirty store or bad header): the clusters of damaged blobs cannot be told apart from free ones; a load would free them".into(),
-            ),
+            if !held.is_empty() {
+                report.changes.push(format!(
+                    "{} md page(s) marked used on disk and used by no blob the walk could read are kept for the damaged blob(s)",
+                    held.len()
+                ));
+            }
         }
+        if let Some(disk) = disk_clusters {
+            let held: Vec<u64> = disk
+                .iter_set()
+                .filter(|&c| !masks.used_clusters.get(c))
+                .collect();
+            for &cluster in &held {
+                masks.used_clusters.set(cluster);
+            }
+            if !held.is_empty() {
+                report.changes.push(format!(
+                    "{} cluster(s) marked used on disk and owned by no intact blob are kept for the damaged blob(s)",
+                    held.len()
+                ));
+            }
+        }
+    }
+    if leave_dirty {
+        for record in &unknown {
+            report.not_repaired.push(format!(
+                "blob {:#x}: some of its md pages cannot be read or trusted, and the on-disk cluster mask is not trusted (dirty store or bad header), so which clusters hold its data is not known",
+                record.id
+            ));
+        }
+        report.not_repaired.push(
+            "the store is left dirty (masks not rewritten): writing it clean would free whatever clusters only those pages name. Any load replays the metadata and frees them: copy the image first if that data matters".into(),
+        );
     }
     // Shared clusters and writable parents: read-only, nothing freed.
     let mut read_only: BTreeSet<u64> = checked.shared.iter().flat_map(|&(a, b)| [a, b]).collect();
@@ -196,6 +276,11 @@ pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairRepor
             ));
         }
     }
+    if leave_dirty {
+        image.sync()?;
+        report.left_dirty = true;
+        return Ok(report);
+    }
     // The masks.
     let block = &shape.block;
     let writes = [
@@ -221,7 +306,6 @@ pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairRepor
             "used-blob-id",
         ),
     ];
-    let disk = checked.disk.as_ref();
     let on_disk = [
         disk.and_then(|d| d.pages.as_ref()),
         disk.and_then(|d| d.clusters.as_ref()),

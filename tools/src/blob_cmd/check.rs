@@ -201,7 +201,11 @@ fn repair(args: &CheckArgs) -> Result<(), ToolError> {
     };
     drop(file);
     let mut load_lines = Vec::new();
-    if !nothing_to_do {
+    if repaired.left_dirty {
+        // A load would replay the metadata and free the clusters the repair could not
+        // attribute: left for the operator to decide.
+        load_lines.push("no load run: the store is left dirty (see \"not repaired\")".into());
+    } else if !nothing_to_do {
         // The store's own load finishes or rolls back half-done snapshots and merges, and
         // its unload leaves the store clean.
         let loaded = with_locked_store(
