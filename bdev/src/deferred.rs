@@ -23,6 +23,17 @@ pub struct Deferred {
     due: Vec<Pending>,
     seq: u64,
     simulated: bool,
+    /// Bytes already moved of the FIFO's head slot (a drain in parts stopped inside it).
+    head_done: usize,
+}
+
+/// What one step of [`Deferred::drain_due_in_parts`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartDone {
+    /// Bytes moved by this step.
+    pub moved: usize,
+    /// Whether the slot is finished (completed by the step).
+    pub finished: bool,
 }
 
 impl Default for Deferred {
@@ -35,6 +46,7 @@ impl Default for Deferred {
             due: Vec::new(),
             seq: 0,
             simulated: spool_reactor::is_simulated(),
+            head_done: 0,
         }
     }
 }
@@ -90,33 +102,47 @@ impl Deferred {
         count
     }
 
-    /// As [`Deferred::drain_due`], except that the FIFO part stops once `complete` has
-    /// reported `budget` bytes of work (after at least one slot; it returns each slot's
-    /// bytes): a device that moves data at completion time bounds one pass's work, so what
-    /// else the reactor has to do (a metadata step, a message) waits for at most that much.
-    /// The rest stays queued, in order, for the next pass.
+    /// As [`Deferred::drain_due`] for a device that moves data at completion time, in parts:
+    /// one pass moves at most `budget` bytes (at least one part), so what else the reactor
+    /// has to do (a metadata step, a message) waits for at most that much, even behind one
+    /// large request. `step(slot, from, allowance)` moves the slot's bytes from `from` (the
+    /// bytes earlier passes moved), at most `allowance` of them, and says how many it moved
+    /// and whether the slot is finished (then it has completed the slot itself). An
+    /// unfinished slot stays at the head of the queue, in order, for the next pass.
+    /// Simulated slots are moved whole (their completion time is the seed's). Returns how
+    /// many slots finished, plus one if a part moved without finishing its slot (the pass
+    /// did work).
     #[inline]
-    pub fn drain_due_within(
+    pub fn drain_due_in_parts(
         &mut self,
         budget: usize,
-        mut complete: impl FnMut(SlotId) -> usize,
+        mut step: impl FnMut(SlotId, usize, usize) -> PartDone,
     ) -> usize {
         let mut count = 0;
         let mut spent = 0usize;
         let fifo_len = self.fifo.len();
         for _ in 0..fifo_len {
-            if count > 0 && spent >= budget {
-                break;
-            }
-            let Some(slot) = self.fifo.pop_front() else {
+            let Some(&slot) = self.fifo.front() else {
                 break;
             };
-            spent = spent.saturating_add(complete(slot));
+            let allowance = budget.saturating_sub(spent).max(1);
+            let part = step(slot, self.head_done, allowance);
+            spent = spent.saturating_add(part.moved);
+            if !part.finished {
+                self.head_done += part.moved;
+                count += 1;
+                break;
+            }
+            self.fifo.pop_front();
+            self.head_done = 0;
             count += 1;
+            if spent >= budget {
+                break;
+            }
         }
         if !self.timed.is_empty() {
             count += self.drain_timed(&mut |slot| {
-                complete(slot);
+                step(slot, 0, usize::MAX);
             });
         }
         count
@@ -170,6 +196,7 @@ impl Deferred {
                 "channel dropped with queued requests; cancelling them"
             );
         }
+        self.head_done = 0;
         for slot in self.fifo.drain(..) {
             slots.complete(slot, -libc::ECANCELED);
         }

@@ -14,9 +14,12 @@
 //! - Offsets and lengths reaching the device are block aligned (the channel validated them);
 //!   a request's buffers may split anywhere, and the copy walks buffers and chunks together.
 //! - Data moves at completion time, when the slot's turn comes out of
-//!   [`Deferred::drain_due_within`] on the channel's poller (at most `PASS_BYTES` a pass,
-//!   in order), not at submission: a read in flight with a write sees the write
-//!   only if the write completed first, which the simulation orders from its seed.
+//!   [`Deferred::drain_due_in_parts`] on the channel's poller, not at submission: a read in
+//!   flight with a write sees the write only if the write completed first, which the
+//!   simulation orders from its seed. One pass of a channel moves at most `PASS_BYTES`, in
+//!   order, also inside a request: a 1 MiB copy moves in four passes and completes after its
+//!   last part, so a small request on another channel of the reactor (the metadata's) is
+//!   not held behind it. Under a simulation requests move whole.
 //! - Flush is a no-op (RAM is as durable as this device gets); unmap and write-zeroes write
 //!   zeros, so reads of unmapped blocks return zeros.
 //! - The I/O path allocates nothing: one copy per request plus a queue push and pop.
@@ -26,7 +29,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use spool_reactor::PollStatus;
 
-use crate::deferred::Deferred;
+use crate::deferred::{Deferred, PartDone};
 use crate::device::{Bdev, ChannelBackend};
 use crate::dma::DmaBuf;
 use crate::error::BdevError;
@@ -37,10 +40,11 @@ use crate::io::{IoKind, IoRequest, IoSlots, Submission};
 /// writing different places rarely meet on one.
 const CHUNK_BYTES: usize = 64 << 10;
 
-/// Bytes one poll of a channel copies at most (at least one request): a pass with a queue
-/// of 1 MiB copies (copy-on-write of large clusters) then takes about a millisecond
-/// instead of tens, and the reactor's other work is not held behind all of them. A 4 KiB
-/// job at queue depth 32 (128 KiB) still completes in one pass.
+/// Bytes one poll of a channel moves at most (a larger request moves in parts over several
+/// passes): a pass behind a queue of 1 MiB copies (copy-on-write of large clusters) takes
+/// a quarter of one copy, not tens of them, so the reactor's other work (a snapshot's
+/// metadata steps) waits that long per step. A 4 KiB job at queue depth 32 (128 KiB) still
+/// completes in one pass.
 const PASS_BYTES: usize = 256 << 10;
 
 /// A RAM block device of `block_count` blocks of `block_size` bytes, zeroed at creation.
@@ -255,40 +259,106 @@ struct MallocChannel {
 }
 
 impl MallocChannel {
-    /// Moves the data of `request`; 0 or a negative errno.
+    /// Moves at most `allowance` bytes of `request`'s data, from byte `from` of it (what
+    /// earlier passes moved); finished when the last byte has moved or the request failed
+    /// (its status is then in `status`: 0 or a negative errno).
     #[inline]
-    fn execute(memory: &Memory, request: &mut IoRequest) -> i32 {
+    fn execute_part(
+        memory: &Memory,
+        request: &mut IoRequest,
+        from: usize,
+        allowance: usize,
+    ) -> (PartDone, i32) {
+        let failed = |errno: i32| {
+            (
+                PartDone {
+                    moved: 0,
+                    finished: true,
+                },
+                -errno,
+            )
+        };
         if request.kind == IoKind::Flush {
-            return 0;
+            return (
+                PartDone {
+                    moved: 0,
+                    finished: true,
+                },
+                0,
+            );
         }
         let (Ok(offset), Ok(len)) = (
             usize::try_from(request.offset_bytes),
             usize::try_from(request.len_bytes),
         ) else {
-            return -libc::EINVAL;
+            return failed(libc::EINVAL);
         };
-        if offset.checked_add(len).is_none_or(|end| end > memory.len) {
+        if offset.checked_add(len).is_none_or(|end| end > memory.len) || from > len {
             // Validated by the channel; never reached, but no panic on the I/O path.
-            return -libc::EINVAL;
+            return failed(libc::EINVAL);
         }
         if matches!(request.kind, IoKind::Read | IoKind::Write)
             && request.bufs.iter().map(DmaBuf::len).sum::<usize>() != len
         {
             // Also guaranteed by the channel: the buffers cover exactly the range.
-            return -libc::EINVAL;
+            return failed(libc::EINVAL);
         }
+        let part = (len - from).min(allowance);
         match request.kind {
             IoKind::Read => memory.read(
-                offset,
-                len,
-                request.bufs.iter_mut().map(DmaBuf::as_mut_slice),
+                offset + from,
+                part,
+                window_mut(&mut request.bufs, from, part),
             ),
-            IoKind::Write => memory.write(offset, len, request.bufs.iter().map(DmaBuf::as_slice)),
-            IoKind::Unmap | IoKind::WriteZeroes => memory.zero(offset, len),
+            IoKind::Write => memory.write(offset + from, part, window(&request.bufs, from, part)),
+            IoKind::Unmap | IoKind::WriteZeroes => memory.zero(offset + from, part),
             IoKind::Flush => {}
         }
-        0
+        (
+            PartDone {
+                moved: part,
+                finished: from + part == len,
+            },
+            0,
+        )
     }
+}
+
+/// The slices of `bufs` (in order) covering `len` bytes from byte `skip` of their
+/// concatenation.
+fn window(bufs: &[DmaBuf], mut skip: usize, mut len: usize) -> impl Iterator<Item = &[u8]> {
+    bufs.iter().filter_map(move |buf| {
+        let bytes = buf.as_slice();
+        if skip >= bytes.len() {
+            skip -= bytes.len();
+            return None;
+        }
+        let take = (bytes.len() - skip).min(len);
+        let piece = &bytes[skip..skip + take];
+        skip = 0;
+        len -= take;
+        (take > 0).then_some(piece)
+    })
+}
+
+/// As [`window`], for writing into the buffers.
+fn window_mut(
+    bufs: &mut [DmaBuf],
+    mut skip: usize,
+    mut len: usize,
+) -> impl Iterator<Item = &mut [u8]> {
+    bufs.iter_mut().filter_map(move |buf| {
+        let bytes = buf.as_mut_slice();
+        if skip >= bytes.len() {
+            skip -= bytes.len();
+            return None;
+        }
+        let take = (bytes.len() - skip).min(len);
+        let piece = &mut bytes[skip..skip + take];
+        skip = 0;
+        len -= take;
+        (take > 0).then_some(piece)
+    })
 }
 
 impl ChannelBackend for MallocChannel {
@@ -307,12 +377,14 @@ impl ChannelBackend for MallocChannel {
         let slots = &self.slots;
         let memory = &*self.memory;
         let pending = &mut self.pending;
-        let completed = pending.drain_due_within(PASS_BYTES, |slot| {
-            let (status, bytes) = slots.with(slot, |request| {
-                (Self::execute(memory, request), request.len_bytes)
+        let completed = pending.drain_due_in_parts(PASS_BYTES, |slot, from, allowance| {
+            let (part, status) = slots.with(slot, |request| {
+                Self::execute_part(memory, request, from, allowance)
             });
-            slots.complete(slot, status);
-            usize::try_from(bytes).unwrap_or(usize::MAX)
+            if part.finished {
+                slots.complete(slot, status);
+            }
+            part
         });
         self.pending.status(completed)
     }
