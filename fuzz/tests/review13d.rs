@@ -83,3 +83,67 @@ fn sim_seed_108994040_half_made_snapshot_rollback_leaks_an_md_page() {
         panic!("seed 108994040 (--ops 80 --faults 150): {}", failure.what);
     }
 }
+
+/// Found by `spool-fuzz sim --soak 0.2 --faults 300` (seed 412622595; replay: `cargo run -p
+/// spool-fuzz -- sim --seed 412622595 --faults 300`), shrunk to the plan below: a thick
+/// blob grown to one cluster (table form: one extent page), a snapshot of it failing on an
+/// injected write -EIO (a half-made snapshot, `SNAPTMP`, stays on disk sharing the
+/// original's extent page), then the delete of the original succeeds, and a power cut with
+/// nothing pending. The delete zeroed the original's extent page (md page 12), which the
+/// half-made snapshot's extent table still names: `spool check` reports `extent_page: blob
+/// 0x100000001 md page 12 extent page 0: ... CRC mismatch`. A dirty load by SPDK v24.01
+/// fails the whole store on such a page (`bs_load_replay_extent_page_cpl`: an invalid
+/// extent page is -EILSEQ; see `spdk_dirty_load` in blob/tests/spdk_dirty_rules.rs), so this
+/// crash leaves a store SPDK cannot load (confirmed on the cut image: md page 1 is a valid
+/// root with `SNAPTMP` and an extent table naming md page 12, which is all zeros).
+///
+/// Expected: a failed snapshot followed by an acknowledged delete and a power cut leaves a
+/// store whose only problem is one a load repairs (the half-made snapshot), with no md page
+/// one root references zeroed under it: every store Spool leaves must load in SPDK
+/// (issue 13, "Constraint: SPDK must still load every store Spool leaves behind").
+#[test]
+fn sim_seed_412622595_delete_after_a_failed_snapshot_zeroes_an_extent_page_it_names() {
+    let plan = Plan {
+        seed: 412_622_595,
+        ops: vec![
+            Op::Fault {
+                io: FaultIo::Flush,
+                errno: FaultErrno::Enospc,
+                nth: 5,
+            },
+            Op::Create {
+                thin: false,
+                clusters: 0,
+            },
+            Op::Resize {
+                pick: 1,
+                clusters: 1,
+            },
+            Op::Fault {
+                io: FaultIo::Write,
+                errno: FaultErrno::Eio,
+                nth: 7,
+            },
+            Op::Snapshot {
+                pick: 0,
+                racing: Vec::new(),
+            },
+            Op::Delete { pick: 0 },
+            Op::Cut {
+                inflight: Vec::new(),
+                yields: 0,
+                fate: 8_193_019_546_148_474_039,
+            },
+        ],
+    };
+    if let Err(failure) = run_plan(&plan, Bugs::default()) {
+        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+    }
+    let size = PlanSize {
+        fault_per_mille: 300,
+        ..PlanSize::default()
+    };
+    if let Err(failure) = run_seed(412_622_595, size, Bugs::default()) {
+        panic!("seed 412622595 (--faults 300): {}", failure.what);
+    }
+}
