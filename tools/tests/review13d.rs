@@ -56,3 +56,69 @@ fn a_refused_repair_leaves_no_output_copy() {
         "a refused repair (exit 1) left new.img behind, an unrepaired copy under the name of the repaired one:\n{err}"
     );
 }
+
+/// Flips one byte of md page `page` of the store in `image` (inside its descriptors, so
+/// the page fails its CRC).
+fn damage_md_page(image: &Path, page: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut sb = [0u8; 4096];
+    file.read_exact_at(&mut sb, 0).unwrap();
+    let md_start = u64::from(u32::from_le_bytes(sb[48..52].try_into().unwrap()));
+    let at = (md_start + page) * 4096 + 100;
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0xFF], at).unwrap();
+    file.sync_all().unwrap();
+}
+
+/// Expects: once `spool check --repair` has kept a damaged blob ("marks blobs whose
+/// metadata does not parse read-only and keeps them listed (never deletes a user's data
+/// silently)"), the operator can decide to give it up: `spool delete IMAGE ID` removes it
+/// (its md pages and the clusters it holds are freed) and the store checks consistent
+/// (exit 0). docs/operations.md tells the operator to run `spool check --repair` "after the
+/// blob is dealt with", but no command deals with it: `delete` refuses the blob because its
+/// metadata does not parse (exit 1, "corrupt metadata ... extent page 0 ... bad CRC"), so a
+/// store with one damaged blob exits 2 on every check forever and its clusters are never
+/// given back.
+#[test]
+fn a_damaged_blob_kept_by_the_repair_can_be_deleted() {
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let d = dir.path();
+    for args in [
+        &["init", "s.img", "--size", "16M"][..],
+        &["create", "s.img", "--size", "2M", "--name", "keep"],
+        &["create", "s.img", "--size", "2M", "--name", "bad"],
+    ] {
+        let (code, _, err) = spool_code(d, args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+    }
+    // keep: root md page 0, extent page 1; bad: root md page 2 (id 0x100000002), extent
+    // page 3 (as `spool dump` shows them).
+    let (_, dump, _) = spool_code(d, &["dump", "s.img"]);
+    assert!(
+        dump.contains("md page 3: blob 0x100000002, extent page"),
+        "layout: {dump}"
+    );
+    damage_md_page(&d.join("s.img"), 3);
+    let (code, out, err) = spool_code(d, &["check", "s.img", "--repair"]);
+    assert_eq!(
+        code,
+        Some(2),
+        "the damaged blob stays listed:\n{out}\n{err}"
+    );
+    let (code, out, err) = spool_code(d, &["delete", "s.img", "0x100000002"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "the operator cannot delete the damaged blob the repair kept:\n{out}\n{err}"
+    );
+    let (code, out, err) = spool_code(d, &["check", "s.img"]);
+    assert_eq!(code, Some(0), "consistent after the delete:\n{out}\n{err}");
+}
