@@ -122,3 +122,73 @@ fn a_damaged_blob_kept_by_the_repair_can_be_deleted() {
     let (code, out, err) = spool_code(d, &["check", "s.img"]);
     assert_eq!(code, Some(0), "consistent after the delete:\n{out}\n{err}");
 }
+
+/// Replaces the first occurrence of `old` in the md pages of the store in `image` with
+/// `new` (same length) and reseals that page's CRC. Returns the md page changed.
+fn patch_md_bytes(image: &Path, old: &[u8], new: &[u8]) -> u64 {
+    let mut bytes = std::fs::read(image).unwrap();
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let (md_start, md_len) = (u32_at(&bytes, 48) as usize, u32_at(&bytes, 52) as usize);
+    for page in 0..md_len {
+        let at = (md_start + page) * 4096;
+        let body = &mut bytes[at..at + 4096];
+        if let Some(i) = body.windows(old.len()).position(|w| w == old) {
+            body[i..i + new.len()].copy_from_slice(new);
+            let crc = crc32c::crc32c(&body[..4092]);
+            body[4092..].copy_from_slice(&crc.to_le_bytes());
+            std::fs::write(image, &bytes).unwrap();
+            return page as u64;
+        }
+    }
+    panic!(
+        "{:?} not found in the md pages",
+        String::from_utf8_lossy(old)
+    );
+}
+
+/// Expects: `spool check` names two lvols that carry the same uuid (issue 13: "lvol names
+/// and uuids unique"), however its text is spelled. A uuid is a 128-bit value: SPDK's lvol
+/// layer reads the xattr with `spdk_uuid_parse` (hex digits in either case), and so does
+/// Spool's (`spool ls` shows both lvols with the one uuid, and a lookup by that uuid finds
+/// only the first: the second lvol cannot be reached by its uuid, and SPDK refuses to
+/// register a second bdev with the same uuid). The check compares the xattrs' text, so the
+/// same uuid in upper case (a bit flip of 0x20 in each hex letter, or a tool that writes
+/// upper case) passes as unique: exit 0, "consistent".
+#[test]
+fn check_names_lvols_whose_uuids_differ_only_in_case() {
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let d = dir.path();
+    for args in [
+        &["init", "u.img", "--size", "16M", "--lvs", "lvs0"][..],
+        &["create", "u.img", "--size", "1M", "--name", "a"],
+        &["create", "u.img", "--size", "1M", "--name", "b"],
+    ] {
+        let (code, _, err) = spool_code(d, args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+    }
+    let uuid_of = |name: &str| {
+        let (code, out, err) = spool_code(d, &["xattr", "u.img", name, "get", "uuid"]);
+        assert_eq!(code, Some(0), "{err}");
+        out.trim_end_matches(['\n', '\0']).to_string()
+    };
+    let (a, b) = (uuid_of("a"), uuid_of("b"));
+    assert_eq!((a.len(), b.len()), (36, 36), "{a:?} {b:?}");
+    patch_md_bytes(
+        &d.join("u.img"),
+        b.as_bytes(),
+        a.to_ascii_uppercase().as_bytes(),
+    );
+    let (_, ls, _) = spool_code(d, &["ls", "u.img"]);
+    assert_eq!(
+        ls.matches(&a).count(),
+        2,
+        "Spool itself reads both lvols with the one uuid:\n{ls}"
+    );
+    let (code, out, err) = spool_code(d, &["check", "u.img"]);
+    assert!(
+        code == Some(2) && out.contains("lvol_uuid_duplicate"),
+        "exit {code:?}: the duplicate uuid is not named:\n{out}\n{err}\nls:\n{ls}"
+    );
+}
