@@ -345,7 +345,10 @@ fn protected_survive(image: &[u8], a: u64, d: u64) -> Result<(), String> {
 /// and checks `a` and `d`. Returns the failures.
 fn repair_rounds(clean: bool, rounds: usize, seed: u64) -> Vec<String> {
     let (original, a, d) = rich_store(clean);
-    let (md_start, md_len) = (u32_at(&original, 48) as usize, u32_at(&original, 52) as usize);
+    let (md_start, md_len) = (
+        u32_at(&original, 48) as usize,
+        u32_at(&original, 52) as usize,
+    );
     let meta_end = (md_start + md_len) * PAGE;
     let protected = |page: &[u8]| {
         let id = u64_at(page, 0);
@@ -419,5 +422,129 @@ fn repair_never_loses_an_intact_blobs_data() {
         "{} failure(s):\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+/// A clean 16 MiB store (md region of 2048 pages) holding, written by hand, a thin volume
+/// (md page 0) reading through `depth` thin read-only snapshots (md pages 1..=depth, each
+/// with `SNAP` naming the next; the last has none): what `depth` daily snapshots of one
+/// volume leave. Marked dirty (clean = 0, no marker), so the next load replays the md
+/// region (SPDK's rules; no mask to forge). Returns the image and the volume's id.
+fn volume_with_a_snapshot_chain(depth: u32) -> (Vec<u8>, u64) {
+    let rt = runtime();
+    let bdev = Arc::new(MallocBdev::new("r13d", 4096, (16 << 20) / 4096).unwrap());
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).unwrap();
+    run(&rt, move || async move {
+        let store = Blobstore::init(
+            desc,
+            &InitOptions {
+                cluster_size: CLUSTER,
+                md_pages: Some(2048),
+                ..InitOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        store.unload().await.unwrap();
+    });
+    rt.stop();
+    let mut image = bdev.snapshot();
+    let md_start = u32_at(&image, 48) as usize;
+    for page in 0..=depth {
+        let id = (1u64 << 32) | u64::from(page);
+        let at = (md_start + page as usize) * PAGE;
+        let p = &mut image[at..at + PAGE];
+        p.fill(0);
+        p[..8].copy_from_slice(&id.to_le_bytes());
+        // FLAGS: thin (and internal xattrs when SNAP is there); snapshots read-only.
+        let has_parent = page < depth;
+        p[16] = 3;
+        p[17..21].copy_from_slice(&24u32.to_le_bytes());
+        let invalid: u64 = if has_parent { 0b11 } else { 0b01 };
+        p[21..29].copy_from_slice(&invalid.to_le_bytes());
+        let data_ro: u64 = u64::from(page > 0);
+        p[29..37].copy_from_slice(&data_ro.to_le_bytes());
+        if has_parent {
+            // Internal xattr SNAP = the next page's id.
+            p[45] = 4;
+            p[46..50].copy_from_slice(&16u32.to_le_bytes());
+            p[50..52].copy_from_slice(&4u16.to_le_bytes());
+            p[52..54].copy_from_slice(&8u16.to_le_bytes());
+            p[54..58].copy_from_slice(b"SNAP");
+            p[58..66].copy_from_slice(&(id + 1).to_le_bytes());
+        }
+        p[4088..4092].copy_from_slice(&u32::MAX.to_le_bytes());
+        seal_page(p);
+    }
+    image[16..20].copy_from_slice(&0u32.to_le_bytes());
+    seal_page(&mut image[..PAGE]);
+    (image, 1 << 32)
+}
+
+/// Loads `image`, runs `then` on the store, unloads; returns what `then` returned and the
+/// image after the unload.
+fn with_store<T: Send + 'static, F, Fut>(image: &[u8], then: F) -> (T, Vec<u8>)
+where
+    F: FnOnce(Blobstore) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    let bdev = Arc::new(MallocBdev::from_image("r13d", 4096, image).unwrap());
+    let desc = BdevDesc::open(Arc::clone(&bdev) as Arc<dyn Bdev>).unwrap();
+    let rt = runtime();
+    let out = run(&rt, move || async move {
+        let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+            .await
+            .unwrap();
+        let out = then(store.clone()).await;
+        store.unload().await.unwrap();
+        out
+    });
+    rt.stop();
+    (out, bdev.snapshot())
+}
+
+async fn open_result(store: &Blobstore, id: u64) -> Result<(), String> {
+    match store.open_blob(id).await {
+        Ok(blob) => {
+            blob.close().await.unwrap();
+            Ok(())
+        }
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// Expects: a snapshot Spool agrees to make leaves a volume Spool can open after a restart,
+/// and `spool check` calls a store consistent only if its blobs open. Spool's
+/// `create_snapshot` of a volume that reads through 1,023 snapshots succeeds (the 1,024th:
+/// a daily snapshot schedule, never merged, reaches it in under 3 years); after a reload
+/// the volume no longer opens: "corrupt metadata: its snapshot chain is deeper than 1024"
+/// (`check_ancestry` in blob_lifecycle.rs counts the blob itself against
+/// `MAX_CHAIN_DEPTH`, the snapshot path does not; making 1,030 snapshots one by one through
+/// the API stops at exactly 1,024 made, with the same result). The volume's data is then
+/// out of reach through Spool (SPDK has no such limit), and `spool check` reports the store
+/// consistent (exit 0: its graph walk has no depth limit).
+#[test]
+fn a_snapshot_spool_agreed_to_make_leaves_a_volume_that_does_not_open() {
+    let (image, volume) = volume_with_a_snapshot_chain(1023);
+    let (made, image) = with_store(&image, move |store| async move {
+        open_result(&store, volume)
+            .await
+            .expect("1,023 snapshots deep: the volume opens");
+        store
+            .create_snapshot(volume, &[])
+            .await
+            .map_err(|err| err.to_string())
+    });
+    let snapshot = made.expect("Spool makes the 1,024th snapshot");
+    let cell = RefCell::new(image.clone());
+    let checked = check_image(&cell, &mut |_| {}).expect("the check runs");
+    let (opened, _) = with_store(&image, move |store| async move {
+        open_result(&store, volume).await
+    });
+    assert!(
+        opened.is_ok(),
+        "after the snapshot {snapshot:#x} Spool made, blob {volume:#x} does not open after a reload: {} (spool check: consistent = {})",
+        opened.unwrap_err(),
+        checked.report.is_clean()
     );
 }
