@@ -192,3 +192,47 @@ fn check_names_lvols_whose_uuids_differ_only_in_case() {
         "exit {code:?}: the duplicate uuid is not named:\n{out}\n{err}\nls:\n{ls}"
     );
 }
+
+/// Expects: the name of an lvol the repair keeps as damaged stays taken. Here lvol `b`'s
+/// extent page fails its CRC (its root page, with its `name` and `uuid`, is intact); `spool
+/// check --repair` keeps it ("marked read-only; its md pages and clusters are kept"). Then
+/// `spool create --name b` makes a second lvol `b` (the lvol layer does not see the
+/// unreadable one's name), and `spool check` does not name the duplicate: its lvol-name
+/// rule skips blobs whose metadata does not parse, though their names are readable. Once
+/// the damaged lvol is restored (or the store is read by a tool that lists it), two lvols
+/// answer to `b` (SPDK's lvol layer refuses the second: `lvs0/b` exists). Either the create
+/// should refuse the name or the check should report `lvol_name_duplicate`; this test
+/// asks the check.
+#[test]
+fn check_names_a_new_lvol_reusing_the_name_of_a_damaged_one() {
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let d = dir.path();
+    for args in [
+        &["init", "l.img", "--size", "16M", "--lvs", "lvs0"][..],
+        &["create", "l.img", "--size", "2M", "--name", "a"],
+        &["create", "l.img", "--size", "2M", "--name", "b"],
+    ] {
+        let (code, _, err) = spool_code(d, args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+    }
+    let (_, dump, _) = spool_code(d, &["dump", "l.img"]);
+    assert!(
+        dump.contains("md page 4: blob 0x100000003, extent page"),
+        "layout: {dump}"
+    );
+    damage_md_page(&d.join("l.img"), 4);
+    let (code, out, err) = spool_code(d, &["check", "l.img", "--repair"]);
+    assert_eq!(code, Some(2), "b stays listed as damaged:\n{out}\n{err}");
+    let (code, out, err) = spool_code(d, &["create", "l.img", "--size", "1M", "--name", "b"]);
+    if code != Some(0) {
+        return; // the name stayed taken: fine
+    }
+    let (code, check, _) = spool_code(d, &["check", "l.img"]);
+    assert!(
+        check.contains("lvol_name_duplicate"),
+        "a second lvol 'b' ({}) was created beside the damaged 'b' (0x100000003) and check (exit {code:?}) does not name the duplicate:\n{check}\n{err}",
+        out.trim()
+    );
+}
