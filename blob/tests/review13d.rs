@@ -548,3 +548,87 @@ fn a_snapshot_spool_agreed_to_make_leaves_a_volume_that_does_not_open() {
         checked.report.is_clean()
     );
 }
+
+/// An image in memory with one unreadable 4 KiB sector (a bad block: reads touching it
+/// fail with EIO).
+struct BadSector {
+    image: RefCell<Vec<u8>>,
+    bad: std::ops::Range<u64>,
+}
+
+impl spool_blob::check::image::ImageIo for BadSector {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.image.borrow().len() as u64)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        if offset < self.bad.end && self.bad.start < end {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.image.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.image.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Expects: `spool check` on a store with one bad sector in a part of the md region no
+/// blob uses still checks the store and reports (an e2fsck-like checker is run exactly
+/// when a disk starts failing): every blob is intact, the store loads and every blob
+/// opens (a clean load never reads unused md pages: shown below through an `ErrorBdev`
+/// failing the same sector), yet the check stops at the first failed 4 MiB batch of its
+/// md scan and returns an I/O error: `spool check` exits 1 ("the check could not run")
+/// with no report at all. Expected: the unreadable page named as a problem (page, what
+/// failed) and the rest of the store checked, exit 2.
+#[test]
+fn a_bad_sector_in_an_unused_md_page_does_not_stop_the_check() {
+    use spool_bdev::{ErrorBdev, ErrorRule};
+    let (image, a, d) = rich_store(true);
+    let (md_start, md_len) = (u64::from(u32_at(&image, 48)), u64::from(u32_at(&image, 52)));
+    // The region's last md page: no blob uses it (the store's blobs are in its first pages).
+    let page = md_start + md_len - 1;
+    assert!(image[(page as usize) * PAGE..(page as usize + 1) * PAGE]
+        .iter()
+        .all(|&b| b == 0));
+    let bad = page * 4096..(page + 1) * 4096;
+    // The store loads with that sector unreadable, and its blobs open.
+    let malloc = Arc::new(MallocBdev::from_image("r13d", 4096, &image).unwrap());
+    let errors = Arc::new(ErrorBdev::new("bad", malloc as Arc<dyn Bdev>));
+    errors.add_rule(ErrorRule::new(-libc::EIO).range_bytes(bad.clone()));
+    let desc = BdevDesc::open(Arc::clone(&errors) as Arc<dyn Bdev>).unwrap();
+    let rt = runtime();
+    let opened = run(&rt, move || async move {
+        let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+            .await
+            .expect("the store loads with the bad sector");
+        let mut opened = Vec::new();
+        for id in [a, d] {
+            opened.push(open_result(&store, id).await);
+        }
+        std::mem::forget(store);
+        opened
+    });
+    rt.stop();
+    assert!(opened.iter().all(Result::is_ok), "{opened:?}");
+    let io = BadSector {
+        image: RefCell::new(image),
+        bad,
+    };
+    match check_image(&io, &mut |_| {}) {
+        Ok(checked) => assert!(
+            checked
+                .report
+                .problems
+                .iter()
+                .any(|p| p.page == Some((page - md_start) as u32)),
+            "the unreadable md page is named: {:#?}",
+            checked.report.problems
+        ),
+        Err(err) => panic!(
+            "one bad sector in an unused md page stops the whole check (spool check exits 1, no report), while the store loads and its blobs open: {err}"
+        ),
+    }
+}
