@@ -2,7 +2,7 @@
 //! fault rates the CI ranges do not use. Each test fails today and passes once the bug it
 //! names is fixed. Run with `cargo test -p spool-fuzz --test review13d`.
 
-use spool_fuzz::sim::plan::{FaultErrno, FaultIo, NbdCmd, WriteSpec};
+use spool_fuzz::sim::plan::{FaultErrno, FaultIo, WriteSpec};
 use spool_fuzz::sim::{run_plan, run_seed, Bugs, Op, Plan, PlanSize};
 
 /// Found by `spool-fuzz sim --soak 0.2 --faults 150 --ops 80` (seed 108994040; replay:
@@ -309,23 +309,25 @@ fn sim_seed_663864009_delete_leaks_a_root_page_and_a_cluster() {
 }
 
 /// Found by `spool-fuzz sim --soak 0.2 --faults 0 --ops 80` (seed 266322743; replay:
-/// `cargo run -p spool-fuzz -- sim --seed 266322743 --ops 80 --faults 0`), shrunk to the
-/// plan below: **no injected fault at all**. Creates, snapshots, clones and two deletes
-/// (the last one, of blob 0x100000000, just before), then the first write to a thin
-/// one-cluster blob (0x100000043, root md page 67: the record's second chunk), its
+/// `cargo run -p spool-fuzz -- sim --seed 266322743 --ops 80 --faults 0`), shrunk by the
+/// simulation to 23 steps and by hand (dropping every step the failure does not need) to
+/// the 18 below: **no injected fault, no NBD**. A 0-cluster blob 0x100000000 is
+/// snapshotted (0x10000000c) and that snapshot cloned twice; thick and thin creates, a
+/// resize, three more snapshots; then the delete of 0x100000000 (`ok`), the first write to
+/// the thin one-cluster blob 0x100000043 (root md page 67, chain 13..23), its
 /// acknowledgement, a flush that succeeds, and a power cut with nothing pending. After the
 /// restart the blob has no cluster (`map [0]`) and unit 0 reads zeros where the model
-/// requires the write (`blob 0x100000043 unit 0 reads value 0 after the restart, the
-/// model allows {3}`): an acknowledged and flushed write lost, the one thing the
-/// simulation exists to rule out (issue 13: "no acknowledged-and-flushed write lost").
-/// On the cut image (life 0 rerun with `run_life`, then `spool dump`/`spool check`): the
-/// blob's chain (root md page 67, then 13..23) ends with an extent table naming no extent
-/// page, so the thin write's cluster insert never reached the metadata on the media though
-/// the write and the flush completed; `spool check` calls the image consistent (the loss
-/// is invisible to it); md page 0 (the root of 0x100000000, deleted just before the write)
-/// is zeros. Not traced further: a suspicion is the insert's new extent page taking an md
-/// page the delete had just released (page 0) and the delete's zeroing or the ordering
-/// around it dropping the insert's persist.
+/// requires the write (`blob 0x100000043 unit 0 reads value 0 after the restart, the model
+/// allows {1}`): an acknowledged and flushed write lost, the one thing the simulation
+/// exists to rule out (issue 13: "no acknowledged-and-flushed write lost").
+/// On the cut image of the 23-step plan (life 0 rerun with `run_life`, then `spool
+/// dump`/`spool check`): the blob's chain ends with an extent table naming no extent page,
+/// so the thin write's cluster insert never reached the metadata on the media though the
+/// write and the flush completed; `spool check` calls the image consistent (the loss is
+/// invisible to it); md page 0 (the root of 0x100000000, deleted just before the write) is
+/// zeros. Dropping the delete makes the plan pass. Not traced further: a suspicion is the
+/// insert's new extent page taking the md page the delete had just released (page 0) and
+/// the delete's zeroing, or the ordering around it, dropping the insert's persist.
 ///
 /// Expected: the write reads back after the cut.
 #[test]
@@ -346,29 +348,7 @@ fn sim_seed_266322743_flushed_first_write_to_a_thin_blob_lost_without_any_fault(
                 thin: false,
                 clusters: 1,
             },
-            Op::Nbd {
-                pick: 6,
-                reactor: 1,
-                structured: true,
-                requests: vec![NbdCmd::Write {
-                    unit: 23,
-                    units: 2,
-                    fua: true,
-                }],
-                split: 0,
-            },
             Op::Clone { pick: 4 },
-            Op::Nbd {
-                pick: 3,
-                reactor: 0,
-                structured: true,
-                requests: vec![NbdCmd::Write {
-                    unit: 72,
-                    units: 3,
-                    fua: true,
-                }],
-                split: 0,
-            },
             Op::Create {
                 thin: false,
                 clusters: 1,
@@ -377,12 +357,6 @@ fn sim_seed_266322743_flushed_first_write_to_a_thin_blob_lost_without_any_fault(
                 thin: false,
                 clusters: 1,
             },
-            Op::Write(WriteSpec {
-                pick: 0,
-                unit: 0,
-                units: 1,
-                reactor: 0,
-            }),
             Op::Create {
                 thin: false,
                 clusters: 1,
@@ -411,7 +385,6 @@ fn sim_seed_266322743_flushed_first_write_to_a_thin_blob_lost_without_any_fault(
                 pick: 6,
                 racing: Vec::new(),
             },
-            Op::Delete { pick: 7 },
             Op::Snapshot {
                 pick: 7,
                 racing: Vec::new(),
