@@ -555,8 +555,13 @@ fn sim_seed_821966165_write_racing_a_snapshot_fails_with_eio_without_a_fault() {
 /// clusters served concurrently: the first is answered with error 5 (EIO)
 /// (`NBD Write { unit: 50, units: 1, fua: false } 2+1: error 5 (EIO)`). A guest's first
 /// writes to a fresh thin volume fail with an I/O error while the device is healthy.
-/// Possibly the same -EIO path as seed 821966165 (the thin insert's "a failed persist undid
-/// it"), reached here by two concurrent inserts instead of a snapshot.
+/// The md region is (nearly) full here: the same plan without the reload answers both
+/// writes with error 12 (ENOMEM, out of md pages), which the simulation accepts. So the
+/// likely bug is the errno: an insert waiting on a group-commit persist that failed
+/// (-ENOMEM) returns -EIO ("a failed persist undid it", `blob/src/persist.rs`) instead of
+/// the persist's error. The difference matters: a hypervisor pauses the guest on ENOSPC
+/// (qemu `werror=enospc`) so the pool can grow, while EIO goes to the guest as a disk error.
+/// Seed 821966165 may be the same path, reached by a snapshot instead of a second insert.
 ///
 /// Expected: both writes succeed.
 #[test]
