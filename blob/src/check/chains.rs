@@ -10,9 +10,11 @@ use super::report::{Problem, ProblemKind};
 use super::super_check::StoreShape;
 use super::CheckError;
 use crate::bitmap::BitSet;
-use crate::format::descriptor::{descriptors, Descriptor, TYPE_FLAGS};
+use crate::format::descriptor::{
+    descriptors, Descriptor, FLAG_EXTERNAL_SNAPSHOT, INVALID_FLAGS_KNOWN, TYPE_FLAGS,
+};
 use crate::format::md_page::{descriptor_area, MdPageHeader, DESC_OFFSET};
-use crate::format::{page_to_blobid, read_u32, read_u64, INVALID_MD_PAGE, PAGE_SIZE};
+use crate::format::{page_to_blobid, read_u32, read_u64, seal_page, INVALID_MD_PAGE, PAGE_SIZE};
 use crate::meta::{apply_extent_page, parse_chain, BlobMeta, ClusterCheck};
 
 /// Longest chain a check follows (256 MiB of metadata); longer ones are reported.
@@ -26,6 +28,8 @@ pub struct Scan {
     pub broken_roots: Vec<u32>,
     /// Pages holding any non-zero byte.
     pub nonzero: BitSet,
+    /// Pages the device could not read (`(page, why)`): reported, the rest still checked.
+    pub unreadable: Vec<(u32, String)>,
 }
 
 /// A blob as the walk found it.
@@ -39,6 +43,9 @@ pub struct BlobRecord {
     pub extent_pages: Vec<u32>,
     /// Its metadata, when it parsed.
     pub meta: Option<BlobMeta>,
+    /// The public xattrs its readable chain pages name (`(name, value)`), also when its
+    /// metadata does not parse: a damaged lvol's name and uuid stay taken.
+    pub readable_xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// Why it cannot be used (`meta` is `None`, or its clusters are unusable).
     pub damage: Option<String>,
     /// Byte offset of the FLAGS descriptor's body in the root page, if it has one.
@@ -99,6 +106,7 @@ pub fn scan(
         roots: Vec::new(),
         broken_roots: Vec::new(),
         nonzero: BitSet::new(u64::from(md_len)),
+        unreadable: Vec::new(),
     };
     let report_every = (md_len / 10).max(BATCH_PAGES * 64);
     let mut next_report = report_every;
@@ -114,9 +122,13 @@ pub fn scan(
             first = first.max(data_md_page as u32);
         }
         let count = BATCH_PAGES.min(md_len - first);
-        let bytes = image.read_pages(shape.md_device_page(first), count)?;
-        for (offset, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
-            let number = first + offset as u32;
+        let pages = read_batch(image, shape, first, count, &mut scan.unreadable)?;
+        for (number, page) in pages.iter().flat_map(|(start, bytes)| {
+            bytes
+                .chunks_exact(PAGE_SIZE)
+                .enumerate()
+                .map(move |(offset, page)| (start + offset as u32, page))
+        }) {
             if page.iter().all(|&b| b == 0) {
                 continue;
             }
@@ -136,6 +148,32 @@ pub fn scan(
         }
     }
     Ok(scan)
+}
+
+/// Reads `count` md pages from `first` in one request; if the device fails it, page by page,
+/// so one bad sector costs only its page (recorded in `unreadable`). Returns the runs read,
+/// as `(first page, bytes)`.
+fn read_batch(
+    image: &Image<'_>,
+    shape: &StoreShape,
+    first: u32,
+    count: u32,
+    unreadable: &mut Vec<(u32, String)>,
+) -> Result<Vec<(u32, Vec<u8>)>, CheckError> {
+    match image.read_pages(shape.md_device_page(first), count) {
+        Ok(bytes) => return Ok(vec![(first, bytes)]),
+        Err(CheckError::Io { .. }) => {}
+        Err(err) => return Err(err),
+    }
+    let mut runs = Vec::new();
+    for number in first..first + count {
+        match image.read_pages(shape.md_device_page(number), 1) {
+            Ok(bytes) => runs.push((number, bytes)),
+            Err(err @ CheckError::Io { .. }) => unreadable.push((number, err.to_string())),
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(runs)
 }
 
 fn problem(
@@ -175,6 +213,7 @@ pub fn walk_blob(
         chain: vec![root],
         extent_pages: Vec::new(),
         meta: None,
+        readable_xattrs: Vec::new(),
         damage: None,
         flags_at: None,
         root_broken: false,
@@ -300,6 +339,13 @@ pub fn walk_blob(
                 Ok(Descriptor::Flags(_)) if index == 0 && record.flags_at.is_none() => {
                     record.flags_at = flags_offset(bytes);
                 }
+                Ok(Descriptor::Xattr {
+                    internal: false,
+                    name,
+                    value,
+                }) => {
+                    record.readable_xattrs.push((name.to_vec(), value.to_vec()));
+                }
                 Ok(_) => {}
             }
         }
@@ -307,6 +353,18 @@ pub fn walk_blob(
     if record.damage.is_some() {
         record.clusters_known = false;
         return Ok(record);
+    }
+    // An esnap clone (SPDK's EXTERNAL_SNAPSHOT flag, SPDK 23.05+) is valid metadata that
+    // Spool only declines to open: checked as if the flag were clear, never damaged.
+    if let Some(at) = record.flags_at {
+        let invalid = read_u64(&pages[0], at);
+        let spdk_known = INVALID_FLAGS_KNOWN | FLAG_EXTERNAL_SNAPSHOT;
+        if invalid & FLAG_EXTERNAL_SNAPSHOT != 0 && invalid & !spdk_known == 0 {
+            let root_copy = &mut pages[0];
+            root_copy[at..at + 8]
+                .copy_from_slice(&(invalid & !FLAG_EXTERNAL_SNAPSHOT).to_le_bytes());
+            seal_page(root_copy);
+        }
     }
     let refs: Vec<&[u8]> = pages.iter().map(|p| &p[..]).collect();
     let mut parsed = match parse_chain(id, &refs, &AnyIndex) {
@@ -398,6 +456,7 @@ pub fn broken_root(
         chain: vec![root],
         extent_pages: Vec::new(),
         meta: None,
+        readable_xattrs: Vec::new(),
         damage: Some(format!("root md page {root}: CRC mismatch")),
         flags_at: None,
         root_broken: true,

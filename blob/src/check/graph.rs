@@ -172,14 +172,23 @@ pub fn check_graph(
             if record.id == super_blob {
                 continue;
             }
-            let Some(value) = record
-                .meta
-                .as_ref()
-                .and_then(|m| m.xattr(false, xattr.as_bytes()))
-            else {
+            // A damaged lvol's name and uuid, read from its intact pages, stay taken.
+            let value = match &record.meta {
+                Some(meta) => meta.xattr(false, xattr.as_bytes()),
+                None => record
+                    .readable_xattrs
+                    .iter()
+                    .find(|(name, _)| name == xattr.as_bytes())
+                    .map(|(_, value)| &value[..]),
+            };
+            let Some(value) = value else {
                 continue;
             };
-            let value = text(value);
+            let mut value = text(value);
+            if xattr == UUID_XATTR {
+                // A uuid is a 128-bit value: its hex digits in either case name the same one.
+                value.make_ascii_lowercase();
+            }
             if let Some(&first) = seen.get(&value) {
                 problems.push(problem(
                     kind,

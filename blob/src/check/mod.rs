@@ -150,6 +150,16 @@ pub fn check_image(
     report.md_len = shape.md_len();
     progress(format!("phase 2: md region ({} pages)", shape.md_len()));
     let scan = chains::scan(&image, &shape, progress)?;
+    for (page, why) in &scan.unreadable {
+        problems.push(Problem {
+            kind: ProblemKind::PageUnreadable,
+            page: Some(*page),
+            blob: None,
+            field: "page".into(),
+            expected: "a page the device reads".into(),
+            found: why.clone(),
+        });
+    }
     progress(format!(
         "phase 3: chains of {} blob(s)",
         scan.roots.len() + scan.broken_roots.len()

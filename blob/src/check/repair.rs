@@ -132,6 +132,20 @@ pub fn repair_image(file: &dyn ImageIo, checked: &Checked) -> Result<RepairRepor
         ));
     };
     refuse_to_bless_a_corrupt_super_block(checked)?;
+    // A page the device cannot read may be a blob's root: rebuilding the masks without it
+    // would free that blob's clusters for good.
+    if let Some(unreadable) = checked
+        .report
+        .problems
+        .iter()
+        .find(|p| p.kind == ProblemKind::PageUnreadable)
+    {
+        return Err(CheckError::Unrepairable(format!(
+            "md page {} cannot be read ({}): whatever it holds would be lost; copy the image to a healthy device (e.g. with ddrescue) and repair the copy",
+            unreadable.page.unwrap_or_default(),
+            unreadable.found
+        )));
+    }
     let mut report = RepairReport::default();
     // Dirty first: a repair cut short leaves a store every load replays, never clean masks
     // half written.

@@ -64,6 +64,8 @@ pub enum ProblemKind {
     /// page: the bounded dirty load, which reads only the pages the record covers, would
     /// not find that blob.
     RootOutsideSuperset,
+    /// The device could not read an md page (a bad sector): what it held is unknown.
+    PageUnreadable,
 }
 
 impl ProblemKind {
@@ -99,6 +101,7 @@ impl ProblemKind {
             ProblemKind::LvolNameDuplicate => "lvol_name_duplicate",
             ProblemKind::LvolUuidDuplicate => "lvol_uuid_duplicate",
             ProblemKind::RootOutsideSuperset => "root_outside_superset",
+            ProblemKind::PageUnreadable => "page_unreadable",
         }
     }
 }

@@ -186,7 +186,15 @@ fn repair(args: &CheckArgs) -> Result<(), ToolError> {
         .write(true)
         .open(&target)
         .map_err(|err| unwritable(&target, &err))?;
-    let before = run_check(&target, &file, args.json)?;
+    // A repair refused (the check could not run, or the repair would have to guess) leaves
+    // no copy behind under the repaired copy's name.
+    let refused = |err: ToolError| {
+        if args.output.is_some() {
+            let _ = std::fs::remove_file(&target);
+        }
+        err
+    };
+    let before = run_check(&target, &file, args.json).map_err(refused)?;
     if !args.json {
         emit(&format!(
             "before repair:\n{}",
@@ -197,7 +205,9 @@ fn repair(args: &CheckArgs) -> Result<(), ToolError> {
     let repaired = if nothing_to_do {
         RepairReport::default()
     } else {
-        repair_image(&file, &before).map_err(|err| failed(&target, err))?
+        repair_image(&file, &before)
+            .map_err(|err| failed(&target, err))
+            .map_err(refused)?
     };
     drop(file);
     let mut load_lines = Vec::new();
