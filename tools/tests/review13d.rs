@@ -236,3 +236,41 @@ fn check_names_a_new_lvol_reusing_the_name_of_a_damaged_one() {
         out.trim()
     );
 }
+
+/// The other side of `a_damaged_blob_kept_by_the_repair_can_be_deleted`: a damaged snapshot
+/// that a readable clone reads through is not deleted (the clone would lose the data it
+/// shows from it, as SPDK refuses to delete a snapshot with clones): exit 1, the reason
+/// named, and the image not written.
+#[test]
+fn a_damaged_snapshot_with_a_clone_is_not_deleted() {
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let d = dir.path();
+    for args in [
+        &["init", "s.img", "--size", "16M"][..],
+        &["create", "s.img", "--size", "2M", "--name", "a"],
+        &["snapshot", "s.img", "a"],
+    ] {
+        let (code, _, err) = spool_code(d, args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+    }
+    // The snapshot 0x100000002 (root md page 2) took over a's extent page (md page 1).
+    let (_, dump, _) = spool_code(d, &["dump", "s.img"]);
+    assert!(
+        dump.contains("md page 2: blob 0x100000002, root"),
+        "layout: {dump}"
+    );
+    damage_md_page(&d.join("s.img"), 1);
+    let before = std::fs::read(d.join("s.img")).unwrap();
+    let (code, out, err) = spool_code(d, &["delete", "s.img", "0x100000002"]);
+    assert_eq!(code, Some(1), "refused:\n{out}\n{err}");
+    assert!(
+        err.contains("is the parent of 0x100000000"),
+        "the clone is named: {err}"
+    );
+    assert!(
+        std::fs::read(d.join("s.img")).unwrap() == before,
+        "a refused delete wrote the image"
+    );
+}

@@ -23,6 +23,7 @@
 pub mod chains;
 pub mod clusters;
 pub mod cross;
+pub mod forget;
 pub mod graph;
 pub mod image;
 pub mod repair;
@@ -70,6 +71,13 @@ pub enum CheckError {
     /// A repair was asked of a store whose super block cannot locate its metadata (-EILSEQ).
     #[error("cannot repair: {0}")]
     Unrepairable(String),
+    /// An offline delete was asked of a blob whose metadata parses (-EINVAL): a load
+    /// deletes it.
+    #[error("blob {0:#x} is not damaged: delete it with the store loaded")]
+    NotDamaged(u64),
+    /// An offline delete was asked of a blob the md region does not hold (-ENOENT).
+    #[error("no blob {0:#x} is found in the md region")]
+    NoSuchBlob(u64),
 }
 
 impl CheckError {
@@ -88,6 +96,8 @@ impl CheckError {
             CheckError::Io { errno, .. } => *errno,
             CheckError::OutOfDevice { .. } => -libc::ENXIO,
             CheckError::NotABlobstore(_) | CheckError::Unrepairable(_) => -libc::EILSEQ,
+            CheckError::NotDamaged(_) => -libc::EINVAL,
+            CheckError::NoSuchBlob(_) => -libc::ENOENT,
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::blob_cmd::args::{BlobArgs, CreateArgs, ResizeArgs};
 use crate::blob_cmd::names::{
     check_blob_name, check_name_value, check_not_an_lvol_id, check_unique, lvol_name,
 };
-use crate::blob_cmd::resolve::{lvol_store, resolve_blob, with_blob, NAME_XATTR};
+use crate::blob_cmd::resolve::{lvol_store, parse_id, resolve_blob, with_blob, NAME_XATTR};
 use crate::blob_cmd::text::{emit, human_bytes, id_hex, name_of};
 use crate::blob_cmd::{clusters_for, on_store};
 use crate::error::ToolError;
@@ -190,12 +190,26 @@ pub fn resize(args: &ResizeArgs) -> Result<(), ToolError> {
 }
 
 /// `spool delete IMAGE BLOB`. Deleting the super blob also unsets the super blob.
+/// A blob whose metadata does not parse (one `check --repair` kept) is deleted offline
+/// instead: its root page zeroed and the store repaired, freeing what only it held
+/// (`spool_blob::check::forget`).
 pub fn delete(args: &BlobArgs) -> Result<(), ToolError> {
     let text = args.blob.clone();
-    on_store(&args.image, move |store, _| async move {
-        let id = resolve_blob(&store, &text).await?;
+    let damaged = on_store(&args.image, move |store, _| async move {
+        // A blob whose metadata does not parse (or whose clone cannot open through it) is
+        // decided offline, from its id.
+        let id = match resolve_blob(&store, &text).await {
+            Ok(id) => id,
+            Err(err) => match parse_id(&text) {
+                Some(id) => return Ok(Some((id, err.to_string()))),
+                None => return Err(err),
+            },
+        };
         let was_super = store.get_super().ok() == Some(id);
-        store.delete_blob(id).await?;
+        match store.delete_blob(id).await {
+            Err(err @ BlobError::CorruptBlob { .. }) => return Ok(Some((id, err.to_string()))),
+            deleted => deleted?,
+        }
         if was_super {
             store.set_super(BLOBID_INVALID).await?;
             eprintln!(
@@ -203,8 +217,40 @@ pub fn delete(args: &BlobArgs) -> Result<(), ToolError> {
                 id_hex(id)
             );
         }
-        Ok(())
-    })
+        Ok(None)
+    })?;
+    match damaged {
+        Some((id, why)) => delete_damaged(&args.image, id, why),
+        None => Ok(()),
+    }
+}
+
+/// Deletes damaged blob `id` of `image` offline, under the image's exclusive lock; `why` is
+/// the loaded store's refusal, said as it is when the md region holds no damaged blob `id`.
+fn delete_damaged(image: &str, id: u64, why: String) -> Result<(), ToolError> {
+    use spool_blob::check::CheckError;
+    let failed = |err: &dyn std::fmt::Display| ToolError::Failed(format!("{image}: {err}"));
+    let _lock = spool_engine::ImageLock::exclusive(std::path::Path::new(image))
+        .map_err(|err| failed(&err))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(|err| failed(&spool_engine::words::io_words(&err)))?;
+    let report = match spool_blob::check::forget::forget_damaged_blob(&file, id) {
+        Ok(report) => report,
+        Err(CheckError::NotDamaged(_) | CheckError::NoSuchBlob(_)) => {
+            return Err(ToolError::Failed(why));
+        }
+        Err(err) => return Err(failed(&err)),
+    };
+    for line in &report.changes {
+        eprintln!("delete: {line}");
+    }
+    for line in &report.not_repaired {
+        eprintln!("delete: not repaired: {line}");
+    }
+    Ok(())
 }
 
 /// `spool set-read-only IMAGE BLOB`: data and metadata read-only from now on.
