@@ -400,3 +400,120 @@ fn init_with_size_over_a_directory_says_it_is_a_directory() {
     );
     assert!(std::fs::read_dir(d.join("adir")).unwrap().next().is_none());
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. Deleting an lvol store's super blob.
+// ---------------------------------------------------------------------------------------
+
+/// In an lvol store the super blob holds the store's name and uuid; the guard rails refuse
+/// `super LVS --clear` (and `xattr ... rm name/uuid`) without `--force` because "setting or
+/// clearing it leaves a store SPDK does not open as the lvol store it is". But `spool delete
+/// lvs.img lvs0`, the store's own name typed where an lvol's was meant (the super blob
+/// carries the store's name, so the name resolves to it), deletes the super blob: exit 0, a
+/// note "was the super blob", and the next `ls` warns "not an lvol store SPDK would open";
+/// every lvol in it is lost to SPDK. Expected: refused unless forced (SPDK deletes a store
+/// with `bdev_lvol_delete_lvstore`, never by deleting a blob), exit 1, the image byte for
+/// byte as it was.
+#[test]
+fn delete_refuses_the_lvol_stores_super_blob() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "lvs.img", "--size", "64M", "--lvs", "lvs0"]);
+    ok_in(d, &["create", "lvs.img", "--size", "4M", "--name", "lv0"]);
+    for blob in ["lvs0", "0x100000000"] {
+        let before = std::fs::read(d.join("lvs.img")).unwrap();
+        let out = run(d, &["delete", "lvs.img", blob]);
+        let after = std::fs::read(d.join("lvs.img")).unwrap();
+        assert!(
+            before == after,
+            "`spool delete lvs.img {blob}` (exit {:?}, {:?}) deleted the lvol store's super blob; ls now: {}",
+            out.code,
+            out.stderr,
+            {
+                let ls = run(d, &["ls", "lvs.img"]);
+                format!("{}{}", ls.text(), ls.stderr)
+            }
+        );
+        assert_eq!(out.code, Some(1), "{:?}", out.stderr);
+        assert!(
+            out.stderr.starts_with("error: lvs.img: "),
+            "{:?}",
+            out.stderr
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. export over a block device that holds a filesystem.
+// ---------------------------------------------------------------------------------------
+
+/// A loop device over a file, detached on drop; `None` where losetup is not allowed.
+struct Loop(std::path::PathBuf);
+
+impl Loop {
+    fn attach(file: &Path) -> Option<Loop> {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !dev.is_empty()).then(|| Loop(dev.into()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// `spool export s.img vol /dev/sdc` where `/dev/sdb` was meant: the device holds an ext4
+/// filesystem, and export writes over it with no question (exit 0; `blkid` finds nothing
+/// after). The same device is refused by `perf` ("holds an ext2/3/4 filesystem, not a
+/// blobstore; this job would overwrite it: ... add --force to lose it") and by `init`: one
+/// typo must not destroy data, and export to a device is the same raw write. Expected:
+/// export refuses a block device holding a filesystem (or any of what `init` refuses) unless
+/// forced, exit 1, the device untouched.
+#[test]
+fn export_refuses_a_block_device_that_holds_a_filesystem() {
+    let dir = scratch();
+    let d = dir.path();
+    // An ext4 superblock's magic (0xEF53 at byte 1080) and some metadata around it.
+    let mut fs = vec![0u8; 16 << 20];
+    for (i, byte) in fs[1024..2048].iter_mut().enumerate() {
+        *byte = (i % 7 + 1) as u8;
+    }
+    fs[1080] = 0x53;
+    fs[1081] = 0xEF;
+    std::fs::write(d.join("fs.raw"), &fs).unwrap();
+    let Some(dev) = Loop::attach(&d.join("fs.raw")) else {
+        eprintln!("no loop device here (needs root): skipped");
+        return;
+    };
+    let dev_path = dev.0.display().to_string();
+    ok_in(d, &["init", "s.img", "--size", "64M"]);
+    ok_in(d, &["create", "s.img", "--size", "4M", "--name", "vol"]);
+    // perf sees the filesystem and refuses it.
+    let perf = run(
+        d,
+        &[
+            "perf", "--target", &dev_path, "--rw", "write", "--time", "1", "-q",
+        ],
+    );
+    assert_eq!(perf.code, Some(1), "{:?}", perf.stderr);
+    assert!(perf.stderr.contains("filesystem"), "{:?}", perf.stderr);
+    let out = run(d, &["export", "s.img", "vol", &dev_path]);
+    let after = std::fs::read(d.join("fs.raw")).unwrap();
+    assert!(
+        after == fs,
+        "export (exit {:?}, {:?}) overwrote the filesystem on {dev_path}",
+        out.code,
+        out.stderr
+    );
+    assert_eq!(out.code, Some(1), "{:?}", out.stderr);
+    drop(dev);
+}
