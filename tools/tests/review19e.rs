@@ -517,3 +517,49 @@ fn export_refuses_a_block_device_that_holds_a_filesystem() {
     assert_eq!(out.code, Some(1), "{:?}", out.stderr);
     drop(dev);
 }
+
+// ---------------------------------------------------------------------------------------
+// 10. A blob the load reports unreadable, asked for by a read-only command.
+// ---------------------------------------------------------------------------------------
+
+/// A store whose used-cluster mask lost a blob's bits (one flipped byte) loads with that
+/// blob "unreadable": `ls` lists it with `unreadable: ... claimed now ...; it opens once the
+/// store is loaded again`. Two lines then mislead the user: (a) `spool export s.img v
+/// out.bin`, by the name `ls` showed a moment before, says `error: no blob is named 'v'`,
+/// as if it had never existed; (b) by id, the read-only commands (`export`, `xattr ls`)
+/// promise "it opens once the store is loaded again", but running the same command again
+/// fails the same way, for ever: a read-only load writes nothing, so only a command that
+/// writes (or `check --repair`) makes it open. Expected: the name case says the store has an
+/// unreadable blob (naming it, and what to do) rather than "no blob is named"; the advice of
+/// a read-only command names what actually makes the blob open.
+#[test]
+fn an_unreadable_blob_is_not_said_missing_and_the_advice_works() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "k.img", "--size", "16M"]);
+    ok_in(d, &["create", "k.img", "--size", "4M", "--name", "v"]);
+    // Byte 5 of the used-cluster mask's page (page 2) holds clusters 0 to 7: clear it.
+    let mut image = std::fs::read(d.join("k.img")).unwrap();
+    image[8197] = 0x01;
+    std::fs::write(d.join("k.img"), &image).unwrap();
+    let by_name = run(d, &["export", "k.img", "v", "out.bin"]);
+    assert_eq!(by_name.code, Some(1), "{:?}", by_name.stderr);
+    assert!(
+        !by_name.stderr.contains("no blob is named 'v'"),
+        "the blob named v is there (ls lists it, unreadable), yet: {:?}",
+        by_name.stderr
+    );
+    let first = run(d, &["export", "k.img", "0x100000000", "out.bin"]);
+    let again = run(d, &["export", "k.img", "0x100000000", "out.bin"]);
+    assert_eq!(again.code, Some(1), "{:?}", again.stderr);
+    assert!(
+        !(first
+            .stderr
+            .contains("opens once the store is loaded again")
+            && again
+                .stderr
+                .contains("opens once the store is loaded again")),
+        "promised to open on the next load, and the next load says the same: {:?}",
+        again.stderr
+    );
+}
