@@ -563,3 +563,77 @@ fn an_unreadable_blob_is_not_said_missing_and_the_advice_works() {
         again.stderr
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 11. Ctrl-C in a script.
+// ---------------------------------------------------------------------------------------
+
+/// A script runs `spool import s.img v in.bin` and then more commands; the user presses
+/// Ctrl-C during the import (the terminal sends SIGINT to the whole foreground job: bash and
+/// spool). spool stops cleanly and *exits* 130, but a shell only stops a script when its
+/// child was *killed* by SIGINT: an ordinary exit, whatever the status, tells bash the child
+/// handled the signal itself, so the script goes on to its next command (here it prints
+/// "after-import exit 130"; in real life the next import, or the `rm` of the source). `sleep`
+/// in the same place stops the script. Expected (the well-known rule for programs that catch
+/// SIGINT, see "Proper handling of SIGINT/SIGQUIT", cons.org/cracauer/sigint.html): after the
+/// clean stop, restore the default action and re-raise the signal, so the shell sees a death
+/// by SIGINT (still `$?` 130 at a prompt) and the script stops.
+#[test]
+fn ctrl_c_during_a_long_command_stops_the_script_that_ran_it() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "600M"]);
+    ok_in(
+        d,
+        &["create", "s.img", "--size", "512M", "--thin", "--name", "v"],
+    );
+    std::fs::File::create(d.join("in.bin"))
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let blocks = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(d.join("s.img")).unwrap().blocks()
+    };
+    let before = blocks();
+    let script = format!(
+        "'{}' import s.img v in.bin; echo \"after-import exit $?\"",
+        env!("CARGO_BIN_EXE_spool")
+    );
+    let mut shell = std::process::Command::new("bash");
+    std::os::unix::process::CommandExt::process_group(&mut shell, 0);
+    let child = shell
+        .arg("-c")
+        .arg(&script)
+        .current_dir(d)
+        .env_remove("SPOOL_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bash runs");
+    // Under way: the thin blob's first 8 MiB are written.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while blocks() < before + (8 << 20) / 512 {
+        assert!(Instant::now() < deadline, "the import never got under way");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The terminal's Ctrl-C: SIGINT to the whole process group.
+    let sent = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -INT -{}", child.id()))
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("interrupted by SIGINT"),
+        "the import was stopped: {stderr:?}"
+    );
+    assert!(
+        !stdout.contains("after-import"),
+        "Ctrl-C stopped the import but the script went on: {stdout:?} (bash {:?})",
+        out.status
+    );
+}
