@@ -637,3 +637,54 @@ fn ctrl_c_during_a_long_command_stops_the_script_that_ran_it() {
         out.status
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 12. Disk-image formats the magic check misses.
+// ---------------------------------------------------------------------------------------
+
+/// `import` refuses qcow2, VMDK, VHD, VHDX and VDI images ("convert it to raw with qemu-img
+/// first"), and `perf` refuses to write over "a disk image". QEMU's own QED format (`qemu-img
+/// create -f qed`, magic `QED\0`) and Parallels images (`WithoutFreeSpace`, `WithouFreSpacExt`)
+/// pass both: `import` copies the container's bytes into the blob as if they were the disk
+/// (exit 0), and `perf --rw write` overwrites the image. Expected: refused like the others,
+/// unless forced, the image untouched.
+#[test]
+fn import_and_perf_refuse_qed_and_parallels_images() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "64M"]);
+    ok_in(d, &["create", "s.img", "--size", "8M", "--name", "v"]);
+    // The first bytes `qemu-img create -f qed` and `-f parallels` write (4 MiB disks).
+    let mut qed = vec![0u8; 1 << 20];
+    qed[..16].copy_from_slice(b"QED\0\0\0\x01\0\x04\0\0\0\x01\0\0\0");
+    qed[0x2a] = 1;
+    qed[0x32] = 0x40;
+    let mut parallels = vec![0u8; 1 << 20];
+    parallels[..16].copy_from_slice(b"WithouFreSpacExt");
+    parallels[16..24].copy_from_slice(&[2, 0, 0, 0, 0x10, 0, 0, 0]);
+    for (name, bytes) in [("disk.qed", &qed), ("disk.hds", &parallels)] {
+        std::fs::write(d.join(name), bytes).unwrap();
+        let image = std::fs::read(d.join("s.img")).unwrap();
+        let out = run(d, &["import", "s.img", "v", name]);
+        assert!(
+            out.code == Some(1) && out.stderr.contains("qemu-img"),
+            "import of {name} (exit {:?}, {:?}) copied a disk image's container bytes as raw data",
+            out.code,
+            out.stderr
+        );
+        assert!(std::fs::read(d.join("s.img")).unwrap() == image);
+        let perf = run(
+            d,
+            &[
+                "perf", "--target", name, "--rw", "write", "--time", "1", "-q",
+            ],
+        );
+        assert_eq!(
+            std::fs::read(d.join(name)).unwrap(),
+            *bytes,
+            "perf (exit {:?}, {:?}) wrote over the {name} image",
+            perf.code,
+            perf.stderr
+        );
+    }
+}
