@@ -688,3 +688,39 @@ fn import_and_perf_refuse_qed_and_parallels_images() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 13. A preallocated store keeps its reservation.
+// ---------------------------------------------------------------------------------------
+
+/// `init --preallocate` promises to "reserve the file's whole size on disk ... so later
+/// writes cannot run out of space, and keep it allocated". A delete (or a `resize --shrink`)
+/// then punches the freed clusters out of the file: a 64 MiB preallocated store whose 32 MiB
+/// thick blob is deleted holds only about 32 MiB of disk, and a later write into those
+/// clusters can again fail with the host full, the very thing the user preallocated against.
+/// Expected: on a store made with `--preallocate` (its file fully allocated), freeing
+/// clusters leaves them allocated on the host (discard them only where the store did not
+/// reserve the space), so the file's allocation stays its whole size.
+#[test]
+fn a_preallocated_store_keeps_its_reservation_after_a_delete() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "p.img", "--size", "64M", "--preallocate"]);
+    let allocated = || std::fs::metadata(d.join("p.img")).unwrap().blocks() * 512;
+    assert!(allocated() >= 64 << 20, "preallocated: {}", allocated());
+    ok_in(d, &["create", "p.img", "--size", "32M", "--name", "a"]);
+    ok_in(d, &["delete", "p.img", "a"]);
+    assert!(
+        allocated() >= 64 << 20,
+        "after a delete the preallocated store holds {} bytes of disk of its 67108864",
+        allocated()
+    );
+    ok_in(d, &["create", "p.img", "--size", "32M", "--name", "b"]);
+    ok_in(d, &["resize", "p.img", "b", "1M", "--shrink"]);
+    assert!(
+        allocated() >= 64 << 20,
+        "after a shrink the preallocated store holds {} bytes of disk of its 67108864",
+        allocated()
+    );
+}
