@@ -724,3 +724,52 @@ fn a_preallocated_store_keeps_its_reservation_after_a_delete() {
         allocated()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 14. A block device that runs out of space.
+// ---------------------------------------------------------------------------------------
+
+/// A store on a block device whose backing runs out of space (a thin-provisioned LUN, a
+/// dm-thin volume, a loop device over a file on a full filesystem) fails a write with ENOSPC.
+/// `import` then says `error: /dev/loop0: the host filesystem is full after N of M bytes ...
+/// (free space on the host; a thick blob reserves its space when it is created)`: both
+/// halves are wrong for a block device: spool has no host filesystem under it there, and the
+/// docs themselves say "a block device has nothing to reserve" (the blob here *is* thick).
+/// Expected: the line says the device ran out of space (its backing, e.g. a thin pool or the
+/// loop file's filesystem, is full) and what to do, with no claim about thick blobs.
+#[test]
+fn a_block_device_out_of_space_is_not_called_a_full_host_filesystem() {
+    let dir = scratch();
+    let d = dir.path();
+    let Some(_small) = support::SmallFs::mount(&d.join("small"), 16) else {
+        eprintln!("cannot mount a tmpfs here: skipped");
+        return;
+    };
+    let back = d.join("small/back.raw");
+    std::fs::File::create(&back)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let Some(dev) = Loop::attach(&back) else {
+        eprintln!("no loop device here (needs root): skipped");
+        return;
+    };
+    let dev_path = dev.0.display().to_string();
+    ok_in(d, &["init", &dev_path]);
+    ok_in(d, &["create", &dev_path, "--size", "32M", "--name", "v"]);
+    std::fs::write(d.join("in.bin"), support::pattern(3, 32 << 20)).unwrap();
+    let out = run(d, &["import", &dev_path, "v", "in.bin"]);
+    assert_eq!(out.code, Some(1), "{:?}", out.stderr);
+    assert!(
+        out.stderr.contains("space"),
+        "the line says space ran out: {:?}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("host filesystem")
+            && !out.stderr.contains("a thick blob reserves its space"),
+        "a block device's ENOSPC said as a full host filesystem: {:?}",
+        out.stderr
+    );
+    drop(dev);
+}
