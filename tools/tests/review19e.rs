@@ -773,3 +773,39 @@ fn a_block_device_out_of_space_is_not_called_a_full_host_filesystem() {
     );
     drop(dev);
 }
+
+// ---------------------------------------------------------------------------------------
+// 15. perf --size on a target that exists.
+// ---------------------------------------------------------------------------------------
+
+/// `spool perf --target p.img --size 1G` where p.img already exists with 16 MiB (an earlier
+/// run's file) silently measures the 16 MiB file: the `--size 1G` the user typed is
+/// dropped without a word (on a block device too), and a working set 64 times smaller than
+/// asked, one that fits in every cache, gives IOPS that look like the device's. `init`
+/// refuses `--size` on a block device ("a block device is used whole; --size is for
+/// creating a file"). Expected: a `--size` that differs from an existing target's size is
+/// refused (exit 2, naming both sizes), or at least said on stderr; never dropped silently.
+#[test]
+fn perf_does_not_silently_drop_size_for_an_existing_target() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(
+        d,
+        &[
+            "perf", "--target", "p.img", "--size", "16M", "--time", "1", "-q",
+        ],
+    );
+    let out = run(
+        d,
+        &[
+            "perf", "--target", "p.img", "--size", "1G", "--time", "1", "-q",
+        ],
+    );
+    assert!(
+        out.code != Some(0) || out.stderr.contains("--size"),
+        "perf measured the existing 16 MiB file with --size 1G given and said nothing: exit {:?}, stderr {:?}, stdout {}",
+        out.code,
+        out.stderr,
+        out.text().lines().next().unwrap_or_default()
+    );
+}
