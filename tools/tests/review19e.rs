@@ -809,3 +809,43 @@ fn perf_does_not_silently_drop_size_for_an_existing_target() {
         out.text().lines().next().unwrap_or_default()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 16. A file size the host cannot make.
+// ---------------------------------------------------------------------------------------
+
+/// `spool init h.img --size 16383P` (and `perf --target h.img --size 16383P`) end with
+/// `error: h.img: set size: out of range integral type conversion attempted`: Rust's
+/// `TryFromIntError` text, which says nothing a user can act on. `create --size 16383P` is
+/// refused in words (the docs: "a size too large ... is refused in words naming IMAGE, never
+/// an overflow"). Expected: a line in words (the size is larger than a file can be, give a
+/// smaller --size), and no file or temporary file left.
+#[test]
+fn a_file_size_too_large_for_the_host_is_said_in_words() {
+    let dir = scratch();
+    let d = dir.path();
+    for args in [
+        &["init", "h.img", "--size", "16383P"][..],
+        &[
+            "perf", "--target", "h.img", "--size", "16383P", "--time", "1", "-q",
+        ][..],
+    ] {
+        let out = run(d, args);
+        assert_ne!(out.code, Some(0), "spool {args:?}: {:?}", out.stderr);
+        assert!(
+            !out.stderr.contains("integral type conversion"),
+            "spool {args:?}: Rust's error text: {:?}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("--size"),
+            "spool {args:?}: {:?}",
+            out.stderr
+        );
+        assert!(
+            leftovers(d, "h.img").is_empty(),
+            "{:?}",
+            leftovers(d, "h.img")
+        );
+    }
+}
