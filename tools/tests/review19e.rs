@@ -849,3 +849,53 @@ fn a_file_size_too_large_for_the_host_is_said_in_words() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 17. Writers on a read-only filesystem.
+// ---------------------------------------------------------------------------------------
+
+/// On a read-only mount, every blobstore command that writes says the documented line:
+/// `error: ro/s.img: cannot be opened for writing: on a read-only filesystem; this command
+/// writes the image (ls, info, export and dump only read it)`. `spool serve ro/s.img`, the
+/// daemon, which writes the image too, says only `error: ro/s.img: open: on a read-only
+/// filesystem`, with nothing to do; `init ro/n.img --size 4M` and `perf --target ro/p.img`
+/// say `create: on a read-only filesystem`. Expected: the same words (what is wrong: the
+/// image cannot be written; what to do), as the issue's "one line: the path, what is wrong,
+/// what to do" asks.
+#[test]
+fn serve_and_init_on_a_read_only_mount_say_what_to_do() {
+    let dir = scratch();
+    let d = dir.path();
+    let Some(_ro) = support::SmallFs::mount(&d.join("ro"), 64) else {
+        eprintln!("cannot mount a tmpfs here: skipped");
+        return;
+    };
+    ok_in(d, &["init", "ro/s.img", "--size", "16M"]);
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(d.join("ro"))
+        .status()
+        .unwrap();
+    assert!(remounted.success());
+    let create = run(d, &["create", "ro/s.img", "--size", "1M"]);
+    assert!(
+        create.stderr.contains("cannot be opened for writing"),
+        "{:?}",
+        create.stderr
+    );
+    for args in [
+        &["serve", "ro/s.img", "--no-rpc", "--listen", "127.0.0.1:0"][..],
+        &["init", "ro/n.img", "--size", "4M"][..],
+        &[
+            "perf", "--target", "ro/p.img", "--size", "4M", "--time", "1", "-q",
+        ][..],
+    ] {
+        let out = run(d, args);
+        assert_eq!(out.code, Some(1), "spool {args:?}: {:?}", out.stderr);
+        let line = out.stderr.lines().last().unwrap_or_default();
+        assert!(
+            line.contains("read-only filesystem") && !line.ends_with("read-only filesystem"),
+            "spool {args:?}: says what is wrong but not what to do: {line:?}"
+        );
+    }
+}
