@@ -899,3 +899,57 @@ fn serve_and_init_on_a_read_only_mount_say_what_to_do() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 18. perf --plot FILE that cannot be written.
+// ---------------------------------------------------------------------------------------
+
+/// `spool perf ... --plot adir` (a directory) or `--plot nodir/run.svg` runs the whole
+/// benchmark (a 10-minute run as well as this 1-second one) and only then fails with
+/// `error: --plot adir: backend error: Drawing backend error: Is a directory (os error 21)`:
+/// a plotting library's text with Rust's `(os error N)` tail, which the issue rules out, and
+/// found after the run instead of before it. `--plot /dev/runx.svg` (a typo'd path under
+/// /dev) creates a regular file in /dev, which the /dev rule refuses for every other path
+/// spool creates. Expected: the plot's path checked before the run, in words (`error: adir:
+/// is a directory: give the path of an .svg file to write`), exit 2 or 1, no output table;
+/// a missing path under /dev refused as elsewhere.
+#[test]
+fn perf_plot_path_errors_are_found_before_the_run_and_said_in_words() {
+    let dir = scratch();
+    let d = dir.path();
+    std::fs::create_dir(d.join("adir")).unwrap();
+    for plot in ["adir", "nodir/run.svg"] {
+        let out = run(
+            d,
+            &[
+                "perf", "--target", "null", "--time", "1", "-q", "--plot", plot,
+            ],
+        );
+        assert_ne!(out.code, Some(0), "--plot {plot}: {:?}", out.stderr);
+        assert_in_words(&out.stderr);
+        assert!(
+            !out.stderr.contains("backend error"),
+            "--plot {plot}: {:?}",
+            out.stderr
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "--plot {plot}: the benchmark ran before the plot path was found unusable: {}",
+            out.text()
+        );
+    }
+    let name = format!("/dev/spool-review19e-{}.svg", std::process::id());
+    let out = run(
+        d,
+        &[
+            "perf", "--target", "null", "--time", "1", "-q", "--plot", &name,
+        ],
+    );
+    let made = Path::new(&name).exists();
+    let _ = std::fs::remove_file(&name);
+    assert!(
+        !made,
+        "--plot {name} created a regular file under /dev (exit {:?})",
+        out.code
+    );
+}
