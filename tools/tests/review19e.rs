@@ -953,3 +953,46 @@ fn perf_plot_path_errors_are_found_before_the_run_and_said_in_words() {
         out.code
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 19. perf over a raw disk image holding LVM, md RAID or ISO 9660.
+// ---------------------------------------------------------------------------------------
+
+/// `perf --target FILE --rw write` refuses a regular file that holds a filesystem, a
+/// partition table, LUKS or swap, and writes over any other file without asking. A VM's raw
+/// disk image used whole as an LVM physical volume (`LABELONE`/`LVM2 001` at byte 512), an
+/// md RAID member (superblock 1.2 magic `a92b4efc` at 4 KiB) or an ISO 9660 image (`CD001`
+/// at 32769) is overwritten at once (exit 0), though each is a volume a storage engineer
+/// would not mean to benchmark over. Expected: refused like the others ("holds an LVM2
+/// physical volume, not a blobstore; ... add --force to lose it"), the file untouched.
+#[test]
+fn perf_refuses_to_write_over_lvm_md_and_iso_images() {
+    let dir = scratch();
+    let d = dir.path();
+    let mut lvm = vec![0u8; 16 << 20];
+    lvm[512..520].copy_from_slice(b"LABELONE");
+    lvm[536..544].copy_from_slice(b"LVM2 001");
+    let mut md = vec![0u8; 16 << 20];
+    md[4096..4100].copy_from_slice(&[0xfc, 0x4e, 0x2b, 0xa9]);
+    md[4100..4104].copy_from_slice(&[1, 0, 0, 0]);
+    let mut iso = vec![0u8; 16 << 20];
+    iso[0x8000] = 1;
+    iso[0x8001..0x8006].copy_from_slice(b"CD001");
+    for (name, bytes) in [("pv.raw", &lvm), ("md.raw", &md), ("cd.iso", &iso)] {
+        std::fs::write(d.join(name), bytes).unwrap();
+        let out = run(
+            d,
+            &[
+                "perf", "--target", name, "--rw", "write", "--time", "1", "-q",
+            ],
+        );
+        let after = std::fs::read(d.join(name)).unwrap();
+        assert!(
+            after == *bytes,
+            "perf (exit {:?}, {:?}) wrote over {name}",
+            out.code,
+            out.stderr
+        );
+        assert_eq!(out.code, Some(1), "{name}: {:?}", out.stderr);
+    }
+}
