@@ -996,3 +996,32 @@ fn perf_refuses_to_write_over_lvm_md_and_iso_images() {
         assert_eq!(out.code, Some(1), "{name}: {:?}", out.stderr);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 20. A store with no room for data.
+// ---------------------------------------------------------------------------------------
+
+/// `spool init s.img --size 1M` (1G meant) and `init t.img --size 64M --cluster-size 64M`
+/// succeed, exit 0, and print `1 clusters of 1 MiB (0 for data)`: a store whose metadata
+/// takes its only cluster, in which no blob with data can ever be created (every later
+/// `create --size 1M` fails "no space"). The typo is found only later, and far from its
+/// cause. Expected: refused up front in words (the size leaves no cluster for data; give a
+/// larger --size or a smaller --cluster-size), exit 1 or 2, no file left.
+#[test]
+fn init_refuses_a_store_with_no_cluster_for_data() {
+    let dir = scratch();
+    let d = dir.path();
+    for args in [
+        &["init", "s.img", "--size", "1M"][..],
+        &["init", "t.img", "--size", "64M", "--cluster-size", "64M"][..],
+    ] {
+        let out = run(d, args);
+        assert_ne!(
+            out.code,
+            Some(0),
+            "spool {args:?} made a store with no room for data: {}",
+            out.text().trim()
+        );
+        assert!(!d.join(args[1]).exists(), "spool {args:?} left {}", args[1]);
+    }
+}
