@@ -194,7 +194,7 @@ pub fn resize(args: &ResizeArgs) -> Result<(), ToolError> {
 /// instead: its root page zeroed and the store repaired, freeing what only it held
 /// (`spool_blob::check::forget`).
 pub fn delete(args: &BlobArgs) -> Result<(), ToolError> {
-    let text = args.blob.clone();
+    let (text, image) = (args.blob.clone(), args.image.clone());
     let damaged = on_store(&args.image, move |store, _| async move {
         // A blob whose metadata does not parse (or whose clone cannot open through it) is
         // decided offline, from its id.
@@ -206,6 +206,12 @@ pub fn delete(args: &BlobArgs) -> Result<(), ToolError> {
             },
         };
         let was_super = store.get_super().ok() == Some(id);
+        if was_super && crate::blob_cmd::resolve::is_lvol_store(&store) {
+            return Err(ToolError::Failed(format!(
+                "{image}: blob {} is the lvol store's super blob (the store's name and uuid): deleting it would unmake the lvol store; delete its lvols instead, or clear it on purpose with `spool super {image} --clear --force` first",
+                id_hex(id)
+            )));
+        }
         match store.delete_blob(id).await {
             Err(err @ BlobError::CorruptBlob { .. }) => return Ok(Some((id, err.to_string()))),
             deleted => deleted?,
