@@ -70,7 +70,9 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::task::Waker;
 
+use crate::callback::PendingCallback;
 use crate::dma::DmaBuf;
+use crate::error::BdevError;
 use crate::limits::CHANNEL_IO_MAX;
 
 /// The wakes a poller delivers in one pass, across any number of channels. No task runs
@@ -105,12 +107,18 @@ fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
 /// Runs `f` (user code: a waker, a hold's drop), containing a panic in it: logged as `what`.
 fn contain_user_code(what: &str, f: impl FnOnce()) {
     if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        tracing::error!(
-            panic = panic_message(payload.as_ref()),
-            "{what} panicked; the panic is contained"
-        );
-        drop_payload(payload);
+        report_contained(what, payload);
     }
+}
+
+/// Logs a contained panic of `what` (user code) and drops its payload.
+#[cold]
+pub(crate) fn report_contained(what: &str, payload: Box<dyn std::any::Any + Send>) {
+    tracing::error!(
+        panic = panic_message(payload.as_ref()),
+        "{what} panicked; the panic is contained"
+    );
+    drop_payload(payload);
 }
 
 /// Which waker this is, by address: two wakers with equal identities wake the same task.
@@ -198,6 +206,10 @@ pub(crate) struct IoRequest {
     /// [`IoFuture::hold_until_done`](crate::IoFuture::hold_until_done)): dropped when the
     /// slot is released, never while the device may still use the request's buffers.
     held: Option<Held>,
+    /// A callback request's callback ([`crate::callback`]): called, instead of a waker, once
+    /// the request completes. Set only for requests made by `BdevChannel::read_with` and
+    /// `write_with`, which have no future.
+    pub(crate) callback: Option<PendingCallback>,
 }
 
 /// Something kept alive until a request leaves its slot (see `IoRequest::held`).
@@ -216,6 +228,7 @@ impl IoRequest {
             waker: None,
             waker_current: false,
             held: None,
+            callback: None,
         }
     }
 }
@@ -281,6 +294,7 @@ impl IoSlots {
         let request = &mut requests[index as usize];
         debug_assert_eq!(request.state, SlotState::Free);
         debug_assert!(request.held.is_none(), "a free slot holds nothing");
+        debug_assert!(request.callback.is_none(), "a free slot calls nobody");
         request.kind = kind;
         request.offset_bytes = offset_bytes;
         request.len_bytes = len_bytes;
@@ -353,7 +367,11 @@ impl IoSlots {
             match request.state {
                 SlotState::InFlight => {
                     request.state = SlotState::Done(status);
-                    (None, request.waker_current && request.waker.is_some())
+                    (
+                        None,
+                        (request.waker_current && request.waker.is_some())
+                            || request.callback.is_some(),
+                    )
                 }
                 SlotState::Abandoned => {
                     request.state = SlotState::Free;
@@ -422,6 +440,24 @@ impl IoSlots {
                 let Some(request) = requests.get_mut(slot_index(slot)) else {
                     continue;
                 };
+                if request.callback.is_some() {
+                    // A callback request: freed here (the device is done with it), then its
+                    // callback called with no borrow held.
+                    let SlotState::Done(status) = request.state else {
+                        continue;
+                    };
+                    if request.generation != tag_generation(slot) {
+                        continue;
+                    }
+                    let (pending, buf) = take_callback(request, status);
+                    drop(requests);
+                    self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
+                    woken += 1;
+                    if let (Some(pending), Some((result, buf))) = (pending, buf) {
+                        crate::callback::deliver(pending, result, buf);
+                    }
+                    continue;
+                }
                 // Still the completed request (not released and reused since), still awaited.
                 if request.generation != tag_generation(slot)
                     || !matches!(request.state, SlotState::Done(_))
@@ -560,6 +596,59 @@ impl IoSlots {
     /// Requests in flight (submitted, not yet completed or released).
     pub fn in_flight(&self) -> usize {
         self.requests.borrow().len() - self.free.borrow().len()
+    }
+}
+
+/// Frees a completed callback request (`status` is its `Done` status): takes its callback
+/// and its result and buffer (`None` if it had none: a request made without a buffer, which
+/// the API does not make; its callback is then dropped uncalled).
+#[inline]
+fn take_callback(
+    request: &mut IoRequest,
+    status: i32,
+) -> (
+    Option<PendingCallback>,
+    Option<(Result<(), BdevError>, DmaBuf)>,
+) {
+    request.state = SlotState::Free;
+    let pending = request.callback.take();
+    let result = if status < 0 {
+        Err(BdevError::Io {
+            kind: request.kind,
+            errno: status,
+        })
+    } else {
+        Ok(())
+    };
+    // `pop`, not `take`: the slot keeps its list's capacity for the next request.
+    let buf = request.bufs.pop().map(|buf| (result, buf));
+    request.bufs.clear();
+    (pending, buf)
+}
+
+impl Drop for IoSlots {
+    /// Calls the callbacks of callback requests not delivered yet: completed ones with their
+    /// status, ones still in flight with `-ECANCELED`. The table goes only when nothing holds
+    /// it (a backend keeps it alive while it holds requests), so no device uses their buffers
+    /// any more. Each call is contained; none runs under a borrow of the table.
+    fn drop(&mut self) {
+        let mut undelivered = Vec::new();
+        for request in self.requests.get_mut().iter_mut() {
+            if request.callback.is_none() {
+                continue;
+            }
+            let status = match request.state {
+                SlotState::Done(status) => status,
+                SlotState::InFlight | SlotState::Abandoned => -libc::ECANCELED,
+                SlotState::Free => continue,
+            };
+            undelivered.push(take_callback(request, status));
+        }
+        for (pending, buf) in undelivered {
+            if let (Some(pending), Some((result, buf))) = (pending, buf) {
+                crate::callback::deliver(pending, result, buf);
+            }
+        }
     }
 }
 
