@@ -26,6 +26,7 @@ struct Call {
     /// 0 or the errno.
     errno: i32,
     buf: DmaBuf,
+    kind: IoKind,
     /// The channel's requests in flight when the callback ran (if it was given the channel).
     in_flight: Option<usize>,
 }
@@ -84,9 +85,15 @@ impl IoCallback for Recorder {
             "a callback ran inside the submission call"
         );
         let in_flight = self.channel.borrow().as_ref().map(BdevChannel::in_flight);
+        assert_eq!(
+            done.errno(),
+            done.result().map_or_else(|err| err.errno(), |()| 0),
+            "errno() and result() agree"
+        );
         self.calls.borrow_mut().push(Call {
             tag: done.tag,
-            errno: done.result.map_or_else(|err| err.errno(), |()| 0),
+            errno: done.result().map_or_else(|err| err.errno(), |()| 0),
+            kind: done.kind(),
             buf: done.buf,
             in_flight,
         });
@@ -118,8 +125,10 @@ fn sim(seed: u64) -> Sim {
 }
 
 fn null_desc() -> BdevDesc {
-    BdevDesc::open(Arc::new(NullBdev::new("null0", BLOCK as u32, 1 << 16).unwrap()))
-        .expect("open bdev")
+    BdevDesc::open(Arc::new(
+        NullBdev::new("null0", BLOCK as u32, 1 << 16).unwrap(),
+    ))
+    .expect("open bdev")
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -183,7 +192,7 @@ struct Chain {
 
 impl IoCallback for Chain {
     fn io_done(self: Rc<Self>, done: IoDone) {
-        done.result.unwrap();
+        done.result().unwrap();
         let round = done.tag / 2;
         let offset = (round % 32) * BLOCK;
         if done.tag % 2 == 0 {
@@ -191,7 +200,9 @@ impl IoCallback for Chain {
             let mut buf = done.buf;
             buf.fill(0);
             let this = Rc::clone(&self) as Rc<dyn IoCallback>;
-            self.channel.read_with(buf, offset, this, done.tag + 1).unwrap();
+            self.channel
+                .read_with(buf, offset, this, done.tag + 1)
+                .unwrap();
             return;
         }
         if done.buf[..] != pattern(round as u8, BLOCK as usize)[..] {
@@ -224,8 +235,10 @@ fn a_callback_may_submit_the_next_request_and_data_round_trips_through_malloc() 
         pin: false,
     })
     .unwrap();
-    let desc = BdevDesc::open(Arc::new(MallocBdev::new("malloc0", BLOCK as u32, 64).unwrap()))
-        .expect("open bdev");
+    let desc = BdevDesc::open(Arc::new(
+        MallocBdev::new("malloc0", BLOCK as u32, 64).unwrap(),
+    ))
+    .expect("open bdev");
     let (mismatches, in_flight) = runtime
         .block_on(ReactorId(0), move || async move {
             let chain = Rc::new(Chain {
@@ -277,12 +290,18 @@ fn a_device_error_reaches_the_callback_and_a_refused_request_is_never_called_bac
         read_with(&channel, &recorder, failing, 8 * BLOCK, 1).unwrap();
         read_with(&channel, &recorder, DmaBuf::alloc(4096).unwrap(), 0, 2).unwrap();
         // Refused: misaligned, past the end. The error and the buffer come back at once.
-        let refused = read_with(&channel, &recorder, DmaBuf::alloc(4096).unwrap(), 512, 3)
-            .unwrap_err();
+        let refused =
+            read_with(&channel, &recorder, DmaBuf::alloc(4096).unwrap(), 512, 3).unwrap_err();
         assert_eq!(refused.error.errno(), -libc::EINVAL);
         assert_eq!(refused.buf.len(), 4096);
-        let refused = read_with(&channel, &recorder, DmaBuf::alloc(4096).unwrap(), 64 * BLOCK, 4)
-            .unwrap_err();
+        let refused = read_with(
+            &channel,
+            &recorder,
+            DmaBuf::alloc(4096).unwrap(),
+            64 * BLOCK,
+            4,
+        )
+        .unwrap_err();
         assert_eq!(refused.error.errno(), -libc::EINVAL);
         recorder.wait_for(2).await;
         for _ in 0..10 {
@@ -292,6 +311,7 @@ fn a_device_error_reaches_the_callback_and_a_refused_request_is_never_called_bac
         assert_eq!(calls.len(), 2, "refused requests are never called back");
         let failed = calls.iter().find(|call| call.tag == 1).unwrap();
         assert_eq!(failed.errno, -libc::EIO, "the device's errno");
+        assert_eq!(failed.kind, IoKind::Read);
         assert_eq!(failed.buf.as_ptr() as usize, failing_address);
         let ok = calls.iter().find(|call| call.tag == 2).unwrap();
         assert_eq!(ok.errno, 0);
@@ -305,8 +325,10 @@ fn a_device_error_reaches_the_callback_and_a_refused_request_is_never_called_bac
 fn a_channel_dropped_with_requests_in_flight_calls_each_back_once_with_ecanceled() {
     let mut sim = sim(13);
     let null = null_desc();
-    let malloc = BdevDesc::open(Arc::new(MallocBdev::new("malloc1", BLOCK as u32, 64).unwrap()))
-        .unwrap();
+    let malloc = BdevDesc::open(Arc::new(
+        MallocBdev::new("malloc1", BLOCK as u32, 64).unwrap(),
+    ))
+    .unwrap();
     sim.block_on(ReactorId(0), move || async move {
         for desc in [null, malloc] {
             let channel = desc.private_channel().unwrap();
@@ -352,7 +374,7 @@ fn a_panicking_callback_is_contained_and_the_channel_and_reactor_go_on() {
     .unwrap();
     let desc = null_desc();
     let counts = runtime
-        .block_on(ReactorId(0), move || async move {
+        .spawn_on(ReactorId(0), move || async move {
             let channel = desc.channel().unwrap();
             let recorder = Recorder::with_panics(vec![0, 5]);
             // Tags 0 and 1 complete in the same poller pass: 0 panics, 1 is still called.
@@ -370,6 +392,9 @@ fn a_panicking_callback_is_contained_and_the_channel_and_reactor_go_on() {
             let counts: Vec<usize> = (0..10).map(|tag| recorder.calls_of(tag)).collect();
             (counts, channel.in_flight())
         })
+        .unwrap()
+        .wait_timeout(std::time::Duration::from_secs(20))
+        .expect("the channel stopped completing after the panic (its poller was unregistered?)")
         .unwrap();
     assert_eq!(counts.0, vec![1; 10], "every tag called back exactly once");
     assert_eq!(counts.1, 0);
@@ -378,4 +403,108 @@ fn a_panicking_callback_is_contained_and_the_channel_and_reactor_go_on() {
     let stopped = runtime.stop();
     assert!(stopped.panicked.is_empty(), "the reactor thread never died");
     assert_eq!(stopped.leaked_channels, 0);
+}
+
+#[test]
+fn uring_callbacks_come_from_the_group_poller_with_the_data_and_survive_a_dropped_channel() {
+    let file = tempfile::NamedTempFile::new_in(std::env::temp_dir()).expect("tempfile");
+    file.as_file().set_len(1 << 20).expect("set_len");
+    let bdev = Arc::new(
+        spool_bdev::UringBdev::open(file.path(), &spool_bdev::UringOptions::default())
+            .expect("open uring bdev"),
+    );
+    let desc = BdevDesc::open(bdev as Arc<dyn Bdev>).unwrap();
+    let runtime = Runtime::start(&RuntimeOptions {
+        cores: vec![0],
+        idle: IdleMode::Adaptive,
+        pin: false,
+    })
+    .unwrap();
+    let (read_back, dropped) = runtime
+        .block_on(ReactorId(0), move || async move {
+            let channel = desc.channel().unwrap();
+            let recorder = Recorder::with_panics(Vec::new());
+            for tag in 0..8u64 {
+                let mut buf = DmaBuf::alloc(BLOCK as usize).unwrap();
+                buf.copy_from_slice(&pattern(tag as u8, BLOCK as usize));
+                recorder.submitting.set(true);
+                channel
+                    .write_with(
+                        buf,
+                        tag * BLOCK,
+                        Rc::clone(&recorder) as Rc<dyn IoCallback>,
+                        tag,
+                    )
+                    .unwrap();
+                recorder.submitting.set(false);
+            }
+            recorder.wait_for(8).await;
+            assert!(recorder
+                .calls
+                .borrow()
+                .iter()
+                .all(|call| call.errno == 0 && call.kind == IoKind::Write));
+            for tag in 0..8u64 {
+                read_with(
+                    &channel,
+                    &recorder,
+                    DmaBuf::alloc(BLOCK as usize).unwrap(),
+                    tag * BLOCK,
+                    100 + tag,
+                )
+                .unwrap();
+            }
+            recorder.wait_for(16).await;
+            let calls = recorder.calls.take();
+            let read_back: Vec<bool> = (0..8u64)
+                .map(|tag| {
+                    let call = calls.iter().find(|call| call.tag == 100 + tag).unwrap();
+                    call.errno == 0
+                        && call.kind == IoKind::Read
+                        && call.buf[..] == pattern(tag as u8, BLOCK as usize)[..]
+                })
+                .collect();
+            // A private channel dropped with reads in the kernel: each is still called back
+            // once (success if its CQE finished it, else -ECANCELED), by the group poller.
+            let private = desc.private_channel().unwrap();
+            let dropped = Recorder::with_panics(Vec::new());
+            for tag in 0..4u64 {
+                read_with(
+                    &private,
+                    &dropped,
+                    DmaBuf::alloc(BLOCK as usize).unwrap(),
+                    tag * BLOCK,
+                    tag,
+                )
+                .unwrap();
+            }
+            drop(private);
+            dropped.wait_for(4).await;
+            for _ in 0..20 {
+                spool_reactor::yield_now().await;
+            }
+            let dropped: Vec<(usize, i32)> = (0..4u64)
+                .map(|tag| {
+                    let calls = dropped.calls.borrow();
+                    let call = calls.iter().find(|call| call.tag == tag).unwrap();
+                    (dropped.calls_of(tag), call.errno)
+                })
+                .collect();
+            (read_back, dropped)
+        })
+        .unwrap();
+    assert_eq!(
+        read_back,
+        vec![true; 8],
+        "each read returned what was written"
+    );
+    for (tag, (count, errno)) in dropped.iter().enumerate() {
+        assert_eq!(*count, 1, "tag {tag} called back once");
+        assert!(
+            *errno == 0 || *errno == -libc::ECANCELED,
+            "tag {tag}: errno {errno}"
+        );
+    }
+    let stopped = runtime.stop();
+    assert!(stopped.panicked.is_empty());
 }

@@ -113,7 +113,13 @@ impl PollerSet {
             previous.is_empty(),
             "pollers registered behind the poll loop's back"
         );
-        drop(previous);
+        // What `take` left there: an empty list without an allocation, whose drop is a call
+        // that does nothing (about 2 % of a qd 1 pass). Anything else is dropped as usual.
+        if previous.capacity() == 0 {
+            std::mem::forget(previous);
+        } else {
+            drop(previous);
+        }
         if !removed_now.is_empty() {
             crate::contain::contain(core, "poller drop", "", move || drop(removed_now));
         }

@@ -436,7 +436,7 @@ impl IoCallback for BdevJob {
         let mut state = self.state.borrow_mut();
         let tag = done.tag as usize;
         let request = state.requests[tag];
-        match done.result {
+        match done.result() {
             Ok(()) => {
                 state
                     .latency_ns
