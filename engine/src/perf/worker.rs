@@ -390,6 +390,10 @@ struct BdevJobState {
     in_flight: usize,
     /// The job's task, woken when the last request is done.
     waiter: Option<std::task::Waker>,
+    /// (ns since start, I/Os completed), every [`PROGRESS_PERIOD`] as completions see it.
+    timeline: Vec<(u64, u64)>,
+    /// When the next timeline sample (and progress update) is due, ns on the job's clock.
+    next_sample_ns: u64,
 }
 
 /// The bdev layer's job: the completion callback of every request it makes.
@@ -397,8 +401,11 @@ struct BdevJob {
     channel: BdevChannel,
     clock: ReactorClock,
     deadline_ns: u64,
-    /// I/Os completed successfully (read by the progress poller).
-    completed: Rc<Cell<u64>>,
+    start_ns: u64,
+    /// I/Os completed successfully.
+    completed: Cell<u64>,
+    /// Where the running count is published for the progress line.
+    progress: Arc<AtomicU64>,
     state: RefCell<BdevJobState>,
 }
 
@@ -450,6 +457,17 @@ impl IoCallback for BdevJob {
                     .get_or_insert_with(|| JobFailure::of(request.is_read, request.offset, err));
             }
         }
+        if handled >= state.next_sample_ns {
+            // Sampled here rather than by a timed poller: the job reads the clock per
+            // completion anyway, and a reactor with nothing timed registered skips its
+            // per-pass clock read.
+            let done = self.completed.get();
+            self.progress.store(done, Ordering::Relaxed);
+            state
+                .timeline
+                .push((handled.saturating_sub(self.start_ns), done));
+            state.next_sample_ns = handled + PROGRESS_PERIOD.as_nanos() as u64;
+        }
         // A stop signal ends submissions like the deadline does.
         if handled < self.deadline_ns && state.errors == 0 && stop_requested().is_none() {
             match self.start(&mut state, tag, done.buf, handled) {
@@ -485,26 +503,15 @@ async fn run_bdev_job(
         fill_pattern(&mut buf, u64::from(index));
         buffers.push(buf);
     }
-    let completed = Rc::new(Cell::new(0u64));
-    let published = Rc::clone(&completed);
     let clock = ReactorClock::current();
     let start_ns = clock.now_ns();
-    let timeline = Rc::new(RefCell::new(vec![(0u64, 0u64)]));
-    let sampled = Rc::clone(&timeline);
-    let sample_clock = clock.clone();
-    let progress_poller = poller_register("perf-progress", Some(PROGRESS_PERIOD), move || {
-        let done = published.get();
-        progress.store(done, Ordering::Relaxed);
-        sampled
-            .borrow_mut()
-            .push((sample_clock.now_ns().saturating_sub(start_ns), done));
-        PollStatus::Idle
-    })?;
     let job = Rc::new(BdevJob {
         channel,
         clock: clock.clone(),
         deadline_ns: start_ns + config.duration_ns,
-        completed: Rc::clone(&completed),
+        start_ns,
+        completed: Cell::new(0),
+        progress,
         state: RefCell::new(BdevJobState {
             pattern: Pattern::new(&config),
             requests: vec![BdevRequest::default(); buffers.len()],
@@ -513,6 +520,8 @@ async fn run_bdev_job(
             first_error: None,
             in_flight: 0,
             waiter: None,
+            timeline: vec![(0, 0)],
+            next_sample_ns: start_ns + PROGRESS_PERIOD.as_nanos() as u64,
         }),
     });
     {
@@ -547,8 +556,8 @@ async fn run_bdev_job(
     })
     .await;
     let elapsed_ns = clock.now_ns() - start_ns;
-    drop(progress_poller);
-    let ops = completed.get();
+    let ops = job.completed.get();
+    job.progress.store(ops, Ordering::Relaxed);
     let state = job.state.replace(BdevJobState {
         pattern: Pattern::new(&config),
         requests: Vec::new(),
@@ -557,8 +566,10 @@ async fn run_bdev_job(
         first_error: None,
         in_flight: 0,
         waiter: None,
+        timeline: Vec::new(),
+        next_sample_ns: 0,
     });
-    let mut timeline = timeline.take();
+    let mut timeline = state.timeline;
     timeline.push((elapsed_ns, ops));
     Ok(CoreResult {
         ops,
