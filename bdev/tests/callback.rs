@@ -195,7 +195,7 @@ impl IoCallback for Chain {
         done.result().unwrap();
         let round = done.tag / 2;
         let offset = (round % 32) * BLOCK;
-        if done.tag % 2 == 0 {
+        if done.tag.is_multiple_of(2) {
             // The write of this round completed: read it back into the same buffer.
             let mut buf = done.buf;
             buf.fill(0);
