@@ -25,7 +25,10 @@
 //!   completed it (no device can hold the buffer then: a backend holds the table alive);
 //! - a panic in a callback is contained around that call and logged with `tracing::error`;
 //!   the poller and the other callbacks go on (the reactor's panic policy,
-//!   docs/architecture.md).
+//!   docs/architecture.md);
+//! - a request a callback makes that completes at once (its backend fails it inside
+//!   `submit`) is called back on the next poller pass, so a callback retrying it cannot hold
+//!   the reactor.
 //!
 //! A callback keeps what it captures alive while its request is in flight: one that holds
 //! its own channel (to submit the next request) keeps the channel open until its requests

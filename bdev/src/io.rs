@@ -421,8 +421,16 @@ impl IoSlots {
     /// held. No borrow of this table is held while a waker runs or a hold drops, so either
     /// may read or use any channel, drop it, or complete more requests (queued here and
     /// handled by this same call). Returns how many wakers ran and holds were dropped.
+    ///
+    /// A callback request completed during this call (a callback's next request that its
+    /// backend completed at once, e.g. a failure it retries) is left queued for the next
+    /// call, the next pass of the channel's poller: a callback that keeps retrying cannot hold
+    /// the reactor inside one call. Whenever something is left, this call ran user code
+    /// (returns more than 0), so its poller reports work and the reactor does not sleep.
     pub(crate) fn wake_completed(&self, batch: &mut WakeBatch) -> usize {
         let mut woken = 0;
+        // Entries queued before this call; those past them were queued by what this call ran.
+        let mut queued_before = self.wakes.borrow().len();
         loop {
             let held = self.released_holds.borrow_mut().pop();
             if let Some(held) = held {
@@ -435,12 +443,19 @@ impl IoSlots {
             let Some(slot) = self.wakes.borrow_mut().pop_front() else {
                 return woken;
             };
+            let fresh = queued_before == 0;
+            queued_before = queued_before.saturating_sub(1);
             let waker = {
                 let mut requests = self.requests.borrow_mut();
                 let Some(request) = requests.get_mut(slot_index(slot)) else {
                     continue;
                 };
                 if request.callback.is_some() {
+                    if fresh {
+                        drop(requests);
+                        self.wakes.borrow_mut().push_front(slot);
+                        return woken;
+                    }
                     // A callback request: freed here (the device is done with it), then its
                     // callback called with no borrow held.
                     let SlotState::Done(status) = request.state else {

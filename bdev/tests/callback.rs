@@ -393,9 +393,12 @@ fn a_panicking_callback_is_contained_and_the_channel_and_reactor_go_on() {
             (counts, channel.in_flight())
         })
         .unwrap()
-        .wait_timeout(std::time::Duration::from_secs(20))
-        .expect("the channel stopped completing after the panic (its poller was unregistered?)")
-        .unwrap();
+        .wait_timeout(std::time::Duration::from_secs(20));
+    let Some(counts) = counts else {
+        std::mem::forget(runtime);
+        panic!("the channel stopped completing after the panic (its poller was unregistered?)");
+    };
+    let counts = counts.unwrap();
     assert_eq!(counts.0, vec![1; 10], "every tag called back exactly once");
     assert_eq!(counts.1, 0);
     // The reactor is still serving work.
@@ -507,4 +510,108 @@ fn uring_callbacks_come_from_the_group_poller_with_the_data_and_survive_a_droppe
     }
     let stopped = runtime.stop();
     assert!(stopped.panicked.is_empty());
+}
+
+/// A device whose every request fails inside `submit` (a safe outside backend).
+struct FailsAtOnce;
+
+struct FailsAtOnceChannel;
+
+impl spool_bdev::ChannelBackend for FailsAtOnceChannel {
+    fn submit(&mut self, io: spool_bdev::Submission<'_>) {
+        io.complete(-libc::EIO);
+    }
+
+    fn poll(&mut self) -> spool_reactor::PollStatus {
+        spool_reactor::PollStatus::Idle
+    }
+}
+
+impl Bdev for FailsAtOnce {
+    fn name(&self) -> &str {
+        "fails-at-once"
+    }
+
+    fn block_size(&self) -> u32 {
+        BLOCK as u32
+    }
+
+    fn block_count(&self) -> u64 {
+        16
+    }
+
+    fn create_channel(
+        &self,
+        _slots: Rc<spool_bdev::IoSlots>,
+    ) -> Result<Box<dyn spool_bdev::ChannelBackend>, spool_bdev::BdevError> {
+        Ok(Box::new(FailsAtOnceChannel))
+    }
+}
+
+/// Retries its read on every failure until told to stop.
+struct Retrier {
+    channel: BdevChannel,
+    stop: Rc<Cell<bool>>,
+    tries: Cell<u64>,
+    stopped: Rc<Cell<bool>>,
+}
+
+impl IoCallback for Retrier {
+    fn io_done(self: Rc<Self>, done: IoDone) {
+        assert_eq!(done.errno(), -libc::EIO);
+        self.tries.set(self.tries.get() + 1);
+        if self.stop.get() {
+            self.stopped.set(true);
+            return;
+        }
+        let this = Rc::clone(&self) as Rc<dyn IoCallback>;
+        self.channel.read_with(done.buf, 0, this, 0).unwrap();
+    }
+}
+
+#[test]
+fn a_callback_retrying_a_failure_that_completes_at_once_does_not_hold_the_reactor() {
+    let runtime = Runtime::start(&RuntimeOptions {
+        cores: vec![0],
+        idle: IdleMode::Sleep,
+        pin: false,
+    })
+    .unwrap();
+    let desc = BdevDesc::open(Arc::new(FailsAtOnce) as Arc<dyn Bdev>).unwrap();
+    let stopped = runtime
+        .spawn_on(ReactorId(0), move || async move {
+            let stop = Rc::new(Cell::new(false));
+            let stopped = Rc::new(Cell::new(false));
+            let retrier = Rc::new(Retrier {
+                channel: desc.channel().unwrap(),
+                stop: Rc::clone(&stop),
+                tries: Cell::new(0),
+                stopped: Rc::clone(&stopped),
+            });
+            let this = Rc::clone(&retrier) as Rc<dyn IoCallback>;
+            retrier
+                .channel
+                .read_with(DmaBuf::alloc(4096).unwrap(), 0, this, 0)
+                .unwrap();
+            // The retries run one per poller pass, so this task still gets its turn.
+            for _ in 0..20 {
+                spool_reactor::yield_now().await;
+            }
+            stop.set(true);
+            while !stopped.get() {
+                spool_reactor::yield_now().await;
+            }
+            (retrier.tries.get(), retrier.channel.in_flight())
+        })
+        .unwrap()
+        .wait_timeout(std::time::Duration::from_secs(20));
+    let Some(stopped) = stopped else {
+        // The reactor is stuck: leave it (stopping it would wait forever) and fail.
+        std::mem::forget(runtime);
+        panic!("the retrying callback held the reactor");
+    };
+    let (tries, in_flight) = stopped.unwrap();
+    assert!(tries >= 2, "the callback retried ({tries} tries)");
+    assert_eq!(in_flight, 0);
+    assert!(runtime.stop().panicked.is_empty());
 }
