@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 
 use spool_reactor::{poller_register, Channel, IoDevice, PollStatus, PollerHandle};
 
+use crate::callback::{IoCallback, PendingCallback};
 use crate::device::{check_geometry, Bdev, ChannelBackend};
 use crate::dma::DmaBuf;
 use crate::error::BdevError;
@@ -304,6 +305,36 @@ impl BdevChannel {
         self.submit_one(IoKind::Write, buf, offset_bytes, len_bytes)
     }
 
+    /// Reads `buf.len()` bytes at `offset_bytes` into `buf` and calls `callback` with the
+    /// result, the buffer and `tag` when the device completes, directly from the poller that
+    /// completed it (no task is woken: see [`crate::callback`]). A request refused before
+    /// reaching the device (validation, a full queue) is not called back: the error and the
+    /// buffer come back here. An accepted one (`Ok`) is called back exactly once, never from
+    /// inside this call, even if the channel is dropped first.
+    #[inline]
+    pub fn read_with(
+        &self,
+        buf: DmaBuf,
+        offset_bytes: u64,
+        callback: Rc<dyn IoCallback>,
+        tag: u64,
+    ) -> Result<(), Refused> {
+        self.submit_with(IoKind::Read, buf, offset_bytes, callback, tag)
+    }
+
+    /// Writes all of `buf` at `offset_bytes`, calling `callback` back as
+    /// [`BdevChannel::read_with`] does.
+    #[inline]
+    pub fn write_with(
+        &self,
+        buf: DmaBuf,
+        offset_bytes: u64,
+        callback: Rc<dyn IoCallback>,
+        tag: u64,
+    ) -> Result<(), Refused> {
+        self.submit_with(IoKind::Write, buf, offset_bytes, callback, tag)
+    }
+
     /// Reads into `bufs` in order (a scatter list; lengths may cross block boundaries as long
     /// as each is a multiple of the device's iovec alignment and the total is block-aligned).
     pub fn readv(&self, bufs: Vec<DmaBuf>, offset_bytes: u64) -> IoFuture<'_, Vec<DmaBuf>> {
@@ -428,6 +459,51 @@ impl BdevChannel {
         self.start(context, kind, slot, Vec::new())
     }
 
+    #[inline]
+    fn submit_with(
+        &self,
+        kind: IoKind,
+        buf: DmaBuf,
+        offset_bytes: u64,
+        callback: Rc<dyn IoCallback>,
+        tag: u64,
+    ) -> Result<(), Refused> {
+        let context: &ChannelContext = &self.channel;
+        let len_bytes = buf.len() as u64;
+        if let Err(error) = context.geometry.check(kind, offset_bytes, len_bytes) {
+            return Err(Refused {
+                error: Box::new(error),
+                buf,
+            });
+        }
+        let Some(slot) = context.slots.acquire(kind, offset_bytes, len_bytes) else {
+            return Err(Refused {
+                error: Box::new(BdevError::QueueFull {
+                    max: CHANNEL_IO_MAX,
+                }),
+                buf,
+            });
+        };
+        context.slots.with(slot, |request| {
+            request.bufs.push(buf);
+            request.callback = Some(PendingCallback { callback, tag });
+        });
+        // The slot now owns the buffer and the callback: whatever `submit` does (completes at
+        // once, forgets the submission, panics), the completion reaches the callback through
+        // the poller, once.
+        let finish = FinishSubmission {
+            slots: &context.slots,
+            slot,
+        };
+        let submission = Submission::new(&context.slots, slot);
+        match context.backend.try_borrow_mut() {
+            Ok(mut backend) => backend.submit(submission),
+            Err(_) => submission.complete(-libc::EBUSY),
+        }
+        drop(finish);
+        Ok(())
+    }
+
     /// Hands the request in `slot` to the backend. The future that owns the slot exists
     /// before the backend runs, and the submission is checked when `submit` returns or
     /// unwinds: a backend that panics leaks neither the slot nor the buffers (unwinding drops
@@ -463,6 +539,16 @@ impl BdevChannel {
         drop(finish);
         future
     }
+}
+
+/// A callback request refused before it reached the device ([`BdevChannel::read_with`]):
+/// why, and the caller's buffer back. Its callback is not called.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why (`-EINVAL` validation errors, `-ENOMEM` for a full queue, ...).
+    pub error: Box<BdevError>,
+    /// The buffer, untouched.
+    pub buf: DmaBuf,
 }
 
 /// Ends a submission when the backend's `submit` returns or unwinds (see

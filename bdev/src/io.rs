@@ -68,8 +68,10 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::task::Waker;
 
+use crate::callback::{IoCallback, IoDone, PendingCallback};
 use crate::dma::DmaBuf;
 use crate::limits::CHANNEL_IO_MAX;
 
@@ -105,12 +107,18 @@ fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
 /// Runs `f` (user code: a waker, a hold's drop), containing a panic in it: logged as `what`.
 fn contain_user_code(what: &str, f: impl FnOnce()) {
     if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        tracing::error!(
-            panic = panic_message(payload.as_ref()),
-            "{what} panicked; the panic is contained"
-        );
-        drop_payload(payload);
+        report_contained(what, payload);
     }
+}
+
+/// Logs a contained panic of `what` (user code) and drops its payload.
+#[cold]
+pub(crate) fn report_contained(what: &str, payload: Box<dyn std::any::Any + Send>) {
+    tracing::error!(
+        panic = panic_message(payload.as_ref()),
+        "{what} panicked; the panic is contained"
+    );
+    drop_payload(payload);
 }
 
 /// Which waker this is, by address: two wakers with equal identities wake the same task.
@@ -198,6 +206,10 @@ pub(crate) struct IoRequest {
     /// [`IoFuture::hold_until_done`](crate::IoFuture::hold_until_done)): dropped when the
     /// slot is released, never while the device may still use the request's buffers.
     held: Option<Held>,
+    /// A callback request's callback ([`crate::callback`]): called, instead of a waker, once
+    /// the request completes. Set only for requests made by `BdevChannel::read_with` and
+    /// `write_with`, which have no future.
+    pub(crate) callback: Option<PendingCallback>,
 }
 
 /// Something kept alive until a request leaves its slot (see `IoRequest::held`).
@@ -216,6 +228,7 @@ impl IoRequest {
             waker: None,
             waker_current: false,
             held: None,
+            callback: None,
         }
     }
 }
@@ -281,6 +294,7 @@ impl IoSlots {
         let request = &mut requests[index as usize];
         debug_assert_eq!(request.state, SlotState::Free);
         debug_assert!(request.held.is_none(), "a free slot holds nothing");
+        debug_assert!(request.callback.is_none(), "a free slot calls nobody");
         request.kind = kind;
         request.offset_bytes = offset_bytes;
         request.len_bytes = len_bytes;
@@ -353,7 +367,11 @@ impl IoSlots {
             match request.state {
                 SlotState::InFlight => {
                     request.state = SlotState::Done(status);
-                    (None, request.waker_current && request.waker.is_some())
+                    (
+                        None,
+                        (request.waker_current && request.waker.is_some())
+                            || request.callback.is_some(),
+                    )
                 }
                 SlotState::Abandoned => {
                     request.state = SlotState::Free;
@@ -403,8 +421,16 @@ impl IoSlots {
     /// held. No borrow of this table is held while a waker runs or a hold drops, so either
     /// may read or use any channel, drop it, or complete more requests (queued here and
     /// handled by this same call). Returns how many wakers ran and holds were dropped.
+    ///
+    /// A callback request completed during this call (a callback's next request that its
+    /// backend completed at once, e.g. a failure it retries) is left queued for the next
+    /// call, the next pass of the channel's poller: a callback that keeps retrying cannot hold
+    /// the reactor inside one call. Whenever something is left, this call ran user code
+    /// (returns more than 0), so its poller reports work and the reactor does not sleep.
     pub(crate) fn wake_completed(&self, batch: &mut WakeBatch) -> usize {
         let mut woken = 0;
+        // Entries queued before this call; those past them were queued by what this call ran.
+        let mut queued_before = self.wakes.borrow().len();
         loop {
             let held = self.released_holds.borrow_mut().pop();
             if let Some(held) = held {
@@ -417,11 +443,50 @@ impl IoSlots {
             let Some(slot) = self.wakes.borrow_mut().pop_front() else {
                 return woken;
             };
+            let fresh = queued_before == 0;
+            queued_before = queued_before.saturating_sub(1);
             let waker = {
                 let mut requests = self.requests.borrow_mut();
                 let Some(request) = requests.get_mut(slot_index(slot)) else {
                     continue;
                 };
+                if request.callback.is_some() {
+                    if fresh {
+                        drop(requests);
+                        self.wakes.borrow_mut().push_front(slot);
+                        return woken;
+                    }
+                    // A callback request: freed here (the device is done with it), then its
+                    // callback called with no borrow held.
+                    let SlotState::Done(status) = request.state else {
+                        continue;
+                    };
+                    if request.generation != tag_generation(slot) {
+                        continue;
+                    }
+                    if request.bufs.len() != 1 {
+                        // Not made by the API (one buffer per callback request); freed uncalled.
+                        let completed = take_callback(request, status);
+                        drop(requests);
+                        self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
+                        drop(completed);
+                        continue;
+                    }
+                    // The hot path, kept free of an `Option<DmaBuf>`: moved through memory,
+                    // its niche byte at offset 0 made the copy stall on store forwarding.
+                    request.state = SlotState::Free;
+                    let pending = request.callback.take();
+                    let kind = request.kind;
+                    let buf = request.bufs.swap_remove(0);
+                    drop(requests);
+                    // Freed before the call: the callback's next request may take the slot.
+                    self.free.borrow_mut().push(slot & SLOT_INDEX_MASK);
+                    woken += 1;
+                    if let Some(PendingCallback { callback, tag }) = pending {
+                        crate::callback::deliver(callback, IoDone::new(buf, tag, status, kind));
+                    }
+                    continue;
+                }
                 // Still the completed request (not released and reused since), still awaited.
                 if request.generation != tag_generation(slot)
                     || !matches!(request.state, SlotState::Done(_))
@@ -560,6 +625,44 @@ impl IoSlots {
     /// Requests in flight (submitted, not yet completed or released).
     pub fn in_flight(&self) -> usize {
         self.requests.borrow().len() - self.free.borrow().len()
+    }
+}
+
+/// Frees a completed callback request (`status` is its `Done` status): takes its callback,
+/// its buffer and its status (`None` if it had no callback or no buffer, which the API does
+/// not make; a callback is then dropped uncalled).
+fn take_callback(request: &mut IoRequest, status: i32) -> Option<(Rc<dyn IoCallback>, IoDone)> {
+    request.state = SlotState::Free;
+    // `pop`, not `take`: the slot keeps its list's capacity for the next request.
+    let buf = request.bufs.pop();
+    if !request.bufs.is_empty() {
+        request.bufs.clear();
+    }
+    let PendingCallback { callback, tag } = request.callback.take()?;
+    Some((callback, IoDone::new(buf?, tag, status, request.kind)))
+}
+
+impl Drop for IoSlots {
+    /// Calls the callbacks of callback requests not delivered yet: completed ones with their
+    /// status, ones still in flight with `-ECANCELED`. The table goes only when nothing holds
+    /// it (a backend keeps it alive while it holds requests), so no device uses their buffers
+    /// any more. Each call is contained; none runs under a borrow of the table.
+    fn drop(&mut self) {
+        let mut undelivered = Vec::new();
+        for request in self.requests.get_mut().iter_mut() {
+            if request.callback.is_none() {
+                continue;
+            }
+            let status = match request.state {
+                SlotState::Done(status) => status,
+                SlotState::InFlight | SlotState::Abandoned => -libc::ECANCELED,
+                SlotState::Free => continue,
+            };
+            undelivered.push(take_callback(request, status));
+        }
+        for (callback, done) in undelivered.into_iter().flatten() {
+            crate::callback::deliver(callback, done);
+        }
     }
 }
 

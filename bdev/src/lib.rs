@@ -5,6 +5,7 @@
 //! - [`channel`]: [`BdevDesc`] (an open device) and [`BdevChannel`] (per-reactor I/O,
 //!   validated, buffers owned by the request while in flight).
 //! - [`io`]: requests and the pooled request slots of a channel.
+//! - [`callback`]: requests whose completion calls the submitter directly ([`IoCallback`]).
 //! - [`deferred`]: completion queues for memory devices (FIFO, or seeded under simulation).
 //! - [`dma`]: DMA-able, 4 KiB-aligned buffers from a pool backed by 2 MiB hugepages when the
 //!   machine has them, ordinary aligned memory when it has not.
@@ -15,6 +16,7 @@
 
 #![warn(clippy::unwrap_used)]
 
+pub mod callback;
 pub mod channel;
 pub mod crash;
 pub mod deferred;
@@ -28,7 +30,8 @@ pub mod malloc;
 pub mod null;
 pub mod uring;
 
-pub use crate::channel::{BdevChannel, BdevDesc, IoFuture, IoOutput};
+pub use crate::callback::{IoCallback, IoDone};
+pub use crate::channel::{BdevChannel, BdevDesc, IoFuture, IoOutput, Refused};
 pub use crate::crash::{CrashBdev, PendingWrite, Survivor};
 pub use crate::device::{Bdev, ChannelBackend};
 pub use crate::dma::DmaBuf;

@@ -6,6 +6,8 @@
 //! - `request_pool/runtime`, `request_pool/sim`: one null read at a time through the channel.
 //! - `null_path_qd1`, `null_path_qd32`: 1 or 32 tasks looping null reads on one reactor, per
 //!   I/O (qd 1 is the latency path: every I/O pays its own wake and poll).
+//! - `null_callback_qd1`, `null_callback_qd32`: the same reads as callback requests, each
+//!   completion submitting the next (no task wake per I/O; `spool perf`'s bdev job).
 //! - `blob_null_path_qd1`, `blob_null_path_qd32`: the same through a thick blob (the blob
 //!   layer's cost per I/O is the difference).
 //! - `ring_nop/batch32`: io_uring Nops pushed, submitted and reaped in batches of 32.
@@ -21,8 +23,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use spool_bdev::DmaBuf;
 use spool_benches::{
-    blob_null_reads_concurrent, null_desc, null_reads, null_reads_concurrent, one_way_batch,
-    ping_pong, spawn_on_roundtrip, start_runtime, stop_runtime, NopRing,
+    blob_null_reads_concurrent, null_callback_reads, null_desc, null_reads, null_reads_concurrent,
+    one_way_batch, ping_pong, spawn_on_roundtrip, start_runtime, stop_runtime, NopRing,
 };
 use spool_reactor::{Sim, SimOptions};
 
@@ -142,6 +144,35 @@ fn blob_null_path(c: &mut Criterion, name: &str, qd: u64) {
     stop_runtime(runtime);
 }
 
+/// `qd` lanes of callback reads on one reactor's null channel: ns per I/O at that depth.
+fn null_callback_path(c: &mut Criterion, name: &str, qd: u64) {
+    let runtime = start_runtime(1);
+    let home = runtime.reactors()[0];
+    let desc = null_desc();
+    let mut group = c.benchmark_group(name);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("read_4k", |b| {
+        b.iter_custom(|iters| {
+            let desc = desc.clone();
+            runtime
+                .block_on(home, move || null_callback_reads(desc, qd, iters))
+                .expect("null_callback_reads task")
+        });
+    });
+    group.finish();
+    stop_runtime(runtime);
+}
+
+/// One callback read at a time: the qd 1 latency path without a task wake.
+fn null_callback_qd1(c: &mut Criterion) {
+    null_callback_path(c, "null_callback_qd1", 1);
+}
+
+/// 32 lanes of callback reads.
+fn null_callback_qd32(c: &mut Criterion) {
+    null_callback_path(c, "null_callback_qd32", QUEUE_DEPTH);
+}
+
 /// 32 concurrent readers on one reactor's null channel: ns per I/O at queue depth 32.
 fn null_path_qd32(c: &mut Criterion) {
     null_path(c, "null_path_qd32", QUEUE_DEPTH);
@@ -216,6 +247,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_paths;
     config = config();
-    targets = messages, request_pool, null_path_qd1, blob_null_path_qd1, null_path_qd32, blob_null_path_qd32, ring_nop, dma_alloc_free
+    targets = messages, request_pool, null_path_qd1, null_callback_qd1, blob_null_path_qd1, null_path_qd32, null_callback_qd32, blob_null_path_qd32, ring_nop, dma_alloc_free
 }
 criterion_main!(hot_paths);

@@ -8,6 +8,7 @@
 //! - [`bench_cores`], [`start_runtime`], [`stop_runtime`]: reactors on cores that exist.
 //! - [`ping_pong`], [`one_way_batch`], [`spawn_on_roundtrip`]: messages between reactors.
 //! - [`null_desc`], [`null_reads`], [`null_reads_concurrent`]: the null bdev's channel path.
+//! - [`null_callback_reads`]: the same with callback requests (no task wake per I/O).
 //! - [`blob_null_reads_concurrent`]: the same through the blobstore (a thick blob on null).
 //! - [`NopRing`]: submissions and completions through the io_uring ring itself.
 //! - [`load`]: clean and dirty loads of a store with many blobs, and their memory.
@@ -265,6 +266,120 @@ pub async fn null_reads_concurrent(desc: BdevDesc, depth: u64, iters: u64) -> Du
     for handle in handles {
         handle.await.expect("reader task completes");
     }
+    start.elapsed()
+}
+
+/// The chain of callback reads [`null_callback_reads`] drives: each completion submits the
+/// next read of its lane until the lane's count is done.
+struct CallbackLanes {
+    channel: spool_bdev::BdevChannel,
+    depth: u64,
+    /// Reads each lane has left to submit.
+    left: std::cell::RefCell<Vec<u64>>,
+    /// Lanes still running; the waiter is woken when it reaches 0.
+    running: std::cell::Cell<u64>,
+    waiter: std::cell::RefCell<Option<Waker>>,
+}
+
+impl spool_bdev::IoCallback for CallbackLanes {
+    fn io_done(self: std::rc::Rc<Self>, done: spool_bdev::IoDone) {
+        done.result().expect("null read");
+        let lane = done.tag;
+        let next = {
+            let mut left = self.left.borrow_mut();
+            let remaining = &mut left[lane as usize];
+            if *remaining == 0 {
+                None
+            } else {
+                *remaining -= 1;
+                Some(*remaining)
+            }
+        };
+        match next {
+            Some(remaining) => {
+                let offset = offset_of(lane + remaining * self.depth);
+                let this: std::rc::Rc<dyn spool_bdev::IoCallback> = self.clone();
+                if self
+                    .channel
+                    .read_with(done.buf, offset, this, lane)
+                    .is_err()
+                {
+                    panic!("null read refused");
+                }
+            }
+            None => {
+                self.running.set(self.running.get() - 1);
+                if self.running.get() == 0 {
+                    if let Some(waiter) = self.waiter.borrow_mut().take() {
+                        waiter.wake();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// On a reactor: `iters` 4 KiB null reads, `depth` at a time, as callback requests
+/// (`BdevChannel::read_with`): each completion, called from the channel's poller, submits its
+/// lane's next read, as `spool perf`'s bdev job and SPDK's bdevperf do. Compare with
+/// [`null_reads_concurrent`] (a task per lane, a wake per I/O).
+pub async fn null_callback_reads(desc: BdevDesc, depth: u64, iters: u64) -> Duration {
+    assert!(depth > 0, "depth must be at least 1");
+    let channel = desc.channel().expect("null channel");
+    // Grow the slot table to `depth` outside the measurement.
+    {
+        let futures: Vec<_> = (0..depth)
+            .map(|_| channel.read(DmaBuf::alloc(NULL_BLOCK_SIZE as usize).expect("dma"), 0))
+            .collect();
+        for future in futures {
+            future.await.0.expect("warm-up read");
+        }
+    }
+    let lanes = depth.min(iters.max(1));
+    let left: Vec<u64> = (0..lanes)
+        .map(|lane| iters / lanes + u64::from(lane < iters % lanes))
+        .collect();
+    let bufs: Vec<DmaBuf> = (0..lanes)
+        .map(|_| DmaBuf::alloc(NULL_BLOCK_SIZE as usize).expect("dma buffer"))
+        .collect();
+    let chain = std::rc::Rc::new(CallbackLanes {
+        channel,
+        depth: lanes,
+        left: std::cell::RefCell::new(left),
+        running: std::cell::Cell::new(lanes),
+        waiter: std::cell::RefCell::new(None),
+    });
+    let start = Instant::now();
+    for (lane, buf) in (0..lanes).zip(bufs) {
+        let count = {
+            let mut left = chain.left.borrow_mut();
+            let remaining = &mut left[lane as usize];
+            let had = *remaining;
+            *remaining = remaining.saturating_sub(1);
+            had
+        };
+        if count == 0 {
+            chain.running.set(chain.running.get() - 1);
+            continue;
+        }
+        let this: std::rc::Rc<dyn spool_bdev::IoCallback> = chain.clone();
+        if chain
+            .channel
+            .read_with(buf, offset_of(lane), this, lane)
+            .is_err()
+        {
+            panic!("null read refused");
+        }
+    }
+    std::future::poll_fn(|cx| {
+        if chain.running.get() == 0 {
+            Poll::Ready(())
+        } else {
+            *chain.waiter.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await;
     start.elapsed()
 }
 

@@ -122,6 +122,26 @@ impl Shared {
     }
 }
 
+/// The time of one loop pass, read from the reactor's clock at its first use in the pass (if
+/// any), then the same for the rest of the pass.
+#[derive(Default)]
+pub(crate) struct LazyNow(Cell<Option<u64>>);
+
+impl LazyNow {
+    /// The pass's time, reading `core`'s clock the first time.
+    #[inline]
+    pub(crate) fn get(&self, core: &ReactorCore) -> u64 {
+        match self.0.get() {
+            Some(now_ns) => now_ns,
+            None => {
+                let now_ns = core.clock.now_ns();
+                self.0.set(Some(now_ns));
+                now_ns
+            }
+        }
+    }
+}
+
 /// What one loop iteration found.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct IterationStatus {
@@ -213,13 +233,15 @@ impl ReactorCore {
     #[inline]
     pub(crate) fn poll_once(&self) -> IterationStatus {
         let mut did_work = self.poll_messages();
-        let now_ns = self.clock.now_ns();
+        // The clock is read once per pass, and only if something timed is registered (a
+        // timed poller, a timer): on this VM a TSC read is about 10 % of a null qd 1 I/O.
+        let now = LazyNow::default();
         // Devices renew their wake-up hints as they poll; a hint stays until then, so a
         // simulation jumping to another reactor's deadline cannot lose this one's.
         self.deadline_hint_ns.set(None);
-        let pollers = self.pollers.poll(self, now_ns);
+        let pollers = self.pollers.poll(self, &now);
         did_work |= pollers.busy;
-        did_work |= self.timers.fire_due(self, now_ns);
+        did_work |= self.timers.fire_due(self, &now);
         did_work |= self.run_tasks();
         IterationStatus {
             did_work,

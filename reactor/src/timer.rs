@@ -10,7 +10,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use crate::context;
-use crate::core::ReactorCore;
+use crate::core::{LazyNow, ReactorCore};
 use crate::limits::TIMER_BATCH_MAX;
 use crate::sim::TraceKind;
 
@@ -110,16 +110,17 @@ impl TimerHeap {
         None
     }
 
-    /// Wakes the timers due at `now_ns` (at most [`TIMER_BATCH_MAX`]); true if any fired.
+    /// Wakes the timers due at the pass's time `now` (at most [`TIMER_BATCH_MAX`]); true if
+    /// any fired. With no timer queued the clock is not read.
     #[inline]
-    pub(crate) fn fire_due(&self, core: &ReactorCore, now_ns: u64) -> bool {
+    pub(crate) fn fire_due(&self, core: &ReactorCore, now: &LazyNow) -> bool {
         let mut fired = 0;
         let mut popped = 0;
         while popped < TIMER_BATCH_MAX {
             let entry = {
                 let mut heap = self.heap.borrow_mut();
                 match heap.peek() {
-                    Some(Reverse(entry)) if entry.deadline_ns <= now_ns => heap.pop(),
+                    Some(Reverse(entry)) if entry.deadline_ns <= now.get(core) => heap.pop(),
                     _ => None,
                 }
             };

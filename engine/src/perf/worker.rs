@@ -1,12 +1,16 @@
 //! One core's share of a perf run: a job on the core's reactor that keeps `qd` I/Os in
 //! flight until the deadline and records every latency in the core's histogram.
 //!
-//! Like SPDK's bdevperf job, one task drives all of the core's I/Os: it owns `qd` request
-//! futures and, each time it is woken, polls them, records the ones that completed and
-//! submits their successors. A wake therefore serves every completion of a reactor pass, not
-//! one. Every request still takes the whole path: validation, a pooled slot, the device's
-//! submit, the device poller's completion, and the hand-back of the buffer. Buffers are
-//! allocated once; nothing allocates per I/O.
+//! On the bdev layer the job is SPDK bdevperf's: each request is a callback request
+//! ([`BdevChannel::read_with`], see `spool_bdev::callback`), and its completion, called
+//! directly by the channel's poller, records it and submits its successor. No task is woken
+//! per I/O; the job's task only starts the first `qd` requests and waits for the last one.
+//! On the blob layer one task drives all of the core's I/Os: it owns `qd` request futures
+//! and, each time it is woken, polls them, records the ones that completed and submits their
+//! successors (a wake serves every completion of a reactor pass, not one). Either way every
+//! request takes the whole path: validation, a pooled slot, the device's submit, the device
+//! poller's completion, and the hand-back of the buffer. Buffers are allocated once; nothing
+//! allocates per I/O.
 //!
 //! Latency is bdevperf's: from the submission to the moment the job handles the completion.
 //! The clock (a TSC read through the reactor's [`ReactorClock`], no system call) is read once
@@ -26,7 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use spool_bdev::{BdevChannel, BdevDesc, DmaBuf, IoFuture};
+use spool_bdev::{BdevChannel, BdevDesc, DmaBuf, IoCallback, IoDone};
 use spool_blob::{BlobChannel, BlobIo, BlobIoFuture};
 use spool_reactor::{poller_register, PollStatus, ReactorClock};
 
@@ -158,20 +162,6 @@ trait JobIo {
     fn submit(&self, is_read: bool, buf: DmaBuf, offset: u64) -> Self::Io<'_>;
 }
 
-impl JobIo for BdevChannel {
-    type Error = spool_bdev::BdevError;
-    type Io<'a> = IoFuture<'a, DmaBuf>;
-
-    #[inline]
-    fn submit(&self, is_read: bool, buf: DmaBuf, offset: u64) -> Self::Io<'_> {
-        if is_read {
-            self.read(buf, offset)
-        } else {
-            self.write(buf, offset)
-        }
-    }
-}
-
 /// The blob layer: byte offsets become io_units of one blob.
 struct BlobJobChannel {
     channel: BlobChannel,
@@ -243,7 +233,7 @@ pub async fn run_core(
     match target {
         JobTarget::Bdev(desc) => {
             let channel = desc.channel().map_err(step("open channel"))?;
-            run_job(&channel, config, progress).await
+            run_bdev_job(channel, config, progress).await
         }
         JobTarget::Blob(blob) => {
             let channel = BlobJobChannel {
@@ -371,4 +361,222 @@ fn fill_pattern(buf: &mut DmaBuf, seed: u64) {
     for (index, byte) in buf.as_mut_slice().iter_mut().enumerate() {
         *byte = (index as u64).wrapping_mul(31).wrapping_add(seed) as u8;
     }
+}
+
+/// The job's histogram: 1 ns to an hour, 3 significant digits.
+fn latency_histogram() -> Result<Histogram<u64>, EngineError> {
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|err| EngineError::Failed {
+        reason: err.to_string(),
+        errno: -libc::EINVAL,
+    })
+}
+
+/// What the bdev job knows of one of its requests (indexed by the request's tag).
+#[derive(Debug, Clone, Copy, Default)]
+struct BdevRequest {
+    submitted_ns: u64,
+    is_read: bool,
+    offset: u64,
+}
+
+/// The bdev job's mutable state, borrowed by each completion for its length only.
+struct BdevJobState {
+    pattern: Pattern,
+    requests: Vec<BdevRequest>,
+    latency_ns: Histogram<u64>,
+    errors: u64,
+    first_error: Option<JobFailure>,
+    /// Requests started and not completed yet.
+    in_flight: usize,
+    /// The job's task, woken when the last request is done.
+    waiter: Option<std::task::Waker>,
+    /// (ns since start, I/Os completed), every [`PROGRESS_PERIOD`] as completions see it.
+    timeline: Vec<(u64, u64)>,
+    /// When the next timeline sample (and progress update) is due, ns on the job's clock.
+    next_sample_ns: u64,
+}
+
+/// The bdev layer's job: the completion callback of every request it makes.
+struct BdevJob {
+    channel: BdevChannel,
+    clock: ReactorClock,
+    deadline_ns: u64,
+    start_ns: u64,
+    /// I/Os completed successfully.
+    completed: Cell<u64>,
+    /// Where the running count is published for the progress line.
+    progress: Arc<AtomicU64>,
+    state: RefCell<BdevJobState>,
+}
+
+impl BdevJob {
+    /// Starts request `tag` at `now`: `Ok` once the channel took it, else the failure.
+    #[inline]
+    fn start(
+        self: &Rc<Self>,
+        state: &mut BdevJobState,
+        tag: usize,
+        buf: DmaBuf,
+        now: u64,
+    ) -> Result<(), JobFailure> {
+        let (is_read, offset) = state.pattern.next();
+        state.requests[tag] = BdevRequest {
+            submitted_ns: now,
+            is_read,
+            offset,
+        };
+        let callback: Rc<dyn IoCallback> = Rc::clone(self) as Rc<dyn IoCallback>;
+        let started = if is_read {
+            self.channel.read_with(buf, offset, callback, tag as u64)
+        } else {
+            self.channel.write_with(buf, offset, callback, tag as u64)
+        };
+        started.map_err(|refused| JobFailure::of(is_read, offset, *refused.error))
+    }
+}
+
+impl IoCallback for BdevJob {
+    #[inline]
+    fn io_done(self: Rc<Self>, done: IoDone) {
+        // The completion reaches the job now: its latency ends, its successor's begins.
+        let handled = self.clock.now_ns();
+        let mut state = self.state.borrow_mut();
+        let tag = done.tag as usize;
+        let request = state.requests[tag];
+        match done.result() {
+            Ok(()) => {
+                state
+                    .latency_ns
+                    .saturating_record(handled.saturating_sub(request.submitted_ns).max(1));
+                self.completed.set(self.completed.get() + 1);
+            }
+            Err(err) => {
+                state.errors += 1;
+                state
+                    .first_error
+                    .get_or_insert_with(|| JobFailure::of(request.is_read, request.offset, err));
+            }
+        }
+        if handled >= state.next_sample_ns {
+            // Sampled here rather than by a timed poller: the job reads the clock per
+            // completion anyway, and a reactor with nothing timed registered skips its
+            // per-pass clock read.
+            let done = self.completed.get();
+            self.progress.store(done, Ordering::Relaxed);
+            state
+                .timeline
+                .push((handled.saturating_sub(self.start_ns), done));
+            state.next_sample_ns = handled + PROGRESS_PERIOD.as_nanos() as u64;
+        }
+        // A stop signal ends submissions like the deadline does.
+        if handled < self.deadline_ns && state.errors == 0 && stop_requested().is_none() {
+            match self.start(&mut state, tag, done.buf, handled) {
+                Ok(()) => return,
+                Err(err) => {
+                    state.errors += 1;
+                    state.first_error.get_or_insert(err);
+                }
+            }
+        }
+        state.in_flight -= 1;
+        if state.in_flight == 0 {
+            if let Some(waiter) = state.waiter.take() {
+                drop(state);
+                waiter.wake();
+            }
+        }
+    }
+}
+
+/// The bdev layer's job (see the module docs): callbacks, no task wake per I/O.
+async fn run_bdev_job(
+    channel: BdevChannel,
+    config: JobConfig,
+    progress: Arc<AtomicU64>,
+) -> Result<CoreResult, EngineError> {
+    let latency_ns = latency_histogram()?;
+    let bs = usize::try_from(config.bs)
+        .map_err(|err| EngineError::InvalidArgument(format!("--bs {}: {err}", config.bs)))?;
+    let mut buffers = Vec::with_capacity(config.qd as usize);
+    for index in 0..config.qd {
+        let mut buf = DmaBuf::alloc(bs)?;
+        fill_pattern(&mut buf, u64::from(index));
+        buffers.push(buf);
+    }
+    let clock = ReactorClock::current();
+    let start_ns = clock.now_ns();
+    let job = Rc::new(BdevJob {
+        channel,
+        clock: clock.clone(),
+        deadline_ns: start_ns + config.duration_ns,
+        start_ns,
+        completed: Cell::new(0),
+        progress,
+        state: RefCell::new(BdevJobState {
+            pattern: Pattern::new(&config),
+            requests: vec![BdevRequest::default(); buffers.len()],
+            latency_ns,
+            errors: 0,
+            first_error: None,
+            in_flight: 0,
+            waiter: None,
+            timeline: vec![(0, 0)],
+            next_sample_ns: start_ns + PROGRESS_PERIOD.as_nanos() as u64,
+        }),
+    });
+    {
+        // Callbacks run from the channel's poller, never inside `read_with`: holding the
+        // state across the first submissions is safe.
+        let mut state = job.state.borrow_mut();
+        let now = clock.now_ns();
+        for (tag, buf) in buffers.into_iter().enumerate() {
+            match job.start(&mut state, tag, buf, now) {
+                Ok(()) => state.in_flight += 1,
+                Err(err) => {
+                    state.errors += 1;
+                    state.first_error.get_or_insert(err);
+                    break;
+                }
+            }
+        }
+    }
+    poll_fn(|cx| {
+        let mut state = job.state.borrow_mut();
+        if state.in_flight == 0 {
+            return Poll::Ready(());
+        }
+        if !state
+            .waiter
+            .as_ref()
+            .is_some_and(|waiter| waiter.will_wake(cx.waker()))
+        {
+            state.waiter = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    })
+    .await;
+    let elapsed_ns = clock.now_ns() - start_ns;
+    let ops = job.completed.get();
+    job.progress.store(ops, Ordering::Relaxed);
+    let state = job.state.replace(BdevJobState {
+        pattern: Pattern::new(&config),
+        requests: Vec::new(),
+        latency_ns: latency_histogram()?,
+        errors: 0,
+        first_error: None,
+        in_flight: 0,
+        waiter: None,
+        timeline: Vec::new(),
+        next_sample_ns: 0,
+    });
+    let mut timeline = state.timeline;
+    timeline.push((elapsed_ns, ops));
+    Ok(CoreResult {
+        ops,
+        elapsed_ns,
+        latency_ns: state.latency_ns,
+        errors: state.errors,
+        first_error: state.first_error,
+        timeline,
+    })
 }
