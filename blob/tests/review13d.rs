@@ -632,3 +632,52 @@ fn a_bad_sector_in_an_unused_md_page_does_not_stop_the_check() {
         ),
     }
 }
+
+/// A bad sector in a page a blob uses (`d`'s second chain page): the check still runs to
+/// its end, names the page (`page_unreadable`) and the blob as damaged, and the repair
+/// refuses (the page may hold what a blob needs), writing nothing.
+#[test]
+fn a_bad_sector_in_a_used_md_page_damages_its_blob_and_refuses_the_repair() {
+    let (image, _a, d) = rich_store(true);
+    let md_start = u64::from(u32_at(&image, 48));
+    let root = root_page(&image, d);
+    // d's chain: its root page's `next` (the last 8 bytes hold next then the CRC).
+    let next = u64::from(u32_at(&image, root.end - 8));
+    assert!(
+        next < u64::from(u32_at(&image, 52)),
+        "d has a second chain page"
+    );
+    let bad = (md_start + next) * 4096..(md_start + next + 1) * 4096;
+    let before = image.clone();
+    let io = BadSector {
+        image: RefCell::new(image),
+        bad,
+    };
+    let checked = check_image(&io, &mut |_| {}).expect("the check runs to its end");
+    let kinds: Vec<String> = checked
+        .report
+        .problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert!(
+        kinds
+            .iter()
+            .any(|p| p.starts_with("page_unreadable:") && p.contains(&format!("md page {next}"))),
+        "{kinds:#?}"
+    );
+    assert!(
+        checked
+            .report
+            .blobs
+            .iter()
+            .any(|b| b.id == d && b.damaged.is_some()),
+        "d is listed damaged"
+    );
+    let refused = repair_image(&io, &checked).expect_err("the repair refuses");
+    assert!(refused.to_string().contains("cannot be read"), "{refused}");
+    assert!(
+        io.image.borrow().as_slice() == before.as_slice(),
+        "nothing written"
+    );
+}

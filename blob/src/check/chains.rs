@@ -194,6 +194,16 @@ fn problem(
     }
 }
 
+/// A page read's result with a device read failure (a bad sector) as `None`: the scan
+/// already reported the page, and the walk goes on without it.
+fn readable(read: Result<Vec<u8>, CheckError>) -> Result<Option<Vec<u8>>, CheckError> {
+    match read {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(CheckError::Io { .. }) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
 fn md_page(image: &Image<'_>, shape: &StoreShape, page: u32) -> Result<Vec<u8>, CheckError> {
     image.read_pages(shape.md_device_page(page), 1)
 }
@@ -269,7 +279,11 @@ pub fn walk_blob(
             record.damage("chain too long");
             break;
         }
-        let bytes = md_page(image, shape, next)?;
+        let Some(bytes) = readable(md_page(image, shape, next))? else {
+            // The scan reported the page (`page_unreadable`); the repair refuses.
+            record.damage(format!("md page {next} cannot be read"));
+            break;
+        };
         let header = MdPageHeader::decode(&bytes);
         let sequence = record.chain.len();
         if !header.crc_ok {
@@ -413,7 +427,12 @@ pub fn walk_blob(
             continue;
         }
         record.extent_pages.push(page);
-        let bytes = md_page(image, shape, page)?;
+        let Some(bytes) = readable(md_page(image, shape, page))? else {
+            record.damage(format!(
+                "extent page {index} at md page {page} cannot be read"
+            ));
+            continue;
+        };
         if let Err(err) = apply_extent_page(&mut parsed.meta, index, &bytes, &AnyIndex) {
             problems.push(problem(
                 ProblemKind::ExtentPage,
@@ -490,7 +509,9 @@ pub fn salvage_clusters(
     let mut extent_pages: Vec<u32> = record.extent_pages.clone();
     let pages = record.chain.iter().chain(record.unsure_page.iter());
     for &number in pages {
-        let bytes = md_page(image, shape, number)?;
+        let Some(bytes) = readable(md_page(image, shape, number))? else {
+            continue;
+        };
         for descriptor in descriptors(descriptor_area(&bytes)) {
             match descriptor {
                 Ok(Descriptor::ExtentRle(runs)) => {
@@ -515,7 +536,9 @@ pub fn salvage_clusters(
     extent_pages.sort_unstable();
     extent_pages.dedup();
     for page in extent_pages {
-        let bytes = md_page(image, shape, page)?;
+        let Some(bytes) = readable(md_page(image, shape, page))? else {
+            continue;
+        };
         if read_u64(&bytes, 0) != record.id {
             continue;
         }
