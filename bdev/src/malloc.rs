@@ -17,7 +17,7 @@
 //!   [`Deferred::drain_due_in_parts`] on the channel's poller, not at submission: a read in
 //!   flight with a write sees the write only if the write completed first, which the
 //!   simulation orders from its seed. One pass of a channel moves at most `PASS_BYTES`, in
-//!   order, also inside a request: a 1 MiB copy moves in four passes and completes after its
+//!   order, also inside a request: a 1 MiB copy moves in eight passes and completes after its
 //!   last part, so a small request on another channel of the reactor (the metadata's) is
 //!   not held behind it. Under a simulation requests move whole.
 //! - Flush is a no-op (RAM is as durable as this device gets); unmap and write-zeroes write
@@ -42,10 +42,12 @@ const CHUNK_BYTES: usize = 64 << 10;
 
 /// Bytes one poll of a channel moves at most (a larger request moves in parts over several
 /// passes): a pass behind a queue of 1 MiB copies (copy-on-write of large clusters) takes
-/// a quarter of one copy, not tens of them, so the reactor's other work (a snapshot's
+/// an eighth of one copy, not tens of them, so the reactor's other work (a snapshot's
 /// metadata steps) waits that long per step. A 4 KiB job at queue depth 32 (128 KiB) still
-/// completes in one pass.
-const PASS_BYTES: usize = 256 << 10;
+/// completes in one pass. (256 KiB left a snapshot's write pause at about 1.2 ms under a
+/// 1 MiB copy storm, 128 KiB about 0.6 ms, with large-request throughput unchanged:
+/// docs/performance.md, "Fourth round".)
+const PASS_BYTES: usize = 128 << 10;
 
 /// A RAM block device of `block_count` blocks of `block_size` bytes, zeroed at creation.
 #[derive(Debug)]
