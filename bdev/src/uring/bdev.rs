@@ -85,6 +85,11 @@ pub(crate) struct DeviceShared {
     pub path: PathBuf,
     /// Whether it is a block device (else a regular file).
     pub block_device: bool,
+    /// A regular file with every byte allocated when opened (made with `--preallocate`, or
+    /// written full): unmap zeroes in place (`FALLOC_FL_ZERO_RANGE`, blocks stay allocated)
+    /// instead of punching holes, so the reservation stays and a later write cannot find the
+    /// host full.
+    pub keep_allocated: bool,
     /// Unmap has fallen back to writing zeros.
     pub unmap_fill: AtomicBool,
     /// Write-zeroes has fallen back to writing zeros.
@@ -223,10 +228,15 @@ impl UringBdev {
             ));
         }
         let no_fallocate = !block_device && !support.fallocate;
+        let keep_allocated = !block_device && {
+            use std::os::unix::fs::MetadataExt;
+            metadata.blocks().saturating_mul(512) >= size_bytes
+        };
         let dev = Arc::new(DeviceShared {
             file,
             path: path.to_path_buf(),
             block_device,
+            keep_allocated,
             unmap_fill: AtomicBool::new(no_fallocate),
             zeroes_fill: AtomicBool::new(no_fallocate),
         });

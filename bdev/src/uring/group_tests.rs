@@ -13,6 +13,7 @@ fn entry_with(slots: Rc<IoSlots>, progress: Progress) -> ChannelEntry {
         file: tempfile::tempfile().expect("tempfile"),
         path: "test".into(),
         block_device: false,
+        keep_allocated: false,
         unmap_fill: AtomicBool::new(false),
         zeroes_fill: AtomicBool::new(false),
     });
@@ -33,6 +34,7 @@ fn shared(file: std::fs::File) -> Arc<DeviceShared> {
         file,
         path: "test".into(),
         block_device: false,
+        keep_allocated: false,
         unmap_fill: AtomicBool::new(false),
         zeroes_fill: AtomicBool::new(false),
     })

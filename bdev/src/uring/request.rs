@@ -152,7 +152,7 @@ impl GroupState {
                             return;
                         }
                     }
-                } else if zeroes {
+                } else if zeroes || dev.keep_allocated {
                     Phase::ZeroRange
                 } else {
                     Phase::Punch
