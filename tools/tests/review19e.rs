@@ -221,7 +221,6 @@ fn a_malloc_target_that_does_not_fit_in_memory_is_said_in_words() {
 /// `--submit-batch -1`, `rpc --timeout -1`, `serve --handshake-timeout -1`. Expected: exit 2
 /// and a line that says the value cannot be negative, naming the option.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn negative_counts_and_durations_say_they_cannot_be_negative() {
     let dir = scratch();
     let d = dir.path();
