@@ -160,7 +160,23 @@ impl ImageLock {
                 path.display()
             )));
         }
+        let too_large = || {
+            file_error(
+                path,
+                format!(
+                    "a size of {size_bytes} bytes is larger than a file on this filesystem can be: give a smaller --size"
+                ),
+                -libc::EFBIG,
+            )
+        };
+        // A file's size is an off_t: a larger one cannot even be asked for.
+        if i64::try_from(size_bytes).is_err() {
+            return Err(too_large());
+        }
         let create_error = |what: &str, err: &std::io::Error| {
+            if err.raw_os_error() == Some(libc::EFBIG) {
+                return too_large();
+            }
             file_error(path, crate::words::failure(what, err), io_errno(err))
         };
         // Refuse an existing path before writing anything; publishing checks again, atomically.

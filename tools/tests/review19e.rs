@@ -392,7 +392,6 @@ fn a_character_device_as_target_fails_with_the_same_exit_code_everywhere() {
 /// directory, not an image: give the store's file or block device`, exit 1, the directory
 /// untouched.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn init_with_size_over_a_directory_says_it_is_a_directory() {
     let dir = scratch();
     let d = dir.path();
@@ -834,7 +833,6 @@ fn perf_does_not_silently_drop_size_for_an_existing_target() {
 /// an overflow"). Expected: a line in words (the size is larger than a file can be, give a
 /// smaller --size), and no file or temporary file left.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_file_size_too_large_for_the_host_is_said_in_words() {
     let dir = scratch();
     let d = dir.path();
@@ -1025,7 +1023,6 @@ fn perf_refuses_to_write_over_lvm_md_and_iso_images() {
 /// cause. Expected: refused up front in words (the size leaves no cluster for data; give a
 /// larger --size or a smaller --cluster-size), exit 1 or 2, no file left.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn init_refuses_a_store_with_no_cluster_for_data() {
     let dir = scratch();
     let d = dir.path();
