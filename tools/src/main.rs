@@ -54,6 +54,12 @@ fn main() {
 }
 
 fn run(cli: &Cli) -> Result<(), ToolError> {
+    // The picture's path is checked before the run, not found unusable after it.
+    if let Command::Perf(args) = &cli.command {
+        if let (Some(path), cli::Layer::Bdev | cli::Layer::Blob) = (&args.plot, args.layer) {
+            perf_plot::check_path(path)?;
+        }
+    }
     match &cli.command {
         Command::Perf(args)
             if args.plot.is_some() && matches!(args.layer, cli::Layer::Md | cli::Layer::Snap) =>

@@ -927,7 +927,6 @@ fn serve_and_init_on_a_read_only_mount_say_what_to_do() {
 /// is a directory: give the path of an .svg file to write`), exit 2 or 1, no output table;
 /// a missing path under /dev refused as elsewhere.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn perf_plot_path_errors_are_found_before_the_run_and_said_in_words() {
     let dir = scratch();
     let d = dir.path();
