@@ -29,7 +29,8 @@ pub fn refuse_special_file(path: &Path) -> Result<(), EngineError> {
     Err(EngineError::File {
         path: path.display().to_string(),
         reason: "not a regular file or block device: give the store's file or block device".into(),
-        errno: -libc::EINVAL,
+        // Not a bad argument (exit 2) but a failure every command says alike (exit 1).
+        errno: -libc::ENOTBLK,
     })
 }
 

@@ -201,7 +201,8 @@ pub fn open_image_as(
     crate::guard::refuse_special_file(path).map_err(|_| EngineError::File {
         path: shown.display().to_string(),
         reason: "not a regular file or block device: give the store's file or block device".into(),
-        errno: -libc::EINVAL,
+        // Not a bad argument (exit 2) but a failure every command says alike (exit 1).
+        errno: -libc::ENOTBLK,
     })?;
     let is_block = std::fs::metadata(path)
         .map(|meta| meta.file_type().is_block_device())

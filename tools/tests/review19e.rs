@@ -356,7 +356,6 @@ fn perf_store_settings_the_target_cannot_take_are_bad_arguments_in_words() {
 /// arguments" from "failed" by the exit code; the line says it is the same failure, so the
 /// code should be the same: 1, as the docs' "Errors ... with exit status 1" has it.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_character_device_as_target_fails_with_the_same_exit_code_everywhere() {
     let dir = scratch();
     let d = dir.path();
