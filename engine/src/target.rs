@@ -99,6 +99,36 @@ pub struct OpenedTarget {
     pub lock: Option<ImageLock>,
 }
 
+/// `malloc:SIZE` as a user would type it: the largest binary suffix that divides it.
+fn malloc_label(size_bytes: u64) -> String {
+    for (shift, suffix) in [(50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if size_bytes >= 1 << shift && size_bytes % (1 << shift) == 0 {
+            return format!("malloc:{}{suffix}", size_bytes >> shift);
+        }
+    }
+    format!("malloc:{size_bytes}")
+}
+
+/// A RAM device of `size_bytes` (a multiple of `block_size`), named `malloc0`. Memory the
+/// host cannot give is said in words naming `malloc:SIZE`, with what to do.
+pub fn malloc_bdev(
+    size_bytes: u64,
+    block_size: u32,
+) -> Result<spool_bdev::MallocBdev, EngineError> {
+    spool_bdev::MallocBdev::new("malloc0", block_size, size_bytes / u64::from(block_size)).map_err(
+        |err| match err.errno() {
+            code if code == -libc::ENOMEM => EngineError::File {
+                path: malloc_label(size_bytes),
+                reason: format!(
+                    "not enough memory for {size_bytes} bytes of RAM device: give a smaller malloc:SIZE (or a file or block device as the target)"
+                ),
+                errno: code,
+            },
+            _ => err.into(),
+        },
+    )
+}
+
 /// Opens `spec`. A path is locked for as long as the target lives (see [`ImageLock`]:
 /// shared when `options.read_only`, exclusive otherwise); a
 /// missing file is created, locked before its first byte is written (as [`prepare_file`]),
@@ -133,11 +163,7 @@ pub fn open_target(
                     "malloc size {size_bytes} is not a multiple of the block size {block_size}"
                 )));
             }
-            let bdev = spool_bdev::MallocBdev::new(
-                "malloc0",
-                options.block_size,
-                size_bytes / block_size,
-            )?;
+            let bdev = malloc_bdev(*size_bytes, options.block_size)?;
             Ok(OpenedTarget {
                 bdev: Arc::new(bdev),
                 kind: "RAM".into(),

@@ -179,7 +179,6 @@ fn ctrl_c_stops_an_export_whose_stdout_reader_stalled() {
 /// The process is limited (RLIMIT_AS, 700 MiB) so the allocation fails without touching the
 /// host's memory.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_malloc_target_that_does_not_fit_in_memory_is_said_in_words() {
     let dir = scratch();
     let d = dir.path();

@@ -270,10 +270,9 @@ impl Daemon {
                         "malloc size {bytes} is not a positive multiple of the block size {block}"
                     )));
                 }
-                let bdev: Arc<dyn Bdev> = Arc::new(spool_bdev::MallocBdev::new(
-                    "malloc0",
+                let bdev: Arc<dyn Bdev> = Arc::new(crate::target::malloc_bdev(
+                    *bytes,
                     options.target.block_size,
-                    bytes / block,
                 )?);
                 (bdev, Lock::None, format!("malloc:{bytes}"), None)
             }
