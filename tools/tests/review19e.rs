@@ -284,7 +284,6 @@ fn negative_counts_and_durations_say_they_cannot_be_negative() {
 /// target could not take are a bad argument (exit 2), refused before anything is done.
 /// Expected: exit 2, no "blobstore init:" prefix, and the line names the option to change.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn perf_store_settings_the_target_cannot_take_are_bad_arguments_in_words() {
     let dir = scratch();
     let d = dir.path();
