@@ -654,7 +654,6 @@ fn ctrl_c_during_a_long_command_stops_the_script_that_ran_it() {
 /// (exit 0), and `perf --rw write` overwrites the image. Expected: refused like the others,
 /// unless forced, the image untouched.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn import_and_perf_refuse_qed_and_parallels_images() {
     let dir = scratch();
     let d = dir.path();
@@ -976,7 +975,6 @@ fn perf_plot_path_errors_are_found_before_the_run_and_said_in_words() {
 /// would not mean to benchmark over. Expected: refused like the others ("holds an LVM2
 /// physical volume, not a blobstore; ... add --force to lose it"), the file untouched.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn perf_refuses_to_write_over_lvm_md_and_iso_images() {
     let dir = scratch();
     let d = dir.path();
