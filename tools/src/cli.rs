@@ -182,9 +182,10 @@ pub struct PerfArgs {
     /// Cores to run reactors on: a list like 0,1 or a range like 0-1.
     #[arg(long, default_value = "0")]
     pub cores: String,
-    /// Size of a null device, or of a file to create (e.g. 1G).
-    #[arg(long, default_value = "1G", allow_hyphen_values = true)]
-    pub size: String,
+    /// Size of a null device, or of a file to create (e.g. 1G; default 1G). An existing
+    /// PATH is used as it is: a --size that differs from it is refused.
+    #[arg(long, allow_hyphen_values = true)]
+    pub size: Option<String>,
     /// Block size of null/malloc devices and of files.
     #[arg(long, default_value_t = 4096)]
     pub block_size: u32,

@@ -100,6 +100,31 @@ fn refuse_overwriting_a_store(args: &PerfArgs) -> Result<(), ToolError> {
     }
 }
 
+/// The bytes of `--size` (1 GiB when not given). Given for a PATH that exists, it must be
+/// that file's size: an existing target is used as it is, and a --size it does not have would
+/// otherwise be dropped without a word (a block device is used whole).
+fn size_bytes(args: &PerfArgs) -> Result<u64, ToolError> {
+    let Some(text) = &args.size else {
+        return Ok(parse_size("1G")?);
+    };
+    let size = parse_size(text)?;
+    if matches!(args.target.as_str(), "null" | "malloc") || args.target.starts_with("malloc:") {
+        return Ok(size);
+    }
+    match std::fs::metadata(&args.target) {
+        Ok(meta) if meta.file_type().is_block_device() => Err(ToolError::Usage(format!(
+            "{}: a block device is used whole; --size is for creating a file (omit --size)",
+            args.target
+        ))),
+        Ok(meta) if meta.is_file() && meta.len() != size => Err(ToolError::Usage(format!(
+            "{}: exists with {} bytes, not the {size} of --size; an existing target is used as it is: omit --size, or remove the file to create it with --size",
+            args.target,
+            meta.len()
+        ))),
+        _ => Ok(size),
+    }
+}
+
 /// The engine's settings for `args`. The cluster size is parsed only for the layers that
 /// create a store.
 fn config(args: &PerfArgs) -> Result<PerfConfig, ToolError> {
@@ -107,7 +132,7 @@ fn config(args: &PerfArgs) -> Result<PerfConfig, ToolError> {
     let cores = parse_cores(&args.cores)?;
     let bs = parse_size(&args.bs)?;
     let target_options = TargetOptions {
-        size_bytes: parse_size(&args.size)?,
+        size_bytes: size_bytes(args)?,
         block_size: args.block_size,
         sqpoll: args.sqpoll,
         submit_batch: args.submit_batch,

@@ -793,7 +793,6 @@ fn a_block_device_out_of_space_is_not_called_a_full_host_filesystem() {
 /// creating a file"). Expected: a `--size` that differs from an existing target's size is
 /// refused (exit 2, naming both sizes), or at least said on stderr; never dropped silently.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn perf_does_not_silently_drop_size_for_an_existing_target() {
     let dir = scratch();
     let d = dir.path();
