@@ -744,7 +744,6 @@ fn a_preallocated_store_keeps_its_reservation_after_a_delete() {
 /// Expected: the line says the device ran out of space (its backing, e.g. a thin pool or the
 /// loop file's filesystem, is full) and what to do, with no claim about thick blobs.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_block_device_out_of_space_is_not_called_a_full_host_filesystem() {
     let dir = scratch();
     let d = dir.path();
