@@ -536,7 +536,6 @@ fn export_refuses_a_block_device_that_holds_a_filesystem() {
 /// unreadable blob (naming it, and what to do) rather than "no blob is named"; the advice of
 /// a read-only command names what actually makes the blob open.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn an_unreadable_blob_is_not_said_missing_and_the_advice_works() {
     let dir = scratch();
     let d = dir.path();
