@@ -177,6 +177,23 @@ impl ImageLock {
             if err.raw_os_error() == Some(libc::EFBIG) {
                 return too_large();
             }
+            let advice = match err.raw_os_error() {
+                Some(libc::EROFS) => Some(
+                    "give a path on a filesystem that can be written (or remount it read-write)",
+                ),
+                Some(libc::EACCES) => Some("give a path in a directory you can write"),
+                _ => None,
+            };
+            if let Some(advice) = advice {
+                return file_error(
+                    path,
+                    format!(
+                        "cannot be created: {}: {advice}",
+                        crate::words::io_words(err)
+                    ),
+                    io_errno(err),
+                );
+            }
             file_error(path, crate::words::failure(what, err), io_errno(err))
         };
         // Refuse an existing path before writing anything; publishing checks again, atomically.

@@ -868,7 +868,6 @@ fn a_file_size_too_large_for_the_host_is_said_in_words() {
 /// image cannot be written; what to do), as the issue's "one line: the path, what is wrong,
 /// what to do" asks.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn serve_and_init_on_a_read_only_mount_say_what_to_do() {
     let dir = scratch();
     let d = dir.path();

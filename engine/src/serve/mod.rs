@@ -247,7 +247,10 @@ impl Daemon {
                 if let Some(io_unit) = crate::offline::store_io_unit(path) {
                     target.block_size = io_unit;
                 }
-                let (bdev, _) = open_image(path, &target)?;
+                // The daemon writes the image: one it cannot write is said as every writer
+                // says it, with what to do.
+                let (bdev, _) = open_image(path, &target)
+                    .map_err(|err| crate::offline::unwritable(path, err))?;
                 (bdev, Lock::Held(lock), path.display().to_string(), None)
             }
             Source::CreateDefault(path) => {
