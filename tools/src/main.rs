@@ -8,7 +8,7 @@ mod perf_plot;
 mod rpc_cmd;
 mod serve_cmd;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use clap::Parser;
 
@@ -33,7 +33,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(err) = spool_engine::signals::install() {
-        eprintln!("warning: SIGINT and SIGTERM will not stop cleanly: {err}");
+        eprintln!("warning: SIGINT, SIGTERM and SIGHUP will not stop cleanly: {err}");
     }
     let code = match run(&cli) {
         Ok(()) => 0,
@@ -46,7 +46,9 @@ fn main() {
                 // Printed where it failed, quietly on a closed pipe, as a report is.
                 let _ = blob_cmd::emit(&perf::table(report));
             }
-            eprintln!("error: {err}");
+            // Not eprintln!: after a hang-up stderr may be gone, and the exit status must
+            // still be the signal's, not a panic's.
+            let _ = writeln!(std::io::stderr(), "error: {err}");
             err.exit_code()
         }
     };

@@ -68,7 +68,6 @@ fn wait_within(
 /// or at the very least removes the temporary file. Deterministic: once the temporary file is
 /// seen growing the process is stopped (SIGSTOP), sent SIGHUP, and continued.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_hangup_during_export_leaves_no_half_written_file() {
     let dir = scratch();
     let d = dir.path();
