@@ -100,9 +100,10 @@ fn refuse_overwriting_a_store(args: &PerfArgs) -> Result<(), ToolError> {
     }
 }
 
-/// The bytes of `--size` (1 GiB when not given). Given for a PATH that exists, it must be
-/// that file's size: an existing target is used as it is, and a --size it does not have would
-/// otherwise be dropped without a word (a block device is used whole).
+/// The bytes of `--size` (1 GiB when not given). Given for a PATH that exists with another
+/// size, it is not used (an existing target is used as it is, a block device whole), and a
+/// warning on stderr says so: a working set other than the one asked for is never measured
+/// without a word.
 fn size_bytes(args: &PerfArgs) -> Result<u64, ToolError> {
     let Some(text) = &args.size else {
         return Ok(parse_size("1G")?);
@@ -112,17 +113,18 @@ fn size_bytes(args: &PerfArgs) -> Result<u64, ToolError> {
         return Ok(size);
     }
     match std::fs::metadata(&args.target) {
-        Ok(meta) if meta.file_type().is_block_device() => Err(ToolError::Usage(format!(
-            "{}: a block device is used whole; --size is for creating a file (omit --size)",
+        Ok(meta) if meta.file_type().is_block_device() => eprintln!(
+            "warning: {}: a block device is used whole; --size {size} is for creating a file and is not used",
             args.target
-        ))),
-        Ok(meta) if meta.is_file() && meta.len() != size => Err(ToolError::Usage(format!(
-            "{}: exists with {} bytes, not the {size} of --size; an existing target is used as it is: omit --size, or remove the file to create it with --size",
+        ),
+        Ok(meta) if meta.is_file() && meta.len() != size => eprintln!(
+            "warning: {}: exists with {} bytes and is used as it is; --size {size} is for creating a file and is not used (remove the file to create it with --size)",
             args.target,
             meta.len()
-        ))),
-        _ => Ok(size),
+        ),
+        _ => {}
     }
+    Ok(size)
 }
 
 /// The engine's settings for `args`. The cluster size is parsed only for the layers that
