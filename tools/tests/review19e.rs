@@ -480,7 +480,6 @@ impl Drop for Loop {
 /// export refuses a block device holding a filesystem (or any of what `init` refuses) unless
 /// forced, exit 1, the device untouched.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn export_refuses_a_block_device_that_holds_a_filesystem() {
     let dir = scratch();
     let d = dir.path();
