@@ -230,10 +230,18 @@ pub fn open_image_as(
         // Not a bad argument (exit 2) but a failure every command says alike (exit 1).
         errno: -libc::ENOTBLK,
     })?;
-    let is_block = std::fs::metadata(path)
-        .map(|meta| meta.file_type().is_block_device())
-        .unwrap_or(false);
+    let meta = std::fs::metadata(path).ok();
+    let is_block = meta
+        .as_ref()
+        .is_some_and(|meta| meta.file_type().is_block_device());
+    // A regular file with every byte allocated (what `init --preallocate` makes) keeps its
+    // reservation: freed clusters are zeroed in place, not punched out of the file.
+    let fully_allocated = meta.as_ref().is_some_and(|meta| {
+        use std::os::unix::fs::MetadataExt;
+        meta.is_file() && meta.len() > 0 && meta.blocks().saturating_mul(512) >= meta.len()
+    });
     let uring_options = spool_bdev::UringOptions {
+        keep_allocated: fully_allocated,
         block_size: options.block_size,
         ring_entries: options.ring_entries,
         sqpoll: options.sqpoll,

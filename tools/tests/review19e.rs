@@ -704,7 +704,6 @@ fn import_and_perf_refuse_qed_and_parallels_images() {
 /// clusters leaves them allocated on the host (discard them only where the store did not
 /// reserve the space), so the file's allocation stays its whole size.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_preallocated_store_keeps_its_reservation_after_a_delete() {
     use std::os::unix::fs::MetadataExt;
     let dir = scratch();

@@ -51,6 +51,11 @@ pub struct UringOptions {
     /// (mode 0444, immutable, a read-only mount). Writes, unmaps and write-zeroes then fail
     /// with -ENOTSUP before reaching the file.
     pub read_only: bool,
+    /// Keep a regular file's space allocated: unmap zeroes the range (fallocate ZERO_RANGE,
+    /// or written zeros) instead of punching a hole (default false). For a file whose space
+    /// was reserved on purpose (`spool init --preallocate`), which a punched hole would give
+    /// back to the host. Ignored for block devices.
+    pub keep_allocated: bool,
 }
 
 /// The default [`UringOptions::submit_batch`]. The kernel spends microseconds building each
@@ -72,6 +77,7 @@ impl Default for UringOptions {
             direct: true,
             submit_batch: DEFAULT_SUBMIT_BATCH,
             read_only: false,
+            keep_allocated: false,
         }
     }
 }
@@ -89,6 +95,8 @@ pub(crate) struct DeviceShared {
     pub unmap_fill: AtomicBool,
     /// Write-zeroes has fallen back to writing zeros.
     pub zeroes_fill: AtomicBool,
+    /// Unmap zeroes instead of punching a hole (a regular file whose space stays reserved).
+    pub keep_allocated: bool,
 }
 
 /// A block device backed by a regular file or a block device, doing I/O through io_uring.
@@ -229,6 +237,7 @@ impl UringBdev {
             block_device,
             unmap_fill: AtomicBool::new(no_fallocate),
             zeroes_fill: AtomicBool::new(no_fallocate),
+            keep_allocated: options.keep_allocated && !block_device,
         });
         let group = group_device(RingKey {
             entries: options.ring_entries,

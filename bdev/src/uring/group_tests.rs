@@ -15,6 +15,7 @@ fn entry_with(slots: Rc<IoSlots>, progress: Progress) -> ChannelEntry {
         block_device: false,
         unmap_fill: AtomicBool::new(false),
         zeroes_fill: AtomicBool::new(false),
+        keep_allocated: false,
     });
     ChannelEntry {
         slots,
@@ -35,6 +36,7 @@ fn shared(file: std::fs::File) -> Arc<DeviceShared> {
         block_device: false,
         unmap_fill: AtomicBool::new(false),
         zeroes_fill: AtomicBool::new(false),
+        keep_allocated: false,
     })
 }
 
