@@ -134,7 +134,6 @@ fn a_hangup_during_export_leaves_no_half_written_file() {
 /// after X of Y bytes" line. The signal is sent once the export has been seen writing (a
 /// first byte read from the pipe), after which the test reads nothing more.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn ctrl_c_stops_an_export_whose_stdout_reader_stalled() {
     let dir = scratch();
     let d = dir.path();

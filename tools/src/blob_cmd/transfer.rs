@@ -127,10 +127,7 @@ pub fn export(args: &ExportArgs) -> Result<(), ToolError> {
         let id = resolve_blob(&store, &text).await?;
         with_blob(&store, id, async |blob| {
             let sink = if file == "-" {
-                ExportSink::Stream {
-                    writer: Box::new(std::io::stdout()),
-                    name: "stdout".into(),
-                }
+                ExportSink::Stdout
             } else {
                 ExportSink::File(file.clone().into())
             };
