@@ -102,7 +102,7 @@ pub struct OpenedTarget {
 /// `malloc:SIZE` as a user would type it: the largest binary suffix that divides it.
 fn malloc_label(size_bytes: u64) -> String {
     for (shift, suffix) in [(50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if size_bytes >= 1 << shift && size_bytes % (1 << shift) == 0 {
+        if size_bytes >= 1 << shift && size_bytes.is_multiple_of(1 << shift) {
             return format!("malloc:{}{suffix}", size_bytes >> shift);
         }
     }
