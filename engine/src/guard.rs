@@ -29,7 +29,8 @@ pub fn refuse_special_file(path: &Path) -> Result<(), EngineError> {
     Err(EngineError::File {
         path: path.display().to_string(),
         reason: "not a regular file or block device: give the store's file or block device".into(),
-        errno: -libc::EINVAL,
+        // Not a bad argument (exit 2) but a failure every command says alike (exit 1).
+        errno: -libc::ENOTBLK,
     })
 }
 
@@ -66,15 +67,18 @@ pub fn holds_blobstore(path: &Path) -> bool {
 }
 
 /// The disk image format the file at `path` is in, by its magic (`None`: raw, or unreadable):
-/// "qcow2" (or qcow), "VMDK", "VHDX", "VDI", or "VHD" (its `conectix` footer at the start, as
+/// "qcow2" (or qcow), "QED", "Parallels", "VMDK", "VHDX", "VDI", or "VHD" (its `conectix` footer at the start, as
 /// a dynamic VHD has a copy, or in its last 512 bytes, as every VHD has).
 pub fn disk_image_format(path: &Path) -> Option<&'static str> {
     let mut file = open_to_peek(path)?;
     let mut head = [0u8; 512];
     let n = read_at(&mut file, 0, &mut head).ok()?;
     let head = &head[..n];
-    let magics: [(&[u8], usize, &'static str); 7] = [
+    let magics: [(&[u8], usize, &'static str); 10] = [
         (b"QFI\xfb", 0, "qcow2"),
+        (b"QED\0", 0, "QED"),
+        (b"WithoutFreeSpace", 0, "Parallels"),
+        (b"WithouFreSpacExt", 0, "Parallels"),
         (b"KDMV", 0, "VMDK"),
         (b"# Disk DescriptorFile", 0, "VMDK"),
         (b"vhdxfile", 0, "VHDX"),
@@ -182,6 +186,16 @@ pub fn foreign_contents(path: &Path) -> Option<String> {
         "a LUKS encrypted volume"
     } else if at(4086, b"SWAPSPACE2") || at(4086, b"SWAP-SPACE") {
         "a swap area"
+    } else if [0, 512, 1024, 1536]
+        .iter()
+        .any(|&label| at(label, b"LABELONE") && at(label + 24, b"LVM2 001"))
+    {
+        "an LVM2 physical volume"
+    } else if at(4096, &[0xfc, 0x4e, 0x2b, 0xa9]) || at(0, &[0xfc, 0x4e, 0x2b, 0xa9]) {
+        // md superblock 1.2 (4 KiB in) or 1.1 (at the start), little-endian magic a92b4efc.
+        "an md RAID member"
+    } else if at(0x8001, b"CD001") {
+        "an ISO 9660 image"
     } else if at(512, b"EFI PART") {
         "a GPT partition table"
     } else if at(510, &[0x55, 0xAA]) {
@@ -255,6 +269,33 @@ mod tests {
         let mut fixed = vec![0u8; 8192];
         fixed[8192 - 512..8192 - 504].copy_from_slice(b"conectix");
         assert_eq!(disk_image_format(&write("a.vhd", &fixed)), Some("VHD"));
+        assert_eq!(
+            disk_image_format(&write("a.qed", b"QED\0\0\0\x01\0")),
+            Some("QED")
+        );
+        assert_eq!(
+            disk_image_format(&write("a.hds", b"WithouFreSpacExt\x02")),
+            Some("Parallels")
+        );
+        let mut pv = vec![0u8; 4096];
+        pv[512..520].copy_from_slice(b"LABELONE");
+        pv[536..544].copy_from_slice(b"LVM2 001");
+        assert_eq!(
+            foreign_contents(&write("pv", &pv)).as_deref(),
+            Some("an LVM2 physical volume")
+        );
+        let mut md = vec![0u8; 8192];
+        md[4096..4100].copy_from_slice(&[0xfc, 0x4e, 0x2b, 0xa9]);
+        assert_eq!(
+            foreign_contents(&write("md", &md)).as_deref(),
+            Some("an md RAID member")
+        );
+        let mut iso = vec![0u8; 0x9000];
+        iso[0x8001..0x8006].copy_from_slice(b"CD001");
+        assert_eq!(
+            foreign_contents(&write("iso", &iso)).as_deref(),
+            Some("an ISO 9660 image")
+        );
         assert_eq!(disk_image_format(&write("raw", &[7u8; 9000])), None);
         assert_eq!(disk_image_format(&write("empty", b"")), None);
         assert!(!holds_blobstore(&write("short", b"SPDK")));

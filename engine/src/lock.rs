@@ -160,7 +160,40 @@ impl ImageLock {
                 path.display()
             )));
         }
+        let too_large = || {
+            file_error(
+                path,
+                format!(
+                    "a size of {size_bytes} bytes is larger than a file on this filesystem can be: give a smaller --size"
+                ),
+                -libc::EFBIG,
+            )
+        };
+        // A file's size is an off_t: a larger one cannot even be asked for.
+        if i64::try_from(size_bytes).is_err() {
+            return Err(too_large());
+        }
         let create_error = |what: &str, err: &std::io::Error| {
+            if err.raw_os_error() == Some(libc::EFBIG) {
+                return too_large();
+            }
+            let advice = match err.raw_os_error() {
+                Some(libc::EROFS) => Some(
+                    "give a path on a filesystem that can be written (or remount it read-write)",
+                ),
+                Some(libc::EACCES) => Some("give a path in a directory you can write"),
+                _ => None,
+            };
+            if let Some(advice) = advice {
+                return file_error(
+                    path,
+                    format!(
+                        "cannot be created: {}: {advice}",
+                        crate::words::io_words(err)
+                    ),
+                    io_errno(err),
+                );
+            }
             file_error(path, crate::words::failure(what, err), io_errno(err))
         };
         // Refuse an existing path before writing anything; publishing checks again, atomically.

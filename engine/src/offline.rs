@@ -224,7 +224,7 @@ where
 
 /// An image a writer could not open for writing (mode, immutable flag, read-only mount),
 /// said in words: what failed, and that the commands which only read still work.
-fn unwritable(image: &Path, err: EngineError) -> EngineError {
+pub(crate) fn unwritable(image: &Path, err: EngineError) -> EngineError {
     let errno = err.errno();
     let reason = match -errno {
         libc::EACCES => "permission denied",

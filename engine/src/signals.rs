@@ -1,7 +1,9 @@
-//! SIGINT and SIGTERM as a request to stop cleanly, for long commands and the daemon: the
-//! first one is recorded (work stops at its next request boundary, finishes what is in
-//! flight, unloads the store cleanly, and the process exits 130 or 143); a second one ends
-//! the process at once with that status, as fio and bdevperf do.
+//! SIGINT, SIGTERM and SIGHUP as a request to stop cleanly, for long commands and the
+//! daemon: the first one is recorded (work stops at its next request boundary, finishes what
+//! is in flight, unloads the store cleanly, removes what it had half-made, and the process
+//! exits 130, 143 or 129); a second one ends the process at once with that status, as fio
+//! and bdevperf do. SIGHUP is the terminal hanging up (an ssh connection dropped): without a
+//! handler it would kill the process mid-write and leave its temporary files behind.
 //!
 //! signal-hook installs the handlers (async-signal-safe: they only store into atomics);
 //! [`stop_requested`] is one relaxed atomic load, cheap enough for a hot loop's check.
@@ -16,6 +18,8 @@ pub enum StopSignal {
     Interrupt,
     /// SIGTERM: exit status 143.
     Terminate,
+    /// SIGHUP (the terminal hung up): exit status 129.
+    Hangup,
 }
 
 impl StopSignal {
@@ -29,6 +33,7 @@ impl StopSignal {
         match self {
             StopSignal::Interrupt => libc::SIGINT,
             StopSignal::Terminate => libc::SIGTERM,
+            StopSignal::Hangup => libc::SIGHUP,
         }
     }
 
@@ -37,6 +42,7 @@ impl StopSignal {
         match self {
             StopSignal::Interrupt => "SIGINT",
             StopSignal::Terminate => "SIGTERM",
+            StopSignal::Hangup => "SIGHUP",
         }
     }
 
@@ -44,6 +50,7 @@ impl StopSignal {
         match i32::try_from(number).ok()? {
             libc::SIGINT => Some(StopSignal::Interrupt),
             libc::SIGTERM => Some(StopSignal::Terminate),
+            libc::SIGHUP => Some(StopSignal::Hangup),
             _ => None,
         }
     }
@@ -57,7 +64,7 @@ fn requested_cell() -> &'static Arc<AtomicUsize> {
 }
 
 /// Installs the handlers (once per process; later calls do nothing). After it, the first
-/// SIGINT or SIGTERM is only recorded; the second of either ends the process with its
+/// SIGINT, SIGTERM or SIGHUP is only recorded; the second of any ends the process with its
 /// status.
 pub fn install() -> std::io::Result<()> {
     static INSTALLED: OnceLock<()> = OnceLock::new();
@@ -65,7 +72,7 @@ pub fn install() -> std::io::Result<()> {
         return Ok(());
     }
     let seen = Arc::new(AtomicBool::new(false));
-    for signal in [libc::SIGINT, libc::SIGTERM] {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // Order matters: the shutdown check runs first, so it only fires on a second signal.
         signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, Arc::clone(&seen))?;
         signal_hook::flag::register(signal, Arc::clone(&seen))?;

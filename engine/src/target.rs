@@ -99,6 +99,36 @@ pub struct OpenedTarget {
     pub lock: Option<ImageLock>,
 }
 
+/// `malloc:SIZE` as a user would type it: the largest binary suffix that divides it.
+fn malloc_label(size_bytes: u64) -> String {
+    for (shift, suffix) in [(50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if size_bytes >= 1 << shift && size_bytes.is_multiple_of(1 << shift) {
+            return format!("malloc:{}{suffix}", size_bytes >> shift);
+        }
+    }
+    format!("malloc:{size_bytes}")
+}
+
+/// A RAM device of `size_bytes` (a multiple of `block_size`), named `malloc0`. Memory the
+/// host cannot give is said in words naming `malloc:SIZE`, with what to do.
+pub fn malloc_bdev(
+    size_bytes: u64,
+    block_size: u32,
+) -> Result<spool_bdev::MallocBdev, EngineError> {
+    spool_bdev::MallocBdev::new("malloc0", block_size, size_bytes / u64::from(block_size)).map_err(
+        |err| match err.errno() {
+            code if code == -libc::ENOMEM => EngineError::File {
+                path: malloc_label(size_bytes),
+                reason: format!(
+                    "not enough memory for {size_bytes} bytes of RAM device: give a smaller malloc:SIZE (or a file or block device as the target)"
+                ),
+                errno: code,
+            },
+            _ => err.into(),
+        },
+    )
+}
+
 /// Opens `spec`. A path is locked for as long as the target lives (see [`ImageLock`]:
 /// shared when `options.read_only`, exclusive otherwise); a
 /// missing file is created, locked before its first byte is written (as [`prepare_file`]),
@@ -133,11 +163,7 @@ pub fn open_target(
                     "malloc size {size_bytes} is not a multiple of the block size {block_size}"
                 )));
             }
-            let bdev = spool_bdev::MallocBdev::new(
-                "malloc0",
-                options.block_size,
-                size_bytes / block_size,
-            )?;
+            let bdev = malloc_bdev(*size_bytes, options.block_size)?;
             Ok(OpenedTarget {
                 bdev: Arc::new(bdev),
                 kind: "RAM".into(),
@@ -201,12 +227,21 @@ pub fn open_image_as(
     crate::guard::refuse_special_file(path).map_err(|_| EngineError::File {
         path: shown.display().to_string(),
         reason: "not a regular file or block device: give the store's file or block device".into(),
-        errno: -libc::EINVAL,
+        // Not a bad argument (exit 2) but a failure every command says alike (exit 1).
+        errno: -libc::ENOTBLK,
     })?;
-    let is_block = std::fs::metadata(path)
-        .map(|meta| meta.file_type().is_block_device())
-        .unwrap_or(false);
+    let meta = std::fs::metadata(path).ok();
+    let is_block = meta
+        .as_ref()
+        .is_some_and(|meta| meta.file_type().is_block_device());
+    // A regular file with every byte allocated (what `init --preallocate` makes) keeps its
+    // reservation: freed clusters are zeroed in place, not punched out of the file.
+    let fully_allocated = meta.as_ref().is_some_and(|meta| {
+        use std::os::unix::fs::MetadataExt;
+        meta.is_file() && meta.len() > 0 && meta.blocks().saturating_mul(512) >= meta.len()
+    });
     let uring_options = spool_bdev::UringOptions {
+        keep_allocated: fully_allocated,
         block_size: options.block_size,
         ring_entries: options.ring_entries,
         sqpoll: options.sqpoll,

@@ -339,6 +339,10 @@ pub enum ExportSink {
         /// Its name in messages ("stdout").
         name: String,
     },
+    /// Standard output, written through file descriptor 1 so that a stop signal ends a write
+    /// a stalled reader blocks (a full pipe, a stalled network): the export stops as at a
+    /// chunk boundary. A reader that went away is said as for [`ExportSink::Stream`].
+    Stdout,
 }
 
 impl std::fmt::Debug for ExportSink {
@@ -348,6 +352,7 @@ impl std::fmt::Debug for ExportSink {
             ExportSink::Stream { name, .. } => {
                 f.debug_struct("Stream").field("name", name).finish()
             }
+            ExportSink::Stdout => f.write_str("Stdout"),
         }
     }
 }
@@ -359,12 +364,61 @@ struct Staged {
     final_path: PathBuf,
 }
 
+/// Standard output written by a thread of its own, so that the export waits for each
+/// write with an eye on stop signals: a reader that stalls (a full pipe, a stalled network)
+/// blocks the thread, never the stop. The thread is left blocked when the export stops; the
+/// process ends soon after.
+struct StdoutWriter {
+    chunks: std::sync::mpsc::SyncSender<Vec<u8>>,
+    written: std::sync::mpsc::Receiver<std::io::Result<()>>,
+}
+
+impl StdoutWriter {
+    fn start() -> StdoutWriter {
+        let (chunks, incoming) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let (done, written) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for chunk in incoming {
+                let mut out = std::io::stdout().lock();
+                let result = out.write_all(&chunk).and_then(|()| out.flush());
+                if done.send(result).is_err() {
+                    break;
+                }
+            }
+        });
+        StdoutWriter { chunks, written }
+    }
+
+    /// Writes `bytes`, waiting for the write in 100 ms steps; `Ok(Err(signal))` when a stop
+    /// signal came before the reader took them.
+    fn write(&self, bytes: &[u8]) -> std::io::Result<Result<(), crate::signals::StopSignal>> {
+        let gone = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        self.chunks.send(bytes.to_vec()).map_err(|_| gone())?;
+        loop {
+            match self
+                .written
+                .recv_timeout(std::time::Duration::from_millis(100))
+            {
+                Ok(result) => return result.map(Ok),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(signal) = stop_requested() {
+                        return Ok(Err(signal));
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(gone()),
+            }
+        }
+    }
+}
+
 /// An open [`ExportSink`].
 enum Sink {
     Stream {
         writer: Box<dyn Write + Send>,
         name: String,
     },
+    /// Standard output, written by a thread of its own (see [`StdoutWriter`]).
+    Stdout(StdoutWriter),
     File {
         file: File,
         path: PathBuf,
@@ -407,6 +461,7 @@ impl Sink {
     fn open(sink: ExportSink) -> Result<Sink, EngineError> {
         match sink {
             ExportSink::Stream { writer, name } => Ok(Sink::Stream { writer, name }),
+            ExportSink::Stdout => Ok(Sink::Stdout(StdoutWriter::start())),
             ExportSink::File(path) => {
                 let shown = path.display().to_string();
                 if std::fs::metadata(&path).is_ok_and(|meta| meta.is_dir()) {
@@ -457,6 +512,7 @@ impl Sink {
     fn name(&self) -> String {
         match self {
             Sink::Stream { name, .. } => name.clone(),
+            Sink::Stdout(_) => "stdout".into(),
             Sink::File { path, .. } => path.display().to_string(),
         }
     }
@@ -468,6 +524,20 @@ impl Sink {
                 Ok(()) => Ok(true),
                 Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
                 Err(err) => Err(file_error(name, crate::words::failure("write", &err), &err)),
+            },
+            Sink::Stdout(writer) => match writer.write(bytes) {
+                Ok(Ok(())) => Ok(true),
+                Ok(Err(signal)) => Err(EngineError::Stopped {
+                    signal,
+                    done: String::new(),
+                    report: None,
+                }),
+                Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+                Err(err) => Err(file_error(
+                    "stdout",
+                    crate::words::failure("write", &err),
+                    &err,
+                )),
             },
             Sink::File { file, path, .. } => file.write_all(bytes).map(|()| true).map_err(|err| {
                 let reason = if err.raw_os_error() == Some(libc::EIO) {
@@ -490,6 +560,7 @@ impl Sink {
                 let _ = writer.flush();
                 Ok(())
             }
+            Sink::Stdout(_) => Ok(()),
             Sink::File {
                 file,
                 path,
@@ -571,7 +642,14 @@ async fn copy_out(
         }
         match window.pop().await {
             Some(Ok((buf, take))) => {
-                open = sink.write(&buf[..take as usize]).map_err(|err| {
+                let written = sink.write(&buf[..take as usize]);
+                if let Err(EngineError::Stopped { signal, .. }) = written {
+                    // Stopped while the reader took nothing: what is in flight is dropped
+                    // below, and the export ends as at a chunk boundary.
+                    stopped = Some(signal);
+                    break;
+                }
+                open = written.map_err(|err| {
                     if err.errno() == -libc::ENOSPC || err.errno() == -libc::EDQUOT {
                         EngineError::File {
                             path: sink.name(),

@@ -98,6 +98,35 @@ pub enum RwMode {
     Randrw,
 }
 
+/// Parses a whole number that cannot be negative for clap: a leading `-` is said in words
+/// ("cannot be negative") rather than clap's "unexpected argument" with its `-- -1` tip.
+fn unsigned_arg<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    if text.trim_start().starts_with('-') {
+        return Err(format!("cannot be negative ('{text}')"));
+    }
+    text.trim()
+        .parse::<T>()
+        .map_err(|_| format!("'{text}' is not a whole number in range"))
+}
+
+/// Parses a number of seconds for clap: negative values are said in words.
+pub(crate) fn seconds_arg(text: &str) -> Result<f64, String> {
+    if text.trim_start().starts_with('-') {
+        return Err(format!("cannot be negative ('{text}')"));
+    }
+    text.trim()
+        .parse::<f64>()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))
+}
+
+/// Parses `--qd` for clap: 1 to 4096 I/Os in flight per core.
+fn qd_arg(text: &str) -> Result<u32, String> {
+    match unsigned_arg::<u32>(text)? {
+        qd @ 1..=4096 => Ok(qd),
+        qd => Err(format!("{qd} is not in 1..=4096")),
+    }
+}
+
 /// Parses `--blobs` for clap: a whole number from 1, said in words otherwise (a run over no
 /// blobs would time nothing and print rates of 0).
 fn blobs_arg(text: &str) -> Result<u64, String> {
@@ -130,10 +159,10 @@ pub struct PerfArgs {
     #[arg(long, default_value_t = 10_000, value_parser = blobs_arg, allow_hyphen_values = true)]
     pub blobs: u64,
     /// Snapshots --layer snap counts (it takes one more first, of the thick volume).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = unsigned_arg::<u64>, allow_hyphen_values = true)]
     pub snapshots: u64,
     /// Milliseconds from one snapshot call's return to the next (--layer snap).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = unsigned_arg::<u64>, allow_hyphen_values = true)]
     pub snap_gap: u64,
     /// I/O pattern.
     #[arg(long, value_enum, default_value_t = RwMode::Randread)]
@@ -145,17 +174,18 @@ pub struct PerfArgs {
     #[arg(long, default_value = "4096", allow_hyphen_values = true)]
     pub bs: String,
     /// I/Os in flight per core.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, default_value_t = 32, value_parser = qd_arg, allow_hyphen_values = true)]
     pub qd: u32,
     /// Seconds to run.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = seconds_arg, allow_hyphen_values = true)]
     pub time: f64,
     /// Cores to run reactors on: a list like 0,1 or a range like 0-1.
     #[arg(long, default_value = "0")]
     pub cores: String,
-    /// Size of a null device, or of a file to create (e.g. 1G).
-    #[arg(long, default_value = "1G", allow_hyphen_values = true)]
-    pub size: String,
+    /// Size of a null device, or of a file to create (e.g. 1G; default 1G). An existing
+    /// PATH is used as it is: a --size that differs from it is refused.
+    #[arg(long, allow_hyphen_values = true)]
+    pub size: Option<String>,
     /// Block size of null/malloc devices and of files.
     #[arg(long, default_value_t = 4096)]
     pub block_size: u32,
@@ -164,7 +194,7 @@ pub struct PerfArgs {
     pub sqpoll: bool,
     /// io_uring: hand SQEs to the kernel as soon as this many are queued (0: once per
     /// reactor loop pass).
-    #[arg(long, default_value_t = spool_bdev::DEFAULT_SUBMIT_BATCH)]
+    #[arg(long, default_value_t = spool_bdev::DEFAULT_SUBMIT_BATCH, value_parser = unsigned_arg::<u32>, allow_hyphen_values = true)]
     pub submit_batch: u32,
     /// Seed for random offsets (the same seed gives the same offset sequence).
     #[arg(long, default_value_t = 0x5EED)]
@@ -232,7 +262,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_pin: bool,
     /// Seconds a client may take to finish the NBD handshake.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = seconds_arg, allow_hyphen_values = true)]
     pub handshake_timeout: f64,
     /// Take JSON-RPC calls (SPDK's methods) on this Unix socket (mode 0600).
     #[arg(long, value_name = "PATH", default_value = spool_engine::serve::DEFAULT_RPC_SOCKET)]
@@ -249,7 +279,7 @@ pub struct RpcArgs {
     #[arg(short, long, default_value = spool_engine::serve::DEFAULT_RPC_SOCKET)]
     pub socket: String,
     /// Seconds to wait for the answer.
-    #[arg(short, long, default_value_t = 60.0)]
+    #[arg(short, long, default_value_t = 60.0, value_parser = seconds_arg, allow_hyphen_values = true)]
     pub timeout: f64,
     /// The method (SPDK's names: bdev_lvol_create, bdev_get_bdevs, ...; rpc_get_methods
     /// lists them).

@@ -8,7 +8,7 @@ mod perf_plot;
 mod rpc_cmd;
 mod serve_cmd;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use clap::Parser;
 
@@ -33,7 +33,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(err) = spool_engine::signals::install() {
-        eprintln!("warning: SIGINT and SIGTERM will not stop cleanly: {err}");
+        eprintln!("warning: SIGINT, SIGTERM and SIGHUP will not stop cleanly: {err}");
     }
     let code = match run(&cli) {
         Ok(()) => 0,
@@ -46,7 +46,9 @@ fn main() {
                 // Printed where it failed, quietly on a closed pipe, as a report is.
                 let _ = blob_cmd::emit(&perf::table(report));
             }
-            eprintln!("error: {err}");
+            // Not eprintln!: after a hang-up stderr may be gone, and the exit status must
+            // still be the signal's, not a panic's.
+            let _ = writeln!(std::io::stderr(), "error: {err}");
             err.exit_code()
         }
     };
@@ -54,6 +56,12 @@ fn main() {
 }
 
 fn run(cli: &Cli) -> Result<(), ToolError> {
+    // The picture's path is checked before the run, not found unusable after it.
+    if let Command::Perf(args) = &cli.command {
+        if let (Some(path), cli::Layer::Bdev | cli::Layer::Blob) = (&args.plot, args.layer) {
+            perf_plot::check_path(path)?;
+        }
+    }
     match &cli.command {
         Command::Perf(args)
             if args.plot.is_some() && matches!(args.layer, cli::Layer::Md | cli::Layer::Snap) =>

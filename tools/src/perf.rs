@@ -100,6 +100,33 @@ fn refuse_overwriting_a_store(args: &PerfArgs) -> Result<(), ToolError> {
     }
 }
 
+/// The bytes of `--size` (1 GiB when not given). Given for a PATH that exists with another
+/// size, it is not used (an existing target is used as it is, a block device whole), and a
+/// warning on stderr says so: a working set other than the one asked for is never measured
+/// without a word.
+fn size_bytes(args: &PerfArgs) -> Result<u64, ToolError> {
+    let Some(text) = &args.size else {
+        return Ok(parse_size("1G")?);
+    };
+    let size = parse_size(text)?;
+    if matches!(args.target.as_str(), "null" | "malloc") || args.target.starts_with("malloc:") {
+        return Ok(size);
+    }
+    match std::fs::metadata(&args.target) {
+        Ok(meta) if meta.file_type().is_block_device() => eprintln!(
+            "warning: {}: a block device is used whole; --size {size} is for creating a file and is not used",
+            args.target
+        ),
+        Ok(meta) if meta.is_file() && meta.len() != size => eprintln!(
+            "warning: {}: exists with {} bytes and is used as it is; --size {size} is for creating a file and is not used (remove the file to create it with --size)",
+            args.target,
+            meta.len()
+        ),
+        _ => {}
+    }
+    Ok(size)
+}
+
 /// The engine's settings for `args`. The cluster size is parsed only for the layers that
 /// create a store.
 fn config(args: &PerfArgs) -> Result<PerfConfig, ToolError> {
@@ -107,7 +134,7 @@ fn config(args: &PerfArgs) -> Result<PerfConfig, ToolError> {
     let cores = parse_cores(&args.cores)?;
     let bs = parse_size(&args.bs)?;
     let target_options = TargetOptions {
-        size_bytes: parse_size(&args.size)?,
+        size_bytes: size_bytes(args)?,
         block_size: args.block_size,
         sqpoll: args.sqpoll,
         submit_batch: args.submit_batch,

@@ -14,10 +14,62 @@ use crate::error::ToolError;
 /// Picture size in pixels.
 const SIZE: (u32, u32) = (1200, 480);
 
+/// Checks, before the run, that `path` can take the picture: not a directory, not a missing
+/// name under /dev, in a directory that exists (an existing file must open for writing). Nothing is created or changed.
+pub fn check_path(path: &Path) -> Result<(), ToolError> {
+    let failed = |reason: String| ToolError::Failed(format!("{}: {reason}", path.display()));
+    let ask = "give the path of an .svg file to write";
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => return Err(failed(format!("is a directory: {ask}"))),
+        Ok(_) => {
+            return std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map(drop)
+                .map_err(|err| {
+                    failed(format!(
+                        "--plot cannot write it: {}: {ask}",
+                        spool_engine::words::io_words(&err)
+                    ))
+                })
+        }
+        Err(_) => {}
+    }
+    spool_engine::guard::refuse_new_file_in_dev(path)
+        .map_err(|err| ToolError::Failed(err.to_string()))?;
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(parent) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(failed(format!(
+                "{} is not a directory: {ask}",
+                parent.display()
+            )))
+        }
+        Err(err) => {
+            return Err(failed(format!(
+                "its directory {}: {}: {ask}",
+                parent.display(),
+                spool_engine::words::io_words(&err)
+            )))
+        }
+    }
+    Ok(())
+}
+
 /// Writes `report`'s series to `path` as an SVG.
 pub fn write_svg(report: &PerfReport, path: &Path) -> Result<(), ToolError> {
-    let failed = |err: &dyn std::fmt::Display| {
-        ToolError::Failed(format!("--plot {}: {err}", path.display()))
+    let failed = |err: &DrawingAreaErrorKind<std::io::Error>| {
+        // plotters does not export its backend error type: its text is stripped of the
+        // library's prefixes and of Rust's "(os error N)" tail.
+        let text = err.to_string();
+        let text = text.strip_prefix("backend error: ").unwrap_or(&text);
+        let text = text.strip_prefix("Drawing backend error: ").unwrap_or(text);
+        let reason = spool_engine::words::scrub(text);
+        ToolError::Failed(format!("--plot {}: {reason}", path.display()))
     };
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|err| failed(&err))?;

@@ -68,7 +68,6 @@ fn wait_within(
 /// or at the very least removes the temporary file. Deterministic: once the temporary file is
 /// seen growing the process is stopped (SIGSTOP), sent SIGHUP, and continued.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_hangup_during_export_leaves_no_half_written_file() {
     let dir = scratch();
     let d = dir.path();
@@ -135,7 +134,6 @@ fn a_hangup_during_export_leaves_no_half_written_file() {
 /// after X of Y bytes" line. The signal is sent once the export has been seen writing (a
 /// first byte read from the pipe), after which the test reads nothing more.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn ctrl_c_stops_an_export_whose_stdout_reader_stalled() {
     let dir = scratch();
     let d = dir.path();
@@ -179,7 +177,6 @@ fn ctrl_c_stops_an_export_whose_stdout_reader_stalled() {
 /// The process is limited (RLIMIT_AS, 700 MiB) so the allocation fails without touching the
 /// host's memory.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_malloc_target_that_does_not_fit_in_memory_is_said_in_words() {
     let dir = scratch();
     let d = dir.path();
@@ -221,7 +218,6 @@ fn a_malloc_target_that_does_not_fit_in_memory_is_said_in_words() {
 /// `--submit-batch -1`, `rpc --timeout -1`, `serve --handshake-timeout -1`. Expected: exit 2
 /// and a line that says the value cannot be negative, naming the option.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn negative_counts_and_durations_say_they_cannot_be_negative() {
     let dir = scratch();
     let d = dir.path();
@@ -286,7 +282,6 @@ fn negative_counts_and_durations_say_they_cannot_be_negative() {
 /// target could not take are a bad argument (exit 2), refused before anything is done.
 /// Expected: exit 2, no "blobstore init:" prefix, and the line names the option to change.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn perf_store_settings_the_target_cannot_take_are_bad_arguments_in_words() {
     let dir = scratch();
     let d = dir.path();
@@ -357,7 +352,6 @@ fn perf_store_settings_the_target_cannot_take_are_bad_arguments_in_words() {
 /// arguments" from "failed" by the exit code; the line says it is the same failure, so the
 /// code should be the same: 1, as the docs' "Errors ... with exit status 1" has it.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_character_device_as_target_fails_with_the_same_exit_code_everywhere() {
     let dir = scratch();
     let d = dir.path();
@@ -393,7 +387,6 @@ fn a_character_device_as_target_fails_with_the_same_exit_code_everywhere() {
 /// directory, not an image: give the store's file or block device`, exit 1, the directory
 /// untouched.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn init_with_size_over_a_directory_says_it_is_a_directory() {
     let dir = scratch();
     let d = dir.path();
@@ -486,7 +479,6 @@ impl Drop for Loop {
 /// export refuses a block device holding a filesystem (or any of what `init` refuses) unless
 /// forced, exit 1, the device untouched.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn export_refuses_a_block_device_that_holds_a_filesystem() {
     let dir = scratch();
     let d = dir.path();
@@ -541,7 +533,6 @@ fn export_refuses_a_block_device_that_holds_a_filesystem() {
 /// unreadable blob (naming it, and what to do) rather than "no blob is named"; the advice of
 /// a read-only command names what actually makes the blob open.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn an_unreadable_blob_is_not_said_missing_and_the_advice_works() {
     let dir = scratch();
     let d = dir.path();
@@ -659,7 +650,6 @@ fn ctrl_c_during_a_long_command_stops_the_script_that_ran_it() {
 /// (exit 0), and `perf --rw write` overwrites the image. Expected: refused like the others,
 /// unless forced, the image untouched.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn import_and_perf_refuse_qed_and_parallels_images() {
     let dir = scratch();
     let d = dir.path();
@@ -749,7 +739,6 @@ fn a_preallocated_store_keeps_its_reservation_after_a_delete() {
 /// Expected: the line says the device ran out of space (its backing, e.g. a thin pool or the
 /// loop file's filesystem, is full) and what to do, with no claim about thick blobs.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_block_device_out_of_space_is_not_called_a_full_host_filesystem() {
     let dir = scratch();
     let d = dir.path();
@@ -798,7 +787,6 @@ fn a_block_device_out_of_space_is_not_called_a_full_host_filesystem() {
 /// creating a file"). Expected: a `--size` that differs from an existing target's size is
 /// refused (exit 2, naming both sizes), or at least said on stderr; never dropped silently.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn perf_does_not_silently_drop_size_for_an_existing_target() {
     let dir = scratch();
     let d = dir.path();
@@ -834,7 +822,6 @@ fn perf_does_not_silently_drop_size_for_an_existing_target() {
 /// an overflow"). Expected: a line in words (the size is larger than a file can be, give a
 /// smaller --size), and no file or temporary file left.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn a_file_size_too_large_for_the_host_is_said_in_words() {
     let dir = scratch();
     let d = dir.path();
@@ -877,7 +864,6 @@ fn a_file_size_too_large_for_the_host_is_said_in_words() {
 /// image cannot be written; what to do), as the issue's "one line: the path, what is wrong,
 /// what to do" asks.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn serve_and_init_on_a_read_only_mount_say_what_to_do() {
     let dir = scratch();
     let d = dir.path();
@@ -929,7 +915,6 @@ fn serve_and_init_on_a_read_only_mount_say_what_to_do() {
 /// is a directory: give the path of an .svg file to write`), exit 2 or 1, no output table;
 /// a missing path under /dev refused as elsewhere.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn perf_plot_path_errors_are_found_before_the_run_and_said_in_words() {
     let dir = scratch();
     let d = dir.path();
@@ -982,7 +967,6 @@ fn perf_plot_path_errors_are_found_before_the_run_and_said_in_words() {
 /// would not mean to benchmark over. Expected: refused like the others ("holds an LVM2
 /// physical volume, not a blobstore; ... add --force to lose it"), the file untouched.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn perf_refuses_to_write_over_lvm_md_and_iso_images() {
     let dir = scratch();
     let d = dir.path();
@@ -1025,7 +1009,6 @@ fn perf_refuses_to_write_over_lvm_md_and_iso_images() {
 /// cause. Expected: refused up front in words (the size leaves no cluster for data; give a
 /// larger --size or a smaller --cluster-size), exit 1 or 2, no file left.
 #[test]
-#[ignore = "open finding of review 19e"]
 fn init_refuses_a_store_with_no_cluster_for_data() {
     let dir = scratch();
     let d = dir.path();

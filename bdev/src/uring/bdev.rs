@@ -51,6 +51,11 @@ pub struct UringOptions {
     /// (mode 0444, immutable, a read-only mount). Writes, unmaps and write-zeroes then fail
     /// with -ENOTSUP before reaching the file.
     pub read_only: bool,
+    /// Keep a regular file's space allocated: unmap zeroes the range (fallocate ZERO_RANGE,
+    /// or written zeros) instead of punching a hole (default false). For a file whose space
+    /// was reserved on purpose (`spool init --preallocate`), which a punched hole would give
+    /// back to the host. Ignored for block devices.
+    pub keep_allocated: bool,
 }
 
 /// The default [`UringOptions::submit_batch`]. The kernel spends microseconds building each
@@ -72,6 +77,7 @@ impl Default for UringOptions {
             direct: true,
             submit_batch: DEFAULT_SUBMIT_BATCH,
             read_only: false,
+            keep_allocated: false,
         }
     }
 }
@@ -85,15 +91,12 @@ pub(crate) struct DeviceShared {
     pub path: PathBuf,
     /// Whether it is a block device (else a regular file).
     pub block_device: bool,
-    /// A regular file with every byte allocated when opened (made with `--preallocate`, or
-    /// written full): unmap zeroes in place (`FALLOC_FL_ZERO_RANGE`, blocks stay allocated)
-    /// instead of punching holes, so the reservation stays and a later write cannot find the
-    /// host full.
-    pub keep_allocated: bool,
     /// Unmap has fallen back to writing zeros.
     pub unmap_fill: AtomicBool,
     /// Write-zeroes has fallen back to writing zeros.
     pub zeroes_fill: AtomicBool,
+    /// Unmap zeroes instead of punching a hole (a regular file whose space stays reserved).
+    pub keep_allocated: bool,
 }
 
 /// A block device backed by a regular file or a block device, doing I/O through io_uring.
@@ -228,17 +231,13 @@ impl UringBdev {
             ));
         }
         let no_fallocate = !block_device && !support.fallocate;
-        let keep_allocated = !block_device && {
-            use std::os::unix::fs::MetadataExt;
-            metadata.blocks().saturating_mul(512) >= size_bytes
-        };
         let dev = Arc::new(DeviceShared {
             file,
             path: path.to_path_buf(),
             block_device,
-            keep_allocated,
             unmap_fill: AtomicBool::new(no_fallocate),
             zeroes_fill: AtomicBool::new(no_fallocate),
+            keep_allocated: options.keep_allocated && !block_device,
         });
         let group = group_device(RingKey {
             entries: options.ring_entries,

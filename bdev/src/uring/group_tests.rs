@@ -13,9 +13,9 @@ fn entry_with(slots: Rc<IoSlots>, progress: Progress) -> ChannelEntry {
         file: tempfile::tempfile().expect("tempfile"),
         path: "test".into(),
         block_device: false,
-        keep_allocated: false,
         unmap_fill: AtomicBool::new(false),
         zeroes_fill: AtomicBool::new(false),
+        keep_allocated: false,
     });
     ChannelEntry {
         slots,
@@ -34,9 +34,9 @@ fn shared(file: std::fs::File) -> Arc<DeviceShared> {
         file,
         path: "test".into(),
         block_device: false,
-        keep_allocated: false,
         unmap_fill: AtomicBool::new(false),
         zeroes_fill: AtomicBool::new(false),
+        keep_allocated: false,
     })
 }
 

@@ -123,7 +123,8 @@ impl GroupState {
             IoKind::Read | IoKind::Write => Phase::Rw,
             IoKind::Flush => Phase::Fsync,
             IoKind::Unmap | IoKind::WriteZeroes => {
-                let zeroes = kind == IoKind::WriteZeroes;
+                // A file whose space stays reserved is unmapped as zeroed, never punched.
+                let zeroes = kind == IoKind::WriteZeroes || dev.keep_allocated;
                 let flag = if zeroes {
                     &dev.zeroes_fill
                 } else {
@@ -152,7 +153,7 @@ impl GroupState {
                             return;
                         }
                     }
-                } else if zeroes || dev.keep_allocated {
+                } else if zeroes {
                     Phase::ZeroRange
                 } else {
                     Phase::Punch

@@ -72,7 +72,7 @@ pub struct LoadReport {
     pub blobs: usize,
     /// Blobs whose metadata could not be parsed while building the clone graph, whose
     /// parent is not a blob, or (clean load) whose pages or clusters the masks did not
-    /// mark: they fail to open with the reason until the store is loaded again.
+    /// mark: they fail to open with the reason until a load that writes the store.
     pub unreadable: Vec<(u64, String)>,
     /// Snapshots a crash interrupted, finished or removed at this load (or a mark left
     /// as it is, "not repaired"), and blob-id bits cleared over zeroed md pages.
@@ -669,7 +669,9 @@ impl Missing {
             page_to_blobid(root),
             format!(
                 "the masks disagree with its metadata: {}; claimed now (nothing of it is \
-                 handed out); it opens once the store is loaded again",
+                 handed out); it opens once a command that writes the store has loaded it \
+                 (any change, or `spool check --repair`: ls, info, export and dump write \
+                 nothing)",
                 what.join("; ")
             ),
         );

@@ -70,10 +70,7 @@ pub async fn run(
     blobs: u64,
     cluster_size: u64,
 ) -> Result<MetadataReport, EngineError> {
-    let md_pages = u32::try_from(blobs.saturating_add(64)).map_err(|_| EngineError::Failed {
-        reason: format!("--blobs {blobs} is too many"),
-        errno: -libc::ERANGE,
-    })?;
+    let md_pages = super::md_pages_for(blobs)?;
     let store = Blobstore::init(
         desc.clone(),
         &InitOptions {

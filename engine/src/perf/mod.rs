@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use spool_bdev::BdevDesc;
+use spool_blob::format::layout::LayoutError;
 use spool_reactor::{IdleMode, Runtime, RuntimeOptions};
 
 use crate::perf::report::{CoreFigures, CoreSeries, LatencyUs, RunConfig, TotalFigures};
@@ -220,6 +221,7 @@ pub(crate) fn refuse_before_creating(
         )));
     }
     let device = size / block * block;
+    check_store_fits(config, device)?;
     let bs = config.bs;
     if io_job && (bs == 0 || !bs.is_multiple_of(block) || bs > device) {
         return Err(EngineError::InvalidArgument(format!(
@@ -227,6 +229,54 @@ pub(crate) fn refuse_before_creating(
         )));
     }
     Ok(())
+}
+
+/// The metadata pages a `--layer md` store of `blobs` blobs gets (one per blob, plus room).
+pub(crate) fn md_pages_for(blobs: u64) -> Result<u32, EngineError> {
+    u32::try_from(blobs.saturating_add(64)).map_err(|_| {
+        EngineError::InvalidArgument(format!(
+            "--blobs {blobs} is more than a store can have metadata pages for: give fewer --blobs"
+        ))
+    })
+}
+
+/// Refuses, before anything is written, the store settings a device of `device_bytes` cannot
+/// take for `config.layer` (a bad argument, exit 2), naming the option to change. The bdev
+/// layer makes no store: nothing to check.
+pub(crate) fn check_store_fits(config: &PerfConfig, device_bytes: u64) -> Result<(), EngineError> {
+    let md_pages = match config.layer {
+        Layer::Bdev => return Ok(()),
+        Layer::Md => Some(md_pages_for(config.blobs)?),
+        Layer::Blob | Layer::Snap => None,
+    };
+    let cluster = config.cluster_size;
+    let bad = |reason: String| Err(EngineError::InvalidArgument(reason));
+    match spool_blob::format::layout::Layout::compute(device_bytes, cluster, md_pages) {
+        Ok(layout) if layout.md_clusters >= layout.total_clusters => bad(format!(
+            "--cluster-size {cluster} leaves no cluster for data on the {device_bytes}-byte target (its metadata takes all {}): give a smaller --cluster-size or a larger target",
+            layout.total_clusters
+        )),
+        Ok(_) => Ok(()),
+        Err(LayoutError::ClusterSize(_)) => bad(format!(
+            "--cluster-size {cluster} is not a multiple of 4096 bytes: give one (e.g. 1M)"
+        )),
+        Err(LayoutError::TooSmall { .. }) => bad(format!(
+            "--cluster-size {cluster} is larger than the {device_bytes}-byte target: give a smaller --cluster-size (or a larger target)"
+        )),
+        Err(LayoutError::MetadataTooLarge {
+            md_clusters,
+            total_clusters,
+        }) => match md_pages {
+            Some(_) => bad(format!(
+                "--blobs {} needs {md_clusters} clusters of metadata, the target has {total_clusters} of {cluster} bytes: give fewer --blobs (or a larger target)",
+                config.blobs
+            )),
+            None => bad(format!(
+                "--cluster-size {cluster}: the metadata needs {md_clusters} clusters, the target has {total_clusters}: give a larger --cluster-size (or a larger target)"
+            )),
+        },
+        Err(LayoutError::TooLarge(reason)) => bad(format!("--cluster-size {cluster}: {reason}")),
+    }
 }
 
 fn run_failed(reason: String, errno: i32) -> EngineError {
@@ -263,6 +313,7 @@ pub fn run(
     // A path stays locked (created locked when missing) while `target` lives.
     let target = open_target(&spec, &config.target_options)?;
     let desc = BdevDesc::open(Arc::clone(&target.bdev))?;
+    check_store_fits(config, desc.size_bytes())?;
     let block_size = u64::from(desc.block_size());
     if bs == 0 || !bs.is_multiple_of(block_size) || bs > desc.size_bytes() {
         return Err(EngineError::InvalidArgument(format!(
@@ -467,6 +518,7 @@ pub fn run_metadata(config: &PerfConfig) -> Result<MetadataReport, EngineError> 
     // A path stays locked (created locked when missing) while `target` lives.
     let target = open_target(&spec, &config.target_options)?;
     let desc = BdevDesc::open(Arc::clone(&target.bdev))?;
+    check_store_fits(config, desc.size_bytes())?;
     let runtime = Runtime::start(&RuntimeOptions {
         cores: config.cores.iter().copied().take(1).collect(),
         idle: IdleMode::Busy,

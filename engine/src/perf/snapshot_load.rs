@@ -121,6 +121,7 @@ pub fn run(config: &PerfConfig) -> Result<SnapshotLoadReport, EngineError> {
     super::refuse_before_creating(&spec, config, true)?;
     let target = open_target(&spec, &config.target_options)?;
     let desc = BdevDesc::open(Arc::clone(&target.bdev))?;
+    super::check_store_fits(config, desc.size_bytes())?;
     let runtime = Runtime::start(&RuntimeOptions {
         cores: config.cores.clone(),
         idle: IdleMode::Busy,

@@ -247,7 +247,10 @@ impl Daemon {
                 if let Some(io_unit) = crate::offline::store_io_unit(path) {
                     target.block_size = io_unit;
                 }
-                let (bdev, _) = open_image(path, &target)?;
+                // The daemon writes the image: one it cannot write is said as every writer
+                // says it, with what to do.
+                let (bdev, _) = open_image(path, &target)
+                    .map_err(|err| crate::offline::unwritable(path, err))?;
                 (bdev, Lock::Held(lock), path.display().to_string(), None)
             }
             Source::CreateDefault(path) => {
@@ -270,10 +273,9 @@ impl Daemon {
                         "malloc size {bytes} is not a positive multiple of the block size {block}"
                     )));
                 }
-                let bdev: Arc<dyn Bdev> = Arc::new(spool_bdev::MallocBdev::new(
-                    "malloc0",
+                let bdev: Arc<dyn Bdev> = Arc::new(crate::target::malloc_bdev(
+                    *bytes,
                     options.target.block_size,
-                    bytes / block,
                 )?);
                 (bdev, Lock::None, format!("malloc:{bytes}"), None)
             }

@@ -285,6 +285,10 @@ pub struct ExportArgs {
     /// Bytes to copy (default: to the end of the blob).
     #[arg(long, value_name = "BYTES", value_parser = bytes_arg, allow_hyphen_values = true)]
     pub length: Option<u64>,
+    /// Write to a block device FILE that holds a filesystem, a partition table, a blobstore
+    /// or another volume `init` refuses (its data is lost); refused without this.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Arguments of `spool dump`.

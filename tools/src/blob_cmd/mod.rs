@@ -228,9 +228,34 @@ fn host_is_full(err: &ToolError) -> bool {
     }
 }
 
+/// A store on a block device has no host filesystem under it: the device's own ENOSPC
+/// (a thin-provisioned LUN, a dm-thin volume, a loop device over a file on a full
+/// filesystem) is said as the device running out of space, with what to do, never as a full
+/// host filesystem nor with advice about thick blobs (a block device has nothing to reserve).
+fn block_device_full(image: &str, err: &ToolError) -> Option<ToolError> {
+    use std::os::unix::fs::FileTypeExt;
+    let on_device = std::fs::metadata(image).is_ok_and(|meta| meta.file_type().is_block_device());
+    let message = spool_engine::words::scrub(&err.to_string());
+    if !on_device || !(host_is_full(err) || message.contains("the host filesystem is full")) {
+        return None;
+    }
+    let advice = "its backing storage is full (a thin pool, or the filesystem under a loop device's file): free space there, then run the command again";
+    let when = message
+        .split_once("the host filesystem is full after ")
+        .and_then(|(_, rest)| rest.split_once(": No space left on device"))
+        .map(|(when, _)| format!(" after {when}"))
+        .unwrap_or_default();
+    Some(ToolError::Failed(format!(
+        "{image}: the device ran out of space{when}: {advice}"
+    )))
+}
+
 /// Makes an engine, store or reactor error name the image (unless it already does), in
 /// words: a full host filesystem said as such, no errno numbers or io error tails.
 pub(crate) fn name_image(image: &str, err: ToolError) -> ToolError {
+    if let Some(said) = block_device_full(image, &err) {
+        return said;
+    }
     if not_a_blobstore(&err) {
         return not_a_store(image, &err.to_string());
     }

@@ -52,6 +52,23 @@ pub async fn blobs_named(store: &Blobstore, name: &str) -> Vec<u64> {
     found
 }
 
+/// The blobs of `store` that do not open (the load reported them unreadable): a name looked
+/// up and not found may be one of theirs.
+async fn unopenable_blobs(store: &Blobstore) -> Vec<u64> {
+    let mut found = Vec::new();
+    for id in store.blob_ids() {
+        match store.open_blob(id).await {
+            Ok(blob) => {
+                if let Err(err) = blob.close().await {
+                    tracing::warn!(blob = id_hex(id), %err, "close after a name lookup failed");
+                }
+            }
+            Err(_) => found.push(id),
+        }
+    }
+    found
+}
+
 /// Whether `store` is an lvol store (bstype `LVOLSTORE`).
 pub fn is_lvol_store(store: &Blobstore) -> bool {
     bstype_name(&store.bstype()) == LVS_BSTYPE
@@ -81,6 +98,18 @@ pub async fn resolve_blob(store: &Blobstore, text: &str) -> Result<u64, ToolErro
         }
     }
     let named = blobs_named(store, text).await;
+    if named.is_empty() {
+        let unreadable = unopenable_blobs(store).await;
+        if !unreadable.is_empty() {
+            let ids: Vec<String> = unreadable.iter().map(|&id| id_hex(id)).collect();
+            return Err(ToolError::Failed(format!(
+                "no blob that can be read is named '{}', but the store has {} ({}) whose name cannot be read: `spool ls` says why; give the blob's id, or repair the store with `spool check --repair`",
+                escape(text.as_bytes()),
+                if ids.len() == 1 { "an unreadable blob" } else { "unreadable blobs" },
+                ids.join(", ")
+            )));
+        }
+    }
     match named.as_slice() {
         [id] => Ok(*id),
         [] => Err(ToolError::Failed(match number {

@@ -4,6 +4,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use serde::Serialize;
+use spool_blob::format::layout::Layout;
 use spool_blob::format::super_block::{bstype_from_name, bstype_name, Bstype};
 use spool_blob::format::{BLOBID_INVALID, PAGE_SIZE_U64};
 use spool_blob::lvol::xattr::{check_name, LVS_BSTYPE};
@@ -204,6 +205,20 @@ fn prepare_image(args: &InitArgs) -> Result<Option<StagedImage>, ToolError> {
             )))
         }
     };
+    if meta.as_ref().is_some_and(|meta| meta.is_dir()) {
+        return Err(ToolError::Failed(format!(
+            "{}: is a directory, not an image: give the store's file or block device",
+            args.image
+        )));
+    }
+    let device_bytes = match &meta {
+        Some(meta) if meta.file_type().is_file() => Some(meta.len()),
+        Some(_) => None,
+        None => args.size,
+    };
+    if let Some(device_bytes) = device_bytes {
+        refuse_no_data_cluster(args, device_bytes)?;
+    }
     match (meta, args.size) {
         (None, None) => Err(ToolError::Failed(format!(
             "{}: no such file or directory (give --size to create it)",
@@ -236,6 +251,26 @@ fn prepare_image(args: &InitArgs) -> Result<Option<StagedImage>, ToolError> {
         }
         (Some(_), _) => Ok(None),
     }
+}
+
+/// Refuses a store of `device_bytes` whose metadata would take every cluster: such a store
+/// can never hold a blob with data, and the mistake (`--size 1M` for 1G) is best said now.
+fn refuse_no_data_cluster(args: &InitArgs, device_bytes: u64) -> Result<(), ToolError> {
+    let cluster_size = args.cluster_size.unwrap_or(1 << 20);
+    // A geometry the layout refuses is said by init itself, as before.
+    let Ok(layout) = Layout::compute(device_bytes, cluster_size, args.md_pages) else {
+        return Ok(());
+    };
+    if layout.md_clusters < layout.total_clusters {
+        return Ok(());
+    }
+    Err(ToolError::Failed(format!(
+        "{}: {} in clusters of {} leaves no cluster for data (the metadata takes all {}): give a larger --size or a smaller --cluster-size",
+        args.image,
+        human_bytes(device_bytes),
+        human_bytes(cluster_size),
+        layout.total_clusters
+    )))
 }
 
 /// Reserves every byte of the existing file at `path` on disk (fallocate, keeping its

@@ -82,6 +82,30 @@ fn same_file(a: &str, b: &str) -> bool {
     }
 }
 
+/// Refuses an export onto a block device that holds a blobstore or what `init` refuses to
+/// format by name (a filesystem, a partition table, LUKS, swap, LVM, md RAID, a disk image):
+/// one mistyped device name must not destroy a volume. Unrecognised data (what an earlier
+/// export leaves) is written over, as `perf` writes over its own data in a file.
+fn refuse_overwriting_a_device(file: &str) -> Result<(), ToolError> {
+    use std::os::unix::fs::FileTypeExt;
+    let path = Path::new(file);
+    if !std::fs::metadata(path).is_ok_and(|meta| meta.file_type().is_block_device()) {
+        return Ok(());
+    }
+    let found = if spool_engine::guard::holds_blobstore(path) {
+        Some("a blobstore".to_string())
+    } else {
+        spool_engine::guard::foreign_contents(path)
+            .filter(|found| found != spool_engine::guard::UNRECOGNISED_DATA)
+    };
+    match found {
+        Some(found) => Err(ToolError::Failed(format!(
+            "{file}: holds {found}; export would overwrite it: check the device name (e.g. with lsblk), or add --force to lose it"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// `spool export IMAGE BLOB FILE [--offset BYTES] [--length BYTES]` (FILE `-` is stdout).
 pub fn export(args: &ExportArgs) -> Result<(), ToolError> {
     if args.file != "-" {
@@ -94,16 +118,16 @@ pub fn export(args: &ExportArgs) -> Result<(), ToolError> {
             args.file
         )));
     }
+    if !args.force {
+        refuse_overwriting_a_device(&args.file)?;
+    }
     let (file, offset, length) = (args.file.clone(), args.offset, args.length);
     let text = args.blob.clone();
     on_store_read_only(&args.image, move |store, _| async move {
         let id = resolve_blob(&store, &text).await?;
         with_blob(&store, id, async |blob| {
             let sink = if file == "-" {
-                ExportSink::Stream {
-                    writer: Box::new(std::io::stdout()),
-                    name: "stdout".into(),
-                }
+                ExportSink::Stdout
             } else {
                 ExportSink::File(file.clone().into())
             };
