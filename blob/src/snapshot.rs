@@ -7,13 +7,17 @@
 //! 2. the original's I/O is frozen and drained (see `freeze`), then its metadata is synced
 //!    (drained, it is clean as a rule: thin inserts end once persisted; under load, a sync
 //!    before the freeze waited behind the writers' group commits);
-//! 3. S gets the original's cluster map (and its extent pages, as SPDK moves them) and is
+//! 3. S gets the original's cluster map (in extent pages of its own: SPDK moves the
+//!    original's, but then a failed snapshot could leave S's root on disk naming a page the
+//!    original later moves, zeroes or gives back) and is
 //!    written once the original's last metadata write is durable (a flush first if not:
 //!    otherwise S's map could reach the disk naming a cluster the original's root on disk
 //!    does not, and the load below would leak it) (crash: the original still owns
-//!    everything; S is deleted at load, freeing only its own metadata pages);
+//!    everything; S is deleted at load, freeing only its own metadata pages, its extent
+//!    pages included);
 //! 4. a flush makes S durable, then the original gets `SNAP` = S, thin, an empty map, and
-//!    is written (crash: S is finished at load);
+//!    is written; its old extent pages are freed once that is durable (crash: S is
+//!    finished at load);
 //! 5. a flush makes the original durable, then S loses `SNAPTMP`, becomes read-only and is
 //!    written; I/O is unfrozen and replayed.
 //!
@@ -95,7 +99,7 @@ impl Blobstore {
         let io = orig.io();
         let _handing_over = HandingOver::start(&orig.state);
         if let Err(err) = crate::freeze::freeze_for_snapshot(self, &io).await {
-            self.abandon_snapshot(snap).await;
+            self.abandon_snapshot(snap, orig).await;
             return Err(err);
         }
         steps.mark("freeze");
@@ -106,7 +110,7 @@ impl Blobstore {
             if let Err(undo) = crate::freeze::unfreeze(self, &io).await {
                 tracing::warn!(blob = format!("{:#x}", orig.id()), %undo, "releasing I/O after a failed snapshot");
             }
-            self.abandon_snapshot(snap).await;
+            self.abandon_snapshot(snap, orig).await;
             return Err(err);
         }
         steps.mark("persist_orig");
@@ -126,7 +130,7 @@ impl Blobstore {
                     // The original points at S on disk: S stays (finished at load).
                     let _ = snap.close().await;
                 } else {
-                    self.abandon_snapshot(snap).await;
+                    self.abandon_snapshot(snap, orig).await;
                 }
                 Err(err)
             }
@@ -148,13 +152,19 @@ impl Blobstore {
             let mut sm = snap.state.meta.borrow_mut();
             sm.flags.invalid = om.flags.invalid | FLAG_INTERNAL_XATTR;
             sm.clusters = om.clusters.clone();
-            sm.extent_pages = om.extent_pages.clone();
+            // S writes extent pages of its own (SPDK hands the original's over): a root
+            // of S on disk must never name a page the original may still move, zero or
+            // give back (a failed snapshot leaves S's map on disk while the original keeps
+            // living; seeds 850029280, 595970084, 412622595).
+            sm.extent_pages = vec![0; om.extent_pages.len()];
             if let Some(parent) = old_parent {
                 sm.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &parent.to_le_bytes())
                     .map_err(|err| (err, false))?;
             }
         }
         snap.state.mark_changed();
+        snap.state
+            .touch_clusters(0..snap.state.meta.borrow().clusters.len());
         snap.state.publish_map();
         // S's map must not reach the disk before the original's own (its last root or
         // in-place extent page write, e.g. a thin insert's): see `Deps::After`.
@@ -166,6 +176,14 @@ impl Blobstore {
         steps.mark("persist_snap_map");
         // The original becomes a thin clone of S with an empty map, once S is durable.
         let saved = orig.state.meta.borrow().clone();
+        // The original's extent pages are its own until its thin root commits; then they
+        // are stale and released with it.
+        let old_extent_pages: Vec<u32> = saved
+            .extent_pages
+            .iter()
+            .copied()
+            .filter(|&page| page != 0)
+            .collect();
         {
             let mut om = orig.state.meta.borrow_mut();
             om.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &snap_id.to_le_bytes())
@@ -178,11 +196,18 @@ impl Blobstore {
         }
         orig.state.mark_changed();
         orig.state.dirty_extent_pages.borrow_mut().clear();
+        orig.state
+            .pending_extent_release
+            .borrow_mut()
+            .extend(old_extent_pages.iter().copied());
         match crate::persist::persist_after_all(self, &orig.state).await {
             Err(err) => {
                 *orig.state.meta.borrow_mut() = saved;
+                orig.state
+                    .pending_extent_release
+                    .borrow_mut()
+                    .retain(|page| !old_extent_pages.contains(page));
                 orig.state.mark_changed();
-                snap.state.meta.borrow_mut().extent_pages.clear();
                 return Err((err, false));
             }
             Ok(late) => warn_late(orig.id(), "snapshot's original", late),
@@ -220,22 +245,31 @@ impl Blobstore {
         self.barrier().await.map_err(|err| (err, true))
     }
 
-    /// Deletes a half-made snapshot's own metadata pages only: its cluster map and extent
-    /// pages are still the original's.
-    async fn delete_untaken_snapshot(&self, snap: Blob) -> Result<()> {
+    /// Deletes a half-made snapshot's own metadata pages only: its cluster map is still the
+    /// original's, and so is any of its extent pages in `orig_extent_pages` (the original's
+    /// extent table: a snapshot Spool made has pages of its own, freed here; one SPDK or an
+    /// earlier Spool made shares the original's).
+    async fn delete_untaken_snapshot(&self, snap: Blob, orig_extent_pages: &[u32]) -> Result<()> {
         {
             let mut sm = snap.state.meta.borrow_mut();
             sm.clusters.clear();
-            sm.extent_pages.clear();
+            let own: Vec<u32> = sm
+                .extent_pages
+                .iter()
+                .copied()
+                .filter(|&page| page != 0 && !orig_extent_pages.contains(&page))
+                .collect();
+            sm.extent_pages = own;
         }
         snap.state.publish_map();
         self.delete_open(snap).await
     }
 
     /// Removes a snapshot that never took over anything (see `delete_untaken_snapshot`).
-    async fn abandon_snapshot(&self, snap: Blob) {
+    async fn abandon_snapshot(&self, snap: Blob, orig: &Blob) {
         let id = snap.id();
-        if let Err(err) = self.delete_untaken_snapshot(snap).await {
+        let orig_pages = orig.state.meta.borrow().extent_pages.clone();
+        if let Err(err) = self.delete_untaken_snapshot(snap, &orig_pages).await {
             tracing::warn!(blob = format!("{id:#x}"), %err, "half-made snapshot left for load-time repair");
         }
     }
@@ -930,15 +964,16 @@ pub(crate) async fn repair_pending_snapshots(
 }
 
 async fn repair_pending_snapshot(store: &Blobstore, snap_id: u64, orig_id: u64) -> Result<String> {
-    let orig_points_here = match store.open_blob(orig_id).await {
+    let (orig_points_here, orig_extent_pages) = match store.open_blob(orig_id).await {
         Ok(orig) => {
             let here = orig.state.meta.borrow().parent_id().ok().flatten() == Some(snap_id);
+            let pages = orig.state.meta.borrow().extent_pages.clone();
             orig.close().await?;
-            here
+            (here, pages)
         }
         // Only a missing original means it never took the snapshot; an original that
         // cannot be read may still name it, so the snapshot is left for a repair tool.
-        Err(BlobError::NoSuchBlob(_)) => false,
+        Err(BlobError::NoSuchBlob(_)) => (false, Vec::new()),
         Err(err) => return Err(err),
     };
     // Any blob reading through S means S was taken (its finished root failed to reach the
@@ -956,7 +991,9 @@ async fn repair_pending_snapshot(store: &Blobstore, snap_id: u64, orig_id: u64) 
         snap.close().await?;
         Ok(format!("snapshot {snap_id:#x} of {orig_id:#x}: finished"))
     } else {
-        store.delete_untaken_snapshot(snap).await?;
+        store
+            .delete_untaken_snapshot(snap, &orig_extent_pages)
+            .await?;
         Ok(format!(
             "snapshot {snap_id:#x} of {orig_id:#x}: removed (never taken)"
         ))

@@ -446,6 +446,17 @@ impl Blobstore {
         }
     }
 
+    /// Whether a half-made snapshot of blob `id` whose removal failed is still held.
+    pub(crate) fn abandoned_snapshot_of(&self, id: u64) -> bool {
+        self.orphans().iter().any(|state| {
+            state
+                .meta
+                .borrow()
+                .xattr(true, crate::meta::XATTR_SNAPSHOT_PENDING.as_bytes())
+                .is_some_and(|value| value == id.to_le_bytes())
+        })
+    }
+
     /// Writes every orphan's metadata and lets it go (unload calls it first).
     pub(crate) async fn settle_orphans(&self) -> Result<()> {
         for state in self.orphans() {
