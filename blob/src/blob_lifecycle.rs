@@ -397,10 +397,11 @@ impl Blobstore {
                     format!("its snapshot chain loops back to blob {ancestor:#x}"),
                 ));
             }
-            if seen.len() >= MAX_CHAIN_DEPTH {
+            // `seen` holds the blob and the ancestors before this one.
+            if seen.len() > MAX_CHAIN_DEPTH {
                 return Err(BlobError::corrupt(
                     id,
-                    format!("its snapshot chain is deeper than {MAX_CHAIN_DEPTH}"),
+                    format!("its snapshot chain is deeper than {MAX_CHAIN_DEPTH} snapshots"),
                 ));
             }
             seen.insert(ancestor);

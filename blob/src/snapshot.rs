@@ -81,6 +81,17 @@ impl Blobstore {
                 orig.id()
             )));
         }
+        // The original then reads through one snapshot more: never more than an open
+        // follows (`check_ancestry`), or it would not open after a reload.
+        let depth = self.ancestor_count(orig.id());
+        if depth >= crate::blob::MAX_CHAIN_DEPTH {
+            return Err(BlobError::InvalidArgument(format!(
+                "blob {:#x} reads through {depth} snapshots: a snapshot would make {} (at most {})",
+                orig.id(),
+                depth + 1,
+                crate::blob::MAX_CHAIN_DEPTH
+            )));
+        }
         self.retry_abandoned_snapshots().await;
         steps.mark("retry");
         let snap = self
@@ -317,6 +328,14 @@ impl Blobstore {
         if !(snapshot.is_data_read_only() && snapshot.is_md_read_only()) {
             return Err(BlobError::InvalidArgument(format!(
                 "blob {id:#x} is not read-only: only a snapshot (or a read-only blob) can be cloned"
+            )));
+        }
+        // The clone reads through the snapshot and its ancestors: no more than an open follows.
+        let depth = self.ancestor_count(id) + 1;
+        if depth > crate::blob::MAX_CHAIN_DEPTH {
+            return Err(BlobError::InvalidArgument(format!(
+                "a clone of blob {id:#x} would read through {depth} snapshots (at most {})",
+                crate::blob::MAX_CHAIN_DEPTH
             )));
         }
         let clone = self

@@ -362,6 +362,22 @@ impl Blobstore {
         self.inner.state.borrow().parents.get(&id).copied()
     }
 
+    /// How many snapshots blob `id` reads through (its parent, grandparent, ...), counted
+    /// up to [`crate::blob::MAX_CHAIN_DEPTH`] + 1 (a loop counts as that many).
+    pub(crate) fn ancestor_count(&self, id: u64) -> usize {
+        let state = self.inner.state.borrow();
+        let mut count = 0;
+        let mut next = state.parents.get(&id).copied();
+        while let Some(ancestor) = next {
+            count += 1;
+            if count > crate::blob::MAX_CHAIN_DEPTH {
+                break;
+            }
+            next = state.parents.get(&ancestor).copied();
+        }
+        count
+    }
+
     /// The clones of snapshot `id` (empty if none).
     pub fn clones_of(&self, id: u64) -> Vec<u64> {
         self.inner
