@@ -524,6 +524,14 @@ impl Blobstore {
         };
         self.unlink_clone(id);
         self.inner.state.borrow_mut().open_blobs.remove(&id);
+        // A half-made snapshot gone: the extent pages it shared with its original that the
+        // original dropped meanwhile are freed (its root's zeroing is durable once
+        // `outcome` is `None`; otherwise the next successful flush frees them).
+        for page in self.unpin_extent_pages(id) {
+            self.inner
+                .durability
+                .queue(crate::store::durability::Release::MdPage(page));
+        }
         blob.state.io.mark_closed();
         let parent = blob.state.replace_parent(None);
         let closed = match parent {

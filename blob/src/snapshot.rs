@@ -7,17 +7,18 @@
 //! 2. the original's I/O is frozen and drained (see `freeze`), then its metadata is synced
 //!    (drained, it is clean as a rule: thin inserts end once persisted; under load, a sync
 //!    before the freeze waited behind the writers' group commits);
-//! 3. S gets the original's cluster map (in extent pages of its own: SPDK moves the
-//!    original's, but then a failed snapshot could leave S's root on disk naming a page the
-//!    original later moves, zeroes or gives back) and is
+//! 3. S gets the original's cluster map (and its extent pages, as SPDK moves them) and is
 //!    written once the original's last metadata write is durable (a flush first if not:
 //!    otherwise S's map could reach the disk naming a cluster the original's root on disk
 //!    does not, and the load below would leak it) (crash: the original still owns
-//!    everything; S is deleted at load, freeing only its own metadata pages, its extent
-//!    pages included);
+//!    everything; S is deleted at load, freeing only its own metadata pages: an extent page
+//!    the original's table no longer names is S's own). From S's durable map until S is
+//!    finished or deleted, the extent pages are pinned: a persist of the original that
+//!    drops one (after a failure restored its map) neither zeroes nor frees it; S's delete
+//!    frees it (`Blobstore::pin_extent_pages`). Nor is the original deleted while a
+//!    half-made S of it is held;
 //! 4. a flush makes S durable, then the original gets `SNAP` = S, thin, an empty map, and
-//!    is written; its old extent pages are freed once that is durable (crash: S is
-//!    finished at load);
+//!    is written (crash: S is finished at load);
 //! 5. a flush makes the original durable, then S loses `SNAPTMP`, becomes read-only and is
 //!    written; I/O is unfrozen and replayed.
 //!
@@ -163,19 +164,13 @@ impl Blobstore {
             let mut sm = snap.state.meta.borrow_mut();
             sm.flags.invalid = om.flags.invalid | FLAG_INTERNAL_XATTR;
             sm.clusters = om.clusters.clone();
-            // S writes extent pages of its own (SPDK hands the original's over): a root
-            // of S on disk must never name a page the original may still move, zero or
-            // give back (a failed snapshot leaves S's map on disk while the original keeps
-            // living; seeds 850029280, 595970084, 412622595).
-            sm.extent_pages = vec![0; om.extent_pages.len()];
+            sm.extent_pages = om.extent_pages.clone();
             if let Some(parent) = old_parent {
                 sm.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &parent.to_le_bytes())
                     .map_err(|err| (err, false))?;
             }
         }
         snap.state.mark_changed();
-        snap.state
-            .touch_clusters(0..snap.state.meta.borrow().clusters.len());
         snap.state.publish_map();
         // S's map must not reach the disk before the original's own (its last root or
         // in-place extent page write, e.g. a thin insert's): see `Deps::After`.
@@ -184,17 +179,23 @@ impl Blobstore {
             Err(err) => return Err((err, false)),
             Ok(late) => warn_late(snap_id, "snapshot map", late),
         }
-        steps.mark("persist_snap_map");
-        // The original becomes a thin clone of S with an empty map, once S is durable.
-        let saved = orig.state.meta.borrow().clone();
-        // The original's extent pages are its own until its thin root commits; then they
-        // are stale and released with it.
-        let old_extent_pages: Vec<u32> = saved
+        // S's root on disk now names the original's extent pages: until S is finished or
+        // deleted, the original must not zero or give any of them back (a failed snapshot
+        // whose S could not be removed, then the original's next persist moving the page:
+        // seeds 850029280, 595970084, 771648179).
+        let shared: Vec<u32> = snap
+            .state
+            .meta
+            .borrow()
             .extent_pages
             .iter()
             .copied()
             .filter(|&page| page != 0)
             .collect();
+        self.pin_extent_pages(snap_id, &shared);
+        steps.mark("persist_snap_map");
+        // The original becomes a thin clone of S with an empty map, once S is durable.
+        let saved = orig.state.meta.borrow().clone();
         {
             let mut om = orig.state.meta.borrow_mut();
             om.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &snap_id.to_le_bytes())
@@ -207,22 +208,17 @@ impl Blobstore {
         }
         orig.state.mark_changed();
         orig.state.dirty_extent_pages.borrow_mut().clear();
-        orig.state
-            .pending_extent_release
-            .borrow_mut()
-            .extend(old_extent_pages.iter().copied());
         match crate::persist::persist_after_all(self, &orig.state).await {
             Err(err) => {
                 *orig.state.meta.borrow_mut() = saved;
-                orig.state
-                    .pending_extent_release
-                    .borrow_mut()
-                    .retain(|page| !old_extent_pages.contains(page));
                 orig.state.mark_changed();
+                snap.state.meta.borrow_mut().extent_pages.clear();
                 return Err((err, false));
             }
             Ok(late) => warn_late(orig.id(), "snapshot's original", late),
         }
+        // The pages are S's alone now (the original's root no longer names them).
+        self.unpin_extent_pages(snap_id);
         steps.mark("persist_orig_thin");
         // In memory: the parent handle moves to S, the original reads through S.
         let moved_parent = orig.state.replace_parent(Some(snap.reopen()));

@@ -236,8 +236,6 @@ fn sim_seed_2_thick_grow_exposes_stale_cluster_data() {
 /// the snapshot was thick, so the unload wrote a thick chain with holes, which does not parse
 /// ("unallocated cluster in a thick blob"): `spool check` reported it and the snapshot no
 /// longer opened. Fixed: such a snapshot is written thin. The shrunk plan, then the seed.
-/// (The plan's flush fault is the 6th flush since a snapshot frees the original's extent
-/// pages after its thin root commits, one flush more than before: it still hits the merge.)
 #[test]
 fn sim_seed_1388_failed_merge_delete_leaves_a_parsable_snapshot() {
     use spool_fuzz::sim::plan::{FaultErrno, FaultIo};
@@ -265,7 +263,7 @@ fn sim_seed_1388_failed_merge_delete_leaves_a_parsable_snapshot() {
             Op::Fault {
                 io: FaultIo::Flush,
                 errno: FaultErrno::Eio,
-                nth: 6,
+                nth: 5,
             },
             Op::Snapshot {
                 pick: 0,
