@@ -14,7 +14,8 @@ use crate::meta::{BlobMeta, ExtentForm};
 use crate::store::Blobstore;
 use crate::sync::LocalMutex;
 
-/// Deepest snapshot chain (blob, parent, grandparent, ...) an open follows.
+/// Most snapshots a blob may read through (its parent, grandparent, ...): an open refuses a
+/// deeper chain, and a snapshot or clone that would make one is refused (`-EINVAL`).
 pub const MAX_CHAIN_DEPTH: usize = 1024;
 
 /// Options of [`Blobstore::create_blob`].

@@ -397,10 +397,11 @@ impl Blobstore {
                     format!("its snapshot chain loops back to blob {ancestor:#x}"),
                 ));
             }
-            if seen.len() >= MAX_CHAIN_DEPTH {
+            // `seen` holds the blob and the ancestors before this one.
+            if seen.len() > MAX_CHAIN_DEPTH {
                 return Err(BlobError::corrupt(
                     id,
-                    format!("its snapshot chain is deeper than {MAX_CHAIN_DEPTH}"),
+                    format!("its snapshot chain is deeper than {MAX_CHAIN_DEPTH} snapshots"),
                 ));
             }
             seen.insert(ancestor);
@@ -431,6 +432,15 @@ impl Blobstore {
     async fn delete_blob_now(&self, id: u64) -> Result<()> {
         self.check_md_thread()?;
         self.drain_releases().await?;
+        // A half-made snapshot of this blob whose removal failed may still be on disk
+        // naming its clusters: it goes first, or a crash after this delete would leave it
+        // naming clusters given back (seed 412622595).
+        self.retry_abandoned_snapshots().await;
+        if self.abandoned_snapshot_of(id) {
+            return Err(BlobError::Busy(format!(
+                "blob {id:#x}: a failed snapshot of it is not removed yet"
+            )));
+        }
         let clones = self.clones_of(id);
         if clones.len() == 1 {
             // SPDK 19.07 and later: a snapshot with one clone is merged into it.
@@ -514,6 +524,14 @@ impl Blobstore {
         };
         self.unlink_clone(id);
         self.inner.state.borrow_mut().open_blobs.remove(&id);
+        // A half-made snapshot gone: the extent pages it shared with its original that the
+        // original dropped meanwhile are freed (its root's zeroing is durable once
+        // `outcome` is `None`; otherwise the next successful flush frees them).
+        for page in self.unpin_extent_pages(id) {
+            self.inner
+                .durability
+                .queue(crate::store::durability::Release::MdPage(page));
+        }
         blob.state.io.mark_closed();
         let parent = blob.state.replace_parent(None);
         let closed = match parent {

@@ -231,6 +231,7 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
         .collect();
     stale.extend(cut_extent_pages);
     stale.extend(plan.replaced_extent_pages.iter().map(|&(_, old)| old));
+    let stale = store.hold_pinned_pages(stale);
     Ok(finish_releases(store, &stale, stale.clone(), cut_clusters).await)
 }
 

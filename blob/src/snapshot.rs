@@ -11,7 +11,12 @@
 //!    written once the original's last metadata write is durable (a flush first if not:
 //!    otherwise S's map could reach the disk naming a cluster the original's root on disk
 //!    does not, and the load below would leak it) (crash: the original still owns
-//!    everything; S is deleted at load, freeing only its own metadata pages);
+//!    everything; S is deleted at load, freeing only its own metadata pages: an extent page
+//!    the original's table no longer names is S's own). From S's durable map until S is
+//!    finished or deleted, the extent pages are pinned: a persist of the original that
+//!    drops one (after a failure restored its map) neither zeroes nor frees it; S's delete
+//!    frees it (`Blobstore::pin_extent_pages`). Nor is the original deleted while a
+//!    half-made S of it is held;
 //! 4. a flush makes S durable, then the original gets `SNAP` = S, thin, an empty map, and
 //!    is written (crash: S is finished at load);
 //! 5. a flush makes the original durable, then S loses `SNAPTMP`, becomes read-only and is
@@ -77,6 +82,17 @@ impl Blobstore {
                 orig.id()
             )));
         }
+        // The original then reads through one snapshot more: never more than an open
+        // follows (`check_ancestry`), or it would not open after a reload.
+        let depth = self.ancestor_count(orig.id());
+        if depth >= crate::blob::MAX_CHAIN_DEPTH {
+            return Err(BlobError::InvalidArgument(format!(
+                "blob {:#x} reads through {depth} snapshots: a snapshot would make {} (at most {})",
+                orig.id(),
+                depth + 1,
+                crate::blob::MAX_CHAIN_DEPTH
+            )));
+        }
         self.retry_abandoned_snapshots().await;
         steps.mark("retry");
         let snap = self
@@ -95,7 +111,7 @@ impl Blobstore {
         let io = orig.io();
         let _handing_over = HandingOver::start(&orig.state);
         if let Err(err) = crate::freeze::freeze_for_snapshot(self, &io).await {
-            self.abandon_snapshot(snap).await;
+            self.abandon_snapshot(snap, orig).await;
             return Err(err);
         }
         steps.mark("freeze");
@@ -106,7 +122,7 @@ impl Blobstore {
             if let Err(undo) = crate::freeze::unfreeze(self, &io).await {
                 tracing::warn!(blob = format!("{:#x}", orig.id()), %undo, "releasing I/O after a failed snapshot");
             }
-            self.abandon_snapshot(snap).await;
+            self.abandon_snapshot(snap, orig).await;
             return Err(err);
         }
         steps.mark("persist_orig");
@@ -126,7 +142,7 @@ impl Blobstore {
                     // The original points at S on disk: S stays (finished at load).
                     let _ = snap.close().await;
                 } else {
-                    self.abandon_snapshot(snap).await;
+                    self.abandon_snapshot(snap, orig).await;
                 }
                 Err(err)
             }
@@ -163,6 +179,20 @@ impl Blobstore {
             Err(err) => return Err((err, false)),
             Ok(late) => warn_late(snap_id, "snapshot map", late),
         }
+        // S's root on disk now names the original's extent pages: until S is finished or
+        // deleted, the original must not zero or give any of them back (a failed snapshot
+        // whose S could not be removed, then the original's next persist moving the page:
+        // seeds 850029280, 595970084, 771648179).
+        let shared: Vec<u32> = snap
+            .state
+            .meta
+            .borrow()
+            .extent_pages
+            .iter()
+            .copied()
+            .filter(|&page| page != 0)
+            .collect();
+        self.pin_extent_pages(snap_id, &shared);
         steps.mark("persist_snap_map");
         // The original becomes a thin clone of S with an empty map, once S is durable.
         let saved = orig.state.meta.borrow().clone();
@@ -187,6 +217,8 @@ impl Blobstore {
             }
             Ok(late) => warn_late(orig.id(), "snapshot's original", late),
         }
+        // The pages are S's alone now (the original's root no longer names them).
+        self.unpin_extent_pages(snap_id);
         steps.mark("persist_orig_thin");
         // In memory: the parent handle moves to S, the original reads through S.
         let moved_parent = orig.state.replace_parent(Some(snap.reopen()));
@@ -220,22 +252,31 @@ impl Blobstore {
         self.barrier().await.map_err(|err| (err, true))
     }
 
-    /// Deletes a half-made snapshot's own metadata pages only: its cluster map and extent
-    /// pages are still the original's.
-    async fn delete_untaken_snapshot(&self, snap: Blob) -> Result<()> {
+    /// Deletes a half-made snapshot's own metadata pages only: its cluster map is still the
+    /// original's, and so is any of its extent pages in `orig_extent_pages` (the original's
+    /// extent table: a snapshot Spool made has pages of its own, freed here; one SPDK or an
+    /// earlier Spool made shares the original's).
+    async fn delete_untaken_snapshot(&self, snap: Blob, orig_extent_pages: &[u32]) -> Result<()> {
         {
             let mut sm = snap.state.meta.borrow_mut();
             sm.clusters.clear();
-            sm.extent_pages.clear();
+            let own: Vec<u32> = sm
+                .extent_pages
+                .iter()
+                .copied()
+                .filter(|&page| page != 0 && !orig_extent_pages.contains(&page))
+                .collect();
+            sm.extent_pages = own;
         }
         snap.state.publish_map();
         self.delete_open(snap).await
     }
 
     /// Removes a snapshot that never took over anything (see `delete_untaken_snapshot`).
-    async fn abandon_snapshot(&self, snap: Blob) {
+    async fn abandon_snapshot(&self, snap: Blob, orig: &Blob) {
         let id = snap.id();
-        if let Err(err) = self.delete_untaken_snapshot(snap).await {
+        let orig_pages = orig.state.meta.borrow().extent_pages.clone();
+        if let Err(err) = self.delete_untaken_snapshot(snap, &orig_pages).await {
             tracing::warn!(blob = format!("{id:#x}"), %err, "half-made snapshot left for load-time repair");
         }
     }
@@ -283,6 +324,14 @@ impl Blobstore {
         if !(snapshot.is_data_read_only() && snapshot.is_md_read_only()) {
             return Err(BlobError::InvalidArgument(format!(
                 "blob {id:#x} is not read-only: only a snapshot (or a read-only blob) can be cloned"
+            )));
+        }
+        // The clone reads through the snapshot and its ancestors: no more than an open follows.
+        let depth = self.ancestor_count(id) + 1;
+        if depth > crate::blob::MAX_CHAIN_DEPTH {
+            return Err(BlobError::InvalidArgument(format!(
+                "a clone of blob {id:#x} would read through {depth} snapshots (at most {})",
+                crate::blob::MAX_CHAIN_DEPTH
             )));
         }
         let clone = self
@@ -930,15 +979,16 @@ pub(crate) async fn repair_pending_snapshots(
 }
 
 async fn repair_pending_snapshot(store: &Blobstore, snap_id: u64, orig_id: u64) -> Result<String> {
-    let orig_points_here = match store.open_blob(orig_id).await {
+    let (orig_points_here, orig_extent_pages) = match store.open_blob(orig_id).await {
         Ok(orig) => {
             let here = orig.state.meta.borrow().parent_id().ok().flatten() == Some(snap_id);
+            let pages = orig.state.meta.borrow().extent_pages.clone();
             orig.close().await?;
-            here
+            (here, pages)
         }
         // Only a missing original means it never took the snapshot; an original that
         // cannot be read may still name it, so the snapshot is left for a repair tool.
-        Err(BlobError::NoSuchBlob(_)) => false,
+        Err(BlobError::NoSuchBlob(_)) => (false, Vec::new()),
         Err(err) => return Err(err),
     };
     // Any blob reading through S means S was taken (its finished root failed to reach the
@@ -956,7 +1006,9 @@ async fn repair_pending_snapshot(store: &Blobstore, snap_id: u64, orig_id: u64) 
         snap.close().await?;
         Ok(format!("snapshot {snap_id:#x} of {orig_id:#x}: finished"))
     } else {
-        store.delete_untaken_snapshot(snap).await?;
+        store
+            .delete_untaken_snapshot(snap, &orig_extent_pages)
+            .await?;
         Ok(format!(
             "snapshot {snap_id:#x} of {orig_id:#x}: removed (never taken)"
         ))

@@ -549,6 +549,32 @@ fn a_snapshot_spool_agreed_to_make_leaves_a_volume_that_does_not_open() {
     );
 }
 
+/// The limit's other side: a volume already reading through 1,024 snapshots (the most an
+/// open follows) gets no 1,025th: the create is refused with -EINVAL, and the volume still
+/// opens after a reload.
+#[test]
+fn a_snapshot_past_the_chain_limit_is_refused_and_the_volume_still_opens() {
+    let (image, volume) = volume_with_a_snapshot_chain(1024);
+    let (made, image) = with_store(&image, move |store| async move {
+        open_result(&store, volume)
+            .await
+            .expect("1,024 snapshots deep: the volume opens");
+        store
+            .create_snapshot(volume, &[])
+            .await
+            .map_err(|err| err.errno())
+    });
+    assert_eq!(made, Err(-libc::EINVAL), "the 1,025th snapshot is refused");
+    let (opened, _) = with_store(&image, move |store| async move {
+        open_result(&store, volume).await
+    });
+    assert_eq!(
+        opened,
+        Ok(()),
+        "the volume opens after the refused snapshot"
+    );
+}
+
 /// An image in memory with one unreadable 4 KiB sector (a bad block: reads touching it
 /// fail with EIO).
 struct BadSector {

@@ -204,6 +204,7 @@ impl Blobstore {
             clones: BTreeMap::new(),
             parents: HashMap::new(),
             unreadable: HashMap::new(),
+            pinned_extent_pages: HashMap::new(),
             unloaded: false,
             read_only: options.read_only,
         };

@@ -209,6 +209,10 @@ pub(crate) struct MdState {
     /// Blobs the load reported unreadable, with the reason: they refuse to open (with that
     /// reason) until the store is loaded again.
     pub(crate) unreadable: HashMap<u64, String>,
+    /// Extent pages a half-made snapshot's root on disk names while they are still its
+    /// original's: page -> (the snapshot, whether the original has dropped it since). A
+    /// dropped one is neither zeroed nor given back until the snapshot is gone.
+    pub(crate) pinned_extent_pages: HashMap<u32, (u64, bool)>,
     /// Set by unload and destroy.
     pub(crate) unloaded: bool,
     /// Loaded read-only ([`crate::LoadOptions::read_only`]): nothing is written.
@@ -362,6 +366,22 @@ impl Blobstore {
         self.inner.state.borrow().parents.get(&id).copied()
     }
 
+    /// How many snapshots blob `id` reads through (its parent, grandparent, ...), counted
+    /// up to [`crate::blob::MAX_CHAIN_DEPTH`] + 1 (a loop counts as that many).
+    pub(crate) fn ancestor_count(&self, id: u64) -> usize {
+        let state = self.inner.state.borrow();
+        let mut count = 0;
+        let mut next = state.parents.get(&id).copied();
+        while let Some(ancestor) = next {
+            count += 1;
+            if count > crate::blob::MAX_CHAIN_DEPTH {
+                break;
+            }
+            next = state.parents.get(&ancestor).copied();
+        }
+        count
+    }
+
     /// The clones of snapshot `id` (empty if none).
     pub fn clones_of(&self, id: u64) -> Vec<u64> {
         self.inner
@@ -444,6 +464,63 @@ impl Blobstore {
                 }
             }
         }
+    }
+
+    /// Pins `pages` for half-made snapshot `snap` (see `MdState::pinned_extent_pages`).
+    pub(crate) fn pin_extent_pages(&self, snap: u64, pages: &[u32]) {
+        let mut state = self.inner.state.borrow_mut();
+        for &page in pages {
+            state.pinned_extent_pages.insert(page, (snap, false));
+        }
+    }
+
+    /// Unpins the pages snapshot `snap` pinned; those its original dropped meanwhile are
+    /// returned (the caller frees them once the snapshot's root is gone).
+    pub(crate) fn unpin_extent_pages(&self, snap: u64) -> Vec<u32> {
+        let mut state = self.inner.state.borrow_mut();
+        let mut dropped = Vec::new();
+        state
+            .pinned_extent_pages
+            .retain(|&page, &mut (owner, released)| {
+                if owner != snap {
+                    return true;
+                }
+                if released {
+                    dropped.push(page);
+                }
+                false
+            });
+        dropped
+    }
+
+    /// Of the md pages a commit just dropped, keeps back those a half-made snapshot still
+    /// names (marked dropped, for its delete to free); returns the rest.
+    pub(crate) fn hold_pinned_pages(&self, pages: Vec<u32>) -> Vec<u32> {
+        let mut state = self.inner.state.borrow_mut();
+        if state.pinned_extent_pages.is_empty() {
+            return pages;
+        }
+        pages
+            .into_iter()
+            .filter(|page| match state.pinned_extent_pages.get_mut(page) {
+                Some(pin) => {
+                    pin.1 = true;
+                    false
+                }
+                None => true,
+            })
+            .collect()
+    }
+
+    /// Whether a half-made snapshot of blob `id` whose removal failed is still held.
+    pub(crate) fn abandoned_snapshot_of(&self, id: u64) -> bool {
+        self.orphans().iter().any(|state| {
+            state
+                .meta
+                .borrow()
+                .xattr(true, crate::meta::XATTR_SNAPSHOT_PENDING.as_bytes())
+                .is_some_and(|value| value == id.to_le_bytes())
+        })
     }
 
     /// Writes every orphan's metadata and lets it go (unload calls it first).
