@@ -401,11 +401,24 @@ struct Plan {
 }
 
 fn claim_md_page(store: &Blobstore, from: u32) -> Result<u32> {
+    claim_md_page_from(store, from, 0)
+}
+
+/// Claims an md page for an extent page: never md page 0, since an extent table entry of 0
+/// means "no extent page" (SPDK's `bs_allocate_cluster` starts its search at 1 for the same
+/// reason). An extent page put on page 0 would be named by no root: the clusters it maps
+/// (a thin write's insert) would be lost at the next load.
+fn claim_extent_md_page(store: &Blobstore, from: u32) -> Result<u32> {
+    claim_md_page_from(store, from.max(1), 1)
+}
+
+/// Claims the first free md page at or after `from`, else the first at or after `lowest`.
+fn claim_md_page_from(store: &Blobstore, from: u32, lowest: u32) -> Result<u32> {
     let mut md = store.inner.state.borrow_mut();
     let page = md
         .used_md_pages
         .first_clear(u64::from(from))
-        .or_else(|| md.used_md_pages.first_clear(0))
+        .or_else(|| md.used_md_pages.first_clear(u64::from(lowest)))
         .ok_or_else(|| BlobError::NoMdPages("every metadata page is in use".into()))?;
     md.used_md_pages.set(page);
     Ok(page as u32)
@@ -445,7 +458,7 @@ fn plan_writes(
             let end = (start + per).min(meta.clusters.len());
             let has_clusters = meta.clusters[start..end].iter().any(|&c| c != 0);
             if meta.extent_pages[index] == 0 && has_clusters {
-                let page = claim_md_page(store, root)?;
+                let page = claim_extent_md_page(store, root)?;
                 claimed.push(page);
                 meta.extent_pages[index] = page;
                 fresh.push(index);
@@ -484,7 +497,7 @@ fn plan_writes(
         // once the new root is on disk.
         for &index in &dirty {
             if !fresh.contains(&index) {
-                let page = match claim_md_page(store, root) {
+                let page = match claim_extent_md_page(store, root) {
                     Ok(page) => page,
                     Err(err) => {
                         unplan_moves(&mut meta, &mut marked, &replaced, &dirty);
