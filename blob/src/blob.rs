@@ -56,8 +56,10 @@ pub(crate) struct BlobState {
     pub(crate) persist_lock: LocalMutex,
     pub(crate) io: Arc<BlobIo>,
     pub(crate) parent: RefCell<Option<Blob>>,
-    /// Clusters cut off by a shrink, released once the shrink is on disk.
-    pub(crate) pending_release: RefCell<Vec<u32>>,
+    /// Clusters cut off by a shrink, `(blob cluster index, device cluster)`, released once
+    /// the shrink is on disk. Until then the durable map may still name each one at its
+    /// index, so a grow reuses one only at that same index (`resize`).
+    pub(crate) pending_release: RefCell<Vec<(usize, u32)>>,
     /// Extent pages cut off by a shrink, released once the shrink is on disk.
     pub(crate) pending_extent_release: RefCell<Vec<u32>>,
     /// Extent pages whose contents changed since the last persist.

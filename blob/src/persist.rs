@@ -117,7 +117,7 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
     state.chain_changed.set(false);
     // What this plan drops, taken now: a shrink made while it is in flight leaves its own
     // releases for the persist that writes the smaller size.
-    let cut_clusters: Vec<u32> = std::mem::take(&mut *state.pending_release.borrow_mut());
+    let cut_clusters: Vec<(usize, u32)> = std::mem::take(&mut *state.pending_release.borrow_mut());
     let cut_extent_pages: Vec<u32> =
         std::mem::take(&mut *state.pending_extent_release.borrow_mut());
     let plan_seq = state.insert_seq.get();
@@ -232,6 +232,10 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
     stale.extend(cut_extent_pages);
     stale.extend(plan.replaced_extent_pages.iter().map(|&(_, old)| old));
     let stale = store.hold_pinned_pages(stale);
+    let cut_clusters = cut_clusters
+        .into_iter()
+        .map(|(_, cluster)| cluster)
+        .collect();
     Ok(finish_releases(store, &stale, stale.clone(), cut_clusters).await)
 }
 
@@ -658,7 +662,12 @@ async fn delete_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Outc
     pages.extend(state.pending_extent_release.borrow_mut().drain(..));
     let mut release_pages = pages.clone();
     release_pages.push(root);
-    let mut clusters: Vec<u32> = state.pending_release.borrow_mut().drain(..).collect();
+    let mut clusters: Vec<u32> = state
+        .pending_release
+        .borrow_mut()
+        .drain(..)
+        .map(|(_, cluster)| cluster)
+        .collect();
     // Inserts whose writers still wait release their clusters themselves when they see the
     // blob gone; kept ones (writer gone) are released here with the rest.
     let kept = std::mem::take(&mut *state.kept_inserts.borrow_mut());

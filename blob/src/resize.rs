@@ -26,31 +26,42 @@ pub(crate) fn resize(store: &Blobstore, state: &BlobState, num_clusters: u64) ->
         if meta.is_thin() {
             meta.clusters.resize(new_len, 0);
         } else {
+            // A cluster an unpersisted shrink cut off is still named by the durable map at
+            // its old index: reusing it at another index would put this write where a crash
+            // shows it at the wrong offset (seed 86541517). Only same-index spares are reused;
+            // the rest of the grow takes free clusters.
             let mut spare = state.pending_release.borrow_mut();
-            let available = store.free_cluster_count() + spare.len() as u64;
-            if available < grow as u64 {
+            let mut from_spare: Vec<Option<u32>> = Vec::with_capacity(grow);
+            for index in old_len..new_len {
+                let found = spare.iter().position(|&(at, _)| at == index);
+                from_spare.push(found.map(|position| spare.swap_remove(position).1));
+            }
+            let needed = from_spare.iter().filter(|c| c.is_none()).count();
+            let give_back_spares = |spare: &mut Vec<(usize, u32)>, from_spare: &[Option<u32>]| {
+                for (offset, cluster) in from_spare.iter().enumerate() {
+                    if let Some(cluster) = cluster {
+                        spare.push((old_len + offset, *cluster));
+                    }
+                }
+            };
+            let available = store.free_cluster_count();
+            if available < needed as u64 {
+                give_back_spares(&mut spare, &from_spare);
                 return Err(BlobError::NoSpace(format!(
-                    "blob {:#x}: growing by {grow} clusters needs {grow} free, {available} are",
+                    "blob {:#x}: growing by {grow} clusters needs {needed} free, {available} are",
                     state.id
                 )));
             }
-            let mut claimed = Vec::with_capacity(grow);
-            let mut from_spare = 0;
-            while claimed.len() < grow {
-                let next = match spare.pop() {
-                    Some(cluster) => {
-                        from_spare += 1;
-                        Some(cluster)
-                    }
-                    None => store.shared().claim_cluster(),
-                };
-                match next {
-                    Some(cluster) => claimed.push(cluster),
+            let mut fresh = Vec::with_capacity(needed);
+            while fresh.len() < needed {
+                match store.shared().claim_cluster() {
+                    Some(cluster) => fresh.push(cluster),
                     None => {
                         // Another reactor took clusters meanwhile: give back what we claimed.
-                        for cluster in claimed {
+                        for cluster in fresh {
                             store.shared().release_cluster(cluster);
                         }
+                        give_back_spares(&mut spare, &from_spare);
                         return Err(BlobError::NoSpace(format!(
                             "blob {:#x}: not enough free clusters to grow by {grow}",
                             state.id
@@ -61,27 +72,33 @@ pub(crate) fn resize(store: &Blobstore, state: &BlobState, num_clusters: u64) ->
             // A thick blob's clusters are reserved on the host now (a file: fallocate), so
             // its writes cannot later fail for lack of space; a full host fails here, with
             // nothing changed.
-            if let Err(err) = reserve_clusters(store, &claimed) {
-                let (spared, claimed_now) = claimed.split_at(from_spare);
-                for &cluster in claimed_now {
+            if let Err(err) = reserve_clusters(store, &fresh) {
+                for &cluster in &fresh {
                     store.shared().release_cluster(cluster);
                 }
-                spare.extend(spared.iter().rev().copied());
+                give_back_spares(&mut spare, &from_spare);
                 return Err(reserve_error(
                     state.id,
-                    grow as u64,
+                    needed as u64,
                     store.cluster_size(),
                     err,
                 ));
             }
+            let mut fresh = fresh.into_iter();
+            let claimed: Vec<u32> = from_spare
+                .iter()
+                .map(|spared| spared.or_else(|| fresh.next()).unwrap_or(0))
+                .collect();
             meta.clusters.extend(claimed);
         }
     } else {
         let cut = meta.clusters.split_off(new_len);
-        state
-            .pending_release
-            .borrow_mut()
-            .extend(cut.into_iter().filter(|&cluster| cluster != 0));
+        state.pending_release.borrow_mut().extend(
+            cut.into_iter()
+                .enumerate()
+                .filter(|&(_, cluster)| cluster != 0)
+                .map(|(offset, cluster)| (new_len + offset, cluster)),
+        );
     }
     if meta.form == ExtentForm::Table {
         let needed = new_len.div_ceil(EXTENTS_PER_PAGE as usize);
@@ -141,11 +158,13 @@ fn reserve_error(id: u64, clusters: u64, cluster_size: u64, err: BdevError) -> B
 /// Releases every cluster a never-persisted blob claimed (a failed create).
 pub(crate) fn release_all(store: &Blobstore, state: &BlobState) {
     let meta = state.meta.borrow();
-    for &cluster in meta
-        .clusters
-        .iter()
-        .chain(state.pending_release.borrow().iter())
-    {
+    for &cluster in meta.clusters.iter().chain(
+        state
+            .pending_release
+            .borrow()
+            .iter()
+            .map(|(_, cluster)| cluster),
+    ) {
         if cluster != 0 {
             store.shared().release_cluster(cluster);
         }
