@@ -766,16 +766,19 @@ pub(crate) async fn insert_cluster(
     state.insert_seq.set(seq);
     // Group commit: one persist carries every insert made while the previous one ran.
     let result = loop {
-        if state.meta.borrow().clusters.get(index) != Some(&cluster) {
-            break Err(-libc::EIO); // a failed persist undid it
-        }
+        // Committed first: once a persist carried it, the insert is durable even if the
+        // cluster has left the blob's map since (a snapshot racing the write persists the
+        // blob, carrying this insert, then hands the map, this cluster included, to the new
+        // snapshot, which the blob reads through: seed 821966165).
         if state.durable_seq.get() >= seq {
             break Ok(());
         }
+        if state.meta.borrow().clusters.get(index) != Some(&cluster) {
+            break Err(-libc::EIO); // a failed persist undid it
+        }
         if let Err(errno) = wait_for_persist(store, &state).await {
             // An earlier persist may have committed it before this one failed.
-            let mapped = state.meta.borrow().clusters.get(index) == Some(&cluster);
-            if mapped && state.durable_seq.get() >= seq {
+            if state.durable_seq.get() >= seq {
                 break Ok(());
             }
             break Err(errno);
