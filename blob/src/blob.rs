@@ -92,6 +92,9 @@ pub(crate) struct BlobState {
     /// it may have reached the disk): the blob owns the clusters, the next persist publishes
     /// them, and whoever takes one out of the map releases it.
     pub(crate) kept_inserts: RefCell<Vec<(usize, u32)>>,
+    /// The errno of the last persist that undid thin inserts (0: none yet): what their
+    /// writers return (a full md region is -ENOMEM, not an I/O error).
+    pub(crate) undone_errno: Cell<i32>,
     /// Clones of it being made now (a merge-on-delete of it waits for none).
     pub(crate) cloning: Cell<u32>,
     /// A snapshot, inflate, decouple, merge or resize is running on it (SPDK's
@@ -130,6 +133,7 @@ impl BlobState {
             in_place_write: Cell::new(0),
             last_write: Cell::new(0),
             kept_inserts: RefCell::new(Vec::new()),
+            undone_errno: Cell::new(0),
             cloning: Cell::new(0),
             op_in_progress: Cell::new(None),
             handover: Cell::new(false),

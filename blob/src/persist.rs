@@ -88,14 +88,14 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
     // Releases an earlier failed flush held back are freed by this one (a retry frees them
     // even when it has nothing else to write).
     if let Err(err) = store.drain_releases().await {
-        undo_inserts(store, state);
+        undo_inserts(store, state, err.errno());
         return Err(err);
     }
     if !state.dirty.get() {
         return Ok(None);
     }
     if let Err(err) = store.mark_dirty().await {
-        undo_inserts(store, state);
+        undo_inserts(store, state, err.errno());
         return Err(err);
     }
     let geometry = store.geometry().clone();
@@ -109,7 +109,7 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
         Err(err) => {
             give_back_fresh_extent_pages(state, &fresh);
             release_md_pages(store, &claimed);
-            undo_inserts(store, state);
+            undo_inserts(store, state, err.errno());
             return Err(err);
         }
     };
@@ -192,7 +192,7 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
         });
     }
     if let Err(err) = result {
-        undo_failed_persist(store, state, &plan, &inserted, &fresh);
+        undo_failed_persist(store, state, &plan, &inserted, &fresh, err.errno());
         // Not committed: what the plan would have dropped is still the blob's to drop.
         let mut pending = state.pending_release.borrow_mut();
         let later = std::mem::replace(&mut *pending, cut_clusters);
@@ -241,11 +241,12 @@ async fn persist_locked(store: &Blobstore, state: &BlobState, deps: Deps) -> Out
 
 /// Takes the thin inserts waiting for a persist out of the map (their writers release the
 /// clusters and fail): for a persist that fails before it wrote anything.
-fn undo_inserts(store: &Blobstore, state: &BlobState) {
+fn undo_inserts(store: &Blobstore, state: &BlobState, errno: i32) {
     let inserted: Vec<(usize, u32)> = std::mem::take(&mut *state.unpublished.borrow_mut());
     if inserted.is_empty() {
         return;
     }
+    state.undone_errno.set(errno);
     {
         let mut meta = state.meta.borrow_mut();
         for &(index, cluster) in &inserted {
@@ -280,8 +281,12 @@ fn undo_failed_persist(
     plan: &Plan,
     inserted: &[(usize, u32)],
     fresh: &[usize],
+    errno: i32,
 ) {
     state.mark_changed();
+    if !inserted.is_empty() {
+        state.undone_errno.set(errno);
+    }
     {
         let mut meta = state.meta.borrow_mut();
         for &(index, cluster) in inserted {
@@ -774,7 +779,11 @@ pub(crate) async fn insert_cluster(
             break Ok(());
         }
         if state.meta.borrow().clusters.get(index) != Some(&cluster) {
-            break Err(-libc::EIO); // a failed persist undid it
+            // A failed persist undid it: its error (-ENOMEM for a full md region).
+            break Err(match state.undone_errno.get() {
+                0 => -libc::EIO,
+                errno => errno,
+            });
         }
         if let Err(errno) = wait_for_persist(store, &state).await {
             // An earlier persist may have committed it before this one failed.
