@@ -771,23 +771,29 @@ pub(crate) async fn insert_cluster(
     state.insert_seq.set(seq);
     // Group commit: one persist carries every insert made while the previous one ran.
     let result = loop {
-        // Committed first: once a persist carried it, the insert is durable even if the
-        // cluster has left the blob's map since (a snapshot racing the write persists the
-        // blob, carrying this insert, then hands the map, this cluster included, to the new
-        // snapshot, which the blob reads through: seed 821966165).
-        if state.durable_seq.get() >= seq {
-            break Ok(());
-        }
-        if state.meta.borrow().clusters.get(index) != Some(&cluster) {
-            // A failed persist undid it: its error (-ENOMEM for a full md region).
+        let mapped = state.meta.borrow().clusters.get(index) == Some(&cluster);
+        if !mapped {
+            // A snapshot racing the write persisted the blob, carrying this insert, then
+            // handed the map (this cluster included) to the new snapshot, which the blob now
+            // reads through: the write is durable and visible (seed 821966165).
+            if state.durable_seq.get() >= seq && handed_to_parent(&state, index, cluster) {
+                break Ok(());
+            }
+            // Else a failed persist undid it: its error (-ENOMEM for a full md region).
             break Err(match state.undone_errno.get() {
                 0 => -libc::EIO,
                 errno => errno,
             });
         }
+        if state.durable_seq.get() >= seq {
+            break Ok(());
+        }
         if let Err(errno) = wait_for_persist(store, &state).await {
             // An earlier persist may have committed it before this one failed.
-            if state.durable_seq.get() >= seq {
+            let mapped = state.meta.borrow().clusters.get(index) == Some(&cluster);
+            if state.durable_seq.get() >= seq
+                && (mapped || handed_to_parent(&state, index, cluster))
+            {
                 break Ok(());
             }
             break Err(errno);
@@ -809,6 +815,17 @@ pub(crate) async fn insert_cluster(
         }
     }
     result
+}
+
+/// Whether blob cluster `index` of `state`'s parent is `cluster`: a snapshot took the map
+/// with this insert in it (a committed insert's cluster is never released while mapped, and a
+/// parent's map gains no cluster any other way at that index).
+fn handed_to_parent(state: &BlobState, index: usize, cluster: u32) -> bool {
+    state
+        .parent
+        .borrow()
+        .as_ref()
+        .is_some_and(|parent| parent.state.meta.borrow().clusters.get(index) == Some(&cluster))
 }
 
 /// Runs a persist if none is running, else waits for the running one to finish.

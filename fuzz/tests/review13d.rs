@@ -638,3 +638,24 @@ fn sim_seed_536205890_merge_delete_of_a_snapshot_loses_its_clones_data() {
         panic!("seed 536205890 (--ops 200 --faults 5): {}", failure.what);
     }
 }
+
+/// Found by `spool-fuzz sim --soak 0.05 --faults 150 --ops 80` (seed 692100974; replay:
+/// `cargo run -p spool-fuzz -- sim --seed 692100974 --ops 80 --faults 150`) while fixing
+/// seed 821966165: a thin blob's first writes to three clusters, one failing on an injected
+/// write -EIO; a failed persist undid an insert, a later persist committed the others, and a
+/// first fix (judging an insert by "a persist with a later sequence committed" alone) then
+/// acknowledged the undone write, whose cluster was released: unit 0 read zeros. Shrunk to
+/// 7 steps in one life.
+///
+/// Expected: a write whose insert a failed persist undid is never acknowledged.
+#[test]
+fn sim_seed_692100974_an_undone_thin_insert_is_not_acknowledged() {
+    let size = PlanSize {
+        ops: 80,
+        fault_per_mille: 150,
+        ..PlanSize::default()
+    };
+    if let Err(failure) = run_seed(692_100_974, size, Bugs::default()) {
+        panic!("seed 692100974 (--ops 80 --faults 150): {}", failure.what);
+    }
+}
