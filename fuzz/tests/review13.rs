@@ -373,6 +373,6 @@ fn sim_seed_81363_failed_snapshot_leaves_a_shared_extent_page() {
         ],
     };
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
-        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+        panic!("{}", failure.report());
     }
 }

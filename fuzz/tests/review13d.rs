@@ -71,7 +71,7 @@ fn sim_seed_108994040_half_made_snapshot_rollback_leaks_an_md_page() {
         ],
     };
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
-        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+        panic!("{}", failure.report());
     }
     // The whole seed, as the soak ran it.
     let size = PlanSize {
@@ -137,7 +137,7 @@ fn sim_seed_412622595_delete_after_a_failed_snapshot_zeroes_an_extent_page_it_na
         ],
     };
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
-        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+        panic!("{}", failure.report());
     }
     let size = PlanSize {
         fault_per_mille: 300,
@@ -203,7 +203,7 @@ fn sim_seed_595970084_failed_snapshot_leaves_a_root_naming_a_lost_extent_page() 
         ],
     };
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
-        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+        panic!("{}", failure.report());
     }
     // The same family at the default fault rate (found by `--soak 0.2 --ops 60`: a failed
     // snapshot, then a create, then a cut; `extent_page: blob 0x100000000 md page 68 ...
@@ -273,7 +273,7 @@ fn sim_seed_850029280_failed_snapshot_root_lands_without_its_extent_page() {
         ],
     };
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
-        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+        panic!("{}", failure.report());
     }
 }
 
@@ -301,9 +301,8 @@ fn sim_seed_663864009_delete_leaks_a_root_page_and_a_cluster() {
     };
     if let Err(failure) = run_seed(663_864_009, size, Bugs::default()) {
         panic!(
-            "seed 663864009 (--ops 150 --faults 20): {}\n  {}",
-            failure.what,
-            failure.trace.join("\n  ")
+            "seed 663864009 (--ops 150 --faults 20): {}",
+            failure.report()
         );
     }
 }
@@ -405,7 +404,7 @@ fn sim_seed_266322743_flushed_first_write_to_a_thin_blob_lost_without_any_fault(
         ],
     };
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
-        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+        panic!("{}", failure.report());
     }
     let size = PlanSize {
         ops: 80,
@@ -543,7 +542,7 @@ fn sim_seed_821966165_write_racing_a_snapshot_fails_with_eio_without_a_fault() {
         ],
     };
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
-        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+        panic!("{}", failure.report());
     }
 }
 
@@ -571,11 +570,7 @@ fn sim_seed_93323786_concurrent_nbd_first_writes_to_a_thin_blob_fail_with_eio() 
         ..PlanSize::default()
     };
     if let Err(failure) = run_seed(93_323_786, size, Bugs::default()) {
-        panic!(
-            "seed 93323786 (--faults 0): {}\n  {}",
-            failure.what,
-            failure.trace.join("\n  ")
-        );
+        panic!("seed 93323786 (--faults 0): {}", failure.report());
     }
 }
 
@@ -605,11 +600,7 @@ fn sim_seed_86541517_grow_reuses_a_cluster_an_unpersisted_shrink_released() {
         ..PlanSize::default()
     };
     if let Err(failure) = run_seed(86_541_517, size, Bugs::default()) {
-        panic!(
-            "seed 86541517 (--ops 120 --faults 0): {}\n  {}",
-            failure.what,
-            failure.trace.join("\n  ")
-        );
+        panic!("seed 86541517 (--ops 120 --faults 0): {}", failure.report());
     }
 }
 

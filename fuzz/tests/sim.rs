@@ -395,7 +395,7 @@ fn sim_seed_4111_write_parked_across_a_snapshot_lost_its_next_cluster() {
     ops.push(Op::Reload);
     let plan = Plan { seed: 4111, ops };
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
-        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+        panic!("{}", failure.report());
     }
     run_seed(4111, PlanSize::default(), Bugs::default())
         .unwrap_or_else(|failure| panic!("seed 4111: {}", failure.what));
@@ -435,7 +435,7 @@ fn sim_seed_4797_inflate_then_cut_leaves_a_thick_blob_with_a_hole() {
         ],
     };
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
-        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+        panic!("{}", failure.report());
     }
     for seed in [4475, 4797, 30039] {
         run_seed(seed, PlanSize::default(), Bugs::default())
@@ -520,8 +520,8 @@ fn sim_seed_964254536_deleting_a_zero_cluster_snapshot_keeps_what_its_clone_read
             },
         ],
     };
-    let report = run_plan(&plan, Bugs::default())
-        .unwrap_or_else(|failure| panic!("{}\n  {}", failure.what, failure.trace.join("\n  ")));
+    let report =
+        run_plan(&plan, Bugs::default()).unwrap_or_else(|failure| panic!("{}", failure.report()));
     // The second snapshot (of the clone shrunk to 0 clusters) is the one deleted, and the
     // clone the grown one.
     let made = |prefix: &str| {
@@ -605,7 +605,7 @@ fn sim_seed_42524_failed_merge_then_snapshot_of_the_clone_shares_clusters() {
         ],
     };
     if let Err(failure) = run_plan(&plan, Bugs::default()) {
-        panic!("{}\n  {}", failure.what, failure.trace.join("\n  "));
+        panic!("{}", failure.report());
     }
     run_seed(42524, PlanSize::default(), Bugs::default())
         .unwrap_or_else(|failure| panic!("seed 42524: {}", failure.what));

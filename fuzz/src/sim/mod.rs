@@ -58,6 +58,12 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// What went wrong and the trace up to it, one step per indented line (what a test
+    /// prints when a plan fails).
+    pub fn report(&self) -> String {
+        format!("{}\n  {}", self.what, self.trace.join("\n  "))
+    }
+
     /// The failure's class, for shrinking: the message with numbers removed (so a shrunk
     /// plan must fail the same way, not just fail).
     pub fn class(&self) -> String {
