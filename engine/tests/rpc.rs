@@ -90,9 +90,20 @@ fn raw(socket: &Path, bytes: &[u8]) -> (Option<Value>, UnixStream) {
         {
             return (Some(value), stream);
         }
-        match stream.read(&mut buf) {
+        match read_some(&mut stream, &mut buf) {
             Ok(0) | Err(_) => return (None, stream),
             Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// One `read`, retried when interrupted: a thread that ran an io_uring (the store set-up
+/// here) can see EINTR from a socket read with a timeout when the kernel queues it ring work.
+fn read_some(stream: &mut UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
         }
     }
 }
@@ -340,7 +351,7 @@ fn bad_input_gets_spdks_json_rpc_errors_and_the_server_goes_on() {
     let mut buf = [0u8; 65536];
     let mut answers: Vec<Value> = Vec::new();
     while answers.len() < 2 {
-        let n = stream.read(&mut buf).unwrap();
+        let n = read_some(&mut stream, &mut buf).unwrap();
         assert!(n > 0);
         got.extend_from_slice(&buf[..n]);
         answers = serde_json::Deserializer::from_slice(&got)
