@@ -76,9 +76,18 @@ fn ping_pong(idle: IdleMode) -> u64 {
 
 #[test]
 fn an_interrupt_reactor_sleeps_between_back_to_back_requests() {
-    let sleeps = ping_pong(IdleMode::Interrupt);
     // One sleep per gap is the design; a gap can close before the reactor's empty pass (the
-    // next byte already there), so ask for most of them, not all.
+    // next byte already there), so ask for most of them, not all. On a loaded machine the
+    // reactor thread can be preempted between its echo and its next pass often enough to
+    // miss that (198 of 400 seen in CI): the best of three games counts. A reactor that
+    // spins sleeps in almost no gap in any game.
+    let mut sleeps = 0;
+    for _ in 0..3 {
+        sleeps = sleeps.max(ping_pong(IdleMode::Interrupt));
+        if sleeps >= u64::from(ROUNDS) / 2 {
+            break;
+        }
+    }
     assert!(
         sleeps >= u64::from(ROUNDS) / 2,
         "the interrupt reactor slept {sleeps} times in {ROUNDS} request gaps: it spins \
