@@ -48,7 +48,9 @@ mod sync;
 pub use crate::blob::{Blob, BlobOptions};
 pub use crate::error::{BlobError, Result};
 pub use crate::freeze::FreezeStats;
-pub use crate::io::{BlobChannel, BlobIo, BlobIoFuture, ChannelContext};
+pub use crate::io::{
+    BlobChannel, BlobIo, BlobIoCallback, BlobIoDone, BlobIoFuture, ChannelContext,
+};
 pub use crate::lvol::{Lvol, LvolInfo, LvolStore, LvsInitOptions};
 pub use crate::meta::ExtentForm;
 pub use crate::store::{Blobstore, Geometry, InitOptions, LoadOptions, LoadReport};

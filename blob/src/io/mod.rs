@@ -29,12 +29,14 @@ use crate::store::{Blobstore, StoreShared};
 use crate::sync::LocalEvent;
 
 mod blob_io;
+mod callback;
 mod held;
 mod thin;
 
 pub use blob_io::BlobIo;
 pub(crate) use blob_io::SlotAllocator;
 use blob_io::{gate_refusing, ClusterMap};
+pub use callback::{BlobIoCallback, BlobIoDone};
 pub(crate) use held::{wait_until_zero, HeldCount};
 
 /// (blob id, blob cluster index) of a thin allocation in flight.
@@ -54,6 +56,8 @@ pub struct ChannelContext {
     /// dropped I/O's request still on the device is counted in the blob's
     /// [`HeldCount`] instead: it outlives this channel.)
     blobs: RefCell<Vec<ChannelBlob>>,
+    /// Callback requests of the fast path in flight (see [`BlobChannel::read_with`]).
+    callbacks: Rc<callback::CallbackTable>,
 }
 
 /// A channel's view of one open blob.
@@ -181,6 +185,7 @@ pub(crate) fn register_device(desc: &spool_bdev::BdevDesc) -> IoDevice<ChannelCo
                 allocating: RefCell::new(HashMap::new()),
                 frozen_waiters: RefCell::new(HashMap::new()),
                 blobs: RefCell::new(Vec::new()),
+                callbacks: Rc::default(),
             })
         },
         |_reactor, context| drop(context),

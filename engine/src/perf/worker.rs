@@ -1,14 +1,12 @@
 //! One core's share of a perf run: a job on the core's reactor that keeps `qd` I/Os in
 //! flight until the deadline and records every latency in the core's histogram.
 //!
-//! On the bdev layer the job is SPDK bdevperf's: each request is a callback request
-//! ([`BdevChannel::read_with`], see `spool_bdev::callback`), and its completion, called
-//! directly by the channel's poller, records it and submits its successor. No task is woken
-//! per I/O; the job's task only starts the first `qd` requests and waits for the last one.
-//! On the blob layer one task drives all of the core's I/Os: it owns `qd` request futures
-//! and, each time it is woken, polls them, records the ones that completed and submits their
-//! successors (a wake serves every completion of a reactor pass, not one). Either way every
-//! request takes the whole path: validation, a pooled slot, the device's submit, the device
+//! The job is SPDK bdevperf's: each request is a callback request
+//! ([`BdevChannel::read_with`] on the bdev layer, see `spool_bdev::callback`;
+//! [`BlobChannel::read_with`] on the blob layer, see `spool_blob::io::callback`), and its
+//! completion, called directly by the channel's poller, records it and submits its
+//! successor. No task is woken per I/O; the job's task only starts the first `qd` requests
+//! and waits for the last one. Every request takes the whole path: validation, a pooled slot, the device's submit, the device
 //! poller's completion, and the hand-back of the buffer. Buffers are allocated once; nothing
 //! allocates per I/O.
 //!
@@ -21,18 +19,17 @@
 //! when the request is handed to the engine, leaving out the submission itself.
 
 use std::cell::{Cell, RefCell};
-use std::future::{poll_fn, Future};
-use std::pin::Pin;
+use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use spool_bdev::{BdevChannel, BdevDesc, DmaBuf, IoCallback, IoDone};
-use spool_blob::{BlobChannel, BlobIo, BlobIoFuture};
-use spool_reactor::{poller_register, PollStatus, ReactorClock};
+use spool_blob::{BlobChannel, BlobIo, BlobIoCallback, BlobIoDone};
+use spool_reactor::ReactorClock;
 
 use crate::error::step;
 use crate::perf::RwMode;
@@ -148,82 +145,6 @@ pub enum JobTarget {
     Blob(Arc<BlobIo>),
 }
 
-/// A core's channel to its target, as the job drives it. The job is generic over it, so each
-/// layer's job is compiled for that layer's future alone: measuring the bdev layer carries
-/// neither the blob layer's larger future nor a match on every poll.
-trait JobIo {
-    /// What a failed request reports.
-    type Error: Into<EngineError>;
-    /// One request in flight; yields its status and the buffer.
-    type Io<'a>: Future<Output = (Result<(), Self::Error>, DmaBuf)> + Unpin
-    where
-        Self: 'a;
-    /// Starts a read or a write of `buf` at byte `offset` of the target.
-    fn submit(&self, is_read: bool, buf: DmaBuf, offset: u64) -> Self::Io<'_>;
-}
-
-/// The blob layer: byte offsets become io_units of one blob.
-struct BlobJobChannel {
-    channel: BlobChannel,
-    blob: Arc<BlobIo>,
-    io_unit: u64,
-}
-
-impl JobIo for BlobJobChannel {
-    type Error = spool_blob::BlobError;
-    type Io<'a> = BlobIoFuture<'a>;
-
-    #[inline]
-    fn submit(&self, is_read: bool, buf: DmaBuf, offset: u64) -> Self::Io<'_> {
-        if is_read {
-            self.channel.read(&self.blob, offset / self.io_unit, buf)
-        } else {
-            self.channel.write(&self.blob, offset / self.io_unit, buf)
-        }
-    }
-}
-
-/// One of the job's in-flight requests, with what it needs for its report.
-struct Inflight<F> {
-    future: F,
-    submitted_ns: u64,
-    is_read: bool,
-    offset: u64,
-}
-
-fn submit<'a, C: JobIo>(
-    channel: &'a C,
-    buf: DmaBuf,
-    pattern: &mut Pattern,
-    submitted_ns: u64,
-    cx: &mut Context<'_>,
-) -> Result<Inflight<C::Io<'a>>, JobFailure> {
-    let (is_read, offset) = pattern.next();
-    let future = channel.submit(is_read, buf, offset);
-    let mut inflight = Inflight {
-        future,
-        submitted_ns,
-        is_read,
-        offset,
-    };
-    // Poll once now so the request knows whom to wake. Devices complete from their pollers,
-    // so only a request refused by validation can be done already.
-    match Pin::new(&mut inflight.future).poll(cx) {
-        Poll::Pending => Ok(inflight),
-        Poll::Ready((result, _buf)) => Err(match result {
-            Err(err) => JobFailure::of(is_read, offset, err),
-            Ok(()) => JobFailure::of(
-                is_read,
-                offset,
-                EngineError::Failed {
-                    reason: "completed at submission".into(),
-                    errno: -libc::EIO,
-                },
-            ),
-        }),
-    }
-}
-
 /// Runs the job on the calling reactor; `progress` receives the running op count.
 pub async fn run_core(
     target: JobTarget,
@@ -233,128 +154,23 @@ pub async fn run_core(
     match target {
         JobTarget::Bdev(desc) => {
             let channel = desc.channel().map_err(step("open channel"))?;
-            run_bdev_job(channel, config, progress).await
+            run_job(BdevTarget(channel), config, progress).await
         }
         JobTarget::Blob(blob) => {
-            let channel = BlobJobChannel {
+            let unit = blob.io_unit_size();
+            if !unit.is_power_of_two() {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the store's io_unit of {unit} bytes is not a power of two"
+                )));
+            }
+            let target = BlobTarget {
                 channel: blob.channel().map_err(step("open blob channel"))?,
-                io_unit: blob.io_unit_size(),
                 blob,
+                unit_shift: unit.trailing_zeros(),
             };
-            run_job(&channel, config, progress).await
+            run_job(target, config, progress).await
         }
     }
-}
-
-/// The job itself, for one layer's channel.
-async fn run_job<C: JobIo>(
-    channel: &C,
-    config: JobConfig,
-    progress: Arc<AtomicU64>,
-) -> Result<CoreResult, EngineError> {
-    let mut latency_ns =
-        Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|err| EngineError::Failed {
-            reason: err.to_string(),
-            errno: -libc::EINVAL,
-        })?;
-    let bs = usize::try_from(config.bs)
-        .map_err(|err| EngineError::InvalidArgument(format!("--bs {}: {err}", config.bs)))?;
-    let mut buffers = Vec::with_capacity(config.qd as usize);
-    for index in 0..config.qd {
-        let mut buf = DmaBuf::alloc(bs)?;
-        fill_pattern(&mut buf, u64::from(index));
-        buffers.push(buf);
-    }
-    let ops = Rc::new(Cell::new(0u64));
-    let published = Rc::clone(&ops);
-    let clock = ReactorClock::current();
-    let start_ns = clock.now_ns();
-    let timeline = Rc::new(RefCell::new(vec![(0u64, 0u64)]));
-    let sampled = Rc::clone(&timeline);
-    let sample_clock = clock.clone();
-    let progress_poller = poller_register("perf-progress", Some(PROGRESS_PERIOD), move || {
-        let done = published.get();
-        progress.store(done, Ordering::Relaxed);
-        sampled
-            .borrow_mut()
-            .push((sample_clock.now_ns().saturating_sub(start_ns), done));
-        PollStatus::Idle
-    })?;
-    let mut pattern = Pattern::new(&config);
-    let deadline_ns = start_ns + config.duration_ns;
-    let mut inflight: Vec<Option<Inflight<C::Io<'_>>>> = Vec::with_capacity(buffers.len());
-    let mut errors = 0u64;
-    let mut first_error = None;
-    let mut completed = 0u64;
-    poll_fn(|cx| {
-        // A stop signal ends submissions like the deadline does (checked once per wake).
-        let stopping = stop_requested().is_some();
-        if inflight.is_empty() {
-            let now = clock.now_ns();
-            for buf in buffers.drain(..) {
-                let started = submit(channel, buf, &mut pattern, now, cx);
-                if let Err(err) = &started {
-                    errors += 1;
-                    first_error.get_or_insert_with(|| err.clone());
-                }
-                inflight.push(started.ok());
-            }
-        }
-        let mut busy = 0usize;
-        for entry in &mut inflight {
-            let Some(current) = entry else { continue };
-            let Poll::Ready((result, buf)) = Pin::new(&mut current.future).poll(cx) else {
-                busy += 1;
-                continue;
-            };
-            // The completion reaches the job now: its latency ends, its successor's begins.
-            let handled = clock.now_ns();
-            match result {
-                Ok(()) => {
-                    latency_ns
-                        .saturating_record(handled.saturating_sub(current.submitted_ns).max(1));
-                    completed += 1;
-                }
-                Err(err) => {
-                    errors += 1;
-                    first_error.get_or_insert_with(|| {
-                        JobFailure::of(current.is_read, current.offset, err)
-                    });
-                }
-            }
-            *entry = None;
-            if handled < deadline_ns && errors == 0 && !stopping {
-                match submit(channel, buf, &mut pattern, handled, cx) {
-                    Ok(next) => *entry = Some(next),
-                    Err(err) => {
-                        errors += 1;
-                        first_error.get_or_insert(err);
-                    }
-                }
-            }
-            busy += usize::from(entry.is_some());
-        }
-        ops.set(completed);
-        if busy == 0 {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    let elapsed_ns = clock.now_ns() - start_ns;
-    drop(inflight);
-    drop(progress_poller);
-    let mut timeline = timeline.take();
-    timeline.push((elapsed_ns, completed));
-    Ok(CoreResult {
-        ops: completed,
-        elapsed_ns,
-        latency_ns,
-        errors,
-        first_error,
-        timeline,
-    })
 }
 
 fn fill_pattern(buf: &mut DmaBuf, seed: u64) {
@@ -371,18 +187,18 @@ fn latency_histogram() -> Result<Histogram<u64>, EngineError> {
     })
 }
 
-/// What the bdev job knows of one of its requests (indexed by the request's tag).
+/// What the job knows of one of its requests (indexed by the request's tag).
 #[derive(Debug, Clone, Copy, Default)]
-struct BdevRequest {
+struct RequestInfo {
     submitted_ns: u64,
     is_read: bool,
     offset: u64,
 }
 
-/// The bdev job's mutable state, borrowed by each completion for its length only.
-struct BdevJobState {
+/// The job's mutable state, borrowed by each completion for its length only.
+struct JobState {
     pattern: Pattern,
-    requests: Vec<BdevRequest>,
+    requests: Vec<RequestInfo>,
     latency_ns: Histogram<u64>,
     errors: u64,
     first_error: Option<JobFailure>,
@@ -396,9 +212,94 @@ struct BdevJobState {
     next_sample_ns: u64,
 }
 
-/// The bdev layer's job: the completion callback of every request it makes.
-struct BdevJob {
-    channel: BdevChannel,
+impl JobState {
+    fn new(config: &JobConfig, qd: usize, start_ns: u64) -> Result<JobState, EngineError> {
+        Ok(JobState {
+            pattern: Pattern::new(config),
+            requests: vec![RequestInfo::default(); qd],
+            latency_ns: latency_histogram()?,
+            errors: 0,
+            first_error: None,
+            in_flight: 0,
+            waiter: None,
+            timeline: vec![(0, 0)],
+            next_sample_ns: start_ns + PROGRESS_PERIOD.as_nanos() as u64,
+        })
+    }
+}
+
+/// A layer's channel as the job drives it: starts one callback request. The job is generic
+/// over it, so each layer's job is compiled for that layer alone.
+trait CallbackTarget: Sized + 'static {
+    /// Starts a read or write of `buf` at byte `offset` of the target, called back on `job`
+    /// with `tag`; `Err` when the channel refused it at once.
+    fn start(
+        job: &Rc<Job<Self>>,
+        is_read: bool,
+        buf: DmaBuf,
+        offset: u64,
+        tag: u64,
+    ) -> Result<(), JobFailure>;
+}
+
+/// The bdev layer: bdev callback requests.
+struct BdevTarget(BdevChannel);
+
+impl CallbackTarget for BdevTarget {
+    #[inline]
+    fn start(
+        job: &Rc<Job<Self>>,
+        is_read: bool,
+        buf: DmaBuf,
+        offset: u64,
+        tag: u64,
+    ) -> Result<(), JobFailure> {
+        let callback: Rc<dyn IoCallback> = Rc::clone(job) as Rc<dyn IoCallback>;
+        let channel = &job.target.0;
+        let started = if is_read {
+            channel.read_with(buf, offset, callback, tag)
+        } else {
+            channel.write_with(buf, offset, callback, tag)
+        };
+        started.map_err(|refused| JobFailure::of(is_read, offset, *refused.error))
+    }
+}
+
+/// The blob layer: blob callback requests on one blob, byte offsets made io_units.
+struct BlobTarget {
+    channel: BlobChannel,
+    blob: Arc<BlobIo>,
+    unit_shift: u32,
+}
+
+impl CallbackTarget for BlobTarget {
+    #[inline]
+    fn start(
+        job: &Rc<Job<Self>>,
+        is_read: bool,
+        buf: DmaBuf,
+        offset: u64,
+        tag: u64,
+    ) -> Result<(), JobFailure> {
+        let callback: Rc<dyn BlobIoCallback> = Rc::clone(job) as Rc<dyn BlobIoCallback>;
+        let target = &job.target;
+        let unit = offset >> target.unit_shift;
+        if is_read {
+            target
+                .channel
+                .read_with(&target.blob, unit, buf, callback, tag);
+        } else {
+            target
+                .channel
+                .write_with(&target.blob, unit, buf, callback, tag);
+        }
+        Ok(())
+    }
+}
+
+/// A job: the completion callback of every request it makes.
+struct Job<T> {
+    target: T,
     clock: ReactorClock,
     deadline_ns: u64,
     start_ns: u64,
@@ -406,51 +307,44 @@ struct BdevJob {
     completed: Cell<u64>,
     /// Where the running count is published for the progress line.
     progress: Arc<AtomicU64>,
-    state: RefCell<BdevJobState>,
+    state: RefCell<JobState>,
 }
 
-impl BdevJob {
+impl<T: CallbackTarget> Job<T> {
     /// Starts request `tag` at `now`: `Ok` once the channel took it, else the failure.
     #[inline]
     fn start(
         self: &Rc<Self>,
-        state: &mut BdevJobState,
+        state: &mut JobState,
         tag: usize,
         buf: DmaBuf,
         now: u64,
     ) -> Result<(), JobFailure> {
         let (is_read, offset) = state.pattern.next();
-        state.requests[tag] = BdevRequest {
+        state.requests[tag] = RequestInfo {
             submitted_ns: now,
             is_read,
             offset,
         };
-        let callback: Rc<dyn IoCallback> = Rc::clone(self) as Rc<dyn IoCallback>;
-        let started = if is_read {
-            self.channel.read_with(buf, offset, callback, tag as u64)
-        } else {
-            self.channel.write_with(buf, offset, callback, tag as u64)
-        };
-        started.map_err(|refused| JobFailure::of(is_read, offset, *refused.error))
+        T::start(self, is_read, buf, offset, tag as u64)
     }
-}
 
-impl IoCallback for BdevJob {
+    /// Request `tag` completed with `failure` (`None`: success): records it and starts its
+    /// successor with `buf`, or ends it.
     #[inline]
-    fn io_done(self: Rc<Self>, done: IoDone) {
+    fn completed(self: Rc<Self>, tag: usize, failure: Option<EngineError>, buf: DmaBuf) {
         // The completion reaches the job now: its latency ends, its successor's begins.
         let handled = self.clock.now_ns();
         let mut state = self.state.borrow_mut();
-        let tag = done.tag as usize;
         let request = state.requests[tag];
-        match done.result() {
-            Ok(()) => {
+        match failure {
+            None => {
                 state
                     .latency_ns
                     .saturating_record(handled.saturating_sub(request.submitted_ns).max(1));
                 self.completed.set(self.completed.get() + 1);
             }
-            Err(err) => {
+            Some(err) => {
                 state.errors += 1;
                 state
                     .first_error
@@ -470,7 +364,7 @@ impl IoCallback for BdevJob {
         }
         // A stop signal ends submissions like the deadline does.
         if handled < self.deadline_ns && state.errors == 0 && stop_requested().is_none() {
-            match self.start(&mut state, tag, done.buf, handled) {
+            match self.start(&mut state, tag, buf, handled) {
                 Ok(()) => return,
                 Err(err) => {
                     state.errors += 1;
@@ -488,13 +382,29 @@ impl IoCallback for BdevJob {
     }
 }
 
-/// The bdev layer's job (see the module docs): callbacks, no task wake per I/O.
-async fn run_bdev_job(
-    channel: BdevChannel,
+impl IoCallback for Job<BdevTarget> {
+    #[inline]
+    fn io_done(self: Rc<Self>, done: IoDone) {
+        let failure = done.result().err().map(EngineError::from);
+        self.completed(done.tag as usize, failure, done.buf);
+    }
+}
+
+impl BlobIoCallback for Job<BlobTarget> {
+    #[inline]
+    fn io_done(self: Rc<Self>, done: BlobIoDone) {
+        let tag = done.tag as usize;
+        let (result, buf) = done.into_parts();
+        self.completed(tag, result.err().map(EngineError::from), buf);
+    }
+}
+
+/// The job (see the module docs): callbacks, no task wake per I/O.
+async fn run_job<T: CallbackTarget>(
+    target: T,
     config: JobConfig,
     progress: Arc<AtomicU64>,
 ) -> Result<CoreResult, EngineError> {
-    let latency_ns = latency_histogram()?;
     let bs = usize::try_from(config.bs)
         .map_err(|err| EngineError::InvalidArgument(format!("--bs {}: {err}", config.bs)))?;
     let mut buffers = Vec::with_capacity(config.qd as usize);
@@ -505,24 +415,14 @@ async fn run_bdev_job(
     }
     let clock = ReactorClock::current();
     let start_ns = clock.now_ns();
-    let job = Rc::new(BdevJob {
-        channel,
+    let job = Rc::new(Job {
+        target,
         clock: clock.clone(),
         deadline_ns: start_ns + config.duration_ns,
         start_ns,
         completed: Cell::new(0),
         progress,
-        state: RefCell::new(BdevJobState {
-            pattern: Pattern::new(&config),
-            requests: vec![BdevRequest::default(); buffers.len()],
-            latency_ns,
-            errors: 0,
-            first_error: None,
-            in_flight: 0,
-            waiter: None,
-            timeline: vec![(0, 0)],
-            next_sample_ns: start_ns + PROGRESS_PERIOD.as_nanos() as u64,
-        }),
+        state: RefCell::new(JobState::new(&config, buffers.len(), start_ns)?),
     });
     {
         // Callbacks run from the channel's poller, never inside `read_with`: holding the
@@ -558,17 +458,7 @@ async fn run_bdev_job(
     let elapsed_ns = clock.now_ns() - start_ns;
     let ops = job.completed.get();
     job.progress.store(ops, Ordering::Relaxed);
-    let state = job.state.replace(BdevJobState {
-        pattern: Pattern::new(&config),
-        requests: Vec::new(),
-        latency_ns: latency_histogram()?,
-        errors: 0,
-        first_error: None,
-        in_flight: 0,
-        waiter: None,
-        timeline: Vec::new(),
-        next_sample_ns: 0,
-    });
+    let state = job.state.replace(JobState::new(&config, 0, start_ns)?);
     let mut timeline = state.timeline;
     timeline.push((elapsed_ns, ops));
     Ok(CoreResult {
