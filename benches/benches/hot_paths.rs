@@ -10,6 +10,9 @@
 //!   completion submitting the next (no task wake per I/O; `spool perf`'s bdev job).
 //! - `blob_null_path_qd1`, `blob_null_path_qd32`: the same through a thick blob (the blob
 //!   layer's cost per I/O is the difference).
+//! - `blob_null_callback_qd1`, `blob_null_callback_qd32`: blob callback requests
+//!   (`BlobChannel::read_with`, `spool perf --layer blob`'s job); compare with
+//!   `null_callback_*`.
 //! - `ring_nop/batch32`: io_uring Nops pushed, submitted and reaped in batches of 32.
 //! - `dma_alloc_free/4k`: `DmaBuf::alloc(4096)` and its drop, from an idle pool (a chunk is
 //!   split on alloc and merged on free) and with a neighbouring block held (no split/merge).
@@ -23,8 +26,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use spool_bdev::DmaBuf;
 use spool_benches::{
-    blob_null_reads_concurrent, null_callback_reads, null_desc, null_reads, null_reads_concurrent,
-    one_way_batch, ping_pong, spawn_on_roundtrip, start_runtime, stop_runtime, NopRing,
+    blob_null_callback_reads, blob_null_reads_concurrent, null_callback_reads, null_desc,
+    null_reads, null_reads_concurrent, one_way_batch, ping_pong, spawn_on_roundtrip, start_runtime,
+    stop_runtime, NopRing,
 };
 use spool_reactor::{Sim, SimOptions};
 
@@ -163,6 +167,35 @@ fn null_callback_path(c: &mut Criterion, name: &str, qd: u64) {
     stop_runtime(runtime);
 }
 
+/// `qd` lanes of blob callback reads through a thick blob on a null bdev.
+fn blob_null_callback_path(c: &mut Criterion, name: &str, qd: u64) {
+    let runtime = start_runtime(1);
+    let home = runtime.reactors()[0];
+    let mut group = c.benchmark_group(name);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("read_4k", |b| {
+        b.iter_custom(|iters| {
+            let desc = null_desc();
+            runtime
+                .block_on(home, move || blob_null_callback_reads(desc, qd, iters))
+                .expect("blob_null_callback_reads task")
+        });
+    });
+    group.finish();
+    stop_runtime(runtime);
+}
+
+/// One blob callback read at a time: the blob layer's qd 1 path without a task wake; its
+/// difference from `null_callback_qd1` is the blob layer's cost.
+fn blob_null_callback_qd1(c: &mut Criterion) {
+    blob_null_callback_path(c, "blob_null_callback_qd1", 1);
+}
+
+/// 32 lanes of blob callback reads.
+fn blob_null_callback_qd32(c: &mut Criterion) {
+    blob_null_callback_path(c, "blob_null_callback_qd32", QUEUE_DEPTH);
+}
+
 /// One callback read at a time: the qd 1 latency path without a task wake.
 fn null_callback_qd1(c: &mut Criterion) {
     null_callback_path(c, "null_callback_qd1", 1);
@@ -247,6 +280,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_paths;
     config = config();
-    targets = messages, request_pool, null_path_qd1, null_callback_qd1, blob_null_path_qd1, null_path_qd32, null_callback_qd32, blob_null_path_qd32, ring_nop, dma_alloc_free
+    targets = messages, request_pool, null_path_qd1, null_callback_qd1, blob_null_path_qd1, blob_null_callback_qd1, null_path_qd32, null_callback_qd32, blob_null_path_qd32, blob_null_callback_qd32, ring_nop, dma_alloc_free
 }
 criterion_main!(hot_paths);

@@ -446,6 +446,139 @@ pub async fn blob_null_reads_concurrent(desc: BdevDesc, depth: u64, iters: u64) 
     elapsed
 }
 
+/// The chain of blob callback reads [`blob_null_callback_reads`] drives, as
+/// [`CallbackLanes`] on the blob layer.
+struct BlobCallbackLanes {
+    channel: spool_blob::BlobChannel,
+    blob: Arc<spool_blob::BlobIo>,
+    units: u64,
+    depth: u64,
+    left: std::cell::RefCell<Vec<u64>>,
+    running: std::cell::Cell<u64>,
+    waiter: std::cell::RefCell<Option<Waker>>,
+}
+
+impl BlobCallbackLanes {
+    fn start(self: &std::rc::Rc<Self>, lane: u64, index: u64, buf: DmaBuf) {
+        let unit = (offset_of(index) / u64::from(NULL_BLOCK_SIZE)) % self.units;
+        let this: std::rc::Rc<dyn spool_blob::BlobIoCallback> = self.clone();
+        self.channel.read_with(&self.blob, unit, buf, this, lane);
+    }
+}
+
+impl spool_blob::BlobIoCallback for BlobCallbackLanes {
+    fn io_done(self: std::rc::Rc<Self>, done: spool_blob::BlobIoDone) {
+        done.result().expect("blob read");
+        let lane = done.tag;
+        let next = {
+            let mut left = self.left.borrow_mut();
+            let remaining = &mut left[lane as usize];
+            if *remaining == 0 {
+                None
+            } else {
+                *remaining -= 1;
+                Some(*remaining)
+            }
+        };
+        match next {
+            Some(remaining) => self.start(lane, lane + remaining * self.depth, done.buf),
+            None => {
+                self.running.set(self.running.get() - 1);
+                if self.running.get() == 0 {
+                    if let Some(waiter) = self.waiter.borrow_mut().take() {
+                        waiter.wake();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// As [`null_callback_reads`], through the blob layer (`BlobChannel::read_with`) over a store
+/// on a null bdev with one thick blob: the difference of the two is the blob layer's cost per
+/// callback I/O.
+///
+/// # Panics
+/// If the store cannot be set up (a broken benchmark environment).
+pub async fn blob_null_callback_reads(desc: BdevDesc, depth: u64, iters: u64) -> Duration {
+    assert!(depth > 0, "depth must be at least 1");
+    let store = spool_blob::Blobstore::init(desc, &spool_blob::InitOptions::default())
+        .await
+        .expect("blobstore on null");
+    let clusters = store.free_cluster_count();
+    let blob = store
+        .create_and_open(&spool_blob::BlobOptions {
+            num_clusters: clusters,
+            ..spool_blob::BlobOptions::default()
+        })
+        .await
+        .expect("thick blob");
+    let io = blob.io();
+    let channel = store.channel().expect("blob channel");
+    // Grow the bdev slot table to `depth` outside the measurement.
+    {
+        let futures: Vec<_> = (0..depth)
+            .map(|_| {
+                channel.read(
+                    &io,
+                    0,
+                    DmaBuf::alloc(NULL_BLOCK_SIZE as usize).expect("dma"),
+                )
+            })
+            .collect();
+        for future in futures {
+            future.await.0.expect("warm-up read");
+        }
+    }
+    let lanes = depth.min(iters.max(1));
+    let chain = std::rc::Rc::new(BlobCallbackLanes {
+        channel: channel.clone(),
+        units: io.num_io_units(),
+        blob: Arc::clone(&io),
+        depth: lanes,
+        left: std::cell::RefCell::new(
+            (0..lanes)
+                .map(|lane| iters / lanes + u64::from(lane < iters % lanes))
+                .collect(),
+        ),
+        running: std::cell::Cell::new(lanes),
+        waiter: std::cell::RefCell::new(None),
+    });
+    let bufs: Vec<DmaBuf> = (0..lanes)
+        .map(|_| DmaBuf::alloc(NULL_BLOCK_SIZE as usize).expect("dma buffer"))
+        .collect();
+    let start = Instant::now();
+    for (lane, buf) in (0..lanes).zip(bufs) {
+        let count = {
+            let mut left = chain.left.borrow_mut();
+            let remaining = &mut left[lane as usize];
+            let had = *remaining;
+            *remaining = remaining.saturating_sub(1);
+            had
+        };
+        if count == 0 {
+            chain.running.set(chain.running.get() - 1);
+            continue;
+        }
+        chain.start(lane, lane, buf);
+    }
+    std::future::poll_fn(|cx| {
+        if chain.running.get() == 0 {
+            Poll::Ready(())
+        } else {
+            *chain.waiter.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await;
+    let elapsed = start.elapsed();
+    drop(chain);
+    drop(channel);
+    blob.close().await.expect("close");
+    store.unload().await.expect("unload");
+    elapsed
+}
+
 /// An io_uring ring used only for `Nop`s: measures a submission and completion through the
 /// ring itself, with no file or buffer.
 pub struct NopRing {
