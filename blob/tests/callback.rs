@@ -307,3 +307,50 @@ fn a_snapshot_waits_for_callback_writes_in_flight() {
     .unwrap();
     rt.stop();
 }
+
+/// A channel dropped with callback requests in flight stays open until they are done: every
+/// callback is called once, with success, and the data is on the device.
+#[test]
+fn dropping_the_channel_with_callbacks_in_flight_still_completes_them() {
+    let rt = runtime();
+    let reactor = rt.reactors()[0];
+    let (_bdev, desc) = malloc(64 << 20);
+    rt.block_on(reactor, move || async move {
+        let store = Blobstore::init(desc, &InitOptions::default())
+            .await
+            .unwrap();
+        let id = create_thick(&store, 4).await;
+        let blob = store.open_blob(id).await.unwrap();
+        let io = blob.io();
+        let collector = Rc::new(Collector::default());
+        {
+            let channel = store.channel().unwrap();
+            for cluster in 0..4u64 {
+                collector.write(
+                    &channel,
+                    &io,
+                    cluster * 256,
+                    &pattern(300 + cluster, CLUSTER as usize),
+                    cluster,
+                );
+            }
+        }
+        let done = collector.wait(4).await;
+        assert_eq!(done.len(), 4);
+        assert!(done.iter().all(|(_, errno, _)| *errno == 0));
+        let channel = store.channel().unwrap();
+        for cluster in 0..4u64 {
+            let back = read(&channel, &io, cluster * 256, CLUSTER as usize).await;
+            assert!(
+                back == pattern(300 + cluster, CLUSTER as usize),
+                "cluster {cluster}"
+            );
+        }
+        drop(io);
+        blob.close().await.unwrap();
+        drop(channel);
+        store.unload().await.unwrap();
+    })
+    .unwrap();
+    rt.stop();
+}

@@ -23,14 +23,13 @@
 //! - if the reactor stops while a request of the task path is still running, the task is
 //!   dropped with every other task of that reactor, and its callback is not called.
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use spool_bdev::{DmaBuf, IoCallback, IoDone};
 use spool_reactor::Channel;
 
-use super::{BlobChannel, BlobIo, ChannelContext};
+use super::{BlobChannel, BlobIo, ChannelContext, ChannelShared};
 use crate::error::BlobError;
 
 /// What a blob callback request hands back. Small (built and moved once per I/O): the error,
@@ -74,27 +73,85 @@ pub trait BlobIoCallback {
     fn io_done(self: Rc<Self>, done: BlobIoDone);
 }
 
-/// A fast-path request in flight: whom to call, and what to release first.
-struct Pending {
-    callback: Rc<dyn BlobIoCallback>,
-    tag: u64,
-    /// The blob's slot in the channel's per-blob table (its in-flight count).
-    slot: usize,
-    /// Keeps the channel (and its bdev channels) open while the request is in flight.
-    channel: Channel<ChannelContext>,
-}
-
-/// A channel's fast-path requests in flight, indexed by the bdev request's tag. It is the
-/// bdev callback of all of them: one `Rc` per channel, cloned per request.
+/// The fast path's callback requests in flight on one channel, by the bdev request's tag:
+/// one column per field, so a request's entry is written and read field by field in place
+/// (a struct moved in and out of a slab was copied through the stack with wide loads over
+/// narrow stores, a store-forwarding stall of a few ns per I/O).
 #[derive(Default)]
-pub(crate) struct CallbackTable {
-    pending: RefCell<slab::Slab<Pending>>,
+pub(crate) struct PendingTable {
+    callbacks: Vec<Option<Rc<dyn BlobIoCallback>>>,
+    tags: Vec<u64>,
+    /// The blob's slot in the channel's per-blob table (its in-flight count).
+    slots: Vec<usize>,
+    free: Vec<u32>,
+    in_flight: usize,
+    /// Keeps the channel (and its bdev channels) open while a request is in flight, as
+    /// SPDK's cb_arg holds its channel: set by the first request, dropped after the last.
+    channel: Option<Channel<ChannelContext>>,
 }
 
-impl IoCallback for CallbackTable {
+impl PendingTable {
+    /// Records a request; its key (the bdev tag).
+    #[inline]
+    fn insert(
+        &mut self,
+        callback: Rc<dyn BlobIoCallback>,
+        tag: u64,
+        slot: usize,
+        channel: &Channel<ChannelContext>,
+    ) -> usize {
+        if self.in_flight == 0 {
+            self.channel = Some(channel.clone());
+        }
+        self.in_flight += 1;
+        match self.free.pop() {
+            Some(key) => {
+                let key = key as usize;
+                self.callbacks[key] = Some(callback);
+                self.tags[key] = tag;
+                self.slots[key] = slot;
+                key
+            }
+            None => {
+                self.callbacks.push(Some(callback));
+                self.tags.push(tag);
+                self.slots.push(slot);
+                self.callbacks.len() - 1
+            }
+        }
+    }
+
+    /// Takes the request `key` out: (its callback, its tag, its blob slot, the channel hold
+    /// to drop after the callback when it was the last request).
+    #[inline]
+    #[allow(clippy::type_complexity)]
+    fn remove(
+        &mut self,
+        key: usize,
+    ) -> Option<(
+        Rc<dyn BlobIoCallback>,
+        u64,
+        usize,
+        Option<Channel<ChannelContext>>,
+    )> {
+        let callback = self.callbacks.get_mut(key)?.take()?;
+        self.free.push(key as u32);
+        self.in_flight -= 1;
+        let hold = if self.in_flight == 0 {
+            self.channel.take()
+        } else {
+            None
+        };
+        Some((callback, self.tags[key], self.slots[key], hold))
+    }
+}
+
+impl IoCallback for ChannelShared {
     #[inline]
     fn io_done(self: Rc<Self>, done: IoDone) {
-        let Some(pending) = self.pending.borrow_mut().try_remove(done.tag as usize) else {
+        let Some((callback, tag, slot, hold)) =
+            self.callbacks.borrow_mut().remove(done.tag as usize)
+        else {
             // Unreachable: every tag given to the bdev is an entry until its completion.
             tracing::error!(
                 tag = done.tag,
@@ -102,16 +159,17 @@ impl IoCallback for CallbackTable {
             );
             return;
         };
-        pending.channel.finish(pending.slot);
+        self.finish(slot);
         let error = match done.result() {
             Ok(()) => None,
             Err(err) => Some(Box::new(BlobError::from(err))),
         };
-        pending.callback.io_done(BlobIoDone {
+        callback.io_done(BlobIoDone {
             buf: done.buf,
-            tag: pending.tag,
+            tag,
             error,
         });
+        drop(hold);
     }
 }
 
@@ -159,14 +217,12 @@ impl BlobChannel {
             self.submit_by_task(blob, offset, buf, write, callback, tag);
             return;
         };
-        let table = &self.channel.callbacks;
-        let key = table.pending.borrow_mut().insert(Pending {
-            callback,
-            tag,
-            slot: blob.slot,
-            channel: self.channel.clone(),
-        });
-        let bdev_callback: Rc<dyn IoCallback> = Rc::clone(table) as Rc<dyn IoCallback>;
+        let key =
+            self.shared
+                .callbacks
+                .borrow_mut()
+                .insert(callback, tag, blob.slot, &self.channel);
+        let bdev_callback: Rc<dyn IoCallback> = Rc::clone(&self.shared) as Rc<dyn IoCallback>;
         let started = if write {
             self.bdev()
                 .write_with(buf, device, bdev_callback, key as u64)
@@ -177,16 +233,12 @@ impl BlobChannel {
         if let Err(refused) = started {
             // Not on the device (a full queue, a range the device refuses): undo the count
             // and let the task path give the request its answer, from a later pass.
-            let pending = table.pending.borrow_mut().remove(key);
-            self.channel.finish(blob.slot);
-            self.submit_by_task(
-                blob,
-                offset,
-                refused.buf,
-                write,
-                pending.callback,
-                pending.tag,
-            );
+            let removed = self.shared.callbacks.borrow_mut().remove(key);
+            self.shared.finish(blob.slot);
+            if let Some((callback, tag, _, hold)) = removed {
+                self.submit_by_task(blob, offset, refused.buf, write, callback, tag);
+                drop(hold);
+            }
         }
     }
 

@@ -52,12 +52,20 @@ pub struct ChannelContext {
     allocating: RefCell<HashMap<AllocKey, Rc<LocalEvent<()>>>>,
     /// I/Os waiting for a frozen blob, by blob id, in arrival order.
     frozen_waiters: RefCell<HashMap<u64, VecDeque<Waker>>>,
-    /// Per open blob (by its slot): I/Os in flight on this channel and the cached map. (A
-    /// dropped I/O's request still on the device is counted in the blob's
-    /// [`HeldCount`] instead: it outlives this channel.)
+    /// The per-blob counts and the callback requests in flight, shared with those requests'
+    /// completions (see [`ChannelShared`]).
+    shared: Rc<ChannelShared>,
+}
+
+/// The part of a channel's context its callback requests' completions reach directly (one
+/// object, no pointer chase through the channel): per open blob (by its slot) the I/Os in
+/// flight on this channel and the cached map, and the fast path's callback requests (see
+/// [`BlobChannel::read_with`]). (A dropped I/O's request still on the device is counted in
+/// the blob's [`HeldCount`] instead: it outlives this channel.)
+#[derive(Default)]
+pub(crate) struct ChannelShared {
     blobs: RefCell<Vec<ChannelBlob>>,
-    /// Callback requests of the fast path in flight (see [`BlobChannel::read_with`]).
-    callbacks: Rc<callback::CallbackTable>,
+    callbacks: RefCell<callback::PendingTable>,
 }
 
 /// A channel's view of one open blob.
@@ -74,7 +82,8 @@ struct ChannelBlob {
 impl ChannelContext {
     /// I/Os of the blob in `slot` in flight on this channel.
     pub(crate) fn inflight(&self, slot: usize) -> u64 {
-        self.blobs
+        self.shared
+            .blobs
             .borrow()
             .get(slot)
             .map_or(0, |blob| blob.inflight)
@@ -83,30 +92,29 @@ impl ChannelContext {
     /// I/Os of the blob in `slot` in flight on this channel that a snapshot's freeze waits
     /// for: all but those parked in a thin allocation.
     pub(crate) fn inflight_unparked(&self, slot: usize) -> u64 {
-        self.blobs
+        self.shared
+            .blobs
             .borrow()
             .get(slot)
             .map_or(0, |blob| blob.inflight.saturating_sub(blob.parked))
     }
 
     fn admit(&self, slot: usize) {
-        entry(&mut self.blobs.borrow_mut(), slot).inflight += 1;
+        entry(&mut self.shared.blobs.borrow_mut(), slot).inflight += 1;
     }
 
     fn park(&self, slot: usize) {
-        entry(&mut self.blobs.borrow_mut(), slot).parked += 1;
+        entry(&mut self.shared.blobs.borrow_mut(), slot).parked += 1;
     }
 
     fn unpark(&self, slot: usize) {
-        if let Some(blob) = self.blobs.borrow_mut().get_mut(slot) {
+        if let Some(blob) = self.shared.blobs.borrow_mut().get_mut(slot) {
             blob.parked = blob.parked.saturating_sub(1);
         }
     }
 
     fn finish(&self, slot: usize) {
-        if let Some(blob) = self.blobs.borrow_mut().get_mut(slot) {
-            blob.inflight = blob.inflight.saturating_sub(1);
-        }
+        self.shared.finish(slot);
     }
 
     /// Wakes, in arrival order, the I/Os of blob `id` that wait on this channel.
@@ -114,6 +122,16 @@ impl ChannelContext {
         let waiters = self.frozen_waiters.borrow_mut().remove(&id);
         for waker in waiters.into_iter().flatten() {
             waker.wake();
+        }
+    }
+}
+
+impl ChannelShared {
+    /// Ends an I/O of the blob in `slot` on this channel.
+    #[inline]
+    fn finish(&self, slot: usize) {
+        if let Some(blob) = self.blobs.borrow_mut().get_mut(slot) {
+            blob.inflight = blob.inflight.saturating_sub(1);
         }
     }
 }
@@ -184,8 +202,7 @@ pub(crate) fn register_device(desc: &spool_bdev::BdevDesc) -> IoDevice<ChannelCo
                 fill,
                 allocating: RefCell::new(HashMap::new()),
                 frozen_waiters: RefCell::new(HashMap::new()),
-                blobs: RefCell::new(Vec::new()),
-                callbacks: Rc::default(),
+                shared: Rc::default(),
             })
         },
         |_reactor, context| drop(context),
@@ -193,8 +210,10 @@ pub(crate) fn register_device(desc: &spool_bdev::BdevDesc) -> IoDevice<ChannelCo
 }
 
 fn channel_of(store: &Arc<StoreShared>) -> Result<BlobChannel> {
+    let channel = store.io_device.get_channel()?;
     Ok(BlobChannel {
-        channel: store.io_device.get_channel()?,
+        shared: Rc::clone(&channel.shared),
+        channel,
         store: Arc::clone(store),
         fill: false,
     })
@@ -228,6 +247,8 @@ struct Piece {
 #[derive(Clone)]
 pub struct BlobChannel {
     channel: Channel<ChannelContext>,
+    /// The channel's [`ChannelShared`], held here for the fast path (one pointer less).
+    shared: Rc<ChannelShared>,
     store: Arc<StoreShared>,
     /// Device requests go to the channel's fill channel (a thin allocation's copy).
     fill: bool,
@@ -271,6 +292,7 @@ impl BlobChannel {
     fn for_fill(&self) -> BlobChannel {
         BlobChannel {
             channel: self.channel.clone(),
+            shared: Rc::clone(&self.shared),
             store: Arc::clone(&self.store),
             fill: true,
         }
@@ -493,7 +515,7 @@ impl BlobChannel {
         }
         // The channel's cached map (refreshed when a resize or snapshot replaced it); the
         // I/O is counted in flight here, in the same borrow.
-        let mut blobs = self.channel.blobs.borrow_mut();
+        let mut blobs = self.shared.blobs.borrow_mut();
         let entry = entry(&mut blobs, blob.slot);
         let generation = blob.map_generation.load(Ordering::Acquire);
         if entry.generation != generation || entry.map.is_none() {
