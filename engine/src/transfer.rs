@@ -498,7 +498,32 @@ impl Sink {
                         Err(_) => {}
                     }
                 }
-                let file = File::create(&path).map_err(create_error)?;
+                // A block device is claimed with O_EXCL, as every writer of one does: the
+                // kernel refuses one that is mounted or held (a running spool serve, a
+                // partition of it in use), which --force must not write over.
+                let is_block = existing.as_ref().is_ok_and(|meta| {
+                    std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type())
+                });
+                let file = if is_block {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_EXCL)
+                        .open(&path)
+                        .map_err(|err| {
+                            if err.raw_os_error() == Some(libc::EBUSY) {
+                                EngineError::File {
+                                    path: shown.clone(),
+                                    reason: "in use (mounted, or claimed by another process): export writes only to a device nobody uses".into(),
+                                    errno: -libc::EBUSY,
+                                }
+                            } else {
+                                create_error(err)
+                            }
+                        })?
+                } else {
+                    File::create(&path).map_err(create_error)?
+                };
                 Ok(Sink::File {
                     file,
                     path,

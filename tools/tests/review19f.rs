@@ -179,3 +179,74 @@ fn ctrl_c_stops_a_check_of_a_large_block_device() {
     }
     assert!(before == head(d), "the check wrote to the device");
 }
+
+// ---------------------------------------------------------------------------------------
+// 3. `export --force` wrote over a mounted filesystem.
+// ---------------------------------------------------------------------------------------
+
+/// A filesystem mounted for as long as it lives (unmounted on drop).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// `--force` is for a device whose old contents are not wanted any more, never for one in
+/// use: `init --force` and `perf --force` open a block device with `O_EXCL`, so the kernel
+/// refuses a mounted one ("in use (mounted, or claimed by another process)"), and docs/cli.md
+/// says writers of block devices do. `export --force` did not: it wrote the blob over a
+/// MOUNTED ext4 filesystem under the kernel's feet and exited 0. Expected: refused with the
+/// same words as `init`, exit 1, the device untouched.
+#[test]
+fn export_force_refuses_a_mounted_filesystem() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "16M"]);
+    ok_in(d, &["create", "s.img", "--size", "4M", "--name", "v"]);
+    std::fs::write(d.join("in.bin"), vec![0xa5u8; 4 << 20]).unwrap();
+    ok_in(d, &["import", "s.img", "v", "in.bin"]);
+    let fs = d.join("fs.img");
+    std::fs::File::create(&fs)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let made = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .arg(&fs)
+        .output();
+    if !made.is_ok_and(|out| out.status.success()) {
+        eprintln!("no mkfs.ext4 here: skipped");
+        return;
+    }
+    let Some(dev) = Loop::attach(&fs) else {
+        eprintln!("no loop device here (needs root): skipped");
+        return;
+    };
+    let at = d.join("mnt");
+    std::fs::create_dir(&at).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .arg(&dev.0)
+        .arg(&at)
+        .status();
+    if !mounted.is_ok_and(|status| status.success()) {
+        eprintln!("mounting is not allowed here: skipped");
+        return;
+    }
+    let mount = Mounted(at);
+    let before = std::fs::read(&fs).unwrap();
+    let out = support::spool_unchecked(d, &["export", "s.img", "v", &dev.0, "--force"]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(
+        out.stderr.trim_end(),
+        format!(
+            "error: {}: in use (mounted, or claimed by another process): export writes only to a device nobody uses",
+            dev.0
+        )
+    );
+    let after = std::fs::read(&fs).unwrap();
+    assert!(before == after, "export wrote over the mounted filesystem");
+    drop(mount);
+    drop(dev);
+}
