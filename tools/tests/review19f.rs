@@ -250,3 +250,44 @@ fn export_force_refuses_a_mounted_filesystem() {
     drop(mount);
     drop(dev);
 }
+
+// ---------------------------------------------------------------------------------------
+// 4. `import IMAGE BLOB IMAGE` copies the store into itself.
+// ---------------------------------------------------------------------------------------
+
+/// `export IMAGE BLOB IMAGE` is refused ("is the image itself"), but the same typo the other
+/// way round was not: `import s.img big s.img` read the store's own bytes while writing them
+/// into a thin blob, filled the store, and failed only when no cluster was left ("no free
+/// cluster left after 49283072 of 67108864 bytes of s.img were written"), leaving the blob
+/// half-filled with a copy of the store's metadata. Expected: refused before anything is
+/// written, exit 1, the image byte for byte as it was.
+#[test]
+fn import_refuses_the_image_itself() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "64M"]);
+    ok_in(
+        d,
+        &[
+            "create", "s.img", "--size", "64M", "--thin", "--name", "big",
+        ],
+    );
+    let line = support::refused_with(
+        d,
+        "s.img",
+        &["import", "s.img", "big", "s.img"],
+        1,
+        "error: s.img: is the image itself; import from another file",
+        true,
+    );
+    assert!(!line.is_empty());
+    std::os::unix::fs::symlink("s.img", d.join("link.img")).unwrap();
+    support::refused_with(
+        d,
+        "s.img",
+        &["import", "s.img", "big", "link.img"],
+        1,
+        "error: link.img: is the image itself; import from another file",
+        true,
+    );
+}

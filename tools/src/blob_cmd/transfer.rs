@@ -40,6 +40,14 @@ pub fn import(args: &ImportArgs) -> Result<(), ToolError> {
     // Opened first: it refuses what is not a regular file or block device (a FIFO, whose
     // open would block) before anything reads it.
     let source = ImportSource::open(Path::new(&args.file)).map_err(transfer_error)?;
+    // The store's own bytes, read while the import writes them, are no disk's contents: a
+    // typo for another file (export refuses the same).
+    if same_file(&args.file, &args.image) {
+        return Err(ToolError::Failed(format!(
+            "{}: is the image itself; import from another file",
+            args.file
+        )));
+    }
     if !args.force {
         if let Some(format) = spool_engine::guard::disk_image_format(Path::new(&args.file)) {
             return Err(ToolError::Failed(format!(
