@@ -78,6 +78,10 @@ pub fn install() -> std::io::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&seen))?;
         signal_hook::flag::register_usize(signal, Arc::clone(requested_cell()), signal as usize)?;
     }
+    // SIGXFSZ (a write past the file size limit, `ulimit -f`) would kill the process where
+    // it stands, leaving temporary files and a dirty store: caught, it only makes that
+    // write fail with EFBIG, which the command reports in words and cleans up after.
+    signal_hook::flag::register(libc::SIGXFSZ, Arc::new(AtomicBool::new(false)))?;
     let _ = INSTALLED.set(());
     Ok(())
 }

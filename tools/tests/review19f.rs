@@ -291,3 +291,84 @@ fn import_refuses_the_image_itself() {
         true,
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 5. A file size limit (`ulimit -f`) killed the process by SIGXFSZ.
+// ---------------------------------------------------------------------------------------
+
+/// Runs `spool ARGS` in `dir` under a file size limit of 2048 blocks (1 or 2 MiB, as the
+/// shell counts them).
+fn under_file_size_limit(dir: &Path, args: &[&str]) -> support::Run {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 2048 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_spool"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SPOOL_LOG")
+        .output()
+        .expect("sh runs")
+        .into()
+}
+
+/// Hidden temporary files (`.NAME.spool-new.*`) left in `dir`.
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".spool-new."))
+        .collect()
+}
+
+/// A file size limit (`ulimit -f`, set by a batch system or a careful admin) is the brief's
+/// way to simulate a full host. A write past it raises SIGXFSZ, whose default action kills
+/// the process: `init --size 32M`, `perf --target p.img --size 32M` and `export` died with
+/// status 153 and not a word, leaving `.u.img.spool-new.*` behind (and an import left the
+/// store dirty). Expected: the write fails with EFBIG, said in words naming the limit,
+/// exit 1, no temporary file left, the store clean.
+#[test]
+fn a_file_size_limit_is_said_in_words_not_a_kill() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "64M"]);
+    ok_in(d, &["create", "s.img", "--size", "8M", "--name", "v"]);
+    ok_in(
+        d,
+        &["create", "s.img", "--size", "16M", "--thin", "--name", "t"],
+    );
+    let data = support::pattern(7, 8 << 20);
+    std::fs::write(d.join("in.bin"), &data).unwrap();
+    ok_in(d, &["import", "s.img", "v", "in.bin"]);
+    for (args, line) in [
+        (
+            &["init", "u.img", "--size", "32M"][..],
+            "error: u.img: a size of 33554432 bytes is larger than a file on this filesystem can be (or than the file size limit, ulimit -f): give a smaller --size",
+        ),
+        (
+            &["perf", "--target", "p.img", "--size", "32M", "--time", "1", "-q"][..],
+            "error: p.img: a size of 33554432 bytes is larger than a file on this filesystem can be (or than the file size limit, ulimit -f): give a smaller --size",
+        ),
+        (
+            &["export", "s.img", "v", "out.bin"][..],
+            "error: out.bin: write: the write reaches past the largest file size the host filesystem (or the file size limit, ulimit -f) allows",
+        ),
+        (
+            &["import", "s.img", "t", "in.bin"][..],
+            "error: s.img: a write to the image failed: the write reaches past the largest file size the host filesystem (or the file size limit, ulimit -f) allows: raise the limit (ulimit -f unlimited), then run the command again",
+        ),
+    ] {
+        let before = std::fs::read(d.join("s.img")).unwrap();
+        let out = under_file_size_limit(d, args);
+        assert_eq!(out.code, Some(1), "spool {args:?}: {}", out.stderr);
+        assert_eq!(out.stderr.trim_end(), line, "spool {args:?}");
+        assert!(temporaries(d).is_empty(), "{args:?}: {:?}", temporaries(d));
+        for gone in ["u.img", "p.img", "out.bin"] {
+            assert!(!d.join(gone).exists(), "{args:?} left {gone}");
+        }
+        assert!(support::clean(d, "s.img"), "{args:?} left the store dirty");
+        if args[0] == "export" {
+            assert!(before == std::fs::read(d.join("s.img")).unwrap());
+        }
+    }
+}
