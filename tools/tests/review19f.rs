@@ -372,3 +372,68 @@ fn a_file_size_limit_is_said_in_words_not_a_kill() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. `export` replaced another store, even one a running daemon serves.
+// ---------------------------------------------------------------------------------------
+
+/// `spool export a.img vol b.img`, a typo for `b.raw`, where b.img is another store: the
+/// export renamed its copy over b.img, exit 0, and every blob of b.img was gone, though
+/// `perf` and `init` refuse to write over a blobstore without `--force` (and export refuses
+/// one on a block device). Worse, with b.img served by a running `spool serve` (which holds
+/// its image lock), the export replaced the file under the daemon, exit 0: the daemon went
+/// on writing to the unlinked inode, so every write its clients made after it was lost.
+/// Expected: a store FILE needs `--force`; a FILE another process holds the lock of is
+/// refused even so; exit 1, FILE byte for byte as it was.
+#[test]
+fn export_does_not_replace_a_store_nor_a_served_image() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "a.img", "--size", "16M"]);
+    ok_in(d, &["create", "a.img", "--size", "1M", "--name", "vol"]);
+    ok_in(d, &["init", "b.img", "--size", "16M"]);
+    ok_in(d, &["create", "b.img", "--size", "1M", "--name", "keep"]);
+    support::refused_with(
+        d,
+        "b.img",
+        &["export", "a.img", "vol", "b.img"],
+        1,
+        "error: b.img: holds a blobstore; export would replace it and every blob in it would be lost: check the file name, or add --force to lose it",
+        true,
+    );
+    assert!(temporaries(d).is_empty(), "{:?}", temporaries(d));
+    let mut daemon = spool()
+        .args(["serve", "b.img", "--no-rpc", "--socket"])
+        .arg(d.join("n.sock"))
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spool serve starts");
+    let mut stdout = std::io::BufReader::new(daemon.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ready") {
+        line.clear();
+        let read = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert!(read > 0, "spool serve ended before it was ready");
+    }
+    let refused = support::spool_unchecked(d, &["export", "a.img", "vol", "b.img", "--force"]);
+    kill(daemon.id(), libc::SIGTERM);
+    daemon.wait().unwrap();
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    assert_eq!(
+        refused.stderr.trim_end(),
+        "error: b.img: in use by another process (it holds the image lock): export would replace the file under it; export to another file, or stop that process first"
+    );
+    assert!(temporaries(d).is_empty(), "{:?}", temporaries(d));
+    let names: Vec<String> = support::json(&ok_in(d, &["ls", "b.img", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|blob| blob["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(names, ["keep"], "b.img lost its blobs");
+    // With --force and nobody using it, the store file is replaced, as asked.
+    ok_in(d, &["export", "a.img", "vol", "b.img", "--force"]);
+    assert_eq!(std::fs::metadata(d.join("b.img")).unwrap().len(), 1 << 20);
+}
