@@ -437,3 +437,54 @@ fn export_does_not_replace_a_store_nor_a_served_image() {
     ok_in(d, &["export", "a.img", "vol", "b.img", "--force"]);
     assert_eq!(std::fs::metadata(d.join("b.img")).unwrap().len(), 1 << 20);
 }
+
+// ---------------------------------------------------------------------------------------
+// 7. `resize` advised an option it does not have.
+// ---------------------------------------------------------------------------------------
+
+/// Growing a thick blob that does not fit said "...; free some, or make the blob thin
+/// (--thin) to allocate on write" (and, on a full host, "free space on the host, or make the
+/// blob thin (--thin) ..."): advice for `create`. `resize` has no `--thin` (`spool resize
+/// s.img a 32M --thin` is "unexpected argument"), and nothing turns a thick blob thin, so
+/// the user is sent to an option that does not exist. Expected: advice resize can take.
+#[test]
+fn resize_out_of_space_gives_advice_resize_can_take() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "16M"]);
+    ok_in(d, &["create", "s.img", "--size", "4M", "--name", "a"]);
+    let tried = support::spool_unchecked(d, &["resize", "s.img", "a", "32M", "--thin"]);
+    assert_eq!(
+        tried.code,
+        Some(2),
+        "resize takes no --thin: {}",
+        tried.stderr
+    );
+    support::refused_with(
+        d,
+        "s.img",
+        &["resize", "s.img", "a", "32M"],
+        1,
+        "error: s.img: no space to grow blob 0x100000000 to 32 MiB: it needs 28 clusters of 1 MiB (28 MiB) and 11 are free (11 MiB); free some, or give a smaller size (a thick blob takes every cluster of its new size when it grows)",
+        true,
+    );
+    // On a full host (a small tmpfs), the reservation fails: the same advice.
+    let Some(small) = support::SmallFs::mount(&d.join("small"), 24) else {
+        eprintln!("mounting a tmpfs is not allowed here: skipped the full host part");
+        return;
+    };
+    let s = d.join("small");
+    ok_in(&s, &["init", "s.img", "--size", "64M"]);
+    ok_in(&s, &["create", "s.img", "--size", "8M", "--name", "a"]);
+    std::fs::write(s.join("fill"), vec![1u8; 14 << 20]).unwrap();
+    support::refused_with(
+        &s,
+        "s.img",
+        &["resize", "s.img", "a", "32M"],
+        1,
+        "error: s.img: the host filesystem is full: reserving 24 MiB to grow blob 0x100000000 to 32 MiB failed (No space left on device); free space on the host, or give a smaller size (a thick blob takes every cluster of its new size when it grows)",
+        true,
+    );
+    assert!(support::clean(&s, "s.img"));
+    drop(small);
+}
