@@ -548,3 +548,46 @@ fn nohup_keeps_an_export_going_after_a_hangup() {
     );
     assert!(temporaries(d).is_empty(), "{:?}", temporaries(d));
 }
+
+// ---------------------------------------------------------------------------------------
+// 9. `export` onto a block device smaller than the blob.
+// ---------------------------------------------------------------------------------------
+
+/// `spool export s.img vol /dev/sdX --force` onto a device smaller than the blob (a wrong
+/// device, or the blob grew): the export wrote the device's every byte, then failed with
+/// "the host filesystem is full after 4194304 of 16777216 bytes ... free space on the host,
+/// or export elsewhere": there is no host filesystem under a block device, and the device's
+/// old contents were overwritten for a copy that could never fit. Expected: refused before
+/// the first byte, saying the sizes and what to do; the device untouched.
+#[test]
+fn export_to_a_block_device_smaller_than_the_blob_is_refused_up_front() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "32M"]);
+    ok_in(d, &["create", "s.img", "--size", "16M", "--name", "v"]);
+    std::fs::write(d.join("in.bin"), support::pattern(3, 16 << 20)).unwrap();
+    ok_in(d, &["import", "s.img", "v", "in.bin"]);
+    let old = support::pattern(9, 4 << 20);
+    std::fs::write(d.join("dev.bin"), &old).unwrap();
+    let Some(dev) = Loop::attach(&d.join("dev.bin")) else {
+        eprintln!("no loop device here (needs root): skipped");
+        return;
+    };
+    let out = support::spool_unchecked(d, &["export", "s.img", "v", &dev.0]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(
+        out.stderr.trim_end(),
+        format!(
+            "error: {}: the device holds 4194304 bytes, fewer than the 16777216 bytes of blob 0x100000000 to export: give a larger device, or --length 4194304 or less",
+            dev.0
+        )
+    );
+    assert!(
+        std::fs::read(d.join("dev.bin")).unwrap() == old,
+        "the device was written"
+    );
+    // What fits is written, as asked.
+    ok_in(d, &["export", "s.img", "v", &dev.0, "--length", "4M"]);
+    drop(dev);
+    assert!(std::fs::read(d.join("dev.bin")).unwrap() == support::pattern(3, 4 << 20));
+}
