@@ -177,6 +177,17 @@ pub fn open_target(
                 ImageLock::exclusive(path)?
             } else {
                 refuse_new_file_in_dev(path)?;
+                // Not missing but unreachable (a loop of symbolic links, a file where a
+                // directory should be): said as it is, never as a link to nothing.
+                if let Err(err) = std::fs::metadata(path) {
+                    if err.kind() != std::io::ErrorKind::NotFound {
+                        return Err(EngineError::File {
+                            path: path.display().to_string(),
+                            reason: crate::words::io_words(&err),
+                            errno: -err.raw_os_error().unwrap_or(libc::EIO),
+                        });
+                    }
+                }
                 if let Ok(target) = std::fs::read_link(path) {
                     // A dangling symbolic link: the name is taken, its target missing.
                     return Err(EngineError::File {

@@ -591,3 +591,42 @@ fn export_to_a_block_device_smaller_than_the_blob_is_refused_up_front() {
     drop(dev);
     assert!(std::fs::read(d.join("dev.bin")).unwrap() == support::pattern(3, 4 << 20));
 }
+
+// ---------------------------------------------------------------------------------------
+// 10. Path errors that said something else than what was wrong.
+// ---------------------------------------------------------------------------------------
+
+/// Two path errors said the wrong thing: `perf --target loop1`, where loop1 and loop2 are
+/// symbolic links to each other, said "a symbolic link to loop2, which does not exist"
+/// (loop2 exists; the links loop), while every other command says "too many levels of
+/// symbolic links"; and `spool ls s.img/x` (a file where a directory should be) asked "a
+/// trailing slash? give the image's path without it" of a path with no trailing slash.
+/// Expected: what is wrong, as it is.
+#[test]
+fn path_errors_say_what_is_wrong_with_the_path() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "16M"]);
+    std::os::unix::fs::symlink("loop2", d.join("loop1")).unwrap();
+    std::os::unix::fs::symlink("loop1", d.join("loop2")).unwrap();
+    for (args, line) in [
+        (
+            &["perf", "--target", "loop1", "--time", "1", "-q"][..],
+            "error: loop1: too many levels of symbolic links",
+        ),
+        (
+            &["ls", "loop1"][..],
+            "error: loop1: too many levels of symbolic links",
+        ),
+        (
+            &["ls", "s.img/x"][..],
+            "error: s.img/x: a part of the path is not a directory",
+        ),
+        (
+            &["ls", "s.img/"][..],
+            "error: s.img/: a part of the path is not a directory (a trailing slash? give the image's path without it)",
+        ),
+    ] {
+        support::refused_with(d, "s.img", args, 1, line, true);
+    }
+}
