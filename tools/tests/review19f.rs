@@ -750,3 +750,23 @@ fn serve_on_a_ram_store_too_small_says_so() {
         );
     }
 }
+
+/// `spool perf --target null --size 1K` said `error: invalid bdev argument: block count is
+/// 0`: an internal word ("bdev"), no option named, nothing to do; a file target with the
+/// same `--size` says "--size 1000 is smaller than one block ...". Expected: the same words
+/// for the null device, exit 2 (a bad argument).
+#[test]
+fn perf_null_with_a_size_under_one_block_names_the_option() {
+    let dir = scratch();
+    let out = support::spool_unchecked(
+        dir.path(),
+        &[
+            "perf", "--target", "null", "--size", "1K", "--time", "1", "-q",
+        ],
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert_eq!(
+        out.stderr.trim_end(),
+        "error: null: --size 1024 is smaller than one block of 4096 bytes: a null device needs at least one block"
+    );
+}

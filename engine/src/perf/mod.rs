@@ -206,10 +206,21 @@ pub(crate) fn refuse_before_creating(
     config: &PerfConfig,
     io_job: bool,
 ) -> Result<(), EngineError> {
+    let block = u64::from(config.target_options.block_size);
+    // A null device of `--size` too: one under a block has no block to do I/O on.
+    if matches!(spec, TargetSpec::Null)
+        && block.is_power_of_two()
+        && block >= 512
+        && config.target_options.size_bytes < block
+    {
+        return Err(EngineError::InvalidArgument(format!(
+            "null: --size {} is smaller than one block of {block} bytes: a null device needs at least one block",
+            config.target_options.size_bytes
+        )));
+    }
     let TargetSpec::Path(path) = spec else {
         return Ok(());
     };
-    let block = u64::from(config.target_options.block_size);
     if path.symlink_metadata().is_ok() || !block.is_power_of_two() || block < 512 {
         return Ok(());
     }
