@@ -770,3 +770,31 @@ fn perf_null_with_a_size_under_one_block_names_the_option() {
         "error: null: --size 1024 is smaller than one block of 4096 bytes: a null device needs at least one block"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 12. A BLOB that is not there does not name the image.
+// ---------------------------------------------------------------------------------------
+
+/// The rule for an error line: "the path, what is wrong, what to do". A BLOB that no
+/// blob matches says only `error: no blob is named 'nosuch'` (or `error: blob 0x100000009
+/// does not exist (no blob has that id or name)`): no image (with several stores in a
+/// script, which one?) and nothing to do. Expected: the image first, and where to look
+/// (`spool ls IMAGE`).
+#[test]
+#[ignore = "review19f: a BLOB no blob matches is said without the image or what to do"]
+fn a_missing_blob_names_the_image_and_what_to_do() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "16M"]);
+    for blob in ["nosuch", "0x100000009"] {
+        let line = support::refused_with(
+            d,
+            "s.img",
+            &["export", "s.img", blob, "out.bin"],
+            1,
+            "error: s.img: ",
+            false,
+        );
+        assert!(line.contains("spool ls s.img"), "{line}");
+    }
+}
