@@ -798,3 +798,36 @@ fn a_missing_blob_names_the_image_and_what_to_do() {
         assert!(line.contains("spool ls s.img"), "{line}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 13. `perf --layer md` on a target too small for its I/O phases.
+// ---------------------------------------------------------------------------------------
+
+/// docs/cli.md: the store settings of `--layer blob`, `md` and `snap` the target cannot take
+/// are refused "on any target, before anything is written, naming the option". `perf
+/// --layer md --target malloc:64M` (a natural first try) ran every metadata phase (with the
+/// default 10000 blobs, many seconds), then failed with `error: only 24 free clusters: use a
+/// larger target`: no table for the phases it had measured, no target named, no size to
+/// aim for; on a new file target, the file was created (and filled) first. Expected:
+/// refused before anything runs or is created, exit 2, saying how many clusters it needs.
+#[test]
+fn perf_md_on_a_target_too_small_for_its_io_phases_is_refused_up_front() {
+    let dir = scratch();
+    let d = dir.path();
+    for (target, left) in [("malloc:64M", 63), ("pm.img", 63)] {
+        let out = support::spool_unchecked(
+            d,
+            &[
+                "perf", "--layer", "md", "--blobs", "50", "--target", target, "--size", "64M", "-q",
+            ],
+        );
+        assert_eq!(out.code, Some(2), "{target}: {}", out.stderr);
+        assert_eq!(
+            out.stderr.trim_end(),
+            format!("error: --layer md needs at least 96 clusters for data (its I/O phases), the 67108864-byte target leaves {left} of 1048576 bytes: give a larger target (or a smaller --cluster-size)")
+        );
+        assert!(out.stdout.is_empty());
+    }
+    assert!(!d.join("pm.img").exists(), "the target file was made");
+    assert!(temporaries(d).is_empty(), "{:?}", temporaries(d));
+}

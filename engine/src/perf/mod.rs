@@ -267,6 +267,18 @@ pub(crate) fn check_store_fits(config: &PerfConfig, device_bytes: u64) -> Result
             "--cluster-size {cluster} leaves no cluster for data on the {device_bytes}-byte target (its metadata takes all {}): give a smaller --cluster-size or a larger target",
             layout.total_clusters
         )),
+        // `--layer md` ends with I/O phases on blobs of a third of the free clusters, at
+        // least one per I/O in flight: found now, not after the metadata phases have run.
+        Ok(layout)
+            if md_pages.is_some()
+                && (layout.total_clusters - layout.md_clusters) / 3 < metadata::IO_QD =>
+        {
+            bad(format!(
+                "--layer md needs at least {} clusters for data (its I/O phases), the {device_bytes}-byte target leaves {} of {cluster} bytes: give a larger target (or a smaller --cluster-size)",
+                metadata::IO_QD * 3,
+                layout.total_clusters - layout.md_clusters
+            ))
+        }
         Ok(_) => Ok(()),
         Err(LayoutError::ClusterSize(_)) => bad(format!(
             "--cluster-size {cluster} is not a multiple of 4096 bytes: give one (e.g. 1M)"
