@@ -708,7 +708,7 @@ fn a_ram_target_larger_than_the_host_is_refused_before_filling_memory() {
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
         assert_eq!(status.code(), Some(1), "spool {args:?}: {stderr}");
-        let bytes = host_memory_gib() * 2 << 30;
+        let bytes = (host_memory_gib() * 2) << 30;
         assert_eq!(
             stderr.lines().last().unwrap_or_default(),
             format!("error: {size}: not enough memory for {bytes} bytes of RAM device: give a smaller malloc:SIZE (or a file or block device as the target)"),
