@@ -223,7 +223,10 @@ pub fn delete(args: &BlobArgs) -> Result<(), ToolError> {
         let id = match resolve_blob(&store, &text).await {
             Ok(id) => id,
             Err(err) => match parse_id(&text) {
-                Some(id) => return Ok(Some((id, err.to_string()))),
+                Some(id) => {
+                    let missing = matches!(err, ToolError::NoSuchBlob(_));
+                    return Ok(Some((id, err.to_string(), missing)));
+                }
                 None => return Err(err),
             },
         };
@@ -235,7 +238,9 @@ pub fn delete(args: &BlobArgs) -> Result<(), ToolError> {
             )));
         }
         match store.delete_blob(id).await {
-            Err(err @ BlobError::CorruptBlob { .. }) => return Ok(Some((id, err.to_string()))),
+            Err(err @ BlobError::CorruptBlob { .. }) => {
+                return Ok(Some((id, err.to_string(), false)))
+            }
             deleted => deleted?,
         }
         if was_super {
@@ -248,14 +253,15 @@ pub fn delete(args: &BlobArgs) -> Result<(), ToolError> {
         Ok(None)
     })?;
     match damaged {
-        Some((id, why)) => delete_damaged(&args.image, id, why),
+        Some((id, why, missing)) => delete_damaged(&args.image, id, why, missing),
         None => Ok(()),
     }
 }
 
 /// Deletes damaged blob `id` of `image` offline, under the image's exclusive lock; `why` is
-/// the loaded store's refusal, said as it is when the md region holds no damaged blob `id`.
-fn delete_damaged(image: &str, id: u64, why: String) -> Result<(), ToolError> {
+/// the loaded store's refusal, said as it is when the md region holds no damaged blob `id`
+/// (naming the image and where to look when it found no blob at all: `missing`).
+fn delete_damaged(image: &str, id: u64, why: String, missing: bool) -> Result<(), ToolError> {
     use spool_blob::check::CheckError;
     let failed = |err: &dyn std::fmt::Display| ToolError::Failed(format!("{image}: {err}"));
     let _lock = spool_engine::ImageLock::exclusive(std::path::Path::new(image))
@@ -268,7 +274,11 @@ fn delete_damaged(image: &str, id: u64, why: String) -> Result<(), ToolError> {
     let report = match spool_blob::check::forget::forget_damaged_blob(&file, id) {
         Ok(report) => report,
         Err(CheckError::NotDamaged(_) | CheckError::NoSuchBlob(_)) => {
-            return Err(ToolError::Failed(why));
+            return Err(if missing {
+                crate::blob_cmd::name_image(image, ToolError::NoSuchBlob(why))
+            } else {
+                ToolError::Failed(why)
+            });
         }
         Err(err) => return Err(failed(&err)),
     };

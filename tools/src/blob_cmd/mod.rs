@@ -113,6 +113,13 @@ where
     run_offline(Path::new(image), open, job).map_err(|err| name_image(image, err))
 }
 
+/// A BLOB no blob matches, said naming the image and where to look.
+fn no_such_blob(image: &str, what: &str) -> ToolError {
+    ToolError::Failed(format!(
+        "{image}: {what}: `spool ls {image}` lists its blobs"
+    ))
+}
+
 /// Like [`with_store`], on an image the caller holds the lock of (one it just created, at
 /// `path`: its temporary name until published); errors name `image`.
 fn with_locked_store<T, F, Fut>(
@@ -258,6 +265,9 @@ fn block_device_full(image: &str, err: &ToolError) -> Option<ToolError> {
 /// Makes an engine, store or reactor error name the image (unless it already does), in
 /// words: a full host filesystem said as such, no errno numbers or io error tails.
 pub(crate) fn name_image(image: &str, err: ToolError) -> ToolError {
+    if let ToolError::NoSuchBlob(what) = &err {
+        return no_such_blob(image, what);
+    }
     if let Some(said) = block_device_full(image, &err) {
         return said;
     }
