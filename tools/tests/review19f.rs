@@ -842,3 +842,39 @@ fn perf_md_on_a_target_too_small_for_its_io_phases_is_refused_up_front() {
     assert!(!d.join("pm.img").exists(), "the target file was made");
     assert!(temporaries(d).is_empty(), "{:?}", temporaries(d));
 }
+
+// ---------------------------------------------------------------------------------------
+// 14. `init` geometry errors in the layout's words, with nothing to do.
+// ---------------------------------------------------------------------------------------
+
+/// `init` said its geometry errors in the layout's own words, with no option named and
+/// nothing to do: `--size 10000` gave `error: w1.img: device of 8192 bytes is smaller than
+/// one cluster of 1048576` (8192: the user said 10000), `--cluster-size 3K` `cluster size
+/// 3072 is not a non-zero multiple of 4096`, and `--cluster-size 4K --md-pages 100000`
+/// `metadata needs 100013 clusters, the device has 1024`. Expected, as `perf` says them and
+/// as `init` says "leaves no cluster for data": the sizes given, and the option to change.
+#[test]
+fn init_geometry_errors_name_the_option_to_change() {
+    let dir = scratch();
+    let d = dir.path();
+    for (args, line) in [
+        (
+            &["init", "w.img", "--size", "512K"][..],
+            "error: w.img: 512 KiB is smaller than one cluster of 1 MiB: give a larger --size or a smaller --cluster-size",
+        ),
+        (
+            &["init", "w.img", "--size", "4M", "--cluster-size", "3K"][..],
+            "error: w.img: cluster size 3072 is not a multiple of 4096 bytes: give a --cluster-size that is (e.g. 64K or 1M)",
+        ),
+        (
+            &[
+                "init", "w.img", "--size", "4M", "--cluster-size", "4K", "--md-pages", "100000",
+            ][..],
+            "error: w.img: the metadata needs 100013 clusters of 4 KiB, the 4 MiB image has 1024: give fewer --md-pages (or a larger --size)",
+        ),
+    ] {
+        support::refused_with(d, "w.img", args, 1, line, true);
+        assert!(!d.join("w.img").exists(), "{args:?} left w.img");
+        assert!(temporaries(d).is_empty(), "{:?}", temporaries(d));
+    }
+}
