@@ -878,3 +878,33 @@ fn init_geometry_errors_name_the_option_to_change() {
         assert!(temporaries(d).is_empty(), "{:?}", temporaries(d));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 15. Deleting a snapshot with several clones: which ones, and what to do.
+// ---------------------------------------------------------------------------------------
+
+/// `spool delete s.img snap` of a snapshot with two clones said `error: s.img: blob
+/// 0x100000002 is a snapshot with 2 clones`: what is wrong, but not which blobs nor what to
+/// do (SPDK merges a snapshot with one clone into it, so deleting or inflating all but one
+/// clone makes the delete work). Expected: the clones' ids and what to do; the image
+/// untouched.
+#[test]
+fn deleting_a_snapshot_with_clones_names_them_and_what_to_do() {
+    let dir = scratch();
+    let d = dir.path();
+    ok_in(d, &["init", "s.img", "--size", "16M"]);
+    ok_in(d, &["create", "s.img", "--size", "1M", "--name", "v"]);
+    ok_in(d, &["snapshot", "s.img", "v", "--name", "snap"]);
+    ok_in(d, &["clone", "s.img", "snap", "--name", "c"]);
+    support::refused_with(
+        d,
+        "s.img",
+        &["delete", "s.img", "snap"],
+        1,
+        "error: s.img: blob 0x100000002 is a snapshot with 2 clones (0x100000000, 0x100000003): delete all but one, or inflate or decouple them, first",
+        true,
+    );
+    // The advice works: with one clone left, the snapshot is merged into it.
+    ok_in(d, &["delete", "s.img", "c"]);
+    ok_in(d, &["delete", "s.img", "snap"]);
+}
