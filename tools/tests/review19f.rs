@@ -908,3 +908,59 @@ fn deleting_a_snapshot_with_clones_names_them_and_what_to_do() {
     ok_in(d, &["delete", "s.img", "c"]);
     ok_in(d, &["delete", "s.img", "snap"]);
 }
+
+// ---------------------------------------------------------------------------------------
+// 16. `init` of a large block device cannot be interrupted.
+// ---------------------------------------------------------------------------------------
+
+/// Bytes the file at `path` takes on its filesystem.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |meta| meta.blocks() * 512)
+}
+
+/// `spool init /dev/sdX` of a 1 TiB device clears its 4 GiB metadata area with write-zeroes
+/// (a block device is not trusted to read zeros after a discard): 1.5 s on a loop device over
+/// RAM, tens of seconds on a disk that writes the zeros. Ctrl-C during it was ignored: init
+/// ran to its end and exited 0, the brief's "init of a large store" among the long commands
+/// a user must be able to stop. Expected: stop between two pieces of the clear, exit 130,
+/// `error: interrupted by SIGINT after N of M bytes ...` saying the device holds no store.
+/// Not fixed here: the clear is one write-zeroes request in the blob crate
+/// (`clear_md_area`), which would need cutting into pieces with a stop check between them.
+#[test]
+#[ignore = "review19f: init of a large block device ignores Ctrl-C while it clears the metadata area"]
+fn ctrl_c_stops_init_of_a_large_block_device() {
+    let dir = scratch();
+    let d = dir.path();
+    let file = std::fs::File::create(d.join("dev.img")).unwrap();
+    file.set_len(1 << 40).unwrap();
+    drop(file);
+    let Some(dev) = Loop::attach(&d.join("dev.img")) else {
+        eprintln!("no loop device here (needs root): skipped");
+        return;
+    };
+    let backing = d.join("dev.img");
+    let mut child = spool()
+        .args(["init", &dev.0])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spool starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while allocated(&backing) < 256 << 20 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("init ended ({status}) before the clear was seen");
+        }
+        assert!(Instant::now() < deadline, "init never got under way");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    kill(child.id(), libc::SIGINT);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.starts_with("error: interrupted by SIGINT after "),
+        "{stderr}"
+    );
+}
