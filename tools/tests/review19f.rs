@@ -964,3 +964,27 @@ fn ctrl_c_stops_init_of_a_large_block_device() {
         "{stderr}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 17. `spool rpc -s PATH` where PATH is no socket.
+// ---------------------------------------------------------------------------------------
+
+/// `spool rpc -s s.img bdev_get_bdevs` (a mistyped socket: the image, or the directory the
+/// socket is in) said `connect: connection refused: nothing listens there (is spool serve
+/// running?)`: the kernel's ECONNREFUSED for a path that is no socket, said as if a daemon
+/// were down. Expected: what the path is, and which path to give.
+#[test]
+fn rpc_to_a_path_that_is_no_socket_says_so() {
+    let dir = scratch();
+    let d = dir.path();
+    std::fs::write(d.join("file"), b"x").unwrap();
+    std::fs::create_dir(d.join("adir")).unwrap();
+    for (path, what) in [("file", "not a socket"), ("adir", "a directory")] {
+        let out = support::spool_unchecked(d, &["rpc", "-s", path, "bdev_get_bdevs"]);
+        assert_eq!(out.code, Some(1), "{}", out.stderr);
+        assert_eq!(
+            out.stderr.trim_end(),
+            format!("error: {path}: connect: {what}: give the daemon's JSON-RPC socket (spool serve --rpc PATH; default /var/tmp/spool.sock)")
+        );
+    }
+}
