@@ -447,9 +447,11 @@ impl Blobstore {
             return self.merge_into_clone(id, clones[0]).await;
         }
         if !clones.is_empty() {
+            let ids: Vec<String> = clones.iter().map(|clone| format!("{clone:#x}")).collect();
             return Err(BlobError::Busy(format!(
-                "blob {id:#x} is a snapshot with {} clones",
-                clones.len()
+                "blob {id:#x} is a snapshot with {} clones ({}): delete all but one, or inflate or decouple them, first",
+                clones.len(),
+                ids.join(", ")
             )));
         }
         let blob = self.open_blob(id).await?;

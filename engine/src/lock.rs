@@ -164,7 +164,7 @@ impl ImageLock {
             file_error(
                 path,
                 format!(
-                    "a size of {size_bytes} bytes is larger than a file on this filesystem can be: give a smaller --size"
+                    "a size of {size_bytes} bytes is larger than a file on this filesystem can be (or than the file size limit, ulimit -f): give a smaller --size"
                 ),
                 -libc::EFBIG,
             )

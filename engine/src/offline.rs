@@ -107,7 +107,9 @@ pub fn check_image_exists(image: &Path) -> Result<(), EngineError> {
         let reason = match err.raw_os_error() {
             Some(libc::ENOENT) => "no such file or directory".to_string(),
             // `s.img/`: a trailing slash asks for a directory.
-            Some(libc::ENOTDIR) => "a part of the path is not a directory (a trailing slash? give the image's path without it)".to_string(),
+            Some(libc::ENOTDIR) if image.as_os_str().as_encoded_bytes().ends_with(b"/") => "a part of the path is not a directory (a trailing slash? give the image's path without it)".to_string(),
+            // `s.img/x`: a file where a directory should be.
+            Some(libc::ENOTDIR) => "a part of the path is not a directory".to_string(),
             _ => crate::words::io_words(&err),
         };
         EngineError::File {

@@ -72,14 +72,44 @@ pub fn install() -> std::io::Result<()> {
         return Ok(());
     }
     let seen = Arc::new(AtomicBool::new(false));
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+    // A hang-up ignored from the start is `nohup`'s request to outlive the terminal: left
+    // ignored, so `nohup spool serve &` or a long export goes on after the ssh session ends.
+    // SIGINT is caught even so (a job a script put in the background ignores it, and the
+    // issue that asked for Ctrl-C found such a job could be stopped only by kill).
+    let hangup = if ignored_at_start(libc::SIGHUP) {
+        None
+    } else {
+        Some(libc::SIGHUP)
+    };
+    for signal in [Some(libc::SIGINT), Some(libc::SIGTERM), hangup]
+        .into_iter()
+        .flatten()
+    {
         // Order matters: the shutdown check runs first, so it only fires on a second signal.
         signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, Arc::clone(&seen))?;
         signal_hook::flag::register(signal, Arc::clone(&seen))?;
         signal_hook::flag::register_usize(signal, Arc::clone(requested_cell()), signal as usize)?;
     }
+    // SIGXFSZ (a write past the file size limit, `ulimit -f`) would kill the process where
+    // it stands, leaving temporary files and a dirty store: caught, it only makes that
+    // write fail with EFBIG, which the command reports in words and cleans up after.
+    signal_hook::flag::register(libc::SIGXFSZ, Arc::new(AtomicBool::new(false)))?;
     let _ = INSTALLED.set(());
     Ok(())
+}
+
+/// Whether `signal` was ignored when the process started (its bit in `SigIgn` of
+/// `/proc/self/status`; false where that cannot be read). Asked before any handler is
+/// installed.
+fn ignored_at_start(signal: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| signal >= 1 && mask & (1 << (signal - 1)) != 0)
 }
 
 /// The signal that asked for a stop, if one did.

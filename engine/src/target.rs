@@ -100,6 +100,21 @@ pub struct OpenedTarget {
 }
 
 /// `malloc:SIZE` as a user would type it: the largest binary suffix that divides it.
+/// Bytes of memory the host can give without swapping (`MemAvailable` of `/proc/meminfo`);
+/// `None` where that cannot be read.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
 fn malloc_label(size_bytes: u64) -> String {
     for (shift, suffix) in [(50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")] {
         if size_bytes >= 1 << shift && size_bytes.is_multiple_of(1 << shift) {
@@ -115,6 +130,21 @@ pub fn malloc_bdev(
     size_bytes: u64,
     block_size: u32,
 ) -> Result<spool_bdev::MallocBdev, EngineError> {
+    let no_memory = || {
+        EngineError::File {
+        path: malloc_label(size_bytes),
+        reason: format!(
+            "not enough memory for {size_bytes} bytes of RAM device: give a smaller malloc:SIZE (or a file or block device as the target)"
+        ),
+        errno: -libc::ENOMEM,
+    }
+    };
+    // The allocation is made in small chunks, each of which the kernel grants (overcommit):
+    // past the memory the host has, filling them with zeros ends in the OOM killer, not in
+    // ENOMEM. What the host says it can give without swapping is the limit.
+    if available_memory().is_some_and(|available| size_bytes > available) {
+        return Err(no_memory());
+    }
     spool_bdev::MallocBdev::new("malloc0", block_size, size_bytes / u64::from(block_size)).map_err(
         |err| match err.errno() {
             code if code == -libc::ENOMEM => EngineError::File {
@@ -177,6 +207,17 @@ pub fn open_target(
                 ImageLock::exclusive(path)?
             } else {
                 refuse_new_file_in_dev(path)?;
+                // Not missing but unreachable (a loop of symbolic links, a file where a
+                // directory should be): said as it is, never as a link to nothing.
+                if let Err(err) = std::fs::metadata(path) {
+                    if err.kind() != std::io::ErrorKind::NotFound {
+                        return Err(EngineError::File {
+                            path: path.display().to_string(),
+                            reason: crate::words::io_words(&err),
+                            errno: -err.raw_os_error().unwrap_or(libc::EIO),
+                        });
+                    }
+                }
                 if let Ok(target) = std::fs::read_link(path) {
                     // A dangling symbolic link: the name is taken, its target missing.
                     return Err(EngineError::File {

@@ -498,7 +498,32 @@ impl Sink {
                         Err(_) => {}
                     }
                 }
-                let file = File::create(&path).map_err(create_error)?;
+                // A block device is claimed with O_EXCL, as every writer of one does: the
+                // kernel refuses one that is mounted or held (a running spool serve, a
+                // partition of it in use), which --force must not write over.
+                let is_block = existing.as_ref().is_ok_and(|meta| {
+                    std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type())
+                });
+                let file = if is_block {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_EXCL)
+                        .open(&path)
+                        .map_err(|err| {
+                            if err.raw_os_error() == Some(libc::EBUSY) {
+                                EngineError::File {
+                                    path: shown.clone(),
+                                    reason: "in use (mounted, or claimed by another process): export writes only to a device nobody uses".into(),
+                                    errno: -libc::EBUSY,
+                                }
+                            } else {
+                                create_error(err)
+                            }
+                        })?
+                } else {
+                    File::create(&path).map_err(create_error)?
+                };
                 Ok(Sink::File {
                     file,
                     path,
@@ -506,6 +531,23 @@ impl Sink {
                 })
             }
         }
+    }
+
+    /// The path and size of a block device sink (`None` for any other).
+    fn block_device_bytes(&self) -> Option<(String, u64)> {
+        use std::io::Seek;
+        use std::os::unix::fs::FileTypeExt;
+        let Sink::File { file, path, .. } = self else {
+            return None;
+        };
+        if !file.metadata().ok()?.file_type().is_block_device() {
+            return None;
+        }
+        // A block device's metadata says 0 bytes; its end is its size.
+        let mut handle = file;
+        let bytes = handle.seek(std::io::SeekFrom::End(0)).ok()?;
+        handle.seek(std::io::SeekFrom::Start(0)).ok()?;
+        Some((path.display().to_string(), bytes))
     }
 
     /// The sink's name in messages.
@@ -737,6 +779,16 @@ pub async fn export(
     }
     let length = length.unwrap_or(size - offset);
     let mut sink = Sink::open(sink)?;
+    // A block device cannot grow: one smaller than the copy is refused before its first
+    // byte is written (not found full half-way, its head already overwritten).
+    if let Some((path, device_bytes)) = sink.block_device_bytes() {
+        if device_bytes < length {
+            return Err(EngineError::InvalidArgument(format!(
+                "{path}: the device holds {device_bytes} bytes, fewer than the {length} bytes of blob {} to export: give a larger device, or --length {device_bytes} or less",
+                id_hex(blob.id())
+            )));
+        }
+    }
     progress(Progress {
         done: 0,
         total: length,

@@ -17,7 +17,7 @@ pub fn errno_words(code: i32) -> String {
         libc::EPIPE => "the reader went away (broken pipe)",
         libc::EIO => "input/output error on the device",
         libc::EDQUOT => "disk quota exceeded on the host filesystem",
-        libc::EFBIG => "the file would grow past the largest size the host filesystem allows",
+        libc::EFBIG => "the write reaches past the largest file size the host filesystem (or the file size limit, ulimit -f) allows",
         libc::ENODEV | libc::ENXIO => "no such device",
         libc::EOPNOTSUPP => "not supported by the host filesystem",
         libc::EADDRINUSE => "address already in use (another process listens there)",

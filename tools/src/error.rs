@@ -25,6 +25,10 @@ pub enum ToolError {
     /// The run itself failed.
     #[error("{0}")]
     Run(String),
+    /// No blob matches a BLOB argument (exit 1); said naming the image, with where to look,
+    /// once the store is unloaded (see `blob_cmd::with_store`).
+    #[error("{0}")]
+    NoSuchBlob(String),
     /// A check ran to its end and found problems (listed on stdout); exit code 2, as
     /// `fsck`-like tools do.
     #[error("{0}")]

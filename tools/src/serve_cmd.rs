@@ -113,8 +113,15 @@ fn name_the_store(args: &ServeArgs, err: EngineError) -> ToolError {
         err,
         EngineError::Blob(_) | EngineError::Bdev(_) | EngineError::Step { .. }
     );
-    if image.starts_with("malloc:") || !about_the_store {
+    if !about_the_store {
         return err.into();
+    }
+    // A new store in RAM that could not be made (with its volume) was too small for one.
+    if image.starts_with("malloc:") {
+        return ToolError::Failed(format!(
+            "{image}: too small for a store with a volume ({}): give a larger size, e.g. malloc:64M",
+            spool_engine::words::scrub(&err.to_string())
+        ));
     }
     crate::blob_cmd::name_image(&image, err.into())
 }

@@ -133,7 +133,7 @@ fn errors_name_the_path_say_what_is_wrong_and_what_to_do() {
         "store.img",
         &["resize", "store.img", &id, "70M"],
         1,
-        "error: store.img: no space to grow blob 0x100000000 to 70 MiB: it needs 10 clusters of 1 MiB (10 MiB) and 3 are free (3 MiB); free some, or make the blob thin (--thin) to allocate on write",
+        "error: store.img: no space to grow blob 0x100000000 to 70 MiB: it needs 10 clusters of 1 MiB (10 MiB) and 3 are free (3 MiB); free some, or give a smaller size (a thick blob takes every cluster of its new size when it grows)",
     );
     refused(
         d,

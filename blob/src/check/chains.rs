@@ -112,6 +112,12 @@ pub fn scan(
     let mut next_report = report_every;
     let mut first = 0u32;
     while first < md_len {
+        if image.stop_requested() {
+            return Err(CheckError::Stopped {
+                scanned: u64::from(first),
+                md_len: u64::from(md_len),
+            });
+        }
         // A sparse file's holes read as zeros: skip them rather than read them.
         if let Some(data) = image.next_data_page(shape.md_device_page(first)) {
             let data_md_page = data.saturating_sub(shape.md_device_page(0));

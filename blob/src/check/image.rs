@@ -31,6 +31,12 @@ pub trait ImageIo {
         let _ = offset;
         None
     }
+    /// Whether the caller asked the scan to stop (a command line's Ctrl-C): the md region
+    /// scan checks it between two batches and ends with [`CheckError::Stopped`]. Never, by
+    /// default.
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 impl ImageIo for File {
@@ -108,6 +114,11 @@ impl<'f> Image<'f> {
     /// Bytes of the device.
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// Whether the caller asked the scan to stop (see [`ImageIo::stop_requested`]).
+    pub fn stop_requested(&self) -> bool {
+        self.file.stop_requested()
     }
 
     /// Whether the device has no bytes.

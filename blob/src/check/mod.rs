@@ -78,6 +78,15 @@ pub enum CheckError {
     /// An offline delete was asked of a blob the md region does not hold (-ENOENT).
     #[error("no blob {0:#x} is found in the md region")]
     NoSuchBlob(u64),
+    /// The caller asked the scan to stop ([`image::ImageIo::stop_requested`]) after `scanned`
+    /// of `md_len` md pages (-EINTR); nothing was written.
+    #[error("stopped after {scanned} of {md_len} md pages scanned")]
+    Stopped {
+        /// Md pages scanned.
+        scanned: u64,
+        /// Md pages of the store.
+        md_len: u64,
+    },
 }
 
 impl CheckError {
@@ -98,6 +107,7 @@ impl CheckError {
             CheckError::NotABlobstore(_) | CheckError::Unrepairable(_) => -libc::EILSEQ,
             CheckError::NotDamaged(_) => -libc::EINVAL,
             CheckError::NoSuchBlob(_) => -libc::ENOENT,
+            CheckError::Stopped { .. } => -libc::EINTR,
         }
     }
 }

@@ -209,7 +209,7 @@ async fn unloading(store: Blobstore, err: EngineError) -> EngineError {
 }
 
 /// Queue depth of the I/O phases.
-const IO_QD: u64 = 32;
+pub(crate) const IO_QD: u64 = 32;
 
 struct IoPhases {
     loaded_snapshot_ms: f64,

@@ -206,10 +206,21 @@ pub(crate) fn refuse_before_creating(
     config: &PerfConfig,
     io_job: bool,
 ) -> Result<(), EngineError> {
+    let block = u64::from(config.target_options.block_size);
+    // A null device of `--size` too: one under a block has no block to do I/O on.
+    if matches!(spec, TargetSpec::Null)
+        && block.is_power_of_two()
+        && block >= 512
+        && config.target_options.size_bytes < block
+    {
+        return Err(EngineError::InvalidArgument(format!(
+            "null: --size {} is smaller than one block of {block} bytes: a null device needs at least one block",
+            config.target_options.size_bytes
+        )));
+    }
     let TargetSpec::Path(path) = spec else {
         return Ok(());
     };
-    let block = u64::from(config.target_options.block_size);
     if path.symlink_metadata().is_ok() || !block.is_power_of_two() || block < 512 {
         return Ok(());
     }
@@ -256,6 +267,18 @@ pub(crate) fn check_store_fits(config: &PerfConfig, device_bytes: u64) -> Result
             "--cluster-size {cluster} leaves no cluster for data on the {device_bytes}-byte target (its metadata takes all {}): give a smaller --cluster-size or a larger target",
             layout.total_clusters
         )),
+        // `--layer md` ends with I/O phases on blobs of a third of the free clusters, at
+        // least one per I/O in flight: found now, not after the metadata phases have run.
+        Ok(layout)
+            if md_pages.is_some()
+                && (layout.total_clusters - layout.md_clusters) / 3 < metadata::IO_QD =>
+        {
+            bad(format!(
+                "--layer md needs at least {} clusters for data (its I/O phases), the {device_bytes}-byte target leaves {} of {cluster} bytes: give a larger target (or a smaller --cluster-size)",
+                metadata::IO_QD * 3,
+                layout.total_clusters - layout.md_clusters
+            ))
+        }
         Ok(_) => Ok(()),
         Err(LayoutError::ClusterSize(_)) => bad(format!(
             "--cluster-size {cluster} is not a multiple of 4096 bytes: give one (e.g. 1M)"

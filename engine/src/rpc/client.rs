@@ -60,6 +60,20 @@ fn call_inner(
         )
     };
     let mut stream = UnixStream::connect(socket).map_err(|err| {
+        // Connecting to a path that is no socket (a file, a directory) is refused too: say
+        // what the path is, not that nothing listens on it.
+        if err.raw_os_error() == Some(libc::ECONNREFUSED) {
+            use std::os::unix::fs::FileTypeExt;
+            if let Ok(meta) = std::fs::metadata(socket) {
+                if !meta.file_type().is_socket() {
+                    let what = if meta.is_dir() { "a directory" } else { "not a socket" };
+                    return failed(
+                        format!("connect: {what}: give the daemon's JSON-RPC socket (spool serve --rpc PATH; default /var/tmp/spool.sock)"),
+                        -libc::ENOTSOCK,
+                    );
+                }
+            }
+        }
         let hint = match err.raw_os_error() {
             Some(libc::ENOENT) => {
                 " (no daemon's JSON-RPC socket is there: is spool serve running?)"

@@ -286,7 +286,9 @@ pub struct ExportArgs {
     #[arg(long, value_name = "BYTES", value_parser = bytes_arg, allow_hyphen_values = true)]
     pub length: Option<u64>,
     /// Write to a block device FILE that holds a filesystem, a partition table, a blobstore
-    /// or another volume `init` refuses (its data is lost); refused without this.
+    /// or another volume `init` refuses, or a regular FILE that holds a blobstore (its data
+    /// is lost); refused without this. A device in use (mounted, or claimed by another
+    /// process) or a FILE another process holds the image lock of is refused even so.
     #[arg(long)]
     pub force: bool,
 }

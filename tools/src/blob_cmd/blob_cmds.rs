@@ -12,16 +12,31 @@ use crate::blob_cmd::text::{emit, human_bytes, id_hex, name_of};
 use crate::blob_cmd::{clusters_for, on_store};
 use crate::error::ToolError;
 
+/// What to do, besides freeing space, when a new thick blob does not fit.
+const MAKE_IT_THIN: &str = "make the blob thin (--thin) to allocate on write";
+
+/// What to do, besides freeing space, when growing a thick blob does not fit (resize has no
+/// --thin: a thick blob stays thick).
+const GROW_LESS: &str =
+    "give a smaller size (a thick blob takes every cluster of its new size when it grows)";
+
 /// Fails, in words, when a thick blob of `clusters` cannot get them from the store's
-/// free clusters (`growing` of them for a resize): the image, the sizes, and what to do.
-fn check_room(image: &str, store: &Blobstore, what: &str, clusters: u64) -> Result<(), ToolError> {
+/// free clusters (`growing` of them for a resize): the image, the sizes, and what to do
+/// (`advice`, after freeing some).
+fn check_room(
+    image: &str,
+    store: &Blobstore,
+    what: &str,
+    clusters: u64,
+    advice: &str,
+) -> Result<(), ToolError> {
     let free = store.free_cluster_count();
     if clusters <= free {
         return Ok(());
     }
     let cluster = store.cluster_size();
     Err(ToolError::Failed(format!(
-        "{image}: no space {what}: it needs {clusters} clusters of {} ({}) and {free} are free ({}); free some, or make the blob thin (--thin) to allocate on write",
+        "{image}: no space {what}: it needs {clusters} clusters of {} ({}) and {free} are free ({}); free some, or {advice}",
         human_bytes(cluster),
         human_bytes(clusters.saturating_mul(cluster)),
         human_bytes(free.saturating_mul(cluster)),
@@ -29,11 +44,11 @@ fn check_room(image: &str, store: &Blobstore, what: &str, clusters: u64) -> Resu
 }
 
 /// A thick blob's clusters the host filesystem could not reserve, in words (any other error
-/// as it is): the image, how much, and what to do.
-fn host_full(image: &str, what: &str, err: BlobError) -> ToolError {
+/// as it is): the image, how much, and what to do (`advice`, after freeing space).
+fn host_full(image: &str, what: &str, err: BlobError, advice: &str) -> ToolError {
     match err {
         BlobError::HostNoSpace { bytes, .. } => ToolError::Failed(format!(
-            "{image}: the host filesystem is full: reserving {} {what} failed (No space left on device); free space on the host, or make the blob thin (--thin) to allocate on write",
+            "{image}: the host filesystem is full: reserving {} {what} failed (No space left on device); free space on the host, or {advice}",
             human_bytes(bytes)
         )),
         other => other.into(),
@@ -97,12 +112,12 @@ pub fn create(args: &CreateArgs) -> Result<(), ToolError> {
         };
         let what = format!("for a {} blob", human_bytes(size));
         if !options.thin {
-            check_room(&image, &store, &what, options.num_clusters)?;
+            check_room(&image, &store, &what, options.num_clusters, MAKE_IT_THIN)?;
         }
         store
             .create_blob(&options)
             .await
-            .map_err(|err| host_full(&image, &what, err))
+            .map_err(|err| host_full(&image, &what, err, MAKE_IT_THIN))
     })?;
     emit(&format!("{}\n", id_hex(id)))
 }
@@ -135,14 +150,21 @@ async fn create_lvol(image: &str, lvs: &LvolStore, args: &CreateArgs) -> Result<
     let clusters = clusters_for(image, args.size, store.cluster_size())?;
     if !args.thin {
         let what = format!("for a {} lvol", human_bytes(args.size));
-        check_room(image, store, &what, clusters)?;
+        check_room(image, store, &what, clusters, MAKE_IT_THIN)?;
     }
     // clusters_for checked that the rounded size fits.
     let bytes = clusters.saturating_mul(store.cluster_size());
     let lvol = lvs
         .create_lvol(name, bytes, args.thin)
         .await
-        .map_err(|err| host_full(image, &format!("for a {} lvol", human_bytes(bytes)), err))?;
+        .map_err(|err| {
+            host_full(
+                image,
+                &format!("for a {} lvol", human_bytes(bytes)),
+                err,
+                MAKE_IT_THIN,
+            )
+        })?;
     if !args.xattrs.is_empty() {
         with_blob(store, lvol.id, async |blob| {
             for (key, value) in &args.xattrs {
@@ -176,12 +198,12 @@ pub fn resize(args: &ResizeArgs) -> Result<(), ToolError> {
             }
             if clusters > now && !blob.is_thin() {
                 let what = format!("to grow blob {} to {}", id_hex(id), human_bytes(size));
-                check_room(&image, &store, &what, clusters - now)?;
+                check_room(&image, &store, &what, clusters - now, GROW_LESS)?;
             }
             let what = format!("to grow blob {} to {}", id_hex(id), human_bytes(size));
             blob.resize(clusters)
                 .await
-                .map_err(|err| host_full(&image, &what, err))?;
+                .map_err(|err| host_full(&image, &what, err, GROW_LESS))?;
             blob.sync_md().await?;
             Ok(())
         })
@@ -201,7 +223,10 @@ pub fn delete(args: &BlobArgs) -> Result<(), ToolError> {
         let id = match resolve_blob(&store, &text).await {
             Ok(id) => id,
             Err(err) => match parse_id(&text) {
-                Some(id) => return Ok(Some((id, err.to_string()))),
+                Some(id) => {
+                    let missing = matches!(err, ToolError::NoSuchBlob(_));
+                    return Ok(Some((id, err.to_string(), missing)));
+                }
                 None => return Err(err),
             },
         };
@@ -213,7 +238,9 @@ pub fn delete(args: &BlobArgs) -> Result<(), ToolError> {
             )));
         }
         match store.delete_blob(id).await {
-            Err(err @ BlobError::CorruptBlob { .. }) => return Ok(Some((id, err.to_string()))),
+            Err(err @ BlobError::CorruptBlob { .. }) => {
+                return Ok(Some((id, err.to_string(), false)))
+            }
             deleted => deleted?,
         }
         if was_super {
@@ -226,14 +253,15 @@ pub fn delete(args: &BlobArgs) -> Result<(), ToolError> {
         Ok(None)
     })?;
     match damaged {
-        Some((id, why)) => delete_damaged(&args.image, id, why),
+        Some((id, why, missing)) => delete_damaged(&args.image, id, why, missing),
         None => Ok(()),
     }
 }
 
 /// Deletes damaged blob `id` of `image` offline, under the image's exclusive lock; `why` is
-/// the loaded store's refusal, said as it is when the md region holds no damaged blob `id`.
-fn delete_damaged(image: &str, id: u64, why: String) -> Result<(), ToolError> {
+/// the loaded store's refusal, said as it is when the md region holds no damaged blob `id`
+/// (naming the image and where to look when it found no blob at all: `missing`).
+fn delete_damaged(image: &str, id: u64, why: String, missing: bool) -> Result<(), ToolError> {
     use spool_blob::check::CheckError;
     let failed = |err: &dyn std::fmt::Display| ToolError::Failed(format!("{image}: {err}"));
     let _lock = spool_engine::ImageLock::exclusive(std::path::Path::new(image))
@@ -246,7 +274,11 @@ fn delete_damaged(image: &str, id: u64, why: String) -> Result<(), ToolError> {
     let report = match spool_blob::check::forget::forget_damaged_blob(&file, id) {
         Ok(report) => report,
         Err(CheckError::NotDamaged(_) | CheckError::NoSuchBlob(_)) => {
-            return Err(ToolError::Failed(why));
+            return Err(if missing {
+                crate::blob_cmd::name_image(image, ToolError::NoSuchBlob(why))
+            } else {
+                ToolError::Failed(why)
+            });
         }
         Err(err) => return Err(failed(&err)),
     };

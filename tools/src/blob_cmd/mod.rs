@@ -113,6 +113,13 @@ where
     run_offline(Path::new(image), open, job).map_err(|err| name_image(image, err))
 }
 
+/// A BLOB no blob matches, said naming the image and where to look.
+fn no_such_blob(image: &str, what: &str) -> ToolError {
+    ToolError::Failed(format!(
+        "{image}: {what}: `spool ls {image}` lists its blobs"
+    ))
+}
+
 /// Like [`with_store`], on an image the caller holds the lock of (one it just created, at
 /// `path`: its temporary name until published); errors name `image`.
 fn with_locked_store<T, F, Fut>(
@@ -197,33 +204,38 @@ fn not_a_blobstore(err: &ToolError) -> bool {
 /// the host refused with ENOSPC or EDQUOT. Not the store's own "no space" (no free
 /// cluster, a device smaller than a cluster), which says what it needs in its own words.
 fn host_is_full(err: &ToolError) -> bool {
-    fn device(err: &spool_bdev::BdevError) -> bool {
+    device_errno_in(err, &[-libc::ENOSPC, -libc::EDQUOT])
+}
+
+/// Whether a device write (or space reservation) inside `err` failed with one of `errnos`.
+fn device_errno_in(err: &ToolError, errnos: &[i32]) -> bool {
+    fn device(err: &spool_bdev::BdevError, errnos: &[i32]) -> bool {
         use spool_bdev::BdevError;
         match err {
             BdevError::Io { errno, .. } | BdevError::Reserve { errno, .. } => {
-                *errno == -libc::ENOSPC || *errno == -libc::EDQUOT
+                errnos.contains(errno)
             }
             _ => false,
         }
     }
-    fn blob(err: &BlobError) -> bool {
+    fn blob(err: &BlobError, errnos: &[i32]) -> bool {
         match err {
-            BlobError::Bdev(err) => device(err),
-            BlobError::Remote { errno, .. } => *errno == -libc::ENOSPC || *errno == -libc::EDQUOT,
+            BlobError::Bdev(err) => device(err, errnos),
+            BlobError::Remote { errno, .. } => errnos.contains(errno),
             _ => false,
         }
     }
-    fn engine(err: &EngineError) -> bool {
+    fn engine(err: &EngineError, errnos: &[i32]) -> bool {
         match err {
-            EngineError::Bdev(err) => device(err),
-            EngineError::Blob(err) => blob(err),
-            EngineError::Step { source, .. } => engine(source),
+            EngineError::Bdev(err) => device(err, errnos),
+            EngineError::Blob(err) => blob(err, errnos),
+            EngineError::Step { source, .. } => engine(source, errnos),
             _ => false,
         }
     }
     match err {
-        ToolError::Engine(err) => engine(err),
-        ToolError::Blob(err) => blob(err),
+        ToolError::Engine(err) => engine(err, errnos),
+        ToolError::Blob(err) => blob(err, errnos),
         _ => false,
     }
 }
@@ -253,6 +265,9 @@ fn block_device_full(image: &str, err: &ToolError) -> Option<ToolError> {
 /// Makes an engine, store or reactor error name the image (unless it already does), in
 /// words: a full host filesystem said as such, no errno numbers or io error tails.
 pub(crate) fn name_image(image: &str, err: ToolError) -> ToolError {
+    if let ToolError::NoSuchBlob(what) = &err {
+        return no_such_blob(image, what);
+    }
     if let Some(said) = block_device_full(image, &err) {
         return said;
     }
@@ -266,6 +281,13 @@ pub(crate) fn name_image(image: &str, err: ToolError) -> ToolError {
         return ToolError::Failed(format!(
             "{image}: {}",
             spool_engine::words::host_full("a write to the image")
+        ));
+    }
+    // A write past the file size limit (`ulimit -f`) or the filesystem's largest file.
+    if device_errno_in(&err, &[-libc::EFBIG]) {
+        return ToolError::Failed(format!(
+            "{image}: a write to the image failed: {}: raise the limit (ulimit -f unlimited), then run the command again",
+            spool_engine::words::io_words(&std::io::Error::from_raw_os_error(libc::EFBIG))
         ));
     }
     match err {

@@ -112,7 +112,7 @@ pub async fn resolve_blob(store: &Blobstore, text: &str) -> Result<u64, ToolErro
     }
     match named.as_slice() {
         [id] => Ok(*id),
-        [] => Err(ToolError::Failed(match number {
+        [] => Err(ToolError::NoSuchBlob(match number {
             Some(id) if text.trim().to_ascii_lowercase().starts_with("0x") => format!(
                 "blob {} does not exist (no blob has that id or name)",
                 id_hex(id)

@@ -255,11 +255,43 @@ fn prepare_image(args: &InitArgs) -> Result<Option<StagedImage>, ToolError> {
 
 /// Refuses a store of `device_bytes` whose metadata would take every cluster: such a store
 /// can never hold a blob with data, and the mistake (`--size 1M` for 1G) is best said now.
+/// A geometry the layout refuses is said too, before anything is made, naming the option
+/// to change.
 fn refuse_no_data_cluster(args: &InitArgs, device_bytes: u64) -> Result<(), ToolError> {
+    use spool_blob::format::layout::LayoutError;
     let cluster_size = args.cluster_size.unwrap_or(1 << 20);
-    // A geometry the layout refuses is said by init itself, as before.
-    let Ok(layout) = Layout::compute(device_bytes, cluster_size, args.md_pages) else {
-        return Ok(());
+    let image = &args.image;
+    let layout = match Layout::compute(device_bytes, cluster_size, args.md_pages) {
+        Ok(layout) => layout,
+        Err(LayoutError::ClusterSize(_)) => {
+            return Err(ToolError::Failed(format!(
+                "{image}: cluster size {cluster_size} is not a multiple of 4096 bytes: give a --cluster-size that is (e.g. 64K or 1M)"
+            )))
+        }
+        Err(LayoutError::TooSmall { .. }) => {
+            return Err(ToolError::Failed(format!(
+                "{image}: {} is smaller than one cluster of {}: give a larger --size or a smaller --cluster-size",
+                human_bytes(device_bytes),
+                human_bytes(cluster_size)
+            )))
+        }
+        Err(LayoutError::MetadataTooLarge {
+            md_clusters,
+            total_clusters,
+        }) => {
+            let what = if args.md_pages.is_some() {
+                "give fewer --md-pages (or a larger --size)"
+            } else {
+                "give a larger --cluster-size (or a larger --size)"
+            };
+            return Err(ToolError::Failed(format!(
+                "{image}: the metadata needs {md_clusters} clusters of {}, the {} image has {total_clusters}: {what}",
+                human_bytes(cluster_size),
+                human_bytes(device_bytes)
+            )));
+        }
+        // Said by init itself, in the layout's words.
+        Err(LayoutError::TooLarge(_)) => return Ok(()),
     };
     if layout.md_clusters < layout.total_clusters {
         return Ok(());

@@ -40,6 +40,14 @@ pub fn import(args: &ImportArgs) -> Result<(), ToolError> {
     // Opened first: it refuses what is not a regular file or block device (a FIFO, whose
     // open would block) before anything reads it.
     let source = ImportSource::open(Path::new(&args.file)).map_err(transfer_error)?;
+    // The store's own bytes, read while the import writes them, are no disk's contents: a
+    // typo for another file (export refuses the same).
+    if same_file(&args.file, &args.image) {
+        return Err(ToolError::Failed(format!(
+            "{}: is the image itself; import from another file",
+            args.file
+        )));
+    }
     if !args.force {
         if let Some(format) = spool_engine::guard::disk_image_format(Path::new(&args.file)) {
             return Err(ToolError::Failed(format!(
@@ -106,6 +114,37 @@ fn refuse_overwriting_a_device(file: &str) -> Result<(), ToolError> {
     }
 }
 
+/// Refuses an export over a regular FILE that another process holds the image lock of (a
+/// running `spool serve`: the rename would take the store from under it, and every write it
+/// takes after would be lost), even with `--force`; and, without `--force`, one that holds a
+/// blobstore (a store's every blob would be lost), as `perf` refuses it. Returns FILE's lock,
+/// held while the export runs.
+fn refuse_replacing_a_store(
+    file: &str,
+    force: bool,
+) -> Result<Option<spool_engine::ImageLock>, ToolError> {
+    let path = Path::new(file);
+    if !std::fs::metadata(path).is_ok_and(|meta| meta.is_file()) {
+        return Ok(None);
+    }
+    let lock = match spool_engine::ImageLock::exclusive(path) {
+        Ok(lock) => Some(lock),
+        Err(err) if err.errno() == -libc::EBUSY => {
+            return Err(ToolError::Failed(format!(
+                "{file}: in use by another process (it holds the image lock): export would replace the file under it; export to another file, or stop that process first"
+            )));
+        }
+        // Unreadable: the export itself says what is wrong with FILE.
+        Err(_) => None,
+    };
+    if !force && spool_engine::guard::holds_blobstore(path) {
+        return Err(ToolError::Failed(format!(
+            "{file}: holds a blobstore; export would replace it and every blob in it would be lost: check the file name, or add --force to lose it"
+        )));
+    }
+    Ok(lock)
+}
+
 /// `spool export IMAGE BLOB FILE [--offset BYTES] [--length BYTES]` (FILE `-` is stdout).
 pub fn export(args: &ExportArgs) -> Result<(), ToolError> {
     if args.file != "-" {
@@ -121,6 +160,8 @@ pub fn export(args: &ExportArgs) -> Result<(), ToolError> {
     if !args.force {
         refuse_overwriting_a_device(&args.file)?;
     }
+    // Held to the end: no daemon starts on FILE while the export replaces it.
+    let _file_lock = refuse_replacing_a_store(&args.file, args.force)?;
     let (file, offset, length) = (args.file.clone(), args.offset, args.length);
     let text = args.blob.clone();
     on_store_read_only(&args.image, move |store, _| async move {
