@@ -99,6 +99,16 @@ pub enum BlobError {
         /// Bytes it needed.
         bytes: u64,
     },
+    /// Init was asked to stop (see `InitOptions::stop`) and did, while clearing the
+    /// metadata area (-EINTR): no super block was written, so the device holds no store (the
+    /// start of any old one's metadata is cleared).
+    #[error("init stopped after clearing {done} of {total} bytes of the metadata area; the device holds no store")]
+    InitStopped {
+        /// Bytes of the md area cleared.
+        done: u64,
+        /// Bytes of the md area.
+        total: u64,
+    },
     /// A long operation (inflate, decouple) was asked to stop and did, between two clusters
     /// (-EINTR): `done` of `total` clusters were copied; running it again finishes it.
     #[error("blob {id:#x}: {what} stopped after {done} of {total} clusters")]
@@ -176,7 +186,7 @@ impl BlobError {
             Self::ReadOnly { .. } | Self::WrongThread { .. } => -libc::EPERM,
             Self::NoSpace(_) | Self::NoRoom { .. } | Self::HostNoSpace { .. } => -libc::ENOSPC,
             Self::StoreReadOnly(_) => -libc::EROFS,
-            Self::Stopped { .. } => -libc::EINTR,
+            Self::Stopped { .. } | Self::InitStopped { .. } => -libc::EINTR,
             Self::NoMdPages(_) => -libc::ENOMEM,
             Self::NotOpen(_) => -libc::EBADF,
             Self::Unsupported(_) => -libc::ENOTSUP,

@@ -928,7 +928,6 @@ fn allocated(path: &Path) -> u64 {
 /// Not fixed here: the clear is one write-zeroes request in the blob crate
 /// (`clear_md_area`), which would need cutting into pieces with a stop check between them.
 #[test]
-#[ignore = "review19f: init of a large block device ignores Ctrl-C while it clears the metadata area"]
 fn ctrl_c_stops_init_of_a_large_block_device() {
     let dir = scratch();
     let d = dir.path();

@@ -264,7 +264,40 @@ fn block_device_full(image: &str, err: &ToolError) -> Option<ToolError> {
 
 /// Makes an engine, store or reactor error name the image (unless it already does), in
 /// words: a full host filesystem said as such, no errno numbers or io error tails.
+/// The bytes cleared of how many, when `err` is an init stopped while clearing the metadata
+/// area (`BlobError::InitStopped`), however the layers above wrapped it.
+fn init_stopped(err: &ToolError) -> Option<(u64, u64)> {
+    // `#[error(transparent)]` wrappers hand on their inner error's source, not the inner
+    // error: those are matched here, the others found down the source chain.
+    match err {
+        ToolError::Blob(spool_blob::BlobError::InitStopped { done, total })
+        | ToolError::Engine(spool_engine::EngineError::Blob(
+            spool_blob::BlobError::InitStopped { done, total },
+        )) => return Some((*done, *total)),
+        _ => {}
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = cause {
+        if let Some(spool_blob::BlobError::InitStopped { done, total }) = current.downcast_ref() {
+            return Some((*done, *total));
+        }
+        cause = current.source();
+    }
+    None
+}
+
 pub(crate) fn name_image(image: &str, err: ToolError) -> ToolError {
+    if let (Some((done, total)), Some(signal)) =
+        (init_stopped(&err), spool_engine::signals::stop_requested())
+    {
+        return ToolError::Interrupted {
+            signal,
+            done: format!(
+                "{done} of {total} bytes of the metadata area cleared ({image} holds no store now: init writes the super block last; run init again)"
+            ),
+            report: None,
+        };
+    }
     if let ToolError::NoSuchBlob(what) = &err {
         return no_such_blob(image, what);
     }

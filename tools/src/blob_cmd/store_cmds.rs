@@ -350,6 +350,8 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
         // A preallocated file keeps its data area allocated; otherwise the data area is
         // unmapped as SPDK's init does (a hole in a new sparse file already).
         unmap_data: !args.preallocate,
+        // A large block device's md area takes long to clear: Ctrl-C stops it.
+        stop: Some(|| spool_engine::signals::stop_requested().is_some()),
     };
     if let Some(name) = &args.lvs {
         check_name(name, "lvol store").map_err(|err| ToolError::Failed(err.to_string()))?;
@@ -413,11 +415,31 @@ pub fn init(args: &InitArgs) -> Result<(), ToolError> {
         None => with_store(&args.image, open, summarise),
     };
     // On failure, dropping the staged file removes it (while still locked): nothing is left.
-    let summary = result?;
+    let summary = result.map_err(|err| init_interrupted(err, created.is_some()))?;
     if let Some(staged) = created {
         staged.publish()?;
     }
     emit(&format!("initialized {}: {summary}\n", args.image))
+}
+
+/// An init a stop signal ended while it cleared the metadata area ([`name_image`] says it
+/// for a device): on a new file, which is removed, nothing was created.
+fn init_interrupted(err: ToolError, new_file: bool) -> ToolError {
+    match err {
+        ToolError::Interrupted {
+            signal,
+            done,
+            report,
+        } if new_file && done.contains("metadata area cleared") => ToolError::Interrupted {
+            signal,
+            done: done
+                .split(" (")
+                .next()
+                .map_or(done.clone(), |head| format!("{head}; nothing was created")),
+            report,
+        },
+        other => other,
+    }
 }
 
 /// `spool super IMAGE [BLOB | --clear]`.
