@@ -628,8 +628,9 @@ fn disk_mask(image: &[u8], at: usize) -> std::collections::BTreeSet<u64> {
 ///
 /// Expected: after deleting Y, the store is clean as the first repair left it, and a load
 /// keeps X's clusters in use.
+/// Failed before the fix in this branch (`forget_damaged_blob` on a clean store now clears
+/// the blob-id bit instead of writing the store dirty).
 #[test]
-#[ignore = "review13e: deleting one damaged blob offline leaves the store dirty and the next load frees another damaged blob's clusters"]
 fn deleting_one_damaged_blob_offline_frees_another_damaged_blobs_clusters() {
     let rt = runtime();
     let (bdev, desc) = common::malloc(8 << 20);
@@ -850,5 +851,65 @@ fn check_names_an_unknown_descriptor_type() {
             .map(ToString::to_string)
             .collect::<Vec<_>>(),
         checked.report.notes
+    );
+}
+
+/// Guard for the fix above: on a clean store whose only damaged blob is Y (root CRC
+/// mismatch), `forget_damaged_blob(Y)` leaves the store clean and consistent, Y gone and
+/// its clusters free, the other blobs' clusters kept.
+#[test]
+fn deleting_the_only_damaged_blob_offline_frees_its_clusters() {
+    let rt = runtime();
+    let (bdev, desc) = common::malloc(8 << 20);
+    let (a, y, a_clusters, y_clusters, md_start) = run(&rt, move || async move {
+        let store = init(desc).await;
+        let a = common::create_thick(&store, 2).await;
+        let y = common::create_thick(&store, 2).await;
+        let map = |id: u64| {
+            let store = store.clone();
+            async move {
+                let blob = store.open_blob(id).await.unwrap();
+                let map: Vec<u64> = blob.cluster_map().into_iter().map(u64::from).collect();
+                blob.close().await.unwrap();
+                map
+            }
+        };
+        let (am, ym) = (map(a).await, map(y).await);
+        let md_start = store.geometry().md_start;
+        store.unload().await.unwrap();
+        (a, y, am, ym, md_start)
+    });
+    rt.stop();
+    let mut image = bdev.snapshot();
+    let at = ((y & 0xffff_ffff) + md_start) as usize * 4096;
+    image[at + 20] ^= 0x40;
+    let cell = std::cell::RefCell::new(image);
+    spool_blob::check::forget::forget_damaged_blob(&cell, y).unwrap();
+    let image = cell.into_inner();
+    assert_eq!(u32_at(&image, 16), 1, "the store is clean");
+    let problems = check_problems(&image);
+    assert!(
+        problems.is_empty(),
+        "consistent after the delete: {problems:?}"
+    );
+    let rt = runtime();
+    let (_copy, desc) = common::from_image(&image);
+    let (ids, used) = run(&rt, move || async move {
+        let (store, _) = Blobstore::load(desc, &LoadOptions::default())
+            .await
+            .unwrap();
+        let out = (store.blob_ids(), store.used_clusters());
+        std::mem::forget(store);
+        out
+    });
+    rt.stop();
+    assert!(ids.contains(&a) && !ids.contains(&y), "ids {ids:x?}");
+    assert!(
+        a_clusters.iter().all(|c| used.contains(c)),
+        "A's clusters kept"
+    );
+    assert!(
+        !y_clusters.iter().any(|c| used.contains(c)),
+        "Y's clusters freed"
     );
 }
