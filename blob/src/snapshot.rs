@@ -196,10 +196,28 @@ impl Blobstore {
         steps.mark("persist_snap_map");
         // The original becomes a thin clone of S with an empty map, once S is durable.
         let saved = orig.state.meta.borrow().clone();
+        // Undoes the change in memory when the original's new root does not commit. Its
+        // extent pages are marked dirty, so that its next persist moves them (as after any
+        // failed persist, `undo_failed_persist`): S's root on disk names them, and a page
+        // the original kept naming would be taken by its next snapshot, whose pin replaces
+        // S's; the load's removal of S (never taken) would then free and zero it under
+        // that snapshot. A persist that failed before planning (no md page for the
+        // original's longer chain, a failed flush of queued releases) leaves them clean.
+        let restore = |saved: crate::meta::BlobMeta| {
+            let clusters = saved.clusters.len();
+            *orig.state.meta.borrow_mut() = saved;
+            orig.state.mark_changed();
+            orig.state.touch_clusters(0..clusters);
+            snap.state.meta.borrow_mut().extent_pages.clear();
+        };
         {
             let mut om = orig.state.meta.borrow_mut();
-            om.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &snap_id.to_le_bytes())
-                .map_err(|err| (err, false))?;
+            if let Err(err) = om.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &snap_id.to_le_bytes())
+            {
+                drop(om);
+                restore(saved);
+                return Err((err, false));
+            }
             om.flags.invalid |= FLAG_THIN_PROV;
             let clusters = om.clusters.len();
             om.clusters = vec![0; clusters];
@@ -210,9 +228,7 @@ impl Blobstore {
         orig.state.dirty_extent_pages.borrow_mut().clear();
         match crate::persist::persist_after_all(self, &orig.state).await {
             Err(err) => {
-                *orig.state.meta.borrow_mut() = saved;
-                orig.state.mark_changed();
-                snap.state.meta.borrow_mut().extent_pages.clear();
+                restore(saved);
                 return Err((err, false));
             }
             Ok(late) => warn_late(orig.id(), "snapshot's original", late),
