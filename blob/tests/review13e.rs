@@ -1094,3 +1094,43 @@ fn a_pinned_page_a_second_snapshot_takes_is_lost_when_the_load_removes_the_first
     eprintln!("{story}");
     assert!(ok, "{story}");
 }
+
+/// Found by `corruption_sweep_on_spdk_fixtures` (p1-blobcli-basic, md page 1 byte 4 xor
+/// 0x01): SPDK's fixture p1, the extent page of blob 0x100000000 (md page 1) with its id
+/// field changed to 0 and the page resealed. Spool's load takes a page with id 0 for a
+/// zeroed one (`md_scan`: usable = CRC ok and id != 0), so the blob does not open
+/// ("extent page 0 (md page 1) is unreadable or has a bad CRC"); `spool check` reported the
+/// store consistent (it never looked at an extent page's id).
+///
+/// Expected: the check names the extent page (the blob it lists as damaged, as the load
+/// lists it unreadable). Failed before the fix in this branch.
+#[test]
+fn check_names_an_extent_page_whose_id_is_zero() {
+    let mut image = support::fixtures::load_image("p1-blobcli-basic");
+    let md_start = u32_at(&image, 48) as usize;
+    let at = (md_start + 1) * 4096;
+    assert_eq!(
+        u64::from_le_bytes(image[at..at + 8].try_into().unwrap()),
+        0x1_0000_0000,
+        "md page 1 is blob 0x100000000's extent page"
+    );
+    image[at + 4] = 0;
+    spool_blob::format::seal_page(&mut image[at..at + 4096]);
+    let problems = check_problems(&image);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("extent_page") && p.contains("0x100000000")),
+        "{problems:?}"
+    );
+    let rt = runtime();
+    let found = contents(&rt, &image).unwrap();
+    rt.stop();
+    assert!(
+        matches!(
+            found.iter().find(|(id, _)| *id == 0x1_0000_0000),
+            Some((_, Err(_)))
+        ),
+        "the load does not open it either (what the check now says)"
+    );
+}

@@ -440,6 +440,20 @@ pub fn walk_blob(
             ));
             continue;
         };
+        // Spool's load reads a page whose id field is 0 as no page at all (a zeroed one:
+        // `md_scan`), so the blob would not open: named here as the load would see it.
+        if MdPageHeader::decode(&bytes).id == 0 {
+            problems.push(problem(
+                ProblemKind::ExtentPage,
+                page,
+                id,
+                &format!("extent page {index}"),
+                format!("an extent page whose id field is the blob's ({id:#x})"),
+                "id 0 (a load takes the page for a zeroed one: the blob does not open)",
+            ));
+            record.damage(format!("extent page {index} at md page {page} has id 0"));
+            continue;
+        }
         if let Err(err) = apply_extent_page(&mut parsed.meta, index, &bytes, &AnyIndex) {
             problems.push(problem(
                 ProblemKind::ExtentPage,
