@@ -13,6 +13,9 @@ use spool_bdev::{Bdev, BdevDesc, ErrorBdev, ErrorRule, IoKind, MallocBdev};
 use spool_blob::{BlobOptions, Blobstore, ExtentForm, InitOptions, LoadOptions};
 
 const CLUSTER: u64 = 64 << 10;
+
+/// What reading a blob gave: its bytes, or why not.
+type Read = Result<Vec<u8>, String>;
 const DEVICE: u64 = 16 << 20;
 
 /// Byte range of the md page that is the root of blob `id`.
@@ -248,7 +251,7 @@ fn half_made_image() -> (Vec<u8>, u64, u64) {
 fn load_read_unload(
     image: &[u8],
     o: u64,
-) -> (Vec<String>, Vec<u64>, Result<Vec<u8>, String>, Vec<u8>) {
+) -> (Vec<String>, Vec<u64>, Read, Vec<u8>) {
     let rt = runtime();
     let (bdev, desc) = common::from_image(image);
     let out = run(&rt, move || async move {
@@ -401,7 +404,7 @@ fn sweep_base() -> (Vec<u8>, Vec<(u64, Vec<u8>)>) {
 fn contents(
     rt: &spool_reactor::Runtime,
     image: &[u8],
-) -> Result<Vec<(u64, Result<Vec<u8>, String>)>, String> {
+) -> Result<Vec<(u64, Read)>, String> {
     let (_bdev, desc) = common::from_image(image);
     run(rt, move || async move {
         let (store, _) = Blobstore::load(desc, &LoadOptions::default())

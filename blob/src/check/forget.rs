@@ -11,9 +11,11 @@
 //!   store dirty instead made the second check forget them, and the next load freed a
 //!   damaged blob's clusters the operator had not deleted);
 //! - on a dirty store, the super block is written dirty again (every load replays, and the
-//!   replay no longer finds the blob). Refused (nothing written) when the blob is
-//! not damaged (a normal delete handles it), is the store's super blob, or is the parent of
-//! a readable clone (as SPDK refuses to delete a snapshot with clones).
+//!   replay no longer finds the blob).
+//!
+//! Refused (nothing written) when the blob is not damaged (a normal delete handles it), is
+//! the store's super blob, or is the parent of a readable clone (as SPDK refuses to delete a
+//! snapshot with clones).
 
 use super::image::{Image, ImageIo};
 use super::repair::{repair_image, RepairReport};
