@@ -248,10 +248,7 @@ fn half_made_image() -> (Vec<u8>, u64, u64) {
 
 /// Loads `image`, reads O's cluster 0, then unloads cleanly: (the load's repairs, the
 /// blob ids, O's cluster 0, the clean image).
-fn load_read_unload(
-    image: &[u8],
-    o: u64,
-) -> (Vec<String>, Vec<u64>, Read, Vec<u8>) {
+fn load_read_unload(image: &[u8], o: u64) -> (Vec<String>, Vec<u64>, Read, Vec<u8>) {
     let rt = runtime();
     let (bdev, desc) = common::from_image(image);
     let out = run(&rt, move || async move {
@@ -401,10 +398,7 @@ fn sweep_base() -> (Vec<u8>, Vec<(u64, Vec<u8>)>) {
 
 /// Loads `image`: each blob's size (u64 LE) then its first 2 MiB at most, by id, or why the
 /// load or that blob failed.
-fn contents(
-    rt: &spool_reactor::Runtime,
-    image: &[u8],
-) -> Result<Vec<(u64, Read)>, String> {
+fn contents(rt: &spool_reactor::Runtime, image: &[u8]) -> Result<Vec<(u64, Read)>, String> {
     let (_bdev, desc) = common::from_image(image);
     run(rt, move || async move {
         let (store, _) = Blobstore::load(desc, &LoadOptions::default())
