@@ -69,21 +69,15 @@ async fn thin_written(store: &Blobstore) -> u64 {
     id
 }
 
-/// Sequence: a thin table-form blob O with one extent page E; a snapshot S1 of O fails
-/// after S1's map (naming E) is durable, on the write of O's thin root, and S1's removal
-/// fails too (S1 stays held, half-made, on disk); a second snapshot S2 of O succeeds (the
-/// retry of S1's removal fails again): S2 takes O's map and E. The process is killed
-/// (nothing lost: every write reached the malloc device). On disk: S1 (`SNAPTMP` = O)
-/// names E, S2 (finished, O's parent) names E, O names S2.
-///
-/// The load removes S1 as never taken (O does not point at it) with
-/// `delete_untaken_snapshot(S1, O's extent table)`: O's table no longer holds E (S2 has
-/// it), so E counts as S1's own and is zeroed and freed. S2's map is then gone: O (and
-/// S2) must still read back O's acknowledged, flushed cluster 0.
-///
-/// Expected: after the load, O reads back pattern 7 at cluster 0.
+/// Regression guard (passes): a thin table-form blob O with one extent page E; a snapshot
+/// S1 of O fails on one flush (each of the first seven tried), and S1's removal fails too
+/// (S1 held, half-made, on disk naming E); a second snapshot S2 of O succeeds; kill -9.
+/// A failed persist marks O's extent pages dirty, so O's next root moves E to a new page
+/// before S2 takes the map: the load's removal of S1 (never taken) frees E, which only S1
+/// names. Expected: after the load, O reads back its cluster 0. (The failure path that
+/// did not mark them dirty is `a_pinned_page_a_second_snapshot_takes_is_lost_...` below.)
 #[test]
-fn a_second_snapshot_taking_a_pinned_page_loses_it_to_the_first_ones_removal_at_load() {
+fn guard_a_failed_snapshots_page_moves_before_a_second_snapshot_takes_it() {
     // Dry run: the id S1 will get (allocation is deterministic).
     let rt = runtime();
     let (_bdev, _errors, desc) = faulty();
