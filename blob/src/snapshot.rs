@@ -196,10 +196,28 @@ impl Blobstore {
         steps.mark("persist_snap_map");
         // The original becomes a thin clone of S with an empty map, once S is durable.
         let saved = orig.state.meta.borrow().clone();
+        // Undoes the change in memory when the original's new root does not commit. Its
+        // extent pages are marked dirty, so that its next persist moves them (as after any
+        // failed persist, `undo_failed_persist`): S's root on disk names them, and a page
+        // the original kept naming would be taken by its next snapshot, whose pin replaces
+        // S's; the load's removal of S (never taken) would then free and zero it under
+        // that snapshot. A persist that failed before planning (no md page for the
+        // original's longer chain, a failed flush of queued releases) leaves them clean.
+        let restore = |saved: crate::meta::BlobMeta| {
+            let clusters = saved.clusters.len();
+            *orig.state.meta.borrow_mut() = saved;
+            orig.state.mark_changed();
+            orig.state.touch_clusters(0..clusters);
+            snap.state.meta.borrow_mut().extent_pages.clear();
+        };
         {
             let mut om = orig.state.meta.borrow_mut();
-            om.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &snap_id.to_le_bytes())
-                .map_err(|err| (err, false))?;
+            if let Err(err) = om.set_xattr(true, XATTR_SNAPSHOT.as_bytes(), &snap_id.to_le_bytes())
+            {
+                drop(om);
+                restore(saved);
+                return Err((err, false));
+            }
             om.flags.invalid |= FLAG_THIN_PROV;
             let clusters = om.clusters.len();
             om.clusters = vec![0; clusters];
@@ -210,9 +228,7 @@ impl Blobstore {
         orig.state.dirty_extent_pages.borrow_mut().clear();
         match crate::persist::persist_after_all(self, &orig.state).await {
             Err(err) => {
-                *orig.state.meta.borrow_mut() = saved;
-                orig.state.mark_changed();
-                snap.state.meta.borrow_mut().extent_pages.clear();
+                restore(saved);
                 return Err((err, false));
             }
             Ok(late) => warn_late(orig.id(), "snapshot's original", late),
@@ -304,9 +320,25 @@ impl Blobstore {
         // The snapshot stays open, its operation guard held, until the clone is linked: a
         // merge-on-delete of the snapshot cannot start in between (it would not see the
         // new clone and take the snapshot away from under it).
+        // A snapshot whose merge into its clone committed but whose delete did not finish
+        // (`SNAPRM` names a clone that no longer reads through it) is gone at the next load
+        // once it has no other clone: a clone made of it now would read through a blob the
+        // user already asked to delete, and that load removes it after that clone is deleted
+        // (simulation seed 7200285). The delete, retried, finishes it.
+        let merged_away = snapshot
+            .state
+            .meta
+            .borrow()
+            .xattr(true, XATTR_SNAPSHOT_REMOVING.as_bytes())
+            .and_then(|value| <[u8; 8]>::try_from(value).ok())
+            .map(u64::from_le_bytes)
+            .is_some_and(|clone| self.parent_of(clone) != Some(id));
         let made = match snapshot.state.op_in_progress.get() {
             Some("merge") => Err(BlobError::Busy(format!(
                 "blob {id:#x}: cannot clone while a merge is in progress"
+            ))),
+            _ if merged_away => Err(BlobError::Busy(format!(
+                "blob {id:#x}: its delete merged it into its clone but did not finish: delete it again"
             ))),
             _ => {
                 let _cloning = CloneInProgress::new(&snapshot.state);

@@ -48,6 +48,9 @@ pub struct BlobRecord {
     pub readable_xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// Why it cannot be used (`meta` is `None`, or its clusters are unusable).
     pub damage: Option<String>,
+    /// Descriptors of a type no SPDK version defines (`(md page, type, length)`): SPDK's
+    /// and Spool's loads skip them, so whatever they held is ignored (the check notes them).
+    pub unknown_descriptors: Vec<(u32, u8, u32)>,
     /// Byte offset of the FLAGS descriptor's body in the root page, if it has one.
     pub flags_at: Option<usize>,
     /// Whether the root page itself is unusable (bad CRC): no blob for a load.
@@ -230,6 +233,7 @@ pub fn walk_blob(
         extent_pages: Vec::new(),
         meta: None,
         readable_xattrs: Vec::new(),
+        unknown_descriptors: Vec::new(),
         damage: None,
         flags_at: None,
         root_broken: false,
@@ -366,6 +370,9 @@ pub fn walk_blob(
                 }) => {
                     record.readable_xattrs.push((name.to_vec(), value.to_vec()));
                 }
+                Ok(Descriptor::Unknown { kind, len }) => {
+                    record.unknown_descriptors.push((number, kind, len));
+                }
                 Ok(_) => {}
             }
         }
@@ -439,6 +446,20 @@ pub fn walk_blob(
             ));
             continue;
         };
+        // Spool's load reads a page whose id field is 0 as no page at all (a zeroed one:
+        // `md_scan`), so the blob would not open: named here as the load would see it.
+        if MdPageHeader::decode(&bytes).id == 0 {
+            problems.push(problem(
+                ProblemKind::ExtentPage,
+                page,
+                id,
+                &format!("extent page {index}"),
+                format!("an extent page whose id field is the blob's ({id:#x})"),
+                "id 0 (a load takes the page for a zeroed one: the blob does not open)",
+            ));
+            record.damage(format!("extent page {index} at md page {page} has id 0"));
+            continue;
+        }
         if let Err(err) = apply_extent_page(&mut parsed.meta, index, &bytes, &AnyIndex) {
             problems.push(problem(
                 ProblemKind::ExtentPage,
@@ -482,6 +503,7 @@ pub fn broken_root(
         extent_pages: Vec::new(),
         meta: None,
         readable_xattrs: Vec::new(),
+        unknown_descriptors: Vec::new(),
         damage: Some(format!("root md page {root}: CRC mismatch")),
         flags_at: None,
         root_broken: true,
