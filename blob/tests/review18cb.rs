@@ -865,3 +865,41 @@ fn a_snapshot_waits_for_a_split_callback_write_submitted_before_it() {
     .unwrap();
     rt.stop();
 }
+
+/// A `BlobIo` of store Y given to a channel of store X (two stores on one reactor): the
+/// request must be refused (-EINVAL), not written to X's device at Y's cluster addresses
+/// (which may be X's metadata or another blob's data). Callbacks and futures alike.
+#[test]
+fn a_blob_of_another_store_is_refused_not_written_to_this_ones_device() {
+    let rt = runtime();
+    let reactor = rt.reactors()[0];
+    let (bdev_x, desc_x) = malloc(64 << 20);
+    let (_bdev_y, desc_y) = common::malloc(64 << 20);
+    rt.block_on(reactor, move || async move {
+        let (store_x, _) = setup(desc_x, 1).await;
+        let (store_y, id_y) = setup(desc_y, 4).await;
+        let blob_y = store_y.open_blob(id_y).await.unwrap();
+        let io_y = blob_y.io();
+        let channel_x = store_x.channel().unwrap();
+        let before = bdev_x.snapshot();
+        let collector = Rc::new(Collector::default());
+        collector.write(&channel_x, &io_y, 0, &pattern(1, 4096), 1);
+        collector.write(&channel_x, &io_y, 250, &pattern(2, 8 * 4096), 2);
+        let mut done = collector.wait(2).await;
+        done.sort_by_key(|d| d.0);
+        let (result, _) = channel_x.write(&io_y, 3, buf_of(&pattern(3, 4096))).await;
+        let after = bdev_x.snapshot();
+        let changed = before != after;
+        drop(io_y);
+        blob_y.close().await.unwrap();
+        drop(channel_x);
+        store_y.unload().await.unwrap();
+        store_x.unload().await.unwrap();
+        assert!(!changed, "store X's device was written through Y's blob");
+        assert_eq!(done[0].1, -libc::EINVAL, "callback write, fast path");
+        assert_eq!(done[1].1, -libc::EINVAL, "callback write, split");
+        assert_eq!(result.unwrap_err().errno(), -libc::EINVAL, "future write");
+    })
+    .unwrap();
+    rt.stop();
+}

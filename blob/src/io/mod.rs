@@ -408,6 +408,19 @@ impl BlobChannel {
         pieces
     }
 
+    /// -EINVAL for a blob of another store: its clusters are not this channel's device's
+    /// (review18cb: a write went to this store's device at the other store's addresses).
+    fn check_store(&self, blob: &BlobIo) -> Result<()> {
+        if Arc::ptr_eq(&blob.store, &self.store) {
+            Ok(())
+        } else {
+            Err(BlobError::InvalidArgument(format!(
+                "blob {:#x} is not of this channel's store",
+                blob.id
+            )))
+        }
+    }
+
     fn byte_range(
         &self,
         blob: &BlobIo,
@@ -415,6 +428,7 @@ impl BlobChannel {
         len_bytes: u64,
         write: bool,
     ) -> Result<(u64, u64)> {
+        self.check_store(blob)?;
         let unit = self.unit();
         if !len_bytes.is_multiple_of(unit) {
             return Err(BlobError::InvalidArgument(format!(
@@ -502,6 +516,7 @@ impl BlobChannel {
         if len == 0
             || len & (geometry.io_unit_size - 1) != 0
             || blob.gate.load(Ordering::Acquire) & gate_refusing(write) != 0
+            || !Arc::ptr_eq(&blob.store, &self.store)
         {
             return None;
         }
@@ -699,7 +714,10 @@ impl BlobChannel {
     ) -> (Result<()>, Vec<DmaBuf>) {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         if total == 0 {
-            return (blob.check(offset, 0, true), bufs);
+            let checked = self
+                .check_store(blob)
+                .and_then(|()| blob.check(offset, 0, true));
+            return (checked, bufs);
         }
         let _admitted = self.admit(blob).await;
         let (start, len) = match self.byte_range(blob, offset, total, true) {
@@ -725,6 +743,7 @@ impl BlobChannel {
     /// unmap succeeds.
     pub async fn unmap(&self, blob: &BlobIo, offset: u64, len: u64) -> Result<()> {
         let _admitted = self.admit(blob).await;
+        self.check_store(blob)?;
         blob.check(offset, len, true)?;
         let unit = self.unit();
         for piece in self.pieces(blob, offset * unit, len * unit) {
@@ -751,6 +770,7 @@ impl BlobChannel {
     /// thin blob (as SPDK does).
     pub async fn write_zeroes(&self, blob: &BlobIo, offset: u64, len: u64) -> Result<()> {
         let _admitted = self.admit(blob).await;
+        self.check_store(blob)?;
         blob.check(offset, len, true)?;
         let unit = self.unit();
         let end = (offset + len) * unit;
