@@ -287,8 +287,12 @@ fn more_requests_than_the_bdev_queue_holds_are_each_answered_once() {
         assert_eq!(done.len(), count as usize);
         let mut seen = vec![0u32; count as usize];
         let mut ok = vec![false; count as usize];
-        for (tag, errno, _) in &done {
+        for (tag, errno, bytes) in &done {
             seen[*tag as usize] += 1;
+            assert!(
+                bytes[..] == pattern(1000 + tag, 4096)[..],
+                "request {tag}: not the caller's buffer back"
+            );
             assert!(
                 *errno == 0 || *errno == -libc::ENOMEM,
                 "request {tag}: errno {errno}"
@@ -899,6 +903,60 @@ fn a_blob_of_another_store_is_refused_not_written_to_this_ones_device() {
         assert_eq!(done[0].1, -libc::EINVAL, "callback write, fast path");
         assert_eq!(done[1].1, -libc::EINVAL, "callback write, split");
         assert_eq!(result.unwrap_err().errno(), -libc::EINVAL, "future write");
+    })
+    .unwrap();
+    rt.stop();
+}
+
+/// Deleting a blob's snapshot merges it into the blob (its only clone) while callback
+/// writes to the blob are in flight, on both paths (allocated clusters: fast path;
+/// unallocated ones: thin allocation in a task): every write called back with success, and
+/// the blob reads as the snapshot's data with the writes over it.
+#[test]
+fn merging_a_snapshot_into_the_blob_while_callback_writes_are_in_flight() {
+    let rt = runtime();
+    let reactor = rt.reactors()[0];
+    let (_bdev, desc) = malloc(64 << 20);
+    rt.block_on(reactor, move || async move {
+        let (store, id) = setup(desc, 8).await;
+        let blob = store.open_blob(id).await.unwrap();
+        let io = blob.io();
+        let channel = store.channel().unwrap();
+        let mut model = vec![0u8; (8 * CLUSTER) as usize];
+        for cluster in 0..8u64 {
+            let data = pattern(cluster, CLUSTER as usize);
+            common::write(&channel, &io, cluster * 256, &data).await;
+            let at = (cluster * CLUSTER) as usize;
+            model[at..at + CLUSTER as usize].copy_from_slice(&data);
+        }
+        let snapshot = store.create_snapshot(id, &[]).await.unwrap();
+        // Clusters 0..4 allocated in the blob again (copy-on-write), 4..8 left to the snapshot.
+        for cluster in 0..4u64 {
+            let data = pattern(50 + cluster, 4096);
+            common::write(&channel, &io, cluster * 256 + 1, &data).await;
+            let at = (cluster * CLUSTER + 4096) as usize;
+            model[at..at + 4096].copy_from_slice(&data);
+        }
+        let collector = Rc::new(Collector::default());
+        for cluster in 0..8u64 {
+            let data = pattern(100 + cluster, 8192);
+            collector.write(&channel, &io, cluster * 256 + 10, &data, cluster);
+            let at = (cluster * CLUSTER + 10 * 4096) as usize;
+            model[at..at + 8192].copy_from_slice(&data);
+        }
+        store.delete_blob(snapshot).await.unwrap();
+        let done = collector.wait(8).await;
+        let errnos: Vec<_> = done.iter().map(|d| (d.0, d.1)).collect();
+        assert!(errnos.iter().all(|d| d.1 == 0), "{errnos:?}");
+        let back = read(&channel, &io, 0, model.len()).await;
+        for cluster in 0..8usize {
+            let range = cluster * CLUSTER as usize..(cluster + 1) * CLUSTER as usize;
+            assert!(back[range.clone()] == model[range], "cluster {cluster}");
+        }
+        drop(io);
+        blob.close().await.unwrap();
+        drop(channel);
+        store.unload().await.unwrap();
     })
     .unwrap();
     rt.stop();
