@@ -961,3 +961,99 @@ fn merging_a_snapshot_into_the_blob_while_callback_writes_are_in_flight() {
     .unwrap();
     rt.stop();
 }
+
+/// Drops its channel and closes its blob on its first call.
+struct Closer {
+    channel: RefCell<Option<BlobChannel>>,
+    blob: RefCell<Option<spool_blob::Blob>>,
+    closed: Rc<RefCell<Option<i32>>>,
+    collector: Rc<Collector>,
+}
+
+impl BlobIoCallback for Closer {
+    fn io_done(self: Rc<Self>, done: BlobIoDone) {
+        drop(self.channel.borrow_mut().take());
+        if let Some(blob) = self.blob.borrow_mut().take() {
+            let closed = Rc::clone(&self.closed);
+            drop(spool_reactor::spawn_local(async move {
+                let errno = blob.close().await.err().map_or(0, |err| err.errno());
+                *closed.borrow_mut() = Some(errno);
+            }));
+        }
+        Rc::clone(&self.collector).io_done(done);
+    }
+}
+
+/// A callback that, on its first call, drops its channel and closes the blob (a task, as a
+/// callback cannot await) while the other requests are in flight: every request is called
+/// back once; those already on the device succeed and read back, and a request made after the
+/// close completed gets -EBADF.
+#[test]
+fn a_callback_that_drops_its_channel_and_closes_the_blob() {
+    let rt = runtime();
+    let reactor = rt.reactors()[0];
+    let (_bdev, desc) = malloc(64 << 20);
+    rt.block_on(reactor, move || async move {
+        let (store, id) = setup(desc, 4).await;
+        let blob = store.open_blob(id).await.unwrap();
+        let io = blob.io();
+        let collector = Rc::new(Collector::default());
+        let closed = Rc::new(RefCell::new(None));
+        let closer = Rc::new(Closer {
+            channel: RefCell::new(Some(store.channel().unwrap())),
+            blob: RefCell::new(Some(blob)),
+            closed: Rc::clone(&closed),
+            collector: Rc::clone(&collector),
+        });
+        {
+            let channel = closer.channel.borrow().clone().unwrap();
+            for i in 0..32u64 {
+                channel.write_with(
+                    &io,
+                    i * 8,
+                    buf_of(&pattern(i, 4096)),
+                    Rc::clone(&closer) as _,
+                    i,
+                );
+            }
+        }
+        let done = collector.wait(32).await;
+        let mut seen = [0u32; 32];
+        for (tag, errno, _) in &done {
+            seen[*tag as usize] += 1;
+            assert_eq!(
+                *errno, 0,
+                "request {tag} was on the device before the close"
+            );
+        }
+        assert!(seen.iter().all(|&n| n == 1));
+        poll_fn(|cx| {
+            if closed.borrow().is_some() {
+                Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        })
+        .await;
+        assert_eq!(*closed.borrow(), Some(0), "the close from the callback");
+        let channel = store.channel().unwrap();
+        collector.write(&channel, &io, 0, &pattern(99, 4096), 99);
+        assert_eq!(collector.wait(1).await[0].1, -libc::EBADF);
+        let blob = store.open_blob(id).await.unwrap();
+        let reopened = blob.io();
+        for i in 0..32u64 {
+            assert!(
+                read(&channel, &reopened, i * 8, 4096).await == pattern(i, 4096),
+                "unit {}",
+                i * 8
+            );
+        }
+        drop((io, reopened));
+        blob.close().await.unwrap();
+        drop(channel);
+        store.unload().await.unwrap();
+    })
+    .unwrap();
+    rt.stop();
+}
