@@ -337,7 +337,7 @@ fn more_requests_than_the_bdev_queue_holds_are_each_answered_once() {
 /// its clusters)"). Callback writes submitted just before the close: by the time the close
 /// returned, every one must have been called back.
 #[test]
-#[ignore = "review18cb: the blob's last close returns with callback writes still in flight (it waits only for held requests; callback requests are counted only in the channel)"]
+#[ignore = "review18cb: the blob's last close returns with callback writes still in flight (it waits only for held requests; callback requests are counted only in the channel); documented as the caller's, a fix would count them as held"]
 fn close_waits_for_callback_writes_in_flight() {
     let rt = runtime();
     let reactor = rt.reactors()[0];
@@ -376,7 +376,7 @@ fn close_waits_for_callback_writes_in_flight() {
 /// Unload after the blob's close and the channel's drop, callback writes still in flight:
 /// "nothing of the store writes to the device after it returned Ok".
 #[test]
-#[ignore = "review18cb: unload returns Ok while callback writes of a closed blob are still in flight on a dropped channel; they land after it (docs/blob.md: nothing of the store lands after unload returned Ok)"]
+#[ignore = "review18cb: unload returns Ok while callback writes of a closed blob are still in flight on a dropped channel; they land after it (documented now as the caller's to finish first; a fix would count them as held)"]
 fn unload_waits_for_callback_writes_in_flight() {
     let rt = runtime();
     let reactor = rt.reactors()[0];

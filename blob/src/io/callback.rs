@@ -18,6 +18,10 @@
 //! - while the request is in flight it is counted in the blob's in-flight I/O on this
 //!   channel, as a future's: a snapshot's or resize's freeze waits for it, and the channel
 //!   stays open until it is done (the request holds it, as SPDK's cb_arg holds its channel);
+//! - as with a future still held, a request in flight is the caller's to see called back
+//!   before the blob's last close and the store's unload (as in SPDK): they wait only for the
+//!   requests of dropped futures, so a write still in flight may land after they returned
+//!   (review18cb's ignored tests show it);
 //! - a panic in the callback is contained and logged (the bdev's policy for its callbacks on
 //!   the fast path, the reactor's task policy on the other);
 //! - if the reactor stops while a request of the task path is still running, the task is
