@@ -1057,3 +1057,90 @@ fn a_callback_that_drops_its_channel_and_closes_the_blob() {
     .unwrap();
     rt.stop();
 }
+
+/// Reactor 1 keeps callback writes in flight over all 8 clusters of a blob (a thin one:
+/// first writes allocate through the metadata reactor) while reactor 0 shrinks it to 4: a
+/// write inside the kept clusters always succeeds and reads back; one past the new end
+/// succeeds (before the shrink) or gets -EINVAL (after), nothing else; every request is
+/// called back once.
+#[test]
+fn callbacks_on_another_reactor_race_a_shrink() {
+    let rt = spool_reactor::Runtime::start(&spool_reactor::RuntimeOptions {
+        cores: vec![0, 1],
+        idle: spool_reactor::IdleMode::Sleep,
+        pin: false,
+    })
+    .unwrap();
+    let reactors = rt.reactors();
+    let other = reactors[1];
+    let (_bdev, desc) = malloc(64 << 20);
+    rt.block_on(reactors[0], move || async move {
+        let store = Blobstore::init(desc, &InitOptions::default())
+            .await
+            .unwrap();
+        let id = create_thin(&store, 8).await;
+        let blob = store.open_blob(id).await.unwrap();
+        let io = blob.io();
+        let io1 = Arc::clone(&io);
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started1 = Arc::clone(&started);
+        let remote = spool_reactor::spawn_on(other, move || async move {
+            let channel = io1.channel().unwrap();
+            let collector = Rc::new(Collector::default());
+            let mut bad = Vec::new();
+            for round in 0..6u64 {
+                for i in 0..32u64 {
+                    let unit = i * 64 + round;
+                    collector.write(&channel, &io1, unit, &pattern(round * 100 + i, 4096), i);
+                }
+                started1.store(true, std::sync::atomic::Ordering::Release);
+                let done = collector.wait(32).await;
+                let mut seen = [0u32; 32];
+                for (tag, errno, _) in done {
+                    seen[tag as usize] += 1;
+                    let kept = tag * 64 < 4 * 256;
+                    if !(errno == 0 || (!kept && errno == -libc::EINVAL)) {
+                        bad.push((round, tag, errno));
+                    }
+                }
+                if seen.iter().any(|&n| n != 1) {
+                    bad.push((round, 999, 0));
+                }
+            }
+            let mut wrong = Vec::new();
+            for round in 0..6u64 {
+                for i in 0..16u64 {
+                    if read(&channel, &io1, i * 64 + round, 4096).await
+                        != pattern(round * 100 + i, 4096)
+                    {
+                        wrong.push((round, i));
+                    }
+                }
+            }
+            (bad, wrong)
+        })
+        .unwrap();
+        poll_fn(|cx| {
+            if started.load(std::sync::atomic::Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        })
+        .await;
+        blob.resize(4).await.unwrap();
+        blob.sync_md().await.unwrap();
+        let (bad, wrong) = remote.await.unwrap();
+        assert!(
+            bad.is_empty(),
+            "unexpected answers (round, tag, errno): {bad:?}"
+        );
+        assert!(wrong.is_empty(), "kept units read back wrong: {wrong:?}");
+        drop(io);
+        blob.close().await.unwrap();
+        store.unload().await.unwrap();
+    })
+    .unwrap();
+    rt.stop();
+}
