@@ -76,8 +76,14 @@ fn a_hangup_during_export_leaves_no_half_written_file() {
         d,
         &["create", "s.img", "--size", "512M", "--thin", "--name", "v"],
     );
-    let mut child = spool()
+    // SIGHUP back to its default action for spool (`env --default-signal`, then exec: the
+    // same pid): spool keeps a hang-up ignored when it starts ignored (as under nohup), and a
+    // test suite started under nohup would hand that on (it did, in one CI run).
+    let mut child = std::process::Command::new("env")
+        .arg("--default-signal=HUP")
+        .arg(env!("CARGO_BIN_EXE_spool"))
         .args(["export", "s.img", "v", "out.bin"])
+        .env_remove("SPOOL_LOG")
         .current_dir(d)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
