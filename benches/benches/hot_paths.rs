@@ -132,6 +132,16 @@ fn null_path(c: &mut Criterion, name: &str, qd: u64) {
 
 /// `qd` concurrent readers through a thick blob on a null bdev: ns per I/O of the blob path.
 fn blob_null_path(c: &mut Criterion, name: &str, qd: u64) {
+    blob_bench(c, name, qd, blob_null_reads_concurrent);
+}
+
+/// A blob-layer bench on one reactor: `reads(desc, qd, iters)` on a fresh null bdev per
+/// sample (each makes its own store).
+fn blob_bench<F, Fut>(c: &mut Criterion, name: &str, qd: u64, reads: F)
+where
+    F: Fn(spool_bdev::BdevDesc, u64, u64) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = Duration> + 'static,
+{
     let runtime = start_runtime(1);
     let home = runtime.reactors()[0];
     let mut group = c.benchmark_group(name);
@@ -140,8 +150,8 @@ fn blob_null_path(c: &mut Criterion, name: &str, qd: u64) {
         b.iter_custom(|iters| {
             let desc = null_desc();
             runtime
-                .block_on(home, move || blob_null_reads_concurrent(desc, qd, iters))
-                .expect("blob_null_reads_concurrent task")
+                .block_on(home, move || reads(desc, qd, iters))
+                .expect("blob bench task")
         });
     });
     group.finish();
@@ -169,20 +179,7 @@ fn null_callback_path(c: &mut Criterion, name: &str, qd: u64) {
 
 /// `qd` lanes of blob callback reads through a thick blob on a null bdev.
 fn blob_null_callback_path(c: &mut Criterion, name: &str, qd: u64) {
-    let runtime = start_runtime(1);
-    let home = runtime.reactors()[0];
-    let mut group = c.benchmark_group(name);
-    group.throughput(Throughput::Elements(1));
-    group.bench_function("read_4k", |b| {
-        b.iter_custom(|iters| {
-            let desc = null_desc();
-            runtime
-                .block_on(home, move || blob_null_callback_reads(desc, qd, iters))
-                .expect("blob_null_callback_reads task")
-        });
-    });
-    group.finish();
-    stop_runtime(runtime);
+    blob_bench(c, name, qd, blob_null_callback_reads);
 }
 
 /// One blob callback read at a time: the blob layer's qd 1 path without a task wake; its

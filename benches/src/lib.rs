@@ -269,22 +269,34 @@ pub async fn null_reads_concurrent(desc: BdevDesc, depth: u64, iters: u64) -> Du
     start.elapsed()
 }
 
-/// The chain of callback reads [`null_callback_reads`] drives: each completion submits the
-/// next read of its lane until the lane's count is done.
-struct CallbackLanes {
-    channel: spool_bdev::BdevChannel,
+/// The lanes of a callback benchmark: how many reads each lane has left, how many lanes still
+/// run, and the task waiting for the last one.
+struct Lanes {
     depth: u64,
-    /// Reads each lane has left to submit.
     left: std::cell::RefCell<Vec<u64>>,
-    /// Lanes still running; the waiter is woken when it reaches 0.
     running: std::cell::Cell<u64>,
     waiter: std::cell::RefCell<Option<Waker>>,
 }
 
-impl spool_bdev::IoCallback for CallbackLanes {
-    fn io_done(self: std::rc::Rc<Self>, done: spool_bdev::IoDone) {
-        done.result().expect("null read");
-        let lane = done.tag;
+impl Lanes {
+    /// `iters` reads over `depth` lanes (fewer lanes when there are fewer reads).
+    fn new(depth: u64, iters: u64) -> Lanes {
+        let lanes = depth.min(iters.max(1));
+        Lanes {
+            depth: lanes,
+            left: std::cell::RefCell::new(
+                (0..lanes)
+                    .map(|lane| iters / lanes + u64::from(lane < iters % lanes))
+                    .collect(),
+            ),
+            running: std::cell::Cell::new(lanes),
+            waiter: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// Takes one read of `lane`: the reads it has left after this one, or `None` (and the
+    /// lane ends) when it had none.
+    fn take(&self, lane: u64) -> Option<u64> {
         let next = {
             let mut left = self.left.borrow_mut();
             let remaining = &mut left[lane as usize];
@@ -295,26 +307,57 @@ impl spool_bdev::IoCallback for CallbackLanes {
                 Some(*remaining)
             }
         };
-        match next {
-            Some(remaining) => {
-                let offset = offset_of(lane + remaining * self.depth);
-                let this: std::rc::Rc<dyn spool_bdev::IoCallback> = self.clone();
-                if self
-                    .channel
-                    .read_with(done.buf, offset, this, lane)
-                    .is_err()
-                {
-                    panic!("null read refused");
+        if next.is_none() {
+            self.running.set(self.running.get() - 1);
+            if self.running.get() == 0 {
+                if let Some(waiter) = self.waiter.borrow_mut().take() {
+                    waiter.wake();
                 }
             }
-            None => {
-                self.running.set(self.running.get() - 1);
-                if self.running.get() == 0 {
-                    if let Some(waiter) = self.waiter.borrow_mut().take() {
-                        waiter.wake();
-                    }
-                }
+        }
+        next
+    }
+
+    /// Waits until every lane has ended.
+    async fn finished(&self) {
+        std::future::poll_fn(|cx| {
+            if self.running.get() == 0 {
+                Poll::Ready(())
+            } else {
+                *self.waiter.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
             }
+        })
+        .await;
+    }
+}
+
+/// The chain of callback reads [`null_callback_reads`] drives: each completion submits the
+/// next read of its lane until the lane's count is done.
+struct CallbackLanes {
+    channel: spool_bdev::BdevChannel,
+    lanes: Lanes,
+}
+
+impl CallbackLanes {
+    fn start(self: &std::rc::Rc<Self>, lane: u64, index: u64, buf: DmaBuf) {
+        let this: std::rc::Rc<dyn spool_bdev::IoCallback> = self.clone();
+        if self
+            .channel
+            .read_with(buf, offset_of(index), this, lane)
+            .is_err()
+        {
+            panic!("null read refused");
+        }
+    }
+}
+
+impl spool_bdev::IoCallback for CallbackLanes {
+    fn io_done(self: std::rc::Rc<Self>, done: spool_bdev::IoDone) {
+        done.result().expect("null read");
+        let lane = done.tag;
+        if let Some(remaining) = self.lanes.take(lane) {
+            self.start(lane, lane + remaining * self.lanes.depth, done.buf);
         }
     }
 }
@@ -335,51 +378,14 @@ pub async fn null_callback_reads(desc: BdevDesc, depth: u64, iters: u64) -> Dura
             future.await.0.expect("warm-up read");
         }
     }
-    let lanes = depth.min(iters.max(1));
-    let left: Vec<u64> = (0..lanes)
-        .map(|lane| iters / lanes + u64::from(lane < iters % lanes))
-        .collect();
-    let bufs: Vec<DmaBuf> = (0..lanes)
-        .map(|_| DmaBuf::alloc(NULL_BLOCK_SIZE as usize).expect("dma buffer"))
-        .collect();
     let chain = std::rc::Rc::new(CallbackLanes {
         channel,
-        depth: lanes,
-        left: std::cell::RefCell::new(left),
-        running: std::cell::Cell::new(lanes),
-        waiter: std::cell::RefCell::new(None),
+        lanes: Lanes::new(depth, iters),
     });
+    let bufs = lane_buffers(&chain.lanes);
     let start = Instant::now();
-    for (lane, buf) in (0..lanes).zip(bufs) {
-        let count = {
-            let mut left = chain.left.borrow_mut();
-            let remaining = &mut left[lane as usize];
-            let had = *remaining;
-            *remaining = remaining.saturating_sub(1);
-            had
-        };
-        if count == 0 {
-            chain.running.set(chain.running.get() - 1);
-            continue;
-        }
-        let this: std::rc::Rc<dyn spool_bdev::IoCallback> = chain.clone();
-        if chain
-            .channel
-            .read_with(buf, offset_of(lane), this, lane)
-            .is_err()
-        {
-            panic!("null read refused");
-        }
-    }
-    std::future::poll_fn(|cx| {
-        if chain.running.get() == 0 {
-            Poll::Ready(())
-        } else {
-            *chain.waiter.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
-        }
-    })
-    .await;
+    start_lanes(&chain.lanes, bufs, |lane, buf| chain.start(lane, lane, buf));
+    chain.lanes.finished().await;
     start.elapsed()
 }
 
@@ -452,10 +458,7 @@ struct BlobCallbackLanes {
     channel: spool_blob::BlobChannel,
     blob: Arc<spool_blob::BlobIo>,
     units: u64,
-    depth: u64,
-    left: std::cell::RefCell<Vec<u64>>,
-    running: std::cell::Cell<u64>,
-    waiter: std::cell::RefCell<Option<Waker>>,
+    lanes: Lanes,
 }
 
 impl BlobCallbackLanes {
@@ -470,26 +473,24 @@ impl spool_blob::BlobIoCallback for BlobCallbackLanes {
     fn io_done(self: std::rc::Rc<Self>, done: spool_blob::BlobIoDone) {
         done.result().expect("blob read");
         let lane = done.tag;
-        let next = {
-            let mut left = self.left.borrow_mut();
-            let remaining = &mut left[lane as usize];
-            if *remaining == 0 {
-                None
-            } else {
-                *remaining -= 1;
-                Some(*remaining)
-            }
-        };
-        match next {
-            Some(remaining) => self.start(lane, lane + remaining * self.depth, done.buf),
-            None => {
-                self.running.set(self.running.get() - 1);
-                if self.running.get() == 0 {
-                    if let Some(waiter) = self.waiter.borrow_mut().take() {
-                        waiter.wake();
-                    }
-                }
-            }
+        if let Some(remaining) = self.lanes.take(lane) {
+            self.start(lane, lane + remaining * self.lanes.depth, done.buf);
+        }
+    }
+}
+
+/// One read buffer per lane, made before the clock starts.
+fn lane_buffers(lanes: &Lanes) -> Vec<DmaBuf> {
+    (0..lanes.depth)
+        .map(|_| DmaBuf::alloc(NULL_BLOCK_SIZE as usize).expect("dma buffer"))
+        .collect()
+}
+
+/// Starts each lane's first read with `start(lane, buf)` (a lane with no read ends at once).
+fn start_lanes(lanes: &Lanes, bufs: Vec<DmaBuf>, mut start: impl FnMut(u64, DmaBuf)) {
+    for (lane, buf) in (0..lanes.depth).zip(bufs) {
+        if lanes.take(lane).is_some() {
+            start(lane, buf);
         }
     }
 }
@@ -530,47 +531,16 @@ pub async fn blob_null_callback_reads(desc: BdevDesc, depth: u64, iters: u64) ->
             future.await.0.expect("warm-up read");
         }
     }
-    let lanes = depth.min(iters.max(1));
     let chain = std::rc::Rc::new(BlobCallbackLanes {
         channel: channel.clone(),
         units: io.num_io_units(),
         blob: Arc::clone(&io),
-        depth: lanes,
-        left: std::cell::RefCell::new(
-            (0..lanes)
-                .map(|lane| iters / lanes + u64::from(lane < iters % lanes))
-                .collect(),
-        ),
-        running: std::cell::Cell::new(lanes),
-        waiter: std::cell::RefCell::new(None),
+        lanes: Lanes::new(depth, iters),
     });
-    let bufs: Vec<DmaBuf> = (0..lanes)
-        .map(|_| DmaBuf::alloc(NULL_BLOCK_SIZE as usize).expect("dma buffer"))
-        .collect();
+    let bufs = lane_buffers(&chain.lanes);
     let start = Instant::now();
-    for (lane, buf) in (0..lanes).zip(bufs) {
-        let count = {
-            let mut left = chain.left.borrow_mut();
-            let remaining = &mut left[lane as usize];
-            let had = *remaining;
-            *remaining = remaining.saturating_sub(1);
-            had
-        };
-        if count == 0 {
-            chain.running.set(chain.running.get() - 1);
-            continue;
-        }
-        chain.start(lane, lane, buf);
-    }
-    std::future::poll_fn(|cx| {
-        if chain.running.get() == 0 {
-            Poll::Ready(())
-        } else {
-            *chain.waiter.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
-        }
-    })
-    .await;
+    start_lanes(&chain.lanes, bufs, |lane, buf| chain.start(lane, lane, buf));
+    chain.lanes.finished().await;
     let elapsed = start.elapsed();
     drop(chain);
     drop(channel);

@@ -2,11 +2,14 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 use spool_bdev::{Bdev, BdevDesc, DmaBuf, MallocBdev};
-use spool_blob::{BlobChannel, BlobIo, BlobOptions, Blobstore};
+use spool_blob::{BlobChannel, BlobIo, BlobIoCallback, BlobIoDone, BlobOptions, Blobstore};
 use spool_reactor::{IdleMode, RemoteHandle, Runtime, RuntimeOptions, Sim};
 
 /// A one-reactor runtime that sleeps when idle.
@@ -126,4 +129,83 @@ pub fn run_bounded<T>(sim: &mut Sim, handle: &RemoteHandle<T>, steps: u64) -> Op
 pub fn poll_once<F: std::future::Future + ?Sized>(future: std::pin::Pin<&mut F>) -> bool {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     future.poll(&mut cx).is_ready()
+}
+
+/// Collects blob callback completions: (tag, errno, the buffer's bytes); its `write` and
+/// `read` submit callback requests and check none was called back inside the call.
+#[derive(Default)]
+pub struct Collector {
+    /// Completions not yet taken by [`Collector::wait`].
+    pub done: RefCell<Vec<(u64, i32, Vec<u8>)>>,
+    waiter: RefCell<Option<Waker>>,
+}
+
+impl BlobIoCallback for Collector {
+    fn io_done(self: Rc<Self>, done: BlobIoDone) {
+        self.record(&done);
+    }
+}
+
+impl Collector {
+    /// Records `done` and wakes the task waiting in [`Collector::wait`].
+    pub fn record(&self, done: &BlobIoDone) {
+        self.done
+            .borrow_mut()
+            .push((done.tag, done.errno(), done.buf.to_vec()));
+        if let Some(waiter) = self.waiter.borrow_mut().take() {
+            waiter.wake();
+        }
+    }
+
+    /// Waits until `count` completions arrived; returns them, emptied.
+    pub async fn wait(&self, count: usize) -> Vec<(u64, i32, Vec<u8>)> {
+        poll_fn(|cx| {
+            if self.done.borrow().len() >= count {
+                Poll::Ready(())
+            } else {
+                *self.waiter.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        self.done.take()
+    }
+
+    /// Writes `data` at io_unit `unit` as callback request `tag`.
+    pub fn write(
+        self: &Rc<Self>,
+        channel: &BlobChannel,
+        blob: &std::sync::Arc<BlobIo>,
+        unit: u64,
+        data: &[u8],
+        tag: u64,
+    ) {
+        channel.write_with(blob, unit, buf_of(data), Rc::clone(self) as _, tag);
+        assert!(
+            self.done.borrow().iter().all(|(done, ..)| *done != tag),
+            "request {tag} was called back inside write_with"
+        );
+    }
+
+    /// Reads `len` bytes at io_unit `unit` as callback request `tag`.
+    pub fn read(
+        self: &Rc<Self>,
+        channel: &BlobChannel,
+        blob: &std::sync::Arc<BlobIo>,
+        unit: u64,
+        len: usize,
+        tag: u64,
+    ) {
+        channel.read_with(
+            blob,
+            unit,
+            DmaBuf::alloc(len).unwrap(),
+            Rc::clone(self) as _,
+            tag,
+        );
+        assert!(
+            self.done.borrow().iter().all(|(done, ..)| *done != tag),
+            "request {tag} was called back inside read_with"
+        );
+    }
 }

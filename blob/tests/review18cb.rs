@@ -11,84 +11,13 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 
-use common::{buf_of, create_thick, create_thin, malloc, pattern, read, runtime};
+use common::{buf_of, create_thick, create_thin, malloc, pattern, read, runtime, Collector};
 use spool_bdev::DmaBuf;
 use spool_blob::{BlobChannel, BlobIo, BlobIoCallback, BlobIoDone, Blobstore, InitOptions};
 
 const CLUSTER: u64 = 1 << 20;
-
-/// Collects completions: (tag, errno, the buffer's bytes).
-#[derive(Default)]
-struct Collector {
-    done: RefCell<Vec<(u64, i32, Vec<u8>)>>,
-    waiter: RefCell<Option<Waker>>,
-}
-
-impl BlobIoCallback for Collector {
-    fn io_done(self: Rc<Self>, done: BlobIoDone) {
-        let errno = done.errno();
-        self.done
-            .borrow_mut()
-            .push((done.tag, errno, done.buf.to_vec()));
-        if let Some(waiter) = self.waiter.borrow_mut().take() {
-            waiter.wake();
-        }
-    }
-}
-
-impl Collector {
-    /// Waits until `count` completions arrived; returns them, emptied.
-    async fn wait(&self, count: usize) -> Vec<(u64, i32, Vec<u8>)> {
-        poll_fn(|cx| {
-            if self.done.borrow().len() >= count {
-                Poll::Ready(())
-            } else {
-                *self.waiter.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await;
-        self.done.take()
-    }
-
-    fn write(
-        self: &Rc<Self>,
-        channel: &BlobChannel,
-        blob: &std::sync::Arc<BlobIo>,
-        unit: u64,
-        data: &[u8],
-        tag: u64,
-    ) {
-        channel.write_with(blob, unit, buf_of(data), Rc::clone(self) as _, tag);
-        assert!(
-            self.done.borrow().iter().all(|(done, ..)| *done != tag),
-            "request {tag} was called back inside write_with"
-        );
-    }
-
-    fn read(
-        self: &Rc<Self>,
-        channel: &BlobChannel,
-        blob: &std::sync::Arc<BlobIo>,
-        unit: u64,
-        len: usize,
-        tag: u64,
-    ) {
-        channel.read_with(
-            blob,
-            unit,
-            DmaBuf::alloc(len).unwrap(),
-            Rc::clone(self) as _,
-            tag,
-        );
-        assert!(
-            self.done.borrow().iter().all(|(done, ..)| *done != tag),
-            "request {tag} was called back inside read_with"
-        );
-    }
-}
 
 /// A store on a fresh 64 MiB malloc device with one thick blob of `clusters`, opened.
 async fn setup(desc: spool_bdev::BdevDesc, clusters: u64) -> (Blobstore, u64) {
@@ -112,11 +41,7 @@ struct Chain {
 impl BlobIoCallback for Chain {
     fn io_done(self: Rc<Self>, done: BlobIoDone) {
         let tag = done.tag;
-        let errno = done.errno();
-        self.collector
-            .done
-            .borrow_mut()
-            .push((tag, errno, done.buf.to_vec()));
+        self.collector.record(&done);
         let left = *self.left.borrow();
         if left > 0 {
             *self.left.borrow_mut() = left - 1;
@@ -137,9 +62,6 @@ impl BlobIoCallback for Chain {
                     .all(|(t, ..)| *t != next),
                 "request {next} was called back inside write_with (from a callback)"
             );
-        }
-        if let Some(waiter) = self.collector.waiter.borrow_mut().take() {
-            waiter.wake();
         }
     }
 }
